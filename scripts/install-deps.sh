@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs the system packages dysco-serve builds against (Debian bookworm). Idempotent: does nothing when
+# every package is already installed. Run as root (CI and the dev machines are root) or with sudo.
+set -euo pipefail
+PKGS=(
+  build-essential cmake ninja-build ccache pkg-config git unzip
+  libtorch-dev python3-torch python3-venv python3-numpy
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev
+  libspdlog-dev prometheus-cpp-dev libcpp-httplib-dev libyaml-cpp-dev nlohmann-json3-dev
+  libgtest-dev
+)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all system packages present"
+  exit 0
+fi
+echo "install-deps: installing ${missing[*]}"
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q
+$SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
