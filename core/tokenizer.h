@@ -32,13 +32,16 @@ class Tokenizer {
 
   // Encodes text. With parse_special, added tokens written in the text (e.g. "<|im_start|>") become their
   // ids, as `tokenizers` does by default; without it they are encoded as plain text.
+  // Text that is not valid UTF-8 is first repaired (invalid bytes become U+FFFD, as in Rust's
+  // String::from_utf8_lossy). Characters with no token (and no unk / byte fallback) are dropped,
+  // as `tokenizers` does.
   std::vector<int32_t> Encode(std::string_view text, bool parse_special = true) const;
   // Decodes ids to text (invalid UTF-8 from partial byte sequences becomes U+FFFD, as `tokenizers` does).
   std::string Decode(const std::vector<int32_t>& ids, bool skip_special = false) const;
 
   std::optional<int32_t> TokenToId(std::string_view token) const;
   std::string IdToToken(int32_t id) const;  // empty for an out-of-range id
-  int32_t vocab_size() const;               // including added tokens
+  int32_t vocab_size() const;               // largest id + 1, added tokens included
   bool IsSpecial(int32_t id) const;         // an added token marked "special"
   // Raw bytes this id stands for (the byte-level alphabet undone); special tokens give their content.
   std::string TokenBytes(int32_t id) const;

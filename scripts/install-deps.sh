@@ -5,6 +5,7 @@ set -euo pipefail
 PKGS=(
   build-essential cmake ninja-build ccache pkg-config git unzip
   libtorch-dev python3-torch python3-venv python3-numpy
+  libopenblas0-pthread  # Debian libtorch calls libblas.so.3: without OpenBLAS it is the slow reference BLAS
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev
   libspdlog-dev prometheus-cpp-dev libcpp-httplib-dev libyaml-cpp-dev nlohmann-json3-dev
   libgtest-dev

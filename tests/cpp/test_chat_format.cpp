@@ -1,0 +1,119 @@
+// Tests of chat formatting: exact strings, compared with the models' own chat templates rendered by
+// hand (SmolLM2's GGUF tokenizer.chat_template, Qwen3's and Llama 3's Hugging Face templates).
+#include <gtest/gtest.h>
+
+#include "core/chat_format.h"
+
+namespace dysco {
+namespace {
+
+ChatSettings SmolLm2Chat() {
+  ChatSettings c;
+  c.default_system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+  c.generation_prompt = "<|im_start|>assistant\n";
+  return c;
+}
+
+ChatSettings Qwen3Chat() {
+  ChatSettings c;  // Qwen3 inserts no default system message; non-thinking generation prompt
+  c.generation_prompt = "<|im_start|>assistant\n<think>\n\n</think>\n\n";
+  return c;
+}
+
+ChatSettings Llama3Chat() {
+  ChatSettings c;
+  c.generation_prompt = "<|start_header_id|>assistant<|end_header_id|>\n\n";
+  return c;
+}
+
+// SmolLM2's GGUF template:
+// {% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{
+// '<|im_start|>system You are a helpful AI assistant named SmolLM, trained by Hugging
+// Face<|im_end|> ' }}{% endif %}{{'<|im_start|>' + message['role'] + ' ' + message['content'] +
+// '<|im_end|>' + '
+// '}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant
+// ' }}{% endif %}
+TEST(ChatFormatTest, SmolLm2InsertsDefaultSystem) {
+  auto text =
+      FormatChat(ChatFormat::kChatml, SmolLm2Chat(), {{"user", "What is the capital of France?"}});
+  ASSERT_TRUE(text.ok()) << text.status().ToString();
+  EXPECT_EQ(*text,
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+            "Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+            "<|im_start|>assistant\n");
+}
+
+TEST(ChatFormatTest, SmolLm2KeepsExplicitSystemAndMultiTurn) {
+  auto text = FormatChat(ChatFormat::kChatml, SmolLm2Chat(),
+                         {{"system", "Be brief."},
+                          {"user", "Hi"},
+                          {"assistant", "Hello!"},
+                          {"user", "  spaces kept \n"}});
+  ASSERT_TRUE(text.ok()) << text.status().ToString();
+  EXPECT_EQ(
+      *text,
+      "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+      "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n  spaces kept \n<|im_end|>\n"
+      "<|im_start|>assistant\n");
+}
+
+TEST(ChatFormatTest, SmolLm2WithoutGenerationPrompt) {
+  auto text = FormatChat(ChatFormat::kChatml, SmolLm2Chat(), {{"system", "S"}, {"user", "U"}},
+                         /*add_generation_prompt=*/false);
+  ASSERT_TRUE(text.ok());
+  EXPECT_EQ(*text, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n");
+}
+
+TEST(ChatFormatTest, Qwen3HasNoDefaultSystem) {
+  auto text = FormatChat(ChatFormat::kChatml, Qwen3Chat(), {{"user", "Hello"}});
+  ASSERT_TRUE(text.ok());
+  EXPECT_EQ(*text,
+            "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n");
+  text = FormatChat(ChatFormat::kChatml, Qwen3Chat(), {{"system", "Sys"}, {"user", "Hello"}});
+  ASSERT_TRUE(text.ok());
+  EXPECT_EQ(*text,
+            "<|im_start|>system\nSys<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n"
+            "<|im_start|>assistant\n<think>\n\n</think>\n\n");
+}
+
+TEST(ChatFormatTest, Llama3) {
+  auto text = FormatChat(ChatFormat::kLlama3, Llama3Chat(),
+                         {{"system", "You are terse."}, {"user", " What is 2+2?\n"}});
+  ASSERT_TRUE(text.ok()) << text.status().ToString();
+  EXPECT_EQ(
+      *text,
+      "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
+      "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+      "<|start_header_id|>assistant<|end_header_id|>\n\n");
+}
+
+TEST(ChatFormatTest, ModelConfigOverload) {
+  ModelConfig config;
+  config.chat_format = ChatFormat::kChatml;
+  config.chat = SmolLm2Chat();
+  auto text = FormatChat(config, {{"user", "x"}});
+  ASSERT_TRUE(text.ok());
+  EXPECT_EQ(text->rfind("<|im_start|>system\n", 0), 0u);
+}
+
+TEST(ChatFormatTest, UnknownRoleNamesTheMessage) {
+  auto text = FormatChat(ChatFormat::kChatml, SmolLm2Chat(),
+                         {{"user", "a"}, {"assistant", "b"}, {"robot", "c"}});
+  ASSERT_FALSE(text.ok());
+  EXPECT_EQ(text.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(text.status().message().find("messages[2].role"), std::string::npos)
+      << text.status().message();
+  EXPECT_NE(text.status().message().find("robot"), std::string::npos);
+}
+
+TEST(ChatFormatTest, EmptyMessagesAndNoFormat) {
+  auto text = FormatChat(ChatFormat::kChatml, SmolLm2Chat(), {});
+  ASSERT_FALSE(text.ok());
+  EXPECT_EQ(text.status().code(), StatusCode::kInvalidArgument);
+  text = FormatChat(ChatFormat::kNone, ChatSettings{}, {{"user", "x"}});
+  ASSERT_FALSE(text.ok());
+  EXPECT_EQ(text.status().code(), StatusCode::kFailedPrecondition);
+}
+
+}  // namespace
+}  // namespace dysco

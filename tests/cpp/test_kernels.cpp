@@ -1,0 +1,615 @@
+// Tests of the `dysco` CPU ops (kernels/): each op, called through the dispatcher as TorchScript
+// calls it, is compared element by element with a plain libtorch reference (gather the sequence's
+// K/V from its pages, repeat KV heads for GQA, matmul, masked softmax, matmul, in float64) on
+// random inputs. Outputs are poisoned with NaN first so that every element must be written.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+using Bias = c10::optional<at::Tensor>;
+
+// The ops through the dispatcher, exactly as a scripted model calls them.
+void KvWrite(const at::Tensor& kv, const at::Tensor& key, const at::Tensor& value,
+             const at::Tensor& slots) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("dysco::paged_kv_write", "")
+                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&)>();
+  op.call(kv, key, value, slots);
+}
+
+void Decode(const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv,
+            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+            const Bias& bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("dysco::paged_attention_decode", "")
+                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&, double, const Bias&)>();
+  op.call(out, query, kv, block_tables, seq_lens, scale, bias);
+}
+
+void Prefill(const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv,
+             const at::Tensor& block_tables, const at::Tensor& seq_lens,
+             const at::Tensor& query_start_loc, double scale, const Bias& bias) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dysco::paged_attention_prefill", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      const at::Tensor&, const at::Tensor&, double, const Bias&)>();
+  op.call(out, query, kv, block_tables, seq_lens, query_start_loc, scale, bias);
+}
+
+void Probs(const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv,
+           const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& heads,
+           double scale, const Bias& bias) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dysco::attention_probs", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      const at::Tensor&, const at::Tensor&, double, const Bias&)>();
+  op.call(out, query, kv, block_tables, seq_lens, heads, scale, bias);
+}
+
+// Every element of actual is finite-or-equal and within atol + rtol * |expected| of expected.
+::testing::AssertionResult AllClose(const at::Tensor& actual, const at::Tensor& expected,
+                                    double atol, double rtol) {
+  if (actual.sizes() != expected.sizes()) {
+    std::ostringstream msg;
+    msg << "shape " << actual.sizes() << " != expected " << expected.sizes();
+    return ::testing::AssertionFailure() << msg.str();
+  }
+  const at::Tensor a = actual.to(at::kDouble).contiguous().reshape({-1});
+  const at::Tensor e = expected.to(at::kDouble).contiguous().reshape({-1});
+  const double* ap = a.data_ptr<double>();
+  const double* ep = e.data_ptr<double>();
+  int64_t bad = 0;
+  int64_t first = -1;
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    const bool ok =
+        std::isfinite(ap[i]) && std::abs(ap[i] - ep[i]) <= atol + rtol * std::abs(ep[i]);
+    if (!ok) {
+      if (first < 0) first = i;
+      ++bad;
+    }
+  }
+  if (bad == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure()
+         << bad << " of " << a.numel() << " elements differ; first at flat index " << first
+         << ": got " << ap[first] << ", expected " << ep[first];
+}
+
+struct Layout {
+  int64_t kv_heads;
+  int64_t group;  // query heads per KV head
+  int64_t head_dim;
+  int64_t page_size;
+  int64_t query_heads() const { return kv_heads * group; }
+};
+
+std::string Describe(const Layout& layout, at::ScalarType dtype, const char* bias_kind) {
+  std::ostringstream s;
+  s << "Hkv=" << layout.kv_heads << " G=" << layout.group << " D=" << layout.head_dim
+    << " page_size=" << layout.page_size << " dtype=" << dtype << " bias=" << bias_kind;
+  return s.str();
+}
+
+// A paged cache holding a batch of sequences on shuffled, non-contiguous pages.
+struct PagedBatch {
+  Layout layout;
+  at::Tensor kv;            // [2, NP, PS, Hkv, D]
+  at::Tensor block_tables;  // int32 [B, P]; unused entries hold garbage page ids
+  at::Tensor seq_lens;      // int64 [B]
+};
+
+PagedBatch MakeBatch(const Layout& layout, const std::vector<int64_t>& lens, at::ScalarType dtype,
+                     at::Generator& gen) {
+  PagedBatch batch;
+  batch.layout = layout;
+  const int64_t ps = layout.page_size;
+  int64_t total_pages = 3;  // spare pages that nobody owns
+  int64_t max_pages = 1;
+  for (int64_t len : lens) {
+    total_pages += (len + ps - 1) / ps;
+    max_pages = std::max(max_pages, (len + ps - 1) / ps + 2);
+  }
+  batch.kv = at::randn({2, total_pages, ps, layout.kv_heads, layout.head_dim}, gen).to(dtype);
+  const at::Tensor perm = at::randperm(total_pages, gen, at::kLong);
+  batch.block_tables = at::full({static_cast<int64_t>(lens.size()), max_pages}, -5, at::kInt);
+  int64_t next = 0;
+  for (size_t b = 0; b < lens.size(); ++b) {
+    const int64_t pages = (lens[b] + ps - 1) / ps;
+    for (int64_t p = 0; p < pages; ++p) {
+      batch.block_tables[b][p] = perm[next++].item<int64_t>();
+    }
+    if (pages < max_pages) batch.block_tables[b][pages] = static_cast<int32_t>(total_pages + 100);
+  }
+  batch.seq_lens = at::tensor(lens, at::kLong);
+  return batch;
+}
+
+// K or V (which = 0 or 1) of sequence b's first n keys, one row per query head: [n, Hq, D] in
+// float64.
+at::Tensor GatherHeads(const PagedBatch& batch, int64_t which, int64_t b, int64_t n) {
+  const Layout& l = batch.layout;
+  const at::Tensor pos = at::arange(n, at::kLong);
+  const at::Tensor pages =
+      batch.block_tables[b].to(at::kLong).index_select(0, pos.div(l.page_size, "floor"));
+  const at::Tensor slots = pages * l.page_size + pos.remainder(l.page_size);
+  const at::Tensor rows =
+      batch.kv[which].reshape({-1, l.kv_heads, l.head_dim}).index_select(0, slots);
+  return rows.to(at::kDouble).repeat_interleave(l.group, 1);
+}
+
+// Attention probabilities [Hq, Q, n] and outputs [Q, Hq, D] (float64) of queries q [Q, Hq, D] of
+// sequence b at the given positions (query i sees keys 0..positions[i]) over the sequence's n =
+// seq_lens[b] keys.
+std::pair<at::Tensor, at::Tensor> Reference(const PagedBatch& batch, int64_t b, const at::Tensor& q,
+                                            const at::Tensor& positions, double scale,
+                                            const Bias& bias) {
+  const int64_t n = batch.seq_lens[b].item<int64_t>();
+  const at::Tensor keys = GatherHeads(batch, 0, b, n);             // [n, Hq, D]
+  const at::Tensor values = GatherHeads(batch, 1, b, n);           // [n, Hq, D]
+  const at::Tensor qh = q.to(at::kDouble).transpose(0, 1);         // [Hq, Q, D]
+  at::Tensor scores = qh.matmul(keys.permute({1, 2, 0})) * scale;  // [Hq, Q, n]
+  if (bias.has_value()) scores = scores + (*bias)[b].slice(0, 0, n).to(at::kDouble);
+  const at::Tensor future = at::arange(n, at::kLong).unsqueeze(0) > positions.unsqueeze(1);
+  scores = scores.masked_fill(future, -kInf);
+  // A row whose every logit is -inf has no distribution; the ops define it as zeros.
+  const at::Tensor probs = at::softmax(scores, -1).nan_to_num(0.0);
+  const at::Tensor out = probs.matmul(values.permute({1, 0, 2})).transpose(0, 1);  // [Q, Hq, D]
+  return {probs, out};
+}
+
+enum class BiasKind { kNone, kRandom, kWithNegInf };
+const char* Name(BiasKind kind) {
+  switch (kind) {
+    case BiasKind::kNone:
+      return "none";
+    case BiasKind::kRandom:
+      return "random";
+    case BiasKind::kWithNegInf:
+      return "random_with_-inf";
+  }
+  return "?";
+}
+
+// fp32 [B, S] with S > max(seq_lens). -inf entries never hit the last key of a sequence (DySCO
+// always allows the current token), so no decode row is fully masked.
+Bias MakeBias(BiasKind kind, const PagedBatch& batch, at::Generator& gen) {
+  if (kind == BiasKind::kNone) return c10::nullopt;
+  const int64_t num_seqs = batch.seq_lens.size(0);
+  const int64_t width = batch.seq_lens.max().item<int64_t>() + 5;
+  at::Tensor bias = at::randn({num_seqs, width}, gen) * 2.0;
+  if (kind == BiasKind::kWithNegInf) {
+    const at::Tensor masked = at::rand({num_seqs, width}, gen) < 0.3;
+    bias.masked_fill_(masked, -kInf);
+    for (int64_t b = 0; b < num_seqs; ++b) {
+      bias[b][batch.seq_lens[b].item<int64_t>() - 1] = 0.5;
+    }
+  }
+  return bias;
+}
+
+double Tolerance(at::ScalarType dtype) { return dtype == at::kFloat ? 1e-5 : 1e-2; }
+
+const std::vector<Layout> kLayouts = {
+    {3, 3, 64, 16},                   // SmolLM2-135M
+    {2, 1, 40, 3},                    // MHA, odd page size
+    {1, 4, 80, 1},                    // page size 1
+    {2, 8, 64, 16},                   // GQA 8
+    {3, 3, 36, 3},                    // head_dim not a multiple of 8
+    {1, 3, 80, 16}, {2, 2, 128, 16},  // head_dim 128 (Qwen3, Llama): its own specialised loop
+};
+
+// ---- registration
+// ----------------------------------------------------------------------------------------
+
+TEST(DyscoOps, AllFourSchemasAreRegistered) {
+  for (const char* name : {"dysco::paged_kv_write", "dysco::paged_attention_decode",
+                           "dysco::paged_attention_prefill", "dysco::attention_probs"}) {
+    const auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
+    ASSERT_TRUE(handle.has_value()) << name;
+    EXPECT_TRUE(handle->hasKernelForDispatchKey(c10::DispatchKey::CPU)) << name;
+  }
+}
+
+// ---- paged_kv_write
+// --------------------------------------------------------------------------------------
+
+TEST(PagedKvWrite, WritesEverySlotExactlyAndSkipsNegativeSlots) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1);
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (int64_t page_size : {1, 3, 16}) {
+      SCOPED_TRACE(Describe({3, 1, 40, page_size}, dtype, "-"));
+      const int64_t num_pages = 7, kv_heads = 3, head_dim = 40, tokens = 13;
+      const at::Tensor kv = at::randn({2, num_pages, page_size, kv_heads, head_dim}, gen).to(dtype);
+      const at::Tensor key = at::randn({tokens, kv_heads, head_dim}, gen).to(dtype);
+      const at::Tensor value = at::randn({tokens, kv_heads, head_dim}, gen).to(dtype);
+      // Distinct random slots, every third token skipped.
+      at::Tensor slots =
+          at::randperm(num_pages * page_size, gen, at::kLong).slice(0, 0, tokens).clone();
+      if (slots.size(0) < tokens) {
+        slots = at::cat({slots, at::full({tokens - slots.size(0)}, -1, at::kLong)});
+      }
+      for (int64_t t = 0; t < tokens; t += 3) slots[t] = -1;
+
+      at::Tensor expected = kv.clone();
+      for (int64_t t = 0; t < tokens; ++t) {
+        const int64_t slot = slots[t].item<int64_t>();
+        if (slot < 0) continue;
+        expected[0].view({-1, kv_heads, head_dim})[slot].copy_(key[t]);
+        expected[1].view({-1, kv_heads, head_dim})[slot].copy_(value[t]);
+      }
+      KvWrite(kv, key, value, slots);
+      EXPECT_TRUE(at::equal(kv, expected));
+    }
+  }
+}
+
+TEST(PagedKvWrite, RejectsBadInputs) {
+  const at::Tensor kv = at::zeros({2, 4, 16, 3, 64});
+  const at::Tensor key = at::zeros({5, 3, 64});
+  const at::Tensor slots = at::arange(5, at::kLong);
+  EXPECT_NO_THROW(KvWrite(kv, key, key, slots));
+  EXPECT_THROW(KvWrite(kv, key.to(at::kDouble), key, slots), c10::Error);    // dtype
+  EXPECT_THROW(KvWrite(kv, key, key.to(at::kBFloat16), slots), c10::Error);  // dtype
+  EXPECT_THROW(KvWrite(kv, key, key, slots.to(at::kInt)), c10::Error);       // slot dtype
+  EXPECT_THROW(KvWrite(kv, at::zeros({5, 64, 3}).transpose(1, 2), key, slots), c10::Error);
+  EXPECT_THROW(KvWrite(kv, at::zeros({5, 2, 64}), key, slots), c10::Error);       // Hkv
+  EXPECT_THROW(KvWrite(kv, key, at::zeros({4, 3, 64}), slots), c10::Error);       // T
+  EXPECT_THROW(KvWrite(kv, key, key, at::arange(4, at::kLong)), c10::Error);      // T
+  EXPECT_THROW(KvWrite(kv, key, key, at::full({5}, 64, at::kLong)), c10::Error);  // past the cache
+  EXPECT_THROW(KvWrite(at::zeros({3, 4, 16, 3, 64}), key, key, slots), c10::Error);
+  EXPECT_THROW(
+      KvWrite(at::zeros({2, 4, 16, 3, 64}, at::kInt), key.to(at::kInt), key.to(at::kInt), slots),
+      c10::Error);
+}
+
+// ---- paged_attention_decode
+// ------------------------------------------------------------------------------
+
+void CheckDecode(const Layout& layout, const std::vector<int64_t>& lens, at::ScalarType dtype,
+                 BiasKind bias_kind, at::Generator& gen) {
+  SCOPED_TRACE(Describe(layout, dtype, Name(bias_kind)));
+  const PagedBatch batch = MakeBatch(layout, lens, dtype, gen);
+  const Bias bias = MakeBias(bias_kind, batch, gen);
+  const int64_t num_seqs = static_cast<int64_t>(lens.size());
+  const at::Tensor query =
+      at::randn({num_seqs, layout.query_heads(), layout.head_dim}, gen).to(dtype);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(layout.head_dim));
+  const at::Tensor out = at::full_like(query, kNaN);
+  Decode(out, query, batch.kv, batch.block_tables, batch.seq_lens, scale, bias);
+
+  at::Tensor expected = at::empty({num_seqs, layout.query_heads(), layout.head_dim}, at::kDouble);
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    const at::Tensor position = at::full({1}, lens[b] - 1, at::kLong);
+    expected[b].copy_(Reference(batch, b, query[b].unsqueeze(0), position, scale, bias).second[0]);
+  }
+  const double tol = Tolerance(dtype);
+  EXPECT_TRUE(AllClose(out, expected, tol, tol));
+}
+
+TEST(PagedAttentionDecode, MatchesReference) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(2);
+  for (const Layout& layout : kLayouts) {
+    const int64_t ps = layout.page_size;
+    // Lengths: one key, exactly one page, crossing a page boundary, and long.
+    const std::vector<int64_t> lens = {1, ps, ps + 1, 3 * ps + 2, 157};
+    for (BiasKind bias : {BiasKind::kNone, BiasKind::kRandom, BiasKind::kWithNegInf}) {
+      CheckDecode(layout, lens, at::kFloat, bias, gen);
+    }
+  }
+}
+
+TEST(PagedAttentionDecode, MatchesReferenceInReducedPrecision) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(3);
+  for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+    CheckDecode({3, 3, 64, 16}, {1, 17, 200}, dtype, BiasKind::kWithNegInf, gen);
+    CheckDecode({1, 4, 40, 3}, {2, 50}, dtype, BiasKind::kRandom, gen);
+  }
+}
+
+// With more threads than (sequence, KV head) pairs a long sequence is split over threads and the
+// partial softmaxes are merged; check that path with every bias kind.
+TEST(PagedAttentionDecode, SplitOverThreadsMatchesReference) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(4);
+  const int previous_threads = at::get_num_threads();
+  at::set_num_threads(6);
+  for (BiasKind bias : {BiasKind::kNone, BiasKind::kRandom, BiasKind::kWithNegInf}) {
+    CheckDecode({1, 3, 64, 16}, {1500}, at::kFloat, bias, gen);
+    CheckDecode({3, 3, 64, 16}, {700, 5}, at::kFloat, bias, gen);
+  }
+  CheckDecode({1, 4, 64, 3}, {1100}, at::kBFloat16, BiasKind::kRandom, gen);
+  at::set_num_threads(previous_threads);
+}
+
+TEST(PagedAttentionDecode, FullyMaskedRowIsZeroNotNaN) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(5);
+  const int previous_threads = at::get_num_threads();
+  for (int threads : {1, 4}) {
+    at::set_num_threads(threads);
+    const PagedBatch batch = MakeBatch({3, 3, 64, 16}, {40, 1200}, at::kFloat, gen);
+    at::Tensor bias = at::randn({2, 1200}, gen);
+    bias[1].fill_(-kInf);  // sequence 1 sees nothing
+    const at::Tensor query = at::randn({2, 9, 64}, gen);
+    const at::Tensor out = at::full_like(query, kNaN);
+    Decode(out, query, batch.kv, batch.block_tables, batch.seq_lens, 0.125, bias);
+    at::Tensor expected = at::zeros({2, 9, 64}, at::kDouble);
+    expected[0].copy_(
+        Reference(batch, 0, query[0].unsqueeze(0), at::full({1}, 39, at::kLong), 0.125, bias)
+            .second[0]);
+    EXPECT_TRUE(AllClose(out, expected, 1e-5, 1e-5)) << "threads=" << threads;
+  }
+  at::set_num_threads(previous_threads);
+}
+
+TEST(PagedAttentionDecode, RejectsBadInputs) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(6);
+  const PagedBatch batch = MakeBatch({3, 3, 64, 16}, {10, 40}, at::kFloat, gen);
+  const at::Tensor& kv = batch.kv;
+  const at::Tensor& tables = batch.block_tables;
+  const at::Tensor& lens = batch.seq_lens;
+  const at::Tensor query = at::randn({2, 9, 64}, gen);
+  const at::Tensor out = at::empty_like(query);
+  const Bias none;
+  EXPECT_NO_THROW(Decode(out, query, kv, tables, lens, 0.125, none));
+  EXPECT_NO_THROW(Decode(out, query, kv, tables, lens, 0.125, at::zeros({2, 40})));
+  // dtypes
+  EXPECT_THROW(Decode(out, query.to(at::kDouble), kv, tables, lens, 0.125, none), c10::Error);
+  EXPECT_THROW(Decode(out.to(at::kBFloat16), query, kv, tables, lens, 0.125, none), c10::Error);
+  EXPECT_THROW(Decode(out, query, kv, tables.to(at::kLong), lens, 0.125, none), c10::Error);
+  EXPECT_THROW(Decode(out, query, kv, tables, lens.to(at::kInt), 0.125, none), c10::Error);
+  EXPECT_THROW(Decode(out, query, kv, tables, lens, 0.125, at::zeros({2, 40}, at::kDouble)),
+               c10::Error);
+  // non-contiguous
+  const at::Tensor strided_query = at::randn({2, 64, 9}, gen).transpose(1, 2);
+  EXPECT_THROW(Decode(out, strided_query, kv, tables, lens, 0.125, none), c10::Error);
+  EXPECT_THROW(Decode(at::empty({9, 2, 64}).transpose(0, 1), query, kv, tables, lens, 0.125, none),
+               c10::Error);
+  EXPECT_THROW(Decode(out, query, kv.transpose(3, 4).contiguous().transpose(3, 4), tables, lens,
+                      0.125, none),
+               c10::Error);
+  EXPECT_THROW(Decode(out, query, kv, tables, lens, 0.125, at::zeros({40, 2}).t()), c10::Error);
+  // shapes
+  EXPECT_THROW(Decode(at::empty({2, 9, 32}), query, kv, tables, lens, 0.125, none), c10::Error);
+  EXPECT_THROW(Decode(at::empty({2, 8, 64}), at::randn({2, 8, 64}), kv, tables, lens, 0.125, none),
+               c10::Error);  // 8 query heads on 3 KV heads
+  EXPECT_THROW(Decode(at::empty({2, 9, 32}), at::randn({2, 9, 32}), kv, tables, lens, 0.125, none),
+               c10::Error);  // head_dim
+  EXPECT_THROW(Decode(out, query, kv, tables.slice(0, 0, 1), lens, 0.125, none), c10::Error);
+  EXPECT_THROW(Decode(out, query, kv, tables, lens.slice(0, 0, 1), 0.125, none), c10::Error);
+  EXPECT_THROW(Decode(out, query, kv, tables, lens, 0.125, at::zeros({2, 39})), c10::Error);
+  EXPECT_THROW(Decode(out, query, kv, tables, lens, 0.125, at::zeros({1, 40})), c10::Error);
+  EXPECT_THROW(Decode(out, query, kv.select(0, 0), tables, lens, 0.125, none), c10::Error);
+  // values
+  EXPECT_THROW(Decode(out, query, kv, tables, at::tensor({10, 0}, at::kLong), 0.125, none),
+               c10::Error);  // empty context
+  const int64_t too_long = tables.size(1) * 16 + 1;
+  EXPECT_THROW(Decode(out, query, kv, tables,
+                      at::tensor(std::vector<int64_t>{10, too_long}, at::kLong), 0.125, none),
+               c10::Error);
+  at::Tensor bad_tables = tables.clone();
+  bad_tables[1][1] = static_cast<int32_t>(kv.size(1));  // a page that does not exist
+  EXPECT_THROW(Decode(out, query, kv, bad_tables, lens, 0.125, none), c10::Error);
+}
+
+// ---- paged_attention_prefill
+// -----------------------------------------------------------------------------
+
+// One sequence of a prefill call: its context length after the call and its number of new tokens.
+struct Chunk {
+  int64_t seq_len;
+  int64_t new_tokens;
+};
+
+void CheckPrefill(const Layout& layout, const std::vector<Chunk>& chunks, at::ScalarType dtype,
+                  BiasKind bias_kind, at::Generator& gen) {
+  SCOPED_TRACE(Describe(layout, dtype, Name(bias_kind)));
+  std::vector<int64_t> lens;
+  std::vector<int64_t> starts = {0};
+  for (const Chunk& c : chunks) {
+    lens.push_back(c.seq_len);
+    starts.push_back(starts.back() + c.new_tokens);
+  }
+  const PagedBatch batch = MakeBatch(layout, lens, dtype, gen);
+  const Bias bias = MakeBias(bias_kind, batch, gen);
+  const int64_t tokens = starts.back();
+  const at::Tensor query_start_loc = at::tensor(starts, at::kLong);
+  const at::Tensor query =
+      at::randn({tokens, layout.query_heads(), layout.head_dim}, gen).to(dtype);
+  const double scale = 0.7 / std::sqrt(static_cast<double>(layout.head_dim));
+  const at::Tensor out = at::full_like(query, kNaN);
+  Prefill(out, query, batch.kv, batch.block_tables, batch.seq_lens, query_start_loc, scale, bias);
+
+  at::Tensor expected = at::empty({tokens, layout.query_heads(), layout.head_dim}, at::kDouble);
+  for (size_t b = 0; b < chunks.size(); ++b) {
+    const int64_t q_len = chunks[b].new_tokens;
+    if (q_len == 0) continue;
+    const at::Tensor positions =
+        at::arange(chunks[b].seq_len - q_len, chunks[b].seq_len, at::kLong);
+    expected.slice(0, starts[b], starts[b + 1])
+        .copy_(Reference(batch, static_cast<int64_t>(b), query.slice(0, starts[b], starts[b + 1]),
+                         positions, scale, bias)
+                   .second);
+  }
+  const double tol = Tolerance(dtype);
+  EXPECT_TRUE(AllClose(out, expected, tol, tol));
+}
+
+TEST(PagedAttentionPrefill, MixedChunksMatchReference) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(7);
+  for (const Layout& layout : kLayouts) {
+    const int64_t ps = layout.page_size;
+    const std::vector<Chunk> chunks = {
+        {37, 37},               // whole prompt in one chunk (more tokens than one work tile)
+        {90, 1},                // decode token
+        {2 * ps + 45, 45 - 1},  // chunk that starts mid-page after earlier pages were filled
+        {0, 0},                 // a sequence with nothing new
+        {1, 1},                 // first token of a prompt
+        {ps + 20, 20},          // chunk that starts exactly on a page boundary
+        {64, 1},
+    };
+    for (BiasKind bias : {BiasKind::kNone, BiasKind::kRandom, BiasKind::kWithNegInf}) {
+      CheckPrefill(layout, chunks, at::kFloat, bias, gen);
+    }
+  }
+}
+
+TEST(PagedAttentionPrefill, MatchesReferenceInReducedPrecision) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(8);
+  for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+    CheckPrefill({3, 3, 64, 16}, {{40, 23}, {30, 1}}, dtype, BiasKind::kWithNegInf, gen);
+  }
+}
+
+TEST(PagedAttentionPrefill, RowsWithEveryKeyMaskedAreZero) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(9);
+  const PagedBatch batch = MakeBatch({3, 3, 64, 3}, {20}, at::kFloat, gen);
+  at::Tensor bias = at::randn({1, 20}, gen);
+  bias.slice(1, 0, 12).fill_(-kInf);  // tokens at positions < 12 see only masked keys
+  const at::Tensor query = at::randn({20, 9, 64}, gen);
+  const at::Tensor out = at::full_like(query, kNaN);
+  Prefill(out, query, batch.kv, batch.block_tables, batch.seq_lens, at::tensor({0, 20}, at::kLong),
+          0.125, bias);
+  const at::Tensor expected =
+      Reference(batch, 0, query, at::arange(20, at::kLong), 0.125, bias).second;
+  EXPECT_TRUE(at::all(expected.slice(0, 0, 12) == 0).item<bool>());
+  EXPECT_TRUE(AllClose(out, expected, 1e-5, 1e-5));
+}
+
+TEST(PagedAttentionPrefill, RejectsBadInputs) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(10);
+  const PagedBatch batch = MakeBatch({3, 3, 64, 16}, {10, 40}, at::kFloat, gen);
+  const at::Tensor& kv = batch.kv;
+  const at::Tensor& tables = batch.block_tables;
+  const at::Tensor& lens = batch.seq_lens;
+  const at::Tensor query = at::randn({11, 9, 64}, gen);
+  const at::Tensor out = at::empty_like(query);
+  const at::Tensor starts = at::tensor({0, 10, 11}, at::kLong);
+  const Bias none;
+  EXPECT_NO_THROW(Prefill(out, query, kv, tables, lens, starts, 0.125, none));
+  EXPECT_THROW(Prefill(out, query, kv, tables, lens, starts.to(at::kInt), 0.125, none), c10::Error);
+  EXPECT_THROW(Prefill(out, query.to(at::kHalf), kv, tables, lens, starts, 0.125, none),
+               c10::Error);
+  EXPECT_THROW(Prefill(out, query, kv, tables, lens, at::tensor({0, 11}, at::kLong), 0.125, none),
+               c10::Error);  // B + 1 entries
+  EXPECT_THROW(
+      Prefill(out, query, kv, tables, lens, at::tensor({0, 10, 12}, at::kLong), 0.125, none),
+      c10::Error);  // does not end at T
+  EXPECT_THROW(
+      Prefill(out, query, kv, tables, lens, at::tensor({1, 10, 11}, at::kLong), 0.125, none),
+      c10::Error);  // does not start at 0
+  EXPECT_THROW(
+      Prefill(out, query, kv, tables, lens, at::tensor({0, 11, 11}, at::kLong), 0.125, none),
+      c10::Error);  // 11 new tokens in a sequence of 10
+  EXPECT_THROW(
+      Prefill(out, query, kv, tables, lens, at::tensor({0, 6, 11}, at::kLong).flip(0), 0.125, none),
+      c10::Error);  // not contiguous
+  EXPECT_THROW(Prefill(at::empty({10, 9, 64}), query, kv, tables, lens, starts, 0.125, none),
+               c10::Error);
+  EXPECT_THROW(Prefill(out, query, kv, tables, lens, starts, 0.125, at::zeros({2, 20})),
+               c10::Error);
+}
+
+// ---- attention_probs
+// -------------------------------------------------------------------------------------
+
+void CheckProbs(const Layout& layout, const std::vector<int64_t>& lens,
+                const std::vector<int64_t>& heads, int64_t out_len, at::ScalarType dtype,
+                BiasKind bias_kind, at::Generator& gen) {
+  SCOPED_TRACE(Describe(layout, dtype, Name(bias_kind)));
+  const PagedBatch batch = MakeBatch(layout, lens, dtype, gen);
+  const Bias bias = MakeBias(bias_kind, batch, gen);
+  const int64_t num_seqs = static_cast<int64_t>(lens.size());
+  const int64_t num_probe = static_cast<int64_t>(heads.size());
+  const at::Tensor query =
+      at::randn({num_seqs, layout.query_heads(), layout.head_dim}, gen).to(dtype);
+  const at::Tensor head_ids = at::tensor(heads, at::kLong);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(layout.head_dim));
+  const at::Tensor out = at::full({num_seqs, num_probe, out_len}, kNaN, at::kFloat);
+  Probs(out, query, batch.kv, batch.block_tables, batch.seq_lens, head_ids, scale, bias);
+
+  at::Tensor expected = at::zeros({num_seqs, num_probe, out_len}, at::kDouble);
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    const at::Tensor probs = Reference(batch, b, query[b].unsqueeze(0),
+                                       at::full({1}, lens[b] - 1, at::kLong), scale, bias)
+                                 .first;  // [Hq, 1, n]
+    expected[b].slice(1, 0, lens[b]).copy_(probs.index_select(0, head_ids).squeeze(1));
+  }
+  const double tol = Tolerance(dtype);
+  EXPECT_TRUE(AllClose(out, expected, tol, tol));
+}
+
+TEST(AttentionProbs, MatchesReference) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(11);
+  for (const Layout& layout : kLayouts) {
+    const int64_t ps = layout.page_size;
+    const int64_t hq = layout.query_heads();
+    const std::vector<int64_t> heads = {hq - 1, 0, hq / 2, 0};  // any order, repeats allowed
+    for (BiasKind bias : {BiasKind::kNone, BiasKind::kRandom, BiasKind::kWithNegInf}) {
+      CheckProbs(layout, {1, ps + 1, 130}, heads, 130, at::kFloat, bias, gen);
+      CheckProbs(layout, {3 * ps + 2, 7}, heads, 3 * ps + 9, at::kFloat, bias, gen);  // S' > max
+    }
+  }
+  CheckProbs({3, 3, 64, 16}, {33, 100}, {7, 2}, 100, at::kBFloat16, BiasKind::kRandom, gen);
+  CheckProbs({3, 3, 64, 16}, {33, 100}, {7, 2}, 100, at::kHalf, BiasKind::kWithNegInf, gen);
+}
+
+TEST(AttentionProbs, FullyMaskedRowIsZeroAndNoProbeHeadsIsFine) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(12);
+  const PagedBatch batch = MakeBatch({3, 3, 64, 16}, {20, 30}, at::kFloat, gen);
+  const at::Tensor query = at::randn({2, 9, 64}, gen);
+  const at::Tensor bias = at::full({2, 30}, -kInf);
+  const at::Tensor out = at::full({2, 2, 30}, kNaN, at::kFloat);
+  Probs(out, query, batch.kv, batch.block_tables, batch.seq_lens, at::tensor({1, 5}, at::kLong),
+        0.125, bias);
+  EXPECT_TRUE(at::all(out == 0).item<bool>());
+  const at::Tensor empty = at::empty({2, 0, 30}, at::kFloat);
+  EXPECT_NO_THROW(Probs(empty, query, batch.kv, batch.block_tables, batch.seq_lens,
+                        at::empty({0}, at::kLong), 0.125, c10::nullopt));
+}
+
+TEST(AttentionProbs, RejectsBadInputs) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(13);
+  const PagedBatch batch = MakeBatch({3, 3, 64, 16}, {10, 40}, at::kFloat, gen);
+  const at::Tensor& kv = batch.kv;
+  const at::Tensor& tables = batch.block_tables;
+  const at::Tensor& lens = batch.seq_lens;
+  const at::Tensor query = at::randn({2, 9, 64}, gen);
+  const at::Tensor heads = at::tensor({0, 8}, at::kLong);
+  const at::Tensor out = at::empty({2, 2, 40});
+  const Bias none;
+  EXPECT_NO_THROW(Probs(out, query, kv, tables, lens, heads, 0.125, none));
+  EXPECT_THROW(Probs(out.to(at::kBFloat16), query, kv, tables, lens, heads, 0.125, none),
+               c10::Error);
+  EXPECT_THROW(Probs(out, query, kv, tables, lens, heads.to(at::kInt), 0.125, none), c10::Error);
+  EXPECT_THROW(Probs(out, query, kv, tables, lens, at::tensor({0, 9}, at::kLong), 0.125, none),
+               c10::Error);  // not a query head
+  EXPECT_THROW(Probs(out, query, kv, tables, lens, at::tensor({-1, 0}, at::kLong), 0.125, none),
+               c10::Error);
+  EXPECT_THROW(Probs(at::empty({2, 2, 39}), query, kv, tables, lens, heads, 0.125, none),
+               c10::Error);  // S' < max(seq_lens)
+  EXPECT_THROW(Probs(at::empty({2, 3, 40}), query, kv, tables, lens, heads, 0.125, none),
+               c10::Error);  // H
+  EXPECT_THROW(
+      Probs(at::empty({2, 40, 2}).transpose(1, 2), query, kv, tables, lens, heads, 0.125, none),
+      c10::Error);
+  EXPECT_THROW(Probs(out, query.to(at::kBFloat16), kv, tables, lens, heads, 0.125, none),
+               c10::Error);  // query dtype differs from the cache
+}
+
+}  // namespace

@@ -1,0 +1,343 @@
+// Tests of ModelRunner on the default model package (models/smollm2-135m-instruct, exported by
+// `make model`): chunked prefill and token-by-token decode agree with a one-shot prefill, a batch
+// equals its sequences run alone, probe-head probabilities are distributions, the speculative
+// (last_layer) pass, key bias semantics, and input validation. The KV cache and outputs are
+// poisoned with NaN first, so reading an unwritten slot or leaving an output element unwritten
+// shows up.
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <limits>
+#include <random>
+
+#include <gtest/gtest.h>
+#include <torch/script.h>
+
+#include "core/kv_page_pool.h"
+#include "core/model_runner.h"
+
+namespace dysco {
+namespace {
+
+// DYSCO_TEST_MODEL_DIR overrides the package location (e.g. a package exported elsewhere).
+const std::string kModelDir = std::getenv("DYSCO_TEST_MODEL_DIR") != nullptr
+                                  ? std::getenv("DYSCO_TEST_MODEL_DIR")
+                                  : std::string(DYSCO_SOURCE_DIR) + "/models/smollm2-135m-instruct";
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+class ModelRunnerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    if (!std::filesystem::exists(kModelDir + "/model.pt")) return;
+    auto r = ModelRunner::Load(kModelDir, ModelRunnerOptions{});
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    runner_ = std::move(r).value().release();
+  }
+  static void TearDownTestSuite() {
+    delete runner_;
+    runner_ = nullptr;
+  }
+
+  void SetUp() override {
+    if (runner_ == nullptr) {
+      if (std::getenv("CI") != nullptr) FAIL() << kModelDir << " is missing (run `make model`)";
+      GTEST_SKIP() << kModelDir << " is missing (run `make model`)";
+    }
+    KvPagePoolOptions o;
+    o.page_size = 16;
+    o.num_pages = 64;
+    auto pool = KvPagePool::Create(runner_->config(), o);
+    ASSERT_TRUE(pool.ok()) << pool.status().ToString();
+    pool_ = std::move(pool).value();
+    pool_->kv_cache().fill_(kNaN);  // only slots written by the steps may ever be read
+  }
+
+  const ModelConfig& config() const { return runner_->config(); }
+
+  std::vector<int32_t> RandomTokens(int n, uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::uniform_int_distribution<int32_t> d(3, static_cast<int32_t>(config().vocab_size) - 1);
+    std::vector<int32_t> v(n);
+    for (auto& t : v) t = d(rng);
+    return v;
+  }
+
+  PageList Pages(int64_t tokens) {
+    PageList p(pool_.get());
+    EXPECT_TRUE(p.EnsureCapacity(tokens).ok());
+    return p;
+  }
+
+  // Runs `tokens[start, start + n)` of one sequence; returns its last logits.
+  std::vector<float> RunOne(const std::vector<int32_t>& tokens, int64_t start, int64_t n,
+                            const PageList& pages, const std::vector<float>& bias = {}) {
+    StepBatch batch;
+    batch.kv_pool = pool_.get();
+    batch.sequences.push_back(
+        {ConstSpan<int32_t>(tokens.data() + start, n), start, pages.ids(), ConstSpan<float>(bias)});
+    StepOutput out;
+    out.logits.assign(config().vocab_size, kNaN);
+    Status s = runner_->Step(batch, &out);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    EXPECT_EQ(out.batch_size, 1);
+    EXPECT_EQ(out.vocab_size, config().vocab_size);
+    return out.logits;
+  }
+
+  static void ExpectClose(const std::vector<float>& a, const std::vector<float>& b, float tol,
+                          const std::string& what) {
+    ASSERT_EQ(a.size(), b.size()) << what;
+    float worst = 0;
+    size_t at = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+      ASSERT_FALSE(std::isnan(a[i]) || std::isnan(b[i])) << what << ": NaN at " << i;
+      const float d = std::fabs(a[i] - b[i]);
+      if (d > worst) worst = d, at = i;
+    }
+    EXPECT_LE(worst, tol) << what << ": max |diff| " << worst << " at " << at << " (" << a[at]
+                          << " vs " << b[at] << ")";
+  }
+
+  static ModelRunner* runner_;
+  std::unique_ptr<KvPagePool> pool_;
+};
+
+ModelRunner* ModelRunnerTest::runner_ = nullptr;
+
+TEST_F(ModelRunnerTest, OpsAreRegistered) { EXPECT_TRUE(CheckDyscoOpsRegistered().ok()); }
+
+TEST_F(ModelRunnerTest, ChunkedAndTokenByTokenPrefillMatchOneShot) {
+  // 35 tokens: chunks cross page boundaries (page size 16) at different offsets.
+  const auto tokens = RandomTokens(35, 1);
+  const PageList p1 = Pages(35), p2 = Pages(35), p3 = Pages(35);
+  const auto one_shot = RunOne(tokens, 0, 35, p1);
+
+  std::vector<float> chunked;
+  for (int64_t start = 0; start < 35; start += 10) {
+    chunked = RunOne(tokens, start, std::min<int64_t>(10, 35 - start), p2);
+  }
+  ExpectClose(one_shot, chunked, 1e-4f, "chunks of 10");
+
+  std::vector<float> stepwise;
+  for (int64_t i = 0; i < 35; ++i) stepwise = RunOne(tokens, i, 1, p3);
+  ExpectClose(one_shot, stepwise, 1e-4f, "token by token");
+}
+
+TEST_F(ModelRunnerTest, BatchEqualsEachSequenceAlone) {
+  const std::vector<std::vector<int32_t>> seqs = {RandomTokens(21, 2), RandomTokens(40, 3),
+                                                  RandomTokens(6, 4)};
+  // Alone: prefill all but the last token, then the last token as a decode step.
+  std::vector<std::vector<float>> alone_prefill, alone_decode;
+  for (const auto& s : seqs) {
+    const PageList p = Pages(static_cast<int64_t>(s.size()));
+    alone_prefill.push_back(RunOne(s, 0, static_cast<int64_t>(s.size()) - 1, p));
+    alone_decode.push_back(RunOne(s, static_cast<int64_t>(s.size()) - 1, 1, p));
+  }
+  // Together: one step with the three prefills, then one with the three decode tokens.
+  std::vector<PageList> pages;
+  for (const auto& s : seqs) pages.push_back(Pages(static_cast<int64_t>(s.size())));
+  StepBatch batch;
+  batch.kv_pool = pool_.get();
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    batch.sequences.push_back(
+        {ConstSpan<int32_t>(seqs[b].data(), seqs[b].size() - 1), 0, pages[b].ids(), {}});
+  }
+  StepOutput out;
+  out.logits.assign(3 * config().vocab_size, kNaN);
+  ASSERT_TRUE(runner_->Step(batch, &out).ok());
+  ASSERT_EQ(out.batch_size, 3);
+  for (int b = 0; b < 3; ++b) {
+    std::vector<float> row(out.logits_row(b), out.logits_row(b) + config().vocab_size);
+    ExpectClose(alone_prefill[b], row, 1e-4f, "batched prefill of sequence " + std::to_string(b));
+  }
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    const int64_t last = static_cast<int64_t>(seqs[b].size()) - 1;
+    batch.sequences[b] = {ConstSpan<int32_t>(seqs[b].data() + last, 1), last, pages[b].ids(), {}};
+  }
+  out.logits.assign(3 * config().vocab_size, kNaN);
+  ASSERT_TRUE(runner_->Step(batch, &out).ok());
+  for (int b = 0; b < 3; ++b) {
+    std::vector<float> row(out.logits_row(b), out.logits_row(b) + config().vocab_size);
+    ExpectClose(alone_decode[b], row, 1e-4f, "batched decode of sequence " + std::to_string(b));
+  }
+}
+
+TEST_F(ModelRunnerTest, MixedPrefillAndDecodeInOneStep) {
+  const auto a = RandomTokens(20, 5), b = RandomTokens(12, 6);
+  const PageList pa = Pages(20), pb = Pages(12), qa = Pages(20), qb = Pages(12);
+  const auto a_alone = [&] {
+    RunOne(a, 0, 19, pa);
+    return RunOne(a, 19, 1, pa);
+  }();
+  const auto b_alone = RunOne(b, 0, 12, pb);
+  RunOne(a, 0, 19, qa);
+  StepBatch batch;
+  batch.kv_pool = pool_.get();
+  batch.sequences.push_back({ConstSpan<int32_t>(a.data() + 19, 1), 19, qa.ids(), {}});  // decode
+  batch.sequences.push_back({ConstSpan<int32_t>(b), 0, qb.ids(), {}});                  // prefill
+  StepOutput out;
+  ASSERT_TRUE(runner_->Step(batch, &out).ok());
+  const int64_t V = config().vocab_size;
+  ExpectClose(a_alone, std::vector<float>(out.logits_row(0), out.logits_row(0) + V), 1e-4f,
+              "decode");
+  ExpectClose(b_alone, std::vector<float>(out.logits_row(1), out.logits_row(1) + V), 1e-4f,
+              "prefill");
+}
+
+TEST_F(ModelRunnerTest, ProbeHeadsAreDistributionsAndSpeculativePassMatches) {
+  const auto a = RandomTokens(30, 7), b = RandomTokens(9, 8);
+  const PageList pa = Pages(30), pb = Pages(9);
+  RunOne(a, 0, 29, pa);
+  RunOne(b, 0, 8, pb);
+  const std::vector<std::pair<int, int>> heads = {{0, 0}, {3, 8}, {5, 4}};
+
+  StepBatch batch;
+  batch.kv_pool = pool_.get();
+  batch.sequences.push_back({ConstSpan<int32_t>(a.data() + 29, 1), 29, pa.ids(), {}});
+  batch.sequences.push_back({ConstSpan<int32_t>(b.data() + 8, 1), 8, pb.ids(), {}});
+  batch.probe_heads = heads;
+  batch.last_layer = 5;  // speculative pass: layers 0..5 only
+  StepOutput spec;
+  spec.probs.assign(2 * 3 * 30, kNaN);
+  ASSERT_TRUE(runner_->Step(batch, &spec).ok());
+  EXPECT_EQ(spec.vocab_size, 0);
+  EXPECT_TRUE(spec.logits.empty());
+  ASSERT_EQ(spec.num_probe_heads, 3);
+  ASSERT_GE(spec.probs_len, 30);
+  const int64_t lens[2] = {30, 9};
+  for (int s = 0; s < 2; ++s) {
+    for (int h = 0; h < 3; ++h) {
+      const float* row = spec.probs_row(s, h);
+      double sum = 0;
+      for (int64_t j = 0; j < spec.probs_len; ++j) {
+        ASSERT_FALSE(std::isnan(row[j])) << s << "," << h << "," << j;
+        ASSERT_GE(row[j], 0.0f);
+        if (j >= lens[s]) {
+          EXPECT_EQ(row[j], 0.0f) << "probability past the sequence length";
+        }
+        sum += row[j];
+      }
+      EXPECT_NEAR(sum, 1.0, 1e-5) << "sequence " << s << " head " << h;
+    }
+  }
+
+  // The real pass of the same tokens rewrites the same K/V slots; its probes of layers <= 5 must
+  // equal the speculative ones, and its logits must equal a plain decode.
+  batch.last_layer = -1;
+  StepOutput full;
+  ASSERT_TRUE(runner_->Step(batch, &full).ok());
+  ASSERT_EQ(full.vocab_size, config().vocab_size);
+  ASSERT_EQ(full.probs.size(), spec.probs.size());
+  for (size_t i = 0; i < full.probs.size(); ++i)
+    ASSERT_NEAR(full.probs[i], spec.probs[i], 1e-5) << i;
+  const PageList qa = Pages(30);
+  const auto plain = RunOne(a, 0, 30, qa);
+  ExpectClose(plain,
+              std::vector<float>(full.logits_row(0), full.logits_row(0) + config().vocab_size),
+              1e-4f, "decode after a speculative pass");
+
+  // last_layer = L-1 runs every layer and returns logits.
+  batch.last_layer = config().num_layers - 1;
+  batch.probe_heads.clear();
+  StepOutput last;
+  ASSERT_TRUE(runner_->Step(batch, &last).ok());
+  EXPECT_EQ(last.num_probe_heads, 0);
+  ASSERT_EQ(last.vocab_size, config().vocab_size);
+  for (size_t i = 0; i < last.logits.size(); ++i) ASSERT_NEAR(last.logits[i], full.logits[i], 1e-4);
+}
+
+TEST_F(ModelRunnerTest, KeyBiasSemantics) {
+  const auto t = RandomTokens(18, 9);
+  const PageList p0 = Pages(18), p1 = Pages(18), p2 = Pages(18);
+  const auto plain = RunOne(t, 0, 18, p0);
+  // A bias that is the same for every key shifts all logits of a softmax row equally: no effect.
+  const auto shifted = RunOne(t, 0, 18, p1, std::vector<float>(24, 3.0f));
+  ExpectClose(plain, shifted, 1e-4f, "constant bias");
+  // Masking keys changes the result.
+  std::vector<float> mask(18, 0.0f);
+  for (int j = 2; j < 12; ++j) mask[j] = -std::numeric_limits<float>::infinity();
+  const auto masked = RunOne(t, 0, 18, p2, mask);
+  float diff = 0;
+  for (size_t i = 0; i < plain.size(); ++i) diff = std::max(diff, std::fabs(plain[i] - masked[i]));
+  EXPECT_GT(diff, 1e-2f);
+  for (float x : masked) ASSERT_FALSE(std::isnan(x));
+}
+
+TEST_F(ModelRunnerTest, ValidationErrorsNameTheField) {
+  const auto t = RandomTokens(20, 10);
+  const PageList p = Pages(20);
+  auto run = [&](StepBatch b) {
+    b.kv_pool = b.kv_pool == nullptr ? pool_.get() : b.kv_pool;
+    StepOutput out;
+    return runner_->Step(b, &out);
+  };
+  StepBatch ok;
+  ok.sequences.push_back({ConstSpan<int32_t>(t), 0, p.ids(), {}});
+  EXPECT_TRUE(run(ok).ok());
+
+  EXPECT_EQ(run(StepBatch{}).code(), StatusCode::kInvalidArgument);
+
+  StepBatch bad = ok;
+  bad.sequences.push_back({ConstSpan<int32_t>(), 0, p.ids(), {}});
+  Status s = run(bad);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("sequences[1].token_ids"), std::string::npos) << s.message();
+
+  const std::vector<int32_t> oov = {1, static_cast<int32_t>(config().vocab_size)};
+  bad = ok;
+  bad.sequences[0].token_ids = ConstSpan<int32_t>(oov);
+  s = run(bad);
+  EXPECT_NE(s.message().find("sequences[0].token_ids"), std::string::npos) << s.message();
+
+  bad = ok;
+  bad.sequences[0].start_position = 100;  // 120 tokens do not fit in 2 pages
+  s = run(bad);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("sequences[0].page_ids"), std::string::npos) << s.message();
+
+  bad = ok;
+  bad.sequences[0].start_position = config().max_position_embeddings;
+  EXPECT_EQ(run(bad).code(), StatusCode::kOutOfRange);
+
+  const std::vector<int32_t> bad_pages = {1, 100000};
+  bad = ok;
+  bad.sequences[0].page_ids = ConstSpan<int32_t>(bad_pages);
+  s = run(bad);
+  EXPECT_NE(s.message().find("sequences[0].page_ids[1]"), std::string::npos) << s.message();
+
+  const std::vector<float> short_bias(10, 0.0f);
+  bad = ok;
+  bad.sequences[0].key_bias = ConstSpan<float>(short_bias);
+  s = run(bad);
+  EXPECT_NE(s.message().find("sequences[0].key_bias"), std::string::npos) << s.message();
+
+  bad = ok;
+  bad.last_layer = config().num_layers;
+  EXPECT_NE(run(bad).message().find("last_layer"), std::string::npos);
+
+  bad = ok;
+  bad.probe_heads = {{0, config().num_attention_heads}};
+  EXPECT_NE(run(bad).message().find("probe_heads[0]"), std::string::npos);
+  bad.probe_heads = {{7, 0}};
+  bad.last_layer = 5;  // layer 7 does not run
+  EXPECT_NE(run(bad).message().find("probe_heads[0]"), std::string::npos);
+
+  ModelConfig other = config();
+  other.num_kv_heads += 1;
+  KvPagePoolOptions o;
+  o.num_pages = 4;
+  auto wrong_pool = KvPagePool::Create(other, o);
+  ASSERT_TRUE(wrong_pool.ok());
+  bad = ok;
+  bad.kv_pool = wrong_pool->get();
+  EXPECT_EQ(run(bad).code(), StatusCode::kInvalidArgument);
+}
+
+TEST(ModelRunnerLoadTest, MissingPackage) {
+  auto r = ModelRunner::Load("/nonexistent/package");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace dysco

@@ -1,0 +1,232 @@
+"""The decoder-only transformer that becomes model.pt: Llama / Qwen3 (RMSNorm, RoPE in the Hugging Face
+rotate_half convention, GQA, SwiGLU MLP, optional per-head q/k RMSNorm, optional tied embeddings).
+
+Its one method, `forward`, is the contract of docs/model-interface.md: a flat batch of new tokens of several
+sequences, a paged KV cache owned by the caller, and the `dysco` ops for the KV writes and the attention.
+Weights are parameters in the config dtype; logits and attention probabilities are fp32.
+
+Weights come in as a dict keyed by Hugging Face checkpoint names ("model.layers.0.self_attn.q_proj.weight",
+...), whatever the source format; `build_model` checks every name and shape it needs.
+"""
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ExportError
+from .rope import compute_inv_freq
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # Statistics in fp32 and the product with the weight in the model dtype, as transformers does.
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.size(-1) // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _frozen(t: Tensor, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(t.detach().to(dtype).contiguous(), requires_grad=False)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, w: Dict[str, Tensor], prefix: str, num_heads: int, num_kv_heads: int, head_dim: int,
+                 eps: float, qk_norm: bool, dtype: torch.dtype):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.eps = eps
+        self.qk_norm = qk_norm
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.input_layernorm = _frozen(w[prefix + "input_layernorm.weight"], dtype)
+        self.q_proj = _frozen(w[prefix + "self_attn.q_proj.weight"], dtype)
+        self.k_proj = _frozen(w[prefix + "self_attn.k_proj.weight"], dtype)
+        self.v_proj = _frozen(w[prefix + "self_attn.v_proj.weight"], dtype)
+        self.o_proj = _frozen(w[prefix + "self_attn.o_proj.weight"], dtype)
+        if qk_norm:
+            self.q_norm = _frozen(w[prefix + "self_attn.q_norm.weight"], dtype)
+            self.k_norm = _frozen(w[prefix + "self_attn.k_norm.weight"], dtype)
+        else:  # TorchScript needs the attributes to exist; never read when qk_norm is false
+            self.q_norm = _frozen(torch.zeros(0), dtype)
+            self.k_norm = _frozen(torch.zeros(0), dtype)
+        self.post_attention_layernorm = _frozen(w[prefix + "post_attention_layernorm.weight"], dtype)
+        self.gate_proj = _frozen(w[prefix + "mlp.gate_proj.weight"], dtype)
+        self.up_proj = _frozen(w[prefix + "mlp.up_proj.weight"], dtype)
+        self.down_proj = _frozen(w[prefix + "mlp.down_proj.weight"], dtype)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, kv_layer: Tensor, slot_mapping: Tensor,
+                block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, attn_bias: Optional[Tensor],
+                is_decode: bool, last_idx: Tensor, probe_dest: Optional[Tensor], probe_q_heads: Optional[Tensor],
+                probs: Tensor) -> Tensor:
+        num_tokens = h.size(0)
+        x = rms_norm(h, self.input_layernorm, self.eps)
+        q = F.linear(x, self.q_proj).view(num_tokens, self.num_heads, self.head_dim)
+        k = F.linear(x, self.k_proj).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = F.linear(x, self.v_proj).view(num_tokens, self.num_kv_heads, self.head_dim).contiguous()
+        if self.qk_norm:
+            q = rms_norm(q, self.q_norm, self.eps)
+            k = rms_norm(k, self.k_norm, self.eps)
+        c = cos.unsqueeze(1)
+        s = sin.unsqueeze(1)
+        q = (q * c + rotate_half(q) * s).contiguous()
+        k = (k * c + rotate_half(k) * s).contiguous()
+
+        torch.ops.dysco.paged_kv_write(kv_layer, k, v, slot_mapping)
+        out = torch.empty_like(q)
+        if is_decode:
+            torch.ops.dysco.paged_attention_decode(out, q, kv_layer, block_tables, seq_lens, self.scale, attn_bias)
+        else:
+            torch.ops.dysco.paged_attention_prefill(out, q, kv_layer, block_tables, seq_lens, query_start_loc,
+                                                    self.scale, attn_bias)
+        if probe_dest is not None and probe_q_heads is not None:
+            q_last = q if is_decode else q.index_select(0, last_idx).contiguous()
+            layer_probs = torch.empty([probs.size(0), probe_dest.size(0), probs.size(2)], dtype=torch.float32,
+                                      device=probs.device)
+            torch.ops.dysco.attention_probs(layer_probs, q_last, kv_layer, block_tables, seq_lens, probe_q_heads,
+                                            self.scale, attn_bias)
+            probs.index_copy_(1, probe_dest, layer_probs)
+
+        h = h + F.linear(out.view(num_tokens, self.num_heads * self.head_dim), self.o_proj)
+        x = rms_norm(h, self.post_attention_layernorm, self.eps)
+        return h + F.linear(F.silu(F.linear(x, self.gate_proj)) * F.linear(x, self.up_proj), self.down_proj)
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: dict, weights: Dict[str, Tensor]):
+        super().__init__()
+        dtype = DTYPES[config["dtype"]]
+        self.num_layers = int(config["num_layers"])
+        self.num_heads = int(config["num_attention_heads"])
+        self.vocab_size = int(config["vocab_size"])
+        self.eps = float(config["rms_norm_eps"])
+        freq_factors = weights.get("rope_freq_factors")
+        inv_freq, attention_scaling = compute_inv_freq(
+            int(config["head_dim"]), float(config["rope_theta"]),
+            None if freq_factors is not None else config.get("rope_scaling"),
+            int(config["max_position_embeddings"]), config.get("model_name", "config"))
+        if freq_factors is not None:  # llama.cpp's per-frequency divisors (its form of llama3 scaling)
+            inv_freq = inv_freq / freq_factors.to(torch.float32).reshape(inv_freq.shape)
+        self.register_buffer("inv_freq", inv_freq.to(torch.float32).contiguous())
+        self.attention_scaling = float(attention_scaling)
+        self.embed_tokens = _frozen(weights["model.embed_tokens.weight"], dtype)
+        self.layers = nn.ModuleList([
+            DecoderLayer(weights, f"model.layers.{i}.", self.num_heads, int(config["num_kv_heads"]),
+                         int(config["head_dim"]), self.eps, bool(config["qk_norm"]), dtype)
+            for i in range(self.num_layers)])
+        self.norm = _frozen(weights["model.norm.weight"], dtype)
+        if config["tie_word_embeddings"]:
+            self.lm_head = self.embed_tokens  # one tensor, saved once
+        else:
+            self.lm_head = _frozen(weights["lm_head.weight"], dtype)
+
+    def forward(self, token_ids: Tensor, positions: Tensor, query_start_loc: Tensor, seq_lens: Tensor,
+                slot_mapping: Tensor, block_tables: Tensor, kv_cache: Tensor, attn_bias: Optional[Tensor],
+                last_layer: int, probe_heads: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        num_tokens = token_ids.size(0)
+        batch = seq_lens.size(0)
+        device = token_ids.device
+        max_len = int(seq_lens.max()) if batch > 0 else 0
+        num_probes = probe_heads.size(0) if probe_heads is not None else 0
+        probs = torch.zeros([batch, num_probes, max_len], dtype=torch.float32, device=device)
+        # Every sequence brings at least one new token, so T == B means one token each: the decode kernel.
+        is_decode = num_tokens == batch
+        last_idx = query_start_loc[1:] - 1
+
+        freqs = positions.to(torch.float32).unsqueeze(1) * self.inv_freq.unsqueeze(0)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(self.embed_tokens.dtype)
+        sin = (emb.sin() * self.attention_scaling).to(self.embed_tokens.dtype)
+
+        probe_layers: List[int] = []
+        if probe_heads is not None:
+            layer_ids: List[int] = probe_heads[:, 0].tolist()
+            probe_layers = layer_ids
+
+        h = F.embedding(token_ids, self.embed_tokens)
+        for i, layer in enumerate(self.layers):
+            if last_layer < 0 or i <= last_layer:
+                probe_dest: Optional[Tensor] = None
+                probe_q_heads: Optional[Tensor] = None
+                if probe_heads is not None and i in probe_layers:
+                    rows: List[int] = []
+                    for j in range(len(probe_layers)):
+                        if probe_layers[j] == i:
+                            rows.append(j)
+                    dest = torch.tensor(rows, dtype=torch.int64, device=probe_heads.device)
+                    probe_q_heads = probe_heads.index_select(0, dest)[:, 1].contiguous().to(device)
+                    probe_dest = dest.to(device)
+                h = layer(h, cos, sin, kv_cache[i], slot_mapping, block_tables, seq_lens, query_start_loc,
+                          attn_bias, is_decode, last_idx, probe_dest, probe_q_heads, probs)
+
+        if last_layer >= 0 and last_layer < self.num_layers - 1:
+            return torch.zeros([0, self.vocab_size], dtype=torch.float32, device=device), probs
+        x = rms_norm(h.index_select(0, last_idx), self.norm, self.eps)
+        return F.linear(x, self.lm_head).to(torch.float32), probs
+
+
+def required_weights(config: dict) -> Dict[str, Tuple[int, ...]]:
+    """Name -> shape of every tensor the model needs."""
+    hidden, inter, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    nh, nkv = config["num_attention_heads"], config["num_kv_heads"]
+    shapes: Dict[str, Tuple[int, ...]] = {
+        "model.embed_tokens.weight": (config["vocab_size"], hidden),
+        "model.norm.weight": (hidden,),
+    }
+    if not config["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (config["vocab_size"], hidden)
+    for i in range(config["num_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (nh * hd, hidden),
+            p + "self_attn.k_proj.weight": (nkv * hd, hidden),
+            p + "self_attn.v_proj.weight": (nkv * hd, hidden),
+            p + "self_attn.o_proj.weight": (hidden, nh * hd),
+            p + "mlp.gate_proj.weight": (inter, hidden),
+            p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+        })
+        if config["qk_norm"]:
+            shapes[p + "self_attn.q_norm.weight"] = (hd,)
+            shapes[p + "self_attn.k_norm.weight"] = (hd,)
+    return shapes
+
+
+def check_weights(config: dict, weights: Dict[str, Tensor], source: str) -> None:
+    if config["num_attention_heads"] % config["num_kv_heads"] != 0:
+        raise ExportError(f"{source}: num_attention_heads {config['num_attention_heads']} is not a multiple "
+                          f"of num_kv_heads {config['num_kv_heads']}")
+    for name, shape in required_weights(config).items():
+        if name not in weights:
+            raise ExportError(f"{source}: missing tensor {name}")
+        if tuple(weights[name].shape) != shape:
+            raise ExportError(f"{source}: tensor {name} has shape {list(weights[name].shape)}, "
+                              f"expected {list(shape)}")
+
+
+def load_kernels(path: str) -> None:
+    """Registers torch.ops.dysco.*; scripting resolves the op schemas at compile time."""
+    import os
+    if not os.path.exists(path):
+        raise ExportError(f"{path}: kernels library not found (build the dysco_kernels target)")
+    try:
+        torch.ops.load_library(path)
+    except (OSError, RuntimeError) as e:
+        raise ExportError(f"{path}: cannot load the kernels library ({str(e).splitlines()[0]})") from None
+
+
+def build_model(config: dict, weights: Dict[str, Tensor], source: str) -> torch.jit.ScriptModule:
+    check_weights(config, weights, source)
+    with torch.no_grad():
+        model = DecoderModel(config, weights).eval()
+        return torch.jit.script(model)

@@ -1,0 +1,126 @@
+"""A minimal reader and writer of the safetensors format (8-byte little-endian header length, JSON header,
+raw little-endian tensor data), so that the exporter needs no extra dependency.
+
+Supported dtypes: F32, F16, BF16. Reading maps the file copy-on-write: tensors stay backed by the page
+cache until the caller converts them.
+"""
+import json
+import os
+import struct
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from .errors import ExportError
+
+# safetensors dtype -> (numpy dtype used to map the bytes, torch dtype of the tensor)
+_DTYPES = {
+    "F32": (np.float32, torch.float32),
+    "F16": (np.float16, torch.float16),
+    "BF16": (np.int16, torch.bfloat16),  # numpy has no bfloat16: map as int16, view as bfloat16
+}
+_TORCH_TO_ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    """All tensors of one .safetensors file, by name."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ExportError(f"{path}: truncated safetensors file (no header length)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > _MAX_HEADER or 8 + header_len > size:
+                raise ExportError(f"{path}: corrupt or truncated safetensors header (length {header_len}, "
+                                  f"file size {size})")
+            raw = f.read(header_len)
+    except OSError as e:
+        raise ExportError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ExportError(f"{path}: corrupt safetensors header ({e})") from None
+    data_start = 8 + header_len
+    data_size = size - data_start
+    mapped = np.memmap(path, dtype=np.uint8, mode="c", offset=data_start, shape=(data_size,)) \
+        if data_size > 0 else np.zeros((0,), dtype=np.uint8)
+    out: Dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ExportError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+        if dtype not in _DTYPES:
+            raise ExportError(f"{path}: tensor {name!r} has unsupported dtype {dtype} (supported: F32, F16, BF16)")
+        np_dtype, torch_dtype = _DTYPES[dtype]
+        itemsize = np.dtype(np_dtype).itemsize
+        numel = int(np.prod(shape)) if shape else 1
+        if end - begin != numel * itemsize or begin < 0:
+            raise ExportError(f"{path}: tensor {name!r} has inconsistent data offsets {begin}..{end} for "
+                              f"shape {shape} {dtype}")
+        if end > data_size:
+            raise ExportError(f"{path}: truncated safetensors file (tensor {name!r} ends at byte "
+                              f"{data_start + end}, file has {size})")
+        array = mapped[begin:end].view(np_dtype).reshape(shape)
+        out[name] = torch.from_numpy(array).view(torch_dtype)
+    return out
+
+
+def read_checkpoint_tensors(checkpoint_dir: str) -> Dict[str, torch.Tensor]:
+    """Tensors of a Hugging Face checkpoint: model.safetensors, or the shards named by
+    model.safetensors.index.json."""
+    index_path = os.path.join(checkpoint_dir, "model.safetensors.index.json")
+    single = os.path.join(checkpoint_dir, "model.safetensors")
+    if os.path.exists(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ExportError(f"{index_path}: corrupt safetensors index ({e})") from None
+        tensors: Dict[str, torch.Tensor] = {}
+        for shard in shards:
+            shard_path = os.path.join(checkpoint_dir, shard)
+            if not os.path.exists(shard_path):
+                raise ExportError(f"{shard_path}: missing safetensors shard (listed in {index_path})")
+            tensors.update(read_safetensors(shard_path))
+        for name, shard in weight_map.items():
+            if name not in tensors:
+                raise ExportError(f"{os.path.join(checkpoint_dir, shard)}: missing tensor {name!r} "
+                                  f"(listed in {index_path})")
+        return tensors
+    if os.path.exists(single):
+        return read_safetensors(single)
+    raise ExportError(f"{checkpoint_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def write_safetensors(path: str, tensors: Dict[str, torch.Tensor],
+                      metadata: Optional[Dict[str, str]] = None) -> None:
+    header: Dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    blobs = []
+    for name, tensor in tensors.items():
+        t = tensor.detach().contiguous().cpu()
+        if t.dtype not in _TORCH_TO_ST:
+            raise ValueError(f"write_safetensors: unsupported dtype {t.dtype} of {name}")
+        blob = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
+        header[name] = {"dtype": _TORCH_TO_ST[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the format pads the header so that data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for blob in blobs:
+            f.write(blob)
