@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <chrono>
 
+#include "core/batch_stepper.h"
+
 namespace dysco {
 
 const char* FinishReasonName(FinishReason reason) {
@@ -78,8 +80,13 @@ Sequence::Sequence(std::vector<int32_t> prompt, SequenceParams params, const Tok
 Status Sequence::PrepareStep(int64_t max_tokens, SequenceStep* step) {
   if (finished()) return FailedPreconditionError("sequence is finished");
   if (max_tokens <= 0) return InvalidArgumentError("max_tokens must be > 0");
-  const int64_t n = std::min(max_tokens, num_uncached());
+  int64_t n = std::min(max_tokens, num_uncached());
   if (n == 0) return FailedPreconditionError("sequence has no uncached token to run");
+  if (dysco_ != nullptr) {
+    // DySCO: the prefill stops before the warm-up tokens, which (like every later token) go alone.
+    const int64_t prefill_end = dysco_->prefill_length();
+    n = num_cached_ < prefill_end ? std::min(n, prefill_end - num_cached_) : 1;
+  }
   DYSCO_RETURN_IF_ERROR(pages_.EnsureCapacity(num_cached_ + n));
   pending_ = n;
   step->token_ids = ConstSpan<int32_t>(tokens_.data() + num_cached_, static_cast<size_t>(n));
@@ -226,6 +233,17 @@ StatusOr<GenerateResult> Generator::Generate(const GenerateRequest& request,
   params.max_context = config.max_position_embeddings;
 
   Sequence seq(std::move(prompt), std::move(params), *tokenizer_, pool_);
+  if (request.dysco) {
+    const bool chat_formatted = IsChatFormatted(request);
+    DYSCO_ASSIGN_OR_RETURN(
+        DyscoParams dysco_params,
+        ResolveDyscoParams(config, request.dysco_overrides, chat_formatted, num_prompt,
+                           chat_formatted ? CountGenerationPromptTokens(config, *tokenizer_) : -1));
+    DYSCO_ASSIGN_OR_RETURN(
+        std::unique_ptr<DyscoController> controller,
+        DyscoController::Create(std::move(dysco_params), seq.tokens(), request.dysco_trace));
+    seq.AttachDysco(std::move(controller));
+  }
   // The last sampled token is never fed back, so the cache holds at most prompt + max_new - 1
   // tokens. Reserving them now fails fast instead of midway through generation.
   DYSCO_RETURN_IF_ERROR(seq.ReservePages(
@@ -233,24 +251,25 @@ StatusOr<GenerateResult> Generator::Generate(const GenerateRequest& request,
 
   GenerateResult result;
   result.prompt_tokens = num_prompt;
-  StepBatch batch;
-  batch.kv_pool = pool_;
-  batch.sequences.resize(1);
-  StepOutput out;
+  BatchStepper stepper(runner_, pool_);
+  const std::vector<BatchStepEntry> entries{{&seq, options_.prefill_chunk_tokens}};
+  std::vector<BatchStepResult> results;
   const auto start = Clock::now();
   auto first_token_time = start;
+  bool first = true;
   while (!seq.finished()) {
-    const bool prefill = seq.num_cached() < num_prompt;
-    DYSCO_RETURN_IF_ERROR(
-        seq.PrepareStep(prefill ? options_.prefill_chunk_tokens : 1, &batch.sequences[0]));
-    DYSCO_RETURN_IF_ERROR(runner_->Step(batch, &out));
-    if (!seq.CommitStep()) continue;  // a prefill chunk that is not the last one
-    const TokenDelta delta = seq.AcceptLogits(out.logits_row(0), static_cast<int>(out.vocab_size));
-    if (prefill) first_token_time = Clock::now();
-    if (on_token) on_token(delta);
+    DYSCO_RETURN_IF_ERROR(stepper.Step(entries, &results));
+    if (!results[0].sampled) continue;  // a prefill chunk or DySCO warm-up token before the last
+    if (first) first_token_time = Clock::now();
+    first = false;
+    if (on_token) on_token(results[0].delta);
   }
   const auto end = Clock::now();
   seq.ReleasePages();
+  if (seq.dysco() != nullptr) {
+    result.dysco_trace = seq.dysco()->TakeTrace();
+    result.dysco_totals = seq.dysco()->totals();
+  }
 
   result.text = seq.text();
   result.token_ids = seq.generated_ids();

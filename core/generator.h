@@ -1,9 +1,9 @@
 // Single-sequence text generation over ModelRunner + KvPagePool + Tokenizer + Sampler.
 //
-// The per-sequence state (tokens, pages, sampler, detokenizer, stop matching) lives in `Sequence`,
-// which knows nothing of the loop that drives it: `Generator` drives one Sequence step by step; a
-// batching scheduler can drive many at once through the same PrepareStep / CommitStep /
-// AcceptLogits calls, putting their SequenceSteps into one StepBatch.
+// The per-sequence state (tokens, pages, sampler, detokenizer, stop matching, and with DySCO its
+// DyscoController) lives in `Sequence`, which knows nothing of the loop that drives it:
+// `Generator` drives one Sequence through a BatchStepper (core/batch_stepper.h), which a batching
+// scheduler uses the same way for many sequences at once.
 //
 // Thread-safety: a Sequence and a StopStringMatcher belong to one driver thread.
 // Generator::Generate may be called from several threads at once (the runner serialises its steps,
@@ -11,8 +11,8 @@
 //
 // Ownership: the Generator references (does not own) runner, pool and tokenizer, which must outlive
 // it. A Sequence owns its pages (returned to the pool when it is destroyed or ReleasePages is
-// called, so every exit path frees them) and references the tokenizer and pool. Results are owned
-// by the caller.
+// called, so every exit path frees them) and its DyscoController (relevance state and trace, freed
+// with it), and references the tokenizer and pool. Results are owned by the caller.
 #pragma once
 
 #include <cstdint>
@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "core/chat_format.h"
+#include "core/dysco.h"
 #include "core/kv_page_pool.h"
 #include "core/model_config.h"
 #include "core/model_runner.h"
@@ -82,6 +83,12 @@ class Sequence {
   Sequence(const Sequence&) = delete;
   Sequence& operator=(const Sequence&) = delete;
 
+  // Makes this a DySCO sequence (before its first step): the prefill then stops at
+  // dysco->prefill_length() and every later token is fed alone.
+  void AttachDysco(std::unique_ptr<DyscoController> dysco) { dysco_ = std::move(dysco); }
+  DyscoController* dysco() { return dysco_.get(); }
+  const DyscoController* dysco() const { return dysco_.get(); }
+
   // Fills `step` with the next (at most max_tokens) tokens whose K/V is not cached yet, allocating
   // pages for them (RESOURCE_EXHAUSTED, nothing taken, when the pool is full). `step` views this
   // sequence's buffers: it stays valid until CommitStep.
@@ -89,6 +96,8 @@ class Sequence {
   // Marks the tokens of the last PrepareStep as cached. Returns true when no uncached token is
   // left, i.e. the step's logits predict the next token and must be passed to AcceptLogits.
   bool CommitStep();
+  // Forgets the last PrepareStep (its step was not run); the pages stay with the sequence.
+  void AbortStep() { pending_ = 0; }
   // Samples the next token from the logits of the last cached token and updates text and stop
   // state.
   TokenDelta AcceptLogits(const float* logits, int vocab);
@@ -121,6 +130,7 @@ class Sequence {
   StopStringMatcher stop_matcher_;
   std::string text_;
   FinishReason finish_reason_ = FinishReason::kNone;
+  std::unique_ptr<DyscoController> dysco_;
 };
 
 struct GenerateRequest {
@@ -134,6 +144,10 @@ struct GenerateRequest {
   SamplingParams sampling;
   std::vector<std::string> stop_strings;
   std::vector<int32_t> stop_token_ids;  // besides the model's eos ids
+  // DySCO decoding (docs/dysco.md) with the package defaults overridden by `dysco_overrides`.
+  bool dysco = false;
+  DyscoOverrides dysco_overrides;
+  DyscoTraceMode dysco_trace = DyscoTraceMode::kOff;  // what GenerateResult::dysco_trace keeps
 };
 
 struct GenerateResult {
@@ -144,6 +158,9 @@ struct GenerateResult {
   int64_t generated_tokens = 0;
   double prefill_seconds = 0.0;  // until the first token was sampled
   double decode_seconds = 0.0;   // after it
+  // DySCO only: one record per DySCO step (empty unless request.dysco_trace), and the counters.
+  std::vector<DyscoTraceRecord> dysco_trace;
+  DyscoTotals dysco_totals;
 };
 
 struct GeneratorOptions {
@@ -156,6 +173,11 @@ struct GeneratorOptions {
 StatusOr<std::vector<int32_t>> BuildPromptTokens(const ModelConfig& config,
                                                  const Tokenizer& tokenizer,
                                                  const GenerateRequest& request);
+// Whether BuildPromptTokens chat-formats the request (which decides DySCO's auto
+// intervention_warmup).
+inline bool IsChatFormatted(const GenerateRequest& request) {
+  return request.prompt_token_ids.empty() && (request.chat || !request.messages.empty());
+}
 
 class Generator {
  public:
@@ -164,9 +186,9 @@ class Generator {
 
   using TokenCallback = std::function<void(const TokenDelta&)>;
   // Generates until a finish reason; `on_token` (optional) sees every accepted token as it is
-  // produced. INVALID_ARGUMENT for a bad request (field named), RESOURCE_EXHAUSTED when the KV pool
-  // cannot hold the prompt + max_new_tokens, INTERNAL for a model failure. Pages are freed on every
-  // path.
+  // produced. INVALID_ARGUMENT for a bad request (field named; DySCO parameters as "dysco.<field>"),
+  // RESOURCE_EXHAUSTED when the KV pool cannot hold the prompt + max_new_tokens, INTERNAL for a
+  // model failure. Pages and DySCO state are freed on every path.
   StatusOr<GenerateResult> Generate(const GenerateRequest& request,
                                     const TokenCallback& on_token = nullptr);
 

@@ -1,5 +1,7 @@
 #include "core/model_runner.h"
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cstring>
 #include <fstream>
@@ -24,6 +26,14 @@ void CopyToHost(const at::Tensor& t, std::vector<float>* out) {
   out->resize(static_cast<size_t>(host.numel()));
   if (host.numel() > 0)
     std::memcpy(out->data(), host.data_ptr<float>(), out->size() * sizeof(float));
+}
+
+// OpenBLAS (Debian's libblas.so.3 alternative) keeps its own thread pool that at::set_num_threads
+// does not reach. Looked up at run time, so any other BLAS works unchanged.
+void SetBlasThreads(int n) {
+  using SetThreads = void (*)(int);
+  if (auto fn = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")))
+    fn(n);
 }
 
 }  // namespace
@@ -77,6 +87,7 @@ StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& pack
   }
   try {
     if (options.num_threads > 0) at::set_num_threads(options.num_threads);
+    SetBlasThreads(at::get_num_threads());
     torch::jit::setGraphExecutorOptimize(options.jit_optimize);
     impl->module = torch::jit::load(model_path, impl->device);
     impl->module.eval();

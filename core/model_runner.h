@@ -43,7 +43,11 @@ struct ConstSpan {
 };
 
 struct ModelRunnerOptions {
-  int num_threads = 0;  // intra-op threads for at::set_num_threads (process-wide); 0 = leave as is
+  // Intra-op threads, process-wide: at::set_num_threads and, when the BLAS is OpenBLAS, its own
+  // thread count, which otherwise defaults to every core and spins against torch's threads (3x
+  // slower decode measured on a busy 2-core machine). 0 = keep torch's count and align OpenBLAS
+  // with it.
+  int num_threads = 0;
   std::string device = "cpu";  // where the module and the inputs live ("cpu", "cuda:0")
   // TorchScript graph-executor optimisation (process-wide). Off by default: shapes change every
   // step, so the profiling executor keeps re-specialising, and on CPU the attention runs in our ops

@@ -1,5 +1,5 @@
 // The `dysco` op library: paged KV-cache write and paged attention (decode, prefill,
-// probabilities).
+// probabilities), and the DySCO relevance / selection / bias ops.
 //
 // These free functions are the C++ entry points behind `torch.ops.dysco.*` (schemas in
 // kernels/torch_bindings.cpp, contract in docs/model-interface.md "Ops"). Each backend registers
@@ -49,5 +49,50 @@ void attention_probs_cpu(const at::Tensor& out, const at::Tensor& query,
                          const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,
                          const at::Tensor& seq_lens, const at::Tensor& heads, double scale,
                          const c10::optional<at::Tensor>& key_bias);
+
+// ---- DySCO (docs/dysco.md "Ops"): relevance, selection, bias, template positions. fp32; each op
+// writes fixed-shape outputs, so that a device version needs no host synchronisation.
+// Row b of every [B, S] tensor belongs to sequence b with n_b = num_keys[b] keys (int64 [B], the
+// current token included, in [0, S]; n_b = 0 is an idle row, written as zeros / false). Entries at
+// j >= n_b are written as 0 (bias, relevance) / false (selected). The CPU versions check every
+// value they read (num_keys, top_p, top_k, strength, offsets) before writing anything.
+
+// relevance fp32 [B, S] <- r_t, in place: r_{t-1} in [0, n_b - 1) in, r_t in [0, n_b) out.
+// probs fp32 [B, H, S'] (H >= 1, S' >= n_b): the selected heads' attention of the current query;
+// decay fp32 [B]. a = mean_h probs[b, h, :n_b]; a[:n_b-1] += decay[b] * r_{t-1}; r_t = a / sum(a)
+// (sum in float64; a row whose sum is 0 is written as zeros).
+void dysco_relevance_update_cpu(const at::Tensor& relevance, const at::Tensor& probs,
+                                const at::Tensor& num_keys, const at::Tensor& decay);
+
+// bias fp32 [B, S], selected bool [B, S], stats fp32 [B, 2] <- the selection of relevance fp32
+// [B, S] and its bias (as dysco_bias_from_selection); stats[b] = (number selected, sum of the
+// relevance selected, summed in float64 in position order). template_mask bool [B, S]; top_p fp32
+// [B] (<= 0: unset, else in (0, 1]); top_k int64 [B] (<= 0: unset); strength fp32 [B] (> 0); at
+// least one of top_p[b], top_k[b] set. Order: relevance descending, ties lower position first.
+//   top_k: the min(k, n_b) first entries in that order.
+//   top_p: the longest prefix whose running sum (float64, in that order) is <= top_p, at least one
+//          entry; the entry whose running sum crosses top_p is not selected.
+//   both:  the top_p set, unless it has more than top_k entries: then the top_k set.
+// Selection ignores template_mask (it only shapes the bias).
+void dysco_select_bias_cpu(const at::Tensor& bias, const at::Tensor& selected,
+                           const at::Tensor& stats, const at::Tensor& relevance,
+                           const at::Tensor& num_keys, const at::Tensor& template_mask,
+                           const at::Tensor& top_p, const at::Tensor& top_k,
+                           const at::Tensor& strength);
+
+// bias fp32 [B, S] <- the DySCO attention bias of selected bool [B, S]; template_mask bool [B, S];
+// strength fp32 [B] (> 0). In [0, n_b):
+//   strength < 99:  log(strength) at (selected & !template_mask) and at n_b - 1; 0 elsewhere.
+//   strength >= 99: 0 at selected and at n_b - 1; -inf elsewhere (template_mask not applied).
+void dysco_bias_from_selection_cpu(const at::Tensor& bias, const at::Tensor& selected,
+                                   const at::Tensor& num_keys, const at::Tensor& template_mask,
+                                   const at::Tensor& strength);
+
+// mask bool [P] <- true iff position i lies inside an occurrence (exact match, overlaps included)
+// of any template sequence in tokens int64 [P]. sequences int64 [M] holds the K sequences
+// concatenated; sequence k is sequences[sequence_offsets[k] : sequence_offsets[k+1]]
+// (sequence_offsets int64 [K+1], non-decreasing, from 0 to M; an empty sequence marks nothing).
+void dysco_template_mask_cpu(const at::Tensor& mask, const at::Tensor& tokens,
+                             const at::Tensor& sequences, const at::Tensor& sequence_offsets);
 
 }  // namespace dysco::kernels

@@ -1,6 +1,6 @@
 // The schemas of the `dysco` op library (the one TORCH_LIBRARY block); backends register their
 // implementations with TORCH_LIBRARY_IMPL (kernels/cpu/cpu_bindings.cpp, kernels/cuda/...).
-// Shapes and semantics: docs/model-interface.md "Ops" and kernels/ops.h.
+// Shapes and semantics: docs/model-interface.md "Ops", docs/dysco.md "Ops" and kernels/ops.h.
 #include <torch/library.h>
 
 TORCH_LIBRARY(dysco, m) {
@@ -17,4 +17,18 @@ TORCH_LIBRARY(dysco, m) {
   m.def(
       "attention_probs(Tensor(a!) out, Tensor query, Tensor kv_cache_layer, Tensor block_tables, "
       "Tensor seq_lens, Tensor heads, float scale, Tensor? key_bias) -> ()");
+  // DySCO (docs/dysco.md "Ops").
+  m.def(
+      "dysco_relevance_update(Tensor(a!) relevance, Tensor probs, Tensor num_keys, Tensor decay) "
+      "-> ()");
+  m.def(
+      "dysco_select_bias(Tensor(a!) bias, Tensor(b!) selected, Tensor(c!) stats, "
+      "Tensor relevance, Tensor num_keys, Tensor template_mask, Tensor top_p, Tensor top_k, "
+      "Tensor strength) -> ()");
+  m.def(
+      "dysco_bias_from_selection(Tensor(a!) bias, Tensor selected, Tensor num_keys, "
+      "Tensor template_mask, Tensor strength) -> ()");
+  m.def(
+      "dysco_template_mask(Tensor(a!) mask, Tensor tokens, Tensor sequences, "
+      "Tensor sequence_offsets) -> ()");
 }
