@@ -197,7 +197,7 @@ Status BatchStepper::BiasStatic(const std::vector<size_t>& rows) {
   for (int64_t d = 0; d < D; ++d) {
     const int64_t n = op_num_keys_[d];
     seqs_[rows[d]]->dysco()->state().bias.assign(op_bias_.data() + d * width,
-                                                  op_bias_.data() + d * width + n);
+                                                 op_bias_.data() + d * width + n);
   }
   return OkStatus();
 }
@@ -212,10 +212,9 @@ Status BatchStepper::Step(const std::vector<BatchStepEntry>& entries,
   kinds_.assign(B, DyscoStepKind::kPrefill);
   for (size_t i = 0; i < B; ++i) {
     seqs_[i] = entries[i].sequence;
-    Status st = seqs_[i] == nullptr
-                    ? InvalidArgumentError("BatchStepper::Step: entries[" + std::to_string(i) +
-                                           "] has no sequence")
-                    : seqs_[i]->PrepareStep(entries[i].max_tokens, &steps_[i]);
+    Status st = seqs_[i] == nullptr ? InvalidArgumentError("BatchStepper::Step: entries[" +
+                                                           std::to_string(i) + "] has no sequence")
+                                    : seqs_[i]->PrepareStep(entries[i].max_tokens, &steps_[i]);
     if (!st.ok()) {
       for (size_t k = 0; k < i; ++k) seqs_[k]->AbortStep();
       return st;
@@ -292,8 +291,7 @@ Status BatchStepper::Step(const std::vector<BatchStepEntry>& entries,
       } else {
         t.select_seconds = warmup_seconds;
       }
-      seqs_[i]->dysco()->RecordStep(kinds_[i], steps_[i].start_position, steps_[i].token_ids[0],
-                                    t);
+      seqs_[i]->dysco()->RecordStep(kinds_[i], steps_[i].start_position, steps_[i].token_ids[0], t);
     }
     stats_.timings.speculative_seconds = spec_seconds;
     stats_.timings.select_seconds = dynamic_select_seconds + static_seconds + warmup_seconds;

@@ -1,6 +1,6 @@
 // BatchStepper: runs one engine step for a set of active sequences, plain and DySCO mixed, some
-// prefilling a chunk, some decoding (docs/dysco.md). Shared by the single-sequence Generator and the
-// continuous-batching scheduler.
+// prefilling a chunk, some decoding (docs/dysco.md). Shared by the single-sequence Generator and
+// the continuous-batching scheduler.
 //
 // One step is:
 //   (a) when some DySCO sequences are at a dynamic intervention step: one speculative StepBatch of
@@ -63,6 +63,8 @@ class BatchStepper {
   Status Step(const std::vector<BatchStepEntry>& entries, std::vector<BatchStepResult>* results);
 
   const BatchStepStats& last_stats() const { return stats_; }
+  // The last step's real-pass output: row i = entries[i] (logits of its last new token).
+  const StepOutput& last_real_output() const { return real_out_; }
 
  private:
   // Relevance update of rows `rows` (entries indices) from per-row head probabilities gathered out

@@ -36,10 +36,10 @@ class Tokenizer;
 // Per-request overrides; nullopt = the package default (config.json "dysco").
 struct DyscoOverrides {
   std::optional<std::vector<std::pair<int, int>>> selected_heads;  // (layer, QUERY head)
-  std::optional<double> top_p;   // (0, 1]; 0 = unset (no nucleus: top_k alone)
-  std::optional<int64_t> top_k;  // >= 1; 0 = unset (no cap: top_p alone)
-  std::optional<double> strength;      // > 0; >= 99 = hard sparse attention
-  std::optional<double> decay_factor;  // [0, 1)
+  std::optional<double> top_p;              // (0, 1]; 0 = unset (no nucleus: top_k alone)
+  std::optional<int64_t> top_k;             // >= 1; 0 = unset (no cap: top_p alone)
+  std::optional<double> strength;           // > 0; >= 99 = hard sparse attention
+  std::optional<double> decay_factor;       // [0, 1)
   std::optional<int> context_warmup_steps;  // >= 0
   std::optional<int> intervention_warmup;   // >= 0, or -1 = auto
   std::optional<bool> dynamic_rescale;      // false = static variant
@@ -60,7 +60,7 @@ struct DyscoParams {
   int64_t prompt_len = 0;
 
   int64_t warmup_tokens() const { return context_warmup_steps + intervention_warmup; }  // T
-  int64_t prefill_len() const { return prompt_len - warmup_tokens(); }                // P - T
+  int64_t prefill_len() const { return prompt_len - warmup_tokens(); }                  // P - T
   int max_head_layer() const;  // the speculative pass runs layers 0..this
   bool hard_mask() const { return strength >= 99.0; }
 };
@@ -114,11 +114,11 @@ struct DyscoTraceRecord {
   int64_t num_keys = 0;
   int64_t num_selected = 0;
   double nucleus_mass = 0.0;
-  std::vector<std::pair<int64_t, int64_t>> selected;         // half-open ranges, sorted
-  std::vector<std::pair<int64_t, float>> top_relevance;      // up to 8, descending
-  std::optional<int32_t> next_token;                         // null when the logits are discarded
-  std::vector<float> relevance;                              // only in DyscoTraceMode::kFull
-  DyscoStepTimings timings;                                  // not part of the JSON line
+  std::vector<std::pair<int64_t, int64_t>> selected;     // half-open ranges, sorted
+  std::vector<std::pair<int64_t, float>> top_relevance;  // up to 8, descending
+  std::optional<int32_t> next_token;                     // null when the logits are discarded
+  std::vector<float> relevance;                          // only in DyscoTraceMode::kFull
+  DyscoStepTimings timings;                              // not part of the JSON line
 };
 
 // The JSON line of a record (no trailing newline); "relevance" only when the record has one.

@@ -50,11 +50,10 @@ Status DyscoSelectBias(float* bias, uint8_t* selected, float* stats, const float
                        const uint8_t* template_mask, const float* top_p, const int64_t* top_k,
                        const float* strength) {
   return Guard("dysco::dysco_select_bias", [&] {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("dysco::dysco_select_bias", "")
-            .typed<void(TensorRef, TensorRef, TensorRef, TensorRef, TensorRef, TensorRef,
-                        TensorRef, TensorRef, TensorRef)>();
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("dysco::dysco_select_bias", "")
+                               .typed<void(TensorRef, TensorRef, TensorRef, TensorRef, TensorRef,
+                                           TensorRef, TensorRef, TensorRef, TensorRef)>();
     op.call(View(bias, {batch, width}, at::kFloat), View(selected, {batch, width}, at::kBool),
             View(stats, {batch, 2}, at::kFloat), View(relevance, {batch, width}, at::kFloat),
             View(num_keys, {batch}, at::kLong), View(template_mask, {batch, width}, at::kBool),

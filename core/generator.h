@@ -186,9 +186,9 @@ class Generator {
 
   using TokenCallback = std::function<void(const TokenDelta&)>;
   // Generates until a finish reason; `on_token` (optional) sees every accepted token as it is
-  // produced. INVALID_ARGUMENT for a bad request (field named; DySCO parameters as "dysco.<field>"),
-  // RESOURCE_EXHAUSTED when the KV pool cannot hold the prompt + max_new_tokens, INTERNAL for a
-  // model failure. Pages and DySCO state are freed on every path.
+  // produced. INVALID_ARGUMENT for a bad request (field named; DySCO parameters as
+  // "dysco.<field>"), RESOURCE_EXHAUSTED when the KV pool cannot hold the prompt + max_new_tokens,
+  // INTERNAL for a model failure. Pages and DySCO state are freed on every path.
   StatusOr<GenerateResult> Generate(const GenerateRequest& request,
                                     const TokenCallback& on_token = nullptr);
 

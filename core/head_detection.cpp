@@ -5,9 +5,6 @@
 #include <cstdio>
 #include <fstream>
 #include <sstream>
-#include <chrono>
-#include <cstdlib>
-#include <iostream>
 
 #include <nlohmann/json.hpp>
 
@@ -327,7 +324,7 @@ StatusOr<HeadDetectionResult> DetectRetrievalHeads(ModelRunner* runner, KvPagePo
 
     // The prefix [0, qs) is computed once, in the question sequence's pages; the "N/A" sequence
     // shares the full pages of it and recomputes only the partial last one in its own page, so
-    // that no page is written by both sequences.
+    // that no page is written by two sequences.
     const int64_t aligned = qs / page_size * page_size;
     PageList shared(pool), own_q(pool), own_n(pool);
     DYSCO_RETURN_IF_ERROR(shared.EnsureCapacity(aligned));
@@ -336,56 +333,63 @@ StatusOr<HeadDetectionResult> DetectRetrievalHeads(ModelRunner* runner, KvPagePo
     std::vector<int32_t> pages_q = shared.ids(), pages_n = shared.ids();
     pages_q.insert(pages_q.end(), own_q.ids().begin(), own_q.ids().end());
     pages_n.insert(pages_n.end(), own_n.ids().begin(), own_n.ids().end());
+    const auto sequence = [](const std::vector<int32_t>& tokens, int64_t from, int64_t to,
+                             const std::vector<int32_t>& pages) {
+      SequenceStep s;
+      s.token_ids = ConstSpan<int32_t>(tokens.data() + from, static_cast<size_t>(to - from));
+      s.start_position = from;
+      s.page_ids = pages;
+      return s;
+    };
 
-    auto T0 = std::chrono::steady_clock::now();
+    // Prefix chunks but the last, which rides with the first query rows.
+    int64_t pos = 0;
     batch.probe_heads.clear();
-    for (int64_t pos = 0; pos < qs; pos += options.prefill_chunk_tokens) {
-      const int64_t n = std::min(options.prefill_chunk_tokens, qs - pos);
-      batch.sequences.assign(1, SequenceStep{});
-      SequenceStep& s = batch.sequences[0];
-      s.token_ids = ConstSpan<int32_t>(pq.token_ids.data() + pos, static_cast<size_t>(n));
-      s.start_position = pos;
-      s.page_ids = pages_q;
+    for (; qs - pos > options.prefill_chunk_tokens; pos += options.prefill_chunk_tokens) {
+      batch.sequences.assign(
+          1, sequence(pq.token_ids, pos, pos + options.prefill_chunk_tokens, pages_q));
       DYSCO_RETURN_IF_ERROR(runner->Step(batch, &out));
     }
 
-    auto T1 = std::chrono::steady_clock::now();
-    double tstep=0;
-    // Sums over query rows of each head's probabilities at positions [0, qs).
+    // Each query row is a one-token sequence (the model returns probabilities for the last new
+    // token of each sequence only) over the pages of its prompt. Rows of one step see each other's
+    // K/V, and the prefix tail's, because every layer writes all new tokens' K/V before any
+    // attention (docs/model-interface.md), so a step of k rows computes exactly what k single-row
+    // steps would; a test checks this against rows_per_step = 1.
     std::vector<double> sum_q(static_cast<size_t>(total_heads) * qs, 0.0);
     std::vector<double> sum_n(sum_q.size(), 0.0);
     const int64_t rows_q = len_q - qs, rows_n = len_n - qs;
-    batch.probe_heads = getenv("NOPROBE") ? std::vector<std::pair<int,int>>{{0,0}} : all_heads;
-    for (int64_t r = 0; r < std::max(rows_q, rows_n); ++r) {
+    int64_t per_step = options.rows_per_step;
+    if (per_step <= 0) {
+      const int64_t row_bytes = int64_t{total_heads} * std::max(len_q, len_n) * 4;
+      per_step = std::max<int64_t>(1, options.probs_budget_bytes / (2 * row_bytes));
+    }
+    batch.probe_heads = all_heads;
+    for (int64_t r0 = 0; r0 < std::max(rows_q, rows_n); r0 += per_step) {
       batch.sequences.clear();
-      std::vector<std::vector<double>*> sums;
-      if (r < rows_q) {
-        SequenceStep s;
-        s.token_ids = ConstSpan<int32_t>(pq.token_ids.data() + qs + r, 1);
-        s.start_position = qs + r;
-        s.page_ids = pages_q;
-        batch.sequences.push_back(s);
+      std::vector<std::vector<double>*> sums;  // per sequence of the batch; null: not a row
+      if (r0 == 0) {
+        batch.sequences.push_back(sequence(pq.token_ids, pos, qs, pages_q));
+        sums.push_back(nullptr);
+        if (aligned < qs) {
+          batch.sequences.push_back(sequence(pn.token_ids, aligned, qs, pages_n));
+          sums.push_back(nullptr);
+        }
+      }
+      for (int64_t r = r0; r < std::min(r0 + per_step, rows_q); ++r) {
+        batch.sequences.push_back(sequence(pq.token_ids, qs + r, qs + r + 1, pages_q));
         sums.push_back(&sum_q);
       }
-      if (r < rows_n) {
-        SequenceStep s;
-        const int64_t from = r == 0 ? aligned : qs + r;  // first row: the unshared prefix tail too
-        s.token_ids =
-            ConstSpan<int32_t>(pn.token_ids.data() + from, static_cast<size_t>(qs + r + 1 - from));
-        s.start_position = from;
-        s.page_ids = pages_n;
-        batch.sequences.push_back(s);
+      for (int64_t r = r0; r < std::min(r0 + per_step, rows_n); ++r) {
+        batch.sequences.push_back(sequence(pn.token_ids, qs + r, qs + r + 1, pages_n));
         sums.push_back(&sum_n);
       }
-      auto A = std::chrono::steady_clock::now();
       DYSCO_RETURN_IF_ERROR(runner->Step(batch, &out));
-      auto B = std::chrono::steady_clock::now();
-      tstep += std::chrono::duration<double>(B-A).count();
-      if (getenv("NOPROBE")) continue;
       if (out.num_probe_heads != total_heads || out.probs_len < qs) {
         return InternalError(where + "the model returned probabilities of the wrong shape");
       }
       for (size_t b = 0; b < sums.size(); ++b) {
+        if (sums[b] == nullptr) continue;
         double* acc = sums[b]->data();
         for (int h = 0; h < total_heads; ++h) {
           const float* row = out.probs_row(static_cast<int64_t>(b), h);
@@ -395,8 +399,6 @@ StatusOr<HeadDetectionResult> DetectRetrievalHeads(ModelRunner* runner, KvPagePo
       }
     }
 
-    auto T2 = std::chrono::steady_clock::now();
-    std::cerr << "prefill " << std::chrono::duration<double>(T1-T0).count() << " rows " << std::chrono::duration<double>(T2-T1).count() << " steps " << tstep << "\n";
     // C = S_q - S_null on each gold paragraph, per head.
     std::vector<double> c;
     for (int h = 0; h < total_heads; ++h) {

@@ -113,6 +113,12 @@ struct HeadScore {
 
 struct HeadDetectionOptions {
   int64_t prefill_chunk_tokens = 1024;
+  // Query rows (of each of the two prompts) fed per step: 1 is the plain one-token-per-step
+  // teacher forcing; more rows per step give the same numbers in fewer forwards. 0 = as many as
+  // keep the returned probabilities (rows x layers x heads x prompt length, fp32) within
+  // probs_budget_bytes.
+  int64_t rows_per_step = 0;
+  int64_t probs_budget_bytes = int64_t{256} << 20;
   std::string null_question = "N/A";
   // Called after each example (index from 0, count), e.g. for progress output; may be empty.
   std::function<void(int64_t, int64_t, const DetectionPrompt&)> on_example;
@@ -127,13 +133,15 @@ struct HeadDetectionResult {
 };
 
 // Runs the detection over `examples`. Per example: the question prompt's tokens before the query
-// span are prefilled once (their pages are shared by the question and the "N/A" sequence), then
-// both query spans are fed one token per step, the two sequences in one step batch, probing every
-// (layer, query head); each query row's probabilities over the positions before the query span
-// are averaged over the rows (S_q, S_null), C = S_q - S_null, and a head's example score is the sum
-// of ParagraphScore over the gold paragraphs. A head's score is the mean over examples.
+// span are computed once (their full pages are shared by the question and the "N/A" sequence);
+// then every query-span token of both prompts is fed as a one-token sequence probing every (layer,
+// query head), rows_per_step rows of each prompt per step batch; each query row's probabilities
+// over the positions before the query span are averaged over the rows (S_q, S_null), C = S_q -
+// S_null, and a head's example score is the sum of ParagraphScore over the gold paragraphs. A
+// head's score is the mean over examples.
 // INVALID_ARGUMENT for no examples, a prompt longer than the model's context or a bad span;
-// RESOURCE_EXHAUSTED when the pool cannot hold one example (two sequences); the runner's errors.
+// RESOURCE_EXHAUSTED when the pool cannot hold one example (DetectionPagesNeeded); the runner's
+// errors.
 StatusOr<HeadDetectionResult> DetectRetrievalHeads(ModelRunner* runner, KvPagePool* pool,
                                                    const Tokenizer& tokenizer,
                                                    const std::vector<DetectionExample>& examples,

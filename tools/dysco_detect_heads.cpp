@@ -27,7 +27,7 @@ namespace {
 
 const char kUsage[] =
     "usage: dysco-detect-heads --model DIR --data FILE.jsonl [--num-heads 16] [--max-examples N]\n"
-    "         [--write-config] [--scores-out FILE.json] [--threads N]\n";
+    "         [--write-config] [--scores-out FILE.json] [--threads N] [--rows-per-step N]\n";
 
 struct Flags {
   std::string model;
@@ -37,6 +37,7 @@ struct Flags {
   bool write_config = false;
   std::string scores_out;
   int threads = 0;
+  int64_t rows_per_step = 0;  // 0 = automatic (HeadDetectionOptions)
 };
 
 [[noreturn]] void Die(const std::string& message) {
@@ -83,6 +84,8 @@ Flags ParseFlags(int argc, char** argv) {
       f.scores_out = value;
     } else if (flag == "--threads") {
       f.threads = static_cast<int>(ParseInt(flag, value, 1, 1024));
+    } else if (flag == "--rows-per-step") {
+      f.rows_per_step = ParseInt(flag, value, 0, 1 << 20);
     } else {
       Die("unknown flag " + flag);
     }
@@ -150,6 +153,7 @@ int main(int argc, char** argv) {
   if (!pool.ok()) return Fail(pool.status());
 
   dysco::HeadDetectionOptions options;
+  options.rows_per_step = flags.rows_per_step;
   options.on_example = [&](int64_t i, int64_t n, const dysco::DetectionPrompt& p) {
     const double s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

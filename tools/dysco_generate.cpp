@@ -2,16 +2,32 @@
 // stdout as it is produced, then one summary line:
 //   prompt_tokens=N generated_tokens=M tokens_per_second=X.X finish_reason=stop|length|stop_string
 // tokens_per_second is the decode rate: tokens after the first over the time after the first.
+// With --dysco the decoding is DySCO (docs/dysco.md); --trace FILE writes its trace, one JSON line
+// per DySCO step.
+//
+// --batch-file FILE.jsonl runs every line together, as one batch through the BatchStepper, and
+// prints one JSON line per sequence: {"index": i, "generated_ids": [...], "finish_reason": "..."}.
+// A line: {"prompt_ids": [...], "max_new_tokens": N, "dysco": {"enabled": true, "top_p": 0.9,
+// "selected_heads": [[1, 0]], ...any DySCO parameter of docs/dysco.md...}, "trace": "path",
+// "trace_full": false}; everything but prompt_ids is optional (max_new_tokens defaults to
+// --max-new-tokens, else 16).
 // Bad flags: a message on stderr and exit code 2. Other failures: the Status on stderr and exit
 // code 1.
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
+#include "core/batch_stepper.h"
+#include "core/dysco.h"
 #include "core/generator.h"
 #include "core/kv_page_pool.h"
 #include "core/model_runner.h"
@@ -20,10 +36,17 @@
 namespace {
 
 const char kUsage[] =
-    "usage: dysco-generate --model DIR --prompt TEXT --max-new-tokens N\n"
+    "usage: dysco-generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) --max-new-tokens N\n"
     "         [--chat] [--system TEXT]\n"
     "         [--temperature T] [--top-k K] [--top-p P] [--seed S] [--repetition-penalty R]\n"
-    "         [--stop STR]... [--threads N] [--kv-pages N] [--page-size N] [--prefill-chunk N]\n";
+    "         [--stop STR]... [--threads N] [--kv-pages N] [--page-size N] [--prefill-chunk N]\n"
+    "         [--dysco [--dysco-heads L:H,L:H] [--dysco-top-p P] [--dysco-top-k K]\n"
+    "          [--dysco-strength S] [--dysco-decay D] [--dysco-context-warmup N]\n"
+    "          [--dysco-intervention-warmup N|auto] [--dysco-static] [--trace FILE "
+    "[--trace-full]]]\n"
+    "       dysco-generate --model DIR --batch-file FILE.jsonl [--max-new-tokens N] [--threads N]\n"
+    "         [--page-size N] [--prefill-chunk N]\n"
+    "  --dysco-top-p 0 / --dysco-top-k 0 unset that limit.\n";
 
 struct Flags {
   std::string model;
@@ -39,6 +62,12 @@ struct Flags {
   int64_t kv_pages = 0;  // 0: enough for prompt + max_new_tokens
   int page_size = 16;
   int64_t prefill_chunk = 512;
+  std::vector<int32_t> prompt_ids;
+  bool dysco = false;
+  dysco::DyscoOverrides dysco_overrides;
+  std::string trace;
+  bool trace_full = false;
+  std::string batch_file;
 };
 
 [[noreturn]] void Die(const std::string& message) {
@@ -78,6 +107,39 @@ double ParseDouble(const std::string& flag, const std::string& value) {
   return x;
 }
 
+std::vector<std::string> SplitCommas(const std::string& value) {
+  std::vector<std::string> parts;
+  size_t start = 0;
+  while (true) {
+    const size_t comma = value.find(',', start);
+    parts.push_back(value.substr(start, comma - start));
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return parts;
+}
+
+std::vector<int32_t> ParseIds(const std::string& flag, const std::string& value) {
+  std::vector<int32_t> ids;
+  for (const std::string& part : SplitCommas(value)) {
+    ids.push_back(
+        static_cast<int32_t>(ParseInt(flag, part, 0, std::numeric_limits<int32_t>::max())));
+  }
+  return ids;
+}
+
+// "12:3,14:0" -> (layer, query head) pairs.
+std::vector<std::pair<int, int>> ParseHeads(const std::string& flag, const std::string& value) {
+  std::vector<std::pair<int, int>> heads;
+  for (const std::string& part : SplitCommas(value)) {
+    const size_t colon = part.find(':');
+    if (colon == std::string::npos) Die(flag + " needs LAYER:HEAD pairs, got \"" + part + "\"");
+    heads.emplace_back(static_cast<int>(ParseInt(flag, part.substr(0, colon), 0, 1 << 20)),
+                       static_cast<int>(ParseInt(flag, part.substr(colon + 1), 0, 1 << 20)));
+  }
+  return heads;
+}
+
 Flags ParseFlags(int argc, char** argv) {
   Flags f;
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
@@ -89,6 +151,18 @@ Flags ParseFlags(int argc, char** argv) {
     }
     if (flag == "--chat") {
       f.chat = true;
+      continue;
+    }
+    if (flag == "--dysco") {
+      f.dysco = true;
+      continue;
+    }
+    if (flag == "--dysco-static") {
+      f.dysco_overrides.dynamic_rescale = false;
+      continue;
+    }
+    if (flag == "--trace-full") {
+      f.trace_full = true;
       continue;
     }
     if (i + 1 >= argc) Die("unknown flag or missing value: " + flag);
@@ -124,13 +198,44 @@ Flags ParseFlags(int argc, char** argv) {
       f.page_size = static_cast<int>(ParseInt(flag, value, 1, 4096));
     } else if (flag == "--prefill-chunk") {
       f.prefill_chunk = ParseInt(flag, value, 1, kIntMax);
+    } else if (flag == "--prompt-ids") {
+      f.prompt_ids = ParseIds(flag, value);
+    } else if (flag == "--batch-file") {
+      f.batch_file = value;
+    } else if (flag == "--trace") {
+      f.trace = value;
+    } else if (flag == "--dysco-heads") {
+      f.dysco_overrides.selected_heads = ParseHeads(flag, value);
+    } else if (flag == "--dysco-top-p") {
+      f.dysco_overrides.top_p = ParseDouble(flag, value);
+    } else if (flag == "--dysco-top-k") {
+      f.dysco_overrides.top_k = ParseInt(flag, value, 0, kIntMax);
+    } else if (flag == "--dysco-strength") {
+      f.dysco_overrides.strength = ParseDouble(flag, value);
+    } else if (flag == "--dysco-decay") {
+      f.dysco_overrides.decay_factor = ParseDouble(flag, value);
+    } else if (flag == "--dysco-context-warmup") {
+      f.dysco_overrides.context_warmup_steps = static_cast<int>(ParseInt(flag, value, 0, kIntMax));
+    } else if (flag == "--dysco-intervention-warmup") {
+      f.dysco_overrides.intervention_warmup =
+          value == "auto" ? -1 : static_cast<int>(ParseInt(flag, value, 0, kIntMax));
     } else {
       Die("unknown flag " + flag);
     }
   }
   if (f.model.empty()) Die("--model is required");
-  if (!f.has_prompt) Die("--prompt is required");
+  if (!f.batch_file.empty()) {
+    if (f.has_prompt || !f.prompt_ids.empty() || f.dysco || !f.trace.empty() || f.chat) {
+      Die("--batch-file takes its prompts, DySCO settings and traces from the file");
+    }
+    return f;
+  }
+  if (f.has_prompt == !f.prompt_ids.empty())
+    Die("exactly one of --prompt and --prompt-ids is required");
+  if (!f.prompt_ids.empty() && f.chat) Die("--prompt-ids is used as is: no --chat");
   if (f.max_new_tokens < 0) Die("--max-new-tokens is required");
+  if (!f.trace.empty() && !f.dysco) Die("--trace needs --dysco");
+  if (f.trace_full && f.trace.empty()) Die("--trace-full needs --trace");
   if (f.has_system && !f.chat) Die("--system needs --chat");
   const dysco::Status s = f.sampling.Validate();
   if (!s.ok()) Die(s.message());
@@ -140,6 +245,176 @@ Flags ParseFlags(int argc, char** argv) {
 int Fail(const dysco::Status& s) {
   std::cerr << "dysco-generate: " << s.ToString() << "\n";
   return 1;
+}
+
+dysco::Status WriteTrace(const std::string& path,
+                         const std::vector<dysco::DyscoTraceRecord>& records) {
+  std::ofstream out(path);
+  if (!out) return dysco::InvalidArgumentError(path + ": cannot open for writing");
+  for (const auto& r : records) out << dysco::DyscoTraceRecordToJson(r) << "\n";
+  out.close();
+  if (!out) return dysco::InternalError(path + ": write failed");
+  return dysco::OkStatus();
+}
+
+// The "dysco" object of a batch-file line: {"enabled": bool, <parameter>: value, ...}.
+dysco::Status ParseDyscoObject(const nlohmann::json& j, const std::string& where, bool* enabled,
+                               dysco::DyscoOverrides* o) {
+  using dysco::InvalidArgumentError;
+  if (!j.is_object()) return InvalidArgumentError(where + ": dysco must be an object");
+  try {
+    *enabled = j.value("enabled", true);
+    for (const auto& [key, v] : j.items()) {
+      if (key == "enabled") {
+      } else if (key == "selected_heads") {
+        o->selected_heads = v.get<std::vector<std::pair<int, int>>>();
+      } else if (key == "top_p") {
+        o->top_p = v.is_null() ? 0.0 : v.get<double>();
+      } else if (key == "top_k") {
+        o->top_k = v.is_null() ? 0 : v.get<int64_t>();
+      } else if (key == "strength") {
+        o->strength = v.get<double>();
+      } else if (key == "decay_factor") {
+        o->decay_factor = v.get<double>();
+      } else if (key == "context_warmup_steps") {
+        o->context_warmup_steps = v.get<int>();
+      } else if (key == "intervention_warmup") {
+        o->intervention_warmup =
+            v.is_string() && v.get<std::string>() == "auto" ? -1 : v.get<int>();
+      } else if (key == "dynamic_rescale") {
+        o->dynamic_rescale = v.get<bool>();
+      } else if (key == "template_sequences") {
+        o->template_sequences = v.get<std::vector<std::vector<int32_t>>>();
+      } else {
+        return InvalidArgumentError(where + ": unknown dysco field \"" + key + "\"");
+      }
+    }
+  } catch (const nlohmann::json::exception& e) {
+    return InvalidArgumentError(where + ": dysco: " + e.what());
+  }
+  return dysco::OkStatus();
+}
+
+struct BatchLine {
+  std::vector<int32_t> prompt_ids;
+  int64_t max_new_tokens = 16;
+  bool dysco = false;
+  dysco::DyscoOverrides overrides;
+  std::string trace;
+  bool trace_full = false;
+};
+
+dysco::StatusOr<std::vector<BatchLine>> ReadBatchFile(const std::string& path,
+                                                      int64_t default_max_new_tokens) {
+  using dysco::InvalidArgumentError;
+  std::ifstream in(path);
+  if (!in) return dysco::NotFoundError(path + ": cannot open");
+  std::vector<BatchLine> lines;
+  std::string text;
+  for (int number = 1; std::getline(in, text); ++number) {
+    if (text.find_first_not_of(" \t\r") == std::string::npos) continue;
+    const std::string where = path + ":" + std::to_string(number);
+    BatchLine line;
+    line.max_new_tokens = default_max_new_tokens > 0 ? default_max_new_tokens : 16;
+    try {
+      const nlohmann::json j = nlohmann::json::parse(text);
+      line.prompt_ids = j.at("prompt_ids").get<std::vector<int32_t>>();
+      if (j.contains("max_new_tokens")) line.max_new_tokens = j["max_new_tokens"].get<int64_t>();
+      if (j.contains("trace")) line.trace = j["trace"].get<std::string>();
+      if (j.contains("trace_full")) line.trace_full = j["trace_full"].get<bool>();
+      if (j.contains("dysco") && !j["dysco"].is_null()) {
+        DYSCO_RETURN_IF_ERROR(ParseDyscoObject(j["dysco"], where, &line.dysco, &line.overrides));
+      }
+    } catch (const nlohmann::json::exception& e) {
+      return InvalidArgumentError(where + ": " + e.what());
+    }
+    if (line.prompt_ids.empty()) return InvalidArgumentError(where + ": prompt_ids is empty");
+    if (line.max_new_tokens < 1)
+      return InvalidArgumentError(where + ": max_new_tokens must be >= 1");
+    if (!line.trace.empty() && !line.dysco) {
+      return InvalidArgumentError(where + ": a trace needs dysco enabled");
+    }
+    lines.push_back(std::move(line));
+  }
+  if (lines.empty()) return InvalidArgumentError(path + ": no sequences");
+  return lines;
+}
+
+// Runs every line of the batch file together through one BatchStepper until all are finished.
+int RunBatch(const Flags& flags, dysco::ModelRunner* runner, const dysco::Tokenizer& tokenizer) {
+  const dysco::ModelConfig& config = runner->config();
+  auto lines = ReadBatchFile(flags.batch_file, flags.max_new_tokens);
+  if (!lines.ok()) return Fail(lines.status());
+
+  int64_t pages = 0;
+  for (const BatchLine& l : *lines) {
+    pages += (static_cast<int64_t>(l.prompt_ids.size()) + l.max_new_tokens + flags.page_size - 1) /
+             flags.page_size;
+  }
+  dysco::KvPagePoolOptions pool_options;
+  pool_options.page_size = flags.page_size;
+  pool_options.num_pages = flags.kv_pages > 0 ? flags.kv_pages : pages;
+  auto pool = dysco::KvPagePool::Create(config, pool_options);
+  if (!pool.ok()) return Fail(pool.status());
+
+  std::vector<std::unique_ptr<dysco::Sequence>> seqs;
+  for (size_t i = 0; i < lines->size(); ++i) {
+    const BatchLine& l = (*lines)[i];
+    for (int32_t t : l.prompt_ids) {
+      if (t < 0 || t >= config.vocab_size) {
+        return Fail(dysco::InvalidArgumentError("line " + std::to_string(i) + ": prompt id " +
+                                                std::to_string(t) + " is outside the vocabulary"));
+      }
+    }
+    dysco::SequenceParams params;
+    params.max_new_tokens = l.max_new_tokens;
+    params.sampling = flags.sampling;
+    params.stop_token_ids = config.special_tokens.eos_token_ids;
+    params.max_context = config.max_position_embeddings;
+    auto seq = std::make_unique<dysco::Sequence>(l.prompt_ids, params, tokenizer, pool->get());
+    if (l.dysco) {
+      auto p = dysco::ResolveDyscoParams(config, l.overrides, /*chat_formatted=*/false,
+                                         static_cast<int64_t>(l.prompt_ids.size()), -1);
+      if (!p.ok()) return Fail(p.status());
+      auto c = dysco::DyscoController::Create(
+          std::move(p).value(), l.prompt_ids,
+          l.trace.empty()
+              ? dysco::DyscoTraceMode::kOff
+              : (l.trace_full ? dysco::DyscoTraceMode::kFull : dysco::DyscoTraceMode::kSteps));
+      if (!c.ok()) return Fail(c.status());
+      seq->AttachDysco(std::move(c).value());
+    }
+    seqs.push_back(std::move(seq));
+  }
+
+  dysco::BatchStepper stepper(runner, pool->get());
+  std::vector<dysco::BatchStepEntry> entries;
+  std::vector<dysco::BatchStepResult> results;
+  while (true) {
+    entries.clear();
+    for (auto& s : seqs) {
+      if (!s->finished()) entries.push_back({s.get(), flags.prefill_chunk});
+    }
+    if (entries.empty()) break;
+    const dysco::Status st = stepper.Step(entries, &results);
+    if (!st.ok()) return Fail(st);
+    for (const auto& e : entries) {
+      if (e.sequence->finished()) e.sequence->ReleasePages();
+    }
+  }
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const BatchLine& l = (*lines)[i];
+    if (!l.trace.empty()) {
+      const dysco::Status st = WriteTrace(l.trace, seqs[i]->dysco()->trace());
+      if (!st.ok()) return Fail(st);
+    }
+    nlohmann::ordered_json out;
+    out["index"] = i;
+    out["generated_ids"] = seqs[i]->generated_ids();
+    out["finish_reason"] = dysco::FinishReasonName(seqs[i]->finish_reason());
+    std::printf("%s\n", out.dump().c_str());
+  }
+  return 0;
 }
 
 }  // namespace
@@ -154,9 +429,12 @@ int main(int argc, char** argv) {
   const dysco::ModelConfig& config = (*runner)->config();
   auto tokenizer = dysco::Tokenizer::FromFile(flags.model + "/tokenizer.json");
   if (!tokenizer.ok()) return Fail(tokenizer.status());
+  if (!flags.batch_file.empty()) return RunBatch(flags, runner->get(), **tokenizer);
 
   dysco::GenerateRequest request;
-  if (flags.chat) {
+  if (!flags.prompt_ids.empty()) {
+    request.prompt_token_ids = flags.prompt_ids;
+  } else if (flags.chat) {
     if (flags.has_system) request.messages.push_back({"system", flags.system});
     request.messages.push_back({"user", flags.prompt});
   } else {
@@ -165,6 +443,12 @@ int main(int argc, char** argv) {
   request.max_new_tokens = flags.max_new_tokens;
   request.sampling = flags.sampling;
   request.stop_strings = flags.stops;
+  request.dysco = flags.dysco;
+  request.dysco_overrides = flags.dysco_overrides;
+  if (!flags.trace.empty()) {
+    request.dysco_trace =
+        flags.trace_full ? dysco::DyscoTraceMode::kFull : dysco::DyscoTraceMode::kSteps;
+  }
 
   dysco::KvPagePoolOptions pool_options;
   pool_options.page_size = flags.page_size;
@@ -194,6 +478,10 @@ int main(int argc, char** argv) {
   if (!result.ok()) {
     std::fputc('\n', stdout);
     return Fail(result.status());
+  }
+  if (!flags.trace.empty()) {
+    const dysco::Status st = WriteTrace(flags.trace, result->dysco_trace);
+    if (!st.ok()) return Fail(st);
   }
   const double rate = result->generated_tokens > 1 && result->decode_seconds > 0
                           ? (result->generated_tokens - 1) / result->decode_seconds

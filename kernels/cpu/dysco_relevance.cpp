@@ -27,8 +27,8 @@ void dysco_relevance_update_cpu(const at::Tensor& relevance, const at::Tensor& p
   const int64_t batch = relevance.size(0);
   const int64_t width = relevance.size(1);
   cpu::CheckTensor(kOp, "probs", probs, at::kFloat, 3);
-  TORCH_CHECK(probs.size(0) == batch && probs.size(1) >= 1, kOp,
-              ": probs must be [B = ", batch, ", H >= 1, S'], got ", probs.sizes());
+  TORCH_CHECK(probs.size(0) == batch && probs.size(1) >= 1, kOp, ": probs must be [B = ", batch,
+              ", H >= 1, S'], got ", probs.sizes());
   const int64_t num_heads = probs.size(1);
   const int64_t probs_len = probs.size(2);
   cpu::CheckShaped(kOp, "decay", decay, at::kFloat, {batch});

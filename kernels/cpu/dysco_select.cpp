@@ -81,8 +81,8 @@ int64_t SelectRow(const float* relevance, int64_t n, float top_p, int64_t top_k,
 }
 
 // bias[0, width) of one row, from selected[0, n) (docs/dysco.md "Ops").
-void BiasRow(float* bias, const bool* selected, const bool* template_mask, int64_t n,
-             int64_t width, float strength) {
+void BiasRow(float* bias, const bool* selected, const bool* template_mask, int64_t n, int64_t width,
+             float strength) {
   if (strength >= kHardMaskStrength) {
     const float neg_inf = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < n; ++j) bias[j] = selected[j] ? 0.0f : neg_inf;
@@ -132,8 +132,8 @@ void dysco_select_bias_cpu(const at::Tensor& bias, const at::Tensor& selected,
   for (int64_t b = 0; b < batch; ++b) {
     TORCH_CHECK(ps[b] <= 1.0f, kOp, ": top_p[", b, "] = ", ps[b],
                 " must be in (0, 1], or <= 0 for unset");
-    TORCH_CHECK(ps[b] > 0.0f || ks[b] > 0, kOp, ": sequence ", b,
-                " sets neither top_p (", ps[b], ") nor top_k (", ks[b], ")");
+    TORCH_CHECK(ps[b] > 0.0f || ks[b] > 0, kOp, ": sequence ", b, " sets neither top_p (", ps[b],
+                ") nor top_k (", ks[b], ")");
   }
   if (relevance.numel() == 0) return;
 
@@ -198,11 +198,12 @@ void dysco_template_mask_cpu(const at::Tensor& mask, const at::Tensor& tokens,
   TORCH_CHECK(num_sequences >= 0, kOp, ": sequence_offsets must have K + 1 >= 1 entries, got 0");
   const int64_t* offsets = sequence_offsets.data_ptr<int64_t>();
   TORCH_CHECK(offsets[0] == 0 && offsets[num_sequences] == sequences.size(0), kOp,
-              ": sequence_offsets must run from 0 to M = ", sequences.size(0), ", got ",
-              offsets[0], " .. ", offsets[num_sequences]);
+              ": sequence_offsets must run from 0 to M = ", sequences.size(0), ", got ", offsets[0],
+              " .. ", offsets[num_sequences]);
   for (int64_t k = 0; k < num_sequences; ++k) {
-    TORCH_CHECK(offsets[k] <= offsets[k + 1], kOp, ": sequence_offsets must be non-decreasing, got ",
-                offsets[k], " then ", offsets[k + 1], " at ", k);
+    TORCH_CHECK(offsets[k] <= offsets[k + 1], kOp,
+                ": sequence_offsets must be non-decreasing, got ", offsets[k], " then ",
+                offsets[k + 1], " at ", k);
   }
   if (length == 0) return;
 
@@ -210,16 +211,19 @@ void dysco_template_mask_cpu(const at::Tensor& mask, const at::Tensor& tokens,
   const int64_t* seq = sequences.data_ptr<int64_t>();
   // cover[i]: length of the longest template occurrence that starts at i (0: none). Occurrences
   // may overlap, so the marking pass below carries the end of the furthest one seen so far.
-  std::vector<int64_t> cover(length);
-  at::parallel_for(0, length, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      int64_t longest = 0;
-      for (int64_t k = 0; k < num_sequences; ++k) {
-        const int64_t len = offsets[k + 1] - offsets[k];
-        if (len <= longest || len > length - i) continue;
-        if (std::equal(seq + offsets[k], seq + offsets[k + 1], tok + i)) longest = len;
+  std::vector<int64_t> cover(length, 0);
+  at::parallel_for(0, length, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t k = 0; k < num_sequences; ++k) {
+      const int64_t* first = seq + offsets[k];
+      const int64_t len = offsets[k + 1] - offsets[k];
+      if (len == 0) continue;
+      const int64_t head = first[0];
+      const int64_t last_start = std::min(end, length - len + 1);
+      for (int64_t i = begin; i < last_start; ++i) {
+        if (tok[i] == head && len > cover[i] && std::equal(first + 1, first + len, tok + i + 1)) {
+          cover[i] = len;
+        }
       }
-      cover[i] = longest;
     }
   });
   bool* out = mask.data_ptr<bool>();

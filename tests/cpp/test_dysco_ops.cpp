@@ -181,18 +181,17 @@ std::vector<bool> ReferenceTemplateMask(const std::vector<int64_t>& tokens,
   for (size_t i = 0; i < actual.size(); ++i) {
     const double a = actual[i];
     const double e = expected[i];
-    const bool ok = std::isinf(e) ? a == e
-                                  : std::isfinite(a) && std::abs(a - e) <= atol + rtol * std::abs(e);
+    const bool ok =
+        std::isinf(e) ? a == e : std::isfinite(a) && std::abs(a - e) <= atol + rtol * std::abs(e);
     if (!ok) {
       if (first < 0) first = static_cast<int64_t>(i);
       ++bad;
     }
   }
   if (bad == 0) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << bad << " of " << actual.size()
-                                       << " elements differ; first at flat index " << first
-                                       << ": got " << actual[first] << ", expected "
-                                       << expected[first];
+  return ::testing::AssertionFailure()
+         << bad << " of " << actual.size() << " elements differ; first at flat index " << first
+         << ": got " << actual[first] << ", expected " << expected[first];
 }
 
 ::testing::AssertionResult FloatsClose(const std::vector<float>& actual,
@@ -267,11 +266,11 @@ SelectResult RunSelectAndCheck(const SelectCase& c) {
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t n = lens[b];
     SCOPED_TRACE(::testing::Message() << "row " << b << " n=" << n << " top_p=" << c.top_p[b]
-                                      << " top_k=" << c.top_k[b]
-                                      << " strength=" << c.strength[b]);
+                                      << " top_k=" << c.top_k[b] << " strength=" << c.strength[b]);
     const std::vector<bool> expected = ReferenceSelect(c.rows[b], c.top_p[b], c.top_k[b]);
     const std::vector<bool> actual_row = ToBools(selected[b]);
-    EXPECT_TRUE(BoolsEqual(std::vector<bool>(actual_row.begin(), actual_row.begin() + n), expected));
+    EXPECT_TRUE(
+        BoolsEqual(std::vector<bool>(actual_row.begin(), actual_row.begin() + n), expected));
     EXPECT_TRUE(BoolsEqual(std::vector<bool>(actual_row.begin() + n, actual_row.end()),
                            std::vector<bool>(width - n, false)))
         << "selected past n_b";
@@ -283,8 +282,8 @@ SelectResult RunSelectAndCheck(const SelectCase& c) {
         ++count;
       }
     }
-    EXPECT_TRUE(FloatsClose(ToFloats(stats[b]), std::vector<double>{double(count), mass}, 1e-6,
-                            1e-6))
+    EXPECT_TRUE(
+        FloatsClose(ToFloats(stats[b]), std::vector<double>{double(count), mass}, 1e-6, 1e-6))
         << "stats";
     const std::vector<bool> tmpl_row = ToBools(tmpl[b]);
     const std::vector<float> expected_bias =
@@ -435,7 +434,7 @@ TEST(DyscoSelectBias, RandomBatchesMatchReference) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(21);
   // (top_p, top_k): nucleus, top-k, hybrid with either winning, unset encoded as 0 or negative.
   const std::vector<std::pair<float, int64_t>> modes = {
-      {0.9f, 0},   {0.975f, -1}, {1.0f, 0},  {0.05f, 0},   {-1.0f, 7},  {0.0f, 1},
+      {0.9f, 0},   {0.975f, -1}, {1.0f, 0},   {0.05f, 0},   {-1.0f, 7},  {0.0f, 1},
       {0.0f, 400}, {0.5f, 20},   {0.975f, 3}, {0.3f, 4096}, {0.99f, 64}, {1e-7f, 5}};
   const std::vector<int64_t> lens = {1, 2, 9, 64, 300, 1000, 4100};
   for (float strength : {2.0f, 0.5f, 99.0f, 1000.0f}) {
@@ -524,7 +523,7 @@ TEST(DyscoSelectBias, TiesGoToTheLowerPosition) {
 
 TEST(DyscoSelectBias, AllMassOnOneKey) {
   const std::vector<float> spike = {0.0f, 0.0f, 1.0f, 0.0f, 0.0f};
-  EXPECT_EQ(SelectOne(spike, 0.975f, 0), Flags(5, {2}));  // crosses at once: first kept
+  EXPECT_EQ(SelectOne(spike, 0.975f, 0), Flags(5, {2}));            // crosses at once: first kept
   EXPECT_EQ(SelectOne(spike, 1.0f, 0), Flags(5, {0, 1, 2, 3, 4}));  // 1.0 <= 1.0, zeros add 0
   EXPECT_EQ(SelectOne(spike, 0.975f, 3), Flags(5, {2}));
   EXPECT_EQ(SelectOne(spike, 0.0f, 3), Flags(5, {0, 1, 2}));  // zeros tie: lower positions
@@ -637,8 +636,8 @@ TEST(DyscoBiasFromSelection, MatchesReference) {
                     at::tensor(strengths, at::kFloat));
   for (int64_t b = 0; b < batch; ++b) {
     SCOPED_TRACE(::testing::Message() << "row " << b);
-    const std::vector<float> expected = ReferenceBias(ToBools(selected[b]), ToBools(tmpl[b]),
-                                                      lens[b], width, strengths[b]);
+    const std::vector<float> expected =
+        ReferenceBias(ToBools(selected[b]), ToBools(tmpl[b]), lens[b], width, strengths[b]);
     EXPECT_TRUE(FloatsClose(ToFloats(bias[b]), expected, 1e-6, 1e-6));
   }
 }
@@ -646,8 +645,8 @@ TEST(DyscoBiasFromSelection, MatchesReference) {
 TEST(DyscoBiasFromSelection, CurrentPositionIsBoostedWhenUnselectedAndTemplate) {
   const at::Tensor bias = at::full({1, 4}, kNaN);
   BiasFromSelection(bias, at::tensor({1, 0, 0, 0}).to(at::kBool).reshape({1, 4}),
-                    at::tensor({int64_t{3}}), at::tensor({0, 1, 1, 1}).to(at::kBool).reshape({1, 4}),
-                    at::full({1}, 3.0f));
+                    at::tensor({int64_t{3}}),
+                    at::tensor({0, 1, 1, 1}).to(at::kBool).reshape({1, 4}), at::full({1}, 3.0f));
   const float l3 = static_cast<float>(std::log(3.0));
   EXPECT_EQ(ToFloats(bias), (std::vector<float>{l3, 0.0f, l3, 0.0f}));
   BiasFromSelection(bias, at::zeros({1, 4}, at::kBool), at::tensor({int64_t{3}}),
@@ -676,12 +675,12 @@ TEST(DyscoSelectBias, RejectsBadInputs) {
   EXPECT_THROW(SelectBias(bias, sel, stats, at::zeros({S, B}).t(), keys, tmpl, p, k, s),
                c10::Error);
   EXPECT_THROW(SelectBias(bias, sel, stats, rel, keys.to(at::kInt), tmpl, p, k, s), c10::Error);
-  EXPECT_THROW(SelectBias(bias, sel, stats, rel, at::tensor({int64_t{3}, int64_t{7}}), tmpl, p, k,
-                          s),
-               c10::Error);
-  EXPECT_THROW(SelectBias(bias, sel, stats, rel, at::tensor({int64_t{-1}, int64_t{3}}), tmpl, p,
-                          k, s),
-               c10::Error);
+  EXPECT_THROW(
+      SelectBias(bias, sel, stats, rel, at::tensor({int64_t{3}, int64_t{7}}), tmpl, p, k, s),
+      c10::Error);
+  EXPECT_THROW(
+      SelectBias(bias, sel, stats, rel, at::tensor({int64_t{-1}, int64_t{3}}), tmpl, p, k, s),
+      c10::Error);
   EXPECT_THROW(SelectBias(bias, sel, stats, rel, keys, tmpl.to(at::kLong), p, k, s), c10::Error);
   EXPECT_THROW(SelectBias(bias, sel, stats, rel, keys, at::zeros({B, S - 1}, at::kBool), p, k, s),
                c10::Error);
@@ -752,6 +751,8 @@ TEST(DyscoTemplateMask, OverlappingAdjacentAndSingleTokenSequences) {
   EXPECT_EQ(RunTemplateMask({1, 2, 3, 4, 9}, {{1, 2, 3}, {3, 4}}), Flags(5, {0, 1, 2, 3}));
   // Sequences of length 1 (including at the ends), and one that is a prefix of another.
   EXPECT_EQ(RunTemplateMask({4, 0, 4, 6, 8, 6}, {{4}, {6}, {6, 8, 6, 9}}), Flags(6, {0, 2, 3, 5}));
+  // A longer occurrence listed before a shorter one at the same start keeps its full length.
+  EXPECT_EQ(RunTemplateMask({6, 8, 6, 1}, {{6, 8, 6}, {6}}), Flags(4, {0, 1, 2}));
   // A partial occurrence at the end does not count; a sequence longer than the prompt neither.
   EXPECT_EQ(RunTemplateMask({9, 1, 2}, {{1, 2, 3}, {9, 1, 2, 3}}), Flags(3, {}));
   // No sequences, and an empty sequence: nothing marked.
@@ -786,8 +787,7 @@ TEST(DyscoTemplateMask, RejectsBadInputs) {
   EXPECT_THROW(TemplateMask(mask, tokens.reshape({2, 2}), seqs, offs), c10::Error);
   EXPECT_THROW(TemplateMask(mask, tokens, seqs.to(at::kInt), offs), c10::Error);
   EXPECT_THROW(TemplateMask(mask, tokens, seqs, at::zeros({0}, at::kLong)), c10::Error);
-  EXPECT_THROW(TemplateMask(mask, tokens, seqs, at::tensor({int64_t{1}, int64_t{3}})),
-               c10::Error);
+  EXPECT_THROW(TemplateMask(mask, tokens, seqs, at::tensor({int64_t{1}, int64_t{3}})), c10::Error);
   EXPECT_THROW(TemplateMask(mask, tokens, seqs, at::tensor({int64_t{0}, int64_t{2}})),
                c10::Error);  // does not end at M
   EXPECT_THROW(TemplateMask(mask, tokens, seqs,
