@@ -4,9 +4,11 @@ BUILD_TYPE ?= Release
 CMAKE_FLAGS ?=
 PY := .venv/bin/python
 MODEL_DIR := models/smollm2-135m-instruct
+HEADS_DATA := tools/data/detection_synthetic.jsonl
+HEADS_EXAMPLES := 12
 JOBS ?= $(shell nproc)
 
-.PHONY: deps python configure build model run test test-cpp test-python bench clean format
+.PHONY: deps python configure build model run generate test test-cpp test-python bench clean format
 
 deps:
 	bash scripts/install-deps.sh
@@ -21,11 +23,24 @@ build: configure
 	cmake --build $(BUILD_DIR) -j $(JOBS)
 
 # The default model package: exported from the GGUF once, re-exported when the exporter changes.
+# Then its retrieval heads (about a minute on 2 cores, 12 of the examples), again only when the export
+# reset them or the detection data, the detection code or the exporter changed (.heads-stamp records them).
 model: python build
 	$(PY) -m tools.dysco_export gguf --gguf "$$(bash scripts/fetch-default-model.sh)" \
 	    --out $(MODEL_DIR) --kernels $(BUILD_DIR)/lib/libdysco_kernels.so --skip-if-current
+	@stamp="$$(cat $(HEADS_DATA) core/head_detection.cpp | sha256sum | cut -c1-64) $(HEADS_EXAMPLES)\
+	 $$(grep -o '"exporter_version": "[^"]*"' $(MODEL_DIR)/config.json)"; \
+	if grep -q '"selected_heads": \[\]' $(MODEL_DIR)/config.json || \
+	    [ "$$(cat $(MODEL_DIR)/.heads-stamp 2>/dev/null)" != "$$stamp" ]; then \
+	  $(BUILD_DIR)/bin/dysco-detect-heads --model $(MODEL_DIR) --data $(HEADS_DATA) \
+	      --max-examples $(HEADS_EXAMPLES) --write-config && echo "$$stamp" > $(MODEL_DIR)/.heads-stamp; \
+	fi
 
+# The gRPC server in the foreground (port 50051, /metrics on 9090); Ctrl-C drains and stops it.
 run: model
+	$(BUILD_DIR)/bin/dysco-server --model $(MODEL_DIR)
+
+generate: model
 	$(BUILD_DIR)/bin/dysco-generate --model $(MODEL_DIR) --chat \
 	    --prompt "What is the capital of France? Answer in one sentence." --max-new-tokens 48
 

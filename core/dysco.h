@@ -67,7 +67,7 @@ struct DyscoParams {
 
 // Tokens of the model's chat generation prompt (config.chat.generation_prompt, special tokens
 // parsed): what intervention_warmup "auto" means for a chat-formatted prompt (Qwen3 without
-// thinking 7, Llama-3.1 4, SmolLM2 ChatML 3).
+// thinking 7, Llama-3.1 4, SmolLM2 ChatML 4: its tokenizer splits "assistant" in two).
 int64_t CountGenerationPromptTokens(const ModelConfig& config, const Tokenizer& tokenizer);
 
 // Package defaults + overrides, validated for this prompt. intervention_warmup auto resolves to

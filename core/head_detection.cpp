@@ -119,7 +119,8 @@ StatusOr<DetectionExample> ParseDetectionExample(const std::string& line) {
     if (title == p.end() || !title->is_string()) {
       return ExampleError(field + ".title must be a string");
     }
-    if (text == p.end() || !text->is_string()) return ExampleError(field + ".text must be a string");
+    if (text == p.end() || !text->is_string())
+      return ExampleError(field + ".text must be a string");
     ex.paragraphs.push_back({title->get<std::string>(), text->get<std::string>()});
   }
   const auto gold = j.find("gold_ids");
@@ -409,7 +410,8 @@ StatusOr<HeadDetectionResult> DetectRetrievalHeads(ModelRunner* runner, KvPagePo
         const TokenSpan& span = pq.paragraph_spans[d];
         c.resize(static_cast<size_t>(span.size()));
         for (int64_t j = span.begin; j < span.end; ++j) {
-          c[j - span.begin] = aq[j] / static_cast<double>(rows_q) - an[j] / static_cast<double>(rows_n);
+          c[j - span.begin] =
+              aq[j] / static_cast<double>(rows_q) - an[j] / static_cast<double>(rows_n);
         }
         example_score += ParagraphScore(c.data(), c.size());
       }
@@ -417,7 +419,8 @@ StatusOr<HeadDetectionResult> DetectRetrievalHeads(ModelRunner* runner, KvPagePo
     }
     result.num_prompt_tokens += len_q;
     result.inexact_spans += pq.inexact_spans;
-    if (options.on_example) options.on_example(static_cast<int64_t>(e), static_cast<int64_t>(examples.size()), pq);
+    if (options.on_example)
+      options.on_example(static_cast<int64_t>(e), static_cast<int64_t>(examples.size()), pq);
   }
 
   result.num_examples = static_cast<int64_t>(examples.size());

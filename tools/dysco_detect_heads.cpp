@@ -140,13 +140,12 @@ int main(int argc, char** argv) {
     auto pq = dysco::BuildDetectionPrompt(config, **tokenizer, ex.question, ex.paragraphs);
     auto pn = dysco::BuildDetectionPrompt(config, **tokenizer, "N/A", ex.paragraphs);
     if (!pq.ok() || !pn.ok()) {
-      return Fail(dysco::InvalidArgumentError(
-          flags.data + ": example " + std::to_string(e) + ": " +
-          (pq.ok() ? pn.status() : pq.status()).message()));
+      return Fail(dysco::InvalidArgumentError(flags.data + ": example " + std::to_string(e) + ": " +
+                                              (pq.ok() ? pn.status() : pq.status()).message()));
     }
-    pages = std::max(pages, dysco::DetectionPagesNeeded(
-                                *pq, static_cast<int64_t>(pn->token_ids.size()),
-                                pool_options.page_size));
+    pages =
+        std::max(pages, dysco::DetectionPagesNeeded(*pq, static_cast<int64_t>(pn->token_ids.size()),
+                                                    pool_options.page_size));
   }
   pool_options.num_pages = pages;
   auto pool = dysco::KvPagePool::Create(config, pool_options);
@@ -155,8 +154,7 @@ int main(int argc, char** argv) {
   dysco::HeadDetectionOptions options;
   options.rows_per_step = flags.rows_per_step;
   options.on_example = [&](int64_t i, int64_t n, const dysco::DetectionPrompt& p) {
-    const double s =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::fprintf(stderr, "example %lld/%lld: %zu tokens (query %lld), %.1f s\n",
                  static_cast<long long>(i + 1), static_cast<long long>(n), p.token_ids.size(),
                  static_cast<long long>(p.query_span.size()), s);
@@ -206,9 +204,8 @@ int main(int argc, char** argv) {
     if (!f) return Fail(dysco::InternalError(flags.scores_out + ": write failed"));
   }
   if (flags.write_config) {
-    const dysco::Status s =
-        dysco::WriteSelectedHeads(flags.model, selected, Basename(flags.data),
-                                  result->num_examples);
+    const dysco::Status s = dysco::WriteSelectedHeads(flags.model, selected, Basename(flags.data),
+                                                      result->num_examples);
     if (!s.ok()) return Fail(s);
     std::fprintf(stderr, "wrote %zu heads to %s/config.json\n", selected.size(),
                  flags.model.c_str());

@@ -149,8 +149,7 @@ ModelConfig ChatmlConfig(bool smollm_system) {
   ModelConfig c;
   c.chat_format = ChatFormat::kChatml;
   if (smollm_system) {
-    c.chat.default_system =
-        "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+    c.chat.default_system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
   }
   c.chat.generation_prompt = "<|im_start|>assistant\n";
   return c;
@@ -221,8 +220,7 @@ void ExpectSpans(const Tokenizer& tok, const ModelConfig& config, int expected_i
   EXPECT_EQ(p.text.find("<|im_start|>assistant"), std::string::npos);
   EXPECT_NE(p.text.find("<|im_start|>user\nHere are some paragraphs:\n\n[1] The musicians"),
             std::string::npos);
-  EXPECT_EQ(config.chat.default_system.has_value(),
-            p.text.rfind("<|im_start|>system\n", 0) == 0);
+  EXPECT_EQ(config.chat.default_system.has_value(), p.text.rfind("<|im_start|>system\n", 0) == 0);
 
   // The "N/A" prompt shares every token before the query span.
   auto null_built = BuildDetectionPrompt(config, tok, "N/A", paragraphs);
@@ -267,12 +265,12 @@ TEST(BuildDetectionPromptTest, PlainPromptWithBos) {
   EXPECT_EQ(p.inexact_spans, 0);
   for (size_t i = 0; i < paragraphs.size(); ++i) {
     const TokenSpan& s = p.paragraph_spans[i];
-    EXPECT_EQ((*tok)->Decode(std::vector<int32_t>(p.token_ids.begin() + s.begin,
-                                                  p.token_ids.begin() + s.end)),
+    EXPECT_EQ((*tok)->Decode(
+                  std::vector<int32_t>(p.token_ids.begin() + s.begin, p.token_ids.begin() + s.end)),
               "[" + std::to_string(i + 1) + "] " + paragraphs[i].title + "\n" + paragraphs[i].text);
   }
-  EXPECT_EQ((*tok)->Decode(std::vector<int32_t>(p.token_ids.begin() + p.query_span.begin,
-                                                p.token_ids.end())),
+  EXPECT_EQ((*tok)->Decode(
+                std::vector<int32_t>(p.token_ids.begin() + p.query_span.begin, p.token_ids.end())),
             "Please find information that are relevant to the following query in the paragraphs "
             "above. Query: q");
 }
@@ -324,7 +322,8 @@ TEST(WriteSelectedHeadsTest, KeepsTheRestOfTheConfig) {
   const auto j = nlohmann::json::parse(text);
   auto expected = nlohmann::json::parse(original);
   expected["dysco"]["selected_heads"] = {{1, 0}, {0, 1}};
-  expected["dysco"]["heads_source"] = {{"method", "qrhead"}, {"data", "data.jsonl"}, {"examples", 7}};
+  expected["dysco"]["heads_source"] = {
+      {"method", "qrhead"}, {"data", "data.jsonl"}, {"examples", 7}};
   EXPECT_EQ(j, expected);
   // Key order kept, number lists on one line, strings untouched.
   EXPECT_LT(text.find("\"format_version\""), text.find("\"model_name\""));

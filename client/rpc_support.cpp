@@ -1,0 +1,135 @@
+#include "rpc_support.h"
+
+#include <google/protobuf/util/json_util.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "flags.h"
+
+namespace dysco_client {
+
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target) {
+  grpc::ChannelArguments args;
+  // Model info and long selections can exceed the 4 MiB default.
+  args.SetMaxReceiveMessageSize(64 << 20);
+  return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+}
+
+const char* StatusCodeName(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::OK:
+      return "OK";
+    case grpc::StatusCode::CANCELLED:
+      return "CANCELLED";
+    case grpc::StatusCode::UNKNOWN:
+      return "UNKNOWN";
+    case grpc::StatusCode::INVALID_ARGUMENT:
+      return "INVALID_ARGUMENT";
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::NOT_FOUND:
+      return "NOT_FOUND";
+    case grpc::StatusCode::ALREADY_EXISTS:
+      return "ALREADY_EXISTS";
+    case grpc::StatusCode::PERMISSION_DENIED:
+      return "PERMISSION_DENIED";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+      return "RESOURCE_EXHAUSTED";
+    case grpc::StatusCode::FAILED_PRECONDITION:
+      return "FAILED_PRECONDITION";
+    case grpc::StatusCode::ABORTED:
+      return "ABORTED";
+    case grpc::StatusCode::OUT_OF_RANGE:
+      return "OUT_OF_RANGE";
+    case grpc::StatusCode::UNIMPLEMENTED:
+      return "UNIMPLEMENTED";
+    case grpc::StatusCode::INTERNAL:
+      return "INTERNAL";
+    case grpc::StatusCode::UNAVAILABLE:
+      return "UNAVAILABLE";
+    case grpc::StatusCode::DATA_LOSS:
+      return "DATA_LOSS";
+    case grpc::StatusCode::UNAUTHENTICATED:
+      return "UNAUTHENTICATED";
+    default:
+      return "UNKNOWN_CODE";
+  }
+}
+
+void PrintRpcError(const char* rpc, const grpc::Status& status) {
+  std::fprintf(stderr, "error: %s: %s: %s\n", rpc, StatusCodeName(status.error_code()),
+               status.error_message().c_str());
+}
+
+std::string ToJson(const google::protobuf::Message& message) {
+  google::protobuf::util::JsonPrintOptions options;
+  options.preserve_proto_field_names = true;
+  options.always_print_primitive_fields = true;
+  std::string out;
+  auto status = google::protobuf::util::MessageToJsonString(message, &out, options);
+  if (!status.ok()) return "{\"error\": \"cannot print message as JSON\"}";
+  return out;
+}
+
+std::string ReadFile(const std::string& path, std::string* contents) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return "cannot open " + path;
+  std::ostringstream buffer;
+  buffer << in.rdbuf();
+  if (in.bad()) return "cannot read " + path;
+  *contents = buffer.str();
+  return "";
+}
+
+std::string ParseMessagesJson(const std::string& text, const std::string& source,
+                              dysco::v1::ChatMessages* out) {
+  nlohmann::json doc = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (doc.is_discarded()) return source + ": not valid JSON";
+  if (doc.is_object() && doc.contains("messages")) doc = doc["messages"];
+  if (!doc.is_array()) return source + ": expected an array of {\"role\", \"content\"} objects";
+  out->Clear();
+  for (size_t i = 0; i < doc.size(); ++i) {
+    const nlohmann::json& entry = doc[i];
+    std::string where = source + ": messages[" + std::to_string(i) + "]";
+    if (!entry.is_object()) return where + " is not an object";
+    if (!entry.contains("role") || !entry["role"].is_string())
+      return where + ".role must be a string";
+    if (!entry.contains("content") || !entry["content"].is_string()) {
+      return where + ".content must be a string";
+    }
+    dysco::v1::ChatMessage* message = out->add_messages();
+    message->set_role(entry["role"].get<std::string>());
+    message->set_content(entry["content"].get<std::string>());
+  }
+  if (out->messages_size() == 0) return source + ": no messages";
+  return "";
+}
+
+std::string ParseTokenIds(const std::string& text, std::vector<int32_t>* out) {
+  out->clear();
+  std::stringstream stream(text);
+  std::string item;
+  while (std::getline(stream, item, ',')) {
+    size_t begin = item.find_first_not_of(" \t");
+    size_t end = item.find_last_not_of(" \t");
+    std::string trimmed = begin == std::string::npos ? "" : item.substr(begin, end - begin + 1);
+    int64_t id;
+    if (!ParseInt64(trimmed, &id) || id < 0 || id > std::numeric_limits<int32_t>::max()) {
+      return "--token-ids: '" + trimmed + "' is not a token id (want e.g. 1,2,3)";
+    }
+    out->push_back(static_cast<int32_t>(id));
+  }
+  if (out->empty()) return "--token-ids: no ids given";
+  return "";
+}
+
+double NowSeconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace dysco_client

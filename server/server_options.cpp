@@ -1,0 +1,198 @@
+#include "server/server_options.h"
+
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <functional>
+#include <limits>
+#include <map>
+
+#include <yaml-cpp/yaml.h>
+
+namespace dysco::server {
+namespace {
+
+const char kUsage[] =
+    "usage: dysco-server --model DIR [--config FILE.yaml] [--host ADDR] [--port N]\n"
+    "         [--metrics-port N] [--device cpu|cuda:0] [--kv-pages N | --kv-cache-mb MB]\n"
+    "         [--page-size N] [--max-batch N] [--max-queued N] [--max-context N]\n"
+    "         [--prefill-chunk N] [--max-step-tokens N] [--threads N]\n"
+    "         [--max-new-tokens-default N] [--max-new-tokens-limit N] [--drain-timeout SECONDS]\n"
+    "         [--log-level trace|debug|info|warn|error|off]\n"
+    "  --config: a YAML map whose keys are these flag names without the dashes ('-' or '_'),\n"
+    "            e.g. `kv_cache_mb: 512`; flags given on the command line win.\n"
+    "  --port 0 / --metrics-port 0 pick a free port; --metrics-port -1 disables /metrics.\n";
+
+// `where` names the flag (or file: key) in errors.
+Status ParseInt(const std::string& where, const std::string& value, int64_t lo, int64_t hi,
+                int64_t* out) {
+  errno = 0;
+  char* end = nullptr;
+  const long long x = std::strtoll(value.c_str(), &end, 10);
+  if (value.empty() || *end != '\0' || errno == ERANGE) {
+    return InvalidArgumentError(where + " needs an integer, got \"" + value + "\"");
+  }
+  if (x < lo || x > hi) {
+    return InvalidArgumentError(where + " must be in [" + std::to_string(lo) + ", " +
+                                std::to_string(hi) + "], got " + value);
+  }
+  *out = x;
+  return OkStatus();
+}
+
+template <typename T>
+std::function<Status(ServerOptions*, const std::string&, const std::string&)> IntSetter(
+    T ServerOptions::*field, int64_t lo, int64_t hi) {
+  return [field, lo, hi](ServerOptions* o, const std::string& where, const std::string& value) {
+    int64_t x = 0;
+    DYSCO_RETURN_IF_ERROR(ParseInt(where, value, lo, hi, &x));
+    o->*field = static_cast<T>(x);
+    return OkStatus();
+  };
+}
+
+std::function<Status(ServerOptions*, const std::string&, const std::string&)> StringSetter(
+    std::string ServerOptions::*field) {
+  return [field](ServerOptions* o, const std::string& where, const std::string& value) {
+    if (value.empty()) return InvalidArgumentError(where + " must not be empty");
+    o->*field = value;
+    return OkStatus();
+  };
+}
+
+using Setter = std::function<Status(ServerOptions*, const std::string&, const std::string&)>;
+
+// Flag name (without "--") -> setter. The YAML keys are the same names.
+const std::map<std::string, Setter>& Setters() {
+  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  static const std::map<std::string, Setter> setters = {
+      {"model", StringSetter(&ServerOptions::model)},
+      {"host", StringSetter(&ServerOptions::host)},
+      {"port", IntSetter(&ServerOptions::port, 0, 65535)},
+      {"metrics-port", IntSetter(&ServerOptions::metrics_port, -1, 65535)},
+      {"device", StringSetter(&ServerOptions::device)},
+      {"kv-pages", IntSetter(&ServerOptions::kv_pages, 1, kIntMax - 1)},
+      {"kv-cache-mb", IntSetter(&ServerOptions::kv_cache_mb, 1, int64_t{1} << 24)},
+      {"page-size", IntSetter(&ServerOptions::page_size, 1, 4096)},
+      {"max-batch", IntSetter(&ServerOptions::max_batch, 1, 4096)},
+      {"max-queued", IntSetter(&ServerOptions::max_queued, 0, 1 << 20)},
+      {"max-context", IntSetter(&ServerOptions::max_context, 0, kIntMax)},
+      {"prefill-chunk", IntSetter(&ServerOptions::prefill_chunk, 1, kIntMax)},
+      {"max-step-tokens", IntSetter(&ServerOptions::max_step_tokens, 1, kIntMax)},
+      {"threads", IntSetter(&ServerOptions::threads, 0, 1024)},
+      {"max-new-tokens-default", IntSetter(&ServerOptions::max_new_tokens_default, 1, kIntMax)},
+      {"max-new-tokens-limit", IntSetter(&ServerOptions::max_new_tokens_limit, 1, kIntMax)},
+      {"drain-timeout",
+       [](ServerOptions* o, const std::string& where, const std::string& value) {
+         errno = 0;
+         char* end = nullptr;
+         const double x = std::strtod(value.c_str(), &end);
+         if (value.empty() || *end != '\0' || errno == ERANGE || !std::isfinite(x) || x < 0) {
+           return InvalidArgumentError(where + " needs a number of seconds >= 0, got \"" + value +
+                                       "\"");
+         }
+         o->drain_timeout_seconds = x;
+         return OkStatus();
+       }},
+      {"log-level",
+       [](ServerOptions* o, const std::string& where, const std::string& value) {
+         static const char* const kLevels[] = {"trace", "debug", "info", "warn", "error", "off"};
+         for (const char* level : kLevels) {
+           if (value == level) {
+             o->log_level = value;
+             return OkStatus();
+           }
+         }
+         return InvalidArgumentError(where +
+                                     " must be one of trace, debug, info, warn, error, off, got \"" +
+                                     value + "\"");
+       }},
+  };
+  return setters;
+}
+
+Status ApplyConfigFile(const std::string& path, ServerOptions* options) {
+  YAML::Node root;
+  try {
+    root = YAML::LoadFile(path);
+  } catch (const YAML::BadFile&) {
+    return NotFoundError(path + ": cannot open the config file");
+  } catch (const YAML::Exception& e) {
+    return InvalidArgumentError(path + ": " + e.what());
+  }
+  if (root.IsNull()) return OkStatus();  // an empty file
+  if (!root.IsMap()) return InvalidArgumentError(path + ": must be a map of option: value");
+  for (const auto& item : root) {
+    std::string key;
+    try {
+      key = item.first.as<std::string>();
+    } catch (const YAML::Exception&) {
+      return InvalidArgumentError(path + ": keys must be option names");
+    }
+    std::string name = key;
+    for (char& c : name) {
+      if (c == '_') c = '-';
+    }
+    const std::string where = path + ": " + key;
+    const auto it = Setters().find(name);
+    if (it == Setters().end() || name == "config") {
+      return InvalidArgumentError(where + ": unknown option");
+    }
+    if (!item.second.IsScalar()) return InvalidArgumentError(where + " must be a scalar");
+    DYSCO_RETURN_IF_ERROR(it->second(options, where, item.second.Scalar()));
+  }
+  return OkStatus();
+}
+
+}  // namespace
+
+const char* ServerUsage() { return kUsage; }
+
+StatusOr<ServerOptions> ParseServerFlags(const std::vector<std::string>& args, bool* help) {
+  ServerOptions options;
+  *help = false;
+  // Flags win over the file: read the file first, then apply every flag.
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--help" || args[i] == "-h") {
+      *help = true;
+      return options;
+    }
+    if (args[i] == "--config") {
+      if (i + 1 >= args.size()) return InvalidArgumentError("--config needs a file");
+      options.config_file = args[i + 1];
+    } else if (args[i].rfind("--config=", 0) == 0) {
+      options.config_file = args[i].substr(9);
+    }
+  }
+  if (!options.config_file.empty()) {
+    DYSCO_RETURN_IF_ERROR(ApplyConfigFile(options.config_file, &options));
+  }
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& flag = args[i];
+    if (flag.rfind("--", 0) != 0) return InvalidArgumentError("unexpected argument \"" + flag + "\"");
+    std::string name = flag.substr(2);
+    std::string value;
+    const size_t eq = name.find('=');
+    if (eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+    } else {
+      if (i + 1 >= args.size()) return InvalidArgumentError(flag + " needs a value");
+      value = args[++i];
+    }
+    if (name == "config") continue;
+    const auto it = Setters().find(name);
+    if (it == Setters().end()) return InvalidArgumentError("unknown flag --" + name);
+    DYSCO_RETURN_IF_ERROR(it->second(&options, "--" + name, value));
+  }
+  if (options.model.empty()) return InvalidArgumentError("--model is required");
+  if (options.max_new_tokens_default > options.max_new_tokens_limit) {
+    return InvalidArgumentError("--max-new-tokens-default (" +
+                                std::to_string(options.max_new_tokens_default) +
+                                ") must be <= --max-new-tokens-limit (" +
+                                std::to_string(options.max_new_tokens_limit) + ")");
+  }
+  return options;
+}
+
+}  // namespace dysco::server
