@@ -71,7 +71,8 @@ Status DyscoServer::LoadModel() {
   runner_options.device = options_.device;
   DYSCO_ASSIGN_OR_RETURN(engine->runner, ModelRunner::Load(options_.model, runner_options));
   const ModelConfig& config = engine->runner->config();
-  DYSCO_ASSIGN_OR_RETURN(engine->tokenizer, Tokenizer::FromFile(options_.model + "/tokenizer.json"));
+  DYSCO_ASSIGN_OR_RETURN(engine->tokenizer,
+                         Tokenizer::FromFile(options_.model + "/tokenizer.json"));
 
   KvPagePoolOptions pool_options;
   pool_options.page_size = options_.page_size;
@@ -109,8 +110,7 @@ Status DyscoServer::LoadModel() {
       "max_batch={} max_queued={} seconds={:.2f}",
       options_.model, config.model_name, engine_->runner->device(), engine_->pool->num_total(),
       engine_->pool->page_size(), engine_->pool->tensor_bytes() / 1048576.0, so.max_batch_size,
-      so.max_queued,
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      so.max_queued, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   return OkStatus();
 }
 

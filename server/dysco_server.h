@@ -4,10 +4,10 @@
 // tests.
 //
 // Lifecycle: Start binds the ports and serves at once: health "" (liveness) is SERVING, readiness
-// ("dysco.v1.Generation") NOT_SERVING and every Generation RPC UNAVAILABLE until LoadModel succeeds.
-// Drain flips readiness to NOT_SERVING and refuses new Generate calls (UNAVAILABLE), waits for the
-// running sessions up to a timeout, then cancels the rest. Shutdown stops gRPC (giving in-flight
-// RPCs a grace period), the metrics endpoint, then the engine.
+// ("dysco.v1.Generation") NOT_SERVING and every Generation RPC UNAVAILABLE until LoadModel
+// succeeds. Drain flips readiness to NOT_SERVING and refuses new Generate calls (UNAVAILABLE),
+// waits for the running sessions up to a timeout, then cancels the rest. Shutdown stops gRPC
+// (giving in-flight RPCs a grace period), the metrics endpoint, then the engine.
 //
 // Thread-safety: Start/LoadModel/Drain/Shutdown are called by one controlling thread; the accessors
 // may be called from any thread.
@@ -48,8 +48,8 @@ class DyscoServer {
   void Drain(std::chrono::duration<double> timeout);
   void Shutdown();  // idempotent
 
-  int port() const { return port_; }                  // the bound gRPC port
-  int metrics_port() const;                            // -1 when /metrics is disabled
+  int port() const { return port_; }  // the bound gRPC port
+  int metrics_port() const;           // -1 when /metrics is disabled
   const ServerOptions& options() const { return options_; }
   GenerationService& service() { return service_; }
   ServerMetrics& metrics() { return metrics_; }

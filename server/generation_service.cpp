@@ -1,8 +1,8 @@
 #include "server/generation_service.h"
 
 #include <chrono>
-#include <iterator>
 #include <cstdio>
+#include <iterator>
 #include <optional>
 #include <random>
 #include <utility>
@@ -20,23 +20,32 @@ const grpc::Status kLoading(grpc::StatusCode::UNAVAILABLE, "the model is loading
 
 const char* InputName(v1::GenerateRequest::InputCase input) {
   switch (input) {
-    case v1::GenerateRequest::kPrompt: return "prompt";
-    case v1::GenerateRequest::kMessages: return "messages";
-    case v1::GenerateRequest::kTokenIds: return "token_ids";
-    case v1::GenerateRequest::INPUT_NOT_SET: break;
+    case v1::GenerateRequest::kPrompt:
+      return "prompt";
+    case v1::GenerateRequest::kMessages:
+      return "messages";
+    case v1::GenerateRequest::kTokenIds:
+      return "token_ids";
+    case v1::GenerateRequest::INPUT_NOT_SET:
+      break;
   }
   return "none";
 }
 
 v1::FinishReason ToProtoFinish(SessionFinish finish) {
   switch (finish) {
-    case SessionFinish::kStop: return v1::STOP;
-    case SessionFinish::kLength: return v1::LENGTH;
-    case SessionFinish::kStopString: return v1::STOP_STRING;
+    case SessionFinish::kStop:
+      return v1::STOP;
+    case SessionFinish::kLength:
+      return v1::LENGTH;
+    case SessionFinish::kStopString:
+      return v1::STOP_STRING;
     case SessionFinish::kCancelled:
-    case SessionFinish::kDeadlineExceeded: return v1::CANCELLED;
+    case SessionFinish::kDeadlineExceeded:
+      return v1::CANCELLED;
     case SessionFinish::kNone:
-    case SessionFinish::kError: break;
+    case SessionFinish::kError:
+      break;
   }
   return v1::FINISH_REASON_UNSPECIFIED;
 }
@@ -68,12 +77,23 @@ void SetUsage(const SessionUsage& u, v1::Usage* out) {
 }
 
 const char* GrpcCodeName(grpc::StatusCode code) {
-  static const char* const kNames[] = {
-      "OK",        "CANCELLED",         "UNKNOWN",           "INVALID_ARGUMENT",
-      "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",    "PERMISSION_DENIED",
-      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-      "UNIMPLEMENTED", "INTERNAL",      "UNAVAILABLE",       "DATA_LOSS",
-      "UNAUTHENTICATED"};
+  static const char* const kNames[] = {"OK",
+                                       "CANCELLED",
+                                       "UNKNOWN",
+                                       "INVALID_ARGUMENT",
+                                       "DEADLINE_EXCEEDED",
+                                       "NOT_FOUND",
+                                       "ALREADY_EXISTS",
+                                       "PERMISSION_DENIED",
+                                       "RESOURCE_EXHAUSTED",
+                                       "FAILED_PRECONDITION",
+                                       "ABORTED",
+                                       "OUT_OF_RANGE",
+                                       "UNIMPLEMENTED",
+                                       "INTERNAL",
+                                       "UNAVAILABLE",
+                                       "DATA_LOSS",
+                                       "UNAUTHENTICATED"};
   const int i = static_cast<int>(code);
   return i >= 0 && i < static_cast<int>(std::size(kNames)) ? kNames[i] : "UNKNOWN";
 }
@@ -101,13 +121,14 @@ std::optional<std::chrono::steady_clock::time_point> SteadyDeadline(
 // cannot run while Start is still inside Submit).
 class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
  public:
-  GenerateReactor(GenerationService* service, Engine* engine,
-                  grpc::CallbackServerContext* context)
-      : service_(service), engine_(engine), context_(context) {}
+  GenerateReactor(GenerationService* service, Engine* engine, grpc::CallbackServerContext* context)
+      : service_(service),
+        engine_(engine),
+        context_(context),
+        start_time_(std::chrono::steady_clock::now()) {}
 
   // Validates and submits; on failure finishes the RPC with the mapped status.
   void Start(const v1::GenerateRequest& request) {
-    start_time_ = std::chrono::steady_clock::now();
     auto session = ToSessionRequest(request, engine_->limits);
     if (!session.ok()) return Refuse(request.request_id(), session.status());
     if (session->request_id.empty()) session->request_id = service_->NewRequestId();
@@ -217,8 +238,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     usage_ = event.usage;
     switch (event.finish) {
       case SessionFinish::kError:
-        final_status_ = ToGrpcStatus(event.error.ok() ? InternalError("generation failed")
-                                                      : event.error);
+        final_status_ =
+            ToGrpcStatus(event.error.ok() ? InternalError("generation failed") : event.error);
         return;
       case SessionFinish::kDeadlineExceeded:
         final_status_ = grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "deadline exceeded");
@@ -252,7 +273,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
       finish_started_ = true;
       step.action = Action::kFinish;
       // Nobody reads this status when the client has gone; it is what the logs show.
-      const bool keep = finish_ == SessionFinish::kDeadlineExceeded || finish_ == SessionFinish::kError;
+      const bool keep =
+          finish_ == SessionFinish::kDeadlineExceeded || finish_ == SessionFinish::kError;
       step.status = keep ? final_status_
                          : grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
       final_status_ = step.status;
@@ -303,7 +325,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
  public:
   void Refuse(const std::string& request_id, const Status& status) {
     // An invalid id is not echoed into the logs.
-    request_id_ = request_id.empty()                      ? "-"
+    request_id_ = request_id.empty()                   ? "-"
                   : ValidateRequestId(request_id).ok() ? request_id
                                                        : "<invalid>";
     refused_ = true;
@@ -316,7 +338,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   GenerationService* const service_;
   Engine* const engine_;
   grpc::CallbackServerContext* const context_;
-  std::chrono::steady_clock::time_point start_time_;
+  const std::chrono::steady_clock::time_point start_time_;
   std::string request_id_;
   bool dysco_ = false;
   bool refused_ = false;
@@ -327,12 +349,12 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   bool submitted_ = false;
   bool cancel_requested_ = false;  // OnCancel before Submit returned
   bool client_cancelled_ = false;
-  bool broken_ = false;            // nothing more is written (client gone or deadline passed)
+  bool broken_ = false;  // nothing more is written (client gone or deadline passed)
   bool write_in_flight_ = false;
   bool final_received_ = false;
   bool finish_started_ = false;
-  v1::GenerateResponse pending_;   // coalesced deltas not handed to gRPC yet
-  v1::GenerateResponse writing_;   // the message gRPC is writing
+  v1::GenerateResponse pending_;  // coalesced deltas not handed to gRPC yet
+  v1::GenerateResponse writing_;  // the message gRPC is writing
   int64_t messages_written_ = 0;
   SessionFinish finish_ = SessionFinish::kNone;
   SessionUsage usage_;

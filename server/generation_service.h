@@ -6,10 +6,10 @@
 //
 // Thread-safety: gRPC calls the handlers from its own threads; SetEngine, BeginDrain and
 // CancelAllSessions may be called from any thread.
-// Ownership: the service references (does not own) the Engine given to SetEngine, which must outlive
-// the gRPC server the service is registered with. Each Generate reactor owns itself: it deletes
-// itself in OnDone, which gRPC calls only after Finish, which the reactor calls only after its
-// session's final event (or when the request is refused before a session exists).
+// Ownership: the service references (does not own) the Engine given to SetEngine, which must
+// outlive the gRPC server the service is registered with. Each Generate reactor owns itself: it
+// deletes itself in OnDone, which gRPC calls only after Finish, which the reactor calls only after
+// its session's final event (or when the request is refused before a session exists).
 #pragma once
 
 #include <atomic>

@@ -38,9 +38,8 @@ const Histogram::BucketBoundaries& QueueBuckets() {
   return b;
 }
 const Histogram::BucketBoundaries& StepBuckets() {
-  static const Histogram::BucketBoundaries b = {0.0001, 0.00025, 0.0005, 0.001, 0.0025,
-                                                0.005,  0.01,    0.025,  0.05,  0.1,
-                                                0.25,   0.5,     1,      2.5};
+  static const Histogram::BucketBoundaries b = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                                                0.025,  0.05,    0.1,    0.25,  0.5,    1,     2.5};
   return b;
 }
 Histogram::BucketBoundaries SelectedBuckets() {
@@ -96,9 +95,10 @@ ServerMetrics::ServerMetrics() : impl_(std::make_unique<Impl>()) {
                     .Register(r);
   auto& step = prometheus::BuildHistogram()
                    .Name("dysco_step_seconds")
-                   .Help("Wall time of one engine step's pass: speculative (DySCO probe pass), "
-                         "select (relevance update, selection, bias), real (the model pass), "
-                         "sample")
+                   .Help(
+                       "Wall time of one engine step's pass: speculative (DySCO probe pass), "
+                       "select (relevance update, selection, bias), real (the model pass), "
+                       "sample")
                    .Register(r);
   auto& selected = prometheus::BuildHistogram()
                        .Name("dysco_selected_tokens")
@@ -211,10 +211,10 @@ MetricsEndpoint::~MetricsEndpoint() {
 StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
     const std::string& host, int port, std::function<std::string()> render) {
   auto server = std::make_unique<httplib::Server>();
-  server->Get("/metrics", [render = std::move(render)](const httplib::Request&,
-                                                       httplib::Response& response) {
-    response.set_content(render(), "text/plain; version=0.0.4; charset=utf-8");
-  });
+  server->Get("/metrics",
+              [render = std::move(render)](const httplib::Request&, httplib::Response& response) {
+                response.set_content(render(), "text/plain; version=0.0.4; charset=utf-8");
+              });
   int bound = port;
   if (port == 0) {
     bound = server->bind_to_any_port(host);

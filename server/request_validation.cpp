@@ -210,9 +210,9 @@ StatusOr<SessionRequest> ToSessionRequest(const v1::GenerateRequest& request,
   }
 
   if (request.max_new_tokens() > static_cast<uint64_t>(limits.max_new_tokens_limit)) {
-    return InvalidArgumentError("max_new_tokens must be <= " +
-                                std::to_string(limits.max_new_tokens_limit) + ", got " +
-                                std::to_string(request.max_new_tokens()));
+    return InvalidArgumentError(
+        "max_new_tokens must be <= " + std::to_string(limits.max_new_tokens_limit) + ", got " +
+        std::to_string(request.max_new_tokens()));
   }
   g.max_new_tokens = request.max_new_tokens();  // 0 = the server default
   if (request.has_sampling()) DYSCO_RETURN_IF_ERROR(ToSampling(request.sampling(), &g.sampling));

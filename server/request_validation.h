@@ -1,6 +1,6 @@
-// Proto-level validation of dysco.v1 requests and their conversion into core requests. What only the
-// engine can judge (prompt length against the context and the KV pool, DySCO warm-up against the
-// prompt, ...) is left to Scheduler::Submit, whose statuses name the field the same way.
+// Proto-level validation of dysco.v1 requests and their conversion into core requests. What only
+// the engine can judge (prompt length against the context and the KV pool, DySCO warm-up against
+// the prompt, ...) is left to Scheduler::Submit, whose statuses name the field the same way.
 //
 // Every error is INVALID_ARGUMENT and its message starts with the field as a client writes it:
 // "token_ids.ids[3]: 50000 is outside the vocabulary [0, 49152)".

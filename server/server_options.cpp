@@ -103,9 +103,8 @@ const std::map<std::string, Setter>& Setters() {
              return OkStatus();
            }
          }
-         return InvalidArgumentError(where +
-                                     " must be one of trace, debug, info, warn, error, off, got \"" +
-                                     value + "\"");
+         return InvalidArgumentError(
+             where + " must be one of trace, debug, info, warn, error, off, got \"" + value + "\"");
        }},
   };
   return setters;
@@ -169,7 +168,8 @@ StatusOr<ServerOptions> ParseServerFlags(const std::vector<std::string>& args, b
   }
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& flag = args[i];
-    if (flag.rfind("--", 0) != 0) return InvalidArgumentError("unexpected argument \"" + flag + "\"");
+    if (flag.rfind("--", 0) != 0)
+      return InvalidArgumentError("unexpected argument \"" + flag + "\"");
     std::string name = flag.substr(2);
     std::string value;
     const size_t eq = name.find('=');

@@ -1,6 +1,6 @@
-// ServerOptions: everything dysco-server is configured with, from command-line flags and an optional
-// YAML file (`--config FILE.yaml`, keys are the flag names without the dashes, '-' or '_'; flags
-// win over the file).
+// ServerOptions: everything dysco-server is configured with, from command-line flags and an
+// optional YAML file (`--config FILE.yaml`, keys are the flag names without the dashes, '-' or '_';
+// flags win over the file).
 //
 // Thread-safety: plain value type. ParseServerFlags reads only its arguments and the config file.
 // Ownership: returns a value owned by the caller; on failure nothing is returned and the Status
@@ -16,25 +16,25 @@
 namespace dysco::server {
 
 struct ServerOptions {
-  std::string model;                  // model package directory (required)
+  std::string model;  // model package directory (required)
   std::string host = "0.0.0.0";
-  int port = 50051;                   // 0 = any free port (tests)
-  int metrics_port = 9090;            // 0 = any free port; -1 = no metrics endpoint
+  int port = 50051;         // 0 = any free port (tests)
+  int metrics_port = 9090;  // 0 = any free port; -1 = no metrics endpoint
   std::string device = "cpu";
-  int64_t kv_pages = 0;               // > 0: exactly this many KV pages
-  int64_t kv_cache_mb = 1024;         // otherwise: as many pages as fit in this many MiB
+  int64_t kv_pages = 0;        // > 0: exactly this many KV pages
+  int64_t kv_cache_mb = 1024;  // otherwise: as many pages as fit in this many MiB
   int page_size = 16;
   int64_t max_batch = 16;
   int64_t max_queued = 64;
-  int64_t max_context = 0;            // 0 = the model's context length
+  int64_t max_context = 0;  // 0 = the model's context length
   int64_t prefill_chunk = 256;
   int64_t max_step_tokens = 1024;
-  int threads = 0;                    // 0 = torch's default
+  int threads = 0;  // 0 = torch's default
   int64_t max_new_tokens_default = 256;
   int64_t max_new_tokens_limit = 4096;
   double drain_timeout_seconds = 30.0;
-  std::string log_level = "info";     // trace | debug | info | warn | error | off
-  std::string config_file;            // the --config file that was read, if any
+  std::string log_level = "info";  // trace | debug | info | warn | error | off
+  std::string config_file;         // the --config file that was read, if any
 };
 
 // The usage text of dysco-server.

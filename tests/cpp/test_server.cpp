@@ -1,16 +1,19 @@
 // dysco-server end to end: the real server (DyscoServer) in-process on loopback ports picked by the
 // kernel, the default model package, and real gRPC channels / HTTP scrapes as a client sees them.
-// Streaming, chat / token-id input, stop strings, seeded sampling, concurrency, cancellation and
-// deadlines (sessions freed: running gauge and KV usage back to idle), queue limit, request
-// validation, GetModelInfo, Tokenize, health, draining and the /metrics families.
+// Streaming, coalescing for a slow reader, chat / token-id input, stop strings, seeded sampling,
+// concurrency, cancellation and deadlines (sessions freed: running gauge and KV usage back to idle),
+// queue limit, request validation, GetModelInfo, Tokenize, health, draining, the /metrics families,
+// and the flag / YAML config parser.
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
 #include <spdlog/spdlog.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <future>
 #include <limits>
@@ -547,12 +550,11 @@ TEST_F(ServerTest, MalformedRequestsAreInvalidArgumentNamingTheField) {
        [](v1::GenerateRequest* r) { r->set_max_new_tokens(1000000); }, "max_new_tokens"},
       {"oversized request id",
        [](v1::GenerateRequest* r) { r->set_request_id(std::string(500, 'a')); }, "request_id"},
-      {"request id with a newline",
-       [](v1::GenerateRequest* r) { r->set_request_id("abc\ndef"); }, "request_id"},
+      {"request id with a newline", [](v1::GenerateRequest* r) { r->set_request_id("abc\ndef"); },
+       "request_id"},
       {"dysco top_p 0", [&](v1::GenerateRequest* r) { dysco_on(r)->set_top_p(0.0f); },
        "dysco.top_p"},
-      {"dysco top_k 0", [&](v1::GenerateRequest* r) { dysco_on(r)->set_top_k(0); },
-       "dysco.top_k"},
+      {"dysco top_k 0", [&](v1::GenerateRequest* r) { dysco_on(r)->set_top_k(0); }, "dysco.top_k"},
       {"dysco strength -1", [&](v1::GenerateRequest* r) { dysco_on(r)->set_strength(-1.0f); },
        "dysco.strength"},
       {"dysco decay 1", [&](v1::GenerateRequest* r) { dysco_on(r)->set_decay_factor(1.0f); },
@@ -580,9 +582,7 @@ TEST_F(ServerTest, MalformedRequestsAreInvalidArgumentNamingTheField) {
        [&](v1::GenerateRequest* r) { dysco_on(r)->set_intervention_warmup(-2); },
        "dysco.intervention_warmup"},
       {"dysco template id >= vocab",
-       [&](v1::GenerateRequest* r) {
-         dysco_on(r)->add_template_sequences()->add_token_ids(60000);
-       },
+       [&](v1::GenerateRequest* r) { dysco_on(r)->add_template_sequences()->add_token_ids(60000); },
        "dysco.template_sequences[0]"},
       {"dysco clear and set templates",
        [&](v1::GenerateRequest* r) {
@@ -721,6 +721,54 @@ TEST_F(ServerTest, MetricsHaveEveryFamily) {
   EXPECT_GT(Series(s, "dysco_step_seconds_count", {"pass=\"real\"", "dysco=\"off\""}), 0);
   EXPECT_GT(Series(s, "dysco_e2e_request_latency_seconds_count", {"dysco=\"off\""}), 0);
   EXPECT_GT(Series(s, "dysco_inter_token_latency_seconds_count", {"dysco=\"off\""}), 0);
+}
+
+TEST(ServerFlagsTest, ConfigFileThenFlags) {
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / ("dysco_server_flags_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const std::string config = (dir / "server.yaml").string();
+  {
+    std::ofstream out(config);
+    out << "model: /models/a\nport: 6000\nkv_cache_mb: 512\nmax-batch: 4\ndrain_timeout: 2.5\n";
+  }
+  bool help = false;
+  auto o =
+      dysco::server::ParseServerFlags({"--config", config, "--port", "7000", "--threads=3"}, &help);
+  ASSERT_TRUE(o.ok()) << o.status().ToString();
+  EXPECT_FALSE(help);
+  EXPECT_EQ(o->model, "/models/a");
+  EXPECT_EQ(o->port, 7000);  // the flag wins over the file
+  EXPECT_EQ(o->kv_cache_mb, 512);
+  EXPECT_EQ(o->max_batch, 4);
+  EXPECT_EQ(o->threads, 3);
+  EXPECT_DOUBLE_EQ(o->drain_timeout_seconds, 2.5);
+  EXPECT_EQ(o->metrics_port, 9090);  // defaults for the rest
+  EXPECT_EQ(o->host, "0.0.0.0");
+
+  {
+    std::ofstream out(config);
+    out << "model: /models/a\nkv_cache_gb: 1\n";
+  }
+  o = dysco::server::ParseServerFlags({"--config", config}, &help);
+  ASSERT_FALSE(o.ok());
+  EXPECT_NE(o.status().message().find("kv_cache_gb"), std::string::npos) << o.status().message();
+
+  o = dysco::server::ParseServerFlags({"--model", "m", "--port", "70000"}, &help);
+  ASSERT_FALSE(o.ok());
+  EXPECT_NE(o.status().message().find("--port"), std::string::npos);
+  o = dysco::server::ParseServerFlags({"--model", "m", "--max-batch", "x"}, &help);
+  ASSERT_FALSE(o.ok());
+  EXPECT_NE(o.status().message().find("--max-batch"), std::string::npos);
+  o = dysco::server::ParseServerFlags({"--port", "1"}, &help);
+  ASSERT_FALSE(o.ok());
+  EXPECT_NE(o.status().message().find("--model"), std::string::npos);
+  o = dysco::server::ParseServerFlags({"--config", (dir / "missing.yaml").string()}, &help);
+  ASSERT_FALSE(o.ok());
+  EXPECT_EQ(o.status().code(), dysco::StatusCode::kNotFound);
+  o = dysco::server::ParseServerFlags({"--help"}, &help);
+  EXPECT_TRUE(help);
+  std::filesystem::remove_all(dir);
 }
 
 // Servers of their own: a tiny queue, and draining.
