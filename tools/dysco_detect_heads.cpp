@@ -7,7 +7,6 @@
 // Bad flags or a bad data line: a message on stderr and exit code 2. Other failures: the Status on
 // stderr and exit code 1.
 #include <algorithm>
-#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -22,12 +21,15 @@
 #include "core/kv_page_pool.h"
 #include "core/model_runner.h"
 #include "core/tokenizer.h"
+#include "tools/cli_args.h"
 
 namespace {
 
 const char kUsage[] =
     "usage: dysco-detect-heads --model DIR --data FILE.jsonl [--num-heads 16] [--max-examples N]\n"
     "         [--write-config] [--scores-out FILE.json] [--threads N] [--rows-per-step N]\n";
+
+const dysco::cli::CommandLine kCli("dysco-detect-heads", kUsage);
 
 struct Flags {
   std::string model;
@@ -40,58 +42,36 @@ struct Flags {
   int64_t rows_per_step = 0;  // 0 = automatic (HeadDetectionOptions)
 };
 
-[[noreturn]] void Die(const std::string& message) {
-  std::cerr << "dysco-detect-heads: " << message << "\n" << kUsage;
-  std::exit(2);
-}
-
-int64_t ParseInt(const std::string& flag, const std::string& value, int64_t lo, int64_t hi) {
-  errno = 0;
-  char* end = nullptr;
-  const long long x = std::strtoll(value.c_str(), &end, 10);
-  if (value.empty() || *end != '\0' || errno == ERANGE)
-    Die(flag + " needs an integer, got \"" + value + "\"");
-  if (x < lo || x > hi) {
-    Die(flag + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " +
-        value);
-  }
-  return x;
-}
-
 Flags ParseFlags(int argc, char** argv) {
   Flags f;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
-    if (flag == "--help" || flag == "-h") {
-      std::cout << kUsage;
-      std::exit(0);
-    }
+    kCli.ExitIfHelp(flag);
     if (flag == "--write-config") {
       f.write_config = true;
       continue;
     }
-    if (i + 1 >= argc) Die("unknown flag or missing value: " + flag);
-    const std::string value = argv[++i];
+    const std::string value = kCli.TakeValue(argc, argv, &i);
     if (flag == "--model") {
       f.model = value;
     } else if (flag == "--data") {
       f.data = value;
     } else if (flag == "--num-heads") {
-      f.num_heads = static_cast<int>(ParseInt(flag, value, 1, 1 << 20));
+      f.num_heads = static_cast<int>(kCli.ParseInt(flag, value, 1, 1 << 20));
     } else if (flag == "--max-examples") {
-      f.max_examples = ParseInt(flag, value, 1, 1LL << 40);
+      f.max_examples = kCli.ParseInt(flag, value, 1, 1LL << 40);
     } else if (flag == "--scores-out") {
       f.scores_out = value;
     } else if (flag == "--threads") {
-      f.threads = static_cast<int>(ParseInt(flag, value, 1, 1024));
+      f.threads = static_cast<int>(kCli.ParseInt(flag, value, 1, 1024));
     } else if (flag == "--rows-per-step") {
-      f.rows_per_step = ParseInt(flag, value, 0, 1 << 20);
+      f.rows_per_step = kCli.ParseInt(flag, value, 0, 1 << 20);
     } else {
-      Die("unknown flag " + flag);
+      kCli.Die("unknown flag " + flag);
     }
   }
-  if (f.model.empty()) Die("--model is required");
-  if (f.data.empty()) Die("--data is required");
+  if (f.model.empty()) kCli.Die("--model is required");
+  if (f.data.empty()) kCli.Die("--data is required");
   return f;
 }
 
@@ -127,8 +107,8 @@ int main(int argc, char** argv) {
   if (!tokenizer.ok()) return Fail(tokenizer.status());
   const int total_heads = config.num_layers * config.num_attention_heads;
   if (flags.num_heads > total_heads) {
-    Die("--num-heads " + std::to_string(flags.num_heads) + " is more than the model's " +
-        std::to_string(total_heads) + " heads");
+    kCli.Die("--num-heads " + std::to_string(flags.num_heads) + " is more than the model's " +
+             std::to_string(total_heads) + " heads");
   }
 
   // A pool just big enough for the largest example (its two sequences), so no memory is zeroed for

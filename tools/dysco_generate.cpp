@@ -14,7 +14,6 @@
 // Bad flags: a message on stderr and exit code 2. Other failures: the Status on stderr and exit
 // code 1.
 #include <algorithm>
-#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -32,6 +31,7 @@
 #include "core/kv_page_pool.h"
 #include "core/model_runner.h"
 #include "core/tokenizer.h"
+#include "tools/cli_args.h"
 
 namespace {
 
@@ -47,6 +47,8 @@ const char kUsage[] =
     "       dysco-generate --model DIR --batch-file FILE.jsonl [--max-new-tokens N] [--threads N]\n"
     "         [--page-size N] [--prefill-chunk N]\n"
     "  --dysco-top-p 0 / --dysco-top-k 0 unset that limit.\n";
+
+const dysco::cli::CommandLine kCli("dysco-generate", kUsage);
 
 struct Flags {
   std::string model;
@@ -70,43 +72,6 @@ struct Flags {
   std::string batch_file;
 };
 
-[[noreturn]] void Die(const std::string& message) {
-  std::cerr << "dysco-generate: " << message << "\n" << kUsage;
-  std::exit(2);
-}
-
-int64_t ParseInt(const std::string& flag, const std::string& value, int64_t lo, int64_t hi) {
-  errno = 0;
-  char* end = nullptr;
-  const long long x = std::strtoll(value.c_str(), &end, 10);
-  if (value.empty() || *end != '\0' || errno == ERANGE)
-    Die(flag + " needs an integer, got \"" + value + "\"");
-  if (x < lo || x > hi) {
-    Die(flag + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " +
-        value);
-  }
-  return x;
-}
-
-uint64_t ParseUint(const std::string& flag, const std::string& value) {
-  errno = 0;
-  char* end = nullptr;
-  const unsigned long long x = std::strtoull(value.c_str(), &end, 10);
-  if (value.empty() || value[0] == '-' || *end != '\0' || errno == ERANGE) {
-    Die(flag + " needs a non-negative integer, got \"" + value + "\"");
-  }
-  return x;
-}
-
-double ParseDouble(const std::string& flag, const std::string& value) {
-  errno = 0;
-  char* end = nullptr;
-  const double x = std::strtod(value.c_str(), &end);
-  if (value.empty() || *end != '\0' || errno == ERANGE)
-    Die(flag + " needs a number, got \"" + value + "\"");
-  return x;
-}
-
 std::vector<std::string> SplitCommas(const std::string& value) {
   std::vector<std::string> parts;
   size_t start = 0;
@@ -123,7 +88,7 @@ std::vector<int32_t> ParseIds(const std::string& flag, const std::string& value)
   std::vector<int32_t> ids;
   for (const std::string& part : SplitCommas(value)) {
     ids.push_back(
-        static_cast<int32_t>(ParseInt(flag, part, 0, std::numeric_limits<int32_t>::max())));
+        static_cast<int32_t>(kCli.ParseInt(flag, part, 0, std::numeric_limits<int32_t>::max())));
   }
   return ids;
 }
@@ -133,9 +98,10 @@ std::vector<std::pair<int, int>> ParseHeads(const std::string& flag, const std::
   std::vector<std::pair<int, int>> heads;
   for (const std::string& part : SplitCommas(value)) {
     const size_t colon = part.find(':');
-    if (colon == std::string::npos) Die(flag + " needs LAYER:HEAD pairs, got \"" + part + "\"");
-    heads.emplace_back(static_cast<int>(ParseInt(flag, part.substr(0, colon), 0, 1 << 20)),
-                       static_cast<int>(ParseInt(flag, part.substr(colon + 1), 0, 1 << 20)));
+    if (colon == std::string::npos)
+      kCli.Die(flag + " needs LAYER:HEAD pairs, got \"" + part + "\"");
+    heads.emplace_back(static_cast<int>(kCli.ParseInt(flag, part.substr(0, colon), 0, 1 << 20)),
+                       static_cast<int>(kCli.ParseInt(flag, part.substr(colon + 1), 0, 1 << 20)));
   }
   return heads;
 }
@@ -145,10 +111,7 @@ Flags ParseFlags(int argc, char** argv) {
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
-    if (flag == "--help" || flag == "-h") {
-      std::cout << kUsage;
-      std::exit(0);
-    }
+    kCli.ExitIfHelp(flag);
     if (flag == "--chat") {
       f.chat = true;
       continue;
@@ -165,8 +128,7 @@ Flags ParseFlags(int argc, char** argv) {
       f.trace_full = true;
       continue;
     }
-    if (i + 1 >= argc) Die("unknown flag or missing value: " + flag);
-    const std::string value = argv[++i];
+    const std::string value = kCli.TakeValue(argc, argv, &i);
     if (flag == "--model") {
       f.model = value;
     } else if (flag == "--prompt") {
@@ -176,28 +138,28 @@ Flags ParseFlags(int argc, char** argv) {
       f.system = value;
       f.has_system = true;
     } else if (flag == "--max-new-tokens") {
-      f.max_new_tokens = ParseInt(flag, value, 1, kIntMax);
+      f.max_new_tokens = kCli.ParseInt(flag, value, 1, kIntMax);
     } else if (flag == "--temperature") {
-      f.sampling.temperature = ParseDouble(flag, value);
+      f.sampling.temperature = kCli.ParseDouble(flag, value);
     } else if (flag == "--top-k") {
-      f.sampling.top_k = static_cast<int>(ParseInt(flag, value, 0, kIntMax));
+      f.sampling.top_k = static_cast<int>(kCli.ParseInt(flag, value, 0, kIntMax));
     } else if (flag == "--top-p") {
-      f.sampling.top_p = ParseDouble(flag, value);
+      f.sampling.top_p = kCli.ParseDouble(flag, value);
     } else if (flag == "--seed") {
-      f.sampling.seed = ParseUint(flag, value);
+      f.sampling.seed = kCli.ParseUint(flag, value);
     } else if (flag == "--repetition-penalty") {
-      f.sampling.repetition_penalty = ParseDouble(flag, value);
+      f.sampling.repetition_penalty = kCli.ParseDouble(flag, value);
     } else if (flag == "--stop") {
-      if (value.empty()) Die("--stop needs a non-empty string");
+      if (value.empty()) kCli.Die("--stop needs a non-empty string");
       f.stops.push_back(value);
     } else if (flag == "--threads") {
-      f.threads = static_cast<int>(ParseInt(flag, value, 1, 1024));
+      f.threads = static_cast<int>(kCli.ParseInt(flag, value, 1, 1024));
     } else if (flag == "--kv-pages") {
-      f.kv_pages = ParseInt(flag, value, 1, kIntMax - 1);
+      f.kv_pages = kCli.ParseInt(flag, value, 1, kIntMax - 1);
     } else if (flag == "--page-size") {
-      f.page_size = static_cast<int>(ParseInt(flag, value, 1, 4096));
+      f.page_size = static_cast<int>(kCli.ParseInt(flag, value, 1, 4096));
     } else if (flag == "--prefill-chunk") {
-      f.prefill_chunk = ParseInt(flag, value, 1, kIntMax);
+      f.prefill_chunk = kCli.ParseInt(flag, value, 1, kIntMax);
     } else if (flag == "--prompt-ids") {
       f.prompt_ids = ParseIds(flag, value);
     } else if (flag == "--batch-file") {
@@ -207,38 +169,39 @@ Flags ParseFlags(int argc, char** argv) {
     } else if (flag == "--dysco-heads") {
       f.dysco_overrides.selected_heads = ParseHeads(flag, value);
     } else if (flag == "--dysco-top-p") {
-      f.dysco_overrides.top_p = ParseDouble(flag, value);
+      f.dysco_overrides.top_p = kCli.ParseDouble(flag, value);
     } else if (flag == "--dysco-top-k") {
-      f.dysco_overrides.top_k = ParseInt(flag, value, 0, kIntMax);
+      f.dysco_overrides.top_k = kCli.ParseInt(flag, value, 0, kIntMax);
     } else if (flag == "--dysco-strength") {
-      f.dysco_overrides.strength = ParseDouble(flag, value);
+      f.dysco_overrides.strength = kCli.ParseDouble(flag, value);
     } else if (flag == "--dysco-decay") {
-      f.dysco_overrides.decay_factor = ParseDouble(flag, value);
+      f.dysco_overrides.decay_factor = kCli.ParseDouble(flag, value);
     } else if (flag == "--dysco-context-warmup") {
-      f.dysco_overrides.context_warmup_steps = static_cast<int>(ParseInt(flag, value, 0, kIntMax));
+      f.dysco_overrides.context_warmup_steps =
+          static_cast<int>(kCli.ParseInt(flag, value, 0, kIntMax));
     } else if (flag == "--dysco-intervention-warmup") {
       f.dysco_overrides.intervention_warmup =
-          value == "auto" ? -1 : static_cast<int>(ParseInt(flag, value, 0, kIntMax));
+          value == "auto" ? -1 : static_cast<int>(kCli.ParseInt(flag, value, 0, kIntMax));
     } else {
-      Die("unknown flag " + flag);
+      kCli.Die("unknown flag " + flag);
     }
   }
-  if (f.model.empty()) Die("--model is required");
+  if (f.model.empty()) kCli.Die("--model is required");
   if (!f.batch_file.empty()) {
     if (f.has_prompt || !f.prompt_ids.empty() || f.dysco || !f.trace.empty() || f.chat) {
-      Die("--batch-file takes its prompts, DySCO settings and traces from the file");
+      kCli.Die("--batch-file takes its prompts, DySCO settings and traces from the file");
     }
     return f;
   }
   if (f.has_prompt == !f.prompt_ids.empty())
-    Die("exactly one of --prompt and --prompt-ids is required");
-  if (!f.prompt_ids.empty() && f.chat) Die("--prompt-ids is used as is: no --chat");
-  if (f.max_new_tokens < 0) Die("--max-new-tokens is required");
-  if (!f.trace.empty() && !f.dysco) Die("--trace needs --dysco");
-  if (f.trace_full && f.trace.empty()) Die("--trace-full needs --trace");
-  if (f.has_system && !f.chat) Die("--system needs --chat");
+    kCli.Die("exactly one of --prompt and --prompt-ids is required");
+  if (!f.prompt_ids.empty() && f.chat) kCli.Die("--prompt-ids is used as is: no --chat");
+  if (f.max_new_tokens < 0) kCli.Die("--max-new-tokens is required");
+  if (!f.trace.empty() && !f.dysco) kCli.Die("--trace needs --dysco");
+  if (f.trace_full && f.trace.empty()) kCli.Die("--trace-full needs --trace");
+  if (f.has_system && !f.chat) kCli.Die("--system needs --chat");
   const dysco::Status s = f.sampling.Validate();
-  if (!s.ok()) Die(s.message());
+  if (!s.ok()) kCli.Die(s.message());
   return f;
 }
 

@@ -10,14 +10,11 @@
 #include <nlohmann/json.hpp>
 
 #include "core/generator.h"
+#include "tests/cpp/default_model_fixture.h"
 
 namespace dysco {
 namespace {
 
-// DYSCO_TEST_MODEL_DIR overrides the package location (e.g. a package exported elsewhere).
-const std::string kModelDir = std::getenv("DYSCO_TEST_MODEL_DIR") != nullptr
-                                  ? std::getenv("DYSCO_TEST_MODEL_DIR")
-                                  : std::string(DYSCO_SOURCE_DIR) + "/models/smollm2-135m-instruct";
 const std::string kGolden = std::string(DYSCO_SOURCE_DIR) + "/tests/data/smollm2_golden.json";
 const char kFrance[] = "What is the capital of France? Answer in one sentence.";
 
@@ -72,39 +69,12 @@ TEST(StopStringMatcherTest, StopAtVeryStart) {
   EXPECT_TRUE(m.matched());
 }
 
-class GeneratorTest : public ::testing::Test {
+class GeneratorTest : public DefaultModelTest {
  protected:
-  static void SetUpTestSuite() {
-    if (!std::filesystem::exists(kModelDir + "/model.pt")) return;
-    auto r = ModelRunner::Load(kModelDir);
-    ASSERT_TRUE(r.ok()) << r.status().ToString();
-    runner_ = std::move(r).value().release();
-    auto t = Tokenizer::FromFile(kModelDir + "/tokenizer.json");
-    ASSERT_TRUE(t.ok()) << t.status().ToString();
-    tokenizer_ = std::move(t).value().release();
-  }
-  static void TearDownTestSuite() {
-    delete runner_;
-    delete tokenizer_;
-    runner_ = nullptr;
-    tokenizer_ = nullptr;
-  }
-
   void SetUp() override {
-    if (runner_ == nullptr || tokenizer_ == nullptr) {
-      if (std::getenv("CI") != nullptr) FAIL() << kModelDir << " is missing (run `make model`)";
-      GTEST_SKIP() << kModelDir << " is missing (run `make model`)";
-    }
+    DefaultModelTest::SetUp();
+    if (ModelMissing()) return;
     pool_ = MakePool(64);
-  }
-
-  std::unique_ptr<KvPagePool> MakePool(int64_t pages) {
-    KvPagePoolOptions o;
-    o.page_size = 16;
-    o.num_pages = pages;
-    auto pool = KvPagePool::Create(runner_->config(), o);
-    EXPECT_TRUE(pool.ok()) << pool.status().ToString();
-    return std::move(pool).value();
   }
 
   StatusOr<GenerateResult> Generate(const GenerateRequest& r, GeneratorOptions o = {},
@@ -123,13 +93,8 @@ class GeneratorTest : public ::testing::Test {
     return r;
   }
 
-  static ModelRunner* runner_;
-  static Tokenizer* tokenizer_;
   std::unique_ptr<KvPagePool> pool_;
 };
-
-ModelRunner* GeneratorTest::runner_ = nullptr;
-Tokenizer* GeneratorTest::tokenizer_ = nullptr;
 
 TEST_F(GeneratorTest, GreedyChatAnswerNamesParis) {
   std::string streamed;

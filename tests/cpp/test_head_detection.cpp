@@ -20,15 +20,12 @@
 #include <nlohmann/json.hpp>
 
 #include "core/head_detection.h"
+#include "tests/cpp/default_model_fixture.h"
 
 namespace dysco {
 namespace {
 
 const std::string kSource = DYSCO_SOURCE_DIR;
-// DYSCO_TEST_MODEL_DIR overrides the package location (e.g. a package exported elsewhere).
-const std::string kModelDir = std::getenv("DYSCO_TEST_MODEL_DIR") != nullptr
-                                  ? std::getenv("DYSCO_TEST_MODEL_DIR")
-                                  : kSource + "/models/smollm2-135m-instruct";
 const std::string kExamples = kSource + "/tests/data/head_detection_examples.jsonl";
 
 std::string ReadFile(const std::string& path) {
@@ -349,28 +346,11 @@ TEST(MedianHeadScoreTest, OddEvenEmpty) {
   EXPECT_EQ(MedianHeadScore({{0, 0, 4.0}, {0, 1, 1.0}, {0, 2, 2.0}, {0, 3, 10.0}}), 3.0);
 }
 
-class HeadDetectionModelTest : public ::testing::Test {
+class HeadDetectionModelTest : public DefaultModelTest {
  protected:
-  static void SetUpTestSuite() {
-    if (!std::filesystem::exists(kModelDir + "/model.pt")) return;
-    auto r = ModelRunner::Load(kModelDir);
-    ASSERT_TRUE(r.ok()) << r.status().ToString();
-    runner_ = std::move(r).value().release();
-    auto t = Tokenizer::FromFile(kModelDir + "/tokenizer.json");
-    ASSERT_TRUE(t.ok()) << t.status().ToString();
-    tokenizer_ = std::move(t).value().release();
-  }
-  static void TearDownTestSuite() {
-    delete runner_;
-    delete tokenizer_;
-    runner_ = nullptr;
-    tokenizer_ = nullptr;
-  }
   void SetUp() override {
-    if (runner_ == nullptr || tokenizer_ == nullptr) {
-      if (std::getenv("CI") != nullptr) FAIL() << kModelDir << " is missing (run `make model`)";
-      GTEST_SKIP() << kModelDir << " is missing (run `make model`)";
-    }
+    DefaultModelTest::SetUp();
+    if (ModelMissing()) return;
     KvPagePoolOptions o;
     o.page_size = 16;
     o.num_pages = 256;
@@ -379,12 +359,8 @@ class HeadDetectionModelTest : public ::testing::Test {
     pool_ = std::move(pool).value();
   }
 
-  static ModelRunner* runner_;
-  static Tokenizer* tokenizer_;
   std::unique_ptr<KvPagePool> pool_;
 };
-ModelRunner* HeadDetectionModelTest::runner_ = nullptr;
-Tokenizer* HeadDetectionModelTest::tokenizer_ = nullptr;
 
 TEST_F(HeadDetectionModelTest, SelectedHeadsScoreFarAboveTheMedian) {
   auto examples = LoadDetectionExamples(kExamples);

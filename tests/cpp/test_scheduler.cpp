@@ -18,13 +18,10 @@
 
 #include "core/batch_stepper.h"
 #include "core/scheduler.h"
+#include "tests/cpp/default_model_fixture.h"
 
 namespace dysco {
 namespace {
-
-const std::string kModelDir = std::getenv("DYSCO_TEST_MODEL_DIR") != nullptr
-                                  ? std::getenv("DYSCO_TEST_MODEL_DIR")
-                                  : std::string(DYSCO_SOURCE_DIR) + "/models/smollm2-135m-instruct";
 
 // Records every session's events, and a global log of events and steps in the order they happened.
 class Recorder {
@@ -116,39 +113,12 @@ class Gate {
   bool open_ = false;
 };
 
-class SchedulerTest : public ::testing::Test {
+class SchedulerTest : public DefaultModelTest {
  protected:
-  static void SetUpTestSuite() {
-    if (!std::filesystem::exists(kModelDir + "/model.pt")) return;
-    auto r = ModelRunner::Load(kModelDir);
-    ASSERT_TRUE(r.ok()) << r.status().ToString();
-    runner_ = std::move(r).value().release();
-    auto t = Tokenizer::FromFile(kModelDir + "/tokenizer.json");
-    ASSERT_TRUE(t.ok()) << t.status().ToString();
-    tokenizer_ = std::move(t).value().release();
-  }
-  static void TearDownTestSuite() {
-    delete runner_;
-    delete tokenizer_;
-    runner_ = nullptr;
-    tokenizer_ = nullptr;
-  }
-
   void SetUp() override {
-    if (runner_ == nullptr || tokenizer_ == nullptr) {
-      if (std::getenv("CI") != nullptr) FAIL() << kModelDir << " is missing (run `make model`)";
-      GTEST_SKIP() << kModelDir << " is missing (run `make model`)";
-    }
+    DefaultModelTest::SetUp();
+    if (ModelMissing()) return;
     pool_ = MakePool(128);
-  }
-
-  std::unique_ptr<KvPagePool> MakePool(int64_t pages) {
-    KvPagePoolOptions o;
-    o.page_size = 16;
-    o.num_pages = pages;
-    auto pool = KvPagePool::Create(runner_->config(), o);
-    EXPECT_TRUE(pool.ok()) << pool.status().ToString();
-    return std::move(pool).value();
   }
 
   std::unique_ptr<Scheduler> MakeScheduler(SchedulerOptions o, SchedulerObserver obs = {}) {
@@ -195,13 +165,8 @@ class SchedulerTest : public ::testing::Test {
     EXPECT_EQ(pool_->num_free(), pool_->num_total());
   }
 
-  static ModelRunner* runner_;
-  static Tokenizer* tokenizer_;
   std::unique_ptr<KvPagePool> pool_;
 };
-
-ModelRunner* SchedulerTest::runner_ = nullptr;
-Tokenizer* SchedulerTest::tokenizer_ = nullptr;
 
 const std::vector<std::string> kQuestions = {
     "What is the capital of France? Answer in one sentence.",
