@@ -88,14 +88,16 @@ Status BatchStepper::UpdateRelevance(const std::vector<size_t>& rows, const Step
   return OkStatus();
 }
 
-Status BatchStepper::SelectDynamic(const std::vector<size_t>& rows) {
+Status BatchStepper::SelectRows(const std::vector<size_t>& rows,
+                                const std::vector<int64_t>& num_keys, int64_t* width) {
   const int64_t D = static_cast<int64_t>(rows.size());
-  int64_t width = 0;
-  for (size_t i : rows) width = std::max(width, steps_[i].start_position + 1);
-  op_relevance_.resize(D * width);
-  op_template_.resize(D * width);
-  op_bias_.resize(D * width);
-  op_selected_.resize(D * width);
+  *width = 0;
+  for (int64_t n : num_keys) *width = std::max(*width, n);
+  const int64_t w = *width;
+  op_relevance_.resize(D * w);
+  op_template_.resize(D * w);
+  op_bias_.resize(D * w);
+  op_selected_.resize(D * w);
   op_stats_.resize(D * 2);
   op_num_keys_.resize(D);
   op_top_p_.resize(D);
@@ -104,19 +106,25 @@ Status BatchStepper::SelectDynamic(const std::vector<size_t>& rows) {
   for (int64_t d = 0; d < D; ++d) {
     const DyscoController* c = seqs_[rows[d]]->dysco();
     const DyscoParams& p = c->params();
-    const int64_t n = steps_[rows[d]].start_position + 1;
-    CopyRow(c->state().relevance, n, op_relevance_.data() + d * width, width);
-    CopyRow(c->state().template_mask, n, op_template_.data() + d * width, width);
+    const int64_t n = num_keys[d];
+    CopyRow(c->state().relevance, n, op_relevance_.data() + d * w, w);
+    CopyRow(c->state().template_mask, n, op_template_.data() + d * w, w);
     op_num_keys_[d] = n;
     op_top_p_[d] = p.top_p ? static_cast<float>(*p.top_p) : 0.0f;
     op_top_k_[d] = p.top_k ? *p.top_k : 0;
     op_strength_[d] = static_cast<float>(p.strength);
   }
-  DYSCO_RETURN_IF_ERROR(DyscoSelectBias(op_bias_.data(), op_selected_.data(), op_stats_.data(),
-                                        op_relevance_.data(), D, width, op_num_keys_.data(),
-                                        op_template_.data(), op_top_p_.data(), op_top_k_.data(),
-                                        op_strength_.data()));
-  for (int64_t d = 0; d < D; ++d) {
+  return DyscoSelectBias(op_bias_.data(), op_selected_.data(), op_stats_.data(),
+                         op_relevance_.data(), D, w, op_num_keys_.data(), op_template_.data(),
+                         op_top_p_.data(), op_top_k_.data(), op_strength_.data());
+}
+
+Status BatchStepper::SelectDynamic(const std::vector<size_t>& rows) {
+  std::vector<int64_t> num_keys;
+  for (size_t i : rows) num_keys.push_back(steps_[i].start_position + 1);
+  int64_t width = 0;
+  DYSCO_RETURN_IF_ERROR(SelectRows(rows, num_keys, &width));
+  for (size_t d = 0; d < rows.size(); ++d) {
     RelevanceState& s = seqs_[rows[d]]->dysco()->state();
     const int64_t n = op_num_keys_[d];
     s.bias.assign(op_bias_.data() + d * width, op_bias_.data() + d * width + n);
@@ -131,40 +139,17 @@ Status BatchStepper::BiasStatic(const std::vector<size_t>& rows) {
   // First static step of a sequence: its set, chosen once from the relevance the context warm-up
   // left (bias discarded: the keys grow from here on).
   std::vector<size_t> first;
+  std::vector<int64_t> first_keys;
   for (size_t i : rows) {
-    if (!seqs_[i]->dysco()->state().static_set_chosen) first.push_back(i);
+    const RelevanceState& s = seqs_[i]->dysco()->state();
+    if (s.static_set_chosen) continue;
+    first.push_back(i);
+    first_keys.push_back(static_cast<int64_t>(s.relevance.size()));
   }
   if (!first.empty()) {
-    const int64_t D = static_cast<int64_t>(first.size());
     int64_t width = 0;
-    for (size_t i : first) {
-      width = std::max(width, static_cast<int64_t>(seqs_[i]->dysco()->state().relevance.size()));
-    }
-    op_relevance_.resize(D * width);
-    op_template_.resize(D * width);
-    op_bias_.resize(D * width);
-    op_selected_.resize(D * width);
-    op_stats_.resize(D * 2);
-    op_num_keys_.resize(D);
-    op_top_p_.resize(D);
-    op_top_k_.resize(D);
-    op_strength_.resize(D);
-    for (int64_t d = 0; d < D; ++d) {
-      const DyscoController* c = seqs_[first[d]]->dysco();
-      const DyscoParams& p = c->params();
-      const int64_t m = static_cast<int64_t>(c->state().relevance.size());
-      CopyRow(c->state().relevance, m, op_relevance_.data() + d * width, width);
-      CopyRow(c->state().template_mask, m, op_template_.data() + d * width, width);
-      op_num_keys_[d] = m;
-      op_top_p_[d] = p.top_p ? static_cast<float>(*p.top_p) : 0.0f;
-      op_top_k_[d] = p.top_k ? *p.top_k : 0;
-      op_strength_[d] = static_cast<float>(p.strength);
-    }
-    DYSCO_RETURN_IF_ERROR(DyscoSelectBias(op_bias_.data(), op_selected_.data(), op_stats_.data(),
-                                          op_relevance_.data(), D, width, op_num_keys_.data(),
-                                          op_template_.data(), op_top_p_.data(), op_top_k_.data(),
-                                          op_strength_.data()));
-    for (int64_t d = 0; d < D; ++d) {
+    DYSCO_RETURN_IF_ERROR(SelectRows(first, first_keys, &width));
+    for (size_t d = 0; d < first.size(); ++d) {
       RelevanceState& s = seqs_[first[d]]->dysco()->state();
       const int64_t m = op_num_keys_[d];
       s.selected.assign(op_selected_.data() + d * width, op_selected_.data() + d * width + m);

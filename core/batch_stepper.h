@@ -72,6 +72,10 @@ class BatchStepper {
   Status UpdateRelevance(const std::vector<size_t>& rows, const StepOutput& out,
                          const std::vector<int64_t>& out_row,
                          const std::vector<std::pair<int, int>>& probe_heads);
+  // Batched selection + bias of `rows`, row d over its first num_keys[d] relevance entries; the
+  // results stay in the op_* staging buffers, row d at d * *width.
+  Status SelectRows(const std::vector<size_t>& rows, const std::vector<int64_t>& num_keys,
+                    int64_t* width);
   Status SelectDynamic(const std::vector<size_t>& rows);
   Status BiasStatic(const std::vector<size_t>& rows);
 
