@@ -5,7 +5,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <time.h>
+
+#include "bench/micro_timer.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -15,34 +16,6 @@
 #include <vector>
 
 namespace {
-
-bool g_cpu_time = false;
-
-double NowSeconds() {
-  timespec ts;
-  clock_gettime(g_cpu_time ? CLOCK_THREAD_CPUTIME_ID : CLOCK_MONOTONIC, &ts);
-  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
-}
-
-// Fastest of several repetitions, each averaging enough calls to last about 10 ms: the minimum is
-// the figure least disturbed by other processes on a shared machine.
-double MinMicros(const std::function<void()>& call) {
-  call();
-  double start = NowSeconds();
-  int64_t calls = 0;
-  while (NowSeconds() - start < 0.01) {
-    call();
-    ++calls;
-  }
-  std::vector<double> samples;
-  for (int rep = 0; rep < 7; ++rep) {
-    start = NowSeconds();
-    for (int64_t i = 0; i < calls; ++i) call();
-    samples.push_back((NowSeconds() - start) * 1e6 / static_cast<double>(calls));
-  }
-  std::sort(samples.begin(), samples.end());
-  return samples.front();
-}
 
 constexpr int64_t kHeads = 16;
 
@@ -55,17 +28,19 @@ at::Tensor PeakedRelevance(int64_t batch, int64_t n) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  bool cpu_time = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
       at::set_num_threads(std::atoi(argv[++i]));
     } else if (std::strcmp(argv[i], "--cpu-time") == 0) {
-      g_cpu_time = true;
+      cpu_time = true;
     } else {
       std::fprintf(stderr, "usage: %s [--threads N] [--cpu-time]\n", argv[0]);
       return 2;
     }
   }
   using T = const at::Tensor&;
+  const dysco::bench::MicroTimer timer(cpu_time, /*repetitions=*/7);
   auto& dispatcher = c10::Dispatcher::singleton();
   auto update =
       dispatcher.findSchemaOrThrow("dysco::dysco_relevance_update", "").typed<void(T, T, T, T)>();
@@ -76,7 +51,7 @@ int main(int argc, char** argv) {
   auto template_mask =
       dispatcher.findSchemaOrThrow("dysco::dysco_template_mask", "").typed<void(T, T, T, T)>();
   std::printf("threads %d, %s time, us per call\n", at::get_num_threads(),
-              g_cpu_time ? "thread CPU" : "wall");
+              cpu_time ? "thread CPU" : "wall");
 
   const std::vector<int64_t> lens = {4096, 32768, 131072};
   struct Mode {
@@ -103,7 +78,7 @@ int main(int argc, char** argv) {
       const at::Tensor decay = at::full({batch}, 0.75f);
       const at::Tensor relevance = PeakedRelevance(batch, n);
       const at::Tensor scratch = relevance.clone();
-      us_update.push_back(MinMicros([&] { update.call(scratch, probs, num_keys, decay); }));
+      us_update.push_back(timer.MinMicros([&] { update.call(scratch, probs, num_keys, decay); }));
       const at::Tensor tmpl = at::rand({batch, n}) < 0.01;
       const at::Tensor bias = at::empty({batch, n});
       const at::Tensor selected = at::empty({batch, n}, at::kBool);
@@ -112,13 +87,13 @@ int main(int argc, char** argv) {
       for (size_t m = 0; m < modes.size(); ++m) {
         const at::Tensor top_p = at::full({batch}, modes[m].top_p);
         const at::Tensor top_k = at::full({batch}, modes[m].top_k, at::kLong);
-        us_select[m].push_back(MinMicros([&] {
+        us_select[m].push_back(timer.MinMicros([&] {
           select.call(bias, selected, stats, relevance, num_keys, tmpl, top_p, top_k, strength);
         }));
         if (modes[m].top_k == 0) nucleus[li] = stats[0][0].item<float>();
       }
       us_bias.push_back(
-          MinMicros([&] { bias_only.call(bias, selected, num_keys, tmpl, strength); }));
+          timer.MinMicros([&] { bias_only.call(bias, selected, num_keys, tmpl, strength); }));
     }
     auto row = [&](const char* name, const std::vector<double>& us) {
       std::printf("%-36s %4lld", name, static_cast<long long>(batch));
@@ -142,7 +117,7 @@ int main(int argc, char** argv) {
     const at::Tensor tokens = at::randint(0, 1000, {n}, at::kLong);
     const at::Tensor mask = at::empty({n}, at::kBool);
     std::printf("  P %6lld: %10.1f\n", static_cast<long long>(n),
-                MinMicros([&] { template_mask.call(mask, tokens, sequences, offsets); }));
+                timer.MinMicros([&] { template_mask.call(mask, tokens, sequences, offsets); }));
   }
   return 0;
 }

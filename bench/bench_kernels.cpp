@@ -6,7 +6,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <time.h>
+
+#include "bench/micro_timer.h"
 
 #include <algorithm>
 #include <cmath>
@@ -18,38 +19,10 @@
 
 namespace {
 
-bool g_cpu_time = false;
-
-double NowSeconds() {
-  timespec ts;
-  clock_gettime(g_cpu_time ? CLOCK_THREAD_CPUTIME_ID : CLOCK_MONOTONIC, &ts);
-  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
-}
-
 constexpr int64_t kQueryHeads = 9;
 constexpr int64_t kKvHeads = 3;
 constexpr int64_t kHeadDim = 64;
 constexpr int64_t kPageSize = 16;
-
-// Fastest of many short repetitions, each averaging enough calls to last about 10 ms: the minimum
-// is the figure least disturbed by other processes on a shared machine.
-double MinMicros(const std::function<void()>& call) {
-  call();
-  double start = NowSeconds();
-  int64_t calls = 0;
-  while (NowSeconds() - start < 0.01) {
-    call();
-    ++calls;
-  }
-  std::vector<double> samples;
-  for (int rep = 0; rep < 15; ++rep) {
-    start = NowSeconds();
-    for (int64_t i = 0; i < calls; ++i) call();
-    samples.push_back((NowSeconds() - start) * 1e6 / static_cast<double>(calls));
-  }
-  std::sort(samples.begin(), samples.end());
-  return samples.front();
-}
 
 struct Cache {
   at::Tensor kv;            // [2, NP, 16, 3, 64]
@@ -70,16 +43,18 @@ Cache MakeCache(int64_t batch, int64_t seq_len) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  bool cpu_time = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
       at::set_num_threads(std::atoi(argv[++i]));
     } else if (std::strcmp(argv[i], "--cpu-time") == 0) {
-      g_cpu_time = true;
+      cpu_time = true;
     } else {
       std::fprintf(stderr, "usage: %s [--threads N] [--cpu-time]\n", argv[0]);
       return 2;
     }
   }
+  const dysco::bench::MicroTimer timer(cpu_time, /*repetitions=*/15);
   auto& dispatcher = c10::Dispatcher::singleton();
   auto decode =
       dispatcher.findSchemaOrThrow("dysco::paged_attention_decode", "")
@@ -94,7 +69,7 @@ int main(int argc, char** argv) {
                                const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                                const c10::optional<at::Tensor>&)>();
   const double scale = 1.0 / std::sqrt(static_cast<double>(kHeadDim));
-  std::printf("threads %d, %s time\n", at::get_num_threads(), g_cpu_time ? "thread CPU" : "wall");
+  std::printf("threads %d, %s time\n", at::get_num_threads(), cpu_time ? "thread CPU" : "wall");
 
   std::printf("\npaged_attention_decode, fp32, us per call (no bias / with bias)\n%8s", "B\\seq");
   const std::vector<int64_t> lens = {512, 1024, 2048, 4096};
@@ -107,10 +82,10 @@ int main(int argc, char** argv) {
       const at::Tensor query = at::randn({batch, kQueryHeads, kHeadDim});
       const at::Tensor out = at::empty_like(query);
       const at::Tensor bias = at::randn({batch, len});
-      const double plain = MinMicros([&] {
+      const double plain = timer.MinMicros([&] {
         decode.call(out, query, cache.kv, cache.block_tables, cache.seq_lens, scale, c10::nullopt);
       });
-      const double biased = MinMicros([&] {
+      const double biased = timer.MinMicros([&] {
         decode.call(out, query, cache.kv, cache.block_tables, cache.seq_lens, scale, bias);
       });
       std::printf("%11.1f /%7.1f", plain, biased);
@@ -124,10 +99,10 @@ int main(int argc, char** argv) {
     const at::Tensor query = at::randn({1, kQueryHeads, kHeadDim});
     const at::Tensor out = at::empty({1, 2, len});
     const at::Tensor heads = at::tensor({3, 0}, at::kLong);
-    std::printf("  seq %5lld: %9.1f\n", static_cast<long long>(len), MinMicros([&] {
-                  probs.call(out, query, cache.kv, cache.block_tables, cache.seq_lens, heads, scale,
-                             c10::nullopt);
-                }));
+    std::printf("  seq %5lld: %9.1f\n", static_cast<long long>(len), timer.MinMicros([&] {
+      probs.call(out, query, cache.kv, cache.block_tables, cache.seq_lens, heads, scale,
+                 c10::nullopt);
+    }));
   }
 
   std::printf(
@@ -138,7 +113,7 @@ int main(int argc, char** argv) {
     const at::Tensor query = at::randn({chunk, kQueryHeads, kHeadDim});
     const at::Tensor out = at::empty_like(query);
     const at::Tensor starts = at::tensor({int64_t{0}, chunk}, at::kLong);
-    const double us = MinMicros([&] {
+    const double us = timer.MinMicros([&] {
       prefill.call(out, query, cache.kv, cache.block_tables, cache.seq_lens, starts, scale,
                    c10::nullopt);
     });
