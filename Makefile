@@ -28,7 +28,7 @@ build: configure
 model: python build
 	$(PY) -m tools.dysco_export gguf --gguf "$$(bash scripts/fetch-default-model.sh)" \
 	    --out $(MODEL_DIR) --kernels $(BUILD_DIR)/lib/libdysco_kernels.so --skip-if-current
-	@stamp="$$(cat $(HEADS_DATA) core/head_detection.cpp | sha256sum | cut -c1-64) $(HEADS_EXAMPLES)\
+	@stamp="$$(cat $(HEADS_DATA) core/dysco/head_detection.cpp | sha256sum | cut -c1-64) $(HEADS_EXAMPLES)\
 	 $$(grep -o '"exporter_version": "[^"]*"' $(MODEL_DIR)/config.json)"; \
 	if grep -q '"selected_heads": \[\]' $(MODEL_DIR)/config.json || \
 	    [ "$$(cat $(MODEL_DIR)/.heads-stamp 2>/dev/null)" != "$$stamp" ]; then \

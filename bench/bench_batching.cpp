@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "core/scheduler.h"
+#include "core/engine/scheduler.h"
 
 namespace {
 

@@ -20,8 +20,8 @@
 #include <ATen/Parallel.h>
 #include <torch/script.h>
 
-#include "core/kv_page_pool.h"
-#include "core/model_runner.h"
+#include "core/model/kv_page_pool.h"
+#include "core/model/model_runner.h"
 
 namespace {
 
@@ -174,15 +174,15 @@ DecodeResult RunDecode(dysco::ModelRunner& runner, dysco::KvPagePool& pool, int 
     }
   };
   DecodeResult result;
-  dysco::StepBatch step;
+  dysco::ForwardBatch step;
   step.kv_pool = &pool;
-  dysco::StepOutput out;
+  dysco::ForwardOutput out;
   const auto t0 = Clock::now();
   step.sequences.resize(1);
   std::vector<int32_t> next(batch);
   for (int b = 0; b < batch; ++b) {
     step.sequences[0] = {tokens[b], 0, pages[b].ids(), {}};
-    check(runner.Step(step, &out));
+    check(runner.Forward(step, &out));
     next[b] = static_cast<int32_t>(
         std::max_element(out.logits_row(0), out.logits_row(0) + c.vocab_size) - out.logits_row(0));
   }
@@ -198,7 +198,7 @@ DecodeResult RunDecode(dysco::ModelRunner& runner, dysco::KvPagePool& pool, int 
           dysco::ConstSpan<int32_t>(tokens[b].data() + pos, 1), pos, pages[b].ids(), {}};
     }
     const auto s0 = Clock::now();
-    check(runner.Step(step, &out));
+    check(runner.Forward(step, &out));
     times.push_back(Seconds(s0, Clock::now()));
     for (int b = 0; b < batch; ++b) {
       next[b] = static_cast<int32_t>(

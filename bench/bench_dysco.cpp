@@ -17,12 +17,12 @@
 #include <string>
 #include <vector>
 
-#include "core/batch_stepper.h"
-#include "core/dysco.h"
-#include "core/generator.h"
-#include "core/kv_page_pool.h"
-#include "core/model_runner.h"
-#include "core/tokenizer.h"
+#include "core/engine/batch_stepper.h"
+#include "core/dysco/params.h"
+#include "core/engine/generator.h"
+#include "core/model/kv_page_pool.h"
+#include "core/model/model_runner.h"
+#include "core/text/tokenizer.h"
 
 namespace {
 

@@ -19,7 +19,7 @@
 #include <chrono>
 #include <memory>
 
-#include "core/status.h"
+#include "core/base/status.h"
 #include "server/generation_service.h"
 #include "server/metrics.h"
 #include "server/server_options.h"

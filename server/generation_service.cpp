@@ -10,7 +10,7 @@
 
 #include <spdlog/spdlog.h>
 
-#include "core/generator.h"
+#include "core/engine/generator.h"
 #include "server/grpc_status.h"
 
 namespace dysco::server {

@@ -19,10 +19,10 @@
 #include <string>
 #include <unordered_set>
 
-#include "core/kv_page_pool.h"
-#include "core/model_runner.h"
-#include "core/scheduler.h"
-#include "core/tokenizer.h"
+#include "core/model/kv_page_pool.h"
+#include "core/model/model_runner.h"
+#include "core/engine/scheduler.h"
+#include "core/text/tokenizer.h"
 #include "dysco/v1/generation.grpc.pb.h"
 #include "server/request_validation.h"
 

@@ -6,7 +6,7 @@
 
 #include <grpcpp/support/status.h>
 
-#include "core/status.h"
+#include "core/base/status.h"
 
 namespace dysco::server {
 

@@ -34,8 +34,8 @@
 #include <string>
 #include <thread>
 
-#include "core/scheduler.h"
-#include "core/status.h"
+#include "core/engine/scheduler.h"
+#include "core/base/status.h"
 
 namespace httplib {
 class Server;

@@ -12,9 +12,9 @@
 #include <string>
 #include <vector>
 
-#include "core/chat_format.h"
-#include "core/scheduler.h"
-#include "core/status.h"
+#include "core/text/chat_format.h"
+#include "core/engine/scheduler.h"
+#include "core/base/status.h"
 #include "dysco/v1/generation.pb.h"
 
 namespace dysco::server {

@@ -1,4 +1,4 @@
-// dysco-detect-heads: finds a model's retrieval heads (QRHead, core/head_detection.h) from a JSONL
+// dysco-detect-heads: finds a model's retrieval heads (QRHead, core/dysco/head_detection.h) from a JSONL
 // file of detection examples and prints the best ones:
 //   rank layer head score      (the --num-heads best)
 //   median_head_score=M best_over_median=R examples=N prompt_tokens=T seconds=S
@@ -17,10 +17,10 @@
 
 #include <nlohmann/json.hpp>
 
-#include "core/head_detection.h"
-#include "core/kv_page_pool.h"
-#include "core/model_runner.h"
-#include "core/tokenizer.h"
+#include "core/dysco/head_detection.h"
+#include "core/model/kv_page_pool.h"
+#include "core/model/model_runner.h"
+#include "core/text/tokenizer.h"
 #include "tools/cli_args.h"
 
 namespace {

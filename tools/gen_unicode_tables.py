@@ -1,4 +1,4 @@
-"""Generates core/unicode_tables.cpp: the Unicode data the C++ tokenizer needs, from Python's unicodedata.
+"""Generates core/text/unicode_tables.cpp: the Unicode data the C++ tokenizer needs, from Python's unicodedata.
 
 Tables (compact code point ranges unless noted):
   - Letter (\\p{L}), Number (\\p{N}), Rust char::is_numeric (for Digits), White_Space (regex \\s), Word (Rust regex \\w, for single_word tokens)
@@ -12,7 +12,7 @@ crate, whose data is Unicode 9.0: the normalization tables therefore only cover 
 Unicode 9.0 (newer ones have class 0 and no decomposition there). Normalization stability makes the 14.0
 properties of those characters the 9.0 ones. The Unicode 9.0 repertoire comes from perl's Unicode database
 (`\p{Present_In=9.0}`, Debian package perl-modules). Run from the repo root:
-  .venv/bin/python tools/gen_unicode_tables.py > core/unicode_tables.cpp
+  .venv/bin/python tools/gen_unicode_tables.py > core/text/unicode_tables.cpp
 """
 
 import subprocess
@@ -133,7 +133,7 @@ def main():
         f"(Unicode {unicodedata.unidata_version}; normalization data limited to the characters of Unicode "
         f"{NORMALIZATION_UNICODE_VERSION}, as in `tokenizers`). Do not edit.",
         "// clang-format off",
-        '#include "core/unicode_tables.h"',
+        '#include "core/text/unicode_tables.h"',
         "",
         "namespace dysco::unicode {",
         "",

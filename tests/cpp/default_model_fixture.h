@@ -20,9 +20,9 @@
 
 #include <gtest/gtest.h>
 
-#include "core/kv_page_pool.h"
-#include "core/model_runner.h"
-#include "core/tokenizer.h"
+#include "core/model/kv_page_pool.h"
+#include "core/model/model_runner.h"
+#include "core/text/tokenizer.h"
 
 namespace dysco {
 

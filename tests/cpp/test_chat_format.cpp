@@ -2,7 +2,7 @@
 // hand (SmolLM2's GGUF tokenizer.chat_template, Qwen3's and Llama 3's Hugging Face templates).
 #include <gtest/gtest.h>
 
-#include "core/chat_format.h"
+#include "core/text/chat_format.h"
 
 namespace dysco {
 namespace {
@@ -85,15 +85,6 @@ TEST(ChatFormatTest, Llama3) {
       "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
       "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
       "<|start_header_id|>assistant<|end_header_id|>\n\n");
-}
-
-TEST(ChatFormatTest, ModelConfigOverload) {
-  ModelConfig config;
-  config.chat_format = ChatFormat::kChatml;
-  config.chat = SmolLm2Chat();
-  auto text = FormatChat(config, {{"user", "x"}});
-  ASSERT_TRUE(text.ok());
-  EXPECT_EQ(text->rfind("<|im_start|>system\n", 0), 0u);
 }
 
 TEST(ChatFormatTest, UnknownRoleNamesTheMessage) {

@@ -1,4 +1,4 @@
-// Tests of DySCO in the engine (core/dysco.h, core/batch_stepper.h): parameter validation and
+// Tests of DySCO in the engine (core/dysco/params.h, core/engine/batch_stepper.h): parameter validation and
 // resolution, the phase schedule against the rule written out by hand, then on a tiny random model
 // package (exported into a temp dir by tools.dysco_export) end-to-end properties: strength 1 (zero
 // bias) gives the plain greedy tokens, batches mixing DySCO and plain sequences equal each sequence
@@ -19,9 +19,9 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include "core/batch_stepper.h"
-#include "core/dysco.h"
-#include "core/generator.h"
+#include "core/engine/batch_stepper.h"
+#include "core/dysco/params.h"
+#include "core/engine/generator.h"
 
 namespace dysco {
 namespace {

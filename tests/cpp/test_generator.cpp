@@ -9,7 +9,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include "core/generator.h"
+#include "core/engine/generator.h"
 #include "tests/cpp/default_model_fixture.h"
 
 namespace dysco {
@@ -200,13 +200,13 @@ TEST_F(GeneratorTest, ContextFullGivesLength) {
   params.max_new_tokens = 10;
   params.max_context = static_cast<int64_t>(prompt->size()) + 3;
   Sequence seq(*prompt, params, *tokenizer_, pool_.get());
-  StepBatch batch;
+  ForwardBatch batch;
   batch.kv_pool = pool_.get();
   batch.sequences.resize(1);
-  StepOutput out;
+  ForwardOutput out;
   while (!seq.finished()) {
     ASSERT_TRUE(seq.PrepareStep(512, &batch.sequences[0]).ok());
-    ASSERT_TRUE(runner_->Step(batch, &out).ok());
+    ASSERT_TRUE(runner_->Forward(batch, &out).ok());
     ASSERT_TRUE(seq.CommitStep());
     seq.AcceptLogits(out.logits_row(0), static_cast<int>(out.vocab_size));
   }
@@ -282,16 +282,16 @@ TEST_F(GeneratorTest, GoldenGreedyContinuations) {
   // All cases in one batch per step, as a scheduler would drive them (batching must not change
   // greedy tokens: the batch test of the runner bounds the logit difference by 1e-4, and the golden
   // margins are far larger).
-  StepBatch batch;
+  ForwardBatch batch;
   batch.kv_pool = pool_.get();
   batch.sequences.resize(seqs.size());
-  StepOutput out;
+  ForwardOutput out;
   for (int step = 0; step < 32; ++step) {
     for (size_t i = 0; i < seqs.size(); ++i) {
       ASSERT_FALSE(seqs[i]->finished());
       ASSERT_TRUE(seqs[i]->PrepareStep(512, &batch.sequences[i]).ok());
     }
-    Status s = runner_->Step(batch, &out);
+    Status s = runner_->Forward(batch, &out);
     ASSERT_TRUE(s.ok()) << s.ToString();
     for (size_t i = 0; i < seqs.size(); ++i) {
       ASSERT_TRUE(seqs[i]->CommitStep());

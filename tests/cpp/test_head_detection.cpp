@@ -1,4 +1,4 @@
-// Tests of retrieval-head detection (core/head_detection.h): the per-paragraph score against a
+// Tests of retrieval-head detection (core/dysco/head_detection.h): the per-paragraph score against a
 // plain reference and hand-made vectors, JSONL parsing errors, exact paragraph and query token
 // spans on the SmolLM2 and Qwen3 tokenizers (tests/data), writing the heads into a config.json
 // copy, and, with the default model package, a detection over a few examples whose selected heads
@@ -19,7 +19,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include "core/head_detection.h"
+#include "core/dysco/head_detection.h"
 #include "tests/cpp/default_model_fixture.h"
 
 namespace dysco {

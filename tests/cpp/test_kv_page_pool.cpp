@@ -6,7 +6,7 @@
 #include <gtest/gtest.h>
 #include <torch/script.h>
 
-#include "core/kv_page_pool.h"
+#include "core/model/kv_page_pool.h"
 
 namespace dysco {
 namespace {

@@ -10,7 +10,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include "core/model_config.h"
+#include "core/model/model_config.h"
 
 namespace dysco {
 namespace {

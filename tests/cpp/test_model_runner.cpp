@@ -13,8 +13,8 @@
 #include <gtest/gtest.h>
 #include <torch/script.h>
 
-#include "core/kv_page_pool.h"
-#include "core/model_runner.h"
+#include "core/model/kv_page_pool.h"
+#include "core/model/model_runner.h"
 
 namespace dysco {
 namespace {
@@ -71,13 +71,13 @@ class ModelRunnerTest : public ::testing::Test {
   // Runs `tokens[start, start + n)` of one sequence; returns its last logits.
   std::vector<float> RunOne(const std::vector<int32_t>& tokens, int64_t start, int64_t n,
                             const PageList& pages, const std::vector<float>& bias = {}) {
-    StepBatch batch;
+    ForwardBatch batch;
     batch.kv_pool = pool_.get();
     batch.sequences.push_back(
         {ConstSpan<int32_t>(tokens.data() + start, n), start, pages.ids(), ConstSpan<float>(bias)});
-    StepOutput out;
+    ForwardOutput out;
     out.logits.assign(config().vocab_size, kNaN);
-    Status s = runner_->Step(batch, &out);
+    Status s = runner_->Forward(batch, &out);
     EXPECT_TRUE(s.ok()) << s.ToString();
     EXPECT_EQ(out.batch_size, 1);
     EXPECT_EQ(out.vocab_size, config().vocab_size);
@@ -136,15 +136,15 @@ TEST_F(ModelRunnerTest, BatchEqualsEachSequenceAlone) {
   // Together: one step with the three prefills, then one with the three decode tokens.
   std::vector<PageList> pages;
   for (const auto& s : seqs) pages.push_back(Pages(static_cast<int64_t>(s.size())));
-  StepBatch batch;
+  ForwardBatch batch;
   batch.kv_pool = pool_.get();
   for (size_t b = 0; b < seqs.size(); ++b) {
     batch.sequences.push_back(
         {ConstSpan<int32_t>(seqs[b].data(), seqs[b].size() - 1), 0, pages[b].ids(), {}});
   }
-  StepOutput out;
+  ForwardOutput out;
   out.logits.assign(3 * config().vocab_size, kNaN);
-  ASSERT_TRUE(runner_->Step(batch, &out).ok());
+  ASSERT_TRUE(runner_->Forward(batch, &out).ok());
   ASSERT_EQ(out.batch_size, 3);
   for (int b = 0; b < 3; ++b) {
     std::vector<float> row(out.logits_row(b), out.logits_row(b) + config().vocab_size);
@@ -155,7 +155,7 @@ TEST_F(ModelRunnerTest, BatchEqualsEachSequenceAlone) {
     batch.sequences[b] = {ConstSpan<int32_t>(seqs[b].data() + last, 1), last, pages[b].ids(), {}};
   }
   out.logits.assign(3 * config().vocab_size, kNaN);
-  ASSERT_TRUE(runner_->Step(batch, &out).ok());
+  ASSERT_TRUE(runner_->Forward(batch, &out).ok());
   for (int b = 0; b < 3; ++b) {
     std::vector<float> row(out.logits_row(b), out.logits_row(b) + config().vocab_size);
     ExpectClose(alone_decode[b], row, 1e-4f, "batched decode of sequence " + std::to_string(b));
@@ -171,12 +171,12 @@ TEST_F(ModelRunnerTest, MixedPrefillAndDecodeInOneStep) {
   }();
   const auto b_alone = RunOne(b, 0, 12, pb);
   RunOne(a, 0, 19, qa);
-  StepBatch batch;
+  ForwardBatch batch;
   batch.kv_pool = pool_.get();
   batch.sequences.push_back({ConstSpan<int32_t>(a.data() + 19, 1), 19, qa.ids(), {}});  // decode
   batch.sequences.push_back({ConstSpan<int32_t>(b), 0, qb.ids(), {}});                  // prefill
-  StepOutput out;
-  ASSERT_TRUE(runner_->Step(batch, &out).ok());
+  ForwardOutput out;
+  ASSERT_TRUE(runner_->Forward(batch, &out).ok());
   const int64_t V = config().vocab_size;
   ExpectClose(a_alone, std::vector<float>(out.logits_row(0), out.logits_row(0) + V), 1e-4f,
               "decode");
@@ -191,15 +191,15 @@ TEST_F(ModelRunnerTest, ProbeHeadsAreDistributionsAndSpeculativePassMatches) {
   RunOne(b, 0, 8, pb);
   const std::vector<std::pair<int, int>> heads = {{0, 0}, {3, 8}, {5, 4}};
 
-  StepBatch batch;
+  ForwardBatch batch;
   batch.kv_pool = pool_.get();
   batch.sequences.push_back({ConstSpan<int32_t>(a.data() + 29, 1), 29, pa.ids(), {}});
   batch.sequences.push_back({ConstSpan<int32_t>(b.data() + 8, 1), 8, pb.ids(), {}});
   batch.probe_heads = heads;
   batch.last_layer = 5;  // speculative pass: layers 0..5 only
-  StepOutput spec;
+  ForwardOutput spec;
   spec.probs.assign(2 * 3 * 30, kNaN);
-  ASSERT_TRUE(runner_->Step(batch, &spec).ok());
+  ASSERT_TRUE(runner_->Forward(batch, &spec).ok());
   EXPECT_EQ(spec.vocab_size, 0);
   EXPECT_TRUE(spec.logits.empty());
   ASSERT_EQ(spec.num_probe_heads, 3);
@@ -224,8 +224,8 @@ TEST_F(ModelRunnerTest, ProbeHeadsAreDistributionsAndSpeculativePassMatches) {
   // The real pass of the same tokens rewrites the same K/V slots; its probes of layers <= 5 must
   // equal the speculative ones, and its logits must equal a plain decode.
   batch.last_layer = -1;
-  StepOutput full;
-  ASSERT_TRUE(runner_->Step(batch, &full).ok());
+  ForwardOutput full;
+  ASSERT_TRUE(runner_->Forward(batch, &full).ok());
   ASSERT_EQ(full.vocab_size, config().vocab_size);
   ASSERT_EQ(full.probs.size(), spec.probs.size());
   for (size_t i = 0; i < full.probs.size(); ++i)
@@ -239,8 +239,8 @@ TEST_F(ModelRunnerTest, ProbeHeadsAreDistributionsAndSpeculativePassMatches) {
   // last_layer = L-1 runs every layer and returns logits.
   batch.last_layer = config().num_layers - 1;
   batch.probe_heads.clear();
-  StepOutput last;
-  ASSERT_TRUE(runner_->Step(batch, &last).ok());
+  ForwardOutput last;
+  ASSERT_TRUE(runner_->Forward(batch, &last).ok());
   EXPECT_EQ(last.num_probe_heads, 0);
   ASSERT_EQ(last.vocab_size, config().vocab_size);
   for (size_t i = 0; i < last.logits.size(); ++i) ASSERT_NEAR(last.logits[i], full.logits[i], 1e-4);
@@ -266,18 +266,18 @@ TEST_F(ModelRunnerTest, KeyBiasSemantics) {
 TEST_F(ModelRunnerTest, ValidationErrorsNameTheField) {
   const auto t = RandomTokens(20, 10);
   const PageList p = Pages(20);
-  auto run = [&](StepBatch b) {
+  auto run = [&](ForwardBatch b) {
     b.kv_pool = b.kv_pool == nullptr ? pool_.get() : b.kv_pool;
-    StepOutput out;
-    return runner_->Step(b, &out);
+    ForwardOutput out;
+    return runner_->Forward(b, &out);
   };
-  StepBatch ok;
+  ForwardBatch ok;
   ok.sequences.push_back({ConstSpan<int32_t>(t), 0, p.ids(), {}});
   EXPECT_TRUE(run(ok).ok());
 
-  EXPECT_EQ(run(StepBatch{}).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(run(ForwardBatch{}).code(), StatusCode::kInvalidArgument);
 
-  StepBatch bad = ok;
+  ForwardBatch bad = ok;
   bad.sequences.push_back({ConstSpan<int32_t>(), 0, p.ids(), {}});
   Status s = run(bad);
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);

@@ -8,7 +8,7 @@
 
 #include <gtest/gtest.h>
 
-#include "core/sampler.h"
+#include "core/engine/sampler.h"
 
 namespace dysco {
 namespace {

@@ -16,8 +16,8 @@
 
 #include <gtest/gtest.h>
 
-#include "core/batch_stepper.h"
-#include "core/scheduler.h"
+#include "core/engine/batch_stepper.h"
+#include "core/engine/scheduler.h"
 #include "tests/cpp/default_model_fixture.h"
 
 namespace dysco {

@@ -1,7 +1,7 @@
 // Tests of dysco::Tokenizer against golden ids from the Hugging Face `tokenizers` library
 // (tools/make_tokenizer_golden.py), plus hand-written expectations, round trips, streaming and
 // errors.
-#include "core/tokenizer.h"
+#include "core/text/tokenizer.h"
 
 #include <gtest/gtest.h>
 
@@ -17,7 +17,7 @@
 #include <thread>
 #include <vector>
 
-#include "core/unicode_text.h"
+#include "core/text/unicode_text.h"
 
 namespace dysco {
 namespace {

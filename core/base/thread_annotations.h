@@ -1,0 +1,88 @@
+// Clang thread-safety annotations (https://clang.llvm.org/docs/ThreadSafetyAnalysis.html) and the
+// annotated mutex that every lock in this project uses, so that `scripts/check-thread-safety.sh`
+// (clang -Wthread-safety -Werror, run by `make test`) proves at compile time that each GUARDED_BY
+// member is read and written only with its mutex held. Under GCC the macros expand to nothing.
+//
+// Lock order (docs/architecture.md "Threads"): a thread holds at most one of these mutexes at a
+// time, except ModelRunner's step mutex, which is only ever taken with no other lock held and
+// under which KvPagePool's free-list mutex may be taken. No callback is called with a lock held.
+//
+// Thread-safety: Mutex is a std::mutex; MutexLock holds it for a scope. Ownership: none.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+
+#if defined(__clang__)
+#define DYSCO_THREAD_ANNOTATION(x) __attribute__((x))
+#else
+#define DYSCO_THREAD_ANNOTATION(x)
+#endif
+
+#define CAPABILITY(x) DYSCO_THREAD_ANNOTATION(capability(x))
+#define SCOPED_CAPABILITY DYSCO_THREAD_ANNOTATION(scoped_lockable)
+#define GUARDED_BY(x) DYSCO_THREAD_ANNOTATION(guarded_by(x))
+#define PT_GUARDED_BY(x) DYSCO_THREAD_ANNOTATION(pt_guarded_by(x))
+#define REQUIRES(...) DYSCO_THREAD_ANNOTATION(requires_capability(__VA_ARGS__))
+#define EXCLUDES(...) DYSCO_THREAD_ANNOTATION(locks_excluded(__VA_ARGS__))
+#define ACQUIRE(...) DYSCO_THREAD_ANNOTATION(acquire_capability(__VA_ARGS__))
+#define RELEASE(...) DYSCO_THREAD_ANNOTATION(release_capability(__VA_ARGS__))
+#define RETURN_CAPABILITY(x) DYSCO_THREAD_ANNOTATION(lock_returned(x))
+#define NO_THREAD_SAFETY_ANALYSIS DYSCO_THREAD_ANNOTATION(no_thread_safety_analysis)
+
+namespace dysco {
+
+// std::mutex with the capability annotation (libstdc++'s own mutex has none).
+class CAPABILITY("mutex") Mutex {
+ public:
+  Mutex() = default;
+  Mutex(const Mutex&) = delete;
+  Mutex& operator=(const Mutex&) = delete;
+
+  void Lock() ACQUIRE() { mu_.lock(); }
+  void Unlock() RELEASE() { mu_.unlock(); }
+  // For CondVar only.
+  std::mutex& native() { return mu_; }
+
+ private:
+  std::mutex mu_;
+};
+
+// Holds a Mutex for its scope.
+class SCOPED_CAPABILITY MutexLock {
+ public:
+  explicit MutexLock(Mutex* mu) ACQUIRE(mu) : mu_(mu) { mu_->Lock(); }
+  ~MutexLock() RELEASE() { mu_->Unlock(); }
+  MutexLock(const MutexLock&) = delete;
+  MutexLock& operator=(const MutexLock&) = delete;
+
+ private:
+  Mutex* const mu_;
+};
+
+// A condition variable waited on with its Mutex held. Callers loop on their condition themselves
+// (`while (!ready) cv.Wait(&mu);`), so that the condition is read where the analysis sees the lock.
+class CondVar {
+ public:
+  void Wait(Mutex* mu) REQUIRES(mu) {
+    std::unique_lock<std::mutex> lock(mu->native(), std::adopt_lock);
+    cv_.wait(lock);
+    lock.release();  // still held: the caller's MutexLock releases it
+  }
+  // Returns false when `timeout` passed without a notification (spurious wake-ups return true).
+  template <typename Rep, typename Period>
+  bool WaitFor(Mutex* mu, std::chrono::duration<Rep, Period> timeout) REQUIRES(mu) {
+    std::unique_lock<std::mutex> lock(mu->native(), std::adopt_lock);
+    const bool notified = cv_.wait_for(lock, timeout) == std::cv_status::no_timeout;
+    lock.release();
+    return notified;
+  }
+  void NotifyOne() { cv_.notify_one(); }
+  void NotifyAll() { cv_.notify_all(); }
+
+ private:
+  std::condition_variable cv_;
+};
+
+}  // namespace dysco

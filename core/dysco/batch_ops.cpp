@@ -1,0 +1,185 @@
+#include "core/dysco/batch_ops.h"
+
+#include <algorithm>
+#include <string>
+
+#include "core/model/dysco_host_ops.h"
+
+namespace dysco {
+
+namespace {
+
+// Fills row [0, width) of `dst` from the first `count` entries of `src` (fewer if shorter), then
+// zeros.
+template <typename T>
+void PackRow(const std::vector<T>& src, int64_t count, T* dst, int64_t width) {
+  const int64_t k = std::min<int64_t>(count, static_cast<int64_t>(src.size()));
+  std::copy(src.begin(), src.begin() + k, dst);
+  std::fill(dst + k, dst + width, T{0});
+}
+
+template <typename T>
+std::vector<T> RowPrefix(const std::vector<T>& packed, int64_t row, int64_t width, int64_t n) {
+  const T* begin = packed.data() + row * width;
+  return std::vector<T>(begin, begin + n);
+}
+
+int64_t MaxOf(const std::vector<int64_t>& v) {
+  int64_t m = 0;
+  for (int64_t x : v) m = std::max(m, x);
+  return m;
+}
+
+}  // namespace
+
+std::vector<std::pair<int, int>> UnionOfHeads(const std::vector<DyscoController*>& rows) {
+  std::vector<std::pair<int, int>> heads;
+  for (const DyscoController* c : rows) {
+    const auto& h = c->params().selected_heads;
+    heads.insert(heads.end(), h.begin(), h.end());
+  }
+  std::sort(heads.begin(), heads.end());
+  heads.erase(std::unique(heads.begin(), heads.end()), heads.end());
+  return heads;
+}
+
+int DeepestHeadLayer(const std::vector<DyscoController*>& rows) {
+  int layer = 0;
+  for (const DyscoController* c : rows) layer = std::max(layer, c->params().max_head_layer());
+  return layer;
+}
+
+Status DyscoBatchOps::HeadMean(const DyscoController& row, int64_t n, const ForwardOutput& out,
+                               int64_t out_row,
+                               const std::vector<std::pair<int, int>>& probe_heads, float* mean,
+                               int64_t width) {
+  if (static_cast<int64_t>(row.relevance().size()) != n - 1 || out.probs_len < n) {
+    return InternalError("DySCO relevance of a sequence at position " + std::to_string(n - 1) +
+                         " has " + std::to_string(row.relevance().size()) + " entries");
+  }
+  // The mean over the sequence's own heads, in its own head order, summed in fp32 and scaled as the
+  // op does, then handed to the op as a single head: each row is then independent of which heads
+  // (and how many) its batch-mates have.
+  const auto& heads = row.params().selected_heads;
+  for (size_t h = 0; h < heads.size(); ++h) {
+    const auto it = std::lower_bound(probe_heads.begin(), probe_heads.end(), heads[h]);
+    const float* p = out.probs_row(out_row, it - probe_heads.begin());
+    if (h == 0) {
+      std::copy(p, p + n, mean);
+    } else {
+      for (int64_t j = 0; j < n; ++j) mean[j] += p[j];
+    }
+  }
+  const float inv_heads = 1.0f / static_cast<float>(heads.size());
+  for (int64_t j = 0; j < n; ++j) mean[j] *= inv_heads;
+  std::fill(mean + n, mean + width, 0.0f);
+  return OkStatus();
+}
+
+Status DyscoBatchOps::UpdateRelevance(const std::vector<DyscoController*>& rows,
+                                      const std::vector<int64_t>& num_keys,
+                                      const ForwardOutput& out,
+                                      const std::vector<int64_t>& out_rows,
+                                      const std::vector<std::pair<int, int>>& probe_heads) {
+  const int64_t D = static_cast<int64_t>(rows.size());
+  const int64_t width = MaxOf(num_keys);
+  relevance_.resize(D * width);
+  probs_.resize(D * width);
+  decay_.resize(D);
+  for (int64_t d = 0; d < D; ++d) {
+    const DyscoController& c = *rows[d];
+    DYSCO_RETURN_IF_ERROR(HeadMean(c, num_keys[d], out, out_rows[d], probe_heads,
+                                   probs_.data() + d * width, width));
+    PackRow(c.relevance(), num_keys[d] - 1, relevance_.data() + d * width, width);
+    decay_[d] = static_cast<float>(c.params().decay_factor);
+  }
+  DYSCO_RETURN_IF_ERROR(DyscoRelevanceUpdate(relevance_.data(), D, width, probs_.data(), 1, width,
+                                             num_keys.data(), decay_.data()));
+  for (int64_t d = 0; d < D; ++d) {
+    DYSCO_RETURN_IF_ERROR(rows[d]->ApplyRelevance(RowPrefix(relevance_, d, width, num_keys[d])));
+  }
+  return OkStatus();
+}
+
+StatusOr<std::vector<DyscoSelection>> DyscoBatchOps::Select(
+    const std::vector<DyscoController*>& rows, const std::vector<int64_t>& num_keys) {
+  const int64_t D = static_cast<int64_t>(rows.size());
+  const int64_t w = MaxOf(num_keys);
+  relevance_.resize(D * w);
+  template_.resize(D * w);
+  bias_.resize(D * w);
+  selected_.resize(D * w);
+  stats_.resize(D * 2);
+  top_p_.resize(D);
+  top_k_.resize(D);
+  strength_.resize(D);
+  for (int64_t d = 0; d < D; ++d) {
+    const DyscoController& c = *rows[d];
+    const DyscoParams& p = c.params();
+    PackRow(c.relevance(), num_keys[d], relevance_.data() + d * w, w);
+    PackRow(c.template_mask(), num_keys[d], template_.data() + d * w, w);
+    top_p_[d] = p.top_p ? static_cast<float>(*p.top_p) : 0.0f;
+    top_k_[d] = p.top_k ? *p.top_k : 0;
+    strength_[d] = static_cast<float>(p.strength);
+  }
+  DYSCO_RETURN_IF_ERROR(DyscoSelectBias(bias_.data(), selected_.data(), stats_.data(),
+                                        relevance_.data(), D, w, num_keys.data(), template_.data(),
+                                        top_p_.data(), top_k_.data(), strength_.data()));
+  std::vector<DyscoSelection> selections(D);
+  for (int64_t d = 0; d < D; ++d) {
+    DyscoSelection& s = selections[d];
+    s.selected = RowPrefix(selected_, d, w, num_keys[d]);
+    s.bias = RowPrefix(bias_, d, w, num_keys[d]);
+    s.num_selected = static_cast<int64_t>(stats_[2 * d]);
+    s.selected_mass = stats_[2 * d + 1];
+  }
+  return selections;
+}
+
+Status DyscoBatchOps::SelectDynamic(const std::vector<DyscoController*>& rows,
+                                    const std::vector<int64_t>& num_keys) {
+  DYSCO_ASSIGN_OR_RETURN(std::vector<DyscoSelection> selections, Select(rows, num_keys));
+  for (size_t d = 0; d < rows.size(); ++d) {
+    DYSCO_RETURN_IF_ERROR(rows[d]->ApplySelection(std::move(selections[d])));
+  }
+  return OkStatus();
+}
+
+Status DyscoBatchOps::BiasStatic(const std::vector<DyscoController*>& rows,
+                                 const std::vector<int64_t>& num_keys) {
+  // First static step of a row: its set, chosen once from the relevance the context warm-up left.
+  std::vector<DyscoController*> first;
+  std::vector<int64_t> first_keys;
+  for (DyscoController* c : rows) {
+    if (c->static_set_frozen()) continue;
+    first.push_back(c);
+    first_keys.push_back(static_cast<int64_t>(c->relevance().size()));
+  }
+  if (!first.empty()) {
+    DYSCO_ASSIGN_OR_RETURN(std::vector<DyscoSelection> selections, Select(first, first_keys));
+    for (size_t d = 0; d < first.size(); ++d) {
+      DYSCO_RETURN_IF_ERROR(first[d]->FreezeSelection(std::move(selections[d])));
+    }
+  }
+  const int64_t D = static_cast<int64_t>(rows.size());
+  const int64_t width = MaxOf(num_keys);
+  selected_.resize(D * width);
+  template_.resize(D * width);
+  bias_.resize(D * width);
+  strength_.resize(D);
+  for (int64_t d = 0; d < D; ++d) {
+    // The frozen set, new keys unselected (the current one still gets the bias from the op).
+    PackRow(rows[d]->selection(), num_keys[d], selected_.data() + d * width, width);
+    PackRow(rows[d]->template_mask(), num_keys[d], template_.data() + d * width, width);
+    strength_[d] = static_cast<float>(rows[d]->params().strength);
+  }
+  DYSCO_RETURN_IF_ERROR(DyscoBiasFromSelection(bias_.data(), selected_.data(), D, width,
+                                               num_keys.data(), template_.data(),
+                                               strength_.data()));
+  for (int64_t d = 0; d < D; ++d) {
+    DYSCO_RETURN_IF_ERROR(rows[d]->ApplyBias(RowPrefix(bias_, d, width, num_keys[d])));
+  }
+  return OkStatus();
+}
+
+}  // namespace dysco

@@ -1,0 +1,175 @@
+#include "core/engine/batch_stepper.h"
+
+#include <algorithm>
+
+#include "core/base/scoped_timer.h"
+
+namespace dysco {
+
+namespace {
+
+// Hands every fed token of the step back (AbortFeed) unless the step completed: an error or an
+// exception anywhere between Feed and the commit leaves no sequence with a half-taken feed.
+class FeedRollback {
+ public:
+  explicit FeedRollback(const std::vector<Sequence*>& sequences) : sequences_(sequences) {}
+  ~FeedRollback() {
+    if (!armed_) return;
+    for (Sequence* s : sequences_) {
+      if (s != nullptr) s->AbortFeed();  // harmless for a sequence that was not fed yet
+    }
+  }
+  void Disarm() { armed_ = false; }
+  FeedRollback(const FeedRollback&) = delete;
+  FeedRollback& operator=(const FeedRollback&) = delete;
+
+ private:
+  const std::vector<Sequence*>& sequences_;
+  bool armed_ = true;
+};
+
+}  // namespace
+
+std::vector<DyscoController*> BatchStepper::Controllers(const std::vector<size_t>& rows) const {
+  std::vector<DyscoController*> out;
+  out.reserve(rows.size());
+  for (size_t i : rows) out.push_back(seqs_[i]->dysco());
+  return out;
+}
+
+std::vector<int64_t> BatchStepper::NumKeys(const std::vector<size_t>& rows) const {
+  std::vector<int64_t> out;
+  out.reserve(rows.size());
+  for (size_t i : rows) out.push_back(fed_[i].start_position + 1);
+  return out;
+}
+
+Status BatchStepper::Feed(const StepPlan& plan) {
+  const size_t B = plan.rows.size();
+  seqs_.assign(B, nullptr);
+  fed_.assign(B, ForwardRow());
+  kinds_.assign(B, DyscoStepKind::kPrefill);
+  for (size_t i = 0; i < B; ++i) {
+    if (plan.rows[i].sequence == nullptr) {
+      return InvalidArgumentError("step plan row " + std::to_string(i) + " has no sequence");
+    }
+    seqs_[i] = plan.rows[i].sequence;
+    DYSCO_RETURN_IF_ERROR(seqs_[i]->PrepareFeed(plan.rows[i].num_tokens, &fed_[i]));
+    if (const DyscoController* c = seqs_[i]->dysco()) {
+      kinds_[i] = c->StepKindAt(fed_[i].start_position);
+    }
+  }
+  return OkStatus();
+}
+
+BatchStepper::RowsByKind BatchStepper::ClassifyRows() const {
+  RowsByKind rows;
+  for (size_t i = 0; i < kinds_.size(); ++i) {
+    if (kinds_[i] == DyscoStepKind::kDynamic) rows.dynamic.push_back(i);
+    if (kinds_[i] == DyscoStepKind::kStatic) rows.fixed.push_back(i);
+    if (kinds_[i] == DyscoStepKind::kContextWarmup) rows.warmup.push_back(i);
+  }
+  return rows;
+}
+
+Status BatchStepper::Intervene(const RowsByKind& rows, StepOutcome* outcome) {
+  if (!rows.dynamic.empty()) {
+    const std::vector<DyscoController*> controllers = Controllers(rows.dynamic);
+    spec_batch_.kv_pool = pool_;
+    spec_batch_.last_layer = DeepestHeadLayer(controllers);
+    spec_batch_.probe_heads = UnionOfHeads(controllers);
+    spec_batch_.sequences.clear();
+    for (size_t i : rows.dynamic) spec_batch_.sequences.push_back(fed_[i]);
+    {
+      ScopedTimer timer(&outcome->timings.speculative_seconds);
+      DYSCO_RETURN_IF_ERROR(runner_->Forward(spec_batch_, &spec_out_));
+    }
+    outcome->speculative_rows = static_cast<int64_t>(rows.dynamic.size());
+    ScopedTimer timer(&dynamic_select_seconds_);
+    std::vector<int64_t> out_rows(rows.dynamic.size());
+    for (size_t d = 0; d < out_rows.size(); ++d) out_rows[d] = static_cast<int64_t>(d);
+    const std::vector<int64_t> num_keys = NumKeys(rows.dynamic);
+    DYSCO_RETURN_IF_ERROR(dysco_ops_.UpdateRelevance(controllers, num_keys, spec_out_, out_rows,
+                                                     spec_batch_.probe_heads));
+    DYSCO_RETURN_IF_ERROR(dysco_ops_.SelectDynamic(controllers, num_keys));
+  }
+  if (!rows.fixed.empty()) {
+    ScopedTimer timer(&static_seconds_);
+    DYSCO_RETURN_IF_ERROR(dysco_ops_.BiasStatic(Controllers(rows.fixed), NumKeys(rows.fixed)));
+  }
+  return OkStatus();
+}
+
+Status BatchStepper::RealForward(const RowsByKind& rows, StepOutcome* outcome) {
+  real_batch_.kv_pool = pool_;
+  real_batch_.last_layer = -1;
+  real_batch_.sequences = fed_;
+  for (size_t i : rows.dynamic) real_batch_.sequences[i].key_bias = seqs_[i]->dysco()->bias();
+  for (size_t i : rows.fixed) real_batch_.sequences[i].key_bias = seqs_[i]->dysco()->bias();
+  const std::vector<DyscoController*> warmup = Controllers(rows.warmup);
+  real_batch_.probe_heads = UnionOfHeads(warmup);
+  {
+    ScopedTimer timer(&outcome->timings.real_seconds);
+    DYSCO_RETURN_IF_ERROR(runner_->Forward(real_batch_, &real_out_));
+  }
+  outcome->real_rows = static_cast<int64_t>(fed_.size());
+  if (warmup.empty()) return OkStatus();
+  ScopedTimer timer(&warmup_seconds_);
+  const std::vector<int64_t> out_rows(rows.warmup.begin(), rows.warmup.end());
+  return dysco_ops_.UpdateRelevance(warmup, NumKeys(rows.warmup), real_out_, out_rows,
+                                    real_batch_.probe_heads);
+}
+
+void BatchStepper::RecordDyscoSteps(const StepOutcome& outcome) const {
+  for (size_t i = 0; i < seqs_.size(); ++i) {
+    if (kinds_[i] == DyscoStepKind::kPrefill) continue;
+    DyscoStepTimings t;
+    t.real_seconds = outcome.timings.real_seconds;
+    if (kinds_[i] == DyscoStepKind::kDynamic) {
+      t.speculative_seconds = outcome.timings.speculative_seconds;
+      t.select_seconds = dynamic_select_seconds_;
+    } else if (kinds_[i] == DyscoStepKind::kStatic) {
+      t.select_seconds = static_seconds_;
+    } else {
+      t.select_seconds = warmup_seconds_;
+    }
+    seqs_[i]->dysco()->RecordStep(kinds_[i], fed_[i].start_position, fed_[i].token_ids[0], t);
+  }
+}
+
+void BatchStepper::CommitAndSample(StepOutcome* outcome) {
+  for (size_t i = 0; i < seqs_.size(); ++i) {
+    RowOutcome& r = outcome->rows[i];
+    r.kind = kinds_[i];
+    if (!seqs_[i]->CommitFeed()) continue;  // a prefill chunk or warm-up token before the last
+    double seconds = 0.0;
+    {
+      ScopedTimer timer(&seconds);
+      r.delta = seqs_[i]->AcceptLogits(real_out_.logits_row(static_cast<int64_t>(i)),
+                                       static_cast<int>(real_out_.vocab_size));
+    }
+    r.sampled = true;
+    outcome->timings.sample_seconds += seconds;
+    DyscoController* c = seqs_[i]->dysco();
+    if (c != nullptr && r.kind != DyscoStepKind::kPrefill) c->RecordNextToken(r.delta.token_id, seconds);
+  }
+}
+
+Status BatchStepper::Execute(const StepPlan& plan, StepOutcome* outcome) {
+  *outcome = StepOutcome();
+  if (plan.empty()) return InvalidArgumentError("BatchStepper::Execute: the plan has no rows");
+  dynamic_select_seconds_ = static_seconds_ = warmup_seconds_ = 0.0;
+  FeedRollback rollback(seqs_);
+  DYSCO_RETURN_IF_ERROR(Feed(plan));
+  const RowsByKind rows = ClassifyRows();
+  DYSCO_RETURN_IF_ERROR(Intervene(rows, outcome));
+  DYSCO_RETURN_IF_ERROR(RealForward(rows, outcome));
+  outcome->timings.select_seconds = dynamic_select_seconds_ + static_seconds_ + warmup_seconds_;
+  RecordDyscoSteps(*outcome);
+  rollback.Disarm();
+  outcome->rows.assign(plan.rows.size(), RowOutcome());
+  CommitAndSample(outcome);
+  return OkStatus();
+}
+
+}  // namespace dysco

@@ -1,0 +1,97 @@
+// BatchStepper: executes one StepPlan (core/engine/step_plan.h), plain and DySCO sequences mixed,
+// some prefilling a chunk, some decoding (docs/dysco.md, docs/architecture.md). Shared by the
+// Generator and the Scheduler.
+//
+// Execute runs:
+//   1. feed: each planned sequence hands out its tokens (Sequence::PrepareFeed);
+//   2. intervention, for the DySCO rows at a dynamic step: one speculative forward of just those
+//      rows (layers 0..their deepest head layer, probe heads = the union of their heads), then one
+//      relevance-update and one selection op call for all of them (DyscoBatchOps); rows at a static
+//      step get the bias of their frozen set;
+//   3. the real forward of every row, each DySCO row with its bias, and the probe heads of the rows
+//      at a context warm-up step, whose relevance is then updated in one op call;
+//   4. commit: each row's fed tokens become cached; a row whose step ended its uncached tokens
+//      samples its next token (a DySCO warm-up token's logits are discarded, except the last
+//      prompt token's).
+// Every DySCO computation is per row, so a sequence's results do not depend on its batch-mates.
+//
+// Thread-safety: one BatchStepper per driving thread (it keeps staging buffers); the runner
+// serialises the forwards of several steppers. Ownership: references (does not own) the runner and
+// the pool, which must outlive it, and the plan's sequences during Execute. On error no token is
+// sampled, every fed token is handed back (AbortFeed), and the step's sequences must be dropped:
+// their caches and DySCO state may hold part of the failed step.
+#pragma once
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "core/base/status.h"
+#include "core/dysco/batch_ops.h"
+#include "core/dysco/params.h"
+#include "core/dysco/trace.h"
+#include "core/engine/sequence.h"
+#include "core/engine/step_plan.h"
+#include "core/model/kv_page_pool.h"
+#include "core/model/model_runner.h"
+
+namespace dysco {
+
+// What one planned row got from the step.
+struct RowOutcome {
+  bool sampled = false;  // the step's logits gave the sequence its next token: `delta`
+  TokenDelta delta;
+  DyscoStepKind kind = DyscoStepKind::kPrefill;  // always kPrefill for a plain sequence
+};
+
+// What the step as a whole did (each DySCO sequence's trace also has its share).
+struct StepOutcome {
+  std::vector<RowOutcome> rows;  // row i = plan.rows[i]
+  int64_t speculative_rows = 0;  // sequences in the speculative forward (0: none ran)
+  int64_t real_rows = 0;
+  DyscoStepTimings timings;  // sample_seconds summed over the sampled sequences
+};
+
+class BatchStepper {
+ public:
+  BatchStepper(ModelRunner* runner, KvPagePool* pool) : runner_(runner), pool_(pool) {}
+
+  // Executes `plan` (at least one row). Errors: from Sequence::PrepareFeed (RESOURCE_EXHAUSTED:
+  // pool full; nothing was run, every sequence is left as it was), from the runner or the DySCO
+  // ops (INTERNAL...).
+  Status Execute(const StepPlan& plan, StepOutcome* outcome);
+
+  // The last step's real forward: row i = plan.rows[i] (logits of its last new token).
+  const ForwardOutput& last_real_output() const { return real_out_; }
+
+ private:
+  // Row indices of the plan by DySCO step kind.
+  struct RowsByKind {
+    std::vector<size_t> dynamic, fixed, warmup;
+  };
+
+  Status Feed(const StepPlan& plan);
+  RowsByKind ClassifyRows() const;
+  Status Intervene(const RowsByKind& rows, StepOutcome* outcome);
+  Status RealForward(const RowsByKind& rows, StepOutcome* outcome);
+  void RecordDyscoSteps(const StepOutcome& outcome) const;
+  void CommitAndSample(StepOutcome* outcome);
+
+  std::vector<DyscoController*> Controllers(const std::vector<size_t>& rows) const;
+  std::vector<int64_t> NumKeys(const std::vector<size_t>& rows) const;
+
+  ModelRunner* runner_;
+  KvPagePool* pool_;
+  DyscoBatchOps dysco_ops_;
+
+  // Staging reused across steps; valid during Execute.
+  std::vector<Sequence*> seqs_;
+  std::vector<ForwardRow> fed_;
+  std::vector<DyscoStepKind> kinds_;
+  // Per-kind shares of the step's wall time, for the DySCO rows' records.
+  double dynamic_select_seconds_ = 0.0, static_seconds_ = 0.0, warmup_seconds_ = 0.0;
+  ForwardBatch spec_batch_, real_batch_;
+  ForwardOutput spec_out_, real_out_;
+};
+
+}  // namespace dysco

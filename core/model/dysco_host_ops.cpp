@@ -1,0 +1,98 @@
+// The one core/ file that calls the DySCO ops: wraps the caller's host buffers in CPU tensors
+// (from_blob, no copy) and calls the op through the dispatcher; c10 errors become INTERNAL.
+#include "core/model/dysco_host_ops.h"
+
+#include <string>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/script.h>
+
+namespace dysco {
+
+namespace {
+
+using TensorRef = const at::Tensor&;
+
+at::Tensor View(const void* data, at::IntArrayRef sizes, at::ScalarType type) {
+  return torch::from_blob(const_cast<void*>(data), sizes, torch::TensorOptions().dtype(type));
+}
+
+template <typename Fn>
+Status Guard(const char* op, Fn&& fn) {
+  try {
+    c10::InferenceMode inference_mode;
+    fn();
+    return OkStatus();
+  } catch (const c10::Error& e) {
+    return InternalError(std::string(op) + " failed: " + e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return InternalError(std::string(op) + " failed: " + e.what());
+  }
+}
+
+}  // namespace
+
+Status DyscoRelevanceUpdate(float* relevance, int64_t batch, int64_t width, const float* probs,
+                            int64_t num_heads, int64_t probs_len, const int64_t* num_keys,
+                            const float* decay) {
+  return Guard("dysco::dysco_relevance_update", [&] {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("dysco::dysco_relevance_update", "")
+                               .typed<void(TensorRef, TensorRef, TensorRef, TensorRef)>();
+    op.call(View(relevance, {batch, width}, at::kFloat),
+            View(probs, {batch, num_heads, probs_len}, at::kFloat),
+            View(num_keys, {batch}, at::kLong), View(decay, {batch}, at::kFloat));
+  });
+}
+
+Status DyscoSelectBias(float* bias, uint8_t* selected, float* stats, const float* relevance,
+                       int64_t batch, int64_t width, const int64_t* num_keys,
+                       const uint8_t* template_mask, const float* top_p, const int64_t* top_k,
+                       const float* strength) {
+  return Guard("dysco::dysco_select_bias", [&] {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("dysco::dysco_select_bias", "")
+                               .typed<void(TensorRef, TensorRef, TensorRef, TensorRef, TensorRef,
+                                           TensorRef, TensorRef, TensorRef, TensorRef)>();
+    op.call(View(bias, {batch, width}, at::kFloat), View(selected, {batch, width}, at::kBool),
+            View(stats, {batch, 2}, at::kFloat), View(relevance, {batch, width}, at::kFloat),
+            View(num_keys, {batch}, at::kLong), View(template_mask, {batch, width}, at::kBool),
+            View(top_p, {batch}, at::kFloat), View(top_k, {batch}, at::kLong),
+            View(strength, {batch}, at::kFloat));
+  });
+}
+
+Status DyscoBiasFromSelection(float* bias, const uint8_t* selected, int64_t batch, int64_t width,
+                              const int64_t* num_keys, const uint8_t* template_mask,
+                              const float* strength) {
+  return Guard("dysco::dysco_bias_from_selection", [&] {
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("dysco::dysco_bias_from_selection", "")
+            .typed<void(TensorRef, TensorRef, TensorRef, TensorRef, TensorRef)>();
+    op.call(View(bias, {batch, width}, at::kFloat), View(selected, {batch, width}, at::kBool),
+            View(num_keys, {batch}, at::kLong), View(template_mask, {batch, width}, at::kBool),
+            View(strength, {batch}, at::kFloat));
+  });
+}
+
+Status DyscoTemplateMask(uint8_t* mask, const int32_t* tokens, int64_t len,
+                         const std::vector<std::vector<int32_t>>& sequences) {
+  std::vector<int64_t> tokens64(tokens, tokens + len);
+  std::vector<int64_t> flat;
+  std::vector<int64_t> offsets{0};
+  for (const auto& s : sequences) {
+    flat.insert(flat.end(), s.begin(), s.end());
+    offsets.push_back(static_cast<int64_t>(flat.size()));
+  }
+  return Guard("dysco::dysco_template_mask", [&] {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("dysco::dysco_template_mask", "")
+                               .typed<void(TensorRef, TensorRef, TensorRef, TensorRef)>();
+    op.call(View(mask, {len}, at::kBool), View(tokens64.data(), {len}, at::kLong),
+            View(flat.data(), {static_cast<int64_t>(flat.size())}, at::kLong),
+            View(offsets.data(), {static_cast<int64_t>(offsets.size())}, at::kLong));
+  });
+}
+
+}  // namespace dysco

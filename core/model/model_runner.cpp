@@ -1,0 +1,305 @@
+#include "core/model/model_runner.h"
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cstring>
+#include <fstream>
+
+#include <ATen/Parallel.h>
+#include <torch/csrc/jit/python/update_graph_executor_opt.h>
+#include <torch/script.h>
+
+#include "core/base/thread_annotations.h"
+
+namespace dysco {
+
+namespace {
+
+// Every op of the library (kernels/torch_bindings.cpp): the model calls the first four, the
+// DySCO stages the rest.
+constexpr const char* kDyscoOps[] = {
+    "dysco::paged_kv_write",         "dysco::paged_attention_decode",
+    "dysco::paged_attention_prefill", "dysco::attention_probs",
+    "dysco::dysco_relevance_update", "dysco::dysco_select_bias",
+    "dysco::dysco_bias_from_selection", "dysco::dysco_template_mask"};
+
+std::string Seq(size_t i) { return "sequences[" + std::to_string(i) + "]"; }
+
+// Copies a (device, any float dtype) tensor into a host float vector.
+void CopyToHost(const at::Tensor& t, std::vector<float>* out) {
+  at::Tensor host = t.to(at::kCPU, at::kFloat).contiguous();
+  out->resize(static_cast<size_t>(host.numel()));
+  if (host.numel() > 0)
+    std::memcpy(out->data(), host.data_ptr<float>(), out->size() * sizeof(float));
+}
+
+// OpenBLAS (Debian's libblas.so.3 alternative) keeps its own thread pool that at::set_num_threads
+// does not reach. Looked up at run time, so any other BLAS works unchanged.
+void SetBlasThreads(int n) {
+  using SetThreads = void (*)(int);
+  if (auto fn = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")))
+    fn(n);
+}
+
+}  // namespace
+
+Status CheckDyscoOpsRegistered() {
+  for (const char* name : kDyscoOps) {
+    if (!c10::Dispatcher::singleton().findSchema({name, ""}).has_value()) {
+      return FailedPreconditionError(
+          std::string("op ") + name +
+          " is not registered: libdysco_kernels.so is not linked or loaded "
+          "(link it with -Wl,--no-as-needed, or use dysco_kernels_linked)");
+    }
+  }
+  return OkStatus();
+}
+
+struct ModelRunner::Impl {
+  ModelConfig config;
+  std::string package_dir;
+  std::string device_name;
+  c10::Device device{c10::kCPU};
+  torch::jit::Module module;
+
+  Mutex mu;  // one Forward at a time; guards the module's use and the staging buffers below
+  // Host staging buffers, reused across forwards so a decode step allocates no vectors.
+  std::vector<int64_t> token_ids GUARDED_BY(mu), positions GUARDED_BY(mu),
+      query_start_loc GUARDED_BY(mu), seq_lens GUARDED_BY(mu), slot_mapping GUARDED_BY(mu),
+      probe_heads GUARDED_BY(mu);
+  std::vector<int32_t> block_tables GUARDED_BY(mu);
+  std::vector<float> attn_bias GUARDED_BY(mu);
+
+  Status Validate(const ForwardBatch& batch) const;
+  Status RunLocked(const ForwardBatch& batch, ForwardOutput* out) REQUIRES(mu);
+};
+
+StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& package_dir,
+                                                         const ModelRunnerOptions& options) {
+  auto impl = std::make_unique<Impl>();
+  DYSCO_ASSIGN_OR_RETURN(impl->config, LoadModelConfig(package_dir));
+  impl->package_dir = package_dir;
+  impl->device_name = options.device;
+  DYSCO_RETURN_IF_ERROR(CheckDyscoOpsRegistered());
+  if (options.num_threads < 0) {
+    return InvalidArgumentError("num_threads must be >= 0, got " +
+                                std::to_string(options.num_threads));
+  }
+  const std::string model_path = package_dir + "/model.pt";
+  if (!std::ifstream(model_path).good()) return NotFoundError(model_path + ": cannot open");
+  try {
+    impl->device = c10::Device(options.device);
+  } catch (const std::exception& e) {
+    return InvalidArgumentError("device \"" + options.device + "\": " + e.what());
+  }
+  try {
+    if (options.num_threads > 0) at::set_num_threads(options.num_threads);
+    SetBlasThreads(at::get_num_threads());
+    torch::jit::setGraphExecutorOptimize(options.jit_optimize);
+    impl->module = torch::jit::load(model_path, impl->device);
+    impl->module.eval();
+  } catch (const c10::Error& e) {
+    return InternalError(model_path + ": TorchScript load failed: " + e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return InternalError(model_path + ": TorchScript load failed: " + e.what());
+  }
+  return std::unique_ptr<ModelRunner>(new ModelRunner(std::move(impl)));
+}
+
+ModelRunner::ModelRunner(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+ModelRunner::~ModelRunner() = default;
+
+const ModelConfig& ModelRunner::config() const { return impl_->config; }
+const std::string& ModelRunner::package_dir() const { return impl_->package_dir; }
+const std::string& ModelRunner::device() const { return impl_->device_name; }
+
+Status ModelRunner::Impl::Validate(const ForwardBatch& batch) const {
+  const ModelConfig& c = config;
+  if (batch.sequences.empty()) return InvalidArgumentError("step batch has no sequences");
+  if (batch.kv_pool == nullptr) return InvalidArgumentError("step batch has no kv_pool");
+  const ModelConfig& pc = batch.kv_pool->config();
+  if (pc.num_layers != c.num_layers || pc.num_kv_heads != c.num_kv_heads ||
+      pc.head_dim != c.head_dim || pc.dtype != c.dtype) {
+    return InvalidArgumentError(
+        "kv_pool was built for another model shape (layers/kv heads/head_dim/dtype)");
+  }
+  if (batch.last_layer < -1 || batch.last_layer >= c.num_layers) {
+    return InvalidArgumentError("last_layer must be in [-1, " + std::to_string(c.num_layers - 1) +
+                                "], got " + std::to_string(batch.last_layer));
+  }
+  const int top_layer = batch.last_layer < 0 ? c.num_layers - 1 : batch.last_layer;
+  for (size_t h = 0; h < batch.probe_heads.size(); ++h) {
+    const auto& [layer, head] = batch.probe_heads[h];
+    if (layer < 0 || layer > top_layer || head < 0 || head >= c.num_attention_heads) {
+      return InvalidArgumentError(
+          "probe_heads[" + std::to_string(h) + "] = (" + std::to_string(layer) + ", " +
+          std::to_string(head) + ") is out of range (layers 0.." + std::to_string(top_layer) +
+          " run, " + std::to_string(c.num_attention_heads) + " query heads)");
+    }
+  }
+  const int64_t page_size = batch.kv_pool->page_size();
+  const int64_t num_pages = batch.kv_pool->num_pages_in_tensor();
+  for (size_t i = 0; i < batch.sequences.size(); ++i) {
+    const ForwardRow& s = batch.sequences[i];
+    if (s.token_ids.empty()) return InvalidArgumentError(Seq(i) + ".token_ids is empty");
+    for (int32_t t : s.token_ids) {
+      if (t < 0 || t >= c.vocab_size) {
+        return InvalidArgumentError(Seq(i) + ".token_ids has id " + std::to_string(t) +
+                                    " outside the vocabulary [0, " + std::to_string(c.vocab_size) +
+                                    ")");
+      }
+    }
+    if (s.start_position < 0) return InvalidArgumentError(Seq(i) + ".start_position is negative");
+    const int64_t seq_len = s.start_position + static_cast<int64_t>(s.token_ids.size);
+    if (seq_len > c.max_position_embeddings) {
+      return OutOfRangeError(Seq(i) + " would reach " + std::to_string(seq_len) +
+                             " tokens, past max_position_embeddings " +
+                             std::to_string(c.max_position_embeddings));
+    }
+    if (static_cast<int64_t>(s.page_ids.size) * page_size < seq_len) {
+      return InvalidArgumentError(Seq(i) + ".page_ids: " + std::to_string(s.page_ids.size) +
+                                  " pages cannot hold " + std::to_string(seq_len) + " tokens");
+    }
+    const int64_t pages_used = (seq_len + page_size - 1) / page_size;
+    for (int64_t p = 0; p < pages_used; ++p) {
+      if (s.page_ids[p] < 0 || s.page_ids[p] >= num_pages) {
+        return InvalidArgumentError(Seq(i) + ".page_ids[" + std::to_string(p) + "] = " +
+                                    std::to_string(s.page_ids[p]) + " is not a page of the pool");
+      }
+    }
+    if (!s.key_bias.empty() && static_cast<int64_t>(s.key_bias.size) < seq_len) {
+      return InvalidArgumentError(Seq(i) + ".key_bias has " + std::to_string(s.key_bias.size) +
+                                  " entries, fewer than the " + std::to_string(seq_len) +
+                                  " context tokens");
+    }
+  }
+  return OkStatus();
+}
+
+Status ModelRunner::Impl::RunLocked(const ForwardBatch& batch, ForwardOutput* out) {
+  const int64_t B = static_cast<int64_t>(batch.sequences.size());
+  const int64_t page_size = batch.kv_pool->page_size();
+  token_ids.clear();
+  positions.clear();
+  slot_mapping.clear();
+  query_start_loc.assign(1, 0);
+  seq_lens.clear();
+  int64_t max_seq_len = 0, max_pages = 0;
+  bool any_bias = false;
+  for (const ForwardRow& s : batch.sequences) {
+    const int64_t n = static_cast<int64_t>(s.token_ids.size);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t pos = s.start_position + j;
+      token_ids.push_back(s.token_ids[j]);
+      positions.push_back(pos);
+      slot_mapping.push_back(int64_t{s.page_ids[pos / page_size]} * page_size + pos % page_size);
+    }
+    query_start_loc.push_back(query_start_loc.back() + n);
+    const int64_t len = s.start_position + n;
+    seq_lens.push_back(len);
+    max_seq_len = std::max(max_seq_len, len);
+    max_pages = std::max(max_pages, (len + page_size - 1) / page_size);
+    any_bias = any_bias || !s.key_bias.empty();
+  }
+  // Rows are padded with the padding page (0); the ops ignore entries past a sequence's length.
+  block_tables.assign(static_cast<size_t>(B * max_pages), 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const ForwardRow& s = batch.sequences[b];
+    const int64_t used = (seq_lens[b] + page_size - 1) / page_size;
+    std::copy(s.page_ids.begin(), s.page_ids.begin() + used, block_tables.begin() + b * max_pages);
+  }
+  if (any_bias) {
+    attn_bias.assign(static_cast<size_t>(B * max_seq_len), 0.0f);
+    for (int64_t b = 0; b < B; ++b) {
+      const ForwardRow& s = batch.sequences[b];
+      if (!s.key_bias.empty()) {
+        std::copy(s.key_bias.begin(), s.key_bias.begin() + seq_lens[b],
+                  attn_bias.begin() + b * max_seq_len);
+      }
+    }
+  }
+  probe_heads.clear();
+  for (const auto& [layer, head] : batch.probe_heads) {
+    probe_heads.push_back(layer);
+    probe_heads.push_back(head);
+  }
+
+  // from_blob views the staging buffers without a copy; .to() is a no-op on CPU.
+  const int64_t T = static_cast<int64_t>(token_ids.size());
+  auto view = [&](void* data, at::IntArrayRef sizes, at::ScalarType type) {
+    return torch::from_blob(data, sizes, torch::TensorOptions().dtype(type)).to(device);
+  };
+  std::vector<c10::IValue> inputs;
+  inputs.reserve(10);
+  inputs.emplace_back(view(token_ids.data(), {T}, at::kLong));
+  inputs.emplace_back(view(positions.data(), {T}, at::kLong));
+  inputs.emplace_back(view(query_start_loc.data(), {B + 1}, at::kLong));
+  inputs.emplace_back(view(seq_lens.data(), {B}, at::kLong));
+  inputs.emplace_back(view(slot_mapping.data(), {T}, at::kLong));
+  inputs.emplace_back(view(block_tables.data(), {B, max_pages}, at::kInt));
+  inputs.emplace_back(batch.kv_pool->kv_cache());
+  if (any_bias) {
+    inputs.emplace_back(view(attn_bias.data(), {B, max_seq_len}, at::kFloat));
+  } else {
+    inputs.emplace_back(c10::IValue());
+  }
+  inputs.emplace_back(static_cast<int64_t>(batch.last_layer));
+  if (!probe_heads.empty()) {
+    inputs.emplace_back(
+        view(probe_heads.data(), {static_cast<int64_t>(batch.probe_heads.size()), 2}, at::kLong));
+  } else {
+    inputs.emplace_back(c10::IValue());
+  }
+
+  c10::IValue result = module.forward(std::move(inputs));
+  if (!result.isTuple() || result.toTupleRef().elements().size() != 2) {
+    return InternalError("model forward must return a (logits, probs) tuple");
+  }
+  const at::Tensor logits = result.toTupleRef().elements()[0].toTensor();
+  const at::Tensor probs = result.toTupleRef().elements()[1].toTensor();
+
+  out->batch_size = B;
+  if (logits.numel() == 0) {
+    out->vocab_size = 0;
+    out->logits.clear();
+  } else {
+    if (logits.dim() != 2 || logits.size(0) != B || logits.size(1) != config.vocab_size) {
+      return InternalError("model returned logits of shape " + c10::str(logits.sizes()) +
+                           ", expected [" + std::to_string(B) + ", " +
+                           std::to_string(config.vocab_size) + "]");
+    }
+    out->vocab_size = config.vocab_size;
+    CopyToHost(logits, &out->logits);
+  }
+  const int64_t H = static_cast<int64_t>(batch.probe_heads.size());
+  if (probs.dim() != 3 || probs.size(0) != B || probs.size(1) != H ||
+      (H > 0 && probs.size(2) < max_seq_len)) {
+    return InternalError("model returned probs of shape " + c10::str(probs.sizes()) +
+                         ", expected [" + std::to_string(B) + ", " + std::to_string(H) + ", " +
+                         std::to_string(max_seq_len) + "]");
+  }
+  out->num_probe_heads = H;
+  out->probs_len = H > 0 ? probs.size(2) : max_seq_len;
+  if (H > 0) {
+    CopyToHost(probs, &out->probs);
+  } else {
+    out->probs.clear();
+  }
+  return OkStatus();
+}
+
+Status ModelRunner::Forward(const ForwardBatch& batch, ForwardOutput* out) {
+  DYSCO_RETURN_IF_ERROR(impl_->Validate(batch));
+  MutexLock lock(&impl_->mu);
+  try {
+    c10::InferenceMode inference_mode;
+    return impl_->RunLocked(batch, out);
+  } catch (const c10::Error& e) {
+    return InternalError(std::string("model forward failed: ") + e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return InternalError(std::string("model forward failed: ") + e.what());
+  }
+}
+
+}  // namespace dysco

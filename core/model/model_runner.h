@@ -1,0 +1,129 @@
+// ModelRunner: loads a model package (config.json + TorchScript model.pt) and runs one forward step
+// over a batch of sequences, each bringing a prefill chunk or one decode token, against a
+// KvPagePool (docs/model-interface.md "forward"). It knows nothing of sampling or scheduling: the
+// caller decides which sequences step together and owns their pages.
+//
+// Thread-safety: Load is safe from any thread. Forward serialises itself with an internal mutex (one
+// forward at a time per runner); the accessors are const and safe concurrently.
+//
+// Ownership: Load returns a runner owned by the caller (it owns the TorchScript module). Forward reads
+// the caller's buffers (the spans in ForwardBatch) only during the call and writes the KV cache of the
+// pages it is given; ForwardOutput is owned by the caller and is overwritten. On failure nothing is
+// returned / the output is unspecified, but the pages written before an error may hold partial K/V
+// (their tokens must be recomputed).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/model/kv_page_pool.h"
+#include "core/model/model_config.h"
+#include "core/base/status.h"
+
+namespace dysco {
+
+// A read-only view of contiguous elements (C++17 has no std::span). Does not own; the viewed buffer
+// must outlive every use of the span.
+template <typename T>
+struct ConstSpan {
+  const T* data = nullptr;
+  size_t size = 0;
+  ConstSpan() = default;
+  ConstSpan(const T* d, size_t n) : data(d), size(n) {}
+  ConstSpan(const std::vector<T>& v)
+      : data(v.data()), size(v.size()) {}  // NOLINT: implicit by design
+  const T& operator[](size_t i) const { return data[i]; }
+  bool empty() const { return size == 0; }
+  const T* begin() const { return data; }
+  const T* end() const { return data + size; }
+};
+
+struct ModelRunnerOptions {
+  // Intra-op threads, process-wide: at::set_num_threads and, when the BLAS is OpenBLAS, its own
+  // thread count, which otherwise defaults to every core and spins against torch's threads (3x
+  // slower decode measured on a busy 2-core machine). 0 = keep torch's count and align OpenBLAS
+  // with it.
+  int num_threads = 0;
+  std::string device = "cpu";  // where the module and the inputs live ("cpu", "cuda:0")
+  // TorchScript graph-executor optimisation (process-wide). Off by default: shapes change every
+  // step, so the profiling executor keeps re-specialising, and on CPU the attention runs in our ops
+  // anyway.
+  bool jit_optimize = false;
+};
+
+// One sequence's part of a step.
+struct ForwardRow {
+  // The new tokens (a prefill chunk, or one decode token). Non-empty.
+  ConstSpan<int32_t> token_ids;
+  // Tokens of this sequence already in the KV cache: the new tokens sit at positions
+  // start_position .. start_position + token_ids.size - 1.
+  int64_t start_position = 0;
+  // The sequence's pages in order; they must cover start_position + token_ids.size tokens.
+  ConstSpan<int32_t> page_ids;
+  // Optional additive bias on attention logits per key position (DySCO); empty = none. When set,
+  // its length must be >= start_position + token_ids.size.
+  ConstSpan<float> key_bias;
+};
+
+struct ForwardBatch {
+  std::vector<ForwardRow> sequences;
+  KvPagePool* kv_pool = nullptr;  // the cache the pages belong to
+  // -1: all layers, return logits. k >= 0: run layers 0..k only (DySCO's speculative pass); logits
+  // empty unless k is the last layer.
+  int last_layer = -1;
+  // (layer, query head) pairs whose attention probabilities of each sequence's last new token to
+  // return.
+  std::vector<std::pair<int, int>> probe_heads;
+};
+
+struct ForwardOutput {
+  int64_t batch_size = 0;
+  int64_t vocab_size = 0;     // 0 when the step returned no logits
+  std::vector<float> logits;  // [batch_size, vocab_size], logits of each sequence's last new token
+  int64_t num_probe_heads = 0;
+  int64_t probs_len = 0;  // S' = max over the batch of (start_position + number of new tokens)
+  std::vector<float>
+      probs;  // [batch_size, num_probe_heads, probs_len], zero past each sequence's length
+
+  const float* logits_row(int64_t b) const { return logits.data() + b * vocab_size; }
+  const float* probs_row(int64_t b, int64_t h) const {
+    return probs.data() + (b * num_probe_heads + h) * probs_len;
+  }
+};
+
+class ModelRunner {
+ public:
+  // NOT_FOUND / INVALID_ARGUMENT for a missing or bad package, FAILED_PRECONDITION when the dysco
+  // ops are not registered (libdysco_kernels.so not linked/loaded), INTERNAL when TorchScript fails
+  // to load it.
+  static StatusOr<std::unique_ptr<ModelRunner>> Load(const std::string& package_dir,
+                                                     const ModelRunnerOptions& options = {});
+  ~ModelRunner();
+  ModelRunner(const ModelRunner&) = delete;
+  ModelRunner& operator=(const ModelRunner&) = delete;
+
+  // Runs one forward over the batch. INVALID_ARGUMENT (naming sequences[i] and the field) for
+  // inputs that do not fit the model or the pool, OUT_OF_RANGE past max_position_embeddings,
+  // INTERNAL for a failure inside the model.
+  Status Forward(const ForwardBatch& batch, ForwardOutput* out);
+
+  const ModelConfig& config() const;
+  const std::string& package_dir() const;
+  const std::string& device() const;
+
+  struct Impl;
+
+ private:
+  explicit ModelRunner(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// FAILED_PRECONDITION naming the first missing op unless all four torch.ops.dysco ops are
+// registered.
+Status CheckDyscoOpsRegistered();
+
+}  // namespace dysco
