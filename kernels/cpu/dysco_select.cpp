@@ -18,13 +18,12 @@
 #include <vector>
 
 #include "kernels/cpu/cpu_checks.h"
+#include "kernels/dysco_constants.h"
 #include "kernels/ops.h"
 
 namespace dysco::kernels {
 namespace {
 
-// strength at or above this selects hard sparse attention (ALGORITHM.md "Bias vector").
-constexpr float kHardMaskStrength = 99.0f;
 // First chunk of the sorted order the nucleus produces; later chunks double. One chunk covers the
 // default top_k = 4096 in hybrid mode.
 constexpr int64_t kFirstSortedChunk = 4096;
@@ -84,7 +83,8 @@ int64_t SelectRow(const float* relevance, int64_t n, float top_p, int64_t top_k,
 // bias[0, width) of one row, from selected[0, n) (docs/dysco.md "Ops").
 void BiasRow(float* bias, const bool* selected, const bool* template_mask, int64_t n, int64_t width,
              float strength) {
-  if (strength >= kHardMaskStrength) {
+  // Hard sparse attention from kHardMaskStrength (kernels/dysco_constants.h) up.
+  if (static_cast<double>(strength) >= kHardMaskStrength) {
     const float neg_inf = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < n; ++j) bias[j] = selected[j] ? 0.0f : neg_inf;
     if (n > 0) bias[n - 1] = 0.0f;
