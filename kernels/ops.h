@@ -3,9 +3,9 @@
 //
 // These free functions are the C++ entry points behind `torch.ops.dysco.*` (schemas in
 // kernels/torch_bindings.cpp, contract in docs/model-interface.md "Ops"). Each backend registers
-// its own implementation (suffix _cpu, _cuda) with the dispatcher; callers normally go through the
-// dispatcher. Backends check their arguments with kernels/op_checks.h (device-neutral) before their
-// own checks (CPU: kernels/cpu/cpu_checks.h).
+// its own implementation (suffix _cpu, _cuda) with the dispatcher; callers go through the
+// dispatcher with the typed calls of kernels/op_calls.h. Backends check their arguments with
+// kernels/op_checks.h (device-neutral) before their own checks (CPU: kernels/cpu/cpu_checks.h).
 //
 // Conventions: the output comes first and is written in place; every element of it is written.
 // Shapes:
