@@ -4,7 +4,6 @@
 // --cpu-time times the calling thread's CPU time instead of wall time (see bench-kernels).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include "bench/micro_timer.h"
 
@@ -14,6 +13,8 @@
 #include <cstring>
 #include <functional>
 #include <vector>
+
+#include "kernels/op_calls.h"
 
 namespace {
 
@@ -34,22 +35,15 @@ int main(int argc, char** argv) {
       at::set_num_threads(std::atoi(argv[++i]));
     } else if (std::strcmp(argv[i], "--cpu-time") == 0) {
       cpu_time = true;
+    } else if (std::strcmp(argv[i], "--help") == 0) {
+      std::printf("usage: %s [--threads N] [--cpu-time]\n", argv[0]);
+      return 0;
     } else {
       std::fprintf(stderr, "usage: %s [--threads N] [--cpu-time]\n", argv[0]);
       return 2;
     }
   }
-  using T = const at::Tensor&;
   const dysco::bench::MicroTimer timer(cpu_time, /*repetitions=*/7);
-  auto& dispatcher = c10::Dispatcher::singleton();
-  auto update =
-      dispatcher.findSchemaOrThrow("dysco::dysco_relevance_update", "").typed<void(T, T, T, T)>();
-  auto select = dispatcher.findSchemaOrThrow("dysco::dysco_select_bias", "")
-                    .typed<void(T, T, T, T, T, T, T, T, T)>();
-  auto bias_only = dispatcher.findSchemaOrThrow("dysco::dysco_bias_from_selection", "")
-                       .typed<void(T, T, T, T, T)>();
-  auto template_mask =
-      dispatcher.findSchemaOrThrow("dysco::dysco_template_mask", "").typed<void(T, T, T, T)>();
   std::printf("threads %d, %s time, us per call\n", at::get_num_threads(),
               cpu_time ? "thread CPU" : "wall");
 
@@ -78,7 +72,8 @@ int main(int argc, char** argv) {
       const at::Tensor decay = at::full({batch}, 0.75f);
       const at::Tensor relevance = PeakedRelevance(batch, n);
       const at::Tensor scratch = relevance.clone();
-      us_update.push_back(timer.MinMicros([&] { update.call(scratch, probs, num_keys, decay); }));
+      us_update.push_back(timer.MinMicros(
+          [&] { dysco::ops::dysco_relevance_update(scratch, probs, num_keys, decay); }));
       const at::Tensor tmpl = at::rand({batch, n}) < 0.01;
       const at::Tensor bias = at::empty({batch, n});
       const at::Tensor selected = at::empty({batch, n}, at::kBool);
@@ -88,12 +83,14 @@ int main(int argc, char** argv) {
         const at::Tensor top_p = at::full({batch}, modes[m].top_p);
         const at::Tensor top_k = at::full({batch}, modes[m].top_k, at::kLong);
         us_select[m].push_back(timer.MinMicros([&] {
-          select.call(bias, selected, stats, relevance, num_keys, tmpl, top_p, top_k, strength);
+          dysco::ops::dysco_select_bias(bias, selected, stats, relevance, num_keys, tmpl, top_p,
+                                        top_k, strength);
         }));
         if (modes[m].top_k == 0) nucleus[li] = stats[0][0].item<float>();
       }
-      us_bias.push_back(
-          timer.MinMicros([&] { bias_only.call(bias, selected, num_keys, tmpl, strength); }));
+      us_bias.push_back(timer.MinMicros([&] {
+        dysco::ops::dysco_bias_from_selection(bias, selected, num_keys, tmpl, strength);
+      }));
     }
     auto row = [&](const char* name, const std::vector<double>& us) {
       std::printf("%-36s %4lld", name, static_cast<long long>(batch));
@@ -116,8 +113,9 @@ int main(int argc, char** argv) {
   for (int64_t n : lens) {
     const at::Tensor tokens = at::randint(0, 1000, {n}, at::kLong);
     const at::Tensor mask = at::empty({n}, at::kBool);
-    std::printf("  P %6lld: %10.1f\n", static_cast<long long>(n),
-                timer.MinMicros([&] { template_mask.call(mask, tokens, sequences, offsets); }));
+    std::printf("  P %6lld: %10.1f\n", static_cast<long long>(n), timer.MinMicros([&] {
+      dysco::ops::dysco_template_mask(mask, tokens, sequences, offsets);
+    }));
   }
   return 0;
 }

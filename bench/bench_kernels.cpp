@@ -5,7 +5,6 @@
 // machine it leaves out the time the benchmark was not scheduled.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include "bench/micro_timer.h"
 
@@ -16,6 +15,8 @@
 #include <cstring>
 #include <functional>
 #include <vector>
+
+#include "kernels/op_calls.h"
 
 namespace {
 
@@ -49,25 +50,15 @@ int main(int argc, char** argv) {
       at::set_num_threads(std::atoi(argv[++i]));
     } else if (std::strcmp(argv[i], "--cpu-time") == 0) {
       cpu_time = true;
+    } else if (std::strcmp(argv[i], "--help") == 0) {
+      std::printf("usage: %s [--threads N] [--cpu-time]\n", argv[0]);
+      return 0;
     } else {
       std::fprintf(stderr, "usage: %s [--threads N] [--cpu-time]\n", argv[0]);
       return 2;
     }
   }
   const dysco::bench::MicroTimer timer(cpu_time, /*repetitions=*/15);
-  auto& dispatcher = c10::Dispatcher::singleton();
-  auto decode =
-      dispatcher.findSchemaOrThrow("dysco::paged_attention_decode", "")
-          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                      const at::Tensor&, double, const c10::optional<at::Tensor>&)>();
-  auto prefill = dispatcher.findSchemaOrThrow("dysco::paged_attention_prefill", "")
-                     .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                                 const c10::optional<at::Tensor>&)>();
-  auto probs = dispatcher.findSchemaOrThrow("dysco::attention_probs", "")
-                   .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                               const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                               const c10::optional<at::Tensor>&)>();
   const double scale = 1.0 / std::sqrt(static_cast<double>(kHeadDim));
   std::printf("threads %d, %s time\n", at::get_num_threads(), cpu_time ? "thread CPU" : "wall");
 
@@ -83,10 +74,12 @@ int main(int argc, char** argv) {
       const at::Tensor out = at::empty_like(query);
       const at::Tensor bias = at::randn({batch, len});
       const double plain = timer.MinMicros([&] {
-        decode.call(out, query, cache.kv, cache.block_tables, cache.seq_lens, scale, c10::nullopt);
+        dysco::ops::paged_attention_decode(out, query, cache.kv, cache.block_tables, cache.seq_lens,
+                                           scale, c10::nullopt);
       });
       const double biased = timer.MinMicros([&] {
-        decode.call(out, query, cache.kv, cache.block_tables, cache.seq_lens, scale, bias);
+        dysco::ops::paged_attention_decode(out, query, cache.kv, cache.block_tables, cache.seq_lens,
+                                           scale, bias);
       });
       std::printf("%11.1f /%7.1f", plain, biased);
     }
@@ -100,8 +93,8 @@ int main(int argc, char** argv) {
     const at::Tensor out = at::empty({1, 2, len});
     const at::Tensor heads = at::tensor({3, 0}, at::kLong);
     std::printf("  seq %5lld: %9.1f\n", static_cast<long long>(len), timer.MinMicros([&] {
-      probs.call(out, query, cache.kv, cache.block_tables, cache.seq_lens, heads, scale,
-                 c10::nullopt);
+      dysco::ops::attention_probs(out, query, cache.kv, cache.block_tables, cache.seq_lens, heads,
+                                  scale, c10::nullopt);
     }));
   }
 
@@ -114,8 +107,8 @@ int main(int argc, char** argv) {
     const at::Tensor out = at::empty_like(query);
     const at::Tensor starts = at::tensor({int64_t{0}, chunk}, at::kLong);
     const double us = timer.MinMicros([&] {
-      prefill.call(out, query, cache.kv, cache.block_tables, cache.seq_lens, starts, scale,
-                   c10::nullopt);
+      dysco::ops::paged_attention_prefill(out, query, cache.kv, cache.block_tables, cache.seq_lens,
+                                          starts, scale, c10::nullopt);
     });
     std::printf("  seq %5lld chunk %4lld: %10.1f  (%.2f GFLOP/s)\n", static_cast<long long>(len),
                 static_cast<long long>(chunk), us,

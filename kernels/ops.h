@@ -3,8 +3,9 @@
 //
 // These free functions are the C++ entry points behind `torch.ops.dysco.*` (schemas in
 // kernels/torch_bindings.cpp, contract in docs/model-interface.md "Ops"). Each backend registers
-// its own implementation (suffix _cpu, _cuda) with the dispatcher; callers normally go through the
-// dispatcher.
+// its own implementation (suffix _cpu, _cuda) with the dispatcher; callers go through the
+// dispatcher with the typed calls of kernels/op_calls.h. Backends check their arguments with
+// kernels/op_checks.h (device-neutral) before their own checks (CPU: kernels/cpu/cpu_checks.h).
 //
 // Conventions: the output comes first and is written in place; every element of it is written.
 // Shapes:
@@ -81,7 +82,7 @@ void dysco_select_bias_cpu(const at::Tensor& bias, const at::Tensor& selected,
                            const at::Tensor& strength);
 
 // bias fp32 [B, S] <- the DySCO attention bias of selected bool [B, S]; template_mask bool [B, S];
-// strength fp32 [B] (> 0). In [0, n_b):
+// strength fp32 [B] (> 0). In [0, n_b), with kHardMaskStrength = 99 (kernels/dysco_constants.h):
 //   strength < 99:  log(strength) at (selected & !template_mask) and at n_b - 1; 0 elsewhere.
 //   strength >= 99: 0 at selected and at n_b - 1; -inf elsewhere (template_mask not applied).
 void dysco_bias_from_selection_cpu(const at::Tensor& bias, const at::Tensor& selected,

@@ -60,7 +60,7 @@ struct DyscoParams {
   int64_t warmup_tokens() const { return context_warmup_steps + intervention_warmup; }  // T
   int64_t prefill_len() const { return prompt_len - warmup_tokens(); }                  // P - T
   int max_head_layer() const;  // the speculative pass runs layers 0..this
-  bool hard_mask() const { return strength >= kernels::kHardMaskStrength; }
+  bool hard_mask() const { return strength >= kHardMaskStrength; }
 };
 
 // Tokens of the model's chat generation prompt (config.chat.generation_prompt, special tokens

@@ -5,12 +5,11 @@
 // chunk's float64 partial sum; pass 2 divides by the row's sum, added up in chunk order, so the
 // result does not depend on the number of threads.
 #include <ATen/Parallel.h>
-#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <vector>
 
-#include "kernels/cpu/dysco_checks.h"
+#include "kernels/cpu/cpu_checks.h"
 #include "kernels/ops.h"
 
 namespace dysco::kernels {
@@ -22,18 +21,12 @@ constexpr int64_t kKeysPerChunk = 8192;
 
 void dysco_relevance_update_cpu(const at::Tensor& relevance, const at::Tensor& probs,
                                 const at::Tensor& num_keys, const at::Tensor& decay) {
-  constexpr const char* kOp = "dysco::dysco_relevance_update";
-  cpu::CheckTensor(kOp, "relevance", relevance, at::kFloat, 2);
+  cpu::CheckDyscoRelevanceUpdate(relevance, probs, num_keys, decay);
   const int64_t batch = relevance.size(0);
   const int64_t width = relevance.size(1);
-  cpu::CheckTensor(kOp, "probs", probs, at::kFloat, 3);
-  TORCH_CHECK(probs.size(0) == batch && probs.size(1) >= 1, kOp, ": probs must be [B = ", batch,
-              ", H >= 1, S'], got ", probs.sizes());
   const int64_t num_heads = probs.size(1);
   const int64_t probs_len = probs.size(2);
-  cpu::CheckShaped(kOp, "decay", decay, at::kFloat, {batch});
-  const int64_t* keys = cpu::CheckNumKeys(kOp, num_keys, batch, std::min(width, probs_len),
-                                          "relevance and probs hold min(S, S') keys");
+  const int64_t* keys = num_keys.data_ptr<int64_t>();
   if (relevance.numel() == 0) return;
 
   float* rel = relevance.data_ptr<float>();

@@ -9,7 +9,6 @@
 // nucleus of more than top_k entries is replaced by the top_k set, and one of exactly top_k entries
 // is that same set, so neither needs the order past top_k.
 #include <ATen/Parallel.h>
-#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
@@ -18,18 +17,19 @@
 #include <limits>
 #include <vector>
 
-#include "kernels/cpu/dysco_checks.h"
+#include "kernels/cpu/cpu_checks.h"
+#include "kernels/dysco_constants.h"
 #include "kernels/ops.h"
 
 namespace dysco::kernels {
 namespace {
 
-// strength at or above this selects hard sparse attention (ALGORITHM.md "Bias vector").
-constexpr float kHardMaskStrength = 99.0f;
 // First chunk of the sorted order the nucleus produces; later chunks double. One chunk covers the
 // default top_k = 4096 in hybrid mode.
 constexpr int64_t kFirstSortedChunk = 4096;
 constexpr uint64_t kPositionMask = 0xffffffffULL;
+static_assert(static_cast<uint64_t>(cpu::kMaxSelectWidth) == kPositionMask,
+              "CheckDyscoSelectBias must reject rows whose positions do not fit the sort key");
 
 // Ascending order of keys = relevance descending, then position ascending. -0 ties with +0; NaN
 // sorts after every number (never preferred).
@@ -83,7 +83,8 @@ int64_t SelectRow(const float* relevance, int64_t n, float top_p, int64_t top_k,
 // bias[0, width) of one row, from selected[0, n) (docs/dysco.md "Ops").
 void BiasRow(float* bias, const bool* selected, const bool* template_mask, int64_t n, int64_t width,
              float strength) {
-  if (strength >= kHardMaskStrength) {
+  // Hard sparse attention from kHardMaskStrength (kernels/dysco_constants.h) up.
+  if (static_cast<double>(strength) >= kHardMaskStrength) {
     const float neg_inf = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < n; ++j) bias[j] = selected[j] ? 0.0f : neg_inf;
     if (n > 0) bias[n - 1] = 0.0f;
@@ -95,16 +96,6 @@ void BiasRow(float* bias, const bool* selected, const bool* template_mask, int64
   std::fill(bias + n, bias + width, 0.0f);
 }
 
-// strength fp32 [batch], every entry > 0 (finite or not: +inf is a hard mask); returns its data.
-const float* CheckStrength(const char* op, const at::Tensor& strength, int64_t batch) {
-  cpu::CheckShaped(op, "strength", strength, at::kFloat, {batch});
-  const float* values = strength.data_ptr<float>();
-  for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(values[b] > 0.0f, op, ": strength[", b, "] = ", values[b], " must be > 0");
-  }
-  return values;
-}
-
 }  // namespace
 
 void dysco_select_bias_cpu(const at::Tensor& bias, const at::Tensor& selected,
@@ -112,29 +103,14 @@ void dysco_select_bias_cpu(const at::Tensor& bias, const at::Tensor& selected,
                            const at::Tensor& num_keys, const at::Tensor& template_mask,
                            const at::Tensor& top_p, const at::Tensor& top_k,
                            const at::Tensor& strength) {
-  constexpr const char* kOp = "dysco::dysco_select_bias";
-  cpu::CheckTensor(kOp, "relevance", relevance, at::kFloat, 2);
+  cpu::CheckDyscoSelectBias(bias, selected, stats, relevance, num_keys, template_mask, top_p, top_k,
+                            strength);
   const int64_t batch = relevance.size(0);
   const int64_t width = relevance.size(1);
-  TORCH_CHECK(width <= static_cast<int64_t>(kPositionMask), kOp, ": relevance has ", width,
-              " keys per row, more than 2^32 - 1");
-  cpu::CheckShaped(kOp, "bias", bias, at::kFloat, relevance.sizes());
-  cpu::CheckShaped(kOp, "selected", selected, at::kBool, relevance.sizes());
-  cpu::CheckShaped(kOp, "stats", stats, at::kFloat, {batch, 2});
-  cpu::CheckShaped(kOp, "template_mask", template_mask, at::kBool, relevance.sizes());
-  cpu::CheckShaped(kOp, "top_p", top_p, at::kFloat, {batch});
-  cpu::CheckShaped(kOp, "top_k", top_k, at::kLong, {batch});
-  const int64_t* keys =
-      cpu::CheckNumKeys(kOp, num_keys, batch, width, "relevance rows hold S keys");
-  const float* strengths = CheckStrength(kOp, strength, batch);
+  const int64_t* keys = num_keys.data_ptr<int64_t>();
+  const float* strengths = strength.data_ptr<float>();
   const float* ps = top_p.data_ptr<float>();
   const int64_t* ks = top_k.data_ptr<int64_t>();
-  for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(ps[b] <= 1.0f, kOp, ": top_p[", b, "] = ", ps[b],
-                " must be in (0, 1], or <= 0 for unset");
-    TORCH_CHECK(ps[b] > 0.0f || ks[b] > 0, kOp, ": sequence ", b, " sets neither top_p (", ps[b],
-                ") nor top_k (", ks[b], ")");
-  }
   if (relevance.numel() == 0) return;
 
   const float* rel = relevance.data_ptr<float>();
@@ -165,14 +141,11 @@ void dysco_select_bias_cpu(const at::Tensor& bias, const at::Tensor& selected,
 void dysco_bias_from_selection_cpu(const at::Tensor& bias, const at::Tensor& selected,
                                    const at::Tensor& num_keys, const at::Tensor& template_mask,
                                    const at::Tensor& strength) {
-  constexpr const char* kOp = "dysco::dysco_bias_from_selection";
-  cpu::CheckTensor(kOp, "bias", bias, at::kFloat, 2);
+  cpu::CheckDyscoBiasFromSelection(bias, selected, num_keys, template_mask, strength);
   const int64_t batch = bias.size(0);
   const int64_t width = bias.size(1);
-  cpu::CheckShaped(kOp, "selected", selected, at::kBool, bias.sizes());
-  cpu::CheckShaped(kOp, "template_mask", template_mask, at::kBool, bias.sizes());
-  const int64_t* keys = cpu::CheckNumKeys(kOp, num_keys, batch, width, "bias rows hold S keys");
-  const float* strengths = CheckStrength(kOp, strength, batch);
+  const int64_t* keys = num_keys.data_ptr<int64_t>();
+  const float* strengths = strength.data_ptr<float>();
   if (bias.numel() == 0) return;
 
   const bool* sel = selected.data_ptr<bool>();
@@ -188,23 +161,10 @@ void dysco_bias_from_selection_cpu(const at::Tensor& bias, const at::Tensor& sel
 
 void dysco_template_mask_cpu(const at::Tensor& mask, const at::Tensor& tokens,
                              const at::Tensor& sequences, const at::Tensor& sequence_offsets) {
-  constexpr const char* kOp = "dysco::dysco_template_mask";
-  cpu::CheckTensor(kOp, "tokens", tokens, at::kLong, 1);
+  cpu::CheckDyscoTemplateMask(mask, tokens, sequences, sequence_offsets);
   const int64_t length = tokens.size(0);
-  cpu::CheckShaped(kOp, "mask", mask, at::kBool, {length});
-  cpu::CheckTensor(kOp, "sequences", sequences, at::kLong, 1);
-  cpu::CheckTensor(kOp, "sequence_offsets", sequence_offsets, at::kLong, 1);
   const int64_t num_sequences = sequence_offsets.size(0) - 1;
-  TORCH_CHECK(num_sequences >= 0, kOp, ": sequence_offsets must have K + 1 >= 1 entries, got 0");
   const int64_t* offsets = sequence_offsets.data_ptr<int64_t>();
-  TORCH_CHECK(offsets[0] == 0 && offsets[num_sequences] == sequences.size(0), kOp,
-              ": sequence_offsets must run from 0 to M = ", sequences.size(0), ", got ", offsets[0],
-              " .. ", offsets[num_sequences]);
-  for (int64_t k = 0; k < num_sequences; ++k) {
-    TORCH_CHECK(offsets[k] <= offsets[k + 1], kOp,
-                ": sequence_offsets must be non-decreasing, got ", offsets[k], " then ",
-                offsets[k + 1], " at ", k);
-  }
   if (length == 0) return;
 
   const int64_t* tok = tokens.data_ptr<int64_t>();

@@ -3,16 +3,16 @@
 // loops are in attention_kernel.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "kernels/cpu/attention_kernel.h"
-#include "kernels/cpu/paged_cache_checks.h"
+#include "kernels/cpu/cpu_checks.h"
 #include "kernels/ops.h"
 
-// The cache dtypes: float32, bfloat16 and float16 (CheckKvCache rejects the others).
+// The cache dtypes: float32, bfloat16 and float16 (CheckKvCache, kernels/op_checks.h, rejects the
+// others).
 #define DYSCO_DISPATCH_CACHE_TYPES(TYPE, NAME, ...)                              \
   AT_DISPATCH_SWITCH(TYPE, NAME,                                                 \
                      AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE( \
@@ -22,7 +22,6 @@ namespace dysco::kernels {
 namespace {
 
 using cpu::AttentionScratch;
-using cpu::PagedCacheShape;
 using cpu::PagedSequence;
 
 // Query tokens of one prefill work item: enough rows to reuse each key block, few enough to
@@ -45,23 +44,6 @@ PagedSequence<T> SequenceView(const at::Tensor& kv_cache_layer, const PagedCache
   seq.token_stride = cache.num_kv_heads * cache.head_dim;
   seq.page_stride = cache.page_size * seq.token_stride;
   return seq;
-}
-
-// Shared checks of decode and attention_probs: query [B, Hq, D] against the cache; returns B.
-int64_t CheckQuery(const char* op, const at::Tensor& query, const PagedCacheShape& cache,
-                   at::ScalarType dtype) {
-  cpu::CheckTensor(op, "query", query, dtype, 3);
-  TORCH_CHECK(query.size(2) == cache.head_dim, op, ": query head_dim ", query.size(2),
-              " does not match the cache's head_dim ", cache.head_dim);
-  TORCH_CHECK(query.size(1) % cache.num_kv_heads == 0, op, ": query heads ", query.size(1),
-              " must be a multiple of the cache's KV heads ", cache.num_kv_heads);
-  return query.size(0);
-}
-
-void CheckOutLikeQuery(const char* op, const at::Tensor& out, const at::Tensor& query) {
-  cpu::CheckTensor(op, "out", out, query.scalar_type(), 3);
-  TORCH_CHECK(out.sizes() == query.sizes(), op, ": out must have the shape of query ",
-              query.sizes(), ", got ", out.sizes());
 }
 
 const float* BiasData(const c10::optional<at::Tensor>& key_bias) {
@@ -269,16 +251,13 @@ void paged_attention_decode_cpu(const at::Tensor& out, const at::Tensor& query,
                                 const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,
                                 const at::Tensor& seq_lens, double scale,
                                 const c10::optional<at::Tensor>& key_bias) {
-  constexpr const char* kOp = "dysco::paged_attention_decode";
-  const PagedCacheShape cache = cpu::CheckKvCache(kOp, kv_cache_layer);
-  const int64_t batch = CheckQuery(kOp, query, cache, kv_cache_layer.scalar_type());
-  CheckOutLikeQuery(kOp, out, query);
-  const int64_t max_len = cpu::CheckSequences(kOp, block_tables, seq_lens, batch, cache, 1);
-  cpu::CheckKeyBias(kOp, key_bias, batch, max_len);
+  const cpu::PagedAttentionShape shape =
+      cpu::CheckPagedAttentionDecode(out, query, kv_cache_layer, block_tables, seq_lens, key_bias);
   if (out.numel() == 0) return;
-  DYSCO_DISPATCH_CACHE_TYPES(query.scalar_type(), kOp, [&] {
-    DecodeImpl<scalar_t>(out, query, kv_cache_layer, cache, block_tables, seq_lens, max_len,
-                         static_cast<float>(scale), BiasData(key_bias), BiasStride(key_bias));
+  DYSCO_DISPATCH_CACHE_TYPES(query.scalar_type(), kPagedAttentionDecodeOp, [&] {
+    DecodeImpl<scalar_t>(out, query, kv_cache_layer, shape.cache, block_tables, seq_lens,
+                         shape.max_seq_len, static_cast<float>(scale), BiasData(key_bias),
+                         BiasStride(key_bias));
   });
 }
 
@@ -286,38 +265,22 @@ void paged_attention_prefill_cpu(const at::Tensor& out, const at::Tensor& query,
                                  const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,
                                  const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
                                  double scale, const c10::optional<at::Tensor>& key_bias) {
-  constexpr const char* kOp = "dysco::paged_attention_prefill";
-  const PagedCacheShape cache = cpu::CheckKvCache(kOp, kv_cache_layer);
-  const int64_t num_tokens = CheckQuery(kOp, query, cache, kv_cache_layer.scalar_type());
-  CheckOutLikeQuery(kOp, out, query);
-  cpu::CheckTensor(kOp, "block_tables", block_tables, at::kInt, 2);
-  const int64_t batch = block_tables.size(0);
-  const int64_t max_len = cpu::CheckSequences(kOp, block_tables, seq_lens, batch, cache, 0);
-  cpu::CheckTensor(kOp, "query_start_loc", query_start_loc, at::kLong, 1);
-  TORCH_CHECK(query_start_loc.size(0) == batch + 1, kOp,
-              ": query_start_loc must have B + 1 = ", batch + 1, " entries, got ",
-              query_start_loc.size(0));
-  cpu::CheckKeyBias(kOp, key_bias, batch, max_len);
-
+  const cpu::PagedAttentionShape shape = cpu::CheckPagedAttentionPrefill(
+      out, query, kv_cache_layer, block_tables, seq_lens, query_start_loc, key_bias);
+  const int64_t batch = seq_lens.size(0);
   const int64_t* starts = query_start_loc.data_ptr<int64_t>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
-  TORCH_CHECK(starts[0] == 0 && starts[batch] == num_tokens, kOp,
-              ": query_start_loc must start at 0 and end at T = ", num_tokens, ", got ", starts[0],
-              " .. ", starts[batch]);
   std::vector<PrefillTile> tiles;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t q_len = starts[b + 1] - starts[b];
-    TORCH_CHECK(q_len >= 0 && q_len <= lens[b], kOp, ": sequence ", b, " has ", q_len,
-                " new tokens (query_start_loc[", b, "] = ", starts[b], ", query_start_loc[", b + 1,
-                "] = ", starts[b + 1], ") but seq_lens[", b, "] = ", lens[b]);
     for (int64_t t = 0; t < q_len; t += kPrefillTokensPerItem) {
       const int64_t tokens = std::min(kPrefillTokensPerItem, q_len - t);
       tiles.push_back({b, starts[b] + t, starts[b] + t + tokens, lens[b] - q_len + t});
     }
   }
   if (out.numel() == 0) return;
-  DYSCO_DISPATCH_CACHE_TYPES(query.scalar_type(), kOp, [&] {
-    PrefillImpl<scalar_t>(out, query, kv_cache_layer, cache, block_tables, tiles,
+  DYSCO_DISPATCH_CACHE_TYPES(query.scalar_type(), kPagedAttentionPrefillOp, [&] {
+    PrefillImpl<scalar_t>(out, query, kv_cache_layer, shape.cache, block_tables, tiles,
                           static_cast<float>(scale), BiasData(key_bias), BiasStride(key_bias));
   });
 }
@@ -326,24 +289,11 @@ void attention_probs_cpu(const at::Tensor& out, const at::Tensor& query,
                          const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,
                          const at::Tensor& seq_lens, const at::Tensor& heads, double scale,
                          const c10::optional<at::Tensor>& key_bias) {
-  constexpr const char* kOp = "dysco::attention_probs";
-  const PagedCacheShape cache = cpu::CheckKvCache(kOp, kv_cache_layer);
-  const int64_t batch = CheckQuery(kOp, query, cache, kv_cache_layer.scalar_type());
-  const int64_t max_len = cpu::CheckSequences(kOp, block_tables, seq_lens, batch, cache, 1);
-  cpu::CheckTensor(kOp, "heads", heads, at::kLong, 1);
-  cpu::CheckTensor(kOp, "out", out, at::kFloat, 3);
-  TORCH_CHECK(out.size(0) == batch && out.size(1) == heads.size(0) && out.size(2) >= max_len, kOp,
-              ": out must be [B = ", batch, ", H = ", heads.size(0), ", S' >= ", max_len, "], got ",
-              out.sizes());
-  const int64_t* head_ids = heads.data_ptr<int64_t>();
-  for (int64_t i = 0; i < heads.size(0); ++i) {
-    TORCH_CHECK(head_ids[i] >= 0 && head_ids[i] < query.size(1), kOp, ": heads[", i,
-                "] = ", head_ids[i], " is not a query head (Hq = ", query.size(1), ")");
-  }
-  cpu::CheckKeyBias(kOp, key_bias, batch, max_len);
+  const cpu::PagedAttentionShape shape =
+      cpu::CheckAttentionProbs(out, query, kv_cache_layer, block_tables, seq_lens, heads, key_bias);
   if (out.numel() == 0) return;
-  DYSCO_DISPATCH_CACHE_TYPES(query.scalar_type(), kOp, [&] {
-    ProbsImpl<scalar_t>(out, query, kv_cache_layer, cache, block_tables, seq_lens, heads,
+  DYSCO_DISPATCH_CACHE_TYPES(query.scalar_type(), kAttentionProbsOp, [&] {
+    ProbsImpl<scalar_t>(out, query, kv_cache_layer, shape.cache, block_tables, seq_lens, heads,
                         static_cast<float>(scale), BiasData(key_bias), BiasStride(key_bias));
   });
 }

@@ -1,36 +1,20 @@
 // CPU paged_kv_write: copies each token's K and V rows into its slot of the paged cache.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Exception.h>
 
 #include <cstring>
 
-#include "kernels/cpu/paged_cache_checks.h"
+#include "kernels/cpu/cpu_checks.h"
 #include "kernels/ops.h"
 
 namespace dysco::kernels {
 
 void paged_kv_write_cpu(const at::Tensor& kv_cache_layer, const at::Tensor& key,
                         const at::Tensor& value, const at::Tensor& slot_mapping) {
-  constexpr const char* kOp = "dysco::paged_kv_write";
-  const cpu::PagedCacheShape cache = cpu::CheckKvCache(kOp, kv_cache_layer);
-  cpu::CheckTensor(kOp, "key", key, kv_cache_layer.scalar_type(), 3);
-  cpu::CheckTensor(kOp, "value", value, kv_cache_layer.scalar_type(), 3);
-  cpu::CheckTensor(kOp, "slot_mapping", slot_mapping, at::kLong, 1);
+  const PagedCacheShape cache = cpu::CheckPagedKvWrite(kv_cache_layer, key, value, slot_mapping);
   const int64_t num_tokens = key.size(0);
-  TORCH_CHECK(key.size(1) == cache.num_kv_heads && key.size(2) == cache.head_dim, kOp,
-              ": key must be [T, Hkv = ", cache.num_kv_heads, ", D = ", cache.head_dim, "], got ",
-              key.sizes());
-  TORCH_CHECK(value.sizes() == key.sizes(), kOp, ": value must have the shape of key ", key.sizes(),
-              ", got ", value.sizes());
-  TORCH_CHECK(slot_mapping.size(0) == num_tokens, kOp, ": slot_mapping must have T = ", num_tokens,
-              " entries, got ", slot_mapping.size(0));
   const int64_t num_slots = cache.num_pages * cache.page_size;
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    TORCH_CHECK(slots[t] < num_slots, kOp, ": slot_mapping[", t, "] = ", slots[t],
-                " is past the cache (", num_slots, " slots)");
-  }
 
   // A token's K (or V) for all heads is one contiguous run of Hkv * D elements in both tensors.
   const int64_t row_bytes = cache.num_kv_heads * cache.head_dim * kv_cache_layer.element_size();

@@ -8,7 +8,6 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <gtest/gtest.h>
 
@@ -22,52 +21,19 @@
 #include <string>
 #include <vector>
 
+#include "kernels/dysco_constants.h"
+#include "kernels/op_calls.h"
+#include "kernels/op_checks.h"
+#include "kernels/ops.h"
+
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-// ---- the ops through the dispatcher, exactly as a scripted model calls them
-
-void RelevanceUpdate(const at::Tensor& relevance, const at::Tensor& probs,
-                     const at::Tensor& num_keys, const at::Tensor& decay) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("dysco::dysco_relevance_update", "")
-                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&)>();
-  op.call(relevance, probs, num_keys, decay);
-}
-
-void SelectBias(const at::Tensor& bias, const at::Tensor& selected, const at::Tensor& stats,
-                const at::Tensor& relevance, const at::Tensor& num_keys,
-                const at::Tensor& template_mask, const at::Tensor& top_p, const at::Tensor& top_k,
-                const at::Tensor& strength) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("dysco::dysco_select_bias", "")
-                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-  op.call(bias, selected, stats, relevance, num_keys, template_mask, top_p, top_k, strength);
-}
-
-void BiasFromSelection(const at::Tensor& bias, const at::Tensor& selected,
-                       const at::Tensor& num_keys, const at::Tensor& template_mask,
-                       const at::Tensor& strength) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("dysco::dysco_bias_from_selection", "")
-                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, const at::Tensor&)>();
-  op.call(bias, selected, num_keys, template_mask, strength);
-}
-
-void TemplateMask(const at::Tensor& mask, const at::Tensor& tokens, const at::Tensor& sequences,
-                  const at::Tensor& offsets) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("dysco::dysco_template_mask", "")
-                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&)>();
-  op.call(mask, tokens, sequences, offsets);
-}
+// The ops are called through the dispatcher (kernels/op_calls.h), exactly as a scripted model
+// calls them.
+namespace ops = dysco::ops;
 
 // ---- plain references
 
@@ -132,6 +98,10 @@ std::vector<bool> ReferenceSelect(const std::vector<float>& values, float top_p,
   for (int64_t i = 0; i < count; ++i) selected[order[i]] = true;
   return selected;
 }
+
+// The reference below spells the threshold out; the kernels use the shared constant.
+static_assert(dysco::kHardMaskStrength == 99.0,
+              "docs/dysco.md fixes the hard-mask threshold at strength 99");
 
 // The bias row [0, width) of ALGORITHM.md "Bias vector".
 std::vector<float> ReferenceBias(const std::vector<bool>& selected, const std::vector<bool>& tmpl,
@@ -258,9 +228,9 @@ SelectResult RunSelectAndCheck(const SelectCase& c) {
   const at::Tensor bias = at::full({batch, width}, kNaN);
   const at::Tensor selected = at::ones({batch, width}, at::kBool);
   const at::Tensor stats = at::full({batch, 2}, kNaN);
-  SelectBias(bias, selected, stats, relevance, at::tensor(lens, at::kLong), tmpl,
-             at::tensor(c.top_p, at::kFloat), at::tensor(c.top_k, at::kLong),
-             at::tensor(c.strength, at::kFloat));
+  ops::dysco_select_bias(bias, selected, stats, relevance, at::tensor(lens, at::kLong), tmpl,
+                         at::tensor(c.top_p, at::kFloat), at::tensor(c.top_k, at::kLong),
+                         at::tensor(c.strength, at::kFloat));
 
   SelectResult result;
   for (int64_t b = 0; b < batch; ++b) {
@@ -307,13 +277,14 @@ std::vector<float> RandomRelevance(int64_t n, bool ties, at::Generator& gen) {
 
 // ---- registration
 
-TEST(DyscoOps, AllFourDyscoSchemasAreRegistered) {
+TEST(DyscoOps, AllFourDyscoOpsAreRegisteredWithCpuKernels) {
+  const std::vector<std::string>& names = ops::AllOpNames();
   for (const char* name : {"dysco::dysco_relevance_update", "dysco::dysco_select_bias",
                            "dysco::dysco_bias_from_selection", "dysco::dysco_template_mask"}) {
-    const auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
-    ASSERT_TRUE(handle.has_value()) << name;
-    EXPECT_TRUE(handle->hasKernelForDispatchKey(c10::DispatchKey::CPU)) << name;
+    EXPECT_NE(std::find(names.begin(), names.end(), name), names.end()) << name;
   }
+  EXPECT_EQ(ops::MissingOps(), std::vector<std::string>{});
+  EXPECT_EQ(ops::MissingKernels(c10::DispatchKey::CPU), std::vector<std::string>{});
 }
 
 // ---- dysco_relevance_update
@@ -369,7 +340,7 @@ TEST(DyscoRelevanceUpdate, MatchesReference) {
     const RelevanceBatch in = MakeRelevanceBatch(lens, heads, 20011, 20005, gen);
     const std::vector<std::vector<double>> expected = ExpectedRelevance(in, 20011);
     const at::Tensor relevance = in.relevance.clone();
-    RelevanceUpdate(relevance, in.probs, in.num_keys, in.decay);
+    ops::dysco_relevance_update(relevance, in.probs, in.num_keys, in.decay);
     for (size_t b = 0; b < lens.size(); ++b) {
       SCOPED_TRACE(::testing::Message() << "row " << b << " n=" << lens[b]);
       EXPECT_TRUE(FloatsClose(ToFloats(relevance[b]), expected[b], 1e-7, 1e-5));
@@ -383,10 +354,10 @@ TEST(DyscoRelevanceUpdate, MatchesReference) {
 TEST(DyscoRelevanceUpdate, ZeroDecayIsTheHeadMeanAndOneKeyIsOne) {
   const at::Tensor probs = at::tensor({0.5f, 0.5f, 0.0f, 0.25f, 0.75f, 0.0f}).reshape({1, 2, 3});
   const at::Tensor relevance = at::tensor({0.9f, kNaN, kNaN}).reshape({1, 3});
-  RelevanceUpdate(relevance, probs, at::tensor({int64_t{2}}), at::zeros({1}));
+  ops::dysco_relevance_update(relevance, probs, at::tensor({int64_t{2}}), at::zeros({1}));
   EXPECT_TRUE(FloatsClose(ToFloats(relevance), std::vector<float>{0.375f, 0.625f, 0.0f}, 0, 0));
   const at::Tensor one = at::full({1, 3}, kNaN);
-  RelevanceUpdate(one, probs, at::tensor({int64_t{1}}), at::full({1}, 0.5f));
+  ops::dysco_relevance_update(one, probs, at::tensor({int64_t{1}}), at::full({1}, 0.5f));
   EXPECT_TRUE(FloatsClose(ToFloats(one), std::vector<float>{1.0f, 0.0f, 0.0f}, 0, 0));
 }
 
@@ -396,10 +367,10 @@ TEST(DyscoRelevanceUpdate, ResultDoesNotDependOnThreadCount) {
   const int threads = at::get_num_threads();
   const at::Tensor single = in.relevance.clone();
   at::set_num_threads(1);
-  RelevanceUpdate(single, in.probs, in.num_keys, in.decay);
+  ops::dysco_relevance_update(single, in.probs, in.num_keys, in.decay);
   at::set_num_threads(std::max(threads, 4));
   const at::Tensor many = in.relevance.clone();
-  RelevanceUpdate(many, in.probs, in.num_keys, in.decay);
+  ops::dysco_relevance_update(many, in.probs, in.num_keys, in.decay);
   at::set_num_threads(threads);
   EXPECT_TRUE(at::equal(single, many));
 }
@@ -409,23 +380,29 @@ TEST(DyscoRelevanceUpdate, RejectsBadInputs) {
   const at::Tensor probs = at::zeros({2, 3, 8});
   const at::Tensor keys = at::tensor({int64_t{4}, int64_t{8}});
   const at::Tensor decay = at::zeros({2});
-  EXPECT_NO_THROW(RelevanceUpdate(rel, probs, keys, decay));
-  EXPECT_THROW(RelevanceUpdate(rel.to(at::kDouble), probs, keys, decay), c10::Error);
-  EXPECT_THROW(RelevanceUpdate(at::zeros({8, 2}).t(), probs, keys, decay), c10::Error);
-  EXPECT_THROW(RelevanceUpdate(at::zeros({2, 8, 1}), probs, keys, decay), c10::Error);
-  EXPECT_THROW(RelevanceUpdate(rel, probs.to(at::kHalf), keys, decay), c10::Error);
-  EXPECT_THROW(RelevanceUpdate(rel, at::zeros({3, 3, 8}), keys, decay), c10::Error);  // B
-  EXPECT_THROW(RelevanceUpdate(rel, at::zeros({2, 0, 8}), keys, decay), c10::Error);  // H = 0
-  EXPECT_THROW(RelevanceUpdate(rel, at::zeros({2, 3, 7}), keys, decay), c10::Error);  // S' < n
-  EXPECT_THROW(RelevanceUpdate(rel, at::zeros({2, 8}), keys, decay), c10::Error);
-  EXPECT_THROW(RelevanceUpdate(rel, probs, keys.to(at::kInt), decay), c10::Error);
-  EXPECT_THROW(RelevanceUpdate(rel, probs, at::tensor({int64_t{4}}), decay), c10::Error);
-  EXPECT_THROW(RelevanceUpdate(rel, probs, at::tensor({int64_t{4}, int64_t{9}}), decay),
+  EXPECT_NO_THROW(ops::dysco_relevance_update(rel, probs, keys, decay));
+  EXPECT_THROW(ops::dysco_relevance_update(rel.to(at::kDouble), probs, keys, decay), c10::Error);
+  EXPECT_THROW(ops::dysco_relevance_update(at::zeros({8, 2}).t(), probs, keys, decay), c10::Error);
+  EXPECT_THROW(ops::dysco_relevance_update(at::zeros({2, 8, 1}), probs, keys, decay), c10::Error);
+  EXPECT_THROW(ops::dysco_relevance_update(rel, probs.to(at::kHalf), keys, decay), c10::Error);
+  EXPECT_THROW(ops::dysco_relevance_update(rel, at::zeros({3, 3, 8}), keys, decay),
+               c10::Error);  // B
+  EXPECT_THROW(ops::dysco_relevance_update(rel, at::zeros({2, 0, 8}), keys, decay),
+               c10::Error);  // H = 0
+  EXPECT_THROW(ops::dysco_relevance_update(rel, at::zeros({2, 3, 7}), keys, decay),
+               c10::Error);  // S' < n
+  EXPECT_THROW(ops::dysco_relevance_update(rel, at::zeros({2, 8}), keys, decay), c10::Error);
+  EXPECT_THROW(ops::dysco_relevance_update(rel, probs, keys.to(at::kInt), decay), c10::Error);
+  EXPECT_THROW(ops::dysco_relevance_update(rel, probs, at::tensor({int64_t{4}}), decay),
                c10::Error);
-  EXPECT_THROW(RelevanceUpdate(rel, probs, at::tensor({int64_t{-1}, int64_t{2}}), decay),
+  EXPECT_THROW(ops::dysco_relevance_update(rel, probs, at::tensor({int64_t{4}, int64_t{9}}), decay),
                c10::Error);
-  EXPECT_THROW(RelevanceUpdate(rel, probs, keys, at::zeros({2}, at::kDouble)), c10::Error);
-  EXPECT_THROW(RelevanceUpdate(rel, probs, keys, at::zeros({3})), c10::Error);
+  EXPECT_THROW(
+      ops::dysco_relevance_update(rel, probs, at::tensor({int64_t{-1}, int64_t{2}}), decay),
+      c10::Error);
+  EXPECT_THROW(ops::dysco_relevance_update(rel, probs, keys, at::zeros({2}, at::kDouble)),
+               c10::Error);
+  EXPECT_THROW(ops::dysco_relevance_update(rel, probs, keys, at::zeros({3})), c10::Error);
 }
 
 // ---- dysco_select_bias on random batches
@@ -632,8 +609,8 @@ TEST(DyscoBiasFromSelection, MatchesReference) {
   const at::Tensor selected = at::rand({batch, width}, gen) < 0.3;  // true past n_b too
   const at::Tensor tmpl = at::rand({batch, width}, gen) < 0.3;
   const at::Tensor bias = at::full({batch, width}, kNaN);
-  BiasFromSelection(bias, selected, at::tensor(lens, at::kLong), tmpl,
-                    at::tensor(strengths, at::kFloat));
+  ops::dysco_bias_from_selection(bias, selected, at::tensor(lens, at::kLong), tmpl,
+                                 at::tensor(strengths, at::kFloat));
   for (int64_t b = 0; b < batch; ++b) {
     SCOPED_TRACE(::testing::Message() << "row " << b);
     const std::vector<float> expected =
@@ -644,13 +621,13 @@ TEST(DyscoBiasFromSelection, MatchesReference) {
 
 TEST(DyscoBiasFromSelection, CurrentPositionIsBoostedWhenUnselectedAndTemplate) {
   const at::Tensor bias = at::full({1, 4}, kNaN);
-  BiasFromSelection(bias, at::tensor({1, 0, 0, 0}).to(at::kBool).reshape({1, 4}),
-                    at::tensor({int64_t{3}}),
-                    at::tensor({0, 1, 1, 1}).to(at::kBool).reshape({1, 4}), at::full({1}, 3.0f));
+  ops::dysco_bias_from_selection(
+      bias, at::tensor({1, 0, 0, 0}).to(at::kBool).reshape({1, 4}), at::tensor({int64_t{3}}),
+      at::tensor({0, 1, 1, 1}).to(at::kBool).reshape({1, 4}), at::full({1}, 3.0f));
   const float l3 = static_cast<float>(std::log(3.0));
   EXPECT_EQ(ToFloats(bias), (std::vector<float>{l3, 0.0f, l3, 0.0f}));
-  BiasFromSelection(bias, at::zeros({1, 4}, at::kBool), at::tensor({int64_t{3}}),
-                    at::ones({1, 4}, at::kBool), at::full({1}, 100.0f));
+  ops::dysco_bias_from_selection(bias, at::zeros({1, 4}, at::kBool), at::tensor({int64_t{3}}),
+                                 at::ones({1, 4}, at::kBool), at::full({1}, 100.0f));
   EXPECT_EQ(ToFloats(bias), (std::vector<float>{-kInf, -kInf, 0.0f, 0.0f}));
 }
 
@@ -666,44 +643,58 @@ TEST(DyscoSelectBias, RejectsBadInputs) {
   const at::Tensor p = at::full({B}, 0.9f);
   const at::Tensor k = at::full({B}, 2, at::kLong);
   const at::Tensor s = at::full({B}, 2.0f);
-  EXPECT_NO_THROW(SelectBias(bias, sel, stats, rel, keys, tmpl, p, k, s));
-  EXPECT_THROW(SelectBias(bias.to(at::kDouble), sel, stats, rel, keys, tmpl, p, k, s), c10::Error);
-  EXPECT_THROW(SelectBias(at::zeros({B, S + 1}), sel, stats, rel, keys, tmpl, p, k, s), c10::Error);
-  EXPECT_THROW(SelectBias(bias, sel.to(at::kFloat), stats, rel, keys, tmpl, p, k, s), c10::Error);
-  EXPECT_THROW(SelectBias(bias, sel, at::zeros({B, 3}), rel, keys, tmpl, p, k, s), c10::Error);
-  EXPECT_THROW(SelectBias(bias, sel, stats, rel.to(at::kHalf), keys, tmpl, p, k, s), c10::Error);
-  EXPECT_THROW(SelectBias(bias, sel, stats, at::zeros({S, B}).t(), keys, tmpl, p, k, s),
+  EXPECT_NO_THROW(ops::dysco_select_bias(bias, sel, stats, rel, keys, tmpl, p, k, s));
+  EXPECT_THROW(ops::dysco_select_bias(bias.to(at::kDouble), sel, stats, rel, keys, tmpl, p, k, s),
                c10::Error);
-  EXPECT_THROW(SelectBias(bias, sel, stats, rel, keys.to(at::kInt), tmpl, p, k, s), c10::Error);
-  EXPECT_THROW(
-      SelectBias(bias, sel, stats, rel, at::tensor({int64_t{3}, int64_t{7}}), tmpl, p, k, s),
-      c10::Error);
-  EXPECT_THROW(
-      SelectBias(bias, sel, stats, rel, at::tensor({int64_t{-1}, int64_t{3}}), tmpl, p, k, s),
-      c10::Error);
-  EXPECT_THROW(SelectBias(bias, sel, stats, rel, keys, tmpl.to(at::kLong), p, k, s), c10::Error);
-  EXPECT_THROW(SelectBias(bias, sel, stats, rel, keys, at::zeros({B, S - 1}, at::kBool), p, k, s),
+  EXPECT_THROW(ops::dysco_select_bias(at::zeros({B, S + 1}), sel, stats, rel, keys, tmpl, p, k, s),
                c10::Error);
-  EXPECT_THROW(SelectBias(bias, sel, stats, rel, keys, tmpl, p.to(at::kDouble), k, s), c10::Error);
-  EXPECT_THROW(SelectBias(bias, sel, stats, rel, keys, tmpl, at::full({B}, 1.5f), k, s),
+  EXPECT_THROW(ops::dysco_select_bias(bias, sel.to(at::kFloat), stats, rel, keys, tmpl, p, k, s),
                c10::Error);
-  EXPECT_THROW(SelectBias(bias, sel, stats, rel, keys, tmpl, at::full({B}, kNaN), k, s),
+  EXPECT_THROW(ops::dysco_select_bias(bias, sel, at::zeros({B, 3}), rel, keys, tmpl, p, k, s),
                c10::Error);
-  EXPECT_THROW(SelectBias(bias, sel, stats, rel, keys, tmpl, p, k.to(at::kInt), s), c10::Error);
-  EXPECT_THROW(SelectBias(bias, sel, stats, rel, keys, tmpl, p, at::full({B + 1}, 2, at::kLong), s),
+  EXPECT_THROW(ops::dysco_select_bias(bias, sel, stats, rel.to(at::kHalf), keys, tmpl, p, k, s),
                c10::Error);
-  EXPECT_THROW(SelectBias(bias, sel, stats, rel, keys, tmpl, at::tensor({0.9f, 0.0f}),
-                          at::tensor({int64_t{2}, int64_t{0}}), s),
+  EXPECT_THROW(ops::dysco_select_bias(bias, sel, stats, at::zeros({S, B}).t(), keys, tmpl, p, k, s),
+               c10::Error);
+  EXPECT_THROW(ops::dysco_select_bias(bias, sel, stats, rel, keys.to(at::kInt), tmpl, p, k, s),
+               c10::Error);
+  EXPECT_THROW(ops::dysco_select_bias(bias, sel, stats, rel, at::tensor({int64_t{3}, int64_t{7}}),
+                                      tmpl, p, k, s),
+               c10::Error);
+  EXPECT_THROW(ops::dysco_select_bias(bias, sel, stats, rel, at::tensor({int64_t{-1}, int64_t{3}}),
+                                      tmpl, p, k, s),
+               c10::Error);
+  EXPECT_THROW(ops::dysco_select_bias(bias, sel, stats, rel, keys, tmpl.to(at::kLong), p, k, s),
+               c10::Error);
+  EXPECT_THROW(ops::dysco_select_bias(bias, sel, stats, rel, keys, at::zeros({B, S - 1}, at::kBool),
+                                      p, k, s),
+               c10::Error);
+  EXPECT_THROW(ops::dysco_select_bias(bias, sel, stats, rel, keys, tmpl, p.to(at::kDouble), k, s),
+               c10::Error);
+  EXPECT_THROW(ops::dysco_select_bias(bias, sel, stats, rel, keys, tmpl, at::full({B}, 1.5f), k, s),
+               c10::Error);
+  EXPECT_THROW(ops::dysco_select_bias(bias, sel, stats, rel, keys, tmpl, at::full({B}, kNaN), k, s),
+               c10::Error);
+  EXPECT_THROW(ops::dysco_select_bias(bias, sel, stats, rel, keys, tmpl, p, k.to(at::kInt), s),
+               c10::Error);
+  EXPECT_THROW(ops::dysco_select_bias(bias, sel, stats, rel, keys, tmpl, p,
+                                      at::full({B + 1}, 2, at::kLong), s),
+               c10::Error);
+  EXPECT_THROW(ops::dysco_select_bias(bias, sel, stats, rel, keys, tmpl, at::tensor({0.9f, 0.0f}),
+                                      at::tensor({int64_t{2}, int64_t{0}}), s),
                c10::Error);  // row 1 sets neither
-  EXPECT_THROW(SelectBias(bias, sel, stats, rel, keys, tmpl, p, k, at::tensor({2.0f, 0.0f})),
+  EXPECT_THROW(
+      ops::dysco_select_bias(bias, sel, stats, rel, keys, tmpl, p, k, at::tensor({2.0f, 0.0f})),
+      c10::Error);
+  EXPECT_THROW(ops::dysco_select_bias(bias, sel, stats, rel, keys, tmpl, p, k, at::full({B}, kNaN)),
                c10::Error);
-  EXPECT_THROW(SelectBias(bias, sel, stats, rel, keys, tmpl, p, k, at::full({B}, kNaN)),
-               c10::Error);
-  EXPECT_THROW(SelectBias(bias, sel, stats, rel, keys, tmpl, p, k, at::full({B}, 2.0, at::kDouble)),
+  EXPECT_THROW(ops::dysco_select_bias(bias, sel, stats, rel, keys, tmpl, p, k,
+                                      at::full({B}, 2.0, at::kDouble)),
                c10::Error);
   // Nothing was written by a rejected call.
   const at::Tensor poisoned = at::full({B, S}, kNaN);
-  EXPECT_THROW(SelectBias(poisoned, sel, stats, rel, keys, tmpl, p, k, at::tensor({2.0f, -1.0f})),
+  EXPECT_THROW(ops::dysco_select_bias(poisoned, sel, stats, rel, keys, tmpl, p, k,
+                                      at::tensor({2.0f, -1.0f})),
                c10::Error);
   EXPECT_TRUE(poisoned.isnan().all().item<bool>());
 }
@@ -713,15 +704,80 @@ TEST(DyscoBiasFromSelection, RejectsBadInputs) {
   const at::Tensor sel = at::zeros({2, 4}, at::kBool);
   const at::Tensor keys = at::tensor({int64_t{1}, int64_t{4}});
   const at::Tensor s = at::full({2}, 2.0f);
-  EXPECT_NO_THROW(BiasFromSelection(bias, sel, keys, sel, s));
-  EXPECT_THROW(BiasFromSelection(bias.to(at::kHalf), sel, keys, sel, s), c10::Error);
-  EXPECT_THROW(BiasFromSelection(at::zeros({4, 2}).t(), sel, keys, sel, s), c10::Error);
-  EXPECT_THROW(BiasFromSelection(bias, sel.to(at::kFloat), keys, sel, s), c10::Error);
-  EXPECT_THROW(BiasFromSelection(bias, sel, keys, at::zeros({2, 5}, at::kBool), s), c10::Error);
-  EXPECT_THROW(BiasFromSelection(bias, sel, at::tensor({int64_t{1}, int64_t{5}}), sel, s),
+  EXPECT_NO_THROW(ops::dysco_bias_from_selection(bias, sel, keys, sel, s));
+  EXPECT_THROW(ops::dysco_bias_from_selection(bias.to(at::kHalf), sel, keys, sel, s), c10::Error);
+  EXPECT_THROW(ops::dysco_bias_from_selection(at::zeros({4, 2}).t(), sel, keys, sel, s),
                c10::Error);
-  EXPECT_THROW(BiasFromSelection(bias, sel, keys, sel, at::full({2}, -2.0f)), c10::Error);
-  EXPECT_THROW(BiasFromSelection(bias, sel, keys, sel, at::full({1}, 2.0f)), c10::Error);
+  EXPECT_THROW(ops::dysco_bias_from_selection(bias, sel.to(at::kFloat), keys, sel, s), c10::Error);
+  EXPECT_THROW(ops::dysco_bias_from_selection(bias, sel, keys, at::zeros({2, 5}, at::kBool), s),
+               c10::Error);
+  EXPECT_THROW(
+      ops::dysco_bias_from_selection(bias, sel, at::tensor({int64_t{1}, int64_t{5}}), sel, s),
+      c10::Error);
+  EXPECT_THROW(ops::dysco_bias_from_selection(bias, sel, keys, sel, at::full({2}, -2.0f)),
+               c10::Error);
+  EXPECT_THROW(ops::dysco_bias_from_selection(bias, sel, keys, sel, at::full({1}, 2.0f)),
+               c10::Error);
+}
+
+// ---- the device-neutral checks (kernels/op_checks.h) and the CPU-only ones (kernels/cpu)
+
+// fn raises a c10::Error whose message contains text.
+template <typename Fn>
+void ExpectErrorContaining(Fn&& fn, const std::string& text) {
+  try {
+    fn();
+    ADD_FAILURE() << "no c10::Error; expected one containing \"" << text << "\"";
+  } catch (const c10::Error& e) {
+    const std::string message = e.what_without_backtrace();
+    EXPECT_NE(message.find(text), std::string::npos) << message;
+  }
+}
+
+// A tensor of the same dtype and shape on the meta device (metadata, no storage to read).
+at::Tensor OnMeta(const at::Tensor& t) {
+  return at::empty(t.sizes(), t.options().device(at::kMeta));
+}
+
+TEST(DyscoOpChecks, SharedChecksWantOneDeviceAndReadNoValues) {
+  const at::Tensor bias = at::zeros({2, 4});
+  const at::Tensor sel = at::zeros({2, 4}, at::kBool);
+  const at::Tensor keys = at::tensor({int64_t{1}, int64_t{9}});  // 9 > S: a value check's job
+  const at::Tensor s = at::full({2}, -2.0f);                     // <= 0: a value check's job
+  EXPECT_NO_THROW(dysco::kernels::CheckDyscoBiasFromSelectionArgs(bias, sel, keys, sel, s));
+  EXPECT_NO_THROW(dysco::kernels::CheckDyscoBiasFromSelectionArgs(
+      OnMeta(bias), OnMeta(sel), OnMeta(keys), OnMeta(sel), OnMeta(s)));
+  ExpectErrorContaining(
+      [&] { dysco::kernels::CheckDyscoBiasFromSelectionArgs(bias, OnMeta(sel), keys, sel, s); },
+      "dysco::dysco_bias_from_selection: selected is on meta but bias is on cpu");
+  ExpectErrorContaining(
+      [&] {
+        dysco::kernels::CheckDyscoSelectBiasArgs(bias, sel, at::zeros({2, 2}), bias, keys, sel,
+                                                 at::full({2}, 0.5f), OnMeta(keys), s);
+      },
+      "dysco::dysco_select_bias: top_k is on meta but bias is on cpu");
+  ExpectErrorContaining(
+      [&] {
+        dysco::kernels::CheckDyscoTemplateMaskArgs(
+            at::zeros({4}, at::kBool), at::zeros({4}, at::kLong), OnMeta(at::zeros({3}, at::kLong)),
+            at::zeros({2}, at::kLong));
+      },
+      "dysco::dysco_template_mask: sequences is on meta but mask is on cpu");
+  // The value checks come with the CPU kernels, which require the CPU.
+  ExpectErrorContaining([&] { ops::dysco_bias_from_selection(bias, sel, keys, sel, s); },
+                        "num_keys[1] = 9 must be in [0, 4]");
+  ExpectErrorContaining(
+      [&] {
+        dysco::kernels::dysco_bias_from_selection_cpu(OnMeta(bias), OnMeta(sel), OnMeta(keys),
+                                                      OnMeta(sel), OnMeta(s));
+      },
+      "dysco::dysco_bias_from_selection: bias must be a CPU tensor, got meta");
+  ExpectErrorContaining(
+      [&] {
+        dysco::kernels::dysco_relevance_update_cpu(OnMeta(bias), OnMeta(at::zeros({2, 1, 4})),
+                                                   OnMeta(keys), OnMeta(s));
+      },
+      "dysco::dysco_relevance_update: relevance must be a CPU tensor, got meta");
 }
 
 // ---- dysco_template_mask
@@ -736,8 +792,8 @@ std::vector<bool> RunTemplateMask(const std::vector<int64_t>& tokens,
   }
   const int64_t length = static_cast<int64_t>(tokens.size());
   const at::Tensor mask = at::ones({length}, at::kBool);  // poisoned: true
-  TemplateMask(mask, at::tensor(tokens, at::kLong), at::tensor(flat, at::kLong),
-               at::tensor(offsets, at::kLong));
+  ops::dysco_template_mask(mask, at::tensor(tokens, at::kLong), at::tensor(flat, at::kLong),
+                           at::tensor(offsets, at::kLong));
   const std::vector<bool> actual = ToBools(mask);
   EXPECT_TRUE(BoolsEqual(actual, ReferenceTemplateMask(tokens, sequences)));
   return actual;
@@ -780,21 +836,24 @@ TEST(DyscoTemplateMask, RejectsBadInputs) {
   const at::Tensor tokens = at::arange(4, at::kLong);
   const at::Tensor seqs = at::tensor({int64_t{1}, int64_t{2}, int64_t{3}});
   const at::Tensor offs = at::tensor({int64_t{0}, int64_t{2}, int64_t{3}});
-  EXPECT_NO_THROW(TemplateMask(mask, tokens, seqs, offs));
-  EXPECT_THROW(TemplateMask(mask.to(at::kFloat), tokens, seqs, offs), c10::Error);
-  EXPECT_THROW(TemplateMask(at::zeros({5}, at::kBool), tokens, seqs, offs), c10::Error);
-  EXPECT_THROW(TemplateMask(mask, tokens.to(at::kInt), seqs, offs), c10::Error);
-  EXPECT_THROW(TemplateMask(mask, tokens.reshape({2, 2}), seqs, offs), c10::Error);
-  EXPECT_THROW(TemplateMask(mask, tokens, seqs.to(at::kInt), offs), c10::Error);
-  EXPECT_THROW(TemplateMask(mask, tokens, seqs, at::zeros({0}, at::kLong)), c10::Error);
-  EXPECT_THROW(TemplateMask(mask, tokens, seqs, at::tensor({int64_t{1}, int64_t{3}})), c10::Error);
-  EXPECT_THROW(TemplateMask(mask, tokens, seqs, at::tensor({int64_t{0}, int64_t{2}})),
+  EXPECT_NO_THROW(ops::dysco_template_mask(mask, tokens, seqs, offs));
+  EXPECT_THROW(ops::dysco_template_mask(mask.to(at::kFloat), tokens, seqs, offs), c10::Error);
+  EXPECT_THROW(ops::dysco_template_mask(at::zeros({5}, at::kBool), tokens, seqs, offs), c10::Error);
+  EXPECT_THROW(ops::dysco_template_mask(mask, tokens.to(at::kInt), seqs, offs), c10::Error);
+  EXPECT_THROW(ops::dysco_template_mask(mask, tokens.reshape({2, 2}), seqs, offs), c10::Error);
+  EXPECT_THROW(ops::dysco_template_mask(mask, tokens, seqs.to(at::kInt), offs), c10::Error);
+  EXPECT_THROW(ops::dysco_template_mask(mask, tokens, seqs, at::zeros({0}, at::kLong)), c10::Error);
+  EXPECT_THROW(ops::dysco_template_mask(mask, tokens, seqs, at::tensor({int64_t{1}, int64_t{3}})),
+               c10::Error);
+  EXPECT_THROW(ops::dysco_template_mask(mask, tokens, seqs, at::tensor({int64_t{0}, int64_t{2}})),
                c10::Error);  // does not end at M
-  EXPECT_THROW(TemplateMask(mask, tokens, seqs,
-                            at::tensor({int64_t{0}, int64_t{3}, int64_t{1}, int64_t{3}})),
-               c10::Error);  // decreasing
-  EXPECT_THROW(TemplateMask(mask, at::arange(8, at::kLong).slice(0, 0, 8, 2), seqs, offs),
-               c10::Error);  // strided
+  EXPECT_THROW(
+      ops::dysco_template_mask(mask, tokens, seqs,
+                               at::tensor({int64_t{0}, int64_t{3}, int64_t{1}, int64_t{3}})),
+      c10::Error);  // decreasing
+  EXPECT_THROW(
+      ops::dysco_template_mask(mask, at::arange(8, at::kLong).slice(0, 0, 8, 2), seqs, offs),
+      c10::Error);  // strided
 }
 
 }  // namespace

@@ -5,15 +5,19 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include "kernels/op_calls.h"
+#include "kernels/op_checks.h"
+#include "kernels/ops.h"
 
 namespace {
 
@@ -22,47 +26,9 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 using Bias = c10::optional<at::Tensor>;
 
-// The ops through the dispatcher, exactly as a scripted model calls them.
-void KvWrite(const at::Tensor& kv, const at::Tensor& key, const at::Tensor& value,
-             const at::Tensor& slots) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("dysco::paged_kv_write", "")
-                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&)>();
-  op.call(kv, key, value, slots);
-}
-
-void Decode(const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv,
-            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-            const Bias& bias) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("dysco::paged_attention_decode", "")
-                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, const at::Tensor&, double, const Bias&)>();
-  op.call(out, query, kv, block_tables, seq_lens, scale, bias);
-}
-
-void Prefill(const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv,
-             const at::Tensor& block_tables, const at::Tensor& seq_lens,
-             const at::Tensor& query_start_loc, double scale, const Bias& bias) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("dysco::paged_attention_prefill", "")
-          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                      const at::Tensor&, const at::Tensor&, double, const Bias&)>();
-  op.call(out, query, kv, block_tables, seq_lens, query_start_loc, scale, bias);
-}
-
-void Probs(const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv,
-           const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& heads,
-           double scale, const Bias& bias) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("dysco::attention_probs", "")
-          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                      const at::Tensor&, const at::Tensor&, double, const Bias&)>();
-  op.call(out, query, kv, block_tables, seq_lens, heads, scale, bias);
-}
+// The ops are called through the dispatcher (kernels/op_calls.h), exactly as a scripted model
+// calls them.
+namespace ops = dysco::ops;
 
 // Every element of actual is finite-or-equal and within atol + rtol * |expected| of expected.
 ::testing::AssertionResult AllClose(const at::Tensor& actual, const at::Tensor& expected,
@@ -218,13 +184,18 @@ const std::vector<Layout> kLayouts = {
 // ---- registration
 // ----------------------------------------------------------------------------------------
 
-TEST(DyscoOps, AllFourSchemasAreRegistered) {
+TEST(DyscoOps, AllEightOpsAreRegisteredWithCpuKernels) {
+  const std::vector<std::string>& names = ops::AllOpNames();
+  EXPECT_EQ(names.size(), 8u);
   for (const char* name : {"dysco::paged_kv_write", "dysco::paged_attention_decode",
                            "dysco::paged_attention_prefill", "dysco::attention_probs"}) {
-    const auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
-    ASSERT_TRUE(handle.has_value()) << name;
-    EXPECT_TRUE(handle->hasKernelForDispatchKey(c10::DispatchKey::CPU)) << name;
+    EXPECT_NE(std::find(names.begin(), names.end(), name), names.end()) << name;
   }
+  EXPECT_EQ(ops::MissingOps(), std::vector<std::string>{});
+  EXPECT_EQ(ops::MissingKernels(c10::DispatchKey::CPU), std::vector<std::string>{});
+  // The startup check does see an op that is not there.
+  EXPECT_EQ(ops::MissingOps({"dysco::paged_kv_write", "dysco::no_such_op"}),
+            std::vector<std::string>{"dysco::no_such_op"});
 }
 
 // ---- paged_kv_write
@@ -254,7 +225,7 @@ TEST(PagedKvWrite, WritesEverySlotExactlyAndSkipsNegativeSlots) {
         expected[0].view({-1, kv_heads, head_dim})[slot].copy_(key[t]);
         expected[1].view({-1, kv_heads, head_dim})[slot].copy_(value[t]);
       }
-      KvWrite(kv, key, value, slots);
+      ops::paged_kv_write(kv, key, value, slots);
       EXPECT_TRUE(at::equal(kv, expected));
     }
   }
@@ -264,19 +235,21 @@ TEST(PagedKvWrite, RejectsBadInputs) {
   const at::Tensor kv = at::zeros({2, 4, 16, 3, 64});
   const at::Tensor key = at::zeros({5, 3, 64});
   const at::Tensor slots = at::arange(5, at::kLong);
-  EXPECT_NO_THROW(KvWrite(kv, key, key, slots));
-  EXPECT_THROW(KvWrite(kv, key.to(at::kDouble), key, slots), c10::Error);    // dtype
-  EXPECT_THROW(KvWrite(kv, key, key.to(at::kBFloat16), slots), c10::Error);  // dtype
-  EXPECT_THROW(KvWrite(kv, key, key, slots.to(at::kInt)), c10::Error);       // slot dtype
-  EXPECT_THROW(KvWrite(kv, at::zeros({5, 64, 3}).transpose(1, 2), key, slots), c10::Error);
-  EXPECT_THROW(KvWrite(kv, at::zeros({5, 2, 64}), key, slots), c10::Error);       // Hkv
-  EXPECT_THROW(KvWrite(kv, key, at::zeros({4, 3, 64}), slots), c10::Error);       // T
-  EXPECT_THROW(KvWrite(kv, key, key, at::arange(4, at::kLong)), c10::Error);      // T
-  EXPECT_THROW(KvWrite(kv, key, key, at::full({5}, 64, at::kLong)), c10::Error);  // past the cache
-  EXPECT_THROW(KvWrite(at::zeros({3, 4, 16, 3, 64}), key, key, slots), c10::Error);
-  EXPECT_THROW(
-      KvWrite(at::zeros({2, 4, 16, 3, 64}, at::kInt), key.to(at::kInt), key.to(at::kInt), slots),
-      c10::Error);
+  EXPECT_NO_THROW(ops::paged_kv_write(kv, key, key, slots));
+  EXPECT_THROW(ops::paged_kv_write(kv, key.to(at::kDouble), key, slots), c10::Error);    // dtype
+  EXPECT_THROW(ops::paged_kv_write(kv, key, key.to(at::kBFloat16), slots), c10::Error);  // dtype
+  EXPECT_THROW(ops::paged_kv_write(kv, key, key, slots.to(at::kInt)), c10::Error);  // slot dtype
+  EXPECT_THROW(ops::paged_kv_write(kv, at::zeros({5, 64, 3}).transpose(1, 2), key, slots),
+               c10::Error);
+  EXPECT_THROW(ops::paged_kv_write(kv, at::zeros({5, 2, 64}), key, slots), c10::Error);   // Hkv
+  EXPECT_THROW(ops::paged_kv_write(kv, key, at::zeros({4, 3, 64}), slots), c10::Error);   // T
+  EXPECT_THROW(ops::paged_kv_write(kv, key, key, at::arange(4, at::kLong)), c10::Error);  // T
+  EXPECT_THROW(ops::paged_kv_write(kv, key, key, at::full({5}, 64, at::kLong)),
+               c10::Error);  // past the cache
+  EXPECT_THROW(ops::paged_kv_write(at::zeros({3, 4, 16, 3, 64}), key, key, slots), c10::Error);
+  EXPECT_THROW(ops::paged_kv_write(at::zeros({2, 4, 16, 3, 64}, at::kInt), key.to(at::kInt),
+                                   key.to(at::kInt), slots),
+               c10::Error);
 }
 
 // ---- paged_attention_decode
@@ -292,7 +265,8 @@ void CheckDecode(const Layout& layout, const std::vector<int64_t>& lens, at::Sca
       at::randn({num_seqs, layout.query_heads(), layout.head_dim}, gen).to(dtype);
   const double scale = 1.0 / std::sqrt(static_cast<double>(layout.head_dim));
   const at::Tensor out = at::full_like(query, kNaN);
-  Decode(out, query, batch.kv, batch.block_tables, batch.seq_lens, scale, bias);
+  ops::paged_attention_decode(out, query, batch.kv, batch.block_tables, batch.seq_lens, scale,
+                              bias);
 
   at::Tensor expected = at::empty({num_seqs, layout.query_heads(), layout.head_dim}, at::kDouble);
   for (int64_t b = 0; b < num_seqs; ++b) {
@@ -347,7 +321,8 @@ TEST(PagedAttentionDecode, FullyMaskedRowIsZeroNotNaN) {
     bias[1].fill_(-kInf);  // sequence 1 sees nothing
     const at::Tensor query = at::randn({2, 9, 64}, gen);
     const at::Tensor out = at::full_like(query, kNaN);
-    Decode(out, query, batch.kv, batch.block_tables, batch.seq_lens, 0.125, bias);
+    ops::paged_attention_decode(out, query, batch.kv, batch.block_tables, batch.seq_lens, 0.125,
+                                bias);
     at::Tensor expected = at::zeros({2, 9, 64}, at::kDouble);
     expected[0].copy_(
         Reference(batch, 0, query[0].unsqueeze(0), at::full({1}, 39, at::kLong), 0.125, bias)
@@ -366,45 +341,122 @@ TEST(PagedAttentionDecode, RejectsBadInputs) {
   const at::Tensor query = at::randn({2, 9, 64}, gen);
   const at::Tensor out = at::empty_like(query);
   const Bias none;
-  EXPECT_NO_THROW(Decode(out, query, kv, tables, lens, 0.125, none));
-  EXPECT_NO_THROW(Decode(out, query, kv, tables, lens, 0.125, at::zeros({2, 40})));
+  EXPECT_NO_THROW(ops::paged_attention_decode(out, query, kv, tables, lens, 0.125, none));
+  EXPECT_NO_THROW(
+      ops::paged_attention_decode(out, query, kv, tables, lens, 0.125, at::zeros({2, 40})));
   // dtypes
-  EXPECT_THROW(Decode(out, query.to(at::kDouble), kv, tables, lens, 0.125, none), c10::Error);
-  EXPECT_THROW(Decode(out.to(at::kBFloat16), query, kv, tables, lens, 0.125, none), c10::Error);
-  EXPECT_THROW(Decode(out, query, kv, tables.to(at::kLong), lens, 0.125, none), c10::Error);
-  EXPECT_THROW(Decode(out, query, kv, tables, lens.to(at::kInt), 0.125, none), c10::Error);
-  EXPECT_THROW(Decode(out, query, kv, tables, lens, 0.125, at::zeros({2, 40}, at::kDouble)),
+  EXPECT_THROW(
+      ops::paged_attention_decode(out, query.to(at::kDouble), kv, tables, lens, 0.125, none),
+      c10::Error);
+  EXPECT_THROW(
+      ops::paged_attention_decode(out.to(at::kBFloat16), query, kv, tables, lens, 0.125, none),
+      c10::Error);
+  EXPECT_THROW(ops::paged_attention_decode(out, query, kv, tables.to(at::kLong), lens, 0.125, none),
+               c10::Error);
+  EXPECT_THROW(ops::paged_attention_decode(out, query, kv, tables, lens.to(at::kInt), 0.125, none),
+               c10::Error);
+  EXPECT_THROW(ops::paged_attention_decode(out, query, kv, tables, lens, 0.125,
+                                           at::zeros({2, 40}, at::kDouble)),
                c10::Error);
   // non-contiguous
   const at::Tensor strided_query = at::randn({2, 64, 9}, gen).transpose(1, 2);
-  EXPECT_THROW(Decode(out, strided_query, kv, tables, lens, 0.125, none), c10::Error);
-  EXPECT_THROW(Decode(at::empty({9, 2, 64}).transpose(0, 1), query, kv, tables, lens, 0.125, none),
+  EXPECT_THROW(ops::paged_attention_decode(out, strided_query, kv, tables, lens, 0.125, none),
                c10::Error);
-  EXPECT_THROW(Decode(out, query, kv.transpose(3, 4).contiguous().transpose(3, 4), tables, lens,
-                      0.125, none),
+  EXPECT_THROW(ops::paged_attention_decode(at::empty({9, 2, 64}).transpose(0, 1), query, kv, tables,
+                                           lens, 0.125, none),
                c10::Error);
-  EXPECT_THROW(Decode(out, query, kv, tables, lens, 0.125, at::zeros({40, 2}).t()), c10::Error);
+  EXPECT_THROW(
+      ops::paged_attention_decode(out, query, kv.transpose(3, 4).contiguous().transpose(3, 4),
+                                  tables, lens, 0.125, none),
+      c10::Error);
+  EXPECT_THROW(
+      ops::paged_attention_decode(out, query, kv, tables, lens, 0.125, at::zeros({40, 2}).t()),
+      c10::Error);
   // shapes
-  EXPECT_THROW(Decode(at::empty({2, 9, 32}), query, kv, tables, lens, 0.125, none), c10::Error);
-  EXPECT_THROW(Decode(at::empty({2, 8, 64}), at::randn({2, 8, 64}), kv, tables, lens, 0.125, none),
+  EXPECT_THROW(
+      ops::paged_attention_decode(at::empty({2, 9, 32}), query, kv, tables, lens, 0.125, none),
+      c10::Error);
+  EXPECT_THROW(ops::paged_attention_decode(at::empty({2, 8, 64}), at::randn({2, 8, 64}), kv, tables,
+                                           lens, 0.125, none),
                c10::Error);  // 8 query heads on 3 KV heads
-  EXPECT_THROW(Decode(at::empty({2, 9, 32}), at::randn({2, 9, 32}), kv, tables, lens, 0.125, none),
+  EXPECT_THROW(ops::paged_attention_decode(at::empty({2, 9, 32}), at::randn({2, 9, 32}), kv, tables,
+                                           lens, 0.125, none),
                c10::Error);  // head_dim
-  EXPECT_THROW(Decode(out, query, kv, tables.slice(0, 0, 1), lens, 0.125, none), c10::Error);
-  EXPECT_THROW(Decode(out, query, kv, tables, lens.slice(0, 0, 1), 0.125, none), c10::Error);
-  EXPECT_THROW(Decode(out, query, kv, tables, lens, 0.125, at::zeros({2, 39})), c10::Error);
-  EXPECT_THROW(Decode(out, query, kv, tables, lens, 0.125, at::zeros({1, 40})), c10::Error);
-  EXPECT_THROW(Decode(out, query, kv.select(0, 0), tables, lens, 0.125, none), c10::Error);
+  EXPECT_THROW(
+      ops::paged_attention_decode(out, query, kv, tables.slice(0, 0, 1), lens, 0.125, none),
+      c10::Error);
+  EXPECT_THROW(
+      ops::paged_attention_decode(out, query, kv, tables, lens.slice(0, 0, 1), 0.125, none),
+      c10::Error);
+  EXPECT_THROW(ops::paged_attention_decode(out, query, kv, tables, lens, 0.125, at::zeros({2, 39})),
+               c10::Error);
+  EXPECT_THROW(ops::paged_attention_decode(out, query, kv, tables, lens, 0.125, at::zeros({1, 40})),
+               c10::Error);
+  EXPECT_THROW(ops::paged_attention_decode(out, query, kv.select(0, 0), tables, lens, 0.125, none),
+               c10::Error);
   // values
-  EXPECT_THROW(Decode(out, query, kv, tables, at::tensor({10, 0}, at::kLong), 0.125, none),
+  EXPECT_THROW(ops::paged_attention_decode(out, query, kv, tables, at::tensor({10, 0}, at::kLong),
+                                           0.125, none),
                c10::Error);  // empty context
   const int64_t too_long = tables.size(1) * 16 + 1;
-  EXPECT_THROW(Decode(out, query, kv, tables,
-                      at::tensor(std::vector<int64_t>{10, too_long}, at::kLong), 0.125, none),
+  EXPECT_THROW(ops::paged_attention_decode(
+                   out, query, kv, tables,
+                   at::tensor(std::vector<int64_t>{10, too_long}, at::kLong), 0.125, none),
                c10::Error);
   at::Tensor bad_tables = tables.clone();
   bad_tables[1][1] = static_cast<int32_t>(kv.size(1));  // a page that does not exist
-  EXPECT_THROW(Decode(out, query, kv, bad_tables, lens, 0.125, none), c10::Error);
+  EXPECT_THROW(ops::paged_attention_decode(out, query, kv, bad_tables, lens, 0.125, none),
+               c10::Error);
+}
+
+// fn raises a c10::Error whose message contains text.
+template <typename Fn>
+void ExpectErrorContaining(Fn&& fn, const std::string& text) {
+  try {
+    fn();
+    ADD_FAILURE() << "no c10::Error; expected one containing \"" << text << "\"";
+  } catch (const c10::Error& e) {
+    const std::string message = e.what_without_backtrace();
+    EXPECT_NE(message.find(text), std::string::npos) << message;
+  }
+}
+
+// A tensor of the same dtype and shape on the meta device (metadata, no storage to read).
+at::Tensor OnMeta(const at::Tensor& t) {
+  return at::empty(t.sizes(), t.options().device(at::kMeta));
+}
+
+// The device-neutral checks (kernels/op_checks.h) want every tensor on the device of out and read
+// no values; the CPU kernel adds the CPU requirement and the value checks.
+TEST(PagedAttentionDecode, SharedChecksWantOneDeviceAndReadNoValues) {
+  using dysco::kernels::CheckPagedAttentionDecodeArgs;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(7);
+  const PagedBatch batch = MakeBatch({3, 3, 64, 16}, {10, 40}, at::kFloat, gen);
+  const at::Tensor& kv = batch.kv;
+  const at::Tensor& tables = batch.block_tables;
+  const at::Tensor query = at::randn({2, 9, 64}, gen);
+  const at::Tensor out = at::empty_like(query);
+  const at::Tensor bias = at::zeros({2, 40});
+  const at::Tensor long_lens = at::tensor({10, 1000}, at::kLong);  // past the block table
+  EXPECT_NO_THROW(CheckPagedAttentionDecodeArgs(out, query, kv, tables, long_lens, bias));
+  EXPECT_NO_THROW(CheckPagedAttentionDecodeArgs(OnMeta(out), OnMeta(query), OnMeta(kv),
+                                                OnMeta(tables), OnMeta(long_lens), OnMeta(bias)));
+  ExpectErrorContaining(
+      [&] { CheckPagedAttentionDecodeArgs(out, query, kv, tables, long_lens, OnMeta(bias)); },
+      "dysco::paged_attention_decode: key_bias is on meta but out is on cpu");
+  ExpectErrorContaining(
+      [&] { CheckPagedAttentionDecodeArgs(out, query, OnMeta(kv), tables, long_lens, bias); },
+      "dysco::paged_attention_decode: kv_cache_layer is on meta but out is on cpu");
+  ExpectErrorContaining(
+      [&] { ops::paged_attention_decode(out, query, kv, tables, long_lens, 0.125, bias); },
+      "seq_lens[1] = 1000 must be in [1, ");
+  ExpectErrorContaining(
+      [&] {
+        dysco::kernels::paged_attention_decode_cpu(OnMeta(out), OnMeta(query), OnMeta(kv),
+                                                   OnMeta(tables), OnMeta(long_lens), 0.125,
+                                                   OnMeta(bias));
+      },
+      "dysco::paged_attention_decode: out must be a CPU tensor, got meta");
 }
 
 // ---- paged_attention_prefill
@@ -433,7 +485,8 @@ void CheckPrefill(const Layout& layout, const std::vector<Chunk>& chunks, at::Sc
       at::randn({tokens, layout.query_heads(), layout.head_dim}, gen).to(dtype);
   const double scale = 0.7 / std::sqrt(static_cast<double>(layout.head_dim));
   const at::Tensor out = at::full_like(query, kNaN);
-  Prefill(out, query, batch.kv, batch.block_tables, batch.seq_lens, query_start_loc, scale, bias);
+  ops::paged_attention_prefill(out, query, batch.kv, batch.block_tables, batch.seq_lens,
+                               query_start_loc, scale, bias);
 
   at::Tensor expected = at::empty({tokens, layout.query_heads(), layout.head_dim}, at::kDouble);
   for (size_t b = 0; b < chunks.size(); ++b) {
@@ -483,8 +536,8 @@ TEST(PagedAttentionPrefill, RowsWithEveryKeyMaskedAreZero) {
   bias.slice(1, 0, 12).fill_(-kInf);  // tokens at positions < 12 see only masked keys
   const at::Tensor query = at::randn({20, 9, 64}, gen);
   const at::Tensor out = at::full_like(query, kNaN);
-  Prefill(out, query, batch.kv, batch.block_tables, batch.seq_lens, at::tensor({0, 20}, at::kLong),
-          0.125, bias);
+  ops::paged_attention_prefill(out, query, batch.kv, batch.block_tables, batch.seq_lens,
+                               at::tensor({0, 20}, at::kLong), 0.125, bias);
   const at::Tensor expected =
       Reference(batch, 0, query, at::arange(20, at::kLong), 0.125, bias).second;
   EXPECT_TRUE(at::all(expected.slice(0, 0, 12) == 0).item<bool>());
@@ -501,28 +554,34 @@ TEST(PagedAttentionPrefill, RejectsBadInputs) {
   const at::Tensor out = at::empty_like(query);
   const at::Tensor starts = at::tensor({0, 10, 11}, at::kLong);
   const Bias none;
-  EXPECT_NO_THROW(Prefill(out, query, kv, tables, lens, starts, 0.125, none));
-  EXPECT_THROW(Prefill(out, query, kv, tables, lens, starts.to(at::kInt), 0.125, none), c10::Error);
-  EXPECT_THROW(Prefill(out, query.to(at::kHalf), kv, tables, lens, starts, 0.125, none),
-               c10::Error);
-  EXPECT_THROW(Prefill(out, query, kv, tables, lens, at::tensor({0, 11}, at::kLong), 0.125, none),
+  EXPECT_NO_THROW(ops::paged_attention_prefill(out, query, kv, tables, lens, starts, 0.125, none));
+  EXPECT_THROW(
+      ops::paged_attention_prefill(out, query, kv, tables, lens, starts.to(at::kInt), 0.125, none),
+      c10::Error);
+  EXPECT_THROW(
+      ops::paged_attention_prefill(out, query.to(at::kHalf), kv, tables, lens, starts, 0.125, none),
+      c10::Error);
+  EXPECT_THROW(ops::paged_attention_prefill(out, query, kv, tables, lens,
+                                            at::tensor({0, 11}, at::kLong), 0.125, none),
                c10::Error);  // B + 1 entries
-  EXPECT_THROW(
-      Prefill(out, query, kv, tables, lens, at::tensor({0, 10, 12}, at::kLong), 0.125, none),
-      c10::Error);  // does not end at T
-  EXPECT_THROW(
-      Prefill(out, query, kv, tables, lens, at::tensor({1, 10, 11}, at::kLong), 0.125, none),
-      c10::Error);  // does not start at 0
-  EXPECT_THROW(
-      Prefill(out, query, kv, tables, lens, at::tensor({0, 11, 11}, at::kLong), 0.125, none),
-      c10::Error);  // 11 new tokens in a sequence of 10
-  EXPECT_THROW(
-      Prefill(out, query, kv, tables, lens, at::tensor({0, 6, 11}, at::kLong).flip(0), 0.125, none),
-      c10::Error);  // not contiguous
-  EXPECT_THROW(Prefill(at::empty({10, 9, 64}), query, kv, tables, lens, starts, 0.125, none),
+  EXPECT_THROW(ops::paged_attention_prefill(out, query, kv, tables, lens,
+                                            at::tensor({0, 10, 12}, at::kLong), 0.125, none),
+               c10::Error);  // does not end at T
+  EXPECT_THROW(ops::paged_attention_prefill(out, query, kv, tables, lens,
+                                            at::tensor({1, 10, 11}, at::kLong), 0.125, none),
+               c10::Error);  // does not start at 0
+  EXPECT_THROW(ops::paged_attention_prefill(out, query, kv, tables, lens,
+                                            at::tensor({0, 11, 11}, at::kLong), 0.125, none),
+               c10::Error);  // 11 new tokens in a sequence of 10
+  EXPECT_THROW(ops::paged_attention_prefill(out, query, kv, tables, lens,
+                                            at::tensor({0, 6, 11}, at::kLong).flip(0), 0.125, none),
+               c10::Error);  // not contiguous
+  EXPECT_THROW(ops::paged_attention_prefill(at::empty({10, 9, 64}), query, kv, tables, lens, starts,
+                                            0.125, none),
                c10::Error);
-  EXPECT_THROW(Prefill(out, query, kv, tables, lens, starts, 0.125, at::zeros({2, 20})),
-               c10::Error);
+  EXPECT_THROW(
+      ops::paged_attention_prefill(out, query, kv, tables, lens, starts, 0.125, at::zeros({2, 20})),
+      c10::Error);
 }
 
 // ---- attention_probs
@@ -541,7 +600,8 @@ void CheckProbs(const Layout& layout, const std::vector<int64_t>& lens,
   const at::Tensor head_ids = at::tensor(heads, at::kLong);
   const double scale = 1.0 / std::sqrt(static_cast<double>(layout.head_dim));
   const at::Tensor out = at::full({num_seqs, num_probe, out_len}, kNaN, at::kFloat);
-  Probs(out, query, batch.kv, batch.block_tables, batch.seq_lens, head_ids, scale, bias);
+  ops::attention_probs(out, query, batch.kv, batch.block_tables, batch.seq_lens, head_ids, scale,
+                       bias);
 
   at::Tensor expected = at::zeros({num_seqs, num_probe, out_len}, at::kDouble);
   for (int64_t b = 0; b < num_seqs; ++b) {
@@ -575,12 +635,12 @@ TEST(AttentionProbs, FullyMaskedRowIsZeroAndNoProbeHeadsIsFine) {
   const at::Tensor query = at::randn({2, 9, 64}, gen);
   const at::Tensor bias = at::full({2, 30}, -kInf);
   const at::Tensor out = at::full({2, 2, 30}, kNaN, at::kFloat);
-  Probs(out, query, batch.kv, batch.block_tables, batch.seq_lens, at::tensor({1, 5}, at::kLong),
-        0.125, bias);
+  ops::attention_probs(out, query, batch.kv, batch.block_tables, batch.seq_lens,
+                       at::tensor({1, 5}, at::kLong), 0.125, bias);
   EXPECT_TRUE(at::all(out == 0).item<bool>());
   const at::Tensor empty = at::empty({2, 0, 30}, at::kFloat);
-  EXPECT_NO_THROW(Probs(empty, query, batch.kv, batch.block_tables, batch.seq_lens,
-                        at::empty({0}, at::kLong), 0.125, c10::nullopt));
+  EXPECT_NO_THROW(ops::attention_probs(empty, query, batch.kv, batch.block_tables, batch.seq_lens,
+                                       at::empty({0}, at::kLong), 0.125, c10::nullopt));
 }
 
 TEST(AttentionProbs, RejectsBadInputs) {
@@ -593,23 +653,30 @@ TEST(AttentionProbs, RejectsBadInputs) {
   const at::Tensor heads = at::tensor({0, 8}, at::kLong);
   const at::Tensor out = at::empty({2, 2, 40});
   const Bias none;
-  EXPECT_NO_THROW(Probs(out, query, kv, tables, lens, heads, 0.125, none));
-  EXPECT_THROW(Probs(out.to(at::kBFloat16), query, kv, tables, lens, heads, 0.125, none),
-               c10::Error);
-  EXPECT_THROW(Probs(out, query, kv, tables, lens, heads.to(at::kInt), 0.125, none), c10::Error);
-  EXPECT_THROW(Probs(out, query, kv, tables, lens, at::tensor({0, 9}, at::kLong), 0.125, none),
-               c10::Error);  // not a query head
-  EXPECT_THROW(Probs(out, query, kv, tables, lens, at::tensor({-1, 0}, at::kLong), 0.125, none),
-               c10::Error);
-  EXPECT_THROW(Probs(at::empty({2, 2, 39}), query, kv, tables, lens, heads, 0.125, none),
-               c10::Error);  // S' < max(seq_lens)
-  EXPECT_THROW(Probs(at::empty({2, 3, 40}), query, kv, tables, lens, heads, 0.125, none),
-               c10::Error);  // H
+  EXPECT_NO_THROW(ops::attention_probs(out, query, kv, tables, lens, heads, 0.125, none));
   EXPECT_THROW(
-      Probs(at::empty({2, 40, 2}).transpose(1, 2), query, kv, tables, lens, heads, 0.125, none),
+      ops::attention_probs(out.to(at::kBFloat16), query, kv, tables, lens, heads, 0.125, none),
       c10::Error);
-  EXPECT_THROW(Probs(out, query.to(at::kBFloat16), kv, tables, lens, heads, 0.125, none),
-               c10::Error);  // query dtype differs from the cache
+  EXPECT_THROW(ops::attention_probs(out, query, kv, tables, lens, heads.to(at::kInt), 0.125, none),
+               c10::Error);
+  EXPECT_THROW(ops::attention_probs(out, query, kv, tables, lens, at::tensor({0, 9}, at::kLong),
+                                    0.125, none),
+               c10::Error);  // not a query head
+  EXPECT_THROW(ops::attention_probs(out, query, kv, tables, lens, at::tensor({-1, 0}, at::kLong),
+                                    0.125, none),
+               c10::Error);
+  EXPECT_THROW(
+      ops::attention_probs(at::empty({2, 2, 39}), query, kv, tables, lens, heads, 0.125, none),
+      c10::Error);  // S' < max(seq_lens)
+  EXPECT_THROW(
+      ops::attention_probs(at::empty({2, 3, 40}), query, kv, tables, lens, heads, 0.125, none),
+      c10::Error);  // H
+  EXPECT_THROW(ops::attention_probs(at::empty({2, 40, 2}).transpose(1, 2), query, kv, tables, lens,
+                                    heads, 0.125, none),
+               c10::Error);
+  EXPECT_THROW(
+      ops::attention_probs(out, query.to(at::kBFloat16), kv, tables, lens, heads, 0.125, none),
+      c10::Error);  // query dtype differs from the cache
 }
 
 }  // namespace

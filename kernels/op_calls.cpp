@@ -1,0 +1,115 @@
+// Typed calls of the `dysco` ops through the dispatcher (kernels/op_calls.h).
+#include "kernels/op_calls.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include "kernels/op_checks.h"
+
+namespace dysco::ops {
+namespace {
+
+using TensorRef = const at::Tensor&;
+using OptionalTensorRef = const c10::optional<at::Tensor>&;
+
+// The typed handle of op `name`; raises c10::Error when its schema is not registered. Callers keep
+// it in a function-local static: a failed lookup leaves the static unset, so the next call retries.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> Handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+}  // namespace
+
+void paged_kv_write(TensorRef kv_cache_layer, TensorRef key, TensorRef value,
+                    TensorRef slot_mapping) {
+  static const auto op =
+      Handle<void(TensorRef, TensorRef, TensorRef, TensorRef)>(kernels::kPagedKvWriteOp);
+  op.call(kv_cache_layer, key, value, slot_mapping);
+}
+
+void paged_attention_decode(TensorRef out, TensorRef query, TensorRef kv_cache_layer,
+                            TensorRef block_tables, TensorRef seq_lens, double scale,
+                            OptionalTensorRef key_bias) {
+  static const auto op = Handle<void(TensorRef, TensorRef, TensorRef, TensorRef, TensorRef, double,
+                                     OptionalTensorRef)>(kernels::kPagedAttentionDecodeOp);
+  op.call(out, query, kv_cache_layer, block_tables, seq_lens, scale, key_bias);
+}
+
+void paged_attention_prefill(TensorRef out, TensorRef query, TensorRef kv_cache_layer,
+                             TensorRef block_tables, TensorRef seq_lens, TensorRef query_start_loc,
+                             double scale, OptionalTensorRef key_bias) {
+  static const auto op =
+      Handle<void(TensorRef, TensorRef, TensorRef, TensorRef, TensorRef, TensorRef, double,
+                  OptionalTensorRef)>(kernels::kPagedAttentionPrefillOp);
+  op.call(out, query, kv_cache_layer, block_tables, seq_lens, query_start_loc, scale, key_bias);
+}
+
+void attention_probs(TensorRef out, TensorRef query, TensorRef kv_cache_layer,
+                     TensorRef block_tables, TensorRef seq_lens, TensorRef heads, double scale,
+                     OptionalTensorRef key_bias) {
+  static const auto op =
+      Handle<void(TensorRef, TensorRef, TensorRef, TensorRef, TensorRef, TensorRef, double,
+                  OptionalTensorRef)>(kernels::kAttentionProbsOp);
+  op.call(out, query, kv_cache_layer, block_tables, seq_lens, heads, scale, key_bias);
+}
+
+void dysco_relevance_update(TensorRef relevance, TensorRef probs, TensorRef num_keys,
+                            TensorRef decay) {
+  static const auto op =
+      Handle<void(TensorRef, TensorRef, TensorRef, TensorRef)>(kernels::kDyscoRelevanceUpdateOp);
+  op.call(relevance, probs, num_keys, decay);
+}
+
+void dysco_select_bias(TensorRef bias, TensorRef selected, TensorRef stats, TensorRef relevance,
+                       TensorRef num_keys, TensorRef template_mask, TensorRef top_p,
+                       TensorRef top_k, TensorRef strength) {
+  static const auto op =
+      Handle<void(TensorRef, TensorRef, TensorRef, TensorRef, TensorRef, TensorRef, TensorRef,
+                  TensorRef, TensorRef)>(kernels::kDyscoSelectBiasOp);
+  op.call(bias, selected, stats, relevance, num_keys, template_mask, top_p, top_k, strength);
+}
+
+void dysco_bias_from_selection(TensorRef bias, TensorRef selected, TensorRef num_keys,
+                               TensorRef template_mask, TensorRef strength) {
+  static const auto op = Handle<void(TensorRef, TensorRef, TensorRef, TensorRef, TensorRef)>(
+      kernels::kDyscoBiasFromSelectionOp);
+  op.call(bias, selected, num_keys, template_mask, strength);
+}
+
+void dysco_template_mask(TensorRef mask, TensorRef tokens, TensorRef sequences,
+                         TensorRef sequence_offsets) {
+  static const auto op =
+      Handle<void(TensorRef, TensorRef, TensorRef, TensorRef)>(kernels::kDyscoTemplateMaskOp);
+  op.call(mask, tokens, sequences, sequence_offsets);
+}
+
+const std::vector<std::string>& AllOpNames() {
+  static const std::vector<std::string> names = {
+      kernels::kPagedKvWriteOp,           kernels::kPagedAttentionDecodeOp,
+      kernels::kPagedAttentionPrefillOp,  kernels::kAttentionProbsOp,
+      kernels::kDyscoRelevanceUpdateOp,   kernels::kDyscoSelectBiasOp,
+      kernels::kDyscoBiasFromSelectionOp, kernels::kDyscoTemplateMaskOp,
+  };
+  return names;
+}
+
+std::vector<std::string> MissingOps() { return MissingOps(AllOpNames()); }
+
+std::vector<std::string> MissingOps(const std::vector<std::string>& names) {
+  std::vector<std::string> missing;
+  for (const std::string& name : names) {
+    if (!c10::Dispatcher::singleton().findSchema({name, ""}).has_value()) missing.push_back(name);
+  }
+  return missing;
+}
+
+std::vector<std::string> MissingKernels(c10::DispatchKey backend) {
+  std::vector<std::string> missing;
+  for (const std::string& name : AllOpNames()) {
+    const auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
+    if (!handle.has_value() || !handle->hasKernelForDispatchKey(backend)) missing.push_back(name);
+  }
+  return missing;
+}
+
+}  // namespace dysco::ops

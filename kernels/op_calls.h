@@ -1,0 +1,121 @@
+// Typed C++ calls of the `dysco` ops (the C++ counterpart of vLLM's _custom_ops.py): one function
+// per op, with the schema's argument list (output first, written in place), that calls the op
+// THROUGH THE DISPATCHER, exactly as a scripted model does. The dispatcher picks the kernel from
+// the tensors' device (CPU: kernels/cpu, CUDA: kernels/cuda when built), so callers never name a
+// backend. Shapes and semantics: kernels/ops.h, docs/model-interface.md "Ops", docs/dysco.md "Ops".
+//
+// Errors: invalid arguments, or an op (or a kernel for the tensors' device) that is not registered,
+// raise c10::Error; nothing is written then. Callers catch it.
+// Also: AllOpNames(), MissingOps() and MissingKernels(), for a startup check that
+// libdysco_kernels.so is loaded and registered all eight ops (and their kernels).
+// Thread-safety: every function may be called from any thread; each op's operator handle is looked
+// up once (function-local static) and is immutable afterwards. Concurrent calls must not write the
+// same output or cache pages (kernels/ops.h).
+// Ownership: the functions keep no reference to the tensors they are given.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/DispatchKey.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+#include <vector>
+
+namespace dysco::ops {
+
+// ---- paged KV cache and attention. Shapes shared by these ops:
+//   kv_cache_layer [2, num_pages, page_size, Hkv, D]   (index 0 = K, 1 = V), contiguous
+//   block_tables   int32 [B, P]   page ids of each sequence (entries past its length are ignored)
+//   seq_lens       int64 [B]      context length of each sequence, new tokens included
+//   key_bias       fp32  [B, S]   S >= max(seq_lens), additive bias on logits of key j; -inf
+//                                 allowed; c10::nullopt for none
+
+// kv_cache_layer [2, NP, PS, Hkv, D] <- key, value [T, Hkv, D] at slot_mapping int64 [T]
+// (slot = page * PS + offset; a negative slot skips the token).
+void paged_kv_write(const at::Tensor& kv_cache_layer, const at::Tensor& key,
+                    const at::Tensor& value, const at::Tensor& slot_mapping);
+
+// out [B, Hq, D] <- attention of query [B, Hq, D] (one token per sequence, at position
+// seq_lens[b]-1) over keys 0..seq_lens[b]-1. Hq % Hkv == 0 (GQA: query head h reads KV head h / (Hq
+// / Hkv)).
+void paged_attention_decode(const at::Tensor& out, const at::Tensor& query,
+                            const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,
+                            const at::Tensor& seq_lens, double scale,
+                            const c10::optional<at::Tensor>& key_bias);
+
+// out [T, Hq, D] <- causal attention of query [T, Hq, D]; sequence b owns tokens
+// query_start_loc[b] .. query_start_loc[b+1]-1 (int64 [B+1]); its j-th of q_len new tokens sits at
+// position seq_lens[b]-q_len+j and attends keys 0..that position.
+void paged_attention_prefill(const at::Tensor& out, const at::Tensor& query,
+                             const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,
+                             const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                             double scale, const c10::optional<at::Tensor>& key_bias);
+
+// out fp32 [B, H, S'] <- softmax probabilities (after bias) of query [B, Hq, D] for the query heads
+// heads int64 [H] over keys 0..seq_lens[b]-1; zeros past seq_lens[b]. S' >= max(seq_lens).
+void attention_probs(const at::Tensor& out, const at::Tensor& query,
+                     const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,
+                     const at::Tensor& seq_lens, const at::Tensor& heads, double scale,
+                     const c10::optional<at::Tensor>& key_bias);
+
+// ---- DySCO (docs/dysco.md "Ops"): relevance, selection, bias, template positions. fp32; each op
+// writes fixed-shape outputs. Row b of every [B, S] tensor belongs to sequence b with
+// n_b = num_keys[b] keys (int64 [B], the current token included, in [0, S]; n_b = 0 is an idle row,
+// written as zeros / false). Entries at j >= n_b are written as 0 (bias, relevance) / false
+// (selected).
+
+// relevance fp32 [B, S] <- r_t, in place: r_{t-1} in [0, n_b - 1) in, r_t in [0, n_b) out.
+// probs fp32 [B, H, S'] (H >= 1, S' >= n_b): the selected heads' attention of the current query;
+// decay fp32 [B]. a = mean_h probs[b, h, :n_b]; a[:n_b-1] += decay[b] * r_{t-1}; r_t = a / sum(a)
+// (sum in float64; a row whose sum is 0 is written as zeros).
+void dysco_relevance_update(const at::Tensor& relevance, const at::Tensor& probs,
+                            const at::Tensor& num_keys, const at::Tensor& decay);
+
+// bias fp32 [B, S], selected bool [B, S], stats fp32 [B, 2] <- the selection of relevance fp32
+// [B, S] and its bias (as dysco_bias_from_selection); stats[b] = (number selected, sum of the
+// relevance selected, summed in float64 in position order). template_mask bool [B, S]; top_p fp32
+// [B] (<= 0: unset, else in (0, 1]); top_k int64 [B] (<= 0: unset); strength fp32 [B] (> 0); at
+// least one of top_p[b], top_k[b] set. Order: relevance descending, ties lower position first.
+//   top_k: the min(k, n_b) first entries in that order.
+//   top_p: the longest prefix whose running sum (float64, in that order) is <= top_p, at least one
+//          entry; the entry whose running sum crosses top_p is not selected.
+//   both:  the top_p set, unless it has more than top_k entries: then the top_k set.
+// Selection ignores template_mask (it only shapes the bias).
+void dysco_select_bias(const at::Tensor& bias, const at::Tensor& selected, const at::Tensor& stats,
+                       const at::Tensor& relevance, const at::Tensor& num_keys,
+                       const at::Tensor& template_mask, const at::Tensor& top_p,
+                       const at::Tensor& top_k, const at::Tensor& strength);
+
+// bias fp32 [B, S] <- the DySCO attention bias of selected bool [B, S]; template_mask bool [B, S];
+// strength fp32 [B] (> 0). In [0, n_b), with kHardMaskStrength = 99 (kernels/dysco_constants.h):
+//   strength < 99:  log(strength) at (selected & !template_mask) and at n_b - 1; 0 elsewhere.
+//   strength >= 99: 0 at selected and at n_b - 1; -inf elsewhere (template_mask not applied).
+void dysco_bias_from_selection(const at::Tensor& bias, const at::Tensor& selected,
+                               const at::Tensor& num_keys, const at::Tensor& template_mask,
+                               const at::Tensor& strength);
+
+// mask bool [P] <- true iff position i lies inside an occurrence (exact match, overlaps included)
+// of any template sequence in tokens int64 [P]. sequences int64 [M] holds the K sequences
+// concatenated; sequence k is sequences[sequence_offsets[k] : sequence_offsets[k+1]]
+// (sequence_offsets int64 [K+1], non-decreasing, from 0 to M; an empty sequence marks nothing).
+void dysco_template_mask(const at::Tensor& mask, const at::Tensor& tokens,
+                         const at::Tensor& sequences, const at::Tensor& sequence_offsets);
+
+// ---- registration
+
+// The qualified names of the eight ops, in schema order: "dysco::paged_kv_write",
+// "dysco::paged_attention_decode", ..., "dysco::dysco_template_mask".
+const std::vector<std::string>& AllOpNames();
+
+// The names of AllOpNames() whose schema is not registered with the dispatcher (empty when all
+// eight are: libdysco_kernels.so is loaded and current).
+std::vector<std::string> MissingOps();
+
+// The names of `names` whose schema is not registered with the dispatcher.
+std::vector<std::string> MissingOps(const std::vector<std::string>& names);
+
+// The names of AllOpNames() that have no kernel for `backend` (c10::DispatchKey::CPU, ::CUDA), a
+// missing schema included.
+std::vector<std::string> MissingKernels(c10::DispatchKey backend);
+
+}  // namespace dysco::ops

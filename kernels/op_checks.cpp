@@ -1,0 +1,260 @@
+// Device-neutral argument checks of the `dysco` ops (kernels/op_checks.h).
+#include "kernels/op_checks.h"
+
+#include <c10/util/Exception.h>
+
+namespace dysco::kernels {
+namespace {
+
+// query [N, Hq, D] with the cache's dtype and head_dim, Hq a multiple of the cache's KV heads;
+// returns N.
+int64_t CheckQuery(const char* op, const at::Tensor& query, const PagedCacheShape& cache,
+                   at::ScalarType dtype) {
+  CheckTensor(op, "query", query, dtype, 3);
+  TORCH_CHECK(query.size(2) == cache.head_dim, op, ": query head_dim ", query.size(2),
+              " does not match the cache's head_dim ", cache.head_dim);
+  TORCH_CHECK(query.size(1) % cache.num_kv_heads == 0, op, ": query heads ", query.size(1),
+              " must be a multiple of the cache's KV heads ", cache.num_kv_heads);
+  return query.size(0);
+}
+
+void CheckOutLikeQuery(const char* op, const at::Tensor& out, const at::Tensor& query) {
+  CheckTensor(op, "out", out, query.scalar_type(), 3);
+  TORCH_CHECK(out.sizes() == query.sizes(), op, ": out must have the shape of query ",
+              query.sizes(), ", got ", out.sizes());
+}
+
+// block_tables int32 [batch, P], seq_lens int64 [batch].
+void CheckSequenceShapes(const char* op, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                         int64_t batch) {
+  CheckTensor(op, "block_tables", block_tables, at::kInt, 2);
+  CheckTensor(op, "seq_lens", seq_lens, at::kLong, 1);
+  TORCH_CHECK(block_tables.size(0) == batch, op, ": block_tables must have ", batch,
+              " rows (one per sequence), got shape ", block_tables.sizes());
+  TORCH_CHECK(seq_lens.size(0) == batch, op, ": seq_lens must have ", batch,
+              " entries (one per sequence), got shape ", seq_lens.sizes());
+}
+
+}  // namespace
+
+void CheckTensor(const char* op, const char* name, const at::Tensor& tensor, at::ScalarType dtype,
+                 int64_t dim) {
+  TORCH_CHECK(tensor.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(tensor.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ",
+              tensor.scalar_type());
+  TORCH_CHECK(tensor.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ",
+              tensor.sizes());
+  TORCH_CHECK(tensor.is_contiguous(), op, ": ", name, " must be contiguous (shape ", tensor.sizes(),
+              ", strides ", tensor.strides(), ")");
+}
+
+void CheckShaped(const char* op, const char* name, const at::Tensor& tensor, at::ScalarType dtype,
+                 at::IntArrayRef sizes) {
+  CheckTensor(op, name, tensor, dtype, static_cast<int64_t>(sizes.size()));
+  TORCH_CHECK(tensor.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ",
+              tensor.sizes());
+}
+
+void CheckSameDevice(const char* op, const char* out_name, const at::Tensor& out,
+                     std::initializer_list<NamedTensor> inputs) {
+  TORCH_CHECK(out.defined(), op, ": ", out_name, " is undefined");
+  const c10::Device device = out.device();
+  for (const NamedTensor& input : inputs) {
+    TORCH_CHECK(input.tensor.defined(), op, ": ", input.name, " is undefined");
+    TORCH_CHECK(input.tensor.device() == device, op, ": ", input.name, " is on ",
+                input.tensor.device(), " but ", out_name, " is on ", device,
+                "; all tensors of one call must be on the same device");
+  }
+}
+
+void CheckKeyBiasArg(const char* op, const c10::optional<at::Tensor>& key_bias, int64_t batch,
+                     const at::Tensor& out) {
+  if (!key_bias.has_value() || !key_bias->defined()) return;
+  CheckTensor(op, "key_bias", *key_bias, at::kFloat, 2);
+  TORCH_CHECK(key_bias->size(0) == batch, op, ": key_bias must be [B, S] with B = ", batch,
+              ", got ", key_bias->sizes());
+  CheckSameDevice(op, "out", out, {{"key_bias", *key_bias}});
+}
+
+PagedCacheShape CheckKvCache(const char* op, const at::Tensor& kv_cache_layer) {
+  TORCH_CHECK(kv_cache_layer.defined(), op, ": kv_cache_layer is undefined");
+  const auto dtype = kv_cache_layer.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": kv_cache_layer must be float32, bfloat16 or float16, got ", dtype);
+  CheckTensor(op, "kv_cache_layer", kv_cache_layer, dtype, 5);
+  TORCH_CHECK(kv_cache_layer.size(0) == 2, op,
+              ": kv_cache_layer must be [2, num_pages, page_size, Hkv, D], got ",
+              kv_cache_layer.sizes());
+  PagedCacheShape shape;
+  shape.num_pages = kv_cache_layer.size(1);
+  shape.page_size = kv_cache_layer.size(2);
+  shape.num_kv_heads = kv_cache_layer.size(3);
+  shape.head_dim = kv_cache_layer.size(4);
+  TORCH_CHECK(
+      shape.page_size > 0 && shape.num_kv_heads > 0 && shape.head_dim > 0, op,
+      ": kv_cache_layer has an empty page, head or head_dim dimension: ", kv_cache_layer.sizes());
+  return shape;
+}
+
+PagedCacheShape CheckPagedKvWriteArgs(const at::Tensor& kv_cache_layer, const at::Tensor& key,
+                                      const at::Tensor& value, const at::Tensor& slot_mapping) {
+  constexpr const char* kOp = kPagedKvWriteOp;
+  const PagedCacheShape cache = CheckKvCache(kOp, kv_cache_layer);
+  CheckTensor(kOp, "key", key, kv_cache_layer.scalar_type(), 3);
+  CheckTensor(kOp, "value", value, kv_cache_layer.scalar_type(), 3);
+  CheckTensor(kOp, "slot_mapping", slot_mapping, at::kLong, 1);
+  const int64_t num_tokens = key.size(0);
+  TORCH_CHECK(key.size(1) == cache.num_kv_heads && key.size(2) == cache.head_dim, kOp,
+              ": key must be [T, Hkv = ", cache.num_kv_heads, ", D = ", cache.head_dim, "], got ",
+              key.sizes());
+  TORCH_CHECK(value.sizes() == key.sizes(), kOp, ": value must have the shape of key ", key.sizes(),
+              ", got ", value.sizes());
+  TORCH_CHECK(slot_mapping.size(0) == num_tokens, kOp, ": slot_mapping must have T = ", num_tokens,
+              " entries, got ", slot_mapping.size(0));
+  CheckSameDevice(kOp, "kv_cache_layer", kv_cache_layer,
+                  {{"key", key}, {"value", value}, {"slot_mapping", slot_mapping}});
+  return cache;
+}
+
+PagedCacheShape CheckPagedAttentionDecodeArgs(const at::Tensor& out, const at::Tensor& query,
+                                              const at::Tensor& kv_cache_layer,
+                                              const at::Tensor& block_tables,
+                                              const at::Tensor& seq_lens,
+                                              const c10::optional<at::Tensor>& key_bias) {
+  constexpr const char* kOp = kPagedAttentionDecodeOp;
+  const PagedCacheShape cache = CheckKvCache(kOp, kv_cache_layer);
+  const int64_t batch = CheckQuery(kOp, query, cache, kv_cache_layer.scalar_type());
+  CheckOutLikeQuery(kOp, out, query);
+  CheckSequenceShapes(kOp, block_tables, seq_lens, batch);
+  CheckKeyBiasArg(kOp, key_bias, batch, out);
+  CheckSameDevice(kOp, "out", out,
+                  {{"query", query},
+                   {"kv_cache_layer", kv_cache_layer},
+                   {"block_tables", block_tables},
+                   {"seq_lens", seq_lens}});
+  return cache;
+}
+
+PagedCacheShape CheckPagedAttentionPrefillArgs(const at::Tensor& out, const at::Tensor& query,
+                                               const at::Tensor& kv_cache_layer,
+                                               const at::Tensor& block_tables,
+                                               const at::Tensor& seq_lens,
+                                               const at::Tensor& query_start_loc,
+                                               const c10::optional<at::Tensor>& key_bias) {
+  constexpr const char* kOp = kPagedAttentionPrefillOp;
+  const PagedCacheShape cache = CheckKvCache(kOp, kv_cache_layer);
+  CheckQuery(kOp, query, cache, kv_cache_layer.scalar_type());
+  CheckOutLikeQuery(kOp, out, query);
+  CheckTensor(kOp, "block_tables", block_tables, at::kInt, 2);
+  const int64_t batch = block_tables.size(0);
+  CheckSequenceShapes(kOp, block_tables, seq_lens, batch);
+  CheckTensor(kOp, "query_start_loc", query_start_loc, at::kLong, 1);
+  TORCH_CHECK(query_start_loc.size(0) == batch + 1, kOp,
+              ": query_start_loc must have B + 1 = ", batch + 1, " entries, got ",
+              query_start_loc.size(0));
+  CheckKeyBiasArg(kOp, key_bias, batch, out);
+  CheckSameDevice(kOp, "out", out,
+                  {{"query", query},
+                   {"kv_cache_layer", kv_cache_layer},
+                   {"block_tables", block_tables},
+                   {"seq_lens", seq_lens},
+                   {"query_start_loc", query_start_loc}});
+  return cache;
+}
+
+PagedCacheShape CheckAttentionProbsArgs(const at::Tensor& out, const at::Tensor& query,
+                                        const at::Tensor& kv_cache_layer,
+                                        const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                        const at::Tensor& heads,
+                                        const c10::optional<at::Tensor>& key_bias) {
+  constexpr const char* kOp = kAttentionProbsOp;
+  const PagedCacheShape cache = CheckKvCache(kOp, kv_cache_layer);
+  const int64_t batch = CheckQuery(kOp, query, cache, kv_cache_layer.scalar_type());
+  CheckSequenceShapes(kOp, block_tables, seq_lens, batch);
+  CheckTensor(kOp, "heads", heads, at::kLong, 1);
+  CheckTensor(kOp, "out", out, at::kFloat, 3);
+  TORCH_CHECK(out.size(0) == batch && out.size(1) == heads.size(0), kOp,
+              ": out must be [B = ", batch, ", H = ", heads.size(0), ", S'], got ", out.sizes());
+  CheckKeyBiasArg(kOp, key_bias, batch, out);
+  CheckSameDevice(kOp, "out", out,
+                  {{"query", query},
+                   {"kv_cache_layer", kv_cache_layer},
+                   {"block_tables", block_tables},
+                   {"seq_lens", seq_lens},
+                   {"heads", heads}});
+  return cache;
+}
+
+void CheckDyscoRelevanceUpdateArgs(const at::Tensor& relevance, const at::Tensor& probs,
+                                   const at::Tensor& num_keys, const at::Tensor& decay) {
+  constexpr const char* kOp = kDyscoRelevanceUpdateOp;
+  CheckTensor(kOp, "relevance", relevance, at::kFloat, 2);
+  const int64_t batch = relevance.size(0);
+  CheckTensor(kOp, "probs", probs, at::kFloat, 3);
+  TORCH_CHECK(probs.size(0) == batch && probs.size(1) >= 1, kOp, ": probs must be [B = ", batch,
+              ", H >= 1, S'], got ", probs.sizes());
+  CheckShaped(kOp, "decay", decay, at::kFloat, {batch});
+  CheckShaped(kOp, "num_keys", num_keys, at::kLong, {batch});
+  CheckSameDevice(kOp, "relevance", relevance,
+                  {{"probs", probs}, {"num_keys", num_keys}, {"decay", decay}});
+}
+
+void CheckDyscoSelectBiasArgs(const at::Tensor& bias, const at::Tensor& selected,
+                              const at::Tensor& stats, const at::Tensor& relevance,
+                              const at::Tensor& num_keys, const at::Tensor& template_mask,
+                              const at::Tensor& top_p, const at::Tensor& top_k,
+                              const at::Tensor& strength) {
+  constexpr const char* kOp = kDyscoSelectBiasOp;
+  CheckTensor(kOp, "relevance", relevance, at::kFloat, 2);
+  const int64_t batch = relevance.size(0);
+  CheckShaped(kOp, "bias", bias, at::kFloat, relevance.sizes());
+  CheckShaped(kOp, "selected", selected, at::kBool, relevance.sizes());
+  CheckShaped(kOp, "stats", stats, at::kFloat, {batch, 2});
+  CheckShaped(kOp, "template_mask", template_mask, at::kBool, relevance.sizes());
+  CheckShaped(kOp, "top_p", top_p, at::kFloat, {batch});
+  CheckShaped(kOp, "top_k", top_k, at::kLong, {batch});
+  CheckShaped(kOp, "num_keys", num_keys, at::kLong, {batch});
+  CheckShaped(kOp, "strength", strength, at::kFloat, {batch});
+  CheckSameDevice(kOp, "bias", bias,
+                  {{"selected", selected},
+                   {"stats", stats},
+                   {"relevance", relevance},
+                   {"num_keys", num_keys},
+                   {"template_mask", template_mask},
+                   {"top_p", top_p},
+                   {"top_k", top_k},
+                   {"strength", strength}});
+}
+
+void CheckDyscoBiasFromSelectionArgs(const at::Tensor& bias, const at::Tensor& selected,
+                                     const at::Tensor& num_keys, const at::Tensor& template_mask,
+                                     const at::Tensor& strength) {
+  constexpr const char* kOp = kDyscoBiasFromSelectionOp;
+  CheckTensor(kOp, "bias", bias, at::kFloat, 2);
+  const int64_t batch = bias.size(0);
+  CheckShaped(kOp, "selected", selected, at::kBool, bias.sizes());
+  CheckShaped(kOp, "template_mask", template_mask, at::kBool, bias.sizes());
+  CheckShaped(kOp, "num_keys", num_keys, at::kLong, {batch});
+  CheckShaped(kOp, "strength", strength, at::kFloat, {batch});
+  CheckSameDevice(kOp, "bias", bias,
+                  {{"selected", selected},
+                   {"num_keys", num_keys},
+                   {"template_mask", template_mask},
+                   {"strength", strength}});
+}
+
+void CheckDyscoTemplateMaskArgs(const at::Tensor& mask, const at::Tensor& tokens,
+                                const at::Tensor& sequences, const at::Tensor& sequence_offsets) {
+  constexpr const char* kOp = kDyscoTemplateMaskOp;
+  CheckTensor(kOp, "tokens", tokens, at::kLong, 1);
+  CheckShaped(kOp, "mask", mask, at::kBool, {tokens.size(0)});
+  CheckTensor(kOp, "sequences", sequences, at::kLong, 1);
+  CheckTensor(kOp, "sequence_offsets", sequence_offsets, at::kLong, 1);
+  TORCH_CHECK(sequence_offsets.size(0) >= 1, kOp,
+              ": sequence_offsets must have K + 1 >= 1 entries, got 0");
+  CheckSameDevice(
+      kOp, "mask", mask,
+      {{"tokens", tokens}, {"sequences", sequences}, {"sequence_offsets", sequence_offsets}});
+}
+
+}  // namespace dysco::kernels

@@ -1,0 +1,124 @@
+// Device-neutral argument checks of the `dysco` ops: what every backend (kernels/cpu, later
+// kernels/cuda) checks before it launches anything. They read only tensor metadata (defined, dtype,
+// number of dimensions, sizes, contiguity, device), never tensor values, so they cost no host
+// synchronisation on a device. The checks that read values on the host, and the "must be a CPU
+// tensor" requirement, belong to the CPU backend (kernels/cpu/cpu_checks.h).
+//
+// Every check raises c10::Error (TORCH_CHECK) with a message that names the op, the argument and
+// what was expected. One Check<Op>Args per op checks all of its arguments; a backend calls it
+// first. Shapes and semantics of the ops: kernels/ops.h.
+//
+// Thread-safety: pure functions of their arguments.
+// Ownership: nothing is kept; tensors are only inspected.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <initializer_list>
+
+namespace dysco::kernels {
+
+// The qualified op names, as in the schemas (kernels/torch_bindings.cpp) and in error messages.
+inline constexpr const char* kPagedKvWriteOp = "dysco::paged_kv_write";
+inline constexpr const char* kPagedAttentionDecodeOp = "dysco::paged_attention_decode";
+inline constexpr const char* kPagedAttentionPrefillOp = "dysco::paged_attention_prefill";
+inline constexpr const char* kAttentionProbsOp = "dysco::attention_probs";
+inline constexpr const char* kDyscoRelevanceUpdateOp = "dysco::dysco_relevance_update";
+inline constexpr const char* kDyscoSelectBiasOp = "dysco::dysco_select_bias";
+inline constexpr const char* kDyscoBiasFromSelectionOp = "dysco::dysco_bias_from_selection";
+inline constexpr const char* kDyscoTemplateMaskOp = "dysco::dysco_template_mask";
+
+// ---- building blocks
+
+// Sizes of a kv_cache_layer [2, num_pages, page_size, Hkv, D].
+struct PagedCacheShape {
+  int64_t num_pages = 0;
+  int64_t page_size = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+};
+
+// An argument of an op, for CheckSameDevice.
+struct NamedTensor {
+  const char* name;
+  const at::Tensor& tensor;
+};
+
+// tensor: defined, contiguous, with the given dtype and number of dimensions.
+void CheckTensor(const char* op, const char* name, const at::Tensor& tensor, at::ScalarType dtype,
+                 int64_t dim);
+
+// tensor: as CheckTensor, with shape exactly `sizes`.
+void CheckShaped(const char* op, const char* name, const at::Tensor& tensor, at::ScalarType dtype,
+                 at::IntArrayRef sizes);
+
+// Every tensor of `inputs` (all defined) is on the device of `out` (the op's first output).
+void CheckSameDevice(const char* op, const char* out_name, const at::Tensor& out,
+                     std::initializer_list<NamedTensor> inputs);
+
+// key_bias, when present: fp32 [batch, S], contiguous, on the device of `out`. (S >= max(seq_lens)
+// reads seq_lens: left to the backend.)
+void CheckKeyBiasArg(const char* op, const c10::optional<at::Tensor>& key_bias, int64_t batch,
+                     const at::Tensor& out);
+
+// kv_cache_layer: contiguous, 5-D with size(0) == 2 and no empty page, head or head_dim dimension,
+// float32 | bfloat16 | float16.
+PagedCacheShape CheckKvCache(const char* op, const at::Tensor& kv_cache_layer);
+
+// ---- one per op: every metadata check of its arguments, all tensors on the device of the output.
+
+// paged_kv_write; returns the cache's sizes.
+PagedCacheShape CheckPagedKvWriteArgs(const at::Tensor& kv_cache_layer, const at::Tensor& key,
+                                      const at::Tensor& value, const at::Tensor& slot_mapping);
+
+// paged_attention_decode; returns the cache's sizes. Left to the backend: seq_lens values, page
+// ids, key_bias S >= max(seq_lens).
+PagedCacheShape CheckPagedAttentionDecodeArgs(const at::Tensor& out, const at::Tensor& query,
+                                              const at::Tensor& kv_cache_layer,
+                                              const at::Tensor& block_tables,
+                                              const at::Tensor& seq_lens,
+                                              const c10::optional<at::Tensor>& key_bias);
+
+// paged_attention_prefill; returns the cache's sizes. Left to the backend: the values of seq_lens,
+// block_tables and query_start_loc, key_bias S >= max(seq_lens).
+PagedCacheShape CheckPagedAttentionPrefillArgs(const at::Tensor& out, const at::Tensor& query,
+                                               const at::Tensor& kv_cache_layer,
+                                               const at::Tensor& block_tables,
+                                               const at::Tensor& seq_lens,
+                                               const at::Tensor& query_start_loc,
+                                               const c10::optional<at::Tensor>& key_bias);
+
+// attention_probs; returns the cache's sizes. Left to the backend: the values of seq_lens,
+// block_tables and heads, S' and key_bias S >= max(seq_lens).
+PagedCacheShape CheckAttentionProbsArgs(const at::Tensor& out, const at::Tensor& query,
+                                        const at::Tensor& kv_cache_layer,
+                                        const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                        const at::Tensor& heads,
+                                        const c10::optional<at::Tensor>& key_bias);
+
+// dysco_relevance_update. Left to the backend: num_keys values (in [0, min(S, S')]).
+void CheckDyscoRelevanceUpdateArgs(const at::Tensor& relevance, const at::Tensor& probs,
+                                   const at::Tensor& num_keys, const at::Tensor& decay);
+
+// dysco_select_bias. Left to the backend: the values of num_keys, top_p, top_k and strength.
+void CheckDyscoSelectBiasArgs(const at::Tensor& bias, const at::Tensor& selected,
+                              const at::Tensor& stats, const at::Tensor& relevance,
+                              const at::Tensor& num_keys, const at::Tensor& template_mask,
+                              const at::Tensor& top_p, const at::Tensor& top_k,
+                              const at::Tensor& strength);
+
+// dysco_bias_from_selection. Left to the backend: the values of num_keys and strength.
+void CheckDyscoBiasFromSelectionArgs(const at::Tensor& bias, const at::Tensor& selected,
+                                     const at::Tensor& num_keys, const at::Tensor& template_mask,
+                                     const at::Tensor& strength);
+
+// dysco_template_mask (sequence_offsets has K + 1 >= 1 entries). Left to the backend: the values
+// of sequence_offsets.
+void CheckDyscoTemplateMaskArgs(const at::Tensor& mask, const at::Tensor& tokens,
+                                const at::Tensor& sequences, const at::Tensor& sequence_offsets);
+
+}  // namespace dysco::kernels
