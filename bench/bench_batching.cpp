@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "core/engine/scheduler.h"
+#include "core/engine/engine.h"
 
 namespace {
 
@@ -129,22 +129,18 @@ int main(int argc, char** argv) {
   }
   const int max_sessions = *std::max_element(session_counts.begin(), session_counts.end());
 
-  dysco::ModelRunnerOptions ro;
-  ro.num_threads = threads;
-  auto runner = OrDie(dysco::ModelRunner::Load(model, ro));
-  auto tokenizer = OrDie(dysco::Tokenizer::FromFile(model + "/tokenizer.json"));
-  const dysco::ModelConfig& config = runner->config();
-  dysco::KvPagePoolOptions po;
-  po.page_size = 16;
-  po.num_pages = static_cast<int64_t>(max_sessions) *
-                 ((prompt_tokens + new_tokens + po.page_size - 1) / po.page_size + 1);
-  auto pool = OrDie(dysco::KvPagePool::Create(config, po));
-  dysco::SchedulerOptions so;
-  so.max_batch_size = max_sessions;
-  so.max_queued = max_sessions;
-  so.prefill_chunk_tokens = 256;
-  so.max_step_tokens = 2048;
-  auto scheduler = OrDie(dysco::Scheduler::Create(runner.get(), pool.get(), tokenizer.get(), so));
+  dysco::EngineOptions eo;
+  eo.runner.num_threads = threads;
+  eo.kv_pages = static_cast<int64_t>(max_sessions) *
+                ((prompt_tokens + new_tokens + eo.page_size - 1) / eo.page_size + 1);
+  eo.scheduler.max_batch_size = max_sessions;
+  eo.scheduler.max_queued = max_sessions;
+  eo.scheduler.prefill_chunk_tokens = 256;
+  eo.scheduler.max_step_tokens = 2048;
+  auto engine = OrDie(dysco::Engine::Load(model, eo));
+  const dysco::ModelConfig& config = engine->config();
+  const dysco::Tokenizer* tokenizer = &engine->tokenizer();
+  dysco::Scheduler* scheduler = engine->scheduler();
 
   std::vector<std::pair<int, int>> heads;
   if (config.dysco.selected_heads.empty()) heads = {{12, 3}, {14, 0}, {15, 2}, {16, 5}};

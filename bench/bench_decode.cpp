@@ -20,8 +20,7 @@
 #include <ATen/Parallel.h>
 #include <torch/script.h>
 
-#include "core/model/kv_page_pool.h"
-#include "core/model/model_runner.h"
+#include "core/engine/engine.h"
 
 namespace {
 
@@ -242,26 +241,22 @@ int main(int argc, char** argv) {
   if (batch_flag > 0)
     batches = batch_flag == 1 ? std::vector<int>{1} : std::vector<int>{1, batch_flag};
 
-  dysco::ModelRunnerOptions options;
-  options.num_threads = threads;
-  options.jit_optimize = jit_optimize;
-  auto runner = dysco::ModelRunner::Load(model, options);
-  if (!runner.ok()) {
-    std::cerr << "bench-decode: " << runner.status().ToString() << "\n";
+  const int max_batch = *std::max_element(batches.begin(), batches.end());
+  dysco::EngineOptions options;
+  options.runner.num_threads = threads;
+  options.runner.jit_optimize = jit_optimize;
+  options.kv_pages = int64_t{max_batch} * ((prompt_tokens + decode_tokens + 15) / 16);
+  options.start_scheduler = false;
+  auto engine = dysco::Engine::Load(model, options);
+  if (!engine.ok()) {
+    std::cerr << "bench-decode: " << engine.status().ToString() << "\n";
     return 1;
   }
-  const dysco::ModelConfig& c = (*runner)->config();
+  dysco::ModelRunner& runner = (*engine)->runner();
+  dysco::KvPagePool& pool = (*engine)->pool();
+  const dysco::ModelConfig& c = runner.config();
   if (prompt_tokens + decode_tokens > c.max_position_embeddings)
     Usage("prompt + decode tokens exceed the context");
-  const int max_batch = *std::max_element(batches.begin(), batches.end());
-  dysco::KvPagePoolOptions pool_options;
-  pool_options.page_size = 16;
-  pool_options.num_pages = int64_t{max_batch} * ((prompt_tokens + decode_tokens + 15) / 16);
-  auto pool = dysco::KvPagePool::Create(c, pool_options);
-  if (!pool.ok()) {
-    std::cerr << "bench-decode: " << pool.status().ToString() << "\n";
-    return 1;
-  }
 
   std::printf(
       "model %s (%s, %d layers, hidden %lld, vocab %lld), %d threads, prompt %d tokens, %d decode "
@@ -277,7 +272,7 @@ int main(int argc, char** argv) {
   std::printf("%6s %14s %12s %14s %16s %14s\n", "batch", "step_ms", "tokens/s", "floor_b_ms",
               "step/floor(b=1)", "prefill_tok/s");
   for (int b : batches) {
-    const DecodeResult r = RunDecode(**runner, **pool, b, prompt_tokens, decode_tokens, 42 + b);
+    const DecodeResult r = RunDecode(runner, pool, b, prompt_tokens, decode_tokens, 42 + b);
     const double floor_b = b == 1 ? floor1 : floor.Measure(b, 10);
     std::printf("%6d %14.2f %12.1f %14.2f %16.2f %14.1f\n", b, r.step_seconds * 1e3,
                 b / r.step_seconds, floor_b * 1e3, r.step_seconds / floor1,

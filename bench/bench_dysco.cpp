@@ -17,12 +17,10 @@
 #include <string>
 #include <vector>
 
-#include "core/engine/batch_stepper.h"
 #include "core/dysco/params.h"
-#include "core/engine/generator.h"
-#include "core/model/kv_page_pool.h"
-#include "core/model/model_runner.h"
-#include "core/text/tokenizer.h"
+#include "core/engine/batch_stepper.h"
+#include "core/engine/engine.h"
+#include "core/engine/step_plan.h"
 
 namespace {
 
@@ -66,32 +64,28 @@ struct TokenTimes {
 };
 
 // Generates decode_tokens + 1 tokens; records the steps that fed a generated token.
-dysco::Status Measure(dysco::ModelRunner* runner, dysco::KvPagePool* pool,
-                      const dysco::Tokenizer& tokenizer, const std::vector<int32_t>& prompt,
+dysco::Status Measure(dysco::Engine& engine, const std::vector<int32_t>& prompt,
                       int64_t decode_tokens, const dysco::DyscoOverrides* dysco, TokenTimes* out) {
-  dysco::SequenceParams params;
-  params.max_new_tokens = decode_tokens + 1;
-  params.max_context = runner->config().max_position_embeddings;  // no stop token: fixed length
-  dysco::Sequence seq(prompt, params, tokenizer, pool);
-  if (dysco != nullptr) {
-    DYSCO_ASSIGN_OR_RETURN(auto p,
-                           dysco::ResolveDyscoParams(runner->config(), *dysco, false,
-                                                     static_cast<int64_t>(prompt.size()), -1));
-    DYSCO_ASSIGN_OR_RETURN(
-        auto c, dysco::DyscoController::Create(std::move(p), prompt, dysco::DyscoTraceMode::kOff));
-    seq.AttachDysco(std::move(c));
-  }
-  DYSCO_RETURN_IF_ERROR(seq.ReservePages(static_cast<int64_t>(prompt.size()) + decode_tokens + 1));
-  dysco::BatchStepper stepper(runner, pool);
-  const std::vector<dysco::BatchStepEntry> entries{{&seq, 512}};
-  std::vector<dysco::BatchStepResult> results;
+  dysco::GenerateRequest request;
+  request.prompt_token_ids = prompt;
+  request.max_new_tokens = decode_tokens + 1;
+  request.ignore_eos = true;  // fixed length
+  request.dysco = dysco != nullptr;
+  if (dysco != nullptr) request.dysco_overrides = *dysco;
+  DYSCO_ASSIGN_OR_RETURN(std::unique_ptr<dysco::Sequence> owned,
+                         engine.factory().Create(request, &engine.pool()));
+  dysco::Sequence& seq = *owned;
+  DYSCO_RETURN_IF_ERROR(seq.ReservePages(seq.max_cached_tokens()));
+  dysco::BatchStepper stepper(&engine.runner(), &engine.pool());
+  const dysco::StepBudget budget{512, 512};
+  dysco::StepOutcome outcome;
   while (!seq.finished()) {
     const bool generated_token = seq.num_cached() >= static_cast<int64_t>(prompt.size());
     const auto t0 = Clock::now();
-    DYSCO_RETURN_IF_ERROR(stepper.Step(entries, &results));
+    DYSCO_RETURN_IF_ERROR(stepper.Execute(dysco::PlanStep({&seq}, budget), &outcome));
     const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
     if (!generated_token) continue;
-    const auto& t = stepper.last_stats().timings;
+    const dysco::DyscoStepTimings& t = outcome.timings;
     out->total.push_back(dt);
     out->spec.push_back(t.speculative_seconds);
     out->select.push_back(t.select_seconds);
@@ -138,19 +132,18 @@ int main(int argc, char** argv) {
   }
   if (model.empty()) Usage("--model is required");
 
-  dysco::ModelRunnerOptions ro;
-  ro.num_threads = threads;
-  auto runner = dysco::ModelRunner::Load(model, ro);
-  if (!runner.ok()) {
-    std::cerr << "bench-dysco: " << runner.status().ToString() << "\n";
+  const int64_t longest = *std::max_element(lengths.begin(), lengths.end());
+  dysco::EngineOptions eo;
+  eo.runner.num_threads = threads;
+  eo.kv_pages = (longest + decode_tokens + 2 + eo.page_size - 1) / eo.page_size;
+  eo.start_scheduler = false;
+  auto loaded = dysco::Engine::Load(model, eo);
+  if (!loaded.ok()) {
+    std::cerr << "bench-dysco: " << loaded.status().ToString() << "\n";
     return 1;
   }
-  const dysco::ModelConfig& config = (*runner)->config();
-  auto tokenizer = dysco::Tokenizer::FromFile(model + "/tokenizer.json");
-  if (!tokenizer.ok()) {
-    std::cerr << "bench-dysco: " << tokenizer.status().ToString() << "\n";
-    return 1;
-  }
+  dysco::Engine& engine = **loaded;
+  const dysco::ModelConfig& config = engine.config();
   dysco::DyscoOverrides overrides;
   if (!heads.empty()) {
     overrides.selected_heads = heads;
@@ -162,16 +155,6 @@ int main(int argc, char** argv) {
       overrides.selected_heads ? *overrides.selected_heads : config.dysco.selected_heads;
   int max_layer = 0;
   for (const auto& h : used) max_layer = std::max(max_layer, h.first);
-
-  const int64_t longest = *std::max_element(lengths.begin(), lengths.end());
-  dysco::KvPagePoolOptions po;
-  po.page_size = 16;
-  po.num_pages = (longest + decode_tokens + 2 + po.page_size - 1) / po.page_size;
-  auto pool = dysco::KvPagePool::Create(config, po);
-  if (!pool.ok()) {
-    std::cerr << "bench-dysco: " << pool.status().ToString() << "\n";
-    return 1;
-  }
 
   std::printf("model %s, %zu heads (deepest layer %d of %d), %lld decode tokens x %lld rounds\n",
               config.model_name.c_str(), used.size(), max_layer, config.num_layers,
@@ -190,10 +173,9 @@ int main(int argc, char** argv) {
     TokenTimes plain, with;
     for (int64_t r = 0; r < rounds; ++r) {
       dysco::Status s =
-          Measure(runner->get(), pool->get(), **tokenizer, prompt, decode_tokens, nullptr, &plain);
+          Measure(engine, prompt, decode_tokens, nullptr, &plain);
       if (s.ok()) {
-        s = Measure(runner->get(), pool->get(), **tokenizer, prompt, decode_tokens, &overrides,
-                    &with);
+        s = Measure(engine, prompt, decode_tokens, &overrides, &with);
       }
       if (!s.ok()) {
         std::cerr << "bench-dysco: " << s.ToString() << "\n";

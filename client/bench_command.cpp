@@ -25,7 +25,7 @@
 #include "latency_summary.h"
 #include "rpc_support.h"
 
-namespace dysco_client {
+namespace dysco::client {
 namespace {
 
 // Ordinary prose, so that greedy decoding keeps writing instead of hitting eos at once.
@@ -178,10 +178,10 @@ void RunStream(const BenchConfig& config, const SyntheticPrompts& prompts,
       ++samples->cut;
     } else {
       counters->errors.fetch_add(1);
-      ++samples->errors_by_code[StatusCodeName(status.error_code())];
+      ++samples->errors_by_code[GrpcCodeName(status.error_code())];
       if (samples->first_error.empty()) {
         samples->first_error =
-            std::string(StatusCodeName(status.error_code())) + ": " + status.error_message();
+            std::string(GrpcCodeName(status.error_code())) + ": " + status.error_message();
       }
     }
   }
@@ -437,4 +437,4 @@ int RunBench(const std::vector<std::string>& args) {
   return errors > 0 ? kExitRpcError : kExitOk;
 }
 
-}  // namespace dysco_client
+}  // namespace dysco::client

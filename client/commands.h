@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-namespace dysco_client {
+namespace dysco::client {
 
 int RunGenerate(const std::vector<std::string>& args);
 int RunInfo(const std::vector<std::string>& args);
@@ -21,4 +21,4 @@ inline constexpr int kExitRpcError = 1;
 inline constexpr int kExitUsage = 2;
 inline constexpr int kExitInterrupted = 130;
 
-}  // namespace dysco_client
+}  // namespace dysco::client

@@ -6,7 +6,7 @@
 #include <cstdlib>
 #include <sstream>
 
-namespace dysco_client {
+namespace dysco::client {
 
 bool ParseInt64(const std::string& text, int64_t* out) {
   if (text.empty()) return false;
@@ -191,4 +191,4 @@ std::string FlagSet::Usage() const {
   return out.str();
 }
 
-}  // namespace dysco_client
+}  // namespace dysco::client

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-namespace dysco_client {
+namespace dysco::client {
 
 class FlagSet {
  public:
@@ -74,4 +74,4 @@ bool ParseInt64(const std::string& text, int64_t* out);
 // Parses a whole finite floating-point number; false on anything else.
 bool ParseDouble(const std::string& text, double* out);
 
-}  // namespace dysco_client
+}  // namespace dysco::client

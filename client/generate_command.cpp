@@ -12,7 +12,7 @@
 #include "flags.h"
 #include "rpc_support.h"
 
-namespace dysco_client {
+namespace dysco::client {
 namespace {
 
 std::atomic<bool> g_interrupted{false};
@@ -261,4 +261,4 @@ int RunGenerate(const std::vector<std::string>& args) {
   return kExitOk;
 }
 
-}  // namespace dysco_client
+}  // namespace dysco::client

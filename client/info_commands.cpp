@@ -12,7 +12,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "rpc_support.h"
 
-namespace dysco_client {
+namespace dysco::client {
 namespace {
 
 template <typename Ids>
@@ -204,4 +204,4 @@ int RunTokenize(const std::vector<std::string>& args) {
   return kExitOk;
 }
 
-}  // namespace dysco_client
+}  // namespace dysco::client

@@ -4,7 +4,7 @@
 #include <cmath>
 #include <numeric>
 
-namespace dysco_client {
+namespace dysco::client {
 
 double PercentileOfSorted(const std::vector<double>& samples, double q) {
   double rank = q * static_cast<double>(samples.size() - 1);
@@ -28,4 +28,4 @@ LatencySummary Summarize(std::vector<double> samples) {
   return summary;
 }
 
-}  // namespace dysco_client
+}  // namespace dysco::client

@@ -9,7 +9,7 @@
 #include <cstddef>
 #include <vector>
 
-namespace dysco_client {
+namespace dysco::client {
 
 struct LatencySummary {
   size_t count = 0;
@@ -25,4 +25,4 @@ double PercentileOfSorted(const std::vector<double>& samples, double q);
 
 LatencySummary Summarize(std::vector<double> samples);
 
-}  // namespace dysco_client
+}  // namespace dysco::client

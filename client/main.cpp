@@ -23,15 +23,15 @@ constexpr char kUsage[] =
 int main(int argc, char** argv) {
   if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0) {
     std::fputs(kUsage, argc < 2 ? stderr : stdout);
-    return argc < 2 ? dysco_client::kExitUsage : dysco_client::kExitOk;
+    return argc < 2 ? dysco::client::kExitUsage : dysco::client::kExitOk;
   }
   std::string command = argv[1];
   std::vector<std::string> args(argv + 2, argv + argc);
-  if (command == "generate") return dysco_client::RunGenerate(args);
-  if (command == "info") return dysco_client::RunInfo(args);
-  if (command == "health") return dysco_client::RunHealth(args);
-  if (command == "tokenize") return dysco_client::RunTokenize(args);
-  if (command == "bench") return dysco_client::RunBench(args);
+  if (command == "generate") return dysco::client::RunGenerate(args);
+  if (command == "info") return dysco::client::RunInfo(args);
+  if (command == "health") return dysco::client::RunHealth(args);
+  if (command == "tokenize") return dysco::client::RunTokenize(args);
+  if (command == "bench") return dysco::client::RunBench(args);
   std::fprintf(stderr, "dysco-client: unknown command '%s'\n\n%s", command.c_str(), kUsage);
-  return dysco_client::kExitUsage;
+  return dysco::client::kExitUsage;
 }

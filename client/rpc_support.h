@@ -13,15 +13,13 @@
 #include <vector>
 
 #include "dysco/v1/generation.pb.h"
+#include "proto/support/grpc_code_names.h"
 
-namespace dysco_client {
+namespace dysco::client {
 
 inline constexpr char kDefaultTarget[] = "localhost:50051";
 
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target);
-
-// "INVALID_ARGUMENT", "UNAVAILABLE", ...
-const char* StatusCodeName(grpc::StatusCode code);
 
 // "error: INVALID_ARGUMENT: sampling.top_p must be in (0, 1]" on stderr.
 void PrintRpcError(const char* rpc, const grpc::Status& status);
@@ -41,4 +39,4 @@ std::string ParseTokenIds(const std::string& text, std::vector<int32_t>* out);
 // Seconds on a monotonic clock, for latency measurements.
 double NowSeconds();
 
-}  // namespace dysco_client
+}  // namespace dysco::client

@@ -64,53 +64,32 @@ StatusOr<std::unique_ptr<DyscoServer>> DyscoServer::Start(const ServerOptions& o
 Status DyscoServer::LoadModel() {
   if (engine_ != nullptr) return FailedPreconditionError("the model is already loaded");
   const auto t0 = std::chrono::steady_clock::now();
-  auto engine = std::make_unique<Engine>();
+  EngineOptions o;
+  o.runner.num_threads = options_.threads;
+  o.runner.device = options_.device;
+  o.page_size = options_.page_size;
+  o.kv_pages = options_.kv_pages;
+  o.kv_cache_bytes = options_.kv_cache_mb << 20;
+  o.limits.max_new_tokens_default = options_.max_new_tokens_default;
+  o.limits.max_new_tokens_limit = options_.max_new_tokens_limit;
+  o.limits.max_context_tokens = options_.max_context;
+  o.scheduler.max_batch_size = options_.max_batch;
+  o.scheduler.max_queued = options_.max_queued;
+  o.scheduler.prefill_chunk_tokens = options_.prefill_chunk;
+  o.scheduler.max_step_tokens = options_.max_step_tokens;
+  o.observer = metrics_.MakeObserver();
+  DYSCO_ASSIGN_OR_RETURN(engine_, Engine::Load(options_.model, std::move(o)));
 
-  ModelRunnerOptions runner_options;
-  runner_options.num_threads = options_.threads;
-  runner_options.device = options_.device;
-  DYSCO_ASSIGN_OR_RETURN(engine->runner, ModelRunner::Load(options_.model, runner_options));
-  const ModelConfig& config = engine->runner->config();
-  DYSCO_ASSIGN_OR_RETURN(engine->tokenizer,
-                         Tokenizer::FromFile(options_.model + "/tokenizer.json"));
-
-  KvPagePoolOptions pool_options;
-  pool_options.page_size = options_.page_size;
-  pool_options.device = options_.device;
-  if (options_.kv_pages > 0) {
-    pool_options.num_pages = options_.kv_pages;
-  } else {
-    pool_options.max_bytes = options_.kv_cache_mb << 20;
-  }
-  DYSCO_ASSIGN_OR_RETURN(engine->pool, KvPagePool::Create(config, pool_options));
-
-  SchedulerOptions& so = engine->scheduler_options;
-  so.max_batch_size = options_.max_batch;
-  so.max_queued = options_.max_queued;
-  so.prefill_chunk_tokens = options_.prefill_chunk;
-  so.max_step_tokens = options_.max_step_tokens;
-  so.max_new_tokens_default = options_.max_new_tokens_default;
-  so.max_new_tokens_limit = options_.max_new_tokens_limit;
-  so.max_context_tokens = options_.max_context;
-  DYSCO_ASSIGN_OR_RETURN(engine->scheduler,
-                         Scheduler::Create(engine->runner.get(), engine->pool.get(),
-                                           engine->tokenizer.get(), so, metrics_.MakeObserver()));
-
-  engine->limits.vocab_size = config.vocab_size;
-  engine->limits.num_layers = config.num_layers;
-  engine->limits.num_attention_heads = config.num_attention_heads;
-  engine->limits.max_new_tokens_limit = so.max_new_tokens_limit;
-
-  engine_ = std::move(engine);
   service_.SetEngine(engine_.get());
   loaded_engine_.store(engine_.get(), std::memory_order_release);
   grpc_server_->GetHealthCheckService()->SetServingStatus(kReadinessService, true);
+  const KvPagePool& pool = engine_->pool();
   spdlog::info(
       "model_loaded model={} name={} device={} kv_pages={} page_size={} kv_cache_mb={:.1f} "
       "max_batch={} max_queued={} seconds={:.2f}",
-      options_.model, config.model_name, engine_->runner->device(), engine_->pool->num_total(),
-      engine_->pool->page_size(), engine_->pool->tensor_bytes() / 1048576.0, so.max_batch_size,
-      so.max_queued, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      options_.model, engine_->config().model_name, engine_->runner().device(), pool.num_total(),
+      pool.page_size(), pool.tensor_bytes() / 1048576.0, options_.max_batch, options_.max_queued,
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   return OkStatus();
 }
 
@@ -120,9 +99,10 @@ void DyscoServer::Drain(std::chrono::duration<double> timeout) {
     grpc_server_->GetHealthCheckService()->SetServingStatus(kReadinessService, false);
   }
   if (engine_ == nullptr) return;
-  spdlog::info("drain_start open_sessions={} timeout_s={:.1f}", service_.open_sessions(),
+  Scheduler* scheduler = engine_->scheduler();
+  const SchedulerStats before = scheduler->stats();
+  spdlog::info("drain_start open_sessions={} timeout_s={:.1f}", before.running + before.waiting,
                timeout.count());
-  Scheduler* scheduler = engine_->scheduler.get();
   std::promise<void> drained;
   std::future<void> done = drained.get_future();
   std::thread waiter([scheduler, &drained] {
@@ -130,11 +110,12 @@ void DyscoServer::Drain(std::chrono::duration<double> timeout) {
     drained.set_value();
   });
   if (done.wait_for(timeout) == std::future_status::timeout) {
-    spdlog::warn("drain_timeout cancelling={}", service_.open_sessions());
-    // Repeated: a session submitted just before the drain may register after the first pass.
-    while (done.wait_for(std::chrono::milliseconds(100)) == std::future_status::timeout) {
-      service_.CancelAllSessions();
-    }
+    const SchedulerStats now = scheduler->stats();
+    spdlog::warn("drain_timeout cancelling={}", now.running + now.waiting);
+    // Repeated: a session submitted just before the drain may be queued after the first pass.
+    do {
+      scheduler->CancelAll();
+    } while (done.wait_for(std::chrono::milliseconds(100)) == std::future_status::timeout);
   }
   waiter.join();
   spdlog::info("drain_done");
@@ -164,7 +145,7 @@ std::string DyscoServer::RenderMetrics() {
   if (Engine* engine = loaded_engine_.load(std::memory_order_acquire)) {
     // Gauges from the scheduler itself: after the last step they would otherwise keep that step's
     // values while the server is idle.
-    metrics_.SetSchedulerStats(engine->scheduler->stats());
+    metrics_.SetSchedulerStats(engine->scheduler()->stats());
   }
   return metrics_.Render();
 }

@@ -10,8 +10,10 @@
 
 #include <spdlog/spdlog.h>
 
-#include "core/engine/generator.h"
+#include "core/base/thread_annotations.h"
+#include "proto/support/grpc_code_names.h"
 #include "server/grpc_status.h"
+#include "server/request_conversion.h"
 
 namespace dysco::server {
 namespace {
@@ -32,19 +34,19 @@ const char* InputName(v1::GenerateRequest::InputCase input) {
   return "none";
 }
 
-v1::FinishReason ToProtoFinish(SessionFinish finish) {
+v1::FinishReason ToProtoFinish(FinishReason finish) {
   switch (finish) {
-    case SessionFinish::kStop:
+    case FinishReason::kStop:
       return v1::STOP;
-    case SessionFinish::kLength:
+    case FinishReason::kLength:
       return v1::LENGTH;
-    case SessionFinish::kStopString:
+    case FinishReason::kStopString:
       return v1::STOP_STRING;
-    case SessionFinish::kCancelled:
-    case SessionFinish::kDeadlineExceeded:
+    case FinishReason::kCancelled:
+    case FinishReason::kDeadlineExceeded:
       return v1::CANCELLED;
-    case SessionFinish::kNone:
-    case SessionFinish::kError:
+    case FinishReason::kNone:
+    case FinishReason::kError:
       break;
   }
   return v1::FINISH_REASON_UNSPECIFIED;
@@ -53,7 +55,7 @@ v1::FinishReason ToProtoFinish(SessionFinish finish) {
 void AppendEvent(const SessionEvent& event, v1::GenerateResponse* out) {
   out->mutable_text()->append(event.text);
   out->mutable_token_ids()->Add(event.token_ids.begin(), event.token_ids.end());
-  for (const StepSelectionEvent& s : event.selection) {
+  for (const SelectionEvent& s : event.selection) {
     v1::StepSelection* sel = out->add_selection();
     sel->set_position(s.position);
     sel->set_phase(DyscoPhaseName(s.phase));
@@ -74,28 +76,6 @@ void SetUsage(const SessionUsage& u, v1::Usage* out) {
   out->set_time_to_first_token_seconds(u.time_to_first_token_seconds);
   out->set_total_seconds(u.total_seconds);
   out->set_dysco_overhead_seconds(u.dysco_overhead_seconds);
-}
-
-const char* GrpcCodeName(grpc::StatusCode code) {
-  static const char* const kNames[] = {"OK",
-                                       "CANCELLED",
-                                       "UNKNOWN",
-                                       "INVALID_ARGUMENT",
-                                       "DEADLINE_EXCEEDED",
-                                       "NOT_FOUND",
-                                       "ALREADY_EXISTS",
-                                       "PERMISSION_DENIED",
-                                       "RESOURCE_EXHAUSTED",
-                                       "FAILED_PRECONDITION",
-                                       "ABORTED",
-                                       "OUT_OF_RANGE",
-                                       "UNIMPLEMENTED",
-                                       "INTERNAL",
-                                       "UNAVAILABLE",
-                                       "DATA_LOSS",
-                                       "UNAUTHENTICATED"};
-  const int i = static_cast<int>(code);
-  return i >= 0 && i < static_cast<int>(std::size(kNames)) ? kNames[i] : "UNKNOWN";
 }
 
 bool HasContent(const v1::GenerateResponse& r) {
@@ -129,7 +109,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
 
   // Validates and submits; on failure finishes the RPC with the mapped status.
   void Start(const v1::GenerateRequest& request) {
-    auto session = ToSessionRequest(request, engine_->limits);
+    auto session = ToSessionRequest(request);
     if (!session.ok()) return Refuse(request.request_id(), session.status());
     if (session->request_id.empty()) session->request_id = service_->NewRequestId();
     request_id_ = session->request_id;
@@ -137,10 +117,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     const bool has_deadline = session->deadline.has_value();
     dysco_ = session->generate.dysco;
 
-    auto id = engine_->scheduler->Submit(std::move(session).value(),
-                                         [this](const SessionEvent& e) { OnEvent(e); });
-    if (!id.ok()) return Refuse(request_id_, id.status());
-    service_->AddSession(*id);
+    auto id = engine_->scheduler()->Submit(std::move(session).value(),
+                                           [this](const SessionEvent& e) { OnEvent(e); });
+    if (!id.ok()) return Refuse(request_id_, ToProtoFieldPath(id.status()));
     spdlog::info(
         "request_start request_id={} peer={} input={} chat={} max_new_tokens={} dysco={} "
         "return_selection={} deadline={}",
@@ -150,21 +129,23 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     bool cancel = false;
     Step step;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(&mu_);
       session_id_ = *id;
       submitted_ = true;
       cancel = cancel_requested_;
       step = NextStepLocked();
     }
-    if (cancel) engine_->scheduler->Cancel(*id);
+    if (cancel) engine_->scheduler()->Cancel(*id);
     Run(std::move(step));  // may finish the RPC: `this` must not be touched after it
   }
 
   void OnWriteDone(bool ok) override {
     bool cancel = false;
+    SessionId id = 0;
     Step step;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(&mu_);
+      id = session_id_;
       write_in_flight_ = false;
       if (!ok && !broken_) {
         broken_ = true;  // the client is gone: stop generating for it
@@ -172,14 +153,16 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
       }
       step = NextStepLocked();
     }
-    if (cancel) engine_->scheduler->Cancel(session_id_);
+    if (cancel) engine_->scheduler()->Cancel(id);
     Run(std::move(step));
   }
 
   void OnCancel() override {
     bool cancel = false;
+    SessionId id = 0;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(&mu_);
+      id = session_id_;
       broken_ = true;
       client_cancelled_ = true;
       if (submitted_) {
@@ -188,31 +171,36 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
         cancel_requested_ = true;
       }
     }
-    if (cancel) engine_->scheduler->Cancel(session_id_);
+    if (cancel) engine_->scheduler()->Cancel(id);
   }
 
   void OnDone() override {
-    if (submitted_) service_->RemoveSession(session_id_);
+    LogDone();
+    delete this;
+  }
+
+ private:
+  // After Finish no other thread touches the reactor; the lock is for the analysis' sake.
+  void LogDone() {
+    MutexLock lock(&mu_);
     const auto elapsed =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time_).count();
     if (refused_) {
       spdlog::info("request_refused request_id={} code={} message=\"{}\" seconds={:.4f}",
-                   request_id_, StatusCodeName(refused_code_), final_status_.error_message(),
-                   elapsed);
+                   request_id_, GrpcCodeName(final_status_.error_code()),
+                   final_status_.error_message(), elapsed);
     } else {
       spdlog::info(
           "request_finish request_id={} finish_reason={} status={} prompt_tokens={} "
           "generated_tokens={} queue_s={:.4f} ttft_s={:.4f} total_s={:.4f} dysco_overhead_s={:.4f} "
           "dysco={} messages={}",
-          request_id_, SessionFinishName(finish_), GrpcCodeName(final_status_.error_code()),
+          request_id_, FinishReasonName(finish_), GrpcCodeName(final_status_.error_code()),
           usage_.prompt_tokens, usage_.generated_tokens, usage_.queue_seconds,
           usage_.time_to_first_token_seconds, usage_.total_seconds, usage_.dysco_overhead_seconds,
           dysco_ ? "on" : "off", messages_written_);
     }
-    delete this;
   }
 
- private:
   enum class Action { kNone, kWrite, kWriteAndFinish, kFinish };
   struct Step {
     Action action = Action::kNone;
@@ -224,7 +212,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   void OnEvent(const SessionEvent& event) {
     Step step;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(&mu_);
       if (!broken_) AppendEvent(event, &pending_);
       if (event.final) FinalizeLocked(event);
       step = NextStepLocked();
@@ -232,20 +220,20 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     Run(std::move(step));
   }
 
-  void FinalizeLocked(const SessionEvent& event) {
+  void FinalizeLocked(const SessionEvent& event) REQUIRES(mu_) {
     final_received_ = true;
     finish_ = event.finish;
     usage_ = event.usage;
     switch (event.finish) {
-      case SessionFinish::kError:
+      case FinishReason::kError:
         final_status_ =
             ToGrpcStatus(event.error.ok() ? InternalError("generation failed") : event.error);
         return;
-      case SessionFinish::kDeadlineExceeded:
+      case FinishReason::kDeadlineExceeded:
         final_status_ = grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "deadline exceeded");
         broken_ = true;  // the client has given up: nothing more to send
         return;
-      case SessionFinish::kCancelled:
+      case FinishReason::kCancelled:
         if (client_cancelled_) {
           final_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
           return;
@@ -264,7 +252,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     SetUsage(event.usage, pending_.mutable_usage());
   }
 
-  Step NextStepLocked() {
+  Step NextStepLocked() REQUIRES(mu_) {
     Step step;
     if (!submitted_ || write_in_flight_ || finish_started_) return step;
     if (broken_) {
@@ -274,7 +262,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
       step.action = Action::kFinish;
       // Nobody reads this status when the client has gone; it is what the logs show.
       const bool keep =
-          finish_ == SessionFinish::kDeadlineExceeded || finish_ == SessionFinish::kError;
+          finish_ == FinishReason::kDeadlineExceeded || finish_ == FinishReason::kError;
       step.status = keep ? final_status_
                          : grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
       final_status_ = step.status;
@@ -329,9 +317,12 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
                   : ValidateRequestId(request_id).ok() ? request_id
                                                        : "<invalid>";
     refused_ = true;
-    refused_code_ = status.code();
-    final_status_ = ToGrpcStatus(status);
-    Finish(final_status_);
+    grpc::Status final_status = ToGrpcStatus(status);
+    {
+      MutexLock lock(&mu_);
+      final_status_ = final_status;
+    }
+    Finish(std::move(final_status));
   }
 
  private:
@@ -342,23 +333,23 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   std::string request_id_;
   bool dysco_ = false;
   bool refused_ = false;
-  StatusCode refused_code_ = StatusCode::kOk;
 
-  std::mutex mu_;
-  SessionId session_id_ = 0;
-  bool submitted_ = false;
-  bool cancel_requested_ = false;  // OnCancel before Submit returned
-  bool client_cancelled_ = false;
-  bool broken_ = false;  // nothing more is written (client gone or deadline passed)
-  bool write_in_flight_ = false;
-  bool final_received_ = false;
-  bool finish_started_ = false;
-  v1::GenerateResponse pending_;  // coalesced deltas not handed to gRPC yet
-  v1::GenerateResponse writing_;  // the message gRPC is writing
-  int64_t messages_written_ = 0;
-  SessionFinish finish_ = SessionFinish::kNone;
-  SessionUsage usage_;
-  grpc::Status final_status_;
+  Mutex mu_;
+  SessionId session_id_ GUARDED_BY(mu_) = 0;
+  bool submitted_ GUARDED_BY(mu_) = false;
+  bool cancel_requested_ GUARDED_BY(mu_) = false;  // OnCancel before Submit returned
+  bool client_cancelled_ GUARDED_BY(mu_) = false;
+  bool broken_ GUARDED_BY(mu_) = false;  // nothing more is written (client gone, deadline passed)
+  bool write_in_flight_ GUARDED_BY(mu_) = false;
+  bool final_received_ GUARDED_BY(mu_) = false;
+  bool finish_started_ GUARDED_BY(mu_) = false;
+  v1::GenerateResponse pending_ GUARDED_BY(mu_);  // coalesced deltas not handed to gRPC yet
+  // The message gRPC is writing: filled under mu_, then read by gRPC until OnWriteDone.
+  v1::GenerateResponse writing_;
+  int64_t messages_written_ GUARDED_BY(mu_) = 0;
+  FinishReason finish_ GUARDED_BY(mu_) = FinishReason::kNone;
+  SessionUsage usage_ GUARDED_BY(mu_);
+  grpc::Status final_status_ GUARDED_BY(mu_);
 };
 
 std::string GenerationService::NewRequestId() {
@@ -370,32 +361,6 @@ std::string GenerationService::NewRequestId() {
     return std::string(buf);
   }();
   return "req-" + prefix + "-" + std::to_string(next_request_.fetch_add(1));
-}
-
-void GenerationService::AddSession(SessionId id) {
-  std::lock_guard<std::mutex> lock(sessions_mu_);
-  sessions_.insert(id);
-}
-
-void GenerationService::RemoveSession(SessionId id) {
-  std::lock_guard<std::mutex> lock(sessions_mu_);
-  sessions_.erase(id);
-}
-
-int64_t GenerationService::open_sessions() const {
-  std::lock_guard<std::mutex> lock(sessions_mu_);
-  return static_cast<int64_t>(sessions_.size());
-}
-
-void GenerationService::CancelAllSessions() {
-  Engine* engine = engine_.load(std::memory_order_acquire);
-  if (engine == nullptr) return;
-  std::vector<SessionId> ids;
-  {
-    std::lock_guard<std::mutex> lock(sessions_mu_);
-    ids.assign(sessions_.begin(), sessions_.end());
-  }
-  for (const SessionId id : ids) engine->scheduler->Cancel(id);
 }
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
@@ -416,12 +381,12 @@ grpc::ServerUnaryReactor* GenerationService::GetModelInfo(grpc::CallbackServerCo
                                                           const v1::GetModelInfoRequest*,
                                                           v1::ModelInfo* info) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  const Engine* engine = engine_.load(std::memory_order_acquire);
+  Engine* engine = engine_.load(std::memory_order_acquire);
   if (engine == nullptr) {
     reactor->Finish(kLoading);
     return reactor;
   }
-  const ModelConfig& c = engine->runner->config();
+  const ModelConfig& c = engine->config();
   info->set_model_name(c.model_name);
   info->set_architecture(c.architecture);
   info->set_context_length(static_cast<uint32_t>(c.max_position_embeddings));
@@ -432,7 +397,7 @@ grpc::ServerUnaryReactor* GenerationService::GetModelInfo(grpc::CallbackServerCo
   info->set_num_attention_heads(c.num_attention_heads);
   info->set_num_kv_heads(c.num_kv_heads);
   for (const int32_t id : c.special_tokens.eos_token_ids) info->add_eos_token_ids(id);
-  info->set_device(engine->runner->device());
+  info->set_device(engine->runner().device());
 
   v1::DyscoDefaults* d = info->mutable_dysco_defaults();
   for (const auto& [layer, head] : c.dysco.selected_heads) {
@@ -451,15 +416,15 @@ grpc::ServerUnaryReactor* GenerationService::GetModelInfo(grpc::CallbackServerCo
     d->add_template_sequences()->mutable_token_ids()->Add(seq.begin(), seq.end());
   }
 
-  const SchedulerOptions& o = engine->scheduler_options;
+  const SchedulerOptions& o = engine->options().scheduler;
+  const RequestLimits& request_limits = engine->factory().limits();
   v1::Limits* limits = info->mutable_limits();
-  limits->set_max_context_tokens(static_cast<uint32_t>(
-      o.max_context_tokens > 0 ? o.max_context_tokens : c.max_position_embeddings));
-  limits->set_max_new_tokens(static_cast<uint32_t>(o.max_new_tokens_limit));
+  limits->set_max_context_tokens(static_cast<uint32_t>(request_limits.max_context_tokens));
+  limits->set_max_new_tokens(static_cast<uint32_t>(request_limits.max_new_tokens_limit));
   limits->set_max_batch_size(static_cast<uint32_t>(o.max_batch_size));
   limits->set_max_queued_requests(static_cast<uint32_t>(o.max_queued));
-  limits->set_kv_cache_pages(static_cast<uint32_t>(engine->pool->num_total()));
-  limits->set_kv_page_size(static_cast<uint32_t>(engine->pool->page_size()));
+  limits->set_kv_cache_pages(static_cast<uint32_t>(engine->pool().num_total()));
+  limits->set_kv_page_size(static_cast<uint32_t>(engine->pool().page_size()));
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }
@@ -468,13 +433,14 @@ grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContex
                                                       const v1::TokenizeRequest* request,
                                                       v1::TokenizeResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  const Engine* engine = engine_.load(std::memory_order_acquire);
+  Engine* engine = engine_.load(std::memory_order_acquire);
   if (engine == nullptr) {
     reactor->Finish(kLoading);
     return reactor;
   }
-  const ModelConfig& config = engine->runner->config();
-  const Tokenizer& tokenizer = *engine->tokenizer;
+  const ModelConfig& config = engine->config();
+  const Tokenizer& tokenizer = engine->tokenizer();
+  const SequenceFactory& factory = engine->factory();
   auto tokenize = [&]() -> StatusOr<std::vector<int32_t>> {
     GenerateRequest g;  // chat-formatted input is encoded exactly as Generate encodes it
     switch (request->input_case()) {
@@ -489,19 +455,21 @@ grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContex
         }
         g.messages.push_back({"user", request->text()});
         break;
-      case v1::TokenizeRequest::kMessages: {
-        DYSCO_ASSIGN_OR_RETURN(g.messages,
-                               ToChatMessages(request->messages(), "messages.messages"));
+      case v1::TokenizeRequest::kMessages:
+        if (request->messages().messages_size() == 0) {
+          return InvalidArgumentError("messages.messages: must not be empty");
+        }
+        g.messages = ToChatMessages(request->messages());
         break;
-      }
       case v1::TokenizeRequest::INPUT_NOT_SET:
         return InvalidArgumentError("input: one of text, messages is required");
     }
-    return BuildPromptTokens(config, tokenizer, g);
+    DYSCO_RETURN_IF_ERROR(factory.Validate(g));
+    return factory.BuildPrompt(g);
   };
   auto ids = tokenize();
   if (!ids.ok()) {
-    reactor->Finish(ToGrpcStatus(ids.status()));
+    reactor->Finish(ToGrpcStatus(ToProtoFieldPath(ids.status())));
     return reactor;
   }
   for (const int32_t id : *ids) {

@@ -4,9 +4,10 @@
 // slow reader never blocks the engine thread and its backlog stays one message); GetModelInfo and
 // Tokenize answer from the engine's config and tokenizer.
 //
-// Thread-safety: gRPC calls the handlers from its own threads; SetEngine, BeginDrain and
-// CancelAllSessions may be called from any thread.
-// Ownership: the service references (does not own) the Engine given to SetEngine, which must
+// Thread-safety: gRPC calls the handlers from its own threads; SetEngine and BeginDrain may be
+// called from any thread. Sessions are tracked by the Scheduler only (Scheduler::CancelAll).
+// Ownership: the service references (does not own) the Engine (core/engine/engine.h) given to
+// SetEngine, which must
 // outlive the gRPC server the service is registered with. Each Generate reactor owns itself: it
 // deletes itself in OnDone, which gRPC calls only after Finish, which the reactor calls only after
 // its session's final event (or when the request is refused before a session exists).
@@ -14,30 +15,12 @@
 
 #include <atomic>
 #include <cstdint>
-#include <memory>
-#include <mutex>
 #include <string>
-#include <unordered_set>
 
-#include "core/model/kv_page_pool.h"
-#include "core/model/model_runner.h"
-#include "core/engine/scheduler.h"
-#include "core/text/tokenizer.h"
+#include "core/engine/engine.h"
 #include "dysco/v1/generation.grpc.pb.h"
-#include "server/request_validation.h"
 
 namespace dysco::server {
-
-// A loaded model and the engine that runs it. Members are destroyed in reverse order: the scheduler
-// (which stops the engine thread) before what it references.
-struct Engine {
-  std::unique_ptr<ModelRunner> runner;
-  std::unique_ptr<KvPagePool> pool;
-  std::unique_ptr<Tokenizer> tokenizer;
-  SchedulerOptions scheduler_options;
-  std::unique_ptr<Scheduler> scheduler;
-  RequestLimits limits;
-};
 
 class GenerationService final : public v1::Generation::CallbackService {
  public:
@@ -48,9 +31,6 @@ class GenerationService final : public v1::Generation::CallbackService {
   // From now on new Generate RPCs get UNAVAILABLE; running ones continue.
   void BeginDrain() { draining_.store(true); }
   bool draining() const { return draining_.load(); }
-  // Cancels every open session (each ends with its final event, then its RPC finishes).
-  void CancelAllSessions();
-  int64_t open_sessions() const;
 
   grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
       grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
@@ -65,14 +45,10 @@ class GenerationService final : public v1::Generation::CallbackService {
   friend class GenerateReactor;
 
   std::string NewRequestId();
-  void AddSession(SessionId id);
-  void RemoveSession(SessionId id);
 
   std::atomic<Engine*> engine_{nullptr};
   std::atomic<bool> draining_{false};
   std::atomic<uint64_t> next_request_{1};
-  mutable std::mutex sessions_mu_;
-  std::unordered_set<SessionId> sessions_;  // submitted, RPC not done yet
 };
 
 }  // namespace dysco::server

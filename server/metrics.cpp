@@ -1,5 +1,7 @@
 #include "server/metrics.h"
 
+#include <atomic>
+
 #include <array>
 #include <map>
 #include <utility>
@@ -48,9 +50,9 @@ Histogram::BucketBoundaries SelectedBuckets() {
   return b;
 }
 
-constexpr std::array<SessionFinish, 6> kFinishes = {
-    SessionFinish::kStop,      SessionFinish::kLength,           SessionFinish::kStopString,
-    SessionFinish::kCancelled, SessionFinish::kDeadlineExceeded, SessionFinish::kError};
+constexpr std::array<FinishReason, 6> kFinishes = {
+    FinishReason::kStop,      FinishReason::kLength,           FinishReason::kStopString,
+    FinishReason::kCancelled, FinishReason::kDeadlineExceeded, FinishReason::kError};
 
 // One child per value of the dysco label: [0] = "off", [1] = "on".
 template <typename T>
@@ -66,10 +68,12 @@ struct ServerMetrics::Impl {
   Histogram* step_select = nullptr;
   Histogram* selected_tokens = nullptr;
   ByDysco<prometheus::Counter> prompt_tokens{}, generation_tokens{};
-  std::map<std::pair<SessionFinish, bool>, prometheus::Counter*> requests;
+  std::map<std::pair<FinishReason, bool>, prometheus::Counter*> requests;
   prometheus::Gauge* running = nullptr;
   prometheus::Gauge* waiting = nullptr;
   prometheus::Gauge* kv_usage = nullptr;
+  prometheus::Counter* callback_errors = nullptr;
+  std::atomic<int64_t> callback_errors_seen{0};  // the scheduler's count at the last refresh
 };
 
 ServerMetrics::ServerMetrics() : impl_(std::make_unique<Impl>()) {
@@ -132,6 +136,13 @@ ServerMetrics::ServerMetrics() : impl_(std::make_unique<Impl>()) {
                     .Register(r)
                     .Add({});
 
+  m.callback_errors = &prometheus::BuildCounter()
+                           .Name("dysco_callback_errors_total")
+                           .Help("Exceptions thrown by session callbacks or metric observers on "
+                                 "the engine thread (caught; the engine goes on)")
+                           .Register(r)
+                           .Add({});
+
   for (int d = 0; d < 2; ++d) {
     const prometheus::Labels labels = {{"dysco", kDysco[d]}};
     m.ttft[d] = &ttft.Add(labels, TtftBuckets());
@@ -142,9 +153,9 @@ ServerMetrics::ServerMetrics() : impl_(std::make_unique<Impl>()) {
     m.step_sample[d] = &step.Add({{"pass", "sample"}, {"dysco", kDysco[d]}}, StepBuckets());
     m.prompt_tokens[d] = &prompt.Add(labels);
     m.generation_tokens[d] = &generation.Add(labels);
-    for (const SessionFinish f : kFinishes) {
+    for (const FinishReason f : kFinishes) {
       m.requests[{f, d == 1}] =
-          &requests.Add({{"finish_reason", SessionFinishName(f)}, {"dysco", kDysco[d]}});
+          &requests.Add({{"finish_reason", FinishReasonName(f)}, {"dysco", kDysco[d]}});
     }
   }
   m.step_speculative = &step.Add({{"pass", "speculative"}, {"dysco", "on"}}, StepBuckets());
@@ -192,6 +203,11 @@ void ServerMetrics::SetSchedulerStats(const SchedulerStats& stats) {
   impl_->running->Set(static_cast<double>(stats.running));
   impl_->waiting->Set(static_cast<double>(stats.waiting));
   impl_->kv_usage->Set(stats.kv_usage_ratio);
+  // A counter follows the scheduler's running count: add what is new since the last refresh.
+  const int64_t seen = impl_->callback_errors_seen.exchange(stats.callback_errors);
+  if (stats.callback_errors > seen) {
+    impl_->callback_errors->Increment(static_cast<double>(stats.callback_errors - seen));
+  }
 }
 
 std::string ServerMetrics::Render() const {

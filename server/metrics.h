@@ -18,7 +18,8 @@
 //   dysco_selected_tokens                      histogram  context tokens selected per DySCO
 //       intervention row; buckets powers of two 1 .. 131072
 //   dysco_prompt_tokens_total{dysco}, dysco_generation_tokens_total{dysco}   counters
-//   dysco_requests_total{finish_reason,dysco}  counter    finished sessions (SessionFinishName)
+//   dysco_requests_total{finish_reason,dysco}  counter    finished sessions (FinishReasonName)
+//   dysco_callback_errors_total                 counter    callback/observer exceptions caught
 //   dysco_requests_running, dysco_requests_waiting, dysco_kv_cache_usage_ratio   gauges, refreshed
 //       from Scheduler::stats() at every scrape (and after every step)
 //

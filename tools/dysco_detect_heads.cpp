@@ -18,9 +18,8 @@
 #include <nlohmann/json.hpp>
 
 #include "core/dysco/head_detection.h"
+#include "core/engine/engine.h"
 #include "core/model/kv_page_pool.h"
-#include "core/model/model_runner.h"
-#include "core/text/tokenizer.h"
 #include "tools/cli_args.h"
 
 namespace {
@@ -98,13 +97,15 @@ int main(int argc, char** argv) {
     return 2;
   }
 
-  dysco::ModelRunnerOptions runner_options;
-  runner_options.num_threads = flags.threads;
-  auto runner = dysco::ModelRunner::Load(flags.model, runner_options);
-  if (!runner.ok()) return Fail(runner.status());
-  const dysco::ModelConfig& config = (*runner)->config();
-  auto tokenizer = dysco::Tokenizer::FromFile(flags.model + "/tokenizer.json");
-  if (!tokenizer.ok()) return Fail(tokenizer.status());
+  // The engine's own pool is a single page: the detection sizes one for its largest example.
+  dysco::EngineOptions engine_options;
+  engine_options.runner.num_threads = flags.threads;
+  engine_options.kv_pages = 1;
+  engine_options.start_scheduler = false;
+  auto engine = dysco::Engine::Load(flags.model, engine_options);
+  if (!engine.ok()) return Fail(engine.status());
+  const dysco::ModelConfig& config = (*engine)->config();
+  const dysco::Tokenizer* tokenizer = &(*engine)->tokenizer();
   const int total_heads = config.num_layers * config.num_attention_heads;
   if (flags.num_heads > total_heads) {
     kCli.Die("--num-heads " + std::to_string(flags.num_heads) + " is more than the model's " +
@@ -117,8 +118,8 @@ int main(int argc, char** argv) {
   int64_t pages = 1;
   for (size_t e = 0; e < examples->size(); ++e) {
     const auto& ex = (*examples)[e];
-    auto pq = dysco::BuildDetectionPrompt(config, **tokenizer, ex.question, ex.paragraphs);
-    auto pn = dysco::BuildDetectionPrompt(config, **tokenizer, "N/A", ex.paragraphs);
+    auto pq = dysco::BuildDetectionPrompt(config, *tokenizer, ex.question, ex.paragraphs);
+    auto pn = dysco::BuildDetectionPrompt(config, *tokenizer, "N/A", ex.paragraphs);
     if (!pq.ok() || !pn.ok()) {
       return Fail(dysco::InvalidArgumentError(flags.data + ": example " + std::to_string(e) + ": " +
                                               (pq.ok() ? pn.status() : pq.status()).message()));
@@ -140,7 +141,7 @@ int main(int argc, char** argv) {
                  static_cast<long long>(p.query_span.size()), s);
   };
   auto result =
-      dysco::DetectRetrievalHeads(runner->get(), pool->get(), **tokenizer, *examples, options);
+      dysco::DetectRetrievalHeads(&(*engine)->runner(), pool->get(), *tokenizer, *examples, options);
   if (!result.ok()) return Fail(result.status());
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

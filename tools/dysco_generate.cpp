@@ -25,12 +25,10 @@
 
 #include <nlohmann/json.hpp>
 
-#include "core/engine/batch_stepper.h"
 #include "core/dysco/params.h"
-#include "core/engine/generator.h"
-#include "core/model/kv_page_pool.h"
-#include "core/model/model_runner.h"
-#include "core/text/tokenizer.h"
+#include "core/engine/batch_stepper.h"
+#include "core/engine/engine.h"
+#include "core/engine/step_plan.h"
 #include "tools/cli_args.h"
 
 namespace {
@@ -303,66 +301,81 @@ dysco::StatusOr<std::vector<BatchLine>> ReadBatchFile(const std::string& path,
   return lines;
 }
 
-// Runs every line of the batch file together through one BatchStepper until all are finished.
-int RunBatch(const Flags& flags, dysco::ModelRunner* runner, const dysco::Tokenizer& tokenizer) {
-  const dysco::ModelConfig& config = runner->config();
+// The engine of the tools: runner, tokenizer and factory, no scheduler thread. Its own pool is a
+// single page: each run sizes a pool for what it generates (RequestPool), since sizing the cache for
+// the whole context would allocate (and zero) memory the run never touches.
+dysco::StatusOr<std::unique_ptr<dysco::Engine>> LoadEngine(const Flags& flags) {
+  dysco::EngineOptions options;
+  options.runner.num_threads = flags.threads;
+  options.page_size = flags.page_size;
+  options.kv_pages = 1;
+  options.start_scheduler = false;
+  options.limits.max_new_tokens_default = 16;
+  options.limits.max_new_tokens_limit = std::numeric_limits<int32_t>::max();
+  return dysco::Engine::Load(flags.model, options);
+}
+
+// A pool of --kv-pages pages, or of just enough pages for `tokens` tokens of each sequence.
+dysco::StatusOr<std::unique_ptr<dysco::KvPagePool>> RequestPool(
+    const Flags& flags, const dysco::ModelConfig& config, const std::vector<int64_t>& tokens) {
+  dysco::KvPagePoolOptions options;
+  options.page_size = flags.page_size;
+  options.num_pages = flags.kv_pages;
+  if (options.num_pages == 0) {
+    for (int64_t n : tokens) {
+      n = std::min<int64_t>(n, config.max_position_embeddings);
+      options.num_pages += (n + flags.page_size - 1) / flags.page_size;
+    }
+  }
+  return dysco::KvPagePool::Create(config, options);
+}
+
+// Runs every line of the batch file together (PlanStep -> BatchStepper::Execute) until all are
+// finished.
+int RunBatch(const Flags& flags, dysco::Engine& engine) {
   auto lines = ReadBatchFile(flags.batch_file, flags.max_new_tokens);
   if (!lines.ok()) return Fail(lines.status());
-
-  int64_t pages = 0;
+  std::vector<int64_t> tokens;
   for (const BatchLine& l : *lines) {
-    pages += (static_cast<int64_t>(l.prompt_ids.size()) + l.max_new_tokens + flags.page_size - 1) /
-             flags.page_size;
+    tokens.push_back(static_cast<int64_t>(l.prompt_ids.size()) + l.max_new_tokens);
   }
-  dysco::KvPagePoolOptions pool_options;
-  pool_options.page_size = flags.page_size;
-  pool_options.num_pages = flags.kv_pages > 0 ? flags.kv_pages : pages;
-  auto pool = dysco::KvPagePool::Create(config, pool_options);
+  auto pool = RequestPool(flags, engine.config(), tokens);
   if (!pool.ok()) return Fail(pool.status());
 
   std::vector<std::unique_ptr<dysco::Sequence>> seqs;
   for (size_t i = 0; i < lines->size(); ++i) {
     const BatchLine& l = (*lines)[i];
-    for (int32_t t : l.prompt_ids) {
-      if (t < 0 || t >= config.vocab_size) {
-        return Fail(dysco::InvalidArgumentError("line " + std::to_string(i) + ": prompt id " +
-                                                std::to_string(t) + " is outside the vocabulary"));
-      }
+    dysco::GenerateRequest request;
+    request.prompt_token_ids = l.prompt_ids;
+    request.max_new_tokens = l.max_new_tokens;
+    request.sampling = flags.sampling;
+    request.dysco = l.dysco;
+    request.dysco_overrides = l.overrides;
+    if (!l.trace.empty()) {
+      request.dysco_trace = l.trace_full ? dysco::DyscoTraceMode::kFull : dysco::DyscoTraceMode::kSteps;
     }
-    dysco::SequenceParams params;
-    params.max_new_tokens = l.max_new_tokens;
-    params.sampling = flags.sampling;
-    params.stop_token_ids = config.special_tokens.eos_token_ids;
-    params.max_context = config.max_position_embeddings;
-    auto seq = std::make_unique<dysco::Sequence>(l.prompt_ids, params, tokenizer, pool->get());
-    if (l.dysco) {
-      auto p = dysco::ResolveDyscoParams(config, l.overrides, /*chat_formatted=*/false,
-                                         static_cast<int64_t>(l.prompt_ids.size()), -1);
-      if (!p.ok()) return Fail(p.status());
-      auto c = dysco::DyscoController::Create(
-          std::move(p).value(), l.prompt_ids,
-          l.trace.empty()
-              ? dysco::DyscoTraceMode::kOff
-              : (l.trace_full ? dysco::DyscoTraceMode::kFull : dysco::DyscoTraceMode::kSteps));
-      if (!c.ok()) return Fail(c.status());
-      seq->AttachDysco(std::move(c).value());
+    auto seq = engine.factory().Create(request, pool->get());
+    if (!seq.ok()) {
+      return Fail(dysco::Status(seq.status().code(),
+                                "line " + std::to_string(i) + ": " + seq.status().message()));
     }
-    seqs.push_back(std::move(seq));
+    seqs.push_back(std::move(seq).value());
   }
 
-  dysco::BatchStepper stepper(runner, pool->get());
-  std::vector<dysco::BatchStepEntry> entries;
-  std::vector<dysco::BatchStepResult> results;
+  dysco::BatchStepper stepper(&engine.runner(), pool->get());
+  // Every sequence prefills up to --prefill-chunk tokens a step, with no budget across them.
+  const dysco::StepBudget budget{flags.prefill_chunk, std::numeric_limits<int64_t>::max() / 2};
+  dysco::StepOutcome outcome;
   while (true) {
-    entries.clear();
+    std::vector<dysco::Sequence*> running;
     for (auto& s : seqs) {
-      if (!s->finished()) entries.push_back({s.get(), flags.prefill_chunk});
+      if (!s->finished()) running.push_back(s.get());
     }
-    if (entries.empty()) break;
-    const dysco::Status st = stepper.Step(entries, &results);
+    if (running.empty()) break;
+    const dysco::Status st = stepper.Execute(dysco::PlanStep(running, budget), &outcome);
     if (!st.ok()) return Fail(st);
-    for (const auto& e : entries) {
-      if (e.sequence->finished()) e.sequence->ReleasePages();
+    for (dysco::Sequence* s : running) {
+      if (s->finished()) s->ReleasePages();
     }
   }
   for (size_t i = 0; i < seqs.size(); ++i) {
@@ -384,15 +397,9 @@ int RunBatch(const Flags& flags, dysco::ModelRunner* runner, const dysco::Tokeni
 
 int main(int argc, char** argv) {
   const Flags flags = ParseFlags(argc, argv);
-
-  dysco::ModelRunnerOptions runner_options;
-  runner_options.num_threads = flags.threads;
-  auto runner = dysco::ModelRunner::Load(flags.model, runner_options);
-  if (!runner.ok()) return Fail(runner.status());
-  const dysco::ModelConfig& config = (*runner)->config();
-  auto tokenizer = dysco::Tokenizer::FromFile(flags.model + "/tokenizer.json");
-  if (!tokenizer.ok()) return Fail(tokenizer.status());
-  if (!flags.batch_file.empty()) return RunBatch(flags, runner->get(), **tokenizer);
+  auto engine = LoadEngine(flags);
+  if (!engine.ok()) return Fail(engine.status());
+  if (!flags.batch_file.empty()) return RunBatch(flags, **engine);
 
   dysco::GenerateRequest request;
   if (!flags.prompt_ids.empty()) {
@@ -412,26 +419,19 @@ int main(int argc, char** argv) {
     request.dysco_trace =
         flags.trace_full ? dysco::DyscoTraceMode::kFull : dysco::DyscoTraceMode::kSteps;
   }
-
-  dysco::KvPagePoolOptions pool_options;
-  pool_options.page_size = flags.page_size;
-  pool_options.num_pages = flags.kv_pages;
-  if (pool_options.num_pages == 0) {
-    // Just enough for this one request: sizing the cache for the whole context would allocate (and
-    // zero) memory the request never touches.
-    auto prompt = dysco::BuildPromptTokens(config, **tokenizer, request);
+  const dysco::SequenceFactory& factory = (*engine)->factory();
+  std::vector<int64_t> tokens;
+  if (flags.kv_pages == 0) {
+    auto prompt = factory.BuildPrompt(request);
     if (!prompt.ok()) return Fail(prompt.status());
-    const int64_t tokens =
-        std::min<int64_t>(static_cast<int64_t>(prompt->size()) + flags.max_new_tokens,
-                          config.max_position_embeddings);
-    pool_options.num_pages = (tokens + flags.page_size - 1) / flags.page_size;
+    tokens.push_back(static_cast<int64_t>(prompt->size()) + flags.max_new_tokens);
   }
-  auto pool = dysco::KvPagePool::Create(config, pool_options);
+  auto pool = RequestPool(flags, (*engine)->config(), tokens);
   if (!pool.ok()) return Fail(pool.status());
 
   dysco::GeneratorOptions generator_options;
   generator_options.prefill_chunk_tokens = flags.prefill_chunk;
-  dysco::Generator generator(runner->get(), pool->get(), tokenizer->get(), generator_options);
+  dysco::Generator generator(&(*engine)->runner(), pool->get(), &factory, generator_options);
   auto result = generator.Generate(request, [](const dysco::TokenDelta& delta) {
     if (!delta.text.empty()) {
       std::fwrite(delta.text.data(), 1, delta.text.size(), stdout);

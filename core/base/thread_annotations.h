@@ -1,7 +1,9 @@
 // Clang thread-safety annotations (https://clang.llvm.org/docs/ThreadSafetyAnalysis.html) and the
 // annotated mutex that every lock in this project uses, so that `scripts/check-thread-safety.sh`
 // (clang -Wthread-safety -Werror, run by `make test`) proves at compile time that each GUARDED_BY
-// member is read and written only with its mutex held. Under GCC the macros expand to nothing.
+// member is read and written only with its mutex held. Under GCC the macros expand to
+// nothing. Each macro is defined only if absent: absl (through gRPC) defines some of the same names
+// with the same meaning.
 //
 // Lock order (docs/architecture.md "Threads"): a thread holds at most one of these mutexes at a
 // time, except ModelRunner's step mutex, which is only ever taken with no other lock held and
@@ -20,16 +22,36 @@
 #define DYSCO_THREAD_ANNOTATION(x)
 #endif
 
+#ifndef CAPABILITY
 #define CAPABILITY(x) DYSCO_THREAD_ANNOTATION(capability(x))
+#endif
+#ifndef SCOPED_CAPABILITY
 #define SCOPED_CAPABILITY DYSCO_THREAD_ANNOTATION(scoped_lockable)
+#endif
+#ifndef GUARDED_BY
 #define GUARDED_BY(x) DYSCO_THREAD_ANNOTATION(guarded_by(x))
+#endif
+#ifndef PT_GUARDED_BY
 #define PT_GUARDED_BY(x) DYSCO_THREAD_ANNOTATION(pt_guarded_by(x))
+#endif
+#ifndef REQUIRES
 #define REQUIRES(...) DYSCO_THREAD_ANNOTATION(requires_capability(__VA_ARGS__))
+#endif
+#ifndef EXCLUDES
 #define EXCLUDES(...) DYSCO_THREAD_ANNOTATION(locks_excluded(__VA_ARGS__))
+#endif
+#ifndef ACQUIRE
 #define ACQUIRE(...) DYSCO_THREAD_ANNOTATION(acquire_capability(__VA_ARGS__))
+#endif
+#ifndef RELEASE
 #define RELEASE(...) DYSCO_THREAD_ANNOTATION(release_capability(__VA_ARGS__))
+#endif
+#ifndef RETURN_CAPABILITY
 #define RETURN_CAPABILITY(x) DYSCO_THREAD_ANNOTATION(lock_returned(x))
+#endif
+#ifndef NO_THREAD_SAFETY_ANALYSIS
 #define NO_THREAD_SAFETY_ANALYSIS DYSCO_THREAD_ANNOTATION(no_thread_safety_analysis)
+#endif
 
 namespace dysco {
 

@@ -128,7 +128,7 @@ SequenceParams SequenceFactory::MakeSequenceParams(const GenerateRequest& r) con
     params.stop_strings.insert(params.stop_strings.end(), config_->chat.stop_strings.begin(),
                                config_->chat.stop_strings.end());
   }
-  params.stop_token_ids = config_->special_tokens.eos_token_ids;
+  if (!r.ignore_eos) params.stop_token_ids = config_->special_tokens.eos_token_ids;
   params.stop_token_ids.insert(params.stop_token_ids.end(), r.stop_token_ids.begin(),
                                r.stop_token_ids.end());
   params.max_context = limits_.max_context_tokens;

@@ -43,6 +43,7 @@ struct GenerateRequest {
   SamplingParams sampling;
   std::vector<std::string> stop_strings;
   std::vector<int32_t> stop_token_ids;  // besides the model's eos ids
+  bool ignore_eos = false;  // the model's eos ids do not stop it (benchmarks: exact lengths)
   // DySCO decoding (docs/dysco.md) with the package defaults overridden by `dysco_overrides`
   // (validated even when `dysco` is false).
   bool dysco = false;

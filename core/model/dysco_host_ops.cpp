@@ -1,17 +1,17 @@
 // The one core/ file that calls the DySCO ops: wraps the caller's host buffers in CPU tensors
-// (from_blob, no copy) and calls the op through the dispatcher; c10 errors become INTERNAL.
+// (from_blob, no copy) and calls the op's typed call (kernels/op_calls.h); c10 errors become
+// INTERNAL.
 #include "core/model/dysco_host_ops.h"
 
 #include <string>
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/script.h>
+
+#include "kernels/op_calls.h"
 
 namespace dysco {
 
 namespace {
-
-using TensorRef = const at::Tensor&;
 
 at::Tensor View(const void* data, at::IntArrayRef sizes, at::ScalarType type) {
   return torch::from_blob(const_cast<void*>(data), sizes, torch::TensorOptions().dtype(type));
@@ -36,10 +36,7 @@ Status DyscoRelevanceUpdate(float* relevance, int64_t batch, int64_t width, cons
                             int64_t num_heads, int64_t probs_len, const int64_t* num_keys,
                             const float* decay) {
   return Guard("dysco::dysco_relevance_update", [&] {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("dysco::dysco_relevance_update", "")
-                               .typed<void(TensorRef, TensorRef, TensorRef, TensorRef)>();
-    op.call(View(relevance, {batch, width}, at::kFloat),
+    ops::dysco_relevance_update(View(relevance, {batch, width}, at::kFloat),
             View(probs, {batch, num_heads, probs_len}, at::kFloat),
             View(num_keys, {batch}, at::kLong), View(decay, {batch}, at::kFloat));
   });
@@ -50,11 +47,7 @@ Status DyscoSelectBias(float* bias, uint8_t* selected, float* stats, const float
                        const uint8_t* template_mask, const float* top_p, const int64_t* top_k,
                        const float* strength) {
   return Guard("dysco::dysco_select_bias", [&] {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("dysco::dysco_select_bias", "")
-                               .typed<void(TensorRef, TensorRef, TensorRef, TensorRef, TensorRef,
-                                           TensorRef, TensorRef, TensorRef, TensorRef)>();
-    op.call(View(bias, {batch, width}, at::kFloat), View(selected, {batch, width}, at::kBool),
+    ops::dysco_select_bias(View(bias, {batch, width}, at::kFloat), View(selected, {batch, width}, at::kBool),
             View(stats, {batch, 2}, at::kFloat), View(relevance, {batch, width}, at::kFloat),
             View(num_keys, {batch}, at::kLong), View(template_mask, {batch, width}, at::kBool),
             View(top_p, {batch}, at::kFloat), View(top_k, {batch}, at::kLong),
@@ -66,11 +59,7 @@ Status DyscoBiasFromSelection(float* bias, const uint8_t* selected, int64_t batc
                               const int64_t* num_keys, const uint8_t* template_mask,
                               const float* strength) {
   return Guard("dysco::dysco_bias_from_selection", [&] {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("dysco::dysco_bias_from_selection", "")
-            .typed<void(TensorRef, TensorRef, TensorRef, TensorRef, TensorRef)>();
-    op.call(View(bias, {batch, width}, at::kFloat), View(selected, {batch, width}, at::kBool),
+    ops::dysco_bias_from_selection(View(bias, {batch, width}, at::kFloat), View(selected, {batch, width}, at::kBool),
             View(num_keys, {batch}, at::kLong), View(template_mask, {batch, width}, at::kBool),
             View(strength, {batch}, at::kFloat));
   });
@@ -86,10 +75,7 @@ Status DyscoTemplateMask(uint8_t* mask, const int32_t* tokens, int64_t len,
     offsets.push_back(static_cast<int64_t>(flat.size()));
   }
   return Guard("dysco::dysco_template_mask", [&] {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("dysco::dysco_template_mask", "")
-                               .typed<void(TensorRef, TensorRef, TensorRef, TensorRef)>();
-    op.call(View(mask, {len}, at::kBool), View(tokens64.data(), {len}, at::kLong),
+    ops::dysco_template_mask(View(mask, {len}, at::kBool), View(tokens64.data(), {len}, at::kLong),
             View(flat.data(), {static_cast<int64_t>(flat.size())}, at::kLong),
             View(offsets.data(), {static_cast<int64_t>(offsets.size())}, at::kLong));
   });

@@ -11,18 +11,11 @@
 #include <torch/script.h>
 
 #include "core/base/thread_annotations.h"
+#include "kernels/op_calls.h"
 
 namespace dysco {
 
 namespace {
-
-// Every op of the library (kernels/torch_bindings.cpp): the model calls the first four, the
-// DySCO stages the rest.
-constexpr const char* kDyscoOps[] = {
-    "dysco::paged_kv_write",         "dysco::paged_attention_decode",
-    "dysco::paged_attention_prefill", "dysco::attention_probs",
-    "dysco::dysco_relevance_update", "dysco::dysco_select_bias",
-    "dysco::dysco_bias_from_selection", "dysco::dysco_template_mask"};
 
 std::string Seq(size_t i) { return "sequences[" + std::to_string(i) + "]"; }
 
@@ -45,15 +38,12 @@ void SetBlasThreads(int n) {
 }  // namespace
 
 Status CheckDyscoOpsRegistered() {
-  for (const char* name : kDyscoOps) {
-    if (!c10::Dispatcher::singleton().findSchema({name, ""}).has_value()) {
-      return FailedPreconditionError(
-          std::string("op ") + name +
-          " is not registered: libdysco_kernels.so is not linked or loaded "
-          "(link it with -Wl,--no-as-needed, or use dysco_kernels_linked)");
-    }
-  }
-  return OkStatus();
+  const std::vector<std::string> missing = ops::MissingOps();
+  if (missing.empty()) return OkStatus();
+  return FailedPreconditionError(
+      "op " + missing.front() +
+      " is not registered: libdysco_kernels.so is not linked or loaded "
+      "(link it with -Wl,--no-as-needed, or use dysco_kernels_linked)");
 }
 
 struct ModelRunner::Impl {

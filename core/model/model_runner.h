@@ -122,8 +122,8 @@ class ModelRunner {
   std::unique_ptr<Impl> impl_;
 };
 
-// FAILED_PRECONDITION naming the first missing op unless all four torch.ops.dysco ops are
-// registered.
+// FAILED_PRECONDITION naming the first missing op unless all eight torch.ops.dysco ops (the
+// model's and the DySCO stages') are registered.
 Status CheckDyscoOpsRegistered();
 
 }  // namespace dysco
