@@ -9,6 +9,7 @@ PKGS=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev
   libspdlog-dev prometheus-cpp-dev libcpp-httplib-dev libyaml-cpp-dev nlohmann-json3-dev
   libgtest-dev
+  clang  # scripts/check_thread_safety.py: clang -Wthread-safety over core/ and server/
 )
 missing=()
 for p in "${PKGS[@]}"; do

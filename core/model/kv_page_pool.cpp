@@ -75,12 +75,15 @@ StatusOr<std::unique_ptr<KvPagePool>> KvPagePool::Create(const ModelConfig& conf
   } catch (const std::exception& e) {
     return InvalidArgumentError("kv_pool.device \"" + options.device + "\": " + e.what());
   }
-  impl->allocated.assign(pages_in_tensor, 0);
-  impl->free_list.reserve(usable);
-  // Lowest ids at the back, so they are handed out first (keeps small workloads in a compact
-  // region).
-  for (int64_t p = pages_in_tensor - 1; p >= reserved; --p)
-    impl->free_list.push_back(static_cast<int32_t>(p));
+  {
+    MutexLock lock(&impl->mu);  // not shared yet: for the analysis, and cheap
+    impl->allocated.assign(pages_in_tensor, 0);
+    impl->free_list.reserve(usable);
+    // Lowest ids at the back, so they are handed out first (keeps small workloads in a compact
+    // region).
+    for (int64_t p = pages_in_tensor - 1; p >= reserved; --p)
+      impl->free_list.push_back(static_cast<int32_t>(p));
+  }
   return std::unique_ptr<KvPagePool>(new KvPagePool(config, options.page_size, pages_in_tensor,
                                                     usable, bytes_per_page, std::move(impl)));
 }

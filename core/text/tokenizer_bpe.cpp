@@ -75,7 +75,7 @@ void BpeModel::Tokenize(std::string_view word, std::vector<int32_t>* out) const 
   std::string key(word);
   CacheShard& shard = cache_[std::hash<std::string>()(key) % kCacheShards];
   {
-    std::lock_guard<std::mutex> lock(shard.mu);
+    MutexLock lock(&shard.mu);
     auto it = shard.words.find(key);
     if (it != shard.words.end()) {
       out->insert(out->end(), it->second.begin(), it->second.end());
@@ -84,7 +84,7 @@ void BpeModel::Tokenize(std::string_view word, std::vector<int32_t>* out) const 
   }
   const size_t first = out->size();
   MergeWord(word, out);
-  std::lock_guard<std::mutex> lock(shard.mu);
+  MutexLock lock(&shard.mu);
   if (shard.words.size() < kCacheEntriesPerShard) {
     shard.words.emplace(std::move(key), std::vector<int32_t>(out->begin() + first, out->end()));
   }

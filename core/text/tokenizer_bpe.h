@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "core/base/status.h"
+#include "core/base/thread_annotations.h"
 
 namespace dysco::tokenizer_internal {
 
@@ -51,8 +52,8 @@ class BpeModel {
     int32_t new_id;
   };
   struct CacheShard {
-    std::mutex mu;
-    std::unordered_map<std::string, std::vector<int32_t>> words;
+    Mutex mu;
+    std::unordered_map<std::string, std::vector<int32_t>> words GUARDED_BY(mu);
   };
   static constexpr size_t kCacheShards = 32;
   static constexpr size_t kCacheEntriesPerShard = 4096;
