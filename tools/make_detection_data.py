@@ -1,4 +1,4 @@
-"""Writes synthetic retrieval-head detection data (QRHead, ../shared/dysco/ALGORITHM.md): each example hides one
+"""Writes synthetic retrieval-head detection data (QRHead, docs/dysco-reference-algorithm.md): each example hides one
 fact among distractor paragraphs and asks for it.
 
     python tools/make_detection_data.py --n 24 --seed 0 --out tools/data/detection_synthetic.jsonl

@@ -5,9 +5,8 @@
 // nothing. Each macro is defined only if absent: absl (through gRPC) defines some of the same names
 // with the same meaning.
 //
-// Lock order (docs/architecture.md "Threads"): a thread holds at most one of these mutexes at a
-// time, except ModelRunner's step mutex, which is only ever taken with no other lock held and
-// under which KvPagePool's free-list mutex may be taken. No callback is called with a lock held.
+// Lock order (docs/architecture.md "Threads, ownership, locks"): a thread holds at most one of
+// these mutexes at a time, and no callback is called with one held.
 //
 // Thread-safety: Mutex is a std::mutex; MutexLock holds it for a scope. Ownership: none.
 #pragma once

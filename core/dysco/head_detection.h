@@ -1,4 +1,4 @@
-// Retrieval-head detection (QRHead, /work/shared/dysco/ALGORITHM.md "Retrieval-head detection"):
+// Retrieval-head detection (QRHead, docs/dysco-reference-algorithm.md "Retrieval-head detection"):
 // scores every (layer, query head) of a model by how much more its query-span attention lands on
 // the gold paragraphs with the real question than with the question replaced by "N/A", and ranks
 // the heads. The best ones become a package's config.json "dysco.selected_heads".

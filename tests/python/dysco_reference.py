@@ -1,4 +1,4 @@
-"""An independent, eager transcription of DySCO (../shared/dysco/ALGORITHM.md, docs/dysco.md) in plain torch,
+"""An independent, eager transcription of DySCO (docs/dysco-reference-algorithm.md, docs/dysco.md) in plain torch,
 to check the engine's implementation against. It deliberately shares no code with tools/ or core/.
 
 What is here:

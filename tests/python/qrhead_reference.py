@@ -1,4 +1,4 @@
-"""An independent transcription of the retrieval-head detection (QRHead) of ../shared/dysco/ALGORITHM.md over the
+"""An independent transcription of the retrieval-head detection (QRHead) of docs/dysco-reference-algorithm.md over the
 eager model of dysco_reference.py, to check the engine's `dysco-detect-heads` against. No project code.
 
 For each example (question, paragraphs, gold paragraph ids):

@@ -1,5 +1,5 @@
 """Acceptance test: the C++ engine's DySCO (dysco-generate) equals the independent Python reference
-(tests/python/dysco_reference.py, a transcription of ALGORITHM.md that shares no code with the engine).
+(tests/python/dysco_reference.py, a transcription of docs/dysco-reference-algorithm.md that shares no code with the engine).
 
 Two tiny random models (Llama and Qwen3 families, tools/dysco_export tiny) are exported once per session; the
 engine loads the model package, the reference loads the Hugging Face checkpoint. Every case decodes greedily

@@ -23,7 +23,7 @@ CHATML_GENERATION_PROMPT = "<|im_start|>assistant\n"
 QWEN3_NO_THINK_GENERATION_PROMPT = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 LLAMA3_GENERATION_PROMPT = "<|start_header_id|>assistant<|end_header_id|>\n\n"
 
-# ALGORITHM.md "Parameters (reference defaults)"; selected_heads and template_sequences are per model.
+# docs/dysco-reference-algorithm.md "Parameters (reference defaults)"; selected_heads and template_sequences are per model.
 REFERENCE_DYSCO = {
     "selected_heads": [],
     "top_p": 0.975,
