@@ -172,8 +172,7 @@ int main(int argc, char** argv) {
     for (auto& t : prompt) t = id(rng);
     TokenTimes plain, with;
     for (int64_t r = 0; r < rounds; ++r) {
-      dysco::Status s =
-          Measure(engine, prompt, decode_tokens, nullptr, &plain);
+      dysco::Status s = Measure(engine, prompt, decode_tokens, nullptr, &plain);
       if (s.ok()) {
         s = Measure(engine, prompt, decode_tokens, &overrides, &with);
       }

@@ -138,8 +138,9 @@ ServerMetrics::ServerMetrics() : impl_(std::make_unique<Impl>()) {
 
   m.callback_errors = &prometheus::BuildCounter()
                            .Name("dysco_callback_errors_total")
-                           .Help("Exceptions thrown by session callbacks or metric observers on "
-                                 "the engine thread (caught; the engine goes on)")
+                           .Help(
+                               "Exceptions thrown by session callbacks or metric observers on "
+                               "the engine thread (caught; the engine goes on)")
                            .Register(r)
                            .Add({});
 

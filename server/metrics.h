@@ -35,8 +35,8 @@
 #include <string>
 #include <thread>
 
-#include "core/engine/scheduler.h"
 #include "core/base/status.h"
+#include "core/engine/scheduler.h"
 
 namespace httplib {
 class Server;

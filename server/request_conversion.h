@@ -1,8 +1,8 @@
 // Conversion of dysco.v1 requests into core requests, with the checks that are about the proto
-// itself: which oneof input is set, an input that is set but empty, proto-only constraints (chat with
-// token ids, clear_template_sequences with template_sequences, DySCO top_p / top_k of 0, which the
-// proto cannot express as "off"), and the request id that goes into the logs. Everything about the
-// request's meaning (ranges, vocabulary, limits, roles, DySCO parameters) is validated once, by
+// itself: which oneof input is set, an input that is set but empty, proto-only constraints (chat
+// with token ids, clear_template_sequences with template_sequences, DySCO top_p / top_k of 0, which
+// the proto cannot express as "off"), and the request id that goes into the logs. Everything about
+// the request's meaning (ranges, vocabulary, limits, roles, DySCO parameters) is validated once, by
 // core's SequenceFactory (core/engine/request.h), whose messages name core's fields;
 // ToProtoFieldPath renames them to the proto's field paths.
 //

@@ -1,5 +1,5 @@
-// dysco-detect-heads: finds a model's retrieval heads (QRHead, core/dysco/head_detection.h) from a JSONL
-// file of detection examples and prints the best ones:
+// dysco-detect-heads: finds a model's retrieval heads (QRHead, core/dysco/head_detection.h) from a
+// JSONL file of detection examples and prints the best ones:
 //   rank layer head score      (the --num-heads best)
 //   median_head_score=M best_over_median=R examples=N prompt_tokens=T seconds=S
 // --scores-out writes every head's score as JSON; --write-config stores the selected heads in the
@@ -140,8 +140,8 @@ int main(int argc, char** argv) {
                  static_cast<long long>(i + 1), static_cast<long long>(n), p.token_ids.size(),
                  static_cast<long long>(p.query_span.size()), s);
   };
-  auto result =
-      dysco::DetectRetrievalHeads(&(*engine)->runner(), pool->get(), *tokenizer, *examples, options);
+  auto result = dysco::DetectRetrievalHeads(&(*engine)->runner(), pool->get(), *tokenizer,
+                                            *examples, options);
   if (!result.ok()) return Fail(result.status());
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -302,8 +302,8 @@ dysco::StatusOr<std::vector<BatchLine>> ReadBatchFile(const std::string& path,
 }
 
 // The engine of the tools: runner, tokenizer and factory, no scheduler thread. Its own pool is a
-// single page: each run sizes a pool for what it generates (RequestPool), since sizing the cache for
-// the whole context would allocate (and zero) memory the run never touches.
+// single page: each run sizes a pool for what it generates (RequestPool), since sizing the cache
+// for the whole context would allocate (and zero) memory the run never touches.
 dysco::StatusOr<std::unique_ptr<dysco::Engine>> LoadEngine(const Flags& flags) {
   dysco::EngineOptions options;
   options.runner.num_threads = flags.threads;
@@ -352,7 +352,8 @@ int RunBatch(const Flags& flags, dysco::Engine& engine) {
     request.dysco = l.dysco;
     request.dysco_overrides = l.overrides;
     if (!l.trace.empty()) {
-      request.dysco_trace = l.trace_full ? dysco::DyscoTraceMode::kFull : dysco::DyscoTraceMode::kSteps;
+      request.dysco_trace =
+          l.trace_full ? dysco::DyscoTraceMode::kFull : dysco::DyscoTraceMode::kSteps;
     }
     auto seq = engine.factory().Create(request, pool->get());
     if (!seq.ok()) {

@@ -50,9 +50,8 @@ int DeepestHeadLayer(const std::vector<DyscoController*>& rows) {
 }
 
 Status DyscoBatchOps::HeadMean(const DyscoController& row, int64_t n, const ForwardOutput& out,
-                               int64_t out_row,
-                               const std::vector<std::pair<int, int>>& probe_heads, float* mean,
-                               int64_t width) {
+                               int64_t out_row, const std::vector<std::pair<int, int>>& probe_heads,
+                               float* mean, int64_t width) {
   if (static_cast<int64_t>(row.relevance().size()) != n - 1 || out.probs_len < n) {
     return InternalError("DySCO relevance of a sequence at position " + std::to_string(n - 1) +
                          " has " + std::to_string(row.relevance().size()) + " entries");
@@ -88,8 +87,8 @@ Status DyscoBatchOps::UpdateRelevance(const std::vector<DyscoController*>& rows,
   decay_.resize(D);
   for (int64_t d = 0; d < D; ++d) {
     const DyscoController& c = *rows[d];
-    DYSCO_RETURN_IF_ERROR(HeadMean(c, num_keys[d], out, out_rows[d], probe_heads,
-                                   probs_.data() + d * width, width));
+    DYSCO_RETURN_IF_ERROR(
+        HeadMean(c, num_keys[d], out, out_rows[d], probe_heads, probs_.data() + d * width, width));
     PackRow(c.relevance(), num_keys[d] - 1, relevance_.data() + d * width, width);
     decay_[d] = static_cast<float>(c.params().decay_factor);
   }

@@ -114,10 +114,8 @@ void DyscoController::RecordNextToken(int32_t token, double sample_seconds) {
   trace_.back().timings.sample_seconds += sample_seconds;
 }
 
-
 DyscoTraceRecord DyscoController::MakeRecord(DyscoStepKind kind, int64_t step, int64_t position,
-                                             int32_t token,
-                                             const DyscoStepTimings& timings) const {
+                                             int32_t token, const DyscoStepTimings& timings) const {
   DyscoTraceRecord r;
   r.step = step;
   r.phase = DyscoPhaseAt(params_, position);

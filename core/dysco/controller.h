@@ -23,7 +23,7 @@ struct DyscoSelection {
   std::vector<uint8_t> selected;  // 0/1 over the keys the selection was made on
   std::vector<float> bias;        // the real pass's bias over the current keys; may be empty
   int64_t num_selected = 0;
-  double selected_mass = 0.0;     // relevance mass of the selected keys
+  double selected_mass = 0.0;  // relevance mass of the selected keys
 };
 
 class DyscoController {
@@ -76,7 +76,6 @@ class DyscoController {
   const std::vector<DyscoTraceRecord>& trace() const { return trace_; }
   std::vector<DyscoTraceRecord> TakeTrace() { return std::move(trace_); }
   const DyscoTotals& totals() const { return totals_; }
-  int64_t num_steps() const { return num_steps_; }
 
  private:
   // Grown by one key per fed token.

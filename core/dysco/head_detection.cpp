@@ -188,8 +188,8 @@ StatusOr<DetectionPrompt> BuildDetectionPrompt(const ModelConfig& config,
   DetectionPrompt p;
   const bool chat = config.chat_format != ChatFormat::kNone;
   if (chat) {
-    DYSCO_ASSIGN_OR_RETURN(
-        p.text, FormatChat(config.chat_format, config.chat, {{"user", message}}, /*add_generation_prompt=*/false));
+    DYSCO_ASSIGN_OR_RETURN(p.text, FormatChat(config.chat_format, config.chat, {{"user", message}},
+                                              /*add_generation_prompt=*/false));
   } else {
     p.text = message;
   }

@@ -22,10 +22,10 @@
 #include <utility>
 #include <vector>
 
+#include "core/base/status.h"
 #include "core/model/kv_page_pool.h"
 #include "core/model/model_config.h"
 #include "core/model/model_runner.h"
-#include "core/base/status.h"
 #include "core/text/tokenizer.h"
 
 namespace dysco {

@@ -81,8 +81,7 @@ Status CheckContextWarmup(int64_t steps) {
 }
 Status CheckInterventionWarmup(int64_t steps) {
   if (steps < -1) {
-    return Bad("dysco.intervention_warmup must be >= 0 or -1 (auto), got " +
-               std::to_string(steps));
+    return Bad("dysco.intervention_warmup must be >= 0 or -1 (auto), got " + std::to_string(steps));
   }
   return OkStatus();
 }
@@ -152,8 +151,9 @@ StatusOr<DyscoParams> ResolveDyscoParams(const ModelConfig& config, const DyscoO
   p.prompt_len = prompt_len;
   p.selected_heads = o.selected_heads ? *o.selected_heads : d.selected_heads;
   if (p.selected_heads.empty()) {
-    return Bad("dysco.selected_heads is empty: the model package has no retrieval heads, pass "
-               "dysco.selected_heads");
+    return Bad(
+        "dysco.selected_heads is empty: the model package has no retrieval heads, pass "
+        "dysco.selected_heads");
   }
   if (!o.selected_heads) DYSCO_RETURN_IF_ERROR(CheckHeads(config, p.selected_heads));
   if (o.top_p) {
@@ -180,7 +180,8 @@ StatusOr<DyscoParams> ResolveDyscoParams(const ModelConfig& config, const DyscoO
   const int64_t iw = o.intervention_warmup.value_or(d.intervention_warmup);
   DYSCO_RETURN_IF_ERROR(CheckInterventionWarmup(iw));
   p.intervention_warmup =
-      iw >= 0 ? iw : (chat_formatted && generation_prompt_tokens >= 0 ? generation_prompt_tokens : 2);
+      iw >= 0 ? iw
+              : (chat_formatted && generation_prompt_tokens >= 0 ? generation_prompt_tokens : 2);
   p.dynamic_rescale = o.dynamic_rescale.value_or(d.dynamic_rescale);
   p.template_sequences = o.template_sequences ? *o.template_sequences : d.template_sequences;
   if (!o.template_sequences) DYSCO_RETURN_IF_ERROR(CheckTemplates(config, p.template_sequences));
@@ -198,20 +199,6 @@ const char* DyscoPhaseName(DyscoPhase phase) {
       return "intervention_warmup";
     case DyscoPhase::kGenerate:
       return "generate";
-  }
-  return "unknown";
-}
-
-const char* DyscoStepKindName(DyscoStepKind kind) {
-  switch (kind) {
-    case DyscoStepKind::kPrefill:
-      return "prefill";
-    case DyscoStepKind::kContextWarmup:
-      return "context_warmup";
-    case DyscoStepKind::kDynamic:
-      return "dynamic";
-    case DyscoStepKind::kStatic:
-      return "static";
   }
   return "unknown";
 }

@@ -94,7 +94,6 @@ enum class DyscoStepKind {
   kDynamic,        // speculative pass, update + select + bias, real pass with the bias
   kStatic,         // real pass with the static set's bias, no speculative pass
 };
-const char* DyscoStepKindName(DyscoStepKind kind);
 
 // The phase of the token at `position` (0-based) of a sequence with these parameters.
 DyscoPhase DyscoPhaseAt(const DyscoParams& params, int64_t position);

@@ -1,5 +1,6 @@
 // What a DySCO sequence records about its steps: per-step wall times, the trace records that
-// `--trace` and `return_selection` expose (docs/dysco.md "Trace"), and the counters that metrics read.
+// `--trace` and `return_selection` expose (docs/dysco.md "Trace"), and the counters that metrics
+// read.
 //
 // Thread-safety: value types and pure functions. Ownership: values owned by their holder.
 #pragma once

@@ -151,7 +151,8 @@ void BatchStepper::CommitAndSample(StepOutcome* outcome) {
     r.sampled = true;
     outcome->timings.sample_seconds += seconds;
     DyscoController* c = seqs_[i]->dysco();
-    if (c != nullptr && r.kind != DyscoStepKind::kPrefill) c->RecordNextToken(r.delta.token_id, seconds);
+    if (c != nullptr && r.kind != DyscoStepKind::kPrefill)
+      c->RecordNextToken(r.delta.token_id, seconds);
   }
 }
 

@@ -61,9 +61,6 @@ class BatchStepper {
   // ops (INTERNAL...).
   Status Execute(const StepPlan& plan, StepOutcome* outcome);
 
-  // The last step's real forward: row i = plan.rows[i] (logits of its last new token).
-  const ForwardOutput& last_real_output() const { return real_out_; }
-
  private:
   // Row indices of the plan by DySCO step kind.
   struct RowsByKind {

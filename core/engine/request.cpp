@@ -30,14 +30,12 @@ StatusOr<SequenceFactory> SequenceFactory::Create(const ModelConfig& config,
       limits.max_new_tokens_default > limits.max_new_tokens_limit) {
     return Bad("max_new_tokens_default must be in [1, max_new_tokens_limit]");
   }
-  if (limits.max_context_tokens < 0 ||
-      limits.max_context_tokens > config.max_position_embeddings) {
+  if (limits.max_context_tokens < 0 || limits.max_context_tokens > config.max_position_embeddings) {
     return Bad("max_context_tokens must be in [0, " +
                std::to_string(config.max_position_embeddings) + "]");
   }
   if (limits.max_context_tokens == 0) limits.max_context_tokens = config.max_position_embeddings;
-  return SequenceFactory(config, tokenizer, limits,
-                         CountGenerationPromptTokens(config, tokenizer));
+  return SequenceFactory(config, tokenizer, limits, CountGenerationPromptTokens(config, tokenizer));
 }
 
 Status SequenceFactory::ValidatePromptSource(const GenerateRequest& r) const {
@@ -139,12 +137,11 @@ Status SequenceFactory::AttachDysco(const GenerateRequest& r, Sequence* sequence
   const bool chat_formatted = IsChatFormatted(r);
   DYSCO_ASSIGN_OR_RETURN(
       DyscoParams params,
-      ResolveDyscoParams(*config_, r.dysco_overrides, chat_formatted,
-                         sequence->num_prompt_tokens(),
+      ResolveDyscoParams(*config_, r.dysco_overrides, chat_formatted, sequence->num_prompt_tokens(),
                          chat_formatted ? generation_prompt_tokens_ : -1));
-  DYSCO_ASSIGN_OR_RETURN(std::unique_ptr<DyscoController> controller,
-                         DyscoController::Create(std::move(params), sequence->tokens(),
-                                                 r.dysco_trace));
+  DYSCO_ASSIGN_OR_RETURN(
+      std::unique_ptr<DyscoController> controller,
+      DyscoController::Create(std::move(params), sequence->tokens(), r.dysco_trace));
   sequence->AttachDysco(std::move(controller));
   return OkStatus();
 }
@@ -160,13 +157,13 @@ StatusOr<std::unique_ptr<Sequence>> SequenceFactory::Create(const GenerateReques
   }
   SequenceParams params = MakeSequenceParams(r);
   const int64_t max_new = params.max_new_tokens;
-  auto sequence = std::make_unique<Sequence>(std::move(prompt), std::move(params), *tokenizer_, pool);
+  auto sequence =
+      std::make_unique<Sequence>(std::move(prompt), std::move(params), *tokenizer_, pool);
   const int64_t pages = pool->pages_for_tokens(sequence->max_cached_tokens());
   if (pages > pool->num_total()) {
-    return ResourceExhaustedError("request needs " + std::to_string(pages) +
-                                  " KV pages (prompt " + std::to_string(num_prompt) +
-                                  " + max_new_tokens " + std::to_string(max_new) +
-                                  " tokens) but the KV pool has only " +
+    return ResourceExhaustedError("request needs " + std::to_string(pages) + " KV pages (prompt " +
+                                  std::to_string(num_prompt) + " + max_new_tokens " +
+                                  std::to_string(max_new) + " tokens) but the KV pool has only " +
                                   std::to_string(pool->num_total()));
   }
   if (r.dysco) DYSCO_RETURN_IF_ERROR(AttachDysco(r, sequence.get()));

@@ -1,8 +1,9 @@
 // A generation request as core/ sees it, and SequenceFactory: the one place where a request is
-// validated, its defaults resolved and its prompt encoded, and where it becomes a Sequence (Triton's
-// InferenceRequest::PrepareForInference). The server converts its proto into a GenerateRequest and
-// checks only what is about the proto itself; the Generator, the Scheduler and the tools all go
-// through the same factory, so every caller gets the same rules and the same messages.
+// validated, its defaults resolved and its prompt encoded, and where it becomes a Sequence
+// (Triton's InferenceRequest::PrepareForInference). The server converts its proto into a
+// GenerateRequest and checks only what is about the proto itself; the Generator, the Scheduler and
+// the tools all go through the same factory, so every caller gets the same rules and the same
+// messages.
 //
 // Every error is INVALID_ARGUMENT with a message that starts with the field, named as in
 // GenerateRequest ("sampling.top_p must be in (0, 1], got 1.5", "stop_strings[2]: ...",
@@ -81,8 +82,8 @@ class SequenceFactory {
   // parameters against it, and check that the sequence's pages can ever fit `pool`.
   StatusOr<std::unique_ptr<Sequence>> Create(const GenerateRequest& request,
                                              KvPagePool* pool) const;
-  // The prompt tokens of a valid request: chat formatting for `messages` or `chat`, bos prepended per
-  // the config when add_bos is set and the text does not already start with it.
+  // The prompt tokens of a valid request: chat formatting for `messages` or `chat`, bos prepended
+  // per the config when add_bos is set and the text does not already start with it.
   StatusOr<std::vector<int32_t>> BuildPrompt(const GenerateRequest& request) const;
 
   // Limits with max_context_tokens resolved (never 0).

@@ -1,6 +1,6 @@
-// Scheduler: continuous batching of many concurrent generation sessions over one ModelRunner and one
-// KvPagePool. Each session is a Sequence (its own pages, sampler, detokenizer, stop matcher and,
-// with DySCO, its own DyscoController) built by the SequenceFactory; one engine thread repeats
+// Scheduler: continuous batching of many concurrent generation sessions over one ModelRunner and
+// one KvPagePool. Each session is a Sequence (its own pages, sampler, detokenizer, stop matcher
+// and, with DySCO, its own DyscoController) built by the SequenceFactory; one engine thread repeats
 // plan -> execute -> apply (docs/architecture.md): admit waiting sessions whose pages can be
 // reserved, PlanStep over the running ones (chunked prefill so running sessions keep decoding),
 // BatchStepper::Execute, then apply the outcome (events, finished sessions, metrics), freeing each
@@ -35,8 +35,8 @@
 namespace dysco {
 
 struct SchedulerOptions {
-  int64_t max_batch_size = 16;         // running sessions stepped together
-  int64_t max_queued = 64;             // waiting sessions; beyond it Submit returns RESOURCE_EXHAUSTED
+  int64_t max_batch_size = 16;  // running sessions stepped together
+  int64_t max_queued = 64;      // waiting sessions; beyond it Submit returns RESOURCE_EXHAUSTED
   int64_t prefill_chunk_tokens = 256;  // prompt tokens one session may prefill per step
   int64_t max_step_tokens = 1024;      // new tokens of all sessions in one step
 };

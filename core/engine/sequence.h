@@ -81,8 +81,8 @@ class Sequence {
   // for them (RESOURCE_EXHAUSTED, nothing taken, when the pool is full). `row` views this
   // sequence's buffers: it stays valid until CommitFeed or AbortFeed.
   Status PrepareFeed(int64_t max_tokens, ForwardRow* row);
-  // Marks the tokens of the last PrepareFeed as cached. Returns true when no uncached token is left,
-  // i.e. the step's logits predict the next token and must be passed to AcceptLogits.
+  // Marks the tokens of the last PrepareFeed as cached. Returns true when no uncached token is
+  // left, i.e. the step's logits predict the next token and must be passed to AcceptLogits.
   bool CommitFeed();
   // Forgets the last PrepareFeed (its step was not run); the pages stay with the sequence.
   void AbortFeed() { pending_ = 0; }

@@ -37,8 +37,9 @@ Status DyscoRelevanceUpdate(float* relevance, int64_t batch, int64_t width, cons
                             const float* decay) {
   return Guard("dysco::dysco_relevance_update", [&] {
     ops::dysco_relevance_update(View(relevance, {batch, width}, at::kFloat),
-            View(probs, {batch, num_heads, probs_len}, at::kFloat),
-            View(num_keys, {batch}, at::kLong), View(decay, {batch}, at::kFloat));
+                                View(probs, {batch, num_heads, probs_len}, at::kFloat),
+                                View(num_keys, {batch}, at::kLong),
+                                View(decay, {batch}, at::kFloat));
   });
 }
 
@@ -47,11 +48,12 @@ Status DyscoSelectBias(float* bias, uint8_t* selected, float* stats, const float
                        const uint8_t* template_mask, const float* top_p, const int64_t* top_k,
                        const float* strength) {
   return Guard("dysco::dysco_select_bias", [&] {
-    ops::dysco_select_bias(View(bias, {batch, width}, at::kFloat), View(selected, {batch, width}, at::kBool),
-            View(stats, {batch, 2}, at::kFloat), View(relevance, {batch, width}, at::kFloat),
-            View(num_keys, {batch}, at::kLong), View(template_mask, {batch, width}, at::kBool),
-            View(top_p, {batch}, at::kFloat), View(top_k, {batch}, at::kLong),
-            View(strength, {batch}, at::kFloat));
+    ops::dysco_select_bias(
+        View(bias, {batch, width}, at::kFloat), View(selected, {batch, width}, at::kBool),
+        View(stats, {batch, 2}, at::kFloat), View(relevance, {batch, width}, at::kFloat),
+        View(num_keys, {batch}, at::kLong), View(template_mask, {batch, width}, at::kBool),
+        View(top_p, {batch}, at::kFloat), View(top_k, {batch}, at::kLong),
+        View(strength, {batch}, at::kFloat));
   });
 }
 
@@ -59,9 +61,10 @@ Status DyscoBiasFromSelection(float* bias, const uint8_t* selected, int64_t batc
                               const int64_t* num_keys, const uint8_t* template_mask,
                               const float* strength) {
   return Guard("dysco::dysco_bias_from_selection", [&] {
-    ops::dysco_bias_from_selection(View(bias, {batch, width}, at::kFloat), View(selected, {batch, width}, at::kBool),
-            View(num_keys, {batch}, at::kLong), View(template_mask, {batch, width}, at::kBool),
-            View(strength, {batch}, at::kFloat));
+    ops::dysco_bias_from_selection(
+        View(bias, {batch, width}, at::kFloat), View(selected, {batch, width}, at::kBool),
+        View(num_keys, {batch}, at::kLong), View(template_mask, {batch, width}, at::kBool),
+        View(strength, {batch}, at::kFloat));
   });
 }
 
@@ -75,9 +78,10 @@ Status DyscoTemplateMask(uint8_t* mask, const int32_t* tokens, int64_t len,
     offsets.push_back(static_cast<int64_t>(flat.size()));
   }
   return Guard("dysco::dysco_template_mask", [&] {
-    ops::dysco_template_mask(View(mask, {len}, at::kBool), View(tokens64.data(), {len}, at::kLong),
-            View(flat.data(), {static_cast<int64_t>(flat.size())}, at::kLong),
-            View(offsets.data(), {static_cast<int64_t>(offsets.size())}, at::kLong));
+    ops::dysco_template_mask(
+        View(mask, {len}, at::kBool), View(tokens64.data(), {len}, at::kLong),
+        View(flat.data(), {static_cast<int64_t>(flat.size())}, at::kLong),
+        View(offsets.data(), {static_cast<int64_t>(offsets.size())}, at::kLong));
   });
 }
 

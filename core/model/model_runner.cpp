@@ -40,10 +40,9 @@ void SetBlasThreads(int n) {
 Status CheckDyscoOpsRegistered() {
   const std::vector<std::string> missing = ops::MissingOps();
   if (missing.empty()) return OkStatus();
-  return FailedPreconditionError(
-      "op " + missing.front() +
-      " is not registered: libdysco_kernels.so is not linked or loaded "
-      "(link it with -Wl,--no-as-needed, or use dysco_kernels_linked)");
+  return FailedPreconditionError("op " + missing.front() +
+                                 " is not registered: libdysco_kernels.so is not linked or loaded "
+                                 "(link it with -Wl,--no-as-needed, or use dysco_kernels_linked)");
 }
 
 struct ModelRunner::Impl {

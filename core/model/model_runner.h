@@ -3,14 +3,14 @@
 // KvPagePool (docs/model-interface.md "forward"). It knows nothing of sampling or scheduling: the
 // caller decides which sequences step together and owns their pages.
 //
-// Thread-safety: Load is safe from any thread. Forward serialises itself with an internal mutex (one
-// forward at a time per runner); the accessors are const and safe concurrently.
+// Thread-safety: Load is safe from any thread. Forward serialises itself with an internal mutex
+// (one forward at a time per runner); the accessors are const and safe concurrently.
 //
-// Ownership: Load returns a runner owned by the caller (it owns the TorchScript module). Forward reads
-// the caller's buffers (the spans in ForwardBatch) only during the call and writes the KV cache of the
-// pages it is given; ForwardOutput is owned by the caller and is overwritten. On failure nothing is
-// returned / the output is unspecified, but the pages written before an error may hold partial K/V
-// (their tokens must be recomputed).
+// Ownership: Load returns a runner owned by the caller (it owns the TorchScript module). Forward
+// reads the caller's buffers (the spans in ForwardBatch) only during the call and writes the KV
+// cache of the pages it is given; ForwardOutput is owned by the caller and is overwritten. On
+// failure nothing is returned / the output is unspecified, but the pages written before an error
+// may hold partial K/V (their tokens must be recomputed).
 #pragma once
 
 #include <cstddef>
@@ -20,9 +20,9 @@
 #include <utility>
 #include <vector>
 
+#include "core/base/status.h"
 #include "core/model/kv_page_pool.h"
 #include "core/model/model_config.h"
-#include "core/base/status.h"
 
 namespace dysco {
 

@@ -20,7 +20,6 @@ const char* ChatFormatName(ChatFormat format) {
 
 namespace {
 
-
 // Jinja's `trim`: strips leading and trailing whitespace.
 std::string Trim(const std::string& s) {
   const char* kSpace = " \t\n\r\f\v";
