@@ -42,7 +42,10 @@ Status SequenceFactory::ValidatePromptSource(const GenerateRequest& r) const {
   const int sources = (!r.prompt.empty() ? 1 : 0) + (!r.messages.empty() ? 1 : 0) +
                       (!r.prompt_token_ids.empty() ? 1 : 0);
   if (sources == 0) return Bad("prompt is empty (set prompt, messages or prompt_token_ids)");
-  if (sources > 1) return Bad("request has more than one of prompt, messages and prompt_token_ids");
+  if (sources > 1) {
+    return Bad("prompt, messages, prompt_token_ids: set only one of them, got " +
+               std::to_string(sources));
+  }
   if (r.messages.size() > limits_.max_chat_messages) {
     return Bad("messages: at most " + std::to_string(limits_.max_chat_messages) +
                " messages, got " + std::to_string(r.messages.size()));

@@ -8,7 +8,7 @@
 // Every error is INVALID_ARGUMENT with a message that starts with the field, named as in
 // GenerateRequest ("sampling.top_p must be in (0, 1], got 1.5", "stop_strings[2]: ...",
 // "dysco.selected_heads[3]: ..."), except RESOURCE_EXHAUSTED for a request whose KV pages can never
-// fit the pool.
+// fit the pool and FAILED_PRECONDITION for a chat request to a package without a chat format.
 //
 // Thread-safety: SequenceFactory is immutable after Create; its methods may run on any number of
 // threads at once. Ownership: the factory references the config and tokenizer (which must outlive

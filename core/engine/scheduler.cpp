@@ -408,6 +408,10 @@ StatusOr<SessionId> Scheduler::Impl::Submit(SessionRequest request, SessionCallb
     MutexLock lock(&mu_);
     DYSCO_RETURN_IF_ERROR(CheckQueueLocked());
   }
+  // A session's only use of the DySCO trace is the selection it streams: kept per step when asked
+  // for, never otherwise (nothing else would take it, and it grows every step).
+  request.generate.dysco_trace =
+      request.return_selection ? DyscoTraceMode::kSteps : DyscoTraceMode::kOff;
   // Validation and prompt encoding happen here, on the caller's thread, not on the engine's.
   auto s = std::make_unique<Session>();
   DYSCO_ASSIGN_OR_RETURN(s->seq, factory_->Create(request.generate, pool_));

@@ -1,27 +1,31 @@
-// Tests of DySCO in the engine (core/dysco/params.h, core/engine/batch_stepper.h): parameter validation and
-// resolution, the phase schedule against the rule written out by hand, then on a tiny random model
-// package (exported into a temp dir by tools.dysco_export) end-to-end properties: strength 1 (zero
-// bias) gives the plain greedy tokens, batches mixing DySCO and plain sequences equal each sequence
-// alone, relevance is a distribution, the selection is ALGORITHM.md's nucleus / top-k / hybrid of
-// the traced relevance, the bias is log(strength) exactly where it must be, the static variant runs
-// no speculative pass, pages are freed. Last, the default model answers the France question with
-// DySCO on.
+// Tests of DySCO in the engine (core/dysco/params.h, core/dysco/controller.h,
+// core/engine/batch_stepper.h): parameter validation and resolution, the phase schedule against the
+// rule written out by hand, then on the tiny random model package (tests/cpp/tiny_model_fixture.h:
+// exported by ctest's export_tiny_model fixture, named by DYSCO_TINY_MODEL_DIR) end-to-end
+// properties: strength 1 (zero bias) gives the plain greedy tokens, batches mixing DySCO and plain
+// sequences equal each sequence alone, relevance is a distribution, the selection is ALGORITHM.md's
+// nucleus / top-k / hybrid of the traced relevance, the bias is log(strength) exactly where it must
+// be, the static variant runs no speculative pass, pages are freed. Last, the default model answers
+// the France question with DySCO on.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <filesystem>
+#include <functional>
 #include <map>
 #include <numeric>
 #include <random>
 
-#include <unistd.h>
-
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include "core/engine/batch_stepper.h"
+#include "core/dysco/controller.h"
 #include "core/dysco/params.h"
+#include "core/dysco/trace.h"
+#include "core/engine/batch_stepper.h"
 #include "core/engine/generator.h"
+#include "core/engine/step_plan.h"
+#include "tests/cpp/default_model_fixture.h"
+#include "tests/cpp/tiny_model_fixture.h"
 
 namespace dysco {
 namespace {
@@ -318,53 +322,13 @@ TEST(DyscoTraceTest, JsonLineFollowsDocs) {
 // ---------------------------------------------------------------------------------------------
 // Tiny model
 
-class DyscoTinyTest : public ::testing::Test {
+class DyscoTinyTest : public TinyModelTest {
  protected:
-  static void SetUpTestSuite() {
-    dir_ = new std::string(::testing::TempDir() + "dysco_tiny_" + std::to_string(::getpid()));
-    const std::string cmd = std::string("cd '") + DYSCO_SOURCE_DIR +
-                            "' && .venv/bin/python -m tools.dysco_export tiny --family llama "
-                            "--seed 0 --out '" +
-                            *dir_ + "' --kernels '" + DYSCO_BINARY_DIR +
-                            "/lib/libdysco_kernels.so' > '" + *dir_ + ".log' 2>&1";
-    if (std::system(cmd.c_str()) != 0) {
-      *error_ = "tiny model export failed: " + cmd;
-      return;
-    }
-    auto r = ModelRunner::Load(*dir_);
-    if (!r.ok()) {
-      *error_ = r.status().ToString();
-      return;
-    }
-    runner_ = std::move(r).value().release();
-    auto t = Tokenizer::FromFile(*dir_ + "/tokenizer.json");
-    if (!t.ok()) {
-      *error_ = t.status().ToString();
-      return;
-    }
-    tokenizer_ = std::move(t).value().release();
-  }
-  static void TearDownTestSuite() {
-    delete runner_;
-    delete tokenizer_;
-    runner_ = nullptr;
-    tokenizer_ = nullptr;
-    std::error_code ec;
-    std::filesystem::remove_all(*dir_, ec);
-    std::filesystem::remove(*dir_ + ".log", ec);
-  }
-
   void SetUp() override {
-    if (runner_ == nullptr || tokenizer_ == nullptr) {
-      if (std::getenv("CI") != nullptr) FAIL() << *error_;
-      GTEST_SKIP() << *error_;
-    }
-    KvPagePoolOptions o;
-    o.page_size = 8;  // small pages: sequences cross page boundaries
-    o.num_pages = 256;
-    auto pool = KvPagePool::Create(runner_->config(), o);
-    ASSERT_TRUE(pool.ok()) << pool.status().ToString();
-    pool_ = std::move(pool).value();
+    TinyModelTest::SetUp();
+    if (ModelMissing()) return;
+    pool_ = MakePool(/*page_size=*/8, 256);  // small pages: sequences cross page boundaries
+    ASSERT_NE(pool_, nullptr);
   }
 
   struct Spec {
@@ -421,34 +385,39 @@ class DyscoTinyTest : public ::testing::Test {
     return seq;
   }
 
-  // Runs `specs` together through one BatchStepper; `check` sees every step.
+  // Runs `specs` together through one BatchStepper, every unfinished sequence in every step, each
+  // prefilling at most its own first_chunk tokens per step; `check` sees every step (row i of the
+  // outcome is stepped[i]).
   std::vector<Run> RunTogether(
       const std::vector<Spec>& specs, DyscoTraceMode mode = DyscoTraceMode::kFull,
-      const std::function<void(const BatchStepper&, const std::vector<Sequence*>&,
-                               const std::vector<BatchStepResult>&)>& check = nullptr) {
+      const std::function<void(const StepOutcome&, const std::vector<Sequence*>&)>& check =
+          nullptr) {
     std::vector<std::unique_ptr<Sequence>> seqs;
     for (const Spec& s : specs) {
       seqs.push_back(MakeSequence(s, mode));
       if (seqs.back() == nullptr) return {};
     }
     BatchStepper stepper(runner_, pool_.get());
-    std::vector<BatchStepEntry> entries;
-    std::vector<BatchStepResult> results;
+    StepPlan plan;
+    StepOutcome outcome;
     std::vector<Sequence*> stepped;
     for (int guard = 0; guard < 10000; ++guard) {
-      entries.clear();
+      plan.rows.clear();
       stepped.clear();
       for (size_t i = 0; i < seqs.size(); ++i) {
         if (seqs[i]->finished()) continue;
-        entries.push_back({seqs[i].get(), specs[i].first_chunk});
+        const int64_t n = std::min(specs[i].first_chunk, seqs[i]->MaxTokensToFeed());
+        EXPECT_GE(n, 1);
+        plan.rows.push_back({seqs[i].get(), n, i});
         stepped.push_back(seqs[i].get());
       }
-      if (entries.empty()) break;
-      const Status st = stepper.Step(entries, &results);
+      if (plan.empty()) break;
+      const Status st = stepper.Execute(plan, &outcome);
       EXPECT_TRUE(st.ok()) << st.ToString();
       if (!st.ok()) return {};
-      EXPECT_EQ(results.size(), entries.size());
-      if (check) check(stepper, stepped, results);
+      EXPECT_EQ(outcome.rows.size(), plan.rows.size());
+      EXPECT_EQ(outcome.real_rows, static_cast<int64_t>(plan.rows.size()));
+      if (check) check(outcome, stepped);
     }
     std::vector<Run> runs;
     for (auto& s : seqs) {
@@ -465,17 +434,8 @@ class DyscoTinyTest : public ::testing::Test {
     return runs;
   }
 
-  static ModelRunner* runner_;
-  static Tokenizer* tokenizer_;
-  static std::string* dir_;
-  static std::string* error_;
   std::unique_ptr<KvPagePool> pool_;
 };
-
-ModelRunner* DyscoTinyTest::runner_ = nullptr;
-Tokenizer* DyscoTinyTest::tokenizer_ = nullptr;
-std::string* DyscoTinyTest::dir_ = nullptr;
-std::string* DyscoTinyTest::error_ = new std::string("tiny model not exported");
 
 // Same trace up to float noise of batching (the runner's batch test bounds logits by 1e-4).
 void ExpectSameTrace(const std::vector<DyscoTraceRecord>& a, const std::vector<DyscoTraceRecord>& b,
@@ -533,7 +493,7 @@ TEST_F(DyscoTinyTest, StrengthOneGivesPlainGreedyTokens) {
     req.dysco = true;
     req.dysco_overrides.strength = 1.0;
     req.dysco_trace = DyscoTraceMode::kSteps;
-    Generator g(runner_, pool_.get(), tokenizer_);
+    Generator g(runner_, pool_.get(), factory_);
     auto res = g.Generate(req);
     ASSERT_TRUE(res.ok()) << res.status().ToString();
     const size_t n = std::min(res->token_ids.size(), without[0].generated.size());
@@ -661,18 +621,17 @@ TEST_F(DyscoTinyTest, RelevanceSelectionAndBiasPerStep) {
     const float log_s = std::log(static_cast<float>(m.strength));
     int64_t template_selected = 0, bias_checked = 0;
     RunTogether({s}, DyscoTraceMode::kFull,
-                [&](const BatchStepper&, const std::vector<Sequence*>& seqs,
-                    const std::vector<BatchStepResult>& results) {
+                [&](const StepOutcome& outcome, const std::vector<Sequence*>& seqs) {
                   const DyscoController* c = seqs[0]->dysco();
-                  if (results[0].kind != DyscoStepKind::kDynamic) return;
-                  const RelevanceState& st = c->state();
-                  const int64_t n = static_cast<int64_t>(st.relevance.size());
-                  ASSERT_EQ(static_cast<int64_t>(st.bias.size()), n);
-                  ASSERT_EQ(static_cast<int64_t>(st.selected.size()), n);
+                  if (outcome.rows[0].kind != DyscoStepKind::kDynamic) return;
+                  const int64_t n = static_cast<int64_t>(c->relevance().size());
+                  EXPECT_EQ(n, seqs[0]->num_cached()) << "r covers every cached key";
+                  ASSERT_EQ(static_cast<int64_t>(c->bias().size()), n);
+                  ASSERT_EQ(static_cast<int64_t>(c->selection().size()), n);
+                  const std::vector<uint8_t>& mask = c->template_mask();
                   for (int64_t j = 0; j < n; ++j) {
-                    const bool tmpl =
-                        j < static_cast<int64_t>(st.template_mask.size()) && st.template_mask[j];
-                    const bool sel = st.selected[j];
+                    const bool tmpl = j < static_cast<int64_t>(mask.size()) && mask[j];
+                    const bool sel = c->selection()[j];
                     template_selected += sel && tmpl;
                     float want;
                     if (params.hard_mask()) {
@@ -680,7 +639,7 @@ TEST_F(DyscoTinyTest, RelevanceSelectionAndBiasPerStep) {
                     } else {
                       want = (sel && !tmpl) || j == n - 1 ? log_s : 0.0f;
                     }
-                    ASSERT_EQ(st.bias[j], want) << m.name << " key " << j << " of " << n;
+                    ASSERT_EQ(c->bias()[j], want) << m.name << " key " << j << " of " << n;
                     ++bias_checked;
                   }
                 });
@@ -734,10 +693,13 @@ TEST_F(DyscoTinyTest, StaticVariantRunsNoSpeculativePass) {
   int64_t static_steps = 0;
   const std::vector<Run> runs =
       RunTogether({s}, DyscoTraceMode::kFull,
-                  [&](const BatchStepper& stepper, const std::vector<Sequence*>&,
-                      const std::vector<BatchStepResult>& results) {
-                    EXPECT_EQ(stepper.last_stats().speculative_rows, 0);
-                    static_steps += results[0].kind == DyscoStepKind::kStatic;
+                  [&](const StepOutcome& outcome, const std::vector<Sequence*>& seqs) {
+                    EXPECT_EQ(outcome.speculative_rows, 0);
+                    EXPECT_EQ(outcome.timings.speculative_seconds, 0.0);
+                    static_steps += outcome.rows[0].kind == DyscoStepKind::kStatic;
+                    if (outcome.rows[0].kind == DyscoStepKind::kStatic) {
+                      EXPECT_TRUE(seqs[0]->dysco()->static_set_frozen());
+                    }
                   });
   ASSERT_EQ(runs.size(), 1u);
   const auto& trace = runs[0].trace;
@@ -767,7 +729,7 @@ TEST_F(DyscoTinyTest, GeneratorRejectsBadDyscoAndFreesPages) {
   req.prompt_token_ids = Prompt(10, 3);
   req.max_new_tokens = 4;
   req.dysco = true;
-  Generator g(runner_, pool_.get(), tokenizer_);
+  Generator g(runner_, pool_.get(), factory_);
   auto r = g.Generate(req);  // warm-up of 8 + 2 = 10 tokens: as long as the prompt
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
@@ -796,41 +758,29 @@ TEST_F(DyscoTinyTest, GeneratorRejectsBadDyscoAndFreesPages) {
 // ---------------------------------------------------------------------------------------------
 // Default model
 
-const std::string kModelDir = std::getenv("DYSCO_TEST_MODEL_DIR") != nullptr
-                                  ? std::getenv("DYSCO_TEST_MODEL_DIR")
-                                  : std::string(DYSCO_SOURCE_DIR) + "/models/smollm2-135m-instruct";
+class DyscoDefaultModelTest : public DefaultModelTest {};
 
-TEST(DyscoDefaultModelTest, FranceQuestionAnswersParis) {
-  if (!std::filesystem::exists(kModelDir + "/model.pt")) {
-    if (std::getenv("CI") != nullptr) FAIL() << kModelDir << " is missing (run `make model`)";
-    GTEST_SKIP() << kModelDir << " is missing";
-  }
-  auto runner = ModelRunner::Load(kModelDir);
-  ASSERT_TRUE(runner.ok()) << runner.status().ToString();
-  auto tokenizer = Tokenizer::FromFile(kModelDir + "/tokenizer.json");
-  ASSERT_TRUE(tokenizer.ok());
-  KvPagePoolOptions o;
-  o.num_pages = 16;
-  auto pool = KvPagePool::Create((*runner)->config(), o);
-  ASSERT_TRUE(pool.ok());
+TEST_F(DyscoDefaultModelTest, FranceQuestionAnswersParis) {
+  auto pool = MakePool(16);
+  ASSERT_NE(pool, nullptr);
   GenerateRequest req;
   req.prompt = "What is the capital of France? Answer in one sentence.";
   req.chat = true;
   req.max_new_tokens = 24;
   req.dysco = true;
   req.dysco_trace = DyscoTraceMode::kSteps;
-  if ((*runner)->config().dysco.selected_heads.empty()) {
+  if (runner_->config().dysco.selected_heads.empty()) {
     // The package has no detected heads yet: a few from the middle layers.
     req.dysco_overrides.selected_heads = {{12, 3}, {14, 0}, {15, 2}, {16, 5}};
   }
-  Generator g(runner->get(), pool->get(), tokenizer->get());
+  Generator g(runner_, pool.get(), factory_);
   auto r = g.Generate(req);
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   EXPECT_NE(r->text.find("Paris"), std::string::npos) << r->text;
   EXPECT_EQ(r->finish_reason, FinishReason::kStop);
   EXPECT_EQ(r->dysco_totals.dynamic_steps, 4 + 1 + r->generated_tokens - 1);
   EXPECT_EQ(static_cast<int64_t>(r->dysco_trace.size()), 8 - 1 + 4 + 1 + r->generated_tokens - 1);
-  EXPECT_EQ((*pool)->num_free(), (*pool)->num_total());
+  EXPECT_EQ(pool->num_free(), pool->num_total());
 }
 
 }  // namespace

@@ -3,7 +3,6 @@
 // prefill, seeded sampling, pages freed on every path) and, when tests/data/smollm2_golden.json
 // exists, greedy continuations equal to Hugging Face transformers' for the first 32 tokens.
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 
 #include <gtest/gtest.h>
@@ -79,7 +78,7 @@ class GeneratorTest : public DefaultModelTest {
 
   StatusOr<GenerateResult> Generate(const GenerateRequest& r, GeneratorOptions o = {},
                                     std::string* streamed = nullptr) {
-    Generator g(runner_, pool_.get(), tokenizer_, o);
+    Generator g(runner_, pool_.get(), factory_, o);
     return g.Generate(r, [streamed](const TokenDelta& d) {
       if (streamed != nullptr) *streamed += d.text;
     });
@@ -194,7 +193,7 @@ TEST_F(GeneratorTest, SeededSamplingIsReproducible) {
 TEST_F(GeneratorTest, ContextFullGivesLength) {
   // Sequence stops with LENGTH once prompt + generated tokens fill max_context (the generator sets
   // it to max_position_embeddings; a small one keeps the test fast).
-  auto prompt = BuildPromptTokens(runner_->config(), *tokenizer_, France(1));
+  auto prompt = factory_->BuildPrompt(France(1));
   ASSERT_TRUE(prompt.ok());
   SequenceParams params;
   params.max_new_tokens = 10;
@@ -205,9 +204,9 @@ TEST_F(GeneratorTest, ContextFullGivesLength) {
   batch.sequences.resize(1);
   ForwardOutput out;
   while (!seq.finished()) {
-    ASSERT_TRUE(seq.PrepareStep(512, &batch.sequences[0]).ok());
+    ASSERT_TRUE(seq.PrepareFeed(512, &batch.sequences[0]).ok());
     ASSERT_TRUE(runner_->Forward(batch, &out).ok());
-    ASSERT_TRUE(seq.CommitStep());
+    ASSERT_TRUE(seq.CommitFeed());
     seq.AcceptLogits(out.logits_row(0), static_cast<int>(out.vocab_size));
   }
   EXPECT_EQ(seq.finish_reason(), FinishReason::kLength);
@@ -236,7 +235,9 @@ TEST_F(GeneratorTest, ErrorsFreePagesAndNameFields) {
   GenerateRequest bad = France(4);
   bad.sampling.top_p = 1.5;
   EXPECT_EQ(Generate(bad).status().message(), "sampling.top_p must be in (0, 1], got 1.5");
-  bad = France(0);
+  bad = France(-1);  // 0 means the default; a negative count is refused
+  EXPECT_NE(Generate(bad).status().message().find("max_new_tokens"), std::string::npos);
+  bad = France(factory_->limits().max_new_tokens_limit + 1);
   EXPECT_NE(Generate(bad).status().message().find("max_new_tokens"), std::string::npos);
   bad = France(4);
   bad.messages = {{"user", "x"}};
@@ -269,7 +270,7 @@ TEST_F(GeneratorTest, GoldenGreedyContinuations) {
       for (const auto& m : c.at("messages")) {
         r.messages.push_back({m.at("role").get<std::string>(), m.at("content").get<std::string>()});
       }
-      auto ids = BuildPromptTokens(runner_->config(), *tokenizer_, r);
+      auto ids = factory_->BuildPrompt(r);
       ASSERT_TRUE(ids.ok()) << ids.status().ToString();
       EXPECT_EQ(*ids, prompt) << names.back();
     }
@@ -289,12 +290,12 @@ TEST_F(GeneratorTest, GoldenGreedyContinuations) {
   for (int step = 0; step < 32; ++step) {
     for (size_t i = 0; i < seqs.size(); ++i) {
       ASSERT_FALSE(seqs[i]->finished());
-      ASSERT_TRUE(seqs[i]->PrepareStep(512, &batch.sequences[i]).ok());
+      ASSERT_TRUE(seqs[i]->PrepareFeed(512, &batch.sequences[i]).ok());
     }
     Status s = runner_->Forward(batch, &out);
     ASSERT_TRUE(s.ok()) << s.ToString();
     for (size_t i = 0; i < seqs.size(); ++i) {
-      ASSERT_TRUE(seqs[i]->CommitStep());
+      ASSERT_TRUE(seqs[i]->CommitFeed());
       seqs[i]->AcceptLogits(out.logits_row(static_cast<int64_t>(i)),
                             static_cast<int>(out.vocab_size));
     }

@@ -7,7 +7,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <map>
@@ -21,6 +20,7 @@
 
 #include "core/dysco/head_detection.h"
 #include "tests/cpp/default_model_fixture.h"
+#include "tests/cpp/temp_dir.h"
 
 namespace dysco {
 namespace {
@@ -36,9 +36,9 @@ std::string ReadFile(const std::string& path) {
 }
 
 std::string TempPath(const std::string& name) {
-  return (std::filesystem::temp_directory_path() /
-          ("dysco_test_head_detection_" + std::to_string(::getpid()) + "_" + name))
-      .string();
+  const char* base = std::getenv("TMPDIR");
+  return std::string(base != nullptr && *base != '\0' ? base : "/tmp") +
+         "/dysco_test_head_detection_" + std::to_string(::getpid()) + "_" + name;
 }
 
 // The obvious formula, two passes, no shortcuts.
@@ -273,8 +273,8 @@ TEST(BuildDetectionPromptTest, PlainPromptWithBos) {
 }
 
 TEST(WriteSelectedHeadsTest, KeepsTheRestOfTheConfig) {
-  const std::string dir = TempPath("package");
-  std::filesystem::create_directories(dir);
+  const std::string dir = MakeTempDir("dysco_test_head_detection_package_");
+  ASSERT_FALSE(dir.empty()) << "mkdtemp failed";
   const std::string original = R"({
   "format_version": 1,
   "model_name": "Tiny [test]",
@@ -330,13 +330,13 @@ TEST(WriteSelectedHeadsTest, KeepsTheRestOfTheConfig) {
       << text;
   EXPECT_NE(text.find("[1, 4, 198]"), std::string::npos) << text;
   EXPECT_NE(text.find("\"say [1, 2]\""), std::string::npos) << text;
-  EXPECT_FALSE(std::filesystem::exists(dir + "/config.json.tmp"));
+  EXPECT_FALSE(PathExists(dir + "/config.json.tmp"));
 
   // A broken config is left as it is.
   { std::ofstream(dir + "/config.json") << "{broken"; }
   EXPECT_EQ(WriteSelectedHeads(dir, heads, "d", 1).code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(ReadFile(dir + "/config.json"), "{broken");
-  std::filesystem::remove_all(dir);
+  ASSERT_TRUE(RemoveTree(dir)) << dir;
   EXPECT_EQ(WriteSelectedHeads(dir, heads, "d", 1).code(), StatusCode::kNotFound);
 }
 

@@ -3,7 +3,6 @@
 #include <unistd.h>
 
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <string>
 
@@ -11,11 +10,11 @@
 #include <nlohmann/json.hpp>
 
 #include "core/model/model_config.h"
+#include "tests/cpp/temp_dir.h"
 
 namespace dysco {
 namespace {
 
-namespace fs = std::filesystem;
 using nlohmann::json;
 
 json ValidConfig() {
@@ -62,16 +61,19 @@ json ValidConfig() {
 class ModelConfigTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("dysco_test_model_config_" + std::to_string(::getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::create_directories(dir_);
+    dir_ = MakeTempDir(std::string("dysco_test_model_config_") +
+                       ::testing::UnitTest::GetInstance()->current_test_info()->name() + "_");
+    ASSERT_FALSE(dir_.empty()) << "mkdtemp failed";
   }
-  void TearDown() override { fs::remove_all(dir_); }
+  void TearDown() override {
+    if (!dir_.empty()) {
+      EXPECT_TRUE(RemoveTree(dir_)) << dir_;
+    }
+  }
 
   StatusOr<ModelConfig> LoadText(const std::string& text) {
-    std::ofstream(dir_ / "config.json") << text;
-    return LoadModelConfig(dir_.string());
+    std::ofstream(dir_ + "/config.json") << text;
+    return LoadModelConfig(dir_);
   }
   StatusOr<ModelConfig> Load(const json& j) { return LoadText(j.dump()); }
 
@@ -80,12 +82,12 @@ class ModelConfigTest : public ::testing::Test {
     auto c = Load(j);
     ASSERT_FALSE(c.ok()) << "expected an error mentioning " << needle;
     EXPECT_EQ(c.status().code(), StatusCode::kInvalidArgument) << c.status().ToString();
-    EXPECT_NE(c.status().message().find((dir_ / "config.json").string()), std::string::npos)
+    EXPECT_NE(c.status().message().find(dir_ + "/config.json"), std::string::npos)
         << c.status().message();
     EXPECT_NE(c.status().message().find(needle), std::string::npos) << c.status().message();
   }
 
-  fs::path dir_;
+  std::string dir_;
 };
 
 TEST_F(ModelConfigTest, ParsesValidConfig) {
@@ -167,7 +169,7 @@ TEST_F(ModelConfigTest, OptionalFieldsAndVariants) {
 }
 
 TEST_F(ModelConfigTest, MissingFile) {
-  auto c = LoadModelConfig((dir_ / "nope").string());
+  auto c = LoadModelConfig(dir_ + "/nope");
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().code(), StatusCode::kNotFound);
   EXPECT_NE(c.status().message().find("nope/config.json"), std::string::npos);

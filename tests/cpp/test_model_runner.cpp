@@ -1,12 +1,11 @@
 // Tests of ModelRunner on the default model package (models/smollm2-135m-instruct, exported by
-// `make model`): chunked prefill and token-by-token decode agree with a one-shot prefill, a batch
-// equals its sequences run alone, probe-head probabilities are distributions, the speculative
-// (last_layer) pass, key bias semantics, and input validation. The KV cache and outputs are
-// poisoned with NaN first, so reading an unwritten slot or leaving an output element unwritten
-// shows up.
+// `make model`, loaded once by the shared DefaultModelTest fixture): chunked prefill and
+// token-by-token decode agree with a one-shot prefill, a batch equals its sequences run alone,
+// probe-head probabilities are distributions, the speculative (last_layer) pass, key bias
+// semantics, and input validation. The KV cache and outputs are poisoned with NaN first, so reading
+// an unwritten slot or leaving an output element unwritten shows up.
 #include <cmath>
 #include <cstdlib>
-#include <filesystem>
 #include <limits>
 #include <random>
 
@@ -15,34 +14,18 @@
 
 #include "core/model/kv_page_pool.h"
 #include "core/model/model_runner.h"
+#include "tests/cpp/default_model_fixture.h"
 
 namespace dysco {
 namespace {
 
-// DYSCO_TEST_MODEL_DIR overrides the package location (e.g. a package exported elsewhere).
-const std::string kModelDir = std::getenv("DYSCO_TEST_MODEL_DIR") != nullptr
-                                  ? std::getenv("DYSCO_TEST_MODEL_DIR")
-                                  : std::string(DYSCO_SOURCE_DIR) + "/models/smollm2-135m-instruct";
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-class ModelRunnerTest : public ::testing::Test {
+class ModelRunnerTest : public DefaultModelTest {
  protected:
-  static void SetUpTestSuite() {
-    if (!std::filesystem::exists(kModelDir + "/model.pt")) return;
-    auto r = ModelRunner::Load(kModelDir, ModelRunnerOptions{});
-    ASSERT_TRUE(r.ok()) << r.status().ToString();
-    runner_ = std::move(r).value().release();
-  }
-  static void TearDownTestSuite() {
-    delete runner_;
-    runner_ = nullptr;
-  }
-
   void SetUp() override {
-    if (runner_ == nullptr) {
-      if (std::getenv("CI") != nullptr) FAIL() << kModelDir << " is missing (run `make model`)";
-      GTEST_SKIP() << kModelDir << " is missing (run `make model`)";
-    }
+    DefaultModelTest::SetUp();
+    if (ModelMissing()) return;
     KvPagePoolOptions o;
     o.page_size = 16;
     o.num_pages = 64;
@@ -98,11 +81,8 @@ class ModelRunnerTest : public ::testing::Test {
                           << " vs " << b[at] << ")";
   }
 
-  static ModelRunner* runner_;
   std::unique_ptr<KvPagePool> pool_;
 };
-
-ModelRunner* ModelRunnerTest::runner_ = nullptr;
 
 TEST_F(ModelRunnerTest, OpsAreRegistered) { EXPECT_TRUE(CheckDyscoOpsRegistered().ok()); }
 

@@ -1,7 +1,8 @@
 // Tests of the continuous-batching Scheduler on the default model package: batched sessions give
 // exactly the tokens each gives alone through Generator (plain and DySCO), chunked prefill of a
 // long prompt does not stall decoding sessions, queue / pool limits, waiting for pages, cancel,
-// deadline, drain, request validation, and shutdown with sessions open (pages and callbacks freed).
+// deadline, drain, request validation (through the SequenceFactory), shutdown with sessions open
+// (pages and callbacks freed), CancelAll, and callbacks or observers that throw.
 //
 // Some tests block the engine thread inside a session callback on purpose (the contract says a
 // callback must not block): it freezes the scheduler at a known point so that queue states are
@@ -9,9 +10,9 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
-#include <filesystem>
 #include <map>
 #include <mutex>
+#include <stdexcept>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -29,7 +30,7 @@ class Recorder {
   struct Stream {
     std::vector<int32_t> tokens;
     std::string text;
-    std::vector<StepSelectionEvent> selection;
+    std::vector<SelectionEvent> selection;
     int64_t token_events = 0;
     bool done = false;
     SessionEvent final_event;
@@ -121,10 +122,23 @@ class SchedulerTest : public DefaultModelTest {
     pool_ = MakePool(128);
   }
 
-  std::unique_ptr<Scheduler> MakeScheduler(SchedulerOptions o, SchedulerObserver obs = {}) {
-    auto s = Scheduler::Create(runner_, pool_.get(), tokenizer_, o, std::move(obs));
+  // A scheduler over pool_ with the default model's factory, or with `factory` (which must
+  // outlive it).
+  std::unique_ptr<Scheduler> MakeScheduler(SchedulerOptions o, SchedulerObserver obs = {},
+                                           const SequenceFactory* factory = nullptr) {
+    auto s = Scheduler::Create(runner_, pool_.get(), factory != nullptr ? factory : factory_, o,
+                               std::move(obs));
     EXPECT_TRUE(s.ok()) << s.status().ToString();
     return s.ok() ? std::move(s).value() : nullptr;
+  }
+
+  // A factory with other request limits; owned by the test fixture (outlives its schedulers).
+  const SequenceFactory* MakeFactory(const RequestLimits& limits) {
+    auto f = SequenceFactory::Create(runner_->config(), *tokenizer_, limits);
+    EXPECT_TRUE(f.ok()) << f.status().ToString();
+    if (!f.ok()) return nullptr;
+    factories_.push_back(std::make_unique<SequenceFactory>(std::move(f).value()));
+    return factories_.back().get();
   }
 
   static GenerateRequest Chat(const std::string& prompt, int64_t max_new_tokens) {
@@ -151,7 +165,7 @@ class SchedulerTest : public DefaultModelTest {
     auto pool = MakePool(128);
     GeneratorOptions o;
     o.prefill_chunk_tokens = chunk;
-    Generator g(runner_, pool.get(), tokenizer_, o);
+    Generator g(runner_, pool.get(), factory_, o);
     auto res = g.Generate(r);
     EXPECT_TRUE(res.ok()) << res.status().ToString();
     return res.ok() ? std::move(res).value() : GenerateResult();
@@ -165,6 +179,7 @@ class SchedulerTest : public DefaultModelTest {
     EXPECT_EQ(pool_->num_free(), pool_->num_total());
   }
 
+  std::vector<std::unique_ptr<SequenceFactory>> factories_;
   std::unique_ptr<KvPagePool> pool_;
 };
 
@@ -205,8 +220,9 @@ TEST_F(SchedulerTest, ConcurrentGreedySessionsEqualGeneratorAlone) {
     const Recorder::Stream s = rec.Get(static_cast<int>(i));
     EXPECT_EQ(s.tokens, alone.token_ids) << kQuestions[i];
     EXPECT_EQ(s.text, alone.text) << kQuestions[i];
-    EXPECT_EQ(SessionFinishName(s.final_event.finish),
-              std::string(FinishReasonName(alone.finish_reason)));
+    EXPECT_EQ(s.final_event.finish, alone.finish_reason)
+        << FinishReasonName(s.final_event.finish) << " vs "
+        << FinishReasonName(alone.finish_reason);
     EXPECT_EQ(s.final_event.usage.prompt_tokens, alone.prompt_tokens);
     EXPECT_EQ(s.final_event.usage.generated_tokens, alone.generated_tokens);
     EXPECT_GE(s.final_event.usage.total_seconds, s.final_event.usage.time_to_first_token_seconds);
@@ -337,7 +353,7 @@ TEST_F(SchedulerTest, LongPromptPrefillDoesNotStallDecoders) {
   for (int d = 0; d < 2; ++d) {
     tokens_before_long[d] = decoder_tokens_at[d];
     EXPECT_GE(tokens_before_long[d], 2 + 10) << "decoder " << d << " stalled during the prefill";
-    EXPECT_EQ(rec.Get(d).final_event.finish, SessionFinish::kLength);
+    EXPECT_EQ(rec.Get(d).final_event.finish, FinishReason::kLength);
   }
   // Chunked prefill next to decoders is still exact.
   EXPECT_EQ(rec.Get(2).tokens, Alone(long_req, 128).token_ids);
@@ -461,12 +477,12 @@ TEST_F(SchedulerTest, CancelAndDeadlineEndWithinOneStep) {
 
   for (int i = 0; i < 3; ++i) rec.Wait(i);
   const auto s0 = rec.Get(0), s1 = rec.Get(1), s2 = rec.Get(2);
-  EXPECT_EQ(s0.final_event.finish, SessionFinish::kCancelled);
+  EXPECT_EQ(s0.final_event.finish, FinishReason::kCancelled);
   EXPECT_EQ(s0.tokens.size(), 3u) << "a token was delivered after Cancel";
   EXPECT_EQ(s0.final_event.usage.generated_tokens, 3);
-  EXPECT_EQ(s1.final_event.finish, SessionFinish::kDeadlineExceeded);
+  EXPECT_EQ(s1.final_event.finish, FinishReason::kDeadlineExceeded);
   EXPECT_LT(s1.tokens.size(), 300u);
-  EXPECT_EQ(s2.final_event.finish, SessionFinish::kCancelled);
+  EXPECT_EQ(s2.final_event.finish, FinishReason::kCancelled);
   EXPECT_TRUE(s2.tokens.empty());
   EXPECT_EQ(s2.final_event.usage.generated_tokens, 0);
   // At most one step (the one running when the deadline passed) ended between the deadline and the
@@ -507,7 +523,7 @@ TEST_F(SchedulerTest, DrainRefusesNewAndCompletesOpen) {
   for (int i = 0; i < 3; ++i) {
     const auto s = rec.Get(i);
     EXPECT_TRUE(s.done) << "Drain returned before session " << i << " finished";
-    EXPECT_EQ(s.final_event.finish, SessionFinish::kLength);
+    EXPECT_EQ(s.final_event.finish, FinishReason::kLength);
     EXPECT_EQ(s.tokens.size(), 5u);
   }
   EXPECT_FALSE(rec.Get(3).done);
@@ -579,6 +595,12 @@ TEST_F(SchedulerTest, ValidationNamesTheField) {
              std::vector<std::pair<int, int>>{{12, 3}, {40, 0}};
        },
        "dysco.selected_heads[1]"},
+      {"dysco override checked without dysco",
+       [&](SessionRequest& r) {
+         r.generate.dysco = false;
+         r.generate.dysco_overrides.top_p = 1.5;
+       },
+       "dysco.top_p"},
       {"dysco strength",
        [&](SessionRequest& r) {
          r.generate.dysco = true;
@@ -606,28 +628,34 @@ TEST_F(SchedulerTest, ValidationNamesTheField) {
     EXPECT_FALSE(called);
   }
   // A small max_context_tokens applies to the prompt too.
-  SchedulerOptions small;
+  RequestLimits small;
   small.max_context_tokens = 16;
-  auto limited = MakeScheduler(small);
+  const SequenceFactory* small_factory = MakeFactory(small);
+  ASSERT_NE(small_factory, nullptr);
+  auto limited = MakeScheduler(SchedulerOptions(), {}, small_factory);
   ASSERT_NE(limited, nullptr);
   auto id = limited->Submit(Session(Chat(kQuestions[0], 4)), [](const SessionEvent&) {});
   EXPECT_EQ(id.status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(id.status().message().rfind("prompt", 0), 0u) << id.status().message();
   ExpectIdle(*sched);
   // max_new_tokens 0 means the scheduler's default.
-  SchedulerOptions two;
+  RequestLimits two;
   two.max_new_tokens_default = 2;
-  auto defaulted = MakeScheduler(two);
+  const SequenceFactory* two_factory = MakeFactory(two);
+  ASSERT_NE(two_factory, nullptr);
+  auto defaulted = MakeScheduler(SchedulerOptions(), {}, two_factory);
   ASSERT_NE(defaulted, nullptr);
   Recorder rec;
   ASSERT_TRUE(defaulted->Submit(Session(Story("Once upon a time", 0)), rec.Callback(0)).ok());
   rec.Wait(0);
   EXPECT_EQ(rec.Get(0).final_event.usage.generated_tokens, 2);
-  EXPECT_EQ(rec.Get(0).final_event.finish, SessionFinish::kLength);
+  EXPECT_EQ(rec.Get(0).final_event.finish, FinishReason::kLength);
   // Bad options are refused by Create.
   SchedulerOptions bad;
   bad.max_batch_size = 0;
-  EXPECT_EQ(Scheduler::Create(runner_, pool_.get(), tokenizer_, bad).status().code(),
+  EXPECT_EQ(Scheduler::Create(runner_, pool_.get(), factory_, bad).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(Scheduler::Create(runner_, pool_.get(), nullptr, SchedulerOptions()).status().code(),
             StatusCode::kInvalidArgument);
 }
 
@@ -659,7 +687,7 @@ TEST_F(SchedulerTest, DestructorCancelsOpenSessions) {
   for (int i = 0; i < 4; ++i) {
     const auto s = rec.Get(i);
     EXPECT_TRUE(s.done);
-    EXPECT_EQ(s.final_event.finish, SessionFinish::kCancelled) << i;
+    EXPECT_EQ(s.final_event.finish, FinishReason::kCancelled) << i;
   }
   EXPECT_EQ(token.use_count(), 1) << "a session callback was not destroyed";
   EXPECT_EQ(pool_->num_free(), pool_->num_total());
@@ -676,7 +704,7 @@ TEST_F(SchedulerTest, StepErrorFailsOnlyThatStepsSessions) {
   ASSERT_TRUE(bad_pool.ok()) << bad_pool.status().ToString();
   Recorder rec;
   {
-    auto sched = Scheduler::Create(runner_, bad_pool->get(), tokenizer_, SchedulerOptions());
+    auto sched = Scheduler::Create(runner_, bad_pool->get(), factory_, SchedulerOptions());
     ASSERT_TRUE(sched.ok());
     for (int i = 0; i < 2; ++i) {
       ASSERT_TRUE((*sched)->Submit(Session(Chat(kQuestions[i], 4)), rec.Callback(i)).ok());
@@ -684,7 +712,7 @@ TEST_F(SchedulerTest, StepErrorFailsOnlyThatStepsSessions) {
     for (int i = 0; i < 2; ++i) rec.Wait(i);
     for (int i = 0; i < 2; ++i) {
       const auto s = rec.Get(i);
-      EXPECT_EQ(s.final_event.finish, SessionFinish::kError);
+      EXPECT_EQ(s.final_event.finish, FinishReason::kError);
       EXPECT_FALSE(s.final_event.error.ok());
       EXPECT_NE(s.final_event.error.message().find("kv_pool"), std::string::npos)
           << s.final_event.error.ToString();
@@ -693,10 +721,75 @@ TEST_F(SchedulerTest, StepErrorFailsOnlyThatStepsSessions) {
     // Still serving.
     ASSERT_TRUE((*sched)->Submit(Session(Chat(kQuestions[2], 4)), rec.Callback(2)).ok());
     rec.Wait(2);
-    EXPECT_EQ(rec.Get(2).final_event.finish, SessionFinish::kError);
+    EXPECT_EQ(rec.Get(2).final_event.finish, FinishReason::kError);
     EXPECT_EQ((*sched)->stats().running, 0);
     EXPECT_EQ((*bad_pool)->num_free(), (*bad_pool)->num_total());
   }
+}
+
+// (10) CancelAll ends every open session, running and waiting, within one step; the scheduler
+// keeps serving the sessions submitted after it.
+TEST_F(SchedulerTest, CancelAllEndsEveryOpenSession) {
+  Gate gate;
+  Recorder rec;
+  SchedulerOptions o;
+  o.max_batch_size = 1;
+  auto sched = MakeScheduler(o);
+  ASSERT_NE(sched, nullptr);
+  std::atomic<bool> first{true};
+  auto hold = [&](const SessionEvent&) {
+    if (first.exchange(false)) gate.Pass();  // the engine stays inside session 0's first token
+  };
+  ASSERT_TRUE(sched->Submit(Session(Story("Once upon a time", 300)), rec.Callback(0, hold)).ok());
+  rec.Wait(0, 1);
+  ASSERT_TRUE(sched->Submit(Session(Story("The river", 300)), rec.Callback(1)).ok());
+  ASSERT_TRUE(sched->Submit(Session(Story("A dog", 300)), rec.Callback(2)).ok());
+  EXPECT_EQ(sched->stats().running, 1);
+  EXPECT_EQ(sched->stats().waiting, 2);
+  sched->CancelAll();
+  gate.Open();
+  for (int i = 0; i < 3; ++i) rec.Wait(i);
+  const auto s0 = rec.Get(0);
+  EXPECT_EQ(s0.final_event.finish, FinishReason::kCancelled);
+  EXPECT_EQ(s0.tokens.size(), 1u) << "a token was delivered after CancelAll";
+  for (int i = 1; i < 3; ++i) {
+    const auto s = rec.Get(i);
+    EXPECT_EQ(s.final_event.finish, FinishReason::kCancelled) << i;
+    EXPECT_TRUE(s.tokens.empty()) << i;
+    EXPECT_EQ(s.final_event.usage.generated_tokens, 0) << i;
+  }
+  ExpectIdle(*sched);
+  // Only the sessions open at the call were cancelled.
+  ASSERT_TRUE(sched->Submit(Session(Story("A cat", 3)), rec.Callback(3)).ok());
+  rec.Wait(3);
+  EXPECT_EQ(rec.Get(3).final_event.finish, FinishReason::kLength);
+  EXPECT_EQ(rec.Get(3).tokens.size(), 3u);
+  ExpectIdle(*sched);
+}
+
+// (11) A session callback or an observer that throws is counted in stats().callback_errors; the
+// session still ends normally and the engine keeps serving.
+TEST_F(SchedulerTest, ThrowingCallbacksAreCountedNotFatal) {
+  SchedulerObserver obs;
+  obs.on_step = [](const StepObservation&) { throw std::runtime_error("observer"); };
+  auto sched = MakeScheduler(SchedulerOptions(), obs);
+  ASSERT_NE(sched, nullptr);
+  EXPECT_EQ(sched->stats().callback_errors, 0);
+  Recorder rec;
+  auto thrower = [](const SessionEvent&) { throw std::runtime_error("callback"); };
+  ASSERT_TRUE(sched->Submit(Session(Story("Once upon a time", 3)), rec.Callback(0, thrower)).ok());
+  rec.Wait(0);
+  EXPECT_EQ(rec.Get(0).final_event.finish, FinishReason::kLength);
+  EXPECT_EQ(rec.Get(0).tokens.size(), 3u);
+  ASSERT_TRUE(sched->Submit(Session(Story("The river", 2)), rec.Callback(1)).ok());
+  rec.Wait(1);
+  EXPECT_EQ(rec.Get(1).final_event.finish, FinishReason::kLength);
+  EXPECT_EQ(rec.Get(1).tokens.size(), 2u);
+  // Counted once session 1 ended (the engine thread had long left session 0's callbacks): the three
+  // events of session 0 (the last one final), the observer of its three steps and of session 1's
+  // first step at least (the last step's observation may come after the final event).
+  EXPECT_GE(sched->stats().callback_errors, 3 + 3 + 1);
+  ExpectIdle(*sched);
 }
 
 }  // namespace

@@ -12,7 +12,6 @@
 
 #include <chrono>
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <future>
@@ -27,6 +26,7 @@
 #include "dysco/v1/generation.grpc.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "server/dysco_server.h"
+#include "tests/cpp/temp_dir.h"
 
 namespace {
 
@@ -41,6 +41,8 @@ const std::string kModelDir = std::getenv("DYSCO_TEST_MODEL_DIR") != nullptr
                                   : std::string(DYSCO_SOURCE_DIR) + "/models/smollm2-135m-instruct";
 const char kFrance[] = "What is the capital of France? Answer in one sentence.";
 constexpr int64_t kKvPages = 128;
+
+bool ModelPresent() { return dysco::PathExists(kModelDir + "/model.pt"); }
 
 ServerOptions TestOptions() {
   ServerOptions o;
@@ -180,7 +182,7 @@ class ServerTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     spdlog::set_level(spdlog::level::warn);
-    if (!std::filesystem::exists(kModelDir + "/model.pt")) return;
+    if (!ModelPresent()) return;
     server_ = StartServer(TestOptions()).release();
   }
   static void TearDownTestSuite() {
@@ -188,7 +190,8 @@ class ServerTest : public ::testing::Test {
     server_ = nullptr;
   }
   void SetUp() override {
-    if (!std::filesystem::exists(kModelDir + "/model.pt")) {
+    if (!ModelPresent()) {
+      if (std::getenv("CI") != nullptr) FAIL() << kModelDir << " is missing (run `make model`)";
       GTEST_SKIP() << kModelDir << " is missing (run `make model`)";
     }
     ASSERT_NE(server_, nullptr);
@@ -724,10 +727,9 @@ TEST_F(ServerTest, MetricsHaveEveryFamily) {
 }
 
 TEST(ServerFlagsTest, ConfigFileThenFlags) {
-  const std::filesystem::path dir =
-      std::filesystem::temp_directory_path() / ("dysco_server_flags_" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
-  const std::string config = (dir / "server.yaml").string();
+  const std::string dir = dysco::MakeTempDir("dysco_server_flags_");
+  ASSERT_FALSE(dir.empty()) << "mkdtemp failed";
+  const std::string config = dir + "/server.yaml";
   {
     std::ofstream out(config);
     out << "model: /models/a\nport: 6000\nkv_cache_mb: 512\nmax-batch: 4\ndrain_timeout: 2.5\n";
@@ -763,12 +765,12 @@ TEST(ServerFlagsTest, ConfigFileThenFlags) {
   o = dysco::server::ParseServerFlags({"--port", "1"}, &help);
   ASSERT_FALSE(o.ok());
   EXPECT_NE(o.status().message().find("--model"), std::string::npos);
-  o = dysco::server::ParseServerFlags({"--config", (dir / "missing.yaml").string()}, &help);
+  o = dysco::server::ParseServerFlags({"--config", dir + "/missing.yaml"}, &help);
   ASSERT_FALSE(o.ok());
   EXPECT_EQ(o.status().code(), dysco::StatusCode::kNotFound);
   o = dysco::server::ParseServerFlags({"--help"}, &help);
   EXPECT_TRUE(help);
-  std::filesystem::remove_all(dir);
+  EXPECT_TRUE(dysco::RemoveTree(dir)) << dir;
 }
 
 // Servers of their own: a tiny queue, and draining.
@@ -776,7 +778,8 @@ class ServerLifecycleTest : public ::testing::Test {
  protected:
   void SetUp() override {
     spdlog::set_level(spdlog::level::warn);
-    if (!std::filesystem::exists(kModelDir + "/model.pt")) {
+    if (!ModelPresent()) {
+      if (std::getenv("CI") != nullptr) FAIL() << kModelDir << " is missing (run `make model`)";
       GTEST_SKIP() << kModelDir << " is missing (run `make model`)";
     }
   }
