@@ -59,9 +59,19 @@ struct ModelRunner::Impl {
       probe_heads GUARDED_BY(mu);
   std::vector<int32_t> block_tables GUARDED_BY(mu);
   std::vector<float> attn_bias GUARDED_BY(mu);
+  int64_t max_seq_len GUARDED_BY(mu) = 0;  // of the packed batch
+  int64_t max_pages GUARDED_BY(mu) = 0;
+  bool any_bias GUARDED_BY(mu) = false;
 
   Status Validate(const ForwardBatch& batch) const;
+  Status ValidateRow(const ForwardRow& row, size_t i, int64_t page_size, int64_t num_pages) const;
+  // A forward is: pack the rows into the staging buffers, view them as the module's inputs, run,
+  // check and copy the outputs to the host.
   Status RunLocked(const ForwardBatch& batch, ForwardOutput* out) REQUIRES(mu);
+  void PackLocked(const ForwardBatch& batch) REQUIRES(mu);
+  std::vector<c10::IValue> InputsLocked(const ForwardBatch& batch) REQUIRES(mu);
+  Status ReadOutputsLocked(const ForwardBatch& batch, const c10::IValue& result, ForwardOutput* out)
+      REQUIRES(mu);
 };
 
 StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& package_dir,
@@ -130,43 +140,49 @@ Status ModelRunner::Impl::Validate(const ForwardBatch& batch) const {
   const int64_t page_size = batch.kv_pool->page_size();
   const int64_t num_pages = batch.kv_pool->num_pages_in_tensor();
   for (size_t i = 0; i < batch.sequences.size(); ++i) {
-    const ForwardRow& s = batch.sequences[i];
-    if (s.token_ids.empty()) return InvalidArgumentError(Seq(i) + ".token_ids is empty");
-    for (int32_t t : s.token_ids) {
-      if (t < 0 || t >= c.vocab_size) {
-        return InvalidArgumentError(Seq(i) + ".token_ids has id " + std::to_string(t) +
-                                    " outside the vocabulary [0, " + std::to_string(c.vocab_size) +
-                                    ")");
-      }
-    }
-    if (s.start_position < 0) return InvalidArgumentError(Seq(i) + ".start_position is negative");
-    const int64_t seq_len = s.start_position + static_cast<int64_t>(s.token_ids.size);
-    if (seq_len > c.max_position_embeddings) {
-      return OutOfRangeError(Seq(i) + " would reach " + std::to_string(seq_len) +
-                             " tokens, past max_position_embeddings " +
-                             std::to_string(c.max_position_embeddings));
-    }
-    if (static_cast<int64_t>(s.page_ids.size) * page_size < seq_len) {
-      return InvalidArgumentError(Seq(i) + ".page_ids: " + std::to_string(s.page_ids.size) +
-                                  " pages cannot hold " + std::to_string(seq_len) + " tokens");
-    }
-    const int64_t pages_used = (seq_len + page_size - 1) / page_size;
-    for (int64_t p = 0; p < pages_used; ++p) {
-      if (s.page_ids[p] < 0 || s.page_ids[p] >= num_pages) {
-        return InvalidArgumentError(Seq(i) + ".page_ids[" + std::to_string(p) + "] = " +
-                                    std::to_string(s.page_ids[p]) + " is not a page of the pool");
-      }
-    }
-    if (!s.key_bias.empty() && static_cast<int64_t>(s.key_bias.size) < seq_len) {
-      return InvalidArgumentError(Seq(i) + ".key_bias has " + std::to_string(s.key_bias.size) +
-                                  " entries, fewer than the " + std::to_string(seq_len) +
-                                  " context tokens");
-    }
+    DYSCO_RETURN_IF_ERROR(ValidateRow(batch.sequences[i], i, page_size, num_pages));
   }
   return OkStatus();
 }
 
-Status ModelRunner::Impl::RunLocked(const ForwardBatch& batch, ForwardOutput* out) {
+Status ModelRunner::Impl::ValidateRow(const ForwardRow& s, size_t i, int64_t page_size,
+                                      int64_t num_pages) const {
+  const ModelConfig& c = config;
+  if (s.token_ids.empty()) return InvalidArgumentError(Seq(i) + ".token_ids is empty");
+  for (int32_t t : s.token_ids) {
+    if (t < 0 || t >= c.vocab_size) {
+      return InvalidArgumentError(Seq(i) + ".token_ids has id " + std::to_string(t) +
+                                  " outside the vocabulary [0, " + std::to_string(c.vocab_size) +
+                                  ")");
+    }
+  }
+  if (s.start_position < 0) return InvalidArgumentError(Seq(i) + ".start_position is negative");
+  const int64_t seq_len = s.start_position + static_cast<int64_t>(s.token_ids.size);
+  if (seq_len > c.max_position_embeddings) {
+    return OutOfRangeError(Seq(i) + " would reach " + std::to_string(seq_len) +
+                           " tokens, past max_position_embeddings " +
+                           std::to_string(c.max_position_embeddings));
+  }
+  if (static_cast<int64_t>(s.page_ids.size) * page_size < seq_len) {
+    return InvalidArgumentError(Seq(i) + ".page_ids: " + std::to_string(s.page_ids.size) +
+                                " pages cannot hold " + std::to_string(seq_len) + " tokens");
+  }
+  const int64_t pages_used = (seq_len + page_size - 1) / page_size;
+  for (int64_t p = 0; p < pages_used; ++p) {
+    if (s.page_ids[p] < 0 || s.page_ids[p] >= num_pages) {
+      return InvalidArgumentError(Seq(i) + ".page_ids[" + std::to_string(p) + "] = " +
+                                  std::to_string(s.page_ids[p]) + " is not a page of the pool");
+    }
+  }
+  if (!s.key_bias.empty() && static_cast<int64_t>(s.key_bias.size) < seq_len) {
+    return InvalidArgumentError(Seq(i) + ".key_bias has " + std::to_string(s.key_bias.size) +
+                                " entries, fewer than the " + std::to_string(seq_len) +
+                                " context tokens");
+  }
+  return OkStatus();
+}
+
+void ModelRunner::Impl::PackLocked(const ForwardBatch& batch) {
   const int64_t B = static_cast<int64_t>(batch.sequences.size());
   const int64_t page_size = batch.kv_pool->page_size();
   token_ids.clear();
@@ -174,8 +190,9 @@ Status ModelRunner::Impl::RunLocked(const ForwardBatch& batch, ForwardOutput* ou
   slot_mapping.clear();
   query_start_loc.assign(1, 0);
   seq_lens.clear();
-  int64_t max_seq_len = 0, max_pages = 0;
-  bool any_bias = false;
+  max_seq_len = 0;
+  max_pages = 0;
+  any_bias = false;
   for (const ForwardRow& s : batch.sequences) {
     const int64_t n = static_cast<int64_t>(s.token_ids.size);
     for (int64_t j = 0; j < n; ++j) {
@@ -213,8 +230,11 @@ Status ModelRunner::Impl::RunLocked(const ForwardBatch& batch, ForwardOutput* ou
     probe_heads.push_back(layer);
     probe_heads.push_back(head);
   }
+}
 
+std::vector<c10::IValue> ModelRunner::Impl::InputsLocked(const ForwardBatch& batch) {
   // from_blob views the staging buffers without a copy; .to() is a no-op on CPU.
+  const int64_t B = static_cast<int64_t>(batch.sequences.size());
   const int64_t T = static_cast<int64_t>(token_ids.size());
   auto view = [&](void* data, at::IntArrayRef sizes, at::ScalarType type) {
     return torch::from_blob(data, sizes, torch::TensorOptions().dtype(type)).to(device);
@@ -240,14 +260,17 @@ Status ModelRunner::Impl::RunLocked(const ForwardBatch& batch, ForwardOutput* ou
   } else {
     inputs.emplace_back(c10::IValue());
   }
+  return inputs;
+}
 
-  c10::IValue result = module.forward(std::move(inputs));
+Status ModelRunner::Impl::ReadOutputsLocked(const ForwardBatch& batch, const c10::IValue& result,
+                                            ForwardOutput* out) {
+  const int64_t B = static_cast<int64_t>(batch.sequences.size());
   if (!result.isTuple() || result.toTupleRef().elements().size() != 2) {
     return InternalError("model forward must return a (logits, probs) tuple");
   }
   const at::Tensor logits = result.toTupleRef().elements()[0].toTensor();
   const at::Tensor probs = result.toTupleRef().elements()[1].toTensor();
-
   out->batch_size = B;
   if (logits.numel() == 0) {
     out->vocab_size = 0;
@@ -276,6 +299,12 @@ Status ModelRunner::Impl::RunLocked(const ForwardBatch& batch, ForwardOutput* ou
     out->probs.clear();
   }
   return OkStatus();
+}
+
+Status ModelRunner::Impl::RunLocked(const ForwardBatch& batch, ForwardOutput* out) {
+  PackLocked(batch);
+  const c10::IValue result = module.forward(InputsLocked(batch));
+  return ReadOutputsLocked(batch, result, out);
 }
 
 Status ModelRunner::Forward(const ForwardBatch& batch, ForwardOutput* out) {
