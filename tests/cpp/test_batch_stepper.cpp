@@ -1,5 +1,5 @@
 // Tests of step planning and execution (core/engine/step_plan.h, core/engine/batch_stepper.h) on
-// the tiny random model package (tests/cpp/tiny_model_fixture.h: exported by ctest's
+// the tiny random model package (tests/cpp/model_fixture.h: exported by ctest's
 // export_tiny_model fixture, named by DYSCO_TINY_MODEL_DIR). PlanStep's rules: decoders always feed
 // one token, prefills are chunked within max_step_tokens in list order, the first prefill gets a
 // token even without budget, a prefill without budget is left out, a DySCO sequence stops its
@@ -26,7 +26,7 @@
 #include "core/engine/request.h"
 #include "core/engine/sequence.h"
 #include "core/engine/step_plan.h"
-#include "tests/cpp/tiny_model_fixture.h"
+#include "tests/cpp/model_fixture.h"
 
 namespace dysco {
 namespace {

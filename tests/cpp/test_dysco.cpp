@@ -1,12 +1,12 @@
 // Tests of DySCO in the engine (core/dysco/params.h, core/dysco/controller.h,
 // core/engine/batch_stepper.h): parameter validation and resolution, the phase schedule against the
-// rule written out by hand, then on the tiny random model package (tests/cpp/tiny_model_fixture.h:
+// rule written out by hand, then on the tiny random model package (tests/cpp/model_fixture.h:
 // exported by ctest's export_tiny_model fixture, named by DYSCO_TINY_MODEL_DIR) end-to-end
 // properties: strength 1 (zero bias) gives the plain greedy tokens, batches mixing DySCO and plain
-// sequences equal each sequence alone, relevance is a distribution, the selection is ALGORITHM.md's
-// nucleus / top-k / hybrid of the traced relevance, the bias is log(strength) exactly where it must
-// be, the static variant runs no speculative pass, pages are freed. Last, the default model answers
-// the France question with DySCO on.
+// sequences equal each sequence alone, relevance is a distribution, the selection is
+// docs/dysco-reference-algorithm.md's nucleus / top-k / hybrid of the traced relevance, the bias is
+// log(strength) exactly where it must be, the static variant runs no speculative pass, pages are
+// freed. Last, the default model answers the France question with DySCO on.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -24,8 +24,7 @@
 #include "core/engine/batch_stepper.h"
 #include "core/engine/generator.h"
 #include "core/engine/step_plan.h"
-#include "tests/cpp/default_model_fixture.h"
-#include "tests/cpp/tiny_model_fixture.h"
+#include "tests/cpp/model_fixture.h"
 
 namespace dysco {
 namespace {
@@ -558,9 +557,9 @@ TEST_F(DyscoTinyTest, MixedBatchEqualsEachAlone) {
       << "strength 2 and 4 changed no token at all";
 }
 
-// The ALGORITHM.md selection of r, written plainly: sort by relevance descending (ties: lower
-// position first); nucleus keeps entries while the running sum is <= top_p (at least one); top-k
-// keeps k; hybrid takes the top-k set when the nucleus is longer than k.
+// The docs/dysco-reference-algorithm.md selection of r, written plainly: sort by relevance
+// descending (ties: lower position first); nucleus keeps entries while the running sum is <= top_p
+// (at least one); top-k keeps k; hybrid takes the top-k set when the nucleus is longer than k.
 std::vector<uint8_t> ReferenceSelection(const std::vector<float>& r, std::optional<double> top_p,
                                         std::optional<int64_t> top_k) {
   std::vector<int64_t> order(r.size());

@@ -4,7 +4,8 @@
 // first; the nucleus sums in float64 in that order, as the op's contract says), on random batches
 // whose rows have different n_b < S, with garbage (large values, NaN) past n_b that must not be
 // read, and outputs poisoned (NaN / true) so that every element must be written. Then the edge
-// cases of ALGORITHM.md "Selection" and "Bias vector" one by one, and bad inputs.
+// cases of docs/dysco-reference-algorithm.md "Selection" and "Bias vector" one by one, and bad
+// inputs.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
@@ -71,7 +72,8 @@ std::vector<int64_t> DescendingOrder(const std::vector<float>& values) {
   return order;
 }
 
-// The selected set of one row (values = relevance[0, n)), ALGORITHM.md "Selection".
+// The selected set of one row (values = relevance[0, n)), docs/dysco-reference-algorithm.md
+// "Selection".
 std::vector<bool> ReferenceSelect(const std::vector<float>& values, float top_p, int64_t top_k) {
   const int64_t n = static_cast<int64_t>(values.size());
   const std::vector<int64_t> order = DescendingOrder(values);
@@ -103,7 +105,7 @@ std::vector<bool> ReferenceSelect(const std::vector<float>& values, float top_p,
 static_assert(dysco::kHardMaskStrength == 99.0,
               "docs/dysco.md fixes the hard-mask threshold at strength 99");
 
-// The bias row [0, width) of ALGORITHM.md "Bias vector".
+// The bias row [0, width) of docs/dysco-reference-algorithm.md "Bias vector".
 std::vector<float> ReferenceBias(const std::vector<bool>& selected, const std::vector<bool>& tmpl,
                                  int64_t n, int64_t width, float strength) {
   std::vector<float> bias(width, 0.0f);

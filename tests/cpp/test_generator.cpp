@@ -9,7 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/engine/generator.h"
-#include "tests/cpp/default_model_fixture.h"
+#include "tests/cpp/model_fixture.h"
 
 namespace dysco {
 namespace {

@@ -19,7 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/dysco/head_detection.h"
-#include "tests/cpp/default_model_fixture.h"
+#include "tests/cpp/model_fixture.h"
 #include "tests/cpp/temp_dir.h"
 
 namespace dysco {

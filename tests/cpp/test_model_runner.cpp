@@ -14,7 +14,7 @@
 
 #include "core/model/kv_page_pool.h"
 #include "core/model/model_runner.h"
-#include "tests/cpp/default_model_fixture.h"
+#include "tests/cpp/model_fixture.h"
 
 namespace dysco {
 namespace {

@@ -19,7 +19,7 @@
 
 #include "core/engine/batch_stepper.h"
 #include "core/engine/scheduler.h"
-#include "tests/cpp/default_model_fixture.h"
+#include "tests/cpp/model_fixture.h"
 
 namespace dysco {
 namespace {
