@@ -4,6 +4,8 @@
 #include <cmath>
 #include <string>
 
+#include "core/base/format.h"
+
 namespace dysco {
 
 namespace {
@@ -13,32 +15,23 @@ bool Before(const std::pair<float, int32_t>& a, const std::pair<float, int32_t>&
   return a.first > b.first || (a.first == b.first && a.second < b.second);
 }
 
-std::string Num(double x) {
-  std::string s = std::to_string(x);
-  // Trim std::to_string's trailing zeros: "1.500000" -> "1.5".
-  if (s.find('.') != std::string::npos) {
-    s.erase(s.find_last_not_of('0') + 1);
-    if (s.back() == '.') s.pop_back();
-  }
-  return s;
-}
-
 }  // namespace
 
 Status SamplingParams::Validate() const {
   if (!std::isfinite(temperature) || temperature < 0.0) {
-    return InvalidArgumentError("sampling.temperature must be >= 0, got " + Num(temperature));
+    return InvalidArgumentError("sampling.temperature must be >= 0, got " +
+                                FormatNumber(temperature));
   }
   if (top_k < 0) {
     return InvalidArgumentError("sampling.top_k must be >= 0 (0 = off), got " +
                                 std::to_string(top_k));
   }
   if (!(top_p > 0.0 && top_p <= 1.0)) {
-    return InvalidArgumentError("sampling.top_p must be in (0, 1], got " + Num(top_p));
+    return InvalidArgumentError("sampling.top_p must be in (0, 1], got " + FormatNumber(top_p));
   }
   if (!std::isfinite(repetition_penalty) || repetition_penalty <= 0.0) {
     return InvalidArgumentError("sampling.repetition_penalty must be > 0 (1 = off), got " +
-                                Num(repetition_penalty));
+                                FormatNumber(repetition_penalty));
   }
   return OkStatus();
 }
