@@ -1,6 +1,7 @@
 #include "server/dysco_server.h"
 
 #include <future>
+#include <mutex>
 #include <thread>
 #include <utility>
 
@@ -9,7 +10,12 @@
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server.h>
 #include <grpcpp/server_builder.h>
+#include <google/protobuf/stubs/common.h>
+#include <google/protobuf/stubs/logging.h>
 #include <spdlog/spdlog.h>
+
+#include "core/base/format.h"
+#include "server/grpc_status.h"
 
 namespace dysco::server {
 namespace {
@@ -18,6 +24,23 @@ namespace {
 constexpr int kMaxReceiveMessageBytes = 16 << 20;
 // In-flight RPCs get this long to send their last messages when the gRPC server stops.
 constexpr auto kShutdownGrace = std::chrono::seconds(5);
+
+#if GOOGLE_PROTOBUF_VERSION < 4022000
+// Protobuf's own log lines (e.g. "String field ... contains invalid UTF-8 data" when a request does
+// not parse) become one structured line each instead of free text on stderr.
+void ProtobufLog(google::protobuf::LogLevel level, const char* file, int line,
+                 const std::string& message) {
+  spdlog::warn("protobuf_log level={} source={}:{} message={}", static_cast<int>(level), file, line,
+               QuoteUntrusted(message, kMaxStatusMessageBytes));
+}
+#endif
+
+void InstallProtobufLogHandler() {
+#if GOOGLE_PROTOBUF_VERSION < 4022000
+  static std::once_flag once;
+  std::call_once(once, [] { google::protobuf::SetLogHandler(&ProtobufLog); });
+#endif
+}
 
 std::string HostPort(const std::string& host, int port) {
   const bool ipv6 = host.find(':') != std::string::npos && host.front() != '[';
@@ -32,6 +55,7 @@ DyscoServer::~DyscoServer() { Shutdown(); }
 
 StatusOr<std::unique_ptr<DyscoServer>> DyscoServer::Start(const ServerOptions& options) {
   std::unique_ptr<DyscoServer> s(new DyscoServer(options));
+  InstallProtobufLogHandler();
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -60,7 +60,7 @@ class DyscoServer {
 
   ServerOptions options_;
   ServerMetrics metrics_;
-  GenerationService service_;
+  GenerationService service_{&metrics_};
   std::unique_ptr<Engine> engine_;
   std::atomic<Engine*> loaded_engine_{nullptr};
   std::unique_ptr<grpc::Server> grpc_server_;

@@ -10,6 +10,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "core/base/format.h"
 #include "core/base/thread_annotations.h"
 #include "proto/support/grpc_code_names.h"
 #include "server/grpc_status.h"
@@ -19,6 +20,9 @@ namespace dysco::server {
 namespace {
 
 const grpc::Status kLoading(grpc::StatusCode::UNAVAILABLE, "the model is loading");
+
+// A deadline's cancellation fires at the deadline; this much earlier still counts as the deadline.
+constexpr auto kClockSlack = std::chrono::milliseconds(20);
 
 const char* InputName(v1::GenerateRequest::InputCase input) {
   switch (input) {
@@ -78,6 +82,27 @@ void SetUsage(const SessionUsage& u, v1::Usage* out) {
   out->set_dysco_overhead_seconds(u.dysco_overhead_seconds);
 }
 
+// Requests arrive as raw bytes (the methods are registered raw) so that one that does not parse
+// gets INVALID_ARGUMENT with a message, not gRPC's UNIMPLEMENTED with none.
+template <typename Message>
+bool ParseMessage(const grpc::ByteBuffer& raw, Message* message) {
+  grpc::ByteBuffer copy(raw);  // Deserialize consumes its buffer; the copy shares the slices
+  return grpc::SerializationTraits<Message>::Deserialize(&copy, message).ok();
+}
+
+template <typename Message>
+void SerializeMessage(const Message& message, grpc::ByteBuffer* out) {
+  out->Clear();  // Serialize wants an empty buffer; writing_ still holds the previous message
+  bool own_buffer = false;
+  const grpc::Status st = grpc::SerializationTraits<Message>::Serialize(message, out, &own_buffer);
+  if (!st.ok()) out->Clear();  // cannot happen for a message we built; an empty write is harmless
+}
+
+Status UnparseableRequest(const char* type) {
+  return InvalidArgumentError(std::string("request: cannot be parsed as ") + type +
+                              " (malformed protobuf, or a string field that is not valid UTF-8)");
+}
+
 bool HasContent(const v1::GenerateResponse& r) {
   return !r.text().empty() || r.token_ids_size() > 0 || r.selection_size() > 0;
 }
@@ -99,7 +124,7 @@ std::optional<std::chrono::steady_clock::time_point> SteadyDeadline(
 // gRPC threads; `mu_` guards the state both touch and is never held across a gRPC call. The reactor
 // writes only after Submit returned (so that its session id is known and OnDone, which deletes it,
 // cannot run while Start is still inside Submit).
-class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   GenerateReactor(GenerationService* service, Engine* engine, grpc::CallbackServerContext* context)
       : service_(service),
@@ -107,8 +132,13 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
         context_(context),
         start_time_(std::chrono::steady_clock::now()) {}
 
-  // Validates and submits; on failure finishes the RPC with the mapped status.
-  void Start(const v1::GenerateRequest& request) {
+  // On a RequestWorkers thread: parses, validates and submits; on failure finishes the RPC with
+  // the mapped status.
+  void Start(const grpc::ByteBuffer& raw) {
+    v1::GenerateRequest request;
+    if (!ParseMessage(raw, &request)) {
+      return Refuse("", UnparseableRequest("dysco.v1.GenerateRequest"));
+    }
     auto session = ToSessionRequest(request);
     if (!session.ok()) return Refuse(request.request_id(), session.status());
     if (session->request_id.empty()) session->request_id = service_->NewRequestId();
@@ -123,19 +153,21 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     spdlog::info(
         "request_start request_id={} peer={} input={} chat={} max_new_tokens={} dysco={} "
         "return_selection={} deadline={}",
-        request_id_, context_->peer(), InputName(request.input_case()), request.chat(),
-        request.max_new_tokens(), dysco_ ? "on" : "off", request.return_selection(),
-        has_deadline ? "set" : "none");
+        QuoteUntrusted(request_id_, kMaxRequestIdBytes), context_->peer(),
+        InputName(request.input_case()), request.chat(), request.max_new_tokens(),
+        dysco_ ? "on" : "off", request.return_selection(), has_deadline ? "set" : "none");
     bool cancel = false;
+    FinishReason reason = FinishReason::kCancelled;
     Step step;
     {
       MutexLock lock(&mu_);
       session_id_ = *id;
       submitted_ = true;
       cancel = cancel_requested_;
+      reason = cancel_reason_;
       step = NextStepLocked();
     }
-    if (cancel) engine_->scheduler()->Cancel(*id);
+    if (cancel) engine_->scheduler()->Cancel(*id, reason);
     Run(std::move(step));  // may finish the RPC: `this` must not be touched after it
   }
 
@@ -157,21 +189,27 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     Run(std::move(step));
   }
 
+  // gRPC reports both a client's cancel and an expired deadline here; the deadline is told apart
+  // by the clock, so that it ends the session (and its metrics) as deadline_exceeded.
   void OnCancel() override {
+    const bool deadline = context_->deadline() <= std::chrono::system_clock::now() + kClockSlack;
+    const FinishReason reason =
+        deadline ? FinishReason::kDeadlineExceeded : FinishReason::kCancelled;
     bool cancel = false;
     SessionId id = 0;
     {
       MutexLock lock(&mu_);
       id = session_id_;
       broken_ = true;
-      client_cancelled_ = true;
+      client_cancelled_ = !deadline;
       if (submitted_) {
         cancel = true;
       } else {
         cancel_requested_ = true;
+        cancel_reason_ = reason;
       }
     }
-    if (cancel) engine_->scheduler()->Cancel(id);
+    if (cancel) engine_->scheduler()->Cancel(id, reason);
   }
 
   void OnDone() override {
@@ -186,18 +224,19 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     const auto elapsed =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time_).count();
     if (refused_) {
-      spdlog::info("request_refused request_id={} code={} message=\"{}\" seconds={:.4f}",
-                   request_id_, GrpcCodeName(final_status_.error_code()),
-                   final_status_.error_message(), elapsed);
+      spdlog::info("request_refused request_id={} code={} message={} seconds={:.4f}",
+                   QuoteUntrusted(request_id_, kMaxRequestIdBytes),
+                   GrpcCodeName(final_status_.error_code()),
+                   QuoteUntrusted(final_status_.error_message(), kMaxStatusMessageBytes), elapsed);
     } else {
       spdlog::info(
           "request_finish request_id={} finish_reason={} status={} prompt_tokens={} "
           "generated_tokens={} queue_s={:.4f} ttft_s={:.4f} total_s={:.4f} dysco_overhead_s={:.4f} "
           "dysco={} messages={}",
-          request_id_, FinishReasonName(finish_), GrpcCodeName(final_status_.error_code()),
-          usage_.prompt_tokens, usage_.generated_tokens, usage_.queue_seconds,
-          usage_.time_to_first_token_seconds, usage_.total_seconds, usage_.dysco_overhead_seconds,
-          dysco_ ? "on" : "off", messages_written_);
+          QuoteUntrusted(request_id_, kMaxRequestIdBytes), FinishReasonName(finish_),
+          GrpcCodeName(final_status_.error_code()), usage_.prompt_tokens, usage_.generated_tokens,
+          usage_.queue_seconds, usage_.time_to_first_token_seconds, usage_.total_seconds,
+          usage_.dysco_overhead_seconds, dysco_ ? "on" : "off", messages_written_);
     }
   }
 
@@ -271,9 +310,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     const bool has_message = HasContent(pending_) || (final_received_ && final_status_.ok()) ||
                              pending_.finish_reason() != v1::FINISH_REASON_UNSPECIFIED;
     if (has_message) {
-      writing_.Clear();
-      writing_.Swap(&pending_);
-      writing_.set_request_id(request_id_);
+      pending_.set_request_id(request_id_);
+      SerializeMessage(pending_, &writing_);
+      pending_.Clear();
       ++messages_written_;
       if (final_received_) {
         finish_started_ = true;
@@ -312,12 +351,11 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   // Finishes an RPC for which no session exists.
  public:
   void Refuse(const std::string& request_id, const Status& status) {
-    // An invalid id is not echoed into the logs.
-    request_id_ = request_id.empty()                   ? "-"
-                  : ValidateRequestId(request_id).ok() ? request_id
-                                                       : "<invalid>";
+    // An invalid id is logged quoted and cut, like every client string.
+    request_id_ = request_id.empty() ? "-" : request_id;
     refused_ = true;
     grpc::Status final_status = ToGrpcStatus(status);
+    service_->CountRefused(final_status.error_code());
     {
       MutexLock lock(&mu_);
       final_status_ = final_status;
@@ -338,6 +376,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   SessionId session_id_ GUARDED_BY(mu_) = 0;
   bool submitted_ GUARDED_BY(mu_) = false;
   bool cancel_requested_ GUARDED_BY(mu_) = false;  // OnCancel before Submit returned
+  FinishReason cancel_reason_ GUARDED_BY(mu_) = FinishReason::kCancelled;
   bool client_cancelled_ GUARDED_BY(mu_) = false;
   bool broken_ GUARDED_BY(mu_) = false;  // nothing more is written (client gone, deadline passed)
   bool write_in_flight_ GUARDED_BY(mu_) = false;
@@ -345,7 +384,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
   bool finish_started_ GUARDED_BY(mu_) = false;
   v1::GenerateResponse pending_ GUARDED_BY(mu_);  // coalesced deltas not handed to gRPC yet
   // The message gRPC is writing: filled under mu_, then read by gRPC until OnWriteDone.
-  v1::GenerateResponse writing_;
+  grpc::ByteBuffer writing_;
   int64_t messages_written_ GUARDED_BY(mu_) = 0;
   FinishReason finish_ GUARDED_BY(mu_) = FinishReason::kNone;
   SessionUsage usage_ GUARDED_BY(mu_);
@@ -363,30 +402,22 @@ std::string GenerationService::NewRequestId() {
   return "req-" + prefix + "-" + std::to_string(next_request_.fetch_add(1));
 }
 
-grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
-    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
   Engine* engine = engine_.load(std::memory_order_acquire);
   auto* reactor = new GenerateReactor(this, engine, context);
   if (engine == nullptr) {
-    reactor->Refuse(request->request_id(), UnavailableError("the model is loading"));
+    reactor->Refuse("", UnavailableError("the model is loading"));
   } else if (draining()) {
-    reactor->Refuse(request->request_id(), UnavailableError("the server is draining"));
-  } else {
-    reactor->Start(*request);
+    reactor->Refuse("", UnavailableError("the server is draining"));
+  } else if (!workers_.Post([reactor, request] { reactor->Start(*request); })) {
+    reactor->Refuse("", ResourceExhaustedError("too many requests waiting to be prepared"));
   }
   return reactor;
 }
 
-grpc::ServerUnaryReactor* GenerationService::GetModelInfo(grpc::CallbackServerContext* context,
-                                                          const v1::GetModelInfoRequest*,
-                                                          v1::ModelInfo* info) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  Engine* engine = engine_.load(std::memory_order_acquire);
-  if (engine == nullptr) {
-    reactor->Finish(kLoading);
-    return reactor;
-  }
-  const ModelConfig& c = engine->config();
+void GenerationService::FillModelInfo(Engine& engine, v1::ModelInfo* info) {
+  const ModelConfig& c = engine.config();
   info->set_model_name(c.model_name);
   info->set_architecture(c.architecture);
   info->set_context_length(static_cast<uint32_t>(c.max_position_embeddings));
@@ -397,7 +428,7 @@ grpc::ServerUnaryReactor* GenerationService::GetModelInfo(grpc::CallbackServerCo
   info->set_num_attention_heads(c.num_attention_heads);
   info->set_num_kv_heads(c.num_kv_heads);
   for (const int32_t id : c.special_tokens.eos_token_ids) info->add_eos_token_ids(id);
-  info->set_device(engine->runner().device());
+  info->set_device(engine.runner().device());
 
   v1::DyscoDefaults* d = info->mutable_dysco_defaults();
   for (const auto& [layer, head] : c.dysco.selected_heads) {
@@ -416,68 +447,114 @@ grpc::ServerUnaryReactor* GenerationService::GetModelInfo(grpc::CallbackServerCo
     d->add_template_sequences()->mutable_token_ids()->Add(seq.begin(), seq.end());
   }
 
-  const SchedulerOptions& o = engine->options().scheduler;
-  const RequestLimits& request_limits = engine->factory().limits();
+  const SchedulerOptions& o = engine.options().scheduler;
+  const RequestLimits& request_limits = engine.factory().limits();
   v1::Limits* limits = info->mutable_limits();
   limits->set_max_context_tokens(static_cast<uint32_t>(request_limits.max_context_tokens));
   limits->set_max_new_tokens(static_cast<uint32_t>(request_limits.max_new_tokens_limit));
   limits->set_max_batch_size(static_cast<uint32_t>(o.max_batch_size));
   limits->set_max_queued_requests(static_cast<uint32_t>(o.max_queued));
-  limits->set_kv_cache_pages(static_cast<uint32_t>(engine->pool().num_total()));
-  limits->set_kv_page_size(static_cast<uint32_t>(engine->pool().page_size()));
-  reactor->Finish(grpc::Status::OK);
+  limits->set_kv_cache_pages(static_cast<uint32_t>(engine.pool().num_total()));
+  limits->set_kv_page_size(static_cast<uint32_t>(engine.pool().page_size()));
+}
+
+grpc::ServerUnaryReactor* GenerationService::GetModelInfo(grpc::CallbackServerContext* context,
+                                                          const grpc::ByteBuffer* request,
+                                                          grpc::ByteBuffer* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  Engine* engine = engine_.load(std::memory_order_acquire);
+  v1::GetModelInfoRequest parsed;
+  if (engine == nullptr) {
+    reactor->Finish(kLoading);
+  } else if (!ParseMessage(*request, &parsed)) {
+    Refused(UnparseableRequest("dysco.v1.GetModelInfoRequest"), reactor);
+  } else {
+    v1::ModelInfo info;
+    FillModelInfo(*engine, &info);
+    SerializeMessage(info, response);
+    reactor->Finish(grpc::Status::OK);
+  }
   return reactor;
 }
 
+StatusOr<std::vector<int32_t>> GenerationService::TokenizeRequestIds(
+    Engine& engine, const v1::TokenizeRequest& request) {
+  const SequenceFactory& factory = engine.factory();
+  GenerateRequest g;  // chat-formatted input is encoded exactly as Generate encodes it
+  g.parse_special_in_messages = request.parse_special();
+  std::vector<int32_t> ids;
+  switch (request.input_case()) {
+    case v1::TokenizeRequest::kText:
+      DYSCO_RETURN_IF_ERROR(factory.CheckTextBytes("text", request.text().size()));
+      if (request.chat()) {
+        g.messages.push_back({"user", request.text()});
+        break;
+      }
+      ids = engine.tokenizer().Encode(request.text(), request.parse_special());
+      if (const SpecialTokens& st = engine.config().special_tokens;
+          !ids.empty() && st.add_bos && st.bos_token_id && ids.front() != *st.bos_token_id) {
+        ids.insert(ids.begin(), *st.bos_token_id);
+      }
+      break;
+    case v1::TokenizeRequest::kMessages:
+      if (request.messages().messages_size() == 0) {
+        return InvalidArgumentError("messages.messages: must not be empty");
+      }
+      g.messages = ToChatMessages(request.messages());
+      break;
+    case v1::TokenizeRequest::INPUT_NOT_SET:
+      return InvalidArgumentError("input: one of text, messages is required");
+  }
+  if (!g.messages.empty()) {
+    DYSCO_RETURN_IF_ERROR(factory.Validate(g));
+    DYSCO_ASSIGN_OR_RETURN(ids, factory.BuildPrompt(g));
+  }
+  const int64_t limit = factory.limits().max_context_tokens;
+  if (static_cast<int64_t>(ids.size()) > limit) {
+    return InvalidArgumentError("input: encodes to " + std::to_string(ids.size()) +
+                                " tokens, more than the context of " + std::to_string(limit));
+  }
+  return ids;
+}
+
+void GenerationService::RunTokenize(Engine& engine, const grpc::ByteBuffer& raw,
+                                    grpc::ByteBuffer* response, grpc::ServerUnaryReactor* reactor) {
+  v1::TokenizeRequest request;
+  if (!ParseMessage(raw, &request)) {
+    return Refused(UnparseableRequest("dysco.v1.TokenizeRequest"), reactor);
+  }
+  auto ids = TokenizeRequestIds(engine, request);
+  if (!ids.ok()) return Refused(ToProtoFieldPath(ids.status()), reactor);
+  v1::TokenizeResponse out;
+  for (const int32_t id : *ids) {
+    out.add_token_ids(id);
+    out.add_tokens(engine.tokenizer().IdToToken(id));
+  }
+  SerializeMessage(out, response);
+  reactor->Finish(grpc::Status::OK);
+}
+
 grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContext* context,
-                                                      const v1::TokenizeRequest* request,
-                                                      v1::TokenizeResponse* response) {
+                                                      const grpc::ByteBuffer* request,
+                                                      grpc::ByteBuffer* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   Engine* engine = engine_.load(std::memory_order_acquire);
   if (engine == nullptr) {
     reactor->Finish(kLoading);
-    return reactor;
+  } else if (!workers_.Post([this, engine, request, response, reactor] {
+               RunTokenize(*engine, *request, response, reactor);
+             })) {
+    Refused(ResourceExhaustedError("too many requests waiting to be prepared"), reactor);
   }
-  const ModelConfig& config = engine->config();
-  const Tokenizer& tokenizer = engine->tokenizer();
-  const SequenceFactory& factory = engine->factory();
-  auto tokenize = [&]() -> StatusOr<std::vector<int32_t>> {
-    GenerateRequest g;  // chat-formatted input is encoded exactly as Generate encodes it
-    switch (request->input_case()) {
-      case v1::TokenizeRequest::kText:
-        if (!request->chat()) {
-          std::vector<int32_t> ids = tokenizer.Encode(request->text(), request->parse_special());
-          const SpecialTokens& st = config.special_tokens;
-          if (!ids.empty() && st.add_bos && st.bos_token_id && ids.front() != *st.bos_token_id) {
-            ids.insert(ids.begin(), *st.bos_token_id);
-          }
-          return ids;
-        }
-        g.messages.push_back({"user", request->text()});
-        break;
-      case v1::TokenizeRequest::kMessages:
-        if (request->messages().messages_size() == 0) {
-          return InvalidArgumentError("messages.messages: must not be empty");
-        }
-        g.messages = ToChatMessages(request->messages());
-        break;
-      case v1::TokenizeRequest::INPUT_NOT_SET:
-        return InvalidArgumentError("input: one of text, messages is required");
-    }
-    DYSCO_RETURN_IF_ERROR(factory.Validate(g));
-    return factory.BuildPrompt(g);
-  };
-  auto ids = tokenize();
-  if (!ids.ok()) {
-    reactor->Finish(ToGrpcStatus(ToProtoFieldPath(ids.status())));
-    return reactor;
-  }
-  for (const int32_t id : *ids) {
-    response->add_token_ids(id);
-    response->add_tokens(tokenizer.IdToToken(id));
-  }
-  reactor->Finish(grpc::Status::OK);
   return reactor;
+}
+
+void GenerationService::Refused(const Status& status, grpc::ServerUnaryReactor* reactor) {
+  const grpc::Status st = ToGrpcStatus(status);
+  CountRefused(st.error_code());
+  spdlog::info("request_refused request_id=\"-\" code={} message={}", GrpcCodeName(st.error_code()),
+               QuoteUntrusted(st.error_message(), kMaxStatusMessageBytes));
+  reactor->Finish(st);
 }
 
 }  // namespace dysco::server

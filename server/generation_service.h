@@ -2,7 +2,8 @@
 // Generate streams one Scheduler session per RPC through a ServerWriteReactor (at most one write in
 // flight; deltas that arrive while a write is in flight are coalesced into the next message, so a
 // slow reader never blocks the engine thread and its backlog stays one message); GetModelInfo and
-// Tokenize answer from the engine's config and tokenizer.
+// Tokenize answer from the engine's config and tokenizer. Request-sized work (parsing, validation,
+// tokenization, Submit, Tokenize) runs on RequestWorkers, never on a gRPC callback thread.
 //
 // Thread-safety: gRPC calls the handlers from its own threads; SetEngine and BeginDrain may be
 // called from any thread. Sessions are tracked by the Scheduler only (Scheduler::CancelAll).
@@ -17,14 +18,28 @@
 #include <cstdint>
 #include <string>
 
+#include <cstddef>
+#include <vector>
+
 #include "core/engine/engine.h"
 #include "dysco/v1/generation.grpc.pb.h"
+#include "server/metrics.h"
+#include "server/request_workers.h"
 
 namespace dysco::server {
 
-class GenerationService final : public v1::Generation::CallbackService {
+// The three methods are registered raw (bytes in, bytes out): a request that does not parse gets
+// INVALID_ARGUMENT with a message instead of gRPC's bare UNIMPLEMENTED.
+using GenerationServiceBase = v1::Generation::WithRawCallbackMethod_Generate<
+    v1::Generation::WithRawCallbackMethod_GetModelInfo<
+        v1::Generation::WithRawCallbackMethod_Tokenize<v1::Generation::Service>>>;
+
+class GenerationService final : public GenerationServiceBase {
  public:
-  GenerationService() = default;
+  // `metrics` (not owned, may be null) counts refused requests; it must outlive the service.
+  explicit GenerationService(ServerMetrics* metrics, int request_workers = 2,
+                             size_t max_waiting_requests = 256)
+      : metrics_(metrics), workers_(request_workers, max_waiting_requests) {}
 
   // Makes the service answer; before it every RPC gets UNAVAILABLE "the model is loading".
   void SetEngine(Engine* engine) { engine_.store(engine, std::memory_order_release); }
@@ -32,23 +47,36 @@ class GenerationService final : public v1::Generation::CallbackService {
   void BeginDrain() { draining_.store(true); }
   bool draining() const { return draining_.load(); }
 
-  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
-      grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* context,
+                                                       const grpc::ByteBuffer* request) override;
   grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
-                                         const v1::GetModelInfoRequest* request,
-                                         v1::ModelInfo* response) override;
+                                         const grpc::ByteBuffer* request,
+                                         grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
-                                     const v1::TokenizeRequest* request,
-                                     v1::TokenizeResponse* response) override;
+                                     const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
 
  private:
   friend class GenerateReactor;
 
   std::string NewRequestId();
+  void CountRefused(grpc::StatusCode code) {
+    if (metrics_ != nullptr) metrics_->OnRefused(code);
+  }
+  // Logs, counts and finishes a unary RPC that is refused.
+  void Refused(const Status& status, grpc::ServerUnaryReactor* reactor);
+  static void FillModelInfo(Engine& engine, v1::ModelInfo* info);
+  static StatusOr<std::vector<int32_t>> TokenizeRequestIds(Engine& engine,
+                                                           const v1::TokenizeRequest& request);
+  void RunTokenize(Engine& engine, const grpc::ByteBuffer& raw, grpc::ByteBuffer* response,
+                   grpc::ServerUnaryReactor* reactor);
 
+  ServerMetrics* const metrics_;
   std::atomic<Engine*> engine_{nullptr};
   std::atomic<bool> draining_{false};
   std::atomic<uint64_t> next_request_{1};
+  // Last member: destroyed (its threads joined, its queue run) before the rest.
+  RequestWorkers workers_;
 };
 
 }  // namespace dysco::server

@@ -35,7 +35,14 @@ grpc::StatusCode ToGrpcCode(StatusCode code) {
 
 grpc::Status ToGrpcStatus(const Status& status) {
   if (status.ok()) return grpc::Status::OK;
-  return grpc::Status(ToGrpcCode(status.code()), status.message());
+  // Client text inside a message is already quoted and cut (QuoteUntrusted); this bound keeps any
+  // message well under a client's metadata limit (8 KiB by default).
+  std::string message = status.message();
+  if (message.size() > kMaxStatusMessageBytes) {
+    message.resize(kMaxStatusMessageBytes);
+    message += "...";
+  }
+  return grpc::Status(ToGrpcCode(status.code()), std::move(message));
 }
 
 }  // namespace dysco::server

@@ -6,12 +6,16 @@
 
 #include <grpcpp/support/status.h>
 
+#include <cstddef>
+
 #include "core/base/status.h"
 
 namespace dysco::server {
 
+inline constexpr size_t kMaxStatusMessageBytes = 1024;
+
 grpc::StatusCode ToGrpcCode(StatusCode code);
-// OK for an OK status; otherwise the mapped code with the message unchanged.
+// OK for an OK status; otherwise the mapped code with the message, cut at kMaxStatusMessageBytes.
 grpc::Status ToGrpcStatus(const Status& status);
 
 }  // namespace dysco::server

@@ -1,5 +1,7 @@
 #include "server/metrics.h"
 
+#include "proto/support/grpc_code_names.h"
+
 #include <atomic>
 
 #include <array>
@@ -73,6 +75,7 @@ struct ServerMetrics::Impl {
   prometheus::Gauge* waiting = nullptr;
   prometheus::Gauge* kv_usage = nullptr;
   prometheus::Counter* callback_errors = nullptr;
+  prometheus::Family<prometheus::Counter>* refused = nullptr;
   std::atomic<int64_t> callback_errors_seen{0};  // the scheduler's count at the last refresh
 };
 
@@ -144,6 +147,11 @@ ServerMetrics::ServerMetrics() : impl_(std::make_unique<Impl>()) {
                            .Register(r)
                            .Add({});
 
+  m.refused = &prometheus::BuildCounter()
+                   .Name("dysco_requests_refused_total")
+                   .Help("Requests refused before generating, by gRPC status code")
+                   .Register(r);
+
   for (int d = 0; d < 2; ++d) {
     const prometheus::Labels labels = {{"dysco", kDysco[d]}};
     m.ttft[d] = &ttft.Add(labels, TtftBuckets());
@@ -209,6 +217,10 @@ void ServerMetrics::SetSchedulerStats(const SchedulerStats& stats) {
   if (stats.callback_errors > seen) {
     impl_->callback_errors->Increment(static_cast<double>(stats.callback_errors - seen));
   }
+}
+
+void ServerMetrics::OnRefused(grpc::StatusCode code) {
+  impl_->refused->Add({{"code", GrpcCodeName(code)}}).Increment();
 }
 
 std::string ServerMetrics::Render() const {

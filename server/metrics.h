@@ -20,6 +20,8 @@
 //   dysco_prompt_tokens_total{dysco}, dysco_generation_tokens_total{dysco}   counters
 //   dysco_requests_total{finish_reason,dysco}  counter    finished sessions (FinishReasonName)
 //   dysco_callback_errors_total                 counter    callback/observer exceptions caught
+//   dysco_requests_refused_total{code}          counter    requests refused with that gRPC code
+//       (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, ...), Generate and Tokenize alike
 //   dysco_requests_running, dysco_requests_waiting, dysco_kv_cache_usage_ratio   gauges, refreshed
 //       from Scheduler::stats() at every scrape (and after every step)
 //
@@ -35,7 +37,9 @@
 #include <string>
 #include <thread>
 
+#include <grpcpp/support/status.h>
 #include "core/base/status.h"
+
 #include "core/engine/scheduler.h"
 
 namespace httplib {
@@ -55,6 +59,8 @@ class ServerMetrics {
   void OnStep(const StepObservation& step);
   void OnSessionEnd(const SessionObservation& session);
   void SetSchedulerStats(const SchedulerStats& stats);
+  // A request refused before (or instead of) generating, by its gRPC status code.
+  void OnRefused(grpc::StatusCode code);
   // Every series in the Prometheus text exposition format (version 0.0.4).
   std::string Render() const;
 

@@ -114,6 +114,7 @@ StatusOr<SessionRequest> ToSessionRequest(const v1::GenerateRequest& request) {
   DYSCO_RETURN_IF_ERROR(ValidateRequestId(request.request_id()));
   session.request_id = request.request_id();
   DYSCO_RETURN_IF_ERROR(ToInput(request, &g));
+  g.parse_special_in_messages = request.parse_special_in_messages();
   g.max_new_tokens = request.max_new_tokens();  // 0 = the server default
   if (request.has_sampling()) ToSampling(request.sampling(), &g.sampling);
   g.stop_strings.assign(request.stop().begin(), request.stop().end());

@@ -1,6 +1,9 @@
 #include "core/engine/request.h"
 
+#include <cstdint>
 #include <utility>
+
+#include "core/base/format.h"
 
 namespace dysco {
 
@@ -35,7 +38,18 @@ StatusOr<SequenceFactory> SequenceFactory::Create(const ModelConfig& config,
                std::to_string(config.max_position_embeddings) + "]");
   }
   if (limits.max_context_tokens == 0) limits.max_context_tokens = config.max_position_embeddings;
-  return SequenceFactory(config, tokenizer, limits, CountGenerationPromptTokens(config, tokenizer));
+  const size_t per_token = tokenizer.max_input_bytes_per_token();
+  const size_t context = static_cast<size_t>(limits.max_context_tokens);
+  const size_t max_bytes = per_token > SIZE_MAX / 4 / context ? SIZE_MAX / 4 : per_token * context;
+  return SequenceFactory(config, tokenizer, limits, CountGenerationPromptTokens(config, tokenizer),
+                         max_bytes);
+}
+
+Status SequenceFactory::CheckTextBytes(const std::string& field, size_t bytes) const {
+  if (bytes <= max_prompt_bytes_) return OkStatus();
+  return Bad(field + ": " + std::to_string(bytes) + " bytes cannot fit the context of " +
+             std::to_string(limits_.max_context_tokens) + " tokens (at most " +
+             std::to_string(max_prompt_bytes_) + " bytes)");
 }
 
 Status SequenceFactory::ValidatePromptSource(const GenerateRequest& r) const {
@@ -50,10 +64,14 @@ Status SequenceFactory::ValidatePromptSource(const GenerateRequest& r) const {
     return Bad("messages: at most " + std::to_string(limits_.max_chat_messages) +
                " messages, got " + std::to_string(r.messages.size()));
   }
+  DYSCO_RETURN_IF_ERROR(CheckTextBytes("prompt", r.prompt.size()));
+  size_t message_bytes = 0;
+  for (const ChatMessage& m : r.messages) message_bytes += m.role.size() + m.content.size();
+  DYSCO_RETURN_IF_ERROR(CheckTextBytes("messages", message_bytes));
   for (size_t i = 0; i < r.messages.size(); ++i) {
     if (!IsKnownChatRole(r.messages[i].role)) {
-      return Bad(Indexed("messages", i) + ".role: unknown role \"" + r.messages[i].role +
-                 "\" (system, user, assistant or tool)");
+      return Bad(Indexed("messages", i) + ".role: unknown role " +
+                 QuoteUntrusted(r.messages[i].role) + " (system, user, assistant or tool)");
     }
   }
   for (size_t i = 0; i < r.prompt_token_ids.size(); ++i) {
@@ -104,14 +122,19 @@ Status SequenceFactory::Validate(const GenerateRequest& r) const {
 
 StatusOr<std::vector<int32_t>> SequenceFactory::BuildPrompt(const GenerateRequest& r) const {
   if (!r.prompt_token_ids.empty()) return r.prompt_token_ids;
-  std::string text = r.prompt;
-  const bool formatted = IsChatFormatted(r);
-  if (formatted) {
+  std::vector<int32_t> ids;
+  if (IsChatFormatted(r)) {
     std::vector<ChatMessage> messages = r.messages;
     if (messages.empty()) messages.push_back({"user", r.prompt});
-    DYSCO_ASSIGN_OR_RETURN(text, FormatChat(config_->chat_format, config_->chat, messages));
+    DYSCO_ASSIGN_OR_RETURN(ChatPrompt chat,
+                           RenderChat(config_->chat_format, config_->chat, messages));
+    // Special tokens come from the template only, unless the caller opted in for its contents.
+    ids = r.parse_special_in_messages
+              ? tokenizer_->Encode(chat.text, /*parse_special=*/true)
+              : tokenizer_->EncodeWithPlainSpans(chat.text, chat.content_spans);
+  } else {
+    ids = tokenizer_->Encode(r.prompt, /*parse_special=*/false);
   }
-  std::vector<int32_t> ids = tokenizer_->Encode(text, /*parse_special=*/formatted);
   const SpecialTokens& st = config_->special_tokens;
   if (st.add_bos && st.bos_token_id && (ids.empty() || ids.front() != *st.bos_token_id)) {
     ids.insert(ids.begin(), *st.bos_token_id);

@@ -40,6 +40,9 @@ struct GenerateRequest {
   std::vector<ChatMessage> messages;
   std::vector<int32_t> prompt_token_ids;
   bool chat = false;
+  // Chat prompts: special-token text inside message contents becomes special tokens (trusted callers
+  // only); by default it is plain text and only the template opens and closes turns.
+  bool parse_special_in_messages = false;
   int64_t max_new_tokens = 0;  // 0 = RequestLimits::max_new_tokens_default
   SamplingParams sampling;
   std::vector<std::string> stop_strings;
@@ -86,17 +89,25 @@ class SequenceFactory {
   // per the config when add_bos is set and the text does not already start with it.
   StatusOr<std::vector<int32_t>> BuildPrompt(const GenerateRequest& request) const;
 
+  // INVALID_ARGUMENT naming `field` when `bytes` of text cannot fit the context whatever they encode
+  // to (more than max_prompt_bytes()): checked before any tokenization, so that a huge prompt costs
+  // no CPU.
+  Status CheckTextBytes(const std::string& field, size_t bytes) const;
+  // max_context_tokens x Tokenizer::max_input_bytes_per_token().
+  size_t max_prompt_bytes() const { return max_prompt_bytes_; }
+
   // Limits with max_context_tokens resolved (never 0).
   const RequestLimits& limits() const { return limits_; }
   const ModelConfig& config() const { return *config_; }
 
  private:
   SequenceFactory(const ModelConfig& config, const Tokenizer& tokenizer, RequestLimits limits,
-                  int64_t generation_prompt_tokens)
+                  int64_t generation_prompt_tokens, size_t max_prompt_bytes)
       : config_(&config),
         tokenizer_(&tokenizer),
         limits_(limits),
-        generation_prompt_tokens_(generation_prompt_tokens) {}
+        generation_prompt_tokens_(generation_prompt_tokens),
+        max_prompt_bytes_(max_prompt_bytes) {}
   Status ValidatePromptSource(const GenerateRequest& request) const;
   Status ValidateStops(const GenerateRequest& request) const;
   SequenceParams MakeSequenceParams(const GenerateRequest& request) const;
@@ -106,6 +117,7 @@ class SequenceFactory {
   const Tokenizer* tokenizer_;
   RequestLimits limits_;
   int64_t generation_prompt_tokens_;  // DySCO's auto intervention_warmup for chat prompts
+  size_t max_prompt_bytes_;
 };
 
 }  // namespace dysco

@@ -5,6 +5,7 @@
 #include <deque>
 #include <exception>
 #include <thread>
+#include <unordered_map>
 #include <unordered_set>
 #include <utility>
 
@@ -67,7 +68,7 @@ class Scheduler::Impl {
   Status Start();
   void Stop() EXCLUDES(mu_);
   StatusOr<SessionId> Submit(SessionRequest request, SessionCallback callback) EXCLUDES(mu_);
-  void Cancel(SessionId id) EXCLUDES(mu_);
+  void Cancel(SessionId id, FinishReason reason) EXCLUDES(mu_);
   void CancelAll() EXCLUDES(mu_);
   void BeginDrain() EXCLUDES(mu_);
   void Drain() EXCLUDES(mu_);
@@ -113,7 +114,9 @@ class Scheduler::Impl {
   CondVar done_cv_;  // Drain: a session ended
   std::deque<std::unique_ptr<Session>> waiting_ GUARDED_BY(mu_);
   std::unordered_set<SessionId> live_ GUARDED_BY(mu_);     // submitted, final event not delivered
-  std::unordered_set<SessionId> cancels_ GUARDED_BY(mu_);  // requested, not handled yet
+  // Requested ends, not handled yet: kCancelled, or kDeadlineExceeded when the caller saw the
+  // deadline pass first (a gRPC deadline reaches the server as a cancellation).
+  std::unordered_map<SessionId, FinishReason> cancels_ GUARDED_BY(mu_);
   int64_t running_count_ GUARDED_BY(mu_) = 0;
   SessionId next_id_ GUARDED_BY(mu_) = 1;
   bool draining_ GUARDED_BY(mu_) = false;
@@ -158,8 +161,11 @@ void Scheduler::Impl::EndRunningLocked(EndedSessions* ended, Clock::time_point n
   std::vector<std::unique_ptr<Session>> keep;
   for (auto& s : running_) {
     FinishReason finish = FinishReason::kNone;
-    if (stop_ || cancels_.count(s->id) > 0) {
+    const auto cancel = cancels_.find(s->id);
+    if (stop_) {
       finish = FinishReason::kCancelled;
+    } else if (cancel != cancels_.end()) {
+      finish = cancel->second;
     } else if (s->deadline && now >= *s->deadline) {
       finish = FinishReason::kDeadlineExceeded;
     }
@@ -177,8 +183,12 @@ void Scheduler::Impl::AdmitLocked(EndedSessions* ended, Clock::time_point now) {
   for (auto it = waiting_.begin(); it != waiting_.end();) {
     Session& s = **it;
     FinishReason finish = FinishReason::kNone;
-    if (stop_ || cancels_.erase(s.id) > 0) {
+    const auto cancel = cancels_.find(s.id);
+    if (stop_) {
       finish = FinishReason::kCancelled;
+    } else if (cancel != cancels_.end()) {
+      finish = cancel->second;
+      cancels_.erase(cancel);
     } else if (s.deadline && now >= *s.deadline) {
       finish = FinishReason::kDeadlineExceeded;
     }
@@ -435,11 +445,11 @@ StatusOr<SessionId> Scheduler::Impl::Submit(SessionRequest request, SessionCallb
   return id;
 }
 
-void Scheduler::Impl::Cancel(SessionId id) {
+void Scheduler::Impl::Cancel(SessionId id, FinishReason reason) {
   {
     MutexLock lock(&mu_);
     if (live_.count(id) == 0) return;
-    cancels_.insert(id);
+    cancels_.emplace(id, reason);  // the first request wins
   }
   work_cv_.NotifyOne();
 }
@@ -447,7 +457,7 @@ void Scheduler::Impl::Cancel(SessionId id) {
 void Scheduler::Impl::CancelAll() {
   {
     MutexLock lock(&mu_);
-    cancels_.insert(live_.begin(), live_.end());
+    for (const SessionId id : live_) cancels_.emplace(id, FinishReason::kCancelled);
   }
   work_cv_.NotifyOne();
 }
@@ -502,7 +512,9 @@ Scheduler::~Scheduler() { impl_->Stop(); }
 StatusOr<SessionId> Scheduler::Submit(SessionRequest request, SessionCallback callback) {
   return impl_->Submit(std::move(request), std::move(callback));
 }
-void Scheduler::Cancel(SessionId id) { impl_->Cancel(id); }
+void Scheduler::Cancel(SessionId id, FinishReason reason) {
+  impl_->Cancel(id, reason == FinishReason::kDeadlineExceeded ? reason : FinishReason::kCancelled);
+}
 void Scheduler::CancelAll() { impl_->CancelAll(); }
 void Scheduler::BeginDrain() { impl_->BeginDrain(); }
 void Scheduler::Drain() { impl_->Drain(); }

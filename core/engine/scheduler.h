@@ -131,8 +131,10 @@ class Scheduler {
   // then queues it. RESOURCE_EXHAUSTED when the queue is full or the request can never fit the KV
   // pool; UNAVAILABLE while draining.
   StatusOr<SessionId> Submit(SessionRequest request, SessionCallback callback);
-  // Ends the session within one step (final event kCancelled); unknown/finished ids are ignored.
-  void Cancel(SessionId id);
+  // Ends the session within one step with final event `reason`: kCancelled (the default), or
+  // kDeadlineExceeded when the caller's deadline passed (any other reason counts as kCancelled).
+  // Unknown/finished ids are ignored; the first request for a session wins.
+  void Cancel(SessionId id, FinishReason reason = FinishReason::kCancelled);
   // Cancels every session submitted so far.
   void CancelAll();
   // Refuses new sessions from now on; returns when every session has finished.

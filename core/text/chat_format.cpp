@@ -1,5 +1,8 @@
 #include "core/text/chat_format.h"
 
+#include "core/base/format.h"
+#include "core/text/unicode_text.h"
+
 namespace dysco {
 
 bool IsKnownChatRole(const std::string& role) {
@@ -29,8 +32,23 @@ std::string Trim(const std::string& s) {
   return s.substr(begin, end - begin + 1);
 }
 
-void AppendChatml(const std::string& role, const std::string& content, std::string* out) {
-  out->append("<|im_start|>").append(role).append("\n").append(content).append("<|im_end|>\n");
+// Appends a client's content, valid UTF-8 (repaired if need be, so spans stay byte-exact), and
+// records where it is.
+void AppendContent(const std::string& content, ChatPrompt* out) {
+  const size_t begin = out->text.size();
+  out->text += unicode::IsValidUtf8(content) ? content : unicode::Utf8Lossy(content);
+  if (out->text.size() > begin) out->content_spans.emplace_back(begin, out->text.size());
+}
+
+void AppendChatml(const std::string& role, const std::string& content, bool trusted,
+                  ChatPrompt* out) {
+  out->text.append("<|im_start|>").append(role).append("\n");
+  if (trusted) {
+    out->text += content;
+  } else {
+    AppendContent(content, out);
+  }
+  out->text.append("<|im_end|>\n");
 }
 
 }  // namespace
@@ -38,6 +56,14 @@ void AppendChatml(const std::string& role, const std::string& content, std::stri
 StatusOr<std::string> FormatChat(ChatFormat format, const ChatSettings& chat,
                                  const std::vector<ChatMessage>& messages,
                                  bool add_generation_prompt) {
+  DYSCO_ASSIGN_OR_RETURN(ChatPrompt prompt,
+                         RenderChat(format, chat, messages, add_generation_prompt));
+  return std::move(prompt.text);
+}
+
+StatusOr<ChatPrompt> RenderChat(ChatFormat format, const ChatSettings& chat,
+                                const std::vector<ChatMessage>& messages,
+                                bool add_generation_prompt) {
   if (format == ChatFormat::kNone) {
     return FailedPreconditionError(
         "the model has no chat format (config.json chat_format is \"none\")");
@@ -46,26 +72,26 @@ StatusOr<std::string> FormatChat(ChatFormat format, const ChatSettings& chat,
   for (size_t i = 0; i < messages.size(); ++i) {
     if (!IsKnownChatRole(messages[i].role)) {
       return InvalidArgumentError("messages[" + std::to_string(i) +
-                                  "].role must be one of system, "
-                                  "user, assistant, tool; got \"" +
-                                  messages[i].role + "\"");
+                                  "].role must be one of system, user, assistant, tool; got " +
+                                  QuoteUntrusted(messages[i].role));
     }
   }
 
-  std::string out;
+  ChatPrompt out;
   if (format == ChatFormat::kChatml) {
     if (chat.default_system && messages[0].role != "system") {
-      AppendChatml("system", *chat.default_system, &out);
+      AppendChatml("system", *chat.default_system, /*trusted=*/true, &out);  // the package's
     }
-    for (const ChatMessage& m : messages) AppendChatml(m.role, m.content, &out);
+    for (const ChatMessage& m : messages) AppendChatml(m.role, m.content, false, &out);
   } else {  // kLlama3
-    out = "<|begin_of_text|>";
+    out.text = "<|begin_of_text|>";
     for (const ChatMessage& m : messages) {
-      out.append("<|start_header_id|>").append(m.role).append("<|end_header_id|>\n\n");
-      out.append(Trim(m.content)).append("<|eot_id|>");
+      out.text.append("<|start_header_id|>").append(m.role).append("<|end_header_id|>\n\n");
+      AppendContent(Trim(m.content), &out);
+      out.text.append("<|eot_id|>");
     }
   }
-  if (add_generation_prompt) out += chat.generation_prompt;
+  if (add_generation_prompt) out.text += chat.generation_prompt;
   return out;
 }
 

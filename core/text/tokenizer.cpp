@@ -109,7 +109,19 @@ class AddedTokenMatcher {
 struct Segment {
   std::string text;
   int32_t id = -1;
+  size_t begin = 0;  // offset of `text` in the string that was split
 };
+
+// Spans of a text in which special tokens are not parsed (sorted, half-open byte ranges).
+using PlainSpans = std::vector<std::pair<size_t, size_t>>;
+
+bool OverlapsPlain(const PlainSpans* plain, size_t begin, size_t end) {
+  if (plain == nullptr) return false;
+  for (const auto& [b, e] : *plain) {
+    if (b < end && begin < e) return true;
+  }
+  return false;
+}
 
 char32_t LastChar(std::string_view s) {
   size_t pos = s.size() - 1;
@@ -283,8 +295,12 @@ struct Tokenizer::Impl {
   Status ParseAddedTokens(const JsonReader& r, const json& tokens);
 
   std::string Normalize(std::string text) const;
+  // `plain` (may be null): special tokens overlapping these spans are not parsed.
   void SplitAddedTokens(const std::string& text, const AddedTokenMatcher& matcher,
-                        bool parse_special, std::vector<Segment>* out) const;
+                        bool parse_special, const PlainSpans* plain,
+                        std::vector<Segment>* out) const;
+  std::vector<int32_t> Encode(std::string_view text, bool parse_special,
+                              const PlainSpans* plain) const;
   void PreTokenize(std::string text, std::vector<std::string>* words) const;
 };
 
@@ -510,9 +526,10 @@ std::string Tokenizer::Impl::Normalize(std::string text) const {
 
 // AddedVocabulary::find_matches of `tokenizers`.
 void Tokenizer::Impl::SplitAddedTokens(const std::string& text, const AddedTokenMatcher& matcher,
-                                       bool parse_special, std::vector<Segment>* out) const {
+                                       bool parse_special, const PlainSpans* plain,
+                                       std::vector<Segment>* out) const {
   if (matcher.empty()) {
-    if (!text.empty()) out->push_back({text, -1});
+    if (!text.empty()) out->push_back({text, -1, 0});
     return;
   }
   const std::string_view s(text);
@@ -527,7 +544,7 @@ void Tokenizer::Impl::SplitAddedTokens(const std::string& text, const AddedToken
     size_t start = pos, stop = pos + length;
     pos = stop;  // the scan goes on after the match even when the match is then discarded
     const AddedToken& token = added[index];
-    if (!parse_special && token.special) continue;
+    if (token.special && (!parse_special || OverlapsPlain(plain, start, stop))) continue;
     if (token.single_word) {
       const bool space_before = start == 0 || !unicode::IsWordChar(LastChar(s.substr(0, start)));
       const bool space_after = stop == s.size() || !unicode::IsWordChar(FirstChar(s.substr(stop)));
@@ -535,11 +552,13 @@ void Tokenizer::Impl::SplitAddedTokens(const std::string& text, const AddedToken
     }
     if (token.lstrip) start = std::max(TrailingSpaceStart(s.substr(0, start)), start_offset);
     if (token.rstrip) stop += LeadingSpaceLength(s.substr(stop));
-    if (start_offset < start) out->push_back({text.substr(start_offset, start - start_offset), -1});
-    out->push_back({std::string(), token.id});
+    if (start_offset < start) {
+      out->push_back({text.substr(start_offset, start - start_offset), -1, start_offset});
+    }
+    out->push_back({std::string(), token.id, start});
     start_offset = stop;
   }
-  if (start_offset < s.size()) out->push_back({text.substr(start_offset), -1});
+  if (start_offset < s.size()) out->push_back({text.substr(start_offset), -1, start_offset});
 }
 
 void Tokenizer::Impl::PreTokenize(std::string text, std::vector<std::string>* words) const {
@@ -699,11 +718,25 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(const std::string& json
 }
 
 std::vector<int32_t> Tokenizer::Encode(std::string_view text, bool parse_special) const {
-  std::vector<int32_t> ids;
   // Input that is not UTF-8 is repaired the way Python's bytes.decode(errors="replace") would.
-  std::string input = unicode::IsValidUtf8(text) ? std::string(text) : unicode::Utf8Lossy(text);
+  if (!unicode::IsValidUtf8(text))
+    return impl_->Encode(unicode::Utf8Lossy(text), parse_special, nullptr);
+  return impl_->Encode(text, parse_special, nullptr);
+}
+
+std::vector<int32_t> Tokenizer::EncodeWithPlainSpans(
+    std::string_view text, const std::vector<std::pair<size_t, size_t>>& plain_spans) const {
+  // Repairing would move the spans' offsets: such text is encoded with no special token at all.
+  if (!unicode::IsValidUtf8(text)) return impl_->Encode(unicode::Utf8Lossy(text), false, nullptr);
+  return impl_->Encode(text, true, &plain_spans);
+}
+
+std::vector<int32_t> Tokenizer::Impl::Encode(std::string_view text, bool parse_special,
+                                             const PlainSpans* plain) const {
+  std::vector<int32_t> ids;
+  const std::string input(text);
   std::vector<Segment> raw_segments;
-  impl_->SplitAddedTokens(input, impl_->raw_matcher, parse_special, &raw_segments);
+  SplitAddedTokens(input, raw_matcher, parse_special, plain, &raw_segments);
   std::vector<Segment> segments;
   std::vector<std::string> words;
   for (Segment& raw : raw_segments) {
@@ -711,17 +744,21 @@ std::vector<int32_t> Tokenizer::Encode(std::string_view text, bool parse_special
       ids.push_back(raw.id);
       continue;
     }
+    // After normalization the offsets no longer line up with the spans: a segment that touches a
+    // plain span parses no special token at all.
+    const bool segment_special =
+        parse_special && !OverlapsPlain(plain, raw.begin, raw.begin + raw.text.size());
     segments.clear();
-    impl_->SplitAddedTokens(impl_->Normalize(std::move(raw.text)), impl_->normalized_matcher,
-                            parse_special, &segments);
+    SplitAddedTokens(Normalize(std::move(raw.text)), normalized_matcher, segment_special, nullptr,
+                     &segments);
     for (Segment& seg : segments) {
       if (seg.id >= 0) {
         ids.push_back(seg.id);
         continue;
       }
       words.clear();
-      impl_->PreTokenize(std::move(seg.text), &words);
-      for (const std::string& w : words) impl_->bpe->Tokenize(w, &ids);
+      PreTokenize(std::move(seg.text), &words);
+      for (const std::string& w : words) bpe->Tokenize(w, &ids);
     }
   }
   return ids;
@@ -735,6 +772,15 @@ std::string Tokenizer::Decode(const std::vector<int32_t>& ids, bool skip_special
     bytes += impl_->token_bytes[id];
   }
   return unicode::Utf8Lossy(bytes);
+}
+
+size_t Tokenizer::max_input_bytes_per_token() const {
+  for (const AddedToken& t : impl_->added) {
+    if (t.lstrip || t.rstrip) return SIZE_MAX / 4;
+  }
+  size_t longest = 1;
+  for (const std::string& bytes : impl_->token_bytes) longest = std::max(longest, bytes.size());
+  return impl_->normalizers.empty() ? longest : 3 * longest;
 }
 
 std::optional<int32_t> Tokenizer::TokenToId(std::string_view token) const {
