@@ -32,7 +32,7 @@ int64_t MaxOf(const std::vector<int64_t>& v) {
 
 }  // namespace
 
-std::vector<std::pair<int, int>> UnionOfHeads(const std::vector<DyscoController*>& rows) {
+std::vector<std::pair<int, int>> UnionOfHeads(const std::vector<const DyscoController*>& rows) {
   std::vector<std::pair<int, int>> heads;
   for (const DyscoController* c : rows) {
     const auto& h = c->params().selected_heads;
@@ -43,7 +43,7 @@ std::vector<std::pair<int, int>> UnionOfHeads(const std::vector<DyscoController*
   return heads;
 }
 
-int DeepestHeadLayer(const std::vector<DyscoController*>& rows) {
+int DeepestHeadLayer(const std::vector<const DyscoController*>& rows) {
   int layer = 0;
   for (const DyscoController* c : rows) layer = std::max(layer, c->params().max_head_layer());
   return layer;
@@ -75,11 +75,12 @@ Status DyscoBatchOps::HeadMean(const DyscoController& row, int64_t n, const Forw
   return OkStatus();
 }
 
-Status DyscoBatchOps::UpdateRelevance(const std::vector<DyscoController*>& rows,
+Status DyscoBatchOps::UpdateRelevance(const std::vector<const DyscoController*>& rows,
                                       const std::vector<int64_t>& num_keys,
                                       const ForwardOutput& out,
                                       const std::vector<int64_t>& out_rows,
-                                      const std::vector<std::pair<int, int>>& probe_heads) {
+                                      const std::vector<std::pair<int, int>>& probe_heads,
+                                      std::vector<std::vector<float>>* relevance) {
   const int64_t D = static_cast<int64_t>(rows.size());
   const int64_t width = MaxOf(num_keys);
   relevance_.resize(D * width);
@@ -94,14 +95,15 @@ Status DyscoBatchOps::UpdateRelevance(const std::vector<DyscoController*>& rows,
   }
   DYSCO_RETURN_IF_ERROR(DyscoRelevanceUpdate(relevance_.data(), D, width, probs_.data(), 1, width,
                                              num_keys.data(), decay_.data()));
-  for (int64_t d = 0; d < D; ++d) {
-    DYSCO_RETURN_IF_ERROR(rows[d]->ApplyRelevance(RowPrefix(relevance_, d, width, num_keys[d])));
-  }
+  relevance->resize(D);
+  for (int64_t d = 0; d < D; ++d) (*relevance)[d] = RowPrefix(relevance_, d, width, num_keys[d]);
   return OkStatus();
 }
 
-StatusOr<std::vector<DyscoSelection>> DyscoBatchOps::Select(
-    const std::vector<DyscoController*>& rows, const std::vector<int64_t>& num_keys) {
+Status DyscoBatchOps::Select(const std::vector<const DyscoController*>& rows,
+                             const std::vector<const std::vector<float>*>& relevance,
+                             const std::vector<int64_t>& num_keys,
+                             std::vector<DyscoSelection>* selections) {
   const int64_t D = static_cast<int64_t>(rows.size());
   const int64_t w = MaxOf(num_keys);
   relevance_.resize(D * w);
@@ -113,10 +115,9 @@ StatusOr<std::vector<DyscoSelection>> DyscoBatchOps::Select(
   top_k_.resize(D);
   strength_.resize(D);
   for (int64_t d = 0; d < D; ++d) {
-    const DyscoController& c = *rows[d];
-    const DyscoParams& p = c.params();
-    PackRow(c.relevance(), num_keys[d], relevance_.data() + d * w, w);
-    PackRow(c.template_mask(), num_keys[d], template_.data() + d * w, w);
+    const DyscoParams& p = rows[d]->params();
+    PackRow(*relevance[d], num_keys[d], relevance_.data() + d * w, w);
+    PackRow(rows[d]->template_mask(), num_keys[d], template_.data() + d * w, w);
     top_p_[d] = p.top_p ? static_cast<float>(*p.top_p) : 0.0f;
     top_k_[d] = p.top_k ? *p.top_k : 0;
     strength_[d] = static_cast<float>(p.strength);
@@ -124,42 +125,21 @@ StatusOr<std::vector<DyscoSelection>> DyscoBatchOps::Select(
   DYSCO_RETURN_IF_ERROR(DyscoSelectBias(bias_.data(), selected_.data(), stats_.data(),
                                         relevance_.data(), D, w, num_keys.data(), template_.data(),
                                         top_p_.data(), top_k_.data(), strength_.data()));
-  std::vector<DyscoSelection> selections(D);
+  selections->resize(D);
   for (int64_t d = 0; d < D; ++d) {
-    DyscoSelection& s = selections[d];
+    DyscoSelection& s = (*selections)[d];
     s.selected = RowPrefix(selected_, d, w, num_keys[d]);
     s.bias = RowPrefix(bias_, d, w, num_keys[d]);
     s.num_selected = static_cast<int64_t>(stats_[2 * d]);
     s.selected_mass = stats_[2 * d + 1];
   }
-  return selections;
-}
-
-Status DyscoBatchOps::SelectDynamic(const std::vector<DyscoController*>& rows,
-                                    const std::vector<int64_t>& num_keys) {
-  DYSCO_ASSIGN_OR_RETURN(std::vector<DyscoSelection> selections, Select(rows, num_keys));
-  for (size_t d = 0; d < rows.size(); ++d) {
-    DYSCO_RETURN_IF_ERROR(rows[d]->ApplySelection(std::move(selections[d])));
-  }
   return OkStatus();
 }
 
-Status DyscoBatchOps::BiasStatic(const std::vector<DyscoController*>& rows,
-                                 const std::vector<int64_t>& num_keys) {
-  // First static step of a row: its set, chosen once from the relevance the context warm-up left.
-  std::vector<DyscoController*> first;
-  std::vector<int64_t> first_keys;
-  for (DyscoController* c : rows) {
-    if (c->static_set_frozen()) continue;
-    first.push_back(c);
-    first_keys.push_back(static_cast<int64_t>(c->relevance().size()));
-  }
-  if (!first.empty()) {
-    DYSCO_ASSIGN_OR_RETURN(std::vector<DyscoSelection> selections, Select(first, first_keys));
-    for (size_t d = 0; d < first.size(); ++d) {
-      DYSCO_RETURN_IF_ERROR(first[d]->FreezeSelection(std::move(selections[d])));
-    }
-  }
+Status DyscoBatchOps::BiasFromSelection(const std::vector<const DyscoController*>& rows,
+                                        const std::vector<const std::vector<uint8_t>*>& selected,
+                                        const std::vector<int64_t>& num_keys,
+                                        std::vector<std::vector<float>>* bias) {
   const int64_t D = static_cast<int64_t>(rows.size());
   const int64_t width = MaxOf(num_keys);
   selected_.resize(D * width);
@@ -167,17 +147,15 @@ Status DyscoBatchOps::BiasStatic(const std::vector<DyscoController*>& rows,
   bias_.resize(D * width);
   strength_.resize(D);
   for (int64_t d = 0; d < D; ++d) {
-    // The frozen set, new keys unselected (the current one still gets the bias from the op).
-    PackRow(rows[d]->selection(), num_keys[d], selected_.data() + d * width, width);
+    PackRow(*selected[d], num_keys[d], selected_.data() + d * width, width);
     PackRow(rows[d]->template_mask(), num_keys[d], template_.data() + d * width, width);
     strength_[d] = static_cast<float>(rows[d]->params().strength);
   }
   DYSCO_RETURN_IF_ERROR(DyscoBiasFromSelection(bias_.data(), selected_.data(), D, width,
                                                num_keys.data(), template_.data(),
                                                strength_.data()));
-  for (int64_t d = 0; d < D; ++d) {
-    DYSCO_RETURN_IF_ERROR(rows[d]->ApplyBias(RowPrefix(bias_, d, width, num_keys[d])));
-  }
+  bias->resize(D);
+  for (int64_t d = 0; d < D; ++d) (*bias)[d] = RowPrefix(bias_, d, width, num_keys[d]);
   return OkStatus();
 }
 

@@ -1,16 +1,16 @@
-// DyscoBatchOps: the DySCO stages of one engine step, run for many sequences at once with one op
-// call each (relevance update, selection + bias, bias of a frozen set; docs/dysco.md "Ops"). Each
-// stage reads its rows' state through their DyscoControllers' const views, calls the op on packed
-// host buffers, and hands every row its result back as a value (DyscoController::Apply*).
+// DyscoBatchOps: the DySCO computations of one engine step, run for many sequences at once with one
+// op call each (relevance update, selection + bias, bias of a frozen set; docs/dysco.md "Ops").
+// Each reads its rows' state through their DyscoControllers' const views (or values the caller
+// staged), calls the op on packed host buffers, and returns every row's result as a value. Nothing
+// here writes a controller: the caller applies the results (DyscoController::Apply*) once the whole
+// step has succeeded, so a failed step leaves every sequence's DySCO state as it was.
 //
 // Every computation is per row: a row's result does not depend on its batch-mates (their heads,
 // parameters or lengths), which is what lets DySCO sequences with different parameters share a
 // step and still equal their solo runs.
 //
-// Thread-safety: one DyscoBatchOps per stepping thread (it keeps staging buffers); the controllers
-// passed in belong to that thread for the call. Ownership: borrows the controllers and the forward
-// output for the call only. On failure the rows that were already given their results keep them;
-// the caller drops the whole step's sequences (BatchStepper does).
+// Thread-safety: one DyscoBatchOps per stepping thread (it keeps staging buffers). Ownership:
+// borrows the controllers, views and forward output for the call only; results are the caller's.
 #pragma once
 
 #include <cstdint>
@@ -24,31 +24,32 @@
 namespace dysco {
 
 // Sorted, duplicate-free union of the selected heads of `rows`: the probe heads of a pass.
-std::vector<std::pair<int, int>> UnionOfHeads(const std::vector<DyscoController*>& rows);
+std::vector<std::pair<int, int>> UnionOfHeads(const std::vector<const DyscoController*>& rows);
 // The deepest selected-head layer of `rows`: the last layer a speculative pass must run.
-int DeepestHeadLayer(const std::vector<DyscoController*>& rows);
+int DeepestHeadLayer(const std::vector<const DyscoController*>& rows);
 
 class DyscoBatchOps {
  public:
-  // r_t of each row: row d fed the token at position num_keys[d] - 1; its heads' attention
-  // probabilities are row out_rows[d] of `out`, whose probe heads are `probe_heads` (sorted).
-  Status UpdateRelevance(const std::vector<DyscoController*>& rows,
+  // r_t of each row: row d fed the token at position num_keys[d] - 1 with r_{t-1} =
+  // rows[d]->relevance(); its heads' attention probabilities are row out_rows[d] of `out`, whose
+  // probe heads are `probe_heads` (sorted).
+  Status UpdateRelevance(const std::vector<const DyscoController*>& rows,
                          const std::vector<int64_t>& num_keys, const ForwardOutput& out,
                          const std::vector<int64_t>& out_rows,
-                         const std::vector<std::pair<int, int>>& probe_heads);
-  // Dynamic intervention: selection over each row's relevance (num_keys[d] entries) and the bias
-  // of the real pass.
-  Status SelectDynamic(const std::vector<DyscoController*>& rows,
-                       const std::vector<int64_t>& num_keys);
-  // Static intervention: the bias of each row's frozen set over num_keys[d] keys, freezing the set
-  // first where this is the row's first static step.
-  Status BiasStatic(const std::vector<DyscoController*>& rows,
-                    const std::vector<int64_t>& num_keys);
+                         const std::vector<std::pair<int, int>>& probe_heads,
+                         std::vector<std::vector<float>>* relevance);
+  // Selection (and its bias) of each row over the first num_keys[d] entries of *relevance[d].
+  Status Select(const std::vector<const DyscoController*>& rows,
+                const std::vector<const std::vector<float>*>& relevance,
+                const std::vector<int64_t>& num_keys, std::vector<DyscoSelection>* selections);
+  // The bias of each row's set *selected[d] over num_keys[d] keys (new keys unselected; the
+  // current one still gets the bias from the op).
+  Status BiasFromSelection(const std::vector<const DyscoController*>& rows,
+                           const std::vector<const std::vector<uint8_t>*>& selected,
+                           const std::vector<int64_t>& num_keys,
+                           std::vector<std::vector<float>>* bias);
 
  private:
-  // One dysco_select_bias call over `rows`, row d over its first num_keys[d] relevance entries.
-  StatusOr<std::vector<DyscoSelection>> Select(const std::vector<DyscoController*>& rows,
-                                               const std::vector<int64_t>& num_keys);
   // The mean over the row's own heads of their probabilities, into `mean` [0, width).
   static Status HeadMean(const DyscoController& row, int64_t num_keys, const ForwardOutput& out,
                          int64_t out_row, const std::vector<std::pair<int, int>>& probe_heads,
@@ -56,7 +57,7 @@ class DyscoBatchOps {
 
   std::vector<float> relevance_, probs_, bias_, stats_, decay_, top_p_, strength_;
   std::vector<uint8_t> selected_, template_;
-  std::vector<int64_t> num_keys_, top_k_;
+  std::vector<int64_t> top_k_;
 };
 
 }  // namespace dysco

@@ -30,8 +30,9 @@ class FeedRollback {
 
 }  // namespace
 
-std::vector<DyscoController*> BatchStepper::Controllers(const std::vector<size_t>& rows) const {
-  std::vector<DyscoController*> out;
+std::vector<const DyscoController*> BatchStepper::Controllers(
+    const std::vector<size_t>& rows) const {
+  std::vector<const DyscoController*> out;
   out.reserve(rows.size());
   for (size_t i : rows) out.push_back(seqs_[i]->dysco());
   return out;
@@ -49,6 +50,7 @@ Status BatchStepper::Feed(const StepPlan& plan) {
   seqs_.assign(B, nullptr);
   fed_.assign(B, ForwardRow());
   kinds_.assign(B, DyscoStepKind::kPrefill);
+  staged_.assign(B, StagedDysco());
   for (size_t i = 0; i < B; ++i) {
     if (plan.rows[i].sequence == nullptr) {
       return InvalidArgumentError("step plan row " + std::to_string(i) + " has no sequence");
@@ -72,31 +74,76 @@ BatchStepper::RowsByKind BatchStepper::ClassifyRows() const {
   return rows;
 }
 
-Status BatchStepper::Intervene(const RowsByKind& rows, StepOutcome* outcome) {
-  if (!rows.dynamic.empty()) {
-    const std::vector<DyscoController*> controllers = Controllers(rows.dynamic);
-    spec_batch_.kv_pool = pool_;
-    spec_batch_.last_layer = DeepestHeadLayer(controllers);
-    spec_batch_.probe_heads = UnionOfHeads(controllers);
-    spec_batch_.sequences.clear();
-    for (size_t i : rows.dynamic) spec_batch_.sequences.push_back(fed_[i]);
-    {
-      ScopedTimer timer(&outcome->timings.speculative_seconds);
-      DYSCO_RETURN_IF_ERROR(runner_->Forward(spec_batch_, &spec_out_));
+Status BatchStepper::InterveneDynamic(const std::vector<size_t>& rows, StepOutcome* outcome) {
+  const std::vector<const DyscoController*> controllers = Controllers(rows);
+  spec_batch_.kv_pool = pool_;
+  spec_batch_.last_layer = DeepestHeadLayer(controllers);
+  spec_batch_.probe_heads = UnionOfHeads(controllers);
+  spec_batch_.sequences.clear();
+  for (size_t i : rows) spec_batch_.sequences.push_back(fed_[i]);
+  {
+    ScopedTimer timer(&outcome->timings.speculative_seconds);
+    DYSCO_RETURN_IF_ERROR(runner_->Forward(spec_batch_, &spec_out_));
+  }
+  outcome->speculative_rows = static_cast<int64_t>(rows.size());
+  ScopedTimer timer(&dynamic_select_seconds_);
+  std::vector<int64_t> out_rows(rows.size());
+  for (size_t d = 0; d < out_rows.size(); ++d) out_rows[d] = static_cast<int64_t>(d);
+  const std::vector<int64_t> num_keys = NumKeys(rows);
+  std::vector<std::vector<float>> relevance;
+  DYSCO_RETURN_IF_ERROR(dysco_ops_.UpdateRelevance(controllers, num_keys, spec_out_, out_rows,
+                                                   spec_batch_.probe_heads, &relevance));
+  std::vector<const std::vector<float>*> views;
+  for (const auto& r : relevance) views.push_back(&r);
+  std::vector<DyscoSelection> selections;
+  DYSCO_RETURN_IF_ERROR(dysco_ops_.Select(controllers, views, num_keys, &selections));
+  for (size_t d = 0; d < rows.size(); ++d) {
+    StagedDysco& st = staged_[rows[d]];
+    st.relevance = std::move(relevance[d]);
+    st.has_relevance = true;
+    st.selection = std::move(selections[d]);
+    st.has_selection = true;
+  }
+  return OkStatus();
+}
+
+Status BatchStepper::InterveneStatic(const std::vector<size_t>& rows) {
+  ScopedTimer timer(&static_seconds_);
+  // First static step of a row: its set, chosen once from the relevance the context warm-up left.
+  std::vector<size_t> first;
+  for (size_t i : rows) {
+    if (!seqs_[i]->dysco()->static_set_frozen()) first.push_back(i);
+  }
+  if (!first.empty()) {
+    const std::vector<const DyscoController*> controllers = Controllers(first);
+    std::vector<const std::vector<float>*> views;
+    std::vector<int64_t> keys;
+    for (const DyscoController* c : controllers) {
+      views.push_back(&c->relevance());
+      keys.push_back(static_cast<int64_t>(c->relevance().size()));
     }
-    outcome->speculative_rows = static_cast<int64_t>(rows.dynamic.size());
-    ScopedTimer timer(&dynamic_select_seconds_);
-    std::vector<int64_t> out_rows(rows.dynamic.size());
-    for (size_t d = 0; d < out_rows.size(); ++d) out_rows[d] = static_cast<int64_t>(d);
-    const std::vector<int64_t> num_keys = NumKeys(rows.dynamic);
-    DYSCO_RETURN_IF_ERROR(dysco_ops_.UpdateRelevance(controllers, num_keys, spec_out_, out_rows,
-                                                     spec_batch_.probe_heads));
-    DYSCO_RETURN_IF_ERROR(dysco_ops_.SelectDynamic(controllers, num_keys));
+    std::vector<DyscoSelection> frozen;
+    DYSCO_RETURN_IF_ERROR(dysco_ops_.Select(controllers, views, keys, &frozen));
+    for (size_t d = 0; d < first.size(); ++d) {
+      staged_[first[d]].frozen = std::move(frozen[d]);
+      staged_[first[d]].has_frozen = true;
+    }
   }
-  if (!rows.fixed.empty()) {
-    ScopedTimer timer(&static_seconds_);
-    DYSCO_RETURN_IF_ERROR(dysco_ops_.BiasStatic(Controllers(rows.fixed), NumKeys(rows.fixed)));
+  std::vector<const std::vector<uint8_t>*> sets;
+  for (size_t i : rows) {
+    sets.push_back(staged_[i].has_frozen ? &staged_[i].frozen.selected
+                                         : &seqs_[i]->dysco()->selection());
   }
+  std::vector<std::vector<float>> bias;
+  DYSCO_RETURN_IF_ERROR(
+      dysco_ops_.BiasFromSelection(Controllers(rows), sets, NumKeys(rows), &bias));
+  for (size_t d = 0; d < rows.size(); ++d) staged_[rows[d]].bias = std::move(bias[d]);
+  return OkStatus();
+}
+
+Status BatchStepper::Intervene(const RowsByKind& rows, StepOutcome* outcome) {
+  if (!rows.dynamic.empty()) DYSCO_RETURN_IF_ERROR(InterveneDynamic(rows.dynamic, outcome));
+  if (!rows.fixed.empty()) DYSCO_RETURN_IF_ERROR(InterveneStatic(rows.fixed));
   return OkStatus();
 }
 
@@ -104,9 +151,9 @@ Status BatchStepper::RealForward(const RowsByKind& rows, StepOutcome* outcome) {
   real_batch_.kv_pool = pool_;
   real_batch_.last_layer = -1;
   real_batch_.sequences = fed_;
-  for (size_t i : rows.dynamic) real_batch_.sequences[i].key_bias = seqs_[i]->dysco()->bias();
-  for (size_t i : rows.fixed) real_batch_.sequences[i].key_bias = seqs_[i]->dysco()->bias();
-  const std::vector<DyscoController*> warmup = Controllers(rows.warmup);
+  for (size_t i : rows.dynamic) real_batch_.sequences[i].key_bias = staged_[i].real_bias();
+  for (size_t i : rows.fixed) real_batch_.sequences[i].key_bias = staged_[i].real_bias();
+  const std::vector<const DyscoController*> warmup = Controllers(rows.warmup);
   real_batch_.probe_heads = UnionOfHeads(warmup);
   {
     ScopedTimer timer(&outcome->timings.real_seconds);
@@ -116,8 +163,30 @@ Status BatchStepper::RealForward(const RowsByKind& rows, StepOutcome* outcome) {
   if (warmup.empty()) return OkStatus();
   ScopedTimer timer(&warmup_seconds_);
   const std::vector<int64_t> out_rows(rows.warmup.begin(), rows.warmup.end());
-  return dysco_ops_.UpdateRelevance(warmup, NumKeys(rows.warmup), real_out_, out_rows,
-                                    real_batch_.probe_heads);
+  std::vector<std::vector<float>> relevance;
+  DYSCO_RETURN_IF_ERROR(dysco_ops_.UpdateRelevance(warmup, NumKeys(rows.warmup), real_out_,
+                                                   out_rows, real_batch_.probe_heads, &relevance));
+  for (size_t d = 0; d < rows.warmup.size(); ++d) {
+    staged_[rows.warmup[d]].relevance = std::move(relevance[d]);
+    staged_[rows.warmup[d]].has_relevance = true;
+  }
+  return OkStatus();
+}
+
+Status BatchStepper::ApplyStaged() {
+  for (size_t i = 0; i < seqs_.size(); ++i) {
+    DyscoController* c = seqs_[i]->dysco();
+    if (c == nullptr || kinds_[i] == DyscoStepKind::kPrefill) continue;
+    StagedDysco& st = staged_[i];
+    if (st.has_relevance) DYSCO_RETURN_IF_ERROR(c->ApplyRelevance(std::move(st.relevance)));
+    if (st.has_frozen) DYSCO_RETURN_IF_ERROR(c->FreezeSelection(std::move(st.frozen)));
+    if (st.has_selection) {
+      DYSCO_RETURN_IF_ERROR(c->ApplySelection(std::move(st.selection)));
+    } else if (kinds_[i] == DyscoStepKind::kStatic) {
+      DYSCO_RETURN_IF_ERROR(c->ApplyBias(std::move(st.bias)));
+    }
+  }
+  return OkStatus();
 }
 
 void BatchStepper::RecordDyscoSteps(const StepOutcome& outcome) const {
@@ -166,6 +235,9 @@ Status BatchStepper::Execute(const StepPlan& plan, StepOutcome* outcome) {
   DYSCO_RETURN_IF_ERROR(Intervene(rows, outcome));
   DYSCO_RETURN_IF_ERROR(RealForward(rows, outcome));
   outcome->timings.select_seconds = dynamic_select_seconds_ + static_seconds_ + warmup_seconds_;
+  // The commit. ApplyStaged can fail only on a result that does not fit its controller (a bug,
+  // INTERNAL): the caller then drops the step's sequences, whose DySCO state may be half-applied.
+  DYSCO_RETURN_IF_ERROR(ApplyStaged());
   RecordDyscoSteps(*outcome);
   rollback.Disarm();
   outcome->rows.assign(plan.rows.size(), RowOutcome());

@@ -10,16 +10,18 @@
 //      step get the bias of their frozen set;
 //   3. the real forward of every row, each DySCO row with its bias, and the probe heads of the rows
 //      at a context warm-up step, whose relevance is then updated in one op call;
-//   4. commit: each row's fed tokens become cached; a row whose step ended its uncached tokens
-//      samples its next token (a DySCO warm-up token's logits are discarded, except the last
-//      prompt token's).
-// Every DySCO computation is per row, so a sequence's results do not depend on its batch-mates.
+//   4. commit: the DySCO results staged by 2 and 3 go to their controllers, each row's fed tokens
+//      become cached, and a row whose step ended its uncached tokens samples its next token (a
+//      DySCO warm-up token's logits are discarded, except the last prompt token's).
+// The step is a transaction up to the commit: until then no sequence and no DySCO controller is
+// changed, so a failed step leaves every sequence exactly as it was and can be retried (the KV
+// slots it wrote belong to uncached tokens, which the retry writes again). Every DySCO computation
+// is per row, so a sequence's results do not depend on its batch-mates.
 //
 // Thread-safety: one BatchStepper per driving thread (it keeps staging buffers); the runner
 // serialises the forwards of several steppers. Ownership: references (does not own) the runner and
 // the pool, which must outlive it, and the plan's sequences during Execute. On error no token is
-// sampled, every fed token is handed back (AbortFeed), and the step's sequences must be dropped:
-// their caches and DySCO state may hold part of the failed step.
+// sampled and every fed token is handed back (AbortFeed): the sequences are as before the step.
 #pragma once
 
 #include <cstdint>
@@ -57,8 +59,7 @@ class BatchStepper {
   BatchStepper(ModelRunner* runner, KvPagePool* pool) : runner_(runner), pool_(pool) {}
 
   // Executes `plan` (at least one row). Errors: from Sequence::PrepareFeed (RESOURCE_EXHAUSTED:
-  // pool full; nothing was run, every sequence is left as it was), from the runner or the DySCO
-  // ops (INTERNAL...).
+  // pool full), from the runner or the DySCO ops (INTERNAL...); every sequence is left as it was.
   Status Execute(const StepPlan& plan, StepOutcome* outcome);
 
  private:
@@ -66,15 +67,30 @@ class BatchStepper {
   struct RowsByKind {
     std::vector<size_t> dynamic, fixed, warmup;
   };
+  // A DySCO row's results of this step, applied to its controller only at the commit.
+  struct StagedDysco {
+    std::vector<float> relevance;  // r_t (dynamic and context warm-up rows)
+    bool has_relevance = false;
+    DyscoSelection selection;  // dynamic rows: the set and the real pass's bias
+    bool has_selection = false;
+    DyscoSelection frozen;  // static rows at their first static step: the set
+    bool has_frozen = false;
+    std::vector<float> bias;  // static rows: this step's bias
+    // The bias the real forward uses.
+    const std::vector<float>& real_bias() const { return has_selection ? selection.bias : bias; }
+  };
 
   Status Feed(const StepPlan& plan);
   RowsByKind ClassifyRows() const;
   Status Intervene(const RowsByKind& rows, StepOutcome* outcome);
+  Status InterveneDynamic(const std::vector<size_t>& rows, StepOutcome* outcome);
+  Status InterveneStatic(const std::vector<size_t>& rows);
   Status RealForward(const RowsByKind& rows, StepOutcome* outcome);
+  Status ApplyStaged();
   void RecordDyscoSteps(const StepOutcome& outcome) const;
   void CommitAndSample(StepOutcome* outcome);
 
-  std::vector<DyscoController*> Controllers(const std::vector<size_t>& rows) const;
+  std::vector<const DyscoController*> Controllers(const std::vector<size_t>& rows) const;
   std::vector<int64_t> NumKeys(const std::vector<size_t>& rows) const;
 
   ModelRunner* runner_;
@@ -85,6 +101,7 @@ class BatchStepper {
   std::vector<Sequence*> seqs_;
   std::vector<ForwardRow> fed_;
   std::vector<DyscoStepKind> kinds_;
+  std::vector<StagedDysco> staged_;  // by plan row
   // Per-kind shares of the step's wall time, for the DySCO rows' records.
   double dynamic_select_seconds_ = 0.0, static_seconds_ = 0.0, warmup_seconds_ = 0.0;
   ForwardBatch spec_batch_, real_batch_;

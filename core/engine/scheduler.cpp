@@ -88,10 +88,18 @@ class Scheduler::Impl {
   void AdmitLocked(EndedSessions* ended, Clock::time_point now) REQUIRES(mu_);
 
   // One step: plan -> execute -> apply.
+  // What one running session got from a step.
+  struct RowResult {
+    bool stepped = false;                 // in the plan
+    const RowOutcome* outcome = nullptr;  // its outcome; null when it failed
+    Status error;                         // why it failed
+  };
   void RunStep() EXCLUDES(mu_);
   Status ExecuteGuarded(const StepPlan& plan, StepOutcome* outcome);
-  void ApplyOutcome(const StepPlan& plan, const StepOutcome& outcome) EXCLUDES(mu_);
-  void ApplyFailure(const StepPlan& plan, const Status& status) EXCLUDES(mu_);
+  void Isolate(const StepPlan& plan, const Status& status, std::vector<StepOutcome>* solo,
+               std::vector<RowResult>* results);
+  // Turns each running session's result into its events; ends the finished and the failed ones.
+  void Apply(const std::vector<RowResult>& results) EXCLUDES(mu_);
   SessionEvent TakeEvent(Session& s, const RowOutcome& row, Clock::time_point now);
   StepObservation Observe(const StepPlan& plan, const StepOutcome& outcome) const;
   void Publish(StepObservation obs) EXCLUDES(mu_);
@@ -113,7 +121,7 @@ class Scheduler::Impl {
   CondVar work_cv_;  // engine: something to do (submit, cancel, stop)
   CondVar done_cv_;  // Drain: a session ended
   std::deque<std::unique_ptr<Session>> waiting_ GUARDED_BY(mu_);
-  std::unordered_set<SessionId> live_ GUARDED_BY(mu_);     // submitted, final event not delivered
+  std::unordered_set<SessionId> live_ GUARDED_BY(mu_);  // submitted, final event not delivered
   // Requested ends, not handled yet: kCancelled, or kDeadlineExceeded when the caller saw the
   // deadline pass first (a gRPC deadline reaches the server as a cancellation).
   std::unordered_map<SessionId, FinishReason> cancels_ GUARDED_BY(mu_);
@@ -257,13 +265,38 @@ void Scheduler::Impl::RunStep() {
       PlanStep(sequences, StepBudget{options_.prefill_chunk_tokens, options_.max_step_tokens});
   StepOutcome outcome;
   const Status status = ExecuteGuarded(plan, &outcome);
-  StepObservation obs = Observe(plan, outcome);  // before Apply* frees finished sequences
+  StepObservation obs = Observe(plan, outcome);  // before Apply frees finished sequences
+  std::vector<RowResult> results(running_.size());
+  std::vector<StepOutcome> solo;  // the isolated re-runs' outcomes, which `results` points into
   if (status.ok()) {
-    ApplyOutcome(plan, outcome);
+    for (size_t k = 0; k < plan.rows.size(); ++k) {
+      results[plan.rows[k].source] = {true, &outcome.rows[k], OkStatus()};
+    }
   } else {
-    ApplyFailure(plan, status);
+    Isolate(plan, status, &solo, &results);
   }
+  Apply(results);
   Publish(std::move(obs));
+}
+
+void Scheduler::Impl::Isolate(const StepPlan& plan, const Status& status,
+                              std::vector<StepOutcome>* solo, std::vector<RowResult>* results) {
+  if (plan.rows.size() == 1) {
+    (*results)[plan.rows[0].source] = {true, nullptr, status};
+    return;
+  }
+  // The failed step changed no sequence (BatchStepper::Execute is a transaction up to its commit):
+  // each of its rows runs again alone, so that only the rows that fail by themselves end with an
+  // error and their batch-mates go on.
+  solo->resize(plan.rows.size());
+  for (size_t k = 0; k < plan.rows.size(); ++k) {
+    StepPlan one;
+    one.rows.push_back(plan.rows[k]);
+    StepOutcome& o = (*solo)[k];
+    const Status s = ExecuteGuarded(one, &o);
+    (*results)[plan.rows[k].source] =
+        s.ok() ? RowResult{true, &o.rows[0], OkStatus()} : RowResult{true, nullptr, s};
+  }
 }
 
 Status Scheduler::Impl::ExecuteGuarded(const StepPlan& plan, StepOutcome* outcome) {
@@ -316,40 +349,28 @@ SessionEvent Scheduler::Impl::TakeEvent(Session& s, const RowOutcome& row, Clock
   return event;
 }
 
-void Scheduler::Impl::ApplyOutcome(const StepPlan& plan, const StepOutcome& outcome) {
+void Scheduler::Impl::Apply(const std::vector<RowResult>& results) {
   const auto now = Clock::now();
-  std::vector<const RowOutcome*> row_of(running_.size(), nullptr);
-  for (size_t k = 0; k < plan.rows.size(); ++k) row_of[plan.rows[k].source] = &outcome.rows[k];
   std::vector<std::unique_ptr<Session>> keep;
   for (size_t i = 0; i < running_.size(); ++i) {
-    if (row_of[i] == nullptr) {  // left out of this step by the prefill budget
+    const RowResult& r = results[i];
+    if (!r.stepped) {  // left out of this step by the prefill budget
       keep.push_back(std::move(running_[i]));
       continue;
     }
+    if (r.outcome == nullptr) {
+      Finish(std::move(running_[i]), FinishReason::kError, r.error, SessionEvent(), true);
+      continue;
+    }
     Session& s = *running_[i];
-    SessionEvent event = TakeEvent(s, *row_of[i], now);
+    SessionEvent event = TakeEvent(s, *r.outcome, now);
     if (s.seq->finished()) {
       const FinishReason finish = s.seq->finish_reason();
       Finish(std::move(running_[i]), finish, OkStatus(), std::move(event), true);
       continue;
     }
-    if (row_of[i]->sampled || !event.selection.empty()) CallUser([&] { s.callback(event); });
+    if (r.outcome->sampled || !event.selection.empty()) CallUser([&] { s.callback(event); });
     keep.push_back(std::move(running_[i]));
-  }
-  running_ = std::move(keep);
-}
-
-void Scheduler::Impl::ApplyFailure(const StepPlan& plan, const Status& status) {
-  // The step's sequences may hold part of the failed step: every one of them is dropped.
-  std::vector<bool> stepped(running_.size(), false);
-  for (const PlannedRow& row : plan.rows) stepped[row.source] = true;
-  std::vector<std::unique_ptr<Session>> keep;
-  for (size_t i = 0; i < running_.size(); ++i) {
-    if (stepped[i]) {
-      Finish(std::move(running_[i]), FinishReason::kError, status, SessionEvent(), true);
-    } else {
-      keep.push_back(std::move(running_[i]));
-    }
   }
   running_ = std::move(keep);
 }

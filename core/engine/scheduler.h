@@ -5,6 +5,7 @@
 // reserved, PlanStep over the running ones (chunked prefill so running sessions keep decoding),
 // BatchStepper::Execute, then apply the outcome (events, finished sessions, metrics), freeing each
 // session's pages and DySCO state on every exit path (finish, error, cancel, deadline, shutdown).
+// A failed step is retried row by row, so that only the sessions that fail alone end with kError.
 //
 // Thread-safety: Submit, Cancel, CancelAll, Drain and stats() may be called from any thread.
 // SessionEvents are delivered on the engine thread: the callback must not block and must not call

@@ -3,8 +3,11 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <optional>
+#include <stdexcept>
 
 #include <ATen/Parallel.h>
 #include <torch/csrc/jit/python/update_graph_executor_opt.h>
@@ -51,6 +54,10 @@ struct ModelRunner::Impl {
   std::string device_name;
   c10::Device device{c10::kCPU};
   torch::jit::Module module;
+  // Fault injection for tests (docs/architecture.md "Failure handling"): with the environment
+  // variable DYSCO_FAILPOINT_FORWARD_TOKEN=<id> at load, every forward that feeds token <id> fails
+  // as an op failure would. Unset in production: one branch per forward.
+  std::optional<int64_t> failpoint_token;
 
   Mutex mu;  // one Forward at a time; guards the module's use and the staging buffers below
   // Host staging buffers, reused across forwards so a decode step allocates no vectors.
@@ -80,6 +87,9 @@ StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& pack
   DYSCO_ASSIGN_OR_RETURN(impl->config, LoadModelConfig(package_dir));
   impl->package_dir = package_dir;
   impl->device_name = options.device;
+  if (const char* token = std::getenv("DYSCO_FAILPOINT_FORWARD_TOKEN")) {
+    impl->failpoint_token = static_cast<int64_t>(std::strtoll(token, nullptr, 10));
+  }
   DYSCO_RETURN_IF_ERROR(CheckDyscoOpsRegistered());
   if (options.num_threads < 0) {
     return InvalidArgumentError("num_threads must be >= 0, got " +
@@ -303,6 +313,11 @@ Status ModelRunner::Impl::ReadOutputsLocked(const ForwardBatch& batch, const c10
 
 Status ModelRunner::Impl::RunLocked(const ForwardBatch& batch, ForwardOutput* out) {
   PackLocked(batch);
+  if (failpoint_token &&
+      std::find(token_ids.begin(), token_ids.end(), *failpoint_token) != token_ids.end()) {
+    // Thrown where an op would throw: the same path as a real failure inside the model.
+    throw std::runtime_error("failpoint: a forward fed token " + std::to_string(*failpoint_token));
+  }
   const c10::IValue result = module.forward(InputsLocked(batch));
   return ReadOutputsLocked(batch, result, out);
 }

@@ -7,6 +7,7 @@
 // Some tests block the engine thread inside a session callback on purpose (the contract says a
 // callback must not block): it freezes the scheduler at a known point so that queue states are
 // deterministic rather than timing-dependent.
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
@@ -18,6 +19,7 @@
 #include <gtest/gtest.h>
 
 #include "core/engine/batch_stepper.h"
+#include "core/engine/engine.h"
 #include "core/engine/scheduler.h"
 #include "tests/cpp/model_fixture.h"
 
@@ -725,6 +727,78 @@ TEST_F(SchedulerTest, StepErrorFailsOnlyThatStepsSessions) {
     EXPECT_EQ((*sched)->stats().running, 0);
     EXPECT_EQ((*bad_pool)->num_free(), (*bad_pool)->num_total());
   }
+}
+
+// An op failing for one session in a batched step (the DYSCO_FAILPOINT_FORWARD_TOKEN fail point:
+// every forward that feeds that token throws as an op would): only that session ends with INTERNAL;
+// its batch-mates, plain and DySCO, get exactly the tokens they get alone, and the scheduler keeps
+// serving. The failing session feeds the token at a context warm-up step, so the step fails in its
+// real forward after a DySCO batch-mate's dynamic selection was computed: that selection must not
+// have reached its controller (the step is a transaction) for the batch-mate's re-run to be right.
+TEST_F(SchedulerTest, OpFailureEndsOnlyTheFailingSession) {
+  const GenerateRequest plain = Story("Once upon a time", 40);
+  GenerateRequest with_dysco = Chat(kQuestions[1], 10);
+  with_dysco.dysco = true;
+  const GenerateResult plain_alone = Alone(plain);
+  const GenerateResult dysco_alone = Alone(with_dysco);
+  // A token the other prompts and their continuations never feed: the last id of the vocabulary.
+  const int32_t fault = static_cast<int32_t>(runner_->config().vocab_size - 1);
+  for (const GenerateResult* r : {&plain_alone, &dysco_alone}) {
+    ASSERT_EQ(std::count(r->token_ids.begin(), r->token_ids.end(), fault), 0);
+  }
+  // A DySCO prompt (token ids: context warm-up 8 + intervention warm-up 2) whose first context
+  // warm-up token is the fault.
+  auto ids = factory_->BuildPrompt(
+      Story("The river flows past the old mill, under the stone bridge and on to the sea.", 1));
+  ASSERT_TRUE(ids.ok());
+  ASSERT_GT(ids->size(), 12u);
+  GenerateRequest faulty;
+  faulty.prompt_token_ids = *ids;
+  faulty.prompt_token_ids[ids->size() - 10] = fault;
+  faulty.max_new_tokens = 4;
+  faulty.dysco = true;
+
+  ::setenv("DYSCO_FAILPOINT_FORWARD_TOKEN", std::to_string(fault).c_str(), 1);
+  EngineOptions eo;
+  eo.kv_pages = 128;
+  auto engine = Engine::Load(kModelDir, eo);
+  ::unsetenv("DYSCO_FAILPOINT_FORWARD_TOKEN");
+  ASSERT_TRUE(engine.ok()) << engine.status().ToString();
+  Scheduler* sched = (*engine)->scheduler();
+  Recorder rec;
+  Gate gate;
+  bool held = false;
+  // Holds the engine at the DySCO session's first generated token (from then on each of its steps
+  // is a dynamic intervention) until the failing session is queued.
+  auto hold = [&](const SessionEvent& e) {
+    if (!e.token_ids.empty() && !held) {
+      held = true;
+      gate.Pass();
+    }
+  };
+  ASSERT_TRUE(sched->Submit(Session(plain), rec.Callback(0)).ok());
+  ASSERT_TRUE(sched->Submit(Session(with_dysco), rec.Callback(1, hold)).ok());
+  rec.Wait(1, 1);
+  ASSERT_TRUE(sched->Submit(Session(faulty), rec.Callback(2)).ok());
+  gate.Open();
+  for (int i = 0; i < 3; ++i) rec.Wait(i);
+  EXPECT_EQ(rec.Get(0).tokens, plain_alone.token_ids);
+  EXPECT_EQ(rec.Get(0).final_event.finish, plain_alone.finish_reason);
+  EXPECT_EQ(rec.Get(1).tokens, dysco_alone.token_ids);
+  EXPECT_EQ(rec.Get(1).final_event.finish, dysco_alone.finish_reason);
+  const auto failed = rec.Get(2);
+  EXPECT_EQ(failed.final_event.finish, FinishReason::kError);
+  EXPECT_EQ(failed.final_event.error.code(), StatusCode::kInternal);
+  EXPECT_NE(failed.final_event.error.message().find("failpoint"), std::string::npos)
+      << failed.final_event.error.ToString();
+  EXPECT_TRUE(failed.tokens.empty());
+  // Still serving, and everything freed.
+  ASSERT_TRUE(sched->Submit(Session(Story("A dog", 3)), rec.Callback(3)).ok());
+  rec.Wait(3);
+  EXPECT_EQ(rec.Get(3).final_event.finish, FinishReason::kLength);
+  const SchedulerStats st = sched->stats();
+  EXPECT_EQ(st.running, 0);
+  EXPECT_DOUBLE_EQ(st.kv_usage_ratio, 0.0);
 }
 
 // (10) CancelAll ends every open session, running and waiting, within one step; the scheduler
