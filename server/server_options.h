@@ -28,7 +28,7 @@ struct ServerOptions {
   int64_t max_queued = 64;
   int64_t max_context = 0;  // 0 = the model's context length
   int64_t prefill_chunk = 256;
-  int64_t max_step_tokens = 1024;
+  int64_t max_step_tokens = 256;  // SchedulerOptions: bounds cancel/deadline latency
   int threads = 0;  // 0 = torch's default
   int64_t max_new_tokens_default = 256;
   int64_t max_new_tokens_limit = 4096;

@@ -39,7 +39,10 @@ struct SchedulerOptions {
   int64_t max_batch_size = 16;  // running sessions stepped together
   int64_t max_queued = 64;      // waiting sessions; beyond it Submit returns RESOURCE_EXHAUSTED
   int64_t prefill_chunk_tokens = 256;  // prompt tokens one session may prefill per step
-  int64_t max_step_tokens = 1024;      // new tokens of all sessions in one step
+  // New tokens of all sessions in one step. A cancel or deadline takes effect between steps, so this
+  // bounds their latency: at one prefill chunk by default (prefill runs at the same rate per token
+  // in one big step or several small ones on CPU).
+  int64_t max_step_tokens = 256;
 };
 
 // One selection of a DySCO step, for return_selection.

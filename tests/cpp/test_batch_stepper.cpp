@@ -25,6 +25,7 @@
 #include "core/engine/generator.h"
 #include "core/engine/request.h"
 #include "core/engine/sequence.h"
+#include "core/engine/scheduler.h"
 #include "core/engine/step_plan.h"
 #include "tests/cpp/model_fixture.h"
 
@@ -187,6 +188,32 @@ TEST_F(BatchStepperTest, PlanLeavesOutAPrefillWithoutBudget) {
   const StepPlan plan = PlanStep({p50.get(), p30.get(), d.get()}, StepBudget{16, 17});
   ASSERT_EQ(plan.rows.size(), 2u);
   EXPECT_EQ(plan.rows[1].sequence, d.get());
+}
+
+// The scheduler's default budget: the prefill tokens of one step are at most one prefill chunk, so
+// a cancel or a deadline (handled between steps) waits for at most one chunk's prefill, however
+// many long prompts are prefilling at once.
+TEST_F(BatchStepperTest, DefaultStepBudgetHoldsAtMostOnePrefillChunk) {
+  const SchedulerOptions defaults;
+  const StepBudget budget{defaults.prefill_chunk_tokens, defaults.max_step_tokens};
+  std::vector<std::unique_ptr<Sequence>> owned;
+  std::vector<Sequence*> list;
+  for (int i = 0; i < 4; ++i) {
+    owned.push_back(Make(Request(300 + 10 * i, i + 1, 4)));  // longer than one chunk each
+    ASSERT_TRUE(owned.back());
+    list.push_back(owned.back().get());
+  }
+  owned.push_back(Decoder(9));
+  ASSERT_TRUE(owned.back());
+  list.push_back(owned.back().get());
+  const StepPlan plan = PlanStep(list, budget);
+  int64_t prefill = 0;
+  for (const PlannedRow& row : plan.rows) {
+    if (row.sequence->MaxTokensToFeed() > 1) prefill += row.num_tokens;
+  }
+  EXPECT_LE(prefill, defaults.prefill_chunk_tokens);
+  EXPECT_GT(prefill, 0);
+  EXPECT_EQ(plan.rows.back().sequence, list.back());  // the decoder still gets its token
 }
 
 TEST_F(BatchStepperTest, PlanDyscoPrefillStopsAtItsPrefillLenThenFeedsOne) {
