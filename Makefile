@@ -8,7 +8,8 @@ HEADS_DATA := tools/data/detection_synthetic.jsonl
 HEADS_EXAMPLES := 12
 JOBS ?= $(shell nproc)
 
-.PHONY: deps python configure build model run generate test test-cpp test-python bench clean format
+.PHONY: deps python configure build model run generate test test-cpp test-python bench clean format \
+	sanitize
 
 deps:
 	bash scripts/install-deps.sh
@@ -51,6 +52,11 @@ test-python: model
 	$(PY) -m pytest -q tests/python
 
 test: test-cpp test-python
+
+# ASan + UBSan over every C++ test, then TSan over the multi-threaded ones (scripts/sanitize.sh).
+sanitize: model
+	bash scripts/sanitize.sh asan
+	bash scripts/sanitize.sh tsan
 
 bench: model
 	$(BUILD_DIR)/bin/bench-decode --model $(MODEL_DIR)

@@ -776,10 +776,13 @@ TEST_F(SchedulerTest, OpFailureEndsOnlyTheFailingSession) {
       gate.Pass();
     }
   };
-  ASSERT_TRUE(sched->Submit(Session(plain), rec.Callback(0)).ok());
-  ASSERT_TRUE(sched->Submit(Session(with_dysco), rec.Callback(1, hold)).ok());
+  auto plain_id = sched->Submit(Session(plain), rec.Callback(0));
+  ASSERT_TRUE(plain_id.ok()) << plain_id.status().ToString();
+  auto dysco_id = sched->Submit(Session(with_dysco), rec.Callback(1, hold));
+  ASSERT_TRUE(dysco_id.ok()) << dysco_id.status().ToString();
   rec.Wait(1, 1);
-  ASSERT_TRUE(sched->Submit(Session(faulty), rec.Callback(2)).ok());
+  auto faulty_id = sched->Submit(Session(faulty), rec.Callback(2));
+  ASSERT_TRUE(faulty_id.ok()) << faulty_id.status().ToString();
   gate.Open();
   for (int i = 0; i < 3; ++i) rec.Wait(i);
   EXPECT_EQ(rec.Get(0).tokens, plain_alone.token_ids);
