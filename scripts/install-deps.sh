@@ -10,6 +10,9 @@ PKGS=(
   libspdlog-dev prometheus-cpp-dev libcpp-httplib-dev libyaml-cpp-dev nlohmann-json3-dev
   libgtest-dev
   clang  # scripts/check_thread_safety.py: clang -Wthread-safety over core/ and server/
+  # scripts/run-fuzz.sh: libFuzzer and the sanitizer runtimes (only recommended by clang, so not installed with
+  # it here), and llvm-symbolizer-14 for readable sanitizer stack traces.
+  libclang-rt-14-dev llvm-14
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -23,20 +23,34 @@ const char* ChatFormatName(ChatFormat format) {
 
 namespace {
 
-// Jinja's `trim`: strips leading and trailing whitespace.
+// What Python's str.isspace() (and so Jinja's `trim`) counts as whitespace: Unicode White_Space
+// plus U+001C..U+001F (bidirectional class B or S).
+bool IsPythonSpace(char32_t cp) { return unicode::IsWhiteSpace(cp) || (cp >= 0x1C && cp <= 0x1F); }
+
+// Jinja's `trim` (Python's str.strip()) over valid UTF-8: strips leading and trailing whitespace,
+// every Unicode whitespace character included (U+00A0, U+3000, ...), not only ASCII's.
 std::string Trim(const std::string& s) {
-  const char* kSpace = " \t\n\r\f\v";
-  const size_t begin = s.find_first_not_of(kSpace);
-  if (begin == std::string::npos) return "";
-  const size_t end = s.find_last_not_of(kSpace);
-  return s.substr(begin, end - begin + 1);
+  size_t begin = 0, len = 0;
+  while (begin < s.size() && IsPythonSpace(unicode::DecodeValidUtf8(s, begin, &len))) begin += len;
+  size_t end = s.size();
+  while (end > begin) {
+    size_t start = end - 1;  // the first byte of the last character
+    while (start > begin && (static_cast<unsigned char>(s[start]) & 0xC0) == 0x80) --start;
+    if (!IsPythonSpace(unicode::DecodeValidUtf8(s, start, &len))) break;
+    end = start;
+  }
+  return s.substr(begin, end - begin);
+}
+
+std::string Repaired(const std::string& content) {
+  return unicode::IsValidUtf8(content) ? content : unicode::Utf8Lossy(content);
 }
 
 // Appends a client's content, valid UTF-8 (repaired if need be, so spans stay byte-exact), and
 // records where it is.
 void AppendContent(const std::string& content, ChatPrompt* out) {
   const size_t begin = out->text.size();
-  out->text += unicode::IsValidUtf8(content) ? content : unicode::Utf8Lossy(content);
+  out->text += Repaired(content);
   if (out->text.size() > begin) out->content_spans.emplace_back(begin, out->text.size());
 }
 
@@ -87,7 +101,7 @@ StatusOr<ChatPrompt> RenderChat(ChatFormat format, const ChatSettings& chat,
     out.text = "<|begin_of_text|>";
     for (const ChatMessage& m : messages) {
       out.text.append("<|start_header_id|>").append(m.role).append("<|end_header_id|>\n\n");
-      AppendContent(Trim(m.content), &out);
+      AppendContent(Trim(Repaired(m.content)), &out);  // Jinja trims decoded text
       out.text.append("<|eot_id|>");
     }
   }

@@ -53,7 +53,8 @@ struct ChatPrompt {
 //   does this; Qwen3 has none).
 // llama3: "<|begin_of_text|>" then
 // "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>" per
-//   message, content trimmed of surrounding whitespace as the Llama 3 template does.
+//   message, content trimmed of surrounding whitespace as the Llama 3 template's `| trim` does
+//   (Python's str.strip(): every Unicode whitespace character, U+001C..U+001F included).
 // Both append `chat.generation_prompt` when add_generation_prompt. Content that is not valid UTF-8
 // is repaired (U+FFFD) so that the spans are exact.
 StatusOr<ChatPrompt> RenderChat(ChatFormat format, const ChatSettings& chat,

@@ -2,6 +2,9 @@
 // hand (SmolLM2's GGUF tokenizer.chat_template, Qwen3's and Llama 3's Hugging Face templates).
 #include <gtest/gtest.h>
 
+#include <string>
+#include <utility>
+
 #include "core/text/chat_format.h"
 
 namespace dysco {
@@ -85,6 +88,29 @@ TEST(ChatFormatTest, Llama3) {
       "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
       "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
       "<|start_header_id|>assistant<|end_header_id|>\n\n");
+}
+
+// Found by tests/fuzz/fuzz_chat_format (input kept in its corpus): the Llama 3 template's `| trim`
+// is Python's str.strip(), which strips every Unicode whitespace character and U+001C..U+001F, not
+// only ASCII's; the content span is the trimmed content.
+TEST(ChatFormatTest, Llama3TrimsUnicodeWhitespaceLikeJinja) {
+  // U+001F, U+00A0, U+3000, " Hi", U+00A0, "there ", U+2028, U+0085, U+001C, "\t"
+  const std::string content = "\x1f\xc2\xa0\xe3\x80\x80 Hi\xc2\xa0there \xe2\x80\xa8\xc2\x85\x1c\t";
+  auto prompt = RenderChat(ChatFormat::kLlama3, Llama3Chat(), {{"user", content}});
+  ASSERT_TRUE(prompt.ok()) << prompt.status().ToString();
+  const std::string head = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n";
+  EXPECT_EQ(prompt->text, head + "Hi\xc2\xa0there<|eot_id|>" + Llama3Chat().generation_prompt);
+  ASSERT_EQ(prompt->content_spans.size(), 1u);
+  EXPECT_EQ(prompt->content_spans[0], std::make_pair(head.size(), head.size() + 9));
+  // Whitespace only (and a lone \x1d): nothing left, no span.
+  prompt = RenderChat(ChatFormat::kLlama3, Llama3Chat(), {{"user", "\x1d\xe3\x80\x80"}});
+  ASSERT_TRUE(prompt.ok()) << prompt.status().ToString();
+  EXPECT_EQ(prompt->text, head + "<|eot_id|>" + Llama3Chat().generation_prompt);
+  EXPECT_TRUE(prompt->content_spans.empty());
+  // Not UTF-8: repaired first, then trimmed (U+FFFD is not whitespace).
+  prompt = RenderChat(ChatFormat::kLlama3, Llama3Chat(), {{"user", " \xff "}});
+  ASSERT_TRUE(prompt.ok()) << prompt.status().ToString();
+  EXPECT_EQ(prompt->text, head + "\xef\xbf\xbd<|eot_id|>" + Llama3Chat().generation_prompt);
 }
 
 TEST(ChatFormatTest, UnknownRoleNamesTheMessage) {

@@ -4,8 +4,10 @@ Quantized tensors are dequantized to fp32 with gguf.quants. llama.cpp's converte
 and k_proj of "llama" models for its interleaved RoPE layout; we undo that (as transformers' GGUF loader does)
 because the model uses Hugging Face's rotate_half RoPE.
 """
+import mmap
 import os
 import re
+import struct
 from typing import Dict, Tuple
 
 import numpy as np
@@ -38,6 +40,84 @@ _GLOBAL_TENSORS = {
 }
 
 
+# GGUF metadata value types (gguf.GGUFValueType): the byte size of each scalar type; 8 is a string (u64 length,
+# bytes), 9 an array (u32 element type, u64 count, elements).
+_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_MAX_ARRAY_DEPTH = 4
+_GGUF_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+def _check_header_layout(path: str, size: int) -> None:
+    """Walks the GGUF header (metadata, tensor infos) and checks every count and length against the bytes left,
+    before gguf.GGUFReader reads it. The reader trusts them: reads past the end of the file come back empty, so
+    an array of 2**60 one-byte elements at the end of a 40-byte file makes it loop (and allocate) for ever.
+    Each element read here takes at least one byte of the file, so the walk is linear in the file's size."""
+    def corrupt(what: str):
+        return ExportError(f"{path}: corrupt or truncated GGUF header ({what})")
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        pos = 4
+        order = "<"
+
+        def take(n: int, what: str) -> int:
+            nonlocal pos
+            if n > size - pos:
+                raise corrupt(f"{what} at byte {pos}: {n} bytes, the file has {size - pos} left")
+            start, pos = pos, pos + n
+            return start
+
+        def u32(what: str) -> int:
+            return struct.unpack_from(order + "I", data, take(4, what))[0]
+
+        def u64(what: str) -> int:
+            return struct.unpack_from(order + "Q", data, take(8, what))[0]
+
+        def string(what: str) -> None:
+            take(u64(what + " length"), what)
+
+        def value(vtype: int, what: str, depth: int) -> None:
+            if vtype in _GGUF_SCALAR_SIZES:
+                take(_GGUF_SCALAR_SIZES[vtype], what)
+            elif vtype == _GGUF_STRING:
+                string(what)
+            elif vtype == _GGUF_ARRAY:
+                if depth >= _GGUF_MAX_ARRAY_DEPTH:
+                    raise corrupt(f"{what}: arrays nested deeper than {_GGUF_MAX_ARRAY_DEPTH}")
+                etype = u32(what + " element type")
+                count = u64(what + " length")
+                if etype in _GGUF_SCALAR_SIZES:
+                    take(count * _GGUF_SCALAR_SIZES[etype], f"{what} ({count} elements)")
+                    return
+                # Each string or array element takes at least 8 bytes: refuse a count the file cannot hold
+                # before looping over it.
+                if count > (size - pos) // 8:
+                    raise corrupt(f"{what}: {count} elements, the file has {size - pos} bytes left")
+                for _ in range(count):
+                    value(etype, what, depth + 1)
+            else:
+                raise corrupt(f"{what}: unknown value type {vtype}")
+
+        version = u32("version")
+        if version & 0xFFFF == 0:  # written on a machine of the other byte order (as GGUFReader decides)
+            order = ">"
+        tensor_count = u64("tensor count")
+        kv_count = u64("metadata count")
+        for i in range(kv_count):
+            if pos >= size:
+                raise corrupt(f"metadata count {kv_count}, the file ends after {i} entries")
+            string(f"metadata key {i}")
+            value(u32(f"metadata {i} type"), f"metadata {i}", 0)
+        for i in range(tensor_count):
+            if pos >= size:
+                raise corrupt(f"tensor count {tensor_count}, the file ends after {i} tensor infos")
+            string(f"tensor {i} name")
+            n_dims = u32(f"tensor {i} dimension count")
+            if n_dims > _GGUF_MAX_DIMS:
+                raise corrupt(f"tensor {i} has {n_dims} dimensions (at most {_GGUF_MAX_DIMS})")
+            take(8 * n_dims + 4 + 8, f"tensor {i} info")
+
+
 def open_gguf(path: str):
     """GGUFReader over `path`, with the problems of a damaged file reported as ExportError."""
     import gguf
@@ -49,6 +129,7 @@ def open_gguf(path: str):
         raise ExportError(f"{path}: cannot read ({e.strerror})") from None
     if magic != b"GGUF":
         raise ExportError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    _check_header_layout(path, size)
     try:
         reader = gguf.GGUFReader(path, "r")
     except Exception as e:  # the reader signals a damaged file with assorted numpy/struct/value errors
@@ -71,6 +152,36 @@ def _field(reader, key: str, path: str, default=None, required: bool = False):
         return field.contents()
     except Exception:
         raise ExportError(f"{path}: corrupt GGUF metadata key {key}") from None
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _int_field(reader, key: str, path: str, lo: int, hi: int = _INT32_MAX, default=None) -> int:
+    """An integer metadata value in [lo, hi] (the ranges of core's config parser); required unless `default`."""
+    v = _field(reader, key, path, default=default, required=default is None)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise ExportError(f"{path}: GGUF metadata key {key} must be an integer, got {type(v).__name__}")
+    if not lo <= int(v) <= hi:
+        raise ExportError(f"{path}: GGUF metadata key {key} must be in [{lo}, {hi}], got {int(v)}")
+    return int(v)
+
+
+def _float_field(reader, key: str, path: str, default=None) -> float:
+    """A finite, positive number; required unless `default`."""
+    v = _field(reader, key, path, default=default, required=default is None)
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ExportError(f"{path}: GGUF metadata key {key} must be a number, got {type(v).__name__}")
+    if not (np.isfinite(v) and v > 0):
+        raise ExportError(f"{path}: GGUF metadata key {key} must be a finite number > 0, got {v}")
+    return float(v)
+
+
+def _str_field(reader, key: str, path: str, default=None):
+    v = _field(reader, key, path, default=default)
+    if v is not None and not isinstance(v, str):
+        raise ExportError(f"{path}: GGUF metadata key {key} must be a string, got {type(v).__name__}")
+    return v
 
 
 def reverse_llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -111,30 +222,39 @@ def read_gguf(path: str, dtype: str) -> Tuple[dict, Dict[str, torch.Tensor], dic
         raise ExportError(f"{path}: unsupported architecture {arch!r} (supported: "
                           f"{', '.join(SUPPORTED_ARCHITECTURES)})")
 
-    def meta(key, default=None, required=True):
-        return _field(reader, f"{arch}.{key}", path, default=default, required=required and default is None)
+    def meta_int(key, lo=1, hi=_INT32_MAX, default=None):
+        return _int_field(reader, f"{arch}.{key}", path, lo, hi, default)
 
-    num_heads = int(meta("attention.head_count"))
-    num_kv_heads = meta("attention.head_count_kv", default=num_heads)
-    if not isinstance(num_kv_heads, (int, np.integer)):
+    def meta_float(key, default=None):
+        return _float_field(reader, f"{arch}.{key}", path, default)
+
+    num_heads = meta_int("attention.head_count", hi=4096)
+    if isinstance(_field(reader, f"{arch}.attention.head_count_kv", path), (list, np.ndarray)):
         raise ExportError(f"{path}: per-layer {arch}.attention.head_count_kv is not supported")
-    num_kv_heads = int(num_kv_heads)
-    hidden = int(meta("embedding_length"))
-    head_dim = int(meta("attention.key_length", default=hidden // num_heads))
+    num_kv_heads = meta_int("attention.head_count_kv", hi=4096, default=num_heads)
+    if num_heads % num_kv_heads != 0:
+        raise ExportError(f"{path}: {arch}.attention.head_count {num_heads} is not a multiple of "
+                          f"{arch}.attention.head_count_kv {num_kv_heads}")
+    hidden = meta_int("embedding_length")
+    head_dim = meta_int("attention.key_length", hi=4096, default=max(1, hidden // num_heads))
 
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise ExportError(f"{path}: missing tensor token_embd.weight")
-    vocab_size = int(list(tensors["token_embd.weight"].shape)[1])
+    embd_shape = [int(d) for d in tensors["token_embd.weight"].shape]
+    if len(embd_shape) != 2 or not 1 <= embd_shape[1] <= _INT32_MAX:
+        raise ExportError(f"{path}: tensor token_embd.weight has shape {embd_shape[::-1]}, "
+                          f"expected [vocab_size, {hidden}]")
+    vocab_size = embd_shape[1]
 
     rope_scaling = None
-    scaling_type = meta("rope.scaling.type", default="none")
+    scaling_type = _str_field(reader, f"{arch}.rope.scaling.type", path, default="none")
     if scaling_type == "yarn":
-        rope_scaling = {"type": "yarn", "rope_type": "yarn", "factor": float(meta("rope.scaling.factor")),
-                        "original_max_position_embeddings": int(meta("rope.scaling.original_context_length"))}
+        rope_scaling = {"type": "yarn", "rope_type": "yarn", "factor": meta_float("rope.scaling.factor"),
+                        "original_max_position_embeddings": meta_int("rope.scaling.original_context_length")}
     elif scaling_type == "linear":
-        rope_scaling = {"type": "linear", "rope_type": "linear", "factor": float(meta("rope.scaling.factor"))}
-    elif scaling_type not in ("none", None):
+        rope_scaling = {"type": "linear", "rope_type": "linear", "factor": meta_float("rope.scaling.factor")}
+    elif scaling_type != "none":
         raise ExportError(f"{path}: unsupported {arch}.rope.scaling.type {scaling_type!r}")
     if "rope_freqs.weight" in tensors:  # Llama-3.1: llama.cpp stores the llama3 scaling as divisors
         rope_scaling = {"type": "llama3", "rope_type": "llama3", "freq_factors": "rope_freqs.weight"}
@@ -144,27 +264,29 @@ def read_gguf(path: str, dtype: str) -> Tuple[dict, Dict[str, torch.Tensor], dic
         "dtype": dtype,
         "vocab_size": vocab_size,
         "hidden_size": hidden,
-        "intermediate_size": int(meta("feed_forward_length")),
-        "num_layers": int(meta("block_count")),
+        "intermediate_size": meta_int("feed_forward_length"),
+        "num_layers": meta_int("block_count", hi=4096),
         "num_attention_heads": num_heads,
         "num_kv_heads": num_kv_heads,
         "head_dim": head_dim,
-        "rms_norm_eps": float(np.float32(meta("attention.layer_norm_rms_epsilon"))),
-        "rope_theta": float(meta("rope.freq_base", default=10000.0)),
+        "rms_norm_eps": float(np.float32(meta_float("attention.layer_norm_rms_epsilon"))),
+        "rope_theta": meta_float("rope.freq_base", default=10000.0),
         "rope_scaling": rope_scaling,
-        "max_position_embeddings": int(meta("context_length")),
+        "max_position_embeddings": meta_int("context_length"),
         "tie_word_embeddings": "output.weight" not in tensors,
         "qk_norm": arch == "qwen3",
     }
     # eps is stored as float32 in GGUF: 1e-5 reads back as 9.9999997e-06; print the intended decimal.
     config["rms_norm_eps"] = float(f"{config['rms_norm_eps']:.6g}")
+    if not (np.isfinite(config["rms_norm_eps"]) and config["rms_norm_eps"] > 0):  # out of float32's range
+        raise ExportError(f"{path}: GGUF metadata key {arch}.attention.layer_norm_rms_epsilon is not a float32 > 0")
 
     weights: Dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if name in _GLOBAL_TENSORS:
             hf_name = _GLOBAL_TENSORS[name]
         else:
-            m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+            m = re.fullmatch(r"blk\.(\d{1,9})\.(\w+)\.weight", name)
             if not m or m.group(2) not in _LAYER_TENSORS:
                 continue  # tensors the model does not use
             hf_name = f"model.layers.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}.weight"
@@ -172,7 +294,11 @@ def read_gguf(path: str, dtype: str) -> Tuple[dict, Dict[str, torch.Tensor], dic
                 continue
         w = _dequantize(t, path)
         if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = reverse_llama_permute(w, num_heads if "q_proj" in hf_name else num_kv_heads)
+            n_head = num_heads if "q_proj" in hf_name else num_kv_heads
+            if w.ndim != 2 or w.shape[0] % (2 * n_head) != 0:
+                raise ExportError(f"{path}: tensor {name} has shape {list(w.shape)}: its rows are not "
+                                  f"{n_head} heads of an even size")
+            w = reverse_llama_permute(w, n_head)
         weights[hf_name] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))  # owned, writable
 
     try:
@@ -180,19 +306,24 @@ def read_gguf(path: str, dtype: str) -> Tuple[dict, Dict[str, torch.Tensor], dic
     except (ValueError, KeyError) as e:
         raise ExportError(f"{path}: {e}") from None
 
-    bos = _field(reader, "tokenizer.ggml.bos_token_id", path)
+    def token_id(key, default=None):
+        v = _field(reader, key, path)
+        return default if v is None else _int_field(reader, key, path, 0, vocab_size - 1)
+
+    bos = token_id("tokenizer.ggml.bos_token_id")
     eos_ids = []
     for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-        v = _field(reader, key, path)
-        if v is not None and int(v) not in eos_ids:
-            eos_ids.append(int(v))
+        v = token_id(key)
+        if v is not None and v not in eos_ids:
+            eos_ids.append(v)
     if not eos_ids:
         raise ExportError(f"{path}: missing GGUF metadata key tokenizer.ggml.eos_token_id")
-    pad = _field(reader, "tokenizer.ggml.padding_token_id", path, default=eos_ids[0])
-    chat_template = _field(reader, "tokenizer.chat_template", path, default="")
+    pad = token_id("tokenizer.ggml.padding_token_id", default=eos_ids[0])
+    chat_template = _str_field(reader, "tokenizer.chat_template", path, default="")
     add_bos = _field(reader, "tokenizer.ggml.add_bos_token", path, default=None)
     if add_bos is None:
-        add_bos = "<|start_header_id|>" in (chat_template or "")  # llama3 tokenizers prepend bos
-    special = {"bos_token_id": None if bos is None else int(bos), "eos_token_ids": eos_ids,
-               "pad_token_id": int(pad), "add_bos": bool(add_bos)}
+        add_bos = "<|start_header_id|>" in chat_template  # llama3 tokenizers prepend bos
+    if add_bos and bos is None:
+        raise ExportError(f"{path}: tokenizer.ggml.add_bos_token is set but tokenizer.ggml.bos_token_id is missing")
+    special = {"bos_token_id": bos, "eos_token_ids": eos_ids, "pad_token_id": pad, "add_bos": bool(add_bos)}
     return dict(config, model_name=_model_name(path, reader)), weights, tokenizer, special, chat_template

@@ -5,9 +5,10 @@ Supported dtypes: F32, F16, BF16. Reading maps the file copy-on-write: tensors s
 cache until the caller converts them.
 """
 import json
+import math
 import os
 import struct
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -22,6 +23,24 @@ _DTYPES = {
 }
 _TORCH_TO_ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _MAX_HEADER = 100 * 1024 * 1024
+
+
+def _parse_entry(info) -> Optional[Tuple[str, List[int], int, int]]:
+    """(dtype, shape, begin, end) of one tensor's header entry, or None when it is not
+    {"dtype": str, "shape": [count, ...], "data_offsets": [begin, end]} with counts >= 0 and begin <= end."""
+    def is_count(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    if not isinstance(info, dict):
+        return None
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or not isinstance(shape, list) or not all(is_count(d) for d in shape):
+        return None
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_count(o) for o in offsets):
+        return None
+    if offsets[0] > offsets[1]:
+        return None
+    return dtype, shape, offsets[0], offsets[1]
 
 
 def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
@@ -45,6 +64,8 @@ def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
             raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as e:
         raise ExportError(f"{path}: corrupt safetensors header ({e})") from None
+    except RecursionError:
+        raise ExportError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
     data_start = 8 + header_len
     data_size = size - data_start
     mapped = np.memmap(path, dtype=np.uint8, mode="c", offset=data_start, shape=(data_size,)) \
@@ -53,16 +74,16 @@ def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ExportError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+        entry = _parse_entry(info)
+        if entry is None:
+            raise ExportError(f"{path}: corrupt safetensors header entry for tensor {name!r}")
+        dtype, shape, begin, end = entry
         if dtype not in _DTYPES:
             raise ExportError(f"{path}: tensor {name!r} has unsupported dtype {dtype} (supported: F32, F16, BF16)")
         np_dtype, torch_dtype = _DTYPES[dtype]
         itemsize = np.dtype(np_dtype).itemsize
-        numel = int(np.prod(shape)) if shape else 1
-        if end - begin != numel * itemsize or begin < 0:
+        numel = math.prod(shape)  # Python integers: no overflow
+        if end - begin != numel * itemsize:
             raise ExportError(f"{path}: tensor {name!r} has inconsistent data offsets {begin}..{end} for "
                               f"shape {shape} {dtype}")
         if end > data_size:

@@ -61,7 +61,20 @@ def _field(reader: gguf.GGUFReader, key: str, required: bool = True) -> Any:
         if required:
             raise ValueError(f"GGUF has no tokenizer metadata key {key!r}")
         return None
-    return field.contents()
+    try:
+        return field.contents()
+    except Exception:  # a damaged field: GGUFReader fails with assorted index/decode errors
+        raise ValueError(f"corrupt GGUF tokenizer metadata key {key!r}") from None
+
+
+def _list_field(reader: gguf.GGUFReader, key: str, item_type: type, required: bool = True) -> list | None:
+    """An array metadata value whose elements are all `item_type` (ValueError naming the key otherwise)."""
+    value = _field(reader, key, required)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, item_type) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"GGUF tokenizer metadata key {key!r} must be an array of {item_type.__name__}")
+    return value
 
 
 def tokenizer_json_from_gguf(reader: gguf.GGUFReader) -> dict:
@@ -73,12 +86,11 @@ def tokenizer_json_from_gguf(reader: gguf.GGUFReader) -> dict:
     pre = _field(reader, "tokenizer.ggml.pre", required=False) or "default"
     normalizer, pre_tokenizer, ignore_merges = _pre_tokenization(pre)
 
-    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
-    merges = list(_field(reader, "tokenizer.ggml.merges"))
-    token_types = _field(reader, "tokenizer.ggml.token_type", required=False)
+    tokens = _list_field(reader, "tokenizer.ggml.tokens", str)
+    merges = _list_field(reader, "tokenizer.ggml.merges", str)
+    token_types = _list_field(reader, "tokenizer.ggml.token_type", int, required=False)
     if token_types is None:
         token_types = [1] * len(tokens)
-    token_types = list(token_types)
     if len(token_types) != len(tokens):
         raise ValueError(f"tokenizer.ggml.token_type has {len(token_types)} entries but "
                          f"tokenizer.ggml.tokens has {len(tokens)}")
