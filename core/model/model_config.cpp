@@ -281,8 +281,22 @@ const char* ModelDtypeName(ModelDtype dtype) {
 
 int ModelDtypeSize(ModelDtype dtype) { return dtype == ModelDtype::kFloat32 ? 4 : 2; }
 
+constexpr int kMaxJsonDepth = 64;
+
 StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const std::string& origin) {
-  json root = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
+  // Values nested deeper than any config needs are dropped while parsing and refused: a deep one
+  // would overflow the stack where it is dumped or destroyed (found by probing the parser).
+  bool too_deep = false;
+  const json::parser_callback_t limit_depth = [&too_deep](int depth, json::parse_event_t, json&) {
+    if (depth <= kMaxJsonDepth) return true;
+    too_deep = true;
+    return false;
+  };
+  json root = json::parse(json_text, limit_depth, /*allow_exceptions=*/false);
+  if (too_deep) {
+    return InvalidArgumentError(origin + ": nested deeper than " + std::to_string(kMaxJsonDepth) +
+                                " levels");
+  }
   if (root.is_discarded()) return InvalidArgumentError(origin + ": is not valid JSON");
   FieldReader r(origin);
   if (!root.is_object()) return InvalidArgumentError(origin + ": top level must be a JSON object");

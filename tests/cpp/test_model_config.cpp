@@ -291,4 +291,15 @@ TEST_F(ModelConfigTest, OutOfRangeValues) {
 }
 
 }  // namespace
+// A config.json nested 50,000 levels deep (in an unknown field) is refused, not a stack overflow.
+TEST(ModelConfigParseTest, DeeplyNestedJsonIsRefused) {
+  const std::string deep = std::string(50000, '[') + std::string(50000, ']');
+  const auto c =
+      ParseModelConfig("{\"format_version\": 1, \"rope_scaling\": " + deep + "}", "x.json");
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(c.status().message().find("nested deeper than"), std::string::npos)
+      << c.status().message();
+}
+
 }  // namespace dysco
