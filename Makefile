@@ -7,8 +7,9 @@ MODEL_DIR := models/smollm2-135m-instruct
 HEADS_DATA := tools/data/detection_synthetic.jsonl
 HEADS_EXAMPLES := 12
 JOBS ?= $(shell nproc)
+SOAK_SECONDS ?= 300
 
-.PHONY: deps python configure build model run generate test test-cpp test-python bench clean format
+.PHONY: deps python configure build model run generate test test-cpp test-python soak bench clean format
 
 deps:
 	bash scripts/install-deps.sh
@@ -51,6 +52,12 @@ test-python: model
 	$(PY) -m pytest -q tests/python
 
 test: test-cpp test-python
+
+# The bounded soak test (tools/soak.py, README "Soak test"): the real server under mixed load for
+# SOAK_SECONDS, then its counters against the client's counts, idle gauges, RSS, health. About 6
+# minutes with the default 300 s; `make test` runs its 60 s form (tests/python/test_soak.py).
+soak: model
+	$(PY) tools/soak.py --duration $(SOAK_SECONDS)
 
 bench: model
 	$(BUILD_DIR)/bin/bench-decode --model $(MODEL_DIR)
