@@ -8,9 +8,10 @@ HEADS_DATA := tools/data/detection_synthetic.jsonl
 HEADS_EXAMPLES := 12
 JOBS ?= $(shell nproc)
 FUZZ_SECONDS ?= 20
+SOAK_SECONDS ?= 300
 
 .PHONY: deps python configure build model run generate test test-cpp test-python test-fuzz fuzz bench clean \
-	format sanitize
+	format sanitize soak
 
 deps:
 	bash scripts/install-deps.sh
@@ -68,6 +69,12 @@ test: test-cpp test-python test-fuzz
 sanitize: model
 	bash scripts/sanitize.sh asan
 	bash scripts/sanitize.sh tsan
+
+# The bounded soak test (tools/soak.py, README "Soak test"): the real server under mixed load for
+# SOAK_SECONDS, then its counters against the client's counts, idle gauges, RSS, health. About 6
+# minutes with the default 300 s; `make test` runs its 60 s form (tests/python/test_soak.py).
+soak: model
+	$(PY) tools/soak.py --duration $(SOAK_SECONDS)
 
 bench: model
 	$(BUILD_DIR)/bin/bench-decode --model $(MODEL_DIR)

@@ -50,6 +50,10 @@ void DeclareGenerateFlags(FlagSet* flags) {
   flags->String("request-id",
                 "request id echoed in responses and logs (server generates one when empty)");
   flags->Bool("json", "print each stream message as one JSON line instead of the text");
+  flags->Int("read-delay-ms",
+             "a slow reader (tests): sleep this long after each message, over a channel with a "
+             "small HTTP/2 window so that the server's writes wait for the reads; 0 = off",
+             0);
 }
 
 // Fills *request from the flags; returns "" or a usage error.
@@ -176,8 +180,14 @@ int RunGenerate(const std::vector<std::string>& args) {
     return kExitUsage;
   }
   const bool json = flags.GetBool("json");
+  const int64_t read_delay_ms = flags.GetInt("read-delay-ms");
+  if (read_delay_ms < 0 || read_delay_ms > 60000) {
+    std::fprintf(stderr, "dysco-client generate: --read-delay-ms must be in [0, 60000]\n");
+    return kExitUsage;
+  }
 
-  auto stub = dysco::v1::Generation::NewStub(MakeChannel(flags.GetString("target")));
+  auto stub = dysco::v1::Generation::NewStub(
+      MakeChannel(flags.GetString("target"), /*slow_reader=*/read_delay_ms > 0));
   grpc::ClientContext context;
   if (flags.GetInt("timeout-ms") > 0) {
     context.set_deadline(std::chrono::system_clock::now() +
@@ -224,6 +234,7 @@ int RunGenerate(const std::vector<std::string>& args) {
     }
     if (response.finish_reason() != dysco::v1::FINISH_REASON_UNSPECIFIED || response.has_usage())
       last = response;
+    if (read_delay_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(read_delay_ms));
   }
   grpc::Status status = reader->Finish();
   const double end = NowSeconds();

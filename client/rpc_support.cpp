@@ -13,10 +13,14 @@
 
 namespace dysco::client {
 
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target) {
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, bool slow_reader) {
   grpc::ChannelArguments args;
   // Model info and long selections can exceed the 4 MiB default.
   args.SetMaxReceiveMessageSize(64 << 20);
+  if (slow_reader) {
+    args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+    args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 1);
+  }
   return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
 }
 

@@ -19,7 +19,10 @@ namespace dysco::client {
 
 inline constexpr char kDefaultTarget[] = "localhost:50051";
 
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target);
+// slow_reader: no BDP probing and a one-byte stream lookahead, so the HTTP/2 window the server
+// writes into stays small and a client that reads slowly holds the server's writes back (the
+// server then coalesces what it generated meanwhile); for `generate --read-delay-ms`.
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, bool slow_reader = false);
 
 // "error: INVALID_ARGUMENT: sampling.top_p must be in (0, 1]" on stderr.
 void PrintRpcError(const char* rpc, const grpc::Status& status);

@@ -1154,3 +1154,94 @@ TEST_F(ServerLifecycleTest, NotReadyUntilTheModelIsLoaded) {
 }
 
 }  // namespace
+
+// ---- Fault injection (issue 8): KV pages exhausted. (Missing and corrupt packages at start and
+// clients that vanish mid-stream are tested against the real binary: tests/python/test_faults.py.)
+namespace {
+
+// A pool of 8 pages (128 tokens). Two streams that fit run; meanwhile a request that can never fit
+// the pool (prompt + max_new_tokens, or a prompt alone, beyond 128 tokens) is refused
+// RESOURCE_EXHAUSTED at once, naming the pages, without a message or a session; one that fits the
+// pool but not the pages left waits and runs once they are free. The two streams get exactly what
+// they get alone.
+TEST_F(ServerLifecycleTest, RequestThatCanNeverFitThePoolIsRefusedWhileOthersRun) {
+  ServerOptions options = TestOptions();
+  options.kv_pages = 8;
+  auto server = StartServer(options);
+  ASSERT_NE(server, nullptr);
+  auto channel = Connect(*server);
+  auto stub = v1::Generation::NewStub(channel);
+
+  // ~10 prompt tokens + 24 new: 3 pages each, 6 of 8 while both run.
+  const v1::GenerateRequest a = PromptRequest("Once upon a time, in a small village,", 24);
+  const v1::GenerateRequest b = PromptRequest("The best way to learn a language is", 24);
+  const StreamResult a_alone = RunGenerate(stub.get(), a);
+  const StreamResult b_alone = RunGenerate(stub.get(), b);
+  ASSERT_TRUE(a_alone.status.ok() && b_alone.status.ok());
+  const Scrape before = ScrapeMetrics(*server);
+
+  LongStream ra(stub.get(), a);
+  LongStream rb(stub.get(), b);
+
+  const auto t0 = std::chrono::steady_clock::now();
+  const StreamResult never = RunGenerate(stub.get(), PromptRequest("Hello", 1000));
+  v1::GenerateRequest long_prompt;
+  long_prompt.set_max_new_tokens(1);
+  for (int i = 0; i < 150; ++i) long_prompt.mutable_token_ids()->add_ids(100 + i);
+  const StreamResult too_long = RunGenerate(stub.get(), long_prompt);
+  const double refusal_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // Both refusals came while the two streams still ran (24 tokens take seconds on a CPU), not
+  // after.
+  const bool others_running =
+      ra.result.wait_for(std::chrono::seconds(0)) != std::future_status::ready &&
+      rb.result.wait_for(std::chrono::seconds(0)) != std::future_status::ready;
+  for (const StreamResult* r : {&never, &too_long}) {
+    EXPECT_EQ(r->status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+        << r->status.error_message();
+    EXPECT_NE(r->status.error_message().find("KV pages"), std::string::npos)
+        << r->status.error_message();
+    EXPECT_TRUE(r->messages.empty());
+  }
+  EXPECT_LT(refusal_s, 5.0) << "refused only after waiting";
+
+  // Fits the pool (~40 tokens: 3 pages) but not the 2 pages left: it waits, then runs.
+  grpc::ClientContext waits_context;
+  auto waits = std::async(std::launch::async, [&] {
+    return RunGenerate(stub.get(), PromptRequest("Hi", 40), &waits_context);
+  });
+  if (others_running) {
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    double waiting = 0;
+    while ((waiting = Series(ScrapeMetrics(*server), "dysco_requests_waiting")) < 1 &&
+           ra.result.wait_for(std::chrono::seconds(0)) != std::future_status::ready &&
+           std::chrono::steady_clock::now() < give_up) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    if (ra.result.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
+      EXPECT_EQ(waiting, 1) << "the request that fits only later should wait for pages";
+    }
+  }
+
+  const StreamResult a_run = ra.result.get();
+  const StreamResult b_run = rb.result.get();
+  ASSERT_TRUE(a_run.status.ok()) << a_run.status.error_message();
+  ASSERT_TRUE(b_run.status.ok()) << b_run.status.error_message();
+  EXPECT_EQ(a_run.ids, a_alone.ids) << "a stream next to the refused requests was disturbed";
+  EXPECT_EQ(b_run.ids, b_alone.ids) << "a stream next to the refused requests was disturbed";
+  const StreamResult w = waits.get();
+  ASSERT_TRUE(w.status.ok()) << w.status.error_message();
+  EXPECT_TRUE(w.last().finish_reason() == v1::LENGTH || w.last().finish_reason() == v1::STOP);
+
+  Scrape after;
+  EXPECT_TRUE(WaitForIdle(*server, &after));
+  const std::vector<std::string> code = {"code=\"RESOURCE_EXHAUSTED\""};
+  EXPECT_EQ(Series(after, "dysco_requests_refused_total", code),
+            Series(before, "dysco_requests_refused_total", code) + 2);
+  // Refused requests are not sessions: only the three that ran finished.
+  EXPECT_EQ(Series(after, "dysco_requests_total"), Series(before, "dysco_requests_total") + 3);
+  EXPECT_EQ(Health(channel, "dysco.v1.Generation"), HealthCheckResponse::SERVING);
+  server->Shutdown();
+}
+
+}  // namespace
