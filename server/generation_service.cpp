@@ -21,8 +21,11 @@ namespace {
 
 const grpc::Status kLoading(grpc::StatusCode::UNAVAILABLE, "the model is loading");
 
-// A deadline's cancellation fires at the deadline; this much earlier still counts as the deadline.
-constexpr auto kClockSlack = std::chrono::milliseconds(20);
+// A client's deadline fires on its own clock, before the server's copy of it (which starts when the
+// server reads the call's headers, later under load): a cancellation this close to the server's
+// deadline is the deadline. (A client that cancels on purpose within this margin of its deadline is
+// counted as deadline_exceeded; the soak test found 20 ms too small.)
+constexpr auto kClockSlack = std::chrono::seconds(1);
 
 const char* InputName(v1::GenerateRequest::InputCase input) {
   switch (input) {

@@ -31,11 +31,11 @@ Why the counts can be exact: a client cancel is sent only after the stream's fir
 server has a session to count) on requests with max_new_tokens 384, which cannot end on their own
 in the few steps between the client reading a token and its cancel arriving; deadlines are >= 0.3 s
 on the same long requests; refused requests carry no short deadline. A stream that did finish
-before its cancel is counted by the finish reason it received. One race is the server's: it tells a
-deadline from a client cancel by the clock (OnCancel, 20 ms slack), so a client whose own deadline
-timer's RST_STREAM arrives first is counted "cancelled". Such streams are found by request id in the
-server's request_finish log lines, listed under the table, and expected as the log says
-(--strict-deadlines fails on them instead).
+before its cancel is counted by the finish reason it received. The server tells a deadline from a
+client cancel by the clock (OnCancel: a cancel within 1 s of the deadline is the deadline; 20 ms was
+too little, which this test found). A stream the client saw end DEADLINE_EXCEEDED that the server
+counted as "cancelled" fails the run; --lenient-deadlines lists such streams (found by request id in
+the server's request_finish lines) and expects them as the log says instead.
 
 Why RSS is bounded by +100 MB by default: the KV pool and the weights are allocated at load, and the
 warm-up runs every request shape once (allocator arenas of the gRPC and worker threads, the
@@ -838,9 +838,9 @@ def main(argv=None):
     parser.add_argument("--client-bin", default=str(DEFAULT_CLIENT_BIN),
                         help="dysco-client, the slow and vanishing readers")
     parser.add_argument("--log", default=None, help="keep the server log here (default: a temp dir)")
-    parser.add_argument("--strict-deadlines", action="store_true",
-                        help="fail when the server counts a stream the client saw end DEADLINE_EXCEEDED as "
-                             "cancelled (a known race, see the table's note)")
+    parser.add_argument("--lenient-deadlines", action="store_true",
+                        help="do not fail when the server counts a stream the client saw end "
+                             "DEADLINE_EXCEEDED as cancelled; expect it as the server's log says")
     parser.add_argument("--json", default=None, help="also write the figures as JSON to this file")
     args = parser.parse_args(argv)
     if args.duration is None:
@@ -938,17 +938,16 @@ def main(argv=None):
         log_text = log_path.read_text(errors="replace")
         error_lines = [line for line in log_text.splitlines() if "level=error" in line or "level=critical" in line]
         # A stream the client saw end DEADLINE_EXCEEDED but the server ended as "cancelled": gRPC reports
-        # both through OnCancel and the server tells them apart by the clock (20 ms slack), so a client
-        # RST_STREAM that arrives before the server's own deadline timer is counted as a cancel. Found by
-        # request id in the server's request_finish lines; the expectation follows the server's log, and
-        # the ids are listed (--strict-deadlines makes them a failure).
+        # both through OnCancel and the server tells them apart by the clock (1 s slack). Found by
+        # request id in the server's request_finish lines and listed; a failure unless
+        # --lenient-deadlines, which expects them as the server's log says.
         logged = dict(re.findall(r'event=request_finish request_id="([^"]*)" finish_reason=(\w+)', log_text))
         reclassified = sorted(i for i in t.deadline_ids if logged.get(i) == "cancelled")
         for request_id in reclassified:
             label = "on" if t.deadline_ids[request_id] else "off"
             t.expected_finished[("deadline_exceeded", label)] -= 1
             t.expected_finished[("cancelled", label)] += 1
-        if reclassified and args.strict_deadlines:
+        if reclassified and not args.lenient_deadlines:
             failures.append(f"{len(reclassified)} deadline streams counted as cancelled: {', '.join(reclassified)}")
         rows = compare_counters(series, t)
 
@@ -1011,7 +1010,7 @@ def main(argv=None):
         if reclassified:
             out.append(f"note: {len(reclassified)} of {len(t.deadline_ids)} DEADLINE_EXCEEDED streams are counted "
                        f"as cancelled by the server (its log says so; the client RST beat the server's deadline "
-                       f"timer by > 20 ms): {', '.join(reclassified)}")
+                       f"timer by > 1 s): {', '.join(reclassified)}")
         out.append("-" * 92)
         out.append(f"{'gauges after the load (idle in)':<40}{idle_s:>7.1f}s   running "
                    f"{series_sum(series, 'dysco_requests_running'):g}, waiting "
