@@ -3,6 +3,7 @@
 #include "proto/support/grpc_code_names.h"
 
 #include <atomic>
+#include <chrono>
 
 #include <array>
 #include <map>
@@ -230,6 +231,13 @@ std::string ServerMetrics::Render() const {
 MetricsEndpoint::MetricsEndpoint(std::unique_ptr<httplib::Server> server, int port)
     : server_(std::move(server)), port_(port) {
   thread_ = std::thread([s = server_.get()] { s->listen_after_bind(); });
+  // httplib's stop() does nothing before the listen loop is running, and the loop would then never
+  // end: a server that fails right after starting (a bad model package) hung in its destructor.
+  // Wait (bounded) until it runs, so that the destructor's stop() always reaches it.
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!server_->is_running() && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
 }
 
 MetricsEndpoint::~MetricsEndpoint() {

@@ -60,8 +60,10 @@ class Recorder {
         }
         log_.push_back({session, static_cast<int64_t>(e.token_ids.size()), e.final,
                         std::chrono::steady_clock::now()});
+        // Under the lock: a waiter that sees the final event may end the test and destroy this
+        // Recorder as soon as the lock is free (TSan found the notify racing that destruction).
+        cv_.notify_all();
       }
-      cv_.notify_all();
       if (hook) hook(e);
     };
   }
