@@ -25,16 +25,23 @@ _TORCH_TO_ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF1
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+_MAX_DIMS = 8  # no model tensor has more; numpy refuses more than 32
+
+
 def _parse_entry(info) -> Optional[Tuple[str, List[int], int, int]]:
     """(dtype, shape, begin, end) of one tensor's header entry, or None when it is not
-    {"dtype": str, "shape": [count, ...], "data_offsets": [begin, end]} with counts >= 0 and begin <= end."""
+    {"dtype": str, "shape": [count, ...], "data_offsets": [begin, end]} with counts in [0, 2**63) (tensor sizes
+    are int64; a zero elsewhere in the shape keeps the product small, so each count is checked alone), at most
+    _MAX_DIMS of them, and begin <= end."""
     def is_count(x):
-        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+        return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63
 
     if not isinstance(info, dict):
         return None
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype, str) or not isinstance(shape, list) or not all(is_count(d) for d in shape):
+        return None
+    if len(shape) > _MAX_DIMS:
         return None
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_count(o) for o in offsets):
         return None
