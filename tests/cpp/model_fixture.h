@@ -25,8 +25,10 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <random>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -125,6 +127,23 @@ class PackageTest : public ::testing::Test {
     return pool.ok() ? std::move(pool).value() : nullptr;
   }
   static std::unique_ptr<KvPagePool> MakePool(int64_t pages) { return MakePool(16, pages); }
+
+  // Random prompt ids (fixed seed) with the package's template sequences written in at fixed
+  // places, so that template positions exist (and can get selected).
+  static std::vector<int32_t> TemplatedPrompt(int64_t len, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::uniform_int_distribution<int32_t> id(3, 2000);
+    std::vector<int32_t> p(len);
+    for (auto& t : p) t = id(rng);
+    const auto& templates = runner_->config().dysco.template_sequences;
+    for (size_t k = 0; k < templates.size(); ++k) {
+      const size_t at = (k * 7) % static_cast<size_t>(len);
+      for (size_t j = 0; j < templates[k].size() && at + j < p.size(); ++j) {
+        p[at + j] = templates[k][j];
+      }
+    }
+    return p;
+  }
 
   inline static Engine* engine_ = nullptr;
   inline static ModelRunner* runner_ = nullptr;

@@ -24,8 +24,8 @@
 #include "core/engine/batch_stepper.h"
 #include "core/engine/generator.h"
 #include "core/engine/request.h"
-#include "core/engine/sequence.h"
 #include "core/engine/scheduler.h"
+#include "core/engine/sequence.h"
 #include "core/engine/step_plan.h"
 #include "tests/cpp/model_fixture.h"
 
@@ -41,26 +41,10 @@ class BatchStepperTest : public TinyModelTest {
     ASSERT_NE(pool_, nullptr);
   }
 
-  // Random prompt ids (fixed seed) with the package's template sequences written in, so that
-  // template positions exist.
-  static std::vector<int32_t> Prompt(int64_t len, uint32_t seed) {
-    std::mt19937 rng(seed);
-    std::uniform_int_distribution<int32_t> id(3, 2000);
-    std::vector<int32_t> p(len);
-    for (auto& t : p) t = id(rng);
-    const auto& templates = runner_->config().dysco.template_sequences;
-    for (size_t k = 0; k < templates.size(); ++k) {
-      const size_t at = (k * 7) % static_cast<size_t>(len);
-      for (size_t j = 0; j < templates[k].size() && at + j < p.size(); ++j)
-        p[at + j] = templates[k][j];
-    }
-    return p;
-  }
-
   static GenerateRequest Request(int64_t prompt_len, uint32_t seed, int64_t max_new_tokens,
                                  bool dysco = false) {
     GenerateRequest r;
-    r.prompt_token_ids = Prompt(prompt_len, seed);
+    r.prompt_token_ids = TemplatedPrompt(prompt_len, seed);
     r.max_new_tokens = max_new_tokens;
     r.ignore_eos = true;  // exact lengths: the random model may produce its eos id
     r.dysco = dysco;

@@ -343,22 +343,6 @@ class DyscoTinyTest : public TinyModelTest {
     DyscoTotals totals;
   };
 
-  // Random prompt ids (fixed seed) with the package's template sequences written in at fixed
-  // places, so that template positions exist and get selected.
-  static std::vector<int32_t> Prompt(int64_t len, uint32_t seed) {
-    std::mt19937 rng(seed);
-    std::uniform_int_distribution<int32_t> id(3, 2000);
-    std::vector<int32_t> p(len);
-    for (auto& t : p) t = id(rng);
-    const auto& templates = runner_->config().dysco.template_sequences;
-    for (size_t k = 0; k < templates.size(); ++k) {
-      const size_t at = (k * 7) % static_cast<size_t>(len);
-      for (size_t j = 0; j < templates[k].size() && at + j < p.size(); ++j)
-        p[at + j] = templates[k][j];
-    }
-    return p;
-  }
-
   static int64_t Prefill(const Spec& s) {
     auto p = ResolveDyscoParams(runner_->config(), s.overrides, false,
                                 static_cast<int64_t>(s.prompt.size()), -1);
@@ -465,7 +449,7 @@ TEST_F(DyscoTinyTest, StrengthOneGivesPlainGreedyTokens) {
   // exactly (and, token for token, the ordinary chunked prefill).
   for (int64_t len : {23, 64}) {
     Spec d;
-    d.prompt = Prompt(len, 1);
+    d.prompt = TemplatedPrompt(len, 1);
     d.max_new_tokens = 12;
     d.dysco = true;
     d.overrides.strength = 1.0;
@@ -505,11 +489,11 @@ TEST_F(DyscoTinyTest, StrengthOneGivesPlainGreedyTokens) {
 
 TEST_F(DyscoTinyTest, MixedBatchEqualsEachAlone) {
   std::vector<Spec> specs(6);
-  specs[0].prompt = Prompt(40, 2);  // defaults: heads (1, 0), (2, 3), hybrid
+  specs[0].prompt = TemplatedPrompt(40, 2);  // defaults: heads (1, 0), (2, 3), hybrid
   specs[0].dysco = true;
-  specs[1].prompt = Prompt(29, 3);  // plain, prefilled in chunks of 5 while others decode
+  specs[1].prompt = TemplatedPrompt(29, 3);  // plain, prefilled in chunks of 5 while others decode
   specs[1].first_chunk = 5;
-  specs[2].prompt = Prompt(51, 4);  // other heads (deeper), nucleus only, stronger
+  specs[2].prompt = TemplatedPrompt(51, 4);  // other heads (deeper), nucleus only, stronger
   specs[2].dysco = true;
   specs[2].overrides.selected_heads = {{3, 1}, {0, 2}, {2, 3}};
   specs[2].overrides.top_k = 0;
@@ -517,18 +501,18 @@ TEST_F(DyscoTinyTest, MixedBatchEqualsEachAlone) {
   specs[2].overrides.strength = 4.0;
   specs[2].overrides.decay_factor = 0.5;
   specs[2].first_chunk = 16;
-  specs[3].prompt = Prompt(33, 5);  // static, top-k only
+  specs[3].prompt = TemplatedPrompt(33, 5);  // static, top-k only
   specs[3].dysco = true;
   specs[3].overrides.dynamic_rescale = false;
   specs[3].overrides.top_p = 0.0;
   specs[3].overrides.top_k = 6;
   specs[3].overrides.context_warmup_steps = 5;
-  specs[4].prompt = Prompt(20, 6);  // hard mask, a single shallow head
+  specs[4].prompt = TemplatedPrompt(20, 6);  // hard mask, a single shallow head
   specs[4].dysco = true;
   specs[4].overrides.strength = 100.0;
   specs[4].overrides.selected_heads = {{0, 1}};
   specs[4].overrides.intervention_warmup = 0;
-  specs[5].prompt = Prompt(12, 7);  // plain, short
+  specs[5].prompt = TemplatedPrompt(12, 7);  // plain, short
   for (auto& s : specs) s.max_new_tokens = 10;
 
   const std::vector<Run> together = RunTogether(specs);
@@ -608,7 +592,7 @@ TEST_F(DyscoTinyTest, RelevanceSelectionAndBiasPerStep) {
                         {"hard", 0.9, std::nullopt, 99.0}};
   for (const Mode& m : modes) {
     Spec s;
-    s.prompt = Prompt(45, 11);
+    s.prompt = TemplatedPrompt(45, 11);
     s.max_new_tokens = 8;
     s.dysco = true;
     s.overrides.top_p = m.top_p;
@@ -683,7 +667,7 @@ TEST_F(DyscoTinyTest, RelevanceSelectionAndBiasPerStep) {
 
 TEST_F(DyscoTinyTest, StaticVariantRunsNoSpeculativePass) {
   Spec s;
-  s.prompt = Prompt(30, 21);
+  s.prompt = TemplatedPrompt(30, 21);
   s.max_new_tokens = 9;
   s.dysco = true;
   s.overrides.dynamic_rescale = false;
@@ -725,7 +709,7 @@ TEST_F(DyscoTinyTest, StaticVariantRunsNoSpeculativePass) {
 
 TEST_F(DyscoTinyTest, GeneratorRejectsBadDyscoAndFreesPages) {
   GenerateRequest req;
-  req.prompt_token_ids = Prompt(10, 3);
+  req.prompt_token_ids = TemplatedPrompt(10, 3);
   req.max_new_tokens = 4;
   req.dysco = true;
   Generator g(runner_, pool_.get(), factory_);

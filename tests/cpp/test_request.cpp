@@ -26,44 +26,12 @@
 #include "core/model/model_config.h"
 #include "core/text/chat_format.h"
 #include "core/text/tokenizer.h"
+#include "tests/cpp/smollm2_config.h"
 
 namespace dysco {
 namespace {
 
 const std::string kTokenizer = std::string(DYSCO_SOURCE_DIR) + "/tests/data/smollm2/tokenizer.json";
-
-ChatSettings SmolLm2Chat() {
-  ChatSettings c;
-  c.default_system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
-  c.generation_prompt = "<|im_start|>assistant\n";
-  return c;
-}
-
-// SmolLM2-135M-Instruct's shape (the package's config.json, written out in code).
-ModelConfig SmolLm2Config() {
-  ModelConfig c;
-  c.model_name = "SmolLM2-135M-Instruct (test)";
-  c.architecture = "llama";
-  c.dtype = ModelDtype::kFloat32;
-  c.vocab_size = 49152;
-  c.hidden_size = 576;
-  c.intermediate_size = 1536;
-  c.num_layers = 30;
-  c.num_attention_heads = 9;
-  c.num_kv_heads = 3;
-  c.head_dim = 64;
-  c.max_position_embeddings = 8192;
-  c.tie_word_embeddings = true;
-  c.special_tokens.bos_token_id = 1;
-  c.special_tokens.eos_token_ids = {2};
-  c.special_tokens.pad_token_id = 2;
-  c.special_tokens.add_bos = false;
-  c.chat_format = ChatFormat::kChatml;
-  c.chat = SmolLm2Chat();
-  c.dysco.selected_heads = {{12, 3}, {14, 0}};
-  c.dysco.template_sequences = {{1, 9690, 198}};
-  return c;
-}
 
 class RequestTest : public ::testing::Test {
  protected:

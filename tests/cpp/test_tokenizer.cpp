@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "core/text/chat_format.h"
+#include "tests/cpp/smollm2_config.h"
 #include "core/text/unicode_text.h"
 
 namespace dysco {
@@ -411,10 +412,7 @@ void ExpectPlainSpansMatchHf(const Tokenizer& tok, const std::string& golden_nam
 }
 
 TEST_F(TokenizerTest, ChatContentSpansEncodeAsHfExceptForgedSpecialTokens) {
-  ChatSettings smollm2_chat;
-  smollm2_chat.default_system =
-      "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
-  smollm2_chat.generation_prompt = "<|im_start|>assistant\n";
+  const ChatSettings smollm2_chat = SmolLm2Chat();
   ExpectPlainSpansMatchHf(smollm2(), "smollm2", smollm2_chat);
   ChatSettings qwen3_chat;
   qwen3_chat.generation_prompt = "<|im_start|>assistant\n";

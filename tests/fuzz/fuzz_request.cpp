@@ -24,36 +24,11 @@
 #include "core/text/tokenizer.h"
 #include "dysco/v1/generation.pb.h"
 #include "server/request_conversion.h"
+#include "tests/cpp/smollm2_config.h"
 #include "tests/fuzz/fuzz_check.h"
 
 namespace dysco {
 namespace {
-
-// SmolLM2-135M-Instruct's shape (tests/cpp/test_request.cpp).
-ModelConfig SmolLm2Config() {
-  ModelConfig c;
-  c.model_name = "SmolLM2-135M-Instruct (fuzz)";
-  c.architecture = "llama";
-  c.dtype = ModelDtype::kFloat32;
-  c.vocab_size = 49152;
-  c.hidden_size = 576;
-  c.intermediate_size = 1536;
-  c.num_layers = 30;
-  c.num_attention_heads = 9;
-  c.num_kv_heads = 3;
-  c.head_dim = 64;
-  c.max_position_embeddings = 8192;
-  c.tie_word_embeddings = true;
-  c.special_tokens.bos_token_id = 1;
-  c.special_tokens.eos_token_ids = {2};
-  c.special_tokens.pad_token_id = 2;
-  c.chat_format = ChatFormat::kChatml;
-  c.chat.default_system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
-  c.chat.generation_prompt = "<|im_start|>assistant\n";
-  c.dysco.selected_heads = {{12, 3}, {14, 0}};
-  c.dysco.template_sequences = {{1, 9690, 198}};
-  return c;
-}
 
 struct World {
   ModelConfig config = SmolLm2Config();
