@@ -30,6 +30,9 @@ struct EngineOptions {
   int64_t kv_cache_bytes = 1LL << 30;  // otherwise: the largest pool that fits in this
   RequestLimits limits;
   bool start_scheduler = true;  // false: no engine thread (tools that use a Generator)
+  // One forward of one token at load, so that a config.json contradicting model.pt fails Load
+  // (FAILED_PRECONDITION) instead of every request.
+  bool check_package = true;
   SchedulerOptions scheduler;
   SchedulerObserver observer;
 };
@@ -38,7 +41,8 @@ class Engine {
  public:
   // The loaders' statuses: NOT_FOUND / INVALID_ARGUMENT for a missing or bad package,
   // FAILED_PRECONDITION when the op library is not registered, INVALID_ARGUMENT for bad options,
-  // RESOURCE_EXHAUSTED when the KV pool cannot be allocated.
+  // RESOURCE_EXHAUSTED when the KV pool cannot be allocated, FAILED_PRECONDITION when config.json
+  // does not match model.pt (check_package).
   static StatusOr<std::unique_ptr<Engine>> Load(const std::string& package_dir,
                                                 EngineOptions options);
   ~Engine();

@@ -1,9 +1,10 @@
 """Fault injection against the real build/bin/dysco-server binary.
 
 - A missing or corrupt model package at start (no directory, an empty one, model.pt truncated or empty,
-  config.json garbage / truncated / without its fields, tokenizer.json garbage or missing): the server
-  exits 1 (not a signal: no crash, no core dump) within a bounded time (no hang), and its output has exactly
-  one error line, `event=load_failed`, naming the file at fault; every line it wrote is its own logfmt line.
+  config.json garbage / truncated / without its fields / contradicting model.pt, tokenizer.json garbage or
+  missing): the server exits 1 (not a signal: no crash, no core dump) within a bounded time (no hang), and
+  its output has exactly one error line, `event=load_failed`, naming the file at fault; every line it wrote
+  is its own logfmt line.
 - A client that vanishes mid-stream: a dysco-client reading slowly (small HTTP/2 window, a pause after every
   message) or at full speed is SIGKILLed after its first token, next to a stream that runs to its end: the
   session is freed (dysco_requests_running, dysco_requests_waiting and dysco_kv_cache_usage_ratio back to 0),
@@ -15,6 +16,7 @@ it fails). DYSCO_SERVER_BIN / DYSCO_CLIENT_BIN / DYSCO_MODEL_DIR override the de
 """
 
 import importlib.util
+import json
 import os
 import subprocess
 import threading
@@ -81,6 +83,14 @@ def _truncated(fraction_or_bytes):
     return make
 
 
+def _config_with(**fields):
+    def make(src):
+        config = json.loads(src.read_text())
+        config.update(fields)
+        return json.dumps(config).encode()
+    return make
+
+
 STARTUP_FAULTS = {
     # name: (how the package is made, substrings the one error line must contain)
     "missing directory": (lambda tmp: tmp / "no-such-package", ["no-such-package/config.json", "cannot open"]),
@@ -94,6 +104,16 @@ STARTUP_FAULTS = {
     "config.json truncated": (lambda tmp: _package(tmp, config=_truncated(0.5)), ["config.json", "not valid JSON"]),
     "config.json without fields": (lambda tmp: _package(tmp, config=lambda src: b"{}"),
                                    ["config.json", "format_version"]),
+    # Valid JSON that contradicts model.pt: caught by the load-time check forward, not at the first request.
+    "config.json num_kv_heads contradicts model.pt": (
+        lambda tmp: _package(tmp, config=_config_with(num_kv_heads=1)),
+        ["config.json does not match model.pt", "Hkv = 1"]),
+    "config.json dtype contradicts model.pt": (
+        lambda tmp: _package(tmp, config=_config_with(dtype="bfloat16")),
+        ["config.json does not match model.pt", "dtype BFloat16"]),
+    "config.json vocab_size contradicts model.pt": (
+        lambda tmp: _package(tmp, config=_config_with(vocab_size=50000)),
+        ["config.json does not match model.pt", "50000"]),
     "tokenizer.json garbage": (lambda tmp: _package(tmp, tokenizer=lambda src: b"zzz"), ["tokenizer.json"]),
     "tokenizer.json missing": (lambda tmp: _package(tmp, tokenizer=None), ["tokenizer.json"]),
 }
