@@ -22,6 +22,7 @@
 #include "commands.h"
 #include "dysco/v1/generation.grpc.pb.h"
 #include "flags.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "latency_summary.h"
 #include "rpc_support.h"
 
@@ -53,6 +54,7 @@ constexpr char kFillerText[] =
 
 struct BenchConfig {
   std::string target;
+  std::string authorization;  // metadata value, "" without --token-file
   int concurrency = 1;
   double duration_s = 0;  // > 0: duration mode
   int64_t requests = 0;   // > 0: requests mode
@@ -141,6 +143,7 @@ void RunStream(const BenchConfig& config, const SyntheticPrompts& prompts,
     request.set_request_id("bench-" + std::to_string(index));
 
     grpc::ClientContext context;
+    if (!config.authorization.empty()) context.AddMetadata("authorization", config.authorization);
     auto deadline = std::chrono::system_clock::time_point::max();
     if (config.timeout_ms > 0)
       deadline = std::chrono::system_clock::now() + std::chrono::milliseconds(config.timeout_ms);
@@ -299,6 +302,33 @@ void PrintPhase(const PhaseResult& r) {
   PrintSummaryLine("request (ms)", r.request_latency);
 }
 
+// Polls grpc.health.v1 for the readiness service until SERVING, for at most wait_s seconds, so that
+// a bench started next to a server that is still loading its model measures it once it is ready.
+std::string WaitUntilReady(const std::shared_ptr<grpc::Channel>& channel, double wait_s) {
+  auto health = grpc::health::v1::Health::NewStub(channel);
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service("dysco.v1.Generation");
+  const double give_up = NowSeconds() + wait_s;
+  grpc::Status status;
+  grpc::health::v1::HealthCheckResponse response;
+  while (true) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    status = health->Check(&context, request, &response);
+    if (status.ok() && response.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
+      return "";
+    }
+    if (NowSeconds() >= give_up) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  char seconds[32];
+  std::snprintf(seconds, sizeof(seconds), "%.1f", wait_s);
+  return std::string("the server was not ready within ") + seconds + " s (--wait-ready-s): " +
+         (status.ok()
+              ? grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status())
+              : std::string(GrpcCodeName(status.error_code())) + ": " + status.error_message());
+}
+
 std::string ReadConfig(const FlagSet& flags, BenchConfig* config) {
   config->target = flags.GetString("target");
   config->concurrency = static_cast<int>(flags.GetInt("concurrency"));
@@ -333,7 +363,7 @@ int RunBench(const std::vector<std::string>& args) {
       "Runs N concurrent Generate streams with synthetic prompts of an exact token length and "
       "reports\n"
       "TTFT and inter-token latency percentiles, aggregate generated tokens/s and requests/s.");
-  flags.String("target", "server address HOST:PORT", kDefaultTarget);
+  DeclareConnectionFlags(&flags);
   flags.Int("concurrency", "concurrent streams", 1);
   flags.OptionalDouble("duration", "seconds to run; calls in flight at the end are cut");
   flags.OptionalInt("requests", "number of calls to run (instead of --duration)");
@@ -344,6 +374,10 @@ int RunBench(const std::vector<std::string>& args) {
   flags.Int("seed", "base sampling seed (call i uses seed + i)", 0);
   flags.Int("warmup", "calls to run (and discard) before measuring", 1);
   flags.Int("timeout-ms", "deadline of each call; 0 = none", 0);
+  flags.Double("wait-ready-s",
+               "first wait up to this many seconds for the server to be ready (health "
+               "dysco.v1.Generation SERVING, e.g. while it loads its model); 0 = do not wait",
+               60);
   flags.Bool("compare-single",
              "first run 1 stream, then --concurrency streams; print the throughput ratio");
   flags.Bool("json", "print the results as one JSON object on stdout");
@@ -360,10 +394,23 @@ int RunBench(const std::vector<std::string>& args) {
     return kExitUsage;
   }
 
-  auto stub = dysco::v1::Generation::NewStub(MakeChannel(config.target));
+  Connection connection;
+  if (std::string error = Connect(flags, {}, &connection); !error.empty()) {
+    std::fprintf(stderr, "dysco-client bench: %s\n", error.c_str());
+    return kExitUsage;
+  }
+  config.authorization = connection.authorization;
+  if (const double wait_s = flags.GetDouble("wait-ready-s"); wait_s > 0) {
+    if (std::string error = WaitUntilReady(connection.channel, wait_s); !error.empty()) {
+      std::fprintf(stderr, "dysco-client bench: %s\n", error.c_str());
+      return kExitRpcError;
+    }
+  }
+  auto stub = dysco::v1::Generation::NewStub(connection.channel);
   std::vector<int32_t> pool;
   {
     grpc::ClientContext context;
+    connection.Prepare(&context);
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
     dysco::v1::TokenizeRequest request;
     request.set_text(kFillerText);

@@ -20,7 +20,7 @@ std::atomic<bool> g_interrupted{false};
 extern "C" void OnInterrupt(int) { g_interrupted.store(true); }
 
 void DeclareGenerateFlags(FlagSet* flags) {
-  flags->String("target", "server address HOST:PORT", kDefaultTarget);
+  DeclareConnectionFlags(flags);
   flags->String("prompt", "plain-text prompt (one user message when --chat)");
   flags->String("messages-json",
                 "file with a JSON array of {\"role\",\"content\"} messages (chat-formatted)");
@@ -186,9 +186,16 @@ int RunGenerate(const std::vector<std::string>& args) {
     return kExitUsage;
   }
 
-  auto stub = dysco::v1::Generation::NewStub(
-      MakeChannel(flags.GetString("target"), /*slow_reader=*/read_delay_ms > 0));
+  Connection connection;
+  ConnectOptions connect;
+  connect.slow_reader = read_delay_ms > 0;
+  if (std::string error = Connect(flags, connect, &connection); !error.empty()) {
+    std::fprintf(stderr, "dysco-client generate: %s\n", error.c_str());
+    return kExitUsage;
+  }
+  auto stub = dysco::v1::Generation::NewStub(connection.channel);
   grpc::ClientContext context;
+  connection.Prepare(&context);
   if (flags.GetInt("timeout-ms") > 0) {
     context.set_deadline(std::chrono::system_clock::now() +
                          std::chrono::milliseconds(flags.GetInt("timeout-ms")));

@@ -85,13 +85,19 @@ void PrintModelInfo(const dysco::v1::ModelInfo& info) {
 int RunInfo(const std::vector<std::string>& args) {
   FlagSet flags(
       "info", "Prints the served model's configuration, DySCO defaults and limits (GetModelInfo).");
-  flags.String("target", "server address HOST:PORT", kDefaultTarget);
+  DeclareConnectionFlags(&flags);
   flags.Int("timeout-ms", "deadline of the call; 0 = none", 10000);
   flags.Bool("json", "print the ModelInfo message as JSON");
   if (int code = ParseOrExit(&flags, args); code >= 0) return code;
 
-  auto stub = dysco::v1::Generation::NewStub(MakeChannel(flags.GetString("target")));
+  Connection connection;
+  if (std::string error = Connect(flags, {}, &connection); !error.empty()) {
+    std::fprintf(stderr, "dysco-client %s: %s\n", "info", error.c_str());
+    return kExitUsage;
+  }
+  auto stub = dysco::v1::Generation::NewStub(connection.channel);
   grpc::ClientContext context;
+  connection.Prepare(&context);
   SetTimeout(&context, flags.GetInt("timeout-ms"));
   dysco::v1::ModelInfo info;
   grpc::Status status = stub->GetModelInfo(&context, dysco::v1::GetModelInfoRequest(), &info);
@@ -110,18 +116,26 @@ int RunInfo(const std::vector<std::string>& args) {
 int RunHealth(const std::vector<std::string>& args) {
   FlagSet flags("health",
                 "grpc.health.v1 Check. Prints the serving status; exit 0 only when SERVING.");
-  flags.String("target", "server address HOST:PORT", kDefaultTarget);
+  DeclareConnectionFlags(&flags);
   flags.String("service", "service name to check; empty = the whole server", "");
   flags.Int("timeout-ms", "deadline of each Check call", 2000);
   flags.Double("wait-s", "retry until SERVING for up to this many seconds (0 = ask once)", 0);
   if (int code = ParseOrExit(&flags, args); code >= 0) return code;
 
-  auto stub = grpc::health::v1::Health::NewStub(MakeChannel(flags.GetString("target")));
+  Connection connection;
+  if (std::string error =
+          Connect(flags, {/*slow_reader=*/false, /*health_checked=*/false}, &connection);
+      !error.empty()) {
+    std::fprintf(stderr, "dysco-client %s: %s\n", "health", error.c_str());
+    return kExitUsage;
+  }
+  auto stub = grpc::health::v1::Health::NewStub(connection.channel);
   grpc::health::v1::HealthCheckRequest request;
   request.set_service(flags.GetString("service"));
   const double give_up = NowSeconds() + flags.GetDouble("wait-s");
   while (true) {
     grpc::ClientContext context;
+    connection.Prepare(&context);
     SetTimeout(&context, flags.GetInt("timeout-ms"));
     grpc::health::v1::HealthCheckResponse response;
     grpc::Status status = stub->Check(&context, request, &response);
@@ -145,7 +159,7 @@ int RunTokenize(const std::vector<std::string>& args) {
   FlagSet flags(
       "tokenize",
       "Prints the token ids of a text as a comma-separated line (usable as --token-ids).");
-  flags.String("target", "server address HOST:PORT", kDefaultTarget);
+  DeclareConnectionFlags(&flags);
   flags.String("text", "text to tokenize");
   flags.String("messages-json",
                "file with a JSON array of {\"role\",\"content\"} messages (chat-formatted)");
@@ -176,8 +190,14 @@ int RunTokenize(const std::vector<std::string>& args) {
   request.set_chat(flags.GetBool("chat"));
   request.set_parse_special(flags.GetBool("parse-special"));
 
-  auto stub = dysco::v1::Generation::NewStub(MakeChannel(flags.GetString("target")));
+  Connection connection;
+  if (std::string error = Connect(flags, {}, &connection); !error.empty()) {
+    std::fprintf(stderr, "dysco-client %s: %s\n", "tokenize", error.c_str());
+    return kExitUsage;
+  }
+  auto stub = dysco::v1::Generation::NewStub(connection.channel);
   grpc::ClientContext context;
+  connection.Prepare(&context);
   SetTimeout(&context, flags.GetInt("timeout-ms"));
   dysco::v1::TokenizeResponse response;
   grpc::Status status = stub->Tokenize(&context, request, &response);

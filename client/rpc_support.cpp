@@ -13,15 +13,78 @@
 
 namespace dysco::client {
 
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, bool slow_reader) {
+void DeclareConnectionFlags(FlagSet* flags) {
+  flags->String("target", "server address HOST:PORT or a gRPC target (dns:///NAME:PORT)",
+                kDefaultTarget);
+  flags->String("lb", "load balancing over the target's addresses: round_robin | pick_first",
+                "round_robin");
+  flags->String("tls-ca", "PEM of the CA that signed the server's certificate (enables TLS)");
+  flags->String("tls-cert", "client certificate PEM for mutual TLS (with --tls-key)");
+  flags->String("tls-key", "client private key PEM for mutual TLS (with --tls-cert)");
+  flags->String("tls-server-name", "name to verify in the server's certificate (default: target)");
+  flags->String("token-file", "file whose first line is the bearer token to send");
+}
+
+void Connection::Prepare(grpc::ClientContext* context) const {
+  if (!authorization.empty()) context->AddMetadata("authorization", authorization);
+}
+
+std::string Connect(const FlagSet& flags, const ConnectOptions& options, Connection* out) {
+  const std::string lb = flags.GetString("lb");
+  if (lb != "round_robin" && lb != "pick_first") {
+    return "--lb must be round_robin or pick_first, got \"" + lb + "\"";
+  }
   grpc::ChannelArguments args;
   // Model info and long selections can exceed the 4 MiB default.
   args.SetMaxReceiveMessageSize(64 << 20);
-  if (slow_reader) {
+  if (options.slow_reader) {
     args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
     args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 1);
   }
-  return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  const std::string health_check =
+      options.health_checked ? R"("healthCheckConfig": {"serviceName": "dysco.v1.Generation"}, )"
+                             : "";
+  args.SetServiceConfigJSON(
+      "{" + health_check + R"("loadBalancingConfig": [{")" + lb +
+      R"(": {}}], "methodConfig": [{"name": [{"service": "dysco.v1.Generation"}],
+          "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s",
+                          "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]})");
+
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  const bool tls = flags.Has("tls-ca") || flags.Has("tls-cert") || flags.Has("tls-key");
+  if (tls) {
+    if (flags.Has("tls-cert") != flags.Has("tls-key")) {
+      return "--tls-cert and --tls-key must be given together";
+    }
+    grpc::SslCredentialsOptions ssl;
+    for (const auto& [flag, field] :
+         {std::pair<const char*, std::string*>{"tls-ca", &ssl.pem_root_certs},
+          {"tls-cert", &ssl.pem_cert_chain},
+          {"tls-key", &ssl.pem_private_key}}) {
+      if (!flags.Has(flag)) continue;
+      if (std::string error = ReadFile(flags.GetString(flag), field); !error.empty()) {
+        return std::string("--") + flag + ": " + error;
+      }
+    }
+    credentials = grpc::SslCredentials(ssl);
+    if (flags.Has("tls-server-name")) {
+      args.SetSslTargetNameOverride(flags.GetString("tls-server-name"));
+    }
+  }
+  out->authorization.clear();
+  if (flags.Has("token-file")) {
+    std::string text;
+    if (std::string error = ReadFile(flags.GetString("token-file"), &text); !error.empty()) {
+      return "--token-file: " + error;
+    }
+    const std::string token = text.substr(0, text.find('\n'));
+    const size_t begin = token.find_first_not_of(" \t\r");
+    const size_t end = token.find_last_not_of(" \t\r");
+    if (begin == std::string::npos) return "--token-file: the first line holds no token";
+    out->authorization = "Bearer " + token.substr(begin, end - begin + 1);
+  }
+  out->channel = grpc::CreateCustomChannel(flags.GetString("target"), credentials, args);
+  return "";
 }
 
 void PrintRpcError(const char* rpc, const grpc::Status& status) {

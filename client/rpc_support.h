@@ -17,12 +17,40 @@
 
 namespace dysco::client {
 
+class FlagSet;
+
 inline constexpr char kDefaultTarget[] = "localhost:50051";
 
-// slow_reader: no BDP probing and a one-byte stream lookahead, so the HTTP/2 window the server
-// writes into stays small and a client that reads slowly holds the server's writes back (the
-// server then coalesces what it generated meanwhile); for `generate --read-delay-ms`.
-std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, bool slow_reader = false);
+// The flags of every subcommand that say how to reach the server: --target (HOST:PORT, or any gRPC
+// target such as dns:///dysco-headless.ns.svc:50051 or ipv4:10.0.0.1:50051,10.0.0.2:50051),
+// --lb (round_robin spreads calls over every address the target resolves to), --tls-ca,
+// --tls-cert/--tls-key (mutual TLS), --tls-server-name, --token-file.
+void DeclareConnectionFlags(FlagSet* flags);
+
+// A channel and what every call on it must carry.
+struct Connection {
+  std::shared_ptr<grpc::Channel> channel;
+  std::string authorization;  // "Bearer <token>", or "" without --token-file
+  // Adds the bearer token to a call's metadata.
+  void Prepare(grpc::ClientContext* context) const;
+};
+
+struct ConnectOptions {
+  // No BDP probing and a one-byte stream lookahead, so the HTTP/2 window the server writes into
+  // stays small and a client that reads slowly holds the server's writes back (the server then
+  // coalesces what it generated meanwhile); for `generate --read-delay-ms`.
+  bool slow_reader = false;
+  // With --lb round_robin, send calls only to addresses whose grpc.health.v1 status of
+  // dysco.v1.Generation is SERVING (gRPC's client-side health checking, a Watch stream per
+  // address): a replica that starts draining or is still loading stops getting new calls. Off for
+  // `health`, which must reach a server that is not ready to report it.
+  bool health_checked = true;
+};
+
+// Builds the channel from the connection flags. Calls of dysco.v1.Generation that the server
+// refuses with UNAVAILABLE before answering (a replica that began draining just after it was
+// picked) are retried, up to 4 attempts with backoff. Returns "" or an error naming the flag.
+std::string Connect(const FlagSet& flags, const ConnectOptions& options, Connection* out);
 
 // "error: INVALID_ARGUMENT: sampling.top_p must be in (0, 1]" on stderr.
 void PrintRpcError(const char* rpc, const grpc::Status& status);

@@ -1,27 +1,29 @@
 #include "server/dysco_server.h"
 
+#include <fstream>
 #include <future>
 #include <mutex>
+#include <sstream>
 #include <thread>
 #include <utility>
 
+#include <google/protobuf/stubs/common.h>
+#include <google/protobuf/stubs/logging.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/impl/server_builder_option.h>
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server.h>
 #include <grpcpp/server_builder.h>
-#include <google/protobuf/stubs/common.h>
-#include <google/protobuf/stubs/logging.h>
 #include <spdlog/spdlog.h>
 
 #include "core/base/format.h"
+#include "grpc/health/v1/health.pb.h"
 #include "server/grpc_status.h"
 
 namespace dysco::server {
 namespace {
 
-// Long prompts as text or token ids: 16 MiB is ~4M token ids, far beyond any context we serve.
-constexpr int kMaxReceiveMessageBytes = 16 << 20;
 // In-flight RPCs get this long to send their last messages when the gRPC server stops.
 constexpr auto kShutdownGrace = std::chrono::seconds(5);
 
@@ -42,6 +44,61 @@ void InstallProtobufLogHandler() {
 #endif
 }
 
+// --reflection for this server: linking grpc++_reflection registers its plugin with every
+// ServerBuilder of the process (a static initialiser), so turning reflection off means taking the
+// plugin out of this builder's list; turning it on adds it where that initialiser did not run.
+class ReflectionOption final : public grpc::ServerBuilderOption {
+ public:
+  explicit ReflectionOption(bool enabled) : enabled_(enabled) {}
+  void UpdateArguments(grpc::ChannelArguments*) override {}
+  void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
+    grpc::reflection::ProtoServerReflectionPlugin probe;
+    const std::string name = probe.name();
+    bool present = false;
+    for (auto it = plugins->begin(); it != plugins->end();) {
+      if ((*it)->name() == name && !enabled_) {
+        it = plugins->erase(it);
+        continue;
+      }
+      present |= (*it)->name() == name;
+      ++it;
+    }
+    if (enabled_ && !present) {
+      plugins->push_back(std::make_unique<grpc::reflection::ProtoServerReflectionPlugin>());
+    }
+  }
+
+ private:
+  const bool enabled_;
+};
+
+StatusOr<std::string> ReadPem(const char* flag, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream text;
+  if (!in || !(text << in.rdbuf()))
+    return NotFoundError(std::string(flag) + ": cannot read " + path);
+  if (text.str().find("-----BEGIN ") == std::string::npos) {
+    return InvalidArgumentError(std::string(flag) + ": " + path + " is not a PEM file");
+  }
+  return text.str();
+}
+
+// Plaintext, TLS, or mutual TLS (a client certificate signed by --tls-client-ca is required).
+StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeCredentials(const ServerOptions& options) {
+  if (options.tls_cert.empty()) return grpc::InsecureServerCredentials();
+  grpc::SslServerCredentialsOptions ssl(
+      options.tls_client_ca.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                                    : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+  DYSCO_ASSIGN_OR_RETURN(pair.private_key, ReadPem("--tls-key", options.tls_key));
+  DYSCO_ASSIGN_OR_RETURN(pair.cert_chain, ReadPem("--tls-cert", options.tls_cert));
+  ssl.pem_key_cert_pairs.push_back(std::move(pair));
+  if (!options.tls_client_ca.empty()) {
+    DYSCO_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadPem("--tls-client-ca", options.tls_client_ca));
+  }
+  return grpc::SslServerCredentials(ssl);
+}
+
 std::string HostPort(const std::string& host, int port) {
   const bool ipv6 = host.find(':') != std::string::npos && host.front() != '[';
   return (ipv6 ? "[" + host + "]" : host) + ":" + std::to_string(port);
@@ -57,12 +114,24 @@ StatusOr<std::unique_ptr<DyscoServer>> DyscoServer::Start(const ServerOptions& o
   std::unique_ptr<DyscoServer> s(new DyscoServer(options));
   InstallProtobufLogHandler();
 
+  DYSCO_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
+                         MakeCredentials(options));
+  if (!options.auth_token_file.empty()) {
+    DYSCO_ASSIGN_OR_RETURN(s->tokens_, BearerTokens::Load(options.auth_token_file));
+    s->service_.SetTokens(s->tokens_.get());
+  }
+
   grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  // The default health service answers from gRPC's own (upb) code, so without this the protobuf
+  // descriptor of grpc.health.v1 is never linked in and reflection lists Health but cannot
+  // describe it (FileContainingSymbol: NOT_FOUND): reflection-driven tools could not call it.
+  (void)grpc::health::v1::HealthCheckRequest::descriptor();
   grpc::ServerBuilder builder;
+  builder.SetOption(std::make_unique<ReflectionOption>(options.reflection));
   const std::string address = HostPort(options.host, options.port);
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &s->port_);
-  builder.SetMaxReceiveMessageSize(kMaxReceiveMessageBytes);
+  builder.AddListeningPort(address, credentials, &s->port_);
+  // Checked by gRPC before the message is parsed or reaches us (RESOURCE_EXHAUSTED).
+  builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_request_bytes));
   builder.RegisterService(&s->service_);
   s->grpc_server_ = builder.BuildAndStart();
   if (s->grpc_server_ == nullptr || s->port_ == 0) {
@@ -75,13 +144,17 @@ StatusOr<std::unique_ptr<DyscoServer>> DyscoServer::Start(const ServerOptions& o
 
   if (options.metrics_port >= 0) {
     DyscoServer* self = s.get();
-    auto endpoint = MetricsEndpoint::Start(options.host, options.metrics_port,
+    const std::string& metrics_host =
+        options.metrics_host.empty() ? options.host : options.metrics_host;
+    auto endpoint = MetricsEndpoint::Start(metrics_host, options.metrics_port,
                                            [self] { return self->RenderMetrics(); });
     if (!endpoint.ok()) return endpoint.status();  // the destructor stops gRPC
     s->metrics_endpoint_ = std::move(endpoint).value();
   }
-  spdlog::info("server_listening grpc={} grpc_port={} metrics_port={}", address, s->port_,
-               s->metrics_port());
+  spdlog::info("server_listening grpc={} grpc_port={} metrics_port={} tls={} auth={} reflection={}",
+               address, s->port_, s->metrics_port(),
+               options.tls_cert.empty() ? "off" : (options.tls_client_ca.empty() ? "on" : "mutual"),
+               s->tokens_ != nullptr ? "bearer" : "off", options.reflection ? "on" : "off");
   return s;
 }
 
@@ -159,6 +232,20 @@ void DyscoServer::Shutdown() {
   engine_.reset();
   grpc_server_.reset();
   spdlog::info("server_stopped");
+}
+
+void DyscoServer::ReloadTokens() {
+  if (tokens_ == nullptr) {
+    spdlog::info("auth_reload skipped=\"no --auth-token-file\"");
+    return;
+  }
+  const StatusOr<size_t> n = tokens_->Reload();
+  if (n.ok()) {
+    spdlog::info("auth_reload tokens={}", *n);
+  } else {
+    spdlog::error("auth_reload_failed status={} kept=previous tokens",
+                  QuoteUntrusted(n.status().ToString(), kMaxStatusMessageBytes));
+  }
 }
 
 int DyscoServer::metrics_port() const {

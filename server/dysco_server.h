@@ -20,6 +20,7 @@
 #include <memory>
 
 #include "core/base/status.h"
+#include "server/bearer_tokens.h"
 #include "server/generation_service.h"
 #include "server/metrics.h"
 #include "server/server_options.h"
@@ -34,7 +35,8 @@ inline constexpr char kReadinessService[] = "dysco.v1.Generation";
 
 class DyscoServer {
  public:
-  // UNAVAILABLE when a port cannot be bound.
+  // UNAVAILABLE when a port cannot be bound; NOT_FOUND / INVALID_ARGUMENT naming the flag for an
+  // unreadable or empty TLS or token file.
   static StatusOr<std::unique_ptr<DyscoServer>> Start(const ServerOptions& options);
   ~DyscoServer();
   DyscoServer(const DyscoServer&) = delete;
@@ -47,6 +49,8 @@ class DyscoServer {
   // to end (one engine step).
   void Drain(std::chrono::duration<double> timeout);
   void Shutdown();  // idempotent
+  // Re-reads --auth-token-file (SIGHUP); on failure keeps the tokens it had and logs why.
+  void ReloadTokens();
 
   int port() const { return port_; }  // the bound gRPC port
   int metrics_port() const;           // -1 when /metrics is disabled
@@ -60,6 +64,7 @@ class DyscoServer {
 
   ServerOptions options_;
   ServerMetrics metrics_;
+  std::unique_ptr<BearerTokens> tokens_;  // before service_, which references it
   GenerationService service_{&metrics_};
   std::unique_ptr<Engine> engine_;
   std::atomic<Engine*> loaded_engine_{nullptr};

@@ -405,11 +405,22 @@ std::string GenerationService::NewRequestId() {
   return "req-" + prefix + "-" + std::to_string(next_request_.fetch_add(1));
 }
 
+Status GenerationService::Authenticate(const grpc::CallbackServerContext& context) const {
+  if (tokens_ == nullptr) return OkStatus();
+  const auto& metadata = context.client_metadata();
+  const auto it = metadata.find("authorization");
+  if (it == metadata.end()) return tokens_->Check(nullptr);
+  const std::string_view value(it->second.data(), it->second.size());
+  return tokens_->Check(&value);
+}
+
 grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
     grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
   Engine* engine = engine_.load(std::memory_order_acquire);
   auto* reactor = new GenerateReactor(this, engine, context);
-  if (engine == nullptr) {
+  if (Status auth = Authenticate(*context); !auth.ok()) {
+    reactor->Refuse("", auth);
+  } else if (engine == nullptr) {
     reactor->Refuse("", UnavailableError("the model is loading"));
   } else if (draining()) {
     reactor->Refuse("", UnavailableError("the server is draining"));
@@ -467,7 +478,9 @@ grpc::ServerUnaryReactor* GenerationService::GetModelInfo(grpc::CallbackServerCo
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   Engine* engine = engine_.load(std::memory_order_acquire);
   v1::GetModelInfoRequest parsed;
-  if (engine == nullptr) {
+  if (Status auth = Authenticate(*context); !auth.ok()) {
+    Refused(auth, reactor);
+  } else if (engine == nullptr) {
     reactor->Finish(kLoading);
   } else if (!ParseMessage(*request, &parsed)) {
     Refused(UnparseableRequest("dysco.v1.GetModelInfoRequest"), reactor);
@@ -542,7 +555,9 @@ grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContex
                                                       grpc::ByteBuffer* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   Engine* engine = engine_.load(std::memory_order_acquire);
-  if (engine == nullptr) {
+  if (Status auth = Authenticate(*context); !auth.ok()) {
+    Refused(auth, reactor);
+  } else if (engine == nullptr) {
     reactor->Finish(kLoading);
   } else if (!workers_.Post([this, engine, request, response, reactor] {
                RunTokenize(*engine, *request, response, reactor);

@@ -23,6 +23,7 @@
 
 #include "core/engine/engine.h"
 #include "dysco/v1/generation.grpc.pb.h"
+#include "server/bearer_tokens.h"
 #include "server/metrics.h"
 #include "server/request_workers.h"
 
@@ -41,6 +42,10 @@ class GenerationService final : public GenerationServiceBase {
                              size_t max_waiting_requests = 256)
       : metrics_(metrics), workers_(request_workers, max_waiting_requests) {}
 
+  // From now on every RPC of the service needs one of these bearer tokens (UNAUTHENTICATED
+  // otherwise, checked before anything else). Call before the gRPC server starts; `tokens` (not
+  // owned) must outlive the service. Health and reflection are other services: never checked.
+  void SetTokens(const BearerTokens* tokens) { tokens_ = tokens; }
   // Makes the service answer; before it every RPC gets UNAVAILABLE "the model is loading".
   void SetEngine(Engine* engine) { engine_.store(engine, std::memory_order_release); }
   // From now on new Generate RPCs get UNAVAILABLE; running ones continue.
@@ -60,6 +65,7 @@ class GenerationService final : public GenerationServiceBase {
   friend class GenerateReactor;
 
   std::string NewRequestId();
+  Status Authenticate(const grpc::CallbackServerContext& context) const;
   void CountRefused(grpc::StatusCode code) {
     if (metrics_ != nullptr) metrics_->OnRefused(code);
   }
@@ -72,6 +78,7 @@ class GenerationService final : public GenerationServiceBase {
                    grpc::ServerUnaryReactor* reactor);
 
   ServerMetrics* const metrics_;
+  const BearerTokens* tokens_ = nullptr;  // set before serving, then only read
   std::atomic<Engine*> engine_{nullptr};
   std::atomic<bool> draining_{false};
   std::atomic<uint64_t> next_request_{1};

@@ -1,7 +1,7 @@
 // dysco-server: serves a model package over gRPC (dysco.v1.Generation) with Prometheus metrics.
 // See server/server_options.h for the flags. SIGTERM / SIGINT drain (new requests UNAVAILABLE,
 // running ones finish within --drain-timeout, the rest are cancelled) and then stop the server; a
-// second signal exits at once (Ctrl-C twice).
+// second signal exits at once (Ctrl-C twice). SIGHUP re-reads --auth-token-file.
 // Exit codes: 0 after a drain, 1 when the server cannot start or load the model (or on a second
 // signal), 2 for bad flags.
 #include <unistd.h>
@@ -27,7 +27,7 @@ int g_signal_pipe[2] = {-1, -1};
 std::atomic<int> g_signals{0};
 
 extern "C" void OnSignal(int signal_number) {
-  if (g_signals.fetch_add(1) > 0) {
+  if (signal_number != SIGHUP && g_signals.fetch_add(1) > 0) {
     static const char kMessage[] = "dysco-server: second signal, exiting now\n";
     const ssize_t written = write(STDERR_FILENO, kMessage, sizeof(kMessage) - 1);
     (void)written;
@@ -44,7 +44,8 @@ bool InstallSignalHandlers() {
   action.sa_handler = OnSignal;
   sigemptyset(&action.sa_mask);
   action.sa_flags = SA_RESTART;
-  return sigaction(SIGINT, &action, nullptr) == 0 && sigaction(SIGTERM, &action, nullptr) == 0;
+  return sigaction(SIGINT, &action, nullptr) == 0 && sigaction(SIGTERM, &action, nullptr) == 0 &&
+         sigaction(SIGHUP, &action, nullptr) == 0;
 }
 
 int WaitForSignal() {
@@ -93,7 +94,12 @@ int main(int argc, char** argv) {
   }
   spdlog::info("ready grpc_port={} metrics_port={}", (*server)->port(), (*server)->metrics_port());
 
-  const int signal_number = WaitForSignal();
+  int signal_number = WaitForSignal();
+  while (signal_number == SIGHUP) {
+    spdlog::info("signal_received signal=SIGHUP");
+    (*server)->ReloadTokens();
+    signal_number = WaitForSignal();
+  }
   spdlog::info("signal_received signal={}", signal_number == SIGTERM ? "SIGTERM" : "SIGINT");
   (*server)->Drain(std::chrono::duration<double>(options->drain_timeout_seconds));
   (*server)->Shutdown();

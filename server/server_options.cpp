@@ -14,14 +14,22 @@ namespace {
 
 const char kUsage[] =
     "usage: dysco-server --model DIR [--config FILE.yaml] [--host ADDR] [--port N]\n"
-    "         [--metrics-port N] [--device cpu|cuda:0] [--kv-pages N | --kv-cache-mb MB]\n"
+    "         [--metrics-host ADDR] [--metrics-port N] [--device cpu|cuda:0]\n"
+    "         [--kv-pages N | --kv-cache-mb MB]\n"
     "         [--page-size N] [--max-batch N] [--max-queued N] [--max-context N]\n"
     "         [--prefill-chunk N] [--max-step-tokens N] [--threads N]\n"
     "         [--max-new-tokens-default N] [--max-new-tokens-limit N] [--drain-timeout SECONDS]\n"
     "         [--log-level trace|debug|info|warn|error|off]\n"
+    "         [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] [--auth-token-file FILE]\n"
+    "         [--reflection true|false] [--max-request-bytes N]\n"
     "  --config: a YAML map whose keys are these flag names without the dashes ('-' or '_'),\n"
     "            e.g. `kv_cache_mb: 512`; flags given on the command line win.\n"
-    "  --port 0 / --metrics-port 0 pick a free port; --metrics-port -1 disables /metrics.\n";
+    "  --port 0 / --metrics-port 0 pick a free port; --metrics-port -1 disables /metrics;\n"
+    "  --metrics-host defaults to --host (127.0.0.1 keeps /metrics local).\n"
+    "  --tls-client-ca: mutual TLS, clients must present a certificate signed by this CA.\n"
+    "  --auth-token-file: one bearer token per line ('#' comments); Generate, GetModelInfo and\n"
+    "            Tokenize need `authorization: Bearer <token>` (health and reflection stay open);\n"
+    "            SIGHUP re-reads the file.\n";
 
 // `where` names the flag (or file: key) in errors.
 Status ParseInt(const std::string& where, const std::string& value, int64_t lo, int64_t hi,
@@ -60,6 +68,20 @@ std::function<Status(ServerOptions*, const std::string&, const std::string&)> St
   };
 }
 
+std::function<Status(ServerOptions*, const std::string&, const std::string&)> BoolSetter(
+    bool ServerOptions::*field) {
+  return [field](ServerOptions* o, const std::string& where, const std::string& value) {
+    if (value == "true" || value == "1" || value == "yes") {
+      o->*field = true;
+    } else if (value == "false" || value == "0" || value == "no") {
+      o->*field = false;
+    } else {
+      return InvalidArgumentError(where + " must be true or false, got \"" + value + "\"");
+    }
+    return OkStatus();
+  };
+}
+
 using Setter = std::function<Status(ServerOptions*, const std::string&, const std::string&)>;
 
 // Flag name (without "--") -> setter. The YAML keys are the same names.
@@ -70,6 +92,13 @@ const std::map<std::string, Setter>& Setters() {
       {"host", StringSetter(&ServerOptions::host)},
       {"port", IntSetter(&ServerOptions::port, 0, 65535)},
       {"metrics-port", IntSetter(&ServerOptions::metrics_port, -1, 65535)},
+      {"metrics-host", StringSetter(&ServerOptions::metrics_host)},
+      {"tls-cert", StringSetter(&ServerOptions::tls_cert)},
+      {"tls-key", StringSetter(&ServerOptions::tls_key)},
+      {"tls-client-ca", StringSetter(&ServerOptions::tls_client_ca)},
+      {"auth-token-file", StringSetter(&ServerOptions::auth_token_file)},
+      {"reflection", BoolSetter(&ServerOptions::reflection)},
+      {"max-request-bytes", IntSetter(&ServerOptions::max_request_bytes, 1024, 1 << 30)},
       {"device", StringSetter(&ServerOptions::device)},
       {"kv-pages", IntSetter(&ServerOptions::kv_pages, 1, kIntMax - 1)},
       {"kv-cache-mb", IntSetter(&ServerOptions::kv_cache_mb, 1, int64_t{1} << 24)},
@@ -186,6 +215,12 @@ StatusOr<ServerOptions> ParseServerFlags(const std::vector<std::string>& args, b
     DYSCO_RETURN_IF_ERROR(it->second(&options, "--" + name, value));
   }
   if (options.model.empty()) return InvalidArgumentError("--model is required");
+  if (options.tls_cert.empty() != options.tls_key.empty()) {
+    return InvalidArgumentError("--tls-cert and --tls-key must be given together");
+  }
+  if (!options.tls_client_ca.empty() && options.tls_cert.empty()) {
+    return InvalidArgumentError("--tls-client-ca needs --tls-cert and --tls-key");
+  }
   if (options.max_new_tokens_default > options.max_new_tokens_limit) {
     return InvalidArgumentError("--max-new-tokens-default (" +
                                 std::to_string(options.max_new_tokens_default) +

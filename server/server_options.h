@@ -18,8 +18,18 @@ namespace dysco::server {
 struct ServerOptions {
   std::string model;  // model package directory (required)
   std::string host = "0.0.0.0";
-  int port = 50051;         // 0 = any free port (tests)
-  int metrics_port = 9090;  // 0 = any free port; -1 = no metrics endpoint
+  int port = 50051;          // 0 = any free port (tests)
+  int metrics_port = 9090;   // 0 = any free port; -1 = no metrics endpoint
+  std::string metrics_host;  // "" = host; e.g. 127.0.0.1 keeps /metrics off the network
+  // TLS on the gRPC port (PEM files): cert and key together; client_ca adds mutual TLS (a client
+  // certificate signed by it is required).
+  std::string tls_cert;
+  std::string tls_key;
+  std::string tls_client_ca;
+  // Bearer tokens, one per line (server/bearer_tokens.h); reloaded on SIGHUP. "" = no auth.
+  std::string auth_token_file;
+  bool reflection = true;  // grpc.reflection.v1alpha (never behind the token, like health)
+  int64_t max_request_bytes = 16 << 20;  // larger request messages: RESOURCE_EXHAUSTED, unread
   std::string device = "cpu";
   int64_t kv_pages = 0;        // > 0: exactly this many KV pages
   int64_t kv_cache_mb = 1024;  // otherwise: as many pages as fit in this many MiB
@@ -29,7 +39,7 @@ struct ServerOptions {
   int64_t max_context = 0;  // 0 = the model's context length
   int64_t prefill_chunk = 256;
   int64_t max_step_tokens = 256;  // SchedulerOptions: bounds cancel/deadline latency
-  int threads = 0;  // 0 = torch's default
+  int threads = 0;                // 0 = torch's default
   int64_t max_new_tokens_default = 256;
   int64_t max_new_tokens_limit = 4096;
   double drain_timeout_seconds = 30.0;

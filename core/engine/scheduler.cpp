@@ -435,6 +435,9 @@ Status Scheduler::Impl::CheckQueueLocked() const {
 StatusOr<SessionId> Scheduler::Impl::Submit(SessionRequest request, SessionCallback callback) {
   const auto submitted = Clock::now();
   if (!callback) return InvalidArgumentError("callback is empty");
+  // A request that is wrong is INVALID_ARGUMENT whatever the load (the field checks are cheap);
+  // then a full queue refuses it before its prompt is encoded.
+  DYSCO_RETURN_IF_ERROR(factory_->Validate(request.generate));
   {
     MutexLock lock(&mu_);
     DYSCO_RETURN_IF_ERROR(CheckQueueLocked());

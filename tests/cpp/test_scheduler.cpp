@@ -384,6 +384,11 @@ TEST_F(SchedulerTest, QueueLimitAndPoolTooSmall) {
   auto full = sched->Submit(Session(Story("A cat", 3)), rec.Callback(3));
   EXPECT_EQ(full.status().code(), StatusCode::kResourceExhausted);
   EXPECT_EQ(full.status().message(), "queue full (2 waiting)");
+  // A wrong request is INVALID_ARGUMENT, full queue or not: the client must fix it, not retry it.
+  GenerateRequest wrong = Story("A cat", 3);
+  wrong.sampling.top_p = 1.5;
+  auto invalid = sched->Submit(Session(wrong), rec.Callback(3));
+  EXPECT_EQ(invalid.status().code(), StatusCode::kInvalidArgument) << invalid.status().ToString();
   EXPECT_EQ(sched->stats().waiting, 2);
   EXPECT_EQ(sched->stats().running, 1);
   gate.Open();
