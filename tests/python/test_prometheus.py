@@ -342,6 +342,19 @@ def test_dysco_overhead_ratio_panel(loaded):
         assert 0.1 < ratio < 100, ratio  # a DySCO step and a plain step of the same model, not garbage
 
 
+def test_a_broken_query_fails(loaded):
+    # What the checks above would say about a typo in a metric name, a label value that matches nothing, or an
+    # unknown dashboard variable: each is a failure, not a pass.
+    what, expr = _panel_targets()[1]
+    variables = {"model": ".*", "instance": ".*", "__rate_interval": loaded.window}
+    with pytest.raises(AssertionError, match="no data"):
+        _require_data(loaded.prom, _substitute(expr.replace("dysco_", "dysko_"), variables), what)
+    with pytest.raises(AssertionError, match="no data"):
+        _require_data(loaded.prom, _substitute(expr, {**variables, "model": "no-such-model"}), what)
+    with pytest.raises(AssertionError, match="unknown dashboard variable"):
+        _substitute(expr + " + $node", variables)
+
+
 def _split_threshold(expr):
     """An alert expression -> its operands without the threshold comparisons: `a > 8 and b > 0` -> [a, b]."""
     parts = re.split(r"\s+(?:and|or|unless)\s+", " ".join(expr.split()))
