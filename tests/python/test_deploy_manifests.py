@@ -299,6 +299,8 @@ def test_gpu_overlay_asks_for_a_gpu():
     assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     assert _flags(container)["device"].startswith("cuda")
     assert container["image"].endswith(":cuda")
+    # The model init container comes from the same image (it copies the package baked into it).
+    assert {c["image"] for c in pod.get("initContainers", []) + pod["containers"]} == {container["image"]}
     cpu = _render("cpu")
     assert "nvidia.com/gpu" not in str(_container(cpu)["resources"]) and "nodeSelector" not in _pod(cpu)["spec"]
     assert _flags(_container(cpu))["device"] == "cpu" and _container(cpu)["image"].endswith(":cpu")

@@ -105,6 +105,14 @@ def test_promtool_rules_and_config():
     print(f"promtool test rules: {len(tests)} test groups, {len(names)} alerts each shown firing")
 
 
+def test_every_dashboard_panel_is_documented():
+    docs = OPERATIONS.read_text()
+    dashboard = json.loads(DASHBOARD.read_text())
+    titles = [p["title"] for p in dashboard["panels"] if p["type"] != "row"]
+    missing = [t for t in titles if f"**{t}**" not in docs]
+    assert not missing, f"panels missing from docs/operations.md (Dashboard): {missing}"
+
+
 def test_every_alert_has_a_runbook_entry():
     text = OPERATIONS.read_text()
     headings = {h.strip() for h in re.findall(r"^#+\s+(.*)$", text, re.M)}
@@ -398,6 +406,13 @@ def test_promtool_check_metrics_on_the_exposition(loaded):
     print(out)
     assert run.returncode == 0, out
     assert b"dysco_step_seconds_bucket" in body
+    # Every metric family the server exports is documented in docs/operations.md.
+    families = re.findall(r"^# TYPE (\S+) ", body.decode(), re.M)
+    assert len(families) >= 14, families
+    docs = OPERATIONS.read_text()
+    undocumented = [f for f in families if f"`{f}" not in docs]
+    assert not undocumented, f"metrics missing from docs/operations.md: {undocumented}"
+    print(f"promtool check metrics: {len(families)} metric families pass, each documented")
 
 
 def test_threshold_split_fails_on_a_bare_expression():
