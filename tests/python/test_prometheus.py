@@ -11,7 +11,7 @@
   those values and $__rate_interval to a window over the load, must return at least one series, every value
   finite; every recording rule's record and expression and every alert's expression without its threshold
   comparison must return data; Prometheus must report every rule group healthy; `promtool check metrics` must pass
-  on the server's exposition. About 40 s on 2 cores.
+  on the server's exposition. About 55 s measured on a shared 2-core machine under a load average of 9.
 
 Skipped when a binary (server, client, prometheus, promtool) or the model package is missing, unless the CI
 environment variable is set (then it fails). DYSCO_SERVER_BIN / DYSCO_CLIENT_BIN / DYSCO_MODEL_DIR override the
