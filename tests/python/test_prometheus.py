@@ -235,6 +235,17 @@ def loaded(tmp_path_factory):
                  _bench(server.target, True, 4, PHASE_CALLS)]
         results["mixed plain"] = _bench_result(mixed[0], "mixed plain")
         results["mixed dysco"] = _bench_result(mixed[1], "mixed dysco")
+        # One malformed request (top_p > 1): refused with INVALID_ARGUMENT, so dysco_requests_refused_total has a
+        # series too (a code's series appears at its first refusal).
+        channel = grpc.insecure_channel(server.target)
+        try:
+            request = pb.gen.GenerateRequest(prompt="Hello", max_new_tokens=4)
+            request.sampling.top_p = 1.5
+            with pytest.raises(grpc.RpcError) as refused:
+                list(pb.gen_grpc.GenerationStub(channel).Generate(request, timeout=60))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+        finally:
+            channel.close()
         results["load_s"] = round(time.monotonic() - phase_start, 1)
         time.sleep(3)  # the last scrapes and rule evaluations after the load
         load_s = time.monotonic() - load_start
@@ -408,7 +419,7 @@ def test_promtool_check_metrics_on_the_exposition(loaded):
     assert b"dysco_step_seconds_bucket" in body
     # Every metric family the server exports is documented in docs/operations.md.
     families = re.findall(r"^# TYPE (\S+) ", body.decode(), re.M)
-    assert len(families) >= 14, families
+    assert len(families) >= 14, families  # server/metrics.h: 14 families today
     docs = OPERATIONS.read_text()
     undocumented = [f for f in families if f"`{f}" not in docs]
     assert not undocumented, f"metrics missing from docs/operations.md: {undocumented}"
