@@ -42,9 +42,14 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDYSCO_CUDA=ON \
   -DTORCH_LIBRARY="$TORCH_LIB/libtorch.so" -Dc10_LIBRARY="$TORCH_LIB/libc10.so" \
   -DGTEST_ROOT="$SYS/usr" > "$OUT/configure.log" 2>&1
 configure_rc=$?
+# The test binaries first (they must build); then everything else (server, client, tools,
+# benchmarks), reported on its own row, so that a link problem there does not hide test results.
+TEST_BINARIES="test_kernels_cuda test_kernels test_dysco_ops test_kv_page_pool test_sampler \
+  test_chat_format test_tokenizer test_model_config"
 build_rc=1
 if [ $configure_rc -eq 0 ]; then
-  cmake --build "$BUILD" -j "$JOBS" > "$OUT/build.log" 2>&1
+  # shellcheck disable=SC2086
+  cmake --build "$BUILD" -j "$JOBS" --target $TEST_BINARIES > "$OUT/build.log" 2>&1
   build_rc=$?
 fi
 build_s=$(( $(date +%s) - start ))
@@ -55,7 +60,16 @@ if [ $configure_rc -ne 0 ] || [ $build_rc -ne 0 ]; then
   publish
   exit 1
 fi
-row "configure + build -j$JOBS" ok "$build_s" "$(grep -c '^\[' "$OUT/build.log") build steps"
+row "configure + build -j$JOBS" ok "$build_s" "the op library and the test binaries"
+start=$(date +%s)
+if cmake --build "$BUILD" -j "$JOBS" -- -k 0 > "$OUT/build-all.log" 2>&1; then
+  row "build everything else" ok $(( $(date +%s) - start )) "server, client, tools, benchmarks"
+else
+  row "build everything else" FAIL $(( $(date +%s) - start )) \
+    "$(grep -c '^FAILED' "$OUT/build-all.log") failed steps: $(grep '^FAILED' "$OUT/build-all.log" | awk '{print $NF}' | tr '\n' ' ')"
+  grep -E "error|undefined reference" "$OUT/build-all.log" | head -8
+  fail=1
+fi
 
 # One gtest binary: runs it, records passed / failed / skipped counts from its XML report.
 run_test() {
@@ -96,9 +110,8 @@ PY
 
 # GPU tests, then the CPU tests that need no model package (models/ does not travel).
 run_test test_kernels_cuda
-for t in test_kernels test_dysco_ops test_kv_page_pool test_sampler test_chat_format \
-         test_tokenizer test_model_config; do
-  run_test "$t"
+for t in $TEST_BINARIES; do
+  [ "$t" = test_kernels_cuda ] || run_test "$t"
 done
 # The timings the GPU test printed (ms per call, from CUDA events).
 grep -h "^\[timing\]" "$OUT/test_kernels_cuda.log" | tee -a "$SUMMARY"
