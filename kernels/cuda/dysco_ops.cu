@@ -110,23 +110,31 @@ __device__ __forceinline__ Strength ReadStrength(float strength) {
 struct RadixState {
   unsigned int count[kRadixBuckets];
   double mass[kRadixBuckets];
-  uint64_t prefix;   // the high digits chosen so far
-  int64_t above;     // entries whose key is below the chosen prefix range (ranked before it)
-  double above_mass; // their relevance, float64
-  int found;         // mass search: 1 when some entry's running sum crosses the threshold
+  uint64_t prefix;    // the high digits chosen so far (the whole key once found)
+  int64_t above;      // entries whose key is below the chosen prefix range (ranked before it)
+  double above_mass;  // their relevance, float64
+  int found;          // mass search: 1 when some entry's running sum crosses the threshold
+  int unique;         // the chosen bucket holds one entry: the key is found by one more scan
 };
 
 // Finds, among the keys of row[0, n), either (by_mass) the first key in ascending order at which
 // the running sum of relevance exceeds threshold, or (!by_mass) the key of the given rank. Leaves
 // it in st.prefix, the number of keys below it in st.above, and st.found = 0 when by_mass finds no
 // crossing. Every thread of the block must call it.
+//
+// Why warp aggregation: relevance values share their high bits, so early passes send most entries
+// to one or two buckets; lanes with the same digit add up their count and mass first, and one lane
+// per digit does the shared-memory atomics. Once the chosen bucket holds a single entry (usually
+// after the 32 relevance bits, ties aside), one scan finds it instead of the remaining passes.
 __device__ void RadixSelect(const float* row, int64_t n, bool by_mass, double threshold,
                             int64_t rank, RadixState& st) {
+  const int lane = threadIdx.x % cuda::kWarpSize;
   if (threadIdx.x == 0) {
     st.prefix = 0;
     st.above = 0;
     st.above_mass = 0.0;
     st.found = 1;
+    st.unique = 0;
   }
   uint64_t mask = 0;
   for (int shift = 64 - kRadixBits; shift >= 0; shift -= kRadixBits) {
@@ -136,13 +144,34 @@ __device__ void RadixSelect(const float* row, int64_t n, bool by_mass, double th
     }
     __syncthreads();
     const uint64_t prefix = st.prefix;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-      const float value = row[j];
-      const uint64_t key = cuda::SortKey(value, j);
-      if ((key & mask) != prefix) continue;
-      const int digit = static_cast<int>((key >> shift) & (kRadixBuckets - 1));
-      atomicAdd(&st.count[digit], 1u);
-      if (by_mass) atomicAdd(&st.mass[digit], static_cast<double>(value));
+    // Whole warps step together (the aggregation below needs every lane).
+    for (int64_t base = threadIdx.x - lane; base < n; base += blockDim.x) {
+      const int64_t j = base + lane;
+      int digit = -1;
+      double value = 0.0;
+      if (j < n) {
+        const float v = row[j];
+        const uint64_t key = cuda::SortKey(v, j);
+        if ((key & mask) == prefix) {
+          digit = static_cast<int>((key >> shift) & (kRadixBuckets - 1));
+          value = v;
+        }
+      }
+      const unsigned peers = __match_any_sync(0xffffffffu, digit);
+      if (by_mass) {
+        if (!__all_sync(0xffffffffu, peers == (1u << lane))) {
+          double sum = 0.0;
+          for (int src = 0; src < cuda::kWarpSize; ++src) {
+            const double x = __shfl_sync(0xffffffffu, value, src);
+            if ((peers >> src) & 1u) sum += x;
+          }
+          value = sum;
+        }
+      }
+      if (digit >= 0 && lane == __ffs(peers) - 1) {
+        atomicAdd(&st.count[digit], static_cast<unsigned>(__popc(peers)));
+        if (by_mass) atomicAdd(&st.mass[digit], value);
+      }
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -175,11 +204,24 @@ __device__ void RadixSelect(const float* row, int64_t n, bool by_mass, double th
           st.above_mass = last_mass;
         }
       }
-      if (chosen >= 0) st.prefix |= static_cast<uint64_t>(chosen) << shift;
+      if (chosen >= 0) {
+        st.prefix |= static_cast<uint64_t>(chosen) << shift;
+        st.unique = st.count[chosen] == 1;
+      }
     }
     __syncthreads();
     if (st.found == 0) return;
     mask |= static_cast<uint64_t>(kRadixBuckets - 1) << shift;
+    if (st.unique) {
+      const uint64_t unique_prefix = st.prefix;
+      __syncthreads();  // every thread has read st.prefix before its owner rewrites it
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+        const uint64_t key = cuda::SortKey(row[j], j);
+        if ((key & mask) == unique_prefix) st.prefix = key;
+      }
+      __syncthreads();
+      return;
+    }
   }
 }
 
@@ -195,22 +237,29 @@ __global__ void __launch_bounds__(kSelectThreads)
   const float p = top_p[b];
   const int64_t k = top_k[b];
 
-  // m: the number of entries selected (kernels/ops.h): the top_p prefix, capped by top_k.
+  // m: the number of entries selected (kernels/ops.h): the top_p prefix, capped by top_k. The
+  // selected entries are those whose key is <= threshold.
   int64_t m = 0;
+  uint64_t threshold = 0;
+  bool known = false;  // threshold already known from the nucleus search
   if (n > 0) {
     const int64_t limit = k <= 0 ? n : min(k, n);
     if (p > 0.0f) {
       RadixSelect(row, n, /*by_mass=*/true, static_cast<double>(p), 0, st);
       const int64_t nucleus = st.found ? (st.above > 1 ? st.above : 1) : n;
       m = min(nucleus, limit);
+      if (st.found && m == nucleus) {
+        // The entries before the crossing one (keys are distinct integers), or that entry alone
+        // when it is the first.
+        threshold = st.above >= 1 ? st.prefix - 1 : st.prefix;
+        known = true;
+      }
     } else {
       m = k <= 0 ? 0 : limit;  // neither set: rejected on the CPU; selects nothing here
     }
   }
-  // Keys <= threshold are selected.
-  uint64_t threshold = 0;
-  bool all = m >= n;
-  if (m > 0 && !all) {
+  const bool all = m >= n;
+  if (m > 0 && !all && !known) {
     __syncthreads();
     RadixSelect(row, n, /*by_mass=*/false, 0.0, m - 1, st);
     threshold = st.prefix;

@@ -35,6 +35,9 @@ constexpr int kAttentionWarps = 4;
 constexpr int kAttentionThreads = kAttentionWarps * kWarpSize;
 // A split never covers fewer keys than this (below it the merge costs more than it saves).
 constexpr int64_t kMinKeysPerSplit = 256;
+// Splits are chosen for about this many blocks per multiprocessor: decode reads one row per key and
+// warp, so it needs many warps in flight to cover memory latency.
+constexpr int64_t kBlocksPerMultiprocessor = 8;
 // Bound on the split workspace, in floats (256 MiB), so that a long prefill falls back to fewer
 // splits (it has parallelism enough over its tokens).
 constexpr int64_t kMaxWorkspaceFloats = 64LL << 20;
@@ -147,18 +150,8 @@ __global__ void __launch_bounds__(kAttentionThreads)
 
   const int32_t* pages = p.tables + b * p.max_pages;
   const float* bias = p.bias == nullptr ? nullptr : p.bias + b * p.bias_width;
-  for (int64_t j = key_begin + warp; j < key_end; j += kAttentionWarps) {
-    const int64_t page = Clamp(pages[j / p.page_size], 0, p.num_pages - 1);
-    const int64_t offset = page * page_stride + (j % p.page_size) * token_stride +
-                           static_cast<int64_t>(kv_head) * head_dim;
-    float k[kDPerLane];
-    float v[kDPerLane];
-#pragma unroll
-    for (int i = 0; i < kDPerLane; ++i) {
-      const int d = i * kWarpSize + lane;
-      k[i] = d < head_dim ? Convert<T>::ToFloat(p.k_cache[offset + d]) : 0.0f;
-      v[i] = d < head_dim ? Convert<T>::ToFloat(p.v_cache[offset + d]) : 0.0f;
-    }
+  // One key of the online softmax, for every row of the block.
+  auto attend = [&](int64_t j, const float (&k)[kDPerLane], const float (&v)[kDPerLane]) {
     const float key_bias = bias == nullptr ? 0.0f : bias[j];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
@@ -175,6 +168,36 @@ __global__ void __launch_bounds__(kAttentionThreads)
 #pragma unroll
       for (int i = 0; i < kDPerLane; ++i) acc[r][i] = acc[r][i] * correction + weight * v[i];
     }
+  };
+  auto load = [&](int64_t j, float (&k)[kDPerLane], float (&v)[kDPerLane]) {
+    const int64_t page = Clamp(pages[j / p.page_size], 0, p.num_pages - 1);
+    const int64_t offset = page * page_stride + (j % p.page_size) * token_stride +
+                           static_cast<int64_t>(kv_head) * head_dim;
+#pragma unroll
+    for (int i = 0; i < kDPerLane; ++i) {
+      const int d = i * kWarpSize + lane;
+      k[i] = d < head_dim ? Convert<T>::ToFloat(p.k_cache[offset + d]) : 0.0f;
+      v[i] = d < head_dim ? Convert<T>::ToFloat(p.v_cache[offset + d]) : 0.0f;
+    }
+  };
+  // Each warp takes keys warp, warp + kAttentionWarps, ...; kUnroll of them are loaded before any
+  // is used, so that several rows are in flight per warp (decode is bound by memory latency).
+  constexpr int kUnroll = kDPerLane >= 8 ? 2 : 4;
+  constexpr int64_t kStride = kAttentionWarps;
+  int64_t j = key_begin + warp;
+  for (; j + (kUnroll - 1) * kStride < key_end; j += kUnroll * kStride) {
+    float k[kUnroll][kDPerLane];
+    float v[kUnroll][kDPerLane];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) load(j + u * kStride, k[u], v[u]);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) attend(j + u * kStride, k[u], v[u]);
+  }
+  for (; j < key_end; j += kStride) {
+    float k[kDPerLane];
+    float v[kDPerLane];
+    load(j, k, v);
+    attend(j, k, v);
   }
 
   // Combine the warps: each writes its state, then warp w combines row w (and w + warps, ...).
@@ -306,11 +329,11 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query, const at::Te
   p.row_chunks = static_cast<int>(cuda::CeilDiv(group, rows));
   p.scale = static_cast<float>(scale);
 
-  // Splits from metadata only: enough blocks for two waves, no split shorter than
-  // kMinKeysPerSplit, a bounded workspace.
+  // Splits from metadata only: about kBlocksPerMultiprocessor blocks per multiprocessor, no split
+  // shorter than kMinKeysPerSplit, a bounded workspace.
   const int64_t max_keys = std::max<int64_t>(1, p.max_pages * p.page_size);
   const int64_t blocks = tokens * cache.num_kv_heads * p.row_chunks;
-  int64_t splits = cuda::CeilDiv(2 * MultiprocessorCount(), blocks);
+  int64_t splits = cuda::CeilDiv(kBlocksPerMultiprocessor * MultiprocessorCount(), blocks);
   splits = std::min(splits, cuda::CeilDiv(max_keys, kMinKeysPerSplit));
   splits = std::min(splits, kMaxWorkspaceFloats / (tokens * num_heads * (cache.head_dim + 2)));
   splits = std::min<int64_t>(std::max<int64_t>(splits, 1), 65535);
