@@ -113,7 +113,13 @@ run_test test_kernels_cuda
 for t in $TEST_BINARIES; do
   [ "$t" = test_kernels_cuda ] || run_test "$t"
 done
-# The timings the GPU test printed (ms per call, from CUDA events).
+# The worst CUDA-vs-CPU errors the GPU test printed, by dtype (fp32: every check that is not a
+# bf16/fp16 attention check), and its timings (ms per call, from CUDA events).
+awk '/^\[maxerr\]/ {
+       kind = /BFloat16/ ? "bf16" : (/Half/ ? "fp16" : "fp32");
+       n[kind]++; if ($(NF-2) > a[kind]) a[kind] = $(NF-2); if ($NF > r[kind]) r[kind] = $NF }
+     END { for (k in n) printf "[maxerr] %s: %d comparisons, max abs error %.3g, max relative error %.3g (|cpu| >= 1e-3)\n", k, n[k], a[k], r[k] }' \
+  "$OUT/test_kernels_cuda.log" | sort | tee -a "$SUMMARY"
 grep -h "^\[timing\]" "$OUT/test_kernels_cuda.log" | tee -a "$SUMMARY"
 echo "gpu-check: $( [ $fail -eq 0 ] && echo all green || echo FAILURES ); logs in $OUT" | tee -a "$SUMMARY"
 publish

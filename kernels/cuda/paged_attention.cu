@@ -67,6 +67,7 @@ struct AttentionParams {
   int group;
   int head_dim;
   int row_chunks;  // ceil(group / kRows)
+  bool vector_loads;  // head_dim % 8 == 0 and a 16-byte aligned cache: K rows read 8 elements at a time
   float scale;
 };
 
@@ -129,76 +130,127 @@ __global__ void __launch_bounds__(kAttentionThreads)
   const int64_t key_begin = min(limit, split * p.split_len);
   const int64_t key_end = min(limit, key_begin + p.split_len);
 
-  float q[kRows][kDPerLane];
-  float m[kRows];
-  float l[kRows];
-  float acc[kRows][kDPerLane];
+  // The block's query rows, scaled, in shared memory: every lane reads all of head_dim for QK^T.
+  __shared__ float s_q[kRows][kMaxHeadDim];
+  for (int i = threadIdx.x; i < kRows * head_dim; i += blockDim.x) {
+    const int r = i / head_dim;
+    const int d = i % head_dim;
+    s_q[r][d] = r < rows ? Convert<T>::ToFloat(p.query[(token * p.num_heads + head0 + r) * head_dim + d]) *
+                               p.scale
+                         : 0.0f;
+  }
+  __syncthreads();
+
+  float m[kRows];  // running max, uniform over the warp
+  float l[kRows];  // running sum of weights, this lane's keys only (added up at the end)
+  float acc[kRows][kDPerLane];  // weighted sum of values, lanes over head_dim
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     m[r] = -INFINITY;
     l[r] = 0.0f;
 #pragma unroll
-    for (int i = 0; i < kDPerLane; ++i) {
-      const int d = i * kWarpSize + lane;
-      acc[r][i] = 0.0f;
-      q[r][i] = r < rows && d < head_dim
-                    ? Convert<T>::ToFloat(p.query[(token * p.num_heads + head0 + r) * head_dim + d]) *
-                          p.scale
-                    : 0.0f;
-    }
+    for (int i = 0; i < kDPerLane; ++i) acc[r][i] = 0.0f;
   }
 
   const int32_t* pages = p.tables + b * p.max_pages;
   const float* bias = p.bias == nullptr ? nullptr : p.bias + b * p.bias_width;
-  // One key of the online softmax, for every row of the block.
-  auto attend = [&](int64_t j, const float (&k)[kDPerLane], const float (&v)[kDPerLane]) {
-    const float key_bias = bias == nullptr ? 0.0f : bias[j];
+  const int64_t head_offset = static_cast<int64_t>(kv_head) * head_dim;
+  // Warps take tiles of 32 keys in turn. QK^T with lanes over keys (each lane reads its key's row,
+  // 16-byte loads where aligned), one softmax rescale per tile, then PV with lanes over head_dim
+  // (each value row one coalesced read, the weights broadcast by shuffles).
+  for (int64_t tile = key_begin + warp * kWarpSize; tile < key_end;
+       tile += kAttentionWarps * kWarpSize) {
+    const int64_t j = tile + lane;
+    const int tile_len = static_cast<int>(min(static_cast<int64_t>(kWarpSize), key_end - tile));
+    int64_t offset = 0;
+    float s[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) s[r] = 0.0f;
+    if (lane < tile_len) {
+      const int64_t page = Clamp(pages[j / p.page_size], 0, p.num_pages - 1);
+      offset = page * page_stride + (j % p.page_size) * token_stride + head_offset;
+      const T* key = p.k_cache + offset;
+      if (p.vector_loads) {
+        for (int d0 = 0; d0 < head_dim; d0 += 8) {
+          float k[8];
+          cuda::LoadEight(key + d0, k);
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) s[r] += s_q[r][d0 + e] * k[e];
+          }
+        }
+      } else {
+        for (int d = 0; d < head_dim; ++d) {
+          const float k = Convert<T>::ToFloat(key[d]);
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) s[r] += s_q[r][d] * k;
+        }
+      }
+      const float key_bias = bias == nullptr ? 0.0f : bias[j];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) s[r] += key_bias;
+    } else {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) s[r] = -INFINITY;
+    }
+    // s becomes this lane's key weight, rescaled to the new running max.
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      float dot = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kDPerLane; ++i) dot += q[r][i] * k[i];
-      const float s = cuda::WarpSum(dot) + key_bias;
-      if (r >= rows || s == -INFINITY) continue;  // uniform over the warp
-      const float m_new = fmaxf(m[r], s);
+      const float tile_max = cuda::WarpMax(s[r]);
+      if (r >= rows || tile_max == -INFINITY) {  // uniform over the warp
+        s[r] = 0.0f;
+        continue;
+      }
+      const float m_new = fmaxf(m[r], tile_max);
       const float correction = expf(m[r] - m_new);  // 0 while m is -inf
-      const float weight = expf(s - m_new);
-      l[r] = l[r] * correction + weight;
+      s[r] = expf(s[r] - m_new);                     // 0 for a masked key
+      l[r] = l[r] * correction + s[r];
       m[r] = m_new;
 #pragma unroll
-      for (int i = 0; i < kDPerLane; ++i) acc[r][i] = acc[r][i] * correction + weight * v[i];
+      for (int i = 0; i < kDPerLane; ++i) acc[r][i] *= correction;
     }
-  };
-  auto load = [&](int64_t j, float (&k)[kDPerLane], float (&v)[kDPerLane]) {
-    const int64_t page = Clamp(pages[j / p.page_size], 0, p.num_pages - 1);
-    const int64_t offset = page * page_stride + (j % p.page_size) * token_stride +
-                           static_cast<int64_t>(kv_head) * head_dim;
+    constexpr int kAhead = 4;  // value rows loaded before their weights are applied
+    int kk = 0;
+    for (; kk + kAhead <= tile_len; kk += kAhead) {
+      float v[kAhead][kDPerLane];
 #pragma unroll
-    for (int i = 0; i < kDPerLane; ++i) {
-      const int d = i * kWarpSize + lane;
-      k[i] = d < head_dim ? Convert<T>::ToFloat(p.k_cache[offset + d]) : 0.0f;
-      v[i] = d < head_dim ? Convert<T>::ToFloat(p.v_cache[offset + d]) : 0.0f;
+      for (int u = 0; u < kAhead; ++u) {
+        const T* value = p.v_cache + __shfl_sync(0xffffffffu, offset, kk + u);
+#pragma unroll
+        for (int i = 0; i < kDPerLane; ++i) {
+          const int d = i * kWarpSize + lane;
+          v[u][i] = d < head_dim ? Convert<T>::ToFloat(value[d]) : 0.0f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kAhead; ++u) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const float weight = __shfl_sync(0xffffffffu, s[r], kk + u);
+#pragma unroll
+          for (int i = 0; i < kDPerLane; ++i) acc[r][i] += weight * v[u][i];
+        }
+      }
     }
-  };
-  // Each warp takes keys warp, warp + kAttentionWarps, ...; kUnroll of them are loaded before any
-  // is used, so that several rows are in flight per warp (decode is bound by memory latency).
-  constexpr int kUnroll = kDPerLane >= 8 ? 2 : 4;
-  constexpr int64_t kStride = kAttentionWarps;
-  int64_t j = key_begin + warp;
-  for (; j + (kUnroll - 1) * kStride < key_end; j += kUnroll * kStride) {
-    float k[kUnroll][kDPerLane];
-    float v[kUnroll][kDPerLane];
+    for (; kk < tile_len; ++kk) {
+      const T* value = p.v_cache + __shfl_sync(0xffffffffu, offset, kk);
+      float v[kDPerLane];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) load(j + u * kStride, k[u], v[u]);
+      for (int i = 0; i < kDPerLane; ++i) {
+        const int d = i * kWarpSize + lane;
+        v[i] = d < head_dim ? Convert<T>::ToFloat(value[d]) : 0.0f;
+      }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) attend(j + u * kStride, k[u], v[u]);
+      for (int r = 0; r < kRows; ++r) {
+        const float weight = __shfl_sync(0xffffffffu, s[r], kk);
+#pragma unroll
+        for (int i = 0; i < kDPerLane; ++i) acc[r][i] += weight * v[i];
+      }
+    }
   }
-  for (; j < key_end; j += kStride) {
-    float k[kDPerLane];
-    float v[kDPerLane];
-    load(j, k, v);
-    attend(j, k, v);
-  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) l[r] = cuda::WarpSum(l[r]);
 
   // Combine the warps: each writes its state, then warp w combines row w (and w + warps, ...).
   __shared__ float s_m[kAttentionWarps][kRows];
@@ -328,6 +380,7 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query, const at::Te
   p.head_dim = static_cast<int>(cache.head_dim);
   p.row_chunks = static_cast<int>(cuda::CeilDiv(group, rows));
   p.scale = static_cast<float>(scale);
+  p.vector_loads = cache.head_dim % 8 == 0 && reinterpret_cast<uintptr_t>(kv) % 16 == 0;
 
   // Splits from metadata only: about kBlocksPerMultiprocessor blocks per multiprocessor, no split
   // shorter than kMinKeysPerSplit, a bounded workspace.
