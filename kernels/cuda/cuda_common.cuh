@@ -95,7 +95,8 @@ __device__ __forceinline__ void LoadEight(const c10::Half* src, float (&dst)[8])
 
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
 

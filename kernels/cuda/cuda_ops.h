@@ -27,10 +27,9 @@ void paged_attention_decode_cuda(const at::Tensor& out, const at::Tensor& query,
                                  const c10::optional<at::Tensor>& key_bias);
 
 void paged_attention_prefill_cuda(const at::Tensor& out, const at::Tensor& query,
-                                  const at::Tensor& kv_cache_layer,
-                                  const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                                  const at::Tensor& query_start_loc, double scale,
-                                  const c10::optional<at::Tensor>& key_bias);
+                                  const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,
+                                  const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                                  double scale, const c10::optional<at::Tensor>& key_bias);
 
 void attention_probs_cuda(const at::Tensor& out, const at::Tensor& query,
                           const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,

@@ -41,8 +41,8 @@ constexpr int kRadixBuckets = 1 << kRadixBits;
 // heads summed in order, times 1/H, plus decay * r.
 __global__ void __launch_bounds__(kRowThreads)
     RelevanceAccumulateKernel(float* relevance, const float* probs, const int64_t* num_keys,
-                              const float* decay, double* partial, int64_t width,
-                              int64_t probs_len, int num_heads, float inv_heads) {
+                              const float* decay, double* partial, int64_t width, int64_t probs_len,
+                              int num_heads, float inv_heads) {
   __shared__ double shared[kRowThreads / cuda::kWarpSize];
   const int64_t b = blockIdx.y;
   const int64_t n = Clamp(num_keys[b], 0, min(width, probs_len));
@@ -338,8 +338,8 @@ void dysco_relevance_update_cuda(const at::Tensor& relevance, const at::Tensor& 
   const int64_t width = relevance.size(1);
   const int num_heads = static_cast<int>(probs.size(1));
   const dim3 grid(Blocks(width), static_cast<unsigned>(batch));
-  at::Tensor partial = at::empty({batch, static_cast<int64_t>(grid.x)},
-                                 relevance.options().dtype(at::kDouble));
+  at::Tensor partial =
+      at::empty({batch, static_cast<int64_t>(grid.x)}, relevance.options().dtype(at::kDouble));
   const cudaStream_t stream = cuda::CurrentStream();
   RelevanceAccumulateKernel<<<grid, kRowThreads, 0, stream>>>(
       relevance.data_ptr<float>(), probs.data_ptr<float>(), num_keys.data_ptr<int64_t>(),
@@ -399,10 +399,9 @@ void dysco_template_mask_cuda(const at::Tensor& mask, const at::Tensor& tokens,
   const cudaStream_t stream = cuda::CurrentStream();
   C10_CUDA_CHECK(cudaMemsetAsync(mask.data_ptr<bool>(), 0, length, stream));
   TemplateMaskKernel<<<static_cast<unsigned>(cuda::CeilDiv(length, kRowThreads)), kRowThreads, 0,
-                       stream>>>(mask.data_ptr<bool>(), tokens.data_ptr<int64_t>(), length,
-                                 sequences.data_ptr<int64_t>(), sequences.size(0),
-                                 sequence_offsets.data_ptr<int64_t>(),
-                                 sequence_offsets.size(0) - 1);
+                       stream>>>(
+      mask.data_ptr<bool>(), tokens.data_ptr<int64_t>(), length, sequences.data_ptr<int64_t>(),
+      sequences.size(0), sequence_offsets.data_ptr<int64_t>(), sequence_offsets.size(0) - 1);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

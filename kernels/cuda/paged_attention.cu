@@ -48,11 +48,11 @@ constexpr int64_t kMaxHeadDim = kWarpSize * kMaxDPerLane;
 // Everything the attention kernel reads, by value.
 template <typename T>
 struct AttentionParams {
-  const T* query;           // [tokens, Hq, D]
-  const T* k_cache;         // [NP, PS, Hkv, D]
-  const T* v_cache;         // [NP, PS, Hkv, D]
-  const int32_t* tables;    // [B, P]
-  const int64_t* seq_lens;  // [B]
+  const T* query;                  // [tokens, Hq, D]
+  const T* k_cache;                // [NP, PS, Hkv, D]
+  const T* v_cache;                // [NP, PS, Hkv, D]
+  const int32_t* tables;           // [B, P]
+  const int64_t* seq_lens;         // [B]
   const int64_t* query_start_loc;  // [B + 1] for prefill, nullptr for decode (token b = sequence b)
   const float* bias;               // [B, bias_width] or nullptr
   float* partial;                  // [tokens, Hq, splits, D + 2]: max, sum, acc[D]
@@ -66,8 +66,9 @@ struct AttentionParams {
   int num_heads;
   int group;
   int head_dim;
-  int row_chunks;  // ceil(group / kRows)
-  bool vector_loads;  // head_dim % 8 == 0 and a 16-byte aligned cache: K rows read 8 elements at a time
+  int row_chunks;     // ceil(group / kRows)
+  bool vector_loads;  // head_dim % 8 == 0 and a 16-byte aligned cache: K rows read 8 elements at a
+                      // time
   float scale;
 };
 
@@ -135,9 +136,10 @@ __global__ void __launch_bounds__(kAttentionThreads)
   for (int i = threadIdx.x; i < kRows * head_dim; i += blockDim.x) {
     const int r = i / head_dim;
     const int d = i % head_dim;
-    s_q[r][d] = r < rows ? Convert<T>::ToFloat(p.query[(token * p.num_heads + head0 + r) * head_dim + d]) *
-                               p.scale
-                         : 0.0f;
+    s_q[r][d] =
+        r < rows ? Convert<T>::ToFloat(p.query[(token * p.num_heads + head0 + r) * head_dim + d]) *
+                       p.scale
+                 : 0.0f;
   }
   __syncthreads();
 
@@ -204,7 +206,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
       }
       const float m_new = fmaxf(m[r], tile_max);
       const float correction = expf(m[r] - m_new);  // 0 while m is -inf
-      s[r] = expf(s[r] - m_new);                     // 0 for a masked key
+      s[r] = expf(s[r] - m_new);                    // 0 for a masked key
       l[r] = l[r] * correction + s[r];
       m[r] = m_new;
 #pragma unroll
@@ -275,8 +277,8 @@ __global__ void __launch_bounds__(kAttentionThreads)
       weights[w] = s_m[w][r] == -INFINITY ? 0.0f : expf(s_m[w][r] - max);
       sum += s_l[w][r] * weights[w];
     }
-    float* out = p.partial +
-                 ((token * p.num_heads + head0 + r) * p.num_splits + split) * (head_dim + 2);
+    float* out =
+        p.partial + ((token * p.num_heads + head0 + r) * p.num_splits + split) * (head_dim + 2);
     if (lane == 0) {
       out[0] = max;
       out[1] = sum;
@@ -349,9 +351,10 @@ void LaunchForHeadDim(const AttentionParams<T>& p, int64_t tokens, int kv_heads,
 
 // Decode (query_start_loc undefined: token b is sequence b's one new token) or prefill.
 template <typename T>
-void SplitAttention(const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache_layer,
-                    const PagedCacheShape& cache, const at::Tensor& block_tables,
-                    const at::Tensor& seq_lens, const at::Tensor* query_start_loc, double scale,
+void SplitAttention(const at::Tensor& out, const at::Tensor& query,
+                    const at::Tensor& kv_cache_layer, const PagedCacheShape& cache,
+                    const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                    const at::Tensor* query_start_loc, double scale,
                     const c10::optional<at::Tensor>& key_bias) {
   const int64_t tokens = query.size(0);
   const int64_t num_heads = query.size(1);
@@ -403,17 +406,17 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query, const at::Te
   } else {
     LaunchForHeadDim<T, 4>(p, tokens, kv_heads, stream);
   }
-  MergeSplitsKernel<T><<<dim3(static_cast<unsigned>(tokens), static_cast<unsigned>(num_heads)), 128,
-                         0, stream>>>(out.data_ptr<T>(), p.partial, p.num_heads, p.num_splits,
-                                      p.head_dim);
+  MergeSplitsKernel<T>
+      <<<dim3(static_cast<unsigned>(tokens), static_cast<unsigned>(num_heads)), 128, 0, stream>>>(
+          out.data_ptr<T>(), p.partial, p.num_heads, p.num_splits, p.head_dim);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void CheckCudaAttention(const char* op, const at::Tensor& out, const PagedCacheShape& cache,
                         int64_t tokens) {
   TORCH_CHECK(out.is_cuda(), op, ": the CUDA implementation got tensors on ", out.device());
-  TORCH_CHECK(cache.head_dim <= kMaxHeadDim, op, ": the CUDA kernels take head_dim <= ",
-              kMaxHeadDim, ", got ", cache.head_dim);
+  TORCH_CHECK(cache.head_dim <= kMaxHeadDim, op,
+              ": the CUDA kernels take head_dim <= ", kMaxHeadDim, ", got ", cache.head_dim);
   TORCH_CHECK(tokens <= std::numeric_limits<int32_t>::max(), op, ": too many query tokens ",
               tokens);
 }
@@ -518,9 +521,8 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
 
 template <typename T>
 void Probs(const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache_layer,
-           const PagedCacheShape& cache, const at::Tensor& block_tables,
-           const at::Tensor& seq_lens, const at::Tensor& heads, double scale,
-           const c10::optional<at::Tensor>& key_bias) {
+           const PagedCacheShape& cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+           const at::Tensor& heads, double scale, const c10::optional<at::Tensor>& key_bias) {
   const int64_t batch = query.size(0);
   const int num_heads = static_cast<int>(query.size(1));
   const int group = static_cast<int>(num_heads / cache.num_kv_heads);
@@ -531,9 +533,8 @@ void Probs(const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_
   const float* bias = has_bias ? key_bias->data_ptr<float>() : nullptr;
   const int64_t bias_width = has_bias ? key_bias->size(1) : 0;
   const int head_dim = static_cast<int>(cache.head_dim);
-  const int64_t key_blocks =
-      std::max<int64_t>(1, cuda::CeilDiv(std::min(out_len, max_pages * cache.page_size),
-                                         kProbsKeysPerBlock));
+  const int64_t key_blocks = std::max<int64_t>(
+      1, cuda::CeilDiv(std::min(out_len, max_pages * cache.page_size), kProbsKeysPerBlock));
   const cudaStream_t stream = cuda::CurrentStream();
   const dim3 grid(static_cast<unsigned>(key_blocks), static_cast<unsigned>(num_probe),
                   static_cast<unsigned>(batch));
@@ -565,8 +566,8 @@ void Probs(const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_
 void paged_kv_write_cuda(const at::Tensor& kv_cache_layer, const at::Tensor& key,
                          const at::Tensor& value, const at::Tensor& slot_mapping) {
   const PagedCacheShape cache = CheckPagedKvWriteArgs(kv_cache_layer, key, value, slot_mapping);
-  TORCH_CHECK(kv_cache_layer.is_cuda(), kPagedKvWriteOp, ": the CUDA implementation got tensors on ",
-              kv_cache_layer.device());
+  TORCH_CHECK(kv_cache_layer.is_cuda(), kPagedKvWriteOp,
+              ": the CUDA implementation got tensors on ", kv_cache_layer.device());
   if (key.size(0) == 0 || key.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(kv_cache_layer.device());
   if (kv_cache_layer.element_size() == 4) {
@@ -592,10 +593,9 @@ void paged_attention_decode_cuda(const at::Tensor& out, const at::Tensor& query,
 }
 
 void paged_attention_prefill_cuda(const at::Tensor& out, const at::Tensor& query,
-                                  const at::Tensor& kv_cache_layer,
-                                  const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                                  const at::Tensor& query_start_loc, double scale,
-                                  const c10::optional<at::Tensor>& key_bias) {
+                                  const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,
+                                  const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                                  double scale, const c10::optional<at::Tensor>& key_bias) {
   const PagedCacheShape cache = CheckPagedAttentionPrefillArgs(
       out, query, kv_cache_layer, block_tables, seq_lens, query_start_loc, key_bias);
   CheckCudaAttention(kPagedAttentionPrefillOp, out, cache, query.size(0));
@@ -615,8 +615,8 @@ void attention_probs_cuda(const at::Tensor& out, const at::Tensor& query,
                           const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,
                           const at::Tensor& seq_lens, const at::Tensor& heads, double scale,
                           const c10::optional<at::Tensor>& key_bias) {
-  const PagedCacheShape cache = CheckAttentionProbsArgs(out, query, kv_cache_layer, block_tables,
-                                                        seq_lens, heads, key_bias);
+  const PagedCacheShape cache =
+      CheckAttentionProbsArgs(out, query, kv_cache_layer, block_tables, seq_lens, heads, key_bias);
   CheckCudaAttention(kAttentionProbsOp, out, cache, query.size(0));
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());

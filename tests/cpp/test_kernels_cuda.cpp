@@ -7,9 +7,9 @@
 // graph: an op that synchronised with the host would fail the capture.
 // Built only with -DDYSCO_CUDA=ON; every test skips when no GPU is present.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAGraph.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -35,8 +35,8 @@ using Bias = c10::optional<at::Tensor>;
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-#define SKIP_WITHOUT_GPU()                                              \
-  do {                                                                  \
+#define SKIP_WITHOUT_GPU()                                                \
+  do {                                                                    \
     if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device"; \
   } while (0)
 
@@ -86,9 +86,9 @@ at::Tensor Cuda(const at::Tensor& t) { return t.to(at::kCUDA); }
   const at::Tensor a = gpu.cpu();
   if (at::equal(a, cpu)) return ::testing::AssertionSuccess();
   const at::Tensor diff = a.ne(cpu).reshape({-1}).nonzero();
-  return ::testing::AssertionFailure() << what << ": " << diff.size(0) << " of " << cpu.numel()
-                                       << " elements differ, first at flat index "
-                                       << diff[0].item<int64_t>();
+  return ::testing::AssertionFailure()
+         << what << ": " << diff.size(0) << " of " << cpu.numel()
+         << " elements differ, first at flat index " << diff[0].item<int64_t>();
 }
 
 double Tolerance(at::ScalarType dtype) { return dtype == at::kFloat ? 1e-5 : 1e-2; }
@@ -148,10 +148,14 @@ enum class BiasKind { kNone, kRandom, kWithNegInf, kRowAllNegInf };
 
 const char* Name(BiasKind kind) {
   switch (kind) {
-    case BiasKind::kNone: return "no-bias";
-    case BiasKind::kRandom: return "bias";
-    case BiasKind::kWithNegInf: return "bias-with-inf";
-    case BiasKind::kRowAllNegInf: return "bias-row-all-inf";
+    case BiasKind::kNone:
+      return "no-bias";
+    case BiasKind::kRandom:
+      return "bias";
+    case BiasKind::kWithNegInf:
+      return "bias-with-inf";
+    case BiasKind::kRowAllNegInf:
+      return "bias-row-all-inf";
   }
   return "";
 }
@@ -235,8 +239,8 @@ TEST(CudaPagedAttentionDecode, EqualsCpuOverLayoutsDtypesAndBiases) {
   at::manual_seed(1);
   for (const Layout& l : Layouts()) {
     for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
-      for (BiasKind kind : {BiasKind::kNone, BiasKind::kRandom, BiasKind::kWithNegInf,
-                            BiasKind::kRowAllNegInf}) {
+      for (BiasKind kind :
+           {BiasKind::kNone, BiasKind::kRandom, BiasKind::kWithNegInf, BiasKind::kRowAllNegInf}) {
         // Lengths around page and split (256) boundaries.
         CheckDecode(l, {1, l.page_size, l.page_size + 1, 255, 256, 257, 1000}, dtype, kind, rng);
       }
@@ -350,8 +354,8 @@ TEST(CudaAttentionProbs, EqualsCpuAt128KKeys) {
 // Relevance-like rows: positive, normalised over [0, n_b), zeros after (as the op leaves them).
 at::Tensor RelevanceRows(const std::vector<int64_t>& n, int64_t width, bool ties) {
   const int64_t batch = static_cast<int64_t>(n.size());
-  at::Tensor r = ties ? at::randint(1, 6, {batch, width}).to(at::kFloat)
-                      : at::rand({batch, width}).pow(4.0);
+  at::Tensor r =
+      ties ? at::randint(1, 6, {batch, width}).to(at::kFloat) : at::rand({batch, width}).pow(4.0);
   for (int64_t b = 0; b < batch; ++b) {
     r[b].slice(0, n[b]).zero_();
     if (n[b] > 0) r[b] /= r[b].sum();
@@ -368,9 +372,9 @@ TEST(CudaDyscoRelevanceUpdate, EqualsCpu) {
     int64_t probs_width;
     int64_t heads;
   };
-  for (const Case& c : {Case{{0, 1, 2, 517, 1000}, 1000, 1003, 3},
-                        Case{{4096, 4097, 8193, 1}, 9000, 9000, 1},
-                        Case{{131072}, 131072, 131072, 5}}) {
+  for (const Case& c :
+       {Case{{0, 1, 2, 517, 1000}, 1000, 1003, 3}, Case{{4096, 4097, 8193, 1}, 9000, 9000, 1},
+        Case{{131072}, 131072, 131072, 5}}) {
     const int64_t batch = static_cast<int64_t>(c.n.size());
     std::vector<int64_t> prev(c.n);
     for (int64_t& v : prev) v = std::max<int64_t>(0, v - 1);
@@ -424,9 +428,9 @@ void CheckSelect(const std::vector<int64_t>& n, int64_t width, bool ties,
 
 const std::vector<SelectCase>& SelectCases() {
   static const std::vector<SelectCase> cases = {
-      {0.9f, 0, 2.0f},     {0.5f, 0, 100.0f},   {0.0f, 1, 2.0f},    {0.0f, 7, 1e30f},
-      {0.0f, 4096, 0.5f},  {0.95f, 64, 2.0f},   {0.3f, 4096, 99.0f}, {1.0f, 0, 2.0f},
-      {1e-6f, 0, 2.0f},    {0.0f, 1000000, 2.0f},
+      {0.9f, 0, 2.0f},    {0.5f, 0, 100.0f},     {0.0f, 1, 2.0f},     {0.0f, 7, 1e30f},
+      {0.0f, 4096, 0.5f}, {0.95f, 64, 2.0f},     {0.3f, 4096, 99.0f}, {1.0f, 0, 2.0f},
+      {1e-6f, 0, 2.0f},   {0.0f, 1000000, 2.0f},
   };
   return cases;
 }
@@ -477,7 +481,8 @@ TEST(CudaDyscoTemplateMask, EqualsCpu) {
   // A small vocabulary so that templates occur often, overlapping; an empty template; a template
   // longer than the prompt.
   const at::Tensor tokens = at::randint(0, 4, {20000}, at::kLong);
-  const at::Tensor sequences = at::tensor(std::vector<int64_t>{1, 2, 3, 0, 0, 2, 3, 3, 1}, at::kLong);
+  const at::Tensor sequences =
+      at::tensor(std::vector<int64_t>{1, 2, 3, 0, 0, 2, 3, 3, 1}, at::kLong);
   for (const std::vector<int64_t>& offsets :
        {std::vector<int64_t>{0}, std::vector<int64_t>{0, 3, 3, 5, 9}, std::vector<int64_t>{0, 9}}) {
     const at::Tensor seq = sequences.slice(0, 0, offsets.back());
@@ -488,8 +493,9 @@ TEST(CudaDyscoTemplateMask, EqualsCpu) {
       at::Tensor gpu_mask = Cuda(mask);
       ops::dysco_template_mask(mask, tok, seq, off);
       ops::dysco_template_mask(gpu_mask, Cuda(tok), Cuda(seq), Cuda(off));
-      EXPECT_TRUE(Same(gpu_mask, mask, "mask length " + std::to_string(length) + " templates " +
-                                           std::to_string(offsets.size() - 1)));
+      EXPECT_TRUE(Same(gpu_mask, mask,
+                       "mask length " + std::to_string(length) + " templates " +
+                           std::to_string(offsets.size() - 1)));
     }
   }
 }
@@ -526,10 +532,21 @@ TEST(CudaOps, DecodeStepOpsCaptureInACudaGraph) {
   };
   auto make = [&](bool gpu) {
     auto d = [gpu](const at::Tensor& t) { return gpu ? Cuda(t) : t.clone(); };
-    return Step{d(batch.kv), d(batch.block_tables), d(batch.seq_lens), d(query), d(heads),
-                d(relevance), d(template_mask), d(top_p), d(top_k), d(strength), d(decay),
-                d(at::full({2, 2, width}, kNaN)), d(at::full({2, width}, kNaN)),
-                d(at::ones({2, width}, at::kBool)), d(at::full({2, 2}, kNaN)),
+    return Step{d(batch.kv),
+                d(batch.block_tables),
+                d(batch.seq_lens),
+                d(query),
+                d(heads),
+                d(relevance),
+                d(template_mask),
+                d(top_p),
+                d(top_k),
+                d(strength),
+                d(decay),
+                d(at::full({2, 2, width}, kNaN)),
+                d(at::full({2, width}, kNaN)),
+                d(at::ones({2, width}, at::kBool)),
+                d(at::full({2, 2}, kNaN)),
                 d(at::full({2, 8, 128}, kNaN).to(at::kBFloat16))};
   };
   const Step cpu = make(false);
@@ -556,8 +573,8 @@ TEST(CudaOps, DecodeStepOpsCaptureInACudaGraph) {
   EXPECT_TRUE(Close(gpu.out, cpu.out, 1e-2, 1e-2, "graph decode BFloat16"));
 }
 
-// ---- timings (printed, not asserted): one layer of a Qwen3-8B-shaped decode step at 128K keys, bf16,
-// batch 1, by CUDA events over repeated calls. "[timing]" lines are collected by
+// ---- timings (printed, not asserted): one layer of a Qwen3-8B-shaped decode step at 128K keys,
+// bf16, batch 1, by CUDA events over repeated calls. "[timing]" lines are collected by
 // scripts/gpu-check.sh. The floor is the cache bytes the op must read over the copy bandwidth
 // measured here (a device-to-device copy).
 
@@ -600,15 +617,18 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
   relevance /= relevance.sum();
   const at::Tensor decay = at::full({1}, 0.5, f32);
   at::Tensor bias = at::empty({1, keys}, f32);
-  at::Tensor selected = at::empty({1, keys}, at::TensorOptions().dtype(at::kBool).device(at::kCUDA));
+  at::Tensor selected =
+      at::empty({1, keys}, at::TensorOptions().dtype(at::kBool).device(at::kCUDA));
   at::Tensor stats = at::empty({1, 2}, f32);
-  const at::Tensor tmpl = at::zeros({1, keys}, at::TensorOptions().dtype(at::kBool).device(at::kCUDA));
+  const at::Tensor tmpl =
+      at::zeros({1, keys}, at::TensorOptions().dtype(at::kBool).device(at::kCUDA));
   const at::Tensor top_p = at::full({1}, 0.9, f32);
   const at::Tensor top_k = at::full({1}, 4096, i64);
   const at::Tensor strength = at::full({1}, 2.0, f32);
   const double scale = 1.0 / std::sqrt(128.0);
 
-  at::Tensor copy_src = at::empty({1LL << 30}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
+  at::Tensor copy_src =
+      at::empty({1LL << 30}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
   at::Tensor copy_dst = at::empty_like(copy_src);
   const double copy_ms = MillisecondsPerCall([&] { copy_dst.copy_(copy_src); }, 10);
   const double bandwidth = 2.0 * copy_src.numel() / (copy_ms * 1e-3);  // read + write, bytes/s
@@ -620,7 +640,8 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
   const double biased_ms = MillisecondsPerCall(
       [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, bias); }, 20);
   const double probs_ms = MillisecondsPerCall(
-      [&] { ops::attention_probs(probs, query, kv, tables, lens, heads, scale, c10::nullopt); }, 20);
+      [&] { ops::attention_probs(probs, query, kv, tables, lens, heads, scale, c10::nullopt); },
+      20);
   const double relevance_ms =
       MillisecondsPerCall([&] { ops::dysco_relevance_update(relevance, probs, lens, decay); }, 20);
   const double select_ms = MillisecondsPerCall(
@@ -629,10 +650,12 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
                                strength);
       },
       20);
-  std::printf("[timing] copy bandwidth %.0f GB/s; KV of one layer at 128K keys %.0f MiB, floor %.3f ms\n",
-              bandwidth / 1e9, cache_bytes / (1 << 20), floor_ms);
-  std::printf("[timing] paged_attention_decode 128K bf16 Hq=32 Hkv=8 D=128: %.3f ms (%.2fx floor)\n",
-              decode_ms, decode_ms / floor_ms);
+  std::printf(
+      "[timing] copy bandwidth %.0f GB/s; KV of one layer at 128K keys %.0f MiB, floor %.3f ms\n",
+      bandwidth / 1e9, cache_bytes / (1 << 20), floor_ms);
+  std::printf(
+      "[timing] paged_attention_decode 128K bf16 Hq=32 Hkv=8 D=128: %.3f ms (%.2fx floor)\n",
+      decode_ms, decode_ms / floor_ms);
   std::printf("[timing] paged_attention_decode with key_bias: %.3f ms (%.2fx floor)\n", biased_ms,
               biased_ms / floor_ms);
   std::printf("[timing] attention_probs 4 heads 128K: %.3f ms (K half floor %.3f ms)\n", probs_ms,
