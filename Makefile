@@ -65,7 +65,7 @@ test-fuzz: python
 
 # The CUDA variant compiles and links (scripts/build-cuda.sh: PyPI's torch 2.11 wheel in .venv-cuda and nvcc,
 # no GPU needed), so that a kernel typo fails `make test`. Its tests run on a GPU machine: `make gpu-check`.
-test-cuda-build:
+test-cuda-build: deps
 	bash scripts/build-cuda.sh
 
 # On the GPU machine only (docs/gpu.md): build against its torch, run the GPU tests and the model-free CPU tests.

@@ -2,17 +2,18 @@
 // attention_probs. Semantics: kernels/ops.h, the same as kernels/cpu/paged_attention.cpp.
 //
 // Decode and prefill share one kernel: a block takes one query token and up to kRows query heads of
-// one KV head (GQA: the group shares every K/V row the block reads) over one split of the keys;
-// each warp walks its share of the split's keys with an online softmax (lanes split head_dim,
-// so each K/V row is one coalesced read), the warps are combined in shared memory and the split's
-// partial (max, sum, acc) goes to a workspace; a second kernel merges the splits by log-sum-exp.
-// The number of splits depends on metadata only (block_tables width, batch, heads, the device's
-// multiprocessors), never on seq_lens values, so no host synchronisation.
+// one KV head (GQA: the group shares every K/V row the block reads) over one split of the keys.
+// Its warps take tiles of 32 keys in turn: QK^T with one lane per key (the query rows in shared
+// memory, 16-byte K loads), one online-softmax rescale per tile, PV with lanes over head_dim (each
+// value row one coalesced read, the weights broadcast by shuffles). The warps are combined in
+// shared memory, the split's partial (max, sum, acc) goes to a workspace, and a second kernel
+// merges the splits by log-sum-exp. The number of splits depends on metadata only (block_tables
+// width, batch, heads, the device's multiprocessors), never on seq_lens values, so no host
+// synchronisation.
 //
-// Speed work left (docs/gpu.md): prefill reads the keys once per query token (fine for chunks,
-// slow for a 128K prompt: needs flash-style tiling over query tokens with tensor cores); decode
-// does one warp reduction per key and query head (a tiled QK^T per warp would cut it); the split
-// heuristic is not tuned.
+// Speed work left (docs/gpu.md): decode is at ~2.5x its bandwidth floor at 128K (tensor-core
+// QK^T / PV, loads further ahead, a tuned split count); prefill reads the keys once per query token
+// (fine for chunks, slow for a 128K prompt: needs flash-style tiling over query tokens).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
