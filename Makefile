@@ -11,7 +11,7 @@ FUZZ_SECONDS ?= 20
 SOAK_SECONDS ?= 300
 
 .PHONY: deps python configure build model run generate test test-cpp test-python test-fuzz fuzz bench clean \
-	format sanitize soak
+	format sanitize soak test-cuda-build gpu-check
 
 deps:
 	bash scripts/install-deps.sh
@@ -63,7 +63,16 @@ fuzz: python
 test-fuzz: python
 	FUZZ_SEED=1 bash scripts/run-fuzz.sh 10
 
-test: test-cpp test-python test-fuzz
+# The CUDA variant compiles and links (scripts/build-cuda.sh: PyPI's torch 2.11 wheel in .venv-cuda and nvcc,
+# no GPU needed), so that a kernel typo fails `make test`. Its tests run on a GPU machine: `make gpu-check`.
+test-cuda-build: deps
+	bash scripts/build-cuda.sh
+
+# On the GPU machine only (docs/gpu.md): build against its torch, run the GPU tests and the model-free CPU tests.
+gpu-check:
+	bash scripts/gpu-check.sh
+
+test: test-cpp test-python test-fuzz test-cuda-build
 
 # ASan + UBSan over every C++ test, then TSan over the multi-threaded ones (scripts/sanitize.sh).
 sanitize: model

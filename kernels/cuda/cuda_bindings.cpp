@@ -1,0 +1,16 @@
+// Registers the CUDA implementations of the `dysco` ops (kernels/cuda/cuda_ops.h) with the
+// dispatcher, against the schemas of kernels/torch_bindings.cpp.
+#include <torch/library.h>
+
+#include "kernels/cuda/cuda_ops.h"
+
+TORCH_LIBRARY_IMPL(dysco, CUDA, m) {
+  m.impl("paged_kv_write", &dysco::kernels::paged_kv_write_cuda);
+  m.impl("paged_attention_decode", &dysco::kernels::paged_attention_decode_cuda);
+  m.impl("paged_attention_prefill", &dysco::kernels::paged_attention_prefill_cuda);
+  m.impl("attention_probs", &dysco::kernels::attention_probs_cuda);
+  m.impl("dysco_relevance_update", &dysco::kernels::dysco_relevance_update_cuda);
+  m.impl("dysco_select_bias", &dysco::kernels::dysco_select_bias_cuda);
+  m.impl("dysco_bias_from_selection", &dysco::kernels::dysco_bias_from_selection_cuda);
+  m.impl("dysco_template_mask", &dysco::kernels::dysco_template_mask_cuda);
+}

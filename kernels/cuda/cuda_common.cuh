@@ -1,0 +1,149 @@
+// Shared device helpers of the CUDA `dysco` ops (kernels/cuda/*.cu): element conversion, warp and
+// block reductions, the selection sort key, the dtype dispatch of the cache and launch checks.
+// Internal to kernels/cuda.
+//
+// Why the CUDA ops clamp instead of checking values: a value check (sequence lengths, page ids,
+// num_keys, offsets) would copy the value to the host and synchronise the stream, which the ops
+// must never do (CUDA graphs, issue 9). The device-neutral metadata checks (kernels/op_checks.h)
+// still run first; values out of range are clamped into range on the device, so a bad call cannot
+// read or write out of bounds, and its results are unspecified. The CPU ops check every value and
+// raise, so a caller's bug shows on the CPU build.
+//
+// Thread-safety: stateless device functions and host helpers.
+// Ownership: nothing is kept.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+// The cache dtypes the CPU ops support: float32, bfloat16 and float16.
+#define DYSCO_CUDA_DISPATCH_CACHE_TYPES(TYPE, NAME, ...)                         \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                                 \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE( \
+                         at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+namespace dysco::kernels::cuda {
+
+constexpr int kWarpSize = 32;
+
+// The stream every op launches on: the caller's current stream (graph capture, overlap).
+inline cudaStream_t CurrentStream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Element <-> float. c10's types are layout-compatible with CUDA's __nv_bfloat16 / __half; the
+// conversions go through the raw bits so that device code needs neither c10 operator.
+template <typename T>
+struct Convert;
+template <>
+struct Convert<float> {
+  __device__ static float ToFloat(float x) { return x; }
+  __device__ static float FromFloat(float x) { return x; }
+};
+template <>
+struct Convert<c10::BFloat16> {
+  __device__ static float ToFloat(c10::BFloat16 x) {
+    return __uint_as_float(static_cast<uint32_t>(x.x) << 16);
+  }
+  __device__ static c10::BFloat16 FromFloat(float x) {
+    const __nv_bfloat16 h = __float2bfloat16_rn(x);
+    return c10::BFloat16(*reinterpret_cast<const uint16_t*>(&h), c10::BFloat16::from_bits());
+  }
+};
+template <>
+struct Convert<c10::Half> {
+  __device__ static float ToFloat(c10::Half x) {
+    return __half2float(*reinterpret_cast<const __half*>(&x.x));
+  }
+  __device__ static c10::Half FromFloat(float x) {
+    const __half h = __float2half_rn(x);
+    return c10::Half(*reinterpret_cast<const uint16_t*>(&h), c10::Half::from_bits());
+  }
+};
+
+// dst[0, 8) <- src[0, 8) as floats, with 16-byte loads; src must be 16-byte aligned.
+__device__ __forceinline__ void LoadEight(const float* src, float (&dst)[8]) {
+  const float4 a = *reinterpret_cast<const float4*>(src);
+  const float4 b = *reinterpret_cast<const float4*>(src + 4);
+  dst[0] = a.x, dst[1] = a.y, dst[2] = a.z, dst[3] = a.w;
+  dst[4] = b.x, dst[5] = b.y, dst[6] = b.z, dst[7] = b.w;
+}
+__device__ __forceinline__ void LoadEight(const c10::BFloat16* src, float (&dst)[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    dst[2 * i] = __uint_as_float(words[i] << 16);
+    dst[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void LoadEight(const c10::Half* src, float (&dst)[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+  const __half2* pairs = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(pairs[i]);
+    dst[2 * i] = f.x;
+    dst[2 * i + 1] = f.y;
+  }
+}
+
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float WarpMax(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
+// Block-wide reduction of one value per thread; every thread gets the result. shared: at least
+// blockDim.x / 32 entries of T. Must be reached by every thread of the block.
+template <typename T, typename Op>
+__device__ T BlockReduce(T v, T* shared, Op op) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int warps = (blockDim.x + kWarpSize - 1) / kWarpSize;
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  __syncthreads();  // shared may still be read by a previous call
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  T r = shared[0];
+  for (int w = 1; w < warps; ++w) r = op(r, shared[w]);
+  return r;
+}
+
+// Clamps x into [lo, hi] (see the header comment: values are clamped, not checked).
+__device__ __forceinline__ int64_t Clamp(int64_t x, int64_t lo, int64_t hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
+// The selection order of dysco_select_bias as one 64-bit key, ascending = relevance descending,
+// then position ascending; -0 ties with +0 and NaN sorts after every number. Bit for bit the key of
+// kernels/cpu/dysco_select.cpp, so that both backends select the same set, ties included.
+__device__ __forceinline__ uint64_t SortKey(float value, int64_t position) {
+  uint32_t ascending = 0;  // NaN
+  if (!isnan(value)) {
+    const uint32_t bits = value != 0.0f ? __float_as_uint(value) : 0u;
+    ascending = (bits & 0x80000000u) != 0 ? ~bits : bits | 0x80000000u;
+  }
+  return (static_cast<uint64_t>(~ascending) << 32) | static_cast<uint64_t>(position);
+}
+
+inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace dysco::kernels::cuda

@@ -1,0 +1,55 @@
+// The CUDA implementations of the `dysco` ops: the same free functions as kernels/ops.h with the
+// suffix _cuda, registered for the CUDA dispatch key in kernels/cuda/cuda_bindings.cpp. Shapes,
+// semantics and the output-first convention: kernels/ops.h; the results equal the CPU ops'
+// (tests/cpp/test_kernels_cuda.cpp), selection sets included.
+//
+// Differences from the CPU ops, all for the sake of no host synchronisation (CUDA graphs):
+// - only metadata is checked (kernels/op_checks.h, plus: CUDA tensors, head_dim <= 256); values
+//   (seq_lens, page ids, num_keys, heads, offsets, top_p/top_k/strength) are clamped into range on
+//   the device, never checked, so a bad call stays in bounds but its results are unspecified;
+// - they run asynchronously on the current CUDA stream; a kernel fault surfaces at the next
+//   synchronising call.
+// Thread-safety: stateless; concurrent calls are safe unless they write the same output or pages.
+// Ownership: nothing is kept; scratch space comes from the caching allocator per call.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace dysco::kernels {
+
+void paged_kv_write_cuda(const at::Tensor& kv_cache_layer, const at::Tensor& key,
+                         const at::Tensor& value, const at::Tensor& slot_mapping);
+
+void paged_attention_decode_cuda(const at::Tensor& out, const at::Tensor& query,
+                                 const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,
+                                 const at::Tensor& seq_lens, double scale,
+                                 const c10::optional<at::Tensor>& key_bias);
+
+void paged_attention_prefill_cuda(const at::Tensor& out, const at::Tensor& query,
+                                  const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,
+                                  const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                                  double scale, const c10::optional<at::Tensor>& key_bias);
+
+void attention_probs_cuda(const at::Tensor& out, const at::Tensor& query,
+                          const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,
+                          const at::Tensor& seq_lens, const at::Tensor& heads, double scale,
+                          const c10::optional<at::Tensor>& key_bias);
+
+void dysco_relevance_update_cuda(const at::Tensor& relevance, const at::Tensor& probs,
+                                 const at::Tensor& num_keys, const at::Tensor& decay);
+
+void dysco_select_bias_cuda(const at::Tensor& bias, const at::Tensor& selected,
+                            const at::Tensor& stats, const at::Tensor& relevance,
+                            const at::Tensor& num_keys, const at::Tensor& template_mask,
+                            const at::Tensor& top_p, const at::Tensor& top_k,
+                            const at::Tensor& strength);
+
+void dysco_bias_from_selection_cuda(const at::Tensor& bias, const at::Tensor& selected,
+                                    const at::Tensor& num_keys, const at::Tensor& template_mask,
+                                    const at::Tensor& strength);
+
+void dysco_template_mask_cuda(const at::Tensor& mask, const at::Tensor& tokens,
+                              const at::Tensor& sequences, const at::Tensor& sequence_offsets);
+
+}  // namespace dysco::kernels

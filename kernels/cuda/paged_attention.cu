@@ -1,0 +1,630 @@
+// CUDA paged attention: paged_kv_write, decode and prefill (one split-KV kernel for both) and
+// attention_probs. Semantics: kernels/ops.h, the same as kernels/cpu/paged_attention.cpp.
+//
+// Decode and prefill share one kernel: a block takes one query token and up to kRows query heads of
+// one KV head (GQA: the group shares every K/V row the block reads) over one split of the keys.
+// Its warps take tiles of 32 keys in turn: QK^T with one lane per key (the query rows in shared
+// memory, 16-byte K loads), one online-softmax rescale per tile, PV with lanes over head_dim (each
+// value row one coalesced read, the weights broadcast by shuffles). The warps are combined in
+// shared memory, the split's partial (max, sum, acc) goes to a workspace, and a second kernel
+// merges the splits by log-sum-exp. The number of splits depends on metadata only (block_tables
+// width, batch, heads, the device's multiprocessors), never on seq_lens values, so no host
+// synchronisation.
+//
+// Speed work left (docs/gpu.md): decode is at ~2.5x its bandwidth floor at 128K (tensor-core
+// QK^T / PV, loads further ahead, a tuned split count); prefill reads the keys once per query token
+// (fine for chunks, slow for a 128K prompt: needs flash-style tiling over query tokens).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/cuda_ops.h"
+#include "kernels/op_checks.h"
+
+namespace dysco::kernels {
+namespace {
+
+using cuda::Clamp;
+using cuda::Convert;
+using cuda::kWarpSize;
+
+constexpr int kAttentionWarps = 4;
+constexpr int kAttentionThreads = kAttentionWarps * kWarpSize;
+// A split never covers fewer keys than this (below it the merge costs more than it saves).
+constexpr int64_t kMinKeysPerSplit = 256;
+// Splits are chosen for about this many blocks per multiprocessor: decode reads one row per key and
+// warp, so it needs many warps in flight to cover memory latency.
+constexpr int64_t kBlocksPerMultiprocessor = 8;
+// Bound on the split workspace, in floats (256 MiB), so that a long prefill falls back to fewer
+// splits (it has parallelism enough over its tokens).
+constexpr int64_t kMaxWorkspaceFloats = 64LL << 20;
+// head_dim is split over the 32 lanes, at most kMaxDPerLane elements each.
+constexpr int kMaxDPerLane = 8;
+constexpr int64_t kMaxHeadDim = kWarpSize * kMaxDPerLane;
+
+// Everything the attention kernel reads, by value.
+template <typename T>
+struct AttentionParams {
+  const T* query;                  // [tokens, Hq, D]
+  const T* k_cache;                // [NP, PS, Hkv, D]
+  const T* v_cache;                // [NP, PS, Hkv, D]
+  const int32_t* tables;           // [B, P]
+  const int64_t* seq_lens;         // [B]
+  const int64_t* query_start_loc;  // [B + 1] for prefill, nullptr for decode (token b = sequence b)
+  const float* bias;               // [B, bias_width] or nullptr
+  float* partial;                  // [tokens, Hq, splits, D + 2]: max, sum, acc[D]
+  int64_t batch;
+  int64_t max_pages;
+  int64_t page_size;
+  int64_t num_pages;
+  int64_t bias_width;
+  int64_t split_len;
+  int num_splits;
+  int num_heads;
+  int group;
+  int head_dim;
+  int row_chunks;     // ceil(group / kRows)
+  bool vector_loads;  // head_dim % 8 == 0 and a 16-byte aligned cache: K rows read 8 elements at a
+                      // time
+  float scale;
+};
+
+// The sequence of a query token and the number of keys it sees (0: none; its output is zeros).
+template <typename T>
+__device__ void TokenSequence(const AttentionParams<T>& p, int64_t token, int64_t* seq,
+                              int64_t* limit) {
+  const int64_t max_keys = p.max_pages * p.page_size;
+  int64_t b = token;
+  int64_t q_len = 1;
+  int64_t index = 0;  // of the token among its sequence's new tokens
+  if (p.query_start_loc != nullptr) {
+    // The last sequence whose start is <= token (starts are non-decreasing in a valid call).
+    int64_t lo = 0;
+    int64_t hi = p.batch;  // answer in [lo, hi)
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (p.query_start_loc[mid] <= token) {
+        lo = mid;
+      } else {
+        hi = mid;
+      }
+    }
+    b = lo;
+    const int64_t start = p.query_start_loc[b];
+    const int64_t end = p.query_start_loc[b + 1];
+    if (token < start || token >= end) {
+      *seq = b;
+      *limit = 0;
+      return;
+    }
+    q_len = end - start;
+    index = token - start;
+  }
+  int64_t len = Clamp(p.seq_lens[b], 0, max_keys);
+  if (p.bias != nullptr) len = min(len, p.bias_width);
+  *seq = b;
+  *limit = Clamp(len - q_len + index + 1, 0, len);
+}
+
+// Grid: x = query token, y = split, z = KV head * row_chunks + chunk. Block: kAttentionThreads.
+template <typename T, int kRows, int kDPerLane>
+__global__ void __launch_bounds__(kAttentionThreads)
+    SplitAttentionKernel(const AttentionParams<T> p) {
+  const int64_t token = blockIdx.x;
+  const int split = blockIdx.y;
+  const int kv_head = blockIdx.z / p.row_chunks;
+  const int head0 = kv_head * p.group + (blockIdx.z % p.row_chunks) * kRows;
+  const int rows = min(kRows, kv_head * p.group + p.group - head0);
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int head_dim = p.head_dim;
+  const int kv_heads = p.num_heads / p.group;
+  const int64_t token_stride = static_cast<int64_t>(kv_heads) * head_dim;
+  const int64_t page_stride = p.page_size * token_stride;
+
+  int64_t b = 0;
+  int64_t limit = 0;
+  TokenSequence(p, token, &b, &limit);
+  const int64_t key_begin = min(limit, split * p.split_len);
+  const int64_t key_end = min(limit, key_begin + p.split_len);
+
+  // The block's query rows, scaled, in shared memory: every lane reads all of head_dim for QK^T.
+  __shared__ float s_q[kRows][kMaxHeadDim];
+  for (int i = threadIdx.x; i < kRows * head_dim; i += blockDim.x) {
+    const int r = i / head_dim;
+    const int d = i % head_dim;
+    s_q[r][d] =
+        r < rows ? Convert<T>::ToFloat(p.query[(token * p.num_heads + head0 + r) * head_dim + d]) *
+                       p.scale
+                 : 0.0f;
+  }
+  __syncthreads();
+
+  float m[kRows];  // running max, uniform over the warp
+  float l[kRows];  // running sum of weights, this lane's keys only (added up at the end)
+  float acc[kRows][kDPerLane];  // weighted sum of values, lanes over head_dim
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kDPerLane; ++i) acc[r][i] = 0.0f;
+  }
+
+  const int32_t* pages = p.tables + b * p.max_pages;
+  const float* bias = p.bias == nullptr ? nullptr : p.bias + b * p.bias_width;
+  const int64_t head_offset = static_cast<int64_t>(kv_head) * head_dim;
+  // Warps take tiles of 32 keys in turn. QK^T with lanes over keys (each lane reads its key's row,
+  // 16-byte loads where aligned), one softmax rescale per tile, then PV with lanes over head_dim
+  // (each value row one coalesced read, the weights broadcast by shuffles).
+  for (int64_t tile = key_begin + warp * kWarpSize; tile < key_end;
+       tile += kAttentionWarps * kWarpSize) {
+    const int64_t j = tile + lane;
+    const int tile_len = static_cast<int>(min(static_cast<int64_t>(kWarpSize), key_end - tile));
+    int64_t offset = 0;
+    float s[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) s[r] = 0.0f;
+    if (lane < tile_len) {
+      const int64_t page = Clamp(pages[j / p.page_size], 0, p.num_pages - 1);
+      offset = page * page_stride + (j % p.page_size) * token_stride + head_offset;
+      const T* key = p.k_cache + offset;
+      if (p.vector_loads) {
+        for (int d0 = 0; d0 < head_dim; d0 += 8) {
+          float k[8];
+          cuda::LoadEight(key + d0, k);
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) s[r] += s_q[r][d0 + e] * k[e];
+          }
+        }
+      } else {
+        for (int d = 0; d < head_dim; ++d) {
+          const float k = Convert<T>::ToFloat(key[d]);
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) s[r] += s_q[r][d] * k;
+        }
+      }
+      const float key_bias = bias == nullptr ? 0.0f : bias[j];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) s[r] += key_bias;
+    } else {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) s[r] = -INFINITY;
+    }
+    // s becomes this lane's key weight, rescaled to the new running max.
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const float tile_max = cuda::WarpMax(s[r]);
+      if (r >= rows || tile_max == -INFINITY) {  // uniform over the warp
+        s[r] = 0.0f;
+        continue;
+      }
+      const float m_new = fmaxf(m[r], tile_max);
+      const float correction = expf(m[r] - m_new);  // 0 while m is -inf
+      s[r] = expf(s[r] - m_new);                    // 0 for a masked key
+      l[r] = l[r] * correction + s[r];
+      m[r] = m_new;
+#pragma unroll
+      for (int i = 0; i < kDPerLane; ++i) acc[r][i] *= correction;
+    }
+    constexpr int kAhead = 4;  // value rows loaded before their weights are applied
+    int kk = 0;
+    for (; kk + kAhead <= tile_len; kk += kAhead) {
+      float v[kAhead][kDPerLane];
+#pragma unroll
+      for (int u = 0; u < kAhead; ++u) {
+        const T* value = p.v_cache + __shfl_sync(0xffffffffu, offset, kk + u);
+#pragma unroll
+        for (int i = 0; i < kDPerLane; ++i) {
+          const int d = i * kWarpSize + lane;
+          v[u][i] = d < head_dim ? Convert<T>::ToFloat(value[d]) : 0.0f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kAhead; ++u) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const float weight = __shfl_sync(0xffffffffu, s[r], kk + u);
+#pragma unroll
+          for (int i = 0; i < kDPerLane; ++i) acc[r][i] += weight * v[u][i];
+        }
+      }
+    }
+    for (; kk < tile_len; ++kk) {
+      const T* value = p.v_cache + __shfl_sync(0xffffffffu, offset, kk);
+      float v[kDPerLane];
+#pragma unroll
+      for (int i = 0; i < kDPerLane; ++i) {
+        const int d = i * kWarpSize + lane;
+        v[i] = d < head_dim ? Convert<T>::ToFloat(value[d]) : 0.0f;
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const float weight = __shfl_sync(0xffffffffu, s[r], kk);
+#pragma unroll
+        for (int i = 0; i < kDPerLane; ++i) acc[r][i] += weight * v[i];
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) l[r] = cuda::WarpSum(l[r]);
+
+  // Combine the warps: each writes its state, then warp w combines row w (and w + warps, ...).
+  __shared__ float s_m[kAttentionWarps][kRows];
+  __shared__ float s_l[kAttentionWarps][kRows];
+  __shared__ float s_acc[kAttentionWarps][kRows][kDPerLane * kWarpSize];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    if (lane == 0) {
+      s_m[warp][r] = m[r];
+      s_l[warp][r] = l[r];
+    }
+#pragma unroll
+    for (int i = 0; i < kDPerLane; ++i) s_acc[warp][r][i * kWarpSize + lane] = acc[r][i];
+  }
+  __syncthreads();
+  for (int r = warp; r < rows; r += kAttentionWarps) {
+    float max = -INFINITY;
+    for (int w = 0; w < kAttentionWarps; ++w) max = fmaxf(max, s_m[w][r]);
+    float weights[kAttentionWarps];
+    float sum = 0.0f;
+    for (int w = 0; w < kAttentionWarps; ++w) {
+      weights[w] = s_m[w][r] == -INFINITY ? 0.0f : expf(s_m[w][r] - max);
+      sum += s_l[w][r] * weights[w];
+    }
+    float* out =
+        p.partial + ((token * p.num_heads + head0 + r) * p.num_splits + split) * (head_dim + 2);
+    if (lane == 0) {
+      out[0] = max;
+      out[1] = sum;
+    }
+    for (int d = lane; d < head_dim; d += kWarpSize) {
+      float a = 0.0f;
+      for (int w = 0; w < kAttentionWarps; ++w) a += s_acc[w][r][d] * weights[w];
+      out[2 + d] = a;
+    }
+  }
+}
+
+// out[token, head] <- the splits' partials merged by log-sum-exp; zeros when no key was seen.
+// Grid: x = token, y = head. Block: 128 threads over head_dim.
+template <typename T>
+__global__ void MergeSplitsKernel(T* out, const float* partial, int num_heads, int num_splits,
+                                  int head_dim) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * num_heads + blockIdx.y;
+  const float* part = partial + row * num_splits * (head_dim + 2);
+  float max = -INFINITY;
+  for (int s = 0; s < num_splits; ++s) max = fmaxf(max, part[s * (head_dim + 2)]);
+  float sum = 0.0f;
+  if (max != -INFINITY) {
+    for (int s = 0; s < num_splits; ++s) {
+      const float m = part[s * (head_dim + 2)];
+      if (m != -INFINITY) sum += part[s * (head_dim + 2) + 1] * expf(m - max);
+    }
+  }
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float a = 0.0f;
+    if (max != -INFINITY) {
+      for (int s = 0; s < num_splits; ++s) {
+        const float m = part[s * (head_dim + 2)];
+        if (m != -INFINITY) a += part[s * (head_dim + 2) + 2 + d] * expf(m - max);
+      }
+    }
+    out[row * head_dim + d] = Convert<T>::FromFloat(a * inv);
+  }
+}
+
+int MultiprocessorCount() {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+template <typename T, int kRows, int kDPerLane>
+void LaunchSplitAttention(const AttentionParams<T>& p, int64_t tokens, int kv_heads,
+                          cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(p.num_splits),
+                  static_cast<unsigned>(kv_heads * p.row_chunks));
+  SplitAttentionKernel<T, kRows, kDPerLane><<<grid, kAttentionThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int kRows>
+void LaunchForHeadDim(const AttentionParams<T>& p, int64_t tokens, int kv_heads,
+                      cudaStream_t stream) {
+  if (p.head_dim <= 2 * kWarpSize) {
+    LaunchSplitAttention<T, kRows, 2>(p, tokens, kv_heads, stream);
+  } else if (p.head_dim <= 4 * kWarpSize) {
+    LaunchSplitAttention<T, kRows, 4>(p, tokens, kv_heads, stream);
+  } else {
+    LaunchSplitAttention<T, kRows, kMaxDPerLane>(p, tokens, kv_heads, stream);
+  }
+}
+
+// Decode (query_start_loc undefined: token b is sequence b's one new token) or prefill.
+template <typename T>
+void SplitAttention(const at::Tensor& out, const at::Tensor& query,
+                    const at::Tensor& kv_cache_layer, const PagedCacheShape& cache,
+                    const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                    const at::Tensor* query_start_loc, double scale,
+                    const c10::optional<at::Tensor>& key_bias) {
+  const int64_t tokens = query.size(0);
+  const int64_t num_heads = query.size(1);
+  const int64_t group = num_heads / cache.num_kv_heads;
+  const bool has_bias = key_bias.has_value() && key_bias->defined();
+  // GQA groups of 1 (MHA) take the one-row kernel; larger groups go in chunks of 4 heads.
+  const int rows = group == 1 ? 1 : 4;
+
+  AttentionParams<T> p{};
+  const T* kv = kv_cache_layer.data_ptr<T>();
+  const int64_t half = cache.num_pages * cache.page_size * cache.num_kv_heads * cache.head_dim;
+  p.query = query.data_ptr<T>();
+  p.k_cache = kv;
+  p.v_cache = kv + half;
+  p.tables = block_tables.data_ptr<int32_t>();
+  p.seq_lens = seq_lens.data_ptr<int64_t>();
+  p.query_start_loc = query_start_loc == nullptr ? nullptr : query_start_loc->data_ptr<int64_t>();
+  p.bias = has_bias ? key_bias->data_ptr<float>() : nullptr;
+  p.bias_width = has_bias ? key_bias->size(1) : 0;
+  p.batch = seq_lens.size(0);
+  p.max_pages = block_tables.size(1);
+  p.page_size = cache.page_size;
+  p.num_pages = cache.num_pages;
+  p.num_heads = static_cast<int>(num_heads);
+  p.group = static_cast<int>(group);
+  p.head_dim = static_cast<int>(cache.head_dim);
+  p.row_chunks = static_cast<int>(cuda::CeilDiv(group, rows));
+  p.scale = static_cast<float>(scale);
+  p.vector_loads = cache.head_dim % 8 == 0 && reinterpret_cast<uintptr_t>(kv) % 16 == 0;
+
+  // Splits from metadata only: about kBlocksPerMultiprocessor blocks per multiprocessor, no split
+  // shorter than kMinKeysPerSplit, a bounded workspace.
+  const int64_t max_keys = std::max<int64_t>(1, p.max_pages * p.page_size);
+  const int64_t blocks = tokens * cache.num_kv_heads * p.row_chunks;
+  int64_t splits = cuda::CeilDiv(kBlocksPerMultiprocessor * MultiprocessorCount(), blocks);
+  splits = std::min(splits, cuda::CeilDiv(max_keys, kMinKeysPerSplit));
+  splits = std::min(splits, kMaxWorkspaceFloats / (tokens * num_heads * (cache.head_dim + 2)));
+  splits = std::min<int64_t>(std::max<int64_t>(splits, 1), 65535);
+  p.split_len = cuda::CeilDiv(max_keys, splits);
+  p.num_splits = static_cast<int>(cuda::CeilDiv(max_keys, p.split_len));
+
+  at::Tensor partial = at::empty({tokens, num_heads, p.num_splits, cache.head_dim + 2},
+                                 query.options().dtype(at::kFloat));
+  p.partial = partial.data_ptr<float>();
+  const cudaStream_t stream = cuda::CurrentStream();
+  const int kv_heads = static_cast<int>(cache.num_kv_heads);
+  if (rows == 1) {
+    LaunchForHeadDim<T, 1>(p, tokens, kv_heads, stream);
+  } else {
+    LaunchForHeadDim<T, 4>(p, tokens, kv_heads, stream);
+  }
+  MergeSplitsKernel<T>
+      <<<dim3(static_cast<unsigned>(tokens), static_cast<unsigned>(num_heads)), 128, 0, stream>>>(
+          out.data_ptr<T>(), p.partial, p.num_heads, p.num_splits, p.head_dim);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void CheckCudaAttention(const char* op, const at::Tensor& out, const PagedCacheShape& cache,
+                        int64_t tokens) {
+  TORCH_CHECK(out.is_cuda(), op, ": the CUDA implementation got tensors on ", out.device());
+  TORCH_CHECK(cache.head_dim <= kMaxHeadDim, op,
+              ": the CUDA kernels take head_dim <= ", kMaxHeadDim, ", got ", cache.head_dim);
+  TORCH_CHECK(tokens <= std::numeric_limits<int32_t>::max(), op, ": too many query tokens ",
+              tokens);
+}
+
+// ---- paged_kv_write: one block per token; a token's K (or V) for all heads is one contiguous
+// row in both tensors, copied as Word units (2 or 4 bytes: the element size).
+template <typename Word>
+__global__ void KvWriteKernel(Word* k_cache, Word* v_cache, const Word* key, const Word* value,
+                              const int64_t* slots, int64_t num_slots, int64_t row_words) {
+  const int64_t t = blockIdx.x;
+  const int64_t slot = slots[t];
+  if (slot < 0 || slot >= num_slots) return;  // negative: skipped by contract; too large: clamped
+  for (int64_t i = threadIdx.x; i < row_words; i += blockDim.x) {
+    k_cache[slot * row_words + i] = key[t * row_words + i];
+    v_cache[slot * row_words + i] = value[t * row_words + i];
+  }
+}
+
+template <typename Word>
+void KvWrite(const at::Tensor& kv_cache_layer, const at::Tensor& key, const at::Tensor& value,
+             const at::Tensor& slot_mapping, const PagedCacheShape& cache) {
+  const int64_t num_slots = cache.num_pages * cache.page_size;
+  const int64_t row_words = cache.num_kv_heads * cache.head_dim;
+  Word* k_cache = static_cast<Word*>(kv_cache_layer.data_ptr());
+  KvWriteKernel<Word><<<static_cast<unsigned>(key.size(0)), 128, 0, cuda::CurrentStream()>>>(
+      k_cache, k_cache + num_slots * row_words, static_cast<const Word*>(key.data_ptr()),
+      static_cast<const Word*>(value.data_ptr()), slot_mapping.data_ptr<int64_t>(), num_slots,
+      row_words);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---- attention_probs: logits into out (one warp per key and probed head), then one block per
+// row turns them into probabilities in place and zeroes the tail.
+constexpr int kProbsKeysPerBlock = 256;
+
+template <typename T, int kDPerLane>
+__global__ void __launch_bounds__(kAttentionThreads)
+    ProbsLogitsKernel(float* out, int64_t out_len, const T* query, const T* k_cache,
+                      const int32_t* tables, int64_t max_pages, const int64_t* seq_lens,
+                      const int64_t* heads, int num_probe, const float* bias, int64_t bias_width,
+                      int64_t page_size, int64_t num_pages, int num_heads, int group, int head_dim,
+                      float scale) {
+  const int64_t b = blockIdx.z;
+  const int probe = blockIdx.y;
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int head = static_cast<int>(Clamp(heads[probe], 0, num_heads - 1));
+  const int kv_head = head / group;
+  const int64_t token_stride = static_cast<int64_t>(num_heads / group) * head_dim;
+  int64_t len = min(Clamp(seq_lens[b], 0, max_pages * page_size), out_len);
+  if (bias != nullptr) len = min(len, bias_width);
+  float q[kDPerLane];
+#pragma unroll
+  for (int i = 0; i < kDPerLane; ++i) {
+    const int d = i * kWarpSize + lane;
+    q[i] = d < head_dim ? Convert<T>::ToFloat(query[(b * num_heads + head) * head_dim + d]) * scale
+                        : 0.0f;
+  }
+  const int32_t* pages = tables + b * max_pages;
+  float* row = out + (b * num_probe + probe) * out_len;
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kProbsKeysPerBlock;
+  const int64_t end = min(len, begin + kProbsKeysPerBlock);
+  for (int64_t j = begin + warp; j < end; j += kAttentionWarps) {
+    const int64_t page = Clamp(pages[j / page_size], 0, num_pages - 1);
+    const T* k = k_cache + page * page_size * token_stride + (j % page_size) * token_stride +
+                 static_cast<int64_t>(kv_head) * head_dim;
+    float dot = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kDPerLane; ++i) {
+      const int d = i * kWarpSize + lane;
+      if (d < head_dim) dot += q[i] * Convert<T>::ToFloat(k[d]);
+    }
+    dot = cuda::WarpSum(dot);
+    if (lane == 0) row[j] = dot + (bias == nullptr ? 0.0f : bias[b * bias_width + j]);
+  }
+}
+
+// Grid: x = probed head, y = sequence. Block: kSoftmaxThreads.
+constexpr int kSoftmaxThreads = 1024;
+
+__global__ void __launch_bounds__(kSoftmaxThreads)
+    ProbsSoftmaxKernel(float* out, int64_t out_len, const int64_t* seq_lens, int num_probe,
+                       int64_t max_keys, const float* bias, int64_t bias_width) {
+  __shared__ float shared[kSoftmaxThreads / kWarpSize];
+  const int64_t b = blockIdx.y;
+  int64_t len = min(Clamp(seq_lens[b], 0, max_keys), out_len);
+  if (bias != nullptr) len = min(len, bias_width);
+  float* row = out + (b * num_probe + blockIdx.x) * out_len;
+  float max = -INFINITY;
+  for (int64_t j = threadIdx.x; j < len; j += blockDim.x) max = fmaxf(max, row[j]);
+  max = cuda::BlockReduce(max, shared, [](float a, float c) { return fmaxf(a, c); });
+  float sum = 0.0f;
+  if (max != -INFINITY) {
+    for (int64_t j = threadIdx.x; j < len; j += blockDim.x) sum += expf(row[j] - max);
+  }
+  sum = cuda::BlockReduce(sum, shared, [](float a, float c) { return a + c; });
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  for (int64_t j = threadIdx.x; j < out_len; j += blockDim.x) {
+    row[j] = j < len && max != -INFINITY ? expf(row[j] - max) * inv : 0.0f;
+  }
+}
+
+template <typename T>
+void Probs(const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache_layer,
+           const PagedCacheShape& cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+           const at::Tensor& heads, double scale, const c10::optional<at::Tensor>& key_bias) {
+  const int64_t batch = query.size(0);
+  const int num_heads = static_cast<int>(query.size(1));
+  const int group = static_cast<int>(num_heads / cache.num_kv_heads);
+  const int num_probe = static_cast<int>(heads.size(0));
+  const int64_t out_len = out.size(2);
+  const int64_t max_pages = block_tables.size(1);
+  const bool has_bias = key_bias.has_value() && key_bias->defined();
+  const float* bias = has_bias ? key_bias->data_ptr<float>() : nullptr;
+  const int64_t bias_width = has_bias ? key_bias->size(1) : 0;
+  const int head_dim = static_cast<int>(cache.head_dim);
+  const int64_t key_blocks = std::max<int64_t>(
+      1, cuda::CeilDiv(std::min(out_len, max_pages * cache.page_size), kProbsKeysPerBlock));
+  const cudaStream_t stream = cuda::CurrentStream();
+  const dim3 grid(static_cast<unsigned>(key_blocks), static_cast<unsigned>(num_probe),
+                  static_cast<unsigned>(batch));
+  auto launch = [&](auto d_per_lane) {
+    constexpr int kD = decltype(d_per_lane)::value;
+    ProbsLogitsKernel<T, kD><<<grid, kAttentionThreads, 0, stream>>>(
+        out.data_ptr<float>(), out_len, query.data_ptr<T>(), kv_cache_layer.data_ptr<T>(),
+        block_tables.data_ptr<int32_t>(), max_pages, seq_lens.data_ptr<int64_t>(),
+        heads.data_ptr<int64_t>(), num_probe, bias, bias_width, cache.page_size, cache.num_pages,
+        num_heads, group, head_dim, static_cast<float>(scale));
+  };
+  if (head_dim <= 2 * kWarpSize) {
+    launch(std::integral_constant<int, 2>());
+  } else if (head_dim <= 4 * kWarpSize) {
+    launch(std::integral_constant<int, 4>());
+  } else {
+    launch(std::integral_constant<int, kMaxDPerLane>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  ProbsSoftmaxKernel<<<dim3(static_cast<unsigned>(num_probe), static_cast<unsigned>(batch)),
+                       kSoftmaxThreads, 0, stream>>>(out.data_ptr<float>(), out_len,
+                                                     seq_lens.data_ptr<int64_t>(), num_probe,
+                                                     max_pages * cache.page_size, bias, bias_width);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void paged_kv_write_cuda(const at::Tensor& kv_cache_layer, const at::Tensor& key,
+                         const at::Tensor& value, const at::Tensor& slot_mapping) {
+  const PagedCacheShape cache = CheckPagedKvWriteArgs(kv_cache_layer, key, value, slot_mapping);
+  TORCH_CHECK(kv_cache_layer.is_cuda(), kPagedKvWriteOp,
+              ": the CUDA implementation got tensors on ", kv_cache_layer.device());
+  if (key.size(0) == 0 || key.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(kv_cache_layer.device());
+  if (kv_cache_layer.element_size() == 4) {
+    KvWrite<uint32_t>(kv_cache_layer, key, value, slot_mapping, cache);
+  } else {
+    KvWrite<uint16_t>(kv_cache_layer, key, value, slot_mapping, cache);
+  }
+}
+
+void paged_attention_decode_cuda(const at::Tensor& out, const at::Tensor& query,
+                                 const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,
+                                 const at::Tensor& seq_lens, double scale,
+                                 const c10::optional<at::Tensor>& key_bias) {
+  const PagedCacheShape cache =
+      CheckPagedAttentionDecodeArgs(out, query, kv_cache_layer, block_tables, seq_lens, key_bias);
+  CheckCudaAttention(kPagedAttentionDecodeOp, out, cache, query.size(0));
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  DYSCO_CUDA_DISPATCH_CACHE_TYPES(query.scalar_type(), kPagedAttentionDecodeOp, [&] {
+    SplitAttention<scalar_t>(out, query, kv_cache_layer, cache, block_tables, seq_lens, nullptr,
+                             scale, key_bias);
+  });
+}
+
+void paged_attention_prefill_cuda(const at::Tensor& out, const at::Tensor& query,
+                                  const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,
+                                  const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                                  double scale, const c10::optional<at::Tensor>& key_bias) {
+  const PagedCacheShape cache = CheckPagedAttentionPrefillArgs(
+      out, query, kv_cache_layer, block_tables, seq_lens, query_start_loc, key_bias);
+  CheckCudaAttention(kPagedAttentionPrefillOp, out, cache, query.size(0));
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  if (seq_lens.size(0) == 0) {
+    out.zero_();  // no sequence owns a token (a valid call has T = 0 then)
+    return;
+  }
+  DYSCO_CUDA_DISPATCH_CACHE_TYPES(query.scalar_type(), kPagedAttentionPrefillOp, [&] {
+    SplitAttention<scalar_t>(out, query, kv_cache_layer, cache, block_tables, seq_lens,
+                             &query_start_loc, scale, key_bias);
+  });
+}
+
+void attention_probs_cuda(const at::Tensor& out, const at::Tensor& query,
+                          const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,
+                          const at::Tensor& seq_lens, const at::Tensor& heads, double scale,
+                          const c10::optional<at::Tensor>& key_bias) {
+  const PagedCacheShape cache =
+      CheckAttentionProbsArgs(out, query, kv_cache_layer, block_tables, seq_lens, heads, key_bias);
+  CheckCudaAttention(kAttentionProbsOp, out, cache, query.size(0));
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  DYSCO_CUDA_DISPATCH_CACHE_TYPES(query.scalar_type(), kAttentionProbsOp, [&] {
+    Probs<scalar_t>(out, query, kv_cache_layer, cache, block_tables, seq_lens, heads, scale,
+                    key_bias);
+  });
+}
+
+}  // namespace dysco::kernels

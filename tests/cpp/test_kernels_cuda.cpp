@@ -1,0 +1,668 @@
+// Tests of the CUDA `dysco` ops (kernels/cuda): every op, called through the dispatcher on CUDA
+// tensors, must equal the CPU op (itself tested against a libtorch reference in test_kernels.cpp)
+// on the same random inputs: fp32 within 1e-5, bf16 / fp16 within 1e-2 relative, selection sets,
+// biases, caches and masks exactly. Outputs are poisoned (NaN, or true for masks) before each call
+// so that every element must be written. Shapes cover page and split boundaries, odd head counts
+// and GQA ratios, idle rows, -inf bias, and up to 128K keys. One test captures the ops in a CUDA
+// graph: an op that synchronised with the host would fail the capture.
+// Built only with -DDYSCO_CUDA=ON; every test skips when no GPU is present.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "kernels/op_calls.h"
+
+namespace {
+
+namespace ops = dysco::ops;
+using Bias = c10::optional<at::Tensor>;
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+#define SKIP_WITHOUT_GPU()                                                \
+  do {                                                                    \
+    if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device"; \
+  } while (0)
+
+at::Tensor Cuda(const at::Tensor& t) { return t.to(at::kCUDA); }
+
+// The CUDA result (copied back) is within atol + rtol * |cpu| of the CPU result, element by
+// element, and finite wherever the CPU result is finite (poison left behind is NaN); non-finite
+// CPU values (the -inf of a hard-mask bias) must be matched exactly.
+::testing::AssertionResult Close(const at::Tensor& gpu, const at::Tensor& cpu, double atol,
+                                 double rtol, const std::string& what) {
+  const at::Tensor a = gpu.cpu().to(at::kDouble).contiguous().reshape({-1});
+  const at::Tensor e = cpu.to(at::kDouble).contiguous().reshape({-1});
+  if (a.numel() != e.numel()) return ::testing::AssertionFailure() << what << ": sizes differ";
+  const double* ap = a.data_ptr<double>();
+  const double* ep = e.data_ptr<double>();
+  int64_t bad = 0;
+  int64_t first = -1;
+  double max_abs = 0.0;
+  double max_rel = 0.0;  // over elements with |cpu| >= 1e-3, where a relative error means something
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    bool ok;
+    if (!std::isfinite(ep[i])) {
+      ok = ap[i] == ep[i];
+    } else {
+      const double err = std::abs(ap[i] - ep[i]);
+      ok = std::isfinite(ap[i]) && err <= atol + rtol * std::abs(ep[i]);
+      if (std::isfinite(ap[i])) {
+        max_abs = std::max(max_abs, err);
+        if (std::abs(ep[i]) >= 1e-3) max_rel = std::max(max_rel, err / std::abs(ep[i]));
+      }
+    }
+    if (!ok) {
+      if (first < 0) first = i;
+      ++bad;
+    }
+  }
+  // Collected by scripts/gpu-check.sh into the summary (worst error per dtype).
+  std::printf("[maxerr] %s: abs %.3g rel %.3g\n", what.c_str(), max_abs, max_rel);
+  if (bad == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure()
+         << what << ": " << bad << " of " << a.numel() << " elements differ; first at flat index "
+         << first << ": cuda " << ap[first] << ", cpu " << ep[first];
+}
+
+::testing::AssertionResult Same(const at::Tensor& gpu, const at::Tensor& cpu,
+                                const std::string& what) {
+  const at::Tensor a = gpu.cpu();
+  if (at::equal(a, cpu)) return ::testing::AssertionSuccess();
+  const at::Tensor diff = a.ne(cpu).reshape({-1}).nonzero();
+  return ::testing::AssertionFailure()
+         << what << ": " << diff.size(0) << " of " << cpu.numel()
+         << " elements differ, first at flat index " << diff[0].item<int64_t>();
+}
+
+double Tolerance(at::ScalarType dtype) { return dtype == at::kFloat ? 1e-5 : 1e-2; }
+
+// ---- paged batches
+
+struct Layout {
+  int64_t kv_heads;
+  int64_t group;
+  int64_t head_dim;
+  int64_t page_size;
+};
+
+std::string Describe(const Layout& l, at::ScalarType dtype, const std::string& extra) {
+  std::ostringstream s;
+  s << "Hkv=" << l.kv_heads << " G=" << l.group << " D=" << l.head_dim << " PS=" << l.page_size
+    << " " << dtype << " " << extra;
+  return s.str();
+}
+
+// A cache holding sequences of the given lengths on shuffled pages, with spare pages and block
+// table entries past each sequence holding out-of-sequence page ids.
+struct PagedBatch {
+  at::Tensor kv;            // [2, NP, PS, Hkv, D]
+  at::Tensor block_tables;  // int32 [B, P]
+  at::Tensor seq_lens;      // int64 [B]
+  int64_t max_len = 0;
+};
+
+PagedBatch MakeBatch(const Layout& l, const std::vector<int64_t>& lens, at::ScalarType dtype,
+                     std::mt19937& rng) {
+  PagedBatch batch;
+  const int64_t batch_size = static_cast<int64_t>(lens.size());
+  batch.max_len = lens.empty() ? 0 : *std::max_element(lens.begin(), lens.end());
+  const int64_t max_pages = std::max<int64_t>(1, (batch.max_len + l.page_size - 1) / l.page_size);
+  int64_t used = 0;
+  for (int64_t len : lens) used += (len + l.page_size - 1) / l.page_size;
+  const int64_t num_pages = used + 3;
+  batch.kv = at::randn({2, num_pages, l.page_size, l.kv_heads, l.head_dim}).to(dtype);
+  std::vector<int32_t> pages(num_pages);
+  std::iota(pages.begin(), pages.end(), 0);
+  std::shuffle(pages.begin(), pages.end(), rng);
+  batch.block_tables = at::empty({batch_size, max_pages}, at::kInt);
+  int32_t* table = batch.block_tables.data_ptr<int32_t>();
+  int64_t next = 0;
+  for (int64_t b = 0; b < batch_size; ++b) {
+    const int64_t n = (lens[b] + l.page_size - 1) / l.page_size;
+    for (int64_t p = 0; p < max_pages; ++p) {
+      table[b * max_pages + p] = p < n ? pages[next++] : pages[num_pages - 1 - p % 3];
+    }
+  }
+  batch.seq_lens = at::tensor(lens, at::kLong);
+  return batch;
+}
+
+enum class BiasKind { kNone, kRandom, kWithNegInf, kRowAllNegInf };
+
+const char* Name(BiasKind kind) {
+  switch (kind) {
+    case BiasKind::kNone:
+      return "no-bias";
+    case BiasKind::kRandom:
+      return "bias";
+    case BiasKind::kWithNegInf:
+      return "bias-with-inf";
+    case BiasKind::kRowAllNegInf:
+      return "bias-row-all-inf";
+  }
+  return "";
+}
+
+Bias MakeBias(BiasKind kind, int64_t batch, int64_t width) {
+  if (kind == BiasKind::kNone) return c10::nullopt;
+  at::Tensor bias = at::randn({batch, width}) * 2.0;
+  if (kind != BiasKind::kRandom) {
+    bias.masked_fill_(at::rand({batch, width}) < 0.3, -kInf);
+  }
+  if (kind == BiasKind::kRowAllNegInf && batch > 0) bias[0].fill_(-kInf);
+  return bias;
+}
+
+Bias CudaBias(const Bias& bias) {
+  return bias.has_value() ? Bias(Cuda(*bias)) : Bias(c10::nullopt);
+}
+
+// ---- registration
+
+TEST(CudaOps, AllEightOpsHaveCudaKernels) {
+  for (const std::string& name : ops::AllOpNames()) {
+    const auto op = c10::Dispatcher::singleton().findSchema({name, ""});
+    ASSERT_TRUE(op.has_value()) << name;
+    EXPECT_TRUE(op->hasKernelForDispatchKey(c10::DispatchKey::CUDA)) << name;
+  }
+}
+
+// ---- paged_kv_write
+
+TEST(CudaPagedKvWrite, EqualsCpuBitForBit) {
+  SKIP_WITHOUT_GPU();
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    const at::Tensor cache = at::randn({2, 9, 5, 3, 40}).to(dtype);
+    const at::Tensor key = at::randn({17, 3, 40}).to(dtype);
+    const at::Tensor value = at::randn({17, 3, 40}).to(dtype);
+    const at::Tensor slots = at::randperm(45, at::kLong).slice(0, 0, 17);
+    slots[3] = -1;
+    slots[11] = -1;
+    const at::Tensor gpu_cache = Cuda(cache);
+    ops::paged_kv_write(cache, key, value, slots);
+    ops::paged_kv_write(gpu_cache, Cuda(key), Cuda(value), Cuda(slots));
+    EXPECT_TRUE(Same(gpu_cache, cache, std::string("cache ") + c10::toString(dtype)));
+  }
+}
+
+// ---- decode
+
+void CheckDecode(const Layout& l, const std::vector<int64_t>& lens, at::ScalarType dtype,
+                 BiasKind bias_kind, std::mt19937& rng) {
+  const PagedBatch batch = MakeBatch(l, lens, dtype, rng);
+  const int64_t b = static_cast<int64_t>(lens.size());
+  const int64_t hq = l.kv_heads * l.group;
+  const at::Tensor query = at::randn({b, hq, l.head_dim}).to(dtype);
+  const Bias bias = MakeBias(bias_kind, b, batch.max_len + 5);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(l.head_dim));
+  at::Tensor cpu_out = at::full({b, hq, l.head_dim}, kNaN).to(dtype);
+  at::Tensor gpu_out = Cuda(cpu_out);
+  ops::paged_attention_decode(cpu_out, query, batch.kv, batch.block_tables, batch.seq_lens, scale,
+                              bias);
+  ops::paged_attention_decode(gpu_out, Cuda(query), Cuda(batch.kv), Cuda(batch.block_tables),
+                              Cuda(batch.seq_lens), scale, CudaBias(bias));
+  const double tol = Tolerance(dtype);
+  EXPECT_TRUE(Close(gpu_out, cpu_out, tol, tol, Describe(l, dtype, Name(bias_kind))));
+}
+
+const std::vector<Layout>& Layouts() {
+  static const std::vector<Layout> layouts = {
+      {2, 4, 128, 16},  // GQA 4 (Qwen3-8B / Llama-3 ratio), page-aligned
+      {3, 1, 64, 7},    // MHA, odd head count, odd page size
+      {1, 7, 80, 32},   // odd group, head_dim not a multiple of 32
+      {5, 3, 256, 16},  // largest head_dim, odd group
+      {1, 9, 32, 1},    // one token per page; group of 9 spans three row chunks
+  };
+  return layouts;
+}
+
+TEST(CudaPagedAttentionDecode, EqualsCpuOverLayoutsDtypesAndBiases) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(1);
+  at::manual_seed(1);
+  for (const Layout& l : Layouts()) {
+    for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+      for (BiasKind kind :
+           {BiasKind::kNone, BiasKind::kRandom, BiasKind::kWithNegInf, BiasKind::kRowAllNegInf}) {
+        // Lengths around page and split (256) boundaries.
+        CheckDecode(l, {1, l.page_size, l.page_size + 1, 255, 256, 257, 1000}, dtype, kind, rng);
+      }
+    }
+  }
+}
+
+TEST(CudaPagedAttentionDecode, EqualsCpuAt128KKeys) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(2);
+  at::manual_seed(2);
+  const Layout l{8, 4, 128, 16};
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    CheckDecode(l, {131072}, dtype, BiasKind::kWithNegInf, rng);
+    CheckDecode(l, {131072, 70001, 1}, dtype, BiasKind::kNone, rng);
+  }
+}
+
+// ---- prefill
+
+void CheckPrefill(const Layout& l, const std::vector<int64_t>& lens,
+                  const std::vector<int64_t>& q_lens, at::ScalarType dtype, BiasKind bias_kind,
+                  std::mt19937& rng) {
+  const PagedBatch batch = MakeBatch(l, lens, dtype, rng);
+  std::vector<int64_t> starts = {0};
+  for (int64_t q : q_lens) starts.push_back(starts.back() + q);
+  const int64_t tokens = starts.back();
+  const int64_t hq = l.kv_heads * l.group;
+  const at::Tensor query = at::randn({tokens, hq, l.head_dim}).to(dtype);
+  const at::Tensor query_start_loc = at::tensor(starts, at::kLong);
+  const Bias bias = MakeBias(bias_kind, static_cast<int64_t>(lens.size()), batch.max_len + 3);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(l.head_dim));
+  at::Tensor cpu_out = at::full({tokens, hq, l.head_dim}, kNaN).to(dtype);
+  at::Tensor gpu_out = Cuda(cpu_out);
+  ops::paged_attention_prefill(cpu_out, query, batch.kv, batch.block_tables, batch.seq_lens,
+                               query_start_loc, scale, bias);
+  ops::paged_attention_prefill(gpu_out, Cuda(query), Cuda(batch.kv), Cuda(batch.block_tables),
+                               Cuda(batch.seq_lens), Cuda(query_start_loc), scale, CudaBias(bias));
+  const double tol = Tolerance(dtype);
+  EXPECT_TRUE(Close(gpu_out, cpu_out, tol, tol, Describe(l, dtype, Name(bias_kind))));
+}
+
+TEST(CudaPagedAttentionPrefill, MixedChunksEqualCpu) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(3);
+  at::manual_seed(3);
+  for (const Layout& l : Layouts()) {
+    for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+      for (BiasKind kind : {BiasKind::kNone, BiasKind::kWithNegInf, BiasKind::kRowAllNegInf}) {
+        // A whole prompt, an idle sequence (no new token), a chunk after a cached prefix, decode.
+        CheckPrefill(l, {37, 20, 300, 9}, {37, 0, 45, 1}, dtype, kind, rng);
+      }
+    }
+  }
+}
+
+TEST(CudaPagedAttentionPrefill, LongChunkOverLongContextEqualsCpu) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(4);
+  at::manual_seed(4);
+  CheckPrefill({8, 4, 128, 16}, {20000}, {512}, at::kBFloat16, BiasKind::kRandom, rng);
+  CheckPrefill({2, 2, 64, 16}, {3000, 700}, {1024, 700}, at::kFloat, BiasKind::kNone, rng);
+}
+
+// ---- attention_probs
+
+void CheckProbs(const Layout& l, const std::vector<int64_t>& lens, std::vector<int64_t> heads,
+                at::ScalarType dtype, BiasKind bias_kind, std::mt19937& rng) {
+  const PagedBatch batch = MakeBatch(l, lens, dtype, rng);
+  const int64_t b = static_cast<int64_t>(lens.size());
+  const int64_t hq = l.kv_heads * l.group;
+  const at::Tensor query = at::randn({b, hq, l.head_dim}).to(dtype);
+  const at::Tensor head_ids = at::tensor(heads, at::kLong);
+  const Bias bias = MakeBias(bias_kind, b, batch.max_len + 2);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(l.head_dim));
+  const int64_t width = batch.max_len + 11;
+  at::Tensor cpu_out = at::full({b, static_cast<int64_t>(heads.size()), width}, kNaN);
+  at::Tensor gpu_out = Cuda(cpu_out);
+  ops::attention_probs(cpu_out, query, batch.kv, batch.block_tables, batch.seq_lens, head_ids,
+                       scale, bias);
+  ops::attention_probs(gpu_out, Cuda(query), Cuda(batch.kv), Cuda(batch.block_tables),
+                       Cuda(batch.seq_lens), Cuda(head_ids), scale, CudaBias(bias));
+  // Probabilities are fp32 whatever the cache dtype: the logits see the same rounded inputs.
+  EXPECT_TRUE(Close(gpu_out, cpu_out, 1e-6, 1e-5, Describe(l, dtype, Name(bias_kind))));
+}
+
+TEST(CudaAttentionProbs, EqualsCpu) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(5);
+  at::manual_seed(5);
+  for (const Layout& l : Layouts()) {
+    const int64_t hq = l.kv_heads * l.group;
+    for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+      for (BiasKind kind : {BiasKind::kNone, BiasKind::kWithNegInf, BiasKind::kRowAllNegInf}) {
+        CheckProbs(l, {1, 255, 256, 257, 999}, {0, hq - 1, hq / 2}, dtype, kind, rng);
+      }
+    }
+  }
+}
+
+TEST(CudaAttentionProbs, EqualsCpuAt128KKeys) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(6);
+  at::manual_seed(6);
+  CheckProbs({8, 4, 128, 16}, {131072, 4097}, {3, 17, 30}, at::kBFloat16, BiasKind::kWithNegInf,
+             rng);
+}
+
+// ---- DySCO ops
+
+// Relevance-like rows: positive, normalised over [0, n_b), zeros after (as the op leaves them).
+at::Tensor RelevanceRows(const std::vector<int64_t>& n, int64_t width, bool ties) {
+  const int64_t batch = static_cast<int64_t>(n.size());
+  at::Tensor r =
+      ties ? at::randint(1, 6, {batch, width}).to(at::kFloat) : at::rand({batch, width}).pow(4.0);
+  for (int64_t b = 0; b < batch; ++b) {
+    r[b].slice(0, n[b]).zero_();
+    if (n[b] > 0) r[b] /= r[b].sum();
+  }
+  return r;
+}
+
+TEST(CudaDyscoRelevanceUpdate, EqualsCpu) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(7);
+  struct Case {
+    std::vector<int64_t> n;
+    int64_t width;
+    int64_t probs_width;
+    int64_t heads;
+  };
+  for (const Case& c :
+       {Case{{0, 1, 2, 517, 1000}, 1000, 1003, 3}, Case{{4096, 4097, 8193, 1}, 9000, 9000, 1},
+        Case{{131072}, 131072, 131072, 5}}) {
+    const int64_t batch = static_cast<int64_t>(c.n.size());
+    std::vector<int64_t> prev(c.n);
+    for (int64_t& v : prev) v = std::max<int64_t>(0, v - 1);
+    const at::Tensor relevance = RelevanceRows(prev, c.width, false);
+    const at::Tensor probs = at::rand({batch, c.heads, c.probs_width});
+    const at::Tensor num_keys = at::tensor(c.n, at::kLong);
+    const at::Tensor decay = at::rand({batch});
+    decay[0] = 0.0f;
+    at::Tensor cpu_rel = relevance.clone();
+    at::Tensor gpu_rel = Cuda(relevance);
+    ops::dysco_relevance_update(cpu_rel, probs, num_keys, decay);
+    ops::dysco_relevance_update(gpu_rel, Cuda(probs), Cuda(num_keys), Cuda(decay));
+    EXPECT_TRUE(Close(gpu_rel, cpu_rel, 1e-9, 1e-5, "relevance width " + std::to_string(c.width)));
+  }
+}
+
+struct SelectCase {
+  float top_p;    // <= 0: unset
+  int64_t top_k;  // <= 0: unset
+  float strength;
+};
+
+void CheckSelect(const std::vector<int64_t>& n, int64_t width, bool ties,
+                 const std::vector<SelectCase>& cases) {
+  const int64_t batch = static_cast<int64_t>(n.size());
+  const at::Tensor relevance = RelevanceRows(n, width, ties);
+  const at::Tensor num_keys = at::tensor(n, at::kLong);
+  const at::Tensor template_mask = at::rand({batch, width}) < 0.2;
+  for (const SelectCase& c : cases) {
+    const at::Tensor top_p = at::full({batch}, c.top_p);
+    const at::Tensor top_k = at::full({batch}, c.top_k, at::kLong);
+    const at::Tensor strength = at::full({batch}, c.strength);
+    at::Tensor bias = at::full({batch, width}, kNaN);
+    at::Tensor selected = at::ones({batch, width}, at::kBool);
+    at::Tensor stats = at::full({batch, 2}, kNaN);
+    at::Tensor gpu_bias = Cuda(bias);
+    at::Tensor gpu_selected = Cuda(selected);
+    at::Tensor gpu_stats = Cuda(stats);
+    ops::dysco_select_bias(bias, selected, stats, relevance, num_keys, template_mask, top_p, top_k,
+                           strength);
+    ops::dysco_select_bias(gpu_bias, gpu_selected, gpu_stats, Cuda(relevance), Cuda(num_keys),
+                           Cuda(template_mask), Cuda(top_p), Cuda(top_k), Cuda(strength));
+    std::ostringstream what;
+    what << "width=" << width << (ties ? " ties" : "") << " top_p=" << c.top_p
+         << " top_k=" << c.top_k << " strength=" << c.strength;
+    EXPECT_TRUE(Same(gpu_selected, selected, "selected " + what.str()));
+    EXPECT_TRUE(Same(gpu_bias, bias, "bias " + what.str()));
+    EXPECT_TRUE(Close(gpu_stats, stats, 0.0, 1e-5, "stats " + what.str()));
+  }
+}
+
+const std::vector<SelectCase>& SelectCases() {
+  static const std::vector<SelectCase> cases = {
+      {0.9f, 0, 2.0f},    {0.5f, 0, 100.0f},     {0.0f, 1, 2.0f},     {0.0f, 7, 1e30f},
+      {0.0f, 4096, 0.5f}, {0.95f, 64, 2.0f},     {0.3f, 4096, 99.0f}, {1.0f, 0, 2.0f},
+      {1e-6f, 0, 2.0f},   {0.0f, 1000000, 2.0f},
+  };
+  return cases;
+}
+
+TEST(CudaDyscoSelectBias, SameSetsBiasAndStatsAsCpu) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(8);
+  // Idle row, one key, a few keys, around the 4096 default top_k, a full row.
+  CheckSelect({0, 1, 2, 77, 4095, 4097, 6000}, 6000, false, SelectCases());
+}
+
+TEST(CudaDyscoSelectBias, TiesAreBrokenByPositionAsOnCpu) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(9);
+  CheckSelect({0, 3, 500, 3000}, 3000, true, SelectCases());
+}
+
+TEST(CudaDyscoSelectBias, SameSetsAt128KKeys) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(10);
+  CheckSelect({131072, 100000}, 131072, false, SelectCases());
+  CheckSelect({131072}, 131072, true, {{0.9f, 4096, 2.0f}, {0.0f, 4096, 100.0f}});
+}
+
+TEST(CudaDyscoBiasFromSelection, EqualsCpu) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(11);
+  const int64_t width = 5000;
+  const std::vector<int64_t> n = {0, 1, 4096, 4097, 5000};
+  const int64_t batch = static_cast<int64_t>(n.size());
+  const at::Tensor selected = at::rand({batch, width}) < 0.3;
+  const at::Tensor template_mask = at::rand({batch, width}) < 0.2;
+  const at::Tensor num_keys = at::tensor(n, at::kLong);
+  for (float s : {0.5f, 2.0f, 98.9f, 99.0f, std::numeric_limits<float>::infinity()}) {
+    const at::Tensor strength = at::full({batch}, s);
+    at::Tensor bias = at::full({batch, width}, kNaN);
+    at::Tensor gpu_bias = Cuda(bias);
+    ops::dysco_bias_from_selection(bias, selected, num_keys, template_mask, strength);
+    ops::dysco_bias_from_selection(gpu_bias, Cuda(selected), Cuda(num_keys), Cuda(template_mask),
+                                   Cuda(strength));
+    EXPECT_TRUE(Same(gpu_bias, bias, "bias strength " + std::to_string(s)));
+  }
+}
+
+TEST(CudaDyscoTemplateMask, EqualsCpu) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(12);
+  // A small vocabulary so that templates occur often, overlapping; an empty template; a template
+  // longer than the prompt.
+  const at::Tensor tokens = at::randint(0, 4, {20000}, at::kLong);
+  const at::Tensor sequences =
+      at::tensor(std::vector<int64_t>{1, 2, 3, 0, 0, 2, 3, 3, 1}, at::kLong);
+  for (const std::vector<int64_t>& offsets :
+       {std::vector<int64_t>{0}, std::vector<int64_t>{0, 3, 3, 5, 9}, std::vector<int64_t>{0, 9}}) {
+    const at::Tensor seq = sequences.slice(0, 0, offsets.back());
+    const at::Tensor off = at::tensor(offsets, at::kLong);
+    for (int64_t length : {int64_t{0}, int64_t{5}, int64_t{20000}}) {
+      const at::Tensor tok = tokens.slice(0, 0, length).contiguous();
+      at::Tensor mask = at::ones({length}, at::kBool);
+      at::Tensor gpu_mask = Cuda(mask);
+      ops::dysco_template_mask(mask, tok, seq, off);
+      ops::dysco_template_mask(gpu_mask, Cuda(tok), Cuda(seq), Cuda(off));
+      EXPECT_TRUE(Same(gpu_mask, mask,
+                       "mask length " + std::to_string(length) + " templates " +
+                           std::to_string(offsets.size() - 1)));
+    }
+  }
+}
+
+// ---- no host synchronisation: a DySCO decode step's ops captured in a CUDA graph and replayed.
+
+TEST(CudaOps, DecodeStepOpsCaptureInACudaGraph) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(13);
+  at::manual_seed(13);
+  const Layout l{2, 4, 128, 16};
+  const PagedBatch batch = MakeBatch(l, {3000, 517}, at::kBFloat16, rng);
+  const int64_t width = batch.max_len;
+  const at::Tensor query = at::randn({2, 8, 128}).to(at::kBFloat16);
+  const at::Tensor heads = at::tensor(std::vector<int64_t>{1, 6}, at::kLong);
+  const at::Tensor relevance = RelevanceRows({2999, 516}, width, false);
+  const at::Tensor template_mask = at::rand({2, width}) < 0.1;
+  const at::Tensor top_p = at::full({2}, 0.9f);
+  const at::Tensor top_k = at::full({2}, 256, at::kLong);
+  const at::Tensor strength = at::full({2}, 2.0f);
+  const at::Tensor decay = at::full({2}, 0.5f);
+  const double scale = 1.0 / std::sqrt(128.0);
+
+  // The step: probs of the probe heads, relevance update, selection + bias, biased attention.
+  struct Step {
+    at::Tensor kv, tables, lens, q, heads, rel, tmpl, p, k, s, decay;
+    at::Tensor probs, bias, selected, stats, out;
+    void Run(double scale) const {
+      ops::attention_probs(probs, q, kv, tables, lens, heads, scale, c10::nullopt);
+      ops::dysco_relevance_update(rel, probs, lens, decay);
+      ops::dysco_select_bias(bias, selected, stats, rel, lens, tmpl, p, k, s);
+      ops::paged_attention_decode(out, q, kv, tables, lens, scale, bias);
+    }
+  };
+  auto make = [&](bool gpu) {
+    auto d = [gpu](const at::Tensor& t) { return gpu ? Cuda(t) : t.clone(); };
+    return Step{d(batch.kv),
+                d(batch.block_tables),
+                d(batch.seq_lens),
+                d(query),
+                d(heads),
+                d(relevance),
+                d(template_mask),
+                d(top_p),
+                d(top_k),
+                d(strength),
+                d(decay),
+                d(at::full({2, 2, width}, kNaN)),
+                d(at::full({2, width}, kNaN)),
+                d(at::ones({2, width}, at::kBool)),
+                d(at::full({2, 2}, kNaN)),
+                d(at::full({2, 8, 128}, kNaN).to(at::kBFloat16))};
+  };
+  const Step cpu = make(false);
+  cpu.Run(scale);
+  const Step gpu = make(true);
+  const at::Tensor initial_relevance = gpu.rel.clone();
+  gpu.Run(scale);  // warm-up outside the capture
+  at::cuda::CUDAGraph graph;
+  {
+    const c10::cuda::CUDAStreamGuard guard(c10::cuda::getStreamFromPool());
+    graph.capture_begin();
+    gpu.Run(scale);
+    graph.capture_end();
+  }
+  gpu.rel.copy_(initial_relevance);
+  gpu.probs.fill_(kNaN);
+  gpu.out.fill_(kNaN);
+  gpu.selected.fill_(true);
+  graph.replay();
+  c10::cuda::device_synchronize();
+  EXPECT_TRUE(Close(gpu.probs, cpu.probs, 1e-6, 1e-5, "graph probs"));
+  EXPECT_TRUE(Close(gpu.rel, cpu.rel, 1e-9, 1e-5, "graph relevance"));
+  EXPECT_TRUE(Same(gpu.selected, cpu.selected, "graph selected"));
+  EXPECT_TRUE(Close(gpu.out, cpu.out, 1e-2, 1e-2, "graph decode BFloat16"));
+}
+
+// ---- timings (printed, not asserted): one layer of a Qwen3-8B-shaped decode step at 128K keys,
+// bf16, batch 1, by CUDA events over repeated calls. "[timing]" lines are collected by
+// scripts/gpu-check.sh. The floor is the cache bytes the op must read over the copy bandwidth
+// measured here (a device-to-device copy).
+
+template <typename Fn>
+double MillisecondsPerCall(Fn&& fn, int iterations) {
+  for (int i = 0; i < 3; ++i) fn();
+  cudaEvent_t start;
+  cudaEvent_t stop;
+  C10_CUDA_CHECK(cudaEventCreate(&start));
+  C10_CUDA_CHECK(cudaEventCreate(&stop));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  C10_CUDA_CHECK(cudaEventRecord(start, stream));
+  for (int i = 0; i < iterations; ++i) fn();
+  C10_CUDA_CHECK(cudaEventRecord(stop, stream));
+  C10_CUDA_CHECK(cudaEventSynchronize(stop));
+  float ms = 0.0f;
+  C10_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  C10_CUDA_CHECK(cudaEventDestroy(start));
+  C10_CUDA_CHECK(cudaEventDestroy(stop));
+  return ms / iterations;
+}
+
+TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(14);
+  const int64_t keys = 131072;
+  const int64_t page_size = 16;
+  const int64_t pages = keys / page_size;
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA);
+  const auto i64 = at::TensorOptions().dtype(at::kLong).device(at::kCUDA);
+  const at::Tensor kv = at::randn({2, pages, page_size, 8, 128}, bf16);
+  const at::Tensor tables = at::randperm(pages, i64).to(at::kInt).reshape({1, pages});
+  const at::Tensor lens = at::full({1}, keys, i64);
+  const at::Tensor query = at::randn({1, 32, 128}, bf16);
+  at::Tensor out = at::empty({1, 32, 128}, bf16);
+  const at::Tensor heads = at::tensor(std::vector<int64_t>{0, 9, 18, 27}, at::kLong).to(at::kCUDA);
+  at::Tensor probs = at::empty({1, 4, keys}, f32);
+  at::Tensor relevance = at::rand({1, keys}, f32);
+  relevance /= relevance.sum();
+  const at::Tensor decay = at::full({1}, 0.5, f32);
+  at::Tensor bias = at::empty({1, keys}, f32);
+  at::Tensor selected =
+      at::empty({1, keys}, at::TensorOptions().dtype(at::kBool).device(at::kCUDA));
+  at::Tensor stats = at::empty({1, 2}, f32);
+  const at::Tensor tmpl =
+      at::zeros({1, keys}, at::TensorOptions().dtype(at::kBool).device(at::kCUDA));
+  const at::Tensor top_p = at::full({1}, 0.9, f32);
+  const at::Tensor top_k = at::full({1}, 4096, i64);
+  const at::Tensor strength = at::full({1}, 2.0, f32);
+  const double scale = 1.0 / std::sqrt(128.0);
+
+  at::Tensor copy_src =
+      at::empty({1LL << 30}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
+  at::Tensor copy_dst = at::empty_like(copy_src);
+  const double copy_ms = MillisecondsPerCall([&] { copy_dst.copy_(copy_src); }, 10);
+  const double bandwidth = 2.0 * copy_src.numel() / (copy_ms * 1e-3);  // read + write, bytes/s
+  const double cache_bytes = static_cast<double>(kv.numel()) * 2.0;
+  const double floor_ms = cache_bytes / bandwidth * 1e3;
+
+  const double decode_ms = MillisecondsPerCall(
+      [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); }, 20);
+  const double biased_ms = MillisecondsPerCall(
+      [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, bias); }, 20);
+  const double probs_ms = MillisecondsPerCall(
+      [&] { ops::attention_probs(probs, query, kv, tables, lens, heads, scale, c10::nullopt); },
+      20);
+  const double relevance_ms =
+      MillisecondsPerCall([&] { ops::dysco_relevance_update(relevance, probs, lens, decay); }, 20);
+  const double select_ms = MillisecondsPerCall(
+      [&] {
+        ops::dysco_select_bias(bias, selected, stats, relevance, lens, tmpl, top_p, top_k,
+                               strength);
+      },
+      20);
+  std::printf(
+      "[timing] copy bandwidth %.0f GB/s; KV of one layer at 128K keys %.0f MiB, floor %.3f ms\n",
+      bandwidth / 1e9, cache_bytes / (1 << 20), floor_ms);
+  std::printf(
+      "[timing] paged_attention_decode 128K bf16 Hq=32 Hkv=8 D=128: %.3f ms (%.2fx floor)\n",
+      decode_ms, decode_ms / floor_ms);
+  std::printf("[timing] paged_attention_decode with key_bias: %.3f ms (%.2fx floor)\n", biased_ms,
+              biased_ms / floor_ms);
+  std::printf("[timing] attention_probs 4 heads 128K: %.3f ms (K half floor %.3f ms)\n", probs_ms,
+              floor_ms / 2);
+  std::printf("[timing] dysco_relevance_update 128K: %.3f ms\n", relevance_ms);
+  std::printf("[timing] dysco_select_bias 128K top_p=0.9 top_k=4096: %.3f ms\n", select_ms);
+  EXPECT_GT(decode_ms, 0.0);
+}
+
+}  // namespace
