@@ -40,15 +40,21 @@ std::string Connect(const FlagSet& flags, const ConnectOptions& options, Connect
   if (options.slow_reader) {
     args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
     args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 1);
+    // gRPC's retry layer reads a stream's messages ahead of the application (to know when the call
+    // commits), which keeps the HTTP/2 window open however slowly we read: a slow reader must not
+    // have it.
+    args.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
   }
   const std::string health_check =
       options.health_checked ? R"("healthCheckConfig": {"serviceName": "dysco.v1.Generation"}, )"
                              : "";
-  args.SetServiceConfigJSON(
-      "{" + health_check + R"("loadBalancingConfig": [{")" + lb +
-      R"(": {}}], "methodConfig": [{"name": [{"service": "dysco.v1.Generation"}],
-          "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s",
-                          "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]})");
+  const std::string retry =
+      options.slow_reader ? ""
+                          : R"(, "methodConfig": [{"name": [{"service": "dysco.v1.Generation"}],
+               "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s",
+                               "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}])";
+  args.SetServiceConfigJSON("{" + health_check + R"("loadBalancingConfig": [{")" + lb +
+                            R"(": {}}])" + retry + "}");
 
   std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
   const bool tls = flags.Has("tls-ca") || flags.Has("tls-cert") || flags.Has("tls-key");
