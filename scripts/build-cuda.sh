@@ -7,7 +7,7 @@
 #   - linked with -Wl,--allow-shlib-undefined: libtorch_cuda.so needs libcufile, libcusparseLt and
 #     libnvshmem_host, which only the GPU machine has; nothing here runs the binaries.
 # Builds into build-cuda/ (BUILD_CUDA_DIR) the targets in CUDA_TARGETS (default: the op library, its
-# CPU and CUDA test binaries and the server), with ccache. DYSCO_SKIP_CUDA_BUILD=1 skips it (a
+# CPU and CUDA test binaries, the server and dysco-generate), with ccache. DYSCO_SKIP_CUDA_BUILD=1 skips it (a
 # machine without nvcc). Usage: scripts/build-cuda.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ if [ "${DYSCO_SKIP_CUDA_BUILD:-0}" = 1 ]; then
 fi
 NVCC=${NVCC:-/usr/local/cuda/bin/nvcc}
 BUILD=${BUILD_CUDA_DIR:-build-cuda}
-TARGETS=${CUDA_TARGETS:-dysco_kernels test_kernels test_kernels_cuda dysco-server}
+TARGETS=${CUDA_TARGETS:-dysco_kernels test_kernels test_kernels_cuda test_model_cuda dysco-server dysco-generate}
 VENV=.venv-cuda
 TORCH_VERSION=2.11.0
 JOBS=${JOBS:-$(nproc)}

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The one script run on the GPU machine (H200, torch 2.11.0+cu130 in its python3, CMake, nvcc, no
 # network): sets up the build dependencies from the carried Debian packages, configures and builds
-# the CUDA variant against that machine's torch, runs the GPU tests (test_kernels_cuda) and the
-# model-free CPU tests and prints one summary table. Logs go to $BUILD/gpu-check/; the table, the GPU
+# the CUDA variant against that machine's torch, exports the tiny random llama package there (the
+# default model's 500 MB do not travel), runs the GPU tests (test_kernels_cuda, test_model_cuda),
+# the CPU tests (the tiny-model ones included), dysco-generate and dysco-server on cuda:0 against
+# the same on the CPU, and prints one summary table. Logs go to $BUILD/gpu-check/; the table, the GPU
 # test's log and a tarball of every log are copied to $OUT (default gpu-check-out/; few files, as
 # the device tool returns at most 8). Exits non-zero when the build or any test fails.
 #
@@ -21,7 +23,7 @@ SUMMARY=$OUT/summary.txt
 : > "$SUMMARY"
 publish() {
   cp "$SUMMARY" "$RESULTS/"
-  cp "$OUT/test_kernels_cuda.log" "$RESULTS/" 2>/dev/null
+  cp "$OUT/test_kernels_cuda.log" "$OUT/test_model_cuda.log" "$RESULTS/" 2>/dev/null
   tar czf "$RESULTS/gpu-check-logs.tgz" -C "$OUT" .
 }
 row() { printf '%-28s %-6s %8s  %s\n' "$1" "$2" "$3" "$4" | tee -a "$SUMMARY"; }
@@ -44,8 +46,8 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDYSCO_CUDA=ON \
 configure_rc=$?
 # The test binaries first (they must build); then everything else (server, client, tools,
 # benchmarks), reported on its own row, so that a link problem there does not hide test results.
-TEST_BINARIES="test_kernels_cuda test_kernels test_dysco_ops test_kv_page_pool test_sampler \
-  test_chat_format test_tokenizer test_model_config"
+TEST_BINARIES="test_kernels_cuda test_model_cuda test_kernels test_dysco_ops test_kv_page_pool \
+  test_sampler test_chat_format test_tokenizer test_model_config test_dysco test_batch_stepper"
 build_rc=1
 if [ $configure_rc -eq 0 ]; then
   # shellcheck disable=SC2086
@@ -108,11 +110,95 @@ PY
   fi
 }
 
-# GPU tests, then the CPU tests that need no model package (models/ does not travel).
+# The tiny random llama package (as ctest's export_tiny_model fixture: seed 0, fp32), exported with
+# this machine's torch and the op library just built; test_model_cuda, test_dysco and
+# test_batch_stepper read it through DYSCO_TINY_MODEL_DIR.
+TINY=$PWD/$BUILD/test-models/tiny-llama
+start=$(date +%s)
+rm -rf "$TINY"
+if python3 -m tools.dysco_export tiny --family llama --seed 0 --out "$TINY" \
+    --kernels "$BUILD/lib/libdysco_kernels.so" > "$OUT/export.log" 2>&1; then
+  row "export tiny-llama" ok $(( $(date +%s) - start )) "tools.dysco_export tiny --seed 0, torch $(python3 -c 'import torch; print(torch.__version__)')"
+else
+  row "export tiny-llama" FAIL $(( $(date +%s) - start )) "see export.log"
+  tail -5 "$OUT/export.log"
+  fail=1
+fi
+export DYSCO_TINY_MODEL_DIR=$TINY
+
+# GPU tests, then the CPU tests (models/ does not travel: the default-model tests are not run).
 run_test test_kernels_cuda
+run_test test_model_cuda
 for t in $TEST_BINARIES; do
-  [ "$t" = test_kernels_cuda ] || run_test "$t"
+  case $t in test_kernels_cuda | test_model_cuda) ;; *) run_test "$t" ;; esac
 done
+
+# The tools on cuda:0 against the same on the CPU, on the tiny package: each pair must print the
+# same generated text / ids (the summary line's timings stripped).
+compare_row() {  # NAME CPU_FILE GPU_FILE DETAILS
+  if [ -s "$2" ] && cmp -s "$2" "$3"; then
+    row "$1" ok "$SECS" "$4: identical on cpu and cuda:0"
+  else
+    row "$1" FAIL "$SECS" "$4: differ or empty (see $(basename "$2") / $(basename "$3"))"
+    fail=1
+  fi
+}
+IDS=$(python3 -c 'import random; r = random.Random(7); print(",".join(str(r.randint(3, 2000)) for _ in range(90)))')
+IDS_SHORT=$(python3 -c 'import random; r = random.Random(8); print(",".join(str(r.randint(3, 2000)) for _ in range(17)))')
+python3 - "$IDS" "$IDS_SHORT" > "$OUT/batch.jsonl" <<'PY'
+import json, sys
+a = [int(x) for x in sys.argv[1].split(",")]; b = [int(x) for x in sys.argv[2].split(",")]
+print(json.dumps({"prompt_ids": a, "max_new_tokens": 32}))
+print(json.dumps({"prompt_ids": b, "max_new_tokens": 32, "dysco": {"enabled": True, "strength": 3.0}}))
+print(json.dumps({"prompt_ids": a[:61], "max_new_tokens": 32, "dysco": {"enabled": True, "top_k": 8}}))
+print(json.dumps({"prompt_ids": b[:5], "max_new_tokens": 32}))
+PY
+GEN=$BUILD/bin/dysco-generate
+t0=$(date +%s)
+for dev in cpu cuda:0; do
+  tag=${dev%%:*}
+  "$GEN" --model "$TINY" --device "$dev" --prompt-ids "$IDS" --max-new-tokens 32 --dysco \
+    --temperature 0.9 --seed 11 \
+    > "$OUT/generate-dysco-$tag.out" 2> "$OUT/generate-dysco-$tag.err"
+  "$GEN" --model "$TINY" --device "$dev" --batch-file "$OUT/batch.jsonl" \
+    > "$OUT/generate-batch-$tag.out" 2> "$OUT/generate-batch-$tag.err"
+  sed -i 's/prompt_tokens=.*//' "$OUT/generate-dysco-$tag.out"
+done
+SECS=$(( $(date +%s) - t0 ))
+compare_row "dysco-generate --dysco" "$OUT/generate-dysco-cpu.out" "$OUT/generate-dysco-cuda.out" \
+  "90-token prompt, 32 DySCO tokens sampled (T 0.9, seed 11)"
+compare_row "dysco-generate --batch-file" "$OUT/generate-batch-cpu.out" "$OUT/generate-batch-cuda.out" \
+  "4 sequences in one batch (2 DySCO), 32 tokens each"
+
+# dysco-server on each device, driven by dysco-client: greedy and DySCO streams must be identical.
+t0=$(date +%s)
+i=0
+for dev in cpu cuda:0; do
+  tag=${dev%%:*}
+  port=$((50311 + i)); i=$((i + 1))
+  "$BUILD/bin/dysco-server" --model "$TINY" --device "$dev" --host 127.0.0.1 --port "$port" \
+    --metrics-host 127.0.0.1 --metrics-port $((port + 100)) --kv-pages 256 > "$OUT/server-$tag.log" 2>&1 &
+  spid=$!
+  for _ in $(seq 90); do
+    "$BUILD/bin/dysco-client" health --target "127.0.0.1:$port" > /dev/null 2>&1 && break
+    kill -0 $spid 2>/dev/null || break
+    sleep 1
+  done
+  {
+    "$BUILD/bin/dysco-client" generate --target "127.0.0.1:$port" --token-ids "$IDS" \
+      --max-new-tokens 32 > "$OUT/client-plain-$tag.out"
+    "$BUILD/bin/dysco-client" generate --target "127.0.0.1:$port" --token-ids "$IDS_SHORT" \
+      --max-new-tokens 32 --dysco > "$OUT/client-dysco-$tag.out"
+    grep -o "model_loaded.*device=[^ ]*" "$OUT/server-$tag.log" | grep -o "device=[^ ]*"
+  } 2>> "$OUT/client-$tag.err" >> "$OUT/client-$tag.err"
+  kill "$spid" 2>/dev/null
+  wait "$spid" 2>/dev/null
+done
+SECS=$(( $(date +%s) - t0 ))
+compare_row "dysco-server greedy" "$OUT/client-plain-cpu.out" "$OUT/client-plain-cuda.out" \
+  "dysco-client generate, 90 ids, 32 tokens ($(tail -1 "$OUT/client-cuda.err"))"
+compare_row "dysco-server --dysco" "$OUT/client-dysco-cpu.out" "$OUT/client-dysco-cuda.out" \
+  "dysco-client generate --dysco, 17 ids, 32 tokens"
 # The worst CUDA-vs-CPU errors the GPU test printed, by dtype (fp32: every check that is not a
 # bf16/fp16 attention check), and its timings (ms per call, from CUDA events).
 awk '/^\[maxerr\]/ {
@@ -121,6 +207,7 @@ awk '/^\[maxerr\]/ {
      END { for (k in n) printf "[maxerr] %s: %d comparisons, max abs error %.3g, max relative error %.3g (|cpu| >= 1e-3)\n", k, n[k], a[k], r[k] }' \
   "$OUT/test_kernels_cuda.log" | sort | tee -a "$SUMMARY"
 grep -h "^\[timing\]" "$OUT/test_kernels_cuda.log" | tee -a "$SUMMARY"
+grep -h "^\[model\]" "$OUT/test_model_cuda.log" | tee -a "$SUMMARY"
 echo "gpu-check: $( [ $fail -eq 0 ] && echo all green || echo FAILURES ); logs in $OUT" | tee -a "$SUMMARY"
 publish
 exit $fail

@@ -24,6 +24,7 @@ LOCAL = re.compile(r'#\s*include\s*"([^"]+)"')
 TORCH_ALLOWED = {
     "tests/cpp/test_kernels.cpp": "calls the ops on tensors",
     "tests/cpp/test_kernels_cuda.cpp": "calls the CUDA ops on tensors (CUDA graphs, streams, events)",
+    "tests/cpp/test_model_cuda.cpp": "asks c10 whether a CUDA device is present (skips without one)",
     "tests/cpp/test_dysco_ops.cpp": "calls the ops on tensors",
     "tests/cpp/test_kv_page_pool.cpp": "checks the cache tensor",
     "tests/cpp/test_model_runner.cpp": "compares against a libtorch reference",

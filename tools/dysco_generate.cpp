@@ -38,12 +38,13 @@ const char kUsage[] =
     "         [--chat] [--system TEXT]\n"
     "         [--temperature T] [--top-k K] [--top-p P] [--seed S] [--repetition-penalty R]\n"
     "         [--stop STR]... [--threads N] [--kv-pages N] [--page-size N] [--prefill-chunk N]\n"
+    "         [--device cpu|cuda:0]\n"
     "         [--dysco [--dysco-heads L:H,L:H] [--dysco-top-p P] [--dysco-top-k K]\n"
     "          [--dysco-strength S] [--dysco-decay D] [--dysco-context-warmup N]\n"
     "          [--dysco-intervention-warmup N|auto] [--dysco-static] [--trace FILE "
     "[--trace-full]]]\n"
     "       dysco-generate --model DIR --batch-file FILE.jsonl [--max-new-tokens N] [--threads N]\n"
-    "         [--page-size N] [--prefill-chunk N]\n"
+    "         [--page-size N] [--prefill-chunk N] [--device cpu|cuda:0]\n"
     "  --dysco-top-p 0 / --dysco-top-k 0 unset that limit.\n";
 
 const dysco::cli::CommandLine kCli("dysco-generate", kUsage);
@@ -59,7 +60,8 @@ struct Flags {
   dysco::SamplingParams sampling;
   std::vector<std::string> stops;
   int threads = 0;
-  int64_t kv_pages = 0;  // 0: enough for prompt + max_new_tokens
+  std::string device = "cpu";  // the model's and the KV cache's torch device
+  int64_t kv_pages = 0;        // 0: enough for prompt + max_new_tokens
   int page_size = 16;
   int64_t prefill_chunk = 512;
   std::vector<int32_t> prompt_ids;
@@ -152,6 +154,9 @@ Flags ParseFlags(int argc, char** argv) {
       f.stops.push_back(value);
     } else if (flag == "--threads") {
       f.threads = static_cast<int>(kCli.ParseInt(flag, value, 1, 1024));
+    } else if (flag == "--device") {
+      if (value.empty()) kCli.Die("--device needs a torch device (cpu, cuda:0)");
+      f.device = value;
     } else if (flag == "--kv-pages") {
       f.kv_pages = kCli.ParseInt(flag, value, 1, kIntMax - 1);
     } else if (flag == "--page-size") {
@@ -307,6 +312,7 @@ dysco::StatusOr<std::vector<BatchLine>> ReadBatchFile(const std::string& path,
 dysco::StatusOr<std::unique_ptr<dysco::Engine>> LoadEngine(const Flags& flags) {
   dysco::EngineOptions options;
   options.runner.num_threads = flags.threads;
+  options.runner.device = flags.device;
   options.page_size = flags.page_size;
   options.kv_pages = 1;
   options.start_scheduler = false;
@@ -320,6 +326,7 @@ dysco::StatusOr<std::unique_ptr<dysco::KvPagePool>> RequestPool(
     const Flags& flags, const dysco::ModelConfig& config, const std::vector<int64_t>& tokens) {
   dysco::KvPagePoolOptions options;
   options.page_size = flags.page_size;
+  options.device = flags.device;  // the runner's: ModelRunner::Forward refuses a pool elsewhere
   options.num_pages = flags.kv_pages;
   if (options.num_pages == 0) {
     for (int64_t n : tokens) {

@@ -133,6 +133,12 @@ Status ModelRunner::Impl::Validate(const ForwardBatch& batch) const {
     return InvalidArgumentError(
         "kv_pool was built for another model shape (layers/kv heads/head_dim/dtype)");
   }
+  // The ops take the cache as it is: a pool on another device than the module would fail deep
+  // inside the model (or, CPU cache with CUDA inputs, read host memory as device memory).
+  if (batch.kv_pool->kv_cache().device() != device) {
+    return InvalidArgumentError("kv_pool is on " + batch.kv_pool->kv_cache().device().str() +
+                                ", the model on " + device.str());
+  }
   if (batch.last_layer < -1 || batch.last_layer >= c.num_layers) {
     return InvalidArgumentError("last_layer must be in [-1, " + std::to_string(c.num_layers - 1) +
                                 "], got " + std::to_string(batch.last_layer));
@@ -243,7 +249,8 @@ void ModelRunner::Impl::PackLocked(const ForwardBatch& batch) {
 }
 
 std::vector<c10::IValue> ModelRunner::Impl::InputsLocked(const ForwardBatch& batch) {
-  // from_blob views the staging buffers without a copy; .to() is a no-op on CPU.
+  // from_blob views the staging buffers without a copy; .to() is a no-op on CPU and a synchronous
+  // host-to-device copy (pageable memory) on CUDA, so the buffers may be reused right after.
   const int64_t B = static_cast<int64_t>(batch.sequences.size());
   const int64_t T = static_cast<int64_t>(token_ids.size());
   auto view = [&](void* data, at::IntArrayRef sizes, at::ScalarType type) {

@@ -311,6 +311,20 @@ TEST_F(ModelRunnerTest, ValidationErrorsNameTheField) {
   bad = ok;
   bad.kv_pool = wrong_pool->get();
   EXPECT_EQ(run(bad).code(), StatusCode::kInvalidArgument);
+
+  // A pool of the right shape on another device (torch's "meta": no memory, on any build) is
+  // refused before the model sees it.
+  KvPagePoolOptions meta;
+  meta.num_pages = 4;
+  meta.device = "meta";
+  auto elsewhere = KvPagePool::Create(config(), meta);
+  ASSERT_TRUE(elsewhere.ok()) << elsewhere.status().ToString();
+  bad = ok;
+  bad.kv_pool = elsewhere->get();
+  s = run(bad);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("kv_pool is on meta, the model on cpu"), std::string::npos)
+      << s.message();
 }
 
 TEST(ModelRunnerLoadTest, MissingPackage) {
