@@ -8,6 +8,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cstring>
 
@@ -50,8 +52,9 @@ DYSCO_ALWAYS_INLINE float Sum8(Vec8 v) {
 }
 
 // out[r][n] for r < MR, n in [n0, n0 + 4): four weight rows against MR input rows, 4 * MR vector
-// accumulators (<= 12 of the 16 AVX registers for MR <= 3). x: MR rows of stride ldx.
-template <int MR>
+// accumulators; with the four weight vectors and one input vector that is 13 of the 16 AVX
+// registers for MR = 2 (MR = 3 spills). x: MR rows of stride ldx.
+template <int MR, bool kPrefetch = true>
 DYSCO_ALWAYS_INLINE void Gemv4(const float* __restrict x, int64_t ldx, const float* __restrict w,
                                int64_t k_size, float* __restrict out, int64_t ldo) {
   Vec8 acc[MR][4];
@@ -60,8 +63,15 @@ DYSCO_ALWAYS_INLINE void Gemv4(const float* __restrict x, int64_t ldx, const flo
   const float* w1 = w + k_size;
   const float* w2 = w + 2 * k_size;
   const float* w3 = w + 3 * k_size;
+  // The next four weight rows follow these in memory: prefetch them, two cache lines per step, so
+  // that rows of a few KiB (too short for the hardware prefetcher to ramp up) stream at full rate.
+  const char* next = reinterpret_cast<const char*>(w + 4 * k_size);
   int64_t k = 0;
   for (; k + 8 <= k_size; k += 8) {
+    if (kPrefetch) {
+      __builtin_prefetch(next + 16 * k);
+      __builtin_prefetch(next + 16 * k + 64);
+    }
     const Vec8 a = Load8(w0 + k);
     const Vec8 b = Load8(w1 + k);
     const Vec8 c = Load8(w2 + k);
@@ -111,10 +121,10 @@ DYSCO_ALWAYS_INLINE void GemvRangeImpl(const float* x, int64_t m_size, const flo
   for (; n + 4 <= n_end; n += 4) {
     const float* wn = w + n * k_size;
     int64_t r = 0;
-    for (; r + 3 <= m_size; r += 3)
-      Gemv4<3>(x + r * k_size, k_size, wn, k_size, out + r * n_size + n, n_size);
-    if (m_size - r == 2) Gemv4<2>(x + r * k_size, k_size, wn, k_size, out + r * n_size + n, n_size);
-    if (m_size - r == 1) Gemv4<1>(x + r * k_size, k_size, wn, k_size, out + r * n_size + n, n_size);
+    for (; r + 2 <= m_size; r += 2) {
+      Gemv4<2>(x + r * k_size, k_size, wn, k_size, out + r * n_size + n, n_size);
+    }
+    if (r < m_size) Gemv4<1>(x + r * k_size, k_size, wn, k_size, out + r * n_size + n, n_size);
   }
   for (; n < n_end; ++n) {
     for (int64_t r = 0; r < m_size; ++r) {
@@ -159,6 +169,45 @@ void Gemv(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weig
   });
 }
 
+// OpenBLAS's own thread count, or 0 when the BLAS is not OpenBLAS (looked up at run time, as
+// core/model/model_runner.cpp does to set it).
+int BlasThreads() {
+  using GetThreads = int (*)();
+  static const auto fn =
+      reinterpret_cast<GetThreads>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+  return fn == nullptr ? 0 : fn();
+}
+
+// Rows per thread below which a GEMM is not split (a split BLAS call has a fixed cost).
+constexpr int64_t kMinGemmRowsPerThread = 16;
+
+// out <- input @ weight^T through BLAS. With a single-threaded OpenBLAS (what ModelRunner sets: see
+// there) the rows are split over the ATen threads, so that one thread pool runs everything: an
+// OpenBLAS pool next to OpenMP's on the same cores makes each wait for the other's spinning
+// threads (prefill was 4x its GEMM floor that way). A multi-threaded BLAS gets the whole call.
+void Gemm(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
+  const int64_t m_size = input.size(0);
+  const at::Tensor weight_t = weight.t();
+  const int64_t threads = at::get_num_threads();
+  if (BlasThreads() != 1 || threads == 1 || m_size < 2 * kMinGemmRowsPerThread ||
+      at::in_parallel_region()) {
+    at::Tensor result = out;  // shares out's storage; mm_out wants a mutable reference
+    at::mm_out(result, input, weight_t);
+    return;
+  }
+  const int64_t pieces = std::min(threads, m_size / kMinGemmRowsPerThread);
+  const int64_t rows = (m_size + pieces - 1) / pieces;
+  at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t r0 = p * rows;
+      const int64_t r1 = std::min(m_size, r0 + rows);
+      if (r0 >= r1) continue;
+      at::Tensor part = out.narrow(0, r0, r1 - r0);
+      at::mm_out(part, input.narrow(0, r0, r1 - r0), weight_t);
+    }
+  });
+}
+
 }  // namespace
 
 void linear_cpu(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
@@ -177,8 +226,7 @@ void linear_cpu(const at::Tensor& out, const at::Tensor& input, const at::Tensor
     out.copy_(at::mm(input.to(at::kFloat), weight.to(at::kFloat).t()));
     return;
   }
-  at::Tensor result = out;  // shares out's storage; mm_out wants a mutable reference
-  at::mm_out(result, input, weight.t());
+  Gemm(out, input, weight);
 }
 
 }  // namespace dysco::kernels
