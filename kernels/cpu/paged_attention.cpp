@@ -25,10 +25,11 @@ namespace {
 using cpu::AttentionScratch;
 using cpu::PagedSequence;
 
-// Query tokens of one prefill work item: enough rows (times the GQA group) that each gathered key
-// tile feeds many rows of the blocked products, few enough that a chunk still makes several items
-// per thread.
-constexpr int64_t kPrefillTokensPerItem = 32;
+// Query tokens of one prefill work item: enough rows (times the GQA group) that the gather of each
+// key tile (a copy, K transposed) is small next to the blocked products it feeds (32 tokens: 15%
+// slower at 4K keys than 64), few enough that a 256-token chunk still makes several items per
+// thread.
+constexpr int64_t kPrefillTokensPerItem = 64;
 // Decode splits a sequence over threads only when there are fewer (sequence, KV head) items than
 // threads, and never into pieces shorter than this.
 constexpr int64_t kMinKeysPerSplit = 256;

@@ -596,7 +596,7 @@ TEST(PagedAttentionPrefill, MatchesReferenceInReducedPrecision) {
   }
 }
 
-// The blocked prefill path (head_dim 64 and 128: 32-token work items, 64-key tiles, 6-row register
+// The blocked prefill path (head_dim 64 and 128: 64-token work items, 64-key tiles, 5-row register
 // blocks) at its boundaries: chunks longer than one item and ending one past / one short of it,
 // tiles ending exactly on and one past 64 keys, chunks starting mid-sequence (the causal diagonal
 // inside a tile, whole tiles before it), GQA groups whose row counts are not multiples of 6, page
@@ -609,8 +609,8 @@ TEST(PagedAttentionPrefill, BlockedPathAtTileBoundariesMatchesReference) {
   for (const Layout& layout : layouts) {
     const std::vector<Chunk> chunks = {
         {64, 64},    // one tile exactly, two items
-        {65, 33},    // one key past a tile; an item plus one token
-        {200, 31},   // mid-sequence, an item less one token
+        {65, 65},    // one key past a tile; an item plus one token
+        {200, 63},   // mid-sequence, an item less one token
         {300, 130},  // mid-sequence, several items, diagonal across tiles
         {128, 1},    // a decode token in a prefill call
         {97, 97},
