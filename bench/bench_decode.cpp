@@ -1,17 +1,28 @@
-// bench-decode: CPU decode throughput of a model package at batch 1 and larger batches, next to a
-// floor measured in the same run: the time of the model's weight matmuls alone (at::linear with the
-// same weight shapes and dtype, same threads). decode_step_time / matmul_floor says how much the
-// rest of a step (our attention ops, norms, RoPE, TorchScript overhead, input building) costs on
-// top of the unavoidable weight traffic.
+// bench-decode: CPU time to first token (TTFT) of long prompts and decode time per token at batch 1
+// and larger batches, each next to a floor measured in the same run (so that the ratios hold on a
+// shared or throttled machine, where absolute times do not):
+//   GEMM rate    at::linear over the model's weight shapes with 256 rows (a prefill chunk), in
+//                FLOP/s. FLOP floor of a prompt of T tokens = (weight matmul FLOPs of T tokens +
+//                causal attention FLOPs, QK^T and PV, of T tokens) / GEMM rate.
+//   streaming    the model's weight bytes over the faster of: one at::mv pass over all weights
+//                (BLAS GEMV) and a plain read of a weight-sized buffer (at::sum). Weight-streaming
+//                floor of a decode step at batch b = max(that, 2 * b * params / GEMM rate).
+// Also at::linear with b rows over the same weights (what a step's matmuls cost through a BLAS
+// GEMM). Prompts are prefilled in chunks of --chunk tokens (the scheduler's prefill_chunk_tokens,
+// 256), as the server does; no DySCO (plain attention), random tokens.
 //
 // usage: bench-decode --model DIR [--prompt-tokens N] [--decode-tokens N] [--batch B] [--threads N]
-//                     [--jit-optimize 0|1]
-//   --batch B measures batch 1 and B (default: 1, 4 and 8). --jit-optimize 1 turns TorchScript's
-//   profiling graph executor on (ModelRunnerOptions::jit_optimize).
+//                     [--jit-optimize 0|1] [--ttft N,N,...] [--chunk N]
+//   --batch B measures batch 1 and B (default: 1, 4 and 8). --ttft: prompt lengths (default
+//   1024,4096,7168; 0 skips TTFT). --jit-optimize 1 turns TorchScript's profiling graph executor on
+//   (ModelRunnerOptions::jit_optimize).
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <iostream>
 #include <random>
 #include <string>
@@ -21,6 +32,7 @@
 #include <torch/script.h>
 
 #include "core/engine/engine.h"
+#include "kernels/op_calls.h"
 
 namespace {
 
@@ -39,7 +51,7 @@ double Median(std::vector<double> v) {
   std::cerr
       << "bench-decode: " << message
       << "\nusage: bench-decode --model DIR [--prompt-tokens N] [--decode-tokens N] [--batch B] "
-         "[--threads N] [--jit-optimize 0|1]\n";
+         "[--threads N] [--jit-optimize 0|1] [--ttft N,N,...] [--chunk N]\n";
   std::exit(2);
 }
 
@@ -61,6 +73,13 @@ at::ScalarType ToScalarType(dysco::ModelDtype dtype) {
       return at::kHalf;
   }
   return at::kFloat;
+}
+
+// OpenBLAS's own thread count (a no-op with another BLAS), as core/model/model_runner.cpp sets it.
+void SetOpenBlasThreads(int n) {
+  using SetThreads = void (*)(int);
+  if (auto fn = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")))
+    fn(n);
 }
 
 // One decode step's weight matmuls: per layer q, k, v, o, gate, up, down, then the LM head.
@@ -131,6 +150,110 @@ class MatmulFloor {
     }
     return Median(times);
   }
+
+  // Median seconds of the same pass through dysco::linear (the model's op: GEMV up to 8 rows).
+  double MeasureOp(int64_t batch, int reps) {
+    c10::InferenceMode guard;
+    const auto opts = at::TensorOptions().dtype(weights_[0].scalar_type());
+    at::Tensor x_hidden = at::randn({batch, c_.hidden_size}, opts);
+    at::Tensor x_q = at::randn({batch, int64_t{c_.num_attention_heads} * c_.head_dim}, opts);
+    at::Tensor x_ffn = at::randn({batch, c_.intermediate_size}, opts);
+    std::vector<at::Tensor> outs;
+    for (const at::Tensor& w : weights_) outs.push_back(at::empty({batch, w.size(0)}, opts));
+    std::vector<double> times;
+    for (int r = 0; r < reps + 2; ++r) {
+      const auto t0 = Clock::now();
+      for (size_t i = 0; i < weights_.size(); ++i) {
+        const at::Tensor& w = weights_[i];
+        const at::Tensor& x = w.size(1) == c_.hidden_size         ? x_hidden
+                              : w.size(1) == c_.intermediate_size ? x_ffn
+                                                                  : x_q;
+        dysco::ops::linear(outs[i], x, w);
+      }
+      if (r >= 2) times.push_back(Seconds(t0, Clock::now()));
+    }
+    return Median(times);
+  }
+
+  // FLOP/s of one pass over all layer weights with `rows` rows of input (best of reps: the rate the
+  // machine reaches, not a noisy median), the best of two ways to use the threads: at::linear with
+  // OpenBLAS on all threads, and (OpenBLAS on one thread, as ModelRunner sets it) the rows split
+  // over the ATen threads as dysco::linear does.
+  double GemmRate(int64_t rows, int reps) {
+    c10::InferenceMode guard;
+    const auto opts = at::TensorOptions().dtype(weights_[0].scalar_type());
+    at::Tensor x_hidden = at::randn({rows, c_.hidden_size}, opts);
+    at::Tensor x_q = at::randn({rows, int64_t{c_.num_attention_heads} * c_.head_dim}, opts);
+    at::Tensor x_ffn = at::randn({rows, c_.intermediate_size}, opts);
+    const int64_t threads = at::get_num_threads();
+    double best = 1e30;
+    for (int split = 0; split < 2; ++split) {
+      SetOpenBlasThreads(split ? 1 : static_cast<int>(threads));
+      const int64_t pieces = split ? threads : 1;
+      const int64_t piece_rows = (rows + pieces - 1) / pieces;
+      for (int r = 0; r < reps + 1; ++r) {
+        const auto t0 = Clock::now();
+        for (size_t i = 0; i + 1 < weights_.size(); ++i) {  // layer weights; not the LM head
+          const at::Tensor& w = weights_[i];
+          const at::Tensor& x = w.size(1) == c_.hidden_size         ? x_hidden
+                                : w.size(1) == c_.intermediate_size ? x_ffn
+                                                                    : x_q;
+          if (pieces == 1) {
+            at::Tensor y = at::linear(x, w);
+            (void)y;
+            continue;
+          }
+          at::Tensor y = at::empty({rows, w.size(0)}, opts);
+          at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
+            for (int64_t p = begin; p < end; ++p) {
+              const int64_t r0 = p * piece_rows;
+              const int64_t n = std::min(rows, r0 + piece_rows) - r0;
+              if (n <= 0) continue;
+              at::Tensor part = y.narrow(0, r0, n);
+              at::mm_out(part, x.narrow(0, r0, n), w.t());
+            }
+          });
+        }
+        if (r >= 1) best = std::min(best, Seconds(t0, Clock::now()));
+      }
+    }
+    SetOpenBlasThreads(1);  // as ModelRunner left it
+    return 2.0 * static_cast<double>(rows) * static_cast<double>(layer_params()) / best;
+  }
+
+  // Median seconds to read every weight once (a sum over 16-byte vectors, split over the ATen
+  // threads per tensor as the GEMV splits its rows): the memory read rate, with no matmul in it.
+  double MeasureRead(int reps) {
+    typedef float Vec4 __attribute__((vector_size(16)));
+    std::vector<double> times;
+    volatile float sink = 0.0f;
+    for (int r = 0; r < reps + 2; ++r) {
+      const auto t0 = Clock::now();
+      for (const at::Tensor& w : weights_) {
+        const char* bytes = static_cast<const char*>(w.data_ptr());
+        const int64_t vectors = w.numel() * w.element_size() / 16;
+        at::parallel_for(0, vectors, 4096, [&](int64_t begin, int64_t end) {
+          Vec4 a = {0, 0, 0, 0}, b = a, c = a, d = a;
+          int64_t i = begin;
+          for (; i + 4 <= end; i += 4) {
+            Vec4 v[4];
+            std::memcpy(v, bytes + i * 16, sizeof(v));
+            a += v[0];
+            b += v[1];
+            c += v[2];
+            d += v[3];
+          }
+          const Vec4 s = a + b + c + d;
+          sink = sink + s[0];
+        });
+      }
+      if (r >= 2) times.push_back(Seconds(t0, Clock::now()));
+    }
+    return Median(times);
+  }
+
+  int64_t layer_params() const { return num_params() - weights_.back().numel(); }
+  int64_t weight_bytes() const { return num_params() * weights_[0].element_size(); }
 
   int64_t num_params() const {
     int64_t n = 0;
@@ -210,11 +333,78 @@ DecodeResult RunDecode(dysco::ModelRunner& runner, dysco::KvPagePool& pool, int 
   return result;
 }
 
+// Seconds from the first prompt token to the first token's logits: `prompt_tokens` random tokens
+// prefilled in chunks of `chunk` tokens (one Forward each), then the argmax of the last logits.
+double RunTtft(dysco::ModelRunner& runner, dysco::KvPagePool& pool, int prompt_tokens, int chunk,
+               uint64_t seed) {
+  const auto& c = runner.config();
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(c.vocab_size) - 1);
+  std::vector<int32_t> tokens(prompt_tokens);
+  for (int32_t& t : tokens) t = token(rng);
+  dysco::PageList pages(&pool);
+  dysco::Status s = pages.EnsureCapacity(prompt_tokens);
+  if (!s.ok()) {
+    std::cerr << "bench-decode: " << s.ToString() << "\n";
+    std::exit(1);
+  }
+  dysco::ForwardBatch step;
+  step.kv_pool = &pool;
+  step.sequences.resize(1);
+  dysco::ForwardOutput out;
+  const auto t0 = Clock::now();
+  for (int start = 0; start < prompt_tokens; start += chunk) {
+    const int n = std::min(chunk, prompt_tokens - start);
+    step.sequences[0] = {
+        dysco::ConstSpan<int32_t>(tokens.data() + start, n), start, pages.ids(), {}};
+    s = runner.Forward(step, &out);
+    if (!s.ok()) {
+      std::cerr << "bench-decode: " << s.ToString() << "\n";
+      std::exit(1);
+    }
+  }
+  volatile int64_t next =
+      std::max_element(out.logits_row(0), out.logits_row(0) + c.vocab_size) - out.logits_row(0);
+  (void)next;
+  return Seconds(t0, Clock::now());
+}
+
+// FLOPs of a T-token prefill in chunks: the layer weight matmuls of every token, the LM head of
+// each chunk's last token, and causal attention (QK^T and PV: 4 * D FLOPs per query head and
+// visible key, token p seeing p + 1 keys).
+double PrefillFlops(const dysco::ModelConfig& c, int64_t layer_params, int64_t tokens,
+                    int64_t chunk) {
+  const double t = static_cast<double>(tokens);
+  const double chunks = static_cast<double>((tokens + chunk - 1) / chunk);
+  const double weights = 2.0 * t * static_cast<double>(layer_params) +
+                         2.0 * chunks * static_cast<double>(c.vocab_size * c.hidden_size);
+  const double attention = static_cast<double>(c.num_layers) * c.num_attention_heads * 4.0 *
+                           static_cast<double>(c.head_dim) * t * (t + 1) / 2;
+  return weights + attention;
+}
+
+std::vector<int> ParseList(const std::string& flag, const std::string& value) {
+  std::vector<int> out;
+  size_t pos = 0;
+  while (pos <= value.size()) {
+    const size_t comma = std::min(value.find(',', pos), value.size());
+    const std::string item = value.substr(pos, comma - pos);
+    char* end = nullptr;
+    const long x = std::strtol(item.c_str(), &end, 10);
+    if (item.empty() || *end != '\0' || x < 0 || x > 1000000)
+      Usage(flag + " needs comma-separated non-negative integers");
+    if (x > 0) out.push_back(static_cast<int>(x));
+    pos = comma + 1;
+  }
+  return out;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string model;
-  int prompt_tokens = 128, decode_tokens = 64, threads = 0, batch_flag = 0;
+  int prompt_tokens = 128, decode_tokens = 64, threads = 0, batch_flag = 0, chunk = 256;
+  std::vector<int> ttft_lengths = {1024, 4096, 7168};
   bool jit_optimize = false;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
@@ -232,6 +422,10 @@ int main(int argc, char** argv) {
       threads = ParsePositive(flag, value);
     } else if (flag == "--jit-optimize") {
       jit_optimize = std::string(value) == "1";
+    } else if (flag == "--ttft") {
+      ttft_lengths = ParseList(flag, value);
+    } else if (flag == "--chunk") {
+      chunk = ParsePositive(flag, value);
     } else {
       Usage("unknown flag " + flag);
     }
@@ -242,10 +436,13 @@ int main(int argc, char** argv) {
     batches = batch_flag == 1 ? std::vector<int>{1} : std::vector<int>{1, batch_flag};
 
   const int max_batch = *std::max_element(batches.begin(), batches.end());
+  int max_ttft = 0;
+  for (int t : ttft_lengths) max_ttft = std::max(max_ttft, t);
   dysco::EngineOptions options;
   options.runner.num_threads = threads;
   options.runner.jit_optimize = jit_optimize;
-  options.kv_pages = int64_t{max_batch} * ((prompt_tokens + decode_tokens + 15) / 16);
+  options.kv_pages = std::max<int64_t>(
+      int64_t{max_batch} * ((prompt_tokens + decode_tokens + 15) / 16), (max_ttft + 15) / 16 + 1);
   options.start_scheduler = false;
   auto engine = dysco::Engine::Load(model, options);
   if (!engine.ok()) {
@@ -255,8 +452,9 @@ int main(int argc, char** argv) {
   dysco::ModelRunner& runner = (*engine)->runner();
   dysco::KvPagePool& pool = (*engine)->pool();
   const dysco::ModelConfig& c = runner.config();
-  if (prompt_tokens + decode_tokens > c.max_position_embeddings)
-    Usage("prompt + decode tokens exceed the context");
+  if (prompt_tokens + decode_tokens > c.max_position_embeddings ||
+      max_ttft > c.max_position_embeddings)
+    Usage("prompt + decode tokens (or a --ttft length) exceed the context");
 
   std::printf(
       "model %s (%s, %d layers, hidden %lld, vocab %lld), %d threads, prompt %d tokens, %d decode "
@@ -267,15 +465,47 @@ int main(int argc, char** argv) {
   MatmulFloor floor(c);
   const double floor1 = floor.Measure(1, 20);
   const double gemv1 = floor.MeasureGemv(20);
-  std::printf("matmul floor (batch 1, %.1fM weight params): at::linear %.2f ms, at::mv %.2f ms\n\n",
-              floor.num_params() / 1e6, floor1 * 1e3, gemv1 * 1e3);
-  std::printf("%6s %14s %12s %14s %16s %14s\n", "batch", "step_ms", "tokens/s", "floor_b_ms",
-              "step/floor(b=1)", "prefill_tok/s");
+  const double read = floor.MeasureRead(20);
+  // (Absent from an older libdysco_kernels.so, which runs older packages: then not measured.)
+  const bool have_linear = dysco::ops::MissingOps({"dysco::linear"}).empty();
+  const double op1 = have_linear ? floor.MeasureOp(1, 20) : 0.0;
+  const double op8 = have_linear ? floor.MeasureOp(8, 10) : 0.0;
+  const double gemm_rate = floor.GemmRate(chunk, 3);
+  const double stream1 = std::min(gemv1, read);
+  std::printf(
+      "floors (%.1fM weight params, %.0f MB): at::linear 1 row %.2f ms, at::mv %.2f ms, read %.2f "
+      "ms (%.1f GB/s) -> weight-streaming floor %.2f ms; GEMM rate (at::linear, %d rows) %.1f "
+      "GFLOP/s\n",
+      floor.num_params() / 1e6, floor.weight_bytes() / 1e6, floor1 * 1e3, gemv1 * 1e3, read * 1e3,
+      floor.weight_bytes() / read / 1e9, stream1 * 1e3, chunk, gemm_rate / 1e9);
+  if (have_linear) {
+    std::printf("dysco::linear over the same weights: 1 row %.2f ms, 8 rows %.2f ms\n", op1 * 1e3,
+                op8 * 1e3);
+  }
+  std::printf("\n");
+
+  if (!ttft_lengths.empty()) {
+    std::printf("%8s %10s %14s %12s %14s\n", "prompt", "ttft_s", "prompt_tok/s", "floor_s",
+                "ttft/floor");
+    for (int t : ttft_lengths) {
+      const double ttft = RunTtft(runner, pool, t, chunk, 7 + t);
+      const double flops = PrefillFlops(c, floor.layer_params(), t, chunk);
+      const double floor_s = flops / gemm_rate;
+      std::printf("%8d %10.2f %14.1f %12.2f %14.2f\n", t, ttft, t / ttft, floor_s, ttft / floor_s);
+      std::fflush(stdout);
+    }
+    std::printf("\n");
+  }
+
+  std::printf("%6s %10s %10s %14s %14s %14s %14s\n", "batch", "step_ms", "tokens/s", "linear_b_ms",
+              "floor_b_ms", "step/floor_b", "prefill_tok/s");
   for (int b : batches) {
     const DecodeResult r = RunDecode(runner, pool, b, prompt_tokens, decode_tokens, 42 + b);
-    const double floor_b = b == 1 ? floor1 : floor.Measure(b, 10);
-    std::printf("%6d %14.2f %12.1f %14.2f %16.2f %14.1f\n", b, r.step_seconds * 1e3,
-                b / r.step_seconds, floor_b * 1e3, r.step_seconds / floor1,
+    const double linear_b = b == 1 ? floor1 : floor.Measure(b, 10);
+    const double floor_b =
+        std::max(stream1, 2.0 * b * static_cast<double>(floor.num_params()) / gemm_rate);
+    std::printf("%6d %10.2f %10.1f %14.2f %14.2f %14.2f %14.1f\n", b, r.step_seconds * 1e3,
+                b / r.step_seconds, linear_b * 1e3, floor_b * 1e3, r.step_seconds / floor_b,
                 b * prompt_tokens / r.prefill_seconds);
     std::fflush(stdout);
   }

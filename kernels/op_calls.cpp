@@ -53,6 +53,11 @@ void attention_probs(TensorRef out, TensorRef query, TensorRef kv_cache_layer,
   op.call(out, query, kv_cache_layer, block_tables, seq_lens, heads, scale, key_bias);
 }
 
+void linear(TensorRef out, TensorRef input, TensorRef weight) {
+  static const auto op = Handle<void(TensorRef, TensorRef, TensorRef)>(kernels::kLinearOp);
+  op.call(out, input, weight);
+}
+
 void dysco_relevance_update(TensorRef relevance, TensorRef probs, TensorRef num_keys,
                             TensorRef decay) {
   static const auto op =
@@ -85,10 +90,15 @@ void dysco_template_mask(TensorRef mask, TensorRef tokens, TensorRef sequences,
 
 const std::vector<std::string>& AllOpNames() {
   static const std::vector<std::string> names = {
-      kernels::kPagedKvWriteOp,           kernels::kPagedAttentionDecodeOp,
-      kernels::kPagedAttentionPrefillOp,  kernels::kAttentionProbsOp,
-      kernels::kDyscoRelevanceUpdateOp,   kernels::kDyscoSelectBiasOp,
-      kernels::kDyscoBiasFromSelectionOp, kernels::kDyscoTemplateMaskOp,
+      kernels::kPagedKvWriteOp,
+      kernels::kPagedAttentionDecodeOp,
+      kernels::kPagedAttentionPrefillOp,
+      kernels::kAttentionProbsOp,
+      kernels::kLinearOp,
+      kernels::kDyscoRelevanceUpdateOp,
+      kernels::kDyscoSelectBiasOp,
+      kernels::kDyscoBiasFromSelectionOp,
+      kernels::kDyscoTemplateMaskOp,
   };
   return names;
 }

@@ -96,6 +96,23 @@ PagedCacheShape CheckKvCache(const char* op, const at::Tensor& kv_cache_layer) {
   return shape;
 }
 
+void CheckLinearArgs(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
+  constexpr const char* kOp = kLinearOp;
+  TORCH_CHECK(weight.defined(), kOp, ": weight is undefined");
+  const at::ScalarType dtype = weight.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, kOp,
+              ": weight must be float32, bfloat16 or float16, got ", dtype);
+  CheckTensor(kOp, "weight", weight, dtype, 2);
+  CheckTensor(kOp, "input", input, dtype, 2);
+  CheckTensor(kOp, "out", out, dtype, 2);
+  TORCH_CHECK(input.size(1) == weight.size(1), kOp, ": input must be [M, K = ", weight.size(1),
+              "], got ", input.sizes());
+  TORCH_CHECK(out.size(0) == input.size(0) && out.size(1) == weight.size(0), kOp,
+              ": out must be [M = ", input.size(0), ", N = ", weight.size(0), "], got ",
+              out.sizes());
+  CheckSameDevice(kOp, "out", out, {{"input", input}, {"weight", weight}});
+}
+
 PagedCacheShape CheckPagedKvWriteArgs(const at::Tensor& kv_cache_layer, const at::Tensor& key,
                                       const at::Tensor& value, const at::Tensor& slot_mapping) {
   constexpr const char* kOp = kPagedKvWriteOp;

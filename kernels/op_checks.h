@@ -27,6 +27,7 @@ inline constexpr const char* kPagedKvWriteOp = "dysco::paged_kv_write";
 inline constexpr const char* kPagedAttentionDecodeOp = "dysco::paged_attention_decode";
 inline constexpr const char* kPagedAttentionPrefillOp = "dysco::paged_attention_prefill";
 inline constexpr const char* kAttentionProbsOp = "dysco::attention_probs";
+inline constexpr const char* kLinearOp = "dysco::linear";
 inline constexpr const char* kDyscoRelevanceUpdateOp = "dysco::dysco_relevance_update";
 inline constexpr const char* kDyscoSelectBiasOp = "dysco::dysco_select_bias";
 inline constexpr const char* kDyscoBiasFromSelectionOp = "dysco::dysco_bias_from_selection";
@@ -99,6 +100,10 @@ PagedCacheShape CheckAttentionProbsArgs(const at::Tensor& out, const at::Tensor&
                                         const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                         const at::Tensor& heads,
                                         const c10::optional<at::Tensor>& key_bias);
+
+// linear: out [M, N], input [M, K], weight [N, K], contiguous, one dtype (fp32 | bf16 | fp16), one
+// device.
+void CheckLinearArgs(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight);
 
 // dysco_relevance_update. Left to the backend: num_keys values (in [0, min(S, S')]).
 void CheckDyscoRelevanceUpdateArgs(const at::Tensor& relevance, const at::Tensor& probs,

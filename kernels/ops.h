@@ -51,6 +51,12 @@ void attention_probs_cpu(const at::Tensor& out, const at::Tensor& query,
                          const at::Tensor& seq_lens, const at::Tensor& heads, double scale,
                          const c10::optional<at::Tensor>& key_bias);
 
+// out [M, N] <- input [M, K] @ weight [N, K]^T (torch.nn.functional.linear without bias), all three
+// contiguous, one dtype (fp32, bf16, fp16). The model's weight matmuls: on the CPU, inputs of at
+// most 8 rows (decode batches) take a GEMV kernel that reads each weight once at memory
+// speed (a one-row GEMM in BLAS is about twice slower), longer ones (prefill) BLAS GEMM.
+void linear_cpu(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight);
+
 // ---- DySCO (docs/dysco.md "Ops"): relevance, selection, bias, template positions. fp32; each op
 // writes fixed-shape outputs, so that a device version needs no host synchronisation.
 // Row b of every [B, S] tensor belongs to sequence b with n_b = num_keys[b] keys (int64 [B], the

@@ -17,6 +17,9 @@ TORCH_LIBRARY(dysco, m) {
   m.def(
       "attention_probs(Tensor(a!) out, Tensor query, Tensor kv_cache_layer, Tensor block_tables, "
       "Tensor seq_lens, Tensor heads, float scale, Tensor? key_bias) -> ()");
+  // out [M, N] <- input [M, K] @ weight [N, K]^T: the model's linear layers, so that few-row inputs
+  // (decode) take a GEMV path that streams each weight once (docs/model-interface.md "Ops").
+  m.def("linear(Tensor(a!) out, Tensor input, Tensor weight) -> ()");
   // DySCO (docs/dysco.md "Ops").
   m.def(
       "dysco_relevance_update(Tensor(a!) relevance, Tensor probs, Tensor num_keys, Tensor decay) "

@@ -31,7 +31,11 @@ void CopyToHost(const at::Tensor& t, std::vector<float>* out) {
 }
 
 // OpenBLAS (Debian's libblas.so.3 alternative) keeps its own thread pool that at::set_num_threads
-// does not reach. Looked up at run time, so any other BLAS works unchanged.
+// does not reach. Looked up at run time, so any other BLAS works unchanged. The runner gives it one
+// thread: the model's matmuls (dysco::linear, kernels/cpu/linear.cpp) split their rows over the
+// ATen (OpenMP) threads themselves, so that one pool runs everything. Two pools of N threads on N
+// cores wait on each other's spinning threads (libgomp's idle threads spin after each parallel
+// region): prefill ran at a quarter of its GEMM rate that way.
 void SetBlasThreads(int n) {
   using SetThreads = void (*)(int);
   if (auto fn = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")))
@@ -104,7 +108,7 @@ StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& pack
   }
   try {
     if (options.num_threads > 0) at::set_num_threads(options.num_threads);
-    SetBlasThreads(at::get_num_threads());
+    SetBlasThreads(1);
     torch::jit::setGraphExecutorOptimize(options.jit_optimize);
     impl->module = torch::jit::load(model_path, impl->device);
     impl->module.eval();

@@ -43,10 +43,10 @@ struct ConstSpan {
 };
 
 struct ModelRunnerOptions {
-  // Intra-op threads, process-wide: at::set_num_threads and, when the BLAS is OpenBLAS, its own
-  // thread count, which otherwise defaults to every core and spins against torch's threads (3x
-  // slower decode measured on a busy 2-core machine). 0 = keep torch's count and align OpenBLAS
-  // with it.
+  // Intra-op threads, process-wide: at::set_num_threads. When the BLAS is OpenBLAS, its own pool
+  // is set to one thread (process-wide too): dysco::linear splits GEMMs over torch's threads, and
+  // a second pool spins against torch's (4x slower prefill, 3x slower decode measured on a 2-core
+  // machine). 0 = keep torch's count.
   int num_threads = 0;
   std::string device = "cpu";  // where the module and the inputs live ("cpu", "cuda:0")
   // TorchScript graph-executor optimisation (process-wide). Off by default: shapes change every

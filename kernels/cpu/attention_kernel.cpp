@@ -53,6 +53,23 @@ DYSCO_TARGET_V3 void ProbsRowVector(const PagedSequence<T>& seq, const float* q,
   }
 }
 
+// The blocked prefill loops for head_dim 64 and 128; false (nothing done) for other sizes.
+template <typename T>
+DYSCO_TARGET_V3 bool AttendKeysBlockedVector(const PagedSequence<T>& seq, int64_t rows,
+                                             int64_t head_dim, int64_t key_begin, int64_t key_end,
+                                             const float* bias, AttentionScratch& scratch) {
+  switch (head_dim) {
+    case 64:
+      AttendKeysBlockedImpl<T, 64>(seq, rows, key_begin, key_end, bias, scratch);
+      return true;
+    case 128:
+      AttendKeysBlockedImpl<T, 128>(seq, rows, key_begin, key_end, bias, scratch);
+      return true;
+    default:
+      return false;
+  }
+}
+
 }  // namespace
 
 #define DYSCO_DEFINE_ATTENTION_KERNELS(T)                                                         \
@@ -71,6 +88,13 @@ DYSCO_TARGET_V3 void ProbsRowVector(const PagedSequence<T>& seq, const float* q,
     } else {                                                                                      \
       ProbsRowImpl<T, 0>(seq, q, head_dim, len, bias, key_buffer, probs);                         \
     }                                                                                             \
+  }                                                                                               \
+  bool AttendKeysBlocked(const PagedSequence<T>& seq, int64_t rows, int64_t head_dim,             \
+                         int64_t key_begin, int64_t key_end, const float* bias,                   \
+                         AttentionScratch& scratch) {                                             \
+    /* The baseline build keeps the row-at-a-time loops: 12 accumulators spill on SSE. */         \
+    return UseVectorKernels() &&                                                                  \
+           AttendKeysBlockedVector(seq, rows, head_dim, key_begin, key_end, bias, scratch);       \
   }
 DYSCO_DEFINE_ATTENTION_KERNELS(float)
 DYSCO_DEFINE_ATTENTION_KERNELS(c10::BFloat16)

@@ -380,12 +380,193 @@ DYSCO_ALWAYS_INLINE void ProbsRowImpl(const PagedSequence<T>& seq, const float* 
   for (int64_t j = 0; j < len; ++j) probs[j] *= inv;
 }
 
+// ---- Blocked prefill: many query rows (a chunk's tokens times the GQA group) against tiles of
+// kKeyBlock keys gathered from the pages into contiguous fp32 buffers, so that the two products
+// S = Q K^T and acc += P V run as small register-blocked matrix products (kRowBlock rows by 16
+// columns, 12 vector accumulators) instead of one dot product per (row, key): each loaded key or
+// value vector then feeds kRowBlock FMAs instead of one, which is what brings long prefills to
+// matmul speed. Online softmax per row between the two products, as AttendKeysImpl.
+
+constexpr int kRowBlock = 5;
+
+// x in every lane: one vbroadcastss (Vec8{} + x would add 0.0f first: -0.0f + 0.0f is +0.0f).
+DYSCO_ALWAYS_INLINE Vec8 Splat8(float x) { return Vec8{x, x, x, x, x, x, x, x}; }
+
+// s[r][j] = q[r] . keys_t[:, j] for r < MR, j < cols (a multiple of 16). q: MR rows of kD floats;
+// keys_t: [kD, kKeyBlock] (the tile transposed); s: rows of kKeyBlock floats.
+template <int MR, int64_t kD>
+DYSCO_ALWAYS_INLINE void ScoreTile(const float* __restrict q, const float* __restrict keys_t,
+                                   int64_t cols, float* __restrict s) {
+  for (int64_t j = 0; j < cols; j += 16) {
+    Vec8 a[MR][2];
+    for (int r = 0; r < MR; ++r) a[r][0] = a[r][1] = Vec8{};
+    for (int64_t d = 0; d < kD; ++d) {
+      const Vec8 k0 = LoadVec8(keys_t + d * kKeyBlock + j);
+      const Vec8 k1 = LoadVec8(keys_t + d * kKeyBlock + j + 8);
+      for (int r = 0; r < MR; ++r) {
+        const Vec8 qb = Splat8(q[r * kD + d]);
+        a[r][0] += qb * k0;
+        a[r][1] += qb * k1;
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      StoreVec8(s + r * kKeyBlock + j, a[r][0]);
+      StoreVec8(s + r * kKeyBlock + j + 8, a[r][1]);
+    }
+  }
+}
+
+// acc[r] += sum_{j < count} p[r][j] * values[j] for r < MR. acc: MR rows of kD floats; p: rows of
+// kKeyBlock floats; values: [kKeyBlock, kD]. kD a multiple of 16.
+template <int MR, int64_t kD>
+DYSCO_ALWAYS_INLINE void AccumulateTile(float* __restrict acc, const float* __restrict p,
+                                        const float* __restrict values, int64_t count) {
+  for (int64_t c = 0; c < kD; c += 16) {
+    Vec8 o[MR][2];
+    for (int r = 0; r < MR; ++r) {
+      o[r][0] = LoadVec8(acc + r * kD + c);
+      o[r][1] = LoadVec8(acc + r * kD + c + 8);
+    }
+    for (int64_t j = 0; j < count; ++j) {
+      const Vec8 v0 = LoadVec8(values + j * kD + c);
+      const Vec8 v1 = LoadVec8(values + j * kD + c + 8);
+      for (int r = 0; r < MR; ++r) {
+        const Vec8 pb = Splat8(p[r * kKeyBlock + j]);
+        o[r][0] += pb * v0;
+        o[r][1] += pb * v1;
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      StoreVec8(acc + r * kD + c, o[r][0]);
+      StoreVec8(acc + r * kD + c + 8, o[r][1]);
+    }
+  }
+}
+
+template <int64_t kD>
+DYSCO_ALWAYS_INLINE void ScoreTileRows(int rows, const float* q, const float* keys_t, int64_t cols,
+                                       float* s) {
+  switch (rows) {
+    case 6:
+      return ScoreTile<6, kD>(q, keys_t, cols, s);
+    case 5:
+      return ScoreTile<5, kD>(q, keys_t, cols, s);
+    case 4:
+      return ScoreTile<4, kD>(q, keys_t, cols, s);
+    case 3:
+      return ScoreTile<3, kD>(q, keys_t, cols, s);
+    case 2:
+      return ScoreTile<2, kD>(q, keys_t, cols, s);
+    default:
+      return ScoreTile<1, kD>(q, keys_t, cols, s);
+  }
+}
+
+template <int64_t kD>
+DYSCO_ALWAYS_INLINE void AccumulateTileRows(int rows, float* acc, const float* p,
+                                            const float* values, int64_t count) {
+  switch (rows) {
+    case 6:
+      return AccumulateTile<6, kD>(acc, p, values, count);
+    case 5:
+      return AccumulateTile<5, kD>(acc, p, values, count);
+    case 4:
+      return AccumulateTile<4, kD>(acc, p, values, count);
+    case 3:
+      return AccumulateTile<3, kD>(acc, p, values, count);
+    case 2:
+      return AccumulateTile<2, kD>(acc, p, values, count);
+    default:
+      return AccumulateTile<1, kD>(acc, p, values, count);
+  }
+}
+
+// As AttendKeysImpl (same arguments, same scratch state), blocked: kD, the head dimension, is a
+// multiple of 16. scratch.keys holds the tile transposed [kD, kKeyBlock], scratch.values the tile
+// [kKeyBlock, kD]. Rows whose keys in a tile are all masked (causal or -inf bias) get zero weights.
+template <typename T, int64_t kD>
+DYSCO_ALWAYS_INLINE void AttendKeysBlockedImpl(const PagedSequence<T>& seq, int64_t rows,
+                                               int64_t key_begin, int64_t key_end,
+                                               const float* bias, AttentionScratch& scratch) {
+  static_assert(kD % 16 == 0, "kD must be a multiple of 16");
+  float* keys_t = scratch.keys.data();
+  float* values = scratch.values.data();
+  int64_t page_index = key_begin / seq.page_size;
+  int64_t in_page = key_begin % seq.page_size;
+  for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeyBlock) {
+    const int64_t block = std::min(kKeyBlock, key_end - j0);
+    for (int64_t i = 0; i < block; ++i) {
+      const int64_t offset = seq.pages[page_index] * seq.page_stride + in_page * seq.token_stride;
+      if (++in_page == seq.page_size) {
+        in_page = 0;
+        ++page_index;
+      }
+      const T* k = seq.k + offset;
+      for (int64_t d = 0; d < kD; ++d) keys_t[d * kKeyBlock + i] = static_cast<float>(k[d]);
+      ToFloat(values + i * kD, seq.v + offset, kD);
+    }
+    const int64_t padded = (block + 15) / 16 * 16;
+    for (int64_t d = 0; d < kD; ++d) {
+      std::fill(keys_t + d * kKeyBlock + block, keys_t + d * kKeyBlock + padded, 0.0f);
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+      const int block_rows = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
+      // Keys of this tile that some row of the block sees (rows see key prefixes).
+      int64_t block_count = 0;
+      for (int r = 0; r < block_rows; ++r) {
+        block_count = std::max(block_count, std::min(scratch.row_end[r0 + r], j0 + block) - j0);
+      }
+      if (block_count <= 0) continue;
+      float* s = scratch.scores.data() + r0 * kKeyBlock;
+      ScoreTileRows<kD>(block_rows, scratch.query.data() + r0 * kD, keys_t,
+                        (block_count + 15) / 16 * 16, s);
+      bool any = false;
+      for (int r = 0; r < block_rows; ++r) {
+        const int64_t row = r0 + r;
+        float* sr = s + r * kKeyBlock;
+        const int64_t count = std::min(scratch.row_end[row], j0 + block) - j0;
+        if (count <= 0) {
+          std::fill(sr, sr + block_count, 0.0f);
+          continue;
+        }
+        if (bias != nullptr) {
+          for (int64_t i = 0; i < count; ++i) sr[i] += bias[j0 + i];
+        }
+        std::fill(sr + count, sr + block_count, 0.0f);
+        const float block_max = MaxOf<true>(sr, count);
+        const float old_max = scratch.max[row];
+        const float new_max = std::max(old_max, block_max);
+        if (new_max == kNegInf) {  // every key so far is masked: nothing to add
+          std::fill(sr, sr + count, 0.0f);
+          continue;
+        }
+        const float block_sum = ExpShiftedAndSum<true>(sr, count, new_max);
+        if (old_max != new_max) {
+          const float correction = old_max == kNegInf ? 0.0f : std::exp(old_max - new_max);
+          scratch.sum[row] *= correction;
+          float* acc = scratch.acc.data() + row * kD;
+          for (int64_t d = 0; d < kD; ++d) acc[d] *= correction;
+        }
+        scratch.sum[row] += block_sum;
+        scratch.max[row] = new_max;
+        any = true;
+      }
+      if (any) {
+        AccumulateTileRows<kD>(block_rows, scratch.acc.data() + r0 * kD, s, values, block_count);
+      }
+    }
+  }
+}
+
 // The multiversioned entry points (attention_kernel.cpp), one per cache dtype.
 #define DYSCO_DECLARE_ATTENTION_KERNELS(T)                                                        \
   void AttendKeys(const PagedSequence<T>& seq, int64_t rows, int64_t head_dim, int64_t key_begin, \
                   int64_t key_end, const float* bias, AttentionScratch& scratch);                 \
   void ProbsRow(const PagedSequence<T>& seq, const float* q, int64_t head_dim, int64_t len,       \
-                const float* bias, float* key_buffer, float* probs);
+                const float* bias, float* key_buffer, float* probs);                              \
+  bool AttendKeysBlocked(const PagedSequence<T>& seq, int64_t rows, int64_t head_dim,             \
+                         int64_t key_begin, int64_t key_end, const float* bias,                   \
+                         AttentionScratch& scratch);
 DYSCO_DECLARE_ATTENTION_KERNELS(float)
 DYSCO_DECLARE_ATTENTION_KERNELS(c10::BFloat16)
 DYSCO_DECLARE_ATTENTION_KERNELS(c10::Half)

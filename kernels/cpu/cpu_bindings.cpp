@@ -8,6 +8,7 @@ TORCH_LIBRARY_IMPL(dysco, CPU, m) {
   m.impl("paged_attention_decode", &dysco::kernels::paged_attention_decode_cpu);
   m.impl("paged_attention_prefill", &dysco::kernels::paged_attention_prefill_cpu);
   m.impl("attention_probs", &dysco::kernels::attention_probs_cpu);
+  m.impl("linear", &dysco::kernels::linear_cpu);
   m.impl("dysco_relevance_update", &dysco::kernels::dysco_relevance_update_cpu);
   m.impl("dysco_select_bias", &dysco::kernels::dysco_select_bias_cpu);
   m.impl("dysco_bias_from_selection", &dysco::kernels::dysco_bias_from_selection_cpu);

@@ -64,6 +64,11 @@ void CheckStrengthValues(const char* op, const at::Tensor& strength) {
   }
 }
 
+void CheckLinear(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
+  CheckLinearArgs(out, input, weight);
+  CheckCpu(kLinearOp, "out", out);
+}
+
 PagedCacheShape CheckPagedKvWrite(const at::Tensor& kv_cache_layer, const at::Tensor& key,
                                   const at::Tensor& value, const at::Tensor& slot_mapping) {
   constexpr const char* kOp = kPagedKvWriteOp;

@@ -67,6 +67,8 @@ PagedAttentionShape CheckAttentionProbs(const at::Tensor& out, const at::Tensor&
                                         const at::Tensor& heads,
                                         const c10::optional<at::Tensor>& key_bias);
 
+void CheckLinear(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight);
+
 void CheckDyscoRelevanceUpdate(const at::Tensor& relevance, const at::Tensor& probs,
                                const at::Tensor& num_keys, const at::Tensor& decay);
 

@@ -184,11 +184,12 @@ const std::vector<Layout> kLayouts = {
 // ---- registration
 // ----------------------------------------------------------------------------------------
 
-TEST(DyscoOps, AllEightOpsAreRegisteredWithCpuKernels) {
+TEST(DyscoOps, AllNineOpsAreRegisteredWithCpuKernels) {
   const std::vector<std::string>& names = ops::AllOpNames();
-  EXPECT_EQ(names.size(), 8u);
-  for (const char* name : {"dysco::paged_kv_write", "dysco::paged_attention_decode",
-                           "dysco::paged_attention_prefill", "dysco::attention_probs"}) {
+  EXPECT_EQ(names.size(), 9u);
+  for (const char* name :
+       {"dysco::paged_kv_write", "dysco::paged_attention_decode", "dysco::paged_attention_prefill",
+        "dysco::attention_probs", "dysco::linear"}) {
     EXPECT_NE(std::find(names.begin(), names.end(), name), names.end()) << name;
   }
   EXPECT_EQ(ops::MissingOps(), std::vector<std::string>{});
@@ -196,6 +197,72 @@ TEST(DyscoOps, AllEightOpsAreRegisteredWithCpuKernels) {
   // The startup check does see an op that is not there.
   EXPECT_EQ(ops::MissingOps({"dysco::paged_kv_write", "dysco::no_such_op"}),
             std::vector<std::string>{"dysco::no_such_op"});
+}
+
+// ---- linear
+// ------------------------------------------------------------------------------------------
+
+// out [M, N] vs a float64 matmul, for row counts on both sides of the GEMV / GEMM switch (8), row
+// counts that are not multiples of the 3-row register block, N not a multiple of 4 (the one-row
+// tail) and K not a multiple of 8 (the scalar tail), on one and on two threads.
+TEST(Linear, MatchesReference) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(21);
+  const int saved_threads = at::get_num_threads();
+  for (int threads : {1, 2}) {
+    at::set_num_threads(threads);
+    for (int64_t m : {1, 2, 3, 4, 5, 7, 8, 9, 33}) {
+      for (auto [n, k] : {std::pair<int64_t, int64_t>{192, 576}, {67, 13}, {5, 8}, {1, 1536}}) {
+        SCOPED_TRACE("threads=" + std::to_string(threads) + " M=" + std::to_string(m) +
+                     " N=" + std::to_string(n) + " K=" + std::to_string(k));
+        const at::Tensor x = at::randn({m, k}, gen);
+        const at::Tensor w = at::randn({n, k}, gen);
+        const at::Tensor out = at::full({m, n}, kNaN);
+        ops::linear(out, x, w);
+        const at::Tensor expected = x.to(at::kDouble).matmul(w.to(at::kDouble).t());
+        EXPECT_TRUE(AllClose(out, expected, 1e-4, 1e-5));
+      }
+    }
+  }
+  at::set_num_threads(saved_threads);
+}
+
+TEST(Linear, ReducedPrecisionAndEmptyShapes) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(22);
+  for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+    for (int64_t m : {1, 20}) {
+      const at::Tensor x = at::randn({m, 64}, gen).to(dtype);
+      const at::Tensor w = (at::randn({48, 64}, gen) * 0.1).to(dtype);
+      const at::Tensor out = at::full({m, 48}, kNaN).to(dtype);
+      ops::linear(out, x, w);
+      const at::Tensor expected = x.to(at::kDouble).matmul(w.to(at::kDouble).t());
+      EXPECT_TRUE(AllClose(out, expected, 3e-2, 2e-2)) << dtype << " M=" << m;
+    }
+  }
+  const at::Tensor out = at::full({3, 4}, kNaN);
+  ops::linear(out, at::empty({3, 0}), at::empty({4, 0}));  // K = 0: zeros
+  EXPECT_TRUE(at::all(out == 0).item<bool>());
+  EXPECT_NO_THROW(ops::linear(at::empty({0, 4}), at::empty({0, 5}), at::empty({4, 5})));
+}
+
+TEST(Linear, RejectsBadInputs) {
+  const at::Tensor x = at::randn({2, 8});
+  const at::Tensor w = at::randn({4, 8});
+  const at::Tensor out = at::empty({2, 4});
+  auto rejects = [](const at::Tensor& o, const at::Tensor& i, const at::Tensor& wt,
+                    const char* text) {
+    try {
+      ops::linear(o, i, wt);
+      ADD_FAILURE() << "accepted; expected an error containing " << text;
+    } catch (const c10::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
+    }
+  };
+  rejects(out, at::randn({2, 7}), w, "dysco::linear: input must be [M, K = 8]");
+  rejects(at::empty({2, 5}), x, w, "dysco::linear: out must be [M = 2, N = 4]");
+  rejects(out, x.to(at::kDouble), w, "dysco::linear: input");
+  rejects(out, x, w.to(at::kInt), "dysco::linear: weight must be float32, bfloat16 or float16");
+  rejects(out, at::randn({8, 2}).t(), w, "dysco::linear: input");  // not contiguous
+  rejects(out.to(at::kHalf), x, w, "dysco::linear: out");
 }
 
 // ---- paged_kv_write
@@ -527,6 +594,58 @@ TEST(PagedAttentionPrefill, MatchesReferenceInReducedPrecision) {
   for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
     CheckPrefill({3, 3, 64, 16}, {{40, 23}, {30, 1}}, dtype, BiasKind::kWithNegInf, gen);
   }
+}
+
+// The blocked prefill path (head_dim 64 and 128: 64-token work items, 64-key tiles, 5-row register
+// blocks) at its boundaries: chunks longer than one item and ending one past / one short of it,
+// tiles ending exactly on and one past 64 keys, chunks starting mid-sequence (the causal diagonal
+// inside a tile, whole tiles before it), GQA groups whose row counts are not multiples of 6, page
+// sizes that do and do not divide a tile, several sequences in one call.
+TEST(PagedAttentionPrefill, BlockedPathAtTileBoundariesMatchesReference) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(17);
+  const std::vector<Layout> layouts = {
+      {3, 3, 64, 16}, {1, 1, 64, 5}, {2, 4, 64, 7}, {1, 5, 128, 16}, {2, 2, 128, 64},
+  };
+  for (const Layout& layout : layouts) {
+    const std::vector<Chunk> chunks = {
+        {64, 64},    // one tile exactly, two items
+        {65, 65},    // one key past a tile; an item plus one token
+        {200, 63},   // mid-sequence, an item less one token
+        {300, 130},  // mid-sequence, several items, diagonal across tiles
+        {128, 1},    // a decode token in a prefill call
+        {97, 97},
+    };
+    for (BiasKind bias : {BiasKind::kNone, BiasKind::kRandom, BiasKind::kWithNegInf}) {
+      CheckPrefill(layout, chunks, at::kFloat, bias, gen);
+    }
+  }
+  for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+    CheckPrefill({3, 3, 64, 16}, {{150, 70}, {33, 33}}, dtype, BiasKind::kWithNegInf, gen);
+  }
+}
+
+// Whole tiles masked by -inf bias (the running max stays -inf across tiles, then a later tile
+// brings the first unmasked key), on the blocked path.
+TEST(PagedAttentionPrefill, BlockedPathWithWholeTilesMaskedMatchesReference) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(18);
+  const PagedBatch batch = MakeBatch({3, 3, 64, 16}, {200, 150}, at::kFloat, gen);
+  at::Tensor bias = at::randn({2, 205}, gen);
+  bias[0].slice(0, 0, 130).fill_(-kInf);   // first two tiles and a bit of the third
+  bias[1].slice(0, 64, 128).fill_(-kInf);  // the second tile only
+  const at::Tensor query = at::randn({150 + 100, 9, 64}, gen);
+  const at::Tensor out = at::full_like(query, kNaN);
+  ops::paged_attention_prefill(out, query, batch.kv, batch.block_tables, batch.seq_lens,
+                               at::tensor({0, 150, 250}, at::kLong), 0.125, bias);
+  at::Tensor expected = at::empty({250, 9, 64}, at::kDouble);
+  expected.slice(0, 0, 150).copy_(
+      Reference(batch, 0, query.slice(0, 0, 150), at::arange(50, 200, at::kLong), 0.125, bias)
+          .second);
+  expected.slice(0, 150, 250)
+      .copy_(
+          Reference(batch, 1, query.slice(0, 150, 250), at::arange(50, 150, at::kLong), 0.125, bias)
+              .second);
+  EXPECT_TRUE(at::all(expected.slice(0, 0, 80) == 0).item<bool>());  // positions 50..129
+  EXPECT_TRUE(AllClose(out, expected, 1e-5, 1e-5));
 }
 
 TEST(PagedAttentionPrefill, RowsWithEveryKeyMaskedAreZero) {

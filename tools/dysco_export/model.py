@@ -28,6 +28,16 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * xf.to(x.dtype)
 
 
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    # F.linear (no bias) through torch.ops.dysco.linear: on the CPU, decode-sized inputs (a few rows) take
+    # its GEMV kernel, which reads each weight once; a one-row F.linear is a BLAS GEMM, about twice slower.
+    # Every backend needs a kernel for it (docs/model-interface.md "Ops").
+    x = x.contiguous()
+    out = torch.empty([x.size(0), weight.size(0)], dtype=x.dtype, device=x.device)
+    torch.ops.dysco.linear(out, x, weight)
+    return out
+
+
 def rotate_half(x: Tensor) -> Tensor:
     half = x.size(-1) // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -69,9 +79,9 @@ class DecoderLayer(nn.Module):
                 probs: Tensor) -> Tensor:
         num_tokens = h.size(0)
         x = rms_norm(h, self.input_layernorm, self.eps)
-        q = F.linear(x, self.q_proj).view(num_tokens, self.num_heads, self.head_dim)
-        k = F.linear(x, self.k_proj).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = F.linear(x, self.v_proj).view(num_tokens, self.num_kv_heads, self.head_dim).contiguous()
+        q = linear(x, self.q_proj).view(num_tokens, self.num_heads, self.head_dim)
+        k = linear(x, self.k_proj).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = linear(x, self.v_proj).view(num_tokens, self.num_kv_heads, self.head_dim).contiguous()
         if self.qk_norm:
             q = rms_norm(q, self.q_norm, self.eps)
             k = rms_norm(k, self.k_norm, self.eps)
@@ -95,9 +105,9 @@ class DecoderLayer(nn.Module):
                                             self.scale, attn_bias)
             probs.index_copy_(1, probe_dest, layer_probs)
 
-        h = h + F.linear(out.view(num_tokens, self.num_heads * self.head_dim), self.o_proj)
+        h = h + linear(out.view(num_tokens, self.num_heads * self.head_dim), self.o_proj)
         x = rms_norm(h, self.post_attention_layernorm, self.eps)
-        return h + F.linear(F.silu(F.linear(x, self.gate_proj)) * F.linear(x, self.up_proj), self.down_proj)
+        return h + linear(F.silu(linear(x, self.gate_proj)) * linear(x, self.up_proj), self.down_proj)
 
 
 class DecoderModel(nn.Module):
@@ -170,7 +180,7 @@ class DecoderModel(nn.Module):
         if last_layer >= 0 and last_layer < self.num_layers - 1:
             return torch.zeros([0, self.vocab_size], dtype=torch.float32, device=device), probs
         x = rms_norm(h.index_select(0, last_idx), self.norm, self.eps)
-        return F.linear(x, self.lm_head).to(torch.float32), probs
+        return linear(x, self.lm_head).to(torch.float32), probs
 
 
 def required_weights(config: dict) -> Dict[str, Tuple[int, ...]]:

@@ -1,0 +1,232 @@
+// CPU linear: out [M, N] <- input [M, K] @ weight [N, K]^T. Few rows (decode) go through a GEMV
+// kernel that streams each weight row once for all input rows; more rows (prefill) through BLAS
+// GEMM (at::mm_out), which is at its matmul rate there.
+//
+// Why a kernel of our own: libtorch's one-row at::linear is a BLAS GEMM with M = 1, about twice the
+// time of reading the weights (and at::mv handles one row only). A decode step is nearly all
+// weight reads, so the step time follows the GEMV rate.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/cpu/cpu_checks.h"
+#include "kernels/ops.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+namespace dysco::kernels {
+namespace {
+
+// Inputs of at most this many rows take the GEMV kernel (decode batches). Past it, BLAS GEMM reuses
+// each weight tile from cache for many rows and wins.
+constexpr int64_t kGemvMaxRows = 8;
+// Output features per parallel work unit: a few weight rows of K elements, enough to amortise the
+// scheduling, small enough to split the 192-output projections over threads.
+constexpr int64_t kGemvGrain = 32;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
+    !defined(DYSCO_CPU_BASELINE_ONLY)
+#define DYSCO_LINEAR_V3 1
+#define DYSCO_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
+#else
+#define DYSCO_TARGET_V3
+#endif
+#define DYSCO_ALWAYS_INLINE inline __attribute__((always_inline))
+
+typedef float Vec8 __attribute__((vector_size(32)));
+
+DYSCO_ALWAYS_INLINE Vec8 Load8(const float* p) {
+  Vec8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+DYSCO_ALWAYS_INLINE float Sum8(Vec8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// out[r][n] for r < MR, n in [n0, n0 + 4): four weight rows against MR input rows, 4 * MR vector
+// accumulators; with the four weight vectors and one input vector that is 13 of the 16 AVX
+// registers for MR = 2 (MR = 3 spills). x: MR rows of stride ldx.
+template <int MR, bool kPrefetch = true>
+DYSCO_ALWAYS_INLINE void Gemv4(const float* __restrict x, int64_t ldx, const float* __restrict w,
+                               int64_t k_size, float* __restrict out, int64_t ldo) {
+  Vec8 acc[MR][4];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = Vec8{};
+  const float* w0 = w;
+  const float* w1 = w + k_size;
+  const float* w2 = w + 2 * k_size;
+  const float* w3 = w + 3 * k_size;
+  // The next four weight rows follow these in memory: prefetch them, two cache lines per step, so
+  // that rows of a few KiB (too short for the hardware prefetcher to ramp up) stream at full rate.
+  const char* next = reinterpret_cast<const char*>(w + 4 * k_size);
+  int64_t k = 0;
+  for (; k + 8 <= k_size; k += 8) {
+    if (kPrefetch) {
+      __builtin_prefetch(next + 16 * k);
+      __builtin_prefetch(next + 16 * k + 64);
+    }
+    const Vec8 a = Load8(w0 + k);
+    const Vec8 b = Load8(w1 + k);
+    const Vec8 c = Load8(w2 + k);
+    const Vec8 d = Load8(w3 + k);
+    for (int r = 0; r < MR; ++r) {
+      const Vec8 xv = Load8(x + r * ldx + k);
+      acc[r][0] += a * xv;
+      acc[r][1] += b * xv;
+      acc[r][2] += c * xv;
+      acc[r][3] += d * xv;
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    float s[4] = {Sum8(acc[r][0]), Sum8(acc[r][1]), Sum8(acc[r][2]), Sum8(acc[r][3])};
+    for (int64_t kk = k; kk < k_size; ++kk) {
+      const float xv = x[r * ldx + kk];
+      s[0] += w0[kk] * xv;
+      s[1] += w1[kk] * xv;
+      s[2] += w2[kk] * xv;
+      s[3] += w3[kk] * xv;
+    }
+    for (int j = 0; j < 4; ++j) out[r * ldo + j] = s[j];
+  }
+}
+
+// One weight row against MR input rows (the n % 4 tail).
+template <int MR>
+DYSCO_ALWAYS_INLINE void Gemv1(const float* __restrict x, int64_t ldx, const float* __restrict w,
+                               int64_t k_size, float* __restrict out, int64_t ldo) {
+  for (int r = 0; r < MR; ++r) {
+    Vec8 acc = Vec8{};
+    int64_t k = 0;
+    for (; k + 8 <= k_size; k += 8) acc += Load8(w + k) * Load8(x + r * ldx + k);
+    float s = Sum8(acc);
+    for (; k < k_size; ++k) s += w[k] * x[r * ldx + k];
+    out[r * ldo] = s;
+  }
+}
+
+// out[:, n_begin:n_end] for all M (<= kGemvMaxRows) rows of x, out of stride n_size. Four weight
+// rows at a time, outermost: each group is read from memory once, by the first group of input rows,
+// and from L1 by the others (4 rows of K floats: 24 KiB at K = 1536).
+DYSCO_ALWAYS_INLINE void GemvRangeImpl(const float* x, int64_t m_size, const float* w,
+                                       int64_t k_size, int64_t n_size, int64_t n_begin,
+                                       int64_t n_end, float* out) {
+  int64_t n = n_begin;
+  for (; n + 4 <= n_end; n += 4) {
+    const float* wn = w + n * k_size;
+    int64_t r = 0;
+    for (; r + 2 <= m_size; r += 2) {
+      Gemv4<2>(x + r * k_size, k_size, wn, k_size, out + r * n_size + n, n_size);
+    }
+    if (r < m_size) Gemv4<1>(x + r * k_size, k_size, wn, k_size, out + r * n_size + n, n_size);
+  }
+  for (; n < n_end; ++n) {
+    for (int64_t r = 0; r < m_size; ++r) {
+      Gemv1<1>(x + r * k_size, k_size, w + n * k_size, k_size, out + r * n_size + n, n_size);
+    }
+  }
+}
+
+// Compiled for x86-64-v3 (AVX2 + FMA: 8-lane FMAs) and for the baseline; Gemv picks one per call.
+DYSCO_TARGET_V3 void GemvRangeVector(const float* x, int64_t m_size, const float* w, int64_t k_size,
+                                     int64_t n_size, int64_t n_begin, int64_t n_end, float* out) {
+  GemvRangeImpl(x, m_size, w, k_size, n_size, n_begin, n_end, out);
+}
+
+void GemvRangeBaseline(const float* x, int64_t m_size, const float* w, int64_t k_size,
+                       int64_t n_size, int64_t n_begin, int64_t n_end, float* out) {
+  GemvRangeImpl(x, m_size, w, k_size, n_size, n_begin, n_end, out);
+}
+
+bool UseVectorGemv() {
+#if defined(DYSCO_LINEAR_V3)
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+#else
+  return false;
+#endif
+}
+
+void Gemv(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
+  const int64_t m_size = input.size(0);
+  const int64_t k_size = input.size(1);
+  const int64_t n_size = weight.size(0);
+  const float* x = input.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, n_size, kGemvGrain, [&](int64_t begin, int64_t end) {
+    if (UseVectorGemv()) {
+      GemvRangeVector(x, m_size, w, k_size, n_size, begin, end, o);
+    } else {
+      GemvRangeBaseline(x, m_size, w, k_size, n_size, begin, end, o);
+    }
+  });
+}
+
+// OpenBLAS's own thread count, or 0 when the BLAS is not OpenBLAS (looked up at run time, as
+// core/model/model_runner.cpp does to set it).
+int BlasThreads() {
+  using GetThreads = int (*)();
+  static const auto fn =
+      reinterpret_cast<GetThreads>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+  return fn == nullptr ? 0 : fn();
+}
+
+// Rows per thread below which a GEMM is not split (a split BLAS call has a fixed cost).
+constexpr int64_t kMinGemmRowsPerThread = 16;
+
+// out <- input @ weight^T through BLAS. With a single-threaded OpenBLAS (what ModelRunner sets: see
+// there) the rows are split over the ATen threads, so that one thread pool runs everything: an
+// OpenBLAS pool next to OpenMP's on the same cores makes each wait for the other's spinning
+// threads (prefill was 4x its GEMM floor that way). A multi-threaded BLAS gets the whole call.
+void Gemm(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
+  const int64_t m_size = input.size(0);
+  const at::Tensor weight_t = weight.t();
+  const int64_t threads = at::get_num_threads();
+  if (BlasThreads() != 1 || threads == 1 || m_size < 2 * kMinGemmRowsPerThread ||
+      at::in_parallel_region()) {
+    at::Tensor result = out;  // shares out's storage; mm_out wants a mutable reference
+    at::mm_out(result, input, weight_t);
+    return;
+  }
+  const int64_t pieces = std::min(threads, m_size / kMinGemmRowsPerThread);
+  const int64_t rows = (m_size + pieces - 1) / pieces;
+  at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t r0 = p * rows;
+      const int64_t r1 = std::min(m_size, r0 + rows);
+      if (r0 >= r1) continue;
+      at::Tensor part = out.narrow(0, r0, r1 - r0);
+      at::mm_out(part, input.narrow(0, r0, r1 - r0), weight_t);
+    }
+  });
+}
+
+}  // namespace
+
+void linear_cpu(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
+  cpu::CheckLinear(out, input, weight);
+  if (out.numel() == 0) return;
+  if (input.size(1) == 0) {
+    out.zero_();
+    return;
+  }
+  if (input.size(0) <= kGemvMaxRows && weight.scalar_type() == at::kFloat) {
+    Gemv(out, input, weight);
+    return;
+  }
+  if (weight.scalar_type() == at::kHalf) {
+    // libtorch 1.13 has no CPU fp16 GEMM (F.linear fails too): compute in fp32, round once.
+    out.copy_(at::mm(input.to(at::kFloat), weight.to(at::kFloat).t()));
+    return;
+  }
+  Gemm(out, input, weight);
+}
+
+}  // namespace dysco::kernels
