@@ -36,6 +36,9 @@ void attention_probs_cuda(const at::Tensor& out, const at::Tensor& query,
                           const at::Tensor& seq_lens, const at::Tensor& heads, double scale,
                           const c10::optional<at::Tensor>& key_bias);
 
+// out [M, N] <- input [M, K] @ weight [N, K]^T (cuBLAS through ATen).
+void linear_cuda(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight);
+
 void dysco_relevance_update_cuda(const at::Tensor& relevance, const at::Tensor& probs,
                                  const at::Tensor& num_keys, const at::Tensor& decay);
 

@@ -176,7 +176,7 @@ Bias CudaBias(const Bias& bias) {
 
 // ---- registration
 
-TEST(CudaOps, AllEightOpsHaveCudaKernels) {
+TEST(CudaOps, EveryOpHasACudaKernel) {
   for (const std::string& name : ops::AllOpNames()) {
     const auto op = c10::Dispatcher::singleton().findSchema({name, ""});
     ASSERT_TRUE(op.has_value()) << name;
@@ -453,6 +453,30 @@ TEST(CudaDyscoSelectBias, SameSetsAt128KKeys) {
   at::manual_seed(10);
   CheckSelect({131072, 100000}, 131072, false, SelectCases());
   CheckSelect({131072}, 131072, true, {{0.9f, 4096, 2.0f}, {0.0f, 4096, 100.0f}});
+}
+
+// ---- linear
+
+// Around the CPU op's few-row switch (8 rows) and odd sizes; every output element written (NaN first).
+TEST(CudaLinear, EqualsCpu) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(17);
+  for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    const bool fp32 = dtype == at::kFloat;
+    for (const int64_t m : {1, 3, 8, 9, 65}) {
+      for (const auto& [k, n] : {std::pair<int64_t, int64_t>{576, 1536}, {64, 7}, {1000, 333}}) {
+        const at::Tensor input = at::randn({m, k}).to(dtype);
+        const at::Tensor weight = (at::randn({n, k}) / 8).to(dtype);
+        at::Tensor out = at::full({m, n}, kNaN).to(dtype);
+        at::Tensor gpu_out = Cuda(out);
+        ops::linear(out, input, weight);
+        ops::linear(gpu_out, Cuda(input), Cuda(weight));
+        const std::string what = std::string(c10::toString(dtype)) + " m=" + std::to_string(m) +
+                                 " k=" + std::to_string(k) + " n=" + std::to_string(n);
+        EXPECT_TRUE(Close(gpu_out, out, fp32 ? 1e-4 : 5e-2, fp32 ? 1e-5 : 1e-2, what));
+      }
+    }
+  }
 }
 
 TEST(CudaDyscoBiasFromSelection, EqualsCpu) {
