@@ -13,6 +13,9 @@ PKGS=(
   # scripts/run-fuzz.sh: libFuzzer and the sanitizer runtimes (only recommended by clang, so not installed with
   # it here), and llvm-symbolizer-14 for readable sanitizer stack traces.
   libclang-rt-14-dev llvm-14
+  # tests/python/test_prometheus.py and deploy/prometheus: a real Prometheus on loopback and promtool (rule unit
+  # tests, `promtool check metrics`). Its service is not started by the tests (they run their own on free ports).
+  prometheus
 )
 missing=()
 for p in "${PKGS[@]}"; do
