@@ -7,7 +7,8 @@
 #               Cached: skipped when $BASE_IMAGE exists (`docker rmi $BASE_IMAGE` to remake it);
 #   4. build    the CPU image with the legacy builder (BuildKit does not work here), the context being the
 #               .dockerignore allow-list sent as a tar (which also follows the models/ symlink of a worktree);
-#   5. start    the container, ports published on 127.0.0.1 only, flags from the environment
+#   5. start    the container, ports published on 127.0.0.1 only, read-only root filesystem, no capabilities
+#               (as the Kubernetes pod), flags from the environment
 #               (DYSCO_DRAIN_TIMEOUT) and from a mounted /etc/dysco/dysco-server.yaml; waits for SERVING with
 #               the client inside the image, as the Kubernetes probes do;
 #   6. checks   over the published ports: `dysco-client health --service dysco.v1.Generation` is SERVING,
@@ -127,7 +128,10 @@ reflection: false
 max_batch: 4
 EOF
 chmod 0644 "$LOG_DIR/dysco-server.yaml"
+# Locked down as the Kubernetes pod is (deployment.yaml's securityContext): read-only root filesystem, a
+# writable /tmp only, no capabilities, no privilege escalation.
 docker run -d --name "$NAME" -p 127.0.0.1::50051 -p 127.0.0.1::9090 \
+  --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
   -e DYSCO_DRAIN_TIMEOUT=20 -v "$LOG_DIR/dysco-server.yaml:/etc/dysco/dysco-server.yaml:ro" \
   "$IMAGE" >/dev/null
 GRPC_ADDR=$(docker port "$NAME" 50051/tcp | head -1)
