@@ -7,6 +7,9 @@
 # Precedence is the server's: flags (environment and arguments) win over the config file's keys, and the
 # arguments come last, so they win over the environment. Without a model from any of them, the package
 # baked into the image (/opt/dysco/models/smollm2-135m-instruct) is served.
+# An unknown DYSCO_ variable is an error of the server ("unknown flag"), not ignored: on Kubernetes keep
+# enableServiceLinks: false (as deploy/kubernetes/base does), else a Service named "dysco" would inject
+# DYSCO_PORT=tcp://... (the base Deployment sets command/args itself and does not use this entrypoint).
 # A first argument that is not a flag runs that command instead (`docker run IMAGE dysco-client health`,
 # `docker run -it IMAGE bash`). `exec` keeps dysco-server PID 1, so `docker stop`'s SIGTERM reaches it and
 # drains.
