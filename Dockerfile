@@ -31,7 +31,7 @@ ARG CUDA_ARCHITECTURES=90
 WORKDIR /src
 # Sources only (not the model package, not the other scripts), so that no change outside the build rebuilds.
 COPY CMakeLists.txt ./
-COPY scripts/image-build.sh scripts/docker-entrypoint.sh scripts/
+COPY scripts/image-build.sh scripts/
 COPY kernels kernels
 COPY core core
 COPY proto proto
@@ -55,6 +55,8 @@ RUN apt-get update -q \
 # The model package before the binaries: the larger layer, changed less often.
 COPY models/smollm2-135m-instruct /opt/dysco/models/smollm2-135m-instruct
 COPY --from=build /out/opt/dysco /opt/dysco
+# From the context (mode 0755 from git), not through the build stage: editing it does not recompile.
+COPY scripts/docker-entrypoint.sh /opt/dysco/bin/docker-entrypoint.sh
 ENV PATH=/opt/dysco/bin:${PATH} \
     LD_LIBRARY_PATH=/opt/dysco/lib:/opt/dysco/torch/lib
 WORKDIR /opt/dysco

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The build stage of the Dockerfile (not meant for a host): installs the build packages, compiles
 # dysco-server and dysco-client, and stages what the runtime stage copies under $OUT (default /out):
-#   $OUT/opt/dysco/bin   dysco-server, dysco-client, docker-entrypoint.sh
+#   $OUT/opt/dysco/bin   dysco-server, dysco-client (the Dockerfile adds docker-entrypoint.sh)
 #   $OUT/opt/dysco/lib   the project's shared libraries (libdysco_kernels.so, ...)
 #   $OUT/opt/dysco/torch the CUDA variant only: the torch wheel's libraries and its nvidia-* libraries
 #   $OUT/runtime-packages.txt  the distribution packages that own every shared library the binaries load,
@@ -58,7 +58,6 @@ rm -rf "$OUT"
 mkdir -p "$OUT/opt/dysco/bin" "$OUT/opt/dysco/lib"
 cp $BUILD/bin/dysco-server $BUILD/bin/dysco-client "$OUT/opt/dysco/bin/"
 cp -P $BUILD/lib/*.so* "$OUT/opt/dysco/lib/"
-install -m 0755 scripts/docker-entrypoint.sh "$OUT/opt/dysco/bin/docker-entrypoint.sh"
 strip --strip-unneeded "$OUT"/opt/dysco/bin/dysco-* "$OUT"/opt/dysco/lib/*.so*
 LIBPATH=$OUT/opt/dysco/lib
 if [ -n "$TORCH_LIB" ]; then
