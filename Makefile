@@ -11,7 +11,7 @@ FUZZ_SECONDS ?= 20
 SOAK_SECONDS ?= 300
 
 .PHONY: deps python configure build model run generate test test-cpp test-python test-fuzz fuzz bench clean \
-	format sanitize soak test-cuda-build gpu-check
+	format sanitize soak test-cuda-build gpu-check image-test
 
 deps:
 	bash scripts/install-deps.sh
@@ -84,6 +84,12 @@ sanitize: model
 # minutes with the default 300 s; `make test` runs its 60 s form (tests/python/test_soak.py).
 soak: model
 	$(PY) tools/soak.py --duration $(SOAK_SECONDS)
+
+# The container image test (scripts/image-test.sh, README "Container image"): builds the CPU image from a
+# locally made Debian base with the project compiled inside, runs it and checks generate, health, /metrics,
+# non-root and a clean drain on docker stop. Not in `make test`: a cold run compiles the whole project.
+image-test:
+	bash scripts/image-test.sh
 
 bench: model
 	$(BUILD_DIR)/bin/bench-decode --model $(MODEL_DIR)
