@@ -41,6 +41,9 @@ def _entry(dtype="F32", shape=(1,), offsets=(0, 4)):
     ("shape overflowing int64", _safetensors(_entry(shape=[2**32, 2**32], offsets=[0, 0]))),
     # Found by fuzz_safetensors in CI: a zero keeps the product 0, the other count exceeds int64.
     ("a count beyond int64 beside a zero", _safetensors(_entry(shape=[0, 2**64], offsets=[0, 0]))),
+    # Found by fuzz_safetensors in CI: the counts fit int64, but not once multiplied by the item size.
+    ("counts times item size beyond int64 beside a zero",
+     _safetensors(_entry(dtype="F16", shape=[0, 2**63 - 1], offsets=[0, 0]))),
     ("too many dimensions", _safetensors(_entry(shape=[1] * 40, offsets=[0, 4]), bytes(4))),
     ("shape of strings", _safetensors(_entry(shape="12"), bytes(4))),
     ("JSON nested too deeply", _safetensors(b'{"a":' + b"[" * 100000 + b"]" * 100000 + b"}")),

@@ -89,6 +89,10 @@ def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
             raise ExportError(f"{path}: tensor {name!r} has unsupported dtype {dtype} (supported: F32, F16, BF16)")
         np_dtype, torch_dtype = _DTYPES[dtype]
         itemsize = np.dtype(np_dtype).itemsize
+        # numpy refuses a shape whose non-zero counts times the item size pass 2**63 - 1 bytes, even when a
+        # zero count makes the array empty (found by fuzz_safetensors: [0, 2**63 - 1] of F16).
+        if math.prod(d for d in shape if d) * itemsize > 2**63 - 1:
+            raise ExportError(f"{path}: tensor {name!r} has shape {shape}, too large for {dtype}")
         numel = math.prod(shape)  # Python integers: no overflow
         if end - begin != numel * itemsize:
             raise ExportError(f"{path}: tensor {name!r} has inconsistent data offsets {begin}..{end} for "
