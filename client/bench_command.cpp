@@ -22,7 +22,6 @@
 #include "commands.h"
 #include "dysco/v1/generation.grpc.pb.h"
 #include "flags.h"
-#include "grpc/health/v1/health.grpc.pb.h"
 #include "latency_summary.h"
 #include "rpc_support.h"
 
@@ -304,22 +303,12 @@ void PrintPhase(const PhaseResult& r) {
 
 // Polls grpc.health.v1 for the readiness service until SERVING, for at most wait_s seconds, so that
 // a bench started next to a server that is still loading its model measures it once it is ready.
-std::string WaitUntilReady(const std::shared_ptr<grpc::Channel>& channel, double wait_s) {
-  auto health = grpc::health::v1::Health::NewStub(channel);
-  grpc::health::v1::HealthCheckRequest request;
-  request.set_service("dysco.v1.Generation");
-  const double give_up = NowSeconds() + wait_s;
-  grpc::Status status;
+std::string WaitUntilReady(const Connection& connection, double wait_s) {
   grpc::health::v1::HealthCheckResponse response;
-  while (true) {
-    grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
-    status = health->Check(&context, request, &response);
-    if (status.ok() && response.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
-      return "";
-    }
-    if (NowSeconds() >= give_up) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  const grpc::Status status =
+      CheckHealthUntilServing(connection, "dysco.v1.Generation", 2000, wait_s, &response);
+  if (status.ok() && response.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
+    return "";
   }
   char seconds[32];
   std::snprintf(seconds, sizeof(seconds), "%.1f", wait_s);
@@ -401,7 +390,7 @@ int RunBench(const std::vector<std::string>& args) {
   }
   config.authorization = connection.authorization;
   if (const double wait_s = flags.GetDouble("wait-ready-s"); wait_s > 0) {
-    if (std::string error = WaitUntilReady(connection.channel, wait_s); !error.empty()) {
+    if (std::string error = WaitUntilReady(connection, wait_s); !error.empty()) {
       std::fprintf(stderr, "dysco-client bench: %s\n", error.c_str());
       return kExitRpcError;
     }

@@ -3,13 +3,11 @@
 #include <cstdio>
 #include <nlohmann/json.hpp>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "commands.h"
 #include "dysco/v1/generation.grpc.pb.h"
 #include "flags.h"
-#include "grpc/health/v1/health.grpc.pb.h"
 #include "rpc_support.h"
 
 namespace dysco::client {
@@ -129,30 +127,18 @@ int RunHealth(const std::vector<std::string>& args) {
     std::fprintf(stderr, "dysco-client %s: %s\n", "health", error.c_str());
     return kExitUsage;
   }
-  auto stub = grpc::health::v1::Health::NewStub(connection.channel);
-  grpc::health::v1::HealthCheckRequest request;
-  request.set_service(flags.GetString("service"));
-  const double give_up = NowSeconds() + flags.GetDouble("wait-s");
-  while (true) {
-    grpc::ClientContext context;
-    connection.Prepare(&context);
-    SetTimeout(&context, flags.GetInt("timeout-ms"));
-    grpc::health::v1::HealthCheckResponse response;
-    grpc::Status status = stub->Check(&context, request, &response);
-    bool serving =
-        status.ok() && response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
-    if (serving || NowSeconds() >= give_up) {
-      if (!status.ok()) {
-        PrintRpcError("Health.Check", status);
-        return kExitRpcError;
-      }
-      std::printf(
-          "%s\n",
-          grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status()).c_str());
-      return serving ? kExitOk : kExitRpcError;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  grpc::health::v1::HealthCheckResponse response;
+  const grpc::Status status =
+      CheckHealthUntilServing(connection, flags.GetString("service"), flags.GetInt("timeout-ms"),
+                              flags.GetDouble("wait-s"), &response);
+  if (!status.ok()) {
+    PrintRpcError("Health.Check", status);
+    return kExitRpcError;
   }
+  std::printf("%s\n",
+              grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status()).c_str());
+  return response.status() == grpc::health::v1::HealthCheckResponse::SERVING ? kExitOk
+                                                                             : kExitRpcError;
 }
 
 int RunTokenize(const std::vector<std::string>& args) {

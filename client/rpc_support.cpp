@@ -8,8 +8,10 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <thread>
 
 #include "flags.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 
 namespace dysco::client {
 
@@ -91,6 +93,29 @@ std::string Connect(const FlagSet& flags, const ConnectOptions& options, Connect
   }
   out->channel = grpc::CreateCustomChannel(flags.GetString("target"), credentials, args);
   return "";
+}
+
+grpc::Status CheckHealthUntilServing(const Connection& connection, const std::string& service,
+                                     int64_t call_timeout_ms, double wait_s,
+                                     grpc::health::v1::HealthCheckResponse* response) {
+  auto stub = grpc::health::v1::Health::NewStub(connection.channel);
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
+  const double give_up = NowSeconds() + wait_s;
+  while (true) {
+    grpc::ClientContext context;
+    connection.Prepare(&context);
+    if (call_timeout_ms > 0) {
+      context.set_deadline(std::chrono::system_clock::now() +
+                           std::chrono::milliseconds(call_timeout_ms));
+    }
+    const grpc::Status status = stub->Check(&context, request, response);
+    if (status.ok() && response->status() == grpc::health::v1::HealthCheckResponse::SERVING) {
+      return status;
+    }
+    if (NowSeconds() >= give_up) return status;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
 }
 
 void PrintRpcError(const char* rpc, const grpc::Status& status) {

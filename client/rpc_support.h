@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "dysco/v1/generation.pb.h"
+#include "grpc/health/v1/health.pb.h"
 #include "proto/support/grpc_code_names.h"
 
 namespace dysco::client {
@@ -51,6 +52,13 @@ struct ConnectOptions {
 // refuses with UNAVAILABLE before answering (a replica that began draining just after it was
 // picked) are retried, up to 4 attempts with backoff. Returns "" or an error naming the flag.
 std::string Connect(const FlagSet& flags, const ConnectOptions& options, Connection* out);
+
+// grpc.health.v1 Check of `service` (each call with a deadline of call_timeout_ms, 0 = none),
+// repeated every 100 ms until SERVING or until wait_s seconds have passed (0: asked once). Returns
+// the last call's status; *response holds its answer when that status is OK.
+grpc::Status CheckHealthUntilServing(const Connection& connection, const std::string& service,
+                                     int64_t call_timeout_ms, double wait_s,
+                                     grpc::health::v1::HealthCheckResponse* response);
 
 // "error: INVALID_ARGUMENT: sampling.top_p must be in (0, 1]" on stderr.
 void PrintRpcError(const char* rpc, const grpc::Status& status);
