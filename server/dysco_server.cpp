@@ -1,5 +1,6 @@
 #include "server/dysco_server.h"
 
+#include <algorithm>
 #include <fstream>
 #include <future>
 #include <mutex>
@@ -46,26 +47,19 @@ void InstallProtobufLogHandler() {
 
 // --reflection for this server: linking grpc++_reflection registers its plugin with every
 // ServerBuilder of the process (a static initialiser), so turning reflection off means taking the
-// plugin out of this builder's list; turning it on adds it where that initialiser did not run.
+// plugin out of this builder's list; turning it on puts exactly one in (whether or not that
+// initialiser ran).
 class ReflectionOption final : public grpc::ServerBuilderOption {
  public:
   explicit ReflectionOption(bool enabled) : enabled_(enabled) {}
   void UpdateArguments(grpc::ChannelArguments*) override {}
   void UpdatePlugins(std::vector<std::unique_ptr<grpc::ServerBuilderPlugin>>* plugins) override {
-    grpc::reflection::ProtoServerReflectionPlugin probe;
-    const std::string name = probe.name();
-    bool present = false;
-    for (auto it = plugins->begin(); it != plugins->end();) {
-      if ((*it)->name() == name && !enabled_) {
-        it = plugins->erase(it);
-        continue;
-      }
-      present |= (*it)->name() == name;
-      ++it;
-    }
-    if (enabled_ && !present) {
-      plugins->push_back(std::make_unique<grpc::reflection::ProtoServerReflectionPlugin>());
-    }
+    auto ours = std::make_unique<grpc::reflection::ProtoServerReflectionPlugin>();
+    const std::string name = ours->name();
+    plugins->erase(std::remove_if(plugins->begin(), plugins->end(),
+                                  [&](const auto& plugin) { return plugin->name() == name; }),
+                   plugins->end());
+    if (enabled_) plugins->push_back(std::move(ours));
   }
 
  private:
