@@ -1,4 +1,5 @@
-"""The real dysco-server as a subprocess on loopback, for the tests that start their own (any transport).
+"""What the tests that start the real binaries share: their paths, the skip-or-fail rule for what is missing,
+tools/soak.py as a module, and the real dysco-server as a subprocess on loopback (any transport).
 
 Readiness is read from the server's own log line (`event=ready`), so it works for TLS and token-protected
 servers alike; stop() drains it with SIGTERM and returns its exit code.
@@ -24,6 +25,22 @@ def missing(what):
     if os.environ.get("CI"):
         pytest.fail(f"{what} is missing (CI is set, so this is a failure, not a skip)")
     pytest.skip(f"{what} is missing")
+
+
+def need(*paths):
+    """missing() for the first of these files that does not exist."""
+    for path in paths:
+        if not path.exists():
+            missing(str(path))
+
+
+def load_soak():
+    """tools/soak.py as a module (its ServerProcess, scrape and series helpers)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("dysco_soak", REPO / "tools" / "soak.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port(host="127.0.0.1"):

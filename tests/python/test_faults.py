@@ -15,45 +15,23 @@ Skipped when the binaries or the model package are missing, unless the CI enviro
 it fails). DYSCO_SERVER_BIN / DYSCO_CLIENT_BIN / DYSCO_MODEL_DIR override the default paths.
 """
 
-import importlib.util
 import json
-import os
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
+from server_helpers import CLIENT_BIN, MODEL_DIR, SERVER_BIN, load_soak, need
+
 grpc = pytest.importorskip("grpc")
 
-REPO = Path(__file__).resolve().parents[2]
-SERVER_BIN = Path(os.environ.get("DYSCO_SERVER_BIN", REPO / "build" / "bin" / "dysco-server"))
-CLIENT_BIN = Path(os.environ.get("DYSCO_CLIENT_BIN", REPO / "build" / "bin" / "dysco-client"))
-MODEL_DIR = Path(os.environ.get("DYSCO_MODEL_DIR", REPO / "models" / "smollm2-135m-instruct"))
 START_LIMIT_S = 60  # a failing start takes about a second; more is a hang
 
 
-def _load_soak():
-    spec = importlib.util.spec_from_file_location("dysco_soak", REPO / "tools" / "soak.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+soak = load_soak()
 
 
-soak = _load_soak()
-
-
-def _missing(what):
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is missing (CI is set, so this is a failure, not a skip)")
-    pytest.skip(f"{what} is missing")
-
-
-def _need(*paths):
-    for path in paths:
-        if not path.exists():
-            _missing(str(path))
 
 
 # ---- A missing or corrupt package at start.
@@ -121,7 +99,7 @@ STARTUP_FAULTS = {
 
 @pytest.mark.parametrize("fault", list(STARTUP_FAULTS))
 def test_bad_package_exits_with_one_error_line(tmp_path, fault):
-    _need(SERVER_BIN, MODEL_DIR / "model.pt")
+    need(SERVER_BIN, MODEL_DIR / "model.pt")
     make, expected = STARTUP_FAULTS[fault]
     package = make(tmp_path)
     start = time.monotonic()
@@ -148,7 +126,7 @@ def test_bad_package_exits_with_one_error_line(tmp_path, fault):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    _need(SERVER_BIN, CLIENT_BIN, MODEL_DIR / "model.pt")
+    need(SERVER_BIN, CLIENT_BIN, MODEL_DIR / "model.pt")
     work = tmp_path_factory.mktemp("faults")
     pb = soak.load_stubs(work / "stubs")
     srv = soak.ServerProcess(SERVER_BIN, MODEL_DIR, work / "dysco-server.log",

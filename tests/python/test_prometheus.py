@@ -18,27 +18,21 @@ environment variable is set (then it fails). DYSCO_SERVER_BIN / DYSCO_CLIENT_BIN
 default paths.
 """
 
-import importlib.util
 import json
 import math
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
+
+from server_helpers import CLIENT_BIN, MODEL_DIR, REPO, SERVER_BIN, load_soak, missing, need
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-SERVER_BIN = Path(os.environ.get("DYSCO_SERVER_BIN", REPO / "build" / "bin" / "dysco-server"))
-CLIENT_BIN = Path(os.environ.get("DYSCO_CLIENT_BIN", REPO / "build" / "bin" / "dysco-client"))
-MODEL_DIR = Path(os.environ.get("DYSCO_MODEL_DIR", REPO / "models" / "smollm2-135m-instruct"))
 PROM_DIR = REPO / "deploy" / "prometheus"
 RULES = PROM_DIR / "dysco-rules.yml"
 RULE_TESTS = PROM_DIR / "dysco-rules.test.yml"
@@ -48,33 +42,16 @@ OPERATIONS = REPO / "docs" / "operations.md"
 PHASE_CALLS = 4  # Generate calls of each load phase (2 streams at a time): plain, DySCO, then both at once
 
 
-def _missing(what):
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is missing (CI is set, so this is a failure, not a skip)")
-    pytest.skip(f"{what} is missing")
-
 
 def _need_tool(name):
     path = shutil.which(name)
     if path is None:
-        _missing(f"{name} (Debian's prometheus package: scripts/install-deps.sh)")
+        missing(f"{name} (Debian's prometheus package: scripts/install-deps.sh)")
     return path
 
 
-def _need(*paths):
-    for path in paths:
-        if not path.exists():
-            _missing(str(path))
 
-
-def _load_soak():
-    spec = importlib.util.spec_from_file_location("dysco_soak", REPO / "tools" / "soak.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-soak = _load_soak()
+soak = load_soak()
 
 
 def _rules():
@@ -208,7 +185,7 @@ def loaded(tmp_path_factory):
     """The server under plain, DySCO and mixed load, scraped by Prometheus; yields a namespace."""
     prometheus_bin = _need_tool("prometheus")
     _need_tool("promtool")
-    _need(SERVER_BIN, CLIENT_BIN, MODEL_DIR / "model.pt")
+    need(SERVER_BIN, CLIENT_BIN, MODEL_DIR / "model.pt")
     grpc = pytest.importorskip("grpc")
     work = tmp_path_factory.mktemp("prometheus")
     start = time.monotonic()
