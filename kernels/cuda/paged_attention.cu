@@ -23,6 +23,7 @@
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/split_attention.cuh"
 #include "kernels/op_checks.h"
 
 namespace dysco::kernels {
@@ -32,8 +33,6 @@ using cuda::Clamp;
 using cuda::Convert;
 using cuda::kWarpSize;
 
-constexpr int kAttentionWarps = 4;
-constexpr int kAttentionThreads = kAttentionWarps * kWarpSize;
 // A split never covers fewer keys than this (below it the merge costs more than it saves).
 constexpr int64_t kMinKeysPerSplit = 256;
 // Splits are chosen for about this many blocks per multiprocessor: decode reads one row per key and
@@ -45,70 +44,6 @@ constexpr int64_t kMaxWorkspaceFloats = 64LL << 20;
 // head_dim is split over the 32 lanes, at most kMaxDPerLane elements each.
 constexpr int kMaxDPerLane = 8;
 constexpr int64_t kMaxHeadDim = kWarpSize * kMaxDPerLane;
-
-// Everything the attention kernel reads, by value.
-template <typename T>
-struct AttentionParams {
-  const T* query;                  // [tokens, Hq, D]
-  const T* k_cache;                // [NP, PS, Hkv, D]
-  const T* v_cache;                // [NP, PS, Hkv, D]
-  const int32_t* tables;           // [B, P]
-  const int64_t* seq_lens;         // [B]
-  const int64_t* query_start_loc;  // [B + 1] for prefill, nullptr for decode (token b = sequence b)
-  const float* bias;               // [B, bias_width] or nullptr
-  float* partial;                  // [tokens, Hq, splits, D + 2]: max, sum, acc[D]
-  int64_t batch;
-  int64_t max_pages;
-  int64_t page_size;
-  int64_t num_pages;
-  int64_t bias_width;
-  int64_t split_len;
-  int num_splits;
-  int num_heads;
-  int group;
-  int head_dim;
-  int row_chunks;     // ceil(group / kRows)
-  bool vector_loads;  // head_dim % 8 == 0 and a 16-byte aligned cache: K rows read 8 elements at a
-                      // time
-  float scale;
-};
-
-// The sequence of a query token and the number of keys it sees (0: none; its output is zeros).
-template <typename T>
-__device__ void TokenSequence(const AttentionParams<T>& p, int64_t token, int64_t* seq,
-                              int64_t* limit) {
-  const int64_t max_keys = p.max_pages * p.page_size;
-  int64_t b = token;
-  int64_t q_len = 1;
-  int64_t index = 0;  // of the token among its sequence's new tokens
-  if (p.query_start_loc != nullptr) {
-    // The last sequence whose start is <= token (starts are non-decreasing in a valid call).
-    int64_t lo = 0;
-    int64_t hi = p.batch;  // answer in [lo, hi)
-    while (hi - lo > 1) {
-      const int64_t mid = (lo + hi) / 2;
-      if (p.query_start_loc[mid] <= token) {
-        lo = mid;
-      } else {
-        hi = mid;
-      }
-    }
-    b = lo;
-    const int64_t start = p.query_start_loc[b];
-    const int64_t end = p.query_start_loc[b + 1];
-    if (token < start || token >= end) {
-      *seq = b;
-      *limit = 0;
-      return;
-    }
-    q_len = end - start;
-    index = token - start;
-  }
-  int64_t len = Clamp(p.seq_lens[b], 0, max_keys);
-  if (p.bias != nullptr) len = min(len, p.bias_width);
-  *seq = b;
-  *limit = Clamp(len - q_len + index + 1, 0, len);
-}
 
 // Grid: x = query token, y = split, z = KV head * row_chunks + chunk. Block: kAttentionThreads.
 template <typename T, int kRows, int kDPerLane>
@@ -402,7 +337,12 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   p.partial = partial.data_ptr<float>();
   const cudaStream_t stream = cuda::CurrentStream();
   const int kv_heads = static_cast<int>(cache.num_kv_heads);
-  if (rows == 1) {
+  const bool aligned =
+      reinterpret_cast<uintptr_t>(p.query) % 16 == 0 && reinterpret_cast<uintptr_t>(kv) % 16 == 0;
+  if (aligned && VectorSplitAttentionEnabled() &&
+      LaunchVectorSplitAttention(p, tokens, kv_heads, rows, stream)) {
+    // launched (head_dim of 16 bytes per lane and 4 to 32 lanes per row)
+  } else if (rows == 1) {
     LaunchForHeadDim<T, 1>(p, tokens, kv_heads, stream);
   } else {
     LaunchForHeadDim<T, 4>(p, tokens, kv_heads, stream);

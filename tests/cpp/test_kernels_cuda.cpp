@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -222,6 +223,17 @@ void CheckDecode(const Layout& l, const std::vector<int64_t>& lens, at::ScalarTy
   EXPECT_TRUE(Close(gpu_out, cpu_out, tol, tol, Describe(l, dtype, Name(bias_kind))));
 }
 
+// Sets DYSCO_CUDA_SCALAR_ATTENTION (read by the attention launch at every call) for a scope.
+class ScopedScalarAttention {
+ public:
+  explicit ScopedScalarAttention(bool scalar) {
+    if (scalar) setenv("DYSCO_CUDA_SCALAR_ATTENTION", "1", 1);
+  }
+  ~ScopedScalarAttention() { unsetenv("DYSCO_CUDA_SCALAR_ATTENTION"); }
+  ScopedScalarAttention(const ScopedScalarAttention&) = delete;
+  ScopedScalarAttention& operator=(const ScopedScalarAttention&) = delete;
+};
+
 const std::vector<Layout>& Layouts() {
   static const std::vector<Layout> layouts = {
       {2, 4, 128, 16},  // GQA 4 (Qwen3-8B / Llama-3 ratio), page-aligned
@@ -237,12 +249,17 @@ TEST(CudaPagedAttentionDecode, EqualsCpuOverLayoutsDtypesAndBiases) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(1);
   at::manual_seed(1);
-  for (const Layout& l : Layouts()) {
-    for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
-      for (BiasKind kind :
-           {BiasKind::kNone, BiasKind::kRandom, BiasKind::kWithNegInf, BiasKind::kRowAllNegInf}) {
-        // Lengths around page and split (256) boundaries.
-        CheckDecode(l, {1, l.page_size, l.page_size + 1, 255, 256, 257, 1000}, dtype, kind, rng);
+  // Both split kernels: the vectorised one (head_dim of 4..32 lanes of 16 bytes: 128, 64, 32, and
+  // 256 in 16-bit types) and the scalar one (every layout, forced by the environment variable).
+  for (const bool scalar : {false, true}) {
+    ScopedScalarAttention force(scalar);
+    for (const Layout& l : Layouts()) {
+      for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+        for (BiasKind kind :
+             {BiasKind::kNone, BiasKind::kRandom, BiasKind::kWithNegInf, BiasKind::kRowAllNegInf}) {
+          // Lengths around page and split (256) boundaries.
+          CheckDecode(l, {1, l.page_size, l.page_size + 1, 255, 256, 257, 1000}, dtype, kind, rng);
+        }
       }
     }
   }
@@ -457,7 +474,8 @@ TEST(CudaDyscoSelectBias, SameSetsAt128KKeys) {
 
 // ---- linear
 
-// Around the CPU op's few-row switch (8 rows) and odd sizes; every output element written (NaN first).
+// Around the CPU op's few-row switch (8 rows) and odd sizes; every output element written (NaN
+// first).
 TEST(CudaLinear, EqualsCpu) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(17);
@@ -661,6 +679,13 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
 
   const double decode_ms = MillisecondsPerCall(
       [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); }, 20);
+  double scalar_ms = 0.0;
+  {
+    ScopedScalarAttention force(true);
+    scalar_ms = MillisecondsPerCall(
+        [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); },
+        20);
+  }
   const double biased_ms = MillisecondsPerCall(
       [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, bias); }, 20);
   const double probs_ms = MillisecondsPerCall(
@@ -680,6 +705,8 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
   std::printf(
       "[timing] paged_attention_decode 128K bf16 Hq=32 Hkv=8 D=128: %.3f ms (%.2fx floor)\n",
       decode_ms, decode_ms / floor_ms);
+  std::printf("[timing] paged_attention_decode, scalar kernel: %.3f ms (%.2fx floor)\n", scalar_ms,
+              scalar_ms / floor_ms);
   std::printf("[timing] paged_attention_decode with key_bias: %.3f ms (%.2fx floor)\n", biased_ms,
               biased_ms / floor_ms);
   std::printf("[timing] attention_probs 4 heads 128K: %.3f ms (K half floor %.3f ms)\n", probs_ms,
