@@ -479,6 +479,26 @@ void Probs(const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_
   const cudaStream_t stream = cuda::CurrentStream();
   const dim3 grid(static_cast<unsigned>(key_blocks), static_cast<unsigned>(num_probe),
                   static_cast<unsigned>(batch));
+  const ProbsLogitsParams<T> vp{out.data_ptr<float>(),
+                                query.data_ptr<T>(),
+                                kv_cache_layer.data_ptr<T>(),
+                                block_tables.data_ptr<int32_t>(),
+                                seq_lens.data_ptr<int64_t>(),
+                                heads.data_ptr<int64_t>(),
+                                bias,
+                                out_len,
+                                max_pages,
+                                cache.page_size,
+                                cache.num_pages,
+                                bias_width,
+                                kProbsKeysPerBlock,
+                                num_probe,
+                                num_heads,
+                                group,
+                                head_dim,
+                                static_cast<float>(scale)};
+  const bool aligned = reinterpret_cast<uintptr_t>(vp.query) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(vp.k_cache) % 16 == 0;
   auto launch = [&](auto d_per_lane) {
     constexpr int kD = decltype(d_per_lane)::value;
     ProbsLogitsKernel<T, kD><<<grid, kAttentionThreads, 0, stream>>>(
@@ -487,7 +507,9 @@ void Probs(const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_
         heads.data_ptr<int64_t>(), num_probe, bias, bias_width, cache.page_size, cache.num_pages,
         num_heads, group, head_dim, static_cast<float>(scale));
   };
-  if (head_dim <= 2 * kWarpSize) {
+  if (aligned && VectorSplitAttentionEnabled() && LaunchVectorProbsLogits(vp, grid, stream)) {
+    // launched (the vectorised kernel's head_dim)
+  } else if (head_dim <= 2 * kWarpSize) {
     launch(std::integral_constant<int, 2>());
   } else if (head_dim <= 4 * kWarpSize) {
     launch(std::integral_constant<int, 4>());

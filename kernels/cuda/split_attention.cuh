@@ -89,6 +89,36 @@ template <typename T>
 bool LaunchVectorSplitAttention(const AttentionParams<T>& p, int64_t tokens, int kv_heads, int rows,
                                 cudaStream_t stream);
 
+// attention_probs' logits pass (kernels/cuda/paged_attention.cu): out[b, probe, j] = the biased,
+// scaled logit of probed head `heads[probe]` for key j < min(seq_len, out_len, bias_width).
+template <typename T>
+struct ProbsLogitsParams {
+  float* out;               // [B, num_probe, out_len]
+  const T* query;           // [B, Hq, D]
+  const T* k_cache;         // [NP, PS, Hkv, D]
+  const int32_t* tables;    // [B, P]
+  const int64_t* seq_lens;  // [B]
+  const int64_t* heads;     // [num_probe]
+  const float* bias;        // [B, bias_width] or nullptr
+  int64_t out_len;
+  int64_t max_pages;
+  int64_t page_size;
+  int64_t num_pages;
+  int64_t bias_width;
+  int64_t keys_per_block;  // keys of grid.x's block
+  int num_probe;
+  int num_heads;
+  int group;
+  int head_dim;
+  float scale;
+};
+
+// Launches the vectorised logits kernel on `grid` (x: key blocks, y: probed heads, z: sequences)
+// under the same head_dim condition as LaunchVectorSplitAttention and returns true; false when the
+// head_dim does not fit (nothing launched). The query and the cache must be 16-byte aligned.
+template <typename T>
+bool LaunchVectorProbsLogits(const ProbsLogitsParams<T>& p, dim3 grid, cudaStream_t stream);
+
 // False while the environment variable DYSCO_CUDA_SCALAR_ATTENTION is 1: the scalar kernel then
 // takes every call (to measure one against the other, e.g. test_kernels_cuda's timing case).
 bool VectorSplitAttentionEnabled();

@@ -267,6 +267,82 @@ __global__ void __launch_bounds__(kAttentionThreads)
   }
 }
 
+// attention_probs' logits pass, vectorised as the split kernel: lane groups of kLanesPerRow read a
+// key row with 16-byte loads, kUnroll rows per group in flight. Grid: x = block of
+// kProbsKeysPerBlock keys, y = probed head, z = sequence. Block: kAttentionThreads.
+template <typename T, int kLanesPerRow>
+__global__ void __launch_bounds__(kAttentionThreads)
+    VectorProbsLogitsKernel(const ProbsLogitsParams<T> p) {
+  constexpr int kVec = Vec16<T>::kSize;
+  constexpr int kHeadDim = kLanesPerRow * kVec;
+  constexpr int kGroups = kWarpSize / kLanesPerRow;
+  constexpr int kWarpKeys = kGroups * kUnroll;
+  const int64_t b = blockIdx.z;
+  const int probe = blockIdx.y;
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int group = lane / kLanesPerRow;
+  const int part = lane % kLanesPerRow;
+  const int head = static_cast<int>(cuda::Clamp(p.heads[probe], 0, p.num_heads - 1));
+  const int kv_head = head / p.group;
+  const int64_t token_stride = static_cast<int64_t>(p.num_heads / p.group) * kHeadDim;
+  const int page_size = static_cast<int>(p.page_size);
+  int64_t len = min(cuda::Clamp(p.seq_lens[b], 0, p.max_pages * p.page_size), p.out_len);
+  if (p.bias != nullptr) len = min(len, p.bias_width);
+  float q[kVec];
+  Vec16<T>::ToFloats(Load16(p.query + (b * p.num_heads + head) * kHeadDim + part * kVec), q);
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) q[e] *= p.scale;
+  const int32_t* pages = p.tables + b * p.max_pages;
+  float* row = p.out + (b * p.num_probe + probe) * p.out_len;
+  const int64_t lane_offset = static_cast<int64_t>(kv_head) * kHeadDim + part * kVec;
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * p.keys_per_block;
+  const int64_t end = min(len, begin + p.keys_per_block);
+  for (int64_t base = begin + warp * kWarpKeys; base < end; base += kAttentionWarps * kWarpKeys) {
+    uint4 k_raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = base + u * kGroups + group;
+      if (j < end) {
+        const int jj = static_cast<int>(j);
+        const int page_index = jj / page_size;
+        const int64_t page = cuda::Clamp(pages[page_index], 0, p.num_pages - 1);
+        k_raw[u] = Load16(p.k_cache + page * page_size * token_stride +
+                          (jj - page_index * page_size) * token_stride + lane_offset);
+      } else {
+        k_raw[u] = make_uint4(0, 0, 0, 0);
+      }
+    }
+    float s[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float k[kVec];
+      Vec16<T>::ToFloats(k_raw[u], k);
+      s[u] = 0.0f;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) s[u] += q[e] * k[e];
+    }
+#pragma unroll
+    for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) s[u] += __shfl_xor_sync(0xffffffffu, s[u], offset);
+    }
+    if (part == 0) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t j = base + u * kGroups + group;
+        if (j < end) row[j] = s[u] + (p.bias == nullptr ? 0.0f : p.bias[b * p.bias_width + j]);
+      }
+    }
+  }
+}
+
+template <typename T, int kLanesPerRow>
+void LaunchProbs(const ProbsLogitsParams<T>& p, dim3 grid, cudaStream_t stream) {
+  VectorProbsLogitsKernel<T, kLanesPerRow><<<grid, kAttentionThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, int kRows, int kLanesPerRow>
 void Launch(const AttentionParams<T>& p, int64_t tokens, int kv_heads, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(p.num_splits),
@@ -313,6 +389,34 @@ template bool LaunchVectorSplitAttention<c10::BFloat16>(const AttentionParams<c1
                                                         int64_t, int, int, cudaStream_t);
 template bool LaunchVectorSplitAttention<c10::Half>(const AttentionParams<c10::Half>&, int64_t, int,
                                                     int, cudaStream_t);
+
+template <typename T>
+bool LaunchVectorProbsLogits(const ProbsLogitsParams<T>& p, dim3 grid, cudaStream_t stream) {
+  if (p.head_dim % Vec16<T>::kSize != 0) return false;
+  if (p.max_pages * p.page_size > (int64_t{1} << 31) - 1) return false;
+  switch (p.head_dim / Vec16<T>::kSize) {
+    case 4:
+      LaunchProbs<T, 4>(p, grid, stream);
+      return true;
+    case 8:
+      LaunchProbs<T, 8>(p, grid, stream);
+      return true;
+    case 16:
+      LaunchProbs<T, 16>(p, grid, stream);
+      return true;
+    case 32:
+      LaunchProbs<T, 32>(p, grid, stream);
+      return true;
+    default:
+      return false;
+  }
+}
+
+template bool LaunchVectorProbsLogits<float>(const ProbsLogitsParams<float>&, dim3, cudaStream_t);
+template bool LaunchVectorProbsLogits<c10::BFloat16>(const ProbsLogitsParams<c10::BFloat16>&, dim3,
+                                                     cudaStream_t);
+template bool LaunchVectorProbsLogits<c10::Half>(const ProbsLogitsParams<c10::Half>&, dim3,
+                                                 cudaStream_t);
 
 bool VectorSplitAttentionEnabled() {
   // Read per call (a few hundred nanoseconds per launch) so that a benchmark can time both kernels

@@ -348,11 +348,14 @@ TEST(CudaAttentionProbs, EqualsCpu) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(5);
   at::manual_seed(5);
-  for (const Layout& l : Layouts()) {
-    const int64_t hq = l.kv_heads * l.group;
-    for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
-      for (BiasKind kind : {BiasKind::kNone, BiasKind::kWithNegInf, BiasKind::kRowAllNegInf}) {
-        CheckProbs(l, {1, 255, 256, 257, 999}, {0, hq - 1, hq / 2}, dtype, kind, rng);
+  for (const bool scalar : {false, true}) {  // the vectorised and the scalar logits kernels
+    ScopedScalarAttention force(scalar);
+    for (const Layout& l : Layouts()) {
+      const int64_t hq = l.kv_heads * l.group;
+      for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+        for (BiasKind kind : {BiasKind::kNone, BiasKind::kWithNegInf, BiasKind::kRowAllNegInf}) {
+          CheckProbs(l, {1, 255, 256, 257, 999}, {0, hq - 1, hq / 2}, dtype, kind, rng);
+        }
       }
     }
   }
@@ -691,6 +694,13 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
   const double probs_ms = MillisecondsPerCall(
       [&] { ops::attention_probs(probs, query, kv, tables, lens, heads, scale, c10::nullopt); },
       20);
+  double scalar_probs_ms = 0.0;
+  {
+    ScopedScalarAttention force(true);
+    scalar_probs_ms = MillisecondsPerCall(
+        [&] { ops::attention_probs(probs, query, kv, tables, lens, heads, scale, c10::nullopt); },
+        20);
+  }
   const double relevance_ms =
       MillisecondsPerCall([&] { ops::dysco_relevance_update(relevance, probs, lens, decay); }, 20);
   const double select_ms = MillisecondsPerCall(
@@ -711,6 +721,7 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
               biased_ms / floor_ms);
   std::printf("[timing] attention_probs 4 heads 128K: %.3f ms (K half floor %.3f ms)\n", probs_ms,
               floor_ms / 2);
+  std::printf("[timing] attention_probs 4 heads 128K, scalar kernel: %.3f ms\n", scalar_probs_ms);
   std::printf("[timing] dysco_relevance_update 128K: %.3f ms\n", relevance_ms);
   std::printf("[timing] dysco_select_bias 128K top_p=0.9 top_k=4096: %.3f ms\n", select_ms);
   EXPECT_GT(decode_ms, 0.0);
