@@ -321,11 +321,23 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   p.scale = static_cast<float>(scale);
   p.vector_loads = cache.head_dim % 8 == 0 && reinterpret_cast<uintptr_t>(kv) % 16 == 0;
 
-  // Splits from metadata only: about kBlocksPerMultiprocessor blocks per multiprocessor, no split
-  // shorter than kMinKeysPerSplit, a bounded workspace.
+  const bool aligned =
+      reinterpret_cast<uintptr_t>(p.query) % 16 == 0 && reinterpret_cast<uintptr_t>(kv) % 16 == 0;
+  // Resident blocks per multiprocessor of the vectorised kernel; 0 when it does not take the call.
+  const int vector_blocks_per_sm =
+      aligned && VectorSplitAttentionEnabled() ? VectorSplitAttentionOccupancy<T>(p, rows) : 0;
+
+  // Splits from metadata only (never seq_lens: no host synchronisation): the vectorised kernel gets
+  // a whole number of full waves of resident blocks (SplitWaves(), default one: every block then
+  // starts at once and the splits are equal, so no wave runs part-empty); the scalar kernel about
+  // kBlocksPerMultiprocessor blocks per multiprocessor. No split shorter than kMinKeysPerSplit, a
+  // bounded workspace.
   const int64_t max_keys = std::max<int64_t>(1, p.max_pages * p.page_size);
   const int64_t blocks = tokens * cache.num_kv_heads * p.row_chunks;
-  int64_t splits = cuda::CeilDiv(kBlocksPerMultiprocessor * MultiprocessorCount(), blocks);
+  int64_t splits = vector_blocks_per_sm > 0
+                       ? std::max<int64_t>(1, SplitWaves() * vector_blocks_per_sm *
+                                                  MultiprocessorCount() / blocks)
+                       : cuda::CeilDiv(kBlocksPerMultiprocessor * MultiprocessorCount(), blocks);
   splits = std::min(splits, cuda::CeilDiv(max_keys, kMinKeysPerSplit));
   splits = std::min(splits, kMaxWorkspaceFloats / (tokens * num_heads * (cache.head_dim + 2)));
   splits = std::min<int64_t>(std::max<int64_t>(splits, 1), 65535);
@@ -337,11 +349,8 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   p.partial = partial.data_ptr<float>();
   const cudaStream_t stream = cuda::CurrentStream();
   const int kv_heads = static_cast<int>(cache.num_kv_heads);
-  const bool aligned =
-      reinterpret_cast<uintptr_t>(p.query) % 16 == 0 && reinterpret_cast<uintptr_t>(kv) % 16 == 0;
-  if (aligned && VectorSplitAttentionEnabled() &&
-      LaunchVectorSplitAttention(p, tokens, kv_heads, rows, stream)) {
-    // launched (head_dim of 16 bytes per lane and 4 to 32 lanes per row)
+  if (vector_blocks_per_sm > 0) {
+    LaunchVectorSplitAttention(p, tokens, kv_heads, rows, stream);
   } else if (rows == 1) {
     LaunchForHeadDim<T, 1>(p, tokens, kv_heads, stream);
   } else {

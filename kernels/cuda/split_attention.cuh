@@ -81,13 +81,21 @@ __device__ void TokenSequence(const AttentionParams<T>& p, int64_t token, int64_
   *limit = cuda::Clamp(len - q_len + index + 1, 0, len);
 }
 
-// Launches the vectorised split kernel (kernels/cuda/split_attention_vec.cu) when head_dim is 4, 8,
-// 16 or 32 lanes of 16 bytes (bf16/fp16: 32..256, fp32: 16..128) and returns true; returns false
-// (nothing launched) otherwise. `rows` is 1 (MHA) or 4 (GQA chunks of 4 query heads), as for the
-// scalar kernel. The query and the cache must be 16-byte aligned.
+// The vectorised split kernel (kernels/cuda/split_attention_vec.cu) takes head_dim of 4, 8, 16 or
+// 32 lanes of 16 bytes (bf16/fp16: 32..256, fp32: 16..128) and fewer than 2^31 keys per sequence.
+// Occupancy: its resident blocks per multiprocessor for this call's head_dim and `rows` (1: MHA, 4:
+// GQA chunks of 4 query heads, as for the scalar kernel), or 0 when it does not take the call.
+// Launch: launches it (only for a call whose occupancy is > 0). The query and the cache must be
+// 16-byte aligned.
 template <typename T>
-bool LaunchVectorSplitAttention(const AttentionParams<T>& p, int64_t tokens, int kv_heads, int rows,
+int VectorSplitAttentionOccupancy(const AttentionParams<T>& p, int rows);
+template <typename T>
+void LaunchVectorSplitAttention(const AttentionParams<T>& p, int64_t tokens, int kv_heads, int rows,
                                 cudaStream_t stream);
+
+// Full waves of resident blocks the vectorised kernel's splits aim at: 1, or the environment
+// variable DYSCO_CUDA_SPLIT_WAVES (1..64; read per call, for tuning).
+int64_t SplitWaves();
 
 // attention_probs' logits pass (kernels/cuda/paged_attention.cu): out[b, probe, j] = the biased,
 // scaled logit of probed head `heads[probe]` for key j < min(seq_len, out_len, bias_width).

@@ -16,10 +16,12 @@
 //
 // Thread-safety: stateless. Ownership: writes only p.partial.
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/split_attention.cuh"
@@ -133,11 +135,13 @@ __global__ void __launch_bounds__(kAttentionThreads)
   const int32_t* pages = p.tables + b * p.max_pages;
   const float* bias = p.bias == nullptr ? nullptr : p.bias + b * p.bias_width;
   const int64_t lane_offset = static_cast<int64_t>(kv_head) * kHeadDim + part * kVec;
-  for (int64_t base = key_begin + warp * kWarpKeys; base < key_end;
-       base += kAttentionWarps * kWarpKeys) {
-    uint4 k_raw[kUnroll];
-    uint4 v_raw[kUnroll];
-    float key_bias[kUnroll];
+  // One iteration's loads: kUnroll keys of this lane group (16 bytes of K and V each).
+  struct Stage {
+    uint4 k[kUnroll];
+    uint4 v[kUnroll];
+    float bias[kUnroll];
+  };
+  auto load = [&](int64_t base, Stage& st) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t j = base + u * kGroups + group;
@@ -147,20 +151,22 @@ __global__ void __launch_bounds__(kAttentionThreads)
         const int64_t page = cuda::Clamp(pages[page_index], 0, p.num_pages - 1);
         const int64_t offset =
             page * page_stride + (jj - page_index * page_size) * token_stride + lane_offset;
-        k_raw[u] = Load16(p.k_cache + offset);
-        v_raw[u] = Load16(p.v_cache + offset);
-        key_bias[u] = bias == nullptr ? 0.0f : bias[j];
+        st.k[u] = Load16(p.k_cache + offset);
+        st.v[u] = Load16(p.v_cache + offset);
+        st.bias[u] = bias == nullptr ? 0.0f : bias[j];
       } else {
-        k_raw[u] = make_uint4(0, 0, 0, 0);
-        v_raw[u] = make_uint4(0, 0, 0, 0);
-        key_bias[u] = -INFINITY;
+        st.k[u] = make_uint4(0, 0, 0, 0);
+        st.v[u] = make_uint4(0, 0, 0, 0);
+        st.bias[u] = -INFINITY;
       }
     }
+  };
+  auto consume = [&](const Stage& st) {
     float s[kUnroll][kRows];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       float k[kVec];
-      Vec16<T>::ToFloats(k_raw[u], k);
+      Vec16<T>::ToFloats(st.k[u], k);
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         float dot = 0.0f;
@@ -179,13 +185,13 @@ __global__ void __launch_bounds__(kAttentionThreads)
     }
     float v[kUnroll][kVec];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) Vec16<T>::ToFloats(v_raw[u], v[u]);
+    for (int u = 0; u < kUnroll; ++u) Vec16<T>::ToFloats(st.v[u], v[u]);
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       float tile_max = -INFINITY;
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        s[u][r] += key_bias[u];  // -inf past key_end
+        s[u][r] += st.bias[u];  // -inf past key_end
         tile_max = fmaxf(tile_max, s[u][r]);
       }
       if (tile_max == -INFINITY) continue;  // uniform over the lane group
@@ -203,6 +209,22 @@ __global__ void __launch_bounds__(kAttentionThreads)
       }
       m[r] = m_new;
     }
+  };
+  // Two stages in registers: the next iteration's loads are issued before this one's arithmetic,
+  // so a warp keeps about 2 x kUnroll x 32 bytes per lane in flight while it computes.
+  const int64_t step = static_cast<int64_t>(kAttentionWarps) * kWarpKeys;
+  int64_t base = key_begin + warp * kWarpKeys;
+  Stage a;
+  Stage b_stage;
+  if (base < key_end) load(base, a);
+  while (base < key_end) {
+    if (base + step < key_end) load(base + step, b_stage);
+    consume(a);
+    base += step;
+    if (base >= key_end) break;
+    if (base + step < key_end) load(base + step, a);
+    consume(b_stage);
+    base += step;
   }
 
   // Combine the warp's lane groups (xor over the group bits of the lane id).
@@ -351,44 +373,84 @@ void Launch(const AttentionParams<T>& p, int64_t tokens, int kv_heads, cudaStrea
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int kRows>
-bool LaunchForLanes(const AttentionParams<T>& p, int64_t tokens, int kv_heads,
-                    cudaStream_t stream) {
-  switch (p.head_dim / Vec16<T>::kSize) {
-    case 4:
-      Launch<T, kRows, 4>(p, tokens, kv_heads, stream);
-      return true;
-    case 8:
-      Launch<T, kRows, 8>(p, tokens, kv_heads, stream);
-      return true;
-    case 16:
-      Launch<T, kRows, 16>(p, tokens, kv_heads, stream);
-      return true;
-    case 32:
-      Launch<T, kRows, 32>(p, tokens, kv_heads, stream);
-      return true;
-    default:
-      return false;
-  }
+template <typename T, int kRows, int kLanesPerRow>
+int Occupancy() {
+  // Per device and instantiation; the device is fixed for a process in practice, so one cached
+  // value per instantiation (cudaOccupancy* is a host query, not a stream operation).
+  static const int blocks = [] {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &n, VectorSplitAttentionKernel<T, kRows, kLanesPerRow>, kAttentionThreads, 0));
+    return n;
+  }();
+  return blocks;
+}
+
+// Calls f(std::integral_constant<int, kRows>, std::integral_constant<int, kLanesPerRow>) for the
+// call's instantiation and returns true, or returns false when there is none.
+template <typename T, typename F>
+bool Dispatch(const AttentionParams<T>& p, int rows, F&& f) {
+  if (p.head_dim % Vec16<T>::kSize != 0) return false;
+  if (p.max_pages * p.page_size > (int64_t{1} << 31) - 1) return false;  // int key indices
+  auto lanes = [&](auto kr) {
+    switch (p.head_dim / Vec16<T>::kSize) {
+      case 4:
+        f(kr, std::integral_constant<int, 4>());
+        return true;
+      case 8:
+        f(kr, std::integral_constant<int, 8>());
+        return true;
+      case 16:
+        f(kr, std::integral_constant<int, 16>());
+        return true;
+      case 32:
+        f(kr, std::integral_constant<int, 32>());
+        return true;
+      default:
+        return false;
+    }
+  };
+  return rows == 1 ? lanes(std::integral_constant<int, 1>())
+                   : lanes(std::integral_constant<int, 4>());
 }
 
 }  // namespace
 
 template <typename T>
-bool LaunchVectorSplitAttention(const AttentionParams<T>& p, int64_t tokens, int kv_heads, int rows,
-                                cudaStream_t stream) {
-  if (p.head_dim % Vec16<T>::kSize != 0) return false;
-  if (p.max_pages * p.page_size > (int64_t{1} << 31) - 1) return false;  // int key indices
-  return rows == 1 ? LaunchForLanes<T, 1>(p, tokens, kv_heads, stream)
-                   : LaunchForLanes<T, 4>(p, tokens, kv_heads, stream);
+int VectorSplitAttentionOccupancy(const AttentionParams<T>& p, int rows) {
+  int blocks = 0;
+  Dispatch(p, rows, [&](auto kr, auto kl) {
+    blocks = Occupancy<T, decltype(kr)::value, decltype(kl)::value>();
+  });
+  return blocks;
 }
 
-template bool LaunchVectorSplitAttention<float>(const AttentionParams<float>&, int64_t, int, int,
+template <typename T>
+void LaunchVectorSplitAttention(const AttentionParams<T>& p, int64_t tokens, int kv_heads, int rows,
+                                cudaStream_t stream) {
+  const bool launched = Dispatch(p, rows, [&](auto kr, auto kl) {
+    Launch<T, decltype(kr)::value, decltype(kl)::value>(p, tokens, kv_heads, stream);
+  });
+  TORCH_CHECK(launched, "vectorised split attention called for head_dim ", p.head_dim);
+}
+
+template int VectorSplitAttentionOccupancy<float>(const AttentionParams<float>&, int);
+template int VectorSplitAttentionOccupancy<c10::BFloat16>(const AttentionParams<c10::BFloat16>&,
+                                                          int);
+template int VectorSplitAttentionOccupancy<c10::Half>(const AttentionParams<c10::Half>&, int);
+template void LaunchVectorSplitAttention<float>(const AttentionParams<float>&, int64_t, int, int,
                                                 cudaStream_t);
-template bool LaunchVectorSplitAttention<c10::BFloat16>(const AttentionParams<c10::BFloat16>&,
+template void LaunchVectorSplitAttention<c10::BFloat16>(const AttentionParams<c10::BFloat16>&,
                                                         int64_t, int, int, cudaStream_t);
-template bool LaunchVectorSplitAttention<c10::Half>(const AttentionParams<c10::Half>&, int64_t, int,
+template void LaunchVectorSplitAttention<c10::Half>(const AttentionParams<c10::Half>&, int64_t, int,
                                                     int, cudaStream_t);
+
+int64_t SplitWaves() {
+  const char* v = std::getenv("DYSCO_CUDA_SPLIT_WAVES");
+  if (v == nullptr) return 1;
+  const long n = std::strtol(v, nullptr, 10);
+  return n >= 1 && n <= 64 ? n : 1;
+}
 
 template <typename T>
 bool LaunchVectorProbsLogits(const ProbsLogitsParams<T>& p, dim3 grid, cudaStream_t stream) {

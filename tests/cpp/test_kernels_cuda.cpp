@@ -689,6 +689,25 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
         [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); },
         20);
   }
+  // Tuning evidence (printed, not asserted): the split count in waves of resident blocks, and a
+  // page table in order instead of shuffled.
+  for (const char* waves : {"2", "4"}) {
+    setenv("DYSCO_CUDA_SPLIT_WAVES", waves, 1);
+    const double ms = MillisecondsPerCall(
+        [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); },
+        20);
+    unsetenv("DYSCO_CUDA_SPLIT_WAVES");
+    std::printf("[timing] paged_attention_decode, splits of %s waves: %.3f ms (%.2fx floor)\n",
+                waves, ms, ms / floor_ms);
+  }
+  {
+    const at::Tensor in_order = at::arange(pages, i64).to(at::kInt).reshape({1, pages});
+    const double ms = MillisecondsPerCall(
+        [&] { ops::paged_attention_decode(out, query, kv, in_order, lens, scale, c10::nullopt); },
+        20);
+    std::printf("[timing] paged_attention_decode, pages in order: %.3f ms (%.2fx floor)\n", ms,
+                ms / floor_ms);
+  }
   const double biased_ms = MillisecondsPerCall(
       [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, bias); }, 20);
   const double probs_ms = MillisecondsPerCall(
