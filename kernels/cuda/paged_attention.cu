@@ -323,9 +323,20 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
 
   const bool aligned =
       reinterpret_cast<uintptr_t>(p.query) % 16 == 0 && reinterpret_cast<uintptr_t>(kv) % 16 == 0;
-  // Resident blocks per multiprocessor of the vectorised kernel; 0 when it does not take the call.
-  const int vector_blocks_per_sm =
-      aligned && VectorSplitAttentionEnabled() ? VectorSplitAttentionOccupancy<T>(p, rows) : 0;
+  // The kernel: tensor cores (16-bit caches, head_dim 64 / 128), else the vectorised one, else the
+  // scalar one (AttentionKernelChoice() can rule the first two out), and the resident blocks per
+  // multiprocessor of the first two (0: the scalar kernel).
+  const AttentionKernel choice = aligned ? AttentionKernelChoice() : AttentionKernel::kScalar;
+  int vector_blocks_per_sm = 0;
+  bool use_mma = false;
+  if (choice == AttentionKernel::kMma) {
+    vector_blocks_per_sm = MmaSplitAttentionOccupancy<T>(p);
+    use_mma = vector_blocks_per_sm > 0;
+    if (use_mma) p.row_chunks = static_cast<int>(cuda::CeilDiv(group, 16));
+  }
+  if (!use_mma && choice != AttentionKernel::kScalar) {
+    vector_blocks_per_sm = VectorSplitAttentionOccupancy<T>(p, rows);
+  }
 
   // Splits from metadata only (never seq_lens: no host synchronisation): the vectorised kernel gets
   // a whole number of full waves of resident blocks (SplitWaves(), default one: every block then
@@ -349,7 +360,9 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   p.partial = partial.data_ptr<float>();
   const cudaStream_t stream = cuda::CurrentStream();
   const int kv_heads = static_cast<int>(cache.num_kv_heads);
-  if (vector_blocks_per_sm > 0) {
+  if (use_mma) {
+    LaunchMmaSplitAttention(p, tokens, kv_heads, stream);
+  } else if (vector_blocks_per_sm > 0) {
     LaunchVectorSplitAttention(p, tokens, kv_heads, rows, stream);
   } else if (rows == 1) {
     LaunchForHeadDim<T, 1>(p, tokens, kv_heads, stream);

@@ -127,8 +127,26 @@ struct ProbsLogitsParams {
 template <typename T>
 bool LaunchVectorProbsLogits(const ProbsLogitsParams<T>& p, dim3 grid, cudaStream_t stream);
 
-// False while the environment variable DYSCO_CUDA_SCALAR_ATTENTION is 1: the scalar kernel then
-// takes every call (to measure one against the other, e.g. test_kernels_cuda's timing case).
-bool VectorSplitAttentionEnabled();
+// The tensor-core split kernel (kernels/cuda/split_attention_mma.cu): bf16 and fp16 caches with
+// head_dim 64 or 128, 16 query heads per block (p.row_chunks = ceil(group / 16)). Occupancy: its
+// resident blocks per multiprocessor, or 0 when it does not take the call. Launch: launches it
+// (only for a call whose occupancy is > 0). The query and the cache must be 16-byte aligned.
+template <typename T>
+int MmaSplitAttentionOccupancy(const AttentionParams<T>& p);
+template <typename T>
+void LaunchMmaSplitAttention(const AttentionParams<T>& p, int64_t tokens, int kv_heads,
+                             cudaStream_t stream);
+
+// Which split kernel takes a call that several could: the environment variable
+// DYSCO_CUDA_ATTENTION_KERNEL = "mma" (default: tensor cores where they apply, else the vectorised
+// kernel where it applies, else the scalar one), "vector" (no tensor cores) or "scalar" (the scalar
+// kernel only). Read per call (a few hundred nanoseconds per launch) so that a benchmark can time
+// the kernels in one process, e.g. test_kernels_cuda's timing case. attention_probs' logits pass
+// follows it too ("scalar": its scalar kernel).
+enum class AttentionKernel { kMma, kVector, kScalar };
+AttentionKernel AttentionKernelChoice();
+inline bool VectorSplitAttentionEnabled() {
+  return AttentionKernelChoice() != AttentionKernel::kScalar;
+}
 
 }  // namespace dysco::kernels

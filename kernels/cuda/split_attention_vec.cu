@@ -480,11 +480,12 @@ template bool LaunchVectorProbsLogits<c10::BFloat16>(const ProbsLogitsParams<c10
 template bool LaunchVectorProbsLogits<c10::Half>(const ProbsLogitsParams<c10::Half>&, dim3,
                                                  cudaStream_t);
 
-bool VectorSplitAttentionEnabled() {
-  // Read per call (a few hundred nanoseconds per launch) so that a benchmark can time both kernels
-  // in one process.
-  const char* v = std::getenv("DYSCO_CUDA_SCALAR_ATTENTION");
-  return v == nullptr || std::strcmp(v, "1") != 0;
+AttentionKernel AttentionKernelChoice() {
+  const char* v = std::getenv("DYSCO_CUDA_ATTENTION_KERNEL");
+  if (v == nullptr) return AttentionKernel::kMma;
+  if (std::strcmp(v, "scalar") == 0) return AttentionKernel::kScalar;
+  if (std::strcmp(v, "vector") == 0) return AttentionKernel::kVector;
+  return AttentionKernel::kMma;
 }
 
 }  // namespace dysco::kernels

@@ -223,15 +223,16 @@ void CheckDecode(const Layout& l, const std::vector<int64_t>& lens, at::ScalarTy
   EXPECT_TRUE(Close(gpu_out, cpu_out, tol, tol, Describe(l, dtype, Name(bias_kind))));
 }
 
-// Sets DYSCO_CUDA_SCALAR_ATTENTION (read by the attention launch at every call) for a scope.
-class ScopedScalarAttention {
+// Sets DYSCO_CUDA_ATTENTION_KERNEL (read by the attention launches at every call) for a scope:
+// "mma" (the default choice), "vector" or "scalar" (kernels/cuda/split_attention.cuh).
+class ScopedAttentionKernel {
  public:
-  explicit ScopedScalarAttention(bool scalar) {
-    if (scalar) setenv("DYSCO_CUDA_SCALAR_ATTENTION", "1", 1);
+  explicit ScopedAttentionKernel(const char* kernel) {
+    setenv("DYSCO_CUDA_ATTENTION_KERNEL", kernel, 1);
   }
-  ~ScopedScalarAttention() { unsetenv("DYSCO_CUDA_SCALAR_ATTENTION"); }
-  ScopedScalarAttention(const ScopedScalarAttention&) = delete;
-  ScopedScalarAttention& operator=(const ScopedScalarAttention&) = delete;
+  ~ScopedAttentionKernel() { unsetenv("DYSCO_CUDA_ATTENTION_KERNEL"); }
+  ScopedAttentionKernel(const ScopedAttentionKernel&) = delete;
+  ScopedAttentionKernel& operator=(const ScopedAttentionKernel&) = delete;
 };
 
 const std::vector<Layout>& Layouts() {
@@ -249,10 +250,10 @@ TEST(CudaPagedAttentionDecode, EqualsCpuOverLayoutsDtypesAndBiases) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(1);
   at::manual_seed(1);
-  // Both split kernels: the vectorised one (head_dim of 4..32 lanes of 16 bytes: 128, 64, 32, and
-  // 256 in 16-bit types) and the scalar one (every layout, forced by the environment variable).
-  for (const bool scalar : {false, true}) {
-    ScopedScalarAttention force(scalar);
+  // Every split kernel: tensor cores (16-bit caches, head_dim 64 and 128), vectorised (head_dim of
+  // 4..32 lanes of 16 bytes: 128, 64, 32, and 256 in 16-bit types), scalar (every layout).
+  for (const char* kernel : {"mma", "vector", "scalar"}) {
+    ScopedAttentionKernel force(kernel);
     for (const Layout& l : Layouts()) {
       for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
         for (BiasKind kind :
@@ -348,8 +349,8 @@ TEST(CudaAttentionProbs, EqualsCpu) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(5);
   at::manual_seed(5);
-  for (const bool scalar : {false, true}) {  // the vectorised and the scalar logits kernels
-    ScopedScalarAttention force(scalar);
+  for (const char* kernel : {"vector", "scalar"}) {  // the logits pass's two kernels
+    ScopedAttentionKernel force(kernel);
     for (const Layout& l : Layouts()) {
       const int64_t hq = l.kv_heads * l.group;
       for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
@@ -682,9 +683,16 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
 
   const double decode_ms = MillisecondsPerCall(
       [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); }, 20);
+  double vector_ms = 0.0;
+  {
+    ScopedAttentionKernel force("vector");
+    vector_ms = MillisecondsPerCall(
+        [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); },
+        20);
+  }
   double scalar_ms = 0.0;
   {
-    ScopedScalarAttention force(true);
+    ScopedAttentionKernel force("scalar");
     scalar_ms = MillisecondsPerCall(
         [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); },
         20);
@@ -715,7 +723,7 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
       20);
   double scalar_probs_ms = 0.0;
   {
-    ScopedScalarAttention force(true);
+    ScopedAttentionKernel force("scalar");
     scalar_probs_ms = MillisecondsPerCall(
         [&] { ops::attention_probs(probs, query, kv, tables, lens, heads, scale, c10::nullopt); },
         20);
@@ -734,6 +742,8 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
   std::printf(
       "[timing] paged_attention_decode 128K bf16 Hq=32 Hkv=8 D=128: %.3f ms (%.2fx floor)\n",
       decode_ms, decode_ms / floor_ms);
+  std::printf("[timing] paged_attention_decode, vectorised kernel: %.3f ms (%.2fx floor)\n",
+              vector_ms, vector_ms / floor_ms);
   std::printf("[timing] paged_attention_decode, scalar kernel: %.3f ms (%.2fx floor)\n", scalar_ms,
               scalar_ms / floor_ms);
   std::printf("[timing] paged_attention_decode with key_bias: %.3f ms (%.2fx floor)\n", biased_ms,
