@@ -23,6 +23,7 @@
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/split_attention.cuh"
 #include "kernels/op_checks.h"
 
 namespace dysco::kernels {
@@ -32,8 +33,6 @@ using cuda::Clamp;
 using cuda::Convert;
 using cuda::kWarpSize;
 
-constexpr int kAttentionWarps = 4;
-constexpr int kAttentionThreads = kAttentionWarps * kWarpSize;
 // A split never covers fewer keys than this (below it the merge costs more than it saves).
 constexpr int64_t kMinKeysPerSplit = 256;
 // Splits are chosen for about this many blocks per multiprocessor: decode reads one row per key and
@@ -45,70 +44,6 @@ constexpr int64_t kMaxWorkspaceFloats = 64LL << 20;
 // head_dim is split over the 32 lanes, at most kMaxDPerLane elements each.
 constexpr int kMaxDPerLane = 8;
 constexpr int64_t kMaxHeadDim = kWarpSize * kMaxDPerLane;
-
-// Everything the attention kernel reads, by value.
-template <typename T>
-struct AttentionParams {
-  const T* query;                  // [tokens, Hq, D]
-  const T* k_cache;                // [NP, PS, Hkv, D]
-  const T* v_cache;                // [NP, PS, Hkv, D]
-  const int32_t* tables;           // [B, P]
-  const int64_t* seq_lens;         // [B]
-  const int64_t* query_start_loc;  // [B + 1] for prefill, nullptr for decode (token b = sequence b)
-  const float* bias;               // [B, bias_width] or nullptr
-  float* partial;                  // [tokens, Hq, splits, D + 2]: max, sum, acc[D]
-  int64_t batch;
-  int64_t max_pages;
-  int64_t page_size;
-  int64_t num_pages;
-  int64_t bias_width;
-  int64_t split_len;
-  int num_splits;
-  int num_heads;
-  int group;
-  int head_dim;
-  int row_chunks;     // ceil(group / kRows)
-  bool vector_loads;  // head_dim % 8 == 0 and a 16-byte aligned cache: K rows read 8 elements at a
-                      // time
-  float scale;
-};
-
-// The sequence of a query token and the number of keys it sees (0: none; its output is zeros).
-template <typename T>
-__device__ void TokenSequence(const AttentionParams<T>& p, int64_t token, int64_t* seq,
-                              int64_t* limit) {
-  const int64_t max_keys = p.max_pages * p.page_size;
-  int64_t b = token;
-  int64_t q_len = 1;
-  int64_t index = 0;  // of the token among its sequence's new tokens
-  if (p.query_start_loc != nullptr) {
-    // The last sequence whose start is <= token (starts are non-decreasing in a valid call).
-    int64_t lo = 0;
-    int64_t hi = p.batch;  // answer in [lo, hi)
-    while (hi - lo > 1) {
-      const int64_t mid = (lo + hi) / 2;
-      if (p.query_start_loc[mid] <= token) {
-        lo = mid;
-      } else {
-        hi = mid;
-      }
-    }
-    b = lo;
-    const int64_t start = p.query_start_loc[b];
-    const int64_t end = p.query_start_loc[b + 1];
-    if (token < start || token >= end) {
-      *seq = b;
-      *limit = 0;
-      return;
-    }
-    q_len = end - start;
-    index = token - start;
-  }
-  int64_t len = Clamp(p.seq_lens[b], 0, max_keys);
-  if (p.bias != nullptr) len = min(len, p.bias_width);
-  *seq = b;
-  *limit = Clamp(len - q_len + index + 1, 0, len);
-}
 
 // Grid: x = query token, y = split, z = KV head * row_chunks + chunk. Block: kAttentionThreads.
 template <typename T, int kRows, int kDPerLane>
@@ -386,11 +321,34 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   p.scale = static_cast<float>(scale);
   p.vector_loads = cache.head_dim % 8 == 0 && reinterpret_cast<uintptr_t>(kv) % 16 == 0;
 
-  // Splits from metadata only: about kBlocksPerMultiprocessor blocks per multiprocessor, no split
-  // shorter than kMinKeysPerSplit, a bounded workspace.
+  const bool aligned =
+      reinterpret_cast<uintptr_t>(p.query) % 16 == 0 && reinterpret_cast<uintptr_t>(kv) % 16 == 0;
+  // The kernel: tensor cores (16-bit caches, head_dim 64 / 128), else the vectorised one, else the
+  // scalar one (AttentionKernelChoice() can rule the first two out), and the resident blocks per
+  // multiprocessor of the first two (0: the scalar kernel).
+  const AttentionKernel choice = aligned ? AttentionKernelChoice() : AttentionKernel::kScalar;
+  int vector_blocks_per_sm = 0;
+  bool use_mma = false;
+  if (choice == AttentionKernel::kMma) {
+    vector_blocks_per_sm = MmaSplitAttentionOccupancy<T>(p);
+    use_mma = vector_blocks_per_sm > 0;
+    if (use_mma) p.row_chunks = static_cast<int>(cuda::CeilDiv(group, 16));
+  }
+  if (!use_mma && choice != AttentionKernel::kScalar) {
+    vector_blocks_per_sm = VectorSplitAttentionOccupancy<T>(p, rows);
+  }
+
+  // Splits from metadata only (never seq_lens: no host synchronisation): the vectorised kernel gets
+  // a whole number of full waves of resident blocks (SplitWaves(), default one: every block then
+  // starts at once and the splits are equal, so no wave runs part-empty); the scalar kernel about
+  // kBlocksPerMultiprocessor blocks per multiprocessor. No split shorter than kMinKeysPerSplit, a
+  // bounded workspace.
   const int64_t max_keys = std::max<int64_t>(1, p.max_pages * p.page_size);
   const int64_t blocks = tokens * cache.num_kv_heads * p.row_chunks;
-  int64_t splits = cuda::CeilDiv(kBlocksPerMultiprocessor * MultiprocessorCount(), blocks);
+  int64_t splits = vector_blocks_per_sm > 0
+                       ? std::max<int64_t>(1, SplitWaves() * vector_blocks_per_sm *
+                                                  MultiprocessorCount() / blocks)
+                       : cuda::CeilDiv(kBlocksPerMultiprocessor * MultiprocessorCount(), blocks);
   splits = std::min(splits, cuda::CeilDiv(max_keys, kMinKeysPerSplit));
   splits = std::min(splits, kMaxWorkspaceFloats / (tokens * num_heads * (cache.head_dim + 2)));
   splits = std::min<int64_t>(std::max<int64_t>(splits, 1), 65535);
@@ -402,7 +360,11 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   p.partial = partial.data_ptr<float>();
   const cudaStream_t stream = cuda::CurrentStream();
   const int kv_heads = static_cast<int>(cache.num_kv_heads);
-  if (rows == 1) {
+  if (use_mma) {
+    LaunchMmaSplitAttention(p, tokens, kv_heads, stream);
+  } else if (vector_blocks_per_sm > 0) {
+    LaunchVectorSplitAttention(p, tokens, kv_heads, rows, stream);
+  } else if (rows == 1) {
     LaunchForHeadDim<T, 1>(p, tokens, kv_heads, stream);
   } else {
     LaunchForHeadDim<T, 4>(p, tokens, kv_heads, stream);
@@ -539,6 +501,26 @@ void Probs(const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_
   const cudaStream_t stream = cuda::CurrentStream();
   const dim3 grid(static_cast<unsigned>(key_blocks), static_cast<unsigned>(num_probe),
                   static_cast<unsigned>(batch));
+  const ProbsLogitsParams<T> vp{out.data_ptr<float>(),
+                                query.data_ptr<T>(),
+                                kv_cache_layer.data_ptr<T>(),
+                                block_tables.data_ptr<int32_t>(),
+                                seq_lens.data_ptr<int64_t>(),
+                                heads.data_ptr<int64_t>(),
+                                bias,
+                                out_len,
+                                max_pages,
+                                cache.page_size,
+                                cache.num_pages,
+                                bias_width,
+                                kProbsKeysPerBlock,
+                                num_probe,
+                                num_heads,
+                                group,
+                                head_dim,
+                                static_cast<float>(scale)};
+  const bool aligned = reinterpret_cast<uintptr_t>(vp.query) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(vp.k_cache) % 16 == 0;
   auto launch = [&](auto d_per_lane) {
     constexpr int kD = decltype(d_per_lane)::value;
     ProbsLogitsKernel<T, kD><<<grid, kAttentionThreads, 0, stream>>>(
@@ -547,7 +529,9 @@ void Probs(const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_
         heads.data_ptr<int64_t>(), num_probe, bias, bias_width, cache.page_size, cache.num_pages,
         num_heads, group, head_dim, static_cast<float>(scale));
   };
-  if (head_dim <= 2 * kWarpSize) {
+  if (aligned && VectorSplitAttentionEnabled() && LaunchVectorProbsLogits(vp, grid, stream)) {
+    // launched (the vectorised kernel's head_dim)
+  } else if (head_dim <= 2 * kWarpSize) {
     launch(std::integral_constant<int, 2>());
   } else if (head_dim <= 4 * kWarpSize) {
     launch(std::integral_constant<int, 4>());

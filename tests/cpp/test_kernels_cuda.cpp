@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -222,6 +223,18 @@ void CheckDecode(const Layout& l, const std::vector<int64_t>& lens, at::ScalarTy
   EXPECT_TRUE(Close(gpu_out, cpu_out, tol, tol, Describe(l, dtype, Name(bias_kind))));
 }
 
+// Sets DYSCO_CUDA_ATTENTION_KERNEL (read by the attention launches at every call) for a scope:
+// "mma" (the default choice), "vector" or "scalar" (kernels/cuda/split_attention.cuh).
+class ScopedAttentionKernel {
+ public:
+  explicit ScopedAttentionKernel(const char* kernel) {
+    setenv("DYSCO_CUDA_ATTENTION_KERNEL", kernel, 1);
+  }
+  ~ScopedAttentionKernel() { unsetenv("DYSCO_CUDA_ATTENTION_KERNEL"); }
+  ScopedAttentionKernel(const ScopedAttentionKernel&) = delete;
+  ScopedAttentionKernel& operator=(const ScopedAttentionKernel&) = delete;
+};
+
 const std::vector<Layout>& Layouts() {
   static const std::vector<Layout> layouts = {
       {2, 4, 128, 16},  // GQA 4 (Qwen3-8B / Llama-3 ratio), page-aligned
@@ -237,12 +250,17 @@ TEST(CudaPagedAttentionDecode, EqualsCpuOverLayoutsDtypesAndBiases) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(1);
   at::manual_seed(1);
-  for (const Layout& l : Layouts()) {
-    for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
-      for (BiasKind kind :
-           {BiasKind::kNone, BiasKind::kRandom, BiasKind::kWithNegInf, BiasKind::kRowAllNegInf}) {
-        // Lengths around page and split (256) boundaries.
-        CheckDecode(l, {1, l.page_size, l.page_size + 1, 255, 256, 257, 1000}, dtype, kind, rng);
+  // Every split kernel: tensor cores (16-bit caches, head_dim 64 and 128), vectorised (head_dim of
+  // 4..32 lanes of 16 bytes: 128, 64, 32, and 256 in 16-bit types), scalar (every layout).
+  for (const char* kernel : {"mma", "vector", "scalar"}) {
+    ScopedAttentionKernel force(kernel);
+    for (const Layout& l : Layouts()) {
+      for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+        for (BiasKind kind :
+             {BiasKind::kNone, BiasKind::kRandom, BiasKind::kWithNegInf, BiasKind::kRowAllNegInf}) {
+          // Lengths around page and split (256) boundaries.
+          CheckDecode(l, {1, l.page_size, l.page_size + 1, 255, 256, 257, 1000}, dtype, kind, rng);
+        }
       }
     }
   }
@@ -331,11 +349,14 @@ TEST(CudaAttentionProbs, EqualsCpu) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(5);
   at::manual_seed(5);
-  for (const Layout& l : Layouts()) {
-    const int64_t hq = l.kv_heads * l.group;
-    for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
-      for (BiasKind kind : {BiasKind::kNone, BiasKind::kWithNegInf, BiasKind::kRowAllNegInf}) {
-        CheckProbs(l, {1, 255, 256, 257, 999}, {0, hq - 1, hq / 2}, dtype, kind, rng);
+  for (const char* kernel : {"vector", "scalar"}) {  // the logits pass's two kernels
+    ScopedAttentionKernel force(kernel);
+    for (const Layout& l : Layouts()) {
+      const int64_t hq = l.kv_heads * l.group;
+      for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+        for (BiasKind kind : {BiasKind::kNone, BiasKind::kWithNegInf, BiasKind::kRowAllNegInf}) {
+          CheckProbs(l, {1, 255, 256, 257, 999}, {0, hq - 1, hq / 2}, dtype, kind, rng);
+        }
       }
     }
   }
@@ -457,7 +478,8 @@ TEST(CudaDyscoSelectBias, SameSetsAt128KKeys) {
 
 // ---- linear
 
-// Around the CPU op's few-row switch (8 rows) and odd sizes; every output element written (NaN first).
+// Around the CPU op's few-row switch (8 rows) and odd sizes; every output element written (NaN
+// first).
 TEST(CudaLinear, EqualsCpu) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(17);
@@ -661,11 +683,51 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
 
   const double decode_ms = MillisecondsPerCall(
       [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); }, 20);
+  double vector_ms = 0.0;
+  {
+    ScopedAttentionKernel force("vector");
+    vector_ms = MillisecondsPerCall(
+        [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); },
+        20);
+  }
+  double scalar_ms = 0.0;
+  {
+    ScopedAttentionKernel force("scalar");
+    scalar_ms = MillisecondsPerCall(
+        [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); },
+        20);
+  }
+  // Tuning evidence (printed, not asserted): the split count in waves of resident blocks, and a
+  // page table in order instead of shuffled.
+  for (const char* waves : {"2", "4"}) {
+    setenv("DYSCO_CUDA_SPLIT_WAVES", waves, 1);
+    const double ms = MillisecondsPerCall(
+        [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); },
+        20);
+    unsetenv("DYSCO_CUDA_SPLIT_WAVES");
+    std::printf("[timing] paged_attention_decode, splits of %s waves: %.3f ms (%.2fx floor)\n",
+                waves, ms, ms / floor_ms);
+  }
+  {
+    const at::Tensor in_order = at::arange(pages, i64).to(at::kInt).reshape({1, pages});
+    const double ms = MillisecondsPerCall(
+        [&] { ops::paged_attention_decode(out, query, kv, in_order, lens, scale, c10::nullopt); },
+        20);
+    std::printf("[timing] paged_attention_decode, pages in order: %.3f ms (%.2fx floor)\n", ms,
+                ms / floor_ms);
+  }
   const double biased_ms = MillisecondsPerCall(
       [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, bias); }, 20);
   const double probs_ms = MillisecondsPerCall(
       [&] { ops::attention_probs(probs, query, kv, tables, lens, heads, scale, c10::nullopt); },
       20);
+  double scalar_probs_ms = 0.0;
+  {
+    ScopedAttentionKernel force("scalar");
+    scalar_probs_ms = MillisecondsPerCall(
+        [&] { ops::attention_probs(probs, query, kv, tables, lens, heads, scale, c10::nullopt); },
+        20);
+  }
   const double relevance_ms =
       MillisecondsPerCall([&] { ops::dysco_relevance_update(relevance, probs, lens, decay); }, 20);
   const double select_ms = MillisecondsPerCall(
@@ -680,10 +742,15 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
   std::printf(
       "[timing] paged_attention_decode 128K bf16 Hq=32 Hkv=8 D=128: %.3f ms (%.2fx floor)\n",
       decode_ms, decode_ms / floor_ms);
+  std::printf("[timing] paged_attention_decode, vectorised kernel: %.3f ms (%.2fx floor)\n",
+              vector_ms, vector_ms / floor_ms);
+  std::printf("[timing] paged_attention_decode, scalar kernel: %.3f ms (%.2fx floor)\n", scalar_ms,
+              scalar_ms / floor_ms);
   std::printf("[timing] paged_attention_decode with key_bias: %.3f ms (%.2fx floor)\n", biased_ms,
               biased_ms / floor_ms);
   std::printf("[timing] attention_probs 4 heads 128K: %.3f ms (K half floor %.3f ms)\n", probs_ms,
               floor_ms / 2);
+  std::printf("[timing] attention_probs 4 heads 128K, scalar kernel: %.3f ms\n", scalar_probs_ms);
   std::printf("[timing] dysco_relevance_update 128K: %.3f ms\n", relevance_ms);
   std::printf("[timing] dysco_select_bias 128K top_p=0.9 top_k=4096: %.3f ms\n", select_ms);
   EXPECT_GT(decode_ms, 0.0);

@@ -1,0 +1,152 @@
+// The split-KV attention kernels' shared parts (kernels/cuda/paged_attention.cu, the scalar kernel,
+// and kernels/cuda/split_attention_vec.cu, the vectorised one): the parameter block, the mapping of
+// a query token to its sequence and causal limit, and the vectorised kernel's launcher. Internal to
+// kernels/cuda.
+//
+// Thread-safety: stateless. Ownership: AttentionParams points into the caller's tensors.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/cuda_common.cuh"
+
+namespace dysco::kernels {
+
+constexpr int kAttentionWarps = 4;
+constexpr int kAttentionThreads = kAttentionWarps * cuda::kWarpSize;
+
+// Everything the attention kernel reads, by value.
+template <typename T>
+struct AttentionParams {
+  const T* query;                  // [tokens, Hq, D]
+  const T* k_cache;                // [NP, PS, Hkv, D]
+  const T* v_cache;                // [NP, PS, Hkv, D]
+  const int32_t* tables;           // [B, P]
+  const int64_t* seq_lens;         // [B]
+  const int64_t* query_start_loc;  // [B + 1] for prefill, nullptr for decode (token b = sequence b)
+  const float* bias;               // [B, bias_width] or nullptr
+  float* partial;                  // [tokens, Hq, splits, D + 2]: max, sum, acc[D]
+  int64_t batch;
+  int64_t max_pages;
+  int64_t page_size;
+  int64_t num_pages;
+  int64_t bias_width;
+  int64_t split_len;
+  int num_splits;
+  int num_heads;
+  int group;
+  int head_dim;
+  int row_chunks;     // ceil(group / kRows)
+  bool vector_loads;  // head_dim % 8 == 0 and a 16-byte aligned cache: K rows read 8 elements at a
+                      // time
+  float scale;
+};
+
+// The sequence of a query token and the number of keys it sees (0: none; its output is zeros).
+template <typename T>
+__device__ void TokenSequence(const AttentionParams<T>& p, int64_t token, int64_t* seq,
+                              int64_t* limit) {
+  const int64_t max_keys = p.max_pages * p.page_size;
+  int64_t b = token;
+  int64_t q_len = 1;
+  int64_t index = 0;  // of the token among its sequence's new tokens
+  if (p.query_start_loc != nullptr) {
+    // The last sequence whose start is <= token (starts are non-decreasing in a valid call).
+    int64_t lo = 0;
+    int64_t hi = p.batch;  // answer in [lo, hi)
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (p.query_start_loc[mid] <= token) {
+        lo = mid;
+      } else {
+        hi = mid;
+      }
+    }
+    b = lo;
+    const int64_t start = p.query_start_loc[b];
+    const int64_t end = p.query_start_loc[b + 1];
+    if (token < start || token >= end) {
+      *seq = b;
+      *limit = 0;
+      return;
+    }
+    q_len = end - start;
+    index = token - start;
+  }
+  int64_t len = cuda::Clamp(p.seq_lens[b], 0, max_keys);
+  if (p.bias != nullptr) len = min(len, p.bias_width);
+  *seq = b;
+  *limit = cuda::Clamp(len - q_len + index + 1, 0, len);
+}
+
+// The vectorised split kernel (kernels/cuda/split_attention_vec.cu) takes head_dim of 4, 8, 16 or
+// 32 lanes of 16 bytes (bf16/fp16: 32..256, fp32: 16..128) and fewer than 2^31 keys per sequence.
+// Occupancy: its resident blocks per multiprocessor for this call's head_dim and `rows` (1: MHA, 4:
+// GQA chunks of 4 query heads, as for the scalar kernel), or 0 when it does not take the call.
+// Launch: launches it (only for a call whose occupancy is > 0). The query and the cache must be
+// 16-byte aligned.
+template <typename T>
+int VectorSplitAttentionOccupancy(const AttentionParams<T>& p, int rows);
+template <typename T>
+void LaunchVectorSplitAttention(const AttentionParams<T>& p, int64_t tokens, int kv_heads, int rows,
+                                cudaStream_t stream);
+
+// Full waves of resident blocks the vectorised kernel's splits aim at: 1, or the environment
+// variable DYSCO_CUDA_SPLIT_WAVES (1..64; read per call, for tuning).
+int64_t SplitWaves();
+
+// attention_probs' logits pass (kernels/cuda/paged_attention.cu): out[b, probe, j] = the biased,
+// scaled logit of probed head `heads[probe]` for key j < min(seq_len, out_len, bias_width).
+template <typename T>
+struct ProbsLogitsParams {
+  float* out;               // [B, num_probe, out_len]
+  const T* query;           // [B, Hq, D]
+  const T* k_cache;         // [NP, PS, Hkv, D]
+  const int32_t* tables;    // [B, P]
+  const int64_t* seq_lens;  // [B]
+  const int64_t* heads;     // [num_probe]
+  const float* bias;        // [B, bias_width] or nullptr
+  int64_t out_len;
+  int64_t max_pages;
+  int64_t page_size;
+  int64_t num_pages;
+  int64_t bias_width;
+  int64_t keys_per_block;  // keys of grid.x's block
+  int num_probe;
+  int num_heads;
+  int group;
+  int head_dim;
+  float scale;
+};
+
+// Launches the vectorised logits kernel on `grid` (x: key blocks, y: probed heads, z: sequences)
+// under the same head_dim condition as LaunchVectorSplitAttention and returns true; false when the
+// head_dim does not fit (nothing launched). The query and the cache must be 16-byte aligned.
+template <typename T>
+bool LaunchVectorProbsLogits(const ProbsLogitsParams<T>& p, dim3 grid, cudaStream_t stream);
+
+// The tensor-core split kernel (kernels/cuda/split_attention_mma.cu): bf16 and fp16 caches with
+// head_dim 64 or 128, 16 query heads per block (p.row_chunks = ceil(group / 16)). Occupancy: its
+// resident blocks per multiprocessor, or 0 when it does not take the call. Launch: launches it
+// (only for a call whose occupancy is > 0). The query and the cache must be 16-byte aligned.
+template <typename T>
+int MmaSplitAttentionOccupancy(const AttentionParams<T>& p);
+template <typename T>
+void LaunchMmaSplitAttention(const AttentionParams<T>& p, int64_t tokens, int kv_heads,
+                             cudaStream_t stream);
+
+// Which split kernel takes a call that several could: the environment variable
+// DYSCO_CUDA_ATTENTION_KERNEL = "mma" (default: tensor cores where they apply, else the vectorised
+// kernel where it applies, else the scalar one), "vector" (no tensor cores) or "scalar" (the scalar
+// kernel only). Read per call (a few hundred nanoseconds per launch) so that a benchmark can time
+// the kernels in one process, e.g. test_kernels_cuda's timing case. attention_probs' logits pass
+// follows it too ("scalar": its scalar kernel).
+enum class AttentionKernel { kMma, kVector, kScalar };
+AttentionKernel AttentionKernelChoice();
+inline bool VectorSplitAttentionEnabled() {
+  return AttentionKernelChoice() != AttentionKernel::kScalar;
+}
+
+}  // namespace dysco::kernels

@@ -1,0 +1,358 @@
+// The tensor-core split-KV attention kernel for bf16 and fp16 caches with head_dim 64 or 128 (the
+// 8B models' decode): the same contract and output (split partials of
+// kernels/cuda/split_attention.cuh, merged by paged_attention.cu's MergeSplitsKernel) as the
+// CUDA-core kernels.
+//
+// Why: decode reads the cache once, so it should run at the memory bandwidth; the CUDA-core kernels
+// (scalar and vectorised) issue about 130 instructions per key and KV head (QK^T and PV on CUDA
+// cores for every query head of the GQA group, the dot products' reductions by shuffles, per-key
+// softmax), which ncu showed as 56% issue-slot use at 42% of DRAM bandwidth on an H200
+// (docs/gpu.md). Here a warp takes tiles of 16 keys and does QK^T and PV with mma.sync m16n8k16
+// (fp32 accumulation): the GQA group's query heads are the 16 rows of M (up to 16 heads per block;
+// a group of 4 uses 4 and the rest are zeros: the tensor cores have room to spare, the loads are
+// what counts), about 32 mma and 16 16-byte loads per tile and lane.
+//
+// Layout tricks (no shared memory in the loop, every load 16 bytes):
+// - QK^T: S^T[q, key] = Q[q, :] . K[key, :]. The head dimension is the mma's k; a dot product does
+//   not depend on the order of k, so k is permuted: lane (g, t) (g = lane / 4, t = lane % 4) holds,
+//   for k-step kk, dims 32 (kk / 2) + 8 t + 4 (kk % 2) + {0, 1, 2, 3} of its query rows g and g + 8
+//   (A fragment) and of key row g of the n-block (B fragment). Each lane then loads 8 contiguous
+//   dims (16 bytes) per row and load, the four lanes of a quad 64 contiguous bytes.
+// - The two n-blocks of 8 keys give S in the C layout, which is the A layout of P for PV (keys
+//   2t, 2t + 1, 2t + 8, 2t + 9 of rows g and g + 8), as in FlashAttention-2: no shuffle.
+// - PV: O[q, dim] += P[q, key] V[key, dim]. The n index (dims) is permuted: n-block nb, column g is
+//   dim (head_dim / 8) g + nb, so that lane (g, t) loads a contiguous run of head_dim / 8 dims of
+//   value rows 2t, 2t + 1, 2t + 8, 2t + 9, and packs the B fragments with byte permutes.
+// - P is rounded to the cache type for PV (as FlashAttention does); S, the softmax state and O
+//   stay fp32.
+//
+// Thread-safety: stateless. Ownership: writes only p.partial.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/split_attention.cuh"
+
+namespace dysco::kernels {
+namespace {
+
+using cuda::kWarpSize;
+
+constexpr int kTileKeys = 16;  // keys per warp and iteration (the mma's k for PV)
+constexpr int kMmaRows = 16;   // query heads per block (the mma's m)
+
+template <typename T>
+struct Mma;
+template <>
+struct Mma<c10::BFloat16> {
+  __device__ static uint32_t Pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+  // d += a (16 x 16, row) * b (16 x 8, col), fp32 accumulation.
+  __device__ static void Run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct Mma<c10::Half> {
+  __device__ static uint32_t Pack(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+  __device__ static void Run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+__device__ __forceinline__ uint4 Load16(const void* src) {
+  return __ldg(reinterpret_cast<const uint4*>(src));
+}
+
+// Word w (0..3) of a 16-byte load; w is a compile-time constant after unrolling.
+__device__ __forceinline__ uint32_t Word(const uint4& v, int w) {
+  return w == 0 ? v.x : (w == 1 ? v.y : (w == 2 ? v.z : v.w));
+}
+
+// Grid: x = query token, y = split, z = KV head * row_chunks + chunk (16 query heads a chunk).
+// Block: kAttentionThreads (4 warps, each its own tiles of keys; combined at the end).
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kAttentionThreads)
+    MmaSplitAttentionKernel(const AttentionParams<T> p) {
+  constexpr int kKSteps = kHeadDim / 16;      // k-steps of QK^T
+  constexpr int kRowLoads = kHeadDim / 32;    // 16-byte loads per Q or K row and lane
+  constexpr int kDimsPerLane = kHeadDim / 8;  // value dims per lane (PV's n-blocks)
+  constexpr int kValueLoads = kDimsPerLane / 8;
+  const int64_t token = blockIdx.x;
+  const int split = blockIdx.y;
+  const int kv_head = blockIdx.z / p.row_chunks;
+  const int head0 = kv_head * p.group + (blockIdx.z % p.row_chunks) * kMmaRows;
+  const int rows = min(kMmaRows, kv_head * p.group + p.group - head0);
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int kv_heads = p.num_heads / p.group;
+  const int64_t token_stride = static_cast<int64_t>(kv_heads) * kHeadDim;
+  const int64_t page_stride = p.page_size * token_stride;
+  const int page_size = static_cast<int>(p.page_size);
+
+  int64_t b = 0;
+  int64_t limit = 0;
+  TokenSequence(p, token, &b, &limit);
+  const int key_begin = static_cast<int>(min(limit, split * p.split_len));
+  const int key_end = static_cast<int>(min(static_cast<int64_t>(key_begin) + p.split_len, limit));
+
+  // Q as A fragments: rows g and g + 8 of the chunk (zeros past `rows`), dims permuted as above.
+  uint32_t qa[kKSteps][4];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = g + 8 * half;
+#pragma unroll
+    for (int i = 0; i < kRowLoads; ++i) {
+      uint4 w = make_uint4(0, 0, 0, 0);
+      if (row < rows) {
+        w = Load16(p.query + (token * p.num_heads + head0 + row) * kHeadDim + 32 * i + 8 * t);
+      }
+      qa[2 * i][half] = w.x;
+      qa[2 * i][2 + half] = w.y;
+      qa[2 * i + 1][half] = w.z;
+      qa[2 * i + 1][2 + half] = w.w;
+    }
+  }
+
+  const int32_t* pages = p.tables + b * p.max_pages;
+  const float* bias = p.bias == nullptr ? nullptr : p.bias + b * p.bias_width;
+  const int64_t head_offset = static_cast<int64_t>(kv_head) * kHeadDim;
+  auto row_offset = [&](int key) {
+    const int page_index = key / page_size;
+    const int64_t page = cuda::Clamp(pages[page_index], 0, p.num_pages - 1);
+    return page * page_stride + (key - page_index * page_size) * token_stride + head_offset;
+  };
+
+  float m[2] = {-INFINITY, -INFINITY};  // running max of rows g and g + 8 (uniform over a quad)
+  float l[2] = {0.0f, 0.0f};            // this lane's part of their running sums
+  float o[kDimsPerLane][4];             // O in the C layout of PV's n-blocks
+#pragma unroll
+  for (int nb = 0; nb < kDimsPerLane; ++nb) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) o[nb][c] = 0.0f;
+  }
+
+  for (int tile = key_begin + warp * kTileKeys; tile < key_end;
+       tile += kAttentionWarps * kTileKeys) {
+    // K rows g and 8 + g of the tile (B fragments of QK^T's two n-blocks).
+    uint4 kw[2][kRowLoads];
+#pragma unroll
+    for (int nbk = 0; nbk < 2; ++nbk) {
+      const int key = tile + 8 * nbk + g;
+      if (key < key_end) {
+        const T* row = p.k_cache + row_offset(key) + 8 * t;
+#pragma unroll
+        for (int i = 0; i < kRowLoads; ++i) kw[nbk][i] = Load16(row + 32 * i);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kRowLoads; ++i) kw[nbk][i] = make_uint4(0, 0, 0, 0);
+      }
+    }
+    // V rows 2t, 2t + 1, 2t + 8, 2t + 9 of the tile, dims [kDimsPerLane g, kDimsPerLane (g + 1)).
+    uint4 vw[4][kValueLoads];
+#pragma unroll
+    for (int vr = 0; vr < 4; ++vr) {
+      const int key = tile + 2 * t + (vr & 1) + 8 * (vr >> 1);
+      if (key < key_end) {
+        const T* row = p.v_cache + row_offset(key) + kDimsPerLane * g;
+#pragma unroll
+        for (int i = 0; i < kValueLoads; ++i) vw[vr][i] = Load16(row + 8 * i);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kValueLoads; ++i) vw[vr][i] = make_uint4(0, 0, 0, 0);
+      }
+    }
+
+    // S (C layout): s[nbk][c] is row g + 8 (c / 2), key tile + 8 nbk + 2t + c % 2.
+    float s[2][4];
+#pragma unroll
+    for (int nbk = 0; nbk < 2; ++nbk) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[nbk][c] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk) {
+        const uint4& w = kw[nbk][kk / 2];
+        Mma<T>::Run(s[nbk], qa[kk], (kk % 2) == 0 ? w.x : w.z, (kk % 2) == 0 ? w.y : w.w);
+      }
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int key = tile + 8 * nbk + 2 * t + (c % 2);
+        s[nbk][c] =
+            key < key_end ? s[nbk][c] * p.scale + (bias == nullptr ? 0.0f : bias[key]) : -INFINITY;
+      }
+    }
+
+    // Online softmax per row; the quad's four lanes hold the row's 16 keys.
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float tile_max = fmaxf(fmaxf(s[0][2 * half], s[0][2 * half + 1]),
+                             fmaxf(s[1][2 * half], s[1][2 * half + 1]));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+      const float m_new = fmaxf(m[half], tile_max);
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // every key so far masked
+      const float correction = expf(m[half] - m_use);         // 0 while m is -inf
+      float sum = 0.0f;
+#pragma unroll
+      for (int nbk = 0; nbk < 2; ++nbk) {
+#pragma unroll
+        for (int c = 2 * half; c < 2 * half + 2; ++c) {
+          s[nbk][c] = expf(s[nbk][c] - m_use);  // 0 for a masked key
+          sum += s[nbk][c];
+        }
+      }
+      l[half] = l[half] * correction + sum;
+      m[half] = m_new;
+#pragma unroll
+      for (int nb = 0; nb < kDimsPerLane; ++nb) {
+        o[nb][2 * half] *= correction;
+        o[nb][2 * half + 1] *= correction;
+      }
+    }
+
+    // P as the A fragment of PV (rows g, g + 8; keys 2t, 2t + 1, 2t + 8, 2t + 9).
+    const uint32_t pa[4] = {Mma<T>::Pack(s[0][0], s[0][1]), Mma<T>::Pack(s[0][2], s[0][3]),
+                            Mma<T>::Pack(s[1][0], s[1][1]), Mma<T>::Pack(s[1][2], s[1][3])};
+#pragma unroll
+    for (int nb = 0; nb < kDimsPerLane; ++nb) {
+      // Element nb of this lane's run of each value row: word (nb % 8) / 2 of load nb / 8, low
+      // half for even nb. Byte permutes put key 2t (resp. 2t + 8) low and 2t + 1 (2t + 9) high.
+      const unsigned selector = (nb % 2) == 0 ? 0x5410u : 0x7632u;
+      const int load = nb / 8;
+      const int word = (nb % 8) / 2;
+      const uint32_t b0 = __byte_perm(Word(vw[0][load], word), Word(vw[1][load], word), selector);
+      const uint32_t b1 = __byte_perm(Word(vw[2][load], word), Word(vw[3][load], word), selector);
+      Mma<T>::Run(o[nb], pa, b0, b1);
+    }
+  }
+
+  // The rows' sums over the quad.
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    l[half] += __shfl_xor_sync(0xffffffffu, l[half], 1);
+    l[half] += __shfl_xor_sync(0xffffffffu, l[half], 2);
+  }
+
+  // Combine the warps in shared memory; warp w writes row w (and w + warps, ...) of the partials.
+  __shared__ float s_m[kAttentionWarps][kMmaRows];
+  __shared__ float s_l[kAttentionWarps][kMmaRows];
+  __shared__ float s_acc[kAttentionWarps][kMmaRows][kHeadDim];
+  if (t == 0) {
+    s_m[warp][g] = m[0];
+    s_m[warp][g + 8] = m[1];
+    s_l[warp][g] = l[0];
+    s_l[warp][g + 8] = l[1];
+  }
+#pragma unroll
+  for (int nb = 0; nb < kDimsPerLane; ++nb) {
+    // C layout of PV: columns 2t, 2t + 1 of n-block nb are dims kDimsPerLane (2t + x) + nb.
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      s_acc[warp][g + 8 * (c / 2)][kDimsPerLane * (2 * t + c % 2) + nb] = o[nb][c];
+    }
+  }
+  __syncthreads();
+  for (int r = warp; r < rows; r += kAttentionWarps) {
+    float max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kAttentionWarps; ++w) max = fmaxf(max, s_m[w][r]);
+    float weights[kAttentionWarps];
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kAttentionWarps; ++w) {
+      weights[w] = s_m[w][r] == -INFINITY ? 0.0f : expf(s_m[w][r] - max);
+      sum += s_l[w][r] * weights[w];
+    }
+    float* out =
+        p.partial + ((token * p.num_heads + head0 + r) * p.num_splits + split) * (kHeadDim + 2);
+    if (lane == 0) {
+      out[0] = max;
+      out[1] = sum;
+    }
+    for (int d = lane; d < kHeadDim; d += kWarpSize) {
+      float a = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kAttentionWarps; ++w) a += s_acc[w][r][d] * weights[w];
+      out[2 + d] = a;
+    }
+  }
+}
+
+template <typename T, int kHeadDim>
+int Occupancy() {
+  static const int blocks = [] {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &n, MmaSplitAttentionKernel<T, kHeadDim>, kAttentionThreads, 0));
+    return n;
+  }();
+  return blocks;
+}
+
+template <typename T>
+constexpr bool kSixteenBit = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+
+}  // namespace
+
+template <typename T>
+int MmaSplitAttentionOccupancy(const AttentionParams<T>& p) {
+  if constexpr (!kSixteenBit<T>) {
+    return 0;
+  } else {
+    if (p.max_pages * p.page_size > (int64_t{1} << 31) - 1) return 0;  // int key indices
+    if (p.head_dim == 64) return Occupancy<T, 64>();
+    if (p.head_dim == 128) return Occupancy<T, 128>();
+    return 0;
+  }
+}
+
+template <typename T>
+void LaunchMmaSplitAttention(const AttentionParams<T>& p, int64_t tokens, int kv_heads,
+                             cudaStream_t stream) {
+  if constexpr (!kSixteenBit<T>) {
+    TORCH_CHECK(false, "tensor-core split attention called for a 32-bit cache");
+  } else {
+    const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(p.num_splits),
+                    static_cast<unsigned>(kv_heads * p.row_chunks));
+    if (p.head_dim == 64) {
+      MmaSplitAttentionKernel<T, 64><<<grid, kAttentionThreads, 0, stream>>>(p);
+    } else {
+      TORCH_CHECK(p.head_dim == 128, "tensor-core split attention called for head_dim ",
+                  p.head_dim);
+      MmaSplitAttentionKernel<T, 128><<<grid, kAttentionThreads, 0, stream>>>(p);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template int MmaSplitAttentionOccupancy<float>(const AttentionParams<float>&);
+template int MmaSplitAttentionOccupancy<c10::BFloat16>(const AttentionParams<c10::BFloat16>&);
+template int MmaSplitAttentionOccupancy<c10::Half>(const AttentionParams<c10::Half>&);
+template void LaunchMmaSplitAttention<float>(const AttentionParams<float>&, int64_t, int,
+                                             cudaStream_t);
+template void LaunchMmaSplitAttention<c10::BFloat16>(const AttentionParams<c10::BFloat16>&, int64_t,
+                                                     int, cudaStream_t);
+template void LaunchMmaSplitAttention<c10::Half>(const AttentionParams<c10::Half>&, int64_t, int,
+                                                 cudaStream_t);
+
+}  // namespace dysco::kernels
