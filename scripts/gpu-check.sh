@@ -199,6 +199,34 @@ compare_row "dysco-server greedy" "$OUT/client-plain-cpu.out" "$OUT/client-plain
   "dysco-client generate, 90 ids, 32 tokens ($(tail -1 "$OUT/client-cuda.err"))"
 compare_row "dysco-server --dysco" "$OUT/client-dysco-cpu.out" "$OUT/client-dysco-cuda.out" \
   "dysco-client generate --dysco, 17 ids, 32 tokens"
+# --kv-cache-fraction on cuda:0: the pool must take 0.3 of the memory free once the model is loaded
+# (the model_loaded line's kv_cache_mb against its device_free_mb, less at most one page), and serve.
+t0=$(date +%s)
+port=50321
+"$BUILD/bin/dysco-server" --model "$TINY" --device cuda:0 --host 127.0.0.1 --port $port \
+  --metrics-port -1 --kv-cache-fraction 0.3 > "$OUT/server-fraction.log" 2>&1 &
+spid=$!
+for _ in $(seq 90); do
+  "$BUILD/bin/dysco-client" health --target "127.0.0.1:$port" > /dev/null 2>&1 && break
+  kill -0 $spid 2>/dev/null || break
+  sleep 1
+done
+"$BUILD/bin/dysco-client" generate --target "127.0.0.1:$port" --token-ids "$IDS" \
+  --max-new-tokens 32 > "$OUT/client-fraction.out" 2> "$OUT/client-fraction.err"
+kill "$spid" 2>/dev/null
+wait "$spid" 2>/dev/null
+SECS=$(( $(date +%s) - t0 ))
+loaded=$(grep -o "model_loaded.*" "$OUT/server-fraction.log" | head -1)
+field() { echo "$loaded" | grep -o " $1=[^ ]*" | cut -d= -f2; }
+if python3 -c 'import sys; p, mb, free = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]); \
+    sys.exit(not (p > 0 and free > 1024 and 0.3 * free - 64 <= mb <= 0.3 * free + 0.1))' \
+    "$(field kv_pages)" "$(field kv_cache_mb)" "$(field device_free_mb)" 2> /dev/null &&
+    cmp -s "$OUT/client-plain-cpu.out" "$OUT/client-fraction.out"; then
+  row "dysco-server kv-fraction" ok "$SECS" "--kv-cache-fraction 0.3 of $(field device_free_mb) MiB free: kv_pages=$(field kv_pages), $(field kv_cache_mb) MiB; greedy stream as on cpu"
+else
+  row "dysco-server kv-fraction" FAIL "$SECS" "kv_pages=$(field kv_pages) kv_cache_mb=$(field kv_cache_mb) device_free_mb=$(field device_free_mb) (see server-fraction.log, client-fraction.out)"
+  fail=1
+fi
 # The worst CUDA-vs-CPU errors the GPU test printed, by dtype (fp32: every check that is not a
 # bf16/fp16 attention check), and its timings (ms per call, from CUDA events).
 awk '/^\[maxerr\]/ {

@@ -160,6 +160,7 @@ Status DyscoServer::LoadModel() {
   o.runner.device = options_.device;
   o.page_size = options_.page_size;
   o.kv_pages = options_.kv_pages;
+  o.kv_cache_fraction = options_.kv_cache_fraction;
   o.kv_cache_bytes = options_.kv_cache_mb << 20;
   o.limits.max_new_tokens_default = options_.max_new_tokens_default;
   o.limits.max_new_tokens_limit = options_.max_new_tokens_limit;
@@ -175,11 +176,19 @@ Status DyscoServer::LoadModel() {
   loaded_engine_.store(engine_.get(), std::memory_order_release);
   grpc_server_->GetHealthCheckService()->SetServingStatus(kReadinessService, true);
   const KvPagePool& pool = engine_->pool();
+  // kv_sizing: how the pool was sized (--kv-pages, --kv-cache-mb, or --kv-cache-fraction of
+  // device_free_mb, the device memory free after the model was loaded).
+  const char* sizing = options_.kv_pages > 0              ? "pages"
+                       : options_.kv_cache_fraction > 0.0 ? "fraction"
+                                                          : "mb";
   spdlog::info(
       "model_loaded model={} name={} device={} kv_pages={} page_size={} kv_cache_mb={:.1f} "
-      "max_batch={} max_queued={} seconds={:.2f}",
+      "kv_sizing={} kv_cache_fraction={} device_free_mb={:.1f} prefill_chunk={} "
+      "max_step_tokens={} max_batch={} max_queued={} seconds={:.2f}",
       options_.model, engine_->config().model_name, engine_->runner().device(), pool.num_total(),
-      pool.page_size(), pool.tensor_bytes() / 1048576.0, options_.max_batch, options_.max_queued,
+      pool.page_size(), pool.tensor_bytes() / 1048576.0, sizing, options_.kv_cache_fraction,
+      pool.device_free_bytes() / 1048576.0, options_.prefill_chunk, options_.max_step_tokens,
+      options_.max_batch, options_.max_queued,
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   return OkStatus();
 }

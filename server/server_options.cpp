@@ -1,11 +1,15 @@
 #include "server/server_options.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <functional>
+#include <iterator>
 #include <limits>
 #include <map>
+#include <set>
+#include <vector>
 
 #include <yaml-cpp/yaml.h>
 
@@ -15,7 +19,7 @@ namespace {
 const char kUsage[] =
     "usage: dysco-server --model DIR [--config FILE.yaml] [--host ADDR] [--port N]\n"
     "         [--metrics-host ADDR] [--metrics-port N] [--device cpu|cuda:0]\n"
-    "         [--kv-pages N | --kv-cache-mb MB]\n"
+    "         [--kv-pages N | --kv-cache-mb MB | --kv-cache-fraction F]\n"
     "         [--page-size N] [--max-batch N] [--max-queued N] [--max-context N]\n"
     "         [--prefill-chunk N] [--max-step-tokens N] [--threads N]\n"
     "         [--max-new-tokens-default N] [--max-new-tokens-limit N] [--drain-timeout SECONDS]\n"
@@ -24,6 +28,10 @@ const char kUsage[] =
     "         [--reflection true|false] [--max-request-bytes N]\n"
     "  --config: a YAML map whose keys are these flag names without the dashes ('-' or '_'),\n"
     "            e.g. `kv_cache_mb: 512`; flags given on the command line win.\n"
+    "  --kv-cache-fraction: CUDA devices only, in (0, 0.95]: the KV cache takes this fraction of\n"
+    "            the device memory free once the model is loaded (e.g. 0.9).\n"
+    "  --prefill-chunk / --max-step-tokens default to 256 / 256 on cpu, 8192 / 8192 + max-batch\n"
+    "            on cuda.\n"
     "  --port 0 / --metrics-port 0 pick a free port; --metrics-port -1 disables /metrics;\n"
     "  --metrics-host defaults to --host (127.0.0.1 keeps /metrics local).\n"
     "  --tls-client-ca: mutual TLS, clients must present a certificate signed by this CA.\n"
@@ -84,6 +92,13 @@ std::function<Status(ServerOptions*, const std::string&, const std::string&)> Bo
 
 using Setter = std::function<Status(ServerOptions*, const std::string&, const std::string&)>;
 
+std::string FormatFraction(double x) {
+  std::string s = std::to_string(x);  // "0.950000"
+  while (s.size() > 1 && s.back() == '0') s.pop_back();
+  if (!s.empty() && s.back() == '.') s.pop_back();
+  return s;
+}
+
 // Flag name (without "--") -> setter. The YAML keys are the same names.
 const std::map<std::string, Setter>& Setters() {
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
@@ -102,6 +117,20 @@ const std::map<std::string, Setter>& Setters() {
       {"device", StringSetter(&ServerOptions::device)},
       {"kv-pages", IntSetter(&ServerOptions::kv_pages, 1, kIntMax - 1)},
       {"kv-cache-mb", IntSetter(&ServerOptions::kv_cache_mb, 1, int64_t{1} << 24)},
+      {"kv-cache-fraction",
+       [](ServerOptions* o, const std::string& where, const std::string& value) {
+         errno = 0;
+         char* end = nullptr;
+         const double x = std::strtod(value.c_str(), &end);
+         if (value.empty() || *end != '\0' || errno == ERANGE || !std::isfinite(x) || x <= 0 ||
+             x > kMaxKvCacheFraction) {
+           return InvalidArgumentError(where + " needs a fraction in (0, " +
+                                       FormatFraction(kMaxKvCacheFraction) + "], got \"" + value +
+                                       "\"");
+         }
+         o->kv_cache_fraction = x;
+         return OkStatus();
+       }},
       {"page-size", IntSetter(&ServerOptions::page_size, 1, 4096)},
       {"max-batch", IntSetter(&ServerOptions::max_batch, 1, 4096)},
       {"max-queued", IntSetter(&ServerOptions::max_queued, 0, 1 << 20)},
@@ -139,7 +168,9 @@ const std::map<std::string, Setter>& Setters() {
   return setters;
 }
 
-Status ApplyConfigFile(const std::string& path, ServerOptions* options) {
+// `given` receives the option names (flag spelling) the file sets.
+Status ApplyConfigFile(const std::string& path, ServerOptions* options,
+                       std::set<std::string>* given) {
   YAML::Node root;
   try {
     root = YAML::LoadFile(path);
@@ -168,9 +199,35 @@ Status ApplyConfigFile(const std::string& path, ServerOptions* options) {
     }
     if (!item.second.IsScalar()) return InvalidArgumentError(where + " must be a scalar");
     DYSCO_RETURN_IF_ERROR(it->second(options, where, item.second.Scalar()));
+    given->insert(name);
   }
   return OkStatus();
 }
+
+// The KV cache is sized by one of kv-pages, kv-cache-mb, kv-cache-fraction. Two in one source are
+// an error; the command line's choice replaces the file's (so an overlay's flag works over a
+// config that sets kv_cache_mb).
+constexpr const char* kKvSizingOptions[] = {"kv-pages", "kv-cache-mb", "kv-cache-fraction"};
+
+Status CheckOneKvSizing(const std::set<std::string>& given, const std::string& source) {
+  std::vector<std::string> set;
+  for (const char* name : kKvSizingOptions) {
+    if (given.count(name) > 0) set.push_back(name);
+  }
+  if (set.size() <= 1) return OkStatus();
+  return InvalidArgumentError(source + " sets " + set[0] + " and " + set[1] +
+                              ": the KV cache size is one of --kv-pages, --kv-cache-mb, "
+                              "--kv-cache-fraction");
+}
+
+bool GivesKvSizing(const std::set<std::string>& given) {
+  for (const char* name : kKvSizingOptions) {
+    if (given.count(name) > 0) return true;
+  }
+  return false;
+}
+
+bool IsCudaDevice(const std::string& device) { return device.rfind("cuda", 0) == 0; }
 
 }  // namespace
 
@@ -192,9 +249,13 @@ StatusOr<ServerOptions> ParseServerFlags(const std::vector<std::string>& args, b
       options.config_file = args[i].substr(9);
     }
   }
+  std::set<std::string> from_file;
   if (!options.config_file.empty()) {
-    DYSCO_RETURN_IF_ERROR(ApplyConfigFile(options.config_file, &options));
+    DYSCO_RETURN_IF_ERROR(ApplyConfigFile(options.config_file, &options, &from_file));
+    DYSCO_RETURN_IF_ERROR(CheckOneKvSizing(from_file, options.config_file));
   }
+  const ServerOptions defaults;
+  std::set<std::string> from_flags;
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& flag = args[i];
     if (flag.rfind("--", 0) != 0)
@@ -212,7 +273,31 @@ StatusOr<ServerOptions> ParseServerFlags(const std::vector<std::string>& args, b
     if (name == "config") continue;
     const auto it = Setters().find(name);
     if (it == Setters().end()) return InvalidArgumentError("unknown flag --" + name);
+    // A sizing flag replaces the file's sizing (the one read before any flag).
+    if (!GivesKvSizing(from_flags) && GivesKvSizing(from_file) &&
+        std::find(std::begin(kKvSizingOptions), std::end(kKvSizingOptions), name) !=
+            std::end(kKvSizingOptions)) {
+      options.kv_pages = defaults.kv_pages;
+      options.kv_cache_mb = defaults.kv_cache_mb;
+      options.kv_cache_fraction = defaults.kv_cache_fraction;
+    }
     DYSCO_RETURN_IF_ERROR(it->second(&options, "--" + name, value));
+    from_flags.insert(name);
+  }
+  DYSCO_RETURN_IF_ERROR(CheckOneKvSizing(from_flags, "the command line"));
+  const bool cuda = IsCudaDevice(options.device);
+  if (options.kv_cache_fraction > 0 && !cuda) {
+    return InvalidArgumentError(
+        "--kv-cache-fraction sizes the KV cache from a CUDA device's free "
+        "memory; --device is " +
+        options.device + " (use --kv-cache-mb or --kv-pages)");
+  }
+  auto given = [&](const char* name) {
+    return from_flags.count(name) > 0 || from_file.count(name) > 0;
+  };
+  if (cuda && !given("prefill-chunk")) options.prefill_chunk = kCudaPrefillChunk;
+  if (cuda && !given("max-step-tokens")) {
+    options.max_step_tokens = options.prefill_chunk + options.max_batch;
   }
   if (options.model.empty()) return InvalidArgumentError("--model is required");
   if (options.tls_cert.empty() != options.tls_key.empty()) {

@@ -55,6 +55,9 @@ StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& package_dir,
   pool_options.device = o.runner.device;
   if (o.kv_pages > 0) {
     pool_options.num_pages = o.kv_pages;
+  } else if (o.kv_cache_fraction != 0.0) {  // KvPagePool::Create checks its range
+    // The runner is loaded (weights on the device): the fraction is of what is left.
+    pool_options.memory_fraction = o.kv_cache_fraction;
   } else {
     pool_options.max_bytes = o.kv_cache_bytes;
   }

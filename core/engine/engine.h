@@ -26,7 +26,11 @@ namespace dysco {
 struct EngineOptions {
   ModelRunnerOptions runner;  // threads, device (the KV pool lives on the same device)
   int page_size = 16;
-  int64_t kv_pages = 0;                // > 0: exactly this many usable pages
+  int64_t kv_pages = 0;  // > 0: exactly this many usable pages
+  // Otherwise, when != 0 (in (0, 1], CUDA devices only): the largest pool that fits in this
+  // fraction of the device memory free once the model is loaded
+  // (KvPagePoolOptions::memory_fraction).
+  double kv_cache_fraction = 0.0;
   int64_t kv_cache_bytes = 1LL << 30;  // otherwise: the largest pool that fits in this
   RequestLimits limits;
   bool start_scheduler = true;  // false: no engine thread (tools that use a Generator)

@@ -3,6 +3,10 @@
 #include <limits>
 
 #include <torch/script.h>
+#if defined(DYSCO_CUDA)
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#endif
 
 #include "core/base/thread_annotations.h"
 
@@ -29,6 +33,44 @@ at::ScalarType ToScalarType(ModelDtype dtype) {
   return at::kFloat;
 }
 
+// The free memory of a CUDA device in bytes, after the caching allocator has released its unused
+// cached blocks (which the driver counts as used). Only CUDA builds can read it: CPU builds link a
+// libtorch without CUDA.
+StatusOr<int64_t> FreeDeviceBytes(const std::string& device_name) {
+  c10::Device device(c10::kCPU);
+  try {
+    device = c10::Device(device_name);
+  } catch (const std::exception& e) {
+    return InvalidArgumentError("kv_pool.device \"" + device_name + "\": " + e.what());
+  }
+  if (!device.is_cuda()) {
+    return InvalidArgumentError(
+        "kv_pool.memory_fraction sizes the cache from a CUDA device's free " +
+        std::string("memory; the pool is on \"") + device_name + "\"");
+  }
+#if defined(DYSCO_CUDA)
+  try {
+    const c10::DeviceIndex index =
+        device.has_index() ? device.index() : c10::cuda::current_device();
+    if (index >= c10::cuda::device_count()) {
+      return InvalidArgumentError("kv_pool.device \"" + device_name + "\": no such CUDA device (" +
+                                  std::to_string(c10::cuda::device_count()) + " present)");
+    }
+    c10::cuda::CUDACachingAllocator::emptyCache();
+    const auto [free_bytes, total_bytes] =
+        c10::cuda::CUDACachingAllocator::get()->getMemoryInfo(index);
+    (void)total_bytes;
+    return static_cast<int64_t>(free_bytes);
+  } catch (const c10::Error& e) {
+    return UnavailableError("kv_pool: cannot read the free memory of \"" + device_name +
+                            "\": " + e.what_without_backtrace());
+  }
+#else
+  return InvalidArgumentError(
+      "kv_pool.memory_fraction needs a CUDA build (-DDYSCO_CUDA=ON); this build has no CUDA");
+#endif
+}
+
 }  // namespace
 
 StatusOr<std::unique_ptr<KvPagePool>> KvPagePool::Create(const ModelConfig& config,
@@ -45,7 +87,24 @@ StatusOr<std::unique_ptr<KvPagePool>> KvPagePool::Create(const ModelConfig& conf
   if (usable < 0) {
     return InvalidArgumentError("kv_pool.num_pages must be >= 0, got " + std::to_string(usable));
   }
-  if (usable == 0) {
+  int64_t device_free_bytes = 0;
+  if (usable == 0 && options.memory_fraction != 0.0) {
+    if (!(options.memory_fraction > 0.0 && options.memory_fraction <= 1.0)) {
+      return InvalidArgumentError("kv_pool.memory_fraction must be in (0, 1], got " +
+                                  std::to_string(options.memory_fraction));
+    }
+    DYSCO_ASSIGN_OR_RETURN(device_free_bytes, FreeDeviceBytes(options.device));
+    const int64_t budget =
+        static_cast<int64_t>(options.memory_fraction * static_cast<double>(device_free_bytes));
+    usable = budget / bytes_per_page - reserved;
+    if (usable <= 0) {
+      return ResourceExhaustedError(
+          "kv_pool: memory_fraction " + std::to_string(options.memory_fraction) + " of the " +
+          std::to_string(device_free_bytes) + " bytes free on \"" + options.device +
+          "\" is smaller than " + std::to_string(1 + reserved) + " pages of " +
+          std::to_string(bytes_per_page) + " bytes");
+    }
+  } else if (usable == 0) {
     if (options.max_bytes <= 0) {
       return InvalidArgumentError("kv_pool: set num_pages or max_bytes (both are 0)");
     }
@@ -85,16 +144,19 @@ StatusOr<std::unique_ptr<KvPagePool>> KvPagePool::Create(const ModelConfig& conf
       impl->free_list.push_back(static_cast<int32_t>(p));
   }
   return std::unique_ptr<KvPagePool>(new KvPagePool(config, options.page_size, pages_in_tensor,
-                                                    usable, bytes_per_page, std::move(impl)));
+                                                    usable, bytes_per_page, device_free_bytes,
+                                                    std::move(impl)));
 }
 
 KvPagePool::KvPagePool(const ModelConfig& config, int page_size, int64_t num_pages_in_tensor,
-                       int64_t num_usable, int64_t bytes_per_page, std::unique_ptr<Impl> impl)
+                       int64_t num_usable, int64_t bytes_per_page, int64_t device_free_bytes,
+                       std::unique_ptr<Impl> impl)
     : config_(config),
       page_size_(page_size),
       num_pages_in_tensor_(num_pages_in_tensor),
       num_usable_(num_usable),
       bytes_per_page_(bytes_per_page),
+      device_free_bytes_(device_free_bytes),
       impl_(std::move(impl)) {}
 
 KvPagePool::~KvPagePool() = default;

@@ -5,8 +5,8 @@
 // block tables are padded with it and it is never handed out.
 //
 // Thread-safety: Allocate/Free/num_free/usage_ratio may be called from any number of threads at
-// once (a mutex guards the free list). The tensor itself is written by ModelRunner::Forward; callers
-// must not run two steps that write the same pages at once.
+// once (a mutex guards the free list). The tensor itself is written by ModelRunner::Forward;
+// callers must not run two steps that write the same pages at once.
 //
 // Ownership: the pool owns the tensor; pages belong to whoever allocated them until freed. PageList
 // frees its pages when destroyed, so every exit path returns them. The pool must outlive every
@@ -18,8 +18,8 @@
 #include <string>
 #include <vector>
 
-#include "core/model/model_config.h"
 #include "core/base/status.h"
+#include "core/model/model_config.h"
 
 namespace at {
 class Tensor;
@@ -29,10 +29,15 @@ namespace dysco {
 
 struct KvPagePoolOptions {
   int page_size = 16;  // tokens per page
-  // Size: num_pages when > 0 (usable pages, the padding page not counted), otherwise the largest
-  // number of pages that fits in max_bytes.
+  // Size: num_pages when > 0 (usable pages, the padding page not counted); otherwise, when
+  // memory_fraction > 0, the largest number of pages that fits in memory_fraction x the device's
+  // free memory; otherwise the largest number that fits in max_bytes.
   int64_t num_pages = 0;
   int64_t max_bytes = 0;
+  // In (0, 1]; CUDA devices of a CUDA build only (INVALID_ARGUMENT elsewhere). The free memory is
+  // read at Create, after the caching allocator has returned its cached blocks to the driver, so
+  // that memory freed while loading the model counts as free (create the pool after the model).
+  double memory_fraction = 0.0;
   bool reserve_padding_page = true;
   std::string device = "cpu";  // a torch device string: "cpu", "cuda", "cuda:1"
 };
@@ -66,6 +71,9 @@ class KvPagePool {
   int32_t padding_page() const { return 0; }  // meaningful when reserve_padding_page
   int64_t bytes_per_page() const { return bytes_per_page_; }
   int64_t tensor_bytes() const { return bytes_per_page_ * num_pages_in_tensor_; }
+  // The device's free memory in bytes that memory_fraction was applied to; 0 when the pool was not
+  // sized from memory_fraction.
+  int64_t device_free_bytes() const { return device_free_bytes_; }
   const ModelConfig& config() const { return config_; }
 
   // The cache tensor, for ModelRunner (and tests). Defined in kv_page_pool.cpp so this header stays
@@ -76,13 +84,15 @@ class KvPagePool {
 
  private:
   KvPagePool(const ModelConfig& config, int page_size, int64_t num_pages_in_tensor,
-             int64_t num_usable, int64_t bytes_per_page, std::unique_ptr<Impl> impl);
+             int64_t num_usable, int64_t bytes_per_page, int64_t device_free_bytes,
+             std::unique_ptr<Impl> impl);
 
   const ModelConfig config_;
   const int page_size_;
   const int64_t num_pages_in_tensor_;
   const int64_t num_usable_;
   const int64_t bytes_per_page_;
+  const int64_t device_free_bytes_;
   std::unique_ptr<Impl> impl_;
 };
 

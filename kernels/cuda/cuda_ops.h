@@ -26,10 +26,21 @@ void paged_attention_decode_cuda(const at::Tensor& out, const at::Tensor& query,
                                  const at::Tensor& seq_lens, double scale,
                                  const c10::optional<at::Tensor>& key_bias);
 
+// Two paths: bf16/fp16 caches without key_bias (head_dim a multiple of 8, <= 256) gather the
+// sequences' pages into packed K/V and run ATen's flash attention (tensor cores, keys read once
+// per tile of query tokens); everything else takes the split-KV kernel of decode (keys read once
+// per query token). kernels/cuda/paged_prefill_flash.h has the exact rule.
 void paged_attention_prefill_cuda(const at::Tensor& out, const at::Tensor& query,
                                   const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,
                                   const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
                                   double scale, const c10::optional<at::Tensor>& key_bias);
+
+// Whether paged_attention_prefill_cuda takes the flash path for such arguments (metadata only;
+// for tests and benchmarks, which must know which path they measure).
+bool paged_attention_prefill_cuda_uses_flash(const at::Tensor& query,
+                                             const at::Tensor& kv_cache_layer,
+                                             const at::Tensor& block_tables,
+                                             const c10::optional<at::Tensor>& key_bias);
 
 void attention_probs_cuda(const at::Tensor& out, const at::Tensor& query,
                           const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,

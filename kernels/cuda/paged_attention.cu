@@ -11,9 +11,10 @@
 // width, batch, heads, the device's multiprocessors), never on seq_lens values, so no host
 // synchronisation.
 //
-// Speed work left (docs/gpu.md): decode is at ~2.5x its bandwidth floor at 128K (tensor-core
-// QK^T / PV, loads further ahead, a tuned split count); prefill reads the keys once per query token
-// (fine for chunks, slow for a 128K prompt: needs flash-style tiling over query tokens).
+// Prefill of bf16/fp16 caches without key bias goes to flash attention over gathered pages
+// (paged_prefill_flash.cu); this kernel serves the rest of prefill (fp32, a key bias), where it
+// reads the keys once per query token (fine for chunks and DySCO's biased steps, slow for a long
+// prompt). Speed work left: docs/gpu.md.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -23,6 +24,7 @@
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/paged_prefill_flash.h"
 #include "kernels/cuda/split_attention.cuh"
 #include "kernels/op_checks.h"
 
@@ -588,6 +590,10 @@ void paged_attention_prefill_cuda(const at::Tensor& out, const at::Tensor& query
   const c10::cuda::CUDAGuard guard(out.device());
   if (seq_lens.size(0) == 0) {
     out.zero_();  // no sequence owns a token (a valid call has T = 0 then)
+    return;
+  }
+  if (FlashPrefillApplies(query, cache, block_tables, key_bias)) {
+    FlashPrefill(out, query, kv_cache_layer, cache, block_tables, seq_lens, query_start_loc, scale);
     return;
   }
   DYSCO_CUDA_DISPATCH_CACHE_TYPES(query.scalar_type(), kPagedAttentionPrefillOp, [&] {

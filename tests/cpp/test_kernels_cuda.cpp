@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/cuda_ops.h"
 #include "kernels/op_calls.h"
 
 namespace {
@@ -279,9 +280,13 @@ TEST(CudaPagedAttentionDecode, EqualsCpuAt128KKeys) {
 
 // ---- prefill
 
+// Which path paged_attention_prefill takes on CUDA (kernels/cuda/cuda_ops.h): flash attention over
+// gathered pages (bf16/fp16, no key bias, head_dim % 8 == 0) or the split-KV kernel.
+enum class PrefillPath { kAny, kFlash, kSplit };
+
 void CheckPrefill(const Layout& l, const std::vector<int64_t>& lens,
                   const std::vector<int64_t>& q_lens, at::ScalarType dtype, BiasKind bias_kind,
-                  std::mt19937& rng) {
+                  std::mt19937& rng, PrefillPath path = PrefillPath::kAny) {
   const PagedBatch batch = MakeBatch(l, lens, dtype, rng);
   std::vector<int64_t> starts = {0};
   for (int64_t q : q_lens) starts.push_back(starts.back() + q);
@@ -295,10 +300,23 @@ void CheckPrefill(const Layout& l, const std::vector<int64_t>& lens,
   at::Tensor gpu_out = Cuda(cpu_out);
   ops::paged_attention_prefill(cpu_out, query, batch.kv, batch.block_tables, batch.seq_lens,
                                query_start_loc, scale, bias);
-  ops::paged_attention_prefill(gpu_out, Cuda(query), Cuda(batch.kv), Cuda(batch.block_tables),
-                               Cuda(batch.seq_lens), Cuda(query_start_loc), scale, CudaBias(bias));
+  const at::Tensor gpu_query = Cuda(query);
+  const at::Tensor gpu_kv = Cuda(batch.kv);
+  const at::Tensor gpu_tables = Cuda(batch.block_tables);
+  const Bias gpu_bias = CudaBias(bias);
+  const bool flash = dysco::kernels::paged_attention_prefill_cuda_uses_flash(gpu_query, gpu_kv,
+                                                                             gpu_tables, gpu_bias);
+  if (path != PrefillPath::kAny) {
+    EXPECT_EQ(flash, path == PrefillPath::kFlash) << Describe(l, dtype, Name(bias_kind));
+  }
+  ops::paged_attention_prefill(gpu_out, gpu_query, gpu_kv, gpu_tables, Cuda(batch.seq_lens),
+                               Cuda(query_start_loc), scale, gpu_bias);
   const double tol = Tolerance(dtype);
-  EXPECT_TRUE(Close(gpu_out, cpu_out, tol, tol, Describe(l, dtype, Name(bias_kind))));
+  std::ostringstream what;
+  what << "prefill " << (flash ? "flash" : "split") << " B=" << lens.size()
+       << " max_len=" << batch.max_len << " T=" << tokens;
+  EXPECT_TRUE(
+      Close(gpu_out, cpu_out, tol, tol, Describe(l, dtype, Name(bias_kind)) + " " + what.str()));
 }
 
 TEST(CudaPagedAttentionPrefill, MixedChunksEqualCpu) {
@@ -321,6 +339,117 @@ TEST(CudaPagedAttentionPrefill, LongChunkOverLongContextEqualsCpu) {
   at::manual_seed(4);
   CheckPrefill({8, 4, 128, 16}, {20000}, {512}, at::kBFloat16, BiasKind::kRandom, rng);
   CheckPrefill({2, 2, 64, 16}, {3000, 700}, {1024, 700}, at::kFloat, BiasKind::kNone, rng);
+}
+
+// Chunked prefill as the scheduler runs it: several sequences in one call, each a chunk of new
+// tokens after a prefix already in the cache (start positions > 0), chunk lengths 1 (a decode row),
+// 7, 64 and 300, an idle sequence (no new token) and a whole prompt; chunks and prefixes that
+// start, end or sit one token off page boundaries.
+struct ChunkedBatch {
+  std::vector<int64_t> lens;    // seq_lens: prefix + chunk
+  std::vector<int64_t> q_lens;  // chunk lengths
+};
+
+std::vector<ChunkedBatch> ChunkedBatches(int64_t page_size) {
+  const int64_t ps = page_size;
+  return {
+      // prefix 100 + 1, 45 + 7, 16 + 64 (chunk on a page boundary), 211 + 300, idle, prompt of 64
+      {{101, 52, 16 + 64, 511, 33, 64}, {1, 7, 64, 300, 0, 64}},
+      // chunks ending exactly on, one before and one after a page boundary; prefixes of one page
+      {{2 * ps, 2 * ps - 1, 2 * ps + 1, ps + 7, 3 * ps}, {ps, 7, 1, 7, 2 * ps}},
+  };
+}
+
+const std::vector<Layout>& FlashLayouts() {
+  static const std::vector<Layout> layouts = {
+      {4, 1, 64, 16},   // MHA (GQA ratio 1), head_dim 64
+      {2, 4, 128, 16},  // GQA 4 (Qwen3-8B / Llama-3 ratio), head_dim 128
+      {1, 8, 64, 16},   // GQA 8, head_dim 64
+      {2, 8, 128, 7},   // GQA 8, head_dim 128, odd page size
+  };
+  return layouts;
+}
+
+TEST(CudaPagedAttentionPrefill, FlashChunkedPrefillEqualsCpu) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(21);
+  at::manual_seed(21);
+  for (const Layout& l : FlashLayouts()) {
+    for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+      for (const ChunkedBatch& c : ChunkedBatches(l.page_size)) {
+        CheckPrefill(l, c.lens, c.q_lens, dtype, BiasKind::kNone, rng, PrefillPath::kFlash);
+      }
+    }
+  }
+}
+
+TEST(CudaPagedAttentionPrefill, FlashChunksOver32KKeysEqualCpu) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(22);
+  at::manual_seed(22);
+  // A 300-token chunk at the end of a 32K context, with a decode row and a short chunk beside it.
+  CheckPrefill({2, 4, 128, 16}, {32768, 5000, 1000}, {300, 1, 7}, at::kBFloat16, BiasKind::kNone,
+               rng, PrefillPath::kFlash);
+  CheckPrefill({1, 8, 64, 16}, {32768, 20001}, {64, 300}, at::kHalf, BiasKind::kNone, rng,
+               PrefillPath::kFlash);
+}
+
+TEST(CudaPagedAttentionPrefill, FallbackCasesStillEqualCpu) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(23);
+  at::manual_seed(23);
+  for (const Layout& l : FlashLayouts()) {
+    for (const ChunkedBatch& c : ChunkedBatches(l.page_size)) {
+      // fp32 caches, and a key bias (DySCO) on a 16-bit cache: the split-KV kernel.
+      CheckPrefill(l, c.lens, c.q_lens, at::kFloat, BiasKind::kNone, rng, PrefillPath::kSplit);
+      CheckPrefill(l, c.lens, c.q_lens, at::kBFloat16, BiasKind::kWithNegInf, rng,
+                   PrefillPath::kSplit);
+      CheckPrefill(l, c.lens, c.q_lens, at::kHalf, BiasKind::kRandom, rng, PrefillPath::kSplit);
+    }
+  }
+  // head_dim not a multiple of 8: flash would need padding; the split-KV kernel takes it.
+  for (const ChunkedBatch& c : ChunkedBatches(16)) {
+    CheckPrefill({2, 4, 36, 16}, c.lens, c.q_lens, at::kBFloat16, BiasKind::kNone, rng,
+                 PrefillPath::kSplit);
+  }
+}
+
+// The flash path synchronises with the host nowhere (offsets computed on the device, buffers
+// sized from shapes): a chunked prefill call captures in a CUDA graph, and its replay equals the
+// CPU.
+TEST(CudaPagedAttentionPrefill, FlashPathCapturesInACudaGraph) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(24);
+  at::manual_seed(24);
+  const Layout l{2, 4, 128, 16};
+  const std::vector<int64_t> lens = {1000, 300, 377};
+  const std::vector<int64_t> starts = {0, 64, 65, 365};  // chunks of 64, 1 and 300 tokens
+  const PagedBatch batch = MakeBatch(l, lens, at::kBFloat16, rng);
+  const at::Tensor query = at::randn({365, 8, 128}).to(at::kBFloat16);
+  const at::Tensor query_start_loc = at::tensor(starts, at::kLong);
+  const double scale = 1.0 / std::sqrt(128.0);
+  at::Tensor cpu_out = at::full({365, 8, 128}, kNaN).to(at::kBFloat16);
+  ops::paged_attention_prefill(cpu_out, query, batch.kv, batch.block_tables, batch.seq_lens,
+                               query_start_loc, scale, c10::nullopt);
+  const at::Tensor q = Cuda(query);
+  const at::Tensor kv = Cuda(batch.kv);
+  const at::Tensor tables = Cuda(batch.block_tables);
+  const at::Tensor seq_lens = Cuda(batch.seq_lens);
+  const at::Tensor qsl = Cuda(query_start_loc);
+  at::Tensor out = Cuda(cpu_out);
+  ASSERT_TRUE(dysco::kernels::paged_attention_prefill_cuda_uses_flash(q, kv, tables, c10::nullopt));
+  ops::paged_attention_prefill(out, q, kv, tables, seq_lens, qsl, scale, c10::nullopt);  // warm-up
+  at::cuda::CUDAGraph graph;
+  {
+    const c10::cuda::CUDAStreamGuard guard(c10::cuda::getStreamFromPool());
+    graph.capture_begin();
+    ops::paged_attention_prefill(out, q, kv, tables, seq_lens, qsl, scale, c10::nullopt);
+    graph.capture_end();
+  }
+  out.fill_(kNaN);
+  graph.replay();
+  c10::cuda::device_synchronize();
+  EXPECT_TRUE(Close(out, cpu_out, 1e-2, 1e-2, "graph prefill flash BFloat16"));
 }
 
 // ---- attention_probs
@@ -625,8 +754,8 @@ TEST(CudaOps, DecodeStepOpsCaptureInACudaGraph) {
 // measured here (a device-to-device copy).
 
 template <typename Fn>
-double MillisecondsPerCall(Fn&& fn, int iterations) {
-  for (int i = 0; i < 3; ++i) fn();
+double MillisecondsPerCall(Fn&& fn, int iterations, int warmup = 3) {
+  for (int i = 0; i < warmup; ++i) fn();
   cudaEvent_t start;
   cudaEvent_t stop;
   C10_CUDA_CHECK(cudaEventCreate(&start));
@@ -754,6 +883,124 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
   std::printf("[timing] dysco_relevance_update 128K: %.3f ms\n", relevance_ms);
   std::printf("[timing] dysco_select_bias 128K top_p=0.9 top_k=4096: %.3f ms\n", select_ms);
   EXPECT_GT(decode_ms, 0.0);
+}
+
+// One layer of a 128K-token prefill of the Qwen3-8B shape (Hq 32, Hkv 8, D 128, bf16, page size
+// 16) in chunks of 8192 tokens, each chunk against all the keys before it, as the server's chunked
+// prefill runs it. The floor is the attention's FLOPs (4 * D * Hq * the keys each query token sees:
+// QK^T and PV, causal) at the bf16 matrix rate measured here with at::mm (8192^3). Measured: the op
+// (flash path: gather + flash attention + copy out) over the whole prefill; flash attention alone
+// over the same chunks on contiguous K/V (what the gather costs); and the last chunk (8192 tokens
+// against 128K keys) on both paths, the split-KV kernel forced by an all-zero key_bias, whose
+// outputs are also compared (bf16 1e-2).
+TEST(CudaTiming, OneLayerOfA128KPrefillInChunks) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(16);
+  const int64_t keys = 131072;
+  const int64_t chunk = 8192;
+  const int64_t chunks = keys / chunk;
+  const int64_t page_size = 16;
+  const int64_t pages = keys / page_size;
+  const int64_t hq = 32;
+  const int64_t hkv = 8;
+  const int64_t d = 128;
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  const auto i64 = at::TensorOptions().dtype(at::kLong).device(at::kCUDA);
+  const at::Tensor kv = at::randn({2, pages, page_size, hkv, d}, bf16);
+  const at::Tensor table = at::randperm(pages, i64).to(at::kInt).reshape({1, pages});
+  const at::Tensor query = at::randn({keys, hq, d}, bf16);
+  const at::Tensor out = at::empty({keys, hq, d}, bf16);
+  const at::Tensor query_start_loc = at::tensor(std::vector<int64_t>{0, chunk}, at::kLong).cuda();
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  // Chunk c: tokens [c * chunk, (c + 1) * chunk), a block table as wide as its context (as the
+  // model runner builds it).
+  std::vector<at::Tensor> tables;
+  std::vector<at::Tensor> lens;
+  double keys_seen = 0.0;  // sum over query tokens of the keys each sees
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t len = (c + 1) * chunk;
+    tables.push_back(table.slice(1, 0, len / page_size).contiguous());
+    lens.push_back(at::full({1}, len, i64));
+    keys_seen += static_cast<double>(chunk) * static_cast<double>(c * chunk) +
+                 static_cast<double>(chunk) * static_cast<double>(chunk + 1) / 2.0;
+  }
+  ASSERT_TRUE(dysco::kernels::paged_attention_prefill_cuda_uses_flash(query, kv, tables.back(),
+                                                                      c10::nullopt));
+  auto run_chunk = [&](int64_t c, const Bias& bias) {
+    ops::paged_attention_prefill(out.slice(0, c * chunk, (c + 1) * chunk),
+                                 query.slice(0, c * chunk, (c + 1) * chunk), kv, tables[c], lens[c],
+                                 query_start_loc, scale, bias);
+  };
+
+  // The bf16 matrix rate.
+  const int64_t n = 8192;
+  const at::Tensor a = at::randn({n, n}, bf16);
+  const at::Tensor b = at::randn({n, n}, bf16);
+  at::Tensor product = at::empty({n, n}, bf16);
+  const double mm_ms = MillisecondsPerCall([&] { at::mm_out(product, a, b); }, 10);
+  const double mm_flops_per_s = 2.0 * n * n * n / (mm_ms * 1e-3);
+  const double flops = 4.0 * d * hq * keys_seen;
+  const double floor_ms = flops / mm_flops_per_s * 1e3;
+
+  // The op over the whole prefill (flash path).
+  const double prefill_ms = MillisecondsPerCall(
+      [&] {
+        for (int64_t c = 0; c < chunks; ++c) run_chunk(c, c10::nullopt);
+      },
+      2, 1);
+  // Flash attention alone over the same chunks, K/V already contiguous.
+  const at::Tensor k_packed = at::randn({keys, hkv, d}, bf16);
+  const at::Tensor v_packed = at::randn({keys, hkv, d}, bf16);
+  std::vector<at::Tensor> cu_k;
+  for (int64_t c = 0; c < chunks; ++c) {
+    cu_k.push_back(
+        at::tensor(std::vector<int32_t>{0, static_cast<int32_t>((c + 1) * chunk)}, at::kInt)
+            .cuda());
+  }
+  const at::Tensor cu_q = query_start_loc.to(at::kInt);
+  const double flash_ms = MillisecondsPerCall(
+      [&] {
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t len = (c + 1) * chunk;
+          (void)at::_flash_attention_forward(query.slice(0, c * chunk, len),
+                                             k_packed.slice(0, 0, len), v_packed.slice(0, 0, len),
+                                             cu_q, cu_k[c], chunk, len, 0.0, true, false, scale);
+        }
+      },
+      2, 1);
+
+  // The last chunk on both paths; outputs compared.
+  const int64_t last = chunks - 1;
+  const Bias zero_bias =
+      at::zeros({1, keys}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA));
+  ASSERT_FALSE(
+      dysco::kernels::paged_attention_prefill_cuda_uses_flash(query, kv, tables.back(), zero_bias));
+  const double last_flash_ms = MillisecondsPerCall([&] { run_chunk(last, c10::nullopt); }, 3, 1);
+  const at::Tensor flash_out = out.slice(0, last * chunk, keys).clone();
+  const double last_split_ms = MillisecondsPerCall([&] { run_chunk(last, zero_bias); }, 1, 0);
+  const at::Tensor split_out = out.slice(0, last * chunk, keys).cpu();
+  EXPECT_TRUE(Close(flash_out, split_out, 1e-2, 1e-2,
+                    "prefill 128K last chunk flash vs split kernel BFloat16"));
+
+  const double last_keys_seen = static_cast<double>(chunk) * static_cast<double>(last * chunk) +
+                                static_cast<double>(chunk) * static_cast<double>(chunk + 1) / 2.0;
+  const double last_floor_ms = 4.0 * d * hq * last_keys_seen / mm_flops_per_s * 1e3;
+  std::printf("[timing] bf16 at::mm 8192^3: %.3f ms, %.0f TFLOP/s\n", mm_ms, mm_flops_per_s / 1e12);
+  std::printf(
+      "[timing] prefill 128K tokens in %lld-token chunks, one layer, Hq=32 Hkv=8 D=128 bf16: "
+      "%.1f ms, FLOP floor %.1f ms (%.2e FLOP), %.2fx floor, %.0f TFLOP/s\n",
+      static_cast<long long>(chunk), prefill_ms, floor_ms, flops, prefill_ms / floor_ms,
+      flops / (prefill_ms * 1e-3) / 1e12);
+  std::printf(
+      "[timing] prefill 128K: flash attention alone (contiguous K/V) %.1f ms (%.2fx floor); "
+      "gather + copy-out %.1f ms\n",
+      flash_ms, flash_ms / floor_ms, prefill_ms - flash_ms);
+  std::printf(
+      "[timing] prefill last chunk (8192 tokens x 128K keys): flash path %.1f ms (%.2fx floor), "
+      "split-KV kernel %.1f ms (%.2fx floor), %.1fx faster\n",
+      last_flash_ms, last_flash_ms / last_floor_ms, last_split_ms, last_split_ms / last_floor_ms,
+      last_split_ms / last_flash_ms);
+  EXPECT_GT(prefill_ms, 0.0);
 }
 
 }  // namespace

@@ -76,6 +76,36 @@ TEST(KvPagePoolTest, SizedFromByteBudget) {
   EXPECT_FALSE(KvPagePool::Create(TinyConfig(), o).ok());
 }
 
+// memory_fraction sizes the pool from a CUDA device's free memory: refused for a CPU pool and out
+// of range; num_pages still wins over it. (Sized on a GPU: scripts/gpu-check.sh's dysco-server
+// row.)
+TEST(KvPagePoolTest, MemoryFractionNeedsACudaDevice) {
+  KvPagePoolOptions o;
+  o.page_size = 4;
+  o.max_bytes = 1 << 20;
+  o.memory_fraction = 0.5;
+  auto pool = KvPagePool::Create(TinyConfig(), o);
+  ASSERT_FALSE(pool.ok());
+  EXPECT_EQ(pool.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(pool.status().message().find("memory_fraction"), std::string::npos)
+      << pool.status().message();
+  for (double bad : {-0.1, 1.5}) {
+    o.memory_fraction = bad;
+    o.device = "cuda:0";  // the range is checked before the device is touched
+    auto out_of_range = KvPagePool::Create(TinyConfig(), o);
+    ASSERT_FALSE(out_of_range.ok()) << bad;
+    EXPECT_EQ(out_of_range.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(out_of_range.status().message().find("(0, 1]"), std::string::npos);
+  }
+  o.device = "cpu";
+  o.memory_fraction = 0.5;
+  o.num_pages = 3;  // an exact page count wins over the fraction
+  pool = KvPagePool::Create(TinyConfig(), o);
+  ASSERT_TRUE(pool.ok()) << pool.status().ToString();
+  EXPECT_EQ((*pool)->num_total(), 3);
+  EXPECT_EQ((*pool)->device_free_bytes(), 0);
+}
+
 TEST(KvPagePoolTest, AllocateFreeAndUsage) {
   auto pool = MakePool(8);
   EXPECT_EQ(pool->num_free(), 8);

@@ -1,10 +1,10 @@
 // dysco-server end to end: the real server (DyscoServer) in-process on loopback ports picked by the
 // kernel, the default model package, and real gRPC channels / HTTP scrapes as a client sees them.
 // Streaming, coalescing for a slow reader, chat / token-id input, stop strings, seeded sampling,
-// concurrency, cancellation and deadlines (sessions freed: running gauge and KV usage back to idle),
-// queue limit, request validation, GetModelInfo, Tokenize, health, draining, the /metrics families,
-// the flag / YAML config parser, and hostile input (forged log lines, oversized and unparseable
-// requests, forged special tokens, refused-request counts).
+// concurrency, cancellation and deadlines (sessions freed: running gauge and KV usage back to
+// idle), queue limit, request validation, GetModelInfo, Tokenize, health, draining, the /metrics
+// families, the flag / YAML config parser, and hostile input (forged log lines, oversized and
+// unparseable requests, forged special tokens, refused-request counts).
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
@@ -1021,6 +1021,106 @@ TEST(ServerFlagsTest, ConfigFileThenFlags) {
   EXPECT_EQ(o.status().code(), dysco::StatusCode::kNotFound);
   o = dysco::server::ParseServerFlags({"--help"}, &help);
   EXPECT_TRUE(help);
+  EXPECT_TRUE(dysco::RemoveTree(dir)) << dir;
+}
+
+// --kv-cache-fraction: CUDA only, (0, 0.95], one of the three KV sizing options; and the per-device
+// chunked-prefill defaults.
+TEST(ServerFlagsTest, KvCacheFractionAndPerDeviceDefaults) {
+  using dysco::server::ParseServerFlags;
+  bool help = false;
+  auto o =
+      ParseServerFlags({"--model", "m", "--device", "cuda:0", "--kv-cache-fraction", "0.3"}, &help);
+  ASSERT_TRUE(o.ok()) << o.status().ToString();
+  EXPECT_DOUBLE_EQ(o->kv_cache_fraction, 0.3);
+  EXPECT_EQ(o->kv_pages, 0);
+  EXPECT_EQ(o->prefill_chunk, dysco::server::kCudaPrefillChunk);  // cuda defaults
+  EXPECT_EQ(o->max_step_tokens, dysco::server::kCudaPrefillChunk + o->max_batch);
+  o = ParseServerFlags({"--model", "m", "--device", "cuda", "--kv-cache-fraction=0.95"}, &help);
+  ASSERT_TRUE(o.ok()) << o.status().ToString();
+  EXPECT_DOUBLE_EQ(o->kv_cache_fraction, 0.95);
+
+  // Refused on the CPU, out of range, or not a number: INVALID_ARGUMENT naming the flag.
+  for (const std::vector<std::string>& bad : std::vector<std::vector<std::string>>{
+           {"--model", "m", "--kv-cache-fraction", "0.3"},
+           {"--model", "m", "--device", "cpu", "--kv-cache-fraction", "0.3"},
+           {"--model", "m", "--device", "cuda:0", "--kv-cache-fraction", "0"},
+           {"--model", "m", "--device", "cuda:0", "--kv-cache-fraction", "0.96"},
+           {"--model", "m", "--device", "cuda:0", "--kv-cache-fraction", "-0.5"},
+           {"--model", "m", "--device", "cuda:0", "--kv-cache-fraction", "nan"},
+           {"--model", "m", "--device", "cuda:0", "--kv-cache-fraction", "half"}}) {
+    o = ParseServerFlags(bad, &help);
+    ASSERT_FALSE(o.ok()) << bad.back();
+    EXPECT_EQ(o.status().code(), dysco::StatusCode::kInvalidArgument);
+    EXPECT_NE(o.status().message().find("--kv-cache-fraction"), std::string::npos)
+        << o.status().message();
+  }
+  // One sizing option per source.
+  for (const std::vector<std::string>& both : std::vector<std::vector<std::string>>{
+           {"--device", "cuda:0", "--kv-cache-fraction", "0.5", "--kv-pages", "10"},
+           {"--device", "cuda:0", "--kv-cache-mb", "64", "--kv-cache-fraction", "0.5"},
+           {"--kv-pages", "10", "--kv-cache-mb", "64"}}) {
+    std::vector<std::string> args = {"--model", "m"};
+    args.insert(args.end(), both.begin(), both.end());
+    o = ParseServerFlags(args, &help);
+    ASSERT_FALSE(o.ok()) << both[0];
+    EXPECT_EQ(o.status().code(), dysco::StatusCode::kInvalidArgument);
+    EXPECT_NE(o.status().message().find("one of --kv-pages, --kv-cache-mb, --kv-cache-fraction"),
+              std::string::npos)
+        << o.status().message();
+  }
+
+  const std::string dir = dysco::MakeTempDir("dysco_server_kv_flags_");
+  ASSERT_FALSE(dir.empty()) << "mkdtemp failed";
+  const std::string config = dir + "/server.yaml";
+  auto write = [&](const std::string& text) {
+    std::ofstream out(config);
+    out << text;
+  };
+  // The YAML key; a flag's sizing replaces the file's.
+  write("model: /models/a\ndevice: cuda:1\nkv_cache_fraction: 0.5\n");
+  o = ParseServerFlags({"--config", config}, &help);
+  ASSERT_TRUE(o.ok()) << o.status().ToString();
+  EXPECT_DOUBLE_EQ(o->kv_cache_fraction, 0.5);
+  write("model: /models/a\ndevice: cuda:0\nkv_cache_mb: 512\n");
+  o = ParseServerFlags({"--config", config, "--kv-cache-fraction", "0.9"}, &help);
+  ASSERT_TRUE(o.ok()) << o.status().ToString();
+  EXPECT_DOUBLE_EQ(o->kv_cache_fraction, 0.9);
+  EXPECT_EQ(o->kv_cache_mb, 1024);  // the file's value, replaced by the flag's choice
+  write("model: /models/a\nkv_pages: 100\n");
+  o = ParseServerFlags({"--config", config, "--kv-cache-mb", "64"}, &help);
+  ASSERT_TRUE(o.ok()) << o.status().ToString();
+  EXPECT_EQ(o->kv_pages, 0);
+  EXPECT_EQ(o->kv_cache_mb, 64);
+  write("model: /models/a\nkv_pages: 100\nkv_cache_mb: 64\n");
+  o = ParseServerFlags({"--config", config}, &help);
+  ASSERT_FALSE(o.ok());
+  EXPECT_NE(o.status().message().find("kv-pages and kv-cache-mb"), std::string::npos)
+      << o.status().message();
+  write("model: /models/a\nkv_cache_fraction: 0.5\n");  // device: cpu (the default)
+  o = ParseServerFlags({"--config", config}, &help);
+  ASSERT_FALSE(o.ok());
+  EXPECT_NE(o.status().message().find("--kv-cache-fraction"), std::string::npos);
+
+  // Chunked prefill: cpu keeps 256 / 256; cuda defaults follow the flags that are given.
+  o = ParseServerFlags({"--model", "m"}, &help);
+  ASSERT_TRUE(o.ok());
+  EXPECT_EQ(o->prefill_chunk, 256);
+  EXPECT_EQ(o->max_step_tokens, 256);
+  o = ParseServerFlags(
+      {"--model", "m", "--device", "cuda:0", "--prefill-chunk", "1024", "--max-batch", "4"}, &help);
+  ASSERT_TRUE(o.ok());
+  EXPECT_EQ(o->prefill_chunk, 1024);
+  EXPECT_EQ(o->max_step_tokens, 1028);
+  o = ParseServerFlags({"--model", "m", "--device", "cuda:0", "--max-step-tokens", "300"}, &help);
+  ASSERT_TRUE(o.ok());
+  EXPECT_EQ(o->prefill_chunk, dysco::server::kCudaPrefillChunk);
+  EXPECT_EQ(o->max_step_tokens, 300);
+  write("model: /models/a\ndevice: cuda:0\nprefill_chunk: 256\n");  // the file's value counts
+  o = ParseServerFlags({"--config", config}, &help);
+  ASSERT_TRUE(o.ok());
+  EXPECT_EQ(o->prefill_chunk, 256);
+  EXPECT_EQ(o->max_step_tokens, 256 + o->max_batch);
   EXPECT_TRUE(dysco::RemoveTree(dir)) << dir;
 }
 

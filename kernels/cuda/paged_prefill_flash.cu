@@ -1,0 +1,186 @@
+// paged_attention_prefill on CUDA through flash attention: the sequences' keys and values are
+// gathered from their pages into packed contiguous [total_keys, Hkv, D] tensors, then ATen's flash
+// attention (FlashAttention-2, varlen, causal) runs over them. The split-KV kernel of
+// paged_attention.cu reads every key once per query token, so a long prefill costs
+// O(query tokens x keys) memory traffic on CUDA cores; flash tiles query tokens over tensor cores
+// and reads each key once per tile of 64-128 query tokens.
+//
+// Why the causal mask is right: flash-attention 2's causal mask with seqlen_q != seqlen_k is
+// aligned bottom-right (query i of Lq sees keys 0 .. i + Lk - Lq), which is the op's contract: a
+// chunk of q_len new tokens at the end of a sequence of seq_len keys, its j-th token at position
+// seq_len - q_len + j (torch's own CausalVariant.LOWER_RIGHT relies on the same flash semantics).
+//
+// No host synchronisation: the packed offsets (cu_seqlens) are computed on the device from
+// query_start_loc and seq_lens; the gather buffers are sized for the upper bound known from shapes
+// (B x block_table_width x page_size keys); max_seqlen_q / max_seqlen_k passed to flash are the
+// host-known bounds T and block_table_width x page_size (flash takes each sequence's real lengths
+// from cu_seqlens and uses the maxima only for its grid). Values are clamped as in the other CUDA
+// ops: a bad call stays in bounds, its result unspecified.
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/_flash_attention_forward.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/paged_prefill_flash.h"
+
+namespace dysco::kernels {
+namespace {
+
+using cuda::Clamp;
+
+// The gather buffers may take at most this many bytes (K and V together); a larger upper bound
+// (a batch of many long sequences) takes the split-KV kernel instead of risking the allocation.
+constexpr int64_t kMaxGatherBytes = 8LL << 30;
+// Keys per gather block (one page of the usual page size).
+constexpr int kGatherRows = 16;
+constexpr int kGatherThreads = 256;
+
+// cu_q int32 [B + 1] <- query_start_loc clamped into [0, T] and made non-decreasing; cu_k int32
+// [B + 1] <- the running sum of seq_lens clamped into [0, max_keys]. One thread: B is a batch size.
+__global__ void PackedOffsetsKernel(int32_t* cu_q, int32_t* cu_k, const int64_t* query_start_loc,
+                                    const int64_t* seq_lens, int64_t batch, int64_t tokens,
+                                    int64_t max_keys) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  int64_t q = 0;
+  int64_t k = 0;
+  cu_k[0] = 0;
+  for (int64_t b = 0; b <= batch; ++b) {
+    q = Clamp(query_start_loc[b], q, tokens);
+    cu_q[b] = static_cast<int32_t>(q);
+    if (b < batch) {
+      k += Clamp(seq_lens[b], 0, max_keys);
+      cu_k[b + 1] = static_cast<int32_t>(k);
+    }
+  }
+}
+
+// Key j of sequence b (j < its length cu_k[b + 1] - cu_k[b]) from its page into row cu_k[b] + j of
+// k_out / v_out, both halves of the cache at once. A row (Hkv x D elements) is row_words Words.
+// Grid: x = tiles of kGatherRows keys, y = sequence. Block: kGatherThreads over the tile's words.
+// Offsets within a tile are 32-bit: FlashPrefillApplies bounds a row (Hkv x D) to 2^20 elements.
+template <typename Word>
+__global__ void __launch_bounds__(kGatherThreads)
+    GatherPagesKernel(Word* k_out, Word* v_out, const Word* k_cache, const Word* v_cache,
+                      const int32_t* tables, const int32_t* cu_k, int64_t max_pages,
+                      int64_t page_size, int64_t num_pages, int row_words) {
+  const int64_t b = blockIdx.y;
+  const int64_t begin = cu_k[b];
+  const int64_t len = cu_k[b + 1] - begin;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kGatherRows;
+  if (first >= len) return;
+  const int rows = static_cast<int>(min(static_cast<int64_t>(kGatherRows), len - first));
+  const int32_t* pages = tables + b * max_pages;
+  for (int i = threadIdx.x; i < rows * row_words; i += kGatherThreads) {
+    const int64_t j = first + i / row_words;
+    const int w = i % row_words;
+    const int64_t page = Clamp(pages[j / page_size], 0, num_pages - 1);
+    const int64_t src = (page * page_size + j % page_size) * row_words + w;
+    const int64_t dst = (begin + j) * row_words + w;
+    k_out[dst] = k_cache[src];
+    v_out[dst] = v_cache[src];
+  }
+}
+
+template <typename Word>
+void LaunchGather(const at::Tensor& k_out, const at::Tensor& v_out,
+                  const at::Tensor& kv_cache_layer, const PagedCacheShape& cache,
+                  const at::Tensor& block_tables, const at::Tensor& cu_k, cudaStream_t stream) {
+  const int64_t row_bytes = cache.num_kv_heads * cache.head_dim * kv_cache_layer.element_size();
+  const int64_t row_words = row_bytes / static_cast<int64_t>(sizeof(Word));
+  const Word* k_cache = static_cast<const Word*>(kv_cache_layer.data_ptr());
+  const Word* v_cache = k_cache + cache.num_pages * cache.page_size * row_words;
+  const int64_t max_pages = block_tables.size(1);
+  const int64_t tiles = cuda::CeilDiv(max_pages * cache.page_size, kGatherRows);
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(block_tables.size(0)));
+  GatherPagesKernel<Word><<<grid, kGatherThreads, 0, stream>>>(
+      static_cast<Word*>(k_out.data_ptr()), static_cast<Word*>(v_out.data_ptr()), k_cache, v_cache,
+      block_tables.data_ptr<int32_t>(), cu_k.data_ptr<int32_t>(), max_pages, cache.page_size,
+      cache.num_pages, static_cast<int>(row_words));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+bool FlashPrefillApplies(const at::Tensor& query, const PagedCacheShape& cache,
+                         const at::Tensor& block_tables,
+                         const c10::optional<at::Tensor>& key_bias) {
+  const at::ScalarType dtype = query.scalar_type();
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;  // flash: 16-bit only
+  if (key_bias.has_value() && key_bias->defined()) return false;   // no per-key additive bias
+  // Head sizes flash-attention 2 takes without padding: multiples of 8 up to 256.
+  if (cache.head_dim % 8 != 0 || cache.head_dim > 256) return false;
+  const cudaDeviceProp* props = at::cuda::getDeviceProperties(query.device().index());
+  if (props->major < 8) return false;  // flash needs sm80 or newer
+  // A row of Hkv x D elements: tile offsets in the gather kernel are 32-bit; its grid's y is the
+  // sequence.
+  if (cache.num_kv_heads * cache.head_dim > (1 << 20)) return false;
+  if (block_tables.size(0) > 65535) return false;
+  const int64_t capacity = block_tables.size(0) * block_tables.size(1) * cache.page_size;
+  if (capacity > std::numeric_limits<int32_t>::max()) return false;  // int32 cu_seqlens
+  const int64_t gather_bytes =
+      2 * capacity * cache.num_kv_heads * cache.head_dim * query.element_size();
+  return gather_bytes <= kMaxGatherBytes;
+}
+
+void FlashPrefill(const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache_layer,
+                  const PagedCacheShape& cache, const at::Tensor& block_tables,
+                  const at::Tensor& seq_lens, const at::Tensor& query_start_loc, double scale) {
+  const int64_t tokens = query.size(0);
+  const int64_t batch = block_tables.size(0);
+  const int64_t max_keys = block_tables.size(1) * cache.page_size;
+  if (max_keys == 0) {  // no keys at all: every row sees none (zeros, as the split kernel writes)
+    out.zero_();
+    return;
+  }
+  const cudaStream_t stream = cuda::CurrentStream();
+  const auto int_options = query.options().dtype(at::kInt);
+  at::Tensor offsets = at::empty({2, batch + 1}, int_options);
+  at::Tensor cu_q = offsets[0];
+  at::Tensor cu_k = offsets[1];
+  PackedOffsetsKernel<<<1, 1, 0, stream>>>(cu_q.data_ptr<int32_t>(), cu_k.data_ptr<int32_t>(),
+                                           query_start_loc.data_ptr<int64_t>(),
+                                           seq_lens.data_ptr<int64_t>(), batch, tokens, max_keys);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  const int64_t capacity = batch * max_keys;
+  at::Tensor packed = at::empty({2, capacity, cache.num_kv_heads, cache.head_dim}, query.options());
+  at::Tensor k = packed[0];
+  at::Tensor v = packed[1];
+  // Rows are whole multiples of 16 bytes (head_dim % 8 == 0, 2-byte elements): 16-byte words when
+  // the cache and the buffer are aligned to them, else element by element.
+  const bool aligned = reinterpret_cast<uintptr_t>(kv_cache_layer.data_ptr()) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0;
+  if (aligned) {
+    LaunchGather<uint4>(k, v, kv_cache_layer, cache, block_tables, cu_k, stream);
+  } else {
+    LaunchGather<uint16_t>(k, v, kv_cache_layer, cache, block_tables, cu_k, stream);
+  }
+
+  // max_seqlen_q: T, but at least 2. With max_seqlen_q == 1 and GQA, flash reshapes q as one token
+  // per sequence ([B, Hkv, group, D]), which fails when some sequences have no new token (T = 1 <
+  // B); a bound of 2 keeps the general path, and causal with one query token sees all its keys.
+  const int64_t max_q = std::max<int64_t>(tokens, 2);
+  const auto result = at::_flash_attention_forward(query, k, v, cu_q, cu_k, max_q, max_keys,
+                                                   /*dropout_p=*/0.0, /*is_causal=*/true,
+                                                   /*return_debug_mask=*/false, scale);
+  // Rows owned by no sequence (only in an invalid call) are left as flash leaves them.
+  out.copy_(std::get<0>(result));
+}
+
+bool paged_attention_prefill_cuda_uses_flash(const at::Tensor& query,
+                                             const at::Tensor& kv_cache_layer,
+                                             const at::Tensor& block_tables,
+                                             const c10::optional<at::Tensor>& key_bias) {
+  const PagedCacheShape cache = CheckKvCache(kPagedAttentionPrefillOp, kv_cache_layer);
+  return query.is_cuda() && FlashPrefillApplies(query, cache, block_tables, key_bias);
+}
+
+}  // namespace dysco::kernels
