@@ -28,6 +28,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 
 
 def parse_args(argv=None):
@@ -187,8 +188,7 @@ def generate_timed(model, torch, ids, new_tokens, cache, compile_on, device):
     if not compile_on:
         kwargs["disable_compile"] = True
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        model.generate(ids, **kwargs)
+    model.generate(ids, **kwargs)
     total = time.perf_counter() - t0
     tokens = clock.stamps[1:]  # stamps[0]: the prompt
     ttft = tokens[0] - t0 if tokens else math.nan
@@ -196,7 +196,14 @@ def generate_timed(model, torch, ids, new_tokens, cache, compile_on, device):
     return ttft, gaps, total
 
 
-def measure_context(model, torch, args, L, compile_on, device, pad_token):
+def measure_context(model, torch, args, L, compile_on, device):
+    # All under inference mode: the static cache's tensors are created, filled and reset in it (a
+    # reset outside it would be an in-place update of inference tensors).
+    with torch.inference_mode():
+        return _measure_context(model, torch, args, L, compile_on, device)
+
+
+def _measure_context(model, torch, args, L, compile_on, device):
     from transformers import StaticCache
 
     gen = torch.Generator(device="cpu").manual_seed(args.seed + L)
@@ -224,6 +231,9 @@ def measure_context(model, torch, args, L, compile_on, device, pad_token):
 
 def main(argv=None):
     args = parse_args(argv)
+    # transformers 5.2x renames generate's past_key_values to cache (a FutureWarning); 5.17, the GPU
+    # machine's, takes past_key_values.
+    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
     out = {"peer": "transformers", "model_dir": args.model, "device": args.device, "batch": 1,
            "contexts": [], "errors": []}
 
@@ -270,8 +280,7 @@ def main(argv=None):
         r = None
         for attempt_compile in ([compile_on, False] if compile_on else [False]):
             try:
-                r = measure_context(model, torch, args, L, attempt_compile, device,
-                                    pkg.get("special_tokens", {}).get("pad_token_id"))
+                r = measure_context(model, torch, args, L, attempt_compile, device)
                 break
             except Exception as e:
                 msg = f"context {L} ({'compiled' if attempt_compile else 'eager'}): " \

@@ -175,7 +175,7 @@ def table(benches, peers, servers):
     for b in benches:
         lines += decode_table(b, peer_for(b, peers)) + [""]
     for p in peers:
-        if not any(peer_for(b, [p]) for b in benches):  # a peer without our numbers
+        if p.get("contexts") and not any(peer_for(b, [p]) for b in benches):  # no numbers of ours
             lines += [f"Peer only ({p.get('model_name')}): " + ", ".join(
                 f"{r['context']}: {fmt(r.get('per_token_ms_p50'))} ms" for r in p["contexts"]), ""]
         for e in p.get("errors", []):

@@ -24,7 +24,9 @@
 # GPU_BENCH_CONTEXTS (8192,32768,131072), GPU_BENCH_STEPS (20), GPU_BENCH_PEER=0 / GPU_BENCH_SERVER=0
 # (drop a part), GPU_BENCH_PEER_CONTEXTS, GPU_BENCH_PEER_COMPILE (1), GPU_BENCH_SESSIONS (16),
 # GPU_BENCH_SERVER_PROMPT (32000), GPU_BENCH_SERVER_NEW_TOKENS (128), GPU_BENCH_PKG_DIR
-# (/tmp/dysco-bench), GPU_BENCH_BUDGET_S (570), BUILD_GPU_DIR (build-gpu).
+# (/tmp/dysco-bench; a shape's package with a .complete stamp is reused), GPU_BENCH_BUDGET_S (570),
+# BUILD_GPU_DIR (build-gpu); for a dry run on a CPU build: GPU_BENCH_DEVICE=cpu,
+# GPU_BENCH_MAIN_SHAPE (the server/peer shape, qwen3-8b) and a pre-exported tiny package.
 # Usage: bash scripts/gpu-bench.sh [DEBS_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -42,6 +44,8 @@ SESSIONS=${GPU_BENCH_SESSIONS:-16}
 SERVER_PROMPT=${GPU_BENCH_SERVER_PROMPT:-32000}
 SERVER_NEW=${GPU_BENCH_SERVER_NEW_TOKENS:-128}
 PKGS=${GPU_BENCH_PKG_DIR:-/tmp/dysco-bench}
+DEVICE=${GPU_BENCH_DEVICE:-cuda:0}           # cpu: a dry run of this script on a CPU build
+MAIN_SHAPE=${GPU_BENCH_MAIN_SHAPE:-qwen3-8b}  # the shape of the server and peer parts
 BUDGET=${GPU_BENCH_BUDGET_S:-570}
 [ "${GPU_BENCH_PEER:-1}" = 0 ] && PARTS=${PARTS//peer/}
 [ "${GPU_BENCH_SERVER:-1}" = 0 ] && PARTS=${PARTS//server/}
@@ -115,7 +119,7 @@ export_shape() {
 run_bench_gpu() {
   local shape=$1 t0 rc
   t0=$(date +%s)
-  timeout "$(allow 300)" "$BUILD/bin/bench-gpu" --model "$PKGS/$shape" --device cuda:0 \
+  timeout "$(allow 300)" "$BUILD/bin/bench-gpu" --model "$PKGS/$shape" --device "$DEVICE" \
     --contexts "$CONTEXTS" --steps "$STEPS" --label "$shape" --json "$LOGS/bench-gpu-$shape.json" \
     > "$LOGS/bench-gpu-$shape.log" 2>&1
   rc=$?
@@ -135,7 +139,7 @@ run_server() {
   t0=$(date +%s)
   # Every session's pages (prompt + new tokens) plus one more session's worth of slack.
   pages=$(( (SESSIONS + 1) * ((SERVER_PROMPT + SERVER_NEW + 15) / 16 + 1) ))
-  "$BUILD/bin/dysco-server" --model "$PKGS/$shape" --device cuda:0 --host 127.0.0.1 \
+  "$BUILD/bin/dysco-server" --model "$PKGS/$shape" --device "$DEVICE" --host 127.0.0.1 \
     --port $port --metrics-host 127.0.0.1 --metrics-port $((port + 100)) --kv-pages "$pages" \
     --max-batch "$SESSIONS" --prefill-chunk 8192 --max-step-tokens 8192 \
     --max-request-bytes $((64 << 20)) > "$LOGS/server-$shape.log" 2>&1 &
@@ -159,7 +163,7 @@ run_server() {
 run_peer() {
   local shape=$1 t0 rc
   t0=$(date +%s)
-  timeout "$(allow 540)" python3 bench/hf_peer.py --model "$PKGS/$shape" --device cuda:0 \
+  timeout "$(allow 540)" python3 bench/hf_peer.py --model "$PKGS/$shape" --device "$DEVICE" \
     --contexts "$PEER_CONTEXTS" --steps 32 --compile "$PEER_COMPILE" \
     --json "$LOGS/hf-peer-$shape.json" > "$LOGS/hf-peer-$shape.log" 2>&1
   rc=$?
@@ -175,11 +179,11 @@ run_peer() {
 for shape in $SHAPES; do
   needs=0
   has_part bench && needs=1
-  [ "$shape" = qwen3-8b ] && { has_part server || has_part peer; } && needs=1
+  [ "$shape" = "$MAIN_SHAPE" ] && { has_part server || has_part peer; } && needs=1
   [ $needs -eq 1 ] || continue
   export_shape "$shape" || continue
   has_part bench && run_bench_gpu "$shape"
-  if [ "$shape" = qwen3-8b ]; then
+  if [ "$shape" = "$MAIN_SHAPE" ]; then
     has_part server && run_server "$shape"
     has_part peer && run_peer "$shape"
   fi
