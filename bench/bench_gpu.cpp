@@ -38,7 +38,11 @@
 // measurements synchronise the device explicitly.
 //
 // usage: bench-gpu --model DIR [--device cuda:0|cpu] [--contexts 8192,32768,131072] [--chunk N]
-//                  [--warmup N] [--steps N] [--copy-mib N] [--no-dysco] [--json PATH] [--label S]
+//                  [--warmup N] [--steps N] [--copy-mib N] [--max-prefill-s S] [--no-dysco]
+//                  [--json PATH] [--label S]
+// --max-prefill-s (300): the prefill stops after the chunk that passes it (a far too slow prefill
+// kernel must not eat the run); the TTFT is then that of the tokens prefilled ("cut" in the JSON)
+// and the contexts past them are skipped.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -70,10 +74,11 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
 }
 
 [[noreturn]] void Usage(const std::string& message) {
-  std::cerr << "bench-gpu: " << message
-            << "\nusage: bench-gpu --model DIR [--device cuda:0|cpu] [--contexts N,N,...] "
-               "[--chunk N] [--warmup N] [--steps N] [--copy-mib N] [--no-dysco] [--json PATH] "
-               "[--label S]\n";
+  std::cerr
+      << "bench-gpu: " << message
+      << "\nusage: bench-gpu --model DIR [--device cuda:0|cpu] [--contexts N,N,...] "
+         "[--chunk N] [--warmup N] [--steps N] [--copy-mib N] [--max-prefill-s S] [--no-dysco] "
+         "[--json PATH] [--label S]\n";
   std::exit(2);
 }
 
@@ -254,17 +259,24 @@ class Bench {
     Check(pages_.EnsureCapacity(max_context), "allocating the pages of the long sequence");
   }
 
-  // Chunked prefill of all tokens; seconds to the last chunk's logits on the host. One untimed
-  // chunk first (lazy initialisation: cuBLAS handles, allocator growth).
-  double Prefill(int64_t chunk) {
+  // Chunked prefill of the tokens; seconds to the last chunk's logits on the host and the tokens
+  // prefilled. One untimed chunk first (lazy initialisation: cuBLAS handles, allocator growth).
+  // Stops after the chunk that passes `max_seconds` (a prefill kernel that is far too slow must not
+  // eat the whole run): then fewer tokens than asked are prefilled.
+  std::pair<double, int64_t> Prefill(int64_t chunk, double max_seconds) {
     const int64_t n = static_cast<int64_t>(tokens_.size());
     Forward(0, std::min(chunk, n), {}, -1, {});
     const auto t0 = Clock::now();
-    for (int64_t start = 0; start < n; start += chunk)
-      Forward(start, std::min(chunk, n - start), {}, -1, {});
+    int64_t done = 0;
+    while (done < n) {
+      const int64_t m = std::min(chunk, n - done);
+      Forward(done, m, {}, -1, {});
+      done += m;
+      if (done < n && Seconds(t0, Clock::now()) > max_seconds) break;
+    }
     volatile int64_t next = Argmax(out_);
     (void)next;
-    return Seconds(t0, Clock::now());
+    return {Seconds(t0, Clock::now()), done};
   }
 
   // One plain decode step at context L.
@@ -400,6 +412,7 @@ int main(int argc, char** argv) {
   std::string model, device_name = "cuda:0", json_path, label;
   std::vector<int64_t> contexts = {8192, 32768, 131072};
   int64_t chunk = 0, warmup = 3, steps = 20, copy_mib = 0;
+  double max_prefill_s = 300;
   bool with_dysco = true;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
@@ -423,6 +436,8 @@ int main(int argc, char** argv) {
       steps = ParseInt(flag, value, 1, 100000);
     } else if (flag == "--copy-mib") {
       copy_mib = ParseInt(flag, value, 1, 1 << 20);
+    } else if (flag == "--max-prefill-s") {
+      max_prefill_s = static_cast<double>(ParseInt(flag, value, 1, 1 << 20));
     } else if (flag == "--json") {
       json_path = value;
     } else if (flag == "--label") {
@@ -493,14 +508,28 @@ int main(int argc, char** argv) {
 
   // TTFT: the one long prefill.
   Bench bench(&runner, &pool, max_context, 1234);
-  const double ttft_s = bench.Prefill(chunk);
-  const double prefill_flops = PrefillFlops(c, bytes, max_context, chunk);
+  const auto [ttft_s, ttft_tokens] = bench.Prefill(chunk, max_prefill_s);
+  const bool ttft_cut = ttft_tokens < max_context;
+  const double prefill_flops = PrefillFlops(c, bytes, ttft_tokens, chunk);
   const double ttft_floor_s = prefill_flops / matmul_rate;
+  if (ttft_cut) {
+    std::fprintf(
+        stderr,
+        "bench-gpu: prefill cut after %lld of %lld tokens (%.1f s > --max-prefill-s %.0f); "
+        "contexts past it are skipped\n",
+        static_cast<long long>(ttft_tokens), static_cast<long long>(max_context), ttft_s,
+        max_prefill_s);
+    std::vector<int64_t> kept;
+    for (int64_t L : contexts) {
+      if (L - 1 <= ttft_tokens) kept.push_back(L);
+    }
+    contexts = kept;
+  }
   std::printf(
       "TTFT %lld tokens (chunks of %lld): %.3f s, FLOP floor %.3f s (%.3g FLOP), %.2fx, "
       "%.0f tokens/s\n",
-      static_cast<long long>(max_context), static_cast<long long>(chunk), ttft_s, ttft_floor_s,
-      prefill_flops, ttft_s / ttft_floor_s, max_context / ttft_s);
+      static_cast<long long>(ttft_tokens), static_cast<long long>(chunk), ttft_s, ttft_floor_s,
+      prefill_flops, ttft_s / ttft_floor_s, ttft_tokens / ttft_s);
   std::fflush(stdout);
 
   std::vector<ContextResult> results;
@@ -576,8 +605,8 @@ int main(int argc, char** argv) {
   std::printf(
       "\n| TTFT tokens | seconds | FLOP floor s | ratio | tokens/s |\n|---|---|---|---|---|\n"
       "| %lld | %.3f | %.3f | %.2fx | %.0f |\n",
-      static_cast<long long>(max_context), ttft_s, ttft_floor_s, ttft_s / ttft_floor_s,
-      max_context / ttft_s);
+      static_cast<long long>(ttft_tokens), ttft_s, ttft_floor_s, ttft_s / ttft_floor_s,
+      ttft_tokens / ttft_s);
   std::fflush(stdout);
 
   if (!json_path.empty()) {
@@ -600,7 +629,8 @@ int main(int argc, char** argv) {
         << ",\n  \"dysco\": " << (with_dysco ? "true" : "false")
         << ",\n  \"probe_last_layer\": " << probe_last_layer
         << ",\n  \"num_probe_heads\": " << num_probe_heads
-        << ",\n  \"ttft\": {\"tokens\": " << max_context << ", \"seconds\": " << Json(ttft_s)
+        << ",\n  \"ttft\": {\"tokens\": " << ttft_tokens
+        << ", \"cut\": " << (ttft_cut ? "true" : "false") << ", \"seconds\": " << Json(ttft_s)
         << ", \"flops\": " << Json(prefill_flops) << ", \"floor_s\": " << Json(ttft_floor_s)
         << ", \"ratio\": " << Json(ttft_s / ttft_floor_s) << "},\n  \"contexts\": [";
     for (size_t i = 0; i < results.size(); ++i) {

@@ -108,7 +108,8 @@ def ttft_table(benches, peers):
         peer = peer_for(b, peers)
         p = peer_row(peer, t["tokens"])
         peer_s = p.get("ttft_s") if p else None
-        lines.append(f"| {b.get('label') or b.get('model_name')} | {t['tokens']} | "
+        cut = " (cut: --max-prefill-s)" if t.get("cut") else ""
+        lines.append(f"| {b.get('label') or b.get('model_name')} | {t['tokens']}{cut} | "
                      f"{t['seconds']:.2f} | {t['floor_s']:.2f} | {t['ratio']:.2f}x | "
                      f"{fmt(peer_s)} | {fmt(ratio(t['seconds'], peer_s), 'x')} |")
     return lines
@@ -153,7 +154,7 @@ def targets(benches, servers):
                 out.append(f"- DySCO at {r['context']}: {r['dysco_ratio']:.2f}x its floor "
                            f"(target <= {DYSCO_TARGET}x): "
                            f"{'met' if r['dysco_ratio'] <= DYSCO_TARGET else 'missed'}")
-        longest = max(b["contexts"], key=lambda r: r["context"])
+        longest = max(b["contexts"], key=lambda r: r["context"], default={})
         if longest.get("dysco_over_plain") is not None and longest["context"] >= 131072:
             out.append(f"- DySCO/plain at {longest['context']}: {longest['dysco_over_plain']:.2f}x "
                        f"(target <= {DYSCO_OVER_PLAIN_128K}x): "

@@ -25,7 +25,8 @@
 # (drop a part), GPU_BENCH_PEER_CONTEXTS, GPU_BENCH_PEER_COMPILE (1), GPU_BENCH_SESSIONS (16),
 # GPU_BENCH_SERVER_PROMPT (32000), GPU_BENCH_SERVER_NEW_TOKENS (128), GPU_BENCH_PKG_DIR
 # (/tmp/dysco-bench; a shape's package with a .complete stamp is reused), GPU_BENCH_BUDGET_S (570),
-# BUILD_GPU_DIR (build-gpu); for a dry run on a CPU build: GPU_BENCH_DEVICE=cpu,
+# BUILD_GPU_DIR (build-gpu), GPU_BENCH_MAX_PREFILL_S (150: bench-gpu cuts a slower prefill and
+# skips the contexts past it); for a dry run on a CPU build: GPU_BENCH_DEVICE=cpu,
 # GPU_BENCH_MAIN_SHAPE (the server/peer shape, qwen3-8b) and a pre-exported tiny package.
 # Usage: bash scripts/gpu-bench.sh [DEBS_DIR]
 set -uo pipefail
@@ -120,7 +121,7 @@ run_bench_gpu() {
   local shape=$1 t0 rc
   t0=$(date +%s)
   timeout "$(allow 300)" "$BUILD/bin/bench-gpu" --model "$PKGS/$shape" --device "$DEVICE" \
-    --contexts "$CONTEXTS" --steps "$STEPS" --label "$shape" --json "$LOGS/bench-gpu-$shape.json" \
+    --contexts "$CONTEXTS" --steps "$STEPS" --max-prefill-s "${GPU_BENCH_MAX_PREFILL_S:-150}" --label "$shape" --json "$LOGS/bench-gpu-$shape.json" \
     > "$LOGS/bench-gpu-$shape.log" 2>&1
   rc=$?
   if [ $rc -eq 0 ]; then

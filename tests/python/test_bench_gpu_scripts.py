@@ -109,3 +109,12 @@ def test_parse_contexts():
     assert hf_peer.parse_contexts("32768,8192,8192") == [8192, 32768]
     with pytest.raises(ValueError):
         hf_peer.parse_contexts("1")
+
+
+def test_table_of_a_cut_prefill_with_no_context(tmp_path):
+    data = bench_json(8.8, 20.0)
+    data["contexts"] = []
+    data["ttft"].update(tokens=16384, cut=True)
+    benches, peers, servers = plot_gpu.load([write(tmp_path, "b.json", data)])
+    text = plot_gpu.table(benches, peers, servers)
+    assert "| 16384 (cut: --max-prefill-s) |" in text
