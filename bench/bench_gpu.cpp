@@ -39,7 +39,9 @@
 //
 // usage: bench-gpu --model DIR [--device cuda:0|cpu] [--contexts 8192,32768,131072] [--chunk N]
 //                  [--warmup N] [--steps N] [--copy-mib N] [--max-prefill-s S] [--no-dysco]
-//                  [--json PATH] [--label S]
+//                  [--cuda-graphs 0|1] [--json PATH] [--label S]
+// --cuda-graphs sets ModelRunnerOptions::cuda_graphs where the runner has that option (CUDA graphs
+// for decode steps; the JSON's "cuda_graphs" is null without it).
 // --max-prefill-s (300): the prefill stops after the chunk that passes it (a far too slow prefill
 // kernel must not eat the run); the TTFT is then that of the tokens prefilled ("cut" in the JSON)
 // and the contexts past them are skipped.
@@ -54,6 +56,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -138,6 +141,26 @@ Stats Summarise(std::vector<double> v) {
 // Waits for the device's queued work (a no-op on the CPU).
 void Sync(const at::Device& device) {
   if (device.is_cuda()) torch::cuda::synchronize(device.index());
+}
+
+// ModelRunnerOptions::cuda_graphs (CUDA graphs for decode steps) where this tree's runner has it:
+// --cuda-graphs 0|1 sets it; without the option the flag is refused. Detected at compile time so
+// that the benchmark builds with and without it.
+template <typename T, typename = void>
+struct HasCudaGraphs : std::false_type {};
+template <typename T>
+struct HasCudaGraphs<T, std::void_t<decltype(std::declval<T&>().cuda_graphs)>> : std::true_type {};
+
+// -1: the runner has no such option; else the value now set (0/1). `want` < 0 keeps the default.
+template <typename Options>
+int SetCudaGraphs(Options* options, int want) {
+  if constexpr (HasCudaGraphs<Options>::value) {
+    if (want >= 0) options->cuda_graphs = want != 0;
+    return options->cuda_graphs ? 1 : 0;
+  } else {
+    if (want >= 0) Usage("--cuda-graphs: this build's ModelRunnerOptions has no cuda_graphs");
+    return -1;
+  }
 }
 
 // ---- What a step must read, from the config (every tensor of the model's forward, by shape).
@@ -413,6 +436,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> contexts = {8192, 32768, 131072};
   int64_t chunk = 0, warmup = 3, steps = 20, copy_mib = 0;
   double max_prefill_s = 300;
+  int cuda_graphs_flag = -1;
   bool with_dysco = true;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
@@ -438,6 +462,8 @@ int main(int argc, char** argv) {
       copy_mib = ParseInt(flag, value, 1, 1 << 20);
     } else if (flag == "--max-prefill-s") {
       max_prefill_s = static_cast<double>(ParseInt(flag, value, 1, 1 << 20));
+    } else if (flag == "--cuda-graphs") {
+      cuda_graphs_flag = static_cast<int>(ParseInt(flag, value, 0, 1));
     } else if (flag == "--json") {
       json_path = value;
     } else if (flag == "--label") {
@@ -475,6 +501,7 @@ int main(int argc, char** argv) {
   options.page_size = page_size;
   options.kv_pages = (max_context + page_size - 1) / page_size + 1;
   options.start_scheduler = false;
+  const int cuda_graphs = SetCudaGraphs(&options.runner, cuda_graphs_flag);
   const auto load0 = Clock::now();
   auto engine = dysco::Engine::Load(model, options);
   Check(engine.status(), "loading " + model);
@@ -488,11 +515,15 @@ int main(int argc, char** argv) {
   }
   const ModelBytes bytes = CountBytes(c, pool);
   std::printf(
-      "bench-gpu: %s (%s, %s, %d layers, hidden %lld, %.2fB params) on %s, loaded in %.1f s\n",
+      "bench-gpu: %s (%s, %s, %d layers, hidden %lld, %.2fB params) on %s, loaded in %.1f s, CUDA "
+      "graphs %s\n",
       c.model_name.c_str(), c.architecture.c_str(), dysco::ModelDtypeName(c.dtype), c.num_layers,
       static_cast<long long>(c.hidden_size),
       (bytes.layer_matrix_params + bytes.layer_norm_params + bytes.lm_head_params) / 1e9,
-      device_name.c_str(), load_s);
+      device_name.c_str(), load_s,
+      cuda_graphs < 0 ? "(no option)"
+      : cuda_graphs   ? "on"
+                      : "off");
   std::fflush(stdout);
 
   // Floors.
@@ -617,6 +648,10 @@ int main(int argc, char** argv) {
         << ",\n  \"architecture\": " << JsonString(c.architecture)
         << ",\n  \"dtype\": " << JsonString(dysco::ModelDtypeName(c.dtype))
         << ",\n  \"device\": " << JsonString(device_name) << ",\n  \"batch\": 1"
+        << ",\n  \"cuda_graphs\": "
+        << (cuda_graphs < 0 ? "null"
+            : cuda_graphs   ? "true"
+                            : "false")
         << ",\n  \"load_s\": " << Json(load_s) << ",\n  \"num_layers\": " << c.num_layers
         << ",\n  \"layer_matrix_params\": " << Json(bytes.layer_matrix_params)
         << ",\n  \"lm_head_params\": " << Json(bytes.lm_head_params)

@@ -28,6 +28,8 @@
 # BUILD_GPU_DIR (build-gpu), GPU_BENCH_MAX_PREFILL_S (150: bench-gpu cuts a slower prefill and
 # skips the contexts past it); for a dry run on a CPU build: GPU_BENCH_DEVICE=cpu,
 # GPU_BENCH_MAIN_SHAPE (the server/peer shape, qwen3-8b) and a pre-exported tiny package.
+# GPU_BENCH_CUDA_GRAPHS=0|1: bench-gpu --cuda-graphs (the runner's default when unset);
+# GPU_BENCH_EXPORT_DEVICE=cuda: the exporter draws the random weights on the GPU (faster).
 # Usage: bash scripts/gpu-bench.sh [DEBS_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -103,8 +105,11 @@ export_shape() {
   rm -rf "$dir"
   local t0 rc
   t0=$(date +%s)
+  local extra=()
+  [ -n "${GPU_BENCH_EXPORT_DEVICE:-}" ] && extra=(--device "$GPU_BENCH_EXPORT_DEVICE")
   timeout "$(allow 240)" python3 -m tools.dysco_export synthetic --shape "$shape" --dtype bfloat16 \
-    --seed 0 --out "$dir" --kernels "$BUILD/lib/libdysco_kernels.so" > "$LOGS/export-$shape.log" 2>&1
+    --seed 0 --out "$dir" --kernels "$BUILD/lib/libdysco_kernels.so" "${extra[@]}" \
+    > "$LOGS/export-$shape.log" 2>&1
   rc=$?
   if [ $rc -eq 0 ]; then
     touch "$dir/.complete"
@@ -118,11 +123,12 @@ export_shape() {
 }
 
 run_bench_gpu() {
-  local shape=$1 t0 rc
+  local shape=$1 t0 rc extra=()
+  [ -n "${GPU_BENCH_CUDA_GRAPHS:-}" ] && extra=(--cuda-graphs "$GPU_BENCH_CUDA_GRAPHS")
   t0=$(date +%s)
   timeout "$(allow 300)" "$BUILD/bin/bench-gpu" --model "$PKGS/$shape" --device "$DEVICE" \
     --contexts "$CONTEXTS" --steps "$STEPS" --max-prefill-s "${GPU_BENCH_MAX_PREFILL_S:-150}" --label "$shape" --json "$LOGS/bench-gpu-$shape.json" \
-    > "$LOGS/bench-gpu-$shape.log" 2>&1
+    "${extra[@]}" > "$LOGS/bench-gpu-$shape.log" 2>&1
   rc=$?
   if [ $rc -eq 0 ]; then
     phase "bench-gpu $shape" ok $(( $(date +%s) - t0 )) "contexts $CONTEXTS"
