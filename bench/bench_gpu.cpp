@@ -39,7 +39,10 @@
 //
 // usage: bench-gpu --model DIR [--device cuda:0|cpu] [--contexts 8192,32768,131072] [--chunk N]
 //                  [--warmup N] [--steps N] [--copy-mib N] [--max-prefill-s S] [--no-dysco]
-//                  [--cuda-graphs 0|1] [--json PATH] [--label S]
+//                  [--cuda-graphs 0|1] [--profile-steps N] [--json PATH] [--label S]
+// --profile-steps N (0): then N plain and N DySCO steps at the longest context run under the Kineto
+// profiler, and the device time per kernel name (per step) is printed and written to the JSON
+// ("profile"): where a step's time goes, next to its wall time (the gap is host time).
 // --cuda-graphs sets ModelRunnerOptions::cuda_graphs where the runner has that option (CUDA graphs
 // for decode steps; the JSON's "cuda_graphs" is null without it).
 // --max-prefill-s (300): the prefill stops after the chunk that passes it (a far too slow prefill
@@ -51,7 +54,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -60,8 +65,10 @@
 #include <utility>
 #include <vector>
 
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/cuda.h>
 #include <torch/script.h>
+#include <torch/version.h>
 
 #include "core/dysco/batch_ops.h"
 #include "core/dysco/controller.h"
@@ -402,6 +409,70 @@ class Bench {
   std::vector<dysco::DyscoSelection> selections_;
 };
 
+// ---- Where the time goes: per-kernel device time of a few steps under the Kineto profiler.
+struct KernelTime {
+  std::string name;
+  double ms_per_step = 0;
+  double calls_per_step = 0;
+};
+
+struct StepProfile {
+  bool ok = false;
+  std::string error;
+  double device_ms_per_step = 0;  // sum of all device events (kernels, copies)
+  double wall_ms_per_step = 0;
+  std::vector<KernelTime> kernels;  // by time, descending
+};
+
+// Runs `step` `steps` times under the profiler. On CUDA: the device's events (kernels, memcpy,
+// memset), aggregated by name. On the CPU (a test of this code): every CPU op, nested ops
+// included (so their times overlap).
+StepProfile ProfileSteps(const at::Device& device, int64_t steps,
+                         const std::function<void()>& step) {
+  namespace prof = torch::autograd::profiler;
+  using torch::profiler::impl::ActivityType;
+  using torch::profiler::impl::ProfilerConfig;
+  using torch::profiler::impl::ProfilerState;
+  StepProfile p;
+  const c10::DeviceType want = device.is_cuda() ? c10::DeviceType::CUDA : c10::DeviceType::CPU;
+  try {
+    const std::set<ActivityType> activities = {device.is_cuda() ? ActivityType::CUDA
+                                                                : ActivityType::CPU};
+    const ProfilerConfig config(ProfilerState::KINETO);
+    prof::prepareProfiler(config, activities);
+    prof::enableProfiler(config, activities);
+    const auto t0 = Clock::now();
+    for (int64_t i = 0; i < steps; ++i) step();
+    Sync(device);
+    p.wall_ms_per_step = Seconds(t0, Clock::now()) * 1e3 / steps;
+    std::unique_ptr<prof::ProfilerResult> result = prof::disableProfiler();
+    std::map<std::string, std::pair<double, int64_t>> by_name;  // ns, calls
+    for (const auto& e : result->events()) {
+      if (e.deviceType() != want) continue;
+#if TORCH_VERSION_MAJOR >= 2
+      const double ns = static_cast<double>(e.durationNs());
+#else
+      const double ns = 1e3 * static_cast<double>(e.durationUs());
+#endif
+      auto& slot = by_name[e.name()];
+      slot.first += ns;
+      slot.second += 1;
+    }
+    for (const auto& [name, v] : by_name) {
+      p.kernels.push_back({name, v.first / 1e6 / steps, static_cast<double>(v.second) / steps});
+      p.device_ms_per_step += v.first / 1e6 / steps;
+    }
+    std::sort(p.kernels.begin(), p.kernels.end(), [](const KernelTime& a, const KernelTime& b) {
+      return a.ms_per_step > b.ms_per_step;
+    });
+    p.ok = true;
+  } catch (const std::exception& e) {
+    p.error = e.what();
+    p.error = p.error.substr(0, p.error.find('\n'));
+  }
+  return p;
+}
+
 struct ContextResult {
   int64_t context = 0;
   Stats plain, dysco;
@@ -437,6 +508,7 @@ int main(int argc, char** argv) {
   int64_t chunk = 0, warmup = 3, steps = 20, copy_mib = 0;
   double max_prefill_s = 300;
   int cuda_graphs_flag = -1;
+  int64_t profile_steps = 0;
   bool with_dysco = true;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
@@ -462,6 +534,8 @@ int main(int argc, char** argv) {
       copy_mib = ParseInt(flag, value, 1, 1 << 20);
     } else if (flag == "--max-prefill-s") {
       max_prefill_s = static_cast<double>(ParseInt(flag, value, 1, 1 << 20));
+    } else if (flag == "--profile-steps") {
+      profile_steps = ParseInt(flag, value, 0, 1000);
     } else if (flag == "--cuda-graphs") {
       cuda_graphs_flag = static_cast<int>(ParseInt(flag, value, 0, 1));
     } else if (flag == "--json") {
@@ -640,6 +714,39 @@ int main(int argc, char** argv) {
       ttft_tokens / ttft_s);
   std::fflush(stdout);
 
+  // Where the time goes at the longest context: per-kernel device time of a few steps.
+  StepProfile plain_profile, dysco_profile;
+  const int64_t profiled_context = results.empty() ? 0 : results.back().context;
+  if (profile_steps > 0 && profiled_context > 0) {
+    const int64_t L = profiled_context;
+    plain_profile = ProfileSteps(device, profile_steps, [&] { bench.PlainStep(L); });
+    if (with_dysco) {
+      dysco_profile = ProfileSteps(device, profile_steps, [&] { bench.DyscoStep(L - 1); });
+    }
+    for (const auto* prof : {&plain_profile, &dysco_profile}) {
+      if (prof == &dysco_profile && !with_dysco) continue;
+      const char* what = prof == &plain_profile ? "plain" : "DySCO";
+      if (!prof->ok) {
+        std::printf("\nprofile (%s, %lld): profiler unavailable: %s\n", what,
+                    static_cast<long long>(L), prof->error.c_str());
+        continue;
+      }
+      std::printf(
+          "\nprofile (%s step at %lld, %lld steps): %.3f ms wall, %.3f ms of %s events per "
+          "step; top by time:\n| ms/step | calls/step | share of wall | name "
+          "|\n|---|---|---|---|\n",
+          what, static_cast<long long>(L), static_cast<long long>(profile_steps),
+          prof->wall_ms_per_step, prof->device_ms_per_step,
+          device.is_cuda() ? "device" : "CPU-op (nested)");
+      for (size_t i = 0; i < prof->kernels.size() && i < 12; ++i) {
+        const KernelTime& k = prof->kernels[i];
+        std::printf("| %.3f | %.1f | %.1f%% | %s |\n", k.ms_per_step, k.calls_per_step,
+                    100.0 * k.ms_per_step / prof->wall_ms_per_step, k.name.substr(0, 100).c_str());
+      }
+    }
+    std::fflush(stdout);
+  }
+
   if (!json_path.empty()) {
     std::ofstream out(json_path);
     out << "{\n  \"bench\": \"bench-gpu\",\n  \"label\": " << JsonString(label)
@@ -693,7 +800,34 @@ int main(int argc, char** argv) {
       }
       out << "}";
     }
-    out << "\n  ]\n}\n";
+    out << "\n  ]";
+    auto profile_json = [&](const StepProfile& prof) {
+      if (!prof.ok) {
+        out << "{\"error\": " << JsonString(prof.error) << "}";
+        return;
+      }
+      out << "{\"wall_ms_per_step\": " << Json(prof.wall_ms_per_step)
+          << ", \"device_ms_per_step\": " << Json(prof.device_ms_per_step) << ", \"top\": [";
+      for (size_t i = 0; i < prof.kernels.size() && i < 30; ++i) {
+        out << (i ? ", " : "") << "{\"name\": " << JsonString(prof.kernels[i].name.substr(0, 200))
+            << ", \"ms_per_step\": " << Json(prof.kernels[i].ms_per_step)
+            << ", \"calls_per_step\": " << Json(prof.kernels[i].calls_per_step) << "}";
+      }
+      out << "]}";
+    };
+    if (profile_steps > 0 && profiled_context > 0) {
+      out << ",\n  \"profile\": {\"context\": " << profiled_context
+          << ", \"steps\": " << profile_steps
+          << ", \"device_events\": " << (device.is_cuda() ? "true" : "false")
+          << ",\n    \"plain\": ";
+      profile_json(plain_profile);
+      if (with_dysco) {
+        out << ",\n    \"dysco\": ";
+        profile_json(dysco_profile);
+      }
+      out << "}";
+    }
+    out << "\n}\n";
     if (!out) {
       std::cerr << "bench-gpu: cannot write " << json_path << "\n";
       return 1;

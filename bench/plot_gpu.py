@@ -97,6 +97,21 @@ def decode_table(bench, peer):
                               f"relevance + selection {r['dysco_select_ms']:.2f}, real "
                               f"{r['dysco_real_ms']:.2f}, {r['num_selected']} keys selected"
                               for r in bench["contexts"])]
+    prof = bench.get("profile")
+    if prof:
+        kind = "device" if prof.get("device_events") else "CPU-op (nested)"
+        for mode in ("plain", "dysco"):
+            m = prof.get(mode)
+            if not m:
+                continue
+            if "error" in m:
+                lines += ["", f"Profile ({mode}): unavailable: {m['error']}"]
+                continue
+            top = "; ".join(f"{k['name'][:60]} {k['ms_per_step']:.3f} ms x{k['calls_per_step']:.0f}"
+                            for k in m["top"][:6])
+            lines += ["", f"Where the time goes, {mode} step at {prof['context']} "
+                      f"({prof['steps']} profiled steps): {m['wall_ms_per_step']:.2f} ms wall, "
+                      f"{m['device_ms_per_step']:.2f} ms of {kind} events; top: {top}"]
     return lines
 
 

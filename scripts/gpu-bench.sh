@@ -29,7 +29,8 @@
 # skips the contexts past it); for a dry run on a CPU build: GPU_BENCH_DEVICE=cpu,
 # GPU_BENCH_MAIN_SHAPE (the server/peer shape, qwen3-8b) and a pre-exported tiny package.
 # GPU_BENCH_CUDA_GRAPHS=0|1: bench-gpu --cuda-graphs (the runner's default when unset);
-# GPU_BENCH_EXPORT_DEVICE=cuda: the exporter draws the random weights on the GPU (faster).
+# GPU_BENCH_EXPORT_DEVICE=cuda: the exporter draws the random weights on the GPU (faster);
+# GPU_BENCH_PROFILE_STEPS (5): bench-gpu --profile-steps, per-kernel times at the longest context.
 # Usage: bash scripts/gpu-bench.sh [DEBS_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -127,7 +128,8 @@ run_bench_gpu() {
   [ -n "${GPU_BENCH_CUDA_GRAPHS:-}" ] && extra=(--cuda-graphs "$GPU_BENCH_CUDA_GRAPHS")
   t0=$(date +%s)
   timeout "$(allow 300)" "$BUILD/bin/bench-gpu" --model "$PKGS/$shape" --device "$DEVICE" \
-    --contexts "$CONTEXTS" --steps "$STEPS" --max-prefill-s "${GPU_BENCH_MAX_PREFILL_S:-150}" --label "$shape" --json "$LOGS/bench-gpu-$shape.json" \
+    --contexts "$CONTEXTS" --steps "$STEPS" --max-prefill-s "${GPU_BENCH_MAX_PREFILL_S:-150}" \
+    --profile-steps "${GPU_BENCH_PROFILE_STEPS:-5}" --label "$shape" --json "$LOGS/bench-gpu-$shape.json" \
     "${extra[@]}" > "$LOGS/bench-gpu-$shape.log" 2>&1
   rc=$?
   if [ $rc -eq 0 ]; then

@@ -118,3 +118,17 @@ def test_table_of_a_cut_prefill_with_no_context(tmp_path):
     benches, peers, servers = plot_gpu.load([write(tmp_path, "b.json", data)])
     text = plot_gpu.table(benches, peers, servers)
     assert "| 16384 (cut: --max-prefill-s) |" in text
+
+
+def test_table_shows_where_the_time_goes(tmp_path):
+    data = bench_json(8.8, 20.0)
+    data["profile"] = {"context": 131072, "steps": 5, "device_events": True,
+                       "plain": {"wall_ms_per_step": 8.8, "device_ms_per_step": 8.1,
+                                 "top": [{"name": "paged_attention_decode_kernel",
+                                          "ms_per_step": 4.6, "calls_per_step": 36}]},
+                       "dysco": {"error": "CUPTI unavailable"}}
+    benches, peers, servers = plot_gpu.load([write(tmp_path, "b.json", data)])
+    text = plot_gpu.table(benches, peers, servers)
+    assert ("plain step at 131072 (5 profiled steps): 8.80 ms wall, 8.10 ms of device events; "
+            "top: paged_attention_decode_kernel 4.600 ms x36") in text
+    assert "Profile (dysco): unavailable: CUPTI unavailable" in text
