@@ -9,8 +9,9 @@ as `tools.dysco_export synthetic` writes them), builds the matching transformers
 torch.compile (generate compiles its decode forward itself when the cache is static; a failure is
 printed and the measurement retried uncompiled, and the JSON says so).
 
-Per context L (random prompt of L token ids, greedy, min_new_tokens = max_new_tokens so that an eos
-does not stop it): one untimed generate (prefill + warm-up decode steps; the first decode steps of
+Per context L (a random prompt of L - steps - 1 token ids, so that the timed tokens are decoded at
+positions up to L - 1, the window's last at L = max_position_embeddings; greedy, min_new_tokens =
+max_new_tokens so that an eos does not stop it): one untimed generate (prefill + warm-up decode steps; the first decode steps of
 a new cache shape compile, so its time is reported as `first_generate_s`, compile included), then
 the timed one: a streamer takes a timestamp (after a device synchronise) at every new token; the
 per-token latency is the gap between consecutive tokens after the first (mean and p50), the TTFT
@@ -206,17 +207,21 @@ def measure_context(model, torch, args, L, compile_on, device):
 def _measure_context(model, torch, args, L, compile_on, device):
     from transformers import StaticCache
 
+    # The prompt stops short of L so that the timed tokens sit at positions L - steps - 1 .. L - 1:
+    # the decode is measured at context L, and a 128K context fits a 128K window.
+    new_tokens = max(args.steps, args.warmup) + 1
+    prompt_len = L - new_tokens
     gen = torch.Generator(device="cpu").manual_seed(args.seed + L)
     vocab = model.config.vocab_size
-    ids = torch.randint(3, vocab, (1, L), generator=gen).to(device)
-    cache_len = L + max(args.steps, args.warmup) + 2
+    ids = torch.randint(3, vocab, (1, prompt_len), generator=gen).to(device)
+    cache_len = L
     try:
         cache = StaticCache(config=model.config, max_cache_len=cache_len)
     except Exception as e:  # an older/newer signature: let generate build its own static cache
         print(f"hf_peer: StaticCache(config=..., max_cache_len=...) failed ({e}); "
               "using cache_implementation='static'", file=sys.stderr)
         cache = None
-    r = {"context": L, "compiled": compile_on}
+    r = {"context": L, "prompt_tokens": prompt_len, "compiled": compile_on}
     t0 = time.perf_counter()
     generate_timed(model, torch, ids, args.warmup + 1, cache, compile_on, device)
     r["first_generate_s"] = time.perf_counter() - t0
@@ -274,8 +279,9 @@ def main(argv=None):
     compile_on = bool(args.compile) and device.type == "cuda"
     out["compile_requested"] = bool(args.compile)
     for L in contexts:
-        if L + args.steps + 2 > pkg["max_position_embeddings"]:
-            out["errors"].append(f"context {L}: past max_position_embeddings")
+        if L > pkg["max_position_embeddings"] or L <= max(args.steps, args.warmup) + 2:
+            out["errors"].append(f"context {L}: not in ({max(args.steps, args.warmup) + 2}, "
+                                 f"max_position_embeddings {pkg['max_position_embeddings']}]")
             continue
         r = None
         for attempt_compile in ([compile_on, False] if compile_on else [False]):
@@ -300,7 +306,7 @@ def main(argv=None):
     done = [r for r in out["contexts"] if "ttft_s" in r]
     if done:
         longest = max(done, key=lambda r: r["context"])
-        out["ttft"] = {"tokens": longest["context"], "seconds": longest["ttft_s"]}
+        out["ttft"] = {"tokens": longest["prompt_tokens"], "seconds": longest["ttft_s"]}
     return finish()
 
 
