@@ -25,11 +25,10 @@
 //                           tokens over all layers; the DySCO floor adds the speculative pass's
 //                           re-read of layers 0..last probe layer (their weights and their KV of L
 //                           tokens);
-//                prefill    (2 x layer matrix params x tokens + 2 x LM head params x chunks +
-//                causal
-//                           attention FLOPs, 4 D per query head and visible key) / the matmul rate
-//                           of at::mm in the model's dtype over the model's own matrix shapes with
-//                           --chunk rows (best of several).
+//                prefill    FLOPs / the matmul rate of at::mm in the model's dtype over the
+//                           model's own matrix shapes with --chunk rows (best of several); FLOPs =
+//                           2 x layer matrix params x tokens + 2 x LM head params x chunks +
+//                           causal attention (4 D per query head and visible key).
 //
 // Output: a markdown table on stdout (context, plain ms, plain floor, ratio, DySCO ms, DySCO floor,
 // ratio, DySCO/plain; then the TTFT line) and, with --json PATH, every number as JSON
@@ -59,6 +58,7 @@
 #include <map>
 #include <memory>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -90,6 +90,11 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
          "[--chunk N] [--warmup N] [--steps N] [--copy-mib N] [--max-prefill-s S] [--no-dysco] "
          "[--json PATH] [--label S]\n";
   std::exit(2);
+}
+
+[[noreturn]] void Fail(const std::string& message) {
+  std::cerr << "bench-gpu: " << message << "\n";
+  std::exit(1);
 }
 
 void Check(const dysco::Status& s, const std::string& what) {
@@ -345,15 +350,16 @@ class Bench {
         Check(controller_->ApplyRelevance(std::move(relevance_[0])), "ApplyRelevance");
         Check(controller_->ApplySelection(std::move(selections_[0])), "ApplySelection");
       } else {
-        Usage("the package's DySCO parameters are not the dynamic variant at warm-up");
+        Fail("the package's DySCO parameters are not the dynamic variant at warm-up");
       }
     }
     if (controller_->StepKindAt(L - 1) != dysco::DyscoStepKind::kDynamic)
-      Usage("position L - 1 is not a dynamic DySCO step with the package's parameters");
+      Fail("position L - 1 is not a dynamic DySCO step with the package's parameters");
   }
 
   // One dynamic DySCO step at `pos` (BatchStepper::InterveneDynamic + RealForward for one row);
-  // results left in relevance_ / selections_, not committed. Adds its phases' seconds to *timings.
+  // results left in relevance_ / selections_, not committed. Adds its phases' seconds to *spec_s,
+  // *select_s and *real_s when given.
   void DyscoStep(int64_t pos, double* spec_s = nullptr, double* select_s = nullptr,
                  double* real_s = nullptr) {
     const std::vector<const dysco::DyscoController*> rows = {controller_.get()};
