@@ -38,7 +38,11 @@
 //
 // usage: bench-gpu --model DIR [--device cuda:0|cpu] [--contexts 8192,32768,131072] [--chunk N]
 //                  [--warmup N] [--steps N] [--copy-mib N] [--max-prefill-s S] [--no-dysco]
-//                  [--cuda-graphs 0|1] [--profile-steps N] [--json PATH] [--label S]
+//                  [--cuda-graphs 0|1] [--profile-steps N] [--check-dysco] [--json PATH]
+//                  [--label S]
+// --check-dysco: at the shortest context, also run the product's own loop (a Generator: Sequence +
+// BatchStepper) on the same prompt and require the same selections at the dynamic warm-up steps
+// as the benchmark's (exit 1 otherwise): the timed DySCO step is the product's.
 // --profile-steps N (0): then N plain and N DySCO steps at the longest context run under the Kineto
 // profiler, and the device time per kernel name (per step) is printed and written to the JSON
 // ("profile"): where a step's time goes, next to its wall time (the gap is host time).
@@ -133,6 +137,23 @@ at::ScalarType ToScalarType(dysco::ModelDtype dtype) {
       return at::kHalf;
   }
   return at::kFloat;
+}
+
+std::string Json(double x) {
+  if (!std::isfinite(x)) return "null";
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%.9g", x);
+  return buf;
+}
+
+std::string JsonString(const std::string& s) {
+  std::string out = "\"";
+  for (char ch : s) {
+    if (ch == '"' || ch == '\\') out += '\\';
+    if (static_cast<unsigned char>(ch) < 0x20) continue;
+    out += ch;
+  }
+  return out + "\"";
 }
 
 struct Stats {
@@ -333,6 +354,7 @@ class Bench {
     auto controller = dysco::DyscoController::Create(*params, prompt, dysco::DyscoTraceMode::kOff);
     Check(controller.status(), "DyscoController::Create");
     controller_ = std::move(*controller);
+    warmup_selections_.clear();
     for (int64_t pos = controller_->params().prefill_len(); pos < prompt_len; ++pos) {
       const dysco::DyscoStepKind kind = controller_->StepKindAt(pos);
       const std::vector<const dysco::DyscoController*> rows = {controller_.get()};
@@ -347,6 +369,8 @@ class Bench {
         Check(controller_->ApplyRelevance(std::move(relevance[0])), "ApplyRelevance");
       } else if (kind == dysco::DyscoStepKind::kDynamic) {
         DyscoStep(pos);
+        warmup_selections_.push_back(
+            {pos, selections_[0].num_selected, selections_[0].selected_mass});
         Check(controller_->ApplyRelevance(std::move(relevance_[0])), "ApplyRelevance");
         Check(controller_->ApplySelection(std::move(selections_[0])), "ApplySelection");
       } else {
@@ -381,6 +405,14 @@ class Bench {
   }
 
   const dysco::DyscoController& controller() const { return *controller_; }
+  // The dynamic warm-up steps of the last PrepareDysco: (position, keys selected, their mass).
+  struct WarmupSelection {
+    int64_t position;
+    int64_t num_selected;
+    double mass;
+  };
+  const std::vector<WarmupSelection>& warmup_selections() const { return warmup_selections_; }
+  const std::vector<int32_t>& tokens() const { return tokens_; }
   const dysco::DyscoSelection& last_selection() const { return selections_[0]; }
 
  private:
@@ -413,7 +445,59 @@ class Bench {
   std::unique_ptr<dysco::DyscoController> controller_;
   std::vector<std::vector<float>> relevance_;
   std::vector<dysco::DyscoSelection> selections_;
+  std::vector<WarmupSelection> warmup_selections_;
 };
+
+// --check-dysco: the product's own loop (a Generator: Sequence + BatchStepper) on the same prompt
+// (the first L - 1 tokens, prefilled in the same chunks) must make the same selections at the
+// dynamic warm-up steps as PrepareDysco did: evidence that the timed step is the product's step.
+// Exits with an error when they differ.
+void CheckDyscoAgainstGenerator(dysco::Engine& engine, const Bench& bench, int64_t L,
+                                int64_t chunk) {
+  dysco::GenerateRequest request;
+  request.prompt_token_ids.assign(bench.tokens().begin(), bench.tokens().begin() + (L - 1));
+  request.max_new_tokens = 1;
+  request.dysco = true;
+  request.dysco_trace = dysco::DyscoTraceMode::kSteps;
+  dysco::GeneratorOptions options;
+  options.prefill_chunk_tokens = chunk;
+  auto result = engine.MakeGenerator(options).Generate(request);
+  Check(result.status(), "--check-dysco: the Generator's DySCO run");
+  std::vector<const dysco::DyscoTraceRecord*> dynamic;
+  for (const auto& r : result->dysco_trace) {
+    if (r.phase == dysco::DyscoPhase::kInterventionWarmup) dynamic.push_back(&r);
+  }
+  const auto& ours = bench.warmup_selections();
+  bool same = dynamic.size() == ours.size() && !ours.empty();
+  for (size_t i = 0; same && i < ours.size(); ++i) {
+    same = dynamic[i]->position == ours[i].position &&
+           dynamic[i]->num_selected == ours[i].num_selected &&
+           std::fabs(dynamic[i]->nucleus_mass - ours[i].mass) <= 1e-6;
+  }
+  if (!same) {
+    std::string detail;
+    for (size_t i = 0; i < std::max(dynamic.size(), ours.size()); ++i) {
+      detail +=
+          "\n  step " + std::to_string(i) + ": generator " +
+          (i < dynamic.size()
+               ? std::to_string(dynamic[i]->position) + "/" +
+                     std::to_string(dynamic[i]->num_selected) + "/" + Json(dynamic[i]->nucleus_mass)
+               : std::string("-")) +
+          ", bench " +
+          (i < ours.size() ? std::to_string(ours[i].position) + "/" +
+                                 std::to_string(ours[i].num_selected) + "/" + Json(ours[i].mass)
+                           : std::string("-"));
+    }
+    Fail("--check-dysco at context " + std::to_string(L) +
+         ": the dynamic warm-up selections differ from the Generator's (position/selected/mass):" +
+         detail);
+  }
+  std::printf(
+      "check-dysco at %lld: %zu dynamic warm-up steps select as the Generator's "
+      "(BatchStepper) do (%lld keys at the last)\n",
+      static_cast<long long>(L), ours.size(), static_cast<long long>(ours.back().num_selected));
+  std::fflush(stdout);
+}
 
 // ---- Where the time goes: per-kernel device time of a few steps under the Kineto profiler.
 struct KernelTime {
@@ -489,23 +573,6 @@ struct ContextResult {
   double selected_mass = 0;
 };
 
-std::string Json(double x) {
-  if (!std::isfinite(x)) return "null";
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), "%.9g", x);
-  return buf;
-}
-
-std::string JsonString(const std::string& s) {
-  std::string out = "\"";
-  for (char ch : s) {
-    if (ch == '"' || ch == '\\') out += '\\';
-    if (static_cast<unsigned char>(ch) < 0x20) continue;
-    out += ch;
-  }
-  return out + "\"";
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -515,11 +582,15 @@ int main(int argc, char** argv) {
   double max_prefill_s = 300;
   int cuda_graphs_flag = -1;
   int64_t profile_steps = 0;
-  bool with_dysco = true;
+  bool with_dysco = true, check_dysco = false;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (flag == "--no-dysco") {
       with_dysco = false;
+      continue;
+    }
+    if (flag == "--check-dysco") {
+      check_dysco = true;
       continue;
     }
     if (i + 1 >= argc) Usage("unknown flag or missing value: " + flag);
@@ -580,6 +651,8 @@ int main(int argc, char** argv) {
   options.runner.device = device_name;
   options.page_size = page_size;
   options.kv_pages = (max_context + page_size - 1) / page_size + 1;
+  // --check-dysco: room for the Generator's own sequence at the shortest context.
+  if (check_dysco) options.kv_pages += (contexts.front() + page_size - 1) / page_size + 1;
   options.start_scheduler = false;
   const int cuda_graphs = SetCudaGraphs(&options.runner, cuda_graphs_flag);
   const auto load0 = Clock::now();
@@ -662,6 +735,8 @@ int main(int argc, char** argv) {
     r.plain_floor_s = r.plain_bytes / bandwidth;
     if (with_dysco) {
       bench.PrepareDysco(c, L);
+      if (check_dysco && L == contexts.front())
+        CheckDyscoAgainstGenerator(**engine, bench, L, chunk);
       const auto& params = bench.controller().params();
       probe_last_layer = params.max_head_layer();
       num_probe_heads = static_cast<int64_t>(params.selected_heads.size());
