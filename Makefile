@@ -11,7 +11,7 @@ FUZZ_SECONDS ?= 20
 SOAK_SECONDS ?= 300
 
 .PHONY: deps python configure build model run generate test test-cpp test-python test-fuzz fuzz bench clean \
-	format sanitize soak test-cuda-build gpu-check image-test
+	format sanitize soak test-cuda-build gpu-check gpu-bench image-test
 
 deps:
 	bash scripts/install-deps.sh
@@ -71,6 +71,10 @@ test-cuda-build: deps
 # On the GPU machine only (docs/gpu.md): build against its torch, run the GPU tests and the model-free CPU tests.
 gpu-check:
 	bash scripts/gpu-check.sh
+
+# The GPU benchmark (docs/performance.md "GPU (issue 9)"), on the GPU machine after gpu-check.
+gpu-bench:
+	bash scripts/gpu-bench.sh
 
 test: test-cpp test-python test-fuzz test-cuda-build
 

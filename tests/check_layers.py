@@ -31,6 +31,7 @@ TORCH_ALLOWED = {
     "bench/bench_kernels.cpp": "times the ops on tensors",
     "bench/bench_dysco_ops.cpp": "times the ops on tensors",
     "bench/bench_decode.cpp": "measures the GEMM/GEMV floor with at::linear / at::mv",
+    "bench/bench_gpu.cpp": "measures its floors with a device copy and at::mm, profiles kernels (Kineto)",
 }
 
 

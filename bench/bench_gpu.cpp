@@ -1,0 +1,918 @@
+// bench-gpu: the GPU benchmark of issue 9 (docs/performance.md "GPU (issue 9)"), batch 1, on a
+// model package (the exporter's `synthetic` Qwen3-8B / Llama-3.1-8B shapes on the H200; any
+// package, e.g. the tiny one, on the CPU build, which runs the same code with small sizes to test
+// its logic):
+//
+//   TTFT         one chunked prefill (--chunk tokens per forward, as the scheduler chunks) of the
+//                longest context's random token ids, timed to the first token's logits on the host.
+//   decode       per-token latency at each --contexts length L, reusing that one prefill: a step at
+//                context L is a row with start_position L - 1 over the first ceil(L / page) pages
+//                of the long sequence (it rewrites position L - 1's slot with the same token:
+//                harmless). plain: one forward. DySCO: what BatchStepper runs for a dynamic row
+//                (speculative pass over layers 0..deepest probe layer with the probe heads,
+//                DyscoBatchOps relevance update + selection + bias, real pass with the bias), with
+//                the package's reference DySCO parameters and the core's own DyscoController /
+//                DyscoBatchOps, after the sequence's real warm-up steps at positions L - 1 - T .. L
+//                - 2 (T = context + intervention warm-up), so the relevance it selects from is the
+//                model's. The timed step is repeated at position L - 1 without committing its
+//                results, so every repeat does the same work. --warmup untimed steps, then --steps
+//                timed ones: mean and p50.
+//   floors       measured in the same run:
+//                bandwidth  a --copy-mib device-to-device copy (bytes read + written / time, best
+//                           of 10);
+//                decode     bytes a step must read / bandwidth: every weight once (layer matrices,
+//                           norms, the LM head, the one embedding row) plus the KV cache of L
+//                           tokens over all layers; the DySCO floor adds the speculative pass's
+//                           re-read of layers 0..last probe layer (their weights and their KV of L
+//                           tokens);
+//                prefill    FLOPs / the matmul rate of at::mm in the model's dtype over the
+//                           model's own matrix shapes with --chunk rows (best of several); FLOPs =
+//                           2 x layer matrix params x tokens + 2 x LM head params x chunks +
+//                           causal attention (4 D per query head and visible key).
+//
+// Output: a markdown table on stdout (context, plain ms, plain floor, ratio, DySCO ms, DySCO floor,
+// ratio, DySCO/plain; then the TTFT line) and, with --json PATH, every number as JSON
+// (bench/plot_gpu.py reads it). Timings are wall-clock around ModelRunner::Forward, which returns
+// logits (and probe probabilities) on the host, so each step ends synchronised; the floor
+// measurements synchronise the device explicitly.
+//
+// usage: bench-gpu --model DIR [--device cuda:0|cpu] [--contexts 8192,32768,131072] [--chunk N]
+//                  [--warmup N] [--steps N] [--copy-mib N] [--max-prefill-s S] [--no-dysco]
+//                  [--cuda-graphs 0|1] [--profile-steps N] [--check-dysco] [--json PATH]
+//                  [--label S]
+// --check-dysco: at the shortest context, also run the product's own loop (a Generator: Sequence +
+// BatchStepper) on the same prompt and require the same selections at the dynamic warm-up steps
+// as the benchmark's (exit 1 otherwise): the timed DySCO step is the product's.
+// --profile-steps N (0): then N plain and N DySCO steps at the longest context run under the Kineto
+// profiler, and the device time per kernel name (per step) is printed and written to the JSON
+// ("profile"): where a step's time goes, next to its wall time (the gap is host time).
+// --cuda-graphs sets ModelRunnerOptions::cuda_graphs where the runner has that option (CUDA graphs
+// for decode steps; the JSON's "cuda_graphs" is null without it).
+// --max-prefill-s (300): the prefill stops after the chunk that passes it (a far too slow prefill
+// kernel must not eat the run); the TTFT is then that of the tokens prefilled ("cut" in the JSON)
+// and the contexts past them are skipped.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <random>
+#include <set>
+#include <sstream>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <torch/csrc/autograd/profiler_kineto.h>
+#include <torch/cuda.h>
+#include <torch/script.h>
+#include <torch/version.h>
+
+#include "core/dysco/batch_ops.h"
+#include "core/dysco/controller.h"
+#include "core/dysco/params.h"
+#include "core/engine/engine.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+[[noreturn]] void Usage(const std::string& message) {
+  std::cerr
+      << "bench-gpu: " << message
+      << "\nusage: bench-gpu --model DIR [--device cuda:0|cpu] [--contexts N,N,...] "
+         "[--chunk N] [--warmup N] [--steps N] [--copy-mib N] [--max-prefill-s S] [--no-dysco] "
+         "[--json PATH] [--label S]\n";
+  std::exit(2);
+}
+
+[[noreturn]] void Fail(const std::string& message) {
+  std::cerr << "bench-gpu: " << message << "\n";
+  std::exit(1);
+}
+
+void Check(const dysco::Status& s, const std::string& what) {
+  if (!s.ok()) {
+    std::cerr << "bench-gpu: " << what << ": " << s.ToString() << "\n";
+    std::exit(1);
+  }
+}
+
+int64_t ParseInt(const std::string& flag, const std::string& value, int64_t lo, int64_t hi) {
+  char* end = nullptr;
+  const long long x = std::strtoll(value.c_str(), &end, 10);
+  if (value.empty() || *end != '\0' || x < lo || x > hi)
+    Usage(flag + " needs an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  return x;
+}
+
+std::vector<int64_t> ParseList(const std::string& flag, const std::string& value) {
+  std::vector<int64_t> out;
+  std::stringstream in(value);
+  std::string item;
+  while (std::getline(in, item, ',')) out.push_back(ParseInt(flag, item, 16, 1 << 24));
+  if (out.empty()) Usage(flag + " needs comma-separated integers");
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
+at::ScalarType ToScalarType(dysco::ModelDtype dtype) {
+  switch (dtype) {
+    case dysco::ModelDtype::kFloat32:
+      return at::kFloat;
+    case dysco::ModelDtype::kBFloat16:
+      return at::kBFloat16;
+    case dysco::ModelDtype::kFloat16:
+      return at::kHalf;
+  }
+  return at::kFloat;
+}
+
+std::string Json(double x) {
+  if (!std::isfinite(x)) return "null";
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%.9g", x);
+  return buf;
+}
+
+std::string JsonString(const std::string& s) {
+  std::string out = "\"";
+  for (char ch : s) {
+    if (ch == '"' || ch == '\\') out += '\\';
+    if (static_cast<unsigned char>(ch) < 0x20) continue;
+    out += ch;
+  }
+  return out + "\"";
+}
+
+struct Stats {
+  double mean = 0, p50 = 0, min = 0;
+};
+
+Stats Summarise(std::vector<double> v) {
+  Stats s;
+  if (v.empty()) return s;
+  std::sort(v.begin(), v.end());
+  for (double x : v) s.mean += x;
+  s.mean /= static_cast<double>(v.size());
+  s.p50 = v[v.size() / 2];
+  s.min = v.front();
+  return s;
+}
+
+// Waits for the device's queued work (a no-op on the CPU).
+void Sync(const at::Device& device) {
+  if (device.is_cuda()) torch::cuda::synchronize(device.index());
+}
+
+// ModelRunnerOptions::cuda_graphs (CUDA graphs for decode steps) where this tree's runner has it:
+// --cuda-graphs 0|1 sets it; without the option the flag is refused. Detected at compile time so
+// that the benchmark builds with and without it.
+template <typename T, typename = void>
+struct HasCudaGraphs : std::false_type {};
+template <typename T>
+struct HasCudaGraphs<T, std::void_t<decltype(std::declval<T&>().cuda_graphs)>> : std::true_type {};
+
+// -1: the runner has no such option; else the value now set (0/1). `want` < 0 keeps the default.
+template <typename Options>
+int SetCudaGraphs(Options* options, int want) {
+  if constexpr (HasCudaGraphs<Options>::value) {
+    if (want >= 0) options->cuda_graphs = want != 0;
+    return options->cuda_graphs ? 1 : 0;
+  } else {
+    if (want >= 0) Usage("--cuda-graphs: this build's ModelRunnerOptions has no cuda_graphs");
+    return -1;
+  }
+}
+
+// ---- What a step must read, from the config (every tensor of the model's forward, by shape).
+struct ModelBytes {
+  double layer_matrix_params = 0;  // q, k, v, o, gate, up, down of every layer
+  double layer_norm_params = 0;    // per layer: two RMSNorms (+ q/k norms with qk_norm)
+  double lm_head_params = 0;       // vocab x hidden (read once per step, tied or not)
+  double other_params = 0;         // final norm + the one embedding row a step reads
+  double element_bytes = 0;
+  double kv_bytes_per_token = 0;  // K and V of one token over all layers, from the pool
+  int num_layers = 0;
+
+  double per_layer_params() const { return (layer_matrix_params + layer_norm_params) / num_layers; }
+  // Plain step: every weight once + the KV of `tokens` keys over all layers.
+  double PlainStep(int64_t tokens) const {
+    return (layer_matrix_params + layer_norm_params + lm_head_params + other_params) *
+               element_bytes +
+           kv_bytes_per_token * static_cast<double>(tokens);
+  }
+  // The speculative pass's extra reads: layers 0..last_layer (weights and their KV of `tokens`).
+  double SpeculativePass(int64_t tokens, int last_layer) const {
+    const double layers = last_layer + 1;
+    return layers * per_layer_params() * element_bytes +
+           layers / num_layers * kv_bytes_per_token * static_cast<double>(tokens) +
+           other_params * element_bytes;
+  }
+};
+
+ModelBytes CountBytes(const dysco::ModelConfig& c, const dysco::KvPagePool& pool) {
+  ModelBytes b;
+  const double hidden = static_cast<double>(c.hidden_size);
+  const double q = static_cast<double>(c.num_attention_heads) * c.head_dim;
+  const double kv = static_cast<double>(c.num_kv_heads) * c.head_dim;
+  const double inter = static_cast<double>(c.intermediate_size);
+  b.num_layers = c.num_layers;
+  b.layer_matrix_params = c.num_layers * (2 * q * hidden + 2 * kv * hidden + 3 * inter * hidden);
+  b.layer_norm_params = c.num_layers * (2 * hidden + (c.qk_norm ? 2.0 * c.head_dim : 0.0));
+  b.lm_head_params = static_cast<double>(c.vocab_size) * hidden;
+  b.other_params = 2 * hidden;
+  b.element_bytes = dysco::ModelDtypeSize(c.dtype);
+  b.kv_bytes_per_token = static_cast<double>(pool.bytes_per_page()) / pool.page_size();
+  return b;
+}
+
+// FLOPs of a T-token prefill in chunks of `chunk` (as bench-decode): layer matmuls of every token,
+// the LM head of each chunk's last token, causal attention (QK^T and PV).
+double PrefillFlops(const dysco::ModelConfig& c, const ModelBytes& b, int64_t tokens,
+                    int64_t chunk) {
+  const double t = static_cast<double>(tokens);
+  const double chunks = static_cast<double>((tokens + chunk - 1) / chunk);
+  const double attention = static_cast<double>(c.num_layers) * c.num_attention_heads * 4.0 *
+                           c.head_dim * t * (t + 1) / 2;
+  return 2 * t * b.layer_matrix_params + 2 * chunks * b.lm_head_params + attention;
+}
+
+// ---- Floors measured on the device.
+// Bytes read + written per second by a `bytes` device-to-device copy: best of `reps`.
+double MeasureBandwidth(const at::Device& device, int64_t bytes, int reps) {
+  c10::InferenceMode guard;
+  const auto opts = at::TensorOptions().dtype(at::kByte).device(device);
+  at::Tensor src = at::empty({bytes}, opts).fill_(1);
+  at::Tensor dst = at::empty({bytes}, opts);
+  double best = 1e30;
+  for (int r = 0; r < reps + 2; ++r) {
+    Sync(device);
+    const auto t0 = Clock::now();
+    dst.copy_(src);
+    Sync(device);
+    if (r >= 2) best = std::min(best, Seconds(t0, Clock::now()));
+  }
+  return 2.0 * static_cast<double>(bytes) / best;
+}
+
+// FLOP/s of at::mm in the model's dtype over its layer matrix shapes with `rows` rows (the prefill
+// chunk): q/o (hidden x hidden-ish), gate/up, down; the best of `reps` passes over all three.
+double MeasureMatmulRate(const dysco::ModelConfig& c, const at::Device& device, int64_t rows,
+                         int reps) {
+  c10::InferenceMode guard;
+  const auto opts = at::TensorOptions().dtype(ToScalarType(c.dtype)).device(device);
+  const int64_t q = int64_t{c.num_attention_heads} * c.head_dim;
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {// (in, out)
+                                                           {c.hidden_size, q},
+                                                           {c.hidden_size, c.intermediate_size},
+                                                           {c.intermediate_size, c.hidden_size}};
+  std::vector<at::Tensor> x, w;
+  double flops = 0;
+  for (auto [in, out] : shapes) {
+    x.push_back(at::randn({rows, in}, opts));
+    w.push_back(at::randn({in, out}, opts) * 0.02);
+    flops += 2.0 * rows * in * out;
+  }
+  double best = 1e30;
+  for (int r = 0; r < reps + 2; ++r) {
+    Sync(device);
+    const auto t0 = Clock::now();
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      at::Tensor y = at::mm(x[i], w[i]);
+      (void)y;
+    }
+    Sync(device);
+    if (r >= 2) best = std::min(best, Seconds(t0, Clock::now()));
+  }
+  return flops / best;
+}
+
+// ---- The benchmark proper.
+class Bench {
+ public:
+  Bench(dysco::ModelRunner* runner, dysco::KvPagePool* pool, int64_t max_context, uint64_t seed)
+      : runner_(runner), pool_(pool), pages_(pool) {
+    const auto& c = runner->config();
+    std::mt19937_64 rng(seed);
+    // Ids from 3 up (below are the usual special ids) and below the vocabulary.
+    std::uniform_int_distribution<int32_t> token(
+        static_cast<int32_t>(std::min<int64_t>(3, c.vocab_size - 1)),
+        static_cast<int32_t>(c.vocab_size) - 1);
+    tokens_.resize(max_context);
+    for (int32_t& t : tokens_) t = token(rng);
+    Check(pages_.EnsureCapacity(max_context), "allocating the pages of the long sequence");
+  }
+
+  // Chunked prefill of the tokens; seconds to the last chunk's logits on the host and the tokens
+  // prefilled. One untimed chunk first (lazy initialisation: cuBLAS handles, allocator growth).
+  // Stops after the chunk that passes `max_seconds` (a prefill kernel that is far too slow must not
+  // eat the whole run): then fewer tokens than asked are prefilled.
+  std::pair<double, int64_t> Prefill(int64_t chunk, double max_seconds) {
+    const int64_t n = static_cast<int64_t>(tokens_.size());
+    Forward(0, std::min(chunk, n), {}, -1, {});
+    const auto t0 = Clock::now();
+    int64_t done = 0;
+    while (done < n) {
+      const int64_t m = std::min(chunk, n - done);
+      Forward(done, m, {}, -1, {});
+      done += m;
+      if (done < n && Seconds(t0, Clock::now()) > max_seconds) break;
+    }
+    volatile int64_t next = Argmax(out_);
+    (void)next;
+    return {Seconds(t0, Clock::now()), done};
+  }
+
+  // One plain decode step at context L.
+  void PlainStep(int64_t L) {
+    Forward(L - 1, 1, {}, -1, {});
+    volatile int64_t next = Argmax(out_);
+    (void)next;
+  }
+
+  // A DySCO sequence whose prompt is the first L - 1 tokens and whose first generated token sits
+  // at position L - 1: its warm-up steps (positions L - 1 - T .. L - 2) run here, as BatchStepper
+  // runs them, and commit their results; then StepAt(L - 1) is a dynamic (generation) step.
+  void PrepareDysco(const dysco::ModelConfig& c, int64_t L) {
+    const int64_t prompt_len = L - 1;
+    auto params = dysco::ResolveDyscoParams(c, {}, /*chat_formatted=*/false, prompt_len,
+                                            /*generation_prompt_tokens=*/0);
+    Check(params.status(), "DySCO parameters");
+    std::vector<int32_t> prompt(tokens_.begin(), tokens_.begin() + prompt_len);
+    auto controller = dysco::DyscoController::Create(*params, prompt, dysco::DyscoTraceMode::kOff);
+    Check(controller.status(), "DyscoController::Create");
+    controller_ = std::move(*controller);
+    warmup_selections_.clear();
+    for (int64_t pos = controller_->params().prefill_len(); pos < prompt_len; ++pos) {
+      const dysco::DyscoStepKind kind = controller_->StepKindAt(pos);
+      const std::vector<const dysco::DyscoController*> rows = {controller_.get()};
+      if (kind == dysco::DyscoStepKind::kContextWarmup) {
+        // BatchStepper::RealForward for a warm-up row: full pass with its probe heads, no bias,
+        // then the relevance update.
+        const auto heads = dysco::UnionOfHeads(rows);
+        Forward(pos, 1, {}, -1, heads);
+        std::vector<std::vector<float>> relevance;
+        Check(ops_.UpdateRelevance(rows, {pos + 1}, out_, {0}, heads, &relevance),
+              "relevance update (context warm-up)");
+        Check(controller_->ApplyRelevance(std::move(relevance[0])), "ApplyRelevance");
+      } else if (kind == dysco::DyscoStepKind::kDynamic) {
+        DyscoStep(pos);
+        warmup_selections_.push_back(
+            {pos, selections_[0].num_selected, selections_[0].selected_mass});
+        Check(controller_->ApplyRelevance(std::move(relevance_[0])), "ApplyRelevance");
+        Check(controller_->ApplySelection(std::move(selections_[0])), "ApplySelection");
+      } else {
+        Fail("the package's DySCO parameters are not the dynamic variant at warm-up");
+      }
+    }
+    if (controller_->StepKindAt(L - 1) != dysco::DyscoStepKind::kDynamic)
+      Fail("position L - 1 is not a dynamic DySCO step with the package's parameters");
+  }
+
+  // One dynamic DySCO step at `pos` (BatchStepper::InterveneDynamic + RealForward for one row);
+  // results left in relevance_ / selections_, not committed. Adds its phases' seconds to *spec_s,
+  // *select_s and *real_s when given.
+  void DyscoStep(int64_t pos, double* spec_s = nullptr, double* select_s = nullptr,
+                 double* real_s = nullptr) {
+    const std::vector<const dysco::DyscoController*> rows = {controller_.get()};
+    const auto heads = dysco::UnionOfHeads(rows);
+    const auto t0 = Clock::now();
+    Forward(pos, 1, {}, dysco::DeepestHeadLayer(rows), heads);
+    const auto t1 = Clock::now();
+    Check(ops_.UpdateRelevance(rows, {pos + 1}, out_, {0}, heads, &relevance_), "relevance update");
+    std::vector<const std::vector<float>*> views = {&relevance_[0]};
+    Check(ops_.Select(rows, views, {pos + 1}, &selections_), "selection");
+    const auto t2 = Clock::now();
+    Forward(pos, 1, selections_[0].bias, -1, {});
+    volatile int64_t next = Argmax(out_);
+    (void)next;
+    const auto t3 = Clock::now();
+    if (spec_s) *spec_s += Seconds(t0, t1);
+    if (select_s) *select_s += Seconds(t1, t2);
+    if (real_s) *real_s += Seconds(t2, t3);
+  }
+
+  const dysco::DyscoController& controller() const { return *controller_; }
+  // The dynamic warm-up steps of the last PrepareDysco: (position, keys selected, their mass).
+  struct WarmupSelection {
+    int64_t position;
+    int64_t num_selected;
+    double mass;
+  };
+  const std::vector<WarmupSelection>& warmup_selections() const { return warmup_selections_; }
+  const std::vector<int32_t>& tokens() const { return tokens_; }
+  const dysco::DyscoSelection& last_selection() const { return selections_[0]; }
+
+ private:
+  void Forward(int64_t start, int64_t n, const std::vector<float>& bias, int last_layer,
+               const std::vector<std::pair<int, int>>& heads) {
+    const int64_t pages = pool_->pages_for_tokens(start + n);
+    batch_.kv_pool = pool_;
+    batch_.last_layer = last_layer;
+    batch_.probe_heads = heads;
+    batch_.sequences.assign(
+        1, {dysco::ConstSpan<int32_t>(tokens_.data() + start, static_cast<size_t>(n)), start,
+            dysco::ConstSpan<int32_t>(pages_.ids().data(), static_cast<size_t>(pages)),
+            dysco::ConstSpan<float>(bias)});
+    Check(runner_->Forward(batch_, &out_), "forward at position " + std::to_string(start));
+  }
+
+  static int64_t Argmax(const dysco::ForwardOutput& out) {
+    if (out.vocab_size == 0) return -1;
+    const float* row = out.logits_row(0);
+    return std::max_element(row, row + out.vocab_size) - row;
+  }
+
+  dysco::ModelRunner* runner_;
+  dysco::KvPagePool* pool_;
+  dysco::PageList pages_;
+  std::vector<int32_t> tokens_;
+  dysco::ForwardBatch batch_;
+  dysco::ForwardOutput out_;
+  dysco::DyscoBatchOps ops_;
+  std::unique_ptr<dysco::DyscoController> controller_;
+  std::vector<std::vector<float>> relevance_;
+  std::vector<dysco::DyscoSelection> selections_;
+  std::vector<WarmupSelection> warmup_selections_;
+};
+
+// --check-dysco: the product's own loop (a Generator: Sequence + BatchStepper) on the same prompt
+// (the first L - 1 tokens, prefilled in the same chunks) must make the same selections at the
+// dynamic warm-up steps as PrepareDysco did: evidence that the timed step is the product's step.
+// Exits with an error when they differ.
+void CheckDyscoAgainstGenerator(dysco::Engine& engine, const Bench& bench, int64_t L,
+                                int64_t chunk) {
+  dysco::GenerateRequest request;
+  request.prompt_token_ids.assign(bench.tokens().begin(), bench.tokens().begin() + (L - 1));
+  request.max_new_tokens = 1;
+  request.dysco = true;
+  request.dysco_trace = dysco::DyscoTraceMode::kSteps;
+  dysco::GeneratorOptions options;
+  options.prefill_chunk_tokens = chunk;
+  auto result = engine.MakeGenerator(options).Generate(request);
+  Check(result.status(), "--check-dysco: the Generator's DySCO run");
+  std::vector<const dysco::DyscoTraceRecord*> dynamic;
+  for (const auto& r : result->dysco_trace) {
+    if (r.phase == dysco::DyscoPhase::kInterventionWarmup) dynamic.push_back(&r);
+  }
+  const auto& ours = bench.warmup_selections();
+  bool same = dynamic.size() == ours.size() && !ours.empty();
+  for (size_t i = 0; same && i < ours.size(); ++i) {
+    same = dynamic[i]->position == ours[i].position &&
+           dynamic[i]->num_selected == ours[i].num_selected &&
+           std::fabs(dynamic[i]->nucleus_mass - ours[i].mass) <= 1e-6;
+  }
+  if (!same) {
+    std::string detail;
+    for (size_t i = 0; i < std::max(dynamic.size(), ours.size()); ++i) {
+      detail +=
+          "\n  step " + std::to_string(i) + ": generator " +
+          (i < dynamic.size()
+               ? std::to_string(dynamic[i]->position) + "/" +
+                     std::to_string(dynamic[i]->num_selected) + "/" + Json(dynamic[i]->nucleus_mass)
+               : std::string("-")) +
+          ", bench " +
+          (i < ours.size() ? std::to_string(ours[i].position) + "/" +
+                                 std::to_string(ours[i].num_selected) + "/" + Json(ours[i].mass)
+                           : std::string("-"));
+    }
+    Fail("--check-dysco at context " + std::to_string(L) +
+         ": the dynamic warm-up selections differ from the Generator's (position/selected/mass):" +
+         detail);
+  }
+  std::printf(
+      "check-dysco at %lld: %zu dynamic warm-up steps select as the Generator's "
+      "(BatchStepper) do (%lld keys at the last)\n",
+      static_cast<long long>(L), ours.size(), static_cast<long long>(ours.back().num_selected));
+  std::fflush(stdout);
+}
+
+// ---- Where the time goes: per-kernel device time of a few steps under the Kineto profiler.
+struct KernelTime {
+  std::string name;
+  double ms_per_step = 0;
+  double calls_per_step = 0;
+};
+
+struct StepProfile {
+  bool ok = false;
+  std::string error;
+  double device_ms_per_step = 0;  // sum of all device events (kernels, copies)
+  double wall_ms_per_step = 0;
+  std::vector<KernelTime> kernels;  // by time, descending
+};
+
+// Runs `step` `steps` times under the profiler. On CUDA: the device's events (kernels, memcpy,
+// memset), aggregated by name. On the CPU (a test of this code): every CPU op, nested ops
+// included (so their times overlap).
+StepProfile ProfileSteps(const at::Device& device, int64_t steps,
+                         const std::function<void()>& step) {
+  namespace prof = torch::autograd::profiler;
+  using torch::profiler::impl::ActivityType;
+  using torch::profiler::impl::ProfilerConfig;
+  using torch::profiler::impl::ProfilerState;
+  StepProfile p;
+  const c10::DeviceType want = device.is_cuda() ? c10::DeviceType::CUDA : c10::DeviceType::CPU;
+  try {
+    const std::set<ActivityType> activities = {device.is_cuda() ? ActivityType::CUDA
+                                                                : ActivityType::CPU};
+    const ProfilerConfig config(ProfilerState::KINETO);
+    prof::prepareProfiler(config, activities);
+    prof::enableProfiler(config, activities);
+    const auto t0 = Clock::now();
+    for (int64_t i = 0; i < steps; ++i) step();
+    Sync(device);
+    p.wall_ms_per_step = Seconds(t0, Clock::now()) * 1e3 / steps;
+    std::unique_ptr<prof::ProfilerResult> result = prof::disableProfiler();
+    std::map<std::string, std::pair<double, int64_t>> by_name;  // ns, calls
+    for (const auto& e : result->events()) {
+      if (e.deviceType() != want) continue;
+#if TORCH_VERSION_MAJOR >= 2
+      const double ns = static_cast<double>(e.durationNs());
+#else
+      const double ns = 1e3 * static_cast<double>(e.durationUs());
+#endif
+      auto& slot = by_name[e.name()];
+      slot.first += ns;
+      slot.second += 1;
+    }
+    for (const auto& [name, v] : by_name) {
+      p.kernels.push_back({name, v.first / 1e6 / steps, static_cast<double>(v.second) / steps});
+      p.device_ms_per_step += v.first / 1e6 / steps;
+    }
+    std::sort(p.kernels.begin(), p.kernels.end(), [](const KernelTime& a, const KernelTime& b) {
+      return a.ms_per_step > b.ms_per_step;
+    });
+    p.ok = true;
+  } catch (const std::exception& e) {
+    p.error = e.what();
+    p.error = p.error.substr(0, p.error.find('\n'));
+  }
+  return p;
+}
+
+struct ContextResult {
+  int64_t context = 0;
+  Stats plain, dysco;
+  double plain_floor_s = 0, dysco_floor_s = 0;
+  double plain_bytes = 0, dysco_bytes = 0;
+  double spec_s = 0, select_s = 0, real_s = 0;  // mean per DySCO step
+  int64_t num_selected = 0;
+  double selected_mass = 0;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string model, device_name = "cuda:0", json_path, label;
+  std::vector<int64_t> contexts = {8192, 32768, 131072};
+  int64_t chunk = 0, warmup = 3, steps = 20, copy_mib = 0;
+  double max_prefill_s = 300;
+  int cuda_graphs_flag = -1;
+  int64_t profile_steps = 0;
+  bool with_dysco = true, check_dysco = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    if (flag == "--no-dysco") {
+      with_dysco = false;
+      continue;
+    }
+    if (flag == "--check-dysco") {
+      check_dysco = true;
+      continue;
+    }
+    if (i + 1 >= argc) Usage("unknown flag or missing value: " + flag);
+    const std::string value = argv[++i];
+    if (flag == "--model") {
+      model = value;
+    } else if (flag == "--device") {
+      device_name = value;
+    } else if (flag == "--contexts") {
+      contexts = ParseList(flag, value);
+    } else if (flag == "--chunk") {
+      chunk = ParseInt(flag, value, 1, 1 << 20);
+    } else if (flag == "--warmup") {
+      warmup = ParseInt(flag, value, 0, 100000);
+    } else if (flag == "--steps") {
+      steps = ParseInt(flag, value, 1, 100000);
+    } else if (flag == "--copy-mib") {
+      copy_mib = ParseInt(flag, value, 1, 1 << 20);
+    } else if (flag == "--max-prefill-s") {
+      max_prefill_s = static_cast<double>(ParseInt(flag, value, 1, 1 << 20));
+    } else if (flag == "--profile-steps") {
+      profile_steps = ParseInt(flag, value, 0, 1000);
+    } else if (flag == "--cuda-graphs") {
+      cuda_graphs_flag = static_cast<int>(ParseInt(flag, value, 0, 1));
+    } else if (flag == "--json") {
+      json_path = value;
+    } else if (flag == "--label") {
+      label = value;
+    } else {
+      Usage("unknown flag " + flag);
+    }
+  }
+  if (model.empty()) Usage("--model is required");
+  const at::Device device(device_name);
+  if (device.is_cuda() && !torch::cuda::is_available())
+    Usage("--device " + device_name + " but torch sees no CUDA device");
+  if (chunk == 0) chunk = device.is_cuda() ? 8192 : 256;
+  if (copy_mib == 0) copy_mib = device.is_cuda() ? 4096 : 256;
+  auto config = dysco::LoadModelConfig(model);
+  Check(config.status(), "config");
+  // A context past the model's window is dropped (with a warning) rather than failing the run:
+  // the other contexts still measure.
+  std::vector<int64_t> fitting;
+  for (int64_t L : contexts) {
+    if (L <= config->max_position_embeddings) {
+      fitting.push_back(L);
+    } else {
+      std::fprintf(stderr, "bench-gpu: context %lld skipped: max_position_embeddings is %lld\n",
+                   static_cast<long long>(L),
+                   static_cast<long long>(config->max_position_embeddings));
+    }
+  }
+  if (fitting.empty()) Usage("no --contexts length fits max_position_embeddings");
+  contexts = fitting;
+  const int64_t max_context = contexts.back();
+  const int page_size = 16;
+  dysco::EngineOptions options;
+  options.runner.device = device_name;
+  options.page_size = page_size;
+  options.kv_pages = (max_context + page_size - 1) / page_size + 1;
+  // --check-dysco: room for the Generator's own sequence at the shortest context.
+  if (check_dysco) options.kv_pages += (contexts.front() + page_size - 1) / page_size + 1;
+  options.start_scheduler = false;
+  const int cuda_graphs = SetCudaGraphs(&options.runner, cuda_graphs_flag);
+  const auto load0 = Clock::now();
+  auto engine = dysco::Engine::Load(model, options);
+  Check(engine.status(), "loading " + model);
+  const double load_s = Seconds(load0, Clock::now());
+  dysco::ModelRunner& runner = (*engine)->runner();
+  dysco::KvPagePool& pool = (*engine)->pool();
+  const dysco::ModelConfig& c = runner.config();
+  if (with_dysco && c.dysco.selected_heads.empty()) {
+    std::fprintf(stderr, "bench-gpu: the package has no DySCO heads: DySCO not measured\n");
+    with_dysco = false;
+  }
+  const ModelBytes bytes = CountBytes(c, pool);
+  std::printf(
+      "bench-gpu: %s (%s, %s, %d layers, hidden %lld, %.2fB params) on %s, loaded in %.1f s, CUDA "
+      "graphs %s\n",
+      c.model_name.c_str(), c.architecture.c_str(), dysco::ModelDtypeName(c.dtype), c.num_layers,
+      static_cast<long long>(c.hidden_size),
+      (bytes.layer_matrix_params + bytes.layer_norm_params + bytes.lm_head_params) / 1e9,
+      device_name.c_str(), load_s,
+      cuda_graphs < 0 ? "(no option)"
+      : cuda_graphs   ? "on"
+                      : "off");
+  std::fflush(stdout);
+
+  // Floors.
+  const auto f0 = Clock::now();
+  const double bandwidth = MeasureBandwidth(device, copy_mib << 20, 10);
+  const double matmul_rate = MeasureMatmulRate(c, device, chunk, 5);
+  std::printf(
+      "floors: copy bandwidth %.1f GB/s (%lld MiB device-to-device copy, read + write), "
+      "at::mm %.1f TFLOP/s (%s, %lld rows) [%.1f s]\n",
+      bandwidth / 1e9, static_cast<long long>(copy_mib), matmul_rate / 1e12,
+      dysco::ModelDtypeName(c.dtype), static_cast<long long>(chunk), Seconds(f0, Clock::now()));
+  std::fflush(stdout);
+
+  // TTFT: the one long prefill.
+  Bench bench(&runner, &pool, max_context, 1234);
+  const auto [ttft_s, ttft_tokens] = bench.Prefill(chunk, max_prefill_s);
+  const bool ttft_cut = ttft_tokens < max_context;
+  const double prefill_flops = PrefillFlops(c, bytes, ttft_tokens, chunk);
+  const double ttft_floor_s = prefill_flops / matmul_rate;
+  if (ttft_cut) {
+    std::fprintf(
+        stderr,
+        "bench-gpu: prefill cut after %lld of %lld tokens (%.1f s > --max-prefill-s %.0f); "
+        "contexts past it are skipped\n",
+        static_cast<long long>(ttft_tokens), static_cast<long long>(max_context), ttft_s,
+        max_prefill_s);
+    std::vector<int64_t> kept;
+    for (int64_t L : contexts) {
+      if (L - 1 <= ttft_tokens) kept.push_back(L);
+    }
+    contexts = kept;
+  }
+  std::printf(
+      "TTFT %lld tokens (chunks of %lld): %.3f s, FLOP floor %.3f s (%.3g FLOP), %.2fx, "
+      "%.0f tokens/s\n",
+      static_cast<long long>(ttft_tokens), static_cast<long long>(chunk), ttft_s, ttft_floor_s,
+      prefill_flops, ttft_s / ttft_floor_s, ttft_tokens / ttft_s);
+  std::fflush(stdout);
+
+  std::vector<ContextResult> results;
+  int probe_last_layer = -1;
+  int64_t num_probe_heads = 0;
+  for (int64_t L : contexts) {
+    ContextResult r;
+    r.context = L;
+    const auto c0 = Clock::now();
+    for (int64_t s = 0; s < warmup; ++s) bench.PlainStep(L);
+    std::vector<double> times;
+    for (int64_t s = 0; s < steps; ++s) {
+      const auto t0 = Clock::now();
+      bench.PlainStep(L);
+      times.push_back(Seconds(t0, Clock::now()));
+    }
+    r.plain = Summarise(times);
+    r.plain_bytes = bytes.PlainStep(L);
+    r.plain_floor_s = r.plain_bytes / bandwidth;
+    if (with_dysco) {
+      bench.PrepareDysco(c, L);
+      if (check_dysco && L == contexts.front())
+        CheckDyscoAgainstGenerator(**engine, bench, L, chunk);
+      const auto& params = bench.controller().params();
+      probe_last_layer = params.max_head_layer();
+      num_probe_heads = static_cast<int64_t>(params.selected_heads.size());
+      for (int64_t s = 0; s < warmup; ++s) bench.DyscoStep(L - 1);
+      times.clear();
+      for (int64_t s = 0; s < steps; ++s) {
+        const auto t0 = Clock::now();
+        bench.DyscoStep(L - 1, &r.spec_s, &r.select_s, &r.real_s);
+        times.push_back(Seconds(t0, Clock::now()));
+      }
+      r.spec_s /= steps;
+      r.select_s /= steps;
+      r.real_s /= steps;
+      r.dysco = Summarise(times);
+      r.dysco_bytes = r.plain_bytes + bytes.SpeculativePass(L, probe_last_layer);
+      r.dysco_floor_s = r.dysco_bytes / bandwidth;
+      r.num_selected = bench.last_selection().num_selected;
+      r.selected_mass = bench.last_selection().selected_mass;
+    }
+    std::printf(
+        "context %lld: plain %.3f ms (p50 %.3f), DySCO %.3f ms (p50 %.3f; speculative "
+        "%.3f, relevance + selection %.3f, real %.3f; %lld keys selected) [%.1f s]\n",
+        static_cast<long long>(L), r.plain.mean * 1e3, r.plain.p50 * 1e3, r.dysco.mean * 1e3,
+        r.dysco.p50 * 1e3, r.spec_s * 1e3, r.select_s * 1e3, r.real_s * 1e3,
+        static_cast<long long>(r.num_selected), Seconds(c0, Clock::now()));
+    std::fflush(stdout);
+    results.push_back(r);
+  }
+
+  // The table (p50 per token; ratios to the floors of this run).
+  std::printf(
+      "\n%s%s, %s, batch 1, %s; ms per token (p50 of %lld steps); floors: %.0f GB/s "
+      "copy, %.3g TFLOP/s at::mm\n\n",
+      label.empty() ? "" : (label + ": ").c_str(), c.model_name.c_str(),
+      dysco::ModelDtypeName(c.dtype), device_name.c_str(), static_cast<long long>(steps),
+      bandwidth / 1e9, matmul_rate / 1e12);
+  std::printf(
+      "| context | plain ms | plain floor | ratio | DySCO ms | DySCO floor | ratio | "
+      "DySCO/plain |\n|---|---|---|---|---|---|---|---|\n");
+  for (const ContextResult& r : results) {
+    if (with_dysco) {
+      std::printf("| %lld | %.2f | %.2f | %.2fx | %.2f | %.2f | %.2fx | %.2fx |\n",
+                  static_cast<long long>(r.context), r.plain.p50 * 1e3, r.plain_floor_s * 1e3,
+                  r.plain.p50 / r.plain_floor_s, r.dysco.p50 * 1e3, r.dysco_floor_s * 1e3,
+                  r.dysco.p50 / r.dysco_floor_s, r.dysco.p50 / r.plain.p50);
+    } else {
+      std::printf("| %lld | %.2f | %.2f | %.2fx | - | - | - | - |\n",
+                  static_cast<long long>(r.context), r.plain.p50 * 1e3, r.plain_floor_s * 1e3,
+                  r.plain.p50 / r.plain_floor_s);
+    }
+  }
+  std::printf(
+      "\n| TTFT tokens | seconds | FLOP floor s | ratio | tokens/s |\n|---|---|---|---|---|\n"
+      "| %lld | %.3f | %.3f | %.2fx | %.0f |\n",
+      static_cast<long long>(ttft_tokens), ttft_s, ttft_floor_s, ttft_s / ttft_floor_s,
+      ttft_tokens / ttft_s);
+  std::fflush(stdout);
+
+  // Where the time goes at the longest context: per-kernel device time of a few steps.
+  StepProfile plain_profile, dysco_profile;
+  const int64_t profiled_context = results.empty() ? 0 : results.back().context;
+  if (profile_steps > 0 && profiled_context > 0) {
+    const int64_t L = profiled_context;
+    plain_profile = ProfileSteps(device, profile_steps, [&] { bench.PlainStep(L); });
+    if (with_dysco) {
+      dysco_profile = ProfileSteps(device, profile_steps, [&] { bench.DyscoStep(L - 1); });
+    }
+    for (const auto* prof : {&plain_profile, &dysco_profile}) {
+      if (prof == &dysco_profile && !with_dysco) continue;
+      const char* what = prof == &plain_profile ? "plain" : "DySCO";
+      if (!prof->ok) {
+        std::printf("\nprofile (%s, %lld): profiler unavailable: %s\n", what,
+                    static_cast<long long>(L), prof->error.c_str());
+        continue;
+      }
+      std::printf(
+          "\nprofile (%s step at %lld, %lld steps): %.3f ms wall, %.3f ms of %s events per "
+          "step; top by time:\n| ms/step | calls/step | share of wall | name "
+          "|\n|---|---|---|---|\n",
+          what, static_cast<long long>(L), static_cast<long long>(profile_steps),
+          prof->wall_ms_per_step, prof->device_ms_per_step,
+          device.is_cuda() ? "device" : "CPU-op (nested)");
+      for (size_t i = 0; i < prof->kernels.size() && i < 12; ++i) {
+        const KernelTime& k = prof->kernels[i];
+        std::printf("| %.3f | %.1f | %.1f%% | %s |\n", k.ms_per_step, k.calls_per_step,
+                    100.0 * k.ms_per_step / prof->wall_ms_per_step, k.name.substr(0, 100).c_str());
+      }
+    }
+    std::fflush(stdout);
+  }
+
+  if (!json_path.empty()) {
+    std::ofstream out(json_path);
+    out << "{\n  \"bench\": \"bench-gpu\",\n  \"label\": " << JsonString(label)
+        << ",\n  \"model_dir\": " << JsonString(model)
+        << ",\n  \"model_name\": " << JsonString(c.model_name)
+        << ",\n  \"architecture\": " << JsonString(c.architecture)
+        << ",\n  \"dtype\": " << JsonString(dysco::ModelDtypeName(c.dtype))
+        << ",\n  \"device\": " << JsonString(device_name) << ",\n  \"batch\": 1"
+        << ",\n  \"cuda_graphs\": "
+        << (cuda_graphs < 0 ? "null"
+            : cuda_graphs   ? "true"
+                            : "false")
+        << ",\n  \"load_s\": " << Json(load_s) << ",\n  \"num_layers\": " << c.num_layers
+        << ",\n  \"layer_matrix_params\": " << Json(bytes.layer_matrix_params)
+        << ",\n  \"lm_head_params\": " << Json(bytes.lm_head_params)
+        << ",\n  \"weight_bytes\": " << Json(bytes.PlainStep(0))
+        << ",\n  \"kv_bytes_per_token\": " << Json(bytes.kv_bytes_per_token)
+        << ",\n  \"bandwidth_bytes_per_s\": " << Json(bandwidth)
+        << ",\n  \"copy_bytes\": " << (copy_mib << 20)
+        << ",\n  \"matmul_flops_per_s\": " << Json(matmul_rate) << ",\n  \"chunk\": " << chunk
+        << ",\n  \"warmup_steps\": " << warmup << ",\n  \"timed_steps\": " << steps
+        << ",\n  \"dysco\": " << (with_dysco ? "true" : "false")
+        << ",\n  \"probe_last_layer\": " << probe_last_layer
+        << ",\n  \"num_probe_heads\": " << num_probe_heads
+        << ",\n  \"ttft\": {\"tokens\": " << ttft_tokens
+        << ", \"cut\": " << (ttft_cut ? "true" : "false") << ", \"seconds\": " << Json(ttft_s)
+        << ", \"flops\": " << Json(prefill_flops) << ", \"floor_s\": " << Json(ttft_floor_s)
+        << ", \"ratio\": " << Json(ttft_s / ttft_floor_s) << "},\n  \"contexts\": [";
+    for (size_t i = 0; i < results.size(); ++i) {
+      const ContextResult& r = results[i];
+      out << (i ? "," : "") << "\n    {\"context\": " << r.context
+          << ", \"plain_ms_mean\": " << Json(r.plain.mean * 1e3)
+          << ", \"plain_ms_p50\": " << Json(r.plain.p50 * 1e3)
+          << ", \"plain_ms_min\": " << Json(r.plain.min * 1e3)
+          << ", \"plain_bytes\": " << Json(r.plain_bytes)
+          << ", \"plain_floor_ms\": " << Json(r.plain_floor_s * 1e3)
+          << ", \"plain_ratio\": " << Json(r.plain.p50 / r.plain_floor_s);
+      if (with_dysco) {
+        out << ", \"dysco_ms_mean\": " << Json(r.dysco.mean * 1e3)
+            << ", \"dysco_ms_p50\": " << Json(r.dysco.p50 * 1e3)
+            << ", \"dysco_ms_min\": " << Json(r.dysco.min * 1e3)
+            << ", \"dysco_bytes\": " << Json(r.dysco_bytes)
+            << ", \"dysco_floor_ms\": " << Json(r.dysco_floor_s * 1e3)
+            << ", \"dysco_ratio\": " << Json(r.dysco.p50 / r.dysco_floor_s)
+            << ", \"dysco_over_plain\": " << Json(r.dysco.p50 / r.plain.p50)
+            << ", \"dysco_speculative_ms\": " << Json(r.spec_s * 1e3)
+            << ", \"dysco_select_ms\": " << Json(r.select_s * 1e3)
+            << ", \"dysco_real_ms\": " << Json(r.real_s * 1e3)
+            << ", \"num_selected\": " << r.num_selected
+            << ", \"selected_mass\": " << Json(r.selected_mass);
+      }
+      out << "}";
+    }
+    out << "\n  ]";
+    auto profile_json = [&](const StepProfile& prof) {
+      if (!prof.ok) {
+        out << "{\"error\": " << JsonString(prof.error) << "}";
+        return;
+      }
+      out << "{\"wall_ms_per_step\": " << Json(prof.wall_ms_per_step)
+          << ", \"device_ms_per_step\": " << Json(prof.device_ms_per_step) << ", \"top\": [";
+      for (size_t i = 0; i < prof.kernels.size() && i < 30; ++i) {
+        out << (i ? ", " : "") << "{\"name\": " << JsonString(prof.kernels[i].name.substr(0, 200))
+            << ", \"ms_per_step\": " << Json(prof.kernels[i].ms_per_step)
+            << ", \"calls_per_step\": " << Json(prof.kernels[i].calls_per_step) << "}";
+      }
+      out << "]}";
+    };
+    if (profile_steps > 0 && profiled_context > 0) {
+      out << ",\n  \"profile\": {\"context\": " << profiled_context
+          << ", \"steps\": " << profile_steps
+          << ", \"device_events\": " << (device.is_cuda() ? "true" : "false")
+          << ",\n    \"plain\": ";
+      profile_json(plain_profile);
+      if (with_dysco) {
+        out << ",\n    \"dysco\": ";
+        profile_json(dysco_profile);
+      }
+      out << "}";
+    }
+    out << "\n}\n";
+    if (!out) {
+      std::cerr << "bench-gpu: cannot write " << json_path << "\n";
+      return 1;
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,134 @@
+"""The pure parts of the GPU benchmark's Python scripts (bench/plot_gpu.py, bench/hf_peer.py): the
+combined table and its target verdicts from bench-gpu / peer / dysco-client JSON, and the mapping of
+our config.json onto transformers' config arguments. Neither needs torch, transformers nor a GPU."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_module(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+plot_gpu = load_module("plot_gpu")
+hf_peer = load_module("hf_peer")
+
+
+def bench_json(plain_ms, dysco_ms, floor=8.0, dysco_floor=13.4):
+    return {
+        "bench": "bench-gpu", "label": "qwen3-8b", "model_name": "synthetic-qwen3-8b",
+        "architecture": "qwen3", "dtype": "bfloat16", "device": "cuda:0", "timed_steps": 20,
+        "bandwidth_bytes_per_s": 4.3e12, "matmul_flops_per_s": 7.7e14, "dysco": True,
+        "ttft": {"tokens": 131072, "seconds": 11.0, "flops": 6.9e15, "floor_s": 9.0,
+                 "ratio": 11.0 / 9.0},
+        "contexts": [{
+            "context": 131072, "plain_ms_p50": plain_ms, "plain_floor_ms": floor,
+            "plain_ratio": plain_ms / floor, "dysco_ms_p50": dysco_ms,
+            "dysco_floor_ms": dysco_floor, "dysco_ratio": dysco_ms / dysco_floor,
+            "dysco_over_plain": dysco_ms / plain_ms, "dysco_speculative_ms": 5.0,
+            "dysco_select_ms": 1.0, "dysco_real_ms": 9.0, "num_selected": 4096}],
+    }
+
+
+def server_json(one, many):
+    def phase(n, tok_s, itl_ms):
+        return {"concurrency": n, "generated_tokens_per_s": tok_s, "errors": 0,
+                "ttft": {"p50_ms": 2000.0}, "inter_token_latency": {"mean_ms": itl_ms,
+                                                                   "p50_ms": itl_ms}}
+    return {"config": {"concurrency": 16, "prompt_tokens": 32000, "max_new_tokens": 128,
+                       "dysco": True},
+            "phases": [phase(1, one, 20.0), phase(16, many, 25.0)],
+            "throughput_ratio": many / one}
+
+
+def write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_table_has_ratios_to_floor_and_peer_and_target_verdicts(tmp_path):
+    files = [
+        write(tmp_path, "b.json", bench_json(plain_ms=8.8, dysco_ms=20.0)),
+        write(tmp_path, "p.json", {"peer": "transformers", "model_name": "synthetic-qwen3-8b",
+                                   "transformers": "5.17.0", "errors": [],
+                                   "contexts": [{"context": 131072, "per_token_ms_p50": 62.3,
+                                                 "ttft_s": 12.9, "compiled": True}]}),
+        write(tmp_path, "s.json", server_json(one=40.0, many=480.0)),
+        write(tmp_path, "junk.json", {"something": "else"}),
+    ]
+    benches, peers, servers = plot_gpu.load(files)
+    assert (len(benches), len(peers), len(servers)) == (1, 1, 1)
+    text = plot_gpu.table(benches, peers, servers)
+    # plain 8.8 / floor 8.0 = 1.10x; DySCO 20.0 / 13.4 = 1.49x; DySCO/plain 2.27x; plain/peer 0.14x.
+    assert "| 131072 | 8.80 | 8.00 | 1.10x | 20.00 | 13.40 | 1.49x | 2.27x | 62.30 | 0.14x |" in text
+    assert "plain at 131072: 1.10x its floor (target <= 1.15x): met" in text
+    assert "DySCO at 131072: 1.49x its floor (target <= 1.15x): missed" in text
+    assert "DySCO/plain at 131072: 2.27x (target <= 1.75x): missed" in text
+    assert "131072-token prefill: 1.22x the FLOP floor (target <= 1.3x): met" in text
+    # 480 / 40 = 12x over the window; decode 16 / 25 ms against 1 / 20 ms = 12.8x.
+    assert "12.00x (window), 12.80x (decode)" in text and "target >= 10x): met" in text
+    assert "| 131072 | 11.00 | 9.00 | 1.22x | 12.90 | 0.85x |" in text
+
+
+def test_table_without_peer_or_server(tmp_path):
+    benches, peers, servers = plot_gpu.load([write(tmp_path, "b.json", bench_json(20.0, 40.0))])
+    text = plot_gpu.table(benches, peers, servers)
+    assert "| 131072 | 20.00 | 8.00 | 2.50x |" in text and "| - | - | - |" in text
+    assert "sessions" not in text
+
+
+def test_hf_config_kwargs_maps_our_config():
+    pkg = {"architecture": "qwen3", "dtype": "bfloat16", "vocab_size": 151936, "hidden_size": 4096,
+           "intermediate_size": 12288, "num_layers": 36, "num_attention_heads": 32,
+           "num_kv_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+           "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                            "original_max_position_embeddings": 32768},
+           "max_position_embeddings": 131072, "tie_word_embeddings": False,
+           "special_tokens": {"bos_token_id": None, "eos_token_ids": [151645, 151643]}}
+    arch, dtype, kw, rope = hf_peer.hf_config_kwargs(pkg)
+    assert (arch, dtype) == ("qwen3", "bfloat16")
+    assert kw["num_hidden_layers"] == 36 and kw["num_key_value_heads"] == 8
+    assert kw["eos_token_id"] == [151645, 151643] and "bos_token_id" not in kw
+    assert "mlp_bias" not in kw
+    assert rope == {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0,
+                    "original_max_position_embeddings": 32768}
+    with pytest.raises(ValueError):
+        hf_peer.hf_config_kwargs(dict(pkg, architecture="gpt2"))
+
+
+def test_parse_contexts():
+    assert hf_peer.parse_contexts("32768,8192,8192") == [8192, 32768]
+    with pytest.raises(ValueError):
+        hf_peer.parse_contexts("1")
+
+
+def test_table_of_a_cut_prefill_with_no_context(tmp_path):
+    data = bench_json(8.8, 20.0)
+    data["contexts"] = []
+    data["ttft"].update(tokens=16384, cut=True)
+    benches, peers, servers = plot_gpu.load([write(tmp_path, "b.json", data)])
+    text = plot_gpu.table(benches, peers, servers)
+    assert "| 16384 (cut: --max-prefill-s) |" in text
+
+
+def test_table_shows_where_the_time_goes(tmp_path):
+    data = bench_json(8.8, 20.0)
+    data["profile"] = {"context": 131072, "steps": 5, "device_events": True,
+                       "plain": {"wall_ms_per_step": 8.8, "device_ms_per_step": 8.1,
+                                 "top": [{"name": "paged_attention_decode_kernel",
+                                          "ms_per_step": 4.6, "calls_per_step": 36}]},
+                       "dysco": {"error": "CUPTI unavailable"}}
+    benches, peers, servers = plot_gpu.load([write(tmp_path, "b.json", data)])
+    text = plot_gpu.table(benches, peers, servers)
+    assert ("plain step at 131072 (5 profiled steps): 8.80 ms wall, 8.10 ms of device events; "
+            "top: paged_attention_decode_kernel 4.600 ms x36") in text
+    assert "Profile (dysco): unavailable: CUPTI unavailable" in text
