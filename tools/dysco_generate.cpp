@@ -38,13 +38,13 @@ const char kUsage[] =
     "         [--chat] [--system TEXT]\n"
     "         [--temperature T] [--top-k K] [--top-p P] [--seed S] [--repetition-penalty R]\n"
     "         [--stop STR]... [--threads N] [--kv-pages N] [--page-size N] [--prefill-chunk N]\n"
-    "         [--device cpu|cuda:0]\n"
+    "         [--device cpu|cuda:0] [--no-cuda-graphs]\n"
     "         [--dysco [--dysco-heads L:H,L:H] [--dysco-top-p P] [--dysco-top-k K]\n"
     "          [--dysco-strength S] [--dysco-decay D] [--dysco-context-warmup N]\n"
     "          [--dysco-intervention-warmup N|auto] [--dysco-static] [--trace FILE "
     "[--trace-full]]]\n"
     "       dysco-generate --model DIR --batch-file FILE.jsonl [--max-new-tokens N] [--threads N]\n"
-    "         [--page-size N] [--prefill-chunk N] [--device cpu|cuda:0]\n"
+    "         [--page-size N] [--prefill-chunk N] [--device cpu|cuda:0] [--no-cuda-graphs]\n"
     "  --dysco-top-p 0 / --dysco-top-k 0 unset that limit.\n";
 
 const dysco::cli::CommandLine kCli("dysco-generate", kUsage);
@@ -61,6 +61,7 @@ struct Flags {
   std::vector<std::string> stops;
   int threads = 0;
   std::string device = "cpu";  // the model's and the KV cache's torch device
+  bool cuda_graphs = true;     // decode steps on CUDA replay CUDA graphs (--no-cuda-graphs: eager)
   int64_t kv_pages = 0;        // 0: enough for prompt + max_new_tokens
   int page_size = 16;
   int64_t prefill_chunk = 512;
@@ -126,6 +127,10 @@ Flags ParseFlags(int argc, char** argv) {
     }
     if (flag == "--trace-full") {
       f.trace_full = true;
+      continue;
+    }
+    if (flag == "--no-cuda-graphs") {
+      f.cuda_graphs = false;
       continue;
     }
     const std::string value = kCli.TakeValue(argc, argv, &i);
@@ -313,6 +318,7 @@ dysco::StatusOr<std::unique_ptr<dysco::Engine>> LoadEngine(const Flags& flags) {
   dysco::EngineOptions options;
   options.runner.num_threads = flags.threads;
   options.runner.device = flags.device;
+  options.runner.cuda_graphs = flags.cuda_graphs;
   options.page_size = flags.page_size;
   options.kv_pages = 1;
   options.start_scheduler = false;
