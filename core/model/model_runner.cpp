@@ -152,10 +152,15 @@ struct ModelRunner::Impl {
 
   mutable Mutex mu;  // one Forward at a time; guards the module's use and the buffers below
   // Host staging buffers, reused across forwards so a decode step allocates no vectors.
-  // probe_layers / probe_heads: the layer and the query head of each probe, in the batch's order.
+  // probe_layers / probe_heads: the layer and the query head of each probe, grouped by layer (a
+  // stable sort of the batch's probes, so the model makes one attention_probs call per layer);
+  // probe_order[k] = the batch's index of the k-th of them.
   std::vector<int64_t> token_ids GUARDED_BY(mu), positions GUARDED_BY(mu),
       query_start_loc GUARDED_BY(mu), seq_lens GUARDED_BY(mu), slot_mapping GUARDED_BY(mu),
       probe_layers GUARDED_BY(mu), probe_heads GUARDED_BY(mu);
+  std::vector<size_t> probe_order GUARDED_BY(mu);
+  bool probes_reordered GUARDED_BY(mu) = false;
+  std::vector<float> probs_scratch GUARDED_BY(mu);  // the model's probe order, before un-permuting
   std::vector<int32_t> block_tables GUARDED_BY(mu);
   std::vector<float> attn_bias GUARDED_BY(mu);
   int64_t max_seq_len GUARDED_BY(mu) = 0;  // of the packed batch
@@ -372,11 +377,18 @@ void ModelRunner::Impl::PackLocked(const ForwardBatch& batch) {
       }
     }
   }
+  probe_order.resize(batch.probe_heads.size());
+  for (size_t h = 0; h < probe_order.size(); ++h) probe_order[h] = h;
+  std::stable_sort(probe_order.begin(), probe_order.end(), [&](size_t x, size_t y) {
+    return batch.probe_heads[x].first < batch.probe_heads[y].first;
+  });
+  probes_reordered = false;
   probe_layers.clear();
   probe_heads.clear();
-  for (const auto& [layer, head] : batch.probe_heads) {
-    probe_layers.push_back(layer);
-    probe_heads.push_back(head);
+  for (size_t k = 0; k < probe_order.size(); ++k) {
+    probes_reordered = probes_reordered || probe_order[k] != k;
+    probe_layers.push_back(batch.probe_heads[probe_order[k]].first);
+    probe_heads.push_back(batch.probe_heads[probe_order[k]].second);
   }
 }
 
@@ -455,8 +467,19 @@ Status ModelRunner::Impl::ReadOutputsLocked(const ForwardBatch& batch, const at:
   // the batch's longest sequence, as before.
   out->num_probe_heads = H;
   out->probs_len = max_seq_len;
-  if (H > 0) {
+  if (H > 0 && !probes_reordered) {
     CopyToHost(probs.narrow(0, 0, B).narrow(2, 0, max_seq_len), &out->probs);
+  } else if (H > 0) {
+    // Back to the batch's probe order: row k of the model's probs is probe probe_order[k].
+    CopyToHost(probs.narrow(0, 0, B).narrow(2, 0, max_seq_len), &probs_scratch);
+    out->probs.resize(probs_scratch.size());
+    const size_t row = static_cast<size_t>(max_seq_len), nh = static_cast<size_t>(H);
+    for (size_t b = 0; b < static_cast<size_t>(B); ++b) {
+      for (size_t k = 0; k < nh; ++k) {
+        const float* from = probs_scratch.data() + (b * nh + k) * row;
+        std::copy(from, from + row, out->probs.data() + (b * nh + probe_order[k]) * row);
+      }
+    }
   } else {
     out->probs.clear();
   }
