@@ -115,6 +115,10 @@ struct DecodeGraphs {
   c10::cuda::CUDAStream capture_stream;
   // A null graph marks a bucket whose capture failed: it runs eagerly.
   std::map<GraphKey, std::unique_ptr<DecodeGraph>> by_key;
+  // The cache the graphs were captured against. Graphs hold the cache tensor (their inputs), so a
+  // new cache (dysco-generate sizes one per run) drops them all: otherwise every old cache would
+  // stay allocated. Alternating between two caches would recapture every step; nothing does that.
+  const void* kv_cache = nullptr;
   DecodeGraphs(c10::MempoolId_t p, c10::cuda::CUDAStream s) : pool(p), capture_stream(s) {}
 };
 
@@ -500,6 +504,10 @@ DecodeGraph* ModelRunner::Impl::GraphForLocked(const ForwardBatch& batch) {
   key.probes = batch.probe_heads;
   key.kv_cache = batch.kv_pool->kv_cache().data_ptr();
   key.kv_pages = batch.kv_pool->num_pages_in_tensor();
+  if (graphs->kv_cache != key.kv_cache) {
+    graphs->by_key.clear();
+    graphs->kv_cache = key.kv_cache;
+  }
   auto it = graphs->by_key.find(key);
   if (it != graphs->by_key.end()) {
     if (it->second != nullptr) FillGraphInputsLocked(batch, key, it->second.get());

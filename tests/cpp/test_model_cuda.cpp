@@ -450,6 +450,7 @@ TEST_F(ModelCudaTest, BucketIsCapturedOnceThenReplayed) {
     auto p0 = run.pool(0).Allocate(5);
     auto p1 = run.pool(1).Allocate(5);
     ASSERT_TRUE(p0.ok() && p1.ok());
+    ASSERT_EQ(*p0, *p1);
     pages[s] = *p0;
   }
   ForwardOutput outs[2];
