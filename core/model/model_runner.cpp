@@ -150,6 +150,7 @@ struct ModelRunner::Impl {
   // as an op failure would. Unset in production: one branch per forward.
   std::optional<int64_t> failpoint_token;
 
+  bool jit_optimize = false;
   bool cuda_graphs = false;  // options.cuda_graphs on a CUDA device, in a CUDA build
   int64_t cuda_graph_max_batch = 0;
   std::function<void(const std::string&)> log_info;
@@ -201,6 +202,7 @@ StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& pack
   impl->package_dir = package_dir;
   impl->device_name = options.device;
   impl->log_info = options.log_info;
+  impl->jit_optimize = options.jit_optimize;
   if (options.cuda_graph_max_batch < 1) {
     return InvalidArgumentError("cuda_graph_max_batch must be >= 1, got " +
                                 std::to_string(options.cuda_graph_max_batch));
@@ -230,7 +232,7 @@ StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& pack
 #ifdef DYSCO_CUDA_GRAPHS
     // Capture needs an interpreter that only launches the module's ops: without optimisation the
     // graph executor runs one plan, with no profiling runs or re-specialisation (Load's
-    // jit_optimize option, process-wide); with it on, graphs are not used.
+    // jit_optimize option, set on the forward's thread by Forward); with it on, no graphs.
     impl->cuda_graphs = options.cuda_graphs && impl->device.is_cuda() && !options.jit_optimize;
     if (impl->device.is_cuda() && !impl->device.has_index()) {
       // "cuda" means the current device; its tensors (the pool's) carry the index.
@@ -626,7 +628,7 @@ void ModelRunner::Impl::FillGraphInputsLocked(const ForwardBatch& batch, const G
 bool ModelRunner::Impl::CaptureLocked(const GraphKey& key, DecodeGraph* g) {
   const auto t0 = std::chrono::steady_clock::now();
   const c10::DeviceIndex index = device.index();
-  const int64_t reserved_before = ReservedBytes(index);
+  int64_t growth = 0;  // of the allocator's reserved bytes during the capture: the graph pool's
   c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(index);
   c10::cuda::CUDAStream side = graphs->capture_stream;
   std::string error;
@@ -642,6 +644,7 @@ bool ModelRunner::Impl::CaptureLocked(const GraphKey& key, DecodeGraph* g) {
       // replay that follows.
       module.forward(g->inputs);
       side.synchronize();
+      const int64_t reserved_before = ReservedBytes(index);
       g->graph.capture_begin(graphs->pool, cudaStreamCaptureModeThreadLocal);
       c10::IValue result;
       try {
@@ -654,6 +657,7 @@ bool ModelRunner::Impl::CaptureLocked(const GraphKey& key, DecodeGraph* g) {
         throw;
       }
       g->graph.capture_end();
+      growth = ReservedBytes(index) - reserved_before;
       const Status unpacked = UnpackResult(result, &g->logits, &g->probs);
       if (!unpacked.ok()) error = unpacked.message();
     } catch (const c10::Error& e) {
@@ -670,7 +674,6 @@ bool ModelRunner::Impl::CaptureLocked(const GraphKey& key, DecodeGraph* g) {
     return false;
   }
   g->captured = true;
-  const int64_t growth = ReservedBytes(index) - reserved_before;
   ++stats.graphs;
   stats.pool_bytes += growth;
   if (log_info) {
@@ -711,6 +714,10 @@ Status ModelRunner::Forward(const ForwardBatch& batch, ForwardOutput* out) {
   DYSCO_RETURN_IF_ERROR(impl_->Validate(batch));
   MutexLock lock(&impl_->mu);
   try {
+    // TorchScript's executor optimisation flag is thread-local: Load set it on its own thread;
+    // the forward may run on another (the scheduler's), which would otherwise profile and
+    // re-specialise (and, on CUDA, a captured step must run the unoptimised plan).
+    torch::jit::setGraphExecutorOptimize(impl_->jit_optimize);
     c10::InferenceMode inference_mode;
     return impl_->RunLocked(batch, out);
   } catch (const c10::Error& e) {

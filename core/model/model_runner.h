@@ -50,9 +50,10 @@ struct ModelRunnerOptions {
   // machine). 0 = keep torch's count.
   int num_threads = 0;
   std::string device = "cpu";  // where the module and the inputs live ("cpu", "cuda:0")
-  // TorchScript graph-executor optimisation (process-wide). Off by default: shapes change every
-  // step, so the profiling executor keeps re-specialising, and on CPU the attention runs in our ops
-  // anyway.
+  // TorchScript graph-executor optimisation. Off by default: shapes change every step, so the
+  // profiling executor keeps re-specialising, and on CPU the attention runs in our ops anyway.
+  // TorchScript keeps the flag per thread: Load and every Forward set it on their thread (it
+  // stays set there for other TorchScript code on that thread). On CUDA, true disables graphs.
   bool jit_optimize = false;
   // CUDA graphs for decode steps (docs/gpu.md "CUDA graphs"): on a CUDA device, a step whose every
   // sequence brings one token is padded to a bucket (batch and block-table width rounded up to
