@@ -197,16 +197,16 @@ struct ModelRunner::Impl {
 
 StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& package_dir,
                                                          const ModelRunnerOptions& options) {
+  if (options.cuda_graph_max_batch < 1) {
+    return InvalidArgumentError("cuda_graph_max_batch must be >= 1, got " +
+                                std::to_string(options.cuda_graph_max_batch));
+  }
   auto impl = std::make_unique<Impl>();
   DYSCO_ASSIGN_OR_RETURN(impl->config, LoadModelConfig(package_dir));
   impl->package_dir = package_dir;
   impl->device_name = options.device;
   impl->log_info = options.log_info;
   impl->jit_optimize = options.jit_optimize;
-  if (options.cuda_graph_max_batch < 1) {
-    return InvalidArgumentError("cuda_graph_max_batch must be >= 1, got " +
-                                std::to_string(options.cuda_graph_max_batch));
-  }
   impl->cuda_graph_max_batch = options.cuda_graph_max_batch;
   if (const char* token = std::getenv("DYSCO_FAILPOINT_FORWARD_TOKEN")) {
     impl->failpoint_token = static_cast<int64_t>(std::strtoll(token, nullptr, 10));

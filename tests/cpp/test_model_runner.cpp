@@ -356,10 +356,33 @@ TEST_F(ModelRunnerTest, ValidationErrorsNameTheField) {
       << s.message();
 }
 
+// On the CPU the graph path never runs, whatever the options say: every forward is eager.
+TEST_F(ModelRunnerTest, CpuForwardsAreEagerWithCudaGraphsOn) {
+  const auto t = RandomTokens(5, 21);
+  const PageList p = Pages(6);
+  const ModelRunner::CudaGraphStats before = runner_->cuda_graph_stats();
+  RunOne(t, 0, 5, p);
+  RunOne(t, 4, 1, p);  // a decode step: a graph candidate on CUDA
+  const ModelRunner::CudaGraphStats after = runner_->cuda_graph_stats();
+  EXPECT_EQ(after.eager_forwards - before.eager_forwards, 2);
+  EXPECT_EQ(after.graphs, 0);
+  EXPECT_EQ(after.replays, 0);
+  EXPECT_EQ(after.pool_bytes, 0);
+}
+
 TEST(ModelRunnerLoadTest, MissingPackage) {
   auto r = ModelRunner::Load("/nonexistent/package");
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), StatusCode::kNotFound);
+}
+
+TEST(ModelRunnerLoadTest, CudaGraphMaxBatchMustBePositive) {
+  ModelRunnerOptions o;
+  o.cuda_graph_max_batch = 0;
+  auto r = ModelRunner::Load("/nonexistent/package", o);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("cuda_graph_max_batch must be >= 1"), std::string::npos)
+      << r.status().ToString();
 }
 
 }  // namespace
