@@ -158,6 +158,10 @@ Status DyscoServer::LoadModel() {
   EngineOptions o;
   o.runner.num_threads = options_.threads;
   o.runner.device = options_.device;
+  o.runner.cuda_graphs = options_.cuda_graphs;
+  // A decode step batches at most max_batch sequences: no bucket past it is ever captured.
+  o.runner.cuda_graph_max_batch = options_.max_batch;
+  o.runner.log_info = [](const std::string& line) { spdlog::info("{}", line); };
   o.page_size = options_.page_size;
   o.kv_pages = options_.kv_pages;
   o.kv_cache_fraction = options_.kv_cache_fraction;

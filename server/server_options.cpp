@@ -19,6 +19,7 @@ namespace {
 const char kUsage[] =
     "usage: dysco-server --model DIR [--config FILE.yaml] [--host ADDR] [--port N]\n"
     "         [--metrics-host ADDR] [--metrics-port N] [--device cpu|cuda:0]\n"
+    "         [--cuda-graphs true|false]\n"
     "         [--kv-pages N | --kv-cache-mb MB | --kv-cache-fraction F]\n"
     "         [--page-size N] [--max-batch N] [--max-queued N] [--max-context N]\n"
     "         [--prefill-chunk N] [--max-step-tokens N] [--threads N]\n"
@@ -115,6 +116,7 @@ const std::map<std::string, Setter>& Setters() {
       {"reflection", BoolSetter(&ServerOptions::reflection)},
       {"max-request-bytes", IntSetter(&ServerOptions::max_request_bytes, 1024, 1 << 30)},
       {"device", StringSetter(&ServerOptions::device)},
+      {"cuda-graphs", BoolSetter(&ServerOptions::cuda_graphs)},
       {"kv-pages", IntSetter(&ServerOptions::kv_pages, 1, kIntMax - 1)},
       {"kv-cache-mb", IntSetter(&ServerOptions::kv_cache_mb, 1, int64_t{1} << 24)},
       {"kv-cache-fraction",

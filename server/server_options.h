@@ -31,6 +31,9 @@ struct ServerOptions {
   bool reflection = true;  // grpc.reflection.v1alpha (never behind the token, like health)
   int64_t max_request_bytes = 16 << 20;  // larger request messages: RESOURCE_EXHAUSTED, unread
   std::string device = "cpu";
+  // Decode steps on a CUDA device replay captured CUDA graphs (docs/gpu.md "CUDA graphs"); false
+  // runs every step eagerly. Ignored on the CPU.
+  bool cuda_graphs = true;
   // KV cache size, one of three (alternatives: giving two on the command line, or two in the
   // config file, is an error; one on the command line replaces the file's):
   int64_t kv_pages = 0;            // > 0: exactly this many KV pages

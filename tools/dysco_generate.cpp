@@ -39,14 +39,14 @@ const char kUsage[] =
     "         [--temperature T] [--top-k K] [--top-p P] [--seed S] [--repetition-penalty R]\n"
     "         [--stop STR]... [--threads N] [--kv-pages N | --kv-cache-fraction F] [--page-size "
     "N]\n"
-    "         [--prefill-chunk N] [--device cpu|cuda:0]\n"
+    "         [--prefill-chunk N] [--device cpu|cuda:0] [--no-cuda-graphs]\n"
     "         [--dysco [--dysco-heads L:H,L:H] [--dysco-top-p P] [--dysco-top-k K]\n"
     "          [--dysco-strength S] [--dysco-decay D] [--dysco-context-warmup N]\n"
     "          [--dysco-intervention-warmup N|auto] [--dysco-static] [--trace FILE "
     "[--trace-full]]]\n"
     "       dysco-generate --model DIR --batch-file FILE.jsonl [--max-new-tokens N] [--threads N]\n"
     "         [--kv-pages N | --kv-cache-fraction F] [--page-size N] [--prefill-chunk N]\n"
-    "         [--device cpu|cuda:0]\n"
+    "         [--device cpu|cuda:0] [--no-cuda-graphs]\n"
     "  --dysco-top-p 0 / --dysco-top-k 0 unset that limit.\n"
     "  The KV pool holds just the pages the run needs, unless --kv-pages N (exactly N) or, on a\n"
     "  CUDA device, --kv-cache-fraction F (F in (0, 0.95] of the memory free after the model "
@@ -67,6 +67,7 @@ struct Flags {
   std::vector<std::string> stops;
   int threads = 0;
   std::string device = "cpu";      // the model's and the KV cache's torch device
+  bool cuda_graphs = true;         // decode steps on CUDA replay CUDA graphs (--no-cuda-graphs: eager)
   int64_t kv_pages = 0;            // 0: enough for prompt + max_new_tokens
   double kv_cache_fraction = 0.0;  // > 0 (cuda): this fraction of the free device memory
   int page_size = 16;
@@ -133,6 +134,10 @@ Flags ParseFlags(int argc, char** argv) {
     }
     if (flag == "--trace-full") {
       f.trace_full = true;
+      continue;
+    }
+    if (flag == "--no-cuda-graphs") {
+      f.cuda_graphs = false;
       continue;
     }
     const std::string value = kCli.TakeValue(argc, argv, &i);
@@ -335,6 +340,7 @@ dysco::StatusOr<std::unique_ptr<dysco::Engine>> LoadEngine(const Flags& flags) {
   dysco::EngineOptions options;
   options.runner.num_threads = flags.threads;
   options.runner.device = flags.device;
+  options.runner.cuda_graphs = flags.cuda_graphs;
   options.page_size = flags.page_size;
   options.kv_pages = 1;
   options.start_scheduler = false;

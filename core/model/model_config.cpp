@@ -305,7 +305,14 @@ StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const std::
   const json* v;
   int64_t x = 0;
   DYSCO_RETURN_IF_ERROR(r.Required(root, "", "format_version", &v));
-  DYSCO_RETURN_IF_ERROR(r.Int(*v, "format_version", 1, 1, &x));
+  // 1: packages whose forward read seq_lens / probe_heads on the host (not graph-capturable); their
+  // model.pt has the old signature, so they cannot run here.
+  if (v->is_number_integer() && v->get<int64_t>() == 1) {
+    return FailedPreconditionError(
+        origin + ": format_version 1 is no longer supported (format 2: " +
+        "a forward without host synchronisation); re-export the package");
+  }
+  DYSCO_RETURN_IF_ERROR(r.Int(*v, "format_version", 2, 2, &x));
   c.format_version = static_cast<int>(x);
   if ((v = FieldReader::Find(root, "model_name")) != nullptr && !v->is_null()) {
     DYSCO_RETURN_IF_ERROR(r.String(*v, "model_name", &c.model_name));

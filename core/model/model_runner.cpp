@@ -3,6 +3,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -12,6 +13,19 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/jit/python/update_graph_executor_opt.h>
 #include <torch/script.h>
+
+#ifdef DYSCO_CUDA_GRAPHS
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <chrono>
+#include <map>
+#include <tuple>
+#endif
 
 #include "core/base/thread_annotations.h"
 #include "kernels/op_calls.h"
@@ -42,6 +56,79 @@ void SetBlasThreads(int n) {
     fn(n);
 }
 
+#ifdef DYSCO_CUDA_GRAPHS
+int64_t RoundUpToPowerOfTwo(int64_t x) {
+  int64_t p = 1;
+  while (p < x) p *= 2;
+  return p;
+}
+
+int64_t AlignUp(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+
+// What a captured decode step depends on beyond its input values: shapes, the layers run, the
+// probes, whether a bias is passed, and the cache's address (the graph holds it).
+struct GraphKey {
+  int64_t batch = 0;  // padded: a power of two
+  int64_t pages = 0;  // padded block-table width: a power of two
+  int last_layer = -1;
+  bool bias = false;
+  std::vector<std::pair<int, int>> probes;
+  const void* kv_cache = nullptr;
+  int64_t kv_pages = 0;
+
+  bool operator<(const GraphKey& o) const {
+    return std::tie(batch, pages, last_layer, bias, probes, kv_cache, kv_pages) <
+           std::tie(o.batch, o.pages, o.last_layer, o.bias, o.probes, o.kv_cache, o.kv_pages);
+  }
+  std::string ToString() const {
+    std::string p;
+    for (const auto& [layer, head] : probes) {
+      p += (p.empty() ? "" : ",") + std::to_string(layer) + ":" + std::to_string(head);
+    }
+    return "batch=" + std::to_string(batch) + " pages=" + std::to_string(pages) +
+           " last_layer=" + std::to_string(last_layer) + " bias=" + (bias ? "yes" : "no") +
+           " probes=[" + p + "]";
+  }
+};
+
+// One bucket's captured decode step. Its inputs live in one device byte buffer (`device`) whose
+// views the graph reads; `host` (pinned) has the same layout and is copied in with one
+// non-blocking copy per step. Its outputs (logits, probs) live in the graph pool and are
+// overwritten by every replay of any graph that shares the pool: they are read right after the
+// replay, before another graph runs.
+struct DecodeGraph {
+  at::cuda::CUDAGraph graph;
+  bool captured = false;
+  at::Tensor host, device;
+  // Recorded after each host -> device copy: `host` may be rewritten once it has completed.
+  c10::cuda::CUDAEvent copied;
+  int64_t off_token_ids = 0, off_positions = 0, off_query_start_loc = 0, off_seq_lens = 0,
+          off_slot_mapping = 0, off_probe_heads = 0, off_block_tables = 0, off_attn_bias = 0;
+  std::vector<c10::IValue> inputs;  // the module's arguments: views of `device`, the cache, ...
+  at::Tensor logits, probs;
+};
+
+// The graphs of a runner: one pool for all buckets (they never run concurrently), a side stream
+// for warm-up and capture.
+struct DecodeGraphs {
+  c10::MempoolId_t pool;
+  c10::cuda::CUDAStream capture_stream;
+  // A null graph marks a bucket whose capture failed: it runs eagerly.
+  std::map<GraphKey, std::unique_ptr<DecodeGraph>> by_key;
+  // The cache the graphs were captured against. Graphs hold the cache tensor (their inputs), so a
+  // new cache (dysco-generate sizes one per run) drops them all: otherwise every old cache would
+  // stay allocated. Alternating between two caches would recapture every step; nothing does that.
+  const void* kv_cache = nullptr;
+  DecodeGraphs(c10::MempoolId_t p, c10::cuda::CUDAStream s) : pool(p), capture_stream(s) {}
+};
+
+int64_t ReservedBytes(c10::DeviceIndex index) {
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(index);
+  return stats.reserved_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)]
+      .current;
+}
+#endif  // DYSCO_CUDA_GRAPHS
+
 }  // namespace
 
 Status CheckDyscoOpsRegistered() {
@@ -63,16 +150,37 @@ struct ModelRunner::Impl {
   // as an op failure would. Unset in production: one branch per forward.
   std::optional<int64_t> failpoint_token;
 
-  Mutex mu;  // one Forward at a time; guards the module's use and the staging buffers below
+  bool jit_optimize = false;
+  bool cuda_graphs = false;  // options.cuda_graphs on a CUDA device, in a CUDA build
+  int64_t cuda_graph_max_batch = 0;
+  std::function<void(const std::string&)> log_info;
+
+  mutable Mutex mu;  // one Forward at a time; guards the module's use and the buffers below
   // Host staging buffers, reused across forwards so a decode step allocates no vectors.
+  // probe_layers / probe_heads: the layer and the query head of each probe, grouped by layer (a
+  // stable sort of the batch's probes, so the model makes one attention_probs call per layer);
+  // probe_order[k] = the batch's index of the k-th of them.
   std::vector<int64_t> token_ids GUARDED_BY(mu), positions GUARDED_BY(mu),
       query_start_loc GUARDED_BY(mu), seq_lens GUARDED_BY(mu), slot_mapping GUARDED_BY(mu),
-      probe_heads GUARDED_BY(mu);
+      probe_layers GUARDED_BY(mu), probe_heads GUARDED_BY(mu);
+  std::vector<size_t> probe_order GUARDED_BY(mu);
+  bool probes_reordered GUARDED_BY(mu) = false;
+  std::vector<float> probs_scratch GUARDED_BY(mu);  // the model's probe order, before un-permuting
   std::vector<int32_t> block_tables GUARDED_BY(mu);
   std::vector<float> attn_bias GUARDED_BY(mu);
   int64_t max_seq_len GUARDED_BY(mu) = 0;  // of the packed batch
   int64_t max_pages GUARDED_BY(mu) = 0;
   bool any_bias GUARDED_BY(mu) = false;
+  CudaGraphStats stats GUARDED_BY(mu);
+#ifdef DYSCO_CUDA_GRAPHS
+  std::unique_ptr<DecodeGraphs> graphs GUARDED_BY(mu);
+  // The graph of this decode step's bucket (captured on first use), or null: run eagerly.
+  DecodeGraph* GraphForLocked(const ForwardBatch& batch) REQUIRES(mu);
+  void FillGraphInputsLocked(const ForwardBatch& batch, const GraphKey& key, DecodeGraph* g)
+      REQUIRES(mu);
+  // Warm-up run and capture on the side stream; false (and the bucket marked eager) on failure.
+  bool CaptureLocked(const GraphKey& key, DecodeGraph* g) REQUIRES(mu);
+#endif
 
   Status Validate(const ForwardBatch& batch) const;
   Status ValidateRow(const ForwardRow& row, size_t i, int64_t page_size, int64_t num_pages) const;
@@ -81,16 +189,25 @@ struct ModelRunner::Impl {
   Status RunLocked(const ForwardBatch& batch, ForwardOutput* out) REQUIRES(mu);
   void PackLocked(const ForwardBatch& batch) REQUIRES(mu);
   std::vector<c10::IValue> InputsLocked(const ForwardBatch& batch) REQUIRES(mu);
-  Status ReadOutputsLocked(const ForwardBatch& batch, const c10::IValue& result, ForwardOutput* out)
-      REQUIRES(mu);
+  // logits [>= B, vocab] (or empty), probs [>= B, H, >= max_seq_len]: rows past B (a graph's
+  // padding) and columns past max_seq_len are not copied.
+  Status ReadOutputsLocked(const ForwardBatch& batch, const at::Tensor& logits,
+                           const at::Tensor& probs, ForwardOutput* out) REQUIRES(mu);
 };
 
 StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& package_dir,
                                                          const ModelRunnerOptions& options) {
+  if (options.cuda_graph_max_batch < 1) {
+    return InvalidArgumentError("cuda_graph_max_batch must be >= 1, got " +
+                                std::to_string(options.cuda_graph_max_batch));
+  }
   auto impl = std::make_unique<Impl>();
   DYSCO_ASSIGN_OR_RETURN(impl->config, LoadModelConfig(package_dir));
   impl->package_dir = package_dir;
   impl->device_name = options.device;
+  impl->log_info = options.log_info;
+  impl->jit_optimize = options.jit_optimize;
+  impl->cuda_graph_max_batch = options.cuda_graph_max_batch;
   if (const char* token = std::getenv("DYSCO_FAILPOINT_FORWARD_TOKEN")) {
     impl->failpoint_token = static_cast<int64_t>(std::strtoll(token, nullptr, 10));
   }
@@ -112,6 +229,22 @@ StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& pack
     torch::jit::setGraphExecutorOptimize(options.jit_optimize);
     impl->module = torch::jit::load(model_path, impl->device);
     impl->module.eval();
+#ifdef DYSCO_CUDA_GRAPHS
+    // Capture needs an interpreter that only launches the module's ops: without optimisation the
+    // graph executor runs one plan, with no profiling runs or re-specialisation (Load's
+    // jit_optimize option, set on the forward's thread by Forward); with it on, no graphs.
+    impl->cuda_graphs = options.cuda_graphs && impl->device.is_cuda() && !options.jit_optimize;
+    if (impl->device.is_cuda() && !impl->device.has_index()) {
+      // "cuda" means the current device; its tensors (the pool's) carry the index.
+      impl->device = c10::Device(c10::kCUDA, c10::cuda::current_device());
+    }
+    if (impl->cuda_graphs) {
+      MutexLock lock(&impl->mu);
+      const c10::DeviceIndex index = impl->device.index();
+      impl->graphs = std::make_unique<DecodeGraphs>(at::cuda::graph_pool_handle(),
+                                                    c10::cuda::getStreamFromPool(false, index));
+    }
+#endif
   } catch (const c10::Error& e) {
     return InternalError(model_path + ": TorchScript load failed: " + e.what_without_backtrace());
   } catch (const std::exception& e) {
@@ -126,6 +259,11 @@ ModelRunner::~ModelRunner() = default;
 const ModelConfig& ModelRunner::config() const { return impl_->config; }
 const std::string& ModelRunner::package_dir() const { return impl_->package_dir; }
 const std::string& ModelRunner::device() const { return impl_->device_name; }
+
+ModelRunner::CudaGraphStats ModelRunner::cuda_graph_stats() const {
+  MutexLock lock(&impl_->mu);
+  return impl_->stats;
+}
 
 Status ModelRunner::Impl::Validate(const ForwardBatch& batch) const {
   const ModelConfig& c = config;
@@ -245,10 +383,18 @@ void ModelRunner::Impl::PackLocked(const ForwardBatch& batch) {
       }
     }
   }
+  probe_order.resize(batch.probe_heads.size());
+  for (size_t h = 0; h < probe_order.size(); ++h) probe_order[h] = h;
+  std::stable_sort(probe_order.begin(), probe_order.end(), [&](size_t x, size_t y) {
+    return batch.probe_heads[x].first < batch.probe_heads[y].first;
+  });
+  probes_reordered = false;
+  probe_layers.clear();
   probe_heads.clear();
-  for (const auto& [layer, head] : batch.probe_heads) {
-    probe_heads.push_back(layer);
-    probe_heads.push_back(head);
+  for (size_t k = 0; k < probe_order.size(); ++k) {
+    probes_reordered = probes_reordered || probe_order[k] != k;
+    probe_layers.push_back(batch.probe_heads[probe_order[k]].first);
+    probe_heads.push_back(batch.probe_heads[probe_order[k]].second);
   }
 }
 
@@ -275,52 +421,271 @@ std::vector<c10::IValue> ModelRunner::Impl::InputsLocked(const ForwardBatch& bat
     inputs.emplace_back(c10::IValue());
   }
   inputs.emplace_back(static_cast<int64_t>(batch.last_layer));
+  inputs.emplace_back(c10::List<int64_t>(probe_layers));
   if (!probe_heads.empty()) {
     inputs.emplace_back(
-        view(probe_heads.data(), {static_cast<int64_t>(batch.probe_heads.size()), 2}, at::kLong));
+        view(probe_heads.data(), {static_cast<int64_t>(probe_heads.size())}, at::kLong));
   } else {
     inputs.emplace_back(c10::IValue());
   }
   return inputs;
 }
 
-Status ModelRunner::Impl::ReadOutputsLocked(const ForwardBatch& batch, const c10::IValue& result,
-                                            ForwardOutput* out) {
-  const int64_t B = static_cast<int64_t>(batch.sequences.size());
+namespace {
+
+// Unpacks the module's (logits, probs) result.
+Status UnpackResult(const c10::IValue& result, at::Tensor* logits, at::Tensor* probs) {
   if (!result.isTuple() || result.toTupleRef().elements().size() != 2) {
     return InternalError("model forward must return a (logits, probs) tuple");
   }
-  const at::Tensor logits = result.toTupleRef().elements()[0].toTensor();
-  const at::Tensor probs = result.toTupleRef().elements()[1].toTensor();
+  *logits = result.toTupleRef().elements()[0].toTensor();
+  *probs = result.toTupleRef().elements()[1].toTensor();
+  return OkStatus();
+}
+
+}  // namespace
+
+Status ModelRunner::Impl::ReadOutputsLocked(const ForwardBatch& batch, const at::Tensor& logits,
+                                            const at::Tensor& probs, ForwardOutput* out) {
+  const int64_t B = static_cast<int64_t>(batch.sequences.size());
   out->batch_size = B;
+  // These copies are the step's one read back to the host (on CUDA, it waits for the step).
   if (logits.numel() == 0) {
     out->vocab_size = 0;
     out->logits.clear();
   } else {
-    if (logits.dim() != 2 || logits.size(0) != B || logits.size(1) != config.vocab_size) {
+    if (logits.dim() != 2 || logits.size(0) < B || logits.size(1) != config.vocab_size) {
       return InternalError("model returned logits of shape " + c10::str(logits.sizes()) +
                            ", expected [" + std::to_string(B) + ", " +
                            std::to_string(config.vocab_size) + "]");
     }
     out->vocab_size = config.vocab_size;
-    CopyToHost(logits, &out->logits);
+    CopyToHost(logits.narrow(0, 0, B), &out->logits);
   }
   const int64_t H = static_cast<int64_t>(batch.probe_heads.size());
-  if (probs.dim() != 3 || probs.size(0) != B || probs.size(1) != H ||
+  if (probs.dim() != 3 || probs.size(0) < B || probs.size(1) != H ||
       (H > 0 && probs.size(2) < max_seq_len)) {
     return InternalError("model returned probs of shape " + c10::str(probs.sizes()) +
-                         ", expected [" + std::to_string(B) + ", " + std::to_string(H) + ", " +
-                         std::to_string(max_seq_len) + "]");
+                         ", expected [" + std::to_string(B) + ", " + std::to_string(H) +
+                         ", >= " + std::to_string(max_seq_len) + "]");
   }
+  // The model's probs span the block tables' capacity (pages x page size); ForwardOutput's span
+  // the batch's longest sequence, as before.
   out->num_probe_heads = H;
-  out->probs_len = H > 0 ? probs.size(2) : max_seq_len;
-  if (H > 0) {
-    CopyToHost(probs, &out->probs);
+  out->probs_len = max_seq_len;
+  if (H > 0 && !probes_reordered) {
+    CopyToHost(probs.narrow(0, 0, B).narrow(2, 0, max_seq_len), &out->probs);
+  } else if (H > 0) {
+    // Back to the batch's probe order: row k of the model's probs is probe probe_order[k].
+    CopyToHost(probs.narrow(0, 0, B).narrow(2, 0, max_seq_len), &probs_scratch);
+    out->probs.resize(probs_scratch.size());
+    const size_t row = static_cast<size_t>(max_seq_len), nh = static_cast<size_t>(H);
+    for (size_t b = 0; b < static_cast<size_t>(B); ++b) {
+      for (size_t k = 0; k < nh; ++k) {
+        const float* from = probs_scratch.data() + (b * nh + k) * row;
+        std::copy(from, from + row, out->probs.data() + (b * nh + probe_order[k]) * row);
+      }
+    }
   } else {
     out->probs.clear();
   }
   return OkStatus();
 }
+
+#ifdef DYSCO_CUDA_GRAPHS
+DecodeGraph* ModelRunner::Impl::GraphForLocked(const ForwardBatch& batch) {
+  const int64_t B = static_cast<int64_t>(batch.sequences.size());
+  if (!cuda_graphs || static_cast<int64_t>(token_ids.size()) != B) return nullptr;  // not decode
+  GraphKey key;
+  key.batch = RoundUpToPowerOfTwo(B);
+  if (key.batch > RoundUpToPowerOfTwo(cuda_graph_max_batch)) return nullptr;
+  // A power-of-two width fixes the decode kernels' split count (it depends on width x page size).
+  key.pages = RoundUpToPowerOfTwo(max_pages);
+  key.last_layer = batch.last_layer;
+  key.bias = any_bias;
+  key.probes = batch.probe_heads;
+  key.kv_cache = batch.kv_pool->kv_cache().data_ptr();
+  key.kv_pages = batch.kv_pool->num_pages_in_tensor();
+  if (graphs->kv_cache != key.kv_cache) {
+    graphs->by_key.clear();
+    graphs->kv_cache = key.kv_cache;
+  }
+  auto it = graphs->by_key.find(key);
+  if (it != graphs->by_key.end()) {
+    if (it->second != nullptr) FillGraphInputsLocked(batch, key, it->second.get());
+    return it->second.get();
+  }
+
+  // A new bucket: its input buffers (int64 sections, then the int32 block tables, then the fp32
+  // bias), 16-byte aligned sections.
+  auto g = std::make_unique<DecodeGraph>();
+  const int64_t Bp = key.batch, H = static_cast<int64_t>(key.probes.size());
+  const int64_t S = key.pages * batch.kv_pool->page_size();
+  int64_t off = 0;
+  auto section = [&](int64_t bytes) {
+    const int64_t at = off;
+    off = AlignUp(off + bytes, 16);
+    return at;
+  };
+  g->off_token_ids = section(Bp * 8);
+  g->off_positions = section(Bp * 8);
+  g->off_query_start_loc = section((Bp + 1) * 8);
+  g->off_seq_lens = section(Bp * 8);
+  g->off_slot_mapping = section(Bp * 8);
+  g->off_probe_heads = section(H * 8);
+  g->off_block_tables = section(Bp * key.pages * 4);
+  g->off_attn_bias = section(key.bias ? Bp * S * 4 : 0);
+  const int64_t bytes = std::max<int64_t>(off, 16);
+  g->host = at::zeros({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  g->device = at::zeros({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  auto view = [&](int64_t at_byte, at::IntArrayRef sizes, at::ScalarType type) {
+    int64_t n = 1;
+    for (int64_t d : sizes) n *= d;
+    return g->device.narrow(0, at_byte, n * static_cast<int64_t>(c10::elementSize(type)))
+        .view(type)
+        .view(sizes);
+  };
+  g->inputs.reserve(11);
+  g->inputs.emplace_back(view(g->off_token_ids, {Bp}, at::kLong));
+  g->inputs.emplace_back(view(g->off_positions, {Bp}, at::kLong));
+  g->inputs.emplace_back(view(g->off_query_start_loc, {Bp + 1}, at::kLong));
+  g->inputs.emplace_back(view(g->off_seq_lens, {Bp}, at::kLong));
+  g->inputs.emplace_back(view(g->off_slot_mapping, {Bp}, at::kLong));
+  g->inputs.emplace_back(view(g->off_block_tables, {Bp, key.pages}, at::kInt));
+  g->inputs.emplace_back(batch.kv_pool->kv_cache());
+  if (key.bias) {
+    g->inputs.emplace_back(view(g->off_attn_bias, {Bp, S}, at::kFloat));
+  } else {
+    g->inputs.emplace_back(c10::IValue());
+  }
+  g->inputs.emplace_back(static_cast<int64_t>(key.last_layer));
+  g->inputs.emplace_back(c10::List<int64_t>(probe_layers));
+  if (H > 0) {
+    g->inputs.emplace_back(view(g->off_probe_heads, {H}, at::kLong));
+  } else {
+    g->inputs.emplace_back(c10::IValue());
+  }
+  FillGraphInputsLocked(batch, key, g.get());
+  if (!CaptureLocked(key, g.get())) g.reset();
+  DecodeGraph* result = g.get();
+  graphs->by_key.emplace(key, std::move(g));
+  return result;
+}
+
+void ModelRunner::Impl::FillGraphInputsLocked(const ForwardBatch& batch, const GraphKey& key,
+                                              DecodeGraph* g) {
+  // The previous step's copy out of `host` must be done before it is rewritten (a step with no
+  // outputs to read, e.g. a speculative pass without probes, does not wait for its copy).
+  g->copied.synchronize();
+  const int64_t B = static_cast<int64_t>(batch.sequences.size());
+  const int64_t Bp = key.batch, P = key.pages;
+  const int64_t S = P * batch.kv_pool->page_size();
+  uint8_t* base = g->host.data_ptr<uint8_t>();
+  auto* tokens = reinterpret_cast<int64_t*>(base + g->off_token_ids);
+  auto* pos = reinterpret_cast<int64_t*>(base + g->off_positions);
+  auto* qsl = reinterpret_cast<int64_t*>(base + g->off_query_start_loc);
+  auto* lens = reinterpret_cast<int64_t*>(base + g->off_seq_lens);
+  auto* slots = reinterpret_cast<int64_t*>(base + g->off_slot_mapping);
+  auto* heads = reinterpret_cast<int64_t*>(base + g->off_probe_heads);
+  auto* tables = reinterpret_cast<int32_t*>(base + g->off_block_tables);
+  auto* bias = reinterpret_cast<float*>(base + g->off_attn_bias);
+  // Padding rows: token 0 at position 0 of a one-token sequence on the padding page (page 0,
+  // which the pool reserves: they write their K/V there and attend to it; their outputs are not
+  // read). Without a reserved page they write nothing (slot -1) and read page 0's slot 0 as it is.
+  const bool padding_page = batch.kv_pool->num_pages_in_tensor() > batch.kv_pool->num_total();
+  for (int64_t b = 0; b < Bp; ++b) {
+    const bool real = b < B;
+    tokens[b] = real ? token_ids[b] : 0;
+    pos[b] = real ? positions[b] : 0;
+    lens[b] = real ? seq_lens[b] : 1;
+    slots[b] = real ? slot_mapping[b] : (padding_page ? 0 : -1);
+    qsl[b] = b;
+    int32_t* row = tables + b * P;
+    if (real) {
+      std::copy(block_tables.begin() + b * max_pages, block_tables.begin() + (b + 1) * max_pages,
+                row);
+      std::fill(row + max_pages, row + P, 0);
+    } else {
+      std::fill(row, row + P, 0);
+    }
+    if (key.bias) {
+      // Only keys 0 .. seq_len - 1 are read: the rest of a row keeps what it held.
+      float* bias_row = bias + b * S;
+      if (real) {
+        std::copy(attn_bias.begin() + b * max_seq_len,
+                  attn_bias.begin() + b * max_seq_len + seq_lens[b], bias_row);
+      } else {
+        bias_row[0] = 0.0f;
+      }
+    }
+  }
+  qsl[Bp] = Bp;
+  std::copy(probe_heads.begin(), probe_heads.end(), heads);
+  g->device.copy_(g->host, /*non_blocking=*/true);
+  g->copied.record(c10::cuda::getCurrentCUDAStream(device.index()));
+}
+
+bool ModelRunner::Impl::CaptureLocked(const GraphKey& key, DecodeGraph* g) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const c10::DeviceIndex index = device.index();
+  int64_t growth = 0;  // of the allocator's reserved bytes during the capture: the graph pool's
+  c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(index);
+  c10::cuda::CUDAStream side = graphs->capture_stream;
+  std::string error;
+  {
+    // The side stream starts after the inputs' copy and every earlier step on `current`.
+    c10::cuda::CUDAEvent ready;
+    ready.record(current);
+    ready.block(side);
+    c10::cuda::CUDAStreamGuard guard(side);
+    try {
+      // Warm-up on the capture stream: the interpreter's plan, cuBLAS's workspace for the stream
+      // and the allocator's blocks exist before the capture. It writes the same K/V as the
+      // replay that follows.
+      module.forward(g->inputs);
+      side.synchronize();
+      const int64_t reserved_before = ReservedBytes(index);
+      g->graph.capture_begin(graphs->pool, cudaStreamCaptureModeThreadLocal);
+      c10::IValue result;
+      try {
+        result = module.forward(g->inputs);
+      } catch (...) {
+        try {
+          g->graph.capture_end();
+        } catch (...) {  // the capture is invalid anyway: the forward's error is the one to report
+        }
+        throw;
+      }
+      g->graph.capture_end();
+      growth = ReservedBytes(index) - reserved_before;
+      const Status unpacked = UnpackResult(result, &g->logits, &g->probs);
+      if (!unpacked.ok()) error = unpacked.message();
+    } catch (const c10::Error& e) {
+      error = e.what_without_backtrace();
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    side.synchronize();
+  }
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  if (!error.empty()) {
+    if (log_info) log_info("cuda_graph_capture_failed " + key.ToString() + " error=" + error);
+    return false;
+  }
+  g->captured = true;
+  ++stats.graphs;
+  stats.pool_bytes += growth;
+  if (log_info) {
+    char line[128];
+    std::snprintf(
+        line, sizeof(line), " capture_ms=%.1f pool_mb=%.1f graphs=%lld total_pool_mb=%.1f", ms,
+        growth / 1048576.0, static_cast<long long>(stats.graphs), stats.pool_bytes / 1048576.0);
+    log_info("cuda_graph_captured " + key.ToString() + line);
+  }
+  return true;
+}
+#endif  // DYSCO_CUDA_GRAPHS
 
 Status ModelRunner::Impl::RunLocked(const ForwardBatch& batch, ForwardOutput* out) {
   PackLocked(batch);
@@ -329,14 +694,30 @@ Status ModelRunner::Impl::RunLocked(const ForwardBatch& batch, ForwardOutput* ou
     // Thrown where an op would throw: the same path as a real failure inside the model.
     throw std::runtime_error("failpoint: a forward fed token " + std::to_string(*failpoint_token));
   }
-  const c10::IValue result = module.forward(InputsLocked(batch));
-  return ReadOutputsLocked(batch, result, out);
+#ifdef DYSCO_CUDA_GRAPHS
+  if (cuda_graphs) {
+    c10::cuda::CUDAGuard guard(device);
+    if (DecodeGraph* g = GraphForLocked(batch)) {
+      g->graph.replay();
+      ++stats.replays;
+      return ReadOutputsLocked(batch, g->logits, g->probs, out);
+    }
+  }
+#endif
+  ++stats.eager_forwards;
+  at::Tensor logits, probs;
+  DYSCO_RETURN_IF_ERROR(UnpackResult(module.forward(InputsLocked(batch)), &logits, &probs));
+  return ReadOutputsLocked(batch, logits, probs, out);
 }
 
 Status ModelRunner::Forward(const ForwardBatch& batch, ForwardOutput* out) {
   DYSCO_RETURN_IF_ERROR(impl_->Validate(batch));
   MutexLock lock(&impl_->mu);
   try {
+    // TorchScript's executor optimisation flag is thread-local: Load set it on its own thread;
+    // the forward may run on another (the scheduler's), which would otherwise profile and
+    // re-specialise (and, on CUDA, a captured step must run the unoptimised plan).
+    torch::jit::setGraphExecutorOptimize(impl_->jit_optimize);
     c10::InferenceMode inference_mode;
     return impl_->RunLocked(batch, out);
   } catch (const c10::Error& e) {

@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -49,10 +50,23 @@ struct ModelRunnerOptions {
   // machine). 0 = keep torch's count.
   int num_threads = 0;
   std::string device = "cpu";  // where the module and the inputs live ("cpu", "cuda:0")
-  // TorchScript graph-executor optimisation (process-wide). Off by default: shapes change every
-  // step, so the profiling executor keeps re-specialising, and on CPU the attention runs in our ops
-  // anyway.
+  // TorchScript graph-executor optimisation. Off by default: shapes change every step, so the
+  // profiling executor keeps re-specialising, and on CPU the attention runs in our ops anyway.
+  // TorchScript keeps the flag per thread: Load and every Forward set it on their thread (it
+  // stays set there for other TorchScript code on that thread). On CUDA, true disables graphs.
   bool jit_optimize = false;
+  // CUDA graphs for decode steps (docs/gpu.md "CUDA graphs"): on a CUDA device, a step whose every
+  // sequence brings one token is padded to a bucket (batch and block-table width rounded up to
+  // powers of two) whose forward is captured once and replayed. Prefill and mixed steps, the CPU,
+  // and builds without CUDA run eagerly whatever this says.
+  bool cuda_graphs = true;
+  // Largest padded batch that is captured (rounded up to a power of two); larger decode steps run
+  // eagerly. Each bucket's graph keeps its own memory in the graph pool: cap it at the scheduler's
+  // largest batch.
+  int cuda_graph_max_batch = 32;
+  // Receives one line per captured bucket (its key, the capture's milliseconds, the graph pool's
+  // growth). Called on the forward's thread, with the runner's lock held; null = no log.
+  std::function<void(const std::string&)> log_info;
 };
 
 // One sequence's part of a step.
@@ -114,6 +128,16 @@ class ModelRunner {
   const ModelConfig& config() const;
   const std::string& package_dir() const;
   const std::string& device() const;
+
+  // What the CUDA-graph path has done so far (all zero on the CPU or without graphs). For tests
+  // and logs; takes the forward lock.
+  struct CudaGraphStats {
+    int64_t graphs = 0;          // buckets captured, each once
+    int64_t replays = 0;         // decode steps replayed from a graph (the capturing step included)
+    int64_t eager_forwards = 0;  // forwards that ran the module directly
+    int64_t pool_bytes = 0;      // the graph pool's growth over all captures (reserved bytes)
+  };
+  CudaGraphStats cuda_graph_stats() const;
 
   struct Impl;
 

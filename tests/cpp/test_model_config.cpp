@@ -19,7 +19,7 @@ using nlohmann::json;
 
 json ValidConfig() {
   return json::parse(R"({
-    "format_version": 1,
+    "format_version": 2,
     "model_name": "SmolLM2-135M-Instruct",
     "architecture": "llama",
     "dtype": "float32",
@@ -176,7 +176,7 @@ TEST_F(ModelConfigTest, MissingFile) {
 }
 
 TEST_F(ModelConfigTest, NotJson) {
-  auto c = LoadText("{ \"format_version\": 1, ");
+  auto c = LoadText("{ \"format_version\": 2, ");
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().code(), StatusCode::kInvalidArgument);
   EXPECT_NE(c.status().message().find("not valid JSON"), std::string::npos);
@@ -252,8 +252,16 @@ TEST_F(ModelConfigTest, OutOfRangeValues) {
   j["num_kv_heads"] = 4;
   ExpectError(j, "num_kv_heads must divide num_attention_heads (9), got 4");
   j = ValidConfig();
-  j["format_version"] = 2;
-  ExpectError(j, "format_version must be in [1, 1], got 2");
+  j["format_version"] = 3;
+  ExpectError(j, "format_version must be in [2, 2], got 3");
+  j = ValidConfig();
+  j["format_version"] = 1;
+  {
+    auto old = ParseModelConfig(j.dump(), "config.json");
+    ASSERT_FALSE(old.ok());
+    EXPECT_EQ(old.status().code(), StatusCode::kFailedPrecondition);
+    EXPECT_NE(old.status().message().find("re-export the package"), std::string::npos);
+  }
   j = ValidConfig();
   j["dtype"] = "int8";
   ExpectError(j, "dtype must be");
@@ -295,7 +303,7 @@ TEST_F(ModelConfigTest, OutOfRangeValues) {
 TEST(ModelConfigParseTest, DeeplyNestedJsonIsRefused) {
   const std::string deep = std::string(50000, '[') + std::string(50000, ']');
   const auto c =
-      ParseModelConfig("{\"format_version\": 1, \"rope_scaling\": " + deep + "}", "x.json");
+      ParseModelConfig("{\"format_version\": 2, \"rope_scaling\": " + deep + "}", "x.json");
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().code(), StatusCode::kInvalidArgument);
   EXPECT_NE(c.status().message().find("nested deeper than"), std::string::npos)

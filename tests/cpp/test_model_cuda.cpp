@@ -5,8 +5,12 @@
 // greedy and seeded sampled generations of 32 tokens are identical token for token (one-shot and
 // chunked prefill);
 // DySCO generations select identical key sets at every step and generate identical tokens (top-p,
-// and top-k alone). Built with DYSCO_CUDA only; skips without a CUDA device or without the package
-// (fails instead under CI when the package is missing, as the other model tests).
+// and top-k alone). The GPU engine runs decode steps through CUDA graphs (the default); a third
+// engine on the GPU with graphs off must give the same generations, and the graph replay equals
+// the eager GPU forward step by step (batch and block-table-width buckets crossed, bias, probes,
+// speculative passes), each bucket captured once. Built with DYSCO_CUDA only; skips without a
+// CUDA device or without the package (fails instead under CI when the package is missing, as the
+// other model tests).
 //
 // Prints "[model] ..." lines (max errors, what was compared), which scripts/gpu-check.sh copies
 // into its table.
@@ -39,11 +43,12 @@ constexpr int64_t kNewTokens = 32;
 class ModelCudaTest : public ::testing::Test {
  protected:
   static std::unique_ptr<Engine> LoadOn(const std::string& dir, const std::string& device,
-                                        std::string* error) {
+                                        std::string* error, bool cuda_graphs = true) {
     EngineOptions options;
     options.start_scheduler = false;
     options.kv_pages = 64;  // 1024 tokens of page size 16: every prompt below plus 32 tokens
     options.runner.device = device;
+    options.runner.cuda_graphs = cuda_graphs;
     options.limits.max_new_tokens_limit = 1024;
     auto e = Engine::Load(dir, std::move(options));
     if (!e.ok()) {
@@ -61,14 +66,23 @@ class ModelCudaTest : public ::testing::Test {
       error_ = "no CUDA device";
       return;
     }
+    dir_ = where.dir;
     cpu_ = LoadOn(where.dir, "cpu", &error_).release();
     if (cpu_ != nullptr) gpu_ = LoadOn(where.dir, "cuda:0", &error_).release();
+    if (gpu_ != nullptr) {
+      gpu_eager_ = LoadOn(where.dir, "cuda:0", &error_, /*cuda_graphs=*/false).release();
+      if (gpu_eager_ == nullptr) {
+        delete gpu_;
+        gpu_ = nullptr;
+      }
+    }
     load_failed_ = gpu_ == nullptr;
   }
   static void TearDownTestSuite() {
     delete cpu_;
     delete gpu_;
-    cpu_ = gpu_ = nullptr;
+    delete gpu_eager_;
+    cpu_ = gpu_ = gpu_eager_ = nullptr;
   }
   void SetUp() override {
     if (gpu_ != nullptr) return;
@@ -104,8 +118,10 @@ class ModelCudaTest : public ::testing::Test {
     return r.ok() ? std::move(r).value() : GenerateResult{};
   }
 
+  inline static std::string dir_;
   inline static Engine* cpu_ = nullptr;
-  inline static Engine* gpu_ = nullptr;
+  inline static Engine* gpu_ = nullptr;        // decode steps through CUDA graphs (the default)
+  inline static Engine* gpu_eager_ = nullptr;  // cuda_graphs = false
   inline static bool load_failed_ = false;
   inline static std::string error_;
 };
@@ -187,13 +203,21 @@ TEST_F(ModelCudaTest, GreedyAndSampledGenerationsAreIdentical) {
         }
         const GenerateResult want = Generate(cpu_, req, chunk);
         const GenerateResult got = Generate(gpu_, req, chunk);
+        const GenerateResult eager = Generate(gpu_eager_, req, chunk);
         ASSERT_EQ(want.token_ids.size(), static_cast<size_t>(kNewTokens));
         EXPECT_EQ(got.token_ids, want.token_ids)
             << (sampled ? "sampled" : "greedy") << ", prompt " << len << ", chunk " << chunk;
+        EXPECT_EQ(eager.token_ids, want.token_ids)
+            << "graphs off, " << (sampled ? "sampled" : "greedy") << ", prompt " << len
+            << ", chunk " << chunk;
         distinct.insert(distinct.end(), want.token_ids.begin(), want.token_ids.end());
         ++compared;
       }
     }
+    // The generations above did run through graphs (and the eager engine never did).
+    EXPECT_GT(gpu_->runner().cuda_graph_stats().replays, 0);
+    EXPECT_EQ(gpu_eager_->runner().cuda_graph_stats().replays, 0);
+    EXPECT_EQ(gpu_eager_->runner().cuda_graph_stats().graphs, 0);
     std::sort(distinct.begin(), distinct.end());
     const auto n_distinct = std::unique(distinct.begin(), distinct.end()) - distinct.begin();
     std::printf(
@@ -222,10 +246,15 @@ TEST_F(ModelCudaTest, DyscoSelectionsAndTokensAreIdentical) {
       req.dysco_overrides.top_k = m.top_k;
       req.dysco_overrides.strength = 3.0;
       req.dysco_trace = DyscoTraceMode::kSteps;
+      const int64_t replays_before = gpu_->runner().cuda_graph_stats().replays;
       const GenerateResult want = Generate(cpu_, req, 512);
       const GenerateResult got = Generate(gpu_, req, 512);
+      const GenerateResult eager = Generate(gpu_eager_, req, 512);
       const std::string at = std::string(m.name) + ", prompt " + std::to_string(len);
       EXPECT_EQ(got.token_ids, want.token_ids) << at;
+      EXPECT_EQ(eager.token_ids, want.token_ids) << "graphs off, " << at;
+      // Every decode pass (speculative and real) of the graphed engine was a replay.
+      EXPECT_GE(gpu_->runner().cuda_graph_stats().replays - replays_before, kNewTokens - 1) << at;
       ASSERT_EQ(got.dysco_trace.size(), want.dysco_trace.size()) << at;
       ASSERT_FALSE(want.dysco_trace.empty()) << at;
       for (size_t i = 0; i < want.dysco_trace.size(); ++i) {
@@ -250,6 +279,236 @@ TEST_F(ModelCudaTest, DyscoSelectionsAndTokensAreIdentical) {
       "[model] dysco: %lld steps of 6 generations (top_p 0.9 / top_k 8; prompts "
       "23/64/300) compared CPU vs GPU, %lld selected keys in all\n",
       static_cast<long long>(steps), static_cast<long long>(selected_keys));
+}
+
+// Drives two runners on the GPU, one replaying CUDA graphs and one eager (cuda_graphs = false),
+// each with its own pool (fresh pools hand out the same page ids), through the same steps.
+class GraphVsEager {
+ public:
+  static constexpr int64_t kPageSize = 16;
+
+  bool Load(const std::string& dir, int max_batch, std::string* error) {
+    for (bool graphs : {true, false}) {
+      ModelRunnerOptions o;
+      o.device = "cuda:0";
+      o.cuda_graphs = graphs;
+      o.cuda_graph_max_batch = max_batch;
+      o.log_info = [](const std::string& line) { std::printf("[graphs] %s\n", line.c_str()); };
+      auto r = ModelRunner::Load(dir, o);
+      if (!r.ok()) {
+        *error = r.status().ToString();
+        return false;
+      }
+      KvPagePoolOptions po;
+      po.page_size = static_cast<int>(kPageSize);
+      po.num_pages = 96;
+      po.device = "cuda:0";
+      auto p = KvPagePool::Create((*r)->config(), po);
+      if (!p.ok()) {
+        *error = p.status().ToString();
+        return false;
+      }
+      runners_[graphs ? 0 : 1] = std::move(r).value();
+      pools_[graphs ? 0 : 1] = std::move(p).value();
+    }
+    return true;
+  }
+  ModelRunner& graphed() { return *runners_[0]; }
+  KvPagePool& pool(int i) { return *pools_[i]; }
+
+  // Runs `batch` (its kv_pool ignored) through both runners; fills outs[0] (graphs), outs[1].
+  void Step(ForwardBatch batch, ForwardOutput outs[2]) {
+    for (int i = 0; i < 2; ++i) {
+      batch.kv_pool = pools_[i].get();
+      const Status st = runners_[i]->Forward(batch, &outs[i]);
+      ASSERT_TRUE(st.ok()) << (i == 0 ? "graphs: " : "eager: ") << st.ToString();
+    }
+  }
+
+ private:
+  std::unique_ptr<ModelRunner> runners_[2];
+  std::unique_ptr<KvPagePool> pools_[2];
+};
+
+// Graph replay equals the eager forward on the GPU over decode steps whose batch crosses the
+// size buckets (1, 3 -> 4, 5 -> 8) and whose contexts cross power-of-two page counts (61 -> 69
+// tokens crosses 4 pages, 126 -> 138 crosses 8), with and without a key bias, probes, and DySCO's
+// speculative pass (last_layer) before the real one. Tolerances: the eager step's block tables
+// are not padded, so the decode kernels may split differently (float rounding only).
+TEST_F(ModelCudaTest, GraphReplayEqualsEagerAcrossBuckets) {
+  GraphVsEager run;
+  std::string error;
+  ASSERT_TRUE(run.Load(dir_, 32, &error)) << error;
+  const ModelConfig& c = run.graphed().config();
+  const std::vector<int64_t> lens0 = {5, 30, 61, 63, 126};
+  const size_t n = lens0.size();
+  std::vector<std::vector<int32_t>> tokens(n);
+  std::vector<std::vector<int32_t>> pages(n);
+  for (size_t s = 0; s < n; ++s) {
+    tokens[s] = Prompt(lens0[s] + 16, static_cast<uint32_t>(500 + s));
+    auto p0 = run.pool(0).Allocate(10);
+    auto p1 = run.pool(1).Allocate(10);
+    ASSERT_TRUE(p0.ok() && p1.ok());
+    ASSERT_EQ(*p0, *p1);
+    pages[s] = *p0;
+  }
+  std::vector<std::pair<int, int>> probes = c.dysco.selected_heads;
+  if (probes.empty()) probes = {{0, 0}, {c.num_layers - 1, 1}};
+  // Probes of layers 0..spec_layer for the speculative pass.
+  const int spec_layer = std::max(0, c.num_layers / 2);
+  std::vector<std::pair<int, int>> spec_probes;
+  for (const auto& p : probes) {
+    if (p.first <= spec_layer) spec_probes.push_back(p);
+  }
+  if (spec_probes.empty()) spec_probes = {{0, 1}};
+
+  // Prefill (eager on both).
+  ForwardBatch prefill;
+  for (size_t s = 0; s < n; ++s) {
+    prefill.sequences.push_back(
+        {ConstSpan<int32_t>(tokens[s].data(), static_cast<size_t>(lens0[s])), 0, pages[s], {}});
+  }
+  ForwardOutput outs[2];
+  run.Step(prefill, outs);
+  std::vector<int64_t> lens = lens0;
+
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(-3.0f, 1.0f);
+  std::vector<std::vector<float>> bias(n);
+  MaxError logits_err, probs_err;
+  int64_t decode_forwards = 0;
+  for (int step = 0; step < 12; ++step) {
+    std::vector<size_t> active;
+    if (step % 3 == 0) active = {4};
+    if (step % 3 == 1) active = {0, 2, 4};
+    if (step % 3 == 2) active = {0, 1, 2, 3, 4};
+    const bool with_bias = step % 2 == 1;
+    ForwardBatch real;
+    for (size_t s : active) {
+      bias[s].assign(static_cast<size_t>(lens[s] + 1), 0.0f);
+      for (auto& x : bias[s]) x = u(rng);
+      bias[s][static_cast<size_t>(lens[s]) / 2] = -std::numeric_limits<float>::infinity();
+      bias[s][static_cast<size_t>(lens[s])] = 0.0f;  // the new token stays visible
+      ForwardRow row{
+          ConstSpan<int32_t>(&tokens[s][static_cast<size_t>(lens[s])], 1), lens[s], pages[s], {}};
+      if (with_bias) row.key_bias = bias[s];
+      real.sequences.push_back(row);
+    }
+    if (with_bias) {
+      // DySCO: the speculative pass (layers 0..spec_layer, probes, no bias), then the real pass.
+      ForwardBatch spec = real;
+      for (auto& row : spec.sequences) row.key_bias = {};
+      spec.last_layer = spec_layer;
+      spec.probe_heads = spec_probes;
+      run.Step(spec, outs);
+      ++decode_forwards;
+      ASSERT_EQ(outs[0].vocab_size, outs[1].vocab_size);
+      ASSERT_EQ(outs[0].probs_len, outs[1].probs_len);
+      logits_err.Add(outs[1].logits, outs[0].logits);
+      probs_err.Add(outs[1].probs, outs[0].probs);
+    }
+    if (step % 4 != 0) real.probe_heads = probes;
+    run.Step(real, outs);
+    ++decode_forwards;
+    ASSERT_EQ(outs[0].batch_size, static_cast<int64_t>(active.size()));
+    ASSERT_EQ(outs[0].vocab_size, c.vocab_size);
+    ASSERT_EQ(outs[0].probs_len, outs[1].probs_len);
+    ASSERT_EQ(outs[0].num_probe_heads, outs[1].num_probe_heads);
+    logits_err.Add(outs[1].logits, outs[0].logits);
+    probs_err.Add(outs[1].probs, outs[0].probs);
+    for (size_t s : active) ++lens[s];
+  }
+  EXPECT_GT(lens[2], 64);
+  EXPECT_GT(lens[4], 128);
+  const ModelRunner::CudaGraphStats st = run.graphed().cuda_graph_stats();
+  std::printf(
+      "[model] graphs vs eager (GPU): %lld decode forwards, logits max abs error %.3g, probe "
+      "probs max abs error %.3g; %lld graphs captured, %lld replays, graph pool %.1f MB\n",
+      static_cast<long long>(decode_forwards), logits_err.abs, probs_err.abs,
+      static_cast<long long>(st.graphs), static_cast<long long>(st.replays),
+      st.pool_bytes / 1048576.0);
+  EXPECT_LT(logits_err.abs, 1e-3);
+  EXPECT_LT(probs_err.abs, 1e-5);
+  EXPECT_EQ(st.replays, decode_forwards);
+  EXPECT_EQ(st.eager_forwards, 1);  // the prefill
+  EXPECT_GT(st.graphs, 3);
+  EXPECT_LE(st.graphs, decode_forwards);
+}
+
+// A bucket is captured once and then replayed: repeated steps of one bucket (and a batch that
+// pads to the same size) add replays, not graphs; a new batch bucket, a new width bucket, a bias
+// and a batch past cuda_graph_max_batch (eager) behave as documented.
+TEST_F(ModelCudaTest, BucketIsCapturedOnceThenReplayed) {
+  GraphVsEager run;
+  std::string error;
+  ASSERT_TRUE(run.Load(dir_, /*max_batch=*/4, &error)) << error;
+  std::vector<std::vector<int32_t>> tokens(5);
+  std::vector<std::vector<int32_t>> pages(5);
+  std::vector<int64_t> lens(5, 0);
+  for (size_t s = 0; s < 5; ++s) {
+    tokens[s] = Prompt(80, static_cast<uint32_t>(900 + s));
+    auto p0 = run.pool(0).Allocate(5);
+    auto p1 = run.pool(1).Allocate(5);
+    ASSERT_TRUE(p0.ok() && p1.ok());
+    ASSERT_EQ(*p0, *p1);
+    pages[s] = *p0;
+  }
+  ForwardOutput outs[2];
+  auto step = [&](std::vector<size_t> active, bool with_bias) {
+    ForwardBatch b;
+    std::vector<std::vector<float>> bias(active.size());
+    for (size_t i = 0; i < active.size(); ++i) {
+      const size_t s = active[i];
+      const int64_t n = lens[s] == 0 ? 20 : 1;  // a prefill of 20 the first time, then decode
+      ForwardRow row{
+          ConstSpan<int32_t>(&tokens[s][static_cast<size_t>(lens[s])], static_cast<size_t>(n)),
+          lens[s],
+          pages[s],
+          {}};
+      if (with_bias) {
+        bias[i].assign(static_cast<size_t>(lens[s] + n), -0.5f);
+        row.key_bias = bias[i];
+      }
+      b.sequences.push_back(row);
+      lens[s] += n;
+    }
+    run.Step(b, outs);
+    MaxError e;
+    e.Add(outs[1].logits, outs[0].logits);
+    EXPECT_LT(e.abs, 1e-3);
+  };
+  using Stats = ModelRunner::CudaGraphStats;
+  auto stats = [&] { return run.graphed().cuda_graph_stats(); };
+  step({0, 1, 2, 3, 4}, false);  // prefill: eager
+  Stats s0 = stats();
+  EXPECT_EQ(s0.graphs, 0);
+  EXPECT_EQ(s0.eager_forwards, 1);
+  step({0, 1, 2}, false);  // batch 3 -> bucket 4, 21 tokens -> 2 pages: captured
+  Stats s1 = stats();
+  EXPECT_EQ(s1.graphs, 1);
+  EXPECT_EQ(s1.replays, 1);
+  EXPECT_GT(s1.pool_bytes, 0);
+  for (int i = 0; i < 3; ++i) step({0, 1, 2}, false);  // same bucket: replayed
+  step({0, 1, 2, 3}, false);                           // batch 4: same bucket 4
+  Stats s2 = stats();
+  EXPECT_EQ(s2.graphs, 1);
+  EXPECT_EQ(s2.replays, 5);
+  step({0}, false);  // bucket 1: a second graph
+  step({0}, false);
+  Stats s3 = stats();
+  EXPECT_EQ(s3.graphs, 2);
+  EXPECT_EQ(s3.replays, 7);
+  step({0}, true);  // with a bias: a third
+  Stats s4 = stats();
+  EXPECT_EQ(s4.graphs, 3);
+  step({0, 1, 2, 3, 4}, false);  // batch 5 pads to 8 > max_batch 4: eager
+  Stats s5 = stats();
+  EXPECT_EQ(s5.graphs, 3);
+  EXPECT_EQ(s5.replays, 8);
+  EXPECT_EQ(s5.eager_forwards, 2);
+  // Sequence 0 past 32 tokens: 3 pages -> width bucket 4, a new graph.
+  while (lens[0] < 33) step({0}, false);
+  EXPECT_EQ(stats().graphs, 4);
 }
 
 }  // namespace

@@ -216,6 +216,35 @@ TEST_F(ModelRunnerTest, ProbeHeadsAreDistributionsAndSpeculativePassMatches) {
               std::vector<float>(full.logits_row(0), full.logits_row(0) + config().vocab_size),
               1e-4f, "decode after a speculative pass");
 
+  // Probes in any order (the runner groups them by layer for the model and returns them in the
+  // batch's order): the same rows, permuted; a layer's probes split by another layer's included.
+  ForwardBatch shuffled = batch;
+  shuffled.probe_heads = {{5, 4}, {0, 0}, {5, 1}, {3, 8}, {0, 2}};
+  const int perm[5] = {2, 0, -1, 1, -1};  // index of each in `heads`, -1 = not there
+  ForwardOutput out;
+  ASSERT_TRUE(runner_->Forward(shuffled, &out).ok());
+  ASSERT_EQ(out.num_probe_heads, 5);
+  ASSERT_EQ(out.probs_len, full.probs_len);
+  for (int s = 0; s < 2; ++s) {
+    for (int h = 0; h < 5; ++h) {
+      const float* got = out.probs_row(s, h);
+      double sum = 0;
+      for (int64_t j = 0; j < out.probs_len; ++j) sum += got[j];
+      EXPECT_NEAR(sum, 1.0, 1e-5) << "sequence " << s << " probe " << h;
+      if (perm[h] < 0) continue;
+      const float* want = full.probs_row(s, perm[h]);
+      for (int64_t j = 0; j < out.probs_len; ++j) {
+        ASSERT_NEAR(got[j], want[j], 1e-6) << s << "," << h << "," << j;
+      }
+    }
+  }
+  // Probe (5, 1) is not (5, 4): the permutation did not just copy one layer's rows around.
+  double diff = 0;
+  for (int64_t j = 0; j < out.probs_len; ++j) {
+    diff += std::fabs(out.probs_row(0, 2)[j] - out.probs_row(0, 0)[j]);
+  }
+  EXPECT_GT(diff, 1e-4);
+
   // last_layer = L-1 runs every layer and returns logits.
   batch.last_layer = config().num_layers - 1;
   batch.probe_heads.clear();
@@ -327,10 +356,33 @@ TEST_F(ModelRunnerTest, ValidationErrorsNameTheField) {
       << s.message();
 }
 
+// On the CPU the graph path never runs, whatever the options say: every forward is eager.
+TEST_F(ModelRunnerTest, CpuForwardsAreEagerWithCudaGraphsOn) {
+  const auto t = RandomTokens(5, 21);
+  const PageList p = Pages(6);
+  const ModelRunner::CudaGraphStats before = runner_->cuda_graph_stats();
+  RunOne(t, 0, 5, p);
+  RunOne(t, 4, 1, p);  // a decode step: a graph candidate on CUDA
+  const ModelRunner::CudaGraphStats after = runner_->cuda_graph_stats();
+  EXPECT_EQ(after.eager_forwards - before.eager_forwards, 2);
+  EXPECT_EQ(after.graphs, 0);
+  EXPECT_EQ(after.replays, 0);
+  EXPECT_EQ(after.pool_bytes, 0);
+}
+
 TEST(ModelRunnerLoadTest, MissingPackage) {
   auto r = ModelRunner::Load("/nonexistent/package");
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), StatusCode::kNotFound);
+}
+
+TEST(ModelRunnerLoadTest, CudaGraphMaxBatchMustBePositive) {
+  ModelRunnerOptions o;
+  o.cuda_graph_max_batch = 0;
+  auto r = ModelRunner::Load("/nonexistent/package", o);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("cuda_graph_max_batch must be >= 1"), std::string::npos)
+      << r.status().ToString();
 }
 
 }  // namespace

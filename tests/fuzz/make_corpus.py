@@ -141,7 +141,7 @@ def chat_seeds():
 
 def model_config_seeds():
     smol = {
-        "format_version": 1, "model_name": "SmolLM2-135M-Instruct", "architecture": "llama", "dtype": "float32",
+        "format_version": 2, "model_name": "SmolLM2-135M-Instruct", "architecture": "llama", "dtype": "float32",
         "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_layers": 30,
         "num_attention_heads": 9, "num_kv_heads": 3, "head_dim": 64, "rms_norm_eps": 1e-5,
         "rope_theta": 100000.0, "rope_scaling": None, "max_position_embeddings": 8192,
@@ -184,7 +184,7 @@ def model_config_seeds():
         "minimal-no-chat": json.dumps(minimal).encode(),
         "bad-heads": json.dumps(bad_heads).encode(),
         "bad-types": json.dumps(dict(smol, vocab_size=-1, num_kv_heads=2, rms_norm_eps="x")).encode(),
-        "not-json": b'{"format_version": 1, "architecture": "llama",',
+        "not-json": b'{"format_version": 2, "architecture": "llama",',
     }
 
 

@@ -85,9 +85,12 @@ class PagedRun:
         n = self.length + q
         logits, probs = self.module(torch.tensor(tokens), positions, torch.tensor([0, q]), torch.tensor([n]),
                                     slots, self.pages[None], self.kv, None if bias is None else bias[None],
-                                    last_layer, None if probe_heads is None else torch.tensor(probe_heads))
+                                    last_layer, [] if probe_heads is None else [int(p[0]) for p in probe_heads],
+                                    None if probe_heads is None else torch.tensor([int(p[1]) for p in probe_heads]))
         self.length = n
-        return logits, probs
+        # probs are [1, H, pages x page_size] (the block table's capacity), zero past n: the reference's width
+        assert float(probs[:, :, n:].abs().max()) == 0.0 if probs.numel() else True
+        return logits, probs[:, :, :n]
 
 
 @pytest.mark.parametrize("family,rope", [("llama", "none"), ("llama", "llama3"), ("qwen3", "yarn")])

@@ -197,8 +197,12 @@ class PagedCache:
 
 
 def run(model, cache, new_tokens, attn_bias=None, last_layer=-1, probe_heads=None):
+    """probe_heads: int64 [H, 2] (layer, query head) pairs, in any order; passed as forward's host list of layers
+    and device tensor of heads."""
+    layers = [] if probe_heads is None else probe_heads[:, 0].tolist()
+    heads = None if probe_heads is None else probe_heads[:, 1].contiguous()
     with torch.no_grad():
-        return model(*cache.step_inputs(new_tokens), attn_bias, last_layer, probe_heads)
+        return model(*cache.step_inputs(new_tokens), attn_bias, last_layer, layers, heads)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,7 +265,7 @@ def test_one_shot_prefill(tiny, family, rope):
     cache = PagedCache(config)
     logits, probs = run(model, cache, list(enumerate(seqs)))
     assert logits.dtype == torch.float32 and logits.shape == (3, config["vocab_size"])
-    assert probs.shape == (3, 0, 33)
+    assert probs.shape == (3, 0, (-(-33 // cache.page_size) + 2) * cache.page_size)  # the tables' capacity
     for b, toks in enumerate(seqs):
         torch.testing.assert_close(logits[b], ref.forward(toks)[0][-1], **TOL)
 
@@ -328,7 +332,8 @@ def test_attn_bias_and_probe_heads(tiny, family, rope):
     for b, n in enumerate(lens):
         ref_rows[b][:n] = bias[b]
     logits, probs = run(model, cache, [(0, seqs[0][:lens[0]]), (1, seqs[1][:lens[1]])], bias, -1, probe)
-    assert probs.shape == (2, probe.shape[0], max(lens))
+    # S' = the block tables' capacity: width (longest page list + 2 spare) x page size, zero past each length
+    assert probs.shape == (2, probe.shape[0], (max(-(-n // cache.page_size) for n in lens) + 2) * cache.page_size)
     check(logits, probs, lens, [True, True])
 
     # two decode steps with fresh biases (-inf included, never on the current token)

@@ -115,7 +115,7 @@ class PagedRunner:
         i64 = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
         with torch.no_grad():
             logits, probs = self.model.forward(i64(token_ids), i64(positions), i64(qsl), i64(seq_lens), i64(slots),
-                                               block_tables, self.kv_cache, None, -1, None)
+                                               block_tables, self.kv_cache, None, -1, [], None)
         assert logits.dtype == torch.float32 and tuple(logits.shape) == (len(chunks), self.vocab_size)
         assert probs.shape[1] == 0
         out = {}

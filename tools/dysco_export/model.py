@@ -75,7 +75,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, kv_layer: Tensor, slot_mapping: Tensor,
                 block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, attn_bias: Optional[Tensor],
-                is_decode: bool, last_idx: Tensor, probe_dest: Optional[Tensor], probe_q_heads: Optional[Tensor],
+                is_decode: bool, last_idx: Tensor, probe_runs: List[Tuple[int, int]], probe_heads: Optional[Tensor],
                 probs: Tensor) -> Tensor:
         num_tokens = h.size(0)
         x = rms_norm(h, self.input_layernorm, self.eps)
@@ -97,13 +97,17 @@ class DecoderLayer(nn.Module):
         else:
             torch.ops.dysco.paged_attention_prefill(out, q, kv_layer, block_tables, seq_lens, query_start_loc,
                                                     self.scale, attn_bias)
-        if probe_dest is not None and probe_q_heads is not None:
+        if probe_heads is not None and len(probe_runs) > 0:
             q_last = q if is_decode else q.index_select(0, last_idx).contiguous()
-            layer_probs = torch.empty([probs.size(0), probe_dest.size(0), probs.size(2)], dtype=torch.float32,
-                                      device=probs.device)
-            torch.ops.dysco.attention_probs(layer_probs, q_last, kv_layer, block_tables, seq_lens, probe_q_heads,
-                                            self.scale, attn_bias)
-            probs.index_copy_(1, probe_dest, layer_probs)
+            # probe_runs: this layer's runs [start, end) of consecutive rows of probe_heads / probs. Slices of
+            # the one heads tensor and a device copy into probs: no index tensor is built on the host.
+            for run in probe_runs:
+                start, end = run
+                layer_probs = torch.empty([probs.size(0), end - start, probs.size(2)], dtype=torch.float32,
+                                          device=probs.device)
+                torch.ops.dysco.attention_probs(layer_probs, q_last, kv_layer, block_tables, seq_lens,
+                                                probe_heads[start:end], self.scale, attn_bias)
+                probs[:, start:end].copy_(layer_probs)
 
         h = h + linear(out.view(num_tokens, self.num_heads * self.head_dim), self.o_proj)
         x = rms_norm(h, self.post_attention_layernorm, self.eps)
@@ -140,13 +144,16 @@ class DecoderModel(nn.Module):
 
     def forward(self, token_ids: Tensor, positions: Tensor, query_start_loc: Tensor, seq_lens: Tensor,
                 slot_mapping: Tensor, block_tables: Tensor, kv_cache: Tensor, attn_bias: Optional[Tensor],
-                last_layer: int, probe_heads: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                last_layer: int, probe_layers: List[int], probe_heads: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        # No host synchronisation (docs/model-interface.md "forward"): every size comes from a shape or a host
+        # argument, never from a tensor's values, so that a decode step can be captured in a CUDA graph.
         num_tokens = token_ids.size(0)
         batch = seq_lens.size(0)
         device = token_ids.device
-        max_len = int(seq_lens.max()) if batch > 0 else 0
+        # S' = the block tables' capacity (pages x page size) >= max(seq_lens): known without reading seq_lens.
+        probs_len = block_tables.size(1) * kv_cache.size(3)
         num_probes = probe_heads.size(0) if probe_heads is not None else 0
-        probs = torch.zeros([batch, num_probes, max_len], dtype=torch.float32, device=device)
+        probs = torch.zeros([batch, num_probes, probs_len], dtype=torch.float32, device=device)
         # Every sequence brings at least one new token, so T == B means one token each: the decode kernel.
         is_decode = num_tokens == batch
         last_idx = query_start_loc[1:] - 1
@@ -156,26 +163,24 @@ class DecoderModel(nn.Module):
         cos = (emb.cos() * self.attention_scaling).to(self.embed_tokens.dtype)
         sin = (emb.sin() * self.attention_scaling).to(self.embed_tokens.dtype)
 
-        probe_layers: List[int] = []
-        if probe_heads is not None:
-            layer_ids: List[int] = probe_heads[:, 0].tolist()
-            probe_layers = layer_ids
-
         h = F.embedding(token_ids, self.embed_tokens)
         for i, layer in enumerate(self.layers):
             if last_layer < 0 or i <= last_layer:
-                probe_dest: Optional[Tensor] = None
-                probe_q_heads: Optional[Tensor] = None
-                if probe_heads is not None and i in probe_layers:
-                    rows: List[int] = []
-                    for j in range(len(probe_layers)):
-                        if probe_layers[j] == i:
-                            rows.append(j)
-                    dest = torch.tensor(rows, dtype=torch.int64, device=probe_heads.device)
-                    probe_q_heads = probe_heads.index_select(0, dest)[:, 1].contiguous().to(device)
-                    probe_dest = dest.to(device)
+                # Layer i's probes: runs of consecutive entries of probe_layers equal to i (one run per layer
+                # when the caller groups the probes by layer), found on the host list.
+                probe_runs: List[Tuple[int, int]] = []
+                j = 0
+                while j < len(probe_layers):
+                    if probe_layers[j] == i:
+                        end = j + 1
+                        while end < len(probe_layers) and probe_layers[end] == i:
+                            end += 1
+                        probe_runs.append((j, end))
+                        j = end
+                    else:
+                        j += 1
                 h = layer(h, cos, sin, kv_cache[i], slot_mapping, block_tables, seq_lens, query_start_loc,
-                          attn_bias, is_decode, last_idx, probe_dest, probe_q_heads, probs)
+                          attn_bias, is_decode, last_idx, probe_runs, probe_heads, probs)
 
         if last_layer >= 0 and last_layer < self.num_layers - 1:
             return torch.zeros([0, self.vocab_size], dtype=torch.float32, device=device), probs

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 from .errors import ExportError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: forward takes probe_layers (host) + probe_heads [H]; probs are [B, H, P x page_size]
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DIGEST_CACHE = ".source-digest.json"
 
