@@ -19,7 +19,8 @@ using nlohmann::json;
 
 json ValidConfig() {
   return json::parse(R"({
-    "format_version": 1,
+    "format_version": 2,
+    "weights": "weights.safetensors",
     "model_name": "SmolLM2-135M-Instruct",
     "architecture": "llama",
     "dtype": "float32",
@@ -93,6 +94,8 @@ class ModelConfigTest : public ::testing::Test {
 TEST_F(ModelConfigTest, ParsesValidConfig) {
   auto c = Load(ValidConfig());
   ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->format_version, 2);
+  EXPECT_EQ(c->weights_file, "weights.safetensors");
   EXPECT_EQ(c->model_name, "SmolLM2-135M-Instruct");
   EXPECT_EQ(c->architecture, "llama");
   EXPECT_EQ(c->dtype, ModelDtype::kFloat32);
@@ -252,8 +255,13 @@ TEST_F(ModelConfigTest, OutOfRangeValues) {
   j["num_kv_heads"] = 4;
   ExpectError(j, "num_kv_heads must divide num_attention_heads (9), got 4");
   j = ValidConfig();
-  j["format_version"] = 2;
-  ExpectError(j, "format_version must be in [1, 1], got 2");
+  j["format_version"] = 3;
+  ExpectError(j, "format_version must be in [1, 2], got 3");
+  for (const char* bad : {"../w.safetensors", "a/b", "", ".."}) {
+    j = ValidConfig();
+    j["weights"] = bad;
+    ExpectError(j, "weights must be a file name inside the package");
+  }
   j = ValidConfig();
   j["dtype"] = "int8";
   ExpectError(j, "dtype must be");
@@ -288,6 +296,28 @@ TEST_F(ModelConfigTest, OutOfRangeValues) {
   j = ValidConfig();
   j["rms_norm_eps"] = 0.0;
   ExpectError(j, "rms_norm_eps must be > 0");
+}
+
+// The tensors a package's weights file must hold: the exporter's required_weights.
+TEST_F(ModelConfigTest, PackageWeightShapes) {
+  auto c = Load(ValidConfig());
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  auto shapes = PackageWeightShapes(*c);
+  ASSERT_EQ(shapes.size(), 2u + 9u * 30u);  // tied: no lm_head; no q/k norm
+  EXPECT_EQ(shapes[0].first, "model.embed_tokens.weight");
+  EXPECT_EQ(shapes[0].second, (std::vector<int64_t>{49152, 576}));
+  EXPECT_EQ(shapes[4].first, "model.layers.0.self_attn.q_proj.weight");
+  EXPECT_EQ(shapes[4].second, (std::vector<int64_t>{576, 576}));
+  EXPECT_EQ(shapes[5].second, (std::vector<int64_t>{192, 576}));  // k_proj: 3 kv heads x 64
+  EXPECT_EQ(shapes[10].first, "model.layers.0.mlp.down_proj.weight");
+  EXPECT_EQ(shapes[10].second, (std::vector<int64_t>{576, 1536}));
+  c->tie_word_embeddings = false;
+  c->qk_norm = true;
+  shapes = PackageWeightShapes(*c);
+  ASSERT_EQ(shapes.size(), 3u + 11u * 30u);
+  EXPECT_EQ(shapes[2].first, "lm_head.weight");
+  EXPECT_EQ(shapes.back().first, "model.layers.29.self_attn.k_norm.weight");
+  EXPECT_EQ(shapes.back().second, (std::vector<int64_t>{64}));
 }
 
 }  // namespace
