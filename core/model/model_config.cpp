@@ -313,8 +313,8 @@ StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const std::
     if (c.weights_file.empty() || c.weights_file == "." || c.weights_file == ".." ||
         c.weights_file.find('/') != std::string::npos ||
         c.weights_file.find('\0') != std::string::npos) {
-      return r.Error("weights", "must be a file name inside the package, got \"" +
-                                    c.weights_file + "\"");
+      return r.Error("weights",
+                     "must be a file name inside the package, got \"" + c.weights_file + "\"");
     }
   }
   if ((v = FieldReader::Find(root, "model_name")) != nullptr && !v->is_null()) {
@@ -380,7 +380,8 @@ StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const std::
   return c;
 }
 
-std::vector<std::pair<std::string, std::vector<int64_t>>> PackageWeightShapes(const ModelConfig& c) {
+std::vector<std::pair<std::string, std::vector<int64_t>>> PackageWeightShapes(
+    const ModelConfig& c) {
   const int64_t hidden = c.hidden_size, inter = c.intermediate_size, hd = c.head_dim;
   const int64_t q_rows = c.num_attention_heads * hd, kv_rows = c.num_kv_heads * hd;
   std::vector<std::pair<std::string, std::vector<int64_t>>> shapes = {

@@ -44,25 +44,32 @@ void SetBlasThreads(int n) {
     fn(n);
 }
 
-// Package weights files put every tensor at a multiple of this (tools/dysco_export/safetensors_io.py).
+// Package weights files put every tensor at a multiple of this
+// (tools/dysco_export/safetensors_io.py).
 constexpr uint64_t kWeightsAlignment = 64;
 // Entries that only pad the next tensor to the alignment (U8, never bound).
 constexpr char kPaddingPrefix[] = "__padding__.";
 
 const char* SafetensorsDtypeOf(ModelDtype dtype) {
   switch (dtype) {
-    case ModelDtype::kFloat32: return "F32";
-    case ModelDtype::kBFloat16: return "BF16";
-    case ModelDtype::kFloat16: return "F16";
+    case ModelDtype::kFloat32:
+      return "F32";
+    case ModelDtype::kBFloat16:
+      return "BF16";
+    case ModelDtype::kFloat16:
+      return "F16";
   }
   return "?";
 }
 
 at::ScalarType ScalarTypeOf(ModelDtype dtype) {
   switch (dtype) {
-    case ModelDtype::kFloat32: return at::kFloat;
-    case ModelDtype::kBFloat16: return at::kBFloat16;
-    case ModelDtype::kFloat16: return at::kHalf;
+    case ModelDtype::kFloat32:
+      return at::kFloat;
+    case ModelDtype::kBFloat16:
+      return at::kBFloat16;
+    case ModelDtype::kFloat16:
+      return at::kHalf;
   }
   return at::kFloat;
 }
@@ -80,8 +87,8 @@ std::string ShapeText(const std::vector<int64_t>& shape) {
 // left unbound must be an empty placeholder. On the CPU the parameter is a tensor over the mapping
 // (zero-copy; it keeps the file alive); elsewhere a copy on the module's device.
 Status BindWeights(torch::jit::Module& module, const ModelConfig& config,
-                   const std::shared_ptr<const SafetensorsFile>& file, const std::string& model_path,
-                   const c10::Device& device) {
+                   const std::shared_ptr<const SafetensorsFile>& file,
+                   const std::string& model_path, const c10::Device& device) {
   const std::string& path = file->path();
   std::map<std::string, std::vector<int64_t>> expected;
   for (auto& [name, shape] : PackageWeightShapes(config)) expected[name] = shape;
@@ -95,8 +102,8 @@ Status BindWeights(torch::jit::Module& module, const ModelConfig& config,
     }
     if (e.dtype != dtype) {
       return InvalidArgumentError(path + ": tensor '" + e.name + "' has dtype " + e.dtype +
-                                  ", config.json dtype " + ModelDtypeName(config.dtype) + " needs " +
-                                  dtype);
+                                  ", config.json dtype " + ModelDtypeName(config.dtype) +
+                                  " needs " + dtype);
     }
     if (e.shape != it->second) {
       return InvalidArgumentError(path + ": tensor '" + e.name + "' has shape " +
@@ -128,8 +135,8 @@ Status BindWeights(torch::jit::Module& module, const ModelConfig& config,
   std::map<std::string, at::Tensor> tensors;  // one tensor per file entry, shared by tied paths
   for (const auto& [param_path, name] : bindings) {
     if (expected.count(name) == 0) {
-      return InvalidArgumentError(model_path + ": weight_names binds " + param_path +
-                                  " to '" + name + "', not a weight of this model");
+      return InvalidArgumentError(model_path + ": weight_names binds " + param_path + " to '" +
+                                  name + "', not a weight of this model");
     }
     // Walk to the owning submodule; the last component must be a parameter slot.
     torch::jit::Module owner = module;
@@ -264,8 +271,8 @@ StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& pack
     DYSCO_RETURN_IF_ERROR(
         BindWeights(impl->module, impl->config, weights, model_path, impl->device));
   } catch (const c10::Error& e) {
-    return InternalError(weights_path + ": binding the weights failed: " +
-                         e.what_without_backtrace());
+    return InternalError(weights_path +
+                         ": binding the weights failed: " + e.what_without_backtrace());
   } catch (const std::exception& e) {
     return InternalError(weights_path + ": binding the weights failed: " + e.what());
   }

@@ -62,9 +62,9 @@ StatusOr<SafetensorsHeader> ParseSafetensorsHeader(const uint8_t* data, size_t s
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | data[i];
   if (header_len > kMaxHeaderBytes) {
-    return InvalidArgumentError(prefix + "safetensors header length " +
-                                std::to_string(header_len) + " is over the " +
-                                std::to_string(kMaxHeaderBytes) + "-byte limit (corrupt file?)");
+    return InvalidArgumentError(prefix + "safetensors header length " + std::to_string(header_len) +
+                                " is over the " + std::to_string(kMaxHeaderBytes) +
+                                "-byte limit (corrupt file?)");
   }
   if (header_len > size - 8) {
     return InvalidArgumentError(prefix + "truncated safetensors file (header of " +
@@ -118,7 +118,8 @@ StatusOr<SafetensorsHeader> ParseSafetensorsHeader(const uint8_t* data, size_t s
     bool empty = false;
     for (const json& d : *shape) {
       uint64_t count = 0;
-      if (!AsCount(d, &count) || count > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+      if (!AsCount(d, &count) ||
+          count > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
         return InvalidArgumentError(where + "\"shape\" has an entry that is not a count");
       }
       e.shape.push_back(static_cast<int64_t>(count));
@@ -156,9 +157,9 @@ StatusOr<SafetensorsHeader> ParseSafetensorsHeader(const uint8_t* data, size_t s
     e.offset = header.data_start + begin;  // <= size: no overflow
     e.size = bytes;
     if (e.offset % static_cast<uint64_t>(e.item_size) != 0 || e.offset % alignment != 0) {
-      return InvalidArgumentError(where + "data at file offset " + std::to_string(e.offset) +
-                                  " is not " + std::to_string(std::max<uint64_t>(alignment, e.item_size)) +
-                                  "-byte aligned");
+      return InvalidArgumentError(
+          where + "data at file offset " + std::to_string(e.offset) + " is not " +
+          std::to_string(std::max<uint64_t>(alignment, e.item_size)) + "-byte aligned");
     }
     header.entries.push_back(std::move(e));
   }
@@ -207,9 +208,8 @@ StatusOr<std::shared_ptr<const SafetensorsFile>> SafetensorsFile::Open(const std
   ::close(fd);
   if (map == MAP_FAILED) return InternalError(path + ": mmap failed (" + std::strerror(err) + ")");
   file->map_ = map;
-  DYSCO_ASSIGN_OR_RETURN(file->header_,
-                         ParseSafetensorsHeader(static_cast<const uint8_t*>(map), file->size_,
-                                                path, alignment));
+  DYSCO_ASSIGN_OR_RETURN(file->header_, ParseSafetensorsHeader(static_cast<const uint8_t*>(map),
+                                                               file->size_, path, alignment));
   return std::shared_ptr<const SafetensorsFile>(std::move(file));
 }
 

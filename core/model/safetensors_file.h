@@ -1,7 +1,7 @@
 // SafetensorsFile: a read-only memory mapping of a .safetensors file (a package's
 // weights.safetensors, docs/model-interface.md) with its header parsed and validated, so that the
-// model runner can use each tensor's bytes in place. Torch-free: the model runner makes tensors over
-// the mapped bytes.
+// model runner can use each tensor's bytes in place. Torch-free: the model runner makes tensors
+// over the mapped bytes.
 //
 // The file is untrusted input: ParseSafetensorsHeader checks everything before any byte of tensor
 // data is used (header length, JSON, dtype names, shapes, shape x item size == byte length without

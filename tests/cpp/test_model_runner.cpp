@@ -3,8 +3,8 @@
 // token-by-token decode agree with a one-shot prefill, a batch equals its sequences run alone,
 // probe-head probabilities are distributions, the speculative (last_layer) pass, key bias
 // semantics, and input validation; and (on copies of the tiny package) every way a package's
-// weights.safetensors can fail to load. The KV cache and outputs are poisoned with NaN first, so reading
-// an unwritten slot or leaving an output element unwritten shows up.
+// weights.safetensors can fail to load. The KV cache and outputs are poisoned with NaN first, so
+// reading an unwritten slot or leaving an output element unwritten shows up.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -16,8 +16,8 @@
 #include <utility>
 
 #include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 #include <torch/script.h>
+#include <nlohmann/json.hpp>
 
 #include "core/model/kv_page_pool.h"
 #include "core/model/model_runner.h"
@@ -342,9 +342,9 @@ TEST(ModelRunnerLoadTest, MissingPackage) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Loading format-2 packages: weights.safetensors checked against config.json and bound to model.pt's
-// parameters. Each case copies the tiny package (DYSCO_TINY_MODEL_DIR, ctest's export_tiny_model)
-// and breaks one thing.
+// Loading format-2 packages: weights.safetensors checked against config.json and bound to
+// model.pt's parameters. Each case copies the tiny package (DYSCO_TINY_MODEL_DIR, ctest's
+// export_tiny_model) and breaks one thing.
 
 class WeightsLoadTest : public ::testing::Test {
  protected:
@@ -477,8 +477,9 @@ TEST_F(WeightsLoadTest, ConfigContradictsTheWeights) {
 
 TEST_F(WeightsLoadTest, WrongDtype) {
   EditHeader([](nlohmann::json& h) { h["model.norm.weight"]["dtype"] = "I32"; });
-  ExpectLoadError(StatusCode::kInvalidArgument,
-                  {"tensor 'model.norm.weight' has dtype I32, config.json dtype float32 needs F32"});
+  ExpectLoadError(
+      StatusCode::kInvalidArgument,
+      {"tensor 'model.norm.weight' has dtype I32, config.json dtype float32 needs F32"});
   EditHeader([](nlohmann::json& h) { h["model.norm.weight"]["dtype"] = "F32"; });
   EditConfig([](nlohmann::json& c) { c["dtype"] = "bfloat16"; });
   ExpectLoadError(StatusCode::kInvalidArgument, {"has dtype F32, config.json dtype bfloat16"});
@@ -487,7 +488,8 @@ TEST_F(WeightsLoadTest, WrongDtype) {
 TEST_F(WeightsLoadTest, TruncatedFile) {
   const std::string file = ReadFile(weights());
   WriteFile(weights(), file.substr(0, file.size() - 1000));
-  ExpectLoadError(StatusCode::kInvalidArgument, {"weights.safetensors: tensor '", "truncated file"});
+  ExpectLoadError(StatusCode::kInvalidArgument,
+                  {"weights.safetensors: tensor '", "truncated file"});
   WriteFile(weights(), file.substr(0, 6));
   ExpectLoadError(StatusCode::kInvalidArgument, {"no header length"});
 }
@@ -496,7 +498,8 @@ TEST_F(WeightsLoadTest, OffsetsOutOfRangeOrOverlapping) {
   EditHeader([](nlohmann::json& h) {
     h["model.norm.weight"]["data_offsets"] = {1ull << 40, (1ull << 40) + 256};
   });
-  ExpectLoadError(StatusCode::kInvalidArgument, {"tensor 'model.norm.weight': data_offsets end at"});
+  ExpectLoadError(StatusCode::kInvalidArgument,
+                  {"tensor 'model.norm.weight': data_offsets end at"});
   EditHeader([](nlohmann::json& h) {
     h["model.norm.weight"]["data_offsets"] = h["model.embed_tokens.weight"]["data_offsets"];
     h["model.norm.weight"]["data_offsets"][1] =
@@ -507,7 +510,8 @@ TEST_F(WeightsLoadTest, OffsetsOutOfRangeOrOverlapping) {
 
 TEST_F(WeightsLoadTest, WeightsFileNameMustStayInThePackage) {
   EditConfig([](nlohmann::json& c) { c["weights"] = "../weights.safetensors"; });
-  ExpectLoadError(StatusCode::kInvalidArgument, {"config.json: weights must be a file name inside the package"});
+  ExpectLoadError(StatusCode::kInvalidArgument,
+                  {"config.json: weights must be a file name inside the package"});
 }
 
 }  // namespace

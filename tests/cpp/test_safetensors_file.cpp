@@ -19,8 +19,8 @@ namespace {
 
 using json = nlohmann::json;
 
-// A safetensors file: 8-byte little-endian header length, the header (padded with spaces so that the
-// data starts `align`-aligned), then `data`.
+// A safetensors file: 8-byte little-endian header length, the header (padded with spaces so that
+// the data starts `align`-aligned), then `data`.
 std::vector<uint8_t> MakeFile(const json& header, const std::vector<uint8_t>& data,
                               size_t align = 64) {
   std::string text = header.dump();
@@ -83,7 +83,8 @@ TEST(SafetensorsHeaderTest, EmptyTensorsAndScalars) {
 TEST(SafetensorsHeaderTest, TruncatedOrBadLength) {
   ExpectInvalid({1, 2, 3}, "no header length");
   std::vector<uint8_t> file = MakeFile(GoodHeader(), std::vector<uint8_t>(128));
-  ExpectInvalid(std::vector<uint8_t>(file.begin(), file.begin() + 20), "truncated safetensors file");
+  ExpectInvalid(std::vector<uint8_t>(file.begin(), file.begin() + 20),
+                "truncated safetensors file");
   // The last tensor's bytes cut short.
   file.resize(file.size() - 1);
   ExpectInvalid(file, "tensor 'b': data_offsets end at 128, past the 127 bytes");
@@ -110,7 +111,8 @@ TEST(SafetensorsHeaderTest, BadEntries) {
     return MakeFile(h, std::vector<uint8_t>(128));
   };
   ExpectInvalid(with("c", 5), "tensor 'c': header entry is not an object");
-  ExpectInvalid(with("c", json{{"shape", {1}}, {"data_offsets", {0, 0}}}), "tensor 'c': no \"dtype\"");
+  ExpectInvalid(with("c", json{{"shape", {1}}, {"data_offsets", {0, 0}}}),
+                "tensor 'c': no \"dtype\"");
   ExpectInvalid(with("c", Entry("Q4", {1}, 0, 1)), "tensor 'c': unknown dtype \"Q4\"");
   ExpectInvalid(with("c", json{{"dtype", "F32"}, {"shape", {-1}}, {"data_offsets", {0, 0}}}),
                 "tensor 'c': \"shape\" has an entry that is not a count");
@@ -123,8 +125,9 @@ TEST(SafetensorsHeaderTest, BadEntries) {
                 "tensor 'c': \"data_offsets\" is not [begin, end]");
   ExpectInvalid(with("c", Entry("F32", {1}, 8, 4)), "tensor 'c': data_offsets [8, 4] end before");
   // Shape x item size against the byte length, and products past int64.
-  ExpectInvalid(with("a", Entry("F32", {2, 4}, 0, 64)), "tensor 'a': data_offsets [0, 64] hold 64 "
-                                                        "bytes, its shape and dtype F32 need 32");
+  ExpectInvalid(with("a", Entry("F32", {2, 4}, 0, 64)),
+                "tensor 'a': data_offsets [0, 64] hold 64 "
+                "bytes, its shape and dtype F32 need 32");
   ExpectInvalid(with("c", Entry("F32", {1ll << 40, 1ll << 40}, 0, 0)),
                 "tensor 'c': shape too large");
   ExpectInvalid(with("c", Entry("F16", {0, (1ll << 62) + 1}, 0, 0)), "tensor 'c': shape too large");

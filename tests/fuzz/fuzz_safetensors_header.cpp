@@ -1,6 +1,7 @@
 // libFuzzer target: the header parser of a package's weights file,
-// ParseSafetensorsHeader(data, size, origin, alignment) (core/model/safetensors_file.h), on arbitrary
-// bytes taken as a whole file (seeds: small valid files, 64-byte aligned, and broken variants).
+// ParseSafetensorsHeader(data, size, origin, alignment) (core/model/safetensors_file.h), on
+// arbitrary bytes taken as a whole file (seeds: small valid files, 64-byte aligned, and broken
+// variants).
 //
 // Invariants: no exception escapes and nothing is read outside [data, data + size) (ASan); an
 // error is INVALID_ARGUMENT and starts with the origin; an accepted header describes tensors that
@@ -33,8 +34,10 @@ void CheckHeader(const SafetensorsHeader& h, size_t size, uint64_t alignment) {
     bool empty = false;
     for (int64_t d : e.shape) {
       FUZZ_CHECK(d >= 0, "negative count: " + e.name);
-      if (d == 0) empty = true;
-      else bytes *= d;
+      if (d == 0)
+        empty = true;
+      else
+        bytes *= d;
       FUZZ_CHECK(bytes <= INT64_MAX, "overflow: " + e.name);
     }
     FUZZ_CHECK(static_cast<uint64_t>(empty ? 0 : bytes) == e.size, "byte length: " + e.name);
