@@ -377,7 +377,9 @@ class WeightsLoadTest : public ::testing::Test {
 
   // Rewrites the header of weights.safetensors (the data section is kept; the header is padded
   // again so that the data stays 64-byte aligned).
-  void EditHeader(const std::function<void(nlohmann::json&)>& edit) {
+  // `append` is added after the data section (offsets: data_size() onwards).
+  void EditHeader(const std::function<void(nlohmann::json&)>& edit,
+                  const std::string& append = "") {
     const std::string file = ReadFile(weights());
     uint64_t n = 0;
     for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<uint8_t>(file[i]);
@@ -387,7 +389,14 @@ class WeightsLoadTest : public ::testing::Test {
     while ((8 + text.size()) % 64 != 0) text += ' ';
     std::string out(8, '\0');
     for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((text.size() >> (8 * i)) & 0xff);
-    WriteFile(weights(), out + text + file.substr(8 + n));
+    WriteFile(weights(), out + text + file.substr(8 + n) + append);
+  }
+  // Bytes in the data section of weights.safetensors.
+  uint64_t data_size() const {
+    const std::string file = ReadFile(weights());
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<uint8_t>(file[i]);
+    return file.size() - 8 - n;
   }
   void EditConfig(const std::function<void(nlohmann::json&)>& edit) {
     nlohmann::json config = nlohmann::json::parse(ReadFile(dir_ + "/config.json"));
@@ -506,6 +515,27 @@ TEST_F(WeightsLoadTest, OffsetsOutOfRangeOrOverlapping) {
         h["model.norm.weight"]["data_offsets"][0].get<uint64_t>() + 256;
   });
   ExpectLoadError(StatusCode::kInvalidArgument, {"overlap"});
+}
+
+// Padding entries (U8 "__padding__.<k>") are skipped wherever they start; a bound tensor must start
+// at a multiple of 64 bytes.
+TEST_F(WeightsLoadTest, PaddingEntriesAreSkippedAndTensorsMustBeAligned) {
+  const uint64_t end = data_size();
+  EditHeader(
+      [end](nlohmann::json& h) {
+        h["__padding__.99"] = {{"dtype", "U8"}, {"shape", {4}}, {"data_offsets", {end, end + 4}}};
+      },
+      std::string(4, '\0'));
+  auto r = ModelRunner::Load(dir_);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  // model.norm.weight (64 floats) moved to end + 4: in the file, but not 64-byte aligned.
+  EditHeader(
+      [end](nlohmann::json& h) {
+        h["model.norm.weight"]["data_offsets"] = {end + 4, end + 4 + 256};
+      },
+      std::string(256, '\0'));
+  ExpectLoadError(StatusCode::kInvalidArgument,
+                  {"tensor 'model.norm.weight' starts at file offset", "not a multiple of 64"});
 }
 
 TEST_F(WeightsLoadTest, WeightsFileNameMustStayInThePackage) {
