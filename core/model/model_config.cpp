@@ -305,15 +305,30 @@ StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const std::
   const json* v;
   int64_t x = 0;
   DYSCO_RETURN_IF_ERROR(r.Required(root, "", "format_version", &v));
-  // 1: packages whose forward read seq_lens / probe_heads on the host (not graph-capturable); their
-  // model.pt has the old signature, so they cannot run here.
-  if (v->is_number_integer() && v->get<int64_t>() == 1) {
+  // Older formats cannot run here: 1 kept fp32 weights inside model.pt and its forward read
+  // seq_lens / probe_heads on the host (not graph-capturable); 2 was the sync-free forward with the
+  // weights still inside model.pt. Both need a re-export (make model does it).
+  if (v->is_number_integer() && v->get<int64_t>() >= 1 &&
+      v->get<int64_t>() < kPackageFormatVersion) {
     return FailedPreconditionError(
-        origin + ": format_version 1 is no longer supported (format 2: " +
-        "a forward without host synchronisation); re-export the package");
+        origin + ": format_version " + std::to_string(v->get<int64_t>()) +
+        " is no longer supported (format " + std::to_string(kPackageFormatVersion) +
+        ": weights in weights.safetensors, a forward without host synchronisation); re-export the "
+        "package");
   }
-  DYSCO_RETURN_IF_ERROR(r.Int(*v, "format_version", 2, 2, &x));
+  DYSCO_RETURN_IF_ERROR(
+      r.Int(*v, "format_version", kPackageFormatVersion, kPackageFormatVersion, &x));
   c.format_version = static_cast<int>(x);
+  if ((v = FieldReader::Find(root, "weights")) != nullptr && !v->is_null()) {
+    DYSCO_RETURN_IF_ERROR(r.String(*v, "weights", &c.weights_file));
+    // A file of the package: no directories, so a package cannot point the loader elsewhere.
+    if (c.weights_file.empty() || c.weights_file == "." || c.weights_file == ".." ||
+        c.weights_file.find('/') != std::string::npos ||
+        c.weights_file.find('\0') != std::string::npos) {
+      return r.Error("weights",
+                     "must be a file name inside the package, got \"" + c.weights_file + "\"");
+    }
+  }
   if ((v = FieldReader::Find(root, "model_name")) != nullptr && !v->is_null()) {
     DYSCO_RETURN_IF_ERROR(r.String(*v, "model_name", &c.model_name));
   }
@@ -375,6 +390,34 @@ StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const std::
   DYSCO_RETURN_IF_ERROR(ParseChat(r, root, &c));
   DYSCO_RETURN_IF_ERROR(ParseDysco(r, root, &c));
   return c;
+}
+
+std::vector<std::pair<std::string, std::vector<int64_t>>> PackageWeightShapes(
+    const ModelConfig& c) {
+  const int64_t hidden = c.hidden_size, inter = c.intermediate_size, hd = c.head_dim;
+  const int64_t q_rows = c.num_attention_heads * hd, kv_rows = c.num_kv_heads * hd;
+  std::vector<std::pair<std::string, std::vector<int64_t>>> shapes = {
+      {"model.embed_tokens.weight", {c.vocab_size, hidden}},
+      {"model.norm.weight", {hidden}},
+  };
+  if (!c.tie_word_embeddings) shapes.push_back({"lm_head.weight", {c.vocab_size, hidden}});
+  for (int i = 0; i < c.num_layers; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    shapes.push_back({p + "input_layernorm.weight", {hidden}});
+    shapes.push_back({p + "post_attention_layernorm.weight", {hidden}});
+    shapes.push_back({p + "self_attn.q_proj.weight", {q_rows, hidden}});
+    shapes.push_back({p + "self_attn.k_proj.weight", {kv_rows, hidden}});
+    shapes.push_back({p + "self_attn.v_proj.weight", {kv_rows, hidden}});
+    shapes.push_back({p + "self_attn.o_proj.weight", {hidden, q_rows}});
+    shapes.push_back({p + "mlp.gate_proj.weight", {inter, hidden}});
+    shapes.push_back({p + "mlp.up_proj.weight", {inter, hidden}});
+    shapes.push_back({p + "mlp.down_proj.weight", {hidden, inter}});
+    if (c.qk_norm) {
+      shapes.push_back({p + "self_attn.q_norm.weight", {hd}});
+      shapes.push_back({p + "self_attn.k_norm.weight", {hd}});
+    }
+  }
+  return shapes;
 }
 
 StatusOr<ModelConfig> LoadModelConfig(const std::string& package_dir) {

@@ -45,8 +45,13 @@ struct DyscoDefaults {
   std::vector<std::vector<int32_t>> template_sequences;  // token-id sequences never selected
 };
 
+// The package format this code loads (docs/model-interface.md): 3 = weights in a safetensors file
+// bound at load and a forward without host synchronisation. The parser refuses older formats with
+// FAILED_PRECONDITION ("re-export the package"); ModelRunner::Load checks again.
+constexpr int kPackageFormatVersion = 3;
+
 struct ModelConfig {
-  int format_version = 1;
+  int format_version = kPackageFormatVersion;
   std::string model_name;
   std::string architecture;  // "llama" | "qwen3"
   ModelDtype dtype = ModelDtype::kFloat32;
@@ -67,7 +72,14 @@ struct ModelConfig {
   ChatFormat chat_format = ChatFormat::kNone;
   ChatSettings chat;
   DyscoDefaults dysco;
+  // The package's weights file ("weights"): a plain file name inside the package directory.
+  std::string weights_file = "weights.safetensors";
 };
+
+// Every tensor the package's weights file must hold (Hugging Face names), with the shape the config
+// implies, in the exporter's order (tools/dysco_export/model.py required_weights). The dtype of
+// every one is config.dtype.
+std::vector<std::pair<std::string, std::vector<int64_t>>> PackageWeightShapes(const ModelConfig& c);
 
 // Parses `json_text`; `origin` names the file in error messages.
 StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const std::string& origin);

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <optional>
 #include <stdexcept>
 
@@ -28,6 +29,7 @@
 #endif
 
 #include "core/base/thread_annotations.h"
+#include "core/model/safetensors_file.h"
 #include "kernels/op_calls.h"
 
 namespace dysco {
@@ -129,6 +131,151 @@ int64_t ReservedBytes(c10::DeviceIndex index) {
 }
 #endif  // DYSCO_CUDA_GRAPHS
 
+// Package weights files put every tensor at a multiple of this
+// (tools/dysco_export/safetensors_io.py).
+constexpr uint64_t kWeightsAlignment = 64;
+// Entries that only pad the next tensor to the alignment (U8, never bound).
+constexpr char kPaddingPrefix[] = "__padding__.";
+
+const char* SafetensorsDtypeOf(ModelDtype dtype) {
+  switch (dtype) {
+    case ModelDtype::kFloat32:
+      return "F32";
+    case ModelDtype::kBFloat16:
+      return "BF16";
+    case ModelDtype::kFloat16:
+      return "F16";
+  }
+  return "?";
+}
+
+at::ScalarType ScalarTypeOf(ModelDtype dtype) {
+  switch (dtype) {
+    case ModelDtype::kFloat32:
+      return at::kFloat;
+    case ModelDtype::kBFloat16:
+      return at::kBFloat16;
+    case ModelDtype::kFloat16:
+      return at::kHalf;
+  }
+  return at::kFloat;
+}
+
+std::string ShapeText(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+// Binds every parameter of `module` named in its weight_names attribute (module path -> tensor
+// name) to that tensor of `file`, after checking the file against the config: exactly the tensors
+// PackageWeightShapes implies (padding entries aside), each with its shape and the config dtype;
+// every one bound at least once, every named path an existing parameter, bound once; a parameter
+// left unbound must be an empty placeholder. On the CPU the parameter is a tensor over the mapping
+// (zero-copy; it keeps the file alive); elsewhere a copy on the module's device.
+Status BindWeights(torch::jit::Module& module, const ModelConfig& config,
+                   const std::shared_ptr<const SafetensorsFile>& file,
+                   const std::string& model_path, const c10::Device& device) {
+  const std::string& path = file->path();
+  std::map<std::string, std::vector<int64_t>> expected;
+  for (auto& [name, shape] : PackageWeightShapes(config)) expected[name] = shape;
+  const std::string dtype = SafetensorsDtypeOf(config.dtype);
+  for (const SafetensorsEntry& e : file->entries()) {
+    if (e.name.rfind(kPaddingPrefix, 0) == 0 && e.dtype == "U8") continue;
+    auto it = expected.find(e.name);
+    if (it == expected.end()) {
+      return InvalidArgumentError(path + ": tensor '" + e.name +
+                                  "' is not a weight of this model (config.json)");
+    }
+    if (e.dtype != dtype) {
+      return InvalidArgumentError(path + ": tensor '" + e.name + "' has dtype " + e.dtype +
+                                  ", config.json dtype " + ModelDtypeName(config.dtype) +
+                                  " needs " + dtype);
+    }
+    // The padding entries that follow odd-sized tensors are not aligned themselves: the rule is
+    // checked here, on the tensors that are bound, rather than by the parser on every entry.
+    if (e.offset % kWeightsAlignment != 0) {
+      return InvalidArgumentError(path + ": tensor '" + e.name + "' starts at file offset " +
+                                  std::to_string(e.offset) + ", not a multiple of " +
+                                  std::to_string(kWeightsAlignment) + " (re-export the package)");
+    }
+    if (e.shape != it->second) {
+      return InvalidArgumentError(path + ": tensor '" + e.name + "' has shape " +
+                                  ShapeText(e.shape) + ", config.json implies " +
+                                  ShapeText(it->second));
+    }
+  }
+  for (const auto& [name, shape] : expected) {
+    if (file->Find(name) == nullptr) {
+      return InvalidArgumentError(path + ": missing tensor '" + name + "' (shape " +
+                                  ShapeText(shape) + ")");
+    }
+  }
+  if (!module.hasattr("weight_names")) {
+    return FailedPreconditionError(model_path +
+                                   ": has no weight_names (not a format-2 package): re-export it");
+  }
+  const c10::IValue names = module.attr("weight_names");
+  if (!names.isGenericDict()) {
+    return InvalidArgumentError(model_path + ": weight_names is not a Dict[str, str]");
+  }
+  std::map<std::string, std::string> bindings;  // sorted: deterministic errors
+  for (const auto& item : names.toGenericDict()) {
+    if (!item.key().isString() || !item.value().isString()) {
+      return InvalidArgumentError(model_path + ": weight_names is not a Dict[str, str]");
+    }
+    bindings[item.key().toStringRef()] = item.value().toStringRef();
+  }
+  std::map<std::string, at::Tensor> tensors;  // one tensor per file entry, shared by tied paths
+  for (const auto& [param_path, name] : bindings) {
+    if (expected.count(name) == 0) {
+      return InvalidArgumentError(model_path + ": weight_names binds " + param_path + " to '" +
+                                  name + "', not a weight of this model");
+    }
+    // Walk to the owning submodule; the last component must be a parameter slot.
+    torch::jit::Module owner = module;
+    std::string leaf = param_path;
+    for (size_t dot; (dot = leaf.find('.')) != std::string::npos; leaf = leaf.substr(dot + 1)) {
+      const std::string part = leaf.substr(0, dot);
+      if (!owner.hasattr(part) || !owner.attr(part).isModule()) {
+        return InvalidArgumentError(model_path + ": weight_names names " + param_path +
+                                    ", which is not a parameter of the module");
+      }
+      owner = owner.attr(part).toModule();
+    }
+    const auto slot = owner.type()->findAttributeSlot(leaf);
+    if (!slot || !owner.type()->is_parameter(*slot)) {
+      return InvalidArgumentError(model_path + ": weight_names names " + param_path +
+                                  ", which is not a parameter of the module");
+    }
+    auto t = tensors.find(name);
+    if (t == tensors.end()) {
+      const SafetensorsEntry& e = *file->Find(name);
+      std::shared_ptr<const SafetensorsFile> keep = file;
+      // The mapping is read-only: nothing writes a parameter (they do not require grad, and the
+      // model never updates them in place); a write would fault rather than corrupt the file.
+      at::Tensor mapped = torch::from_blob(
+          const_cast<void*>(file->Data(e)), e.shape, [keep](void*) {},
+          at::TensorOptions().dtype(ScalarTypeOf(config.dtype)).device(at::kCPU));
+      t = tensors.emplace(name, device.is_cpu() ? mapped : mapped.to(device)).first;
+    }
+    owner.setattr(leaf, t->second);
+  }
+  for (const auto& [name, shape] : expected) {
+    if (tensors.count(name) == 0) {
+      return InvalidArgumentError(model_path + ": weight_names binds no parameter to tensor '" +
+                                  name + "' of " + path);
+    }
+  }
+  for (const auto& p : module.named_parameters(/*recurse=*/true)) {
+    if (bindings.count(p.name) == 0 && p.value.numel() != 0) {
+      return InvalidArgumentError(model_path + ": parameter " + p.name +
+                                  " holds weights but is not bound by weight_names");
+    }
+  }
+  return OkStatus();
+}
+
 }  // namespace
 
 Status CheckDyscoOpsRegistered() {
@@ -211,6 +358,13 @@ StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& pack
   if (const char* token = std::getenv("DYSCO_FAILPOINT_FORWARD_TOKEN")) {
     impl->failpoint_token = static_cast<int64_t>(std::strtoll(token, nullptr, 10));
   }
+  if (impl->config.format_version != kPackageFormatVersion) {
+    return FailedPreconditionError(
+        package_dir + "/config.json: package format_version " +
+        std::to_string(impl->config.format_version) + ", this server loads " +
+        std::to_string(kPackageFormatVersion) +
+        " (weights in a safetensors file): re-export the package with tools/dysco_export");
+  }
   DYSCO_RETURN_IF_ERROR(CheckDyscoOpsRegistered());
   if (options.num_threads < 0) {
     return InvalidArgumentError("num_threads must be >= 0, got " +
@@ -249,6 +403,18 @@ StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& pack
     return InternalError(model_path + ": TorchScript load failed: " + e.what_without_backtrace());
   } catch (const std::exception& e) {
     return InternalError(model_path + ": TorchScript load failed: " + e.what());
+  }
+  const std::string weights_path = package_dir + "/" + impl->config.weights_file;
+  DYSCO_ASSIGN_OR_RETURN(std::shared_ptr<const SafetensorsFile> weights,
+                         SafetensorsFile::Open(weights_path));
+  try {
+    DYSCO_RETURN_IF_ERROR(
+        BindWeights(impl->module, impl->config, weights, model_path, impl->device));
+  } catch (const c10::Error& e) {
+    return InternalError(weights_path +
+                         ": binding the weights failed: " + e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return InternalError(weights_path + ": binding the weights failed: " + e.what());
   }
   return std::unique_ptr<ModelRunner>(new ModelRunner(std::move(impl)));
 }

@@ -1,4 +1,5 @@
-// ModelRunner: loads a model package (config.json + TorchScript model.pt) and runs one forward step
+// ModelRunner: loads a model package (config.json, TorchScript model.pt whose parameters are bound
+// at load to the tensors of weights.safetensors: docs/model-interface.md) and runs one forward step
 // over a batch of sequences, each bringing a prefill chunk or one decode token, against a
 // KvPagePool (docs/model-interface.md "forward"). It knows nothing of sampling or scheduling: the
 // caller decides which sequences step together and owns their pages.
@@ -111,9 +112,13 @@ struct ForwardOutput {
 
 class ModelRunner {
  public:
-  // NOT_FOUND / INVALID_ARGUMENT for a missing or bad package, FAILED_PRECONDITION when the dysco
-  // ops are not registered (libdysco_kernels.so not linked/loaded), INTERNAL when TorchScript fails
-  // to load it.
+  // NOT_FOUND / INVALID_ARGUMENT for a missing or bad package (a weights file that is malformed or
+  // does not hold exactly the tensors config.json implies, with their shapes and dtype: the message
+  // names the file and the tensor), FAILED_PRECONDITION for a package of another format_version
+  // (re-export it) or when the dysco ops are not registered (libdysco_kernels.so not
+  // linked/loaded), INTERNAL when TorchScript fails to load model.pt. On the CPU the parameters are
+  // tensors over a read-only mapping of weights.safetensors (the runner keeps it mapped); on
+  // another device they are copied there.
   static StatusOr<std::unique_ptr<ModelRunner>> Load(const std::string& package_dir,
                                                      const ModelRunnerOptions& options = {});
   ~ModelRunner();

@@ -19,7 +19,8 @@ using nlohmann::json;
 
 json ValidConfig() {
   return json::parse(R"({
-    "format_version": 2,
+    "format_version": 3,
+    "weights": "weights.safetensors",
     "model_name": "SmolLM2-135M-Instruct",
     "architecture": "llama",
     "dtype": "float32",
@@ -93,6 +94,8 @@ class ModelConfigTest : public ::testing::Test {
 TEST_F(ModelConfigTest, ParsesValidConfig) {
   auto c = Load(ValidConfig());
   ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->format_version, 3);
+  EXPECT_EQ(c->weights_file, "weights.safetensors");
   EXPECT_EQ(c->model_name, "SmolLM2-135M-Instruct");
   EXPECT_EQ(c->architecture, "llama");
   EXPECT_EQ(c->dtype, ModelDtype::kFloat32);
@@ -176,7 +179,7 @@ TEST_F(ModelConfigTest, MissingFile) {
 }
 
 TEST_F(ModelConfigTest, NotJson) {
-  auto c = LoadText("{ \"format_version\": 2, ");
+  auto c = LoadText("{ \"format_version\": 3, ");
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().code(), StatusCode::kInvalidArgument);
   EXPECT_NE(c.status().message().find("not valid JSON"), std::string::npos);
@@ -252,15 +255,20 @@ TEST_F(ModelConfigTest, OutOfRangeValues) {
   j["num_kv_heads"] = 4;
   ExpectError(j, "num_kv_heads must divide num_attention_heads (9), got 4");
   j = ValidConfig();
-  j["format_version"] = 3;
-  ExpectError(j, "format_version must be in [2, 2], got 3");
-  j = ValidConfig();
-  j["format_version"] = 1;
-  {
+  j["format_version"] = 4;
+  ExpectError(j, "format_version must be in [3, 3], got 4");
+  for (int old_version : {1, 2}) {
+    j = ValidConfig();
+    j["format_version"] = old_version;
     auto old = ParseModelConfig(j.dump(), "config.json");
     ASSERT_FALSE(old.ok());
     EXPECT_EQ(old.status().code(), StatusCode::kFailedPrecondition);
     EXPECT_NE(old.status().message().find("re-export the package"), std::string::npos);
+  }
+  for (const char* bad : {"../w.safetensors", "a/b", "", ".."}) {
+    j = ValidConfig();
+    j["weights"] = bad;
+    ExpectError(j, "weights must be a file name inside the package");
   }
   j = ValidConfig();
   j["dtype"] = "int8";
@@ -298,12 +306,34 @@ TEST_F(ModelConfigTest, OutOfRangeValues) {
   ExpectError(j, "rms_norm_eps must be > 0");
 }
 
+// The tensors a package's weights file must hold: the exporter's required_weights.
+TEST_F(ModelConfigTest, PackageWeightShapes) {
+  auto c = Load(ValidConfig());
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  auto shapes = PackageWeightShapes(*c);
+  ASSERT_EQ(shapes.size(), 2u + 9u * 30u);  // tied: no lm_head; no q/k norm
+  EXPECT_EQ(shapes[0].first, "model.embed_tokens.weight");
+  EXPECT_EQ(shapes[0].second, (std::vector<int64_t>{49152, 576}));
+  EXPECT_EQ(shapes[4].first, "model.layers.0.self_attn.q_proj.weight");
+  EXPECT_EQ(shapes[4].second, (std::vector<int64_t>{576, 576}));
+  EXPECT_EQ(shapes[5].second, (std::vector<int64_t>{192, 576}));  // k_proj: 3 kv heads x 64
+  EXPECT_EQ(shapes[10].first, "model.layers.0.mlp.down_proj.weight");
+  EXPECT_EQ(shapes[10].second, (std::vector<int64_t>{576, 1536}));
+  c->tie_word_embeddings = false;
+  c->qk_norm = true;
+  shapes = PackageWeightShapes(*c);
+  ASSERT_EQ(shapes.size(), 3u + 11u * 30u);
+  EXPECT_EQ(shapes[2].first, "lm_head.weight");
+  EXPECT_EQ(shapes.back().first, "model.layers.29.self_attn.k_norm.weight");
+  EXPECT_EQ(shapes.back().second, (std::vector<int64_t>{64}));
+}
+
 }  // namespace
 // A config.json nested 50,000 levels deep (in an unknown field) is refused, not a stack overflow.
 TEST(ModelConfigParseTest, DeeplyNestedJsonIsRefused) {
   const std::string deep = std::string(50000, '[') + std::string(50000, ']');
   const auto c =
-      ParseModelConfig("{\"format_version\": 2, \"rope_scaling\": " + deep + "}", "x.json");
+      ParseModelConfig("{\"format_version\": 3, \"rope_scaling\": " + deep + "}", "x.json");
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().code(), StatusCode::kInvalidArgument);
   EXPECT_NE(c.status().message().find("nested deeper than"), std::string::npos)

@@ -2,19 +2,27 @@
 // `make model`, loaded once by the shared DefaultModelTest fixture): chunked prefill and
 // token-by-token decode agree with a one-shot prefill, a batch equals its sequences run alone,
 // probe-head probabilities are distributions, the speculative (last_layer) pass, key bias
-// semantics, and input validation. The KV cache and outputs are poisoned with NaN first, so reading
-// an unwritten slot or leaving an output element unwritten shows up.
+// semantics, and input validation; and (on copies of the tiny package) every way a package's
+// weights.safetensors can fail to load. The KV cache and outputs are poisoned with NaN first, so
+// reading an unwritten slot or leaving an output element unwritten shows up.
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <fstream>
+#include <functional>
 #include <limits>
 #include <random>
+#include <sstream>
+#include <utility>
 
 #include <gtest/gtest.h>
 #include <torch/script.h>
+#include <nlohmann/json.hpp>
 
 #include "core/model/kv_page_pool.h"
 #include "core/model/model_runner.h"
 #include "tests/cpp/model_fixture.h"
+#include "tests/cpp/temp_dir.h"
 
 namespace dysco {
 namespace {
@@ -383,6 +391,209 @@ TEST(ModelRunnerLoadTest, CudaGraphMaxBatchMustBePositive) {
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("cuda_graph_max_batch must be >= 1"), std::string::npos)
       << r.status().ToString();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading format-3 packages: weights.safetensors checked against config.json and bound to
+// model.pt's parameters. Each case copies the tiny package (DYSCO_TINY_MODEL_DIR, ctest's
+// export_tiny_model) and breaks one thing.
+
+class WeightsLoadTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const PackageLocation where = TinyPackage::Locate();
+    if (!where.present) {
+      if (std::getenv("CI") != nullptr) FAIL() << where.missing;
+      GTEST_SKIP() << where.missing;
+    }
+    dir_ = MakeTempDir("weights_load_test_");
+    ASSERT_FALSE(dir_.empty());
+    for (const char* name : {"config.json", "model.pt", "tokenizer.json", "weights.safetensors"}) {
+      WriteFile(dir_ + "/" + name, ReadFile(where.dir + "/" + name));
+    }
+  }
+  void TearDown() override {
+    if (!dir_.empty()) RemoveTree(dir_);
+  }
+
+  static std::string ReadFile(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    std::ostringstream text;
+    text << in.rdbuf();
+    return text.str();
+  }
+  static void WriteFile(const std::string& path, const std::string& bytes) {
+    std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
+  }
+  std::string weights() const { return dir_ + "/weights.safetensors"; }
+
+  // Rewrites the header of weights.safetensors (the data section is kept; the header is padded
+  // again so that the data stays 64-byte aligned).
+  // `append` is added after the data section (offsets: data_size() onwards).
+  void EditHeader(const std::function<void(nlohmann::json&)>& edit,
+                  const std::string& append = "") {
+    const std::string file = ReadFile(weights());
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<uint8_t>(file[i]);
+    nlohmann::json header = nlohmann::json::parse(file.substr(8, n));
+    edit(header);
+    std::string text = header.dump();
+    while ((8 + text.size()) % 64 != 0) text += ' ';
+    std::string out(8, '\0');
+    for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((text.size() >> (8 * i)) & 0xff);
+    WriteFile(weights(), out + text + file.substr(8 + n) + append);
+  }
+  // Bytes in the data section of weights.safetensors.
+  uint64_t data_size() const {
+    const std::string file = ReadFile(weights());
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<uint8_t>(file[i]);
+    return file.size() - 8 - n;
+  }
+  void EditConfig(const std::function<void(nlohmann::json&)>& edit) {
+    nlohmann::json config = nlohmann::json::parse(ReadFile(dir_ + "/config.json"));
+    edit(config);
+    WriteFile(dir_ + "/config.json", config.dump());
+  }
+
+  void ExpectLoadError(StatusCode code, const std::vector<std::string>& needles) {
+    auto r = ModelRunner::Load(dir_);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), code) << r.status().ToString();
+    for (const std::string& needle : needles) {
+      EXPECT_NE(r.status().message().find(needle), std::string::npos)
+          << "expected \"" << needle << "\" in: " << r.status().message();
+    }
+  }
+
+  std::string dir_;
+};
+
+TEST_F(WeightsLoadTest, BindsEveryParameterZeroCopyOnTheCpu) {
+  auto r = ModelRunner::Load(dir_);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  // The copy's own test: its outputs equal those of the original package (ctest's tiny model).
+  auto original = ModelRunner::Load(TinyPackage::Locate().dir);
+  ASSERT_TRUE(original.ok()) << original.status().ToString();
+  KvPagePoolOptions o;
+  o.page_size = 16;
+  o.num_pages = 4;
+  const std::vector<int32_t> tokens = {5, 17, 300, 2, 99, 1000, 7};
+  const std::vector<int32_t> pages = {0, 1};
+  ForwardOutput a, b;
+  for (auto [runner, out] : {std::pair{r->get(), &a}, std::pair{original->get(), &b}}) {
+    auto pool = KvPagePool::Create(runner->config(), o);
+    ASSERT_TRUE(pool.ok()) << pool.status().ToString();
+    ForwardBatch batch;
+    batch.kv_pool = pool->get();
+    batch.sequences.push_back(ForwardRow{tokens, 0, pages, {}});
+    const Status s = runner->Forward(batch, out);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+  }
+  EXPECT_EQ(a.logits, b.logits);
+  for (float v : a.logits) ASSERT_TRUE(std::isfinite(v));
+}
+
+TEST_F(WeightsLoadTest, FormatVersion1IsRefused) {
+  EditConfig([](nlohmann::json& c) { c["format_version"] = 1; });
+  ExpectLoadError(StatusCode::kFailedPrecondition, {"format_version 1", "re-export"});
+}
+
+TEST_F(WeightsLoadTest, MissingWeightsFile) {
+  ASSERT_EQ(std::remove(weights().c_str()), 0);
+  ExpectLoadError(StatusCode::kNotFound, {"weights.safetensors: cannot open"});
+}
+
+TEST_F(WeightsLoadTest, MissingTensor) {
+  EditHeader([](nlohmann::json& h) { h.erase("model.layers.2.mlp.up_proj.weight"); });
+  ExpectLoadError(StatusCode::kInvalidArgument,
+                  {"weights.safetensors: missing tensor 'model.layers.2.mlp.up_proj.weight'"});
+}
+
+TEST_F(WeightsLoadTest, ExtraTensor) {
+  EditHeader([](nlohmann::json& h) {
+    h["model.layers.9.mlp.up_proj.weight"] = {
+        {"dtype", "F32"}, {"shape", {0}}, {"data_offsets", {0, 0}}};
+  });
+  ExpectLoadError(StatusCode::kInvalidArgument,
+                  {"tensor 'model.layers.9.mlp.up_proj.weight' is not a weight of this model"});
+}
+
+TEST_F(WeightsLoadTest, WrongShape) {
+  EditHeader([](nlohmann::json& h) {
+    auto& e = h["model.layers.1.self_attn.k_proj.weight"];
+    e["shape"] = {e["shape"][1], e["shape"][0]};  // same bytes, transposed shape
+  });
+  ExpectLoadError(StatusCode::kInvalidArgument,
+                  {"tensor 'model.layers.1.self_attn.k_proj.weight' has shape [64, 32], "
+                   "config.json implies [32, 64]"});
+}
+
+TEST_F(WeightsLoadTest, ConfigContradictsTheWeights) {
+  EditConfig([](nlohmann::json& c) { c["intermediate_size"] = 96; });
+  ExpectLoadError(StatusCode::kInvalidArgument,
+                  {"tensor 'model.layers.0.mlp.gate_proj.weight' has shape [128, 64], "
+                   "config.json implies [96, 64]"});
+}
+
+TEST_F(WeightsLoadTest, WrongDtype) {
+  EditHeader([](nlohmann::json& h) { h["model.norm.weight"]["dtype"] = "I32"; });
+  ExpectLoadError(
+      StatusCode::kInvalidArgument,
+      {"tensor 'model.norm.weight' has dtype I32, config.json dtype float32 needs F32"});
+  EditHeader([](nlohmann::json& h) { h["model.norm.weight"]["dtype"] = "F32"; });
+  EditConfig([](nlohmann::json& c) { c["dtype"] = "bfloat16"; });
+  ExpectLoadError(StatusCode::kInvalidArgument, {"has dtype F32, config.json dtype bfloat16"});
+}
+
+TEST_F(WeightsLoadTest, TruncatedFile) {
+  const std::string file = ReadFile(weights());
+  WriteFile(weights(), file.substr(0, file.size() - 1000));
+  ExpectLoadError(StatusCode::kInvalidArgument,
+                  {"weights.safetensors: tensor '", "truncated file"});
+  WriteFile(weights(), file.substr(0, 6));
+  ExpectLoadError(StatusCode::kInvalidArgument, {"no header length"});
+}
+
+TEST_F(WeightsLoadTest, OffsetsOutOfRangeOrOverlapping) {
+  EditHeader([](nlohmann::json& h) {
+    h["model.norm.weight"]["data_offsets"] = {1ull << 40, (1ull << 40) + 256};
+  });
+  ExpectLoadError(StatusCode::kInvalidArgument,
+                  {"tensor 'model.norm.weight': data_offsets end at"});
+  EditHeader([](nlohmann::json& h) {
+    h["model.norm.weight"]["data_offsets"] = h["model.embed_tokens.weight"]["data_offsets"];
+    h["model.norm.weight"]["data_offsets"][1] =
+        h["model.norm.weight"]["data_offsets"][0].get<uint64_t>() + 256;
+  });
+  ExpectLoadError(StatusCode::kInvalidArgument, {"overlap"});
+}
+
+// Padding entries (U8 "__padding__.<k>") are skipped wherever they start; a bound tensor must start
+// at a multiple of 64 bytes.
+TEST_F(WeightsLoadTest, PaddingEntriesAreSkippedAndTensorsMustBeAligned) {
+  const uint64_t end = data_size();
+  EditHeader(
+      [end](nlohmann::json& h) {
+        h["__padding__.99"] = {{"dtype", "U8"}, {"shape", {4}}, {"data_offsets", {end, end + 4}}};
+      },
+      std::string(4, '\0'));
+  auto r = ModelRunner::Load(dir_);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  // model.norm.weight (64 floats) moved to end + 4: in the file, but not 64-byte aligned.
+  EditHeader(
+      [end](nlohmann::json& h) {
+        h["model.norm.weight"]["data_offsets"] = {end + 4, end + 4 + 256};
+      },
+      std::string(256, '\0'));
+  ExpectLoadError(StatusCode::kInvalidArgument,
+                  {"tensor 'model.norm.weight' starts at file offset", "not a multiple of 64"});
+}
+
+TEST_F(WeightsLoadTest, WeightsFileNameMustStayInThePackage) {
+  EditConfig([](nlohmann::json& c) { c["weights"] = "../weights.safetensors"; });
+  ExpectLoadError(StatusCode::kInvalidArgument,
+                  {"config.json: weights must be a file name inside the package"});
 }
 
 }  // namespace

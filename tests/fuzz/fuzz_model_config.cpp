@@ -21,7 +21,10 @@ const char kOrigin[] = "fuzz/config.json";
 bool InVocab(int64_t id, const ModelConfig& c) { return id >= 0 && id < c.vocab_size; }
 
 void CheckConfig(const ModelConfig& c) {
-  FUZZ_CHECK(c.format_version == 2, "format_version");
+  FUZZ_CHECK(c.format_version == 3, "format_version");
+  FUZZ_CHECK(!c.weights_file.empty() && c.weights_file.find('/') == std::string::npos &&
+                 c.weights_file != "." && c.weights_file != "..",
+             "weights: " + c.weights_file);
   FUZZ_CHECK(c.architecture == "llama" || c.architecture == "qwen3", c.architecture);
   FUZZ_CHECK(c.vocab_size > 0 && c.hidden_size > 0 && c.intermediate_size > 0 && c.num_layers > 0 &&
                  c.num_attention_heads > 0 && c.num_kv_heads > 0 && c.head_dim > 0 &&

@@ -25,7 +25,7 @@ with pyfuzz.instrumented():
     from tools.dysco_export.safetensors_io import read_safetensors
 
 PATH = pyfuzz.scratch_path("model.safetensors")
-_DTYPES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+_DTYPES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.uint8: 1}  # U8: package padding
 
 
 def test_one_input(data: bytes) -> None:
@@ -50,7 +50,7 @@ _NESTED = "\x00nested\x00"  # replaced by deeply nested JSON after dumping
 
 def _random_value(rng):
     pool = [-1, 0, 1, 2, 3, 4, 8, 2**31, 2**32, 2**53, 2**63 - 1, 2**63, 2**64, -2**63, 1.5, 4.0, float("nan"),
-            "F32", "F16", "BF16", "I64", "", "4", None, True, False, [], [0], [0, 4], [4, 0], [0, 4, 8], [-1, 3],
+            "F32", "F16", "BF16", "U8", "I64", "", "4", None, True, False, [], [0], [0, 4], [4, 0], [0, 4, 8], [-1, 3],
             [2**32, 2**32], [[1]], {}, {"dtype": "F32"}, _NESTED]
     return rng.choice(pool)
 

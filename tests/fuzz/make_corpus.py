@@ -141,7 +141,8 @@ def chat_seeds():
 
 def model_config_seeds():
     smol = {
-        "format_version": 2, "model_name": "SmolLM2-135M-Instruct", "architecture": "llama", "dtype": "float32",
+        "format_version": 3, "weights": "weights.safetensors", "model_name": "SmolLM2-135M-Instruct",
+        "architecture": "llama", "dtype": "float32",
         "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_layers": 30,
         "num_attention_heads": 9, "num_kv_heads": 3, "head_dim": 64, "rms_norm_eps": 1e-5,
         "rope_theta": 100000.0, "rope_scaling": None, "max_position_embeddings": 8192,
@@ -184,7 +185,7 @@ def model_config_seeds():
         "minimal-no-chat": json.dumps(minimal).encode(),
         "bad-heads": json.dumps(bad_heads).encode(),
         "bad-types": json.dumps(dict(smol, vocab_size=-1, num_kv_heads=2, rms_norm_eps="x")).encode(),
-        "not-json": b'{"format_version": 2, "architecture": "llama",',
+        "not-json": b'{"format_version": 3, "architecture": "llama",',
     }
 
 
@@ -252,6 +253,26 @@ def safetensors_seeds():
             "s": ("F32", [], np.float32(3.5).tobytes()), "e": ("F16", [0, 4], b"")}, pad=False),
         "empty-header.safetensors": safetensors_blob({}),
     }
+
+
+def safetensors_header_seeds():
+    """fuzz_safetensors_header: the first byte picks the alignment asked (1 << (byte % 8)), the rest is the file.
+    A package-style file (64-byte aligned, padding entries) written by the exporter, and the reader's seeds."""
+    sys.path.insert(0, ROOT)
+    import torch
+    from tools.dysco_export.safetensors_io import TensorSpec, write_safetensors_streamed
+    specs = [TensorSpec("model.embed_tokens.weight", torch.bfloat16, (4, 3), lambda: torch.ones(4, 3)),
+             TensorSpec("model.norm.weight", torch.float32, (5,), lambda: torch.arange(5.0)),
+             TensorSpec("model.layers.0.self_attn.q_proj.weight", torch.float16, (2, 16), lambda: torch.ones(2, 16))]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "w.safetensors")
+        write_safetensors_streamed(path, specs, {"format": "pt"})
+        with open(path, "rb") as f:
+            package = f.read()
+    seeds = {"package-align64": b"\x06" + package, "package-truncated": b"\x06" + package[:-40]}
+    for name, blob in safetensors_seeds().items():
+        seeds[name.replace(".safetensors", "-align1")] = b"\x00" + blob
+    return seeds
 
 
 def gguf_seed(path, arch="llama", quantized=False, with_output=False):
@@ -334,6 +355,7 @@ def main():
     write_seeds("fuzz_model_config", model_config_seeds())
     write_seeds("fuzz_request", request_seeds())
     write_seeds("fuzz_safetensors", safetensors_seeds())
+    write_seeds("fuzz_safetensors_header", safetensors_header_seeds())
     write_seeds("fuzz_gguf", gguf_seeds())
 
 

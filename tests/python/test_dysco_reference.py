@@ -71,7 +71,8 @@ class PagedRun:
     def __init__(self, pkg_dir, page_size=8, num_pages=16):
         with open(os.path.join(pkg_dir, "config.json")) as f:
             self.cfg = json.load(f)
-        self.module = torch.jit.load(os.path.join(pkg_dir, "model.pt"))
+        from tools.dysco_export.package import load_module
+        self.module = load_module(pkg_dir)
         self.page_size = page_size
         self.kv = torch.zeros(self.cfg["num_layers"], 2, num_pages, page_size, self.cfg["num_kv_heads"],
                               self.cfg["head_dim"])

@@ -27,6 +27,7 @@ SMOLLM2_TOKENIZER = os.path.join(REPO, "tests", "data", "smollm2", "tokenizer.js
 QWEN3_TOKENIZER = os.path.join(REPO, "tests", "data", "qwen3", "tokenizer.json")
 
 from tools.dysco_export.__main__ import main as export_main  # noqa: E402
+from tools.dysco_export.package import load_module  # noqa: E402
 
 # qwen3 only with YaRN: its 150k-token vocabulary makes each export slow, and q/k norm is covered either way.
 VARIANTS = [("llama", "none"), ("llama", "llama3"), ("qwen3", "yarn")]
@@ -223,7 +224,7 @@ def tiny(tmp_path_factory, kernels):
             assert rc == 0, err
             with open(root / "pkg" / "config.json") as f:
                 config = json.load(f)
-            made[(family, rope)] = (torch.jit.load(str(root / "pkg" / "model.pt")), config,
+            made[(family, rope)] = (load_module(str(root / "pkg")), config,
                                     Reference(str(root / "hf")), root)
         return made[(family, rope)]
     return get
@@ -387,7 +388,7 @@ def test_bfloat16_export_runs(tiny, tmp_path, kernels):
     rc, err = run_export("hf", "--checkpoint", root / "hf", "--out", tmp_path / "bf16", "--kernels", kernels,
                          "--dtype", "bfloat16")
     assert rc == 0, err
-    model = torch.jit.load(str(tmp_path / "bf16" / "model.pt"))
+    model = load_module(str(tmp_path / "bf16"))
     with open(tmp_path / "bf16" / "config.json") as f:
         config = json.load(f)
     assert config["dtype"] == "bfloat16"
@@ -545,7 +546,7 @@ def test_gguf_export_matches_reference(tiny_gguf, tmp_path, kernels):
         ["<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n"]
     gguf_ref = Reference.__new__(Reference)
     gguf_ref.hf, gguf_ref.w, gguf_ref.inv_freq, gguf_ref.mscale = ref.hf, stored, ref.inv_freq, ref.mscale
-    model = torch.jit.load(str(tmp_path / "pkg" / "model.pt"))
+    model = load_module(str(tmp_path / "pkg"))
     gen = torch.Generator().manual_seed(8)
     seqs = [random_tokens(gen, n, config["vocab_size"]) for n in (13, 30)]
     cache = PagedCache(config)
@@ -640,7 +641,7 @@ def test_sharded_checkpoint_and_missing_shard(tiny, tmp_path, kernels):
     (hf / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     rc, err = run_export("hf", "--checkpoint", hf, "--out", tmp_path / "pkg", "--kernels", kernels)
     assert rc == 0, err
-    sharded = torch.jit.load(str(tmp_path / "pkg" / "model.pt"))
+    sharded = load_module(str(tmp_path / "pkg"))
     toks = list(range(300, 321))
     torch.testing.assert_close(run(sharded, PagedCache(config), [(0, toks)])[0],
                                run(model, PagedCache(config), [(0, toks)])[0], rtol=0, atol=0)
@@ -682,7 +683,7 @@ def test_default_package_answers_paris():
             config["num_kv_heads"], config["head_dim"], config["vocab_size"]) == (30, 576, 9, 3, 64, 49152)
     assert config["special_tokens"]["eos_token_ids"] == [2] and config["chat_format"] == "chatml"
     tok = Tokenizer.from_file(os.path.join(DEFAULT_PACKAGE, "tokenizer.json"))
-    model = torch.jit.load(os.path.join(DEFAULT_PACKAGE, "model.pt"))
+    model = load_module(DEFAULT_PACKAGE)
     chat = config["chat"]
     # The model's greedy answer is "The capital of France is Paris."; one forward pass over the prompt and
     # the answer's start checks the next token (generating all of it costs seconds per token here).
@@ -692,3 +693,195 @@ def test_default_package_answers_paris():
     cache = PagedCache(config, num_pages=16, page_size=16)
     logits, _ = run(model, cache, [(0, tok.encode(prompt, add_special_tokens=False).ids)])
     assert tok.decode([int(logits[0].argmax())]) == " Paris"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Package format 2: weights.safetensors (Hugging Face names, package dtype, 64-byte aligned) bound at load.
+
+def read_package_header(path):
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return n, json.loads(f.read(n))
+
+
+def check_weights_file(pkg, config):
+    """The layout rules of docs/model-interface.md "weights.safetensors"; returns the header."""
+    from tools.dysco_export.model import required_weights
+    path = os.path.join(pkg, config["weights"])
+    n, header = read_package_header(path)
+    assert (8 + n) % 64 == 0
+    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                     key=lambda kv: kv[1]["data_offsets"][0])
+    expected = required_weights(config)
+    st_dtype = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[config["dtype"]]
+    end = 0
+    for name, info in entries:
+        begin, stop = info["data_offsets"]
+        assert begin == end, f"{name}: hole or overlap before it"  # the safetensors library wants no holes
+        end = stop
+        if name.startswith("__padding__."):
+            assert info["dtype"] == "U8" and 0 < info["shape"][0] < 64 and stop % 64 == 0
+        else:
+            assert begin % 64 == 0, f"{name} at {begin} is not 64-byte aligned"
+            assert info["dtype"] == st_dtype and tuple(info["shape"]) == expected[name], name
+    assert end == os.path.getsize(path) - 8 - n
+    assert {k for k, _ in entries if not k.startswith("__padding__.")} == set(expected)
+    return header
+
+
+@pytest.mark.parametrize("family,rope", [("llama", "none"), ("qwen3", "yarn")])
+def test_package_v2_layout(tiny, family, rope):
+    from tools.dysco_export.model import weight_names
+    model, config, ref, root = tiny(family, rope)
+    pkg = root / "pkg"
+    assert config["format_version"] == 3 and config["weights"] == "weights.safetensors"
+    assert sorted(os.listdir(pkg)) == ["config.json", "model.pt", "tokenizer.json", "weights.safetensors"]
+    check_weights_file(str(pkg), config)
+    # model.pt is code and empty placeholders: a few tens of KB whatever the model size.
+    assert os.path.getsize(pkg / "model.pt") < 200_000
+    raw = torch.jit.load(str(pkg / "model.pt"))
+    assert all(p.numel() == 0 for p in raw.parameters())
+    assert dict(raw.weight_names) == weight_names(config)
+    assert (dict(raw.weight_names)["lm_head"] == "model.embed_tokens.weight") == config["tie_word_embeddings"]
+    # The file holds the checkpoint's tensors under their own names, bit for bit (fp32 package).
+    stored = read_safetensors_plain_any(pkg / "weights.safetensors")
+    for name, tensor in read_safetensors_plain(root / "hf" / "model.safetensors").items():
+        if name == "lm_head.weight" and config["tie_word_embeddings"]:
+            continue
+        assert torch.equal(stored[name], tensor), name
+    # Bound at load: tied embeddings are one tensor.
+    assert (model.lm_head.data_ptr() == model.embed_tokens.data_ptr()) == config["tie_word_embeddings"]
+
+
+def read_safetensors_plain_any(path):
+    from tools.dysco_export.safetensors_io import read_safetensors
+    return {k: v.clone() for k, v in read_safetensors(str(path)).items() if not k.startswith("__padding__.")}
+
+
+def test_package_v2_bfloat16_padding_and_alignment(tiny, tmp_path, kernels):
+    # qwen3 tiny in bf16: its q/k norm weights are 16 x 2 bytes, so padding entries keep the next tensors aligned.
+    _, _, _, root = tiny("qwen3", "yarn")
+    rc, err = run_export("hf", "--checkpoint", root / "hf", "--out", tmp_path / "p", "--kernels", kernels,
+                         "--dtype", "bfloat16")
+    assert rc == 0, err
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    header = check_weights_file(str(tmp_path / "p"), config)
+    assert any(k.startswith("__padding__.") for k in header)
+    ref = read_safetensors_plain(root / "hf" / "model.safetensors")
+    got = read_safetensors_plain_any(tmp_path / "p" / "weights.safetensors")
+    assert torch.equal(got["model.layers.1.self_attn.k_proj.weight"],
+                       ref["model.layers.1.self_attn.k_proj.weight"].to(torch.bfloat16))
+
+
+def test_load_module_refuses_format_1(tiny, tmp_path):
+    from tools.dysco_export.errors import ExportError
+    _, _, _, root = tiny("llama", "none")
+    shutil.copytree(root / "pkg", tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    config["format_version"] = 1
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="re-export"):
+        load_module(str(tmp_path / "old"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `synthetic`: real shapes with seeded random weights.
+
+SMALL = ["--override", "num_layers=2", "--override", "hidden_size=64", "--override", "intermediate_size=96",
+         "--override", "num_attention_heads=4", "--override", "num_kv_heads=2", "--override", "head_dim=32"]
+
+
+def export_synthetic(out, shape, seed, dtype="bfloat16", extra=()):
+    rc, err = run_export("synthetic", "--shape", shape, "--seed", seed, "--dtype", dtype, "--out", out,
+                         "--kernels", KERNELS, *SMALL, *extra)
+    assert rc == 0, err
+    return json.loads((out / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def synthetic_qwen3(tmp_path_factory, kernels):
+    root = tmp_path_factory.mktemp("synthetic")
+    return root, export_synthetic(root / "a", "qwen3-8b", 1)
+
+
+def test_synthetic_package(synthetic_qwen3):
+    root, config = synthetic_qwen3
+    assert config["model_name"] == "synthetic-qwen3-8b-custom-seed1" and config["source"]["kind"] == "synthetic"
+    assert config["format_version"] == 3 and config["dtype"] == "bfloat16" and config["qk_norm"]
+    assert (config["num_layers"], config["hidden_size"], config["vocab_size"]) == (2, 64, 151936)
+    assert config["max_position_embeddings"] == 131072
+    assert config["rope_scaling"]["rope_type"] == "yarn" and config["rope_scaling"]["factor"] == 4.0
+    assert config["rope_scaling"]["original_max_position_embeddings"] == 32768
+    assert config["chat_format"] == "chatml" and config["special_tokens"]["eos_token_ids"] == [151645, 151643]
+    check_weights_file(str(root / "a"), config)
+    w = read_safetensors_plain_any(root / "a" / "weights.safetensors")
+    q = w["model.layers.0.self_attn.q_proj.weight"].float()
+    assert abs(q.mean()) < 2e-3 and abs(q.std() - 0.02) < 1e-3
+    assert abs(w["lm_head.weight"].float().std() - 0.02) < 1e-4  # 9.7M draws
+    assert torch.equal(w["model.layers.1.self_attn.k_norm.weight"], torch.ones(32, dtype=torch.bfloat16))
+    assert not torch.equal(w["model.layers.0.mlp.up_proj.weight"], w["model.layers.0.mlp.gate_proj.weight"])
+
+
+def test_synthetic_is_deterministic_per_seed(synthetic_qwen3):
+    root, _ = synthetic_qwen3
+    export_synthetic(root / "b", "qwen3-8b", 1)
+    export_synthetic(root / "c", "qwen3-8b", 2)
+    a = (root / "a" / "weights.safetensors").read_bytes()
+    assert a == (root / "b" / "weights.safetensors").read_bytes()
+    wa = read_safetensors_plain_any(root / "a" / "weights.safetensors")
+    wc = read_safetensors_plain_any(root / "c" / "weights.safetensors")
+    for name in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"):
+        assert not torch.equal(wa[name], wc[name]), name
+        assert (wa[name] == wc[name]).float().mean() < 0.05  # independent draws, not a shifted stream
+
+
+def test_synthetic_bfloat16_forward_on_cpu(synthetic_qwen3, tmp_path):
+    # The bf16 package runs on the CPU ops and agrees with the fp32 package of the same draws.
+    root, config = synthetic_qwen3
+    c32 = export_synthetic(tmp_path / "f32", "qwen3-8b", 1, "float32")
+    toks = list(range(1000, 1037))
+    out = {}
+    for name, pkg, cfg in (("bf16", root / "a", config), ("f32", tmp_path / "f32", c32)):
+        cache = PagedCache(cfg)
+        cache.kv = cache.kv.to({"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg["dtype"]])
+        logits, _ = run(load_module(str(pkg)), cache, [(0, toks)])
+        assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+        out[name] = logits[0]
+    assert torch.nn.functional.cosine_similarity(out["bf16"], out["f32"], dim=0) > 0.99
+
+
+def test_synthetic_llama_shape_and_tokenizer(tmp_path, kernels):
+    from tokenizers import Tokenizer
+    config = export_synthetic(tmp_path / "l", "llama3.1-8b", 0, "float32",
+                              ["--override", "vocab_size=1024", "--max-position-embeddings", "8192"])
+    assert config["architecture"] == "llama" and config["chat_format"] == "llama3"
+    assert config["rope_scaling"] == {"type": "llama3", "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    assert config["rope_theta"] == 500000.0 and config["rms_norm_eps"] == 1e-5
+    assert config["special_tokens"] == {"bos_token_id": 768, "eos_token_ids": [769, 776, 777],
+                                        "pad_token_id": 772, "add_bos": True}
+    check_weights_file(str(tmp_path / "l"), config)
+    tok = Tokenizer.from_file(str(tmp_path / "l" / "tokenizer.json"))
+    assert tok.token_to_id("<|eot_id|>") == 777
+
+
+def test_synthetic_real_shapes_config():
+    # The full shapes' numbers without writing 16 GB: architecture, reference DySCO heads, size.
+    from tokenizers import Tokenizer
+    from tools.dysco_export import package
+    from tools.dysco_export.model import required_weights
+    from tools.dysco_export.synthetic import llama3_byte_tokenizer, synthetic_arch
+    q = synthetic_arch("qwen3-8b", "bfloat16", 131072, {})
+    ll = synthetic_arch("llama3.1-8b", "bfloat16", 131072, {})
+    params = {k: sum(math.prod(s) for s in required_weights(a).values()) for k, a in (("q", q), ("l", ll))}
+    assert params == {"q": 8_190_735_360, "l": 8_030_261_248}  # Qwen3-8B and Llama-3.1-8B parameter counts
+    assert package.reference_dysco(q)["selected_heads"] and package.reference_dysco(ll)["selected_heads"]
+    assert synthetic_arch("qwen3-8b", "bfloat16", 32768, {})["rope_scaling"] is None
+    tok = Tokenizer.from_str(json.dumps(llama3_byte_tokenizer(128256)))
+    text = "Hello, wörld! 你好 \U0001F600\n\t<not special> end"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert max(ids) < 256 and tok.decode(ids) == text
+    assert [tok.token_to_id(t) for t in ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                         "<|eot_id|>", "<|reserved_special_token_247|>")] == \
+        [128000, 128001, 128006, 128009, 128255]
+    assert tok.encode("<|eot_id|>x", add_special_tokens=False).ids == [128009, ord("x")]

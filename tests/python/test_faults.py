@@ -1,7 +1,8 @@
 """Fault injection against the real build/bin/dysco-server binary.
 
 - A missing or corrupt model package at start (no directory, an empty one, model.pt truncated or empty,
-  config.json garbage / truncated / without its fields / contradicting model.pt, tokenizer.json garbage or
+  weights.safetensors truncated or missing, config.json garbage / truncated / without its fields / of format 1
+  / contradicting the weights, tokenizer.json garbage or
   missing): the server exits 1 (not a signal: no crash, no core dump) within a bounded time (no hang), and
   its output has exactly one error line, `event=load_failed`, naming the file at fault; every line it wrote
   is its own logfmt line.
@@ -36,11 +37,12 @@ soak = load_soak()
 
 # ---- A missing or corrupt package at start.
 
-def _package(tmp_path, model="link", config="copy", tokenizer="copy"):
+def _package(tmp_path, model="link", config="copy", tokenizer="copy", weights="link"):
     """A package directory: each file linked / copied from the default package, or replaced."""
     d = tmp_path / "package"
     d.mkdir()
-    for name, how in (("model.pt", model), ("config.json", config), ("tokenizer.json", tokenizer)):
+    for name, how in (("model.pt", model), ("config.json", config), ("tokenizer.json", tokenizer),
+                      ("weights.safetensors", weights)):
         src = MODEL_DIR / name
         if how == "link":
             (d / name).symlink_to(src)
@@ -73,7 +75,7 @@ STARTUP_FAULTS = {
     # name: (how the package is made, substrings the one error line must contain)
     "missing directory": (lambda tmp: tmp / "no-such-package", ["no-such-package/config.json", "cannot open"]),
     "empty directory": (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", ["config.json", "cannot open"]),
-    "model.pt truncated": (lambda tmp: _package(tmp, model=_truncated(8 << 20)),
+    "model.pt truncated": (lambda tmp: _package(tmp, model=_truncated(0.5)),
                            ["model.pt", "TorchScript load failed"]),
     "model.pt empty": (lambda tmp: _package(tmp, model=lambda src: b""), ["model.pt", "TorchScript load failed"]),
     "model.pt missing": (lambda tmp: _package(tmp, model=None), ["model.pt", "cannot open"]),
@@ -82,16 +84,22 @@ STARTUP_FAULTS = {
     "config.json truncated": (lambda tmp: _package(tmp, config=_truncated(0.5)), ["config.json", "not valid JSON"]),
     "config.json without fields": (lambda tmp: _package(tmp, config=lambda src: b"{}"),
                                    ["config.json", "format_version"]),
-    # Valid JSON that contradicts model.pt: caught by the load-time check forward, not at the first request.
-    "config.json num_kv_heads contradicts model.pt": (
+    "config.json format_version 1": (lambda tmp: _package(tmp, config=_config_with(format_version=1)),
+                                     ["config.json", "format_version 1", "re-export"]),
+    # Valid JSON that contradicts the weights: caught when they are bound at load, naming the tensor.
+    "config.json num_kv_heads contradicts the weights": (
         lambda tmp: _package(tmp, config=_config_with(num_kv_heads=1)),
-        ["config.json does not match model.pt", "Hkv = 1"]),
-    "config.json dtype contradicts model.pt": (
+        ["weights.safetensors", "model.layers.0.self_attn.k_proj.weight", "config.json implies [64, 576]"]),
+    "config.json dtype contradicts the weights": (
         lambda tmp: _package(tmp, config=_config_with(dtype="bfloat16")),
-        ["config.json does not match model.pt", "dtype BFloat16"]),
-    "config.json vocab_size contradicts model.pt": (
+        ["weights.safetensors", "has dtype F32, config.json dtype bfloat16 needs BF16"]),
+    "config.json vocab_size contradicts the weights": (
         lambda tmp: _package(tmp, config=_config_with(vocab_size=50000)),
-        ["config.json does not match model.pt", "50000"]),
+        ["weights.safetensors", "model.embed_tokens.weight", "config.json implies [50000, 576]"]),
+    "weights.safetensors truncated": (lambda tmp: _package(tmp, weights=_truncated(0.5)),
+                                      ["weights.safetensors", "truncated file"]),
+    "weights.safetensors missing": (lambda tmp: _package(tmp, weights=None),
+                                    ["weights.safetensors", "cannot open"]),
     "tokenizer.json garbage": (lambda tmp: _package(tmp, tokenizer=lambda src: b"zzz"), ["tokenizer.json"]),
     "tokenizer.json missing": (lambda tmp: _package(tmp, tokenizer=None), ["tokenizer.json"]),
 }

@@ -18,6 +18,7 @@ models/smollm2-135m-instruct. Without the package or kernels the tests skip, unl
 """
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -64,8 +65,9 @@ def package():
     torch.ops.load_library(KERNELS)
     with open(os.path.join(MODEL_DIR, "config.json")) as f:
         config = json.load(f)
-    model = torch.jit.load(os.path.join(MODEL_DIR, "model.pt"), map_location="cpu")
-    model.eval()
+    sys.path.insert(0, REPO_ROOT)
+    from tools.dysco_export.package import load_module
+    model = load_module(MODEL_DIR, map_location="cpu")
     return config, model
 
 

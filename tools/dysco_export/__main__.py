@@ -5,6 +5,9 @@ or a tiny random model.
   python -m tools.dysco_export hf --checkpoint DIR --out DIR --kernels SO [--dtype D]
   python -m tools.dysco_export tiny --family llama|qwen3 --seed N --out DIR --kernels SO [--hf-out DIR]
                                     [--rope-scaling none|llama3|yarn] [--tokenizer FILE]
+  python -m tools.dysco_export synthetic --shape qwen3-8b|llama3.1-8b --seed N --out DIR --kernels SO
+                                    [--dtype D] [--max-position-embeddings N] [--override KEY=VALUE ...]
+                                    [--device cpu|cuda] [--threads N]
 
 Problems with the input exit with code 2 and one line on stderr naming the file. torch is imported only when
 an export actually runs, so that `--skip-if-current` on an up-to-date package returns at once.
@@ -24,16 +27,17 @@ TINY_SELECTED_HEADS = [[1, 0], [2, 3]]
 def _export(out_dir: str, kernels: str, arch: dict, weights, tokenizer: dict, special: dict,
             chat_template: str, source: dict, dysco_override=None) -> None:
     from . import package
-    from .model import build_model
+    from .model import build_model, check_weights
 
     chat = package.chat_settings(chat_template, arch["architecture"])
     dysco = package.reference_dysco(arch) or package.dysco_defaults(
         chat["chat_format"], arch["architecture"], tokenizer, special["bos_token_id"])
     if dysco_override:
         dysco.update(dysco_override)
-    model = build_model(arch, weights, source.get("path", "model"))
+    check_weights(arch, weights, source.get("path", "model"))
+    model = build_model(arch, source.get("path", "model"), weights.get("rope_freq_factors"))
     config = package.assemble_config(arch["model_name"], arch, special, chat, dysco, source)
-    package.write_package(out_dir, config, model, tokenizer)
+    package.write_package(out_dir, config, model, tokenizer, package.weight_specs(arch, weights))
 
 
 def cmd_gguf(args) -> int:
@@ -88,6 +92,12 @@ def cmd_tiny(args) -> int:
     return 0
 
 
+def cmd_synthetic(args) -> int:
+    from .synthetic import export_synthetic
+    export_synthetic(args)
+    return 0
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m tools.dysco_export", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -113,13 +123,26 @@ def parse_args(argv):
     t.add_argument("--rope-scaling", default="none", choices=["none", "llama3", "yarn"])
     t.add_argument("--tokenizer", default="", help="tokenizer.json (default: tests/data/<smollm2|qwen3>/)")
     common(t)
+    from .synthetic import DEFAULT_MAX_POSITIONS, SHAPES
+    s = sub.add_parser("synthetic", help="export a real model shape with seeded random weights (benchmarks)")
+    s.add_argument("--shape", required=True, choices=sorted(SHAPES))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-position-embeddings", type=int, default=DEFAULT_MAX_POSITIONS,
+                   help="context length (rope scaling: llama3.1 always its llama3 scaling, qwen3 YaRN x4 "
+                        "past 32768)")
+    s.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="change an architecture field (num_layers=2, hidden_size=64, ...): smaller test models")
+    s.add_argument("--device", default="cpu", help="where the random numbers are drawn (cpu | cuda: another "
+                                                   "stream, other weights)")
+    s.add_argument("--threads", type=int, default=0, help="generator threads (default: all cores)")
+    common(s)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        return {"gguf": cmd_gguf, "hf": cmd_hf, "tiny": cmd_tiny}[args.command](args)
+        return {"gguf": cmd_gguf, "hf": cmd_hf, "tiny": cmd_tiny, "synthetic": cmd_synthetic}[args.command](args)
     except ExportError as e:
         print(f"dysco_export: error: {e}".replace("\n", " "), file=sys.stderr)
         return 2

@@ -5,8 +5,11 @@ Its one method, `forward`, is the contract of docs/model-interface.md: a flat ba
 sequences, a paged KV cache owned by the caller, and the `dysco` ops for the KV writes and the attention.
 Weights are parameters in the config dtype; logits and attention probabilities are fp32.
 
-Weights come in as a dict keyed by Hugging Face checkpoint names ("model.layers.0.self_attn.q_proj.weight",
-...), whatever the source format; `build_model` checks every name and shape it needs.
+Weights are keyed by Hugging Face checkpoint names ("model.layers.0.self_attn.q_proj.weight", ...), whatever
+the source format; `check_weights` checks every name and shape the model needs. They do not go into model.pt
+(package format 2): `build_model` scripts the module over empty placeholder parameters of the package dtype
+and records in its `weight_names` attribute which tensor of weights.safetensors each parameter is bound to at
+load (docs/model-interface.md "Binding").
 """
 import math
 from typing import Dict, List, Optional, Tuple
@@ -240,8 +243,47 @@ def load_kernels(path: str) -> None:
         raise ExportError(f"{path}: cannot load the kernels library ({str(e).splitlines()[0]})") from None
 
 
-def build_model(config: dict, weights: Dict[str, Tensor], source: str) -> torch.jit.ScriptModule:
-    check_weights(config, weights, source)
+# DecoderLayer parameter -> the end of its Hugging Face tensor name (after "model.layers.<i>.").
+LAYER_PARAMETERS = {
+    "input_layernorm": "input_layernorm.weight",
+    "q_proj": "self_attn.q_proj.weight",
+    "k_proj": "self_attn.k_proj.weight",
+    "v_proj": "self_attn.v_proj.weight",
+    "o_proj": "self_attn.o_proj.weight",
+    "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
+    "post_attention_layernorm": "post_attention_layernorm.weight",
+    "gate_proj": "mlp.gate_proj.weight",
+    "up_proj": "mlp.up_proj.weight",
+    "down_proj": "mlp.down_proj.weight",
+}
+
+
+def weight_names(config: dict) -> Dict[str, str]:
+    """Module parameter path -> tensor name in weights.safetensors, for every parameter the loader binds (all
+    but q_norm / k_norm without qk_norm, which stay empty and are never read). Tied embeddings: embed_tokens
+    and lm_head name the same tensor."""
+    names = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight",
+             "lm_head": "model.embed_tokens.weight" if config["tie_word_embeddings"] else "lm_head.weight"}
+    for i in range(config["num_layers"]):
+        for attr, suffix in LAYER_PARAMETERS.items():
+            if attr in ("q_norm", "k_norm") and not config["qk_norm"]:
+                continue
+            names[f"layers.{i}.{attr}"] = f"model.layers.{i}.{suffix}"
+    return names
+
+
+def build_model(config: dict, source: str, rope_freq_factors: Optional[Tensor] = None) -> torch.jit.ScriptModule:
+    """The scripted module with empty placeholder parameters of the config dtype (so model.pt holds code and
+    no weights) and `weight_names`. rope_freq_factors (GGUF's llama3 scaling) is folded into inv_freq."""
+    if config["num_attention_heads"] % config["num_kv_heads"] != 0:
+        raise ExportError(f"{source}: num_attention_heads {config['num_attention_heads']} is not a multiple "
+                          f"of num_kv_heads {config['num_kv_heads']}")
+    dtype = DTYPES[config["dtype"]]
+    placeholders: Dict[str, Tensor] = {name: torch.empty(0, dtype=dtype) for name in required_weights(config)}
+    if rope_freq_factors is not None:
+        placeholders["rope_freq_factors"] = rope_freq_factors
     with torch.no_grad():
-        model = DecoderModel(config, weights).eval()
+        model = DecoderModel(config, placeholders).eval()
+        model.weight_names = weight_names(config)
         return torch.jit.script(model)

@@ -1,4 +1,5 @@
-"""Writing a model package directory (model.pt, config.json, tokenizer.json; docs/model-interface.md) and the
+"""Writing a model package directory (model.pt, weights.safetensors, config.json, tokenizer.json;
+docs/model-interface.md) and loading one in Python (load_module), and the
 parts of config.json that do not depend on the source format: chat format, DySCO defaults, provenance.
 
 Provenance: config.json's "source" records the source digest and the exporter version (a hash of this
@@ -14,7 +15,12 @@ from typing import Dict, List, Optional
 
 from .errors import ExportError
 
-FORMAT_VERSION = 2  # 2: forward takes probe_layers (host) + probe_heads [H]; probs are [B, H, P x page_size]
+# 3: weights in weights.safetensors (Hugging Face names, package dtype, 64-byte aligned), bound at load;
+# model.pt holds the code, empty placeholder parameters and weight_names; the forward takes probe_layers
+# (host) + probe_heads [H] and returns probs [B, H, P x page_size] (no host synchronisation).
+# 2 had the same forward with the weights inside model.pt; 1 had a forward that synchronised.
+FORMAT_VERSION = 3
+WEIGHTS_FILE = "weights.safetensors"
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DIGEST_CACHE = ".source-digest.json"
 
@@ -88,7 +94,7 @@ def package_is_current(package_dir: str, source_path: str) -> bool:
             source = json.load(f)["source"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    if not all(os.path.exists(os.path.join(package_dir, n)) for n in ("model.pt", "tokenizer.json")):
+    if not all(os.path.exists(os.path.join(package_dir, n)) for n in ("model.pt", WEIGHTS_FILE, "tokenizer.json")):
         return False
     if source.get("exporter_version") != exporter_version():
         return False
@@ -102,12 +108,27 @@ def _write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_package(out_dir: str, config: dict, model, tokenizer: dict) -> None:
-    """model.pt and tokenizer.json first, config.json last: a package with a config.json is complete."""
+def weight_specs(config: dict, weights: dict) -> list:
+    """TensorSpecs of every tensor the model needs (model.required_weights, in that order), taken from an
+    in-memory dict by Hugging Face name and converted to the package dtype when written."""
+    from .model import DTYPES, required_weights
+    from .safetensors_io import TensorSpec
+    dtype = DTYPES[config["dtype"]]
+    return [TensorSpec(name, dtype, shape, (lambda n=name: weights[n]))
+            for name, shape in required_weights(config).items()]
+
+
+def write_package(out_dir: str, config: dict, model, tokenizer: dict, specs: list,
+                  progress=None) -> None:
+    """weights.safetensors (streamed tensor by tensor), model.pt and tokenizer.json first, config.json last: a
+    package with a config.json is complete."""
+    from .safetensors_io import write_safetensors_streamed
     os.makedirs(out_dir, exist_ok=True)
     config_path = os.path.join(out_dir, "config.json")
     if os.path.exists(config_path):
         os.remove(config_path)
+    write_safetensors_streamed(os.path.join(out_dir, config["weights"]), specs,
+                               {"format": "pt", "producer": "dysco_export"}, progress=progress)
     tmp_model = os.path.join(out_dir, "model.pt.tmp")
     model.save(tmp_model)
     os.replace(tmp_model, os.path.join(out_dir, "model.pt"))
@@ -222,9 +243,33 @@ def assemble_config(model_name: str, arch: dict, special_tokens: dict, chat: dic
                     source: dict) -> dict:
     config = {"format_version": FORMAT_VERSION, "model_name": model_name}
     config.update(architecture_fields(arch))
+    config["weights"] = WEIGHTS_FILE
     config["special_tokens"] = special_tokens
     config["chat_format"] = chat["chat_format"]
     config["chat"] = chat["chat"]
     config["dysco"] = dysco
     config["source"] = dict(source, exporter_version=exporter_version())
     return config
+
+
+def load_module(package_dir: str, map_location: str = "cpu"):
+    """model.pt with its parameters bound to the tensors of weights.safetensors, as ModelRunner::Load does
+    (for the Python tests and tools): on the CPU the tensors stay backed by the file's copy-on-write mapping.
+    The op library must be loaded first (torch.ops.load_library)."""
+    import torch
+    from .safetensors_io import read_safetensors
+    with open(os.path.join(package_dir, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{package_dir}: package format_version {config.get('format_version')}, this code "
+                          f"reads {FORMAT_VERSION}: re-export the package")
+    module = torch.jit.load(os.path.join(package_dir, "model.pt"), map_location=map_location)
+    tensors = read_safetensors(os.path.join(package_dir, config.get("weights", WEIGHTS_FILE)))
+    for path, name in dict(module.weight_names).items():
+        *parents, leaf = path.split(".")
+        owner = module
+        for p in parents:
+            owner = getattr(owner, p)
+        owner._c.setattr(leaf, tensors[name].to(map_location))
+    module.eval()
+    return module

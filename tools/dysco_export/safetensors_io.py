@@ -1,14 +1,14 @@
 """A minimal reader and writer of the safetensors format (8-byte little-endian header length, JSON header,
 raw little-endian tensor data), so that the exporter needs no extra dependency.
 
-Supported dtypes: F32, F16, BF16. Reading maps the file copy-on-write: tensors stay backed by the page
+Supported dtypes: F32, F16, BF16 (and U8, which packages use for alignment padding). Reading maps the file copy-on-write: tensors stay backed by the page
 cache until the caller converts them.
 """
 import json
 import math
 import os
 import struct
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -20,8 +20,9 @@ _DTYPES = {
     "F32": (np.float32, torch.float32),
     "F16": (np.float16, torch.float16),
     "BF16": (np.int16, torch.bfloat16),  # numpy has no bfloat16: map as int16, view as bfloat16
+    "U8": (np.uint8, torch.uint8),  # the padding entries of a package's weights.safetensors
 }
-_TORCH_TO_ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_TORCH_TO_ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -86,7 +87,7 @@ def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
             raise ExportError(f"{path}: corrupt safetensors header entry for tensor {name!r}")
         dtype, shape, begin, end = entry
         if dtype not in _DTYPES:
-            raise ExportError(f"{path}: tensor {name!r} has unsupported dtype {dtype} (supported: F32, F16, BF16)")
+            raise ExportError(f"{path}: tensor {name!r} has unsupported dtype {dtype} (supported: F32, F16, BF16, U8)")
         np_dtype, torch_dtype = _DTYPES[dtype]
         itemsize = np.dtype(np_dtype).itemsize
         # numpy refuses a shape whose non-zero counts times the item size pass 2**63 - 1 bytes, even when a
@@ -156,3 +157,81 @@ def write_safetensors(path: str, tensors: Dict[str, torch.Tensor],
         f.write(raw)
         for blob in blobs:
             f.write(blob)
+
+
+# A package's weights file (docs/model-interface.md "weights.safetensors"): every tensor's data starts at a
+# multiple of ALIGNMENT bytes from the start of the file, so that the loader can use the mapped bytes as they
+# are (vector loads, and the GPU copy) without copying them first.
+ALIGNMENT = 64
+PADDING_PREFIX = "__padding__."
+
+
+class TensorSpec:
+    """One tensor to write: its name, dtype and shape up front (the header is written first), and a function
+    that makes its data when its turn comes, so that only one tensor at a time is in memory."""
+
+    def __init__(self, name: str, dtype: torch.dtype, shape, make: Callable[[], torch.Tensor]):
+        if dtype not in _TORCH_TO_ST:
+            raise ValueError(f"unsupported dtype {dtype} of {name}")
+        self.name, self.dtype, self.shape, self.make = name, dtype, tuple(int(d) for d in shape), make
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty(0, dtype=self.dtype).element_size()
+
+
+def aligned_layout(specs: List[TensorSpec], alignment: int = ALIGNMENT):
+    """The header dict and the write plan [(spec or padding byte count, begin, end)]. The safetensors format
+    (and the `safetensors` library) wants the data section fully covered, without holes, so a tensor whose
+    byte size is not a multiple of `alignment` is followed by a U8 padding entry named __padding__.<k>."""
+    header: Dict[str, object] = {}
+    plan = []
+    offset = 0
+    for spec in specs:
+        if spec.name in header or spec.name.startswith(PADDING_PREFIX):
+            raise ValueError(f"duplicate or reserved tensor name {spec.name}")
+        end = offset + spec.nbytes
+        header[spec.name] = {"dtype": _TORCH_TO_ST[spec.dtype], "shape": list(spec.shape),
+                             "data_offsets": [offset, end]}
+        plan.append((spec, offset, end))
+        offset = end
+        pad = -offset % alignment
+        if pad:
+            name = f"{PADDING_PREFIX}{len(plan)}"
+            header[name] = {"dtype": "U8", "shape": [pad], "data_offsets": [offset, offset + pad]}
+            plan.append((pad, offset, offset + pad))
+            offset += pad
+    return header, plan
+
+
+def write_safetensors_streamed(path: str, specs: List[TensorSpec], metadata: Optional[Dict[str, str]] = None,
+                               alignment: int = ALIGNMENT, progress: Optional[Callable[[str, int], None]] = None
+                               ) -> int:
+    """Writes `specs` tensor by tensor, each at an `alignment`-aligned file offset (the header is padded with
+    spaces, which the format allows). Each spec's tensor is converted to its dtype, checked against its shape,
+    written and dropped before the next is made. Returns the file size. Written to path + ".tmp", renamed
+    at the end."""
+    header, plan = aligned_layout(specs, alignment)
+    if metadata:
+        header = dict({"__metadata__": dict(metadata)}, **header)
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % alignment)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for item, begin, end in plan:
+            if isinstance(item, int):
+                f.write(bytes(item))
+                continue
+            t = item.make().detach()
+            if tuple(t.shape) != item.shape:
+                raise ValueError(f"tensor {item.name} has shape {list(t.shape)}, expected {list(item.shape)}")
+            t = t.to(device="cpu", dtype=item.dtype).contiguous()
+            data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+            f.write(memoryview(data))
+            del t, data
+            if progress is not None:
+                progress(item.name, end)
+    os.replace(tmp, path)
+    return 8 + len(raw) + (plan[-1][2] if plan else 0)
