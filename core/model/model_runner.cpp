@@ -298,7 +298,8 @@ struct ModelRunner::Impl {
   std::optional<int64_t> failpoint_token;
 
   bool jit_optimize = false;
-  bool cuda_graphs = false;  // options.cuda_graphs on a CUDA device, in a CUDA build
+  bool split_mixed_bias = false;  // ModelRunnerOptions::mixed_bias_split, resolved for the device
+  bool cuda_graphs = false;       // options.cuda_graphs on a CUDA device, in a CUDA build
   int64_t cuda_graph_max_batch = 0;
   std::function<void(const std::string&)> log_info;
 
@@ -334,6 +335,10 @@ struct ModelRunner::Impl {
   // A forward is: pack the rows into the staging buffers, view them as the module's inputs, run,
   // check and copy the outputs to the host.
   Status RunLocked(const ForwardBatch& batch, ForwardOutput* out) REQUIRES(mu);
+  // ModelRunnerOptions::mixed_bias_split: whether `batch` mixes biased rows with unbiased prefill
+  // chunks, and its two forwards, the outputs merged back in the batch's row order.
+  bool IsMixedBiasStep(const ForwardBatch& batch) const;
+  Status RunSplitLocked(const ForwardBatch& batch, ForwardOutput* out) REQUIRES(mu);
   void PackLocked(const ForwardBatch& batch) REQUIRES(mu);
   std::vector<c10::IValue> InputsLocked(const ForwardBatch& batch) REQUIRES(mu);
   // logits [>= B, vocab] (or empty), probs [>= B, H, >= max_seq_len]: rows past B (a graph's
@@ -354,6 +359,10 @@ StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& pack
   impl->device_name = options.device;
   impl->log_info = options.log_info;
   impl->jit_optimize = options.jit_optimize;
+  using Split = ModelRunnerOptions::MixedBiasSplit;
+  impl->split_mixed_bias =
+      options.mixed_bias_split == Split::kAlways ||
+      (options.mixed_bias_split == Split::kAuto && options.device.rfind("cuda", 0) == 0);
   impl->cuda_graph_max_batch = options.cuda_graph_max_batch;
   if (const char* token = std::getenv("DYSCO_FAILPOINT_FORWARD_TOKEN")) {
     impl->failpoint_token = static_cast<int64_t>(std::strtoll(token, nullptr, 10));
@@ -876,6 +885,58 @@ Status ModelRunner::Impl::RunLocked(const ForwardBatch& batch, ForwardOutput* ou
   return ReadOutputsLocked(batch, logits, probs, out);
 }
 
+bool ModelRunner::Impl::IsMixedBiasStep(const ForwardBatch& batch) const {
+  if (!split_mixed_bias) return false;
+  bool biased = false;
+  bool unbiased_chunk = false;
+  for (const ForwardRow& row : batch.sequences) {
+    biased = biased || !row.key_bias.empty();
+    unbiased_chunk = unbiased_chunk || (row.key_bias.empty() && row.token_ids.size > 1);
+  }
+  return biased && unbiased_chunk;
+}
+
+Status ModelRunner::Impl::RunSplitLocked(const ForwardBatch& batch, ForwardOutput* out) {
+  ForwardBatch parts[2];
+  std::vector<size_t> rows[2];  // the batch's row index of each part's rows
+  for (size_t i = 0; i < batch.sequences.size(); ++i) {
+    const int part = batch.sequences[i].key_bias.empty() ? 1 : 0;
+    parts[part].sequences.push_back(batch.sequences[i]);
+    rows[part].push_back(i);
+  }
+  ForwardOutput outs[2];
+  for (int part = 0; part < 2; ++part) {
+    parts[part].kv_pool = batch.kv_pool;
+    parts[part].last_layer = batch.last_layer;
+    parts[part].probe_heads = batch.probe_heads;
+    DYSCO_RETURN_IF_ERROR(RunLocked(parts[part], &outs[part]));
+  }
+  const int64_t B = static_cast<int64_t>(batch.sequences.size());
+  out->batch_size = B;
+  out->vocab_size = outs[0].vocab_size;
+  out->logits.assign(static_cast<size_t>(B * out->vocab_size), 0.0f);
+  out->num_probe_heads = outs[0].num_probe_heads;
+  out->probs_len = std::max(outs[0].probs_len, outs[1].probs_len);
+  const int64_t H = out->num_probe_heads;
+  out->probs.assign(static_cast<size_t>(B * H * out->probs_len), 0.0f);
+  for (int part = 0; part < 2; ++part) {
+    const ForwardOutput& o = outs[part];
+    for (size_t r = 0; r < rows[part].size(); ++r) {
+      const int64_t b = static_cast<int64_t>(rows[part][r]);
+      if (out->vocab_size > 0) {
+        std::copy(o.logits_row(static_cast<int64_t>(r)),
+                  o.logits_row(static_cast<int64_t>(r)) + out->vocab_size,
+                  out->logits.begin() + b * out->vocab_size);
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const float* src = o.probs_row(static_cast<int64_t>(r), h);
+        std::copy(src, src + o.probs_len, out->probs.begin() + (b * H + h) * out->probs_len);
+      }
+    }
+  }
+  return OkStatus();
+}
+
 Status ModelRunner::Forward(const ForwardBatch& batch, ForwardOutput* out) {
   DYSCO_RETURN_IF_ERROR(impl_->Validate(batch));
   MutexLock lock(&impl_->mu);
@@ -885,6 +946,7 @@ Status ModelRunner::Forward(const ForwardBatch& batch, ForwardOutput* out) {
     // re-specialise (and, on CUDA, a captured step must run the unoptimised plan).
     torch::jit::setGraphExecutorOptimize(impl_->jit_optimize);
     c10::InferenceMode inference_mode;
+    if (impl_->IsMixedBiasStep(batch)) return impl_->RunSplitLocked(batch, out);
     return impl_->RunLocked(batch, out);
   } catch (const c10::Error& e) {
     return InternalError(std::string("model forward failed: ") + e.what_without_backtrace());

@@ -68,6 +68,14 @@ struct ModelRunnerOptions {
   // Receives one line per captured bucket (its key, the capture's milliseconds, the graph pool's
   // growth). Called on the forward's thread, with the runner's lock held; null = no log.
   std::function<void(const std::string&)> log_info;
+  // A step that mixes rows with a key bias (DySCO decode) and prefill chunks without one runs as
+  // two forwards, the biased rows and then the others, when this says so. Why: on CUDA a prefill
+  // chunk takes flash attention only without a bias (kernels/cuda/paged_prefill_flash.cu); one
+  // biased row would send the whole chunk to the split-KV kernel, 30-70x slower for an 8K chunk
+  // (docs/gpu.md). Each row's K/V writes and outputs are its own, so the result is the single
+  // forward's up to the rounding of matrix products over fewer rows. kAuto: on CUDA devices only.
+  enum class MixedBiasSplit { kAuto, kNever, kAlways };
+  MixedBiasSplit mixed_bias_split = MixedBiasSplit::kAuto;
 };
 
 // One sequence's part of a step.

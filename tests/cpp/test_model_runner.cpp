@@ -13,6 +13,7 @@
 #include <limits>
 #include <random>
 #include <sstream>
+#include <tuple>
 #include <utility>
 
 #include <gtest/gtest.h>
@@ -170,6 +171,81 @@ TEST_F(ModelRunnerTest, MixedPrefillAndDecodeInOneStep) {
               "decode");
   ExpectClose(b_alone, std::vector<float>(out.logits_row(1), out.logits_row(1) + V), 1e-4f,
               "prefill");
+}
+
+// ModelRunnerOptions::mixed_bias_split: on CUDA a step that mixes a biased (DySCO decode) row
+// with prefill chunks runs as two forwards so that the chunks keep flash attention. Forced here on
+// the CPU, it must give the one forward's outputs, in the batch's row order, and write the same
+// K/V.
+TEST_F(ModelRunnerTest, MixedBiasedStepRunAsTwoForwardsEqualsOneForward) {
+  ModelRunnerOptions split_options;
+  split_options.mixed_bias_split = ModelRunnerOptions::MixedBiasSplit::kAlways;
+  auto split_runner = ModelRunner::Load(runner_->package_dir(), split_options);
+  ASSERT_TRUE(split_runner.ok()) << split_runner.status().ToString();
+  KvPagePoolOptions o;
+  o.page_size = 16;
+  o.num_pages = 64;
+  auto split_pool = KvPagePool::Create(config(), o);
+  ASSERT_TRUE(split_pool.ok()) << split_pool.status().ToString();
+  (*split_pool)->kv_cache().fill_(kNaN);
+
+  const auto a = RandomTokens(40, 7), b = RandomTokens(24, 8), c = RandomTokens(30, 9);
+  std::vector<float> bias(40, 0.0f);  // row a's DySCO bias: boosts, a -inf key, zeros
+  for (int i = 0; i < 40; i += 3) bias[i] = 1.5f;
+  bias[5] = -std::numeric_limits<float>::infinity();
+  const int64_t V = config().vocab_size;
+  ForwardOutput outs[2];
+  ForwardOutput nexts[2];
+  int run = 0;
+  for (auto [runner, pool] :
+       {std::pair{runner_, pool_.get()}, std::pair{split_runner->get(), split_pool->get()}}) {
+    PageList pa(pool), pb(pool), pc(pool);  // fresh pools: the same page ids in both
+    ASSERT_TRUE(pa.EnsureCapacity(40).ok() && pb.EnsureCapacity(25).ok() &&
+                pc.EnsureCapacity(30).ok());
+    for (auto [tokens, pages, n] : {std::tuple{&a, &pa, 39}, std::tuple{&c, &pc, 29}}) {
+      ForwardBatch prefill;
+      prefill.kv_pool = pool;
+      prefill.sequences.push_back({ConstSpan<int32_t>(tokens->data(), n), 0, pages->ids(), {}});
+      ForwardOutput ignored;
+      ASSERT_TRUE(runner->Forward(prefill, &ignored).ok());
+    }
+    ForwardBatch mixed;
+    mixed.kv_pool = pool;
+    mixed.probe_heads = {{0, 0}, {3, 8}, {1, 2}};
+    mixed.sequences.push_back({ConstSpan<int32_t>(a.data() + 39, 1), 39, pa.ids(), bias});
+    mixed.sequences.push_back({ConstSpan<int32_t>(b), 0, pb.ids(), {}});  // prefill chunk
+    mixed.sequences.push_back({ConstSpan<int32_t>(c.data() + 29, 1), 29, pc.ids(), {}});
+    ASSERT_TRUE(runner->Forward(mixed, &outs[run]).ok());
+    // The chunk's K/V as written by the mixed step: one more token of b after it.
+    const std::vector<int32_t> next = {b[5]};
+    ForwardBatch decode;
+    decode.kv_pool = pool;
+    decode.sequences.push_back({ConstSpan<int32_t>(next), 24, pb.ids(), {}});
+    ASSERT_TRUE(runner->Forward(decode, &nexts[run]).ok());
+    ++run;
+  }
+  ASSERT_EQ(outs[1].batch_size, 3);
+  ASSERT_EQ(outs[1].vocab_size, V);
+  ASSERT_EQ(outs[1].num_probe_heads, 3);
+  ASSERT_EQ(outs[1].probs_len, outs[0].probs_len);
+  ExpectClose(outs[0].logits, outs[1].logits, 1e-4f, "logits");
+  ExpectClose(outs[0].probs, outs[1].probs, 1e-5f, "probs");
+  ExpectClose(nexts[0].logits, nexts[1].logits, 1e-4f, "the next step after the chunk");
+  // Not a no-op: the biased row differs from the same row without its bias.
+  ForwardOutput unbiased;
+  {
+    PageList pa(pool_.get());
+    ASSERT_TRUE(pa.EnsureCapacity(40).ok());
+    ForwardBatch one;
+    one.kv_pool = pool_.get();
+    one.sequences.push_back({ConstSpan<int32_t>(a), 0, pa.ids(), {}});
+    ASSERT_TRUE(runner_->Forward(one, &unbiased).ok());
+  }
+  float diff = 0.0f;
+  for (int64_t v = 0; v < V; ++v) {
+    diff = std::max(diff, std::fabs(unbiased.logits[v] - outs[1].logits_row(0)[v]));
+  }
+  EXPECT_GT(diff, 1e-3f) << "the bias had no effect";
 }
 
 TEST_F(ModelRunnerTest, ProbeHeadsAreDistributionsAndSpeculativePassMatches) {
