@@ -74,10 +74,12 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
   > "$LOGS/gpu.txt" 2>&1
 df -h /tmp >> "$LOGS/gpu.txt" 2>&1
 
-# Build what is missing (gpu-check.sh builds everything; ninja has nothing to do then).
+# Build what is missing (gpu-check.sh builds everything; ninja has nothing to do then), configuring
+# build-gpu/ first when gpu-check.sh has not run on this machine.
 t0=$(date +%s)
-if [ ! -f "$BUILD/build.ninja" ]; then
-  phase build FAIL 0 "$BUILD/ is not configured: run scripts/gpu-check.sh first"
+if [ ! -f "$BUILD/build.ninja" ] && ! dysco_configure_gpu_build "$BUILD" > "$LOGS/configure.log" 2>&1; then
+  phase build FAIL $(( $(date +%s) - t0 )) "configuring $BUILD/ failed: see configure.log"
+  publish
   exit 1
 fi
 if cmake --build "$BUILD" -j "${JOBS:-16}" --target bench-gpu dysco-server dysco-client \
@@ -164,7 +166,7 @@ run_server() {
     phase "server $SESSIONS x ${SERVER_PROMPT} DySCO" ok $(( $(date +%s) - t0 )) "dysco-client bench --compare-single"
   else
     phase "server $SESSIONS x ${SERVER_PROMPT} DySCO" FAIL $(( $(date +%s) - t0 )) "rc $rc, see server-bench-$shape.err / server-$shape.log"
-    tail -5 "$LOGS/server-bench-$shape.err" "$LOGS/server-$shape.log"
+    tail -n 5 "$LOGS/server-bench-$shape.err" "$LOGS/server-$shape.log"
     fail=1
   fi
 }

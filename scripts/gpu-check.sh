@@ -39,10 +39,7 @@ NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 source scripts/gpu-device-env.sh "$DEBS"
 
 start=$(date +%s)
-cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDYSCO_CUDA=ON \
-  -DCMAKE_CUDA_COMPILER="$NVCC" -DCMAKE_PREFIX_PATH="$DYSCO_CMAKE_PREFIX_PATH" \
-  -DTORCH_LIBRARY="$TORCH_LIB/libtorch.so" -Dc10_LIBRARY="$TORCH_LIB/libc10.so" \
-  -DGTEST_ROOT="$SYS/usr" > "$OUT/configure.log" 2>&1
+dysco_configure_gpu_build "$BUILD" > "$OUT/configure.log" 2>&1
 configure_rc=$?
 # The test binaries first (they must build); then everything else (server, client, tools,
 # benchmarks), reported on its own row, so that a link problem there does not hide test results.
