@@ -32,6 +32,7 @@
 #include <torch/script.h>
 
 #include "core/engine/engine.h"
+#include "core/model/torch_dtype.h"
 #include "kernels/op_calls.h"
 
 namespace {
@@ -61,18 +62,6 @@ int ParsePositive(const std::string& flag, const char* value) {
   if (*value == '\0' || *end != '\0' || x <= 0 || x > 1000000)
     Usage(flag + " needs a positive integer");
   return static_cast<int>(x);
-}
-
-at::ScalarType ToScalarType(dysco::ModelDtype dtype) {
-  switch (dtype) {
-    case dysco::ModelDtype::kFloat32:
-      return at::kFloat;
-    case dysco::ModelDtype::kBFloat16:
-      return at::kBFloat16;
-    case dysco::ModelDtype::kFloat16:
-      return at::kHalf;
-  }
-  return at::kFloat;
 }
 
 // OpenBLAS's own thread count (a no-op with another BLAS), as core/model/model_runner.cpp sets it.

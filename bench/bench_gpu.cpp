@@ -78,6 +78,7 @@
 #include "core/dysco/controller.h"
 #include "core/dysco/params.h"
 #include "core/engine/engine.h"
+#include "core/model/torch_dtype.h"
 
 namespace {
 
@@ -125,18 +126,6 @@ std::vector<int64_t> ParseList(const std::string& flag, const std::string& value
   std::sort(out.begin(), out.end());
   out.erase(std::unique(out.begin(), out.end()), out.end());
   return out;
-}
-
-at::ScalarType ToScalarType(dysco::ModelDtype dtype) {
-  switch (dtype) {
-    case dysco::ModelDtype::kFloat32:
-      return at::kFloat;
-    case dysco::ModelDtype::kBFloat16:
-      return at::kBFloat16;
-    case dysco::ModelDtype::kFloat16:
-      return at::kHalf;
-  }
-  return at::kFloat;
 }
 
 std::string Json(double x) {

@@ -8,7 +8,8 @@ server run), each recognised by its keys, and writes
                  peer, TTFT, the server sessions' throughput, the targets of issue 9); no
                  matplotlib needed;
   --png PATH     per-token latency against context length (log x): plain, DySCO, their floors and
-                 the peer, one panel per model shape (needs matplotlib: `pip install matplotlib`).
+                 the peer, one panel per model shape (needs matplotlib, in a venv of its own:
+                 docs/performance.md).
 Usage: python3 bench/plot_gpu.py [--table OUT.md] [--png OUT.png] FILE.json...
 """
 

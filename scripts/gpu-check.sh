@@ -170,17 +170,22 @@ compare_row "dysco-generate --batch-file" "$OUT/generate-batch-cpu.out" "$OUT/ge
 # dysco-server on each device, driven by dysco-client: greedy and DySCO streams must be identical.
 t0=$(date +%s)
 i=0
+# Waits (at most 90 s) until the server on 127.0.0.1:$1 answers health, or its process $2 is gone.
+wait_serving() {
+  for _ in $(seq 90); do
+    "$BUILD/bin/dysco-client" health --target "127.0.0.1:$1" > /dev/null 2>&1 && return 0
+    kill -0 "$2" 2>/dev/null || return 1
+    sleep 1
+  done
+  return 1
+}
 for dev in cpu cuda:0; do
   tag=${dev%%:*}
   port=$((50311 + i)); i=$((i + 1))
   "$BUILD/bin/dysco-server" --model "$TINY" --device "$dev" --host 127.0.0.1 --port "$port" \
     --metrics-host 127.0.0.1 --metrics-port $((port + 100)) --kv-pages 256 > "$OUT/server-$tag.log" 2>&1 &
   spid=$!
-  for _ in $(seq 90); do
-    "$BUILD/bin/dysco-client" health --target "127.0.0.1:$port" > /dev/null 2>&1 && break
-    kill -0 $spid 2>/dev/null || break
-    sleep 1
-  done
+  wait_serving "$port" "$spid"
   {
     "$BUILD/bin/dysco-client" generate --target "127.0.0.1:$port" --token-ids "$IDS" \
       --max-new-tokens 32 > "$OUT/client-plain-$tag.out"
@@ -203,11 +208,7 @@ port=50321
 "$BUILD/bin/dysco-server" --model "$TINY" --device cuda:0 --host 127.0.0.1 --port $port \
   --metrics-port -1 --kv-cache-fraction 0.3 > "$OUT/server-fraction.log" 2>&1 &
 spid=$!
-for _ in $(seq 90); do
-  "$BUILD/bin/dysco-client" health --target "127.0.0.1:$port" > /dev/null 2>&1 && break
-  kill -0 $spid 2>/dev/null || break
-  sleep 1
-done
+wait_serving "$port" "$spid"
 "$BUILD/bin/dysco-client" generate --target "127.0.0.1:$port" --token-ids "$IDS" \
   --max-new-tokens 32 > "$OUT/client-fraction.out" 2> "$OUT/client-fraction.err"
 kill "$spid" 2>/dev/null

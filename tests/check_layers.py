@@ -32,6 +32,7 @@ TORCH_ALLOWED = {
     "bench/bench_dysco_ops.cpp": "times the ops on tensors",
     "bench/bench_decode.cpp": "measures the GEMM/GEMV floor with at::linear / at::mv",
     "bench/bench_gpu.cpp": "measures its floors with a device copy and at::mm, profiles kernels (Kineto)",
+    "core/model/torch_dtype.h": "the dtype mapping of the torch translation units (model runner, pool, benches)",
 }
 
 

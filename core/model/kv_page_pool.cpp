@@ -9,6 +9,7 @@
 #endif
 
 #include "core/base/thread_annotations.h"
+#include "core/model/torch_dtype.h"
 
 namespace dysco {
 
@@ -20,18 +21,6 @@ struct KvPagePool::Impl {
 };
 
 namespace {
-
-at::ScalarType ToScalarType(ModelDtype dtype) {
-  switch (dtype) {
-    case ModelDtype::kFloat32:
-      return at::kFloat;
-    case ModelDtype::kBFloat16:
-      return at::kBFloat16;
-    case ModelDtype::kFloat16:
-      return at::kHalf;
-  }
-  return at::kFloat;
-}
 
 // The free memory of a CUDA device in bytes, after the caching allocator has released its unused
 // cached blocks (which the driver counts as used). Only CUDA builds can read it: CPU builds link a

@@ -30,6 +30,7 @@
 
 #include "core/base/thread_annotations.h"
 #include "core/model/safetensors_file.h"
+#include "core/model/torch_dtype.h"
 #include "kernels/op_calls.h"
 
 namespace dysco {
@@ -149,18 +150,6 @@ const char* SafetensorsDtypeOf(ModelDtype dtype) {
   return "?";
 }
 
-at::ScalarType ScalarTypeOf(ModelDtype dtype) {
-  switch (dtype) {
-    case ModelDtype::kFloat32:
-      return at::kFloat;
-    case ModelDtype::kBFloat16:
-      return at::kBFloat16;
-    case ModelDtype::kFloat16:
-      return at::kHalf;
-  }
-  return at::kFloat;
-}
-
 std::string ShapeText(const std::vector<int64_t>& shape) {
   std::string s = "[";
   for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
@@ -256,7 +245,7 @@ Status BindWeights(torch::jit::Module& module, const ModelConfig& config,
       // model never updates them in place); a write would fault rather than corrupt the file.
       at::Tensor mapped = torch::from_blob(
           const_cast<void*>(file->Data(e)), e.shape, [keep](void*) {},
-          at::TensorOptions().dtype(ScalarTypeOf(config.dtype)).device(at::kCPU));
+          at::TensorOptions().dtype(ToScalarType(config.dtype)).device(at::kCPU));
       t = tensors.emplace(name, device.is_cpu() ? mapped : mapped.to(device)).first;
     }
     owner.setattr(leaf, t->second);

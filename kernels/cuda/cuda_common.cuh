@@ -73,8 +73,9 @@ __device__ __forceinline__ void LoadEight(const float* src, float (&dst)[8]) {
   dst[0] = a.x, dst[1] = a.y, dst[2] = a.z, dst[3] = a.w;
   dst[4] = b.x, dst[5] = b.y, dst[6] = b.z, dst[7] = b.w;
 }
-__device__ __forceinline__ void LoadEight(const c10::BFloat16* src, float (&dst)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+// Eight bf16 / fp16 values packed in 16 bytes, as floats.
+__device__ __forceinline__ void UnpackEight(const uint4& raw, c10::BFloat16 /*type*/,
+                                            float (&dst)[8]) {
   const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -82,8 +83,7 @@ __device__ __forceinline__ void LoadEight(const c10::BFloat16* src, float (&dst)
     dst[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
   }
 }
-__device__ __forceinline__ void LoadEight(const c10::Half* src, float (&dst)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+__device__ __forceinline__ void UnpackEight(const uint4& raw, c10::Half /*type*/, float (&dst)[8]) {
   const __half2* pairs = reinterpret_cast<const __half2*>(&raw);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -91,6 +91,12 @@ __device__ __forceinline__ void LoadEight(const c10::Half* src, float (&dst)[8])
     dst[2 * i] = f.x;
     dst[2 * i + 1] = f.y;
   }
+}
+__device__ __forceinline__ void LoadEight(const c10::BFloat16* src, float (&dst)[8]) {
+  UnpackEight(*reinterpret_cast<const uint4*>(src), c10::BFloat16(), dst);
+}
+__device__ __forceinline__ void LoadEight(const c10::Half* src, float (&dst)[8]) {
+  UnpackEight(*reinterpret_cast<const uint4*>(src), c10::Half(), dst);
 }
 
 __device__ __forceinline__ float WarpSum(float v) {

@@ -81,6 +81,46 @@ __device__ void TokenSequence(const AttentionParams<T>& p, int64_t token, int64_
   *limit = cuda::Clamp(len - q_len + index + 1, 0, len);
 }
 
+// The end of every split kernel: combines the block's warps' softmax states and writes each query
+// row's split partial (max, sum, acc[head_dim]) for split `split` of `token`; warp w takes rows w,
+// w + kAttentionWarps, ... The states are in shared memory, written by every warp before a
+// __syncthreads(): s_m[w * row_stride + r], s_l[same], s_acc[(w * row_stride + r) * acc_stride +
+// d].
+template <typename T>
+__device__ void WriteSplitPartials(const AttentionParams<T>& p, int64_t token, int split, int head0,
+                                   int rows, int row_stride, int acc_stride, const float* s_m,
+                                   const float* s_l, const float* s_acc) {
+  const int lane = threadIdx.x % cuda::kWarpSize;
+  const int warp = threadIdx.x / cuda::kWarpSize;
+  for (int r = warp; r < rows; r += kAttentionWarps) {
+    float max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kAttentionWarps; ++w) max = fmaxf(max, s_m[w * row_stride + r]);
+    float weights[kAttentionWarps];
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kAttentionWarps; ++w) {
+      const float m = s_m[w * row_stride + r];
+      weights[w] = m == -INFINITY ? 0.0f : expf(m - max);
+      sum += s_l[w * row_stride + r] * weights[w];
+    }
+    float* out =
+        p.partial + ((token * p.num_heads + head0 + r) * p.num_splits + split) * (p.head_dim + 2);
+    if (lane == 0) {
+      out[0] = max;
+      out[1] = sum;
+    }
+    for (int d = lane; d < p.head_dim; d += cuda::kWarpSize) {
+      float a = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kAttentionWarps; ++w) {
+        a += s_acc[(w * row_stride + r) * acc_stride + d] * weights[w];
+      }
+      out[2 + d] = a;
+    }
+  }
+}
+
 // The vectorised split kernel (kernels/cuda/split_attention_vec.cu) takes head_dim of 4, 8, 16 or
 // 32 lanes of 16 bytes (bf16/fp16: 32..256, fp32: 16..128) and fewer than 2^31 keys per sequence.
 // Occupancy: its resident blocks per multiprocessor for this call's head_dim and `rows` (1: MHA, 4:

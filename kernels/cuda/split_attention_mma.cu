@@ -272,30 +272,8 @@ __global__ void __launch_bounds__(kAttentionThreads)
     }
   }
   __syncthreads();
-  for (int r = warp; r < rows; r += kAttentionWarps) {
-    float max = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kAttentionWarps; ++w) max = fmaxf(max, s_m[w][r]);
-    float weights[kAttentionWarps];
-    float sum = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kAttentionWarps; ++w) {
-      weights[w] = s_m[w][r] == -INFINITY ? 0.0f : expf(s_m[w][r] - max);
-      sum += s_l[w][r] * weights[w];
-    }
-    float* out =
-        p.partial + ((token * p.num_heads + head0 + r) * p.num_splits + split) * (kHeadDim + 2);
-    if (lane == 0) {
-      out[0] = max;
-      out[1] = sum;
-    }
-    for (int d = lane; d < kHeadDim; d += kWarpSize) {
-      float a = 0.0f;
-#pragma unroll
-      for (int w = 0; w < kAttentionWarps; ++w) a += s_acc[w][r][d] * weights[w];
-      out[2 + d] = a;
-    }
-  }
+  WriteSplitPartials(p, token, split, head0, rows, kMmaRows, kHeadDim, &s_m[0][0], &s_l[0][0],
+                     &s_acc[0][0][0]);
 }
 
 template <typename T, int kHeadDim>

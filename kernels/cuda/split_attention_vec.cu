@@ -35,39 +35,19 @@ using cuda::kWarpSize;
 constexpr int kUnroll = 4;
 
 // 16 bytes of T as floats.
-template <typename T>
-struct Vec16;
+template <typename T>  // bf16 and fp16
+struct Vec16 {
+  static constexpr int kSize = 8;
+  __device__ static void ToFloats(const uint4& raw, float (&dst)[kSize]) {
+    cuda::UnpackEight(raw, T(), dst);
+  }
+};
 template <>
 struct Vec16<float> {
   static constexpr int kSize = 4;
   __device__ static void ToFloats(const uint4& raw, float (&dst)[kSize]) {
     dst[0] = __uint_as_float(raw.x), dst[1] = __uint_as_float(raw.y);
     dst[2] = __uint_as_float(raw.z), dst[3] = __uint_as_float(raw.w);
-  }
-};
-template <>
-struct Vec16<c10::BFloat16> {
-  static constexpr int kSize = 8;
-  __device__ static void ToFloats(const uint4& raw, float (&dst)[kSize]) {
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      dst[2 * i] = __uint_as_float(words[i] << 16);
-      dst[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
-    }
-  }
-};
-template <>
-struct Vec16<c10::Half> {
-  static constexpr int kSize = 8;
-  __device__ static void ToFloats(const uint4& raw, float (&dst)[kSize]) {
-    const __half2* pairs = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __half22float2(pairs[i]);
-      dst[2 * i] = f.x;
-      dst[2 * i + 1] = f.y;
-    }
   }
 };
 
@@ -263,30 +243,8 @@ __global__ void __launch_bounds__(kAttentionThreads)
     }
   }
   __syncthreads();
-  for (int r = warp; r < rows; r += kAttentionWarps) {
-    float max = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kAttentionWarps; ++w) max = fmaxf(max, s_m[w][r]);
-    float weights[kAttentionWarps];
-    float sum = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kAttentionWarps; ++w) {
-      weights[w] = s_m[w][r] == -INFINITY ? 0.0f : expf(s_m[w][r] - max);
-      sum += s_l[w][r] * weights[w];
-    }
-    float* out =
-        p.partial + ((token * p.num_heads + head0 + r) * p.num_splits + split) * (kHeadDim + 2);
-    if (lane == 0) {
-      out[0] = max;
-      out[1] = sum;
-    }
-    for (int d = lane; d < kHeadDim; d += kWarpSize) {
-      float a = 0.0f;
-#pragma unroll
-      for (int w = 0; w < kAttentionWarps; ++w) a += s_acc[w][r][d] * weights[w];
-      out[2 + d] = a;
-    }
-  }
+  WriteSplitPartials(p, token, split, head0, rows, kRows, kHeadDim, &s_m[0][0], &s_l[0][0],
+                     &s_acc[0][0][0]);
 }
 
 // attention_probs' logits pass, vectorised as the split kernel: lane groups of kLanesPerRow read a
