@@ -57,8 +57,12 @@ COPY models/smollm2-135m-instruct /opt/dysco/models/smollm2-135m-instruct
 COPY --from=build /out/opt/dysco /opt/dysco
 # From the context (mode 0755 from git), not through the build stage: editing it does not recompile.
 COPY scripts/docker-entrypoint.sh /opt/dysco/bin/docker-entrypoint.sh
+# OMP_WAIT_POLICY=PASSIVE: OpenMP's idle threads sleep instead of spinning; spinning threads collapse the CPU
+# server's speed when anything else shares the cores, and PASSIVE costs nothing measurable on an idle machine
+# (docs/performance.md "Threads on a busy machine"). Overridable with `docker run -e`.
 ENV PATH=/opt/dysco/bin:${PATH} \
-    LD_LIBRARY_PATH=/opt/dysco/lib:/opt/dysco/torch/lib
+    LD_LIBRARY_PATH=/opt/dysco/lib:/opt/dysco/torch/lib \
+    OMP_WAIT_POLICY=PASSIVE
 WORKDIR /opt/dysco
 USER 10001:10001
 EXPOSE 50051 9090

@@ -40,8 +40,9 @@ model: python build
 	fi
 
 # The gRPC server in the foreground (port 50051, /metrics on 9090); Ctrl-C drains and stops it.
+# OMP_WAIT_POLICY defaults to PASSIVE (docs/performance.md "Threads on a busy machine"); set it to override.
 run: model
-	$(BUILD_DIR)/bin/dysco-server --model $(MODEL_DIR)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BUILD_DIR)/bin/dysco-server --model $(MODEL_DIR)
 
 generate: model
 	$(BUILD_DIR)/bin/dysco-generate --model $(MODEL_DIR) --chat \
