@@ -97,71 +97,41 @@ class MatmulFloor {
   // Median seconds of one pass over all weights with `batch` rows of input.
   double Measure(int64_t batch, int reps) {
     c10::InferenceMode guard;
-    const auto opts = at::TensorOptions().dtype(weights_[0].scalar_type());
-    at::Tensor x_hidden = at::randn({batch, c_.hidden_size}, opts);
-    at::Tensor x_q = at::randn({batch, int64_t{c_.num_attention_heads} * c_.head_dim}, opts);
-    at::Tensor x_ffn = at::randn({batch, c_.intermediate_size}, opts);
-    std::vector<double> times;
-    for (int r = 0; r < reps + 2; ++r) {
-      const auto t0 = Clock::now();
-      for (size_t i = 0; i < weights_.size(); ++i) {
-        const at::Tensor& w = weights_[i];
-        const at::Tensor& x = w.size(1) == c_.hidden_size         ? x_hidden
-                              : w.size(1) == c_.intermediate_size ? x_ffn
-                                                                  : x_q;
-        at::Tensor y = at::linear(x, w);
+    const Inputs in = MakeInputs(batch);
+    return MedianSeconds(reps, [&] {
+      for (const at::Tensor& w : weights_) {
+        at::Tensor y = at::linear(in.For(w), w);
         (void)y;
       }
-      if (r >= 2) times.push_back(Seconds(t0, Clock::now()));
-    }
-    return Median(times);
+    });
   }
 
   // The same pass as matrix-vector products (at::mv), batch 1 only: BLAS gemv is often much faster
   // than a one-row gemm, so this shows what a decode step could reach with a gemv path.
   double MeasureGemv(int reps) {
     c10::InferenceMode guard;
-    const auto opts = at::TensorOptions().dtype(weights_[0].scalar_type());
-    at::Tensor x_hidden = at::randn({c_.hidden_size}, opts);
-    at::Tensor x_q = at::randn({int64_t{c_.num_attention_heads} * c_.head_dim}, opts);
-    at::Tensor x_ffn = at::randn({c_.intermediate_size}, opts);
-    std::vector<double> times;
-    for (int r = 0; r < reps + 2; ++r) {
-      const auto t0 = Clock::now();
+    const Inputs in = MakeInputs(0);
+    return MedianSeconds(reps, [&] {
       for (const at::Tensor& w : weights_) {
-        const at::Tensor& x = w.size(1) == c_.hidden_size         ? x_hidden
-                              : w.size(1) == c_.intermediate_size ? x_ffn
-                                                                  : x_q;
-        at::Tensor y = at::mv(w, x);
+        at::Tensor y = at::mv(w, in.For(w));
         (void)y;
       }
-      if (r >= 2) times.push_back(Seconds(t0, Clock::now()));
-    }
-    return Median(times);
+    });
   }
 
   // Median seconds of the same pass through dysco::linear (the model's op: GEMV up to 8 rows).
   double MeasureOp(int64_t batch, int reps) {
     c10::InferenceMode guard;
-    const auto opts = at::TensorOptions().dtype(weights_[0].scalar_type());
-    at::Tensor x_hidden = at::randn({batch, c_.hidden_size}, opts);
-    at::Tensor x_q = at::randn({batch, int64_t{c_.num_attention_heads} * c_.head_dim}, opts);
-    at::Tensor x_ffn = at::randn({batch, c_.intermediate_size}, opts);
+    const Inputs in = MakeInputs(batch);
     std::vector<at::Tensor> outs;
-    for (const at::Tensor& w : weights_) outs.push_back(at::empty({batch, w.size(0)}, opts));
-    std::vector<double> times;
-    for (int r = 0; r < reps + 2; ++r) {
-      const auto t0 = Clock::now();
-      for (size_t i = 0; i < weights_.size(); ++i) {
-        const at::Tensor& w = weights_[i];
-        const at::Tensor& x = w.size(1) == c_.hidden_size         ? x_hidden
-                              : w.size(1) == c_.intermediate_size ? x_ffn
-                                                                  : x_q;
-        dysco::ops::linear(outs[i], x, w);
-      }
-      if (r >= 2) times.push_back(Seconds(t0, Clock::now()));
+    for (const at::Tensor& w : weights_) {
+      outs.push_back(at::empty({batch, w.size(0)}, w.options()));
     }
-    return Median(times);
+    return MedianSeconds(reps, [&] {
+      for (size_t i = 0; i < weights_.size(); ++i) {
+        dysco::ops::linear(outs[i], in.For(weights_[i]), weights_[i]);
+      }
+    });
   }
 
   // FLOP/s of one pass over all layer weights with `rows` rows of input (best of reps: the rate the
@@ -171,9 +141,7 @@ class MatmulFloor {
   double GemmRate(int64_t rows, int reps) {
     c10::InferenceMode guard;
     const auto opts = at::TensorOptions().dtype(weights_[0].scalar_type());
-    at::Tensor x_hidden = at::randn({rows, c_.hidden_size}, opts);
-    at::Tensor x_q = at::randn({rows, int64_t{c_.num_attention_heads} * c_.head_dim}, opts);
-    at::Tensor x_ffn = at::randn({rows, c_.intermediate_size}, opts);
+    const Inputs in = MakeInputs(rows);
     const int64_t threads = at::get_num_threads();
     double best = 1e30;
     for (int split = 0; split < 2; ++split) {
@@ -184,9 +152,7 @@ class MatmulFloor {
         const auto t0 = Clock::now();
         for (size_t i = 0; i + 1 < weights_.size(); ++i) {  // layer weights; not the LM head
           const at::Tensor& w = weights_[i];
-          const at::Tensor& x = w.size(1) == c_.hidden_size         ? x_hidden
-                                : w.size(1) == c_.intermediate_size ? x_ffn
-                                                                    : x_q;
+          const at::Tensor& x = in.For(w);
           if (pieces == 1) {
             at::Tensor y = at::linear(x, w);
             (void)y;
@@ -214,10 +180,8 @@ class MatmulFloor {
   // threads per tensor as the GEMV splits its rows): the memory read rate, with no matmul in it.
   double MeasureRead(int reps) {
     typedef float Vec4 __attribute__((vector_size(16)));
-    std::vector<double> times;
     volatile float sink = 0.0f;
-    for (int r = 0; r < reps + 2; ++r) {
-      const auto t0 = Clock::now();
+    return MedianSeconds(reps, [&] {
       for (const at::Tensor& w : weights_) {
         const char* bytes = static_cast<const char*>(w.data_ptr());
         const int64_t vectors = w.numel() * w.element_size() / 16;
@@ -236,9 +200,7 @@ class MatmulFloor {
           sink = sink + s[0];
         });
       }
-      if (r >= 2) times.push_back(Seconds(t0, Clock::now()));
-    }
-    return Median(times);
+    });
   }
 
   int64_t layer_params() const { return num_params() - weights_.back().numel(); }
@@ -251,6 +213,35 @@ class MatmulFloor {
   }
 
  private:
+  // Random inputs with `rows` rows (0: vectors) for each input width of the weights.
+  struct Inputs {
+    int64_t hidden_size = 0, intermediate_size = 0;
+    at::Tensor hidden, q, ffn;
+    const at::Tensor& For(const at::Tensor& w) const {
+      return w.size(1) == hidden_size ? hidden : w.size(1) == intermediate_size ? ffn : q;
+    }
+  };
+  Inputs MakeInputs(int64_t rows) const {
+    const auto opts = at::TensorOptions().dtype(weights_[0].scalar_type());
+    auto make = [&](int64_t width) {
+      return rows > 0 ? at::randn({rows, width}, opts) : at::randn({width}, opts);
+    };
+    return Inputs{c_.hidden_size, c_.intermediate_size, make(c_.hidden_size),
+                  make(int64_t{c_.num_attention_heads} * c_.head_dim), make(c_.intermediate_size)};
+  }
+
+  // Median seconds of `pass` over `reps` runs after two warm-up runs.
+  template <typename Pass>
+  static double MedianSeconds(int reps, Pass&& pass) {
+    std::vector<double> times;
+    for (int r = 0; r < reps + 2; ++r) {
+      const auto t0 = Clock::now();
+      pass();
+      if (r >= 2) times.push_back(Seconds(t0, Clock::now()));
+    }
+    return Median(times);
+  }
+
   dysco::ModelConfig c_;
   std::vector<at::Tensor> weights_;
 };

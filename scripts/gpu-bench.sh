@@ -74,6 +74,22 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
   > "$LOGS/gpu.txt" 2>&1
 df -h /tmp >> "$LOGS/gpu.txt" 2>&1
 
+# The row of a phase that started at $t0 and ended with exit status $2: ok with details $3, or FAIL
+# naming the logs ($4...) and printing their last lines (then the whole run fails).
+finish_phase() {
+  local name=$1 rc=$2 details=$3
+  shift 3
+  if [ "$rc" -eq 0 ]; then
+    phase "$name" ok $(( $(date +%s) - t0 )) "$details"
+  else
+    local names
+    names=$(for f in "$@"; do basename "$f"; done | paste -sd/ | sed 's|/| / |g')
+    phase "$name" FAIL $(( $(date +%s) - t0 )) "rc $rc, see $names"
+    tail -n 8 "$@"
+    fail=1
+  fi
+}
+
 # Build what is missing (gpu-check.sh builds everything; ninja has nothing to do then), configuring
 # build-gpu/ first when gpu-check.sh has not run on this machine.
 t0=$(date +%s)
@@ -133,14 +149,7 @@ run_bench_gpu() {
     --contexts "$CONTEXTS" --steps "$STEPS" --max-prefill-s "${GPU_BENCH_MAX_PREFILL_S:-150}" \
     --profile-steps "${GPU_BENCH_PROFILE_STEPS:-5}" --label "$shape" --json "$LOGS/bench-gpu-$shape.json" \
     "${extra[@]}" > "$LOGS/bench-gpu-$shape.log" 2>&1
-  rc=$?
-  if [ $rc -eq 0 ]; then
-    phase "bench-gpu $shape" ok $(( $(date +%s) - t0 )) "contexts $CONTEXTS"
-  else
-    phase "bench-gpu $shape" FAIL $(( $(date +%s) - t0 )) "rc $rc, see bench-gpu-$shape.log"
-    tail -8 "$LOGS/bench-gpu-$shape.log"
-    fail=1
-  fi
+  finish_phase "bench-gpu $shape" $? "contexts $CONTEXTS" "$LOGS/bench-gpu-$shape.log"
 }
 
 # dysco-server on cuda:0 + dysco-client bench: 1 session, then $SESSIONS concurrent ones
@@ -162,13 +171,8 @@ run_server() {
   local rc=$?
   kill "$spid" 2>/dev/null
   wait "$spid" 2>/dev/null
-  if [ $rc -eq 0 ]; then
-    phase "server $SESSIONS x ${SERVER_PROMPT} DySCO" ok $(( $(date +%s) - t0 )) "dysco-client bench --compare-single"
-  else
-    phase "server $SESSIONS x ${SERVER_PROMPT} DySCO" FAIL $(( $(date +%s) - t0 )) "rc $rc, see server-bench-$shape.err / server-$shape.log"
-    tail -n 5 "$LOGS/server-bench-$shape.err" "$LOGS/server-$shape.log"
-    fail=1
-  fi
+  finish_phase "server $SESSIONS x ${SERVER_PROMPT} DySCO" $rc "dysco-client bench --compare-single" \
+    "$LOGS/server-bench-$shape.err" "$LOGS/server-$shape.log"
 }
 
 run_peer() {
@@ -177,14 +181,8 @@ run_peer() {
   timeout "$(allow 540)" python3 bench/hf_peer.py --model "$PKGS/$shape" --device "$DEVICE" \
     --contexts "$PEER_CONTEXTS" --steps 32 --compile "$PEER_COMPILE" \
     --json "$LOGS/hf-peer-$shape.json" > "$LOGS/hf-peer-$shape.log" 2>&1
-  rc=$?
-  if [ $rc -eq 0 ]; then
-    phase "hf peer $shape" ok $(( $(date +%s) - t0 )) "transformers generate, static cache, compile $PEER_COMPILE"
-  else
-    phase "hf peer $shape" FAIL $(( $(date +%s) - t0 )) "rc $rc, see hf-peer-$shape.log"
-    tail -8 "$LOGS/hf-peer-$shape.log"
-    fail=1
-  fi
+  finish_phase "hf peer $shape" $? "transformers generate, static cache, compile $PEER_COMPILE" \
+    "$LOGS/hf-peer-$shape.log"
 }
 
 for shape in $SHAPES; do

@@ -348,10 +348,6 @@ StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& pack
   impl->device_name = options.device;
   impl->log_info = options.log_info;
   impl->jit_optimize = options.jit_optimize;
-  using Split = ModelRunnerOptions::MixedBiasSplit;
-  impl->split_mixed_bias =
-      options.mixed_bias_split == Split::kAlways ||
-      (options.mixed_bias_split == Split::kAuto && options.device.rfind("cuda", 0) == 0);
   impl->cuda_graph_max_batch = options.cuda_graph_max_batch;
   if (const char* token = std::getenv("DYSCO_FAILPOINT_FORWARD_TOKEN")) {
     impl->failpoint_token = static_cast<int64_t>(std::strtoll(token, nullptr, 10));
@@ -375,6 +371,9 @@ StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& pack
   } catch (const std::exception& e) {
     return InvalidArgumentError("device \"" + options.device + "\": " + e.what());
   }
+  using Split = ModelRunnerOptions::MixedBiasSplit;
+  impl->split_mixed_bias = options.mixed_bias_split == Split::kAlways ||
+                           (options.mixed_bias_split == Split::kAuto && impl->device.is_cuda());
   try {
     if (options.num_threads > 0) at::set_num_threads(options.num_threads);
     SetBlasThreads(1);

@@ -443,42 +443,37 @@ DYSCO_ALWAYS_INLINE void AccumulateTile(float* __restrict acc, const float* __re
   }
 }
 
+// Calls f(std::integral_constant<int, rows>()) for rows in 1..6 (the tiles' row counts; anything
+// else is taken as 1), so that the tile kernels get their row count at compile time.
+template <typename F>
+DYSCO_ALWAYS_INLINE void WithTileRows(int rows, F&& f) {
+  switch (rows) {
+    case 6:
+      return f(std::integral_constant<int, 6>());
+    case 5:
+      return f(std::integral_constant<int, 5>());
+    case 4:
+      return f(std::integral_constant<int, 4>());
+    case 3:
+      return f(std::integral_constant<int, 3>());
+    case 2:
+      return f(std::integral_constant<int, 2>());
+    default:
+      return f(std::integral_constant<int, 1>());
+  }
+}
+
 template <int64_t kD>
 DYSCO_ALWAYS_INLINE void ScoreTileRows(int rows, const float* q, const float* keys_t, int64_t cols,
                                        float* s) {
-  switch (rows) {
-    case 6:
-      return ScoreTile<6, kD>(q, keys_t, cols, s);
-    case 5:
-      return ScoreTile<5, kD>(q, keys_t, cols, s);
-    case 4:
-      return ScoreTile<4, kD>(q, keys_t, cols, s);
-    case 3:
-      return ScoreTile<3, kD>(q, keys_t, cols, s);
-    case 2:
-      return ScoreTile<2, kD>(q, keys_t, cols, s);
-    default:
-      return ScoreTile<1, kD>(q, keys_t, cols, s);
-  }
+  WithTileRows(rows, [&](auto r) { ScoreTile<decltype(r)::value, kD>(q, keys_t, cols, s); });
 }
 
 template <int64_t kD>
 DYSCO_ALWAYS_INLINE void AccumulateTileRows(int rows, float* acc, const float* p,
                                             const float* values, int64_t count) {
-  switch (rows) {
-    case 6:
-      return AccumulateTile<6, kD>(acc, p, values, count);
-    case 5:
-      return AccumulateTile<5, kD>(acc, p, values, count);
-    case 4:
-      return AccumulateTile<4, kD>(acc, p, values, count);
-    case 3:
-      return AccumulateTile<3, kD>(acc, p, values, count);
-    case 2:
-      return AccumulateTile<2, kD>(acc, p, values, count);
-    default:
-      return AccumulateTile<1, kD>(acc, p, values, count);
-  }
+  WithTileRows(rows,
+               [&](auto r) { AccumulateTile<decltype(r)::value, kD>(acc, p, values, count); });
 }
 
 // As AttendKeysImpl (same arguments, same scratch state), blocked: kD, the head dimension, is a
