@@ -292,7 +292,7 @@ double MeasureMatmulRate(const dysco::ModelConfig& c, const at::Device& device, 
 class Bench {
  public:
   Bench(dysco::ModelRunner* runner, dysco::KvPagePool* pool, int64_t max_context, uint64_t seed)
-      : runner_(runner), pool_(pool), pages_(pool) {
+      : runner_(runner), pool_(pool), pages_(pool), ops_(runner->device()) {
     const auto& c = runner->config();
     std::mt19937_64 rng(seed);
     // Ids from 3 up (below are the usual special ids) and below the vocabulary.
@@ -353,7 +353,7 @@ class Bench {
         const auto heads = dysco::UnionOfHeads(rows);
         Forward(pos, 1, {}, -1, heads);
         std::vector<std::vector<float>> relevance;
-        Check(ops_.UpdateRelevance(rows, {pos + 1}, out_, {0}, heads, &relevance),
+        Check(ops_.UpdateRelevance(rows, {pos + 1}, out_, {0}, &relevance),
               "relevance update (context warm-up)");
         Check(controller_->ApplyRelevance(std::move(relevance[0])), "ApplyRelevance");
       } else if (kind == dysco::DyscoStepKind::kDynamic) {
@@ -380,7 +380,7 @@ class Bench {
     const auto t0 = Clock::now();
     Forward(pos, 1, {}, dysco::DeepestHeadLayer(rows), heads);
     const auto t1 = Clock::now();
-    Check(ops_.UpdateRelevance(rows, {pos + 1}, out_, {0}, heads, &relevance_), "relevance update");
+    Check(ops_.UpdateRelevance(rows, {pos + 1}, out_, {0}, &relevance_), "relevance update");
     std::vector<const std::vector<float>*> views = {&relevance_[0]};
     Check(ops_.Select(rows, views, {pos + 1}, &selections_), "selection");
     const auto t2 = Clock::now();
@@ -411,6 +411,9 @@ class Bench {
     batch_.kv_pool = pool_;
     batch_.last_layer = last_layer;
     batch_.probe_heads = heads;
+    // As BatchStepper asks: the DySCO row's head mean, reduced where the probabilities are.
+    batch_.probe_mean_heads.clear();
+    if (!heads.empty()) batch_.probe_mean_heads = dysco::ProbeMeanHeads({controller_.get()}, heads);
     batch_.sequences.assign(
         1, {dysco::ConstSpan<int32_t>(tokens_.data() + start, static_cast<size_t>(n)), start,
             dysco::ConstSpan<int32_t>(pages_.ids().data(), static_cast<size_t>(pages)),

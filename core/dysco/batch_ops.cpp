@@ -49,37 +49,24 @@ int DeepestHeadLayer(const std::vector<const DyscoController*>& rows) {
   return layer;
 }
 
-Status DyscoBatchOps::HeadMean(const DyscoController& row, int64_t n, const ForwardOutput& out,
-                               int64_t out_row, const std::vector<std::pair<int, int>>& probe_heads,
-                               float* mean, int64_t width) {
-  if (static_cast<int64_t>(row.relevance().size()) != n - 1 || out.probs_len < n) {
-    return InternalError("DySCO relevance of a sequence at position " + std::to_string(n - 1) +
-                         " has " + std::to_string(row.relevance().size()) + " entries");
-  }
-  // The mean over the sequence's own heads, in its own head order, summed in fp32 and scaled as the
-  // op does, then handed to the op as a single head: each row is then independent of which heads
-  // (and how many) its batch-mates have.
-  const auto& heads = row.params().selected_heads;
-  for (size_t h = 0; h < heads.size(); ++h) {
-    const auto it = std::lower_bound(probe_heads.begin(), probe_heads.end(), heads[h]);
-    const float* p = out.probs_row(out_row, it - probe_heads.begin());
-    if (h == 0) {
-      std::copy(p, p + n, mean);
-    } else {
-      for (int64_t j = 0; j < n; ++j) mean[j] += p[j];
+std::vector<std::vector<int>> ProbeMeanHeads(const std::vector<const DyscoController*>& rows,
+                                             const std::vector<std::pair<int, int>>& probe_heads) {
+  std::vector<std::vector<int>> lists;
+  lists.reserve(rows.size());
+  for (const DyscoController* c : rows) {
+    std::vector<int>& list = lists.emplace_back();
+    for (const auto& head : c->params().selected_heads) {
+      const auto it = std::lower_bound(probe_heads.begin(), probe_heads.end(), head);
+      list.push_back(static_cast<int>(it - probe_heads.begin()));
     }
   }
-  const float inv_heads = 1.0f / static_cast<float>(heads.size());
-  for (int64_t j = 0; j < n; ++j) mean[j] *= inv_heads;
-  std::fill(mean + n, mean + width, 0.0f);
-  return OkStatus();
+  return lists;
 }
 
 Status DyscoBatchOps::UpdateRelevance(const std::vector<const DyscoController*>& rows,
                                       const std::vector<int64_t>& num_keys,
                                       const ForwardOutput& out,
                                       const std::vector<int64_t>& out_rows,
-                                      const std::vector<std::pair<int, int>>& probe_heads,
                                       std::vector<std::vector<float>>* relevance) {
   const int64_t D = static_cast<int64_t>(rows.size());
   const int64_t width = MaxOf(num_keys);
@@ -88,9 +75,20 @@ Status DyscoBatchOps::UpdateRelevance(const std::vector<const DyscoController*>&
   decay_.resize(D);
   for (int64_t d = 0; d < D; ++d) {
     const DyscoController& c = *rows[d];
-    DYSCO_RETURN_IF_ERROR(
-        HeadMean(c, num_keys[d], out, out_rows[d], probe_heads, probs_.data() + d * width, width));
-    PackRow(c.relevance(), num_keys[d] - 1, relevance_.data() + d * width, width);
+    const int64_t n = num_keys[d];
+    if (static_cast<int64_t>(c.relevance().size()) != n - 1 || out.probs_len < n ||
+        static_cast<int64_t>(out.probe_mean.size()) < (out_rows[d] + 1) * out.probs_len) {
+      return InternalError("DySCO relevance of a sequence at position " + std::to_string(n - 1) +
+                           " has " + std::to_string(c.relevance().size()) +
+                           " entries, its head mean " +
+                           std::to_string(out.probe_mean.empty() ? 0 : out.probs_len));
+    }
+    // The head mean is handed to the op as a single head: each row is then independent of which
+    // heads (and how many) its batch-mates have.
+    const float* mean = out.probe_mean_row(out_rows[d]);
+    std::copy(mean, mean + n, probs_.data() + d * width);
+    std::fill(probs_.data() + d * width + n, probs_.data() + (d + 1) * width, 0.0f);
+    PackRow(c.relevance(), n - 1, relevance_.data() + d * width, width);
     decay_[d] = static_cast<float>(c.params().decay_factor);
   }
   DYSCO_RETURN_IF_ERROR(DyscoRelevanceUpdate(relevance_.data(), D, width, probs_.data(), 1, width,
@@ -124,7 +122,7 @@ Status DyscoBatchOps::Select(const std::vector<const DyscoController*>& rows,
   }
   DYSCO_RETURN_IF_ERROR(DyscoSelectBias(bias_.data(), selected_.data(), stats_.data(),
                                         relevance_.data(), D, w, num_keys.data(), template_.data(),
-                                        top_p_.data(), top_k_.data(), strength_.data()));
+                                        top_p_.data(), top_k_.data(), strength_.data(), device_));
   selections->resize(D);
   for (int64_t d = 0; d < D; ++d) {
     DyscoSelection& s = (*selections)[d];

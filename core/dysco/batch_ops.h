@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -27,16 +28,24 @@ namespace dysco {
 std::vector<std::pair<int, int>> UnionOfHeads(const std::vector<const DyscoController*>& rows);
 // The deepest selected-head layer of `rows`: the last layer a speculative pass must run.
 int DeepestHeadLayer(const std::vector<const DyscoController*>& rows);
+// ForwardBatch::probe_mean_heads of `rows`: each row's selected heads, in its own order, as
+// indices into `probe_heads` (which must hold them all, e.g. UnionOfHeads of the rows).
+std::vector<std::vector<int>> ProbeMeanHeads(const std::vector<const DyscoController*>& rows,
+                                             const std::vector<std::pair<int, int>>& probe_heads);
 
 class DyscoBatchOps {
  public:
+  // `device`: where the selection op runs ("cpu", "cuda:0": the model's device). On a GPU the
+  // selection is one kernel for all rows instead of a host sort per row; its inputs and results
+  // cross as [rows, keys] buffers (docs/gpu.md "DySCO on the device").
+  explicit DyscoBatchOps(std::string device = "cpu") : device_(std::move(device)) {}
+
   // r_t of each row: row d fed the token at position num_keys[d] - 1 with r_{t-1} =
-  // rows[d]->relevance(); its heads' attention probabilities are row out_rows[d] of `out`, whose
-  // probe heads are `probe_heads` (sorted).
+  // rows[d]->relevance(); the mean of its heads' attention probabilities is row out_rows[d] of
+  // out.probe_mean (the forward ran with ProbeMeanHeads of its rows).
   Status UpdateRelevance(const std::vector<const DyscoController*>& rows,
                          const std::vector<int64_t>& num_keys, const ForwardOutput& out,
                          const std::vector<int64_t>& out_rows,
-                         const std::vector<std::pair<int, int>>& probe_heads,
                          std::vector<std::vector<float>>* relevance);
   // Selection (and its bias) of each row over the first num_keys[d] entries of *relevance[d].
   Status Select(const std::vector<const DyscoController*>& rows,
@@ -50,11 +59,7 @@ class DyscoBatchOps {
                            std::vector<std::vector<float>>* bias);
 
  private:
-  // The mean over the row's own heads of their probabilities, into `mean` [0, width).
-  static Status HeadMean(const DyscoController& row, int64_t num_keys, const ForwardOutput& out,
-                         int64_t out_row, const std::vector<std::pair<int, int>>& probe_heads,
-                         float* mean, int64_t width);
-
+  std::string device_;
   std::vector<float> relevance_, probs_, bias_, stats_, decay_, top_p_, strength_;
   std::vector<uint8_t> selected_, template_;
   std::vector<int64_t> top_k_;

@@ -79,6 +79,7 @@ Status BatchStepper::InterveneDynamic(const std::vector<size_t>& rows, StepOutco
   spec_batch_.kv_pool = pool_;
   spec_batch_.last_layer = DeepestHeadLayer(controllers);
   spec_batch_.probe_heads = UnionOfHeads(controllers);
+  spec_batch_.probe_mean_heads = ProbeMeanHeads(controllers, spec_batch_.probe_heads);
   spec_batch_.sequences.clear();
   for (size_t i : rows) spec_batch_.sequences.push_back(fed_[i]);
   {
@@ -91,8 +92,8 @@ Status BatchStepper::InterveneDynamic(const std::vector<size_t>& rows, StepOutco
   for (size_t d = 0; d < out_rows.size(); ++d) out_rows[d] = static_cast<int64_t>(d);
   const std::vector<int64_t> num_keys = NumKeys(rows);
   std::vector<std::vector<float>> relevance;
-  DYSCO_RETURN_IF_ERROR(dysco_ops_.UpdateRelevance(controllers, num_keys, spec_out_, out_rows,
-                                                   spec_batch_.probe_heads, &relevance));
+  DYSCO_RETURN_IF_ERROR(
+      dysco_ops_.UpdateRelevance(controllers, num_keys, spec_out_, out_rows, &relevance));
   std::vector<const std::vector<float>*> views;
   for (const auto& r : relevance) views.push_back(&r);
   std::vector<DyscoSelection> selections;
@@ -155,6 +156,15 @@ Status BatchStepper::RealForward(const RowsByKind& rows, StepOutcome* outcome) {
   for (size_t i : rows.fixed) real_batch_.sequences[i].key_bias = staged_[i].real_bias();
   const std::vector<const DyscoController*> warmup = Controllers(rows.warmup);
   real_batch_.probe_heads = UnionOfHeads(warmup);
+  real_batch_.probe_mean_heads.clear();
+  if (!warmup.empty()) {
+    // The warm-up rows' head means; the other rows take no probabilities (empty lists).
+    const std::vector<std::vector<int>> lists = ProbeMeanHeads(warmup, real_batch_.probe_heads);
+    real_batch_.probe_mean_heads.assign(fed_.size(), {});
+    for (size_t d = 0; d < rows.warmup.size(); ++d) {
+      real_batch_.probe_mean_heads[rows.warmup[d]] = lists[d];
+    }
+  }
   {
     ScopedTimer timer(&outcome->timings.real_seconds);
     DYSCO_RETURN_IF_ERROR(runner_->Forward(real_batch_, &real_out_));
@@ -164,8 +174,8 @@ Status BatchStepper::RealForward(const RowsByKind& rows, StepOutcome* outcome) {
   ScopedTimer timer(&warmup_seconds_);
   const std::vector<int64_t> out_rows(rows.warmup.begin(), rows.warmup.end());
   std::vector<std::vector<float>> relevance;
-  DYSCO_RETURN_IF_ERROR(dysco_ops_.UpdateRelevance(warmup, NumKeys(rows.warmup), real_out_,
-                                                   out_rows, real_batch_.probe_heads, &relevance));
+  DYSCO_RETURN_IF_ERROR(
+      dysco_ops_.UpdateRelevance(warmup, NumKeys(rows.warmup), real_out_, out_rows, &relevance));
   for (size_t d = 0; d < rows.warmup.size(); ++d) {
     staged_[rows.warmup[d]].relevance = std::move(relevance[d]);
     staged_[rows.warmup[d]].has_relevance = true;

@@ -56,7 +56,8 @@ struct StepOutcome {
 
 class BatchStepper {
  public:
-  BatchStepper(ModelRunner* runner, KvPagePool* pool) : runner_(runner), pool_(pool) {}
+  BatchStepper(ModelRunner* runner, KvPagePool* pool)
+      : runner_(runner), pool_(pool), dysco_ops_(runner->device()) {}
 
   // Executes `plan` (at least one row). Errors: from Sequence::PrepareFeed (RESOURCE_EXHAUSTED:
   // pool full), from the runner or the DySCO ops (INTERNAL...); every sequence is left as it was.

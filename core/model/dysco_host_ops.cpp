@@ -46,7 +46,28 @@ Status DyscoRelevanceUpdate(float* relevance, int64_t batch, int64_t width, cons
 Status DyscoSelectBias(float* bias, uint8_t* selected, float* stats, const float* relevance,
                        int64_t batch, int64_t width, const int64_t* num_keys,
                        const uint8_t* template_mask, const float* top_p, const int64_t* top_k,
-                       const float* strength) {
+                       const float* strength, const std::string& device) {
+  if (device != "cpu" && !at::Device(device).is_cpu()) {
+    return Guard("dysco::dysco_select_bias", [&] {
+      const at::Device dev(device);
+      auto to_dev = [&](const void* data, at::IntArrayRef sizes, at::ScalarType type) {
+        return View(data, sizes, type).to(dev);
+      };
+      const auto f32 = at::TensorOptions().dtype(at::kFloat).device(dev);
+      at::Tensor d_bias = at::empty({batch, width}, f32);
+      at::Tensor d_selected = at::empty({batch, width}, f32.dtype(at::kBool));
+      at::Tensor d_stats = at::empty({batch, 2}, f32);
+      ops::dysco_select_bias(
+          d_bias, d_selected, d_stats, to_dev(relevance, {batch, width}, at::kFloat),
+          to_dev(num_keys, {batch}, at::kLong), to_dev(template_mask, {batch, width}, at::kBool),
+          to_dev(top_p, {batch}, at::kFloat), to_dev(top_k, {batch}, at::kLong),
+          to_dev(strength, {batch}, at::kFloat));
+      // Each copy back waits for the op (the stream's order); the last one ends the call.
+      View(bias, {batch, width}, at::kFloat).copy_(d_bias);
+      View(selected, {batch, width}, at::kBool).copy_(d_selected);
+      View(stats, {batch, 2}, at::kFloat).copy_(d_stats);
+    });
+  }
   return Guard("dysco::dysco_select_bias", [&] {
     ops::dysco_select_bias(
         View(bias, {batch, width}, at::kFloat), View(selected, {batch, width}, at::kBool),

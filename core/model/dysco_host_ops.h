@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "core/base/status.h"
@@ -25,10 +26,12 @@ Status DyscoRelevanceUpdate(float* relevance, int64_t batch, int64_t width, cons
 // Selection of relevance [batch, width] and its bias: bias [batch, width], selected [batch, width],
 // stats [batch, 2] = (number selected, relevance mass selected). template_mask [batch, width];
 // top_p [batch] (<= 0: unset); top_k [batch] (<= 0: unset); strength [batch].
+// `device` other than "cpu": the op runs there (inputs copied over, results copied back; the
+// buffers stay on the host). Same results: the CUDA op equals the CPU op (sets and biases exact).
 Status DyscoSelectBias(float* bias, uint8_t* selected, float* stats, const float* relevance,
                        int64_t batch, int64_t width, const int64_t* num_keys,
                        const uint8_t* template_mask, const float* top_p, const int64_t* top_k,
-                       const float* strength);
+                       const float* strength, const std::string& device = "cpu");
 
 // bias [batch, width] of a given selection [batch, width].
 Status DyscoBiasFromSelection(float* bias, const uint8_t* selected, int64_t batch, int64_t width,

@@ -334,6 +334,9 @@ struct ModelRunner::Impl {
   // padding) and columns past max_seq_len are not copied.
   Status ReadOutputsLocked(const ForwardBatch& batch, const at::Tensor& logits,
                            const at::Tensor& probs, ForwardOutput* out) REQUIRES(mu);
+  // ForwardBatch::probe_mean_heads: each row's head mean, taken on the probs' device.
+  void ReadProbeMeanLocked(const ForwardBatch& batch, const at::Tensor& probs, ForwardOutput* out)
+      REQUIRES(mu);
 };
 
 StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& package_dir,
@@ -456,6 +459,22 @@ Status ModelRunner::Impl::Validate(const ForwardBatch& batch) const {
           "probe_heads[" + std::to_string(h) + "] = (" + std::to_string(layer) + ", " +
           std::to_string(head) + ") is out of range (layers 0.." + std::to_string(top_layer) +
           " run, " + std::to_string(c.num_attention_heads) + " query heads)");
+    }
+  }
+  if (!batch.probe_mean_heads.empty()) {
+    if (batch.probe_mean_heads.size() != batch.sequences.size()) {
+      return InvalidArgumentError("probe_mean_heads has " +
+                                  std::to_string(batch.probe_mean_heads.size()) + " lists for " +
+                                  std::to_string(batch.sequences.size()) + " sequences");
+    }
+    for (size_t i = 0; i < batch.probe_mean_heads.size(); ++i) {
+      for (int k : batch.probe_mean_heads[i]) {
+        if (k < 0 || k >= static_cast<int>(batch.probe_heads.size())) {
+          return InvalidArgumentError("probe_mean_heads[" + std::to_string(i) + "] has index " +
+                                      std::to_string(k) + ", outside the " +
+                                      std::to_string(batch.probe_heads.size()) + " probe_heads");
+        }
+      }
     }
   }
   const int64_t page_size = batch.kv_pool->page_size();
@@ -636,7 +655,11 @@ Status ModelRunner::Impl::ReadOutputsLocked(const ForwardBatch& batch, const at:
   // the batch's longest sequence, as before.
   out->num_probe_heads = H;
   out->probs_len = max_seq_len;
-  if (H > 0 && !probes_reordered) {
+  out->probe_mean.clear();
+  if (!batch.probe_mean_heads.empty()) {
+    out->probs.clear();
+    ReadProbeMeanLocked(batch, probs, out);
+  } else if (H > 0 && !probes_reordered) {
     CopyToHost(probs.narrow(0, 0, B).narrow(2, 0, max_seq_len), &out->probs);
   } else if (H > 0) {
     // Back to the batch's probe order: row k of the model's probs is probe probe_order[k].
@@ -653,6 +676,48 @@ Status ModelRunner::Impl::ReadOutputsLocked(const ForwardBatch& batch, const at:
     out->probs.clear();
   }
   return OkStatus();
+}
+
+void ModelRunner::Impl::ReadProbeMeanLocked(const ForwardBatch& batch, const at::Tensor& probs,
+                                            ForwardOutput* out) {
+  const int64_t B = static_cast<int64_t>(batch.sequences.size());
+  // Row k of the model's probs is the batch's probe probe_order[k].
+  std::vector<int64_t> model_index(probe_order.size());
+  for (size_t k = 0; k < probe_order.size(); ++k) model_index[probe_order[k]] = int64_t(k);
+  const at::Tensor p = probs.narrow(0, 0, B).narrow(2, 0, max_seq_len);
+  at::Tensor mean = at::zeros({B, max_seq_len}, p.options().dtype(at::kFloat));
+  // Rows with the same head list (every row of one DySCO configuration) are reduced together:
+  // count element-wise kernels for the group instead of count per row. Each kernel is an fp32
+  // add (or the final multiply) element by element, the order of the host loop this replaced,
+  // so the CPU result is bit for bit what it was.
+  std::vector<bool> done(static_cast<size_t>(B), false);
+  for (int64_t b = 0; b < B; ++b) {
+    const std::vector<int>& heads = batch.probe_mean_heads[b];
+    if (done[b] || heads.empty()) continue;
+    std::vector<int64_t> rows;
+    for (int64_t r = b; r < B; ++r) {
+      if (!done[r] && batch.probe_mean_heads[r] == heads) {
+        rows.push_back(r);
+        done[r] = true;
+      }
+    }
+    const bool all_rows = static_cast<int64_t>(rows.size()) == B;
+    at::Tensor index;
+    at::Tensor group = p;
+    if (!all_rows) {
+      index = at::tensor(rows, at::kLong).to(p.device());
+      group = p.index_select(0, index);
+    }
+    at::Tensor acc = group.select(1, model_index[heads[0]]).to(at::kFloat).clone();
+    for (size_t h = 1; h < heads.size(); ++h) acc.add_(group.select(1, model_index[heads[h]]));
+    acc.mul_(static_cast<double>(1.0f / static_cast<float>(heads.size())));
+    if (all_rows) {
+      mean = acc;
+    } else {
+      mean.index_copy_(0, index, acc);
+    }
+  }
+  CopyToHost(mean, &out->probe_mean);
 }
 
 #ifdef DYSCO_CUDA_GRAPHS
@@ -890,6 +955,9 @@ Status ModelRunner::Impl::RunSplitLocked(const ForwardBatch& batch, ForwardOutpu
   for (size_t i = 0; i < batch.sequences.size(); ++i) {
     const int part = batch.sequences[i].key_bias.empty() ? 1 : 0;
     parts[part].sequences.push_back(batch.sequences[i]);
+    if (!batch.probe_mean_heads.empty()) {
+      parts[part].probe_mean_heads.push_back(batch.probe_mean_heads[i]);
+    }
     rows[part].push_back(i);
   }
   ForwardOutput outs[2];
@@ -906,7 +974,9 @@ Status ModelRunner::Impl::RunSplitLocked(const ForwardBatch& batch, ForwardOutpu
   out->num_probe_heads = outs[0].num_probe_heads;
   out->probs_len = std::max(outs[0].probs_len, outs[1].probs_len);
   const int64_t H = out->num_probe_heads;
-  out->probs.assign(static_cast<size_t>(B * H * out->probs_len), 0.0f);
+  const bool means = !batch.probe_mean_heads.empty();
+  out->probs.assign(means ? 0 : static_cast<size_t>(B * H * out->probs_len), 0.0f);
+  out->probe_mean.assign(means ? static_cast<size_t>(B * out->probs_len) : 0, 0.0f);
   for (int part = 0; part < 2; ++part) {
     const ForwardOutput& o = outs[part];
     for (size_t r = 0; r < rows[part].size(); ++r) {
@@ -915,6 +985,11 @@ Status ModelRunner::Impl::RunSplitLocked(const ForwardBatch& batch, ForwardOutpu
         std::copy(o.logits_row(static_cast<int64_t>(r)),
                   o.logits_row(static_cast<int64_t>(r)) + out->vocab_size,
                   out->logits.begin() + b * out->vocab_size);
+      }
+      if (means) {
+        const float* src = o.probe_mean_row(static_cast<int64_t>(r));
+        std::copy(src, src + o.probs_len, out->probe_mean.begin() + b * out->probs_len);
+        continue;
       }
       for (int64_t h = 0; h < H; ++h) {
         const float* src = o.probs_row(static_cast<int64_t>(r), h);

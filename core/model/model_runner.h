@@ -101,6 +101,13 @@ struct ForwardBatch {
   // (layer, query head) pairs whose attention probabilities of each sequence's last new token to
   // return.
   std::vector<std::pair<int, int>> probe_heads;
+  // Optional: empty, or one list per sequence of indices into probe_heads. When set, the forward
+  // returns ForwardOutput::probe_mean (each row's mean over its listed heads: the first head's
+  // probabilities, plus each next one in the listed order, times 1/count, all in fp32: DySCO's
+  // head mean, docs/dysco.md) and no per-head probs. Why: on a GPU the mean is taken where the
+  // probabilities are, and only 1/count of them is copied back (docs/gpu.md "DySCO on the
+  // device"). An empty list gives that row zeros.
+  std::vector<std::vector<int>> probe_mean_heads;
 };
 
 struct ForwardOutput {
@@ -108,14 +115,17 @@ struct ForwardOutput {
   int64_t vocab_size = 0;     // 0 when the step returned no logits
   std::vector<float> logits;  // [batch_size, vocab_size], logits of each sequence's last new token
   int64_t num_probe_heads = 0;
-  int64_t probs_len = 0;  // S' = max over the batch of (start_position + number of new tokens)
+  int64_t probs_len = 0;     // S' = max over the batch of (start_position + number of new tokens)
+  std::vector<float> probs;  // [batch_size, num_probe_heads, probs_len], zero past each sequence's
+                             // length; empty when ForwardBatch::probe_mean_heads is set
   std::vector<float>
-      probs;  // [batch_size, num_probe_heads, probs_len], zero past each sequence's length
+      probe_mean;  // [batch_size, probs_len] when probe_mean_heads is set, else empty
 
   const float* logits_row(int64_t b) const { return logits.data() + b * vocab_size; }
   const float* probs_row(int64_t b, int64_t h) const {
     return probs.data() + (b * num_probe_heads + h) * probs_len;
   }
+  const float* probe_mean_row(int64_t b) const { return probe_mean.data() + b * probs_len; }
 };
 
 class ModelRunner {

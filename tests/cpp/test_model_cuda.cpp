@@ -165,22 +165,46 @@ TEST_F(ModelCudaTest, ForwardLogitsAndProbsMatchCpu) {
     decode.sequences = {{a_next, 100, *pa, bias_a}, {b_next, 37, *pb, bias_b}};
     ForwardOutput d;
     ASSERT_TRUE(e->runner().Forward(decode, &d).ok());
+    // The same step again (same K/V rewritten), returning the head means DySCO asks for instead:
+    // reduced on the runner's device, in each row's order, equal to the host mean of the per-head
+    // probs of the step above.
+    const int H = static_cast<int>(c.dysco.selected_heads.size());
+    std::vector<int> forward_order(H), reverse_order(H);
+    for (int h = 0; h < H; ++h) forward_order[h] = h, reverse_order[h] = H - 1 - h;
+    decode.probe_mean_heads = {forward_order, reverse_order};
+    ForwardOutput m;
+    ASSERT_TRUE(e->runner().Forward(decode, &m).ok());
+    ASSERT_TRUE(m.probs.empty());
+    ASSERT_EQ(m.probe_mean.size(), static_cast<size_t>(2 * d.probs_len));
+    for (int64_t r = 0; r < 2; ++r) {
+      const std::vector<int>& order = r == 0 ? forward_order : reverse_order;
+      for (int64_t j = 0; j < d.probs_len; ++j) {
+        float want = d.probs_row(r, order[0])[j];
+        for (int h = 1; h < H; ++h) want += d.probs_row(r, order[h])[j];
+        want *= 1.0f / static_cast<float>(H);
+        ASSERT_NEAR(m.probe_mean_row(r)[j], want, 1e-7) << e->runner().device() << " " << r;
+      }
+    }
     ASSERT_TRUE(pool.Free(*pa).ok());
     ASSERT_TRUE(pool.Free(*pb).ok());
     outs[e == gpu_].push_back(std::move(p));
     outs[e == gpu_].push_back(std::move(d));
+    outs[e == gpu_].push_back(std::move(m));
   }
+  MaxError means;
   for (size_t i = 0; i < 2; ++i) {
     logits.Add(outs[0][i].logits, outs[1][i].logits);
     probs.Add(outs[0][i].probs, outs[1][i].probs);
     ASSERT_EQ(outs[0][i].probs_len, outs[1][i].probs_len);
   }
+  means.Add(outs[0][2].probe_mean, outs[1][2].probe_mean);
   std::printf(
       "[model] forward (prefill 100+37 tokens, biased decode): logits max abs error %.3g, "
-      "probe probs max abs error %.3g\n",
-      logits.abs, probs.abs);
+      "probe probs max abs error %.3g, head means %.3g\n",
+      logits.abs, probs.abs, means.abs);
   EXPECT_LT(logits.abs, 1e-3);
   EXPECT_LT(probs.abs, 1e-5);
+  EXPECT_LT(means.abs, 1e-5);
 }
 
 // Greedy, then seeded sampling (temperature 0.9, top-p 0.95, on the host from each device's

@@ -339,6 +339,67 @@ TEST_F(ModelRunnerTest, ProbeHeadsAreDistributionsAndSpeculativePassMatches) {
   for (size_t i = 0; i < last.logits.size(); ++i) ASSERT_NEAR(last.logits[i], full.logits[i], 1e-4);
 }
 
+// ForwardBatch::probe_mean_heads: each row's mean over its listed probes, in the listed order
+// (first head, plus each next, times 1/count, fp32), exactly the host loop DySCO used before the
+// mean moved into the runner; rows sharing a list are reduced together, an empty list gives
+// zeros, and the per-head probs are not returned.
+TEST_F(ModelRunnerTest, ProbeMeanHeadsAreEachRowsMeanInItsOrder) {
+  const auto a = RandomTokens(30, 17), b = RandomTokens(9, 18), c = RandomTokens(20, 19);
+  const PageList pa = Pages(30), pb = Pages(9), pc = Pages(20);
+  RunOne(a, 0, 29, pa);
+  RunOne(b, 0, 8, pb);
+  RunOne(c, 0, 19, pc);
+  ForwardBatch batch;
+  batch.kv_pool = pool_.get();
+  batch.sequences.push_back({ConstSpan<int32_t>(a.data() + 29, 1), 29, pa.ids(), {}});
+  batch.sequences.push_back({ConstSpan<int32_t>(b.data() + 8, 1), 8, pb.ids(), {}});
+  batch.sequences.push_back({ConstSpan<int32_t>(c.data() + 19, 1), 19, pc.ids(), {}});
+  // Out of layer order, so the runner's grouping by layer permutes them.
+  batch.probe_heads = {{5, 4}, {0, 0}, {3, 8}, {5, 1}};
+  batch.last_layer = 5;
+  ForwardOutput per_head;
+  ASSERT_TRUE(runner_->Forward(batch, &per_head).ok());
+  ASSERT_EQ(per_head.num_probe_heads, 4);
+
+  const std::vector<std::vector<int>> lists = {{2, 0, 3}, {}, {2, 0, 3}};
+  batch.probe_mean_heads = lists;
+  ForwardOutput mean;
+  mean.probe_mean.assign(3 * 40, kNaN);
+  mean.probs.assign(10, kNaN);
+  ASSERT_TRUE(runner_->Forward(batch, &mean).ok());
+  EXPECT_TRUE(mean.probs.empty());
+  ASSERT_EQ(mean.probs_len, per_head.probs_len);
+  ASSERT_EQ(mean.probe_mean.size(), static_cast<size_t>(3 * mean.probs_len));
+  for (int s = 0; s < 3; ++s) {
+    for (int64_t j = 0; j < mean.probs_len; ++j) {
+      float want = 0.0f;
+      if (!lists[s].empty()) {
+        want = per_head.probs_row(s, lists[s][0])[j];
+        for (size_t h = 1; h < lists[s].size(); ++h) want += per_head.probs_row(s, lists[s][h])[j];
+        want *= 1.0f / static_cast<float>(lists[s].size());
+      }
+      ASSERT_EQ(mean.probe_mean_row(s)[j], want) << s << "," << j;
+    }
+  }
+  // A second list in the batch (rows reduced in two groups), its own order.
+  batch.probe_mean_heads = {{1}, {3, 2}, {2, 0, 3}};
+  ASSERT_TRUE(runner_->Forward(batch, &mean).ok());
+  for (int64_t j = 0; j < mean.probs_len; ++j) {
+    ASSERT_EQ(mean.probe_mean_row(0)[j], per_head.probs_row(0, 1)[j]) << j;
+    const float want1 = (per_head.probs_row(1, 3)[j] + per_head.probs_row(1, 2)[j]) * 0.5f;
+    ASSERT_EQ(mean.probe_mean_row(1)[j], want1) << j;
+  }
+
+  batch.probe_mean_heads = {{0}, {4}, {1}};
+  Status st = runner_->Forward(batch, &mean);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("probe_mean_heads[1]"), std::string::npos) << st.message();
+  batch.probe_mean_heads = {{0}};
+  st = runner_->Forward(batch, &mean);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("probe_mean_heads"), std::string::npos) << st.message();
+}
+
 TEST_F(ModelRunnerTest, KeyBiasSemantics) {
   const auto t = RandomTokens(18, 9);
   const PageList p0 = Pages(18), p1 = Pages(18), p2 = Pages(18);
