@@ -58,6 +58,17 @@ void linear(TensorRef out, TensorRef input, TensorRef weight) {
   op.call(out, input, weight);
 }
 
+void rms_norm(TensorRef out, TensorRef input, TensorRef weight, double eps) {
+  static const auto op = Handle<void(TensorRef, TensorRef, TensorRef, double)>(kernels::kRmsNormOp);
+  op.call(out, input, weight, eps);
+}
+
+void rotary_embedding(TensorRef out, TensorRef input, TensorRef cos, TensorRef sin) {
+  static const auto op =
+      Handle<void(TensorRef, TensorRef, TensorRef, TensorRef)>(kernels::kRotaryEmbeddingOp);
+  op.call(out, input, cos, sin);
+}
+
 void dysco_relevance_update(TensorRef relevance, TensorRef probs, TensorRef num_keys,
                             TensorRef decay) {
   static const auto op =
@@ -95,6 +106,8 @@ const std::vector<std::string>& AllOpNames() {
       kernels::kPagedAttentionPrefillOp,
       kernels::kAttentionProbsOp,
       kernels::kLinearOp,
+      kernels::kRmsNormOp,
+      kernels::kRotaryEmbeddingOp,
       kernels::kDyscoRelevanceUpdateOp,
       kernels::kDyscoSelectBiasOp,
       kernels::kDyscoBiasFromSelectionOp,

@@ -7,7 +7,7 @@
 // Errors: invalid arguments, or an op (or a kernel for the tensors' device) that is not registered,
 // raise c10::Error; nothing is written then. Callers catch it.
 // Also: AllOpNames(), MissingOps() and MissingKernels(), for a startup check that
-// libdysco_kernels.so is loaded and registered all nine ops (and their kernels).
+// libdysco_kernels.so is loaded and registered all eleven ops (and their kernels).
 // Thread-safety: every function may be called from any thread; each op's operator handle is looked
 // up once (function-local static) and is immutable afterwards. Concurrent calls must not write the
 // same output or cache pages (kernels/ops.h).
@@ -61,6 +61,13 @@ void attention_probs(const at::Tensor& out, const at::Tensor& query,
 // out [M, N] <- input [M, K] @ weight [N, K]^T (F.linear without bias), contiguous, one dtype.
 void linear(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight);
 
+// out [M, D] <- RMSNorm of input [M, D] times weight [D] (kernels/ops.h rms_norm_cpu).
+void rms_norm(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double eps);
+
+// out [T, H, D] <- input [T, H, D] * cos + rotate_half(input) * sin, cos and sin [T, D].
+void rotary_embedding(const at::Tensor& out, const at::Tensor& input, const at::Tensor& cos,
+                      const at::Tensor& sin);
+
 // ---- DySCO (docs/dysco.md "Ops"): relevance, selection, bias, template positions. fp32; each op
 // writes fixed-shape outputs. Row b of every [B, S] tensor belongs to sequence b with
 // n_b = num_keys[b] keys (int64 [B], the current token included, in [0, S]; n_b = 0 is an idle row,
@@ -106,12 +113,12 @@ void dysco_template_mask(const at::Tensor& mask, const at::Tensor& tokens,
 
 // ---- registration
 
-// The qualified names of the nine ops, in schema order: "dysco::paged_kv_write",
+// The qualified names of the eleven ops, in schema order: "dysco::paged_kv_write",
 // "dysco::paged_attention_decode", ..., "dysco::dysco_template_mask".
 const std::vector<std::string>& AllOpNames();
 
 // The names of AllOpNames() whose schema is not registered with the dispatcher (empty when all
-// nine are: libdysco_kernels.so is loaded and current).
+// eleven are: libdysco_kernels.so is loaded and current).
 std::vector<std::string> MissingOps();
 
 // The names of `names` whose schema is not registered with the dispatcher.

@@ -113,6 +113,36 @@ void CheckLinearArgs(const at::Tensor& out, const at::Tensor& input, const at::T
   CheckSameDevice(kOp, "out", out, {{"input", input}, {"weight", weight}});
 }
 
+void CheckRmsNormArgs(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                      double eps) {
+  constexpr const char* kOp = kRmsNormOp;
+  TORCH_CHECK(weight.defined(), kOp, ": weight is undefined");
+  const at::ScalarType dtype = weight.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, kOp,
+              ": weight must be float32, bfloat16 or float16, got ", dtype);
+  CheckTensor(kOp, "weight", weight, dtype, 1);
+  CheckShaped(kOp, "input", input, dtype, {input.defined() ? input.size(0) : 0, weight.size(0)});
+  CheckShaped(kOp, "out", out, dtype, input.sizes());
+  TORCH_CHECK(eps > 0.0, kOp, ": eps must be > 0, got ", eps);
+  CheckSameDevice(kOp, "out", out, {{"input", input}, {"weight", weight}});
+}
+
+void CheckRotaryEmbeddingArgs(const at::Tensor& out, const at::Tensor& input, const at::Tensor& cos,
+                              const at::Tensor& sin) {
+  constexpr const char* kOp = kRotaryEmbeddingOp;
+  TORCH_CHECK(input.defined(), kOp, ": input is undefined");
+  const at::ScalarType dtype = input.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, kOp,
+              ": input must be float32, bfloat16 or float16, got ", dtype);
+  CheckTensor(kOp, "input", input, dtype, 3);
+  TORCH_CHECK(input.size(2) % 2 == 0, kOp, ": input's last dimension D must be even, got ",
+              input.sizes());
+  CheckShaped(kOp, "out", out, dtype, input.sizes());
+  CheckShaped(kOp, "cos", cos, dtype, {input.size(0), input.size(2)});
+  CheckShaped(kOp, "sin", sin, dtype, {input.size(0), input.size(2)});
+  CheckSameDevice(kOp, "out", out, {{"input", input}, {"cos", cos}, {"sin", sin}});
+}
+
 PagedCacheShape CheckPagedKvWriteArgs(const at::Tensor& kv_cache_layer, const at::Tensor& key,
                                       const at::Tensor& value, const at::Tensor& slot_mapping) {
   constexpr const char* kOp = kPagedKvWriteOp;

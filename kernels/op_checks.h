@@ -28,6 +28,8 @@ inline constexpr const char* kPagedAttentionDecodeOp = "dysco::paged_attention_d
 inline constexpr const char* kPagedAttentionPrefillOp = "dysco::paged_attention_prefill";
 inline constexpr const char* kAttentionProbsOp = "dysco::attention_probs";
 inline constexpr const char* kLinearOp = "dysco::linear";
+inline constexpr const char* kRmsNormOp = "dysco::rms_norm";
+inline constexpr const char* kRotaryEmbeddingOp = "dysco::rotary_embedding";
 inline constexpr const char* kDyscoRelevanceUpdateOp = "dysco::dysco_relevance_update";
 inline constexpr const char* kDyscoSelectBiasOp = "dysco::dysco_select_bias";
 inline constexpr const char* kDyscoBiasFromSelectionOp = "dysco::dysco_bias_from_selection";
@@ -104,6 +106,16 @@ PagedCacheShape CheckAttentionProbsArgs(const at::Tensor& out, const at::Tensor&
 // linear: out [M, N], input [M, K], weight [N, K], contiguous, one dtype (fp32 | bf16 | fp16), one
 // device.
 void CheckLinearArgs(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight);
+
+// rms_norm: out and input [M, D], weight [D], contiguous, one dtype (fp32 | bf16 | fp16), one
+// device; eps > 0.
+void CheckRmsNormArgs(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                      double eps);
+
+// rotary_embedding: out and input [T, H, D] (D even), cos and sin [T, D], contiguous, one dtype,
+// one device.
+void CheckRotaryEmbeddingArgs(const at::Tensor& out, const at::Tensor& input, const at::Tensor& cos,
+                              const at::Tensor& sin);
 
 // dysco_relevance_update. Left to the backend: num_keys values (in [0, min(S, S')]).
 void CheckDyscoRelevanceUpdateArgs(const at::Tensor& relevance, const at::Tensor& probs,

@@ -57,6 +57,18 @@ void attention_probs_cpu(const at::Tensor& out, const at::Tensor& query,
 // speed (a one-row GEMM in BLAS is about twice slower), longer ones (prefill) BLAS GEMM.
 void linear_cpu(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight);
 
+// out [M, D] <- weight [D] * to_dtype(x * rsqrt(mean(x^2) + eps)) per row of input [M, D], x and
+// the statistics in fp32, the normalised row rounded to the dtype before the product with the
+// weight (rounded again): the model's rms_norm (transformers' LlamaRMSNorm) as one pass.
+void rms_norm_cpu(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                  double eps);
+
+// out [T, H, D] <- input * cos + rotate_half(input) * sin, cos and sin [T, D] broadcast over the
+// H heads; rotate_half(x) = cat(-x[D/2:], x[:D/2]). Each product and the sum rounded to the dtype,
+// as the three tensor operations it replaces.
+void rotary_embedding_cpu(const at::Tensor& out, const at::Tensor& input, const at::Tensor& cos,
+                          const at::Tensor& sin);
+
 // ---- DySCO (docs/dysco.md "Ops"): relevance, selection, bias, template positions. fp32; each op
 // writes fixed-shape outputs, so that a device version needs no host synchronisation.
 // Row b of every [B, S] tensor belongs to sequence b with n_b = num_keys[b] keys (int64 [B], the

@@ -20,6 +20,11 @@ TORCH_LIBRARY(dysco, m) {
   // out [M, N] <- input [M, K] @ weight [N, K]^T: the model's linear layers, so that few-row inputs
   // (decode) take a GEMV path that streams each weight once (docs/model-interface.md "Ops").
   m.def("linear(Tensor(a!) out, Tensor input, Tensor weight) -> ()");
+  // The model's element-wise chains as one kernel each, for a GPU step that is not made of ~10 small
+  // kernels per norm and rope (docs/model-interface.md "Ops"): out [M, D] <- RMSNorm of input
+  // [M, D] times weight [D]; out [T, H, D] <- input [T, H, D] rotated by cos, sin [T, D].
+  m.def("rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float eps) -> ()");
+  m.def("rotary_embedding(Tensor(a!) out, Tensor input, Tensor cos, Tensor sin) -> ()");
   // DySCO (docs/dysco.md "Ops").
   m.def(
       "dysco_relevance_update(Tensor(a!) relevance, Tensor probs, Tensor num_keys, Tensor decay) "

@@ -49,6 +49,10 @@ void attention_probs_cuda(const at::Tensor& out, const at::Tensor& query,
 
 // out [M, N] <- input [M, K] @ weight [N, K]^T (cuBLAS through ATen).
 void linear_cuda(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight);
+void rms_norm_cuda(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                   double eps);
+void rotary_embedding_cuda(const at::Tensor& out, const at::Tensor& input, const at::Tensor& cos,
+                           const at::Tensor& sin);
 
 void dysco_relevance_update_cuda(const at::Tensor& relevance, const at::Tensor& probs,
                                  const at::Tensor& num_keys, const at::Tensor& decay);

@@ -13,6 +13,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels/op_calls.h"
@@ -184,12 +185,12 @@ const std::vector<Layout> kLayouts = {
 // ---- registration
 // ----------------------------------------------------------------------------------------
 
-TEST(DyscoOps, AllNineOpsAreRegisteredWithCpuKernels) {
+TEST(DyscoOps, AllElevenOpsAreRegisteredWithCpuKernels) {
   const std::vector<std::string>& names = ops::AllOpNames();
-  EXPECT_EQ(names.size(), 9u);
+  EXPECT_EQ(names.size(), 11u);
   for (const char* name :
        {"dysco::paged_kv_write", "dysco::paged_attention_decode", "dysco::paged_attention_prefill",
-        "dysco::attention_probs", "dysco::linear"}) {
+        "dysco::attention_probs", "dysco::linear", "dysco::rms_norm", "dysco::rotary_embedding"}) {
     EXPECT_NE(std::find(names.begin(), names.end(), name), names.end()) << name;
   }
   EXPECT_EQ(ops::MissingOps(), std::vector<std::string>{});
@@ -263,6 +264,103 @@ TEST(Linear, RejectsBadInputs) {
   rejects(out, x, w.to(at::kInt), "dysco::linear: weight must be float32, bfloat16 or float16");
   rejects(out, at::randn({8, 2}).t(), w, "dysco::linear: input");  // not contiguous
   rejects(out.to(at::kHalf), x, w, "dysco::linear: out");
+}
+
+// ---- rms_norm and rotary_embedding
+// ----------------------------------------------------------------------
+
+// The model's ATen expressions (tools/dysco_export/model.py rms_norm and the rope lines), the
+// obviously-correct references of the two fused ops.
+at::Tensor ModelRmsNorm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  at::Tensor xf = x.to(at::kFloat);
+  xf = xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps);
+  return w * xf.to(x.scalar_type());
+}
+
+at::Tensor ModelRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  const at::Tensor rotated = at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+  return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1);
+}
+
+// Rows of the model's widths (hidden 576 and 4096, head_dim 64 and 128) and odd ones; every
+// output element poisoned first. fp32 within 1e-5 of the ATen chain (its mean sums in another
+// order); bf16/fp16 within one rounding of the dtype.
+TEST(RmsNorm, MatchesTheModelsExpression) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(31);
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (auto [m, d] :
+         {std::pair<int64_t, int64_t>{1, 576}, {7, 4096}, {33, 128}, {5, 64}, {3, 13}}) {
+      SCOPED_TRACE(std::string(c10::toString(dtype)) + " M=" + std::to_string(m) +
+                   " D=" + std::to_string(d));
+      const at::Tensor x = (at::randn({m, d}, gen) * 3).to(dtype);
+      const at::Tensor w = (at::rand({d}, gen) + 0.5).to(dtype);
+      const at::Tensor out = at::full({m, d}, kNaN).to(dtype);
+      ops::rms_norm(out, x, w, 1e-6);
+      const at::Tensor expected = ModelRmsNorm(x, w, 1e-6);
+      const double tol = dtype == at::kFloat ? 1e-5 : 1e-2;
+      EXPECT_TRUE(AllClose(out.to(at::kDouble), expected.to(at::kDouble), tol, tol));
+    }
+  }
+  EXPECT_NO_THROW(ops::rms_norm(at::empty({0, 8}), at::empty({0, 8}), at::ones({8}), 1e-6));
+}
+
+// Exactly the ATen chain: the same products and sum, each rounded to the dtype.
+TEST(RotaryEmbedding, EqualsTheModelsExpression) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(32);
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (auto [t, h, d] :
+         {std::tuple<int64_t, int64_t, int64_t>{1, 32, 128}, {9, 8, 128}, {5, 3, 64}, {2, 1, 6}}) {
+      SCOPED_TRACE(std::string(c10::toString(dtype)) + " T=" + std::to_string(t) +
+                   " H=" + std::to_string(h) + " D=" + std::to_string(d));
+      const at::Tensor x = at::randn({t, h, d}, gen).to(dtype);
+      const at::Tensor angle = at::rand({t, d}, gen) * 6.3;
+      const at::Tensor cos = angle.cos().to(dtype), sin = angle.sin().to(dtype);
+      const at::Tensor out = at::full({t, h, d}, kNaN).to(dtype);
+      ops::rotary_embedding(out, x, cos, sin);
+      EXPECT_TRUE(at::equal(out, ModelRope(x, cos, sin)));
+    }
+  }
+}
+
+TEST(RmsNormAndRotary, RejectBadInputs) {
+  auto rejects = [](auto&& call, const char* text) {
+    try {
+      call();
+      ADD_FAILURE() << "accepted; expected an error containing " << text;
+    } catch (const c10::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
+    }
+  };
+  const at::Tensor x = at::randn({2, 8}), w = at::ones({8});
+  rejects(
+      [&] {
+        ops::rms_norm(at::empty({2, 8}), at::randn({2, 7}), w, 1e-6);
+      },
+      "dysco::rms_norm: input");
+  rejects([&] { ops::rms_norm(at::empty({2, 4}), x, w, 1e-6); }, "dysco::rms_norm: out");
+  rejects([&] { ops::rms_norm(at::empty({2, 8}), x, w, 0.0); }, "eps must be > 0");
+  rejects(
+      [&] {
+        ops::rms_norm(at::empty({2, 8}), x.to(at::kHalf), w, 1e-6);
+      },
+      "dysco::rms_norm: input");
+  const at::Tensor q = at::randn({3, 2, 8}), cs = at::randn({3, 8});
+  rejects(
+      [&] {
+        ops::rotary_embedding(at::empty({3, 2, 7}), at::randn({3, 2, 7}), cs, cs);
+      },
+      "must be even");
+  rejects(
+      [&] {
+        ops::rotary_embedding(at::empty({3, 2, 8}), q, at::randn({2, 8}), cs);
+      },
+      "dysco::rotary_embedding: cos");
+  rejects(
+      [&] {
+        ops::rotary_embedding(at::empty({3, 2, 8}), q, cs, cs.to(at::kHalf));
+      },
+      "dysco::rotary_embedding: sin");
 }
 
 // ---- paged_kv_write

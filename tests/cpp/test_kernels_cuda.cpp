@@ -24,6 +24,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels/cuda/cuda_ops.h"
@@ -626,6 +627,45 @@ TEST(CudaLinear, EqualsCpu) {
                                  " k=" + std::to_string(k) + " n=" + std::to_string(n);
         EXPECT_TRUE(Close(gpu_out, out, fp32 ? 1e-4 : 5e-2, fp32 ? 1e-5 : 1e-2, what));
       }
+    }
+  }
+}
+
+// ---- rms_norm and rotary_embedding
+
+// Rows of the 8B models' widths and odd ones, every output element written (NaN first): the norm
+// within 1e-5 (fp32; its sum runs in another order) or one rounding of the dtype, the rope bit for
+// bit (each product and the sum rounded as on the CPU).
+TEST(CudaRmsNormAndRotary, EqualCpu) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(23);
+  for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (const auto& [m, d] :
+         {std::pair<int64_t, int64_t>{1, 4096}, {32, 128}, {8192, 128}, {3, 13}, {5, 576}}) {
+      const at::Tensor x = (at::randn({m, d}) * 3).to(dtype);
+      const at::Tensor w = (at::rand({d}) + 0.5).to(dtype);
+      at::Tensor out = at::full({m, d}, kNaN).to(dtype);
+      at::Tensor gpu_out = Cuda(out);
+      ops::rms_norm(out, x, w, 1e-6);
+      ops::rms_norm(gpu_out, Cuda(x), Cuda(w), 1e-6);
+      const std::string what = std::string("rms_norm ") + c10::toString(dtype) +
+                               " m=" + std::to_string(m) + " d=" + std::to_string(d);
+      EXPECT_TRUE(Close(gpu_out, out, Tolerance(dtype), Tolerance(dtype), what));
+    }
+    for (const auto& [t, h, d] : {std::tuple<int64_t, int64_t, int64_t>{1, 32, 128},
+                                  {300, 8, 128},
+                                  {7, 3, 64},
+                                  {2, 1, 6}}) {
+      const at::Tensor x = at::randn({t, h, d}).to(dtype);
+      const at::Tensor angle = at::rand({t, d}) * 6.3;
+      const at::Tensor cos = angle.cos().to(dtype), sin = angle.sin().to(dtype);
+      at::Tensor out = at::full({t, h, d}, kNaN).to(dtype);
+      at::Tensor gpu_out = Cuda(out);
+      ops::rotary_embedding(out, x, cos, sin);
+      ops::rotary_embedding(gpu_out, Cuda(x), Cuda(cos), Cuda(sin));
+      EXPECT_TRUE(Same(gpu_out, out,
+                       std::string("rotary_embedding ") + c10::toString(dtype) +
+                           " t=" + std::to_string(t) + " h=" + std::to_string(h)));
     }
   }
 }

@@ -26,6 +26,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     # Statistics in fp32 and the product with the weight in the model dtype, as transformers does.
+    if x.is_cuda:
+        # One kernel for the seven of the expression below (docs/gpu.md "Element-wise kernels"); same
+        # rounding steps. The CPU keeps the expression, so CPU outputs stay what they were.
+        rows = x.contiguous().view(-1, x.size(-1))
+        out = torch.empty_like(rows)
+        torch.ops.dysco.rms_norm(out, rows, weight, eps)
+        return out.view(x.size())
     xf = x.to(torch.float32)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -44,6 +51,18 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
 def rotate_half(x: Tensor) -> Tensor:
     half = x.size(-1) // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T, H, D] rotated by cos, sin [T, D] (Hugging Face's rotate_half convention); contiguous."""
+    if x.is_cuda:
+        # One kernel for the five of the expression below, each product and the sum rounded as there.
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        torch.ops.dysco.rotary_embedding(out, x.contiguous(), cos, sin)
+        return out
+    c = cos.unsqueeze(1)
+    s = sin.unsqueeze(1)
+    return (x * c + rotate_half(x) * s).contiguous()
 
 
 def _frozen(t: Tensor, dtype: torch.dtype) -> nn.Parameter:
@@ -88,10 +107,8 @@ class DecoderLayer(nn.Module):
         if self.qk_norm:
             q = rms_norm(q, self.q_norm, self.eps)
             k = rms_norm(k, self.k_norm, self.eps)
-        c = cos.unsqueeze(1)
-        s = sin.unsqueeze(1)
-        q = (q * c + rotate_half(q) * s).contiguous()
-        k = (k * c + rotate_half(k) * s).contiguous()
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
 
         torch.ops.dysco.paged_kv_write(kv_layer, k, v, slot_mapping)
         out = torch.empty_like(q)
