@@ -15,10 +15,42 @@
 namespace dysco::kernels {
 namespace {
 
-constexpr int kNormThreads = 256;
+constexpr int kNormThreads = 1024;    // rows wider than kWarpRowMax: one block per row
+constexpr int kWarpRowMax = 1024;     // rows up to this width: one warp per row
+constexpr int kWarpRowThreads = 256;  // 8 rows per block
 constexpr int kRopeThreads = 256;
 
-// Grid: one block per row.
+// One warp per row, for the per-head q/k norms (32 + 8 rows of 128 per token in the 8B models): a
+// block per row of 128 left most of its threads idle and paid two barriers.
+// Grid: ceil(rows / 8) blocks of kWarpRowThreads.
+template <typename T>
+__global__ void __launch_bounds__(kWarpRowThreads)
+    RmsNormWarpKernel(T* out, const T* input, const T* weight, int64_t rows, int64_t d, float eps) {
+  using C = cuda::Convert<T>;
+  const int64_t row = blockIdx.x * static_cast<int64_t>(kWarpRowThreads / cuda::kWarpSize) +
+                      threadIdx.x / cuda::kWarpSize;
+  if (row >= rows) return;  // whole warps leave: the shuffles below see full warps
+  const int lane = threadIdx.x % cuda::kWarpSize;
+  const T* x = input + row * d;
+  T* y = out + row * d;
+  float sum = 0.0f;
+  for (int64_t j = lane; j < d; j += cuda::kWarpSize) {
+    const float v = C::ToFloat(x[j]);
+    sum += v * v;
+  }
+#pragma unroll
+  for (int offset = cuda::kWarpSize / 2; offset > 0; offset /= 2) {
+    sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  }
+  const float inv = rsqrtf(sum / static_cast<float>(d) + eps);
+  for (int64_t j = lane; j < d; j += cuda::kWarpSize) {
+    const float normalised = C::ToFloat(C::FromFloat(C::ToFloat(x[j]) * inv));
+    y[j] = C::FromFloat(C::ToFloat(weight[j]) * normalised);
+  }
+}
+
+// One block per row (the hidden-size norms; 1024 threads so that a decode step's single row of
+// 4096 is four loads per thread).
 template <typename T>
 __global__ void __launch_bounds__(kNormThreads)
     RmsNormKernel(T* out, const T* input, const T* weight, int64_t d, float eps) {
@@ -72,11 +104,21 @@ void rms_norm_cuda(const at::Tensor& out, const at::Tensor& input, const at::Ten
   TORCH_CHECK(out.is_cuda(), kRmsNormOp, ": the CUDA implementation got tensors on ", out.device());
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
+  const int64_t rows = input.size(0);
+  const int64_t d = input.size(1);
   DYSCO_CUDA_DISPATCH_CACHE_TYPES(input.scalar_type(), kRmsNormOp, [&] {
-    RmsNormKernel<scalar_t>
-        <<<static_cast<unsigned>(input.size(0)), kNormThreads, 0, cuda::CurrentStream()>>>(
-            out.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
-            input.size(1), static_cast<float>(eps));
+    if (d <= kWarpRowMax) {
+      const int64_t rows_per_block = kWarpRowThreads / cuda::kWarpSize;
+      RmsNormWarpKernel<scalar_t><<<static_cast<unsigned>(cuda::CeilDiv(rows, rows_per_block)),
+                                    kWarpRowThreads, 0, cuda::CurrentStream()>>>(
+          out.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), rows,
+          d, static_cast<float>(eps));
+    } else {
+      RmsNormKernel<scalar_t>
+          <<<static_cast<unsigned>(rows), kNormThreads, 0, cuda::CurrentStream()>>>(
+              out.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), d,
+              static_cast<float>(eps));
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

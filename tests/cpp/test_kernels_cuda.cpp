@@ -640,8 +640,13 @@ TEST(CudaRmsNormAndRotary, EqualCpu) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(23);
   for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
-    for (const auto& [m, d] :
-         {std::pair<int64_t, int64_t>{1, 4096}, {32, 128}, {8192, 128}, {3, 13}, {5, 576}}) {
+    for (const auto& [m, d] : {std::pair<int64_t, int64_t>{1, 4096},
+                               {32, 128},
+                               {8192, 128},
+                               {3, 13},
+                               {5, 576},
+                               {2, 1536},
+                               {9, 1025}}) {
       const at::Tensor x = (at::randn({m, d}) * 3).to(dtype);
       const at::Tensor w = (at::rand({d}) + 0.5).to(dtype);
       at::Tensor out = at::full({m, d}, kNaN).to(dtype);
