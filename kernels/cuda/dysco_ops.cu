@@ -157,9 +157,19 @@ __device__ void RadixSelect(const float* row, int64_t n, bool by_mass, double th
           value = v;
         }
       }
+      // Past the first passes almost no entry matches the prefix: a warp with none skips the
+      // aggregation (the condition is warp-uniform, so every lane skips together).
+      if (!__any_sync(0xffffffffu, digit >= 0)) continue;
       const unsigned peers = __match_any_sync(0xffffffffu, digit);
       if (by_mass) {
-        if (!__all_sync(0xffffffffu, peers == (1u << lane))) {
+        if (peers == 0xffffffffu) {
+          // One digit for the whole warp (the first passes: relevance values share their high
+          // bits): a butterfly sum, 5 steps instead of 32.
+#pragma unroll
+          for (int offset = cuda::kWarpSize / 2; offset > 0; offset /= 2) {
+            value += __shfl_xor_sync(0xffffffffu, value, offset);
+          }
+        } else if (!__all_sync(0xffffffffu, peers == (1u << lane))) {
           double sum = 0.0;
           for (int src = 0; src < cuda::kWarpSize; ++src) {
             const double x = __shfl_sync(0xffffffffu, value, src);
