@@ -335,7 +335,9 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   splits = std::min(splits, cuda::CeilDiv(max_keys, kMinKeysPerSplit));
   splits = std::min(splits, kMaxWorkspaceFloats / (tokens * num_heads * (cache.head_dim + 2)));
   splits = std::min<int64_t>(std::max<int64_t>(splits, 1), 65535);
-  p.split_len = cuda::CeilDiv(max_keys, splits);
+  // Splits start at multiples of 16 keys: the tensor-core kernel's tiles then start at even keys,
+  // so that it reads a pair of bias entries with one 8-byte load.
+  p.split_len = cuda::CeilDiv(cuda::CeilDiv(max_keys, splits), 16) * 16;
   p.num_splits = static_cast<int>(cuda::CeilDiv(max_keys, p.split_len));
 
   at::Tensor partial = at::empty({tokens, num_heads, p.num_splits, cache.head_dim + 2},

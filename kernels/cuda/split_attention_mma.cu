@@ -136,6 +136,10 @@ __global__ void __launch_bounds__(kAttentionThreads)
 
   const int32_t* pages = p.tables + b * p.max_pages;
   const float* bias = p.bias == nullptr ? nullptr : p.bias + b * p.bias_width;
+  // The bias of keys (2t, 2t + 1) of a tile as one 8-byte load when the rows allow it (even width,
+  // 8-byte aligned start; tiles start at even keys: the launcher's split_len is a multiple of 16).
+  const bool paired_bias = bias != nullptr && (p.bias_width % 2) == 0 &&
+                           (reinterpret_cast<uintptr_t>(p.bias) % 8) == 0 && (key_begin % 2) == 0;
   const int64_t head_offset = static_cast<int64_t>(kv_head) * kHeadDim;
   auto row_offset = [&](int key) {
     const int page_index = key / page_size;
@@ -194,11 +198,21 @@ __global__ void __launch_bounds__(kAttentionThreads)
         const uint4& w = kw[nbk][kk / 2];
         Mma<T>::Run(s[nbk], qa[kk], (kk % 2) == 0 ? w.x : w.z, (kk % 2) == 0 ? w.y : w.w);
       }
+      // Keys pair = tile + 8 nbk + 2t and pair + 1 (C layout columns c % 2 of rows g, g + 8).
+      const int pair = tile + 8 * nbk + 2 * t;
+      float2 key_bias = make_float2(0.0f, 0.0f);
+      if (paired_bias) {
+        // pair is even and the width even, so pair < key_end <= width puts pair + 1 in the row.
+        if (pair < key_end) key_bias = *reinterpret_cast<const float2*>(bias + pair);
+      } else if (bias != nullptr) {
+        if (pair < key_end) key_bias.x = bias[pair];
+        if (pair + 1 < key_end) key_bias.y = bias[pair + 1];
+      }
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const int key = tile + 8 * nbk + 2 * t + (c % 2);
-        s[nbk][c] =
-            key < key_end ? s[nbk][c] * p.scale + (bias == nullptr ? 0.0f : bias[key]) : -INFINITY;
+        const int key = pair + (c % 2);
+        s[nbk][c] = key < key_end ? s[nbk][c] * p.scale + ((c % 2) == 0 ? key_bias.x : key_bias.y)
+                                  : -INFINITY;
       }
     }
 
