@@ -35,6 +35,16 @@ void CheckSequenceShapes(const char* op, const at::Tensor& block_tables, const a
               " entries (one per sequence), got shape ", seq_lens.sizes());
 }
 
+// The dtype of `tensor`, which must be defined and float32, bfloat16 or float16: the dtypes every
+// op takes for its model tensors (cache, weights, activations).
+at::ScalarType FloatingDtypeOf(const char* op, const char* name, const at::Tensor& tensor) {
+  TORCH_CHECK(tensor.defined(), op, ": ", name, " is undefined");
+  const at::ScalarType dtype = tensor.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op, ": ", name,
+              " must be float32, bfloat16 or float16, got ", dtype);
+  return dtype;
+}
+
 }  // namespace
 
 void CheckTensor(const char* op, const char* name, const at::Tensor& tensor, at::ScalarType dtype,
@@ -77,10 +87,7 @@ void CheckKeyBiasArg(const char* op, const c10::optional<at::Tensor>& key_bias, 
 }
 
 PagedCacheShape CheckKvCache(const char* op, const at::Tensor& kv_cache_layer) {
-  TORCH_CHECK(kv_cache_layer.defined(), op, ": kv_cache_layer is undefined");
-  const auto dtype = kv_cache_layer.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
-              ": kv_cache_layer must be float32, bfloat16 or float16, got ", dtype);
+  const at::ScalarType dtype = FloatingDtypeOf(op, "kv_cache_layer", kv_cache_layer);
   CheckTensor(op, "kv_cache_layer", kv_cache_layer, dtype, 5);
   TORCH_CHECK(kv_cache_layer.size(0) == 2, op,
               ": kv_cache_layer must be [2, num_pages, page_size, Hkv, D], got ",
@@ -98,10 +105,7 @@ PagedCacheShape CheckKvCache(const char* op, const at::Tensor& kv_cache_layer) {
 
 void CheckLinearArgs(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
   constexpr const char* kOp = kLinearOp;
-  TORCH_CHECK(weight.defined(), kOp, ": weight is undefined");
-  const at::ScalarType dtype = weight.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, kOp,
-              ": weight must be float32, bfloat16 or float16, got ", dtype);
+  const at::ScalarType dtype = FloatingDtypeOf(kOp, "weight", weight);
   CheckTensor(kOp, "weight", weight, dtype, 2);
   CheckTensor(kOp, "input", input, dtype, 2);
   CheckTensor(kOp, "out", out, dtype, 2);
@@ -116,10 +120,7 @@ void CheckLinearArgs(const at::Tensor& out, const at::Tensor& input, const at::T
 void CheckRmsNormArgs(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                       double eps) {
   constexpr const char* kOp = kRmsNormOp;
-  TORCH_CHECK(weight.defined(), kOp, ": weight is undefined");
-  const at::ScalarType dtype = weight.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, kOp,
-              ": weight must be float32, bfloat16 or float16, got ", dtype);
+  const at::ScalarType dtype = FloatingDtypeOf(kOp, "weight", weight);
   CheckTensor(kOp, "weight", weight, dtype, 1);
   CheckShaped(kOp, "input", input, dtype, {input.defined() ? input.size(0) : 0, weight.size(0)});
   CheckShaped(kOp, "out", out, dtype, input.sizes());
@@ -130,10 +131,7 @@ void CheckRmsNormArgs(const at::Tensor& out, const at::Tensor& input, const at::
 void CheckRotaryEmbeddingArgs(const at::Tensor& out, const at::Tensor& input, const at::Tensor& cos,
                               const at::Tensor& sin) {
   constexpr const char* kOp = kRotaryEmbeddingOp;
-  TORCH_CHECK(input.defined(), kOp, ": input is undefined");
-  const at::ScalarType dtype = input.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, kOp,
-              ": input must be float32, bfloat16 or float16, got ", dtype);
+  const at::ScalarType dtype = FloatingDtypeOf(kOp, "input", input);
   CheckTensor(kOp, "input", input, dtype, 3);
   TORCH_CHECK(input.size(2) % 2 == 0, kOp, ": input's last dimension D must be even, got ",
               input.sizes());
