@@ -23,7 +23,8 @@ SUMMARY=$OUT/summary.txt
 : > "$SUMMARY"
 publish() {
   cp "$SUMMARY" "$RESULTS/"
-  cp "$OUT/test_kernels_cuda.log" "$OUT/test_model_cuda.log" "$RESULTS/" 2>/dev/null
+  cp "$OUT/test_kernels_cuda.log" "$OUT/test_model_cuda.log" "$OUT/test_model_cuda_qwen3.log" \
+    "$RESULTS/" 2>/dev/null
   tar czf "$RESULTS/gpu-check-logs.tgz" -C "$OUT" .
 }
 row() { printf '%-28s %-6s %8s  %s\n' "$1" "$2" "$3" "$4" | tee -a "$SUMMARY"; }
@@ -130,6 +131,23 @@ for t in $TEST_BINARIES; do
   case $t in test_kernels_cuda | test_model_cuda) ;; *) run_test "$t" ;; esac
 done
 
+# The same GPU model test on the tiny qwen3 package (per-head q/k RMSNorm: the rms_norm kernel on
+# [tokens x heads, head_dim] rows, against the CPU's ATen expression). A link gives its log and
+# report a name of their own.
+TINY_QWEN3=$PWD/$BUILD/test-models/tiny-qwen3
+start=$(date +%s)
+rm -rf "$TINY_QWEN3"
+if python3 -m tools.dysco_export tiny --family qwen3 --seed 0 --out "$TINY_QWEN3" \
+    --kernels "$BUILD/lib/libdysco_kernels.so" > "$OUT/export-qwen3.log" 2>&1; then
+  row "export tiny-qwen3" ok $(( $(date +%s) - start )) "tools.dysco_export tiny --family qwen3 --seed 0"
+  ln -sf test_model_cuda "$BUILD/bin/test_model_cuda_qwen3"
+  DYSCO_TINY_MODEL_DIR=$TINY_QWEN3 run_test test_model_cuda_qwen3
+else
+  row "export tiny-qwen3" FAIL $(( $(date +%s) - start )) "see export-qwen3.log"
+  tail -5 "$OUT/export-qwen3.log"
+  fail=1
+fi
+
 # The tools on cuda:0 against the same on the CPU, on the tiny package: each pair must print the
 # same generated text / ids (the summary line's timings stripped).
 compare_row() {  # NAME CPU_FILE GPU_FILE DETAILS
@@ -234,6 +252,8 @@ awk '/^\[maxerr\]/ {
   "$OUT/test_kernels_cuda.log" | sort | tee -a "$SUMMARY"
 grep -h "^\[timing\]" "$OUT/test_kernels_cuda.log" | tee -a "$SUMMARY"
 grep -h "^\[model\]" "$OUT/test_model_cuda.log" | tee -a "$SUMMARY"
+grep -h "^\[model\]" "$OUT/test_model_cuda_qwen3.log" 2>/dev/null | sed 's/^\[model\]/[model qwen3]/' |
+  tee -a "$SUMMARY"
 echo "gpu-check: $( [ $fail -eq 0 ] && echo all green || echo FAILURES ); logs in $OUT" | tee -a "$SUMMARY"
 publish
 exit $fail
