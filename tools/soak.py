@@ -71,6 +71,10 @@ DEFAULT_MODEL_DIR = Path(os.environ.get("DYSCO_MODEL_DIR", REPO / "models" / "sm
 DEFAULT_CLIENT_BIN = Path(os.environ.get("DYSCO_CLIENT_BIN", REPO / "build" / "bin" / "dysco-client"))
 
 VICTIM_MAX_NEW = 384  # cancel / deadline / vanish victims: far more steps than they are given
+SLOW_READ_MS = 300  # a slow reader's pause after every message
+# A slow reader whose messages came less than this many read delays apart was the slow side of its
+# stream: the server generated faster than it read, so the server must have coalesced tokens.
+READER_BOUND_FACTOR = 1.5
 FILLER = (
     "The old lighthouse keeper climbed the spiral stairs every evening at dusk, counting the steps as his "
     "father had taught him. Below, the harbour filled with fishing boats returning from the northern banks, "
@@ -289,6 +293,7 @@ class ClientProcess:
         self._buffer = b""
         self._eof = False
         self.messages = []
+        self.arrivals = []  # when each message was read here (the child prints it once it has read it)
 
     def next_message(self, timeout_s):
         """The next stream message (a dict), or None at the end of its output or after timeout_s."""
@@ -310,7 +315,14 @@ class ClientProcess:
         except ValueError:
             message = {"unparsed": line.decode(errors="replace")}
         self.messages.append(message)
+        self.arrivals.append(now())
         return message
+
+    def mean_interval_ms(self):
+        """Mean time between messages after the first (which waits for the prompt), or None."""
+        if len(self.arrivals) < 3:
+            return None
+        return (self.arrivals[-1] - self.arrivals[1]) / (len(self.arrivals) - 2) * 1000.0
 
     def finish(self, timeout_s):
         """Waits (bounded; SIGKILL after timeout_s) for the end: (gRPC code name, messages, tokens,
@@ -366,7 +378,7 @@ class Tally:
         self.unexpected = []
         self.tokens_received = 0
         self.ok_generated = 0      # usage.generated_tokens of streams that finished OK
-        self.slow_messages = []    # (messages, tokens) of slow readers that finished
+        self.slow_messages = []    # (messages, tokens, mean gap ms) of slow readers that finished
         self.deadline_ids = {}     # request id -> DySCO?, of the streams that ended DEADLINE_EXCEEDED
 
     def record(self, scenario, code, allowed, detail=""):
@@ -665,12 +677,12 @@ class Soak:
 
     def slow_reader(self, r):
         """dysco-client reading one message every 300 ms through a small window: the server coalesces."""
-        child, request_id, dysco = self.client_process(r, "slow reader", 300, victim=False)
+        child, request_id, dysco = self.client_process(r, "slow reader", SLOW_READ_MS, victim=False)
         result = child.finish(self.rpc_timeout + 30)
         self.account_child("slow reader", result, dysco, {"OK", "RESOURCE_EXHAUSTED"}, request_id)
         if result[0] == "OK":
             with self.tally.lock:
-                self.tally.slow_messages.append((result[1], result[2]))
+                self.tally.slow_messages.append((result[1], result[2], child.mean_interval_ms()))
 
     def vanish(self, r, slow=False):
         """A dysco-client SIGKILLed mid-stream (after its first token): its connection just goes away."""
@@ -972,8 +984,12 @@ def main(argv=None):
         for scenario, code in coverage.items():
             if not t.outcomes[(scenario, code)]:
                 failures.append(f"coverage: no {scenario} request ended {code}")
-        coalesced = [m < n for m, n in t.slow_messages]
-        if t.slow_messages and not any(coalesced):
+        # Coalescing is owed only where the reader was the slow side: its messages came about one read
+        # delay apart. Where they came further apart the server generated slower than the reader read
+        # (a loaded machine), every token could be sent alone, and the check does not apply.
+        reader_bound = [(m, n) for m, n, gap in t.slow_messages
+                        if gap is not None and gap < READER_BOUND_FACTOR * SLOW_READ_MS]
+        if reader_bound and not any(m < n for m, n in reader_bound):
             failures.append(f"slow readers got one message per token: {t.slow_messages}")
         generated_server = series_sum(series, "dysco_generation_tokens_total")
         if generated_server < t.ok_generated:
@@ -1001,8 +1017,9 @@ def main(argv=None):
         out.append(f"{'tokens received (client)':<40}{t.tokens_received:>8}   "
                    f"server dysco_generation_tokens_total {generated_server:g}")
         if t.slow_messages:
-            out.append(f"{'slow readers: messages / tokens':<40}{'':>8}   "
-                       + ", ".join(f"{m}/{n}" for m, n in t.slow_messages))
+            out.append(f"{'slow readers: messages / tokens (gap)':<40}{'':>8}   "
+                       + ", ".join(f"{m}/{n} ({'-' if gap is None else f'{gap:.0f} ms'})"
+                                   for m, n, gap in t.slow_messages))
         out.append("-" * 92)
         out.append(f"{'counter':<64}{'server':>8}{'client':>8}")
         for name, s, c, same in rows:
