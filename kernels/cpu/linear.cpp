@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "kernels/cpu/cpu_checks.h"
 #include "kernels/ops.h"
@@ -47,6 +49,23 @@ DYSCO_ALWAYS_INLINE Vec8 Load8(const float* p) {
   return v;
 }
 
+// Eight bf16 weights widened to floats (exactly: a bf16 is a float's high half). Why bf16 weights
+// at all: decode streams every weight once per step, so half the bytes is up to half the step
+// (docs/performance.md "bf16 weights").
+typedef uint16_t Bits8 __attribute__((vector_size(16)));
+typedef uint32_t Words8 __attribute__((vector_size(32)));
+DYSCO_ALWAYS_INLINE Vec8 Load8(const at::BFloat16* p) {
+  Bits8 bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  const Words8 words = __builtin_convertvector(bits, Words8) << 16;
+  Vec8 v;
+  std::memcpy(&v, &words, sizeof(v));
+  return v;
+}
+
+DYSCO_ALWAYS_INLINE float ToFloat(float x) { return x; }
+DYSCO_ALWAYS_INLINE float ToFloat(at::BFloat16 x) { return static_cast<float>(x); }
+
 DYSCO_ALWAYS_INLINE float Sum8(Vec8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
@@ -54,23 +73,27 @@ DYSCO_ALWAYS_INLINE float Sum8(Vec8 v) {
 // out[r][n] for r < MR, n in [n0, n0 + 4): four weight rows against MR input rows, 4 * MR vector
 // accumulators; with the four weight vectors and one input vector that is 13 of the 16 AVX
 // registers for MR = 2 (MR = 3 spills). x: MR rows of stride ldx.
-template <int MR, bool kPrefetch = true>
-DYSCO_ALWAYS_INLINE void Gemv4(const float* __restrict x, int64_t ldx, const float* __restrict w,
-                               int64_t k_size, float* __restrict out, int64_t ldo) {
+// W: the weight type (float or bf16, widened to float as it is loaded); Out: the output type (the
+// sums are fp32 either way, rounded once when stored).
+template <int MR, typename W, typename Out, bool kPrefetch = true>
+DYSCO_ALWAYS_INLINE void Gemv4(const float* __restrict x, int64_t ldx, const W* __restrict w,
+                               int64_t k_size, Out* __restrict out, int64_t ldo) {
   Vec8 acc[MR][4];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = Vec8{};
-  const float* w0 = w;
-  const float* w1 = w + k_size;
-  const float* w2 = w + 2 * k_size;
-  const float* w3 = w + 3 * k_size;
-  // The next four weight rows follow these in memory: prefetch them, two cache lines per step, so
-  // that rows of a few KiB (too short for the hardware prefetcher to ramp up) stream at full rate.
+  const W* w0 = w;
+  const W* w1 = w + k_size;
+  const W* w2 = w + 2 * k_size;
+  const W* w3 = w + 3 * k_size;
+  // The next four weight rows follow these in memory: prefetch them as fast as these are read
+  // (4 rows x 8 weights a step: two cache lines of floats, one of bf16), so that rows of a few KiB
+  // (too short for the hardware prefetcher to ramp up) stream at full rate.
   const char* next = reinterpret_cast<const char*>(w + 4 * k_size);
+  constexpr int64_t kStepBytes = 4 * static_cast<int64_t>(sizeof(W));  // per k
   int64_t k = 0;
   for (; k + 8 <= k_size; k += 8) {
     if (kPrefetch) {
-      __builtin_prefetch(next + 16 * k);
-      __builtin_prefetch(next + 16 * k + 64);
+      __builtin_prefetch(next + kStepBytes * k);
+      if (kStepBytes * 8 > 64) __builtin_prefetch(next + kStepBytes * k + 64);
     }
     const Vec8 a = Load8(w0 + k);
     const Vec8 b = Load8(w1 + k);
@@ -88,38 +111,75 @@ DYSCO_ALWAYS_INLINE void Gemv4(const float* __restrict x, int64_t ldx, const flo
     float s[4] = {Sum8(acc[r][0]), Sum8(acc[r][1]), Sum8(acc[r][2]), Sum8(acc[r][3])};
     for (int64_t kk = k; kk < k_size; ++kk) {
       const float xv = x[r * ldx + kk];
-      s[0] += w0[kk] * xv;
-      s[1] += w1[kk] * xv;
-      s[2] += w2[kk] * xv;
-      s[3] += w3[kk] * xv;
+      s[0] += ToFloat(w0[kk]) * xv;
+      s[1] += ToFloat(w1[kk]) * xv;
+      s[2] += ToFloat(w2[kk]) * xv;
+      s[3] += ToFloat(w3[kk]) * xv;
     }
-    for (int j = 0; j < 4; ++j) out[r * ldo + j] = s[j];
+    for (int j = 0; j < 4; ++j) out[r * ldo + j] = static_cast<Out>(s[j]);
   }
 }
 
 // One weight row against MR input rows (the n % 4 tail).
-template <int MR>
-DYSCO_ALWAYS_INLINE void Gemv1(const float* __restrict x, int64_t ldx, const float* __restrict w,
-                               int64_t k_size, float* __restrict out, int64_t ldo) {
+template <int MR, typename W, typename Out>
+DYSCO_ALWAYS_INLINE void Gemv1(const float* __restrict x, int64_t ldx, const W* __restrict w,
+                               int64_t k_size, Out* __restrict out, int64_t ldo) {
   for (int r = 0; r < MR; ++r) {
     Vec8 acc = Vec8{};
     int64_t k = 0;
     for (; k + 8 <= k_size; k += 8) acc += Load8(w + k) * Load8(x + r * ldx + k);
     float s = Sum8(acc);
-    for (; k < k_size; ++k) s += w[k] * x[r * ldx + k];
-    out[r * ldo] = s;
+    for (; k < k_size; ++k) s += ToFloat(w[k]) * x[r * ldx + k];
+    out[r * ldo] = static_cast<Out>(s);
   }
 }
 
 // out[:, n_begin:n_end] for all M (<= kGemvMaxRows) rows of x, out of stride n_size. Four weight
 // rows at a time, outermost: each group is read from memory once, by the first group of input rows,
 // and from L1 by the others (4 rows of K floats: 24 KiB at K = 1536).
-DYSCO_ALWAYS_INLINE void GemvRangeImpl(const float* x, int64_t m_size, const float* w,
-                                       int64_t k_size, int64_t n_size, int64_t n_begin,
-                                       int64_t n_end, float* out) {
+// Four bf16 weight rows widened into `dst` (4 x k_size floats), the next four prefetched.
+DYSCO_ALWAYS_INLINE void WidenFourRows(const at::BFloat16* __restrict w, int64_t k_size,
+                                       float* __restrict dst) {
+  const char* next = reinterpret_cast<const char*>(w + 4 * k_size);
+  const int64_t total = 4 * k_size;
+  int64_t i = 0;
+  for (; i + 32 <= total; i += 32) {
+    __builtin_prefetch(next + 2 * i);
+    for (int j = 0; j < 32; j += 8) {
+      const Vec8 v = Load8(w + i + j);
+      std::memcpy(dst + i + j, &v, sizeof(v));
+    }
+  }
+  for (; i < total; ++i) dst[i] = static_cast<float>(w[i]);
+}
+
+template <typename W, typename Out>
+DYSCO_ALWAYS_INLINE void GemvRangeImpl(const float* x, int64_t m_size, const W* w, int64_t k_size,
+                                       int64_t n_size, int64_t n_begin, int64_t n_end, Out* out) {
   int64_t n = n_begin;
+  if constexpr (std::is_same_v<W, at::BFloat16>) {
+    if (m_size > 2) {
+      // More than one register block of rows: widen each group of four weight rows once into an
+      // L1-sized buffer and run the fp32 kernel over it for every row pair, instead of widening the
+      // same weights again for each pair (8 rows were slower in bf16 than in fp32 that way).
+      thread_local std::vector<float> widened;
+      widened.resize(static_cast<size_t>(4 * k_size));
+      for (; n + 4 <= n_end; n += 4) {
+        WidenFourRows(w + n * k_size, k_size, widened.data());
+        int64_t r = 0;
+        for (; r + 2 <= m_size; r += 2) {
+          Gemv4<2, float, Out, false>(x + r * k_size, k_size, widened.data(), k_size,
+                                      out + r * n_size + n, n_size);
+        }
+        if (r < m_size) {
+          Gemv4<1, float, Out, false>(x + r * k_size, k_size, widened.data(), k_size,
+                                      out + r * n_size + n, n_size);
+        }
+      }
+    }
+  }
   for (; n + 4 <= n_end; n += 4) {
-    const float* wn = w + n * k_size;
+    const W* wn = w + n * k_size;
     int64_t r = 0;
     for (; r + 2 <= m_size; r += 2) {
       Gemv4<2>(x + r * k_size, k_size, wn, k_size, out + r * n_size + n, n_size);
@@ -134,13 +194,15 @@ DYSCO_ALWAYS_INLINE void GemvRangeImpl(const float* x, int64_t m_size, const flo
 }
 
 // Compiled for x86-64-v3 (AVX2 + FMA: 8-lane FMAs) and for the baseline; Gemv picks one per call.
-DYSCO_TARGET_V3 void GemvRangeVector(const float* x, int64_t m_size, const float* w, int64_t k_size,
-                                     int64_t n_size, int64_t n_begin, int64_t n_end, float* out) {
+template <typename W, typename Out>
+DYSCO_TARGET_V3 void GemvRangeVector(const float* x, int64_t m_size, const W* w, int64_t k_size,
+                                     int64_t n_size, int64_t n_begin, int64_t n_end, Out* out) {
   GemvRangeImpl(x, m_size, w, k_size, n_size, n_begin, n_end, out);
 }
 
-void GemvRangeBaseline(const float* x, int64_t m_size, const float* w, int64_t k_size,
-                       int64_t n_size, int64_t n_begin, int64_t n_end, float* out) {
+template <typename W, typename Out>
+void GemvRangeBaseline(const float* x, int64_t m_size, const W* w, int64_t k_size, int64_t n_size,
+                       int64_t n_begin, int64_t n_end, Out* out) {
   GemvRangeImpl(x, m_size, w, k_size, n_size, n_begin, n_end, out);
 }
 
@@ -153,13 +215,17 @@ bool UseVectorGemv() {
 #endif
 }
 
+// fp32 and bf16 (T) weights, inputs and outputs. bf16 inputs are widened to fp32 once (at most
+// kGemvMaxRows rows), the sums are fp32 and each output is rounded once.
+template <typename T>
 void Gemv(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
   const int64_t m_size = input.size(0);
   const int64_t k_size = input.size(1);
   const int64_t n_size = weight.size(0);
-  const float* x = input.data_ptr<float>();
-  const float* w = weight.data_ptr<float>();
-  float* o = out.data_ptr<float>();
+  const at::Tensor x_float = input.scalar_type() == at::kFloat ? input : input.to(at::kFloat);
+  const float* x = x_float.data_ptr<float>();
+  const T* w = weight.data_ptr<T>();
+  T* o = out.data_ptr<T>();
   at::parallel_for(0, n_size, kGemvGrain, [&](int64_t begin, int64_t end) {
     if (UseVectorGemv()) {
       GemvRangeVector(x, m_size, w, k_size, n_size, begin, end, o);
@@ -218,7 +284,11 @@ void linear_cpu(const at::Tensor& out, const at::Tensor& input, const at::Tensor
     return;
   }
   if (input.size(0) <= kGemvMaxRows && weight.scalar_type() == at::kFloat) {
-    Gemv(out, input, weight);
+    Gemv<float>(out, input, weight);
+    return;
+  }
+  if (input.size(0) <= kGemvMaxRows && weight.scalar_type() == at::kBFloat16) {
+    Gemv<at::BFloat16>(out, input, weight);
     return;
   }
   if (weight.scalar_type() == at::kHalf) {

@@ -245,6 +245,29 @@ TEST(Linear, ReducedPrecisionAndEmptyShapes) {
   EXPECT_NO_THROW(ops::linear(at::empty({0, 4}), at::empty({0, 5}), at::empty({4, 5})));
 }
 
+// bf16 weights and inputs through the few-row GEMV (rows 1..8) and the GEMM (9): fp32 sums of the
+// exact bf16 values, each output rounded once to bf16, so within one bf16 rounding (2^-8 relative)
+// of a float64 product of the same bf16 values; K and N with tails (K % 8, N % 4), every output
+// written (NaN first).
+TEST(Linear, Bf16WeightsMatchReference) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(23);
+  for (int64_t m : {1, 2, 3, 8, 9}) {
+    for (auto [n, k] : {std::pair<int64_t, int64_t>{192, 576}, {67, 13}, {5, 8}, {1, 1536}}) {
+      SCOPED_TRACE("M=" + std::to_string(m) + " N=" + std::to_string(n) +
+                   " K=" + std::to_string(k));
+      const at::Tensor x = at::randn({m, k}, gen).to(at::kBFloat16);
+      const at::Tensor w = (at::randn({n, k}, gen) * 0.1).to(at::kBFloat16);
+      const at::Tensor out = at::full({m, n}, kNaN).to(at::kBFloat16);
+      ops::linear(out, x, w);
+      const at::Tensor expected = x.to(at::kDouble).matmul(w.to(at::kDouble).t());
+      const at::Tensor got = out.to(at::kDouble);
+      ASSERT_FALSE(at::any(at::isnan(got)).item<bool>());
+      const double scale = expected.abs().max().item<double>();
+      EXPECT_TRUE(AllClose(got, expected, 1e-2 * scale, 8e-3));
+    }
+  }
+}
+
 TEST(Linear, RejectsBadInputs) {
   const at::Tensor x = at::randn({2, 8});
   const at::Tensor w = at::randn({4, 8});
