@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -76,8 +77,11 @@ void SetOpenBlasThreads(int n) {
 // from cache.
 class MatmulFloor {
  public:
-  explicit MatmulFloor(const dysco::ModelConfig& c) : c_(c) {
-    const auto opts = at::TensorOptions().dtype(ToScalarType(c.dtype));
+  // The weights in the model's dtype, or in `dtype` when given (the bf16 comparison below).
+  explicit MatmulFloor(const dysco::ModelConfig& c,
+                       std::optional<at::ScalarType> dtype = std::nullopt)
+      : c_(c) {
+    const auto opts = at::TensorOptions().dtype(dtype.value_or(ToScalarType(c.dtype)));
     const int64_t q = int64_t{c.num_attention_heads} * c.head_dim;
     const int64_t kv = int64_t{c.num_kv_heads} * c.head_dim;
     for (int l = 0; l < c.num_layers; ++l) {
@@ -461,6 +465,17 @@ int main(int argc, char** argv) {
   if (have_linear) {
     std::printf("dysco::linear over the same weights: 1 row %.2f ms, 8 rows %.2f ms\n", op1 * 1e3,
                 op8 * 1e3);
+  }
+  if (have_linear && c.dtype == dysco::ModelDtype::kFloat32) {
+    // The same shapes in bf16 (a package exported with --dtype bfloat16), in the same run: what
+    // halving the weight bytes gives the decode step's matmuls on this machine.
+    MatmulFloor bf16(c, at::kBFloat16);
+    const double b1 = bf16.MeasureOp(1, 20);
+    const double b8 = bf16.MeasureOp(8, 10);
+    std::printf(
+        "dysco::linear over the same shapes in bf16 (%.0f MB): 1 row %.2f ms (%.2fx fp32), 8 rows "
+        "%.2f ms (%.2fx fp32)\n",
+        bf16.weight_bytes() / 1e6, b1 * 1e3, b1 / op1, b8 * 1e3, b8 / op8);
   }
   std::printf("\n");
 
