@@ -571,6 +571,13 @@ def test_gguf_skip_if_current(tiny_gguf, tmp_path, kernels):
         json.dump(config, f)
     rc, err = run_export(*args)
     assert rc == 0 and "is current" not in err
+    # Another dtype is not the same package (`make model MODEL_DTYPE=bfloat16`).
+    rc, err = run_export(*args, "--dtype", "bfloat16")
+    assert rc == 0 and "is current" not in err
+    with open(out / "config.json") as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    rc, err = run_export(*args, "--dtype", "bfloat16")
+    assert rc == 0 and "is current" in err
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def cmd_gguf(args) -> int:
     from . import package
     if not os.path.isfile(args.gguf):
         raise ExportError(f"{args.gguf}: no such file")
-    if args.skip_if_current and package.package_is_current(args.out, args.gguf):
+    if args.skip_if_current and package.package_is_current(args.out, args.gguf, args.dtype):
         print(f"dysco_export: {args.out} is current", file=sys.stderr)
         return 0
     from .gguf_source import read_gguf

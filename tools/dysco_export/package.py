@@ -88,11 +88,15 @@ def cached_sha256(path: str, package_dir: str) -> str:
     return digest
 
 
-def package_is_current(package_dir: str, source_path: str) -> bool:
+def package_is_current(package_dir: str, source_path: str, dtype: Optional[str] = None) -> bool:
+    """Whether the package was exported by this exporter from this source (and, given, in this dtype)."""
     try:
         with open(os.path.join(package_dir, "config.json"), encoding="utf-8") as f:
-            source = json.load(f)["source"]
+            config = json.load(f)
+        source = config["source"]
     except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if dtype is not None and config.get("dtype") != dtype:
         return False
     if not all(os.path.exists(os.path.join(package_dir, n)) for n in ("model.pt", WEIGHTS_FILE, "tokenizer.json")):
         return False
