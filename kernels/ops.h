@@ -59,7 +59,8 @@ void linear_cpu(const at::Tensor& out, const at::Tensor& input, const at::Tensor
 
 // out [M, D] <- weight [D] * to_dtype(x * rsqrt(mean(x^2) + eps)) per row of input [M, D], x and
 // the statistics in fp32, the normalised row rounded to the dtype before the product with the
-// weight (rounded again): the model's rms_norm (transformers' LlamaRMSNorm) as one pass.
+// weight (rounded again): the model's rms_norm (transformers' LlamaRMSNorm) as one pass. The CPU
+// version sums the squares in ATen's order, so it equals the ATen expression bit for bit.
 void rms_norm_cpu(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                   double eps);
 

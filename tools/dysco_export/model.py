@@ -25,17 +25,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    # Statistics in fp32 and the product with the weight in the model dtype, as transformers does.
-    if x.is_cuda:
-        # One kernel for the seven of the expression below (docs/gpu.md "Element-wise kernels"); same
-        # rounding steps. The CPU keeps the expression, so CPU outputs stay what they were.
-        rows = x.contiguous().view(-1, x.size(-1))
-        out = torch.empty_like(rows)
-        torch.ops.dysco.rms_norm(out, rows, weight, eps)
-        return out.view(x.size())
-    xf = x.to(torch.float32)
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    # transformers' RMSNorm: statistics in fp32, the product with the weight in the model dtype. One op for the
+    # seven of the ATen expression (`weight * (xf * rsqrt(xf.pow(2).mean(-1) + eps)).to(x.dtype)`): one kernel
+    # on CUDA (docs/gpu.md "Element-wise kernels"), one pass on the CPU that sums in ATen's order, so its output
+    # equals the expression's bit for bit there (kernels/cpu/norm_rope.cpp).
+    rows = x.contiguous().view(-1, x.size(-1))
+    out = torch.empty_like(rows)
+    torch.ops.dysco.rms_norm(out, rows, weight, eps)
+    return out.view(x.size())
 
 
 def linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -48,21 +45,14 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    half = x.size(-1) // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [T, H, D] rotated by cos, sin [T, D] (Hugging Face's rotate_half convention); contiguous."""
-    if x.is_cuda:
-        # One kernel for the five of the expression below, each product and the sum rounded as there.
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        torch.ops.dysco.rotary_embedding(out, x.contiguous(), cos, sin)
-        return out
-    c = cos.unsqueeze(1)
-    s = sin.unsqueeze(1)
-    return (x * c + rotate_half(x) * s).contiguous()
+    """x [T, H, D] rotated by cos, sin [T, D] (Hugging Face's rotate_half convention); contiguous.
+
+    One op for the five of `x * cos + rotate_half(x) * sin` (rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])),
+    each product and the sum rounded as there: bit for bit the expression, on both backends."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    torch.ops.dysco.rotary_embedding(out, x.contiguous(), cos, sin)
+    return out
 
 
 def _frozen(t: Tensor, dtype: torch.dtype) -> nn.Parameter:
