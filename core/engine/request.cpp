@@ -78,6 +78,13 @@ Status SequenceFactory::ValidatePromptSource(const GenerateRequest& r) const {
     DYSCO_RETURN_IF_ERROR(
         CheckTokenId(r.prompt_token_ids[i], config_->vocab_size, Indexed("prompt_token_ids", i)));
   }
+  // Token ids are counted without encoding: a prompt over the context is refused here, before a
+  // full queue could answer RESOURCE_EXHAUSTED to a request that no retry can make valid (text
+  // prompts are counted once encoded, in Create).
+  if (static_cast<int64_t>(r.prompt_token_ids.size()) > limits_.max_context_tokens) {
+    return Bad("prompt_token_ids has " + std::to_string(r.prompt_token_ids.size()) +
+               " tokens, more than the context of " + std::to_string(limits_.max_context_tokens));
+  }
   return OkStatus();
 }
 

@@ -582,10 +582,14 @@ TEST_F(RequestTest, CreateAppliesTheContext) {
   ASSERT_NE(factory, nullptr);
   auto pool = Pool(8);
   ASSERT_NE(pool, nullptr);
-  // A prompt longer than the context is refused, naming the prompt.
+  // A prompt longer than the context is refused, naming the prompt: token ids already by Validate
+  // (the cheap checks a full queue does not pre-empt), text once encoded.
   auto longer = factory->Create(Ids(33, 1), pool.get());
   ASSERT_FALSE(longer.ok());
-  ExpectInvalid(longer.status(), "prompt has 33 tokens, more than the context of 32", "context");
+  ExpectInvalid(longer.status(), "prompt_token_ids has 33 tokens, more than the context of 32",
+                "context");
+  ExpectInvalid(factory->Validate(Ids(33, 1)),
+                "prompt_token_ids has 33 tokens, more than the context of 32", "context");
   // A prompt that fills the context exactly is accepted.
   auto full = factory->Create(Ids(32, 1), pool.get());
   ASSERT_TRUE(full.ok()) << full.status().ToString();
