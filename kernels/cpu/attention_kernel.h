@@ -33,6 +33,11 @@
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
     !defined(DYSCO_CPU_BASELINE_ONLY)
 #define DYSCO_CPU_X86_64_V3 1
+// A third clone of the blocked prefill for x86-64-v4 (AVX-512, 32 registers) where GCC knows the
+// level (11 and later); -DDYSCO_CPU_NO_AVX512 leaves it out.
+#if __GNUC__ >= 11 && !defined(DYSCO_CPU_NO_AVX512)
+#define DYSCO_CPU_X86_64_V4 1
+#endif
 #endif
 #define DYSCO_ALWAYS_INLINE inline __attribute__((always_inline))
 
@@ -552,6 +557,17 @@ DYSCO_ALWAYS_INLINE void AttendKeysBlockedImpl(const PagedSequence<T>& seq, int6
     }
   }
 }
+
+// The instruction sets the kernels come in: baseline (plain loops), x86-64-v3 (AVX2 + FMA; on other
+// architectures the vector-extension kernels) and x86-64-v4 (AVX-512, the blocked prefill only).
+enum class CpuIsa : int { kBaseline = 0, kX86_64_V3 = 1, kX86_64_V4 = 2 };
+
+// The widest of those this build and this CPU run.
+CpuIsa SupportedCpuIsa();
+
+// Caps the instruction set the kernels pick (tests run every path the machine has); returns the
+// previous cap. Not while kernels run.
+CpuIsa SetCpuIsaCapForTesting(CpuIsa cap);
 
 // The multiversioned entry points (attention_kernel.cpp), one per cache dtype.
 #define DYSCO_DECLARE_ATTENTION_KERNELS(T)                                                        \

@@ -17,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "kernels/cpu/attention_kernel.h"
 #include "kernels/op_calls.h"
 #include "kernels/op_checks.h"
 #include "kernels/ops.h"
@@ -490,6 +491,24 @@ TEST(PagedKvWrite, RejectsBadInputs) {
                c10::Error);
 }
 
+// ---- the attention kernels' instruction sets
+// -----------------------------------------------------------------------------------
+
+// Calls check() once per instruction set of the CPU attention kernels this machine runs (baseline,
+// x86-64-v3, x86-64-v4: attention_kernel.h), capped to it, so that every path is compared with the
+// reference, not only the widest.
+template <typename F>
+void ForEachCpuIsa(F&& check) {
+  namespace cpu = dysco::kernels::cpu;
+  const int widest = static_cast<int>(cpu::SupportedCpuIsa());
+  for (int isa = widest; isa >= 0; --isa) {
+    SCOPED_TRACE("cpu isa " + std::to_string(isa));
+    const cpu::CpuIsa previous = cpu::SetCpuIsaCapForTesting(static_cast<cpu::CpuIsa>(isa));
+    check();
+    cpu::SetCpuIsaCapForTesting(previous);
+  }
+}
+
 // ---- paged_attention_decode
 // ------------------------------------------------------------------------------
 
@@ -502,17 +521,18 @@ void CheckDecode(const Layout& layout, const std::vector<int64_t>& lens, at::Sca
   const at::Tensor query =
       at::randn({num_seqs, layout.query_heads(), layout.head_dim}, gen).to(dtype);
   const double scale = 1.0 / std::sqrt(static_cast<double>(layout.head_dim));
-  const at::Tensor out = at::full_like(query, kNaN);
-  ops::paged_attention_decode(out, query, batch.kv, batch.block_tables, batch.seq_lens, scale,
-                              bias);
-
   at::Tensor expected = at::empty({num_seqs, layout.query_heads(), layout.head_dim}, at::kDouble);
   for (int64_t b = 0; b < num_seqs; ++b) {
     const at::Tensor position = at::full({1}, lens[b] - 1, at::kLong);
     expected[b].copy_(Reference(batch, b, query[b].unsqueeze(0), position, scale, bias).second[0]);
   }
   const double tol = Tolerance(dtype);
-  EXPECT_TRUE(AllClose(out, expected, tol, tol));
+  ForEachCpuIsa([&] {
+    const at::Tensor out = at::full_like(query, kNaN);
+    ops::paged_attention_decode(out, query, batch.kv, batch.block_tables, batch.seq_lens, scale,
+                                bias);
+    EXPECT_TRUE(AllClose(out, expected, tol, tol));
+  });
 }
 
 TEST(PagedAttentionDecode, MatchesReference) {
@@ -722,10 +742,6 @@ void CheckPrefill(const Layout& layout, const std::vector<Chunk>& chunks, at::Sc
   const at::Tensor query =
       at::randn({tokens, layout.query_heads(), layout.head_dim}, gen).to(dtype);
   const double scale = 0.7 / std::sqrt(static_cast<double>(layout.head_dim));
-  const at::Tensor out = at::full_like(query, kNaN);
-  ops::paged_attention_prefill(out, query, batch.kv, batch.block_tables, batch.seq_lens,
-                               query_start_loc, scale, bias);
-
   at::Tensor expected = at::empty({tokens, layout.query_heads(), layout.head_dim}, at::kDouble);
   for (size_t b = 0; b < chunks.size(); ++b) {
     const int64_t q_len = chunks[b].new_tokens;
@@ -738,7 +754,12 @@ void CheckPrefill(const Layout& layout, const std::vector<Chunk>& chunks, at::Sc
                    .second);
   }
   const double tol = Tolerance(dtype);
-  EXPECT_TRUE(AllClose(out, expected, tol, tol));
+  ForEachCpuIsa([&] {
+    const at::Tensor out = at::full_like(query, kNaN);
+    ops::paged_attention_prefill(out, query, batch.kv, batch.block_tables, batch.seq_lens,
+                                 query_start_loc, scale, bias);
+    EXPECT_TRUE(AllClose(out, expected, tol, tol));
+  });
 }
 
 TEST(PagedAttentionPrefill, MixedChunksMatchReference) {
@@ -767,11 +788,12 @@ TEST(PagedAttentionPrefill, MatchesReferenceInReducedPrecision) {
   }
 }
 
-// The blocked prefill path (head_dim 64 and 128: 64-token work items, 64-key tiles, 5-row register
-// blocks) at its boundaries: chunks longer than one item and ending one past / one short of it,
-// tiles ending exactly on and one past 64 keys, chunks starting mid-sequence (the causal diagonal
-// inside a tile, whole tiles before it), GQA groups whose row counts are not multiples of 6, page
-// sizes that do and do not divide a tile, several sequences in one call.
+// The blocked prefill path (head_dim 64 and 128: 64-token work items, 64-key tiles, register blocks
+// of 5 rows on AVX2 and 6 on AVX-512) at its boundaries: chunks longer than one item and ending one
+// past / one short of it, tiles ending exactly on and one past 64 keys, chunks starting
+// mid-sequence (the causal diagonal inside a tile, whole tiles before it), GQA groups whose row
+// counts are not multiples of 6, page sizes that do and do not divide a tile, several sequences in
+// one call.
 TEST(PagedAttentionPrefill, BlockedPathAtTileBoundariesMatchesReference) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(17);
   const std::vector<Layout> layouts = {
@@ -804,9 +826,6 @@ TEST(PagedAttentionPrefill, BlockedPathWithWholeTilesMaskedMatchesReference) {
   bias[0].slice(0, 0, 130).fill_(-kInf);   // first two tiles and a bit of the third
   bias[1].slice(0, 64, 128).fill_(-kInf);  // the second tile only
   const at::Tensor query = at::randn({150 + 100, 9, 64}, gen);
-  const at::Tensor out = at::full_like(query, kNaN);
-  ops::paged_attention_prefill(out, query, batch.kv, batch.block_tables, batch.seq_lens,
-                               at::tensor({0, 150, 250}, at::kLong), 0.125, bias);
   at::Tensor expected = at::empty({250, 9, 64}, at::kDouble);
   expected.slice(0, 0, 150).copy_(
       Reference(batch, 0, query.slice(0, 0, 150), at::arange(50, 200, at::kLong), 0.125, bias)
@@ -816,7 +835,12 @@ TEST(PagedAttentionPrefill, BlockedPathWithWholeTilesMaskedMatchesReference) {
           Reference(batch, 1, query.slice(0, 150, 250), at::arange(50, 150, at::kLong), 0.125, bias)
               .second);
   EXPECT_TRUE(at::all(expected.slice(0, 0, 80) == 0).item<bool>());  // positions 50..129
-  EXPECT_TRUE(AllClose(out, expected, 1e-5, 1e-5));
+  ForEachCpuIsa([&] {
+    const at::Tensor out = at::full_like(query, kNaN);
+    ops::paged_attention_prefill(out, query, batch.kv, batch.block_tables, batch.seq_lens,
+                                 at::tensor({0, 150, 250}, at::kLong), 0.125, bias);
+    EXPECT_TRUE(AllClose(out, expected, 1e-5, 1e-5));
+  });
 }
 
 TEST(PagedAttentionPrefill, RowsWithEveryKeyMaskedAreZero) {
@@ -825,13 +849,15 @@ TEST(PagedAttentionPrefill, RowsWithEveryKeyMaskedAreZero) {
   at::Tensor bias = at::randn({1, 20}, gen);
   bias.slice(1, 0, 12).fill_(-kInf);  // tokens at positions < 12 see only masked keys
   const at::Tensor query = at::randn({20, 9, 64}, gen);
-  const at::Tensor out = at::full_like(query, kNaN);
-  ops::paged_attention_prefill(out, query, batch.kv, batch.block_tables, batch.seq_lens,
-                               at::tensor({0, 20}, at::kLong), 0.125, bias);
   const at::Tensor expected =
       Reference(batch, 0, query, at::arange(20, at::kLong), 0.125, bias).second;
   EXPECT_TRUE(at::all(expected.slice(0, 0, 12) == 0).item<bool>());
-  EXPECT_TRUE(AllClose(out, expected, 1e-5, 1e-5));
+  ForEachCpuIsa([&] {
+    const at::Tensor out = at::full_like(query, kNaN);
+    ops::paged_attention_prefill(out, query, batch.kv, batch.block_tables, batch.seq_lens,
+                                 at::tensor({0, 20}, at::kLong), 0.125, bias);
+    EXPECT_TRUE(AllClose(out, expected, 1e-5, 1e-5));
+  });
 }
 
 TEST(PagedAttentionPrefill, RejectsBadInputs) {
