@@ -1,6 +1,6 @@
 // bench-kernels: microseconds per call of the dysco CPU attention ops at decode and prefill shapes
 // of SmolLM2-135M (Hq = 9, Hkv = 3, D = 64, page size 16), fp32. Usage: bench-kernels [--threads N]
-// [--cpu-time]
+// [--cpu-time] [--max-isa 0|1|2]
 // --cpu-time times the calling thread's CPU time instead of wall time: with --threads 1 on a busy
 // machine it leaves out the time the benchmark was not scheduled.
 #include <ATen/ATen.h>
@@ -16,6 +16,7 @@
 #include <functional>
 #include <vector>
 
+#include "kernels/cpu/attention_kernel.h"
 #include "kernels/op_calls.h"
 
 namespace {
@@ -45,22 +46,32 @@ Cache MakeCache(int64_t batch, int64_t seq_len) {
 
 int main(int argc, char** argv) {
   bool cpu_time = false;
+  int max_isa = 2;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
       at::set_num_threads(std::atoi(argv[++i]));
     } else if (std::strcmp(argv[i], "--cpu-time") == 0) {
       cpu_time = true;
+    } else if (std::strcmp(argv[i], "--max-isa") == 0 && i + 1 < argc) {
+      // Caps the kernels' instruction set (0 baseline, 1 x86-64-v3, 2 x86-64-v4), to compare the
+      // paths of one build back to back.
+      max_isa = std::atoi(argv[++i]);
     } else if (std::strcmp(argv[i], "--help") == 0) {
-      std::printf("usage: %s [--threads N] [--cpu-time]\n", argv[0]);
+      std::printf("usage: %s [--threads N] [--cpu-time] [--max-isa 0|1|2]\n", argv[0]);
       return 0;
     } else {
-      std::fprintf(stderr, "usage: %s [--threads N] [--cpu-time]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--threads N] [--cpu-time] [--max-isa 0|1|2]\n", argv[0]);
       return 2;
     }
   }
   const dysco::bench::MicroTimer timer(cpu_time, /*repetitions=*/15);
   const double scale = 1.0 / std::sqrt(static_cast<double>(kHeadDim));
-  std::printf("threads %d, %s time\n", at::get_num_threads(), cpu_time ? "thread CPU" : "wall");
+  namespace cpu = dysco::kernels::cpu;
+  cpu::SetCpuIsaCapForTesting(static_cast<cpu::CpuIsa>(max_isa));
+  std::printf("threads %d, %s time, kernels' instruction set %d (this machine: up to %d)\n",
+              at::get_num_threads(), cpu_time ? "thread CPU" : "wall",
+              std::min(max_isa, static_cast<int>(cpu::SupportedCpuIsa())),
+              static_cast<int>(cpu::SupportedCpuIsa()));
 
   std::printf("\npaged_attention_decode, fp32, us per call (no bias / with bias)\n%8s", "B\\seq");
   const std::vector<int64_t> lens = {512, 1024, 2048, 4096};
@@ -98,6 +109,16 @@ int main(int argc, char** argv) {
     }));
   }
 
+  // The floor of the prefill lines: the matmul rate of this run (same threads, same timer), as
+  // bench-decode measures it: at::linear with 256 rows (a prefill chunk) through one of the model's
+  // weights (SmolLM2-135M's MLP gate, 576 -> 1536), so that the lines read as a fraction of it.
+  const at::Tensor gemm_x = at::randn({256, 576});
+  const at::Tensor gemm_w = at::randn({1536, 576});
+  const double gemm_us = timer.MinMicros([&] { (void)at::linear(gemm_x, gemm_w); });
+  const double gemm_gflops = 2.0 * 256 * 576 * 1536 / gemm_us / 1e3;
+  std::printf("\nGEMM rate, at::linear 256 x 576 -> 1536: %.1f us (%.2f GFLOP/s)\n", gemm_us,
+              gemm_gflops);
+
   std::printf(
       "\npaged_attention_prefill, one sequence, chunk of new tokens at the end, us per call\n");
   for (auto [len, chunk] :
@@ -110,9 +131,10 @@ int main(int argc, char** argv) {
       dysco::ops::paged_attention_prefill(out, query, cache.kv, cache.block_tables, cache.seq_lens,
                                           starts, scale, c10::nullopt);
     });
-    std::printf("  seq %5lld chunk %4lld: %10.1f  (%.2f GFLOP/s)\n", static_cast<long long>(len),
-                static_cast<long long>(chunk), us,
-                4.0 * kQueryHeads * kHeadDim * chunk * (len - chunk / 2.0) / us / 1e3);
+    const double gflops = 4.0 * kQueryHeads * kHeadDim * chunk * (len - chunk / 2.0) / us / 1e3;
+    std::printf("  seq %5lld chunk %4lld: %10.1f  (%.2f GFLOP/s, %.2fx the GEMM rate)\n",
+                static_cast<long long>(len), static_cast<long long>(chunk), us, gflops,
+                gflops / gemm_gflops);
   }
   return 0;
 }
