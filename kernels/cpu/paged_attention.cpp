@@ -26,10 +26,11 @@ using cpu::AttentionScratch;
 using cpu::PagedSequence;
 
 // Query tokens of one prefill work item: enough rows (times the GQA group) that the gather of each
-// key tile (a copy, K transposed) is small next to the blocked products it feeds (32 tokens: 15%
-// slower at 4K keys than 64), few enough that a 256-token chunk still makes several items per
-// thread.
-constexpr int64_t kPrefillTokensPerItem = 64;
+// key tile (a copy, K transposed, from pages that at 4K keys no longer sit in L2) is small next to
+// the blocked products it feeds (32 tokens: 15% slower at 4K keys than 64; 64: 8% slower than 128
+// with the AVX-512 tiles, 7% with AVX2, bench-kernels --threads 1 --cpu-time), few enough that a
+// 256-token chunk still makes an item per thread for each KV head (SmolLM2: 3 heads, 6 items).
+constexpr int64_t kPrefillTokensPerItem = 128;
 // Decode splits a sequence over threads only when there are fewer (sequence, KV head) items than
 // threads, and never into pieces shorter than this.
 constexpr int64_t kMinKeysPerSplit = 256;

@@ -788,9 +788,9 @@ TEST(PagedAttentionPrefill, MatchesReferenceInReducedPrecision) {
   }
 }
 
-// The blocked prefill path (head_dim 64 and 128: 64-token work items, 64-key tiles, register blocks
-// of 5 rows on AVX2 and 6 on AVX-512) at its boundaries: chunks longer than one item and ending one
-// past / one short of it, tiles ending exactly on and one past 64 keys, chunks starting
+// The blocked prefill path (head_dim 64 and 128: 128-token work items, 64-key tiles, register
+// blocks of 5 rows on AVX2 and 6 on AVX-512) at its boundaries: chunks longer than one item and
+// ending one past / one short of it, tiles ending exactly on and one past 64 keys, chunks starting
 // mid-sequence (the causal diagonal inside a tile, whole tiles before it), GQA groups whose row
 // counts are not multiples of 6, page sizes that do and do not divide a tile, several sequences in
 // one call.
@@ -801,12 +801,14 @@ TEST(PagedAttentionPrefill, BlockedPathAtTileBoundariesMatchesReference) {
   };
   for (const Layout& layout : layouts) {
     const std::vector<Chunk> chunks = {
-        {64, 64},    // one tile exactly, two items
-        {65, 65},    // one key past a tile; an item plus one token
-        {200, 63},   // mid-sequence, an item less one token
-        {300, 130},  // mid-sequence, several items, diagonal across tiles
+        {64, 64},    // one tile exactly
+        {65, 65},    // one key past a tile
+        {200, 63},   // mid-sequence, a tile less one token
+        {300, 130},  // mid-sequence, an item plus two tokens, diagonal across tiles
         {128, 1},    // a decode token in a prefill call
-        {97, 97},
+        {97, 97},    // a whole prompt within one item
+        {400, 129},  // mid-sequence, one token past a 128-token item
+        {255, 255},  // a whole prompt, one short of two items
     };
     for (BiasKind bias : {BiasKind::kNone, BiasKind::kRandom, BiasKind::kWithNegInf}) {
       CheckPrefill(layout, chunks, at::kFloat, bias, gen);
