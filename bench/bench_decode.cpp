@@ -12,10 +12,12 @@
 // 256), as the server does; no DySCO (plain attention), random tokens.
 //
 // usage: bench-decode --model DIR [--prompt-tokens N] [--decode-tokens N] [--batch B] [--threads N]
-//                     [--jit-optimize 0|1] [--ttft N,N,...] [--chunk N]
+//                     [--jit-optimize 0|1] [--ttft N,N,...] [--chunk N] [--max-isa 0|1|2]
 //   --batch B measures batch 1 and B (default: 1, 4 and 8). --ttft: prompt lengths (default
 //   1024,4096,7168; 0 skips TTFT). --jit-optimize 1 turns TorchScript's profiling graph executor on
-//   (ModelRunnerOptions::jit_optimize).
+//   (ModelRunnerOptions::jit_optimize). --max-isa caps the CPU attention kernels' instruction set
+//   (0 baseline, 1 x86-64-v3, 2 x86-64-v4: kernels/cpu/attention_kernel.h), to compare them in one
+//   build.
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -34,6 +36,7 @@
 
 #include "core/engine/engine.h"
 #include "core/model/torch_dtype.h"
+#include "kernels/cpu/attention_kernel.h"
 #include "kernels/op_calls.h"
 
 namespace {
@@ -53,7 +56,7 @@ double Median(std::vector<double> v) {
   std::cerr
       << "bench-decode: " << message
       << "\nusage: bench-decode --model DIR [--prompt-tokens N] [--decode-tokens N] [--batch B] "
-         "[--threads N] [--jit-optimize 0|1] [--ttft N,N,...] [--chunk N]\n";
+         "[--threads N] [--jit-optimize 0|1] [--ttft N,N,...] [--chunk N] [--max-isa 0|1|2]\n";
   std::exit(2);
 }
 
@@ -410,6 +413,9 @@ int main(int argc, char** argv) {
       ttft_lengths = ParseList(flag, value);
     } else if (flag == "--chunk") {
       chunk = ParsePositive(flag, value);
+    } else if (flag == "--max-isa") {
+      dysco::kernels::cpu::SetCpuIsaCapForTesting(
+          static_cast<dysco::kernels::cpu::CpuIsa>(std::atoi(value)));
     } else {
       Usage("unknown flag " + flag);
     }

@@ -28,8 +28,10 @@
 // Hot loops are compiled twice: for x86-64-v3 (AVX2 + FMA), with the fixed-head_dim vector kernels,
 // and for the baseline the library is built for, with plain loops the compiler vectorises (the
 // vector kernels spill on 16 SSE registers). attention_kernel.cpp picks one per call from the CPU's
-// features; helpers are always inlined so that they are compiled for their caller's ISA.
-// -DDYSCO_CPU_BASELINE_ONLY builds the baseline only (to test it on a machine with AVX2).
+// features; helpers are always inlined so that they are compiled for their caller's ISA. The
+// blocked prefill has a third clone, for x86-64-v4 (AVX-512, attention_kernel.cpp). Tests run every
+// clone the machine has through SetCpuIsaCapForTesting; -DDYSCO_CPU_BASELINE_ONLY builds the
+// baseline only.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
     !defined(DYSCO_CPU_BASELINE_ONLY)
 #define DYSCO_CPU_X86_64_V3 1
