@@ -241,22 +241,7 @@ DYSCO_TARGET_V4 void AttendKeysBlocked512(const PagedSequence<T>& seq, int64_t r
   int64_t in_page = key_begin % seq.page_size;
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeyBlock) {
     const int64_t block = std::min(kKeyBlock, key_end - j0);
-    for (int64_t i = 0; i < block; ++i) {
-      const int64_t offset = seq.pages[page_index] * seq.page_stride + in_page * seq.token_stride;
-      if (++in_page == seq.page_size) {
-        in_page = 0;
-        ++page_index;
-      }
-      const T* k = seq.k + offset;
-      for (int64_t d = 0; d < kD; ++d) keys_t[d * kKeyBlock + i] = static_cast<float>(k[d]);
-      ToFloat(values + i * kD, seq.v + offset, kD);
-    }
-    // Keys past the tile's end score 0 in the padding lanes, which are masked anyway: only keep
-    // them finite.
-    const int64_t padded = (block + 15) / 16 * 16;
-    for (int64_t d = 0; d < kD; ++d) {
-      std::fill(keys_t + d * kKeyBlock + block, keys_t + d * kKeyBlock + padded, 0.0f);
-    }
+    GatherKeyTile<T, kD>(seq, block, &page_index, &in_page, keys_t, values);
     const float* tile_bias = bias == nullptr ? nullptr : bias + j0;
     for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock512) {
       const int block_rows = static_cast<int>(std::min<int64_t>(kRowBlock512, rows - r0));

@@ -483,6 +483,30 @@ DYSCO_ALWAYS_INLINE void AccumulateTileRows(int rows, float* acc, const float* p
                [&](auto r) { AccumulateTile<decltype(r)::value, kD>(acc, p, values, count); });
 }
 
+// The next `block` keys of `seq` (from page `*page_index`, slot `*in_page`, both advanced) as fp32
+// tiles: K transposed into keys_t [kD, kKeyBlock], zero-padded to a multiple of 16 keys (padding
+// lanes score 0 and are masked: they only need to be finite), V into values [kKeyBlock, kD].
+// Shared by the blocked kernels of every instruction set.
+template <typename T, int64_t kD>
+DYSCO_ALWAYS_INLINE void GatherKeyTile(const PagedSequence<T>& seq, int64_t block,
+                                       int64_t* page_index, int64_t* in_page, float* keys_t,
+                                       float* values) {
+  for (int64_t i = 0; i < block; ++i) {
+    const int64_t offset = seq.pages[*page_index] * seq.page_stride + *in_page * seq.token_stride;
+    if (++*in_page == seq.page_size) {
+      *in_page = 0;
+      ++*page_index;
+    }
+    const T* k = seq.k + offset;
+    for (int64_t d = 0; d < kD; ++d) keys_t[d * kKeyBlock + i] = static_cast<float>(k[d]);
+    ToFloat(values + i * kD, seq.v + offset, kD);
+  }
+  const int64_t padded = (block + 15) / 16 * 16;
+  for (int64_t d = 0; d < kD; ++d) {
+    std::fill(keys_t + d * kKeyBlock + block, keys_t + d * kKeyBlock + padded, 0.0f);
+  }
+}
+
 // As AttendKeysImpl (same arguments, same scratch state), blocked: kD, the head dimension, is a
 // multiple of 16. scratch.keys holds the tile transposed [kD, kKeyBlock], scratch.values the tile
 // [kKeyBlock, kD]. Rows whose keys in a tile are all masked (causal or -inf bias) get zero weights.
@@ -497,20 +521,7 @@ DYSCO_ALWAYS_INLINE void AttendKeysBlockedImpl(const PagedSequence<T>& seq, int6
   int64_t in_page = key_begin % seq.page_size;
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeyBlock) {
     const int64_t block = std::min(kKeyBlock, key_end - j0);
-    for (int64_t i = 0; i < block; ++i) {
-      const int64_t offset = seq.pages[page_index] * seq.page_stride + in_page * seq.token_stride;
-      if (++in_page == seq.page_size) {
-        in_page = 0;
-        ++page_index;
-      }
-      const T* k = seq.k + offset;
-      for (int64_t d = 0; d < kD; ++d) keys_t[d * kKeyBlock + i] = static_cast<float>(k[d]);
-      ToFloat(values + i * kD, seq.v + offset, kD);
-    }
-    const int64_t padded = (block + 15) / 16 * 16;
-    for (int64_t d = 0; d < kD; ++d) {
-      std::fill(keys_t + d * kKeyBlock + block, keys_t + d * kKeyBlock + padded, 0.0f);
-    }
+    GatherKeyTile<T, kD>(seq, block, &page_index, &in_page, keys_t, values);
     for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
       const int block_rows = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
       // Keys of this tile that some row of the block sees (rows see key prefixes).
