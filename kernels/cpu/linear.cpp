@@ -12,8 +12,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <type_traits>
-#include <vector>
 
 #include "kernels/cpu/cpu_checks.h"
 #include "kernels/ops.h"
@@ -28,6 +26,11 @@ namespace {
 // Inputs of at most this many rows take the GEMV kernel (decode batches). Past it, BLAS GEMM reuses
 // each weight tile from cache for many rows and wins.
 constexpr int64_t kGemvMaxRows = 8;
+// bf16 weights: the GEMV only up to 2 rows, where it is bound by the bytes (1 row 13 ms against 27
+// ms for BLAS over the default model's weights, idle, 2 threads). Past that BLAS's bf16 GEMM
+// (OpenBLAS sbgemm, AVX512-BF16 on this CPU) wins: 8 rows 30 ms against 60 ms for the widening
+// GEMV.
+constexpr int64_t kGemvMaxRowsBf16 = 2;
 // Output features per parallel work unit: a few weight rows of K elements, enough to amortise the
 // scheduling, small enough to split the 192-output projections over threads.
 constexpr int64_t kGemvGrain = 32;
@@ -137,47 +140,10 @@ DYSCO_ALWAYS_INLINE void Gemv1(const float* __restrict x, int64_t ldx, const W* 
 // out[:, n_begin:n_end] for all M (<= kGemvMaxRows) rows of x, out of stride n_size. Four weight
 // rows at a time, outermost: each group is read from memory once, by the first group of input rows,
 // and from L1 by the others (4 rows of K floats: 24 KiB at K = 1536).
-// Four bf16 weight rows widened into `dst` (4 x k_size floats), the next four prefetched.
-DYSCO_ALWAYS_INLINE void WidenFourRows(const at::BFloat16* __restrict w, int64_t k_size,
-                                       float* __restrict dst) {
-  const char* next = reinterpret_cast<const char*>(w + 4 * k_size);
-  const int64_t total = 4 * k_size;
-  int64_t i = 0;
-  for (; i + 32 <= total; i += 32) {
-    __builtin_prefetch(next + 2 * i);
-    for (int j = 0; j < 32; j += 8) {
-      const Vec8 v = Load8(w + i + j);
-      std::memcpy(dst + i + j, &v, sizeof(v));
-    }
-  }
-  for (; i < total; ++i) dst[i] = static_cast<float>(w[i]);
-}
-
 template <typename W, typename Out>
 DYSCO_ALWAYS_INLINE void GemvRangeImpl(const float* x, int64_t m_size, const W* w, int64_t k_size,
                                        int64_t n_size, int64_t n_begin, int64_t n_end, Out* out) {
   int64_t n = n_begin;
-  if constexpr (std::is_same_v<W, at::BFloat16>) {
-    if (m_size > 2) {
-      // More than one register block of rows: widen each group of four weight rows once into an
-      // L1-sized buffer and run the fp32 kernel over it for every row pair, instead of widening the
-      // same weights again for each pair (8 rows were slower in bf16 than in fp32 that way).
-      thread_local std::vector<float> widened;
-      widened.resize(static_cast<size_t>(4 * k_size));
-      for (; n + 4 <= n_end; n += 4) {
-        WidenFourRows(w + n * k_size, k_size, widened.data());
-        int64_t r = 0;
-        for (; r + 2 <= m_size; r += 2) {
-          Gemv4<2, float, Out, false>(x + r * k_size, k_size, widened.data(), k_size,
-                                      out + r * n_size + n, n_size);
-        }
-        if (r < m_size) {
-          Gemv4<1, float, Out, false>(x + r * k_size, k_size, widened.data(), k_size,
-                                      out + r * n_size + n, n_size);
-        }
-      }
-    }
-  }
   for (; n + 4 <= n_end; n += 4) {
     const W* wn = w + n * k_size;
     int64_t r = 0;
@@ -215,8 +181,8 @@ bool UseVectorGemv() {
 #endif
 }
 
-// fp32 and bf16 (T) weights, inputs and outputs. bf16 inputs are widened to fp32 once (at most
-// kGemvMaxRows rows), the sums are fp32 and each output is rounded once.
+// fp32 and bf16 (T) weights, inputs and outputs. bf16 inputs are widened to fp32 once (a few rows:
+// kGemvMaxRowsBf16), the sums are fp32 and each output is rounded once.
 template <typename T>
 void Gemv(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
   const int64_t m_size = input.size(0);
@@ -287,7 +253,7 @@ void linear_cpu(const at::Tensor& out, const at::Tensor& input, const at::Tensor
     Gemv<float>(out, input, weight);
     return;
   }
-  if (input.size(0) <= kGemvMaxRows && weight.scalar_type() == at::kBFloat16) {
+  if (input.size(0) <= kGemvMaxRowsBf16 && weight.scalar_type() == at::kBFloat16) {
     Gemv<at::BFloat16>(out, input, weight);
     return;
   }
