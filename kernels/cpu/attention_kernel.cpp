@@ -19,15 +19,9 @@
 namespace dysco::kernels::cpu {
 namespace {
 
-#ifdef DYSCO_CPU_X86_64_V3
-#define DYSCO_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
-#else
-#define DYSCO_TARGET_V3
-#endif
-
 CpuIsa DetectCpuIsa() {
 #if defined(DYSCO_CPU_X86_64_V3)
-  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return CpuIsa::kBaseline;
+  if (!CpuRunsX86_64_V3()) return CpuIsa::kBaseline;
 #if defined(DYSCO_CPU_X86_64_V4)
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {

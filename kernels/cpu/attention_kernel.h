@@ -25,23 +25,13 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
-// Hot loops are compiled twice: for x86-64-v3 (AVX2 + FMA), with the fixed-head_dim vector kernels,
-// and for the baseline the library is built for, with plain loops the compiler vectorises (the
-// vector kernels spill on 16 SSE registers). attention_kernel.cpp picks one per call from the CPU's
-// features; helpers are always inlined so that they are compiled for their caller's ISA. The
-// blocked prefill has a third clone, for x86-64-v4 (AVX-512, attention_kernel.cpp). Tests run every
-// clone the machine has through SetCpuIsaCapForTesting; -DDYSCO_CPU_BASELINE_ONLY builds the
-// baseline only.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
-    !defined(DYSCO_CPU_BASELINE_ONLY)
-#define DYSCO_CPU_X86_64_V3 1
-// A third clone of the blocked prefill for x86-64-v4 (AVX-512, 32 registers) where GCC knows the
-// level (11 and later); -DDYSCO_CPU_NO_AVX512 leaves it out.
-#if __GNUC__ >= 11 && !defined(DYSCO_CPU_NO_AVX512)
-#define DYSCO_CPU_X86_64_V4 1
-#endif
-#endif
-#define DYSCO_ALWAYS_INLINE inline __attribute__((always_inline))
+// Hot loops are compiled in the clones of kernels/cpu/cpu_isa.h: x86-64-v3 (AVX2 + FMA) with the
+// fixed-head_dim vector kernels, and the baseline the library is built for, with plain loops the
+// compiler vectorises (the vector kernels spill on 16 SSE registers); the blocked prefill also for
+// x86-64-v4 (AVX-512, attention_kernel.cpp). attention_kernel.cpp picks one per call from the CPU's
+// features; helpers are always inlined so that they are compiled for their caller's ISA. Tests run
+// every clone the machine has through SetCpuIsaCapForTesting.
+#include "kernels/cpu/cpu_isa.h"
 
 namespace dysco::kernels::cpu {
 

@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "kernels/cpu/cpu_checks.h"
+#include "kernels/cpu/cpu_isa.h"
 #include "kernels/ops.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -34,15 +35,6 @@ constexpr int64_t kGemvMaxRowsBf16 = 2;
 // Output features per parallel work unit: a few weight rows of K elements, enough to amortise the
 // scheduling, small enough to split the 192-output projections over threads.
 constexpr int64_t kGemvGrain = 32;
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
-    !defined(DYSCO_CPU_BASELINE_ONLY)
-#define DYSCO_LINEAR_V3 1
-#define DYSCO_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
-#else
-#define DYSCO_TARGET_V3
-#endif
-#define DYSCO_ALWAYS_INLINE inline __attribute__((always_inline))
 
 typedef float Vec8 __attribute__((vector_size(32)));
 
@@ -172,15 +164,6 @@ void GemvRangeBaseline(const float* x, int64_t m_size, const W* w, int64_t k_siz
   GemvRangeImpl(x, m_size, w, k_size, n_size, n_begin, n_end, out);
 }
 
-bool UseVectorGemv() {
-#if defined(DYSCO_LINEAR_V3)
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
-#else
-  return false;
-#endif
-}
-
 // fp32 and bf16 (T) weights, inputs and outputs. bf16 inputs are widened to fp32 once (a few rows:
 // kGemvMaxRowsBf16), the sums are fp32 and each output is rounded once.
 template <typename T>
@@ -193,7 +176,7 @@ void Gemv(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weig
   const T* w = weight.data_ptr<T>();
   T* o = out.data_ptr<T>();
   at::parallel_for(0, n_size, kGemvGrain, [&](int64_t begin, int64_t end) {
-    if (UseVectorGemv()) {
+    if (cpu::CpuRunsX86_64_V3()) {
       GemvRangeVector(x, m_size, w, k_size, n_size, begin, end, o);
     } else {
       GemvRangeBaseline(x, m_size, w, k_size, n_size, begin, end, o);

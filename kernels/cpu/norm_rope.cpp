@@ -24,6 +24,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "kernels/cpu/cpu_isa.h"
 #include "kernels/op_checks.h"
 #include "kernels/ops.h"
 
@@ -33,15 +34,6 @@
 
 namespace dysco::kernels {
 namespace {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
-    !defined(DYSCO_CPU_BASELINE_ONLY)
-#define DYSCO_NORM_ROPE_V3 1
-#define DYSCO_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
-#else
-#define DYSCO_TARGET_V3
-#endif
-#define DYSCO_ALWAYS_INLINE inline __attribute__((always_inline))
 
 // Elements per parallel work unit: below this a call runs on the calling thread.
 constexpr int64_t kParallelElements = 16384;
@@ -234,15 +226,6 @@ void RotaryRowsBaseline(const T* x, const T* c, const T* s, T* y, int64_t heads,
   RotaryRowsImpl(x, c, s, y, heads, d, begin, end);
 }
 
-bool UseVector() {
-#if defined(DYSCO_NORM_ROPE_V3)
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
-#else
-  return false;
-#endif
-}
-
 // Rows per work unit: enough elements that a unit outweighs the cost of the parallel region, so
 // that decode-sized calls (one row, or a few heads) never open one.
 int64_t RowGrain(int64_t d) {
@@ -259,7 +242,7 @@ void RmsNorm(const at::Tensor& out, const at::Tensor& input, const at::Tensor& w
   // ATen adds the Python float eps to an fp32 tensor: eps rounded to fp32 first.
   const float eps_f = static_cast<float>(eps);
   at::parallel_for(0, rows, RowGrain(d), [&](int64_t begin, int64_t end) {
-    if (UseVector()) {
+    if (cpu::CpuRunsX86_64_V3()) {
       RmsNormRowsVector(x, w, y, d, eps_f, begin, end);
     } else {
       RmsNormRowsBaseline(x, w, y, d, eps_f, begin, end);
@@ -276,7 +259,7 @@ void Rotary(const at::Tensor& out, const at::Tensor& input, const at::Tensor& co
   const T* s = sin.data_ptr<T>();
   T* y = out.data_ptr<T>();
   at::parallel_for(0, tokens * heads, RowGrain(d), [&](int64_t begin, int64_t end) {
-    if (UseVector()) {
+    if (cpu::CpuRunsX86_64_V3()) {
       RotaryRowsVector(x, c, s, y, heads, d, begin, end);
     } else {
       RotaryRowsBaseline(x, c, s, y, heads, d, begin, end);
