@@ -108,20 +108,27 @@ PY
   fi
 }
 
-# The tiny random llama package (as ctest's export_tiny_model fixture: seed 0, fp32), exported with
-# this machine's torch and the op library just built; test_model_cuda, test_dysco and
-# test_batch_stepper read it through DYSCO_TINY_MODEL_DIR.
-TINY=$PWD/$BUILD/test-models/tiny-llama
-start=$(date +%s)
-rm -rf "$TINY"
-if python3 -m tools.dysco_export tiny --family llama --seed 0 --out "$TINY" \
-    --kernels "$BUILD/lib/libdysco_kernels.so" > "$OUT/export.log" 2>&1; then
-  row "export tiny-llama" ok $(( $(date +%s) - start )) "tools.dysco_export tiny --seed 0, torch $(python3 -c 'import torch; print(torch.__version__)')"
-else
-  row "export tiny-llama" FAIL $(( $(date +%s) - start )) "see export.log"
-  tail -5 "$OUT/export.log"
+# The tiny random packages (as ctest's export_tiny_model fixture: seed 0, fp32), exported with this
+# machine's torch and the op library just built into $BUILD/test-models/tiny-FAMILY; one row each.
+export_tiny() {  # FAMILY LOG_NAME
+  local family=$1 log=$OUT/$2 dir=$PWD/$BUILD/test-models/tiny-$1 start
+  start=$(date +%s)
+  rm -rf "$dir"
+  if python3 -m tools.dysco_export tiny --family "$family" --seed 0 --out "$dir" \
+      --kernels "$BUILD/lib/libdysco_kernels.so" > "$log" 2>&1; then
+    row "export tiny-$family" ok $(( $(date +%s) - start )) "tools.dysco_export tiny --family $family --seed 0, torch $(python3 -c 'import torch; print(torch.__version__)')"
+    return 0
+  fi
+  row "export tiny-$family" FAIL $(( $(date +%s) - start )) "see $2"
+  tail -5 "$log"
   fail=1
-fi
+  return 1
+}
+
+# The llama one: test_model_cuda, test_dysco and test_batch_stepper read it through
+# DYSCO_TINY_MODEL_DIR.
+TINY=$PWD/$BUILD/test-models/tiny-llama
+export_tiny llama export.log
 export DYSCO_TINY_MODEL_DIR=$TINY
 
 # GPU tests, then the CPU tests (models/ does not travel: the default-model tests are not run).
@@ -134,18 +141,9 @@ done
 # The same GPU model test on the tiny qwen3 package (per-head q/k RMSNorm: the rms_norm kernel on
 # [tokens x heads, head_dim] rows, against the CPU's ATen expression). A link gives its log and
 # report a name of their own.
-TINY_QWEN3=$PWD/$BUILD/test-models/tiny-qwen3
-start=$(date +%s)
-rm -rf "$TINY_QWEN3"
-if python3 -m tools.dysco_export tiny --family qwen3 --seed 0 --out "$TINY_QWEN3" \
-    --kernels "$BUILD/lib/libdysco_kernels.so" > "$OUT/export-qwen3.log" 2>&1; then
-  row "export tiny-qwen3" ok $(( $(date +%s) - start )) "tools.dysco_export tiny --family qwen3 --seed 0"
+if export_tiny qwen3 export-qwen3.log; then
   ln -sf test_model_cuda "$BUILD/bin/test_model_cuda_qwen3"
-  DYSCO_TINY_MODEL_DIR=$TINY_QWEN3 run_test test_model_cuda_qwen3
-else
-  row "export tiny-qwen3" FAIL $(( $(date +%s) - start )) "see export-qwen3.log"
-  tail -5 "$OUT/export-qwen3.log"
-  fail=1
+  DYSCO_TINY_MODEL_DIR=$PWD/$BUILD/test-models/tiny-qwen3 run_test test_model_cuda_qwen3
 fi
 
 # The tools on cuda:0 against the same on the CPU, on the tiny package: each pair must print the
