@@ -307,14 +307,15 @@ StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const std::
   DYSCO_RETURN_IF_ERROR(r.Required(root, "", "format_version", &v));
   // Older formats cannot run here: 1 kept fp32 weights inside model.pt and its forward read
   // seq_lens / probe_heads on the host (not graph-capturable); 2 was the sync-free forward with the
-  // weights still inside model.pt. Both need a re-export (make model does it).
+  // weights still inside model.pt; 3 bound each parameter to one tensor (no fused q/k/v, gate/up).
+  // All need a re-export (make model does it).
   if (v->is_number_integer() && v->get<int64_t>() >= 1 &&
       v->get<int64_t>() < kPackageFormatVersion) {
     return FailedPreconditionError(
         origin + ": format_version " + std::to_string(v->get<int64_t>()) +
         " is no longer supported (format " + std::to_string(kPackageFormatVersion) +
-        ": weights in weights.safetensors, a forward without host synchronisation); re-export the "
-        "package");
+        ": weights in weights.safetensors, fused q/k/v and gate/up, a forward without host "
+        "synchronisation); re-export the package");
   }
   DYSCO_RETURN_IF_ERROR(
       r.Int(*v, "format_version", kPackageFormatVersion, kPackageFormatVersion, &x));

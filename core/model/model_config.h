@@ -45,10 +45,11 @@ struct DyscoDefaults {
   std::vector<std::vector<int32_t>> template_sequences;  // token-id sequences never selected
 };
 
-// The package format this code loads (docs/model-interface.md): 3 = weights in a safetensors file
-// bound at load and a forward without host synchronisation. The parser refuses older formats with
-// FAILED_PRECONDITION ("re-export the package"); ModelRunner::Load checks again.
-constexpr int kPackageFormatVersion = 3;
+// The package format this code loads (docs/model-interface.md): 4 = weights in a safetensors file
+// bound at load, some parameters to concatenations of tensors (fused q/k/v and gate/up), and a
+// forward without host synchronisation. The parser refuses older formats with FAILED_PRECONDITION
+// ("re-export the package"); ModelRunner::Load checks again.
+constexpr int kPackageFormatVersion = 4;
 
 struct ModelConfig {
   int format_version = kPackageFormatVersion;

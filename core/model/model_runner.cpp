@@ -9,6 +9,7 @@
 #include <fstream>
 #include <map>
 #include <optional>
+#include <set>
 #include <stdexcept>
 
 #include <ATen/Parallel.h>
@@ -156,12 +157,14 @@ std::string ShapeText(const std::vector<int64_t>& shape) {
   return s + "]";
 }
 
-// Binds every parameter of `module` named in its weight_names attribute (module path -> tensor
-// name) to that tensor of `file`, after checking the file against the config: exactly the tensors
+// Binds every parameter of `module` named in its weight_names attribute (module path -> a list of
+// tensor names) to those tensors of `file`, concatenated along dim 0 when there are several (the
+// fused q/k/v and gate/up weights), after checking the file against the config: exactly the tensors
 // PackageWeightShapes implies (padding entries aside), each with its shape and the config dtype;
 // every one bound at least once, every named path an existing parameter, bound once; a parameter
 // left unbound must be an empty placeholder. On the CPU the parameter is a tensor over the mapping
-// (zero-copy; it keeps the file alive); elsewhere a copy on the module's device.
+// (zero-copy; it keeps the file alive), also for a concatenation whose tensors follow each other in
+// the file (the exporter writes them so), else a copy; elsewhere a copy on the module's device.
 Status BindWeights(torch::jit::Module& module, const ModelConfig& config,
                    const std::shared_ptr<const SafetensorsFile>& file,
                    const std::string& model_path, const c10::Device& device) {
@@ -205,21 +208,53 @@ Status BindWeights(torch::jit::Module& module, const ModelConfig& config,
                                    ": has no weight_names (not a format-2 package): re-export it");
   }
   const c10::IValue names = module.attr("weight_names");
-  if (!names.isGenericDict()) {
-    return InvalidArgumentError(model_path + ": weight_names is not a Dict[str, str]");
-  }
-  std::map<std::string, std::string> bindings;  // sorted: deterministic errors
+  const std::string not_a_dict = model_path + ": weight_names is not a Dict[str, List[str]]";
+  if (!names.isGenericDict()) return InvalidArgumentError(not_a_dict);
+  std::map<std::string, std::vector<std::string>> bindings;  // sorted: deterministic errors
   for (const auto& item : names.toGenericDict()) {
-    if (!item.key().isString() || !item.value().isString()) {
-      return InvalidArgumentError(model_path + ": weight_names is not a Dict[str, str]");
+    if (!item.key().isString() || !item.value().isList()) return InvalidArgumentError(not_a_dict);
+    std::vector<std::string>& parts = bindings[item.key().toStringRef()];
+    for (const c10::IValue& part : item.value().toListRef()) {
+      if (!part.isString()) return InvalidArgumentError(not_a_dict);
+      parts.push_back(part.toStringRef());
     }
-    bindings[item.key().toStringRef()] = item.value().toStringRef();
   }
-  std::map<std::string, at::Tensor> tensors;  // one tensor per file entry, shared by tied paths
-  for (const auto& [param_path, name] : bindings) {
-    if (expected.count(name) == 0) {
-      return InvalidArgumentError(model_path + ": weight_names binds " + param_path + " to '" +
-                                  name + "', not a weight of this model");
+  const at::TensorOptions cpu_options =
+      at::TensorOptions().dtype(ToScalarType(config.dtype)).device(at::kCPU);
+  // A tensor over the mapped bytes [offset, offset + rows * row bytes) of the file. The mapping is
+  // read-only: nothing writes a parameter (they do not require grad, and the model never updates
+  // them in place); a write would fault rather than corrupt the file.
+  auto mapped = [&](const SafetensorsEntry& first, std::vector<int64_t> shape) {
+    std::shared_ptr<const SafetensorsFile> keep = file;
+    return torch::from_blob(const_cast<void*>(file->Data(first)), shape, [keep](void*) {},
+                            cpu_options);
+  };
+  std::set<std::string> bound;  // the file's tensors bound at least once
+  // One tensor per distinct list: tied paths (embed_tokens, lm_head) share it.
+  std::map<std::vector<std::string>, at::Tensor> tensors;
+  for (const auto& [param_path, parts] : bindings) {
+    if (parts.empty()) {
+      return InvalidArgumentError(model_path + ": weight_names binds " + param_path +
+                                  " to no tensor");
+    }
+    std::vector<const SafetensorsEntry*> entries;
+    for (const std::string& name : parts) {
+      if (expected.count(name) == 0) {
+        return InvalidArgumentError(model_path + ": weight_names binds " + param_path + " to '" +
+                                    name + "', not a weight of this model");
+      }
+      entries.push_back(file->Find(name));
+    }
+    // Parts are concatenated along dim 0: their other dims must agree.
+    for (const SafetensorsEntry* e : entries) {
+      if (e->shape.empty() ||
+          !std::equal(e->shape.begin() + 1, e->shape.end(), entries[0]->shape.begin() + 1,
+                      entries[0]->shape.end())) {
+        return InvalidArgumentError(model_path + ": weight_names concatenates " + param_path +
+                                    " from tensors whose shapes differ past dim 0 ('" +
+                                    parts[0] + "' " + ShapeText(entries[0]->shape) + ", '" +
+                                    e->name + "' " + ShapeText(e->shape) + ")");
+      }
     }
     // Walk to the owning submodule; the last component must be a parameter slot.
     torch::jit::Module owner = module;
@@ -237,21 +272,39 @@ Status BindWeights(torch::jit::Module& module, const ModelConfig& config,
       return InvalidArgumentError(model_path + ": weight_names names " + param_path +
                                   ", which is not a parameter of the module");
     }
-    auto t = tensors.find(name);
+    auto t = tensors.find(parts);
     if (t == tensors.end()) {
-      const SafetensorsEntry& e = *file->Find(name);
-      std::shared_ptr<const SafetensorsFile> keep = file;
-      // The mapping is read-only: nothing writes a parameter (they do not require grad, and the
-      // model never updates them in place); a write would fault rather than corrupt the file.
-      at::Tensor mapped = torch::from_blob(
-          const_cast<void*>(file->Data(e)), e.shape, [keep](void*) {},
-          at::TensorOptions().dtype(ToScalarType(config.dtype)).device(at::kCPU));
-      t = tensors.emplace(name, device.is_cpu() ? mapped : mapped.to(device)).first;
+      bool adjacent = true;
+      int64_t rows = 0;
+      for (size_t i = 0; i < entries.size(); ++i) {
+        rows += entries[i]->shape[0];
+        if (i > 0 && entries[i]->offset != entries[i - 1]->offset + entries[i - 1]->size) {
+          adjacent = false;
+        }
+      }
+      std::vector<int64_t> shape = entries[0]->shape;
+      shape[0] = rows;
+      at::Tensor value;
+      if (adjacent) {
+        const at::Tensor whole = mapped(*entries[0], shape);
+        value = device.is_cpu() ? whole : whole.to(device);
+      } else {
+        // Not one run of the file (a package written by other means): one copy, made where the
+        // parameter lives.
+        value = at::empty(shape, cpu_options.device(device));
+        int64_t row = 0;
+        for (const SafetensorsEntry* e : entries) {
+          value.narrow(0, row, e->shape[0]).copy_(mapped(*e, e->shape));
+          row += e->shape[0];
+        }
+      }
+      t = tensors.emplace(parts, value).first;
     }
+    bound.insert(parts.begin(), parts.end());
     owner.setattr(leaf, t->second);
   }
   for (const auto& [name, shape] : expected) {
-    if (tensors.count(name) == 0) {
+    if (bound.count(name) == 0) {
       return InvalidArgumentError(model_path + ": weight_names binds no parameter to tensor '" +
                                   name + "' of " + path);
     }
@@ -360,7 +413,8 @@ StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& pack
         package_dir + "/config.json: package format_version " +
         std::to_string(impl->config.format_version) + ", this server loads " +
         std::to_string(kPackageFormatVersion) +
-        " (weights in a safetensors file): re-export the package with tools/dysco_export");
+        " (weights in a safetensors file, fused q/k/v and gate/up): re-export the package with "
+        "tools/dysco_export");
   }
   DYSCO_RETURN_IF_ERROR(CheckDyscoOpsRegistered());
   if (options.num_threads < 0) {

@@ -276,7 +276,7 @@ TEST(WriteSelectedHeadsTest, KeepsTheRestOfTheConfig) {
   const std::string dir = MakeTempDir("dysco_test_head_detection_package_");
   ASSERT_FALSE(dir.empty()) << "mkdtemp failed";
   const std::string original = R"({
-  "format_version": 3,
+  "format_version": 4,
   "model_name": "Tiny [test]",
   "architecture": "llama",
   "dtype": "float32",

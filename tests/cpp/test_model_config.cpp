@@ -19,7 +19,7 @@ using nlohmann::json;
 
 json ValidConfig() {
   return json::parse(R"({
-    "format_version": 3,
+    "format_version": 4,
     "weights": "weights.safetensors",
     "model_name": "SmolLM2-135M-Instruct",
     "architecture": "llama",
@@ -94,7 +94,7 @@ class ModelConfigTest : public ::testing::Test {
 TEST_F(ModelConfigTest, ParsesValidConfig) {
   auto c = Load(ValidConfig());
   ASSERT_TRUE(c.ok()) << c.status().ToString();
-  EXPECT_EQ(c->format_version, 3);
+  EXPECT_EQ(c->format_version, 4);
   EXPECT_EQ(c->weights_file, "weights.safetensors");
   EXPECT_EQ(c->model_name, "SmolLM2-135M-Instruct");
   EXPECT_EQ(c->architecture, "llama");
@@ -179,7 +179,7 @@ TEST_F(ModelConfigTest, MissingFile) {
 }
 
 TEST_F(ModelConfigTest, NotJson) {
-  auto c = LoadText("{ \"format_version\": 3, ");
+  auto c = LoadText("{ \"format_version\": 4, ");
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().code(), StatusCode::kInvalidArgument);
   EXPECT_NE(c.status().message().find("not valid JSON"), std::string::npos);
@@ -255,9 +255,9 @@ TEST_F(ModelConfigTest, OutOfRangeValues) {
   j["num_kv_heads"] = 4;
   ExpectError(j, "num_kv_heads must divide num_attention_heads (9), got 4");
   j = ValidConfig();
-  j["format_version"] = 4;
-  ExpectError(j, "format_version must be in [3, 3], got 4");
-  for (int old_version : {1, 2}) {
+  j["format_version"] = 5;
+  ExpectError(j, "format_version must be in [4, 4], got 5");
+  for (int old_version : {1, 2, 3}) {
     j = ValidConfig();
     j["format_version"] = old_version;
     auto old = ParseModelConfig(j.dump(), "config.json");
@@ -333,7 +333,7 @@ TEST_F(ModelConfigTest, PackageWeightShapes) {
 TEST(ModelConfigParseTest, DeeplyNestedJsonIsRefused) {
   const std::string deep = std::string(50000, '[') + std::string(50000, ']');
   const auto c =
-      ParseModelConfig("{\"format_version\": 3, \"rope_scaling\": " + deep + "}", "x.json");
+      ParseModelConfig("{\"format_version\": 4, \"rope_scaling\": " + deep + "}", "x.json");
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().code(), StatusCode::kInvalidArgument);
   EXPECT_NE(c.status().message().find("nested deeper than"), std::string::npos)

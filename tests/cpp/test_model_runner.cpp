@@ -631,6 +631,55 @@ TEST_F(WeightsLoadTest, BindsEveryParameterZeroCopyOnTheCpu) {
   for (float v : a.logits) ASSERT_TRUE(std::isfinite(v));
 }
 
+// The fused q/k/v weight binds over the file's bytes when its parts follow each other (the exported
+// layout, the test above); a package whose parts lie apart binds a copy of each part, in order.
+TEST_F(WeightsLoadTest, FusedWeightsWhosePartsLieApartAreCopied) {
+  const std::string file = ReadFile(weights());
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<uint8_t>(file[i]);
+  const nlohmann::json header = nlohmann::json::parse(file.substr(8, n));
+  const std::string name = "model.layers.1.self_attn.k_proj.weight";
+  const uint64_t begin = header[name]["data_offsets"][0];
+  const uint64_t end = header[name]["data_offsets"][1];
+  const std::string k_bytes = file.substr(8 + n + begin, end - begin);
+  auto logits = [&](const std::string& dir) {
+    auto runner = ModelRunner::Load(dir);
+    EXPECT_TRUE(runner.ok()) << runner.status().ToString();
+    if (!runner.ok()) return std::vector<float>{};
+    KvPagePoolOptions o;
+    o.page_size = 16;
+    o.num_pages = 4;
+    auto pool = KvPagePool::Create((*runner)->config(), o);
+    EXPECT_TRUE(pool.ok()) << pool.status().ToString();
+    const std::vector<int32_t> tokens = {5, 17, 300, 2, 99};
+    const std::vector<int32_t> pages = {0};
+    ForwardBatch batch;
+    batch.kv_pool = pool->get();
+    batch.sequences.push_back(ForwardRow{tokens, 0, pages, {}});
+    ForwardOutput out;
+    const Status s = (*runner)->Forward(batch, &out);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    return out.logits;
+  };
+  const std::vector<float> expected = logits(TinyPackage::Locate().dir);
+  ASSERT_FALSE(expected.empty());
+  // k_proj's entry pointing past the data section (64-byte aligned) at `bytes`.
+  auto move_k_proj = [&](const std::string& bytes) {
+    WriteFile(weights(), file);
+    const uint64_t moved = (data_size() + 63) / 64 * 64;
+    EditHeader(
+        [&](nlohmann::json& h) { h[name]["data_offsets"] = {moved, moved + bytes.size()}; },
+        std::string(moved - data_size(), '\0') + bytes);
+  };
+  move_k_proj(k_bytes);
+  EXPECT_EQ(logits(dir_), expected);
+  // The moved bytes are the ones bound: other values there change the logits.
+  move_k_proj(std::string(k_bytes.size(), '\0'));
+  const std::vector<float> zeroed = logits(dir_);
+  ASSERT_EQ(zeroed.size(), expected.size());
+  EXPECT_NE(zeroed, expected);
+}
+
 TEST_F(WeightsLoadTest, FormatVersion1IsRefused) {
   EditConfig([](nlohmann::json& c) { c["format_version"] = 1; });
   ExpectLoadError(StatusCode::kFailedPrecondition, {"format_version 1", "re-export"});

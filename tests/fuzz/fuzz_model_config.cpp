@@ -21,7 +21,7 @@ const char kOrigin[] = "fuzz/config.json";
 bool InVocab(int64_t id, const ModelConfig& c) { return id >= 0 && id < c.vocab_size; }
 
 void CheckConfig(const ModelConfig& c) {
-  FUZZ_CHECK(c.format_version == 3, "format_version");
+  FUZZ_CHECK(c.format_version == kPackageFormatVersion, "format_version");
   FUZZ_CHECK(!c.weights_file.empty() && c.weights_file.find('/') == std::string::npos &&
                  c.weights_file != "." && c.weights_file != "..",
              "weights: " + c.weights_file);
@@ -66,7 +66,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       dysco::CheckConfig(c.value());
     } else {
       // INVALID_ARGUMENT for a bad config; FAILED_PRECONDITION only for an older package format
-      // (format_version 1 or 2: "re-export the package").
+      // (format_version 1 to 3: "re-export the package").
       const bool old_format =
           c.status().code() == dysco::StatusCode::kFailedPrecondition &&
           c.status().message().find("re-export the package") != std::string::npos;

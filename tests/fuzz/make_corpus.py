@@ -141,7 +141,7 @@ def chat_seeds():
 
 def model_config_seeds():
     smol = {
-        "format_version": 3, "weights": "weights.safetensors", "model_name": "SmolLM2-135M-Instruct",
+        "format_version": 4, "weights": "weights.safetensors", "model_name": "SmolLM2-135M-Instruct",
         "architecture": "llama", "dtype": "float32",
         "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_layers": 30,
         "num_attention_heads": 9, "num_kv_heads": 3, "head_dim": 64, "rms_norm_eps": 1e-5,
@@ -185,7 +185,7 @@ def model_config_seeds():
         "minimal-no-chat": json.dumps(minimal).encode(),
         "bad-heads": json.dumps(bad_heads).encode(),
         "bad-types": json.dumps(dict(smol, vocab_size=-1, num_kv_heads=2, rms_norm_eps="x")).encode(),
-        "not-json": b'{"format_version": 3, "architecture": "llama",',
+        "not-json": b'{"format_version": 4, "architecture": "llama",',
     }
 
 

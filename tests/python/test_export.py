@@ -741,15 +741,20 @@ def test_package_v2_layout(tiny, family, rope):
     from tools.dysco_export.model import weight_names
     model, config, ref, root = tiny(family, rope)
     pkg = root / "pkg"
-    assert config["format_version"] == 3 and config["weights"] == "weights.safetensors"
+    assert config["format_version"] == 4 and config["weights"] == "weights.safetensors"
     assert sorted(os.listdir(pkg)) == ["config.json", "model.pt", "tokenizer.json", "weights.safetensors"]
-    check_weights_file(str(pkg), config)
+    header = check_weights_file(str(pkg), config)
     # model.pt is code and empty placeholders: a few tens of KB whatever the model size.
     assert os.path.getsize(pkg / "model.pt") < 200_000
     raw = torch.jit.load(str(pkg / "model.pt"))
     assert all(p.numel() == 0 for p in raw.parameters())
-    assert dict(raw.weight_names) == weight_names(config)
-    assert (dict(raw.weight_names)["lm_head"] == "model.embed_tokens.weight") == config["tie_word_embeddings"]
+    assert {k: list(v) for k, v in dict(raw.weight_names).items()} == weight_names(config)
+    assert (list(raw.weight_names["lm_head"]) == ["model.embed_tokens.weight"]) == config["tie_word_embeddings"]
+    # The fused weights' parts follow each other in the file, so that the C++ loader binds them without a copy.
+    for layer in range(config["num_layers"]):
+        for parts in (raw.weight_names[f"layers.{layer}.qkv_proj"], raw.weight_names[f"layers.{layer}.gate_up_proj"]):
+            spans = [header[name]["data_offsets"] for name in parts]
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), parts
     # The file holds the checkpoint's tensors under their own names, bit for bit (fp32 package).
     stored = read_safetensors_plain_any(pkg / "weights.safetensors")
     for name, tensor in read_safetensors_plain(root / "hf" / "model.safetensors").items():
@@ -814,7 +819,7 @@ def synthetic_qwen3(tmp_path_factory, kernels):
 def test_synthetic_package(synthetic_qwen3):
     root, config = synthetic_qwen3
     assert config["model_name"] == "synthetic-qwen3-8b-custom-seed1" and config["source"]["kind"] == "synthetic"
-    assert config["format_version"] == 3 and config["dtype"] == "bfloat16" and config["qk_norm"]
+    assert config["format_version"] == 4 and config["dtype"] == "bfloat16" and config["qk_norm"]
     assert (config["num_layers"], config["hidden_size"], config["vocab_size"]) == (2, 64, 151936)
     assert config["max_position_embeddings"] == 131072
     assert config["rope_scaling"]["rope_type"] == "yarn" and config["rope_scaling"]["factor"] == 4.0

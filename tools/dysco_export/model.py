@@ -7,9 +7,10 @@ Weights are parameters in the config dtype; logits and attention probabilities a
 
 Weights are keyed by Hugging Face checkpoint names ("model.layers.0.self_attn.q_proj.weight", ...), whatever
 the source format; `check_weights` checks every name and shape the model needs. They do not go into model.pt
-(package format 2): `build_model` scripts the module over empty placeholder parameters of the package dtype
-and records in its `weight_names` attribute which tensor of weights.safetensors each parameter is bound to at
-load (docs/model-interface.md "Binding").
+(since package format 2): `build_model` scripts the module over empty placeholder parameters of the package
+dtype and records in its `weight_names` attribute which tensors of weights.safetensors each parameter is bound
+to at load: one, or (format 4) several concatenated along dim 0, for the fused q/k/v and gate/up weights
+(docs/model-interface.md "Binding").
 """
 import math
 from typing import Dict, List, Optional, Tuple
@@ -69,10 +70,14 @@ class DecoderLayer(nn.Module):
         self.eps = eps
         self.qk_norm = qk_norm
         self.scale = 1.0 / math.sqrt(head_dim)
+        self.q_size = num_heads * head_dim
+        self.kv_size = num_kv_heads * head_dim
         self.input_layernorm = _frozen(w[prefix + "input_layernorm.weight"], dtype)
-        self.q_proj = _frozen(w[prefix + "self_attn.q_proj.weight"], dtype)
-        self.k_proj = _frozen(w[prefix + "self_attn.k_proj.weight"], dtype)
-        self.v_proj = _frozen(w[prefix + "self_attn.v_proj.weight"], dtype)
+        # q/k/v as one [(H + 2 Hkv) D, hidden] weight and gate/up as one [2 I, hidden]: one GEMV each in
+        # a decode step instead of three and two (docs/model-interface.md "Binding": the loader binds each
+        # to the concatenation of its Hugging Face tensors, which the package writes adjacent in the file).
+        self.qkv_proj = _frozen(torch.cat([w[prefix + "self_attn." + n + ".weight"]
+                                           for n in ("q_proj", "k_proj", "v_proj")]), dtype)
         self.o_proj = _frozen(w[prefix + "self_attn.o_proj.weight"], dtype)
         if qk_norm:
             self.q_norm = _frozen(w[prefix + "self_attn.q_norm.weight"], dtype)
@@ -81,8 +86,8 @@ class DecoderLayer(nn.Module):
             self.q_norm = _frozen(torch.zeros(0), dtype)
             self.k_norm = _frozen(torch.zeros(0), dtype)
         self.post_attention_layernorm = _frozen(w[prefix + "post_attention_layernorm.weight"], dtype)
-        self.gate_proj = _frozen(w[prefix + "mlp.gate_proj.weight"], dtype)
-        self.up_proj = _frozen(w[prefix + "mlp.up_proj.weight"], dtype)
+        self.gate_up_proj = _frozen(torch.cat([w[prefix + "mlp.gate_proj.weight"],
+                                               w[prefix + "mlp.up_proj.weight"]]), dtype)
         self.down_proj = _frozen(w[prefix + "mlp.down_proj.weight"], dtype)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, kv_layer: Tensor, slot_mapping: Tensor,
@@ -91,9 +96,12 @@ class DecoderLayer(nn.Module):
                 probs: Tensor) -> Tensor:
         num_tokens = h.size(0)
         x = rms_norm(h, self.input_layernorm, self.eps)
-        q = linear(x, self.q_proj).view(num_tokens, self.num_heads, self.head_dim)
-        k = linear(x, self.k_proj).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = linear(x, self.v_proj).view(num_tokens, self.num_kv_heads, self.head_dim).contiguous()
+        qkv = linear(x, self.qkv_proj)
+        # Column slices of qkv: contiguous for one token (a batch-1 decode step copies nothing), strided for
+        # more, made contiguous by the ops that need it.
+        q = qkv[:, :self.q_size].view(num_tokens, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size:self.q_size + self.kv_size].view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, self.num_kv_heads, self.head_dim).contiguous()
         if self.qk_norm:
             q = rms_norm(q, self.q_norm, self.eps)
             k = rms_norm(k, self.k_norm, self.eps)
@@ -121,7 +129,9 @@ class DecoderLayer(nn.Module):
 
         h = h + linear(out.view(num_tokens, self.num_heads * self.head_dim), self.o_proj)
         x = rms_norm(h, self.post_attention_layernorm, self.eps)
-        return h + linear(F.silu(linear(x, self.gate_proj)) * linear(x, self.up_proj), self.down_proj)
+        gate_up = linear(x, self.gate_up_proj)
+        inter = gate_up.size(1) // 2
+        return h + linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], self.down_proj)
 
 
 class DecoderModel(nn.Module):
@@ -199,7 +209,9 @@ class DecoderModel(nn.Module):
 
 
 def required_weights(config: dict) -> Dict[str, Tuple[int, ...]]:
-    """Name -> shape of every tensor the model needs."""
+    """Name -> shape of every tensor the model needs, in the order the package writes them: q/k/v and gate/up
+    follow each other, so that on the CPU the loader binds the fused weights over the file's bytes without a
+    copy (docs/model-interface.md "Binding")."""
     hidden, inter, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
     nh, nkv = config["num_attention_heads"], config["num_kv_heads"]
     shapes: Dict[str, Tuple[int, ...]] = {
@@ -250,33 +262,31 @@ def load_kernels(path: str) -> None:
         raise ExportError(f"{path}: cannot load the kernels library ({str(e).splitlines()[0]})") from None
 
 
-# DecoderLayer parameter -> the end of its Hugging Face tensor name (after "model.layers.<i>.").
+# DecoderLayer parameter -> the ends of its Hugging Face tensor names (after "model.layers.<i>."), concatenated
+# along dim 0 in this order when there are several.
 LAYER_PARAMETERS = {
-    "input_layernorm": "input_layernorm.weight",
-    "q_proj": "self_attn.q_proj.weight",
-    "k_proj": "self_attn.k_proj.weight",
-    "v_proj": "self_attn.v_proj.weight",
-    "o_proj": "self_attn.o_proj.weight",
-    "q_norm": "self_attn.q_norm.weight",
-    "k_norm": "self_attn.k_norm.weight",
-    "post_attention_layernorm": "post_attention_layernorm.weight",
-    "gate_proj": "mlp.gate_proj.weight",
-    "up_proj": "mlp.up_proj.weight",
-    "down_proj": "mlp.down_proj.weight",
+    "input_layernorm": ["input_layernorm.weight"],
+    "qkv_proj": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+    "o_proj": ["self_attn.o_proj.weight"],
+    "q_norm": ["self_attn.q_norm.weight"],
+    "k_norm": ["self_attn.k_norm.weight"],
+    "post_attention_layernorm": ["post_attention_layernorm.weight"],
+    "gate_up_proj": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+    "down_proj": ["mlp.down_proj.weight"],
 }
 
 
-def weight_names(config: dict) -> Dict[str, str]:
-    """Module parameter path -> tensor name in weights.safetensors, for every parameter the loader binds (all
-    but q_norm / k_norm without qk_norm, which stay empty and are never read). Tied embeddings: embed_tokens
-    and lm_head name the same tensor."""
-    names = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight",
-             "lm_head": "model.embed_tokens.weight" if config["tie_word_embeddings"] else "lm_head.weight"}
+def weight_names(config: dict) -> Dict[str, List[str]]:
+    """Module parameter path -> the tensor names in weights.safetensors it is bound to at load (one, or several
+    concatenated along dim 0), for every parameter the loader binds (all but q_norm / k_norm without qk_norm,
+    which stay empty and are never read). Tied embeddings: embed_tokens and lm_head name the same tensor."""
+    names = {"embed_tokens": ["model.embed_tokens.weight"], "norm": ["model.norm.weight"],
+             "lm_head": ["model.embed_tokens.weight" if config["tie_word_embeddings"] else "lm_head.weight"]}
     for i in range(config["num_layers"]):
-        for attr, suffix in LAYER_PARAMETERS.items():
+        for attr, suffixes in LAYER_PARAMETERS.items():
             if attr in ("q_norm", "k_norm") and not config["qk_norm"]:
                 continue
-            names[f"layers.{i}.{attr}"] = f"model.layers.{i}.{suffix}"
+            names[f"layers.{i}.{attr}"] = [f"model.layers.{i}.{suffix}" for suffix in suffixes]
     return names
 
 

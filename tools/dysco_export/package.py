@@ -15,11 +15,13 @@ from typing import Dict, List, Optional
 
 from .errors import ExportError
 
+# 4: weight_names maps each parameter to a list of tensor names, concatenated along dim 0 at load (the fused
+# q/k/v and gate/up weights; the weights file is laid out as in 3, with those tensors adjacent).
 # 3: weights in weights.safetensors (Hugging Face names, package dtype, 64-byte aligned), bound at load;
 # model.pt holds the code, empty placeholder parameters and weight_names; the forward takes probe_layers
 # (host) + probe_heads [H] and returns probs [B, H, P x page_size] (no host synchronisation).
 # 2 had the same forward with the weights inside model.pt; 1 had a forward that synchronised.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 WEIGHTS_FILE = "weights.safetensors"
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DIGEST_CACHE = ".source-digest.json"
@@ -258,7 +260,8 @@ def assemble_config(model_name: str, arch: dict, special_tokens: dict, chat: dic
 
 def load_module(package_dir: str, map_location: str = "cpu"):
     """model.pt with its parameters bound to the tensors of weights.safetensors, as ModelRunner::Load does
-    (for the Python tests and tools): on the CPU the tensors stay backed by the file's copy-on-write mapping.
+    (for the Python tests and tools): on the CPU the tensors stay backed by the file's copy-on-write mapping
+    (the concatenated ones, the fused q/k/v and gate/up, are copies).
     The op library must be loaded first (torch.ops.load_library)."""
     import torch
     from .safetensors_io import read_safetensors
@@ -269,11 +272,12 @@ def load_module(package_dir: str, map_location: str = "cpu"):
                           f"reads {FORMAT_VERSION}: re-export the package")
     module = torch.jit.load(os.path.join(package_dir, "model.pt"), map_location=map_location)
     tensors = read_safetensors(os.path.join(package_dir, config.get("weights", WEIGHTS_FILE)))
-    for path, name in dict(module.weight_names).items():
+    for path, names in dict(module.weight_names).items():
         *parents, leaf = path.split(".")
         owner = module
         for p in parents:
             owner = getattr(owner, p)
-        owner._c.setattr(leaf, tensors[name].to(map_location))
+        parts = [tensors[name] for name in names]
+        owner._c.setattr(leaf, (parts[0] if len(parts) == 1 else torch.cat(parts)).to(map_location))
     module.eval()
     return module
