@@ -608,15 +608,17 @@ TEST(CudaDyscoSelectBias, SameSetsAt128KKeys) {
 
 // ---- linear
 
-// Around the CPU op's few-row switch (8 rows) and odd sizes; every output element written (NaN
-// first).
+// Around the CPU op's few-row switch (8 rows), the CUDA GEMV's (1-4 rows of bf16/fp16 with K a
+// multiple of 8; K = 1001 goes to cuBLAS) and odd sizes (N odd: the last warp's second row);
+// every output element written (NaN first).
 TEST(CudaLinear, EqualsCpu) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(17);
   for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
     const bool fp32 = dtype == at::kFloat;
-    for (const int64_t m : {1, 3, 8, 9, 65}) {
-      for (const auto& [k, n] : {std::pair<int64_t, int64_t>{576, 1536}, {64, 7}, {1000, 333}}) {
+    for (const int64_t m : {1, 2, 3, 4, 5, 8, 9, 65}) {
+      for (const auto& [k, n] : {std::pair<int64_t, int64_t>{576, 1536}, {64, 7}, {1000, 333},
+                                 {1001, 77}, {4096, 1031}, {12288, 35}, {8, 1}}) {
         const at::Tensor input = at::randn({m, k}).to(dtype);
         const at::Tensor weight = (at::randn({n, k}) / 8).to(dtype);
         at::Tensor out = at::full({m, n}, kNaN).to(dtype);
@@ -627,6 +629,28 @@ TEST(CudaLinear, EqualsCpu) {
                                  " k=" + std::to_string(k) + " n=" + std::to_string(n);
         EXPECT_TRUE(Close(gpu_out, out, fp32 ? 1e-4 : 5e-2, fp32 ? 1e-5 : 1e-2, what));
       }
+    }
+  }
+}
+
+// The GEMV path against cuBLAS on the 8B models' shapes (one bf16 rounding apart), and through a
+// weight that is a row slice of a bigger one (the data pointer then moves by rows of K elements).
+TEST(CudaLinear, GemvEqualsCublas) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(18);
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  for (const int64_t m : {1, 4}) {
+    for (const auto& [k, n] : {std::pair<int64_t, int64_t>{4096, 6144}, {12288, 4096}}) {
+      const at::Tensor input = at::randn({m, k}, bf16);
+      const at::Tensor weight = at::randn({n + 3, k}, bf16).narrow(0, 3, n) / 16;
+      at::Tensor gemv = at::full({m, n}, kNaN, bf16);
+      at::Tensor cublas = at::full({m, n}, kNaN, bf16);
+      ops::linear(gemv, input, weight.contiguous());
+      setenv("DYSCO_CUDA_LINEAR", "cublas", 1);
+      ops::linear(cublas, input, weight.contiguous());
+      unsetenv("DYSCO_CUDA_LINEAR");
+      EXPECT_TRUE(Close(gemv.cpu(), cublas.cpu(), 5e-2, 1e-2,
+                        "m=" + std::to_string(m) + " k=" + std::to_string(k)));
     }
   }
 }
@@ -928,6 +952,53 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
   std::printf("[timing] dysco_relevance_update 128K: %.3f ms\n", relevance_ms);
   std::printf("[timing] dysco_select_bias 128K top_p=0.9 top_k=4096: %.3f ms\n", select_ms);
   EXPECT_GT(decode_ms, 0.0);
+}
+
+// The weight GEMVs of a Qwen3-8B decode step (bf16; 1 and 4 rows): the GEMV kernel against cuBLAS
+// (DYSCO_CUDA_LINEAR=cublas), each as bytes of the weight over the copy bandwidth measured here.
+// Printed, not asserted (tuning evidence for docs/gpu.md "Linear layers").
+TEST(CudaTiming, LinearLayersOfADecodeStep) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(19);
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  at::Tensor copy_src =
+      at::empty({1LL << 30}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
+  at::Tensor copy_dst = at::empty_like(copy_src);
+  const double copy_ms = MillisecondsPerCall([&] { copy_dst.copy_(copy_src); }, 10);
+  const double bandwidth = 2.0 * copy_src.numel() / (copy_ms * 1e-3);
+  struct Shape {
+    const char* name;
+    int64_t n, k;
+  };
+  for (const Shape& shape : {Shape{"q", 4096, 4096}, Shape{"k", 1024, 4096},
+                             Shape{"qkv", 6144, 4096}, Shape{"o", 4096, 4096},
+                             Shape{"gate_up", 24576, 4096}, Shape{"down", 4096, 12288},
+                             Shape{"lm_head", 151936, 4096}}) {
+    // Two weights used in turn: the second call of a pair does not find the first's bytes in L2
+    // (50 MB) unless the weight is smaller than it.
+    const at::Tensor w0 = at::randn({shape.n, shape.k}, bf16) / 16;
+    const at::Tensor w1 = at::randn({shape.n, shape.k}, bf16) / 16;
+    const double floor_ms = 2.0 * shape.n * shape.k / bandwidth * 1e3;
+    for (const int64_t m : {1, 4}) {
+      const at::Tensor x = at::randn({m, shape.k}, bf16);
+      at::Tensor out = at::empty({m, shape.n}, bf16);
+      bool flip = false;
+      auto call = [&] {
+        ops::linear(out, x, flip ? w1 : w0);
+        flip = !flip;
+      };
+      const double gemv_ms = MillisecondsPerCall(call, 40);
+      setenv("DYSCO_CUDA_LINEAR", "cublas", 1);
+      const double cublas_ms = MillisecondsPerCall(call, 40);
+      unsetenv("DYSCO_CUDA_LINEAR");
+      std::printf(
+          "[timing] linear %-7s N=%6lld K=%5lld M=%lld: gemv %.4f ms (%.2fx floor), cublas %.4f ms "
+          "(%.2fx floor), floor %.4f ms\n",
+          shape.name, static_cast<long long>(shape.n), static_cast<long long>(shape.k),
+          static_cast<long long>(m), gemv_ms, gemv_ms / floor_ms, cublas_ms, cublas_ms / floor_ms,
+          floor_ms);
+    }
+  }
 }
 
 // One layer of a 128K-token prefill of the Qwen3-8B shape (Hq 32, Hkv 8, D 128, bf16, page size
