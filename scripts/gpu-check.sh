@@ -140,10 +140,12 @@ done
 
 # The same GPU model test on the tiny qwen3 package (per-head q/k RMSNorm: the rms_norm kernel on
 # [tokens x heads, head_dim] rows, against the CPU's ATen expression). A link gives its log and
-# report a name of their own.
+# report a name of their own. Without the sampled generations: over its ~151K-token vocabulary a
+# seeded draw is decided by fp32 rounding differences (tests/cpp/test_model_cuda.cpp says why).
 if export_tiny qwen3 export-qwen3.log; then
   ln -sf test_model_cuda "$BUILD/bin/test_model_cuda_qwen3"
-  DYSCO_TINY_MODEL_DIR=$PWD/$BUILD/test-models/tiny-qwen3 run_test test_model_cuda_qwen3
+  DYSCO_TINY_MODEL_DIR=$PWD/$BUILD/test-models/tiny-qwen3 run_test test_model_cuda_qwen3 \
+    --gtest_filter=-ModelCudaTest.SampledGenerationsAreIdentical
 fi
 
 # The tools on cuda:0 against the same on the CPU, on the tiny package: each pair must print the

@@ -226,8 +226,8 @@ Status BindWeights(torch::jit::Module& module, const ModelConfig& config,
   // them in place); a write would fault rather than corrupt the file.
   auto mapped = [&](const SafetensorsEntry& first, std::vector<int64_t> shape) {
     std::shared_ptr<const SafetensorsFile> keep = file;
-    return torch::from_blob(const_cast<void*>(file->Data(first)), shape, [keep](void*) {},
-                            cpu_options);
+    return torch::from_blob(
+        const_cast<void*>(file->Data(first)), shape, [keep](void*) {}, cpu_options);
   };
   std::set<std::string> bound;  // the file's tensors bound at least once
   // One tensor per distinct list: tied paths (embed_tokens, lm_head) share it.
@@ -247,13 +247,12 @@ Status BindWeights(torch::jit::Module& module, const ModelConfig& config,
     }
     // Parts are concatenated along dim 0: their other dims must agree.
     for (const SafetensorsEntry* e : entries) {
-      if (e->shape.empty() ||
-          !std::equal(e->shape.begin() + 1, e->shape.end(), entries[0]->shape.begin() + 1,
-                      entries[0]->shape.end())) {
+      if (e->shape.empty() || !std::equal(e->shape.begin() + 1, e->shape.end(),
+                                          entries[0]->shape.begin() + 1, entries[0]->shape.end())) {
         return InvalidArgumentError(model_path + ": weight_names concatenates " + param_path +
-                                    " from tensors whose shapes differ past dim 0 ('" +
-                                    parts[0] + "' " + ShapeText(entries[0]->shape) + ", '" +
-                                    e->name + "' " + ShapeText(e->shape) + ")");
+                                    " from tensors whose shapes differ past dim 0 ('" + parts[0] +
+                                    "' " + ShapeText(entries[0]->shape) + ", '" + e->name + "' " +
+                                    ShapeText(e->shape) + ")");
       }
     }
     // Walk to the owning submodule; the last component must be a parameter slot.

@@ -118,6 +118,9 @@ class ModelCudaTest : public ::testing::Test {
     return r.ok() ? std::move(r).value() : GenerateResult{};
   }
 
+  // Greedy or seeded sampled generations on the CPU, the GPU through graphs and the GPU eagerly.
+  static void ExpectIdenticalGenerations(bool sampled);
+
   inline static std::string dir_;
   inline static Engine* cpu_ = nullptr;
   inline static Engine* gpu_ = nullptr;        // decode steps through CUDA graphs (the default)
@@ -207,11 +210,17 @@ TEST_F(ModelCudaTest, ForwardLogitsAndProbsMatchCpu) {
   EXPECT_LT(means.abs, 1e-5);
 }
 
-// Greedy, then seeded sampling (temperature 0.9, top-p 0.95, on the host from each device's
-// logits): the tiny random model soon repeats one token under greedy decoding, sampling walks it
-// through varied contexts. The number of distinct generated tokens is printed to show which.
-TEST_F(ModelCudaTest, GreedyAndSampledGenerationsAreIdentical) {
-  for (bool sampled : {false, true}) {
+// Greedy, or seeded sampling (temperature 0.9, top-p 0.95, on the host from each device's logits):
+// the tiny random llama soon repeats one token under greedy decoding, sampling walks it through
+// varied contexts. The number of distinct generated tokens is printed to show which.
+//
+// Sampling is its own test because it is only well-conditioned on a small vocabulary: on the tiny
+// qwen3 package (the Qwen3 tokenizer's ~151K tokens, nearly uniform probabilities) a token's share
+// of the draw is ~7e-6, the size of fp32 rounding differences between the backends' logits, so a
+// seeded draw lands on the other side of a boundary within a few tokens (greedy stays identical
+// there). scripts/gpu-check.sh runs it on the llama package only.
+void ModelCudaTest::ExpectIdenticalGenerations(bool sampled) {
+  {
     int compared = 0;
     std::vector<int32_t> distinct;
     for (int64_t len : {7, 23, 64, 300}) {
@@ -251,6 +260,10 @@ TEST_F(ModelCudaTest, GreedyAndSampledGenerationsAreIdentical) {
         static_cast<long long>(kNewTokens), static_cast<long long>(n_distinct));
   }
 }
+
+TEST_F(ModelCudaTest, GreedyGenerationsAreIdentical) { ExpectIdenticalGenerations(false); }
+
+TEST_F(ModelCudaTest, SampledGenerationsAreIdentical) { ExpectIdenticalGenerations(true); }
 
 TEST_F(ModelCudaTest, DyscoSelectionsAndTokensAreIdentical) {
   struct Mode {

@@ -668,7 +668,9 @@ TEST_F(WeightsLoadTest, FusedWeightsWhosePartsLieApartAreCopied) {
     WriteFile(weights(), file);
     const uint64_t moved = (data_size() + 63) / 64 * 64;
     EditHeader(
-        [&](nlohmann::json& h) { h[name]["data_offsets"] = {moved, moved + bytes.size()}; },
+        [&](nlohmann::json& h) {
+          h[name]["data_offsets"] = {moved, moved + bytes.size()};
+        },
         std::string(moved - data_size(), '\0') + bytes);
   };
   move_k_proj(k_bytes);
