@@ -33,6 +33,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "kernels/cuda/cuda_common.cuh"
@@ -89,7 +91,10 @@ __device__ __forceinline__ uint32_t Word(const uint4& v, int w) {
 
 // Grid: x = query token, y = split, z = KV head * row_chunks + chunk (16 query heads a chunk).
 // Block: kAttentionThreads (4 warps, each its own tiles of keys; combined at the end).
-template <typename T, int kHeadDim>
+// kPrefetch: each warp issues the loads of its next tile before the arithmetic of the current one
+// (registers double-buffered), so that a tile's memory latency overlaps the previous tile's work
+// instead of following it (DYSCO_CUDA_MMA_PREFETCH, docs/gpu.md "Measured: the decode kernels").
+template <typename T, int kHeadDim, bool kPrefetch>
 __global__ void __launch_bounds__(kAttentionThreads)
     MmaSplitAttentionKernel(const AttentionParams<T> p) {
   constexpr int kKSteps = kHeadDim / 16;      // k-steps of QK^T
@@ -156,10 +161,9 @@ __global__ void __launch_bounds__(kAttentionThreads)
     for (int c = 0; c < 4; ++c) o[nb][c] = 0.0f;
   }
 
-  for (int tile = key_begin + warp * kTileKeys; tile < key_end;
-       tile += kAttentionWarps * kTileKeys) {
-    // K rows g and 8 + g of the tile (B fragments of QK^T's two n-blocks).
-    uint4 kw[2][kRowLoads];
+  // K rows g and 8 + g of the tile (B fragments of QK^T's two n-blocks); V rows 2t, 2t + 1, 2t + 8,
+  // 2t + 9 of the tile, dims [kDimsPerLane g, kDimsPerLane (g + 1)). Zeros past key_end.
+  auto load_tile = [&](int tile, uint4(&kw)[2][kRowLoads], uint4(&vw)[4][kValueLoads]) {
 #pragma unroll
     for (int nbk = 0; nbk < 2; ++nbk) {
       const int key = tile + 8 * nbk + g;
@@ -172,8 +176,6 @@ __global__ void __launch_bounds__(kAttentionThreads)
         for (int i = 0; i < kRowLoads; ++i) kw[nbk][i] = make_uint4(0, 0, 0, 0);
       }
     }
-    // V rows 2t, 2t + 1, 2t + 8, 2t + 9 of the tile, dims [kDimsPerLane g, kDimsPerLane (g + 1)).
-    uint4 vw[4][kValueLoads];
 #pragma unroll
     for (int vr = 0; vr < 4; ++vr) {
       const int key = tile + 2 * t + (vr & 1) + 8 * (vr >> 1);
@@ -185,6 +187,32 @@ __global__ void __launch_bounds__(kAttentionThreads)
 #pragma unroll
         for (int i = 0; i < kValueLoads; ++i) vw[vr][i] = make_uint4(0, 0, 0, 0);
       }
+    }
+  };
+
+  constexpr int kTileStride = kAttentionWarps * kTileKeys;
+  uint4 next_kw[2][kRowLoads];
+  uint4 next_vw[4][kValueLoads];
+  if (kPrefetch && key_begin + warp * kTileKeys < key_end) {
+    load_tile(key_begin + warp * kTileKeys, next_kw, next_vw);
+  }
+  for (int tile = key_begin + warp * kTileKeys; tile < key_end; tile += kTileStride) {
+    uint4 kw[2][kRowLoads];
+    uint4 vw[4][kValueLoads];
+    if constexpr (kPrefetch) {
+#pragma unroll
+      for (int nbk = 0; nbk < 2; ++nbk) {
+#pragma unroll
+        for (int i = 0; i < kRowLoads; ++i) kw[nbk][i] = next_kw[nbk][i];
+      }
+#pragma unroll
+      for (int vr = 0; vr < 4; ++vr) {
+#pragma unroll
+        for (int i = 0; i < kValueLoads; ++i) vw[vr][i] = next_vw[vr][i];
+      }
+      if (tile + kTileStride < key_end) load_tile(tile + kTileStride, next_kw, next_vw);
+    } else {
+      load_tile(tile, kw, vw);
     }
 
     // S (C layout): s[nbk][c] is row g + 8 (c / 2), key tile + 8 nbk + 2t + c % 2.
@@ -290,12 +318,18 @@ __global__ void __launch_bounds__(kAttentionThreads)
                      &s_acc[0][0][0]);
 }
 
-template <typename T, int kHeadDim>
+// DYSCO_CUDA_MMA_PREFETCH=1: the kPrefetch variant (read per launch, for A/B timing).
+bool PrefetchTiles() {
+  const char* v = std::getenv("DYSCO_CUDA_MMA_PREFETCH");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+template <typename T, int kHeadDim, bool kPrefetch>
 int Occupancy() {
   static const int blocks = [] {
     int n = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &n, MmaSplitAttentionKernel<T, kHeadDim>, kAttentionThreads, 0));
+        &n, MmaSplitAttentionKernel<T, kHeadDim, kPrefetch>, kAttentionThreads, 0));
     return n;
   }();
   return blocks;
@@ -312,8 +346,9 @@ int MmaSplitAttentionOccupancy(const AttentionParams<T>& p) {
     return 0;
   } else {
     if (p.max_pages * p.page_size > (int64_t{1} << 31) - 1) return 0;  // int key indices
-    if (p.head_dim == 64) return Occupancy<T, 64>();
-    if (p.head_dim == 128) return Occupancy<T, 128>();
+    const bool prefetch = PrefetchTiles();
+    if (p.head_dim == 64) return prefetch ? Occupancy<T, 64, true>() : Occupancy<T, 64, false>();
+    if (p.head_dim == 128) return prefetch ? Occupancy<T, 128, true>() : Occupancy<T, 128, false>();
     return 0;
   }
 }
@@ -326,12 +361,21 @@ void LaunchMmaSplitAttention(const AttentionParams<T>& p, int64_t tokens, int kv
   } else {
     const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(p.num_splits),
                     static_cast<unsigned>(kv_heads * p.row_chunks));
+    const bool prefetch = PrefetchTiles();
     if (p.head_dim == 64) {
-      MmaSplitAttentionKernel<T, 64><<<grid, kAttentionThreads, 0, stream>>>(p);
+      if (prefetch) {
+        MmaSplitAttentionKernel<T, 64, true><<<grid, kAttentionThreads, 0, stream>>>(p);
+      } else {
+        MmaSplitAttentionKernel<T, 64, false><<<grid, kAttentionThreads, 0, stream>>>(p);
+      }
     } else {
       TORCH_CHECK(p.head_dim == 128, "tensor-core split attention called for head_dim ",
                   p.head_dim);
-      MmaSplitAttentionKernel<T, 128><<<grid, kAttentionThreads, 0, stream>>>(p);
+      if (prefetch) {
+        MmaSplitAttentionKernel<T, 128, true><<<grid, kAttentionThreads, 0, stream>>>(p);
+      } else {
+        MmaSplitAttentionKernel<T, 128, false><<<grid, kAttentionThreads, 0, stream>>>(p);
+      }
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -919,6 +919,40 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
     std::printf("[timing] paged_attention_decode, pages in order: %.3f ms (%.2fx floor)\n", ms,
                 ms / floor_ms);
   }
+  {
+    // Tiles' loads issued one tile ahead (DYSCO_CUDA_MMA_PREFETCH=1), plain and with a bias.
+    setenv("DYSCO_CUDA_MMA_PREFETCH", "1", 1);
+    const double ms = MillisecondsPerCall(
+        [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); },
+        20);
+    const double biased = MillisecondsPerCall(
+        [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, bias); }, 20);
+    unsetenv("DYSCO_CUDA_MMA_PREFETCH");
+    std::printf(
+        "[timing] paged_attention_decode, tiles prefetched: %.3f ms (%.2fx floor), with key_bias "
+        "%.3f ms\n",
+        ms, ms / floor_ms, biased);
+  }
+  {
+    // The same bytes with one KV head (Hq 4, 8x the keys): a head's K rows of a page back to back
+    // instead of 2 KB apart, what a [page, head, slot, dim] layout would give.
+    const int64_t keys1 = keys * 8;
+    const at::Tensor kv1 = at::randn({2, keys1 / page_size, page_size, 1, 128}, bf16);
+    const at::Tensor tables1 =
+        at::randperm(keys1 / page_size, i64).to(at::kInt).reshape({1, keys1 / page_size});
+    const at::Tensor lens1 = at::full({1}, keys1, i64);
+    const at::Tensor query1 = at::randn({1, 4, 128}, bf16);
+    at::Tensor out1 = at::empty({1, 4, 128}, bf16);
+    const double ms = MillisecondsPerCall(
+        [&] {
+          ops::paged_attention_decode(out1, query1, kv1, tables1, lens1, scale, c10::nullopt);
+        },
+        20);
+    std::printf(
+        "[timing] paged_attention_decode, same bytes as one KV head of 1M keys: %.3f ms (%.2fx "
+        "floor)\n",
+        ms, ms / floor_ms);
+  }
   const double biased_ms = MillisecondsPerCall(
       [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, bias); }, 20);
   const double probs_ms = MillisecondsPerCall(
