@@ -69,6 +69,19 @@ void rotary_embedding(TensorRef out, TensorRef input, TensorRef cos, TensorRef s
   op.call(out, input, cos, sin);
 }
 
+void add_rms_norm(TensorRef out, TensorRef sum, TensorRef input, TensorRef residual,
+                  TensorRef weight, double eps) {
+  static const auto op =
+      Handle<void(TensorRef, TensorRef, TensorRef, TensorRef, TensorRef, double)>(
+          kernels::kAddRmsNormOp);
+  op.call(out, sum, input, residual, weight, eps);
+}
+
+void silu_mul(TensorRef out, TensorRef input) {
+  static const auto op = Handle<void(TensorRef, TensorRef)>(kernels::kSiluMulOp);
+  op.call(out, input);
+}
+
 void dysco_relevance_update(TensorRef relevance, TensorRef probs, TensorRef num_keys,
                             TensorRef decay) {
   static const auto op =
@@ -108,6 +121,8 @@ const std::vector<std::string>& AllOpNames() {
       kernels::kLinearOp,
       kernels::kRmsNormOp,
       kernels::kRotaryEmbeddingOp,
+      kernels::kAddRmsNormOp,
+      kernels::kSiluMulOp,
       kernels::kDyscoRelevanceUpdateOp,
       kernels::kDyscoSelectBiasOp,
       kernels::kDyscoBiasFromSelectionOp,

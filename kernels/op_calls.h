@@ -7,7 +7,7 @@
 // Errors: invalid arguments, or an op (or a kernel for the tensors' device) that is not registered,
 // raise c10::Error; nothing is written then. Callers catch it.
 // Also: AllOpNames(), MissingOps() and MissingKernels(), for a startup check that
-// libdysco_kernels.so is loaded and registered all eleven ops (and their kernels).
+// libdysco_kernels.so is loaded and registered all thirteen ops (and their kernels).
 // Thread-safety: every function may be called from any thread; each op's operator handle is looked
 // up once (function-local static) and is immutable afterwards. Concurrent calls must not write the
 // same output or cache pages (kernels/ops.h).
@@ -68,6 +68,14 @@ void rms_norm(const at::Tensor& out, const at::Tensor& input, const at::Tensor& 
 void rotary_embedding(const at::Tensor& out, const at::Tensor& input, const at::Tensor& cos,
                       const at::Tensor& sin);
 
+// sum [M, D] <- input + residual [M, D] (rounded to the dtype); out [M, D] <- rms_norm(sum, weight
+// [D], eps) (kernels/ops.h add_rms_norm_cpu). out and sum must not overlap the inputs.
+void add_rms_norm(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
+                  const at::Tensor& residual, const at::Tensor& weight, double eps);
+
+// out [M, N] <- silu(input[:, :N]) * input[:, N:] for input [M, 2N] (kernels/ops.h silu_mul_cpu).
+void silu_mul(const at::Tensor& out, const at::Tensor& input);
+
 // ---- DySCO (docs/dysco.md "Ops"): relevance, selection, bias, template positions. fp32; each op
 // writes fixed-shape outputs. Row b of every [B, S] tensor belongs to sequence b with
 // n_b = num_keys[b] keys (int64 [B], the current token included, in [0, S]; n_b = 0 is an idle row,
@@ -113,12 +121,12 @@ void dysco_template_mask(const at::Tensor& mask, const at::Tensor& tokens,
 
 // ---- registration
 
-// The qualified names of the eleven ops, in schema order: "dysco::paged_kv_write",
+// The qualified names of the thirteen ops, in schema order: "dysco::paged_kv_write",
 // "dysco::paged_attention_decode", ..., "dysco::dysco_template_mask".
 const std::vector<std::string>& AllOpNames();
 
 // The names of AllOpNames() whose schema is not registered with the dispatcher (empty when all
-// eleven are: libdysco_kernels.so is loaded and current).
+// thirteen are: libdysco_kernels.so is loaded and current).
 std::vector<std::string> MissingOps();
 
 // The names of `names` whose schema is not registered with the dispatcher.

@@ -77,6 +77,17 @@ void CheckSameDevice(const char* op, const char* out_name, const at::Tensor& out
   }
 }
 
+void CheckNoOverlap(const char* op, const char* out_name, const at::Tensor& out,
+                    const char* other_name, const at::Tensor& other) {
+  if (out.numel() == 0 || other.numel() == 0) return;
+  const auto* out_begin = static_cast<const char*>(out.data_ptr());
+  const auto* other_begin = static_cast<const char*>(other.data_ptr());
+  const char* out_end = out_begin + out.numel() * static_cast<int64_t>(out.element_size());
+  const char* other_end = other_begin + other.numel() * static_cast<int64_t>(other.element_size());
+  TORCH_CHECK(out_end <= other_begin || other_end <= out_begin, op, ": ", out_name,
+              " must not overlap ", other_name, " in memory (an out-of-place op)");
+}
+
 void CheckKeyBiasArg(const char* op, const c10::optional<at::Tensor>& key_bias, int64_t batch,
                      const at::Tensor& out) {
   if (!key_bias.has_value() || !key_bias->defined()) return;
@@ -139,6 +150,39 @@ void CheckRotaryEmbeddingArgs(const at::Tensor& out, const at::Tensor& input, co
   CheckShaped(kOp, "cos", cos, dtype, {input.size(0), input.size(2)});
   CheckShaped(kOp, "sin", sin, dtype, {input.size(0), input.size(2)});
   CheckSameDevice(kOp, "out", out, {{"input", input}, {"cos", cos}, {"sin", sin}});
+}
+
+void CheckAddRmsNormArgs(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
+                         const at::Tensor& residual, const at::Tensor& weight, double eps) {
+  constexpr const char* kOp = kAddRmsNormOp;
+  const at::ScalarType dtype = FloatingDtypeOf(kOp, "weight", weight);
+  CheckTensor(kOp, "weight", weight, dtype, 1);
+  CheckShaped(kOp, "input", input, dtype, {input.defined() ? input.size(0) : 0, weight.size(0)});
+  CheckShaped(kOp, "residual", residual, dtype, input.sizes());
+  CheckShaped(kOp, "sum", sum, dtype, input.sizes());
+  CheckShaped(kOp, "out", out, dtype, input.sizes());
+  TORCH_CHECK(eps > 0.0, kOp, ": eps must be > 0, got ", eps);
+  CheckSameDevice(kOp, "out", out,
+                  {{"sum", sum}, {"input", input}, {"residual", residual}, {"weight", weight}});
+  CheckNoOverlap(kOp, "out", out, "sum", sum);
+  const NamedTensor outputs[] = {{"out", out}, {"sum", sum}};
+  for (const NamedTensor& written : outputs) {
+    CheckNoOverlap(kOp, written.name, written.tensor, "input", input);
+    CheckNoOverlap(kOp, written.name, written.tensor, "residual", residual);
+    CheckNoOverlap(kOp, written.name, written.tensor, "weight", weight);
+  }
+}
+
+void CheckSiluMulArgs(const at::Tensor& out, const at::Tensor& input) {
+  constexpr const char* kOp = kSiluMulOp;
+  const at::ScalarType dtype = FloatingDtypeOf(kOp, "input", input);
+  CheckTensor(kOp, "input", input, dtype, 2);
+  TORCH_CHECK(input.size(1) % 2 == 0, kOp,
+              ": input must be [M, 2N] (the gate and up halves), its width must be even, got ",
+              input.sizes());
+  CheckShaped(kOp, "out", out, dtype, {input.size(0), input.size(1) / 2});
+  CheckSameDevice(kOp, "out", out, {{"input", input}});
+  CheckNoOverlap(kOp, "out", out, "input", input);
 }
 
 PagedCacheShape CheckPagedKvWriteArgs(const at::Tensor& kv_cache_layer, const at::Tensor& key,

@@ -30,6 +30,8 @@ inline constexpr const char* kAttentionProbsOp = "dysco::attention_probs";
 inline constexpr const char* kLinearOp = "dysco::linear";
 inline constexpr const char* kRmsNormOp = "dysco::rms_norm";
 inline constexpr const char* kRotaryEmbeddingOp = "dysco::rotary_embedding";
+inline constexpr const char* kAddRmsNormOp = "dysco::add_rms_norm";
+inline constexpr const char* kSiluMulOp = "dysco::silu_mul";
 inline constexpr const char* kDyscoRelevanceUpdateOp = "dysco::dysco_relevance_update";
 inline constexpr const char* kDyscoSelectBiasOp = "dysco::dysco_select_bias";
 inline constexpr const char* kDyscoBiasFromSelectionOp = "dysco::dysco_bias_from_selection";
@@ -62,6 +64,11 @@ void CheckShaped(const char* op, const char* name, const at::Tensor& tensor, at:
 // Every tensor of `inputs` (all defined) is on the device of `out` (the op's first output).
 void CheckSameDevice(const char* op, const char* out_name, const at::Tensor& out,
                      std::initializer_list<NamedTensor> inputs);
+
+// The memory of `out` (an output) and of `other` do not overlap (an empty tensor overlaps nothing).
+// Both contiguous: compares the byte ranges [data_ptr, data_ptr + nbytes), metadata only.
+void CheckNoOverlap(const char* op, const char* out_name, const at::Tensor& out,
+                    const char* other_name, const at::Tensor& other);
 
 // key_bias, when present: fp32 [batch, S], contiguous, on the device of `out`. (S >= max(seq_lens)
 // reads seq_lens: left to the backend.)
@@ -116,6 +123,15 @@ void CheckRmsNormArgs(const at::Tensor& out, const at::Tensor& input, const at::
 // one device.
 void CheckRotaryEmbeddingArgs(const at::Tensor& out, const at::Tensor& input, const at::Tensor& cos,
                               const at::Tensor& sin);
+
+// add_rms_norm: out, sum, input and residual [M, D], weight [D], contiguous, one dtype (fp32 | bf16
+// | fp16), one device; eps > 0; out and sum overlap neither each other nor input, residual, weight.
+void CheckAddRmsNormArgs(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
+                         const at::Tensor& residual, const at::Tensor& weight, double eps);
+
+// silu_mul: input [M, 2N] (even width), out [M, N], contiguous, one dtype (fp32 | bf16 | fp16),
+// one device; out does not overlap input.
+void CheckSiluMulArgs(const at::Tensor& out, const at::Tensor& input);
 
 // dysco_relevance_update. Left to the backend: num_keys values (in [0, min(S, S')]).
 void CheckDyscoRelevanceUpdateArgs(const at::Tensor& relevance, const at::Tensor& probs,

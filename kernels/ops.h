@@ -70,6 +70,23 @@ void rms_norm_cpu(const at::Tensor& out, const at::Tensor& input, const at::Tens
 void rotary_embedding_cpu(const at::Tensor& out, const at::Tensor& input, const at::Tensor& cos,
                           const at::Tensor& sin);
 
+// sum [M, D] <- input [M, D] + residual [M, D], added in fp32 and rounded to the dtype (ATen's
+// `input + residual`); out [M, D] <- rms_norm(sum, weight [D], eps) as rms_norm_cpu, computed from
+// the ROUNDED sum: the transformer's residual add fused with the next norm (vLLM's
+// fused_add_rms_norm, out of place: the new residual stream is `sum`). All contiguous, one dtype;
+// out and sum must not overlap each other or the inputs (checked). The CPU version is
+// at::add_out then rms_norm's row kernel on sum, so it equals `s = input + residual;
+// rms_norm(s)` bit for bit.
+void add_rms_norm_cpu(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
+                      const at::Tensor& residual, const at::Tensor& weight, double eps);
+
+// out [M, N] <- silu(g) * u for input [M, 2N] = [g | u] (the SwiGLU activation over a fused
+// gate/up projection): silu(g) = g / (1 + exp(-g)) in fp32 rounded to the dtype, then the product
+// with u in fp32 rounded again, exactly ATen's `F.silu(g) * u` (two kernels, two roundings). All
+// contiguous, one dtype; out must not overlap input (checked). The CPU version IS that ATen
+// expression on the two halves (at::silu, at::mul_out), so it equals it bit for bit.
+void silu_mul_cpu(const at::Tensor& out, const at::Tensor& input);
+
 // ---- DySCO (docs/dysco.md "Ops"): relevance, selection, bias, template positions. fp32; each op
 // writes fixed-shape outputs, so that a device version needs no host synchronisation.
 // Row b of every [B, S] tensor belongs to sequence b with n_b = num_keys[b] keys (int64 [B], the

@@ -25,6 +25,14 @@ TORCH_LIBRARY(dysco, m) {
   // [M, D] times weight [D]; out [T, H, D] <- input [T, H, D] rotated by cos, sin [T, D].
   m.def("rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float eps) -> ()");
   m.def("rotary_embedding(Tensor(a!) out, Tensor input, Tensor cos, Tensor sin) -> ()");
+  // The residual add fused with the next norm (vLLM's fused_add_rms_norm, out of place): sum [M, D]
+  // <- input + residual (rounded to the dtype), out [M, D] <- rms_norm(sum, weight, eps). And the
+  // SwiGLU activation over a fused gate/up projection: out [M, N] <- silu(input[:, :N]) *
+  // input[:, N:] for input [M, 2N].
+  m.def(
+      "add_rms_norm(Tensor(a!) out, Tensor(b!) sum, Tensor input, Tensor residual, Tensor weight, "
+      "float eps) -> ()");
+  m.def("silu_mul(Tensor(a!) out, Tensor input) -> ()");
   // DySCO (docs/dysco.md "Ops").
   m.def(
       "dysco_relevance_update(Tensor(a!) relevance, Tensor probs, Tensor num_keys, Tensor decay) "

@@ -11,6 +11,8 @@ TORCH_LIBRARY_IMPL(dysco, CPU, m) {
   m.impl("linear", &dysco::kernels::linear_cpu);
   m.impl("rms_norm", &dysco::kernels::rms_norm_cpu);
   m.impl("rotary_embedding", &dysco::kernels::rotary_embedding_cpu);
+  m.impl("add_rms_norm", &dysco::kernels::add_rms_norm_cpu);
+  m.impl("silu_mul", &dysco::kernels::silu_mul_cpu);
   m.impl("dysco_relevance_update", &dysco::kernels::dysco_relevance_update_cpu);
   m.impl("dysco_select_bias", &dysco::kernels::dysco_select_bias_cpu);
   m.impl("dysco_bias_from_selection", &dysco::kernels::dysco_bias_from_selection_cpu);

@@ -2,6 +2,9 @@
 // (tools/dysco_export/model.py rms_norm and apply_rope) as one pass each, bit for bit equal to the
 // ATen expressions they replace, so that the model can call them on the CPU too without moving a
 // token (a decode step spent ~6 ms of ~30 in its ~750 TorchScript op calls, issue 11).
+// Also add_rms_norm (ATen's add, then the rms_norm rows on the rounded sum) and silu_mul (ATen's
+// silu and mul on the two halves): bit for bit their ATen expressions by construction; their
+// CUDA versions are the fused kernels.
 //
 // Bit for bit needs the same roundings in the same order:
 // - rotary: each product and the sum rounded separately, as ATen's mul, mul and add kernels do.
@@ -267,6 +270,19 @@ void Rotary(const at::Tensor& out, const at::Tensor& input, const at::Tensor& co
   });
 }
 
+// Whether this libtorch's CPU silu takes fp16 (torch 2.x; not libtorch 1.13). Probed once.
+bool AtenHasCpuHalfSilu() {
+  static const bool has = [] {
+    try {
+      (void)at::silu(at::zeros({1}, at::kHalf));
+      return true;
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return has;
+}
+
 }  // namespace
 
 void rms_norm_cpu(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
@@ -282,6 +298,48 @@ void rms_norm_cpu(const at::Tensor& out, const at::Tensor& input, const at::Tens
     default:
       return RmsNorm<at::Half>(out, input, weight, eps);
   }
+}
+
+void add_rms_norm_cpu(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
+                      const at::Tensor& residual, const at::Tensor& weight, double eps) {
+  CheckAddRmsNormArgs(out, sum, input, residual, weight, eps);
+  TORCH_CHECK(out.is_cpu(), kAddRmsNormOp, ": the CPU implementation got tensors on ",
+              out.device());
+  if (out.numel() == 0) return;
+  // Two passes, each bit for bit its ATen expression: ATen's add kernel (`input + residual`, fp32
+  // then rounded to the dtype), then the rms_norm rows on the rounded sum. The second pass reads
+  // `sum` back while it is still in the cache; a decode row is a few KiB.
+  at::Tensor sum_out = sum;  // add_out takes a non-const reference; same TensorImpl
+  at::add_out(sum_out, input, residual);
+  switch (input.scalar_type()) {  // the checks admit these three
+    case at::kFloat:
+      return RmsNorm<float>(out, sum, weight, eps);
+    case at::kBFloat16:
+      return RmsNorm<at::BFloat16>(out, sum, weight, eps);
+    default:
+      return RmsNorm<at::Half>(out, sum, weight, eps);
+  }
+}
+
+void silu_mul_cpu(const at::Tensor& out, const at::Tensor& input) {
+  CheckSiluMulArgs(out, input);
+  TORCH_CHECK(out.is_cpu(), kSiluMulOp, ": the CPU implementation got tensors on ", out.device());
+  if (out.numel() == 0) return;
+  // ATen's own kernels on the two halves (strided views of input): bit for bit `F.silu(g) * u`,
+  // whatever vector width and exp ATen uses. Not fused: the CPU model spends its time in the
+  // linear layers around it, and a hand-written exp would not round as ATen's.
+  const int64_t n = out.size(1);
+  at::Tensor out_ref = out;
+  if (input.scalar_type() != at::kHalf || AtenHasCpuHalfSilu()) {
+    at::mul_out(out_ref, at::silu(input.narrow(1, 0, n)), input.narrow(1, n, n));
+    return;
+  }
+  // fp16 where ATen has no CPU silu for it (libtorch 1.13, where `F.silu(g) * u` itself raises):
+  // the same two roundings in fp32 tensors. The product of two fp16 values is exact in fp32, so the
+  // second rounding equals any fp16 mul's; silu's fp32 value comes from ATen's float kernel.
+  const at::Tensor wide = input.to(at::kFloat);
+  const at::Tensor silu = at::silu(wide.narrow(1, 0, n)).to(at::kHalf).to(at::kFloat);
+  out_ref.copy_(silu * wide.narrow(1, n, n));
 }
 
 void rotary_embedding_cpu(const at::Tensor& out, const at::Tensor& input, const at::Tensor& cos,

@@ -53,6 +53,12 @@ void rms_norm_cuda(const at::Tensor& out, const at::Tensor& input, const at::Ten
                    double eps);
 void rotary_embedding_cuda(const at::Tensor& out, const at::Tensor& input, const at::Tensor& cos,
                            const at::Tensor& sin);
+// One kernel each: add_rms_norm rounds the sum to the dtype, stores it and normalises it (the
+// sum equals the CPU op's bit for bit, out within the rms_norm tolerance); silu_mul computes silu
+// as ATen's CUDA kernel does (x / (1 + expf(-x)) in fp32), rounds it, then the product.
+void add_rms_norm_cuda(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
+                       const at::Tensor& residual, const at::Tensor& weight, double eps);
+void silu_mul_cuda(const at::Tensor& out, const at::Tensor& input);
 
 void dysco_relevance_update_cuda(const at::Tensor& relevance, const at::Tensor& probs,
                                  const at::Tensor& num_keys, const at::Tensor& decay);

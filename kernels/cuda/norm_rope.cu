@@ -8,6 +8,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/op_checks.h"
@@ -96,7 +100,213 @@ __global__ void __launch_bounds__(kRopeThreads)
       __fadd_rn(product(hi, C::ToFloat(c[j + half])), product(lo, C::ToFloat(s[j + half]))));
 }
 
+// ---- add_rms_norm and silu_mul
+
+// Elements per 16-byte vector: 4 floats, 8 bf16 / fp16.
+template <typename T>
+constexpr int kVecElems = 16 / static_cast<int>(sizeof(T));
+
+// v[0, V) <- p[0, V): one element (V == 1) or one 16-byte load (p 16-byte aligned).
+template <int V, typename T>
+__device__ __forceinline__ void LoadN(const T* p, T (&v)[V]) {
+  if constexpr (V == 1) {
+    v[0] = p[0];
+  } else {
+    static_assert(V * sizeof(T) == 16, "a vector is 16 bytes");
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    memcpy(v, &raw, sizeof(raw));
+  }
+}
+template <int V, typename T>
+__device__ __forceinline__ void StoreN(T* p, const T (&v)[V]) {
+  if constexpr (V == 1) {
+    p[0] = v[0];
+  } else {
+    static_assert(V * sizeof(T) == 16, "a vector is 16 bytes");
+    uint4 raw;
+    memcpy(&raw, v, sizeof(raw));
+    *reinterpret_cast<uint4*>(p) = raw;
+  }
+}
+
+// sum[u] <- to_dtype(input[u] + residual[u]) for the units u = first, first + stride, ... < units
+// of V elements of one row; returns the sum of the squares of the rounded values (fp32).
+template <int V, typename T>
+__device__ __forceinline__ float AddRowPart(T* sum, const T* input, const T* residual,
+                                            int64_t units, int64_t first, int64_t stride) {
+  using C = cuda::Convert<T>;
+  float squares = 0.0f;
+  for (int64_t u = first; u < units; u += stride) {
+    T a[V], b[V], s[V];
+    LoadN<V>(input + u * V, a);
+    LoadN<V>(residual + u * V, b);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      // ATen's add: a + b in fp32 (exact for fp32 inputs' rounding), rounded to the dtype.
+      s[i] = C::FromFloat(__fadd_rn(C::ToFloat(a[i]), C::ToFloat(b[i])));
+      const float v = C::ToFloat(s[i]);
+      squares += v * v;
+    }
+    StoreN<V>(sum + u * V, s);
+  }
+  return squares;
+}
+
+// out[u] <- weight[u] * to_dtype(sum[u] * inv) for the same units as AddRowPart: each thread reads
+// back only the sum elements it wrote itself (program order, no barrier needed), which also keeps
+// the kernel correct if a caller ignored the no-overlap rule for sum and input.
+template <int V, typename T>
+__device__ __forceinline__ void NormRowPart(T* out, const T* sum, const T* weight, int64_t units,
+                                            int64_t first, int64_t stride, float inv) {
+  using C = cuda::Convert<T>;
+  for (int64_t u = first; u < units; u += stride) {
+    T s[V], w[V], y[V];
+    LoadN<V>(sum + u * V, s);
+    LoadN<V>(weight + u * V, w);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float normalised = C::ToFloat(C::FromFloat(C::ToFloat(s[i]) * inv));
+      y[i] = C::FromFloat(C::ToFloat(w[i]) * normalised);
+    }
+    StoreN<V>(out + u * V, y);
+  }
+}
+
+// add_rms_norm, one warp per row of d = units * V (d <= kWarpRowMax), as RmsNormWarpKernel.
+template <int V, typename T>
+__global__ void __launch_bounds__(kWarpRowThreads)
+    AddRmsNormWarpKernel(T* out, T* sum, const T* input, const T* residual, const T* weight,
+                         int64_t rows, int64_t d, float eps) {
+  const int64_t row = blockIdx.x * static_cast<int64_t>(kWarpRowThreads / cuda::kWarpSize) +
+                      threadIdx.x / cuda::kWarpSize;
+  if (row >= rows) return;  // whole warps leave: the shuffles below see full warps
+  const int lane = threadIdx.x % cuda::kWarpSize;
+  const int64_t units = d / V;
+  const float squares = cuda::WarpSum(AddRowPart<V>(
+      sum + row * d, input + row * d, residual + row * d, units, lane, cuda::kWarpSize));
+  const float inv = rsqrtf(squares / static_cast<float>(d) + eps);
+  NormRowPart<V>(out + row * d, sum + row * d, weight, units, lane, cuda::kWarpSize, inv);
+}
+
+// add_rms_norm, one block per row (the hidden-size rows), as RmsNormKernel; blockDim.x a multiple
+// of 32, at most kNormThreads.
+template <int V, typename T>
+__global__ void __launch_bounds__(kNormThreads)
+    AddRmsNormKernel(T* out, T* sum, const T* input, const T* residual, const T* weight, int64_t d,
+                     float eps) {
+  __shared__ float shared[kNormThreads / cuda::kWarpSize];
+  const int64_t row = blockIdx.x;
+  const int64_t units = d / V;
+  float squares = AddRowPart<V>(sum + row * d, input + row * d, residual + row * d, units,
+                                threadIdx.x, blockDim.x);
+  squares = cuda::BlockReduce(squares, shared, [](float a, float b) { return a + b; });
+  const float inv = rsqrtf(squares / static_cast<float>(d) + eps);
+  NormRowPart<V>(out + row * d, sum + row * d, weight, units, threadIdx.x, blockDim.x, inv);
+}
+
+template <int V, typename T>
+void LaunchAddRmsNorm(T* out, T* sum, const T* input, const T* residual, const T* weight,
+                      int64_t rows, int64_t d, float eps) {
+  if (d <= kWarpRowMax) {
+    const int64_t rows_per_block = kWarpRowThreads / cuda::kWarpSize;
+    AddRmsNormWarpKernel<V, T>
+        <<<static_cast<unsigned>(cuda::CeilDiv(rows, rows_per_block)), kWarpRowThreads, 0,
+           cuda::CurrentStream()>>>(out, sum, input, residual, weight, rows, d, eps);
+  } else {
+    // Threads for the row's units (d / V), whole warps, at most kNormThreads: a vectorised row of
+    // 4096 bf16 is 512 units, one per thread.
+    const int64_t units = d / V;
+    const auto threads = static_cast<unsigned>(std::min<int64_t>(
+        kNormThreads, cuda::CeilDiv(units, int64_t{cuda::kWarpSize}) * cuda::kWarpSize));
+    AddRmsNormKernel<V, T><<<static_cast<unsigned>(rows), threads, 0, cuda::CurrentStream()>>>(
+        out, sum, input, residual, weight, d, eps);
+  }
+}
+
+// 16-byte vectors when every row is whole vectors and every pointer is 16-byte aligned.
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+constexpr int kSiluThreads = 256;
+
+// silu_mul over units of V elements of out [rows, n] (n % V == 0 when V > 1): out = to_dtype(
+// to_dtype(silu(g)) * u), silu in fp32 as ATen's CUDA kernel (ActivationSiluKernel.cu:
+// x / (1 + exp(-x)) in opmath float, IEEE division), the product as ATen's mul (fp32, rounded).
+template <int V, typename T>
+__global__ void __launch_bounds__(kSiluThreads)
+    SiluMulKernel(T* out, const T* input, int64_t units, int64_t n) {
+  using C = cuda::Convert<T>;
+  const int64_t unit = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (unit >= units) return;
+  const int64_t i = unit * V;  // flat index into out
+  const int64_t row = i / n;
+  const int64_t j = i % n;
+  const T* gate = input + row * 2 * n + j;
+  T g[V], u[V], y[V];
+  LoadN<V>(gate, g);
+  LoadN<V>(gate + n, u);
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const float x = C::ToFloat(g[k]);
+    const float silu = C::ToFloat(C::FromFloat(__fdiv_rn(x, 1.0f + expf(-x))));
+    y[k] = C::FromFloat(__fmul_rn(silu, C::ToFloat(u[k])));
+  }
+  StoreN<V>(out + i, y);
+}
+
 }  // namespace
+
+void add_rms_norm_cuda(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
+                       const at::Tensor& residual, const at::Tensor& weight, double eps) {
+  CheckAddRmsNormArgs(out, sum, input, residual, weight, eps);
+  TORCH_CHECK(out.is_cuda(), kAddRmsNormOp, ": the CUDA implementation got tensors on ",
+              out.device());
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  const int64_t rows = input.size(0);
+  const int64_t d = input.size(1);
+  DYSCO_CUDA_DISPATCH_CACHE_TYPES(input.scalar_type(), kAddRmsNormOp, [&] {
+    scalar_t* y = out.data_ptr<scalar_t>();
+    scalar_t* s = sum.data_ptr<scalar_t>();
+    const scalar_t* x = input.data_ptr<scalar_t>();
+    const scalar_t* r = residual.data_ptr<scalar_t>();
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    constexpr int kV = kVecElems<scalar_t>;
+    const bool vector =
+        d % kV == 0 && Aligned16(y) && Aligned16(s) && Aligned16(x) && Aligned16(r) && Aligned16(w);
+    if (vector) {
+      LaunchAddRmsNorm<kV>(y, s, x, r, w, rows, d, static_cast<float>(eps));
+    } else {
+      LaunchAddRmsNorm<1>(y, s, x, r, w, rows, d, static_cast<float>(eps));
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void silu_mul_cuda(const at::Tensor& out, const at::Tensor& input) {
+  CheckSiluMulArgs(out, input);
+  TORCH_CHECK(out.is_cuda(), kSiluMulOp, ": the CUDA implementation got tensors on ", out.device());
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  const int64_t n = out.size(1);
+  DYSCO_CUDA_DISPATCH_CACHE_TYPES(input.scalar_type(), kSiluMulOp, [&] {
+    scalar_t* y = out.data_ptr<scalar_t>();
+    const scalar_t* x = input.data_ptr<scalar_t>();
+    constexpr int kV = kVecElems<scalar_t>;
+    // Rows of whole vectors (n % V == 0 keeps both halves of every row aligned).
+    if (n % kV == 0 && Aligned16(y) && Aligned16(x)) {
+      const int64_t units = out.numel() / kV;
+      SiluMulKernel<kV, scalar_t>
+          <<<static_cast<unsigned>(cuda::CeilDiv(units, int64_t{kSiluThreads})), kSiluThreads, 0,
+             cuda::CurrentStream()>>>(y, x, units, n);
+    } else {
+      const int64_t units = out.numel();
+      SiluMulKernel<1, scalar_t>
+          <<<static_cast<unsigned>(cuda::CeilDiv(units, int64_t{kSiluThreads})), kSiluThreads, 0,
+             cuda::CurrentStream()>>>(y, x, units, n);
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 void rms_norm_cuda(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                    double eps) {

@@ -187,12 +187,13 @@ const std::vector<Layout> kLayouts = {
 // ---- registration
 // ----------------------------------------------------------------------------------------
 
-TEST(DyscoOps, AllElevenOpsAreRegisteredWithCpuKernels) {
+TEST(DyscoOps, AllThirteenOpsAreRegisteredWithCpuKernels) {
   const std::vector<std::string>& names = ops::AllOpNames();
-  EXPECT_EQ(names.size(), 11u);
+  EXPECT_EQ(names.size(), 13u);
   for (const char* name :
        {"dysco::paged_kv_write", "dysco::paged_attention_decode", "dysco::paged_attention_prefill",
-        "dysco::attention_probs", "dysco::linear", "dysco::rms_norm", "dysco::rotary_embedding"}) {
+        "dysco::attention_probs", "dysco::linear", "dysco::rms_norm", "dysco::rotary_embedding",
+        "dysco::add_rms_norm", "dysco::silu_mul"}) {
     EXPECT_NE(std::find(names.begin(), names.end(), name), names.end()) << name;
   }
   EXPECT_EQ(ops::MissingOps(), std::vector<std::string>{});
@@ -435,6 +436,224 @@ TEST(RmsNormAndRotary, RejectBadInputs) {
         ops::rotary_embedding(at::empty({3, 2, 8}), q, cs, cs.to(at::kHalf));
       },
       "dysco::rotary_embedding: sin");
+}
+
+// ---- add_rms_norm and silu_mul
+// --------------------------------------------------------------------------
+
+// Widths of the models (576, 1536, 4096), odd ones (1, 7, 13, 1500: tails after the vectors, rows
+// shorter than a vector) and one long enough for the second level of the norm's cascade sum.
+const std::vector<std::pair<int64_t, int64_t>>& FusedOpShapes() {
+  static const std::vector<std::pair<int64_t, int64_t>> shapes = {
+      {1, 1},    {3, 7},    {2, 13},
+      {1, 576},  {64, 576}, {5, 1536},
+      {7, 4096}, {4, 1500}, {3, 8 * 4 * 16 * 16 + 8 * 5 + 3}};
+  return shapes;
+}
+
+// sum equals ATen's `input + residual` and out equals the existing rms_norm op on that rounded
+// sum, bit for bit (so also the model's ATen expression of the norm, where ATen sums in 8-float
+// vectors); every element of both outputs written (NaN first).
+TEST(AddRmsNorm, EqualsAddThenRmsNorm) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(41);
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (auto [m, d] : FusedOpShapes()) {
+      SCOPED_TRACE(std::string(c10::toString(dtype)) + " M=" + std::to_string(m) +
+                   " D=" + std::to_string(d));
+      const at::Tensor x = at::randn({m, d}, gen).to(dtype);
+      const at::Tensor residual = (at::randn({m, d}, gen) * 4).to(dtype);
+      const at::Tensor w = (at::rand({d}, gen) + 0.5).to(dtype);
+      const at::Tensor out = at::full({m, d}, kNaN).to(dtype);
+      const at::Tensor sum = at::full({m, d}, kNaN).to(dtype);
+      ops::add_rms_norm(out, sum, x, residual, w, 1e-6);
+      const at::Tensor expected_sum = x + residual;
+      EXPECT_TRUE(at::equal(sum, expected_sum));
+      const at::Tensor expected = at::full({m, d}, kNaN).to(dtype);
+      ops::rms_norm(expected, expected_sum, w, 1e-6);
+      EXPECT_TRUE(at::equal(out, expected));
+      if (AtenSumsEightFloatVectors()) {
+        EXPECT_TRUE(at::equal(out, ModelRmsNorm(expected_sum, w, 1e-6)));
+      }
+    }
+  }
+  EXPECT_NO_THROW(ops::add_rms_norm(at::empty({0, 8}), at::empty({0, 8}), at::empty({0, 8}),
+                                    at::empty({0, 8}), at::ones({8}), 1e-6));
+}
+
+// Against a plain double-precision loop on the exact sum: sum within one rounding of the dtype,
+// out within 1e-5 (fp32) or a few roundings of the dtype (the sum's rounding included).
+TEST(AddRmsNorm, MatchesAPlainLoop) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(42);
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (auto [m, d] : FusedOpShapes()) {
+      SCOPED_TRACE(std::string(c10::toString(dtype)) + " M=" + std::to_string(m) +
+                   " D=" + std::to_string(d));
+      const at::Tensor x = at::randn({m, d}, gen).to(dtype);
+      const at::Tensor residual = (at::randn({m, d}, gen) * 4).to(dtype);
+      const at::Tensor w = (at::rand({d}, gen) + 0.5).to(dtype);
+      const at::Tensor out = at::full({m, d}, kNaN).to(dtype);
+      const at::Tensor sum = at::full({m, d}, kNaN).to(dtype);
+      ops::add_rms_norm(out, sum, x, residual, w, 1e-6);
+      const at::Tensor sd = (x.to(at::kDouble) + residual.to(at::kDouble)).contiguous();
+      const at::Tensor wd = w.to(at::kDouble).contiguous();
+      const at::Tensor expected = at::empty({m, d}, at::kDouble);
+      const double* sp = sd.data_ptr<double>();
+      const double* wp = wd.data_ptr<double>();
+      double* ep = expected.data_ptr<double>();
+      for (int64_t r = 0; r < m; ++r) {
+        double squares = 0.0;
+        for (int64_t j = 0; j < d; ++j) squares += sp[r * d + j] * sp[r * d + j];
+        const double inv = 1.0 / std::sqrt(squares / static_cast<double>(d) + 1e-6);
+        for (int64_t j = 0; j < d; ++j) ep[r * d + j] = wp[j] * sp[r * d + j] * inv;
+      }
+      const double sum_tol = dtype == at::kFloat ? 1e-6 : 1e-2;
+      EXPECT_TRUE(AllClose(sum.to(at::kDouble), sd, sum_tol, sum_tol));
+      const double tol = dtype == at::kFloat ? 1e-5 : 2e-2;
+      EXPECT_TRUE(AllClose(out.to(at::kDouble), expected, tol, tol));
+    }
+  }
+}
+
+// The ATen expression silu_mul replaces: F.silu(g) * u over the two halves of input [M, 2N]. For
+// fp16 where ATen's CPU silu does not take it (libtorch 1.13: the expression raises), the same two
+// roundings through fp32 tensors (an fp16 product is exact in fp32).
+at::Tensor ModelSiluMul(const at::Tensor& input) {
+  const std::vector<at::Tensor> halves = input.chunk(2, -1);
+  try {
+    return at::silu(halves[0]) * halves[1];
+  } catch (const c10::Error&) {
+    if (input.scalar_type() != at::kHalf) throw;
+  }
+  const at::Tensor silu = at::silu(halves[0].to(at::kFloat)).to(at::kHalf);
+  return (silu.to(at::kFloat) * halves[1].to(at::kFloat)).to(at::kHalf);
+}
+
+// Bit for bit the ATen expression (odd N: the halves' rows start off the vector grid); every
+// element written (NaN first).
+TEST(SiluMul, EqualsTheAtenExpression) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(43);
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (auto [m, n] : FusedOpShapes()) {
+      SCOPED_TRACE(std::string(c10::toString(dtype)) + " M=" + std::to_string(m) +
+                   " N=" + std::to_string(n));
+      const at::Tensor x = (at::randn({m, 2 * n}, gen) * 3).to(dtype);
+      const at::Tensor out = at::full({m, n}, kNaN).to(dtype);
+      ops::silu_mul(out, x);
+      EXPECT_TRUE(at::equal(out, ModelSiluMul(x)));
+    }
+  }
+  EXPECT_NO_THROW(ops::silu_mul(at::empty({0, 4}), at::empty({0, 8})));
+}
+
+// Against a float64 loop: g / (1 + exp(-g)) * u, within 1e-5 (fp32) or two roundings of the dtype.
+TEST(SiluMul, MatchesAPlainLoop) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(44);
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (auto [m, n] : FusedOpShapes()) {
+      SCOPED_TRACE(std::string(c10::toString(dtype)) + " M=" + std::to_string(m) +
+                   " N=" + std::to_string(n));
+      const at::Tensor x = (at::randn({m, 2 * n}, gen) * 3).to(dtype);
+      const at::Tensor out = at::full({m, n}, kNaN).to(dtype);
+      ops::silu_mul(out, x);
+      const at::Tensor xd = x.to(at::kDouble).contiguous();
+      const at::Tensor expected = at::empty({m, n}, at::kDouble);
+      const double* xp = xd.data_ptr<double>();
+      double* ep = expected.data_ptr<double>();
+      for (int64_t r = 0; r < m; ++r) {
+        for (int64_t j = 0; j < n; ++j) {
+          const double g = xp[r * 2 * n + j], u = xp[r * 2 * n + n + j];
+          ep[r * n + j] = g / (1.0 + std::exp(-g)) * u;
+        }
+      }
+      const double tol = dtype == at::kFloat ? 1e-5 : 2e-2;
+      EXPECT_TRUE(AllClose(out.to(at::kDouble), expected, tol, tol));
+    }
+  }
+}
+
+TEST(AddRmsNormAndSiluMul, RejectBadInputs) {
+  auto rejects = [](auto&& call, const char* text) {
+    try {
+      call();
+      ADD_FAILURE() << "accepted; expected an error containing " << text;
+    } catch (const c10::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
+    }
+  };
+  const at::Tensor x = at::randn({2, 8}), r = at::randn({2, 8}), w = at::ones({8});
+  const at::Tensor out = at::empty({2, 8}), sum = at::empty({2, 8});
+  rejects(
+      [&] {
+        ops::add_rms_norm(out, sum, at::randn({2, 7}), r, w, 1e-6);
+      },
+      "dysco::add_rms_norm: input must have shape [2, 8]");
+  rejects(
+      [&] {
+        ops::add_rms_norm(out, sum, x, at::randn({3, 8}), w, 1e-6);
+      },
+      "dysco::add_rms_norm: residual must have shape [2, 8]");
+  rejects(
+      [&] {
+        ops::add_rms_norm(out, at::empty({2, 4}), x, r, w, 1e-6);
+      },
+      "dysco::add_rms_norm: sum must have shape [2, 8]");
+  rejects(
+      [&] {
+        ops::add_rms_norm(at::empty({1, 8}), sum, x, r, w, 1e-6);
+      },
+      "dysco::add_rms_norm: out must have shape [2, 8]");
+  rejects([&] { ops::add_rms_norm(out, sum, x, r.to(at::kHalf), w, 1e-6); },
+          "dysco::add_rms_norm: residual must have dtype Float");
+  rejects([&] { ops::add_rms_norm(out, sum, x, r, w.to(at::kDouble), 1e-6); },
+          "dysco::add_rms_norm: weight must be float32, bfloat16 or float16");
+  rejects(
+      [&] {
+        ops::add_rms_norm(out, sum, at::randn({8, 2}).t(), r, w, 1e-6);
+      },
+      "dysco::add_rms_norm: input must be contiguous");
+  rejects([&] { ops::add_rms_norm(out, sum, x, r, w, 0.0); },
+          "dysco::add_rms_norm: eps must be > 0");
+  rejects([&] { ops::add_rms_norm(out, out, x, r, w, 1e-6); },
+          "dysco::add_rms_norm: out must not overlap sum");
+  rejects([&] { ops::add_rms_norm(out, r, x, r, w, 1e-6); },
+          "dysco::add_rms_norm: sum must not overlap residual");
+  rejects([&] { ops::add_rms_norm(x, sum, x, r, w, 1e-6); },
+          "dysco::add_rms_norm: out must not overlap input");
+  // Rows 0-1 and 1-2 of one buffer: a partial overlap.
+  const at::Tensor buffer = at::randn({3, 8});
+  rejects(
+      [&] { ops::add_rms_norm(out, buffer.narrow(0, 1, 2), buffer.narrow(0, 0, 2), r, w, 1e-6); },
+      "dysco::add_rms_norm: sum must not overlap input");
+  rejects([&] { ops::add_rms_norm(out, sum, x, r, sum.narrow(0, 1, 1).reshape({8}), 1e-6); },
+          "dysco::add_rms_norm: sum must not overlap weight");
+
+  const at::Tensor gu = at::randn({3, 8});
+  rejects([&] { ops::silu_mul(at::empty({3, 3}), at::randn({3, 7})); }, "must be even");
+  rejects(
+      [&] {
+        ops::silu_mul(at::empty({3, 8}), gu);
+      },
+      "dysco::silu_mul: out must have shape [3, 4]");
+  rejects(
+      [&] {
+        ops::silu_mul(at::empty({3, 4}, at::kHalf), gu);
+      },
+      "dysco::silu_mul: out must have dtype Float");
+  rejects(
+      [&] {
+        ops::silu_mul(at::empty({3, 4}), at::randn({8, 3}).t());
+      },
+      "dysco::silu_mul: input must be contiguous");
+  rejects(
+      [&] {
+        ops::silu_mul(at::empty({3, 4}), at::randn({3, 8}).to(at::kInt));
+      },
+      "dysco::silu_mul: input must be float32, bfloat16 or float16");
+  rejects(
+      [&] {
+        ops::silu_mul(gu.view({-1}).narrow(0, 4, 12).view({3, 4}), gu);
+      },
+      "dysco::silu_mul: out must not overlap input");
 }
 
 // ---- paged_kv_write

@@ -704,6 +704,101 @@ TEST(CudaRmsNormAndRotary, EqualCpu) {
   }
 }
 
+// ---- add_rms_norm and silu_mul
+
+// A contiguous [rows, cols] tensor of `source`'s values whose data starts one element past a
+// 16-byte boundary: the kernels' scalar path for widths that would take the vector one.
+at::Tensor Misaligned(const at::Tensor& source) {
+  const at::Tensor flat = at::empty({source.numel() + 1}, source.options());
+  at::Tensor view = flat.narrow(0, 1, source.numel()).view(source.sizes());
+  view.copy_(source);
+  return view;
+}
+
+// Widths 1..5000 (odd ones, the warp/block switch at 1024, the 8B hidden size 4096), rows 1..64,
+// every output element written (NaN first): the sum bit for bit (both round the fp32 sum of the
+// same two values), out within the rms_norm tolerance (its squares summed in another order).
+// Aligned (vector path where the width allows) and misaligned (scalar path) tensors.
+TEST(CudaAddRmsNorm, EqualsCpu) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(29);
+  for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (const auto& [m, d] : {std::pair<int64_t, int64_t>{1, 4096},
+                               {64, 4096},
+                               {1, 1},
+                               {3, 7},
+                               {5, 576},
+                               {32, 128},
+                               {4, 1023},
+                               {2, 1024},
+                               {9, 1025},
+                               {2, 1536},
+                               {33, 1500},
+                               {3, 5000}}) {
+      for (const bool misaligned : {false, true}) {
+        const at::Tensor x = at::randn({m, d}).to(dtype);
+        const at::Tensor residual = (at::randn({m, d}) * 4).to(dtype);
+        const at::Tensor w = (at::rand({d}) + 0.5).to(dtype);
+        at::Tensor out = at::full({m, d}, kNaN).to(dtype);
+        at::Tensor sum = at::full({m, d}, kNaN).to(dtype);
+        at::Tensor gpu_out = Cuda(out);
+        at::Tensor gpu_sum = Cuda(sum);
+        at::Tensor gpu_x = Cuda(x);
+        if (misaligned) {
+          gpu_out = Misaligned(gpu_out);
+          gpu_sum = Misaligned(gpu_sum);
+          gpu_x = Misaligned(gpu_x);
+        }
+        ops::add_rms_norm(out, sum, x, residual, w, 1e-6);
+        ops::add_rms_norm(gpu_out, gpu_sum, gpu_x, Cuda(residual), Cuda(w), 1e-6);
+        const std::string what = std::string("add_rms_norm ") + c10::toString(dtype) +
+                                 " m=" + std::to_string(m) + " d=" + std::to_string(d) +
+                                 (misaligned ? " misaligned" : "");
+        EXPECT_TRUE(Same(gpu_sum, sum, what + " sum"));
+        EXPECT_TRUE(Close(gpu_out, out, Tolerance(dtype), Tolerance(dtype), what));
+      }
+    }
+  }
+}
+
+// Against the CPU op (its silu is ATen's CPU exp: within 1e-5 / one rounding of the dtype) and
+// against ATen's own CUDA expression `F.silu(g) * u`, bit for bit (the same fp32 silu, expf and
+// IEEE division, and the same two roundings). N odd, on both sides of a vector, and the 8B's
+// intermediate size; aligned and misaligned.
+TEST(CudaSiluMul, EqualsCpuAndTheAtenCudaExpression) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(31);
+  for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (const auto& [m, n] : {std::pair<int64_t, int64_t>{1, 14336},
+                               {64, 1536},
+                               {1, 1},
+                               {3, 7},
+                               {5, 576},
+                               {9, 1025},
+                               {64, 4096},
+                               {2, 12}}) {
+      for (const bool misaligned : {false, true}) {
+        const at::Tensor x = (at::randn({m, 2 * n}) * 3).to(dtype);
+        at::Tensor out = at::full({m, n}, kNaN).to(dtype);
+        at::Tensor gpu_out = Cuda(out);
+        at::Tensor gpu_x = Cuda(x);
+        if (misaligned) {
+          gpu_out = Misaligned(gpu_out);
+          gpu_x = Misaligned(gpu_x);
+        }
+        ops::silu_mul(out, x);
+        ops::silu_mul(gpu_out, gpu_x);
+        const std::string what = std::string("silu_mul ") + c10::toString(dtype) +
+                                 " m=" + std::to_string(m) + " n=" + std::to_string(n) +
+                                 (misaligned ? " misaligned" : "");
+        EXPECT_TRUE(Close(gpu_out, out, Tolerance(dtype), Tolerance(dtype), what));
+        const at::Tensor aten = at::silu(gpu_x.narrow(1, 0, n)) * gpu_x.narrow(1, n, n);
+        EXPECT_TRUE(Same(gpu_out, aten.cpu(), what + " vs ATen CUDA"));
+      }
+    }
+  }
+}
+
 TEST(CudaDyscoBiasFromSelection, EqualsCpu) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(11);
