@@ -36,6 +36,26 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return out.view(x.size())
 
 
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """(residual + x, rms_norm(residual + x)): a layer's residual add and the next norm as one op (one kernel
+    on CUDA). The sum is rounded to the dtype before the norm reads it, as `h = h + x; rms_norm(h)` does, so
+    on the CPU both outputs equal that expression bit for bit."""
+    residual = residual.contiguous()
+    total = torch.empty_like(residual)
+    out = torch.empty_like(residual)
+    torch.ops.dysco.add_rms_norm(out, total, x.contiguous(), residual, weight, eps)
+    return total, out
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up of the fused gate/up projection's output [T, 2 I] (gate first): SwiGLU as one op,
+    rounded as `F.silu(gate) * up` (one kernel on CUDA instead of two)."""
+    gate_up = gate_up.contiguous()
+    out = torch.empty([gate_up.size(0), gate_up.size(1) // 2], dtype=gate_up.dtype, device=gate_up.device)
+    torch.ops.dysco.silu_mul(out, gate_up)
+    return out
+
+
 def linear(x: Tensor, weight: Tensor) -> Tensor:
     # F.linear (no bias) through torch.ops.dysco.linear: on the CPU, decode-sized inputs (a few rows) take
     # its GEMV kernel, which reads each weight once; a one-row F.linear is a BLAS GEMM, about twice slower.
@@ -90,12 +110,18 @@ class DecoderLayer(nn.Module):
                                                w[prefix + "mlp.up_proj.weight"]]), dtype)
         self.down_proj = _frozen(w[prefix + "mlp.down_proj.weight"], dtype)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, kv_layer: Tensor, slot_mapping: Tensor,
-                block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, attn_bias: Optional[Tensor],
-                is_decode: bool, last_idx: Tensor, probe_runs: List[Tuple[int, int]], probe_heads: Optional[Tensor],
-                probs: Tensor) -> Tensor:
+    def forward(self, h: Tensor, pending: Optional[Tensor], cos: Tensor, sin: Tensor, kv_layer: Tensor,
+                slot_mapping: Tensor, block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor,
+                attn_bias: Optional[Tensor], is_decode: bool, last_idx: Tensor, probe_runs: List[Tuple[int, int]],
+                probe_heads: Optional[Tensor], probs: Tensor) -> Tuple[Tensor, Tensor]:
+        """(h, mlp): the residual stream after the attention block and the MLP's output, which the next layer
+        (or the final norm) adds to it in its own add_rms_norm. pending: the previous layer's MLP output, not
+        yet added to h (None for layer 0)."""
         num_tokens = h.size(0)
-        x = rms_norm(h, self.input_layernorm, self.eps)
+        if pending is None:
+            x = rms_norm(h, self.input_layernorm, self.eps)
+        else:
+            h, x = add_rms_norm(pending, h, self.input_layernorm, self.eps)
         qkv = linear(x, self.qkv_proj)
         # Column slices of qkv: contiguous for one token (a batch-1 decode step copies nothing), strided for
         # more, made contiguous by the ops that need it.
@@ -127,11 +153,9 @@ class DecoderLayer(nn.Module):
                                                 probe_heads[start:end], self.scale, attn_bias)
                 probs[:, start:end].copy_(layer_probs)
 
-        h = h + linear(out.view(num_tokens, self.num_heads * self.head_dim), self.o_proj)
-        x = rms_norm(h, self.post_attention_layernorm, self.eps)
-        gate_up = linear(x, self.gate_up_proj)
-        inter = gate_up.size(1) // 2
-        return h + linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], self.down_proj)
+        h, x = add_rms_norm(linear(out.view(num_tokens, self.num_heads * self.head_dim), self.o_proj), h,
+                            self.post_attention_layernorm, self.eps)
+        return h, linear(silu_mul(linear(x, self.gate_up_proj)), self.down_proj)
 
 
 class DecoderModel(nn.Module):
@@ -184,6 +208,7 @@ class DecoderModel(nn.Module):
         sin = (emb.sin() * self.attention_scaling).to(self.embed_tokens.dtype)
 
         h = F.embedding(token_ids, self.embed_tokens)
+        pending: Optional[Tensor] = None  # the last layer's MLP output, added by the next norm
         for i, layer in enumerate(self.layers):
             if last_layer < 0 or i <= last_layer:
                 # Layer i's probes: runs of consecutive entries of probe_layers equal to i (one run per layer
@@ -199,12 +224,16 @@ class DecoderModel(nn.Module):
                         j = end
                     else:
                         j += 1
-                h = layer(h, cos, sin, kv_cache[i], slot_mapping, block_tables, seq_lens, query_start_loc,
-                          attn_bias, is_decode, last_idx, probe_runs, probe_heads, probs)
+                h, pending = layer(h, pending, cos, sin, kv_cache[i], slot_mapping, block_tables, seq_lens,
+                                   query_start_loc, attn_bias, is_decode, last_idx, probe_runs, probe_heads, probs)
 
         if last_layer >= 0 and last_layer < self.num_layers - 1:
             return torch.zeros([0, self.vocab_size], dtype=torch.float32, device=device), probs
-        x = rms_norm(h.index_select(0, last_idx), self.norm, self.eps)
+        assert pending is not None
+        if not is_decode:  # decode: every row is its sequence's last
+            h = h.index_select(0, last_idx)
+            pending = pending.index_select(0, last_idx)
+        x = add_rms_norm(pending, h, self.norm, self.eps)[1]
         return linear(x, self.lm_head).to(torch.float32), probs
 
 
