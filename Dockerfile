@@ -57,12 +57,13 @@ COPY models/smollm2-135m-instruct /opt/dysco/models/smollm2-135m-instruct
 COPY --from=build /out/opt/dysco /opt/dysco
 # From the context (mode 0755 from git), not through the build stage: editing it does not recompile.
 COPY scripts/docker-entrypoint.sh /opt/dysco/bin/docker-entrypoint.sh
-# OMP_WAIT_POLICY=PASSIVE: OpenMP's idle threads sleep instead of spinning; spinning threads collapse the CPU
-# server's speed when anything else shares the cores, and PASSIVE costs nothing measurable on an idle machine
-# (docs/performance.md "Threads on a busy machine"). Overridable with `docker run -e`.
+# GOMP_SPINCOUNT=20000: OpenMP's idle threads spin a few tens of microseconds, then sleep: the kernels' parallel
+# regions follow each other closely in a decode step (sleeping at once, OMP_WAIT_POLICY=PASSIVE, made decode
+# 1.4x slower), and a bounded spin does not take the cores from anything else for long (docs/performance.md
+# "Threads on a busy machine"). Overridable with `docker run -e`.
 ENV PATH=/opt/dysco/bin:${PATH} \
     LD_LIBRARY_PATH=/opt/dysco/lib:/opt/dysco/torch/lib \
-    OMP_WAIT_POLICY=PASSIVE
+    GOMP_SPINCOUNT=20000
 WORKDIR /opt/dysco
 USER 10001:10001
 EXPOSE 50051 9090

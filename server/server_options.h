@@ -51,7 +51,7 @@ struct ServerOptions {
   // thousands (a 128K prompt in 256-token chunks would take 512 steps).
   int64_t prefill_chunk = 256;
   int64_t max_step_tokens = 256;
-  int threads = 0;  // 0 = torch's default
+  int threads = 0;  // 0 = AvailableCpus() (core/model/model_runner.h)
   int64_t max_new_tokens_default = 256;
   int64_t max_new_tokens_limit = 4096;
   double drain_timeout_seconds = 30.0;

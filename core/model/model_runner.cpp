@@ -1,8 +1,10 @@
 #include "core/model/model_runner.h"
 
 #include <dlfcn.h>
+#include <sched.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -11,6 +13,8 @@
 #include <optional>
 #include <set>
 #include <stdexcept>
+#include <string>
+#include <thread>
 
 #include <ATen/Parallel.h>
 #include <torch/csrc/jit/python/update_graph_executor_opt.h>
@@ -319,6 +323,35 @@ Status BindWeights(torch::jit::Module& module, const ModelConfig& config,
 
 }  // namespace
 
+namespace {
+
+// Quota / period of the cgroup's CPU limit, or 0 when there is none (or no cgroup file to read).
+double CgroupCpuLimit() {
+  std::ifstream v2("/sys/fs/cgroup/cpu.max");  // "max 100000" or "200000 100000"
+  std::string quota;
+  double period = 0;
+  if (v2 >> quota >> period) {
+    return quota == "max" || period <= 0 ? 0.0 : std::strtod(quota.c_str(), nullptr) / period;
+  }
+  std::ifstream q1("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
+      p1("/sys/fs/cgroup/cpu/cpu.cfs_period_us");
+  double q = 0;
+  if (q1 >> q && p1 >> period && q > 0 && period > 0) return q / period;
+  return 0.0;
+}
+
+}  // namespace
+
+int AvailableCpus() {
+  int cpus = static_cast<int>(std::thread::hardware_concurrency());
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) cpus = CPU_COUNT(&set);
+  const double limit = CgroupCpuLimit();
+  if (limit > 0) cpus = std::min(cpus, static_cast<int>(std::ceil(limit)));
+  return std::max(cpus, 1);
+}
+
 Status CheckDyscoOpsRegistered() {
   const std::vector<std::string> missing = ops::MissingOps();
   if (missing.empty()) return OkStatus();
@@ -431,7 +464,7 @@ StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& pack
   impl->split_mixed_bias = options.mixed_bias_split == Split::kAlways ||
                            (options.mixed_bias_split == Split::kAuto && impl->device.is_cuda());
   try {
-    if (options.num_threads > 0) at::set_num_threads(options.num_threads);
+    at::set_num_threads(options.num_threads > 0 ? options.num_threads : AvailableCpus());
     SetBlasThreads(1);
     torch::jit::setGraphExecutorOptimize(options.jit_optimize);
     impl->module = torch::jit::load(model_path, impl->device);

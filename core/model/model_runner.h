@@ -44,11 +44,17 @@ struct ConstSpan {
   const T* end() const { return data + size; }
 };
 
+// The CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota (a Kubernetes
+// CPU limit: cgroup v2 cpu.max, v1 cpu.cfs_quota_us) rounded up; at least 1. What
+// ModelRunnerOptions::num_threads = 0 uses. Thread-safe (reads the system each call).
+int AvailableCpus();
+
 struct ModelRunnerOptions {
   // Intra-op threads, process-wide: at::set_num_threads. When the BLAS is OpenBLAS, its own pool
   // is set to one thread (process-wide too): dysco::linear splits GEMMs over torch's threads, and
   // a second pool spins against torch's (4x slower prefill, 3x slower decode measured on a 2-core
-  // machine). 0 = keep torch's count.
+  // machine). 0 = AvailableCpus() (torch's own default is one thread on some builds, Debian's
+  // among them: half of a 2-core machine idle).
   int num_threads = 0;
   std::string device = "cpu";  // where the module and the inputs live ("cpu", "cuda:0")
   // TorchScript graph-executor optimisation. Off by default: shapes change every step, so the

@@ -7,6 +7,7 @@
 // weight reads, so the step time follows the GEMV rate.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <dlfcn.h>
 
@@ -212,7 +213,12 @@ void Gemm(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weig
   }
   const int64_t pieces = std::min(threads, m_size / kMinGemmRowsPerThread);
   const int64_t rows = (m_size + pieces - 1) / pieces;
+  // The caller's thread-local state (InferenceMode above all: the model runs under it, and an
+  // in-place mm_out into an inference tensor is refused outside it) for the worker threads, which
+  // run ATen ops here.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t r0 = p * rows;
       const int64_t r1 = std::min(m_size, r0 + rows);

@@ -8,6 +8,8 @@
 #include <c10/util/Exception.h>
 #include <gtest/gtest.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -18,6 +20,7 @@
 #include <vector>
 
 #include "kernels/cpu/attention_kernel.h"
+#include "kernels/cpu/cpu_parallel.h"
 #include "kernels/op_calls.h"
 #include "kernels/op_checks.h"
 #include "kernels/ops.h"
@@ -1214,6 +1217,52 @@ TEST(AttentionProbs, RejectsBadInputs) {
   EXPECT_THROW(
       ops::attention_probs(out, query.to(at::kBFloat16), kv, tables, lens, heads, 0.125, none),
       c10::Error);  // query dtype differs from the cache
+}
+
+// The kernels' at::parallel_for regions run on every ATen thread (kernels/cpu/cpu_parallel.h: a
+// library built without -fopenmp runs them on one). Builds without OpenMP (TSan, clang, CUDA) run
+// them on one thread, which is checked too.
+TEST(CpuParallel, KernelRegionsUseTheAtenThreads) {
+  const int previous = at::get_num_threads();
+  at::set_num_threads(2);
+#if defined(DYSCO_KERNELS_OPENMP)
+  EXPECT_EQ(dysco::kernels::cpu::ParallelForWidth(2), 2);
+  EXPECT_EQ(dysco::kernels::cpu::ParallelForWidth(5), 2);
+#else
+  EXPECT_EQ(dysco::kernels::cpu::ParallelForWidth(2), 1);
+#endif
+  EXPECT_EQ(dysco::kernels::cpu::ParallelForWidth(1), 1);
+  at::set_num_threads(previous);
+}
+
+// The linear op's GEMM path splits its rows over two threads when OpenBLAS has one (as ModelRunner
+// sets it); the workers run ATen's mm_out and need the caller's InferenceMode (thread-local), under
+// which the model runs.
+TEST(CpuParallel, LinearRowSplitUnderInferenceMode) {
+  using GetThreads = int (*)();
+  using SetThreads = void (*)(int);
+  const auto get_blas =
+      reinterpret_cast<GetThreads>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+  const auto set_blas =
+      reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
+  if (get_blas == nullptr || set_blas == nullptr) GTEST_SKIP() << "the BLAS is not OpenBLAS";
+  const int previous_blas = get_blas();
+  set_blas(1);
+  const int previous = at::get_num_threads();
+  at::set_num_threads(2);
+  {
+    c10::InferenceMode inference;
+    at::manual_seed(21);
+    const at::Tensor input = at::randn({70, 96});
+    const at::Tensor weight = at::randn({40, 96});
+    at::Tensor out = at::full({70, 40}, kNaN);
+    ops::linear(out, input, weight);
+    const at::Tensor expected =
+        at::matmul(input.to(at::kDouble), weight.to(at::kDouble).t()).to(at::kFloat);
+    EXPECT_TRUE(AllClose(out, expected, 1e-4, 1e-5));
+  }
+  at::set_num_threads(previous);
+  set_blas(previous_blas);
 }
 
 }  // namespace

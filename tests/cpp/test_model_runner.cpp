@@ -13,9 +13,11 @@
 #include <limits>
 #include <random>
 #include <sstream>
+#include <thread>
 #include <tuple>
 #include <utility>
 
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 #include <torch/script.h>
 #include <nlohmann/json.hpp>
@@ -680,6 +682,19 @@ TEST_F(WeightsLoadTest, FusedWeightsWhosePartsLieApartAreCopied) {
   const std::vector<float> zeroed = logits(dir_);
   ASSERT_EQ(zeroed.size(), expected.size());
   EXPECT_NE(zeroed, expected);
+}
+
+// num_threads = 0 runs torch's intra-op regions on every CPU the process may use (Debian's libtorch
+// would otherwise keep one thread).
+TEST_F(WeightsLoadTest, DefaultThreadsAreTheAvailableCpus) {
+  const int previous = at::get_num_threads();
+  at::set_num_threads(1);
+  auto r = ModelRunner::Load(dir_);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_GE(AvailableCpus(), 1);
+  EXPECT_LE(AvailableCpus(), static_cast<int>(std::thread::hardware_concurrency()));
+  EXPECT_EQ(at::get_num_threads(), AvailableCpus());
+  at::set_num_threads(previous);
 }
 
 TEST_F(WeightsLoadTest, FormatVersion1IsRefused) {
