@@ -454,6 +454,20 @@ const std::vector<std::pair<int64_t, int64_t>>& FusedOpShapes() {
   return shapes;
 }
 
+// add_rms_norm over random inputs of one dtype and shape (residual 4x the input's scale, weights in
+// [0.5, 1.5)), both outputs NaN first; the cases of the two tests below.
+struct AddRmsNormRun {
+  at::Tensor x, residual, w, out, sum;
+  AddRmsNormRun(at::Generator& gen, at::ScalarType dtype, int64_t m, int64_t d)
+      : x(at::randn({m, d}, gen).to(dtype)),
+        residual((at::randn({m, d}, gen) * 4).to(dtype)),
+        w((at::rand({d}, gen) + 0.5).to(dtype)),
+        out(at::full({m, d}, kNaN).to(dtype)),
+        sum(at::full({m, d}, kNaN).to(dtype)) {
+    ops::add_rms_norm(out, sum, x, residual, w, 1e-6);
+  }
+};
+
 // sum equals ATen's `input + residual` and out equals the existing rms_norm op on that rounded
 // sum, bit for bit (so also the model's ATen expression of the norm, where ATen sums in 8-float
 // vectors); every element of both outputs written (NaN first).
@@ -463,19 +477,14 @@ TEST(AddRmsNorm, EqualsAddThenRmsNorm) {
     for (auto [m, d] : FusedOpShapes()) {
       SCOPED_TRACE(std::string(c10::toString(dtype)) + " M=" + std::to_string(m) +
                    " D=" + std::to_string(d));
-      const at::Tensor x = at::randn({m, d}, gen).to(dtype);
-      const at::Tensor residual = (at::randn({m, d}, gen) * 4).to(dtype);
-      const at::Tensor w = (at::rand({d}, gen) + 0.5).to(dtype);
-      const at::Tensor out = at::full({m, d}, kNaN).to(dtype);
-      const at::Tensor sum = at::full({m, d}, kNaN).to(dtype);
-      ops::add_rms_norm(out, sum, x, residual, w, 1e-6);
-      const at::Tensor expected_sum = x + residual;
-      EXPECT_TRUE(at::equal(sum, expected_sum));
+      const AddRmsNormRun run(gen, dtype, m, d);
+      const at::Tensor expected_sum = run.x + run.residual;
+      EXPECT_TRUE(at::equal(run.sum, expected_sum));
       const at::Tensor expected = at::full({m, d}, kNaN).to(dtype);
-      ops::rms_norm(expected, expected_sum, w, 1e-6);
-      EXPECT_TRUE(at::equal(out, expected));
+      ops::rms_norm(expected, expected_sum, run.w, 1e-6);
+      EXPECT_TRUE(at::equal(run.out, expected));
       if (AtenSumsEightFloatVectors()) {
-        EXPECT_TRUE(at::equal(out, ModelRmsNorm(expected_sum, w, 1e-6)));
+        EXPECT_TRUE(at::equal(run.out, ModelRmsNorm(expected_sum, run.w, 1e-6)));
       }
     }
   }
@@ -491,12 +500,12 @@ TEST(AddRmsNorm, MatchesAPlainLoop) {
     for (auto [m, d] : FusedOpShapes()) {
       SCOPED_TRACE(std::string(c10::toString(dtype)) + " M=" + std::to_string(m) +
                    " D=" + std::to_string(d));
-      const at::Tensor x = at::randn({m, d}, gen).to(dtype);
-      const at::Tensor residual = (at::randn({m, d}, gen) * 4).to(dtype);
-      const at::Tensor w = (at::rand({d}, gen) + 0.5).to(dtype);
-      const at::Tensor out = at::full({m, d}, kNaN).to(dtype);
-      const at::Tensor sum = at::full({m, d}, kNaN).to(dtype);
-      ops::add_rms_norm(out, sum, x, residual, w, 1e-6);
+      const AddRmsNormRun run(gen, dtype, m, d);
+      const at::Tensor& x = run.x;
+      const at::Tensor& residual = run.residual;
+      const at::Tensor& w = run.w;
+      const at::Tensor& out = run.out;
+      const at::Tensor& sum = run.sum;
       const at::Tensor sd = (x.to(at::kDouble) + residual.to(at::kDouble)).contiguous();
       const at::Tensor wd = w.to(at::kDouble).contiguous();
       const at::Tensor expected = at::empty({m, d}, at::kDouble);
