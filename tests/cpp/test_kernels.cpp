@@ -349,6 +349,23 @@ TEST(RmsNorm, EqualsTheModelsExpression) {
   EXPECT_NO_THROW(ops::rms_norm(at::empty({0, 8}), at::empty({0, 8}), at::ones({8}), 1e-6));
 }
 
+// RMSNorm in float64 by a plain loop: x [M, D] (float64), weight [D] of any dtype; eps as the ops.
+at::Tensor RmsNormReference(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const at::Tensor xd = x.contiguous(), wd = weight.to(at::kDouble).contiguous();
+  const int64_t m = xd.size(0), d = xd.size(1);
+  const at::Tensor expected = at::empty({m, d}, at::kDouble);
+  const double* xp = xd.data_ptr<double>();
+  const double* wp = wd.data_ptr<double>();
+  double* ep = expected.data_ptr<double>();
+  for (int64_t r = 0; r < m; ++r) {
+    double squares = 0.0;
+    for (int64_t j = 0; j < d; ++j) squares += xp[r * d + j] * xp[r * d + j];
+    const double inv = 1.0 / std::sqrt(squares / static_cast<double>(d) + eps);
+    for (int64_t j = 0; j < d; ++j) ep[r * d + j] = wp[j] * xp[r * d + j] * inv;
+  }
+  return expected;
+}
+
 // Against a plain double-precision loop: the op is a correct RMSNorm, whatever ATen does (fp32
 // within 1e-5; bf16/fp16 within a rounding of the dtype).
 TEST(RmsNorm, MatchesAPlainLoop) {
@@ -361,17 +378,7 @@ TEST(RmsNorm, MatchesAPlainLoop) {
       const at::Tensor w = (at::rand({d}, gen) + 0.5).to(dtype);
       const at::Tensor out = at::full({m, d}, kNaN).to(dtype);
       ops::rms_norm(out, x, w, 1e-6);
-      const at::Tensor xd = x.to(at::kDouble).contiguous(), wd = w.to(at::kDouble).contiguous();
-      const at::Tensor expected = at::empty({m, d}, at::kDouble);
-      const double* xp = xd.data_ptr<double>();
-      const double* wp = wd.data_ptr<double>();
-      double* ep = expected.data_ptr<double>();
-      for (int64_t r = 0; r < m; ++r) {
-        double sum = 0.0;
-        for (int64_t j = 0; j < d; ++j) sum += xp[r * d + j] * xp[r * d + j];
-        const double inv = 1.0 / std::sqrt(sum / static_cast<double>(d) + 1e-6);
-        for (int64_t j = 0; j < d; ++j) ep[r * d + j] = wp[j] * xp[r * d + j] * inv;
-      }
+      const at::Tensor expected = RmsNormReference(x.to(at::kDouble), w, 1e-6);
       const double tol = dtype == at::kFloat ? 1e-5 : 2e-2;
       EXPECT_TRUE(AllClose(out.to(at::kDouble), expected, tol, tol));
     }
@@ -506,18 +513,8 @@ TEST(AddRmsNorm, MatchesAPlainLoop) {
       const at::Tensor& w = run.w;
       const at::Tensor& out = run.out;
       const at::Tensor& sum = run.sum;
-      const at::Tensor sd = (x.to(at::kDouble) + residual.to(at::kDouble)).contiguous();
-      const at::Tensor wd = w.to(at::kDouble).contiguous();
-      const at::Tensor expected = at::empty({m, d}, at::kDouble);
-      const double* sp = sd.data_ptr<double>();
-      const double* wp = wd.data_ptr<double>();
-      double* ep = expected.data_ptr<double>();
-      for (int64_t r = 0; r < m; ++r) {
-        double squares = 0.0;
-        for (int64_t j = 0; j < d; ++j) squares += sp[r * d + j] * sp[r * d + j];
-        const double inv = 1.0 / std::sqrt(squares / static_cast<double>(d) + 1e-6);
-        for (int64_t j = 0; j < d; ++j) ep[r * d + j] = wp[j] * sp[r * d + j] * inv;
-      }
+      const at::Tensor sd = x.to(at::kDouble) + residual.to(at::kDouble);
+      const at::Tensor expected = RmsNormReference(sd, w, 1e-6);
       const double sum_tol = dtype == at::kFloat ? 1e-6 : 1e-2;
       EXPECT_TRUE(AllClose(sum.to(at::kDouble), sd, sum_tol, sum_tol));
       const double tol = dtype == at::kFloat ? 1e-5 : 2e-2;
