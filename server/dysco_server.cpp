@@ -188,11 +188,11 @@ Status DyscoServer::LoadModel() {
   spdlog::info(
       "model_loaded model={} name={} device={} kv_pages={} page_size={} kv_cache_mb={:.1f} "
       "kv_sizing={} kv_cache_fraction={} device_free_mb={:.1f} prefill_chunk={} "
-      "max_step_tokens={} max_batch={} max_queued={} seconds={:.2f}",
+      "max_step_tokens={} max_batch={} max_queued={} cpu_threads={} seconds={:.2f}",
       options_.model, engine_->config().model_name, engine_->runner().device(), pool.num_total(),
       pool.page_size(), pool.tensor_bytes() / 1048576.0, sizing, options_.kv_cache_fraction,
       pool.device_free_bytes() / 1048576.0, options_.prefill_chunk, options_.max_step_tokens,
-      options_.max_batch, options_.max_queued,
+      options_.max_batch, options_.max_queued, engine_->runner().cpu_threads(),
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   return OkStatus();
 }

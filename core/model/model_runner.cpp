@@ -364,6 +364,7 @@ struct ModelRunner::Impl {
   ModelConfig config;
   std::string package_dir;
   std::string device_name;
+  int cpu_threads = 1;
   c10::Device device{c10::kCPU};
   torch::jit::Module module;
   // Fault injection for tests (docs/architecture.md "Failure handling"): with the environment
@@ -464,7 +465,8 @@ StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& pack
   impl->split_mixed_bias = options.mixed_bias_split == Split::kAlways ||
                            (options.mixed_bias_split == Split::kAuto && impl->device.is_cuda());
   try {
-    at::set_num_threads(options.num_threads > 0 ? options.num_threads : AvailableCpus());
+    impl->cpu_threads = options.num_threads > 0 ? options.num_threads : AvailableCpus();
+    at::set_num_threads(impl->cpu_threads);
     SetBlasThreads(1);
     torch::jit::setGraphExecutorOptimize(options.jit_optimize);
     impl->module = torch::jit::load(model_path, impl->device);
@@ -511,6 +513,8 @@ ModelRunner::~ModelRunner() = default;
 const ModelConfig& ModelRunner::config() const { return impl_->config; }
 const std::string& ModelRunner::package_dir() const { return impl_->package_dir; }
 const std::string& ModelRunner::device() const { return impl_->device_name; }
+
+int ModelRunner::cpu_threads() const { return impl_->cpu_threads; }
 
 ModelRunner::CudaGraphStats ModelRunner::cuda_graph_stats() const {
   MutexLock lock(&impl_->mu);

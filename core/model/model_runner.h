@@ -157,6 +157,8 @@ class ModelRunner {
   const ModelConfig& config() const;
   const std::string& package_dir() const;
   const std::string& device() const;
+  // The intra-op CPU threads Load set (ModelRunnerOptions::num_threads, or AvailableCpus() for 0).
+  int cpu_threads() const;
 
   // What the CUDA-graph path has done so far (all zero on the CPU or without graphs). For tests
   // and logs; takes the forward lock.

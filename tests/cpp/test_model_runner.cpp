@@ -694,6 +694,13 @@ TEST_F(WeightsLoadTest, DefaultThreadsAreTheAvailableCpus) {
   EXPECT_GE(AvailableCpus(), 1);
   EXPECT_LE(AvailableCpus(), static_cast<int>(std::thread::hardware_concurrency()));
   EXPECT_EQ(at::get_num_threads(), AvailableCpus());
+  EXPECT_EQ((*r)->cpu_threads(), AvailableCpus());
+  ModelRunnerOptions three;
+  three.num_threads = 3;
+  auto r3 = ModelRunner::Load(dir_, three);
+  ASSERT_TRUE(r3.ok()) << r3.status().ToString();
+  EXPECT_EQ((*r3)->cpu_threads(), 3);
+  EXPECT_EQ(at::get_num_threads(), 3);
   at::set_num_threads(previous);
 }
 

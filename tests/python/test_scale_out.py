@@ -10,6 +10,7 @@ Two real dysco-server processes on loopback stand for two pods behind the headle
 """
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -33,7 +34,8 @@ def _requests_total(server):
 def two_servers(tmp_path):
     if not SERVER_BIN.exists() or not CLIENT_BIN.exists() or not (MODEL_DIR / "model.pt").exists():
         missing("build/bin/dysco-server, dysco-client or the default model")
-    servers = [Server(tmp_path, f"replica-{i}", ["--drain-timeout", "60"]) for i in range(2)]
+    # Two replicas on this machine's cores: one intra-op thread each (the default is every available CPU).
+    servers = [Server(tmp_path, f"replica-{i}", ["--drain-timeout", "60", "--threads", "1"]) for i in range(2)]
     try:
         for server in servers:
             server.wait_ready()
@@ -59,6 +61,8 @@ def test_round_robin_spreads_streams_over_both(two_servers):
     counts = [_requests_total(s) for s in two_servers]
     assert all(c > 0 for c in counts), f"a replica got no stream: {counts}"
     assert sum(counts) == 32, counts
+    # The startup line reports the threads each replica runs (what --threads asked for).
+    assert all(re.search(r"model_loaded .* cpu_threads=1 ", s.log()) for s in two_servers)
 
 
 def test_draining_one_replica_fails_no_stream(two_servers):
