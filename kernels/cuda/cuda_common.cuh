@@ -152,4 +152,7 @@ __device__ __forceinline__ uint64_t SortKey(float value, int64_t position) {
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Whether p may be read and written in 16-byte words (the vectorised paths' precondition).
+inline bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 }  // namespace dysco::kernels::cuda

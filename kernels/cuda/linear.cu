@@ -106,8 +106,6 @@ bool ForcedCublas() {
   return v != nullptr && std::strcmp(v, "cublas") == 0;
 }
 
-bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <typename T, int M>
 void LaunchGemv(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
   const int64_t n = weight.size(0);
@@ -138,8 +136,8 @@ void linear_cuda(const at::Tensor& out, const at::Tensor& input, const at::Tenso
   const int64_t m = input.size(0);
   const int64_t k = input.size(1);
   const bool half_type = input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf;
-  if (half_type && m <= kGemvMaxRows && k > 0 && k % 8 == 0 && Aligned16(input.data_ptr()) &&
-      Aligned16(weight.data_ptr()) && !ForcedCublas()) {
+  if (half_type && m <= kGemvMaxRows && k > 0 && k % 8 == 0 && cuda::Aligned16(input.data_ptr()) &&
+      cuda::Aligned16(weight.data_ptr()) && !ForcedCublas()) {
     if (input.scalar_type() == at::kBFloat16) {
       Gemv<c10::BFloat16>(out, input, weight);
     } else {

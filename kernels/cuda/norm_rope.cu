@@ -223,9 +223,6 @@ void LaunchAddRmsNorm(T* out, T* sum, const T* input, const T* residual, const T
   }
 }
 
-// 16-byte vectors when every row is whole vectors and every pointer is 16-byte aligned.
-bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 constexpr int kSiluThreads = 256;
 
 // silu_mul over units of V elements of out [rows, n] (n % V == 0 when V > 1): out = to_dtype(
@@ -271,8 +268,9 @@ void add_rms_norm_cuda(const at::Tensor& out, const at::Tensor& sum, const at::T
     const scalar_t* r = residual.data_ptr<scalar_t>();
     const scalar_t* w = weight.data_ptr<scalar_t>();
     constexpr int kV = kVecElems<scalar_t>;
-    const bool vector =
-        d % kV == 0 && Aligned16(y) && Aligned16(s) && Aligned16(x) && Aligned16(r) && Aligned16(w);
+    // 16-byte vectors when every row is whole vectors and every pointer is 16-byte aligned.
+    const bool vector = d % kV == 0 && cuda::Aligned16(y) && cuda::Aligned16(s) &&
+                        cuda::Aligned16(x) && cuda::Aligned16(r) && cuda::Aligned16(w);
     if (vector) {
       LaunchAddRmsNorm<kV>(y, s, x, r, w, rows, d, static_cast<float>(eps));
     } else {
@@ -293,7 +291,7 @@ void silu_mul_cuda(const at::Tensor& out, const at::Tensor& input) {
     const scalar_t* x = input.data_ptr<scalar_t>();
     constexpr int kV = kVecElems<scalar_t>;
     // Rows of whole vectors (n % V == 0 keeps both halves of every row aligned).
-    if (n % kV == 0 && Aligned16(y) && Aligned16(x)) {
+    if (n % kV == 0 && cuda::Aligned16(y) && cuda::Aligned16(x)) {
       const int64_t units = out.numel() / kV;
       SiluMulKernel<kV, scalar_t>
           <<<static_cast<unsigned>(cuda::CeilDiv(units, int64_t{kSiluThreads})), kSiluThreads, 0,

@@ -302,10 +302,9 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   p.head_dim = static_cast<int>(cache.head_dim);
   p.row_chunks = static_cast<int>(cuda::CeilDiv(group, rows));
   p.scale = static_cast<float>(scale);
-  p.vector_loads = cache.head_dim % 8 == 0 && reinterpret_cast<uintptr_t>(kv) % 16 == 0;
+  p.vector_loads = cache.head_dim % 8 == 0 && cuda::Aligned16(kv);
 
-  const bool aligned =
-      reinterpret_cast<uintptr_t>(p.query) % 16 == 0 && reinterpret_cast<uintptr_t>(kv) % 16 == 0;
+  const bool aligned = cuda::Aligned16(p.query) && cuda::Aligned16(kv);
   // The kernel: tensor cores (16-bit caches, head_dim 64 / 128), else the vectorised one, else the
   // scalar one (AttentionKernelChoice() can rule the first two out), and the resident blocks per
   // multiprocessor of the first two (0: the scalar kernel).

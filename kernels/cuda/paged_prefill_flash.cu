@@ -156,8 +156,8 @@ void FlashPrefill(const at::Tensor& out, const at::Tensor& query, const at::Tens
   at::Tensor v = packed[1];
   // Rows are whole multiples of 16 bytes (head_dim % 8 == 0, 2-byte elements): 16-byte words when
   // the cache and the buffer are aligned to them, else element by element.
-  const bool aligned = reinterpret_cast<uintptr_t>(kv_cache_layer.data_ptr()) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0;
+  const bool aligned =
+      cuda::Aligned16(kv_cache_layer.data_ptr()) && cuda::Aligned16(packed.data_ptr());
   if (aligned) {
     LaunchGather<uint4>(k, v, kv_cache_layer, cache, block_tables, cu_k, stream);
   } else {
