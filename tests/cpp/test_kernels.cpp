@@ -537,6 +537,16 @@ at::Tensor ModelSiluMul(const at::Tensor& input) {
   return (silu.to(at::kFloat) * halves[1].to(at::kFloat)).to(at::kHalf);
 }
 
+// silu_mul over random inputs [M, 2N] of one dtype (3x the unit scale), the output NaN first; the
+// cases of the two tests below.
+struct SiluMulRun {
+  at::Tensor x, out;
+  SiluMulRun(at::Generator& gen, at::ScalarType dtype, int64_t m, int64_t n)
+      : x((at::randn({m, 2 * n}, gen) * 3).to(dtype)), out(at::full({m, n}, kNaN).to(dtype)) {
+    ops::silu_mul(out, x);
+  }
+};
+
 // Bit for bit the ATen expression (odd N: the halves' rows start off the vector grid); every
 // element written (NaN first).
 TEST(SiluMul, EqualsTheAtenExpression) {
@@ -545,10 +555,8 @@ TEST(SiluMul, EqualsTheAtenExpression) {
     for (auto [m, n] : FusedOpShapes()) {
       SCOPED_TRACE(std::string(c10::toString(dtype)) + " M=" + std::to_string(m) +
                    " N=" + std::to_string(n));
-      const at::Tensor x = (at::randn({m, 2 * n}, gen) * 3).to(dtype);
-      const at::Tensor out = at::full({m, n}, kNaN).to(dtype);
-      ops::silu_mul(out, x);
-      EXPECT_TRUE(at::equal(out, ModelSiluMul(x)));
+      const SiluMulRun run(gen, dtype, m, n);
+      EXPECT_TRUE(at::equal(run.out, ModelSiluMul(run.x)));
     }
   }
   EXPECT_NO_THROW(ops::silu_mul(at::empty({0, 4}), at::empty({0, 8})));
@@ -561,10 +569,9 @@ TEST(SiluMul, MatchesAPlainLoop) {
     for (auto [m, n] : FusedOpShapes()) {
       SCOPED_TRACE(std::string(c10::toString(dtype)) + " M=" + std::to_string(m) +
                    " N=" + std::to_string(n));
-      const at::Tensor x = (at::randn({m, 2 * n}, gen) * 3).to(dtype);
-      const at::Tensor out = at::full({m, n}, kNaN).to(dtype);
-      ops::silu_mul(out, x);
-      const at::Tensor xd = x.to(at::kDouble).contiguous();
+      const SiluMulRun run(gen, dtype, m, n);
+      const at::Tensor& out = run.out;
+      const at::Tensor xd = run.x.to(at::kDouble).contiguous();
       const at::Tensor expected = at::empty({m, n}, at::kDouble);
       const double* xp = xd.data_ptr<double>();
       double* ep = expected.data_ptr<double>();

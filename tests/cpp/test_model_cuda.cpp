@@ -220,45 +220,43 @@ TEST_F(ModelCudaTest, ForwardLogitsAndProbsMatchCpu) {
 // seeded draw lands on the other side of a boundary within a few tokens (greedy stays identical
 // there). scripts/gpu-check.sh runs it on the llama package only.
 void ModelCudaTest::ExpectIdenticalGenerations(bool sampled) {
-  {
-    int compared = 0;
-    std::vector<int32_t> distinct;
-    for (int64_t len : {7, 23, 64, 300}) {
-      for (int64_t chunk : {int64_t{512}, int64_t{48}}) {
-        GenerateRequest req;
-        req.prompt_token_ids = Prompt(len, static_cast<uint32_t>(len));
-        req.max_new_tokens = kNewTokens;
-        req.ignore_eos = true;
-        if (sampled) {
-          req.sampling.temperature = 0.9;
-          req.sampling.top_p = 0.95;
-          req.sampling.seed = static_cast<uint64_t>(len);
-        }
-        const GenerateResult want = Generate(cpu_, req, chunk);
-        const GenerateResult got = Generate(gpu_, req, chunk);
-        const GenerateResult eager = Generate(gpu_eager_, req, chunk);
-        ASSERT_EQ(want.token_ids.size(), static_cast<size_t>(kNewTokens));
-        EXPECT_EQ(got.token_ids, want.token_ids)
-            << (sampled ? "sampled" : "greedy") << ", prompt " << len << ", chunk " << chunk;
-        EXPECT_EQ(eager.token_ids, want.token_ids)
-            << "graphs off, " << (sampled ? "sampled" : "greedy") << ", prompt " << len
-            << ", chunk " << chunk;
-        distinct.insert(distinct.end(), want.token_ids.begin(), want.token_ids.end());
-        ++compared;
+  int compared = 0;
+  std::vector<int32_t> distinct;
+  for (int64_t len : {7, 23, 64, 300}) {
+    for (int64_t chunk : {int64_t{512}, int64_t{48}}) {
+      GenerateRequest req;
+      req.prompt_token_ids = Prompt(len, static_cast<uint32_t>(len));
+      req.max_new_tokens = kNewTokens;
+      req.ignore_eos = true;
+      if (sampled) {
+        req.sampling.temperature = 0.9;
+        req.sampling.top_p = 0.95;
+        req.sampling.seed = static_cast<uint64_t>(len);
       }
+      const GenerateResult want = Generate(cpu_, req, chunk);
+      const GenerateResult got = Generate(gpu_, req, chunk);
+      const GenerateResult eager = Generate(gpu_eager_, req, chunk);
+      ASSERT_EQ(want.token_ids.size(), static_cast<size_t>(kNewTokens));
+      EXPECT_EQ(got.token_ids, want.token_ids)
+          << (sampled ? "sampled" : "greedy") << ", prompt " << len << ", chunk " << chunk;
+      EXPECT_EQ(eager.token_ids, want.token_ids)
+          << "graphs off, " << (sampled ? "sampled" : "greedy") << ", prompt " << len << ", chunk "
+          << chunk;
+      distinct.insert(distinct.end(), want.token_ids.begin(), want.token_ids.end());
+      ++compared;
     }
-    // The generations above did run through graphs (and the eager engine never did).
-    EXPECT_GT(gpu_->runner().cuda_graph_stats().replays, 0);
-    EXPECT_EQ(gpu_eager_->runner().cuda_graph_stats().replays, 0);
-    EXPECT_EQ(gpu_eager_->runner().cuda_graph_stats().graphs, 0);
-    std::sort(distinct.begin(), distinct.end());
-    const auto n_distinct = std::unique(distinct.begin(), distinct.end()) - distinct.begin();
-    std::printf(
-        "[model] %s: %d generations of %lld tokens (prompts 7/23/64/300, prefill chunks "
-        "512/48) identical CPU vs GPU, %lld distinct tokens generated\n",
-        sampled ? "sampled (T 0.9, top-p 0.95, seeded)" : "greedy", compared,
-        static_cast<long long>(kNewTokens), static_cast<long long>(n_distinct));
   }
+  // The generations above did run through graphs (and the eager engine never did).
+  EXPECT_GT(gpu_->runner().cuda_graph_stats().replays, 0);
+  EXPECT_EQ(gpu_eager_->runner().cuda_graph_stats().replays, 0);
+  EXPECT_EQ(gpu_eager_->runner().cuda_graph_stats().graphs, 0);
+  std::sort(distinct.begin(), distinct.end());
+  const auto n_distinct = std::unique(distinct.begin(), distinct.end()) - distinct.begin();
+  std::printf(
+      "[model] %s: %d generations of %lld tokens (prompts 7/23/64/300, prefill chunks "
+      "512/48) identical CPU vs GPU, %lld distinct tokens generated\n",
+      sampled ? "sampled (T 0.9, top-p 0.95, seeded)" : "greedy", compared,
+      static_cast<long long>(kNewTokens), static_cast<long long>(n_distinct));
 }
 
 TEST_F(ModelCudaTest, GreedyGenerationsAreIdentical) { ExpectIdenticalGenerations(false); }
