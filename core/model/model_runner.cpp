@@ -321,10 +321,6 @@ Status BindWeights(torch::jit::Module& module, const ModelConfig& config,
   return OkStatus();
 }
 
-}  // namespace
-
-namespace {
-
 // Quota / period of the cgroup's CPU limit, or 0 when there is none (or no cgroup file to read).
 double CgroupCpuLimit() {
   std::ifstream v2("/sys/fs/cgroup/cpu.max");  // "max 100000" or "200000 100000"
