@@ -82,6 +82,15 @@ void silu_mul(TensorRef out, TensorRef input) {
   op.call(out, input);
 }
 
+void qk_norm_rope_kv_write(TensorRef query, TensorRef kv_cache_layer, TensorRef qkv, TensorRef cos,
+                           TensorRef sin, TensorRef slot_mapping, OptionalTensorRef q_norm_weight,
+                           OptionalTensorRef k_norm_weight, double eps) {
+  static const auto op =
+      Handle<void(TensorRef, TensorRef, TensorRef, TensorRef, TensorRef, TensorRef,
+                  OptionalTensorRef, OptionalTensorRef, double)>(kernels::kQkNormRopeKvWriteOp);
+  op.call(query, kv_cache_layer, qkv, cos, sin, slot_mapping, q_norm_weight, k_norm_weight, eps);
+}
+
 void dysco_relevance_update(TensorRef relevance, TensorRef probs, TensorRef num_keys,
                             TensorRef decay) {
   static const auto op =
@@ -123,6 +132,7 @@ const std::vector<std::string>& AllOpNames() {
       kernels::kRotaryEmbeddingOp,
       kernels::kAddRmsNormOp,
       kernels::kSiluMulOp,
+      kernels::kQkNormRopeKvWriteOp,
       kernels::kDyscoRelevanceUpdateOp,
       kernels::kDyscoSelectBiasOp,
       kernels::kDyscoBiasFromSelectionOp,

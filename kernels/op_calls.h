@@ -7,7 +7,7 @@
 // Errors: invalid arguments, or an op (or a kernel for the tensors' device) that is not registered,
 // raise c10::Error; nothing is written then. Callers catch it.
 // Also: AllOpNames(), MissingOps() and MissingKernels(), for a startup check that
-// libdysco_kernels.so is loaded and registered all thirteen ops (and their kernels).
+// libdysco_kernels.so is loaded and registered all fourteen ops (and their kernels).
 // Thread-safety: every function may be called from any thread; each op's operator handle is looked
 // up once (function-local static) and is immutable afterwards. Concurrent calls must not write the
 // same output or cache pages (kernels/ops.h).
@@ -76,6 +76,18 @@ void add_rms_norm(const at::Tensor& out, const at::Tensor& sum, const at::Tensor
 // out [M, N] <- silu(input[:, :N]) * input[:, N:] for input [M, 2N] (kernels/ops.h silu_mul_cpu).
 void silu_mul(const at::Tensor& out, const at::Tensor& input);
 
+// An attention block's input stage: with q, k, v the column blocks [H D | Hkv D | Hkv D] of qkv
+// [T, (H + 2 Hkv) D] (the fused q/k/v projection's output), query [T, H, D] <- rope(q_norm(q)) and
+// kv_cache_layer at slot_mapping int64 [T] <- K = rope(k_norm(k)), V = v (a negative slot writes
+// no K/V; its query is still written). The norms are rms_norm per head with weights [D], applied
+// only when both are given; rope is rotary_embedding with cos, sin [T, D]. Each stage rounds as
+// the op it replaces: equal to rms_norm, rotary_embedding and paged_kv_write in sequence.
+void qk_norm_rope_kv_write(const at::Tensor& query, const at::Tensor& kv_cache_layer,
+                           const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                           const at::Tensor& slot_mapping,
+                           const c10::optional<at::Tensor>& q_norm_weight,
+                           const c10::optional<at::Tensor>& k_norm_weight, double eps);
+
 // ---- DySCO (docs/dysco.md "Ops"): relevance, selection, bias, template positions. fp32; each op
 // writes fixed-shape outputs. Row b of every [B, S] tensor belongs to sequence b with
 // n_b = num_keys[b] keys (int64 [B], the current token included, in [0, S]; n_b = 0 is an idle row,
@@ -121,12 +133,12 @@ void dysco_template_mask(const at::Tensor& mask, const at::Tensor& tokens,
 
 // ---- registration
 
-// The qualified names of the thirteen ops, in schema order: "dysco::paged_kv_write",
+// The qualified names of the fourteen ops, in schema order: "dysco::paged_kv_write",
 // "dysco::paged_attention_decode", ..., "dysco::dysco_template_mask".
 const std::vector<std::string>& AllOpNames();
 
 // The names of AllOpNames() whose schema is not registered with the dispatcher (empty when all
-// thirteen are: libdysco_kernels.so is loaded and current).
+// fourteen are: libdysco_kernels.so is loaded and current).
 std::vector<std::string> MissingOps();
 
 // The names of `names` whose schema is not registered with the dispatcher.

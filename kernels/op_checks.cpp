@@ -185,6 +185,48 @@ void CheckSiluMulArgs(const at::Tensor& out, const at::Tensor& input) {
   CheckNoOverlap(kOp, "out", out, "input", input);
 }
 
+PagedCacheShape CheckQkNormRopeKvWriteArgs(const at::Tensor& query,
+                                           const at::Tensor& kv_cache_layer, const at::Tensor& qkv,
+                                           const at::Tensor& cos, const at::Tensor& sin,
+                                           const at::Tensor& slot_mapping,
+                                           const c10::optional<at::Tensor>& q_norm_weight,
+                                           const c10::optional<at::Tensor>& k_norm_weight,
+                                           double eps) {
+  constexpr const char* kOp = kQkNormRopeKvWriteOp;
+  const PagedCacheShape cache = CheckKvCache(kOp, kv_cache_layer);
+  const at::ScalarType dtype = kv_cache_layer.scalar_type();
+  CheckTensor(kOp, "query", query, dtype, 3);
+  const int64_t tokens = query.size(0), heads = query.size(1), d = cache.head_dim;
+  TORCH_CHECK(query.size(2) == d, kOp, ": query head_dim ", query.size(2),
+              " does not match the cache's head_dim ", d);
+  TORCH_CHECK(d % 2 == 0, kOp, ": head_dim must be even (the rotary halves), got ", d);
+  CheckShaped(kOp, "qkv", qkv, dtype, {tokens, (heads + 2 * cache.num_kv_heads) * d});
+  CheckShaped(kOp, "cos", cos, dtype, {tokens, d});
+  CheckShaped(kOp, "sin", sin, dtype, {tokens, d});
+  CheckShaped(kOp, "slot_mapping", slot_mapping, at::kLong, {tokens});
+  const bool q_norm = q_norm_weight.has_value() && q_norm_weight->defined();
+  const bool k_norm = k_norm_weight.has_value() && k_norm_weight->defined();
+  TORCH_CHECK(q_norm == k_norm, kOp,
+              ": q_norm_weight and k_norm_weight must be given together (or neither)");
+  CheckSameDevice(kOp, "query", query,
+                  {{"kv_cache_layer", kv_cache_layer},
+                   {"qkv", qkv},
+                   {"cos", cos},
+                   {"sin", sin},
+                   {"slot_mapping", slot_mapping}});
+  if (q_norm) {
+    CheckShaped(kOp, "q_norm_weight", *q_norm_weight, dtype, {d});
+    CheckShaped(kOp, "k_norm_weight", *k_norm_weight, dtype, {d});
+    TORCH_CHECK(eps > 0.0, kOp, ": eps must be > 0, got ", eps);
+    CheckSameDevice(kOp, "query", query,
+                    {{"q_norm_weight", *q_norm_weight}, {"k_norm_weight", *k_norm_weight}});
+  }
+  CheckNoOverlap(kOp, "query", query, "qkv", qkv);
+  CheckNoOverlap(kOp, "query", query, "kv_cache_layer", kv_cache_layer);
+  CheckNoOverlap(kOp, "kv_cache_layer", kv_cache_layer, "qkv", qkv);
+  return cache;
+}
+
 PagedCacheShape CheckPagedKvWriteArgs(const at::Tensor& kv_cache_layer, const at::Tensor& key,
                                       const at::Tensor& value, const at::Tensor& slot_mapping) {
   constexpr const char* kOp = kPagedKvWriteOp;

@@ -32,6 +32,7 @@ inline constexpr const char* kRmsNormOp = "dysco::rms_norm";
 inline constexpr const char* kRotaryEmbeddingOp = "dysco::rotary_embedding";
 inline constexpr const char* kAddRmsNormOp = "dysco::add_rms_norm";
 inline constexpr const char* kSiluMulOp = "dysco::silu_mul";
+inline constexpr const char* kQkNormRopeKvWriteOp = "dysco::qk_norm_rope_kv_write";
 inline constexpr const char* kDyscoRelevanceUpdateOp = "dysco::dysco_relevance_update";
 inline constexpr const char* kDyscoSelectBiasOp = "dysco::dysco_select_bias";
 inline constexpr const char* kDyscoBiasFromSelectionOp = "dysco::dysco_bias_from_selection";
@@ -132,6 +133,19 @@ void CheckAddRmsNormArgs(const at::Tensor& out, const at::Tensor& sum, const at:
 // silu_mul: input [M, 2N] (even width), out [M, N], contiguous, one dtype (fp32 | bf16 | fp16),
 // one device; out does not overlap input.
 void CheckSiluMulArgs(const at::Tensor& out, const at::Tensor& input);
+
+// qk_norm_rope_kv_write: query [T, H, D] and qkv [T, (H + 2 Hkv) D] in the cache's dtype, D the
+// cache's head_dim (even), cos and sin [T, D], slot_mapping int64 [T], q_norm_weight and
+// k_norm_weight [D] both given (then eps > 0) or both absent; all contiguous, on the cache's
+// device; query overlaps neither qkv nor the cache, the cache not qkv. Returns the cache's sizes.
+// Left to the backend: the slot values.
+PagedCacheShape CheckQkNormRopeKvWriteArgs(const at::Tensor& query,
+                                           const at::Tensor& kv_cache_layer, const at::Tensor& qkv,
+                                           const at::Tensor& cos, const at::Tensor& sin,
+                                           const at::Tensor& slot_mapping,
+                                           const c10::optional<at::Tensor>& q_norm_weight,
+                                           const c10::optional<at::Tensor>& k_norm_weight,
+                                           double eps);
 
 // dysco_relevance_update. Left to the backend: num_keys values (in [0, min(S, S')]).
 void CheckDyscoRelevanceUpdateArgs(const at::Tensor& relevance, const at::Tensor& probs,

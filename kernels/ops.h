@@ -87,6 +87,17 @@ void add_rms_norm_cpu(const at::Tensor& out, const at::Tensor& sum, const at::Te
 // expression on the two halves (at::silu, at::mul_out), so it equals it bit for bit.
 void silu_mul_cpu(const at::Tensor& out, const at::Tensor& input);
 
+// An attention block's input stage (kernels/op_calls.h qk_norm_rope_kv_write): the query heads of
+// qkv [T, (H + 2 Hkv) D] per-head rms_norm'ed (when the weights are given) and rotated into query
+// [T, H, D], the key heads likewise into the cache at slot_mapping, the value heads copied there.
+// The CPU version runs rms_norm_cpu's and rotary_embedding_cpu's row code on each token's heads
+// and paged_kv_write_cpu's copy, so it equals those three ops in sequence bit for bit.
+void qk_norm_rope_kv_write_cpu(const at::Tensor& query, const at::Tensor& kv_cache_layer,
+                               const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                               const at::Tensor& slot_mapping,
+                               const c10::optional<at::Tensor>& q_norm_weight,
+                               const c10::optional<at::Tensor>& k_norm_weight, double eps);
+
 // ---- DySCO (docs/dysco.md "Ops"): relevance, selection, bias, template positions. fp32; each op
 // writes fixed-shape outputs, so that a device version needs no host synchronisation.
 // Row b of every [B, S] tensor belongs to sequence b with n_b = num_keys[b] keys (int64 [B], the

@@ -20,8 +20,8 @@ TORCH_LIBRARY(dysco, m) {
   // out [M, N] <- input [M, K] @ weight [N, K]^T: the model's linear layers, so that few-row inputs
   // (decode) take a GEMV path that streams each weight once (docs/model-interface.md "Ops").
   m.def("linear(Tensor(a!) out, Tensor input, Tensor weight) -> ()");
-  // The model's element-wise chains as one kernel each, for a GPU step that is not made of ~10 small
-  // kernels per norm and rope (docs/model-interface.md "Ops"): out [M, D] <- RMSNorm of input
+  // The model's element-wise chains as one kernel each, for a GPU step that is not made of ~10
+  // small kernels per norm and rope (docs/model-interface.md "Ops"): out [M, D] <- RMSNorm of input
   // [M, D] times weight [D]; out [T, H, D] <- input [T, H, D] rotated by cos, sin [T, D].
   m.def("rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float eps) -> ()");
   m.def("rotary_embedding(Tensor(a!) out, Tensor input, Tensor cos, Tensor sin) -> ()");
@@ -33,6 +33,14 @@ TORCH_LIBRARY(dysco, m) {
       "add_rms_norm(Tensor(a!) out, Tensor(b!) sum, Tensor input, Tensor residual, Tensor weight, "
       "float eps) -> ()");
   m.def("silu_mul(Tensor(a!) out, Tensor input) -> ()");
+  // An attention block's input stage as one op (a decode step ran five kernels here on the GPU):
+  // query [T, H, D] <- rope(q_norm(q)), and K = rope(k_norm(k)), V = v written to the cache at
+  // slot_mapping, where q, k, v are the [T, (H + 2 Hkv) D] fused projection's three column blocks;
+  // the norms only when their weights [D] are given (Qwen3's per-head norms).
+  m.def(
+      "qk_norm_rope_kv_write(Tensor(a!) query, Tensor(b!) kv_cache_layer, Tensor qkv, Tensor cos, "
+      "Tensor sin, Tensor slot_mapping, Tensor? q_norm_weight, Tensor? k_norm_weight, float eps) "
+      "-> ()");
   // DySCO (docs/dysco.md "Ops").
   m.def(
       "dysco_relevance_update(Tensor(a!) relevance, Tensor probs, Tensor num_keys, Tensor decay) "

@@ -177,7 +177,7 @@ class ModelRunner {
   std::unique_ptr<Impl> impl_;
 };
 
-// FAILED_PRECONDITION naming the first missing op unless all thirteen torch.ops.dysco ops (the
+// FAILED_PRECONDITION naming the first missing op unless all fourteen torch.ops.dysco ops (the
 // model's and the DySCO stages') are registered.
 Status CheckDyscoOpsRegistered();
 

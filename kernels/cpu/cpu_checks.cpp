@@ -69,17 +69,40 @@ void CheckLinear(const at::Tensor& out, const at::Tensor& input, const at::Tenso
   CheckCpu(kLinearOp, "out", out);
 }
 
+namespace {
+
+// Every slot of slot_mapping (int64 [T], shape checked) is below the cache's number of slots
+// (negative slots are skipped by the ops).
+void CheckSlotValues(const char* op, const at::Tensor& slot_mapping, const PagedCacheShape& cache) {
+  const int64_t num_slots = cache.num_pages * cache.page_size;
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < slot_mapping.size(0); ++t) {
+    TORCH_CHECK(slots[t] < num_slots, op, ": slot_mapping[", t, "] = ", slots[t],
+                " is past the cache (", num_slots, " slots)");
+  }
+}
+
+}  // namespace
+
 PagedCacheShape CheckPagedKvWrite(const at::Tensor& kv_cache_layer, const at::Tensor& key,
                                   const at::Tensor& value, const at::Tensor& slot_mapping) {
   constexpr const char* kOp = kPagedKvWriteOp;
   const PagedCacheShape cache = CheckPagedKvWriteArgs(kv_cache_layer, key, value, slot_mapping);
   CheckCpu(kOp, "kv_cache_layer", kv_cache_layer);
-  const int64_t num_slots = cache.num_pages * cache.page_size;
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  for (int64_t t = 0; t < slot_mapping.size(0); ++t) {
-    TORCH_CHECK(slots[t] < num_slots, kOp, ": slot_mapping[", t, "] = ", slots[t],
-                " is past the cache (", num_slots, " slots)");
-  }
+  CheckSlotValues(kOp, slot_mapping, cache);
+  return cache;
+}
+
+PagedCacheShape CheckQkNormRopeKvWrite(const at::Tensor& query, const at::Tensor& kv_cache_layer,
+                                       const at::Tensor& qkv, const at::Tensor& cos,
+                                       const at::Tensor& sin, const at::Tensor& slot_mapping,
+                                       const c10::optional<at::Tensor>& q_norm_weight,
+                                       const c10::optional<at::Tensor>& k_norm_weight, double eps) {
+  constexpr const char* kOp = kQkNormRopeKvWriteOp;
+  const PagedCacheShape cache = CheckQkNormRopeKvWriteArgs(
+      query, kv_cache_layer, qkv, cos, sin, slot_mapping, q_norm_weight, k_norm_weight, eps);
+  CheckCpu(kOp, "query", query);
+  CheckSlotValues(kOp, slot_mapping, cache);
   return cache;
 }
 

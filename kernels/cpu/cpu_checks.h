@@ -40,6 +40,13 @@ void CheckStrengthValues(const char* op, const at::Tensor& strength);
 PagedCacheShape CheckPagedKvWrite(const at::Tensor& kv_cache_layer, const at::Tensor& key,
                                   const at::Tensor& value, const at::Tensor& slot_mapping);
 
+// qk_norm_rope_kv_write: CheckQkNormRopeKvWriteArgs, on the CPU, every slot < the cache's slots.
+PagedCacheShape CheckQkNormRopeKvWrite(const at::Tensor& query, const at::Tensor& kv_cache_layer,
+                                       const at::Tensor& qkv, const at::Tensor& cos,
+                                       const at::Tensor& sin, const at::Tensor& slot_mapping,
+                                       const c10::optional<at::Tensor>& q_norm_weight,
+                                       const c10::optional<at::Tensor>& k_norm_weight, double eps);
+
 // What the paged attention kernels need from their checks.
 struct PagedAttentionShape {
   PagedCacheShape cache;

@@ -4,7 +4,8 @@
 // token (a decode step spent ~6 ms of ~30 in its ~750 TorchScript op calls, issue 11).
 // Also add_rms_norm (ATen's add, then the rms_norm rows on the rounded sum) and silu_mul (ATen's
 // silu and mul on the two halves): bit for bit their ATen expressions by construction; their
-// CUDA versions are the fused kernels.
+// CUDA versions are the fused kernels. And qk_norm_rope_kv_write: an attention block's q/k norms,
+// rope and K/V store in one op, out of the same row code (so bit for bit those ops in sequence).
 //
 // Bit for bit needs the same roundings in the same order:
 // - rotary: each product and the sum rounded separately, as ATen's mul, mul and add kernels do.
@@ -26,7 +27,9 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
+#include "kernels/cpu/cpu_checks.h"
 #include "kernels/cpu/cpu_isa.h"
 #include "kernels/op_checks.h"
 #include "kernels/ops.h"
@@ -270,6 +273,68 @@ void Rotary(const at::Tensor& out, const at::Tensor& input, const at::Tensor& co
   });
 }
 
+// qk_norm_rope_kv_write for tokens [begin, end): per token, the query heads (normed into `normed`
+// first when q_w is given) rotated into query, then, unless its slot is negative, the key heads
+// likewise into the cache's K rows and the value heads copied into its V rows. The same row
+// functions as rms_norm and rotary_embedding, called on the same rows: bit for bit those ops.
+template <typename T>
+void QkNormRopeKvWriteTokens(T* query, T* k_cache, T* v_cache, const T* qkv, const T* c, const T* s,
+                             const int64_t* slots, const T* q_w, const T* k_w, int64_t heads,
+                             int64_t kv_heads, int64_t d, float eps, int64_t begin, int64_t end) {
+  const bool v3 = cpu::CpuRunsX86_64_V3();
+  const int64_t width = (heads + 2 * kv_heads) * d;
+  std::vector<T> normed(q_w != nullptr ? static_cast<size_t>(std::max(heads, kv_heads) * d) : 0);
+  // rows [0, n) of x: normed when w is given, then rotated into y (token t's cos and sin rows).
+  auto norm_rope = [&](const T* x, const T* w, T* y, int64_t n, const T* ct, const T* st) {
+    if (w != nullptr) {
+      if (v3) {
+        RmsNormRowsVector(x, w, normed.data(), d, eps, 0, n);
+      } else {
+        RmsNormRowsBaseline(x, w, normed.data(), d, eps, 0, n);
+      }
+      x = normed.data();
+    }
+    if (v3) {
+      RotaryRowsVector(x, ct, st, y, n, d, 0, n);
+    } else {
+      RotaryRowsBaseline(x, ct, st, y, n, d, 0, n);
+    }
+  };
+  const int64_t kv_row = kv_heads * d;  // one slot's K (or V) for all heads
+  for (int64_t t = begin; t < end; ++t) {
+    const T* row = qkv + t * width;
+    norm_rope(row, q_w, query + t * heads * d, heads, c + t * d, s + t * d);
+    const int64_t slot = slots[t];
+    if (slot < 0) continue;
+    norm_rope(row + heads * d, k_w, k_cache + slot * kv_row, kv_heads, c + t * d, s + t * d);
+    std::memcpy(v_cache + slot * kv_row, row + heads * d + kv_row,
+                static_cast<size_t>(kv_row) * sizeof(T));
+  }
+}
+
+template <typename T>
+void QkNormRopeKvWrite(const at::Tensor& query, const at::Tensor& kv_cache_layer,
+                       const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                       const at::Tensor& slot_mapping, const c10::optional<at::Tensor>& q_norm,
+                       const c10::optional<at::Tensor>& k_norm, double eps,
+                       const PagedCacheShape& cache) {
+  const int64_t tokens = query.size(0), heads = query.size(1), d = cache.head_dim;
+  const int64_t num_slots = cache.num_pages * cache.page_size;
+  const bool norms = q_norm.has_value() && q_norm->defined();
+  const T* q_w = norms ? q_norm->data_ptr<T>() : nullptr;
+  const T* k_w = norms ? k_norm->data_ptr<T>() : nullptr;
+  T* k_cache = kv_cache_layer.data_ptr<T>();
+  T* v_cache = k_cache + num_slots * cache.num_kv_heads * d;
+  const float eps_f = static_cast<float>(eps);
+  // Tokens per work unit as the norms' rows: a decode step's token never opens a parallel region.
+  const int64_t grain = RowGrain((heads + 2 * cache.num_kv_heads) * d);
+  at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
+    QkNormRopeKvWriteTokens(query.data_ptr<T>(), k_cache, v_cache, qkv.data_ptr<T>(),
+                            cos.data_ptr<T>(), sin.data_ptr<T>(), slot_mapping.data_ptr<int64_t>(),
+                            q_w, k_w, heads, cache.num_kv_heads, d, eps_f, begin, end);
+  });
+}
+
 // Whether this libtorch's CPU silu takes fp16 (torch 2.x; not libtorch 1.13). Probed once.
 bool AtenHasCpuHalfSilu() {
   static const bool has = [] {
@@ -355,6 +420,27 @@ void rotary_embedding_cpu(const at::Tensor& out, const at::Tensor& input, const 
       return Rotary<at::BFloat16>(out, input, cos, sin);
     default:
       return Rotary<at::Half>(out, input, cos, sin);
+  }
+}
+
+void qk_norm_rope_kv_write_cpu(const at::Tensor& query, const at::Tensor& kv_cache_layer,
+                               const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                               const at::Tensor& slot_mapping,
+                               const c10::optional<at::Tensor>& q_norm_weight,
+                               const c10::optional<at::Tensor>& k_norm_weight, double eps) {
+  const PagedCacheShape cache = cpu::CheckQkNormRopeKvWrite(
+      query, kv_cache_layer, qkv, cos, sin, slot_mapping, q_norm_weight, k_norm_weight, eps);
+  if (query.numel() == 0) return;
+  switch (query.scalar_type()) {  // the checks admit these three
+    case at::kFloat:
+      return QkNormRopeKvWrite<float>(query, kv_cache_layer, qkv, cos, sin, slot_mapping,
+                                      q_norm_weight, k_norm_weight, eps, cache);
+    case at::kBFloat16:
+      return QkNormRopeKvWrite<at::BFloat16>(query, kv_cache_layer, qkv, cos, sin, slot_mapping,
+                                             q_norm_weight, k_norm_weight, eps, cache);
+    default:
+      return QkNormRopeKvWrite<at::Half>(query, kv_cache_layer, qkv, cos, sin, slot_mapping,
+                                         q_norm_weight, k_norm_weight, eps, cache);
   }
 }
 

@@ -59,6 +59,14 @@ void rotary_embedding_cuda(const at::Tensor& out, const at::Tensor& input, const
 void add_rms_norm_cuda(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
                        const at::Tensor& residual, const at::Tensor& weight, double eps);
 void silu_mul_cuda(const at::Tensor& out, const at::Tensor& input);
+// One warp per (token, query or key head): norm, rope and the store (the key head's warp also
+// copies its value head); the norm sums as rms_norm_cuda's warp kernel, the rope rounds as
+// rotary_embedding_cuda, so it equals those two and paged_kv_write_cuda in sequence bit for bit.
+void qk_norm_rope_kv_write_cuda(const at::Tensor& query, const at::Tensor& kv_cache_layer,
+                                const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                const at::Tensor& slot_mapping,
+                                const c10::optional<at::Tensor>& q_norm_weight,
+                                const c10::optional<at::Tensor>& k_norm_weight, double eps);
 
 void dysco_relevance_update_cuda(const at::Tensor& relevance, const at::Tensor& probs,
                                  const at::Tensor& num_keys, const at::Tensor& decay);

@@ -4,6 +4,8 @@
 // about 2 ms of a 36-layer 8B step on the H200 (docs/gpu.md "Element-wise kernels").
 // Rounding follows the ATen chain: fp32 statistics, the normalised value rounded to the dtype
 // before the weight's product, each rope product and the sum rounded (tested against kernels/cpu/).
+// qk_norm_rope_kv_write runs both and the K/V store as one kernel: a decode layer's q norm, k norm,
+// two ropes and KV write were five launches (docs/gpu.md "Element-wise kernels").
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -98,6 +100,74 @@ __global__ void __launch_bounds__(kRopeThreads)
       C::FromFloat(__fadd_rn(product(lo, C::ToFloat(c[j])), product(-hi, C::ToFloat(s[j]))));
   out[row * d + j + half] = C::FromFloat(
       __fadd_rn(product(hi, C::ToFloat(c[j + half])), product(lo, C::ToFloat(s[j + half]))));
+}
+
+// ---- qk_norm_rope_kv_write
+
+constexpr int kQkvThreads = 128;  // four (token, head) warps per block
+
+// One warp per (token t, head h) with h < H a query head and H <= h < H + Hkv key head h - H:
+// the head's D elements of qkv [T, (H + 2 Hkv) D] normed (when w is given: sums as
+// RmsNormWarpKernel, the same lanes and order), then rotated (as RotaryKernel), into query or
+// into the cache's K row of slot_mapping[t]; a key head's warp also copies its value head into
+// the V row. A negative slot (or one past the cache, which the CPU op rejects) writes no K/V.
+// Grid: ceil(T * (H + Hkv) / 4) blocks of kQkvThreads.
+template <typename T>
+__global__ void __launch_bounds__(kQkvThreads)
+    QkNormRopeKvWriteKernel(T* query, T* k_cache, T* v_cache, const T* qkv, const T* cos,
+                            const T* sin, const int64_t* slots, const T* q_w, const T* k_w,
+                            int64_t tokens, int64_t heads, int64_t kv_heads, int64_t d,
+                            int64_t num_slots, float eps) {
+  using C = cuda::Convert<T>;
+  const int64_t heads_per_token = heads + kv_heads;
+  const int64_t warp = blockIdx.x * static_cast<int64_t>(kQkvThreads / cuda::kWarpSize) +
+                       threadIdx.x / cuda::kWarpSize;
+  if (warp >= tokens * heads_per_token) return;  // whole warps leave: the shuffles see full warps
+  const int lane = threadIdx.x % cuda::kWarpSize;
+  const int64_t t = warp / heads_per_token;
+  const int64_t h = warp % heads_per_token;
+  const T* row = qkv + t * (heads + 2 * kv_heads) * d;
+  const T* x = row + h * d;  // query heads, then key heads
+  T* y;
+  const T* w;
+  if (h < heads) {
+    y = query + (t * heads + h) * d;
+    w = q_w;
+  } else {
+    const int64_t slot = slots[t];
+    if (slot < 0 || slot >= num_slots) return;
+    const int64_t j = h - heads;
+    y = k_cache + (slot * kv_heads + j) * d;
+    w = k_w;
+    const T* v = row + (heads + kv_heads + j) * d;
+    T* v_out = v_cache + (slot * kv_heads + j) * d;
+    for (int64_t i = lane; i < d; i += cuda::kWarpSize) v_out[i] = v[i];
+  }
+  float inv = 1.0f;
+  if (w != nullptr) {
+    float sum = 0.0f;
+    for (int64_t i = lane; i < d; i += cuda::kWarpSize) {
+      const float v = C::ToFloat(x[i]);
+      sum += v * v;
+    }
+    inv = rsqrtf(cuda::WarpSum(sum) / static_cast<float>(d) + eps);
+  }
+  // Element i of the rope's input: the normed value rounded to the dtype (what rms_norm stores).
+  auto input = [&](int64_t i) {
+    if (w == nullptr) return C::ToFloat(x[i]);
+    const float normalised = C::ToFloat(C::FromFloat(C::ToFloat(x[i]) * inv));
+    return C::ToFloat(C::FromFloat(C::ToFloat(w[i]) * normalised));
+  };
+  auto product = [](float a, float b) { return C::ToFloat(C::FromFloat(__fmul_rn(a, b))); };
+  const int64_t half = d / 2;
+  const T* c = cos + t * d;
+  const T* s = sin + t * d;
+  for (int64_t i = lane; i < half; i += cuda::kWarpSize) {
+    const float lo = input(i), hi = input(i + half);
+    y[i] = C::FromFloat(__fadd_rn(product(lo, C::ToFloat(c[i])), product(-hi, C::ToFloat(s[i]))));
+    y[i + half] = C::FromFloat(
+        __fadd_rn(product(hi, C::ToFloat(c[i + half])), product(lo, C::ToFloat(s[i + half]))));
+  }
 }
 
 // ---- add_rms_norm and silu_mul
@@ -344,6 +414,36 @@ void rotary_embedding_cuda(const at::Tensor& out, const at::Tensor& input, const
     RotaryKernel<scalar_t><<<blocks, kRopeThreads, 0, cuda::CurrentStream()>>>(
         out.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(),
         sin.data_ptr<scalar_t>(), pairs, input.size(1), input.size(2));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void qk_norm_rope_kv_write_cuda(const at::Tensor& query, const at::Tensor& kv_cache_layer,
+                                const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                const at::Tensor& slot_mapping,
+                                const c10::optional<at::Tensor>& q_norm_weight,
+                                const c10::optional<at::Tensor>& k_norm_weight, double eps) {
+  const PagedCacheShape cache = CheckQkNormRopeKvWriteArgs(
+      query, kv_cache_layer, qkv, cos, sin, slot_mapping, q_norm_weight, k_norm_weight, eps);
+  TORCH_CHECK(query.is_cuda(), kQkNormRopeKvWriteOp, ": the CUDA implementation got tensors on ",
+              query.device());
+  const int64_t tokens = query.size(0), heads = query.size(1);
+  const int64_t warps = tokens * (heads + cache.num_kv_heads);
+  if (warps == 0) return;
+  const c10::cuda::CUDAGuard guard(query.device());
+  const int64_t num_slots = cache.num_pages * cache.page_size;
+  const bool norms = q_norm_weight.has_value() && q_norm_weight->defined();
+  const auto blocks =
+      static_cast<unsigned>(cuda::CeilDiv(warps, int64_t{kQkvThreads / cuda::kWarpSize}));
+  DYSCO_CUDA_DISPATCH_CACHE_TYPES(query.scalar_type(), kQkNormRopeKvWriteOp, [&] {
+    scalar_t* k_cache = kv_cache_layer.data_ptr<scalar_t>();
+    QkNormRopeKvWriteKernel<scalar_t><<<blocks, kQkvThreads, 0, cuda::CurrentStream()>>>(
+        query.data_ptr<scalar_t>(), k_cache,
+        k_cache + num_slots * cache.num_kv_heads * cache.head_dim, qkv.data_ptr<scalar_t>(),
+        cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(), slot_mapping.data_ptr<int64_t>(),
+        norms ? q_norm_weight->data_ptr<scalar_t>() : nullptr,
+        norms ? k_norm_weight->data_ptr<scalar_t>() : nullptr, tokens, heads, cache.num_kv_heads,
+        cache.head_dim, num_slots, static_cast<float>(eps));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

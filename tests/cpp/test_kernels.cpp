@@ -190,13 +190,13 @@ const std::vector<Layout> kLayouts = {
 // ---- registration
 // ----------------------------------------------------------------------------------------
 
-TEST(DyscoOps, AllThirteenOpsAreRegisteredWithCpuKernels) {
+TEST(DyscoOps, AllFourteenOpsAreRegisteredWithCpuKernels) {
   const std::vector<std::string>& names = ops::AllOpNames();
-  EXPECT_EQ(names.size(), 13u);
+  EXPECT_EQ(names.size(), 14u);
   for (const char* name :
        {"dysco::paged_kv_write", "dysco::paged_attention_decode", "dysco::paged_attention_prefill",
         "dysco::attention_probs", "dysco::linear", "dysco::rms_norm", "dysco::rotary_embedding",
-        "dysco::add_rms_norm", "dysco::silu_mul"}) {
+        "dysco::add_rms_norm", "dysco::silu_mul", "dysco::qk_norm_rope_kv_write"}) {
     EXPECT_NE(std::find(names.begin(), names.end(), name), names.end()) << name;
   }
   EXPECT_EQ(ops::MissingOps(), std::vector<std::string>{});
@@ -724,6 +724,158 @@ TEST(PagedKvWrite, RejectsBadInputs) {
   EXPECT_THROW(ops::paged_kv_write(at::zeros({2, 4, 16, 3, 64}, at::kInt), key.to(at::kInt),
                                    key.to(at::kInt), slots),
                c10::Error);
+}
+
+// ---- qk_norm_rope_kv_write
+// ---------------------------------------------------------------------------------
+
+// The op's inputs: T tokens' fused projection [T, (H + 2 Hkv) D], their cos and sin, per-head norm
+// weights, a cache with random contents (slots not written must keep them) and distinct random
+// slots, every third token's -1 (no K/V written).
+struct QkvRun {
+  at::Tensor qkv, cos, sin, q_w, k_w, kv, slots;
+  int64_t t, h, hkv, d;
+  QkvRun(at::Generator& gen, at::ScalarType dtype, int64_t t_, int64_t h_, int64_t hkv_, int64_t d_)
+      : t(t_), h(h_), hkv(hkv_), d(d_) {
+    qkv = (at::randn({t, (h + 2 * hkv) * d}, gen) * 3).to(dtype);
+    const at::Tensor angle = at::rand({t, d}, gen) * 6.3;
+    cos = angle.cos().to(dtype);
+    sin = angle.sin().to(dtype);
+    q_w = (at::rand({d}, gen) + 0.5).to(dtype);
+    k_w = (at::rand({d}, gen) + 0.5).to(dtype);
+    const int64_t pages = t / 16 + 2;
+    kv = at::randn({2, pages, 16, hkv, d}, gen).to(dtype);
+    slots = at::randperm(pages * 16, gen, at::kLong).slice(0, 0, t).clone();
+    for (int64_t i = 1; i < t; i += 3) slots[i] = -1;
+  }
+  // Column block [begin, begin + heads) of heads of qkv as [T, heads, D] (a copy).
+  at::Tensor Heads(int64_t begin, int64_t heads) const {
+    return qkv.narrow(1, begin * d, heads * d).reshape({t, heads, d}).contiguous();
+  }
+};
+
+// The obviously-correct reference: the model's ATen expressions (ModelRmsNorm per head row, then
+// ModelRope) on qkv's column blocks, and the cache written row by row; the fused op equals them
+// bit for bit (where ATen sums the norm's squares in the order the CPU rms_norm reproduces; else
+// within the norm's tolerance). Shapes: SmolLM2 and Qwen3-8B decode rows, a prefill chunk split
+// over threads, odd head dims and head counts.
+TEST(QkNormRopeKvWrite, EqualsTheModelsExpressions) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(35);
+  const bool exact = AtenSumsEightFloatVectors();
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (auto [t, h, hkv, d] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{1, 9, 3, 64},
+                                {1, 32, 8, 128},
+                                {37, 4, 2, 128},
+                                {5, 3, 3, 36},
+                                {4, 1, 1, 6}}) {
+      for (bool norms : {false, true}) {
+        SCOPED_TRACE(std::string(c10::toString(dtype)) + " T=" + std::to_string(t) +
+                     " H=" + std::to_string(h) + " Hkv=" + std::to_string(hkv) +
+                     " D=" + std::to_string(d) + (norms ? " norms" : ""));
+        const QkvRun run(gen, dtype, t, h, hkv, d);
+        auto norm_rope = [&](const at::Tensor& x, const at::Tensor& w) {
+          const at::Tensor normed =
+              norms ? ModelRmsNorm(x.reshape({-1, d}), w, 1e-6).reshape(x.sizes()) : x;
+          return ModelRope(normed, run.cos, run.sin);
+        };
+        const at::Tensor expected_q = norm_rope(run.Heads(0, h), run.q_w);
+        const at::Tensor expected_k = norm_rope(run.Heads(h, hkv), run.k_w);
+        const at::Tensor v = run.Heads(h + hkv, hkv);
+        at::Tensor expected_kv = run.kv.clone();
+        for (int64_t i = 0; i < t; ++i) {
+          const int64_t slot = run.slots[i].item<int64_t>();
+          if (slot < 0) continue;
+          expected_kv[0].view({-1, hkv, d})[slot].copy_(expected_k[i]);
+          expected_kv[1].view({-1, hkv, d})[slot].copy_(v[i]);
+        }
+        const at::Tensor query = at::full({t, h, d}, kNaN).to(dtype);
+        const at::Tensor kv = run.kv.clone();
+        ops::qk_norm_rope_kv_write(query, kv, run.qkv, run.cos, run.sin, run.slots,
+                                   norms ? Bias(run.q_w) : Bias(), norms ? Bias(run.k_w) : Bias(),
+                                   1e-6);
+        if (exact || !norms) {
+          EXPECT_TRUE(at::equal(query, expected_q));
+          EXPECT_TRUE(at::equal(kv, expected_kv));
+        } else {
+          const double tol = dtype == at::kFloat ? 1e-5 : 2e-2;
+          EXPECT_TRUE(AllClose(query, expected_q, tol, tol));
+          EXPECT_TRUE(AllClose(kv, expected_kv, tol, tol));
+        }
+      }
+    }
+  }
+}
+
+TEST(QkNormRopeKvWrite, RejectsBadInputs) {
+  auto rejects = [](auto&& call, const char* text) {
+    try {
+      call();
+      ADD_FAILURE() << "accepted; expected an error containing " << text;
+    } catch (const c10::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
+    }
+  };
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(36);
+  const QkvRun run(gen, at::kFloat, 3, 4, 2, 8);
+  const at::Tensor q = at::empty({3, 4, 8});
+  const Bias none;
+  EXPECT_NO_THROW(ops::qk_norm_rope_kv_write(q, run.kv, run.qkv, run.cos, run.sin, run.slots,
+                                             run.q_w, run.k_w, 1e-6));
+  rejects(
+      [&] {
+        ops::qk_norm_rope_kv_write(q, run.kv, run.qkv, run.cos, run.sin, run.slots, run.q_w, none,
+                                   1e-6);
+      },
+      "must be given together");
+  rejects(
+      [&] {
+        ops::qk_norm_rope_kv_write(q, run.kv, run.qkv, run.cos, run.sin, run.slots, run.q_w,
+                                   run.k_w, 0.0);
+      },
+      "eps must be > 0");
+  rejects(
+      [&] {
+        ops::qk_norm_rope_kv_write(q, run.kv, run.qkv.narrow(1, 0, 60).contiguous(), run.cos,
+                                   run.sin, run.slots, none, none, 1e-6);
+      },
+      "dysco::qk_norm_rope_kv_write: qkv must have shape [3, 64]");
+  rejects(
+      [&] {
+        ops::qk_norm_rope_kv_write(at::empty({3, 4, 6}), run.kv, run.qkv, run.cos, run.sin,
+                                   run.slots, none, none, 1e-6);
+      },
+      "does not match the cache's head_dim");
+  rejects(
+      [&] {
+        ops::qk_norm_rope_kv_write(q, run.kv, run.qkv, run.cos.narrow(0, 0, 2), run.sin, run.slots,
+                                   none, none, 1e-6);
+      },
+      "dysco::qk_norm_rope_kv_write: cos");
+  rejects(
+      [&] {
+        ops::qk_norm_rope_kv_write(q, run.kv, run.qkv, run.cos, run.sin,
+                                   at::full({3}, 48, at::kLong), none, none, 1e-6);
+      },
+      "is past the cache");
+  rejects(
+      [&] {
+        ops::qk_norm_rope_kv_write(run.qkv.view({-1}).narrow(0, 0, 96).view({3, 4, 8}), run.kv,
+                                   run.qkv, run.cos, run.sin, run.slots, none, none, 1e-6);
+      },
+      "query must not overlap qkv");
+  rejects(
+      [&] {
+        ops::qk_norm_rope_kv_write(q, run.kv, run.qkv, run.cos, run.sin, run.slots,
+                                   run.q_w.to(at::kHalf), run.k_w, 1e-6);
+      },
+      "dysco::qk_norm_rope_kv_write: q_norm_weight");
+  rejects(
+      [&] {
+        const at::Tensor odd = at::zeros({2, 3, 16, 2, 7});
+        ops::qk_norm_rope_kv_write(at::empty({3, 4, 7}), odd, at::zeros({3, 56}), at::zeros({3, 7}),
+                                   at::zeros({3, 7}), run.slots, none, none, 1e-6);
+      },
+      "must be even");
 }
 
 // ---- the attention kernels' instruction sets

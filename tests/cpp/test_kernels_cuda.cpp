@@ -704,6 +704,61 @@ TEST(CudaRmsNormAndRotary, EqualCpu) {
   }
 }
 
+// ---- qk_norm_rope_kv_write
+
+// Qwen3-8B and SmolLM2 decode rows, prefill chunks (300 tokens: many blocks), odd head dims and
+// counts, with and without the per-head norms, every third slot -1: query (NaN first) and the whole
+// cache (random first: unwritten slots keep their values) against the CPU op; without norms bit
+// for bit (the rope rounds as the CPU's), with them within the norm's tolerance (its sum order).
+TEST(CudaQkNormRopeKvWrite, EqualsCpu) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(37);
+  for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (const auto& [t, h, hkv, d] :
+         {std::tuple<int64_t, int64_t, int64_t, int64_t>{1, 32, 8, 128},
+          {1, 9, 3, 64},
+          {300, 32, 8, 128},
+          {5, 3, 3, 36},
+          {4, 1, 1, 6},
+          {2, 4, 2, 256}}) {
+      for (const bool norms : {false, true}) {
+        const at::Tensor qkv = (at::randn({t, (h + 2 * hkv) * d}) * 3).to(dtype);
+        const at::Tensor angle = at::rand({t, d}) * 6.3;
+        const at::Tensor cos = angle.cos().to(dtype), sin = angle.sin().to(dtype);
+        const at::Tensor q_w = (at::rand({d}) + 0.5).to(dtype);
+        const at::Tensor k_w = (at::rand({d}) + 0.5).to(dtype);
+        const int64_t pages = t / 16 + 2;
+        const at::Tensor kv = at::randn({2, pages, 16, hkv, d}).to(dtype);
+        const at::Tensor slots = at::randperm(pages * 16, at::kLong).slice(0, 0, t).clone();
+        for (int64_t i = 1; i < t; i += 3) slots[i] = -1;
+        const at::Tensor query = at::full({t, h, d}, kNaN).to(dtype);
+        const at::Tensor gpu_query = Cuda(query);
+        const at::Tensor gpu_kv = Cuda(kv);
+        ops::qk_norm_rope_kv_write(query, kv, qkv, cos, sin, slots, norms ? Bias(q_w) : Bias(),
+                                   norms ? Bias(k_w) : Bias(), 1e-6);
+        ops::qk_norm_rope_kv_write(gpu_query, gpu_kv, Cuda(qkv), Cuda(cos), Cuda(sin), Cuda(slots),
+                                   norms ? Bias(Cuda(q_w)) : Bias(),
+                                   norms ? Bias(Cuda(k_w)) : Bias(), 1e-6);
+        const std::string what = std::string(c10::toString(dtype)) + " t=" + std::to_string(t) +
+                                 " h=" + std::to_string(h) + " hkv=" + std::to_string(hkv) +
+                                 " d=" + std::to_string(d) + (norms ? " norms" : "");
+        if (norms) {
+          // The two norms' sums differ in their last fp32 bits, which now and then flips the
+          // rounding of a normed bf16 element (up to ~4 here: one bf16 step is 2^-6); the rope
+          // then passes that step on even where its sum cancels to a small output.
+          const double atol = dtype == at::kFloat ? 1e-5 : 4e-2;
+          const double rtol = Tolerance(dtype);
+          EXPECT_TRUE(Close(gpu_query, query, atol, rtol, "query " + what));
+          EXPECT_TRUE(Close(gpu_kv, kv, atol, rtol, "cache " + what));
+        } else {
+          EXPECT_TRUE(Same(gpu_query, query, "query " + what));
+          EXPECT_TRUE(Same(gpu_kv, kv, "cache " + what));
+        }
+      }
+    }
+  }
+}
+
 // ---- add_rms_norm and silu_mul
 
 // A contiguous [rows, cols] tensor of `source`'s values whose data starts one element past a

@@ -66,16 +66,6 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [T, H, D] rotated by cos, sin [T, D] (Hugging Face's rotate_half convention); contiguous.
-
-    One op for the five of `x * cos + rotate_half(x) * sin` (rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])),
-    each product and the sum rounded as there: bit for bit the expression, on both backends."""
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    torch.ops.dysco.rotary_embedding(out, x.contiguous(), cos, sin)
-    return out
-
-
 def _frozen(t: Tensor, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(t.detach().to(dtype).contiguous(), requires_grad=False)
 
@@ -90,8 +80,6 @@ class DecoderLayer(nn.Module):
         self.eps = eps
         self.qk_norm = qk_norm
         self.scale = 1.0 / math.sqrt(head_dim)
-        self.q_size = num_heads * head_dim
-        self.kv_size = num_kv_heads * head_dim
         self.input_layernorm = _frozen(w[prefix + "input_layernorm.weight"], dtype)
         # q/k/v as one [(H + 2 Hkv) D, hidden] weight and gate/up as one [2 I, hidden]: one GEMV each in
         # a decode step instead of three and two (docs/model-interface.md "Binding": the loader binds each
@@ -123,18 +111,16 @@ class DecoderLayer(nn.Module):
         else:
             h, x = add_rms_norm(pending, h, self.input_layernorm, self.eps)
         qkv = linear(x, self.qkv_proj)
-        # Column slices of qkv: contiguous for one token (a batch-1 decode step copies nothing), strided for
-        # more, made contiguous by the ops that need it.
-        q = qkv[:, :self.q_size].view(num_tokens, self.num_heads, self.head_dim)
-        k = qkv[:, self.q_size:self.q_size + self.kv_size].view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, self.num_kv_heads, self.head_dim).contiguous()
+        # q/k norms (Qwen3), rope and the K/V write as one op over qkv's column blocks: a decode layer's
+        # five GPU kernels (and about fifteen interpreter instructions) in one; equal to rms_norm,
+        # apply_rope and paged_kv_write in sequence (docs/model-interface.md "Ops").
+        q = torch.empty([num_tokens, self.num_heads, self.head_dim], dtype=qkv.dtype, device=qkv.device)
         if self.qk_norm:
-            q = rms_norm(q, self.q_norm, self.eps)
-            k = rms_norm(k, self.k_norm, self.eps)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-
-        torch.ops.dysco.paged_kv_write(kv_layer, k, v, slot_mapping)
+            torch.ops.dysco.qk_norm_rope_kv_write(q, kv_layer, qkv, cos, sin, slot_mapping, self.q_norm,
+                                                  self.k_norm, self.eps)
+        else:
+            torch.ops.dysco.qk_norm_rope_kv_write(q, kv_layer, qkv, cos, sin, slot_mapping, None, None,
+                                                  self.eps)
         out = torch.empty_like(q)
         if is_decode:
             torch.ops.dysco.paged_attention_decode(out, q, kv_layer, block_tables, seq_lens, self.scale, attn_bias)
