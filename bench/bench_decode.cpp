@@ -26,6 +26,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <iostream>
 #include <optional>
 #include <random>
@@ -204,28 +205,44 @@ class MatmulFloor {
   }
 
   double MeasureReadOn(int reps) {
+    return MedianSeconds(reps, [&] { ReadPass(); });
+  }
+
+  // One read pass on all threads and one on a single thread, no warm-up: the faster is the floor
+  // of the moment. bench-decode pairs one with every timed batch-1 decode step, because this VM's
+  // memory bandwidth drifts (the floor moved 2x between runs): a floor measured seconds away from
+  // the steps made their ratio swing 1.08-1.82x (docs/performance.md "Decode against its floor").
+  double ReadOnce() {
+    auto timed = [&] {
+      const auto t0 = Clock::now();
+      ReadPass();
+      return Seconds(t0, Clock::now());
+    };
+    return timed();
+  }
+
+  // Reads every weight byte once (16-byte vector sums over the threads of each matrix).
+  void ReadPass() {
     typedef float Vec4 __attribute__((vector_size(16)));
     std::atomic<float> sink{0.0f};
-    return MedianSeconds(reps, [&] {
-      for (const at::Tensor& w : weights_) {
-        const char* bytes = static_cast<const char*>(w.data_ptr());
-        const int64_t vectors = w.numel() * w.element_size() / 16;
-        at::parallel_for(0, vectors, 4096, [&](int64_t begin, int64_t end) {
-          Vec4 a = {0, 0, 0, 0}, b = a, c = a, d = a;
-          int64_t i = begin;
-          for (; i + 4 <= end; i += 4) {
-            Vec4 v[4];
-            std::memcpy(v, bytes + i * 16, sizeof(v));
-            a += v[0];
-            b += v[1];
-            c += v[2];
-            d += v[3];
-          }
-          const Vec4 s = a + b + c + d;
-          sink.store(sink.load(std::memory_order_relaxed) + s[0], std::memory_order_relaxed);
-        });
-      }
-    });
+    for (const at::Tensor& w : weights_) {
+      const char* bytes = static_cast<const char*>(w.data_ptr());
+      const int64_t vectors = w.numel() * w.element_size() / 16;
+      at::parallel_for(0, vectors, 4096, [&](int64_t begin, int64_t end) {
+        Vec4 a = {0, 0, 0, 0}, b = a, c = a, d = a;
+        int64_t i = begin;
+        for (; i + 4 <= end; i += 4) {
+          Vec4 v[4];
+          std::memcpy(v, bytes + i * 16, sizeof(v));
+          a += v[0];
+          b += v[1];
+          c += v[2];
+          d += v[3];
+        }
+        const Vec4 s = a + b + c + d;
+        sink.store(sink.load(std::memory_order_relaxed) + s[0], std::memory_order_relaxed);
+      });
+    }
   }
 
   int64_t layer_params() const { return num_params() - weights_.back().numel(); }
@@ -274,12 +291,18 @@ class MatmulFloor {
 struct DecodeResult {
   double prefill_seconds = 0;  // whole batch prefill
   double step_seconds = 0;     // median decode step
+  // With a floor probe: the median over steps of (step / the floor measured right after it), and
+  // the median of those floors.
+  double paired_ratio = 0;
+  double paired_floor_seconds = 0;
 };
 
 // Prefills `batch` random prompts (one step each) and then decodes `decode_tokens` greedy steps
-// with the whole batch in every step.
+// with the whole batch in every step. floor_probe, when given, runs after every step (outside its
+// time) and returns that moment's floor in seconds.
 DecodeResult RunDecode(dysco::ModelRunner& runner, dysco::KvPagePool& pool, int batch,
-                       int prompt_tokens, int decode_tokens, uint64_t seed) {
+                       int prompt_tokens, int decode_tokens, uint64_t seed,
+                       const std::function<double()>& floor_probe = nullptr) {
   const auto& c = runner.config();
   std::mt19937_64 rng(seed);
   std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(c.vocab_size) - 1);
@@ -315,7 +338,7 @@ DecodeResult RunDecode(dysco::ModelRunner& runner, dysco::KvPagePool& pool, int 
   }
   result.prefill_seconds = Seconds(t0, Clock::now());
 
-  std::vector<double> times;
+  std::vector<double> times, floors;
   step.sequences.resize(batch);
   for (int t = 0; t < decode_tokens; ++t) {
     for (int b = 0; b < batch; ++b) tokens[b].push_back(next[b]);
@@ -332,9 +355,19 @@ DecodeResult RunDecode(dysco::ModelRunner& runner, dysco::KvPagePool& pool, int 
           std::max_element(out.logits_row(b), out.logits_row(b) + c.vocab_size) -
           out.logits_row(b));
     }
+    if (floor_probe) floors.push_back(floor_probe());
   }
-  if (times.size() > 4) times.erase(times.begin(), times.begin() + 2);  // warm-up steps
+  if (times.size() > 4) {  // warm-up steps
+    times.erase(times.begin(), times.begin() + 2);
+    if (!floors.empty()) floors.erase(floors.begin(), floors.begin() + 2);
+  }
   result.step_seconds = Median(times);
+  if (!floors.empty()) {
+    std::vector<double> ratios;
+    for (size_t i = 0; i < times.size(); ++i) ratios.push_back(times[i] / floors[i]);
+    result.paired_ratio = Median(ratios);
+    result.paired_floor_seconds = Median(floors);
+  }
   return result;
 }
 
@@ -503,6 +536,7 @@ int main(int argc, char** argv) {
   }
   std::printf("\n");
 
+  double longest_ttft_ratio = 0;  // of the longest prompt
   if (!ttft_lengths.empty()) {
     std::printf("%8s %10s %14s %12s %14s\n", "prompt", "ttft_s", "prompt_tok/s", "floor_s",
                 "ttft/floor");
@@ -511,6 +545,7 @@ int main(int argc, char** argv) {
       const double flops = PrefillFlops(c, floor.layer_params(), t, chunk);
       const double floor_s = flops / gemm_rate;
       std::printf("%8d %10.2f %14.1f %12.2f %14.2f\n", t, ttft, t / ttft, floor_s, ttft / floor_s);
+      if (t == max_ttft) longest_ttft_ratio = ttft / floor_s;
       std::fflush(stdout);
     }
     std::printf("\n");
@@ -518,8 +553,13 @@ int main(int argc, char** argv) {
 
   std::printf("%6s %10s %10s %14s %14s %14s %14s\n", "batch", "step_ms", "tokens/s", "linear_b_ms",
               "floor_b_ms", "step/floor_b", "prefill_tok/s");
+  DecodeResult paired;  // batch 1, each step paired with a read floor measured right after it
   for (int b : batches) {
-    const DecodeResult r = RunDecode(runner, pool, b, prompt_tokens, decode_tokens, 42 + b);
+    const DecodeResult r = b == 1
+                               ? RunDecode(runner, pool, b, prompt_tokens, decode_tokens, 42 + b,
+                                           [&floor] { return floor.ReadOnce(); })
+                               : RunDecode(runner, pool, b, prompt_tokens, decode_tokens, 42 + b);
+    if (b == 1) paired = r;
     const double linear_b = b == 1 ? floor1 : floor.Measure(b, 10);
     const double floor_b =
         std::max(stream1, 2.0 * b * static_cast<double>(floor.num_params()) / gemm_rate);
@@ -528,5 +568,22 @@ int main(int argc, char** argv) {
                 b * prompt_tokens / r.prefill_seconds);
     std::fflush(stdout);
   }
+  if (paired.paired_ratio > 0) {
+    std::printf(
+        "\nbatch 1, each step against a read floor measured right after it: median step/floor "
+        "%.2f (floors: median %.2f ms)\n",
+        paired.paired_ratio, paired.paired_floor_seconds * 1e3);
+  }
+  // Issue 11's targets on this machine's default model, 2 threads (docs/performance.md "CPU").
+  std::printf("\ntargets: ");
+  if (longest_ttft_ratio > 0) {
+    std::printf("%d-token TTFT %.2fx its FLOP floor (<= 1.3x for 7K: %s); ", max_ttft,
+                longest_ttft_ratio, longest_ttft_ratio <= 1.3 ? "met" : "missed");
+  }
+  if (paired.paired_ratio > 0) {
+    std::printf("batch-1 decode %.2fx its paired read floor (<= 1.2x: %s)", paired.paired_ratio,
+                paired.paired_ratio <= 1.2 ? "met" : "missed");
+  }
+  std::printf("\n");
   return 0;
 }

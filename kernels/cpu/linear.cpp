@@ -33,6 +33,12 @@ constexpr int64_t kGemvMaxRows = 8;
 // (OpenBLAS sbgemm, AVX512-BF16 on this CPU) wins: 8 rows 30 ms against 60 ms for the widening
 // GEMV.
 constexpr int64_t kGemvMaxRowsBf16 = 2;
+// Inputs of at most this many rows take the row-at-a-time GEMV (GemvRowsImpl), more rows the
+// four-row one, which reuses each input vector for four weight rows: at 8 rows 30 ms against 34
+// ms, at 1 and 2 rows 1.10x and 1.19x a plain read of the weights against 1.23-1.39x (idle, 2
+// threads, the default model). The two sum in different orders, so a row's outputs are equal
+// across batches of 1-2 rows and across batches of 3-8, not between the two (nor with BLAS past 8).
+constexpr int64_t kGemvRowKernelMaxRows = 2;
 // Output features per parallel work unit: a few weight rows of K elements, enough to amortise the
 // scheduling, small enough to split the 192-output projections over threads.
 constexpr int64_t kGemvGrain = 32;
@@ -130,6 +136,58 @@ DYSCO_ALWAYS_INLINE void Gemv1(const float* __restrict x, int64_t ldx, const W* 
   }
 }
 
+// One weight row against MR input rows (x: stride ldx; out: stride ldo), four accumulators per
+// input row (k mod 32 in four 8-float lanes groups: independent FMA chains), then the K % 32 tail
+// in 8-float steps into the first, then the scalar tail. The sums of an output depend only on its
+// input row and weight row, never on MR or M: a sequence's logits are the same in any batch.
+template <int MR, typename W, typename Out>
+DYSCO_ALWAYS_INLINE void GemvRow(const float* __restrict x, int64_t ldx, const W* __restrict w,
+                                 int64_t k_size, Out* __restrict out, int64_t ldo) {
+  Vec8 acc[MR][4];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = Vec8{};
+  int64_t k = 0;
+  for (; k + 32 <= k_size; k += 32) {
+    const Vec8 w0 = Load8(w + k), w1 = Load8(w + k + 8);
+    const Vec8 w2 = Load8(w + k + 16), w3 = Load8(w + k + 24);
+    for (int r = 0; r < MR; ++r) {
+      const float* xr = x + r * ldx + k;
+      acc[r][0] += w0 * Load8(xr);
+      acc[r][1] += w1 * Load8(xr + 8);
+      acc[r][2] += w2 * Load8(xr + 16);
+      acc[r][3] += w3 * Load8(xr + 24);
+    }
+  }
+  for (; k + 8 <= k_size; k += 8) {
+    const Vec8 wv = Load8(w + k);
+    for (int r = 0; r < MR; ++r) acc[r][0] += wv * Load8(x + r * ldx + k);
+  }
+  for (int r = 0; r < MR; ++r) {
+    float s = Sum8((acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3]));
+    for (int64_t kk = k; kk < k_size; ++kk) s += ToFloat(w[kk]) * x[r * ldx + kk];
+    out[r * ldo] = static_cast<Out>(s);
+  }
+}
+
+// out[:, n_begin:n_end] for all M (<= kGemvMaxRows) rows of x, out of stride n_size: weight rows
+// one after another, so a thread's range of the weight is ONE sequential stream, as a plain memory
+// read is, which the hardware prefetcher follows at full rate. Each row is read from memory by the
+// first pair of input rows and from L1 by the others (a row of K floats: at most 6 KiB here). For
+// one input row the four-row kernel below (four interleaved streams of a few KiB, software prefetch
+// of the next four rows) took 1.23-1.44x a plain read of the default model's weights, this one
+// 1.07-1.10x (docs/performance.md "Decode against its floor").
+template <typename W, typename Out>
+DYSCO_ALWAYS_INLINE void GemvRowsImpl(const float* x, int64_t m_size, const W* w, int64_t k_size,
+                                      int64_t n_size, int64_t n_begin, int64_t n_end, Out* out) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const W* wn = w + n * k_size;
+    int64_t r = 0;
+    for (; r + 2 <= m_size; r += 2) {
+      GemvRow<2>(x + r * k_size, k_size, wn, k_size, out + r * n_size + n, n_size);
+    }
+    if (r < m_size) GemvRow<1>(x + r * k_size, k_size, wn, k_size, out + r * n_size + n, n_size);
+  }
+}
+
 // out[:, n_begin:n_end] for all M (<= kGemvMaxRows) rows of x, out of stride n_size. Four weight
 // rows at a time, outermost: each group is read from memory once, by the first group of input rows,
 // and from L1 by the others (4 rows of K floats: 24 KiB at K = 1536).
@@ -164,6 +222,16 @@ void GemvRangeBaseline(const float* x, int64_t m_size, const W* w, int64_t k_siz
                        int64_t n_begin, int64_t n_end, Out* out) {
   GemvRangeImpl(x, m_size, w, k_size, n_size, n_begin, n_end, out);
 }
+template <typename W, typename Out>
+DYSCO_TARGET_V3 void GemvRowsVector(const float* x, int64_t m_size, const W* w, int64_t k_size,
+                                    int64_t n_size, int64_t n_begin, int64_t n_end, Out* out) {
+  GemvRowsImpl(x, m_size, w, k_size, n_size, n_begin, n_end, out);
+}
+template <typename W, typename Out>
+void GemvRowsBaseline(const float* x, int64_t m_size, const W* w, int64_t k_size, int64_t n_size,
+                      int64_t n_begin, int64_t n_end, Out* out) {
+  GemvRowsImpl(x, m_size, w, k_size, n_size, n_begin, n_end, out);
+}
 
 // fp32 and bf16 (T) weights, inputs and outputs. bf16 inputs are widened to fp32 once (a few rows:
 // kGemvMaxRowsBf16), the sums are fp32 and each output is rounded once.
@@ -176,6 +244,16 @@ void Gemv(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weig
   const float* x = x_float.data_ptr<float>();
   const T* w = weight.data_ptr<T>();
   T* o = out.data_ptr<T>();
+  if (m_size <= kGemvRowKernelMaxRows) {
+    at::parallel_for(0, n_size, kGemvGrain, [&](int64_t begin, int64_t end) {
+      if (cpu::CpuRunsX86_64_V3()) {
+        GemvRowsVector(x, m_size, w, k_size, n_size, begin, end, o);
+      } else {
+        GemvRowsBaseline(x, m_size, w, k_size, n_size, begin, end, o);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, n_size, kGemvGrain, [&](int64_t begin, int64_t end) {
     if (cpu::CpuRunsX86_64_V3()) {
       GemvRangeVector(x, m_size, w, k_size, n_size, begin, end, o);
