@@ -188,12 +188,17 @@ DYSCO_ALWAYS_INLINE void GemvRowsImpl(const float* x, int64_t m_size, const W* w
   }
 }
 
-// out[:, n_begin:n_end] for all M (<= kGemvMaxRows) rows of x, out of stride n_size. Four weight
-// rows at a time, outermost: each group is read from memory once, by the first group of input rows,
-// and from L1 by the others (4 rows of K floats: 24 KiB at K = 1536).
+// out[:, n_begin:n_end] for all M (<= kGemvMaxRows) rows of x, out of stride n_size: 1-2 rows in
+// GemvRowsImpl; more four weight rows at a time, outermost: each group is read from memory once,
+// by the first group of input rows, and from L1 by the others (4 rows of K floats: 24 KiB at K =
+// 1536).
 template <typename W, typename Out>
 DYSCO_ALWAYS_INLINE void GemvRangeImpl(const float* x, int64_t m_size, const W* w, int64_t k_size,
                                        int64_t n_size, int64_t n_begin, int64_t n_end, Out* out) {
+  if (m_size <= kGemvRowKernelMaxRows) {
+    GemvRowsImpl(x, m_size, w, k_size, n_size, n_begin, n_end, out);
+    return;
+  }
   int64_t n = n_begin;
   for (; n + 4 <= n_end; n += 4) {
     const W* wn = w + n * k_size;
@@ -222,17 +227,6 @@ void GemvRangeBaseline(const float* x, int64_t m_size, const W* w, int64_t k_siz
                        int64_t n_begin, int64_t n_end, Out* out) {
   GemvRangeImpl(x, m_size, w, k_size, n_size, n_begin, n_end, out);
 }
-template <typename W, typename Out>
-DYSCO_TARGET_V3 void GemvRowsVector(const float* x, int64_t m_size, const W* w, int64_t k_size,
-                                    int64_t n_size, int64_t n_begin, int64_t n_end, Out* out) {
-  GemvRowsImpl(x, m_size, w, k_size, n_size, n_begin, n_end, out);
-}
-template <typename W, typename Out>
-void GemvRowsBaseline(const float* x, int64_t m_size, const W* w, int64_t k_size, int64_t n_size,
-                      int64_t n_begin, int64_t n_end, Out* out) {
-  GemvRowsImpl(x, m_size, w, k_size, n_size, n_begin, n_end, out);
-}
-
 // fp32 and bf16 (T) weights, inputs and outputs. bf16 inputs are widened to fp32 once (a few rows:
 // kGemvMaxRowsBf16), the sums are fp32 and each output is rounded once.
 template <typename T>
@@ -244,16 +238,6 @@ void Gemv(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weig
   const float* x = x_float.data_ptr<float>();
   const T* w = weight.data_ptr<T>();
   T* o = out.data_ptr<T>();
-  if (m_size <= kGemvRowKernelMaxRows) {
-    at::parallel_for(0, n_size, kGemvGrain, [&](int64_t begin, int64_t end) {
-      if (cpu::CpuRunsX86_64_V3()) {
-        GemvRowsVector(x, m_size, w, k_size, n_size, begin, end, o);
-      } else {
-        GemvRowsBaseline(x, m_size, w, k_size, n_size, begin, end, o);
-      }
-    });
-    return;
-  }
   at::parallel_for(0, n_size, kGemvGrain, [&](int64_t begin, int64_t end) {
     if (cpu::CpuRunsX86_64_V3()) {
       GemvRangeVector(x, m_size, w, k_size, n_size, begin, end, o);

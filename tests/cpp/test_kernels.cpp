@@ -295,6 +295,18 @@ TEST(Linear, RejectsBadInputs) {
   rejects(out.to(at::kHalf), x, w, "dysco::linear: out");
 }
 
+// call() raises c10::Error whose message contains `text` (what a Rejects test expects of each bad
+// argument: the op and argument named).
+template <typename Call>
+void ExpectRejected(Call&& call, const char* text) {
+  try {
+    call();
+    ADD_FAILURE() << "accepted; expected an error containing " << text;
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
+  }
+}
+
 // ---- rms_norm and rotary_embedding
 // ----------------------------------------------------------------------
 
@@ -409,39 +421,31 @@ TEST(RotaryEmbedding, EqualsTheModelsExpression) {
 }
 
 TEST(RmsNormAndRotary, RejectBadInputs) {
-  auto rejects = [](auto&& call, const char* text) {
-    try {
-      call();
-      ADD_FAILURE() << "accepted; expected an error containing " << text;
-    } catch (const c10::Error& e) {
-      EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
-    }
-  };
   const at::Tensor x = at::randn({2, 8}), w = at::ones({8});
-  rejects(
+  ExpectRejected(
       [&] {
         ops::rms_norm(at::empty({2, 8}), at::randn({2, 7}), w, 1e-6);
       },
       "dysco::rms_norm: input");
-  rejects([&] { ops::rms_norm(at::empty({2, 4}), x, w, 1e-6); }, "dysco::rms_norm: out");
-  rejects([&] { ops::rms_norm(at::empty({2, 8}), x, w, 0.0); }, "eps must be > 0");
-  rejects(
+  ExpectRejected([&] { ops::rms_norm(at::empty({2, 4}), x, w, 1e-6); }, "dysco::rms_norm: out");
+  ExpectRejected([&] { ops::rms_norm(at::empty({2, 8}), x, w, 0.0); }, "eps must be > 0");
+  ExpectRejected(
       [&] {
         ops::rms_norm(at::empty({2, 8}), x.to(at::kHalf), w, 1e-6);
       },
       "dysco::rms_norm: input");
   const at::Tensor q = at::randn({3, 2, 8}), cs = at::randn({3, 8});
-  rejects(
+  ExpectRejected(
       [&] {
         ops::rotary_embedding(at::empty({3, 2, 7}), at::randn({3, 2, 7}), cs, cs);
       },
       "must be even");
-  rejects(
+  ExpectRejected(
       [&] {
         ops::rotary_embedding(at::empty({3, 2, 8}), q, at::randn({2, 8}), cs);
       },
       "dysco::rotary_embedding: cos");
-  rejects(
+  ExpectRejected(
       [&] {
         ops::rotary_embedding(at::empty({3, 2, 8}), q, cs, cs.to(at::kHalf));
       },
@@ -588,84 +592,76 @@ TEST(SiluMul, MatchesAPlainLoop) {
 }
 
 TEST(AddRmsNormAndSiluMul, RejectBadInputs) {
-  auto rejects = [](auto&& call, const char* text) {
-    try {
-      call();
-      ADD_FAILURE() << "accepted; expected an error containing " << text;
-    } catch (const c10::Error& e) {
-      EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
-    }
-  };
   const at::Tensor x = at::randn({2, 8}), r = at::randn({2, 8}), w = at::ones({8});
   const at::Tensor out = at::empty({2, 8}), sum = at::empty({2, 8});
-  rejects(
+  ExpectRejected(
       [&] {
         ops::add_rms_norm(out, sum, at::randn({2, 7}), r, w, 1e-6);
       },
       "dysco::add_rms_norm: input must have shape [2, 8]");
-  rejects(
+  ExpectRejected(
       [&] {
         ops::add_rms_norm(out, sum, x, at::randn({3, 8}), w, 1e-6);
       },
       "dysco::add_rms_norm: residual must have shape [2, 8]");
-  rejects(
+  ExpectRejected(
       [&] {
         ops::add_rms_norm(out, at::empty({2, 4}), x, r, w, 1e-6);
       },
       "dysco::add_rms_norm: sum must have shape [2, 8]");
-  rejects(
+  ExpectRejected(
       [&] {
         ops::add_rms_norm(at::empty({1, 8}), sum, x, r, w, 1e-6);
       },
       "dysco::add_rms_norm: out must have shape [2, 8]");
-  rejects([&] { ops::add_rms_norm(out, sum, x, r.to(at::kHalf), w, 1e-6); },
-          "dysco::add_rms_norm: residual must have dtype Float");
-  rejects([&] { ops::add_rms_norm(out, sum, x, r, w.to(at::kDouble), 1e-6); },
-          "dysco::add_rms_norm: weight must be float32, bfloat16 or float16");
-  rejects(
+  ExpectRejected([&] { ops::add_rms_norm(out, sum, x, r.to(at::kHalf), w, 1e-6); },
+                 "dysco::add_rms_norm: residual must have dtype Float");
+  ExpectRejected([&] { ops::add_rms_norm(out, sum, x, r, w.to(at::kDouble), 1e-6); },
+                 "dysco::add_rms_norm: weight must be float32, bfloat16 or float16");
+  ExpectRejected(
       [&] {
         ops::add_rms_norm(out, sum, at::randn({8, 2}).t(), r, w, 1e-6);
       },
       "dysco::add_rms_norm: input must be contiguous");
-  rejects([&] { ops::add_rms_norm(out, sum, x, r, w, 0.0); },
-          "dysco::add_rms_norm: eps must be > 0");
-  rejects([&] { ops::add_rms_norm(out, out, x, r, w, 1e-6); },
-          "dysco::add_rms_norm: out must not overlap sum");
-  rejects([&] { ops::add_rms_norm(out, r, x, r, w, 1e-6); },
-          "dysco::add_rms_norm: sum must not overlap residual");
-  rejects([&] { ops::add_rms_norm(x, sum, x, r, w, 1e-6); },
-          "dysco::add_rms_norm: out must not overlap input");
+  ExpectRejected([&] { ops::add_rms_norm(out, sum, x, r, w, 0.0); },
+                 "dysco::add_rms_norm: eps must be > 0");
+  ExpectRejected([&] { ops::add_rms_norm(out, out, x, r, w, 1e-6); },
+                 "dysco::add_rms_norm: out must not overlap sum");
+  ExpectRejected([&] { ops::add_rms_norm(out, r, x, r, w, 1e-6); },
+                 "dysco::add_rms_norm: sum must not overlap residual");
+  ExpectRejected([&] { ops::add_rms_norm(x, sum, x, r, w, 1e-6); },
+                 "dysco::add_rms_norm: out must not overlap input");
   // Rows 0-1 and 1-2 of one buffer: a partial overlap.
   const at::Tensor buffer = at::randn({3, 8});
-  rejects(
+  ExpectRejected(
       [&] { ops::add_rms_norm(out, buffer.narrow(0, 1, 2), buffer.narrow(0, 0, 2), r, w, 1e-6); },
       "dysco::add_rms_norm: sum must not overlap input");
-  rejects([&] { ops::add_rms_norm(out, sum, x, r, sum.narrow(0, 1, 1).reshape({8}), 1e-6); },
-          "dysco::add_rms_norm: sum must not overlap weight");
+  ExpectRejected([&] { ops::add_rms_norm(out, sum, x, r, sum.narrow(0, 1, 1).reshape({8}), 1e-6); },
+                 "dysco::add_rms_norm: sum must not overlap weight");
 
   const at::Tensor gu = at::randn({3, 8});
-  rejects([&] { ops::silu_mul(at::empty({3, 3}), at::randn({3, 7})); }, "must be even");
-  rejects(
+  ExpectRejected([&] { ops::silu_mul(at::empty({3, 3}), at::randn({3, 7})); }, "must be even");
+  ExpectRejected(
       [&] {
         ops::silu_mul(at::empty({3, 8}), gu);
       },
       "dysco::silu_mul: out must have shape [3, 4]");
-  rejects(
+  ExpectRejected(
       [&] {
         ops::silu_mul(at::empty({3, 4}, at::kHalf), gu);
       },
       "dysco::silu_mul: out must have dtype Float");
-  rejects(
+  ExpectRejected(
       [&] {
         ops::silu_mul(at::empty({3, 4}), at::randn({8, 3}).t());
       },
       "dysco::silu_mul: input must be contiguous");
-  rejects(
+  ExpectRejected(
       [&] {
         ops::silu_mul(at::empty({3, 4}), at::randn({3, 8}).to(at::kInt));
       },
       "dysco::silu_mul: input must be float32, bfloat16 or float16");
-  rejects(
+  ExpectRejected(
       [&] {
         ops::silu_mul(gu.view({-1}).narrow(0, 4, 12).view({3, 4}), gu);
       },
@@ -807,69 +803,61 @@ TEST(QkNormRopeKvWrite, EqualsTheModelsExpressions) {
 }
 
 TEST(QkNormRopeKvWrite, RejectsBadInputs) {
-  auto rejects = [](auto&& call, const char* text) {
-    try {
-      call();
-      ADD_FAILURE() << "accepted; expected an error containing " << text;
-    } catch (const c10::Error& e) {
-      EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
-    }
-  };
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(36);
   const QkvRun run(gen, at::kFloat, 3, 4, 2, 8);
   const at::Tensor q = at::empty({3, 4, 8});
   const Bias none;
   EXPECT_NO_THROW(ops::qk_norm_rope_kv_write(q, run.kv, run.qkv, run.cos, run.sin, run.slots,
                                              run.q_w, run.k_w, 1e-6));
-  rejects(
+  ExpectRejected(
       [&] {
         ops::qk_norm_rope_kv_write(q, run.kv, run.qkv, run.cos, run.sin, run.slots, run.q_w, none,
                                    1e-6);
       },
       "must be given together");
-  rejects(
+  ExpectRejected(
       [&] {
         ops::qk_norm_rope_kv_write(q, run.kv, run.qkv, run.cos, run.sin, run.slots, run.q_w,
                                    run.k_w, 0.0);
       },
       "eps must be > 0");
-  rejects(
+  ExpectRejected(
       [&] {
         ops::qk_norm_rope_kv_write(q, run.kv, run.qkv.narrow(1, 0, 60).contiguous(), run.cos,
                                    run.sin, run.slots, none, none, 1e-6);
       },
       "dysco::qk_norm_rope_kv_write: qkv must have shape [3, 64]");
-  rejects(
+  ExpectRejected(
       [&] {
         ops::qk_norm_rope_kv_write(at::empty({3, 4, 6}), run.kv, run.qkv, run.cos, run.sin,
                                    run.slots, none, none, 1e-6);
       },
       "does not match the cache's head_dim");
-  rejects(
+  ExpectRejected(
       [&] {
         ops::qk_norm_rope_kv_write(q, run.kv, run.qkv, run.cos.narrow(0, 0, 2), run.sin, run.slots,
                                    none, none, 1e-6);
       },
       "dysco::qk_norm_rope_kv_write: cos");
-  rejects(
+  ExpectRejected(
       [&] {
         ops::qk_norm_rope_kv_write(q, run.kv, run.qkv, run.cos, run.sin,
                                    at::full({3}, 48, at::kLong), none, none, 1e-6);
       },
       "is past the cache");
-  rejects(
+  ExpectRejected(
       [&] {
         ops::qk_norm_rope_kv_write(run.qkv.view({-1}).narrow(0, 0, 96).view({3, 4, 8}), run.kv,
                                    run.qkv, run.cos, run.sin, run.slots, none, none, 1e-6);
       },
       "query must not overlap qkv");
-  rejects(
+  ExpectRejected(
       [&] {
         ops::qk_norm_rope_kv_write(q, run.kv, run.qkv, run.cos, run.sin, run.slots,
                                    run.q_w.to(at::kHalf), run.k_w, 1e-6);
       },
       "dysco::qk_norm_rope_kv_write: q_norm_weight");
-  rejects(
+  ExpectRejected(
       [&] {
         const at::Tensor odd = at::zeros({2, 3, 16, 2, 7});
         ops::qk_norm_rope_kv_write(at::empty({3, 4, 7}), odd, at::zeros({3, 56}), at::zeros({3, 7}),
