@@ -232,6 +232,25 @@ void RotaryRowsBaseline(const T* x, const T* c, const T* s, T* y, int64_t heads,
   RotaryRowsImpl(x, c, s, y, heads, d, begin, end);
 }
 
+// The row functions in the widest clone this CPU runs (every caller picks the same one).
+template <typename T>
+void RmsNormRows(const T* x, const T* w, T* y, int64_t d, float eps, int64_t begin, int64_t end) {
+  if (cpu::CpuRunsX86_64_V3()) {
+    RmsNormRowsVector(x, w, y, d, eps, begin, end);
+  } else {
+    RmsNormRowsBaseline(x, w, y, d, eps, begin, end);
+  }
+}
+template <typename T>
+void RotaryRows(const T* x, const T* c, const T* s, T* y, int64_t heads, int64_t d, int64_t begin,
+                int64_t end) {
+  if (cpu::CpuRunsX86_64_V3()) {
+    RotaryRowsVector(x, c, s, y, heads, d, begin, end);
+  } else {
+    RotaryRowsBaseline(x, c, s, y, heads, d, begin, end);
+  }
+}
+
 // Rows per work unit: enough elements that a unit outweighs the cost of the parallel region, so
 // that decode-sized calls (one row, or a few heads) never open one.
 int64_t RowGrain(int64_t d) {
@@ -247,13 +266,8 @@ void RmsNorm(const at::Tensor& out, const at::Tensor& input, const at::Tensor& w
   T* y = out.data_ptr<T>();
   // ATen adds the Python float eps to an fp32 tensor: eps rounded to fp32 first.
   const float eps_f = static_cast<float>(eps);
-  at::parallel_for(0, rows, RowGrain(d), [&](int64_t begin, int64_t end) {
-    if (cpu::CpuRunsX86_64_V3()) {
-      RmsNormRowsVector(x, w, y, d, eps_f, begin, end);
-    } else {
-      RmsNormRowsBaseline(x, w, y, d, eps_f, begin, end);
-    }
-  });
+  at::parallel_for(0, rows, RowGrain(d),
+                   [&](int64_t begin, int64_t end) { RmsNormRows(x, w, y, d, eps_f, begin, end); });
 }
 
 template <typename T>
@@ -265,11 +279,7 @@ void Rotary(const at::Tensor& out, const at::Tensor& input, const at::Tensor& co
   const T* s = sin.data_ptr<T>();
   T* y = out.data_ptr<T>();
   at::parallel_for(0, tokens * heads, RowGrain(d), [&](int64_t begin, int64_t end) {
-    if (cpu::CpuRunsX86_64_V3()) {
-      RotaryRowsVector(x, c, s, y, heads, d, begin, end);
-    } else {
-      RotaryRowsBaseline(x, c, s, y, heads, d, begin, end);
-    }
+    RotaryRows(x, c, s, y, heads, d, begin, end);
   });
 }
 
@@ -281,24 +291,15 @@ template <typename T>
 void QkNormRopeKvWriteTokens(T* query, T* k_cache, T* v_cache, const T* qkv, const T* c, const T* s,
                              const int64_t* slots, const T* q_w, const T* k_w, int64_t heads,
                              int64_t kv_heads, int64_t d, float eps, int64_t begin, int64_t end) {
-  const bool v3 = cpu::CpuRunsX86_64_V3();
   const int64_t width = (heads + 2 * kv_heads) * d;
   std::vector<T> normed(q_w != nullptr ? static_cast<size_t>(std::max(heads, kv_heads) * d) : 0);
   // rows [0, n) of x: normed when w is given, then rotated into y (token t's cos and sin rows).
   auto norm_rope = [&](const T* x, const T* w, T* y, int64_t n, const T* ct, const T* st) {
     if (w != nullptr) {
-      if (v3) {
-        RmsNormRowsVector(x, w, normed.data(), d, eps, 0, n);
-      } else {
-        RmsNormRowsBaseline(x, w, normed.data(), d, eps, 0, n);
-      }
+      RmsNormRows(x, w, normed.data(), d, eps, 0, n);
       x = normed.data();
     }
-    if (v3) {
-      RotaryRowsVector(x, ct, st, y, n, d, 0, n);
-    } else {
-      RotaryRowsBaseline(x, ct, st, y, n, d, 0, n);
-    }
+    RotaryRows(x, ct, st, y, n, d, 0, n);
   };
   const int64_t kv_row = kv_heads * d;  // one slot's K (or V) for all heads
   for (int64_t t = begin; t < end; ++t) {

@@ -26,33 +26,57 @@ constexpr int kWarpRowMax = 1024;     // rows up to this width: one warp per row
 constexpr int kWarpRowThreads = 256;  // 8 rows per block
 constexpr int kRopeThreads = 256;
 
+// One element of the model's rms_norm: x * inv rounded to the dtype, then times the weight and
+// rounded again (transformers' order). Every norm kernel here computes it so, which keeps them
+// equal to each other and to the CPU op.
+template <typename T>
+__device__ __forceinline__ T NormedElement(T x, T w, float inv) {
+  using C = cuda::Convert<T>;
+  const float normalised = C::ToFloat(C::FromFloat(C::ToFloat(x) * inv));
+  return C::FromFloat(C::ToFloat(w) * normalised);
+}
+
+// rsqrt(mean(x^2) + eps) of the row x[0, d), summed by one warp: lane-strided squares in fp32, then
+// the shuffle sum (the per-row warp kernels share it, so that they normalise alike).
+template <typename T>
+__device__ __forceinline__ float WarpInvRms(const T* x, int64_t d, int lane, float eps) {
+  using C = cuda::Convert<T>;
+  float sum = 0.0f;
+  for (int64_t j = lane; j < d; j += cuda::kWarpSize) {
+    const float v = C::ToFloat(x[j]);
+    sum += v * v;
+  }
+  return rsqrtf(cuda::WarpSum(sum) / static_cast<float>(d) + eps);
+}
+
+// The rope of the pair (lo, hi) = (x[j], x[j + half]) into y[j] and y[j + half], with c and s the
+// token's cos and sin rows: each product rounded on its own (__fmul_rn: no fused multiply-add,
+// also in fp32), then the sum, as ATen's separate kernels do, so that the CPU op equals that chain
+// exactly and this equals the CPU op.
+template <typename T>
+__device__ __forceinline__ void RotatePair(float lo, float hi, const T* c, const T* s, int64_t j,
+                                           int64_t half, T* y) {
+  using C = cuda::Convert<T>;
+  auto product = [](float a, float b) { return C::ToFloat(C::FromFloat(__fmul_rn(a, b))); };
+  y[j] = C::FromFloat(__fadd_rn(product(lo, C::ToFloat(c[j])), product(-hi, C::ToFloat(s[j]))));
+  y[j + half] = C::FromFloat(
+      __fadd_rn(product(hi, C::ToFloat(c[j + half])), product(lo, C::ToFloat(s[j + half]))));
+}
+
 // One warp per row, for the per-head q/k norms (32 + 8 rows of 128 per token in the 8B models): a
 // block per row of 128 left most of its threads idle and paid two barriers.
 // Grid: ceil(rows / 8) blocks of kWarpRowThreads.
 template <typename T>
 __global__ void __launch_bounds__(kWarpRowThreads)
     RmsNormWarpKernel(T* out, const T* input, const T* weight, int64_t rows, int64_t d, float eps) {
-  using C = cuda::Convert<T>;
   const int64_t row = blockIdx.x * static_cast<int64_t>(kWarpRowThreads / cuda::kWarpSize) +
                       threadIdx.x / cuda::kWarpSize;
   if (row >= rows) return;  // whole warps leave: the shuffles below see full warps
   const int lane = threadIdx.x % cuda::kWarpSize;
   const T* x = input + row * d;
   T* y = out + row * d;
-  float sum = 0.0f;
-  for (int64_t j = lane; j < d; j += cuda::kWarpSize) {
-    const float v = C::ToFloat(x[j]);
-    sum += v * v;
-  }
-#pragma unroll
-  for (int offset = cuda::kWarpSize / 2; offset > 0; offset /= 2) {
-    sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  }
-  const float inv = rsqrtf(sum / static_cast<float>(d) + eps);
-  for (int64_t j = lane; j < d; j += cuda::kWarpSize) {
-    const float normalised = C::ToFloat(C::FromFloat(C::ToFloat(x[j]) * inv));
-    y[j] = C::FromFloat(C::ToFloat(weight[j]) * normalised);
-  }
+  const float inv = WarpInvRms(x, d, lane, eps);
+  for (int64_t j = lane; j < d; j += cuda::kWarpSize) y[j] = NormedElement(x[j], weight[j], inv);
 }
 
 // One block per row (the hidden-size norms; 1024 threads so that a decode step's single row of
@@ -71,10 +95,7 @@ __global__ void __launch_bounds__(kNormThreads)
   }
   sum = cuda::BlockReduce(sum, shared, [](float a, float b) { return a + b; });
   const float inv = rsqrtf(sum / static_cast<float>(d) + eps);
-  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
-    const float normalised = C::ToFloat(C::FromFloat(C::ToFloat(x[j]) * inv));
-    y[j] = C::FromFloat(C::ToFloat(weight[j]) * normalised);
-  }
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) y[j] = NormedElement(x[j], weight[j], inv);
 }
 
 // One thread per pair (j, j + D/2) of a row of [T, H, D].
@@ -92,14 +113,7 @@ __global__ void __launch_bounds__(kRopeThreads)
   const T* x = input + row * d;
   const T* c = cos + t * d;
   const T* s = sin + t * d;
-  const float lo = C::ToFloat(x[j]), hi = C::ToFloat(x[j + half]);
-  // Each product rounded on its own (__fmul_rn: no fused multiply-add, also in fp32), as ATen's
-  // separate kernels do: the CPU op equals the chain exactly and this kernel equals the CPU op.
-  auto product = [](float a, float b) { return C::ToFloat(C::FromFloat(__fmul_rn(a, b))); };
-  out[row * d + j] =
-      C::FromFloat(__fadd_rn(product(lo, C::ToFloat(c[j])), product(-hi, C::ToFloat(s[j]))));
-  out[row * d + j + half] = C::FromFloat(
-      __fadd_rn(product(hi, C::ToFloat(c[j + half])), product(lo, C::ToFloat(s[j + half]))));
+  RotatePair(C::ToFloat(x[j]), C::ToFloat(x[j + half]), c, s, j, half, out + row * d);
 }
 
 // ---- qk_norm_rope_kv_write
@@ -107,8 +121,8 @@ __global__ void __launch_bounds__(kRopeThreads)
 constexpr int kQkvThreads = 128;  // four (token, head) warps per block
 
 // One warp per (token t, head h) with h < H a query head and H <= h < H + Hkv key head h - H:
-// the head's D elements of qkv [T, (H + 2 Hkv) D] normed (when w is given: sums as
-// RmsNormWarpKernel, the same lanes and order), then rotated (as RotaryKernel), into query or
+// the head's D elements of qkv [T, (H + 2 Hkv) D] normed (when w is given: WarpInvRms and
+// NormedElement, as RmsNormWarpKernel), then rotated (RotatePair, as RotaryKernel), into query or
 // into the cache's K row of slot_mapping[t]; a key head's warp also copies its value head into
 // the V row. A negative slot (or one past the cache, which the CPU op rejects) writes no K/V.
 // Grid: ceil(T * (H + Hkv) / 4) blocks of kQkvThreads.
@@ -143,30 +157,14 @@ __global__ void __launch_bounds__(kQkvThreads)
     T* v_out = v_cache + (slot * kv_heads + j) * d;
     for (int64_t i = lane; i < d; i += cuda::kWarpSize) v_out[i] = v[i];
   }
-  float inv = 1.0f;
-  if (w != nullptr) {
-    float sum = 0.0f;
-    for (int64_t i = lane; i < d; i += cuda::kWarpSize) {
-      const float v = C::ToFloat(x[i]);
-      sum += v * v;
-    }
-    inv = rsqrtf(cuda::WarpSum(sum) / static_cast<float>(d) + eps);
-  }
+  const float inv = w != nullptr ? WarpInvRms(x, d, lane, eps) : 1.0f;
   // Element i of the rope's input: the normed value rounded to the dtype (what rms_norm stores).
   auto input = [&](int64_t i) {
-    if (w == nullptr) return C::ToFloat(x[i]);
-    const float normalised = C::ToFloat(C::FromFloat(C::ToFloat(x[i]) * inv));
-    return C::ToFloat(C::FromFloat(C::ToFloat(w[i]) * normalised));
+    return C::ToFloat(w == nullptr ? x[i] : NormedElement(x[i], w[i], inv));
   };
-  auto product = [](float a, float b) { return C::ToFloat(C::FromFloat(__fmul_rn(a, b))); };
   const int64_t half = d / 2;
-  const T* c = cos + t * d;
-  const T* s = sin + t * d;
   for (int64_t i = lane; i < half; i += cuda::kWarpSize) {
-    const float lo = input(i), hi = input(i + half);
-    y[i] = C::FromFloat(__fadd_rn(product(lo, C::ToFloat(c[i])), product(-hi, C::ToFloat(s[i]))));
-    y[i + half] = C::FromFloat(
-        __fadd_rn(product(hi, C::ToFloat(c[i + half])), product(lo, C::ToFloat(s[i + half]))));
+    RotatePair(input(i), input(i + half), cos + t * d, sin + t * d, i, half, y);
   }
 }
 
@@ -228,16 +226,12 @@ __device__ __forceinline__ float AddRowPart(T* sum, const T* input, const T* res
 template <int V, typename T>
 __device__ __forceinline__ void NormRowPart(T* out, const T* sum, const T* weight, int64_t units,
                                             int64_t first, int64_t stride, float inv) {
-  using C = cuda::Convert<T>;
   for (int64_t u = first; u < units; u += stride) {
     T s[V], w[V], y[V];
     LoadN<V>(sum + u * V, s);
     LoadN<V>(weight + u * V, w);
 #pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const float normalised = C::ToFloat(C::FromFloat(C::ToFloat(s[i]) * inv));
-      y[i] = C::FromFloat(C::ToFloat(w[i]) * normalised);
-    }
+    for (int i = 0; i < V; ++i) y[i] = NormedElement(s[i], w[i], inv);
     StoreN<V>(out + u * V, y);
   }
 }
