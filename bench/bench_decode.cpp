@@ -79,9 +79,6 @@ void SetOpenBlasThreads(int n) {
     fn(n);
 }
 
-// One decode step's weight matmuls: per layer q, k, v, o, gate, up, down, then the LM head.
-// Distinct weight tensors per layer, so that (as in the model) every weight comes from memory, not
-// from cache.
 // Reads `size` bytes once: 16-byte vector sums, split over the ATen threads (one parallel region,
 // as the GEMV opens one per matrix).
 void ReadBytes(const char* bytes, int64_t size) {
@@ -141,6 +138,9 @@ class PackageWeightsRead {
   int64_t bytes_ = 0;
 };
 
+// One decode step's weight matmuls: per layer q, k, v, o, gate, up, down, then the LM head.
+// Distinct weight tensors per layer, so that (as in the model) every weight comes from memory, not
+// from cache.
 class MatmulFloor {
  public:
   // The weights in the model's dtype, or in `dtype` when given (the bf16 comparison below).
@@ -265,14 +265,11 @@ class MatmulFloor {
   }
 
   double MeasureReadOn(int reps) {
-    return MedianSeconds(reps, [&] { ReadPass(); });
-  }
-
-  // Reads every weight byte once.
-  void ReadPass() {
-    for (const at::Tensor& w : weights_) {
-      ReadBytes(static_cast<const char*>(w.data_ptr()), w.numel() * w.element_size());
-    }
+    return MedianSeconds(reps, [&] {
+      for (const at::Tensor& w : weights_) {
+        ReadBytes(static_cast<const char*>(w.data_ptr()), w.numel() * w.element_size());
+      }
+    });
   }
 
   int64_t layer_params() const { return num_params() - weights_.back().numel(); }

@@ -227,6 +227,7 @@ void GemvRangeBaseline(const float* x, int64_t m_size, const W* w, int64_t k_siz
                        int64_t n_begin, int64_t n_end, Out* out) {
   GemvRangeImpl(x, m_size, w, k_size, n_size, n_begin, n_end, out);
 }
+
 // fp32 and bf16 (T) weights, inputs and outputs. bf16 inputs are widened to fp32 once (a few rows:
 // kGemvMaxRowsBf16), the sums are fp32 and each output is rounded once.
 template <typename T>

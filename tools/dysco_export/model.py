@@ -113,14 +113,11 @@ class DecoderLayer(nn.Module):
         qkv = linear(x, self.qkv_proj)
         # q/k norms (Qwen3), rope and the K/V write as one op over qkv's column blocks: a decode layer's
         # five GPU kernels (and about fifteen interpreter instructions) in one; equal to rms_norm,
-        # apply_rope and paged_kv_write in sequence (docs/model-interface.md "Ops").
+        # rotary_embedding and paged_kv_write in sequence (docs/model-interface.md "Ops").
         q = torch.empty([num_tokens, self.num_heads, self.head_dim], dtype=qkv.dtype, device=qkv.device)
-        if self.qk_norm:
-            torch.ops.dysco.qk_norm_rope_kv_write(q, kv_layer, qkv, cos, sin, slot_mapping, self.q_norm,
-                                                  self.k_norm, self.eps)
-        else:
-            torch.ops.dysco.qk_norm_rope_kv_write(q, kv_layer, qkv, cos, sin, slot_mapping, None, None,
-                                                  self.eps)
+        q_norm: Optional[Tensor] = self.q_norm if self.qk_norm else None
+        k_norm: Optional[Tensor] = self.k_norm if self.qk_norm else None
+        torch.ops.dysco.qk_norm_rope_kv_write(q, kv_layer, qkv, cos, sin, slot_mapping, q_norm, k_norm, self.eps)
         out = torch.empty_like(q)
         if is_decode:
             torch.ops.dysco.paged_attention_decode(out, q, kv_layer, block_tables, seq_lens, self.scale, attn_bias)
