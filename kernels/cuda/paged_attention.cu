@@ -211,29 +211,79 @@ __global__ void __launch_bounds__(kAttentionThreads)
 }
 
 // out[token, head] <- the splits' partials merged by log-sum-exp; zeros when no key was seen.
-// Grid: x = token, y = head. Block: 128 threads over head_dim.
-template <typename T>
-__global__ void MergeSplitsKernel(T* out, const float* partial, int num_heads, int num_splits,
-                                  int head_dim) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * num_heads + blockIdx.y;
-  const float* part = partial + row * num_splits * (head_dim + 2);
-  float max = -INFINITY;
-  for (int s = 0; s < num_splits; ++s) max = fmaxf(max, part[s * (head_dim + 2)]);
-  float sum = 0.0f;
-  if (max != -INFINITY) {
-    for (int s = 0; s < num_splits; ++s) {
-      const float m = part[s * (head_dim + 2)];
-      if (m != -INFINITY) sum += part[s * (head_dim + 2) + 1] * expf(m - max);
-    }
+// Grid: x = token, y = head. Block: kMergeThreads over the splits, then over head_dim.
+// Why this shape: the partials were just written and sit in L2, so the merge is latency-bound: the
+// threads read the splits' maxima and sums in parallel (one round of loads, block reductions), keep
+// each split's weight in shared memory, and each thread's pass over the splits' accumulators has
+// kMergeUnroll independent loads in flight. The first version looped over the splits three times
+// per thread, one load after another: 7.6 us a call at 33 splits (docs/gpu.md).
+constexpr int kMergeThreads = 128;
+constexpr int kMergeMaxSplits = 1024;  // weights kept in shared memory; more are recomputed
+constexpr int kMergeUnroll = 8;
+
+__device__ float BlockMax(float v, float* scratch) {
+  for (int offset = cuda::kWarpSize / 2; offset > 0; offset /= 2) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
   }
+  const int warp = threadIdx.x / cuda::kWarpSize;
+  if (threadIdx.x % cuda::kWarpSize == 0) scratch[warp] = v;
+  __syncthreads();
+  float r = scratch[0];
+  for (int w = 1; w < kMergeThreads / cuda::kWarpSize; ++w) r = fmaxf(r, scratch[w]);
+  __syncthreads();  // scratch is reused
+  return r;
+}
+
+__device__ float BlockSum(float v, float* scratch) {
+  for (int offset = cuda::kWarpSize / 2; offset > 0; offset /= 2) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  const int warp = threadIdx.x / cuda::kWarpSize;
+  if (threadIdx.x % cuda::kWarpSize == 0) scratch[warp] = v;
+  __syncthreads();
+  float r = 0.0f;
+  for (int w = 0; w < kMergeThreads / cuda::kWarpSize; ++w) r += scratch[w];
+  __syncthreads();
+  return r;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kMergeThreads)
+    MergeSplitsKernel(T* out, const float* partial, int num_heads, int num_splits, int head_dim) {
+  __shared__ float s_weight[kMergeMaxSplits];
+  __shared__ float s_scratch[kMergeThreads / cuda::kWarpSize];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * num_heads + blockIdx.y;
+  const int64_t stride = head_dim + 2;
+  const float* part = partial + row * num_splits * stride;
+  float max = -INFINITY;
+  for (int s = threadIdx.x; s < num_splits; s += kMergeThreads) max = fmaxf(max, part[s * stride]);
+  max = BlockMax(max, s_scratch);
+  // A split that saw no key has max -inf and sum 0: weight 0 (and no NaN from -inf - -inf).
+  auto weight = [&](int s) {
+    const float m = part[s * stride];
+    return m == -INFINITY ? 0.0f : expf(m - max);
+  };
+  float sum = 0.0f;
+  for (int s = threadIdx.x; s < num_splits; s += kMergeThreads) {
+    const float w = weight(s);
+    if (s < kMergeMaxSplits) s_weight[s] = w;
+    sum += part[s * stride + 1] * w;
+  }
+  sum = BlockSum(sum, s_scratch);  // its barrier also publishes s_weight
   const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+  for (int d = threadIdx.x; d < head_dim; d += kMergeThreads) {
     float a = 0.0f;
-    if (max != -INFINITY) {
-      for (int s = 0; s < num_splits; ++s) {
-        const float m = part[s * (head_dim + 2)];
-        if (m != -INFINITY) a += part[s * (head_dim + 2) + 2 + d] * expf(m - max);
-      }
+    int s = 0;
+    for (; s + kMergeUnroll <= num_splits && s + kMergeUnroll <= kMergeMaxSplits;
+         s += kMergeUnroll) {
+      float values[kMergeUnroll];
+#pragma unroll
+      for (int u = 0; u < kMergeUnroll; ++u) values[u] = part[(s + u) * stride + 2 + d];
+#pragma unroll
+      for (int u = 0; u < kMergeUnroll; ++u) a += values[u] * s_weight[s + u];
+    }
+    for (; s < num_splits; ++s) {
+      a += part[s * stride + 2 + d] * (s < kMergeMaxSplits ? s_weight[s] : weight(s));
     }
     out[row * head_dim + d] = Convert<T>::FromFloat(a * inv);
   }
@@ -354,8 +404,8 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
     LaunchForHeadDim<T, 4>(p, tokens, kv_heads, stream);
   }
   MergeSplitsKernel<T>
-      <<<dim3(static_cast<unsigned>(tokens), static_cast<unsigned>(num_heads)), 128, 0, stream>>>(
-          out.data_ptr<T>(), p.partial, p.num_heads, p.num_splits, p.head_dim);
+      <<<dim3(static_cast<unsigned>(tokens), static_cast<unsigned>(num_heads)), kMergeThreads, 0,
+         stream>>>(out.data_ptr<T>(), p.partial, p.num_heads, p.num_splits, p.head_dim);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

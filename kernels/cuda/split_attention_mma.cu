@@ -89,19 +89,33 @@ __device__ __forceinline__ uint32_t Word(const uint4& v, int w) {
   return w == 0 ? v.x : (w == 1 ? v.y : (w == 2 ? v.z : v.w));
 }
 
+// How a warp gets its tiles of K and V (the kernel's kPipeline):
+// - kNoPrefetch (the default): each tile's loads (K, V and the bias pairs, all issued before any
+//   arithmetic), then its arithmetic. Two blocks of four warps per multiprocessor hide the latency.
+// - kRegisterPrefetch: the next tile's loads into a second set of registers before the current
+//   tile's arithmetic (the fifth increment's default; DYSCO_CUDA_MMA_PREFETCH=1). Once a tile's
+//   instructions were cut (a page-table read per tile, O rescaled only when a maximum grows) it
+//   lost: 0.146 against 0.142 ms at 128K keys on the H200 (docs/gpu.md "Measured: the decode
+//   kernels", with the cp.async rings that were tried and dropped).
+constexpr int kNoPrefetch = 0;
+constexpr int kRegisterPrefetch = 1;
+
+// The warps' softmax states and accumulators combined at the end (WriteSplitPartials); a row of
+// accumulators is padded by one float, so that a warp's C-layout stores spread over the banks
+// (4-way instead of 32-way conflicts).
+template <int kHeadDim>
+constexpr int kAccStride = kHeadDim + 1;
+
 // Grid: x = query token, y = split, z = KV head * row_chunks + chunk (16 query heads a chunk).
 // Block: kAttentionThreads (4 warps, each its own tiles of keys; combined at the end).
-// kPrefetch: each warp issues the loads of its next tile before the arithmetic of the current one
-// (registers double-buffered), so that a tile's memory latency overlaps the previous tile's work
-// instead of following it (the default; DYSCO_CUDA_MMA_PREFETCH=0 turns it off, docs/gpu.md
-// "Measured: the decode kernels").
-template <typename T, int kHeadDim, bool kPrefetch>
+template <typename T, int kHeadDim, int kPipeline>
 __global__ void __launch_bounds__(kAttentionThreads)
     MmaSplitAttentionKernel(const AttentionParams<T> p) {
   constexpr int kKSteps = kHeadDim / 16;      // k-steps of QK^T
   constexpr int kRowLoads = kHeadDim / 32;    // 16-byte loads per Q or K row and lane
   constexpr int kDimsPerLane = kHeadDim / 8;  // value dims per lane (PV's n-blocks)
   constexpr int kValueLoads = kDimsPerLane / 8;
+  constexpr int kStride = kAccStride<kHeadDim>;
   const int64_t token = blockIdx.x;
   const int split = blockIdx.y;
   const int kv_head = blockIdx.z / p.row_chunks;
@@ -162,14 +176,44 @@ __global__ void __launch_bounds__(kAttentionThreads)
     for (int c = 0; c < 4; ++c) o[nb][c] = 0.0f;
   }
 
-  // K rows g and 8 + g of the tile (B fragments of QK^T's two n-blocks); V rows 2t, 2t + 1, 2t + 8,
-  // 2t + 9 of the tile, dims [kDimsPerLane g, kDimsPerLane (g + 1)). Zeros past key_end.
-  auto load_tile = [&](int tile, uint4(&kw)[2][kRowLoads], uint4(&vw)[4][kValueLoads]) {
+  // Where row r (0..15) of the tile starting at `tile` (< key_end) lies in the cache. When the page
+  // size is a multiple of 16 a tile lies in one page (tiles start at multiples of 16: split_len is
+  // one), so the page table is read and the key divided once per tile instead of once per row.
+  const bool tile_in_one_page = page_size % kTileKeys == 0;
+  auto tile_rows = [&](int tile) { return tile_in_one_page ? row_offset(tile) : int64_t{0}; };
+  auto offset = [&](int tile, int64_t tile_base, int r) {
+    return tile_in_one_page ? tile_base + r * token_stride : row_offset(tile + r);
+  };
+
+  // The bias of keys pair = tile + 8 nbk + 2t and pair + 1 (zeros past key_end), read with the
+  // tile's K and V so that its latency overlaps theirs.
+  auto load_bias = [&](int tile, float2(&tile_bias)[2]) {
 #pragma unroll
     for (int nbk = 0; nbk < 2; ++nbk) {
-      const int key = tile + 8 * nbk + g;
-      if (key < key_end) {
-        const T* row = p.k_cache + row_offset(key) + 8 * t;
+      const int pair = tile + 8 * nbk + 2 * t;
+      tile_bias[nbk] = make_float2(0.0f, 0.0f);
+      if (paired_bias) {
+        // pair is even and the width even, so pair < key_end <= width puts pair + 1 in the row.
+        if (pair < key_end) tile_bias[nbk] = *reinterpret_cast<const float2*>(bias + pair);
+      } else if (bias != nullptr) {
+        if (pair < key_end) tile_bias[nbk].x = bias[pair];
+        if (pair + 1 < key_end) tile_bias[nbk].y = bias[pair + 1];
+      }
+    }
+  };
+
+  // K rows g and 8 + g of the tile (B fragments of QK^T's two n-blocks); V rows 2t, 2t + 1, 2t + 8,
+  // 2t + 9 of the tile, dims [kDimsPerLane g, kDimsPerLane (g + 1)); the tile's bias pairs. Zeros
+  // past key_end.
+  auto load_tile = [&](int tile, uint4(&kw)[2][kRowLoads], uint4(&vw)[4][kValueLoads],
+                       float2(&tile_bias)[2]) {
+    load_bias(tile, tile_bias);
+    const int64_t tile_base = tile_rows(tile);
+#pragma unroll
+    for (int nbk = 0; nbk < 2; ++nbk) {
+      const int r = 8 * nbk + g;
+      if (tile + r < key_end) {
+        const T* row = p.k_cache + offset(tile, tile_base, r) + 8 * t;
 #pragma unroll
         for (int i = 0; i < kRowLoads; ++i) kw[nbk][i] = Load16(row + 32 * i);
       } else {
@@ -179,9 +223,9 @@ __global__ void __launch_bounds__(kAttentionThreads)
     }
 #pragma unroll
     for (int vr = 0; vr < 4; ++vr) {
-      const int key = tile + 2 * t + (vr & 1) + 8 * (vr >> 1);
-      if (key < key_end) {
-        const T* row = p.v_cache + row_offset(key) + kDimsPerLane * g;
+      const int r = 2 * t + (vr & 1) + 8 * (vr >> 1);
+      if (tile + r < key_end) {
+        const T* row = p.v_cache + offset(tile, tile_base, r) + kDimsPerLane * g;
 #pragma unroll
         for (int i = 0; i < kValueLoads; ++i) vw[vr][i] = Load16(row + 8 * i);
       } else {
@@ -191,31 +235,9 @@ __global__ void __launch_bounds__(kAttentionThreads)
     }
   };
 
-  constexpr int kTileStride = kAttentionWarps * kTileKeys;
-  uint4 next_kw[2][kRowLoads];
-  uint4 next_vw[4][kValueLoads];
-  if (kPrefetch && key_begin + warp * kTileKeys < key_end) {
-    load_tile(key_begin + warp * kTileKeys, next_kw, next_vw);
-  }
-  for (int tile = key_begin + warp * kTileKeys; tile < key_end; tile += kTileStride) {
-    uint4 kw[2][kRowLoads];
-    uint4 vw[4][kValueLoads];
-    if constexpr (kPrefetch) {
-#pragma unroll
-      for (int nbk = 0; nbk < 2; ++nbk) {
-#pragma unroll
-        for (int i = 0; i < kRowLoads; ++i) kw[nbk][i] = next_kw[nbk][i];
-      }
-#pragma unroll
-      for (int vr = 0; vr < 4; ++vr) {
-#pragma unroll
-        for (int i = 0; i < kValueLoads; ++i) vw[vr][i] = next_vw[vr][i];
-      }
-      if (tile + kTileStride < key_end) load_tile(tile + kTileStride, next_kw, next_vw);
-    } else {
-      load_tile(tile, kw, vw);
-    }
-
+  // One tile's arithmetic: S = Q K^T (+ bias), the online softmax, O += P V.
+  auto process_tile = [&](int tile, const uint4(&kw)[2][kRowLoads],
+                          const uint4(&vw)[4][kValueLoads], const float2(&tile_bias)[2]) {
     // S (C layout): s[nbk][c] is row g + 8 (c / 2), key tile + 8 nbk + 2t + c % 2.
     float s[2][4];
 #pragma unroll
@@ -229,14 +251,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
       }
       // Keys pair = tile + 8 nbk + 2t and pair + 1 (C layout columns c % 2 of rows g, g + 8).
       const int pair = tile + 8 * nbk + 2 * t;
-      float2 key_bias = make_float2(0.0f, 0.0f);
-      if (paired_bias) {
-        // pair is even and the width even, so pair < key_end <= width puts pair + 1 in the row.
-        if (pair < key_end) key_bias = *reinterpret_cast<const float2*>(bias + pair);
-      } else if (bias != nullptr) {
-        if (pair < key_end) key_bias.x = bias[pair];
-        if (pair + 1 < key_end) key_bias.y = bias[pair + 1];
-      }
+      const float2 key_bias = tile_bias[nbk];
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int key = pair + (c % 2);
@@ -245,7 +260,11 @@ __global__ void __launch_bounds__(kAttentionThreads)
       }
     }
 
-    // Online softmax per row; the quad's four lanes hold the row's 16 keys.
+    // Online softmax per row; the quad's four lanes hold the row's 16 keys. O is rescaled only when
+    // some row's maximum of the warp grew: otherwise every correction is exp(0) = 1 (and while a
+    // maximum is still -inf, O is 0), so skipping the 64 multiplies changes no bit.
+    float correction[2];
+    bool grew = false;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       float tile_max = fmaxf(fmaxf(s[0][2 * half], s[0][2 * half + 1]),
@@ -253,8 +272,9 @@ __global__ void __launch_bounds__(kAttentionThreads)
       tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
       tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
       const float m_new = fmaxf(m[half], tile_max);
+      grew = grew || m_new > m[half];
       const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // every key so far masked
-      const float correction = expf(m[half] - m_use);         // 0 while m is -inf
+      correction[half] = expf(m[half] - m_use);               // 0 while m is -inf
       float sum = 0.0f;
 #pragma unroll
       for (int nbk = 0; nbk < 2; ++nbk) {
@@ -264,12 +284,14 @@ __global__ void __launch_bounds__(kAttentionThreads)
           sum += s[nbk][c];
         }
       }
-      l[half] = l[half] * correction + sum;
+      l[half] = l[half] * correction[half] + sum;
       m[half] = m_new;
+    }
+    if (__any_sync(0xffffffffu, grew)) {
 #pragma unroll
       for (int nb = 0; nb < kDimsPerLane; ++nb) {
-        o[nb][2 * half] *= correction;
-        o[nb][2 * half + 1] *= correction;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) o[nb][c] *= correction[c / 2];
       }
     }
 
@@ -287,6 +309,35 @@ __global__ void __launch_bounds__(kAttentionThreads)
       const uint32_t b1 = __byte_perm(Word(vw[2][load], word), Word(vw[3][load], word), selector);
       Mma<T>::Run(o[nb], pa, b0, b1);
     }
+  };
+
+  constexpr int kTileStride = kAttentionWarps * kTileKeys;
+  const int first_tile = key_begin + warp * kTileKeys;
+  if constexpr (kPipeline == kRegisterPrefetch) {
+    // Two register sets used in turn (the loop unrolled by two), so no set is copied to the other.
+    uint4 kw_a[2][kRowLoads];
+    uint4 vw_a[4][kValueLoads];
+    float2 bias_a[2];
+    uint4 kw_b[2][kRowLoads];
+    uint4 vw_b[4][kValueLoads];
+    float2 bias_b[2];
+    if (first_tile < key_end) load_tile(first_tile, kw_a, vw_a, bias_a);
+    for (int tile = first_tile; tile < key_end; tile += 2 * kTileStride) {
+      const int second = tile + kTileStride;
+      if (second < key_end) load_tile(second, kw_b, vw_b, bias_b);
+      process_tile(tile, kw_a, vw_a, bias_a);
+      if (second >= key_end) break;
+      if (second + kTileStride < key_end) load_tile(second + kTileStride, kw_a, vw_a, bias_a);
+      process_tile(second, kw_b, vw_b, bias_b);
+    }
+  } else {
+    for (int tile = first_tile; tile < key_end; tile += kTileStride) {
+      uint4 kw[2][kRowLoads];
+      uint4 vw[4][kValueLoads];
+      float2 tile_bias[2];
+      load_tile(tile, kw, vw, tile_bias);
+      process_tile(tile, kw, vw, tile_bias);
+    }
   }
 
   // The rows' sums over the quad.
@@ -297,41 +348,41 @@ __global__ void __launch_bounds__(kAttentionThreads)
   }
 
   // Combine the warps in shared memory; warp w writes row w (and w + warps, ...) of the partials.
-  __shared__ float s_m[kAttentionWarps][kMmaRows];
-  __shared__ float s_l[kAttentionWarps][kMmaRows];
-  __shared__ float s_acc[kAttentionWarps][kMmaRows][kHeadDim];
+  __shared__ float s_m[kAttentionWarps * kMmaRows];
+  __shared__ float s_l[kAttentionWarps * kMmaRows];
+  __shared__ float s_acc[kAttentionWarps * kMmaRows * kStride];
   if (t == 0) {
-    s_m[warp][g] = m[0];
-    s_m[warp][g + 8] = m[1];
-    s_l[warp][g] = l[0];
-    s_l[warp][g + 8] = l[1];
+    s_m[warp * kMmaRows + g] = m[0];
+    s_m[warp * kMmaRows + g + 8] = m[1];
+    s_l[warp * kMmaRows + g] = l[0];
+    s_l[warp * kMmaRows + g + 8] = l[1];
   }
 #pragma unroll
   for (int nb = 0; nb < kDimsPerLane; ++nb) {
     // C layout of PV: columns 2t, 2t + 1 of n-block nb are dims kDimsPerLane (2t + x) + nb.
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      s_acc[warp][g + 8 * (c / 2)][kDimsPerLane * (2 * t + c % 2) + nb] = o[nb][c];
+      s_acc[(warp * kMmaRows + g + 8 * (c / 2)) * kStride + kDimsPerLane * (2 * t + c % 2) + nb] =
+          o[nb][c];
     }
   }
   __syncthreads();
-  WriteSplitPartials(p, token, split, head0, rows, kMmaRows, kHeadDim, &s_m[0][0], &s_l[0][0],
-                     &s_acc[0][0][0]);
+  WriteSplitPartials(p, token, split, head0, rows, kMmaRows, kStride, s_m, s_l, s_acc);
 }
 
-// The kPrefetch variant unless DYSCO_CUDA_MMA_PREFETCH=0 (read per launch, for A/B timing). On the
-// H200 at 128K keys: 0.200 against 0.205 ms, with a key bias 0.209 against 0.234 ms.
-bool PrefetchTiles() {
+// kRegisterPrefetch when DYSCO_CUDA_MMA_PREFETCH=1 (read per launch, for A/B timing), else
+// kNoPrefetch.
+int MmaPipeline() {
   const char* v = std::getenv("DYSCO_CUDA_MMA_PREFETCH");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+  return v != nullptr && std::strcmp(v, "1") == 0 ? kRegisterPrefetch : kNoPrefetch;
 }
 
-template <typename T, int kHeadDim, bool kPrefetch>
+template <typename T, int kHeadDim, int kPipeline>
 int Occupancy() {
   static const int blocks = [] {
     int n = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &n, MmaSplitAttentionKernel<T, kHeadDim, kPrefetch>, kAttentionThreads, 0));
+        &n, MmaSplitAttentionKernel<T, kHeadDim, kPipeline>, kAttentionThreads, 0));
     return n;
   }();
   return blocks;
@@ -348,9 +399,13 @@ int MmaSplitAttentionOccupancy(const AttentionParams<T>& p) {
     return 0;
   } else {
     if (p.max_pages * p.page_size > (int64_t{1} << 31) - 1) return 0;  // int key indices
-    const bool prefetch = PrefetchTiles();
-    if (p.head_dim == 64) return prefetch ? Occupancy<T, 64, true>() : Occupancy<T, 64, false>();
-    if (p.head_dim == 128) return prefetch ? Occupancy<T, 128, true>() : Occupancy<T, 128, false>();
+    const bool prefetch = MmaPipeline() == kRegisterPrefetch;
+    if (p.head_dim == 64) {
+      return prefetch ? Occupancy<T, 64, kRegisterPrefetch>() : Occupancy<T, 64, kNoPrefetch>();
+    }
+    if (p.head_dim == 128) {
+      return prefetch ? Occupancy<T, 128, kRegisterPrefetch>() : Occupancy<T, 128, kNoPrefetch>();
+    }
     return 0;
   }
 }
@@ -363,20 +418,22 @@ void LaunchMmaSplitAttention(const AttentionParams<T>& p, int64_t tokens, int kv
   } else {
     const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(p.num_splits),
                     static_cast<unsigned>(kv_heads * p.row_chunks));
-    const bool prefetch = PrefetchTiles();
+    const bool prefetch = MmaPipeline() == kRegisterPrefetch;
     if (p.head_dim == 64) {
       if (prefetch) {
-        MmaSplitAttentionKernel<T, 64, true><<<grid, kAttentionThreads, 0, stream>>>(p);
+        MmaSplitAttentionKernel<T, 64, kRegisterPrefetch>
+            <<<grid, kAttentionThreads, 0, stream>>>(p);
       } else {
-        MmaSplitAttentionKernel<T, 64, false><<<grid, kAttentionThreads, 0, stream>>>(p);
+        MmaSplitAttentionKernel<T, 64, kNoPrefetch><<<grid, kAttentionThreads, 0, stream>>>(p);
       }
     } else {
       TORCH_CHECK(p.head_dim == 128, "tensor-core split attention called for head_dim ",
                   p.head_dim);
       if (prefetch) {
-        MmaSplitAttentionKernel<T, 128, true><<<grid, kAttentionThreads, 0, stream>>>(p);
+        MmaSplitAttentionKernel<T, 128, kRegisterPrefetch>
+            <<<grid, kAttentionThreads, 0, stream>>>(p);
       } else {
-        MmaSplitAttentionKernel<T, 128, false><<<grid, kAttentionThreads, 0, stream>>>(p);
+        MmaSplitAttentionKernel<T, 128, kNoPrefetch><<<grid, kAttentionThreads, 0, stream>>>(p);
       }
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();

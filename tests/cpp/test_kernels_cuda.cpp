@@ -268,6 +268,38 @@ TEST(CudaPagedAttentionDecode, EqualsCpuOverLayoutsDtypesAndBiases) {
   }
 }
 
+// Sets the tensor-core kernel's pipeline for a scope (kernels/cuda/split_attention_mma.cu):
+// "registers" (DYSCO_CUDA_MMA_PREFETCH=1: the next tile's loads before the current tile's
+// arithmetic) or "off" (the default: DYSCO_CUDA_MMA_PREFETCH unset).
+class ScopedMmaPipeline {
+ public:
+  explicit ScopedMmaPipeline(const std::string& pipeline) {
+    if (pipeline == "registers") setenv("DYSCO_CUDA_MMA_PREFETCH", "1", 1);
+  }
+  ~ScopedMmaPipeline() { unsetenv("DYSCO_CUDA_MMA_PREFETCH"); }
+  ScopedMmaPipeline(const ScopedMmaPipeline&) = delete;
+  ScopedMmaPipeline& operator=(const ScopedMmaPipeline&) = delete;
+};
+
+TEST(CudaPagedAttentionDecode, EveryMmaPipelineEqualsCpu) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(11);
+  at::manual_seed(11);
+  ScopedAttentionKernel force("mma");
+  for (const char* pipeline : {"off", "registers"}) {
+    ScopedMmaPipeline scoped(pipeline);
+    for (const Layout& l : {Layout{2, 4, 128, 16}, Layout{3, 1, 64, 7}, Layout{1, 9, 128, 1}}) {
+      for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+        for (BiasKind kind : {BiasKind::kNone, BiasKind::kRandom, BiasKind::kWithNegInf}) {
+          SCOPED_TRACE(std::string("pipeline ") + pipeline);
+          // Tiles, splits and pages ending anywhere; 5000 keys give each warp several tiles.
+          CheckDecode(l, {1, 17, 255, 256, 257, 1000, 5000}, dtype, kind, rng);
+        }
+      }
+    }
+  }
+}
+
 TEST(CudaPagedAttentionDecode, EqualsCpuAt128KKeys) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(2);
@@ -1069,20 +1101,19 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
     std::printf("[timing] paged_attention_decode, pages in order: %.3f ms (%.2fx floor)\n", ms,
                 ms / floor_ms);
   }
-  {
-    // Tiles' loads not issued one tile ahead (DYSCO_CUDA_MMA_PREFETCH=0), plain and with a bias.
-    setenv("DYSCO_CUDA_MMA_PREFETCH", "0", 1);
+  // The tensor-core kernel's two pipelines (plain and with a bias): tiles not prefetched (the
+  // default) and the register prefetch.
+  for (const char* pipeline : {"off", "registers"}) {
+    ScopedMmaPipeline scoped(pipeline);
     const double ms = MillisecondsPerCall(
         [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); },
         20);
     const double biased = MillisecondsPerCall(
         [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, bias); }, 20);
-    unsetenv("DYSCO_CUDA_MMA_PREFETCH");
     std::printf(
-        "[timing] paged_attention_decode, tiles not prefetched: %.3f ms (%.2fx floor), with "
-        "key_bias "
-        "%.3f ms\n",
-        ms, ms / floor_ms, biased);
+        "[timing] paged_attention_decode, mma pipeline %s: %.3f ms (%.2fx floor), with key_bias "
+        "%.3f ms (%.2fx)\n",
+        pipeline, ms, ms / floor_ms, biased, biased / floor_ms);
   }
   {
     // The same bytes with one KV head (Hq 4, 8x the keys): a head's K rows of a page back to back
