@@ -4,7 +4,7 @@
 //
 // Selection without a sort and without a host synchronisation: every entry gets the CPU's 64-bit
 // sort key (relevance descending, then position ascending: a total order, so ties are broken the
-// same way), and a radix select over that key (8 passes of 8 bits, one block per row) finds
+// same way), and a radix select over that key (up to 8 passes of 8 bits) finds
 //   - top_p: the entry whose running sum first exceeds top_p (per-bucket masses in float64), i.e.
 //     the nucleus size m_p = max(rank of that entry, 1), or n when no entry crosses;
 //   - then the entry of rank m - 1, m = min(m_p, top_k) (or min(top_k, n) for top-k alone);
@@ -12,11 +12,14 @@
 // and entry by entry on the CPU, so the two can differ only when a prefix sum lies within float64
 // rounding (~1e-16 relative) of top_p.
 //
-// Speed work left (docs/gpu.md): one block per row (a batch of 1 uses one multiprocessor); a
-// multi-block radix pass would spread a 128K-key row.
+// Long rows (16K keys and up) are searched by many blocks each, one launch per radix pass
+// (SelectPassKernel below); short rows by one block.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/cuda_ops.h"
@@ -104,12 +107,11 @@ __device__ __forceinline__ Strength ReadStrength(float strength) {
   return {s >= kHardMaskStrength, static_cast<float>(log(s))};
 }
 
-// ---- dysco_select_bias: one block per row.
+// ---- dysco_select_bias: a radix select over the sort keys, by one block per row (short rows) or
+// by many blocks per row (long rows: kMultiBlockSelectWidth keys and up).
 
-// State of a radix select, in shared memory.
-struct RadixState {
-  unsigned int count[kRadixBuckets];
-  double mass[kRadixBuckets];
+// Where a radix select stands: the high digits chosen so far and what ranks before them.
+struct RadixCursor {
   uint64_t prefix;    // the high digits chosen so far (the whole key once found)
   int64_t above;      // entries whose key is below the chosen prefix range (ranked before it)
   double above_mass;  // their relevance, float64
@@ -117,25 +119,116 @@ struct RadixState {
   int unique;         // the chosen bucket holds one entry: the key is found by one more scan
 };
 
-// Finds, among the keys of row[0, n), either (by_mass) the first key in ascending order at which
-// the running sum of relevance exceeds threshold, or (!by_mass) the key of the given rank. Leaves
-// it in st.prefix, the number of keys below it in st.above, and st.found = 0 when by_mass finds no
-// crossing. Every thread of the block must call it.
+__device__ __forceinline__ RadixCursor StartCursor() { return RadixCursor{0, 0, 0.0, 1, 0}; }
+
+// State of a one-block radix select, in shared memory.
+struct RadixState {
+  unsigned int count[kRadixBuckets];
+  double mass[kRadixBuckets];
+  RadixCursor cur;
+};
+
+// Adds the entries j in [begin, end) of row whose sort key matches `prefix` on `mask` to
+// count[digit] (and mass[digit] when by_mass), digit = the key's kRadixBits bits at `shift`, with
+// shared-memory atomics. Every thread of the block calls it; whole warps step together.
 //
 // Why warp aggregation: relevance values share their high bits, so early passes send most entries
 // to one or two buckets; lanes with the same digit add up their count and mass first, and one lane
-// per digit does the shared-memory atomics. Once the chosen bucket holds a single entry (usually
-// after the 32 relevance bits, ties aside), one scan finds it instead of the remaining passes.
+// per digit does the atomics.
+__device__ void AccumulateDigits(const float* row, int64_t begin, int64_t end, uint64_t prefix,
+                                 uint64_t mask, int shift, bool by_mass, unsigned* count,
+                                 double* mass) {
+  const int lane = threadIdx.x % cuda::kWarpSize;
+  for (int64_t base = begin + threadIdx.x - lane; base < end; base += blockDim.x) {
+    const int64_t j = base + lane;
+    int digit = -1;
+    double value = 0.0;
+    if (j < end) {
+      const float v = row[j];
+      const uint64_t key = cuda::SortKey(v, j);
+      if ((key & mask) == prefix) {
+        digit = static_cast<int>((key >> shift) & (kRadixBuckets - 1));
+        value = v;
+      }
+    }
+    // Past the first passes almost no entry matches the prefix: a warp with none skips the
+    // aggregation (the condition is warp-uniform, so every lane skips together).
+    if (!__any_sync(0xffffffffu, digit >= 0)) continue;
+    const unsigned peers = __match_any_sync(0xffffffffu, digit);
+    if (by_mass) {
+      if (peers == 0xffffffffu) {
+        // One digit for the whole warp (the first passes: relevance values share their high
+        // bits): a butterfly sum, 5 steps instead of 32.
+#pragma unroll
+        for (int offset = cuda::kWarpSize / 2; offset > 0; offset /= 2) {
+          value += __shfl_xor_sync(0xffffffffu, value, offset);
+        }
+      } else if (!__all_sync(0xffffffffu, peers == (1u << lane))) {
+        double sum = 0.0;
+        for (int src = 0; src < cuda::kWarpSize; ++src) {
+          const double x = __shfl_sync(0xffffffffu, value, src);
+          if ((peers >> src) & 1u) sum += x;
+        }
+        value = sum;
+      }
+    }
+    if (digit >= 0 && lane == __ffs(peers) - 1) {
+      atomicAdd(&count[digit], static_cast<unsigned>(__popc(peers)));
+      if (by_mass) atomicAdd(&mass[digit], value);
+    }
+  }
+}
+
+// One thread: the bucket of this pass (the first, in ascending key order, where the running mass
+// exceeds threshold (by_mass) or the running count exceeds rank), appended to c.prefix; the buckets
+// before it added to c.above / c.above_mass. c.found = 0 when the first pass finds no crossing of
+// the mass (the whole row's mass stays <= threshold); c.unique when the bucket holds one entry.
+__device__ void ChooseDigit(const unsigned* count, const double* mass, bool by_mass,
+                            double threshold, int64_t rank, int shift, RadixCursor& c) {
+  int chosen = -1;
+  int last = -1;  // last non-empty bucket, with the state before it
+  int64_t last_above = 0;
+  double last_mass = 0.0;
+  for (int d = 0; d < kRadixBuckets; ++d) {
+    if (count[d] == 0) continue;
+    const bool here = by_mass ? c.above_mass + mass[d] > threshold
+                              : c.above + static_cast<int64_t>(count[d]) > rank;
+    if (here) {
+      chosen = d;
+      break;
+    }
+    last = d;
+    last_above = c.above;
+    last_mass = c.above_mass;
+    c.above += count[d];
+    c.above_mass += mass[d];
+  }
+  if (chosen < 0) {
+    if (by_mass && shift == 64 - kRadixBits) {
+      c.found = 0;
+      return;
+    }
+    // Only float64 rounding of the bucket sums (or a rank out of range) gets here: descend into
+    // the last non-empty bucket.
+    chosen = last;
+    c.above = last_above;
+    c.above_mass = last_mass;
+  }
+  if (chosen >= 0) {
+    c.prefix |= static_cast<uint64_t>(chosen) << shift;
+    c.unique = count[chosen] == 1;
+  }
+}
+
+// Finds, among the keys of row[0, n), either (by_mass) the first key in ascending order at which
+// the running sum of relevance exceeds threshold, or (!by_mass) the key of the given rank. Leaves
+// it in st.cur.prefix, the number of keys below it in st.cur.above, and st.cur.found = 0 when
+// by_mass finds no crossing. Every thread of the block must call it. Once the chosen bucket holds
+// a single entry (usually after the 32 relevance bits, ties aside), one scan finds it instead of
+// the remaining passes.
 __device__ void RadixSelect(const float* row, int64_t n, bool by_mass, double threshold,
                             int64_t rank, RadixState& st) {
-  const int lane = threadIdx.x % cuda::kWarpSize;
-  if (threadIdx.x == 0) {
-    st.prefix = 0;
-    st.above = 0;
-    st.above_mass = 0.0;
-    st.found = 1;
-    st.unique = 0;
-  }
+  if (threadIdx.x == 0) st.cur = StartCursor();
   uint64_t mask = 0;
   for (int shift = 64 - kRadixBits; shift >= 0; shift -= kRadixBits) {
     for (int i = threadIdx.x; i < kRadixBuckets; i += blockDim.x) {
@@ -143,91 +236,18 @@ __device__ void RadixSelect(const float* row, int64_t n, bool by_mass, double th
       st.mass[i] = 0.0;
     }
     __syncthreads();
-    const uint64_t prefix = st.prefix;
-    // Whole warps step together (the aggregation below needs every lane).
-    for (int64_t base = threadIdx.x - lane; base < n; base += blockDim.x) {
-      const int64_t j = base + lane;
-      int digit = -1;
-      double value = 0.0;
-      if (j < n) {
-        const float v = row[j];
-        const uint64_t key = cuda::SortKey(v, j);
-        if ((key & mask) == prefix) {
-          digit = static_cast<int>((key >> shift) & (kRadixBuckets - 1));
-          value = v;
-        }
-      }
-      // Past the first passes almost no entry matches the prefix: a warp with none skips the
-      // aggregation (the condition is warp-uniform, so every lane skips together).
-      if (!__any_sync(0xffffffffu, digit >= 0)) continue;
-      const unsigned peers = __match_any_sync(0xffffffffu, digit);
-      if (by_mass) {
-        if (peers == 0xffffffffu) {
-          // One digit for the whole warp (the first passes: relevance values share their high
-          // bits): a butterfly sum, 5 steps instead of 32.
-#pragma unroll
-          for (int offset = cuda::kWarpSize / 2; offset > 0; offset /= 2) {
-            value += __shfl_xor_sync(0xffffffffu, value, offset);
-          }
-        } else if (!__all_sync(0xffffffffu, peers == (1u << lane))) {
-          double sum = 0.0;
-          for (int src = 0; src < cuda::kWarpSize; ++src) {
-            const double x = __shfl_sync(0xffffffffu, value, src);
-            if ((peers >> src) & 1u) sum += x;
-          }
-          value = sum;
-        }
-      }
-      if (digit >= 0 && lane == __ffs(peers) - 1) {
-        atomicAdd(&st.count[digit], static_cast<unsigned>(__popc(peers)));
-        if (by_mass) atomicAdd(&st.mass[digit], value);
-      }
-    }
+    AccumulateDigits(row, 0, n, st.cur.prefix, mask, shift, by_mass, st.count, st.mass);
     __syncthreads();
-    if (threadIdx.x == 0) {
-      int chosen = -1;
-      int last = -1;  // last non-empty bucket, with the state before it
-      int64_t last_above = 0;
-      double last_mass = 0.0;
-      for (int d = 0; d < kRadixBuckets; ++d) {
-        if (st.count[d] == 0) continue;
-        const bool here = by_mass ? st.above_mass + st.mass[d] > threshold
-                                  : st.above + static_cast<int64_t>(st.count[d]) > rank;
-        if (here) {
-          chosen = d;
-          break;
-        }
-        last = d;
-        last_above = st.above;
-        last_mass = st.above_mass;
-        st.above += st.count[d];
-        st.above_mass += st.mass[d];
-      }
-      if (chosen < 0) {
-        if (by_mass && shift == 64 - kRadixBits) {
-          st.found = 0;  // the whole row's mass stays <= threshold
-        } else {
-          // Only float64 rounding of the bucket sums (or a rank out of range) gets here: descend
-          // into the last non-empty bucket.
-          chosen = last;
-          st.above = last_above;
-          st.above_mass = last_mass;
-        }
-      }
-      if (chosen >= 0) {
-        st.prefix |= static_cast<uint64_t>(chosen) << shift;
-        st.unique = st.count[chosen] == 1;
-      }
-    }
+    if (threadIdx.x == 0) ChooseDigit(st.count, st.mass, by_mass, threshold, rank, shift, st.cur);
     __syncthreads();
-    if (st.found == 0) return;
+    if (st.cur.found == 0) return;
     mask |= static_cast<uint64_t>(kRadixBuckets - 1) << shift;
-    if (st.unique) {
-      const uint64_t unique_prefix = st.prefix;
-      __syncthreads();  // every thread has read st.prefix before its owner rewrites it
+    if (st.cur.unique) {
+      const uint64_t unique_prefix = st.cur.prefix;
+      __syncthreads();  // every thread has read st.cur.prefix before its owner rewrites it
       for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
         const uint64_t key = cuda::SortKey(row[j], j);
-        if ((key & mask) == unique_prefix) st.prefix = key;
+        if ((key & mask) == unique_prefix) st.cur.prefix = key;
       }
       __syncthreads();
       return;
@@ -256,12 +276,12 @@ __global__ void __launch_bounds__(kSelectThreads)
     const int64_t limit = k <= 0 ? n : min(k, n);
     if (p > 0.0f) {
       RadixSelect(row, n, /*by_mass=*/true, static_cast<double>(p), 0, st);
-      const int64_t nucleus = st.found ? (st.above > 1 ? st.above : 1) : n;
+      const int64_t nucleus = st.cur.found ? (st.cur.above > 1 ? st.cur.above : 1) : n;
       m = min(nucleus, limit);
-      if (st.found && m == nucleus) {
+      if (st.cur.found && m == nucleus) {
         // The entries before the crossing one (keys are distinct integers), or that entry alone
         // when it is the first.
-        threshold = st.above >= 1 ? st.prefix - 1 : st.prefix;
+        threshold = st.cur.above >= 1 ? st.cur.prefix - 1 : st.cur.prefix;
         known = true;
       }
     } else {
@@ -272,7 +292,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   if (m > 0 && !all && !known) {
     __syncthreads();
     RadixSelect(row, n, /*by_mass=*/false, 0.0, m - 1, st);
-    threshold = st.prefix;
+    threshold = st.cur.prefix;
   }
   const Strength s = ReadStrength(strength[b]);
   double mass = 0.0;
@@ -291,6 +311,222 @@ __global__ void __launch_bounds__(kSelectThreads)
     stats[2 * b] = static_cast<float>(m);
     stats[2 * b + 1] = static_cast<float>(mass);
   }
+}
+
+// ---- the many-blocks selection of a long row (seventh increment). The same two searches and the
+// same choices as SelectBiasKernel, but each pass over the row is one launch of
+// SelectPassKernel, whose blocks take kSelectKeysPerBlock keys each and add their digit counts to
+// the row's global histogram; the last block to finish (a counter, after a fence) picks the
+// bucket, as the one-block kernel's thread 0 does, and moves the row's state on. Rows whose search
+// is over return at once, so a fixed kMaxSelectPasses launches serve every row without the host
+// knowing how far each got. Why: one block per row put a 128K-key row on one multiprocessor
+// (0.88 ms on the H200, docs/gpu.md "DySCO on the device").
+enum SelectSearch : int { kMassSearch = 0, kRankSearch = 1, kSearchDone = 2 };
+
+// One row's selection in global memory: set by SelectInitKernel, moved on by the passes' last
+// blocks, read by SelectWriteKernel.
+struct SelectRowState {
+  RadixCursor cur;
+  uint64_t mask;        // the digits of cur.prefix chosen so far
+  uint64_t unique_key;  // written by the one entry that matches in a unique scan
+  uint64_t selection;   // the selected keys are those <= selection
+  double threshold;     // mass search: top_p
+  int64_t rank;         // rank search: m - 1
+  int64_t n;
+  int64_t limit;     // top_k capped by n (n when unset)
+  int64_t m;         // entries selected
+  int shift;         // of this pass's digit
+  int search;        // SelectSearch
+  int unique_scan;   // the next pass scans for the unique key instead of counting digits
+  int all;           // m >= n
+  unsigned arrived;  // blocks of the current launch that are done (the last one moves on)
+  unsigned count[kRadixBuckets];
+  double mass[kRadixBuckets];
+};
+
+constexpr int kSelectPassThreads = 256;
+constexpr int64_t kSelectKeysPerBlock = 2048;
+// Each search takes at most one pass per digit plus the scan for a unique key.
+constexpr int kMaxSelectPasses = 2 * (64 / kRadixBits + 1);
+
+// Starts the rank search for entry m - 1, or ends the row's selection when the mass search already
+// fixed it (known), when nothing or everything is selected.
+__device__ void StartRankSearchOrFinish(SelectRowState& s, bool known) {
+  s.all = s.m >= s.n;
+  if (s.m > 0 && !s.all && !known) {
+    s.search = kRankSearch;
+    s.rank = s.m - 1;
+    s.cur = StartCursor();
+    s.mask = 0;
+    s.shift = 64 - kRadixBits;
+    s.unique_scan = 0;
+  } else {
+    s.search = kSearchDone;
+  }
+}
+
+// The end of a search: what SelectBiasKernel does between and after its two RadixSelect calls.
+__device__ void FinishSearch(SelectRowState& s) {
+  if (s.search == kMassSearch) {
+    const int64_t nucleus = s.cur.found ? (s.cur.above > 1 ? s.cur.above : 1) : s.n;
+    s.m = min(nucleus, s.limit);
+    const bool known = s.cur.found && s.m == nucleus;
+    if (known) s.selection = s.cur.above >= 1 ? s.cur.prefix - 1 : s.cur.prefix;
+    StartRankSearchOrFinish(s, known);
+  } else {
+    s.selection = s.cur.prefix;
+    s.search = kSearchDone;
+  }
+}
+
+// Grid: x = row. Thread 0 sets the row's state; every thread zeroes its histogram.
+__global__ void __launch_bounds__(kSelectPassThreads)
+    SelectInitKernel(SelectRowState* states, const int64_t* num_keys, const float* top_p,
+                     const int64_t* top_k, int64_t width) {
+  const int64_t b = blockIdx.x;
+  SelectRowState& s = states[b];
+  for (int d = threadIdx.x; d < kRadixBuckets; d += blockDim.x) {
+    s.count[d] = 0;
+    s.mass[d] = 0.0;
+  }
+  if (threadIdx.x != 0) return;
+  s.n = Clamp(num_keys[b], 0, width);
+  const float p = top_p[b];
+  const int64_t k = top_k[b];
+  s.limit = k <= 0 ? s.n : min(k, s.n);
+  s.m = 0;
+  s.selection = 0;
+  s.arrived = 0;
+  s.cur = StartCursor();
+  s.mask = 0;
+  s.shift = 64 - kRadixBits;
+  s.unique_scan = 0;
+  if (s.n > 0 && p > 0.0f) {
+    s.search = kMassSearch;
+    s.threshold = static_cast<double>(p);
+    return;
+  }
+  if (s.n > 0) s.m = k <= 0 ? 0 : s.limit;  // neither set: rejected on the CPU; selects nothing
+  StartRankSearchOrFinish(s, /*known=*/false);
+}
+
+// Whether this block is the last of the launch to get here for its row (after every block's
+// writes to the row's state are visible). Every thread of the block calls it.
+__device__ bool LastBlockOfRow(SelectRowState& s) {
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&s.arrived, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
+// Grid: x = key block, y = row. One pass of the row's current search (above).
+__global__ void __launch_bounds__(kSelectPassThreads)
+    SelectPassKernel(SelectRowState* states, const float* relevance, int64_t width) {
+  __shared__ unsigned count[kRadixBuckets];
+  __shared__ double mass[kRadixBuckets];
+  const int64_t b = blockIdx.y;
+  SelectRowState& s = states[b];
+  if (s.search == kSearchDone) return;  // the same for every block of the row
+  const float* row = relevance + b * width;
+  const bool by_mass = s.search == kMassSearch;
+  const int64_t lo = static_cast<int64_t>(blockIdx.x) * kSelectKeysPerBlock;
+  const int64_t hi = min(s.n, lo + kSelectKeysPerBlock);
+  const uint64_t prefix = s.cur.prefix;
+  const uint64_t mask = s.mask;
+  const bool unique_scan = s.unique_scan != 0;
+  if (unique_scan) {
+    for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+      const uint64_t key = cuda::SortKey(row[j], j);
+      if ((key & mask) == prefix) s.unique_key = key;  // exactly one entry matches
+    }
+  } else {
+    for (int d = threadIdx.x; d < kRadixBuckets; d += blockDim.x) {
+      count[d] = 0;
+      mass[d] = 0.0;
+    }
+    __syncthreads();
+    AccumulateDigits(row, lo, hi, prefix, mask, s.shift, by_mass, count, mass);
+    __syncthreads();
+    for (int d = threadIdx.x; d < kRadixBuckets; d += blockDim.x) {
+      if (count[d] == 0) continue;
+      atomicAdd(&s.count[d], count[d]);
+      if (by_mass) atomicAdd(&s.mass[d], mass[d]);
+    }
+  }
+  if (!LastBlockOfRow(s)) return;
+
+  if (!unique_scan) {
+    // The row's histogram (read past L1: other blocks' atomics), zeroed for the next pass.
+    for (int d = threadIdx.x; d < kRadixBuckets; d += blockDim.x) {
+      count[d] = __ldcg(&s.count[d]);
+      mass[d] = __ldcg(&s.mass[d]);
+      s.count[d] = 0;
+      s.mass[d] = 0.0;
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x != 0) return;
+  s.arrived = 0;
+  if (unique_scan) {
+    s.cur.prefix = __ldcg(&s.unique_key);
+    FinishSearch(s);
+    return;
+  }
+  ChooseDigit(count, mass, by_mass, s.threshold, s.rank, s.shift, s.cur);
+  if (s.cur.found == 0) {
+    FinishSearch(s);
+    return;
+  }
+  s.mask |= static_cast<uint64_t>(kRadixBuckets - 1) << s.shift;
+  if (s.cur.unique) {
+    s.unique_scan = 1;  // the next launch finds the key
+    s.cur.unique = 0;
+  } else if (s.shift == 0) {
+    FinishSearch(s);  // every digit chosen: cur.prefix is the key
+  } else {
+    s.shift -= kRadixBits;
+  }
+}
+
+// Grid: x = key block, y = row. Writes the row's selection and bias; each block's selected mass
+// goes to partial[row][block], and the last block adds them in block order into stats.
+__global__ void __launch_bounds__(kSelectPassThreads)
+    SelectWriteKernel(float* bias, bool* selected, float* stats, double* partial,
+                      SelectRowState* states, const float* relevance, const bool* template_mask,
+                      const float* strength, int64_t width) {
+  __shared__ double reduce[kSelectPassThreads / cuda::kWarpSize];
+  const int64_t b = blockIdx.y;
+  SelectRowState& s = states[b];
+  const int64_t n = s.n;
+  const int64_t m = s.m;
+  const bool all = s.all != 0;
+  const uint64_t selection = s.selection;
+  const float* row = relevance + b * width;
+  const Strength st = ReadStrength(strength[b]);
+  const int64_t lo = static_cast<int64_t>(blockIdx.x) * kSelectKeysPerBlock;
+  const int64_t hi = min(width, lo + kSelectKeysPerBlock);
+  double mass = 0.0;
+  for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+    bool sel = false;
+    if (j < n && m > 0) {
+      const float value = row[j];
+      sel = all || cuda::SortKey(value, j) <= selection;
+      if (sel) mass += value;
+    }
+    selected[b * width + j] = sel;
+    bias[b * width + j] = BiasAt(j, n, sel, template_mask[b * width + j], st.hard, st.boost);
+  }
+  mass = cuda::BlockReduce(mass, reduce, [](double x, double y) { return x + y; });
+  if (threadIdx.x == 0) partial[b * gridDim.x + blockIdx.x] = mass;
+  if (!LastBlockOfRow(s) || threadIdx.x != 0) return;
+  s.arrived = 0;
+  double total = 0.0;
+  for (unsigned c = 0; c < gridDim.x; ++c) total += __ldcg(&partial[b * gridDim.x + c]);
+  stats[2 * b] = static_cast<float>(m);
+  stats[2 * b + 1] = static_cast<float>(total);
 }
 
 // ---- dysco_bias_from_selection: element-wise.
@@ -336,6 +572,17 @@ unsigned Blocks(int64_t width) {
   return static_cast<unsigned>(std::max<int64_t>(1, cuda::CeilDiv(width, kKeysPerBlock)));
 }
 
+// Rows of kMultiBlockSelectWidth keys and more are selected by many blocks each; shorter rows by
+// one block (one launch instead of ~20). DYSCO_CUDA_SELECT=single|multi forces one (read per call,
+// for tests and A/B timing).
+constexpr int64_t kMultiBlockSelectWidth = 16384;
+bool MultiBlockSelect(int64_t width) {
+  const char* v = std::getenv("DYSCO_CUDA_SELECT");
+  if (v != nullptr && std::strcmp(v, "single") == 0) return false;
+  if (v != nullptr && std::strcmp(v, "multi") == 0) return true;
+  return width >= kMultiBlockSelectWidth;
+}
+
 }  // namespace
 
 void dysco_relevance_update_cuda(const at::Tensor& relevance, const at::Tensor& probs,
@@ -377,10 +624,40 @@ void dysco_select_bias_cuda(const at::Tensor& bias, const at::Tensor& selected,
               " keys per row, more than 2^32 - 1");
   if (relevance.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(bias.device());
-  SelectBiasKernel<<<static_cast<unsigned>(batch), kSelectThreads, 0, cuda::CurrentStream()>>>(
-      bias.data_ptr<float>(), selected.data_ptr<bool>(), stats.data_ptr<float>(),
-      relevance.data_ptr<float>(), num_keys.data_ptr<int64_t>(), template_mask.data_ptr<bool>(),
-      top_p.data_ptr<float>(), top_k.data_ptr<int64_t>(), strength.data_ptr<float>(), width);
+  const cudaStream_t stream = cuda::CurrentStream();
+  if (!MultiBlockSelect(width)) {
+    SelectBiasKernel<<<static_cast<unsigned>(batch), kSelectThreads, 0, stream>>>(
+        bias.data_ptr<float>(), selected.data_ptr<bool>(), stats.data_ptr<float>(),
+        relevance.data_ptr<float>(), num_keys.data_ptr<int64_t>(), template_mask.data_ptr<bool>(),
+        top_p.data_ptr<float>(), top_k.data_ptr<int64_t>(), strength.data_ptr<float>(), width);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  // The rows' states and the write pass's per-block sums, from the caching allocator (stream-
+  // ordered, and inside a graph's pool when captured).
+  const int64_t blocks = cuda::CeilDiv(width, kSelectKeysPerBlock);
+  const int64_t state_bytes =
+      cuda::CeilDiv(batch * static_cast<int64_t>(sizeof(SelectRowState)), sizeof(double)) *
+      static_cast<int64_t>(sizeof(double));
+  at::Tensor scratch =
+      at::empty({state_bytes + batch * blocks * static_cast<int64_t>(sizeof(double))},
+                relevance.options().dtype(at::kByte));
+  auto* states = reinterpret_cast<SelectRowState*>(scratch.data_ptr<uint8_t>());
+  auto* partial = reinterpret_cast<double*>(scratch.data_ptr<uint8_t>() + state_bytes);
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(batch));
+  SelectInitKernel<<<static_cast<unsigned>(batch), kSelectPassThreads, 0, stream>>>(
+      states, num_keys.data_ptr<int64_t>(), top_p.data_ptr<float>(), top_k.data_ptr<int64_t>(),
+      width);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (int pass = 0; pass < kMaxSelectPasses; ++pass) {
+    SelectPassKernel<<<grid, kSelectPassThreads, 0, stream>>>(states, relevance.data_ptr<float>(),
+                                                              width);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  SelectWriteKernel<<<grid, kSelectPassThreads, 0, stream>>>(
+      bias.data_ptr<float>(), selected.data_ptr<bool>(), stats.data_ptr<float>(), partial, states,
+      relevance.data_ptr<float>(), template_mask.data_ptr<bool>(), strength.data_ptr<float>(),
+      width);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

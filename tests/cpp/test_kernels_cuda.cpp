@@ -574,6 +574,16 @@ TEST(CudaDyscoRelevanceUpdate, EqualsCpu) {
   }
 }
 
+// Sets DYSCO_CUDA_SELECT (read by dysco_select_bias at every call) for a scope: "single" (one
+// block per row) or "multi" (many blocks per row, one launch per radix pass).
+class ScopedSelect {
+ public:
+  explicit ScopedSelect(const char* mode) { setenv("DYSCO_CUDA_SELECT", mode, 1); }
+  ~ScopedSelect() { unsetenv("DYSCO_CUDA_SELECT"); }
+  ScopedSelect(const ScopedSelect&) = delete;
+  ScopedSelect& operator=(const ScopedSelect&) = delete;
+};
+
 struct SelectCase {
   float top_p;    // <= 0: unset
   int64_t top_k;  // <= 0: unset
@@ -631,11 +641,25 @@ TEST(CudaDyscoSelectBias, TiesAreBrokenByPositionAsOnCpu) {
   CheckSelect({0, 3, 500, 3000}, 3000, true, SelectCases());
 }
 
+// The many-blocks selection (DYSCO_CUDA_SELECT=multi) on the short rows of the two tests above:
+// rows shorter than a block, rows across several blocks, ties, every case.
+TEST(CudaDyscoSelectBias, ManyBlocksGiveTheCpuSetsOnShortRows) {
+  SKIP_WITHOUT_GPU();
+  ScopedSelect multi("multi");
+  at::manual_seed(8);
+  CheckSelect({0, 1, 2, 77, 4095, 4097, 6000}, 6000, false, SelectCases());
+  at::manual_seed(9);
+  CheckSelect({0, 3, 500, 3000}, 3000, true, SelectCases());
+}
+
+// 128K-key rows take the many-blocks selection by default; the one-block kernel is compared too.
 TEST(CudaDyscoSelectBias, SameSetsAt128KKeys) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(10);
   CheckSelect({131072, 100000}, 131072, false, SelectCases());
   CheckSelect({131072}, 131072, true, {{0.9f, 4096, 2.0f}, {0.0f, 4096, 100.0f}});
+  ScopedSelect single("single");
+  CheckSelect({131072, 100000}, 131072, false, {{0.9f, 4096, 2.0f}, {0.5f, 0, 100.0f}});
 }
 
 // ---- linear
@@ -933,8 +957,7 @@ TEST(CudaDyscoTemplateMask, EqualsCpu) {
 
 // ---- no host synchronisation: a DySCO decode step's ops captured in a CUDA graph and replayed.
 
-TEST(CudaOps, DecodeStepOpsCaptureInACudaGraph) {
-  SKIP_WITHOUT_GPU();
+void CheckDecodeStepGraph() {
   std::mt19937 rng(13);
   at::manual_seed(13);
   const Layout l{2, 4, 128, 16};
@@ -1002,6 +1025,19 @@ TEST(CudaOps, DecodeStepOpsCaptureInACudaGraph) {
   EXPECT_TRUE(Close(gpu.rel, cpu.rel, 1e-9, 1e-5, "graph relevance"));
   EXPECT_TRUE(Same(gpu.selected, cpu.selected, "graph selected"));
   EXPECT_TRUE(Close(gpu.out, cpu.out, 1e-2, 1e-2, "graph decode BFloat16"));
+}
+
+TEST(CudaOps, DecodeStepOpsCaptureInACudaGraph) {
+  SKIP_WITHOUT_GPU();
+  CheckDecodeStepGraph();
+}
+
+// The same with the many-blocks selection (its scratch allocated inside the capture, its passes
+// replayed from the captured state).
+TEST(CudaOps, DecodeStepOpsWithManyBlockSelectionCaptureInACudaGraph) {
+  SKIP_WITHOUT_GPU();
+  ScopedSelect multi("multi");
+  CheckDecodeStepGraph();
 }
 
 // ---- timings (printed, not asserted): one layer of a Qwen3-8B-shaped decode step at 128K keys,
@@ -1171,7 +1207,20 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
               floor_ms / 2);
   std::printf("[timing] attention_probs 4 heads 128K, scalar kernel: %.3f ms\n", scalar_probs_ms);
   std::printf("[timing] dysco_relevance_update 128K: %.3f ms\n", relevance_ms);
-  std::printf("[timing] dysco_select_bias 128K top_p=0.9 top_k=4096: %.3f ms\n", select_ms);
+  double single_select_ms = 0.0;
+  {
+    ScopedSelect single("single");
+    single_select_ms = MillisecondsPerCall(
+        [&] {
+          ops::dysco_select_bias(bias, selected, stats, relevance, lens, tmpl, top_p, top_k,
+                                 strength);
+        },
+        20);
+  }
+  std::printf(
+      "[timing] dysco_select_bias 128K top_p=0.9 top_k=4096: %.3f ms (one block per row: %.3f "
+      "ms)\n",
+      select_ms, single_select_ms);
   EXPECT_GT(decode_ms, 0.0);
 }
 
