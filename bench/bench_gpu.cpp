@@ -380,9 +380,8 @@ class Bench {
     const auto t0 = Clock::now();
     Forward(pos, 1, {}, dysco::DeepestHeadLayer(rows), heads);
     const auto t1 = Clock::now();
-    Check(ops_.UpdateRelevance(rows, {pos + 1}, out_, {0}, &relevance_), "relevance update");
-    std::vector<const std::vector<float>*> views = {&relevance_[0]};
-    Check(ops_.Select(rows, views, {pos + 1}, &selections_), "selection");
+    Check(ops_.UpdateRelevanceAndSelect(rows, {pos + 1}, out_, &relevance_, &selections_),
+          "relevance update and selection");
     const auto t2 = Clock::now();
     Forward(pos, 1, selections_[0].bias, -1, {});
     volatile int64_t next = Argmax(out_);

@@ -98,40 +98,81 @@ Status DyscoBatchOps::UpdateRelevance(const std::vector<const DyscoController*>&
   return OkStatus();
 }
 
+Status DyscoBatchOps::StageSelection(const std::vector<const DyscoController*>& rows,
+                                     const std::vector<int64_t>& num_keys, int64_t width) {
+  const int64_t D = static_cast<int64_t>(rows.size());
+  DYSCO_RETURN_IF_ERROR(staging_.Resize(D, width));
+  for (int64_t d = 0; d < D; ++d) {
+    const DyscoParams& p = rows[d]->params();
+    PackRow(rows[d]->template_mask(), num_keys[d], staging_.template_mask() + d * width, width);
+    staging_.num_keys()[d] = num_keys[d];
+    staging_.top_p()[d] = p.top_p ? static_cast<float>(*p.top_p) : 0.0f;
+    staging_.top_k()[d] = p.top_k ? *p.top_k : 0;
+    staging_.strength()[d] = static_cast<float>(p.strength);
+  }
+  return OkStatus();
+}
+
+Status DyscoBatchOps::RunStagedSelection(const std::vector<int64_t>& num_keys, int64_t width,
+                                         std::vector<DyscoSelection>* selections) {
+  DYSCO_RETURN_IF_ERROR(staging_.Run());
+  const int64_t D = static_cast<int64_t>(num_keys.size());
+  selections->resize(D);
+  for (int64_t d = 0; d < D; ++d) {
+    DyscoSelection& s = (*selections)[d];
+    const int64_t n = num_keys[d];
+    s.selected.assign(staging_.selected() + d * width, staging_.selected() + d * width + n);
+    s.bias.assign(staging_.bias() + d * width, staging_.bias() + d * width + n);
+    s.num_selected = static_cast<int64_t>(staging_.stats()[2 * d]);
+    s.selected_mass = staging_.stats()[2 * d + 1];
+  }
+  return OkStatus();
+}
+
 Status DyscoBatchOps::Select(const std::vector<const DyscoController*>& rows,
                              const std::vector<const std::vector<float>*>& relevance,
                              const std::vector<int64_t>& num_keys,
                              std::vector<DyscoSelection>* selections) {
-  const int64_t D = static_cast<int64_t>(rows.size());
   const int64_t w = MaxOf(num_keys);
-  relevance_.resize(D * w);
-  template_.resize(D * w);
-  bias_.resize(D * w);
-  selected_.resize(D * w);
-  stats_.resize(D * 2);
-  top_p_.resize(D);
-  top_k_.resize(D);
-  strength_.resize(D);
-  for (int64_t d = 0; d < D; ++d) {
-    const DyscoParams& p = rows[d]->params();
-    PackRow(*relevance[d], num_keys[d], relevance_.data() + d * w, w);
-    PackRow(rows[d]->template_mask(), num_keys[d], template_.data() + d * w, w);
-    top_p_[d] = p.top_p ? static_cast<float>(*p.top_p) : 0.0f;
-    top_k_[d] = p.top_k ? *p.top_k : 0;
-    strength_[d] = static_cast<float>(p.strength);
+  DYSCO_RETURN_IF_ERROR(StageSelection(rows, num_keys, w));
+  for (size_t d = 0; d < rows.size(); ++d) {
+    PackRow(*relevance[d], num_keys[d], staging_.relevance() + d * w, w);
   }
-  DYSCO_RETURN_IF_ERROR(DyscoSelectBias(bias_.data(), selected_.data(), stats_.data(),
-                                        relevance_.data(), D, w, num_keys.data(), template_.data(),
-                                        top_p_.data(), top_k_.data(), strength_.data(), device_));
-  selections->resize(D);
+  return RunStagedSelection(num_keys, w, selections);
+}
+
+Status DyscoBatchOps::UpdateRelevanceAndSelect(const std::vector<const DyscoController*>& rows,
+                                               const std::vector<int64_t>& num_keys,
+                                               const ForwardOutput& out,
+                                               std::vector<std::vector<float>>* relevance,
+                                               std::vector<DyscoSelection>* selections) {
+  const int64_t D = static_cast<int64_t>(rows.size());
+  const int64_t width = MaxOf(num_keys);
+  DYSCO_RETURN_IF_ERROR(StageSelection(rows, num_keys, width));
+  decay_.resize(D);
   for (int64_t d = 0; d < D; ++d) {
-    DyscoSelection& s = (*selections)[d];
-    s.selected = RowPrefix(selected_, d, w, num_keys[d]);
-    s.bias = RowPrefix(bias_, d, w, num_keys[d]);
-    s.num_selected = static_cast<int64_t>(stats_[2 * d]);
-    s.selected_mass = stats_[2 * d + 1];
+    const DyscoController& c = *rows[d];
+    const int64_t n = num_keys[d];
+    if (static_cast<int64_t>(c.relevance().size()) != n - 1 || out.probs_len < width ||
+        static_cast<int64_t>(out.probe_mean.size()) < D * out.probs_len) {
+      return InternalError("DySCO relevance of a sequence at position " + std::to_string(n - 1) +
+                           " has " + std::to_string(c.relevance().size()) +
+                           " entries, its head mean " +
+                           std::to_string(out.probe_mean.empty() ? 0 : out.probs_len));
+    }
+    PackRow(c.relevance(), n - 1, staging_.relevance() + d * width, width);
+    decay_[d] = static_cast<float>(c.params().decay_factor);
   }
-  return OkStatus();
+  // r_t in place over the staged r_{t-1}, the head means read where the forward left them (row d
+  // of out.probe_mean, each a single head), then the selection over r_t: no copy in between.
+  DYSCO_RETURN_IF_ERROR(DyscoRelevanceUpdate(staging_.relevance(), D, width, out.probe_mean.data(),
+                                             1, out.probs_len, num_keys.data(), decay_.data()));
+  relevance->resize(D);
+  for (int64_t d = 0; d < D; ++d) {
+    const float* row = staging_.relevance() + d * width;
+    (*relevance)[d].assign(row, row + num_keys[d]);
+  }
+  return RunStagedSelection(num_keys, width, selections);
 }
 
 Status DyscoBatchOps::BiasFromSelection(const std::vector<const DyscoController*>& rows,

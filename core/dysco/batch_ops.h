@@ -20,6 +20,7 @@
 
 #include "core/base/status.h"
 #include "core/dysco/controller.h"
+#include "core/model/dysco_host_ops.h"
 #include "core/model/model_runner.h"
 
 namespace dysco {
@@ -38,7 +39,7 @@ class DyscoBatchOps {
   // `device`: where the selection op runs ("cpu", "cuda:0": the model's device). On a GPU the
   // selection is one kernel for all rows instead of a host sort per row; its inputs and results
   // cross as [rows, keys] buffers (docs/gpu.md "DySCO on the device").
-  explicit DyscoBatchOps(std::string device = "cpu") : device_(std::move(device)) {}
+  explicit DyscoBatchOps(std::string device = "cpu") : device_(device), staging_(device) {}
 
   // r_t of each row: row d fed the token at position num_keys[d] - 1 with r_{t-1} =
   // rows[d]->relevance(); the mean of its heads' attention probabilities is row out_rows[d] of
@@ -51,6 +52,13 @@ class DyscoBatchOps {
   Status Select(const std::vector<const DyscoController*>& rows,
                 const std::vector<const std::vector<float>*>& relevance,
                 const std::vector<int64_t>& num_keys, std::vector<DyscoSelection>* selections);
+  // UpdateRelevance with out_rows = 0, 1, ..., then Select over the new relevance, with the
+  // relevance updated in place in the selection's staging buffer (one copy of each row in and one
+  // of each result out; on a GPU one transfer each way). The same results as the two calls.
+  Status UpdateRelevanceAndSelect(const std::vector<const DyscoController*>& rows,
+                                  const std::vector<int64_t>& num_keys, const ForwardOutput& out,
+                                  std::vector<std::vector<float>>* relevance,
+                                  std::vector<DyscoSelection>* selections);
   // The bias of each row's set *selected[d] over num_keys[d] keys (new keys unselected; the
   // current one still gets the bias from the op).
   Status BiasFromSelection(const std::vector<const DyscoController*>& rows,
@@ -59,10 +67,18 @@ class DyscoBatchOps {
                            std::vector<std::vector<float>>* bias);
 
  private:
+  // Packs the selection inputs but the relevance (template masks, num_keys, parameters) of [rows,
+  // width] into staging_.
+  Status StageSelection(const std::vector<const DyscoController*>& rows,
+                        const std::vector<int64_t>& num_keys, int64_t width);
+  // Runs the staged selection and copies each row's results out.
+  Status RunStagedSelection(const std::vector<int64_t>& num_keys, int64_t width,
+                            std::vector<DyscoSelection>* selections);
+
   std::string device_;
-  std::vector<float> relevance_, probs_, bias_, stats_, decay_, top_p_, strength_;
+  DyscoSelectStaging staging_;
+  std::vector<float> relevance_, probs_, bias_, decay_, strength_;
   std::vector<uint8_t> selected_, template_;
-  std::vector<int64_t> top_k_;
 };
 
 }  // namespace dysco

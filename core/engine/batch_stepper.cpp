@@ -88,16 +88,11 @@ Status BatchStepper::InterveneDynamic(const std::vector<size_t>& rows, StepOutco
   }
   outcome->speculative_rows = static_cast<int64_t>(rows.size());
   ScopedTimer timer(&dynamic_select_seconds_);
-  std::vector<int64_t> out_rows(rows.size());
-  for (size_t d = 0; d < out_rows.size(); ++d) out_rows[d] = static_cast<int64_t>(d);
   const std::vector<int64_t> num_keys = NumKeys(rows);
   std::vector<std::vector<float>> relevance;
-  DYSCO_RETURN_IF_ERROR(
-      dysco_ops_.UpdateRelevance(controllers, num_keys, spec_out_, out_rows, &relevance));
-  std::vector<const std::vector<float>*> views;
-  for (const auto& r : relevance) views.push_back(&r);
   std::vector<DyscoSelection> selections;
-  DYSCO_RETURN_IF_ERROR(dysco_ops_.Select(controllers, views, num_keys, &selections));
+  DYSCO_RETURN_IF_ERROR(dysco_ops_.UpdateRelevanceAndSelect(controllers, num_keys, spec_out_,
+                                                            &relevance, &selections));
   for (size_t d = 0; d < rows.size(); ++d) {
     StagedDysco& st = staged_[rows[d]];
     st.relevance = std::move(relevance[d]);

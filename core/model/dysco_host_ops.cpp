@@ -3,8 +3,10 @@
 // INTERNAL.
 #include "core/model/dysco_host_ops.h"
 
+#include <algorithm>
 #include <cstring>
 #include <string>
+#include <utility>
 
 #include <torch/script.h>
 
@@ -42,6 +44,8 @@ Status Guard(const char* op, Fn&& fn) {
   }
 }
 
+bool OnHost(const std::string& device) { return device == "cpu" || at::Device(device).is_cpu(); }
+
 }  // namespace
 
 Status DyscoRelevanceUpdate(float* relevance, int64_t batch, int64_t width, const float* probs,
@@ -55,55 +59,136 @@ Status DyscoRelevanceUpdate(float* relevance, int64_t batch, int64_t width, cons
   });
 }
 
+// The staging buffer: one byte tensor (pinned for a GPU), parts at 256-byte aligned offsets (the
+// CUDA kernels' vector loads want 16); the inputs first, then the outputs, so that each crosses
+// with one copy.
+struct DyscoSelectStaging::Buffer {
+  at::Tensor host;
+  int64_t relevance_at = 0, template_at = 0, keys_at = 0, top_k_at = 0, top_p_at = 0,
+          strength_at = 0, inputs_end = 0;
+  int64_t bias_at = 0, selected_at = 0, stats_at = 0;
+  uint8_t* Part(int64_t offset) const { return host.data_ptr<uint8_t>() + offset; }
+};
+
+DyscoSelectStaging::DyscoSelectStaging(std::string device)
+    : device_(std::move(device)), buffer_(std::make_unique<Buffer>()) {}
+
+DyscoSelectStaging::~DyscoSelectStaging() = default;
+DyscoSelectStaging::DyscoSelectStaging(DyscoSelectStaging&&) noexcept = default;
+DyscoSelectStaging& DyscoSelectStaging::operator=(DyscoSelectStaging&&) noexcept = default;
+
+Status DyscoSelectStaging::Resize(int64_t batch, int64_t width) {
+  return Guard("dysco::DyscoSelectStaging", [&] {
+    const int64_t n = batch * width;
+    PackedBuffer layout;
+    Buffer& b = *buffer_;
+    b.relevance_at = layout.Add(n * 4);
+    b.template_at = layout.Add(n);
+    b.keys_at = layout.Add(batch * 8);
+    b.top_k_at = layout.Add(batch * 8);
+    b.top_p_at = layout.Add(batch * 4);
+    b.strength_at = layout.Add(batch * 4);
+    b.inputs_end = layout.size;
+    b.bias_at = layout.Add(n * 4);
+    b.selected_at = layout.Add(n);
+    b.stats_at = layout.Add(batch * 8);
+    if (!b.host.defined() || b.host.numel() < layout.size) {
+      // Grown by half again, so that a slowly growing context does not reallocate every step.
+      const int64_t bytes =
+          std::max<int64_t>(layout.size, b.host.defined() ? b.host.numel() * 3 / 2 : 0);
+      b.host =
+          at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(!OnHost(device_)));
+    }
+    batch_ = batch;
+    width_ = width;
+  });
+}
+
+float* DyscoSelectStaging::relevance() {
+  return reinterpret_cast<float*>(buffer_->Part(buffer_->relevance_at));
+}
+uint8_t* DyscoSelectStaging::template_mask() { return buffer_->Part(buffer_->template_at); }
+int64_t* DyscoSelectStaging::num_keys() {
+  return reinterpret_cast<int64_t*>(buffer_->Part(buffer_->keys_at));
+}
+float* DyscoSelectStaging::top_p() {
+  return reinterpret_cast<float*>(buffer_->Part(buffer_->top_p_at));
+}
+int64_t* DyscoSelectStaging::top_k() {
+  return reinterpret_cast<int64_t*>(buffer_->Part(buffer_->top_k_at));
+}
+float* DyscoSelectStaging::strength() {
+  return reinterpret_cast<float*>(buffer_->Part(buffer_->strength_at));
+}
+const float* DyscoSelectStaging::bias() const {
+  return reinterpret_cast<const float*>(buffer_->Part(buffer_->bias_at));
+}
+const uint8_t* DyscoSelectStaging::selected() const { return buffer_->Part(buffer_->selected_at); }
+const float* DyscoSelectStaging::stats() const {
+  return reinterpret_cast<const float*>(buffer_->Part(buffer_->stats_at));
+}
+
+Status DyscoSelectStaging::Run() {
+  const Buffer& b = *buffer_;
+  const int64_t batch = batch_;
+  const int64_t width = width_;
+  if (OnHost(device_)) {
+    return Guard("dysco::dysco_select_bias", [&] {
+      ops::dysco_select_bias(View(b.Part(b.bias_at), {batch, width}, at::kFloat),
+                             View(b.Part(b.selected_at), {batch, width}, at::kBool),
+                             View(b.Part(b.stats_at), {batch, 2}, at::kFloat),
+                             View(b.Part(b.relevance_at), {batch, width}, at::kFloat),
+                             View(b.Part(b.keys_at), {batch}, at::kLong),
+                             View(b.Part(b.template_at), {batch, width}, at::kBool),
+                             View(b.Part(b.top_p_at), {batch}, at::kFloat),
+                             View(b.Part(b.top_k_at), {batch}, at::kLong),
+                             View(b.Part(b.strength_at), {batch}, at::kFloat));
+    });
+  }
+  return Guard("dysco::dysco_select_bias", [&] {
+    // The inputs cross with one DMA and the outputs come back with one: six pageable copies in and
+    // three out (each staged by the driver and waited for) took about half of the DySCO stage's
+    // ~1.8 ms of host-side time at 128K keys on the H200.
+    const at::Device dev(device_);
+    const int64_t outputs = b.stats_at + batch * 8 - b.bias_at;
+    const at::Tensor d_in = b.host.narrow(0, 0, b.inputs_end).to(dev, /*non_blocking=*/true);
+    const at::Tensor d_out = at::empty({outputs}, at::TensorOptions().dtype(at::kByte).device(dev));
+    auto on = [&](const at::Tensor& buffer, int64_t offset, at::IntArrayRef sizes,
+                  at::ScalarType type) {
+      return torch::from_blob(static_cast<uint8_t*>(buffer.data_ptr()) + offset, sizes,
+                              torch::TensorOptions().dtype(type).device(dev));
+    };
+    ops::dysco_select_bias(
+        on(d_out, 0, {batch, width}, at::kFloat),
+        on(d_out, b.selected_at - b.bias_at, {batch, width}, at::kBool),
+        on(d_out, b.stats_at - b.bias_at, {batch, 2}, at::kFloat),
+        on(d_in, b.relevance_at, {batch, width}, at::kFloat),
+        on(d_in, b.keys_at, {batch}, at::kLong), on(d_in, b.template_at, {batch, width}, at::kBool),
+        on(d_in, b.top_p_at, {batch}, at::kFloat), on(d_in, b.top_k_at, {batch}, at::kLong),
+        on(d_in, b.strength_at, {batch}, at::kFloat));
+    b.host.narrow(0, b.bias_at, outputs).copy_(d_out);  // waits for the op (the stream's order)
+  });
+}
+
 Status DyscoSelectBias(float* bias, uint8_t* selected, float* stats, const float* relevance,
                        int64_t batch, int64_t width, const int64_t* num_keys,
                        const uint8_t* template_mask, const float* top_p, const int64_t* top_k,
                        const float* strength, const std::string& device) {
-  if (device != "cpu" && !at::Device(device).is_cpu()) {
-    return Guard("dysco::dysco_select_bias", [&] {
-      // Inputs packed into one pinned buffer and copied with one DMA, outputs copied back with one:
-      // six pageable copies in and three out (each staged by the driver and waited for) took
-      // about half of the DySCO stage's ~1.8 ms of host-side time at 128K keys on the H200.
-      const at::Device dev(device);
-      const int64_t n = batch * width;
-      PackedBuffer in;
-      const int64_t relevance_at = in.Add(n * 4), template_at = in.Add(n),
-                    keys_at = in.Add(batch * 8), top_k_at = in.Add(batch * 8),
-                    top_p_at = in.Add(batch * 4), strength_at = in.Add(batch * 4);
-      PackedBuffer out;
-      const int64_t bias_at = out.Add(n * 4), selected_at = out.Add(n),
-                    stats_at = out.Add(batch * 8);
-      const auto pinned = at::TensorOptions().dtype(at::kByte).pinned_memory(true);
-      at::Tensor host_in = at::empty({in.size}, pinned);
-      uint8_t* h = host_in.data_ptr<uint8_t>();
-      std::memcpy(h + relevance_at, relevance, n * 4);
-      std::memcpy(h + template_at, template_mask, n);
-      std::memcpy(h + keys_at, num_keys, batch * 8);
-      std::memcpy(h + top_k_at, top_k, batch * 8);
-      std::memcpy(h + top_p_at, top_p, batch * 4);
-      std::memcpy(h + strength_at, strength, batch * 4);
-      const at::Tensor d_in = host_in.to(dev, /*non_blocking=*/true);
-      const at::Tensor d_out =
-          at::empty({out.size}, at::TensorOptions().dtype(at::kByte).device(dev));
-      auto on = [&](const at::Tensor& buffer, int64_t at, at::IntArrayRef sizes,
-                    at::ScalarType type) {
-        return torch::from_blob(static_cast<uint8_t*>(buffer.data_ptr()) + at, sizes,
-                                torch::TensorOptions().dtype(type).device(dev));
-      };
-      ops::dysco_select_bias(
-          on(d_out, bias_at, {batch, width}, at::kFloat),
-          on(d_out, selected_at, {batch, width}, at::kBool),
-          on(d_out, stats_at, {batch, 2}, at::kFloat),
-          on(d_in, relevance_at, {batch, width}, at::kFloat), on(d_in, keys_at, {batch}, at::kLong),
-          on(d_in, template_at, {batch, width}, at::kBool), on(d_in, top_p_at, {batch}, at::kFloat),
-          on(d_in, top_k_at, {batch}, at::kLong), on(d_in, strength_at, {batch}, at::kFloat));
-      at::Tensor host_out = at::empty({out.size}, pinned);
-      host_out.copy_(d_out);  // waits for the op (the stream's order)
-      const uint8_t* o = host_out.data_ptr<uint8_t>();
-      std::memcpy(bias, o + bias_at, n * 4);
-      std::memcpy(selected, o + selected_at, n);
-      std::memcpy(stats, o + stats_at, batch * 8);
-    });
+  if (!OnHost(device)) {
+    DyscoSelectStaging staging(device);
+    DYSCO_RETURN_IF_ERROR(staging.Resize(batch, width));
+    const int64_t n = batch * width;
+    std::memcpy(staging.relevance(), relevance, n * 4);
+    std::memcpy(staging.template_mask(), template_mask, n);
+    std::memcpy(staging.num_keys(), num_keys, batch * 8);
+    std::memcpy(staging.top_k(), top_k, batch * 8);
+    std::memcpy(staging.top_p(), top_p, batch * 4);
+    std::memcpy(staging.strength(), strength, batch * 4);
+    DYSCO_RETURN_IF_ERROR(staging.Run());
+    std::memcpy(bias, staging.bias(), n * 4);
+    std::memcpy(selected, staging.selected(), n);
+    std::memcpy(stats, staging.stats(), batch * 8);
+    return OkStatus();
   }
   return Guard("dysco::dysco_select_bias", [&] {
     ops::dysco_select_bias(

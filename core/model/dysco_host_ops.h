@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -32,6 +33,52 @@ Status DyscoSelectBias(float* bias, uint8_t* selected, float* stats, const float
                        int64_t batch, int64_t width, const int64_t* num_keys,
                        const uint8_t* template_mask, const float* top_p, const int64_t* top_k,
                        const float* strength, const std::string& device = "cpu");
+
+// The inputs and outputs of one dysco_select_bias call in one host buffer, page-locked when the op
+// runs on a GPU, so that a caller packs its rows straight into it (and may run the relevance update
+// in place on relevance() first) and reads its results straight out of it: one copy to the device
+// and one back, instead of packing into private buffers and copying again around the call. Layout
+// for [batch, width] rows, as DyscoSelectBias's buffers.
+//
+// Why: at 128K keys the host copies around the selection were most of the DySCO stage between the
+// two passes on the H200 (docs/gpu.md "DySCO on the device").
+//
+// Thread-safety: none (one per stepping thread). Ownership: owns the buffer; the pointers it hands
+// out stay valid until the next Resize.
+class DyscoSelectStaging {
+ public:
+  // `device`: where Run() runs the op ("cpu" or a CUDA device).
+  explicit DyscoSelectStaging(std::string device = "cpu");
+  ~DyscoSelectStaging();
+  DyscoSelectStaging(DyscoSelectStaging&&) noexcept;
+  DyscoSelectStaging& operator=(DyscoSelectStaging&&) noexcept;
+
+  // Lays the buffer out for [batch, width] rows, growing it when needed (the contents are then
+  // unspecified).
+  Status Resize(int64_t batch, int64_t width);
+
+  // Inputs, written by the caller.
+  float* relevance();        // [batch, width]
+  uint8_t* template_mask();  // [batch, width]
+  int64_t* num_keys();       // [batch]
+  float* top_p();            // [batch]
+  int64_t* top_k();          // [batch]
+  float* strength();         // [batch]
+  // Outputs of Run().
+  const float* bias() const;        // [batch, width]
+  const uint8_t* selected() const;  // [batch, width]
+  const float* stats() const;       // [batch, 2]
+
+  // dysco_select_bias over the staged inputs, on the device given at construction.
+  Status Run();
+
+ private:
+  struct Buffer;
+  std::string device_;
+  int64_t batch_ = 0;
+  int64_t width_ = 0;
+  std::unique_ptr<Buffer> buffer_;
+};
 
 // bias [batch, width] of a given selection [batch, width].
 Status DyscoBiasFromSelection(float* bias, const uint8_t* selected, int64_t batch, int64_t width,
