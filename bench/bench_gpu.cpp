@@ -560,6 +560,8 @@ struct ContextResult {
   double plain_floor_s = 0, dysco_floor_s = 0;
   double plain_bytes = 0, dysco_bytes = 0;
   double spec_s = 0, select_s = 0, real_s = 0;  // mean per DySCO step
+  // Mean per plain step's graph replay: ModelRunner::CudaGraphStats' host phases.
+  double host_prepare_s = 0, host_replay_s = 0, host_read_s = 0;
   int64_t num_selected = 0;
   double selected_mass = 0;
 };
@@ -716,12 +718,21 @@ int main(int argc, char** argv) {
     const auto c0 = Clock::now();
     for (int64_t s = 0; s < warmup; ++s) bench.PlainStep(L);
     std::vector<double> times;
+    const dysco::ModelRunner::CudaGraphStats before = runner.cuda_graph_stats();
     for (int64_t s = 0; s < steps; ++s) {
       const auto t0 = Clock::now();
       bench.PlainStep(L);
       times.push_back(Seconds(t0, Clock::now()));
     }
     r.plain = Summarise(times);
+    {
+      // The runner's host phases of these steps' graph replays (zeros without graphs).
+      const dysco::ModelRunner::CudaGraphStats after = runner.cuda_graph_stats();
+      const double n = static_cast<double>(std::max<int64_t>(1, after.replays - before.replays));
+      r.host_prepare_s = (after.prepare_seconds - before.prepare_seconds) / n;
+      r.host_replay_s = (after.replay_seconds - before.replay_seconds) / n;
+      r.host_read_s = (after.read_seconds - before.read_seconds) / n;
+    }
     r.plain_bytes = bytes.PlainStep(L);
     r.plain_floor_s = r.plain_bytes / bandwidth;
     if (with_dysco) {
@@ -748,11 +759,13 @@ int main(int argc, char** argv) {
       r.selected_mass = bench.last_selection().selected_mass;
     }
     std::printf(
-        "context %lld: plain %.3f ms (p50 %.3f), DySCO %.3f ms (p50 %.3f; speculative "
+        "context %lld: plain %.3f ms (p50 %.3f; runner host phases per replay: prepare %.3f, "
+        "replay call %.3f, wait + read back %.3f), DySCO %.3f ms (p50 %.3f; speculative "
         "%.3f, relevance + selection %.3f, real %.3f; %lld keys selected) [%.1f s]\n",
-        static_cast<long long>(L), r.plain.mean * 1e3, r.plain.p50 * 1e3, r.dysco.mean * 1e3,
-        r.dysco.p50 * 1e3, r.spec_s * 1e3, r.select_s * 1e3, r.real_s * 1e3,
-        static_cast<long long>(r.num_selected), Seconds(c0, Clock::now()));
+        static_cast<long long>(L), r.plain.mean * 1e3, r.plain.p50 * 1e3, r.host_prepare_s * 1e3,
+        r.host_replay_s * 1e3, r.host_read_s * 1e3, r.dysco.mean * 1e3, r.dysco.p50 * 1e3,
+        r.spec_s * 1e3, r.select_s * 1e3, r.real_s * 1e3, static_cast<long long>(r.num_selected),
+        Seconds(c0, Clock::now()));
     std::fflush(stdout);
     results.push_back(r);
   }
@@ -867,6 +880,9 @@ int main(int argc, char** argv) {
             << ", \"dysco_speculative_ms\": " << Json(r.spec_s * 1e3)
             << ", \"dysco_select_ms\": " << Json(r.select_s * 1e3)
             << ", \"dysco_real_ms\": " << Json(r.real_s * 1e3)
+            << ", \"plain_host_prepare_ms\": " << Json(r.host_prepare_s * 1e3)
+            << ", \"plain_host_replay_ms\": " << Json(r.host_replay_s * 1e3)
+            << ", \"plain_host_read_ms\": " << Json(r.host_read_s * 1e3)
             << ", \"num_selected\": " << r.num_selected
             << ", \"selected_mass\": " << Json(r.selected_mass);
       }

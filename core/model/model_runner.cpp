@@ -1011,6 +1011,9 @@ bool ModelRunner::Impl::CaptureLocked(const GraphKey& key, DecodeGraph* g) {
 #endif  // DYSCO_CUDA_GRAPHS
 
 Status ModelRunner::Impl::RunLocked(const ForwardBatch& batch, ForwardOutput* out) {
+#ifdef DYSCO_CUDA_GRAPHS
+  const auto start = std::chrono::steady_clock::now();
+#endif
   PackLocked(batch);
   if (failpoint_token &&
       std::find(token_ids.begin(), token_ids.end(), *failpoint_token) != token_ids.end()) {
@@ -1021,9 +1024,17 @@ Status ModelRunner::Impl::RunLocked(const ForwardBatch& batch, ForwardOutput* ou
   if (cuda_graphs) {
     c10::cuda::CUDAGuard guard(device);
     if (DecodeGraph* g = GraphForLocked(batch)) {
+      using Clock = std::chrono::steady_clock;
+      const auto staged = Clock::now();
       g->graph.replay();
+      const auto replayed = Clock::now();
       ++stats.replays;
-      return ReadOutputsLocked(batch, g->logits, g->probs, out);
+      const Status status = ReadOutputsLocked(batch, g->logits, g->probs, out);
+      const auto read = Clock::now();
+      stats.prepare_seconds += std::chrono::duration<double>(staged - start).count();
+      stats.replay_seconds += std::chrono::duration<double>(replayed - staged).count();
+      stats.read_seconds += std::chrono::duration<double>(read - replayed).count();
+      return status;
     }
   }
 #endif

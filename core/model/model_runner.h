@@ -167,6 +167,12 @@ class ModelRunner {
     int64_t replays = 0;         // decode steps replayed from a graph (the capturing step included)
     int64_t eager_forwards = 0;  // forwards that ran the module directly
     int64_t pool_bytes = 0;      // the graph pool's growth over all captures (reserved bytes)
+    // Host wall seconds of the replays, by phase (benchmarks: where a step's time beyond its
+    // kernels goes): packing the batch and staging the graph's inputs, the replay call, then
+    // waiting for the step and copying its outputs back.
+    double prepare_seconds = 0;
+    double replay_seconds = 0;
+    double read_seconds = 0;
   };
   CudaGraphStats cuda_graph_stats() const;
 
