@@ -18,6 +18,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "core/dysco/batch_ops.h"
 #include "core/dysco/controller.h"
 #include "core/dysco/params.h"
 #include "core/dysco/trace.h"
@@ -293,6 +294,80 @@ TEST(DyscoScheduleTest, StepKinds) {
   EXPECT_EQ(DyscoStepKindAt(fixed, 8), DyscoStepKind::kContextWarmup);
   EXPECT_EQ(DyscoStepKindAt(fixed, 9), DyscoStepKind::kStatic);
   EXPECT_EQ(DyscoStepKindAt(fixed, 12), DyscoStepKind::kStatic);
+}
+
+// DyscoBatchOps::UpdateRelevanceAndSelect (a dynamic step's DySCO stage: the relevance updated in
+// place in the selection's staging buffer, the head means read where the forward left them) gives
+// the bits of UpdateRelevance then Select: rows of different lengths, parameters (top-p, top-k,
+// both; soft and hard strength) and decays, templates in the prompts, a head-mean row wider than
+// the rows, and one DyscoBatchOps called twice with wider rows the second time (its buffer grows).
+TEST(DyscoBatchOpsTest, UpdateRelevanceAndSelectEqualsTheTwoCalls) {
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  DyscoBatchOps fused;
+  int64_t partial_selections = 0;
+  for (int64_t base : {40, 300}) {
+    std::vector<std::unique_ptr<DyscoController>> owned;
+    std::vector<const DyscoController*> rows;
+    std::vector<int64_t> num_keys;
+    for (int r = 0; r < 3; ++r) {
+      DyscoParams p;
+      p.selected_heads = {{0, 1}, {1, 0}};
+      if (r != 1) p.top_p = 0.4 + 0.25 * r;
+      if (r != 0) p.top_k = 5 + 7 * r;
+      p.strength = r == 2 ? 100.0 : 2.0 + r;
+      p.decay_factor = 0.5 + 0.1 * r;
+      p.context_warmup_steps = 4;
+      p.intervention_warmup = 2;
+      p.template_sequences = {{7, 8}};
+      p.prompt_len = base + 10 * r;
+      std::vector<int32_t> prompt(p.prompt_len);
+      for (int32_t& t : prompt) t = static_cast<int32_t>(rng() % 12);
+      auto c = DyscoController::Create(p, prompt, DyscoTraceMode::kOff);
+      ASSERT_TRUE(c.ok()) << c.status().ToString();
+      // A previous relevance that is not all zeros: one update's worth applied by hand.
+      std::vector<float> previous((*c)->relevance().size() + 1);
+      for (float& v : previous) v = uniform(rng) / static_cast<float>(previous.size());
+      ASSERT_TRUE((*c)->ApplyRelevance(previous).ok());
+      num_keys.push_back(static_cast<int64_t>((*c)->relevance().size()) + 1);
+      rows.push_back(c->get());
+      owned.push_back(std::move(*c));
+    }
+    ForwardOutput out;
+    out.batch_size = 3;
+    out.probs_len = *std::max_element(num_keys.begin(), num_keys.end()) + 5;
+    out.probe_mean.resize(3 * out.probs_len);
+    for (float& v : out.probe_mean) v = uniform(rng);
+
+    DyscoBatchOps two_calls;
+    std::vector<std::vector<float>> relevance;
+    ASSERT_TRUE(two_calls.UpdateRelevance(rows, num_keys, out, {0, 1, 2}, &relevance).ok());
+    std::vector<const std::vector<float>*> views;
+    for (const auto& r : relevance) views.push_back(&r);
+    std::vector<DyscoSelection> selections;
+    ASSERT_TRUE(two_calls.Select(rows, views, num_keys, &selections).ok());
+
+    std::vector<std::vector<float>> fused_relevance;
+    std::vector<DyscoSelection> fused_selections;
+    ASSERT_TRUE(
+        fused.UpdateRelevanceAndSelect(rows, num_keys, out, &fused_relevance, &fused_selections)
+            .ok());
+    ASSERT_EQ(fused_relevance.size(), 3u);
+    ASSERT_EQ(fused_selections.size(), 3u);
+    for (size_t d = 0; d < 3; ++d) {
+      SCOPED_TRACE("row " + std::to_string(d) + ", base " + std::to_string(base));
+      EXPECT_EQ(fused_relevance[d], relevance[d]);  // exact: the same op on the same values
+      EXPECT_EQ(fused_selections[d].selected, selections[d].selected);
+      EXPECT_EQ(fused_selections[d].bias, selections[d].bias);
+      EXPECT_EQ(fused_selections[d].num_selected, selections[d].num_selected);
+      EXPECT_EQ(fused_selections[d].selected_mass, selections[d].selected_mass);
+      EXPECT_EQ(static_cast<int64_t>(fused_relevance[d].size()), num_keys[d]);
+      if (selections[d].num_selected > 0 && selections[d].num_selected < num_keys[d]) {
+        ++partial_selections;
+      }
+    }
+  }
+  EXPECT_GE(partial_selections, 4);  // the sets are neither empty nor everything
 }
 
 TEST(DyscoTraceTest, JsonLineFollowsDocs) {
