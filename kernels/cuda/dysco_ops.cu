@@ -255,6 +255,27 @@ __device__ void RadixSelect(const float* row, int64_t n, bool by_mass, double th
   }
 }
 
+// The block's part of a row's outputs: selected[j] and bias[j] of row b for j in [begin, end)
+// (strided over the block's threads; the keys <= threshold are selected when m > 0, every one of
+// [0, n) when all). Returns this thread's selected relevance mass.
+__device__ double WriteSelection(float* bias, bool* selected, const float* row,
+                                 const bool* template_mask, int64_t b, int64_t width, int64_t begin,
+                                 int64_t end, int64_t n, int64_t m, bool all, uint64_t threshold,
+                                 Strength s) {
+  double mass = 0.0;
+  for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
+    bool sel = false;
+    if (j < n && m > 0) {
+      const float value = row[j];
+      sel = all || cuda::SortKey(value, j) <= threshold;
+      if (sel) mass += value;
+    }
+    selected[b * width + j] = sel;
+    bias[b * width + j] = BiasAt(j, n, sel, template_mask[b * width + j], s.hard, s.boost);
+  }
+  return mass;
+}
+
 __global__ void __launch_bounds__(kSelectThreads)
     SelectBiasKernel(float* bias, bool* selected, float* stats, const float* relevance,
                      const int64_t* num_keys, const bool* template_mask, const float* top_p,
@@ -294,18 +315,8 @@ __global__ void __launch_bounds__(kSelectThreads)
     RadixSelect(row, n, /*by_mass=*/false, 0.0, m - 1, st);
     threshold = st.cur.prefix;
   }
-  const Strength s = ReadStrength(strength[b]);
-  double mass = 0.0;
-  for (int64_t j = threadIdx.x; j < width; j += blockDim.x) {
-    bool sel = false;
-    if (j < n && m > 0) {
-      const float value = row[j];
-      sel = all || cuda::SortKey(value, j) <= threshold;
-      if (sel) mass += value;
-    }
-    selected[b * width + j] = sel;
-    bias[b * width + j] = BiasAt(j, n, sel, template_mask[b * width + j], s.hard, s.boost);
-  }
+  double mass = WriteSelection(bias, selected, row, template_mask, b, width, 0, width, n, m, all,
+                               threshold, ReadStrength(strength[b]));
   mass = cuda::BlockReduce(mass, reduce, [](double x, double y) { return x + y; });
   if (threadIdx.x == 0) {
     stats[2 * b] = static_cast<float>(m);
@@ -505,20 +516,10 @@ __global__ void __launch_bounds__(kSelectPassThreads)
   const bool all = s.all != 0;
   const uint64_t selection = s.selection;
   const float* row = relevance + b * width;
-  const Strength st = ReadStrength(strength[b]);
   const int64_t lo = static_cast<int64_t>(blockIdx.x) * kSelectKeysPerBlock;
   const int64_t hi = min(width, lo + kSelectKeysPerBlock);
-  double mass = 0.0;
-  for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
-    bool sel = false;
-    if (j < n && m > 0) {
-      const float value = row[j];
-      sel = all || cuda::SortKey(value, j) <= selection;
-      if (sel) mass += value;
-    }
-    selected[b * width + j] = sel;
-    bias[b * width + j] = BiasAt(j, n, sel, template_mask[b * width + j], st.hard, st.boost);
-  }
+  double mass = WriteSelection(bias, selected, row, template_mask, b, width, lo, hi, n, m, all,
+                               selection, ReadStrength(strength[b]));
   mass = cuda::BlockReduce(mass, reduce, [](double x, double y) { return x + y; });
   if (threadIdx.x == 0) partial[b * gridDim.x + blockIdx.x] = mass;
   if (!LastBlockOfRow(s) || threadIdx.x != 0) return;
