@@ -221,32 +221,6 @@ constexpr int kMergeThreads = 128;
 constexpr int kMergeMaxSplits = 1024;  // weights kept in shared memory; more are recomputed
 constexpr int kMergeUnroll = 8;
 
-__device__ float BlockMax(float v, float* scratch) {
-  for (int offset = cuda::kWarpSize / 2; offset > 0; offset /= 2) {
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  }
-  const int warp = threadIdx.x / cuda::kWarpSize;
-  if (threadIdx.x % cuda::kWarpSize == 0) scratch[warp] = v;
-  __syncthreads();
-  float r = scratch[0];
-  for (int w = 1; w < kMergeThreads / cuda::kWarpSize; ++w) r = fmaxf(r, scratch[w]);
-  __syncthreads();  // scratch is reused
-  return r;
-}
-
-__device__ float BlockSum(float v, float* scratch) {
-  for (int offset = cuda::kWarpSize / 2; offset > 0; offset /= 2) {
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
-  }
-  const int warp = threadIdx.x / cuda::kWarpSize;
-  if (threadIdx.x % cuda::kWarpSize == 0) scratch[warp] = v;
-  __syncthreads();
-  float r = 0.0f;
-  for (int w = 0; w < kMergeThreads / cuda::kWarpSize; ++w) r += scratch[w];
-  __syncthreads();
-  return r;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kMergeThreads)
     MergeSplitsKernel(T* out, const float* partial, int num_heads, int num_splits, int head_dim) {
@@ -257,7 +231,7 @@ __global__ void __launch_bounds__(kMergeThreads)
   const float* part = partial + row * num_splits * stride;
   float max = -INFINITY;
   for (int s = threadIdx.x; s < num_splits; s += kMergeThreads) max = fmaxf(max, part[s * stride]);
-  max = BlockMax(max, s_scratch);
+  max = cuda::BlockReduce(max, s_scratch, [](float x, float y) { return fmaxf(x, y); });
   // A split that saw no key has max -inf and sum 0: weight 0 (and no NaN from -inf - -inf).
   auto weight = [&](int s) {
     const float m = part[s * stride];
@@ -269,7 +243,8 @@ __global__ void __launch_bounds__(kMergeThreads)
     if (s < kMergeMaxSplits) s_weight[s] = w;
     sum += part[s * stride + 1] * w;
   }
-  sum = BlockSum(sum, s_scratch);  // its barrier also publishes s_weight
+  // BlockReduce's first barrier also publishes s_weight.
+  sum = cuda::BlockReduce(sum, s_scratch, [](float x, float y) { return x + y; });
   const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
   for (int d = threadIdx.x; d < head_dim; d += kMergeThreads) {
     float a = 0.0f;
