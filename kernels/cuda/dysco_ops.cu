@@ -220,6 +220,21 @@ __device__ void ChooseDigit(const unsigned* count, const double* mass, bool by_m
   }
 }
 
+// After the mass search (cursor c over a row of n keys): *m, the entries selected: the nucleus size
+// (the crossing entry's rank, at least 1, or n when the row's mass never crosses) capped by `limit`
+// (top_k). True when that already fixes the selection, with *threshold the last selected key: the
+// entries before the crossing one (keys are distinct integers), or that entry alone when it is the
+// first. False when top_k cut the nucleus (or nothing crossed): a rank search for entry m - 1
+// follows.
+__device__ bool CutNucleus(const RadixCursor& c, int64_t n, int64_t limit, int64_t* m,
+                           uint64_t* threshold) {
+  const int64_t nucleus = c.found ? (c.above > 1 ? c.above : 1) : n;
+  *m = min(nucleus, limit);
+  if (!c.found || *m != nucleus) return false;
+  *threshold = c.above >= 1 ? c.prefix - 1 : c.prefix;
+  return true;
+}
+
 // Finds, among the keys of row[0, n), either (by_mass) the first key in ascending order at which
 // the running sum of relevance exceeds threshold, or (!by_mass) the key of the given rank. Leaves
 // it in st.cur.prefix, the number of keys below it in st.cur.above, and st.cur.found = 0 when
@@ -297,14 +312,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     const int64_t limit = k <= 0 ? n : min(k, n);
     if (p > 0.0f) {
       RadixSelect(row, n, /*by_mass=*/true, static_cast<double>(p), 0, st);
-      const int64_t nucleus = st.cur.found ? (st.cur.above > 1 ? st.cur.above : 1) : n;
-      m = min(nucleus, limit);
-      if (st.cur.found && m == nucleus) {
-        // The entries before the crossing one (keys are distinct integers), or that entry alone
-        // when it is the first.
-        threshold = st.cur.above >= 1 ? st.cur.prefix - 1 : st.cur.prefix;
-        known = true;
-      }
+      known = CutNucleus(st.cur, n, limit, &m, &threshold);
     } else {
       m = k <= 0 ? 0 : limit;  // neither set: rejected on the CPU; selects nothing here
     }
@@ -379,11 +387,7 @@ __device__ void StartRankSearchOrFinish(SelectRowState& s, bool known) {
 // The end of a search: what SelectBiasKernel does between and after its two RadixSelect calls.
 __device__ void FinishSearch(SelectRowState& s) {
   if (s.search == kMassSearch) {
-    const int64_t nucleus = s.cur.found ? (s.cur.above > 1 ? s.cur.above : 1) : s.n;
-    s.m = min(nucleus, s.limit);
-    const bool known = s.cur.found && s.m == nucleus;
-    if (known) s.selection = s.cur.above >= 1 ? s.cur.prefix - 1 : s.cur.prefix;
-    StartRankSearchOrFinish(s, known);
+    StartRankSearchOrFinish(s, CutNucleus(s.cur, s.n, s.limit, &s.m, &s.selection));
   } else {
     s.selection = s.cur.prefix;
     s.search = kSearchDone;
