@@ -30,6 +30,19 @@ int64_t MaxOf(const std::vector<int64_t>& v) {
   return m;
 }
 
+// INTERNAL (a bug) unless the row of `c` can be updated at n keys: its relevance has n - 1 entries
+// and its head mean, row out_row of out.probe_mean, covers the n keys.
+Status CheckRelevanceInputs(const DyscoController& c, int64_t n, const ForwardOutput& out,
+                            int64_t out_row) {
+  if (static_cast<int64_t>(c.relevance().size()) == n - 1 && out.probs_len >= n &&
+      static_cast<int64_t>(out.probe_mean.size()) >= (out_row + 1) * out.probs_len) {
+    return OkStatus();
+  }
+  return InternalError("DySCO relevance of a sequence at position " + std::to_string(n - 1) +
+                       " has " + std::to_string(c.relevance().size()) + " entries, its head mean " +
+                       std::to_string(out.probe_mean.empty() ? 0 : out.probs_len));
+}
+
 }  // namespace
 
 std::vector<std::pair<int, int>> UnionOfHeads(const std::vector<const DyscoController*>& rows) {
@@ -76,13 +89,7 @@ Status DyscoBatchOps::UpdateRelevance(const std::vector<const DyscoController*>&
   for (int64_t d = 0; d < D; ++d) {
     const DyscoController& c = *rows[d];
     const int64_t n = num_keys[d];
-    if (static_cast<int64_t>(c.relevance().size()) != n - 1 || out.probs_len < n ||
-        static_cast<int64_t>(out.probe_mean.size()) < (out_rows[d] + 1) * out.probs_len) {
-      return InternalError("DySCO relevance of a sequence at position " + std::to_string(n - 1) +
-                           " has " + std::to_string(c.relevance().size()) +
-                           " entries, its head mean " +
-                           std::to_string(out.probe_mean.empty() ? 0 : out.probs_len));
-    }
+    DYSCO_RETURN_IF_ERROR(CheckRelevanceInputs(c, n, out, out_rows[d]));
     // The head mean is handed to the op as a single head: each row is then independent of which
     // heads (and how many) its batch-mates have.
     const float* mean = out.probe_mean_row(out_rows[d]);
@@ -153,13 +160,7 @@ Status DyscoBatchOps::UpdateRelevanceAndSelect(const std::vector<const DyscoCont
   for (int64_t d = 0; d < D; ++d) {
     const DyscoController& c = *rows[d];
     const int64_t n = num_keys[d];
-    if (static_cast<int64_t>(c.relevance().size()) != n - 1 || out.probs_len < width ||
-        static_cast<int64_t>(out.probe_mean.size()) < D * out.probs_len) {
-      return InternalError("DySCO relevance of a sequence at position " + std::to_string(n - 1) +
-                           " has " + std::to_string(c.relevance().size()) +
-                           " entries, its head mean " +
-                           std::to_string(out.probe_mean.empty() ? 0 : out.probs_len));
-    }
+    DYSCO_RETURN_IF_ERROR(CheckRelevanceInputs(c, n, out, d));
     PackRow(c.relevance(), n - 1, staging_.relevance() + d * width, width);
     decay_[d] = static_cast<float>(c.params().decay_factor);
   }

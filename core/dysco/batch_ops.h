@@ -39,7 +39,7 @@ class DyscoBatchOps {
   // `device`: where the selection op runs ("cpu", "cuda:0": the model's device). On a GPU the
   // selection is one kernel for all rows instead of a host sort per row; its inputs and results
   // cross as [rows, keys] buffers (docs/gpu.md "DySCO on the device").
-  explicit DyscoBatchOps(std::string device = "cpu") : device_(device), staging_(device) {}
+  explicit DyscoBatchOps(std::string device = "cpu") : staging_(std::move(device)) {}
 
   // r_t of each row: row d fed the token at position num_keys[d] - 1 with r_{t-1} =
   // rows[d]->relevance(); the mean of its heads' attention probabilities is row out_rows[d] of
@@ -75,7 +75,6 @@ class DyscoBatchOps {
   Status RunStagedSelection(const std::vector<int64_t>& num_keys, int64_t width,
                             std::vector<DyscoSelection>* selections);
 
-  std::string device_;
   DyscoSelectStaging staging_;
   std::vector<float> relevance_, probs_, bias_, decay_, strength_;
   std::vector<uint8_t> selected_, template_;

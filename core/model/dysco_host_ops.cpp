@@ -4,7 +4,6 @@
 #include "core/model/dysco_host_ops.h"
 
 #include <algorithm>
-#include <cstring>
 #include <string>
 #include <utility>
 
@@ -167,36 +166,6 @@ Status DyscoSelectStaging::Run() {
         on(d_in, b.top_p_at, {batch}, at::kFloat), on(d_in, b.top_k_at, {batch}, at::kLong),
         on(d_in, b.strength_at, {batch}, at::kFloat));
     b.host.narrow(0, b.bias_at, outputs).copy_(d_out);  // waits for the op (the stream's order)
-  });
-}
-
-Status DyscoSelectBias(float* bias, uint8_t* selected, float* stats, const float* relevance,
-                       int64_t batch, int64_t width, const int64_t* num_keys,
-                       const uint8_t* template_mask, const float* top_p, const int64_t* top_k,
-                       const float* strength, const std::string& device) {
-  if (!OnHost(device)) {
-    DyscoSelectStaging staging(device);
-    DYSCO_RETURN_IF_ERROR(staging.Resize(batch, width));
-    const int64_t n = batch * width;
-    std::memcpy(staging.relevance(), relevance, n * 4);
-    std::memcpy(staging.template_mask(), template_mask, n);
-    std::memcpy(staging.num_keys(), num_keys, batch * 8);
-    std::memcpy(staging.top_k(), top_k, batch * 8);
-    std::memcpy(staging.top_p(), top_p, batch * 4);
-    std::memcpy(staging.strength(), strength, batch * 4);
-    DYSCO_RETURN_IF_ERROR(staging.Run());
-    std::memcpy(bias, staging.bias(), n * 4);
-    std::memcpy(selected, staging.selected(), n);
-    std::memcpy(stats, staging.stats(), batch * 8);
-    return OkStatus();
-  }
-  return Guard("dysco::dysco_select_bias", [&] {
-    ops::dysco_select_bias(
-        View(bias, {batch, width}, at::kFloat), View(selected, {batch, width}, at::kBool),
-        View(stats, {batch, 2}, at::kFloat), View(relevance, {batch, width}, at::kFloat),
-        View(num_keys, {batch}, at::kLong), View(template_mask, {batch, width}, at::kBool),
-        View(top_p, {batch}, at::kFloat), View(top_k, {batch}, at::kLong),
-        View(strength, {batch}, at::kFloat));
   });
 }
 

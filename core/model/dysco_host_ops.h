@@ -24,21 +24,14 @@ Status DyscoRelevanceUpdate(float* relevance, int64_t batch, int64_t width, cons
                             int64_t num_heads, int64_t probs_len, const int64_t* num_keys,
                             const float* decay);
 
-// Selection of relevance [batch, width] and its bias: bias [batch, width], selected [batch, width],
-// stats [batch, 2] = (number selected, relevance mass selected). template_mask [batch, width];
-// top_p [batch] (<= 0: unset); top_k [batch] (<= 0: unset); strength [batch].
-// `device` other than "cpu": the op runs there (inputs copied over, results copied back; the
-// buffers stay on the host). Same results: the CUDA op equals the CPU op (sets and biases exact).
-Status DyscoSelectBias(float* bias, uint8_t* selected, float* stats, const float* relevance,
-                       int64_t batch, int64_t width, const int64_t* num_keys,
-                       const uint8_t* template_mask, const float* top_p, const int64_t* top_k,
-                       const float* strength, const std::string& device = "cpu");
-
 // The inputs and outputs of one dysco_select_bias call in one host buffer, page-locked when the op
 // runs on a GPU, so that a caller packs its rows straight into it (and may run the relevance update
 // in place on relevance() first) and reads its results straight out of it: one copy to the device
-// and one back, instead of packing into private buffers and copying again around the call. Layout
-// for [batch, width] rows, as DyscoSelectBias's buffers.
+// and one back, instead of packing into private buffers and copying again around the call.
+// The op: the selection of relevance [batch, width] and its bias: bias [batch, width], selected
+// [batch, width], stats [batch, 2] = (number selected, relevance mass selected); template_mask
+// [batch, width]; top_p [batch] (<= 0: unset); top_k [batch] (<= 0: unset); strength [batch]. On a
+// GPU the results equal the CPU op's (sets and biases exact).
 //
 // Why: at 128K keys the host copies around the selection were most of the DySCO stage between the
 // two passes on the H200 (docs/gpu.md "DySCO on the device").
