@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -225,17 +226,33 @@ void CheckDecode(const Layout& l, const std::vector<int64_t>& lens, at::ScalarTy
   EXPECT_TRUE(Close(gpu_out, cpu_out, tol, tol, Describe(l, dtype, Name(bias_kind))));
 }
 
-// Sets DYSCO_CUDA_ATTENTION_KERNEL (read by the attention launches at every call) for a scope:
-// "mma" (the default choice), "vector" or "scalar" (kernels/cuda/split_attention.cuh).
-class ScopedAttentionKernel {
+// Sets the environment variable `name` to `value` (unset for a null value) for a scope. The CUDA
+// ops read their A/B knobs at every call: DYSCO_CUDA_ATTENTION_KERNEL ("vector" or "scalar" rule
+// out the faster split kernels, kernels/cuda/split_attention.cuh), DYSCO_CUDA_MMA_PREFETCH ("1":
+// the tensor-core kernel's register prefetch), DYSCO_CUDA_SELECT ("single" or "multi": one or many
+// blocks per selection row), DYSCO_CUDA_SPLIT_WAVES, DYSCO_CUDA_LINEAR ("cublas").
+class ScopedEnv {
  public:
-  explicit ScopedAttentionKernel(const char* kernel) {
-    setenv("DYSCO_CUDA_ATTENTION_KERNEL", kernel, 1);
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (value != nullptr) {
+      setenv(name, value, 1);
+    } else {
+      unsetenv(name);
+    }
   }
-  ~ScopedAttentionKernel() { unsetenv("DYSCO_CUDA_ATTENTION_KERNEL"); }
-  ScopedAttentionKernel(const ScopedAttentionKernel&) = delete;
-  ScopedAttentionKernel& operator=(const ScopedAttentionKernel&) = delete;
+  ~ScopedEnv() { unsetenv(name_); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
 };
+
+// The tensor-core kernel's two pipelines: "off" (the default) and "registers"
+// (DYSCO_CUDA_MMA_PREFETCH=1: the next tile's loads before the current tile's arithmetic).
+const char* MmaPrefetchValue(const char* pipeline) {
+  return std::strcmp(pipeline, "registers") == 0 ? "1" : nullptr;
+}
 
 const std::vector<Layout>& Layouts() {
   static const std::vector<Layout> layouts = {
@@ -255,7 +272,7 @@ TEST(CudaPagedAttentionDecode, EqualsCpuOverLayoutsDtypesAndBiases) {
   // Every split kernel: tensor cores (16-bit caches, head_dim 64 and 128), vectorised (head_dim of
   // 4..32 lanes of 16 bytes: 128, 64, 32, and 256 in 16-bit types), scalar (every layout).
   for (const char* kernel : {"mma", "vector", "scalar"}) {
-    ScopedAttentionKernel force(kernel);
+    ScopedEnv force("DYSCO_CUDA_ATTENTION_KERNEL", kernel);
     for (const Layout& l : Layouts()) {
       for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
         for (BiasKind kind :
@@ -268,26 +285,13 @@ TEST(CudaPagedAttentionDecode, EqualsCpuOverLayoutsDtypesAndBiases) {
   }
 }
 
-// Sets the tensor-core kernel's pipeline for a scope (kernels/cuda/split_attention_mma.cu):
-// "registers" (DYSCO_CUDA_MMA_PREFETCH=1: the next tile's loads before the current tile's
-// arithmetic) or "off" (the default: DYSCO_CUDA_MMA_PREFETCH unset).
-class ScopedMmaPipeline {
- public:
-  explicit ScopedMmaPipeline(const std::string& pipeline) {
-    if (pipeline == "registers") setenv("DYSCO_CUDA_MMA_PREFETCH", "1", 1);
-  }
-  ~ScopedMmaPipeline() { unsetenv("DYSCO_CUDA_MMA_PREFETCH"); }
-  ScopedMmaPipeline(const ScopedMmaPipeline&) = delete;
-  ScopedMmaPipeline& operator=(const ScopedMmaPipeline&) = delete;
-};
-
 TEST(CudaPagedAttentionDecode, EveryMmaPipelineEqualsCpu) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(11);
   at::manual_seed(11);
-  ScopedAttentionKernel force("mma");
+  ScopedEnv force("DYSCO_CUDA_ATTENTION_KERNEL", "mma");
   for (const char* pipeline : {"off", "registers"}) {
-    ScopedMmaPipeline scoped(pipeline);
+    ScopedEnv scoped("DYSCO_CUDA_MMA_PREFETCH", MmaPrefetchValue(pipeline));
     for (const Layout& l : {Layout{2, 4, 128, 16}, Layout{3, 1, 64, 7}, Layout{1, 9, 128, 1}}) {
       for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
         for (BiasKind kind : {BiasKind::kNone, BiasKind::kRandom, BiasKind::kWithNegInf}) {
@@ -512,7 +516,7 @@ TEST(CudaAttentionProbs, EqualsCpu) {
   std::mt19937 rng(5);
   at::manual_seed(5);
   for (const char* kernel : {"vector", "scalar"}) {  // the logits pass's two kernels
-    ScopedAttentionKernel force(kernel);
+    ScopedEnv force("DYSCO_CUDA_ATTENTION_KERNEL", kernel);
     for (const Layout& l : Layouts()) {
       const int64_t hq = l.kv_heads * l.group;
       for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
@@ -573,16 +577,6 @@ TEST(CudaDyscoRelevanceUpdate, EqualsCpu) {
     EXPECT_TRUE(Close(gpu_rel, cpu_rel, 1e-9, 1e-5, "relevance width " + std::to_string(c.width)));
   }
 }
-
-// Sets DYSCO_CUDA_SELECT (read by dysco_select_bias at every call) for a scope: "single" (one
-// block per row) or "multi" (many blocks per row, one launch per radix pass).
-class ScopedSelect {
- public:
-  explicit ScopedSelect(const char* mode) { setenv("DYSCO_CUDA_SELECT", mode, 1); }
-  ~ScopedSelect() { unsetenv("DYSCO_CUDA_SELECT"); }
-  ScopedSelect(const ScopedSelect&) = delete;
-  ScopedSelect& operator=(const ScopedSelect&) = delete;
-};
 
 struct SelectCase {
   float top_p;    // <= 0: unset
@@ -645,7 +639,7 @@ TEST(CudaDyscoSelectBias, TiesAreBrokenByPositionAsOnCpu) {
 // rows shorter than a block, rows across several blocks, ties, every case.
 TEST(CudaDyscoSelectBias, ManyBlocksGiveTheCpuSetsOnShortRows) {
   SKIP_WITHOUT_GPU();
-  ScopedSelect multi("multi");
+  ScopedEnv multi("DYSCO_CUDA_SELECT", "multi");
   at::manual_seed(8);
   CheckSelect({0, 1, 2, 77, 4095, 4097, 6000}, 6000, false, SelectCases());
   at::manual_seed(9);
@@ -658,7 +652,7 @@ TEST(CudaDyscoSelectBias, SameSetsAt128KKeys) {
   at::manual_seed(10);
   CheckSelect({131072, 100000}, 131072, false, SelectCases());
   CheckSelect({131072}, 131072, true, {{0.9f, 4096, 2.0f}, {0.0f, 4096, 100.0f}});
-  ScopedSelect single("single");
+  ScopedEnv single("DYSCO_CUDA_SELECT", "single");
   CheckSelect({131072, 100000}, 131072, false, {{0.9f, 4096, 2.0f}, {0.5f, 0, 100.0f}});
 }
 
@@ -707,9 +701,10 @@ TEST(CudaLinear, GemvEqualsCublas) {
       at::Tensor gemv = at::full({m, n}, kNaN, bf16);
       at::Tensor cublas = at::full({m, n}, kNaN, bf16);
       ops::linear(gemv, input, weight.contiguous());
-      setenv("DYSCO_CUDA_LINEAR", "cublas", 1);
-      ops::linear(cublas, input, weight.contiguous());
-      unsetenv("DYSCO_CUDA_LINEAR");
+      {
+        ScopedEnv force_cublas("DYSCO_CUDA_LINEAR", "cublas");
+        ops::linear(cublas, input, weight.contiguous());
+      }
       EXPECT_TRUE(Close(gemv.cpu(), cublas.cpu(), 5e-2, 1e-2,
                         "m=" + std::to_string(m) + " k=" + std::to_string(k)));
     }
@@ -1036,7 +1031,7 @@ TEST(CudaOps, DecodeStepOpsCaptureInACudaGraph) {
 // replayed from the captured state).
 TEST(CudaOps, DecodeStepOpsWithManyBlockSelectionCaptureInACudaGraph) {
   SKIP_WITHOUT_GPU();
-  ScopedSelect multi("multi");
+  ScopedEnv multi("DYSCO_CUDA_SELECT", "multi");
   CheckDecodeStepGraph();
 }
 
@@ -1106,14 +1101,14 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
       [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); }, 20);
   double vector_ms = 0.0;
   {
-    ScopedAttentionKernel force("vector");
+    ScopedEnv force("DYSCO_CUDA_ATTENTION_KERNEL", "vector");
     vector_ms = MillisecondsPerCall(
         [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); },
         20);
   }
   double scalar_ms = 0.0;
   {
-    ScopedAttentionKernel force("scalar");
+    ScopedEnv force("DYSCO_CUDA_ATTENTION_KERNEL", "scalar");
     scalar_ms = MillisecondsPerCall(
         [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); },
         20);
@@ -1121,11 +1116,10 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
   // Tuning evidence (printed, not asserted): the split count in waves of resident blocks, and a
   // page table in order instead of shuffled.
   for (const char* waves : {"2", "4"}) {
-    setenv("DYSCO_CUDA_SPLIT_WAVES", waves, 1);
+    const ScopedEnv split_waves("DYSCO_CUDA_SPLIT_WAVES", waves);
     const double ms = MillisecondsPerCall(
         [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); },
         20);
-    unsetenv("DYSCO_CUDA_SPLIT_WAVES");
     std::printf("[timing] paged_attention_decode, splits of %s waves: %.3f ms (%.2fx floor)\n",
                 waves, ms, ms / floor_ms);
   }
@@ -1140,7 +1134,7 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
   // The tensor-core kernel's two pipelines (plain and with a bias): tiles not prefetched (the
   // default) and the register prefetch.
   for (const char* pipeline : {"off", "registers"}) {
-    ScopedMmaPipeline scoped(pipeline);
+    ScopedEnv scoped("DYSCO_CUDA_MMA_PREFETCH", MmaPrefetchValue(pipeline));
     const double ms = MillisecondsPerCall(
         [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); },
         20);
@@ -1178,7 +1172,7 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
       20);
   double scalar_probs_ms = 0.0;
   {
-    ScopedAttentionKernel force("scalar");
+    ScopedEnv force("DYSCO_CUDA_ATTENTION_KERNEL", "scalar");
     scalar_probs_ms = MillisecondsPerCall(
         [&] { ops::attention_probs(probs, query, kv, tables, lens, heads, scale, c10::nullopt); },
         20);
@@ -1209,7 +1203,7 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
   std::printf("[timing] dysco_relevance_update 128K: %.3f ms\n", relevance_ms);
   double single_select_ms = 0.0;
   {
-    ScopedSelect single("single");
+    ScopedEnv single("DYSCO_CUDA_SELECT", "single");
     single_select_ms = MillisecondsPerCall(
         [&] {
           ops::dysco_select_bias(bias, selected, stats, relevance, lens, tmpl, top_p, top_k,
@@ -1258,9 +1252,11 @@ TEST(CudaTiming, LinearLayersOfADecodeStep) {
         flip = !flip;
       };
       const double gemv_ms = MillisecondsPerCall(call, 40);
-      setenv("DYSCO_CUDA_LINEAR", "cublas", 1);
-      const double cublas_ms = MillisecondsPerCall(call, 40);
-      unsetenv("DYSCO_CUDA_LINEAR");
+      double cublas_ms = 0.0;
+      {
+        ScopedEnv force_cublas("DYSCO_CUDA_LINEAR", "cublas");
+        cublas_ms = MillisecondsPerCall(call, 40);
+      }
       std::printf(
           "[timing] linear %-7s N=%6lld K=%5lld M=%lld: gemv %.4f ms (%.2fx floor), cublas %.4f ms "
           "(%.2fx floor), floor %.4f ms\n",
