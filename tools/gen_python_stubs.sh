@@ -13,7 +13,17 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 py="${PYTHON:-$root/.venv/bin/python}"
 out="$1"
 mkdir -p "$out"
-"$py" -m grpc_tools.protoc -I"$root/proto/dysco/v1" --python_out="$out" --grpc_python_out="$out" \
-  "$root/proto/dysco/v1/generation.proto"
-"$py" -m grpc_tools.protoc -I"$root/proto/grpc/health/v1" --python_out="$out" --grpc_python_out="$out" \
-  "$root/proto/grpc/health/v1/health.proto"
+# grpcio-tools where the interpreter has it (the CI venv); else protoc with gRPC's Python plugin (Debian's
+# protobuf-compiler and protobuf-compiler-grpc: the GPU machine, whose python3 has grpcio but not the tools).
+if "$py" -c "import grpc_tools.protoc" 2>/dev/null; then
+  protoc=("$py" -m grpc_tools.protoc)
+elif command -v protoc > /dev/null && command -v grpc_python_plugin > /dev/null; then
+  protoc=(protoc "--plugin=protoc-gen-grpc_python=$(command -v grpc_python_plugin)")
+else
+  echo "gen_python_stubs: neither grpc_tools (pip grpcio-tools) nor protoc + grpc_python_plugin found" >&2
+  exit 1
+fi
+for proto in dysco/v1/generation.proto grpc/health/v1/health.proto; do
+  "${protoc[@]}" -I"$root/proto/$(dirname "$proto")" --python_out="$out" --grpc_python_out="$out" \
+    "$root/proto/$proto"
+done

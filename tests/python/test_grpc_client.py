@@ -6,7 +6,9 @@ config.json, Tokenize against the `tokenizers` library, INVALID_ARGUMENT errors 
 mid-stream, and the Prometheus endpoint. Also drives build/bin/dysco-client when it is built.
 
 Skipped when the server binary or the model package is missing, unless the CI environment variable is set
-(then it fails). DYSCO_SERVER_BIN / DYSCO_CLIENT_BIN / DYSCO_MODEL_DIR override the default paths.
+(then it fails). DYSCO_SERVER_BIN / DYSCO_CLIENT_BIN / DYSCO_MODEL_DIR override the default paths, and
+DYSCO_SERVER_DEVICE the server's --device (scripts/gpu-default-model.sh runs this file against the server on
+cuda:0: the same assertions on the GPU).
 """
 
 import json
@@ -27,6 +29,11 @@ REPO = Path(__file__).resolve().parents[2]
 SERVER_BIN = Path(os.environ.get("DYSCO_SERVER_BIN", REPO / "build" / "bin" / "dysco-server"))
 CLIENT_BIN = Path(os.environ.get("DYSCO_CLIENT_BIN", REPO / "build" / "bin" / "dysco-client"))
 MODEL_DIR = Path(os.environ.get("DYSCO_MODEL_DIR", REPO / "models" / "smollm2-135m-instruct"))
+SERVER_DEVICE = os.environ.get("DYSCO_SERVER_DEVICE", "cpu")
+# Health: "" is liveness (SERVING once the server listens), this service is readiness (SERVING once the model
+# is loaded; server/dysco_server.h). Waiting on liveness alone raced the load: on cuda:0 the first RPCs got
+# UNAVAILABLE "the model is loading".
+READINESS_SERVICE = "dysco.v1.Generation"
 FRANCE = "What is the capital of France? Answer in one sentence."
 STARTUP_TIMEOUT_S = 90
 RPC_TIMEOUT_S = 60
@@ -96,7 +103,8 @@ def server(pb, tmp_path_factory):
     log = open(log_path, "w")
     process = subprocess.Popen(
         [str(SERVER_BIN), "--model", str(MODEL_DIR), "--host", "127.0.0.1", "--port", str(port),
-         "--metrics-port", str(metrics_port), "--kv-cache-mb", "256", "--max-batch", "8"],
+         "--metrics-port", str(metrics_port), "--kv-cache-mb", "256", "--max-batch", "8",
+         "--device", SERVER_DEVICE],
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     target = f"127.0.0.1:{port}"
     channel = grpc.insecure_channel(target)
@@ -107,7 +115,8 @@ def server(pb, tmp_path_factory):
             if process.poll() is not None:
                 pytest.fail(f"dysco-server exited with {process.returncode} during startup:\n{srv.log_tail()}")
             try:
-                reply = srv.health.Check(pb.health.HealthCheckRequest(service=""), timeout=1)
+                reply = srv.health.Check(pb.health.HealthCheckRequest(service=READINESS_SERVICE),
+                                         timeout=1)
                 if reply.status == pb.health.HealthCheckResponse.SERVING:
                     break
             except grpc.RpcError:
@@ -156,8 +165,9 @@ def _france_messages(pb):
 
 
 def test_health_serving(pb, server):
-    reply = server.health.Check(pb.health.HealthCheckRequest(service=""), timeout=5)
-    assert reply.status == pb.health.HealthCheckResponse.SERVING
+    for service in ("", READINESS_SERVICE):
+        reply = server.health.Check(pb.health.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == pb.health.HealthCheckResponse.SERVING, service
 
 
 def test_generate_chat_france_streams_paris(pb, server):
@@ -204,7 +214,7 @@ def test_model_info_matches_package_config(pb, server):
     assert info.limits.max_batch_size == 8  # --max-batch 8 above
     assert info.limits.max_context_tokens > 0 and info.limits.max_new_tokens > 0
     assert info.limits.kv_cache_pages > 0 and info.limits.kv_page_size > 0
-    assert info.device
+    assert info.device == SERVER_DEVICE  # the device the server was started on
 
 
 def test_tokenize_matches_hf_tokenizers(pb, server):
