@@ -152,6 +152,51 @@ __device__ __forceinline__ uint64_t SortKey(float value, int64_t position) {
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// ---- Programmatic dependent launch (sm_90; docs/gpu.md "Linear layers"). A kernel launched with
+// LaunchOnStream(early = true) may start before the kernel ahead of it on the stream has finished,
+// once every block of that kernel has called AllowDependentLaunch (or exited), so that its launch
+// and block scheduling overlap the tail of the kernel ahead; it must call WaitForPrerequisiteGrids
+// before it reads anything that kernel writes or writes anything it reads (the wait returns once
+// the kernel ahead has completed and its writes are visible). In a kernel launched without the
+// attribute both calls are no-ops, so the kernels work under any launch; a CUDA graph captures the
+// early start as a programmatic edge.
+__device__ __forceinline__ void AllowDependentLaunch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void WaitForPrerequisiteGrids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// Which kernels start early: the environment variable DYSCO_CUDA_PDL = "0" (none), unset or "1"
+// (linear's GEMV: the default), "all" (also add_rms_norm, rms_norm and silu_mul). Read per call,
+// for A/B timing in one process (test_kernels_cuda, bench-gpu).
+enum class EarlyStart { kNone = 0, kGemv = 1, kAll = 2 };
+EarlyStart EarlyStartLevel();
+// Launches kernel<<<grid, block, 0, stream>>>(args...), allowed to start early (above) when
+// `early`, else as a plain launch.
+template <typename... KernelArgs, typename... Args>
+void LaunchOnStream(bool early, void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
+                    cudaStream_t stream, Args... args) {
+  if (!early) {
+    kernel<<<grid, block, 0, stream>>>(args...);
+    return;
+  }
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<KernelArgs>(args)...));
+}
+
 // Whether p may be read and written in 16-byte words (the vectorised paths' precondition).
 inline bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 

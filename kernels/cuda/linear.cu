@@ -8,6 +8,9 @@
 // step (docs/gpu.md "Linear layers"). Everything else (fp32, more rows, K not a multiple of 8,
 // unaligned pointers) goes to cuBLAS, with tensor cores for bf16/fp16.
 // DYSCO_CUDA_LINEAR=cublas forces cuBLAS (read per call, for A/B timing in tests and benches).
+// The GEMV is launched to start while the kernel ahead of it finishes (programmatic dependent
+// launch, cuda_common.cuh): the norm, SwiGLU and split-merge kernels that precede a decode step's
+// GEMVs allow that early start. DYSCO_CUDA_PDL=0 turns it off (docs/gpu.md "Linear layers").
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -58,6 +61,11 @@ __global__ void __launch_bounds__(kGemvWarps* cuda::kWarpSize)
     // A row past N (odd N, last warp) re-reads row n0: its sums are never stored.
     wv[r] = reinterpret_cast<const uint4*>(w) + (n0 + r < n ? n0 + r : n0) * k8;
   }
+  // Launched to start early (cuda_common.cuh): wait for the kernel that writes x before reading
+  // it or writing out; under a plain launch the wait returns at once. The kernel after may start
+  // (DYSCO_CUDA_PDL=all).
+  cuda::WaitForPrerequisiteGrids();
+  cuda::AllowDependentLaunch();
   float acc[M][R];
 #pragma unroll
   for (int m = 0; m < M; ++m) {
@@ -101,6 +109,17 @@ __global__ void __launch_bounds__(kGemvWarps* cuda::kWarpSize)
   }
 }
 
+}  // namespace
+
+cuda::EarlyStart cuda::EarlyStartLevel() {
+  const char* v = std::getenv("DYSCO_CUDA_PDL");
+  if (v == nullptr) return EarlyStart::kGemv;
+  if (std::strcmp(v, "0") == 0) return EarlyStart::kNone;
+  return std::strcmp(v, "all") == 0 ? EarlyStart::kAll : EarlyStart::kGemv;
+}
+
+namespace {
+
 bool ForcedCublas() {
   const char* v = std::getenv("DYSCO_CUDA_LINEAR");
   return v != nullptr && std::strcmp(v, "cublas") == 0;
@@ -110,9 +129,10 @@ template <typename T, int M>
 void LaunchGemv(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
   const int64_t n = weight.size(0);
   const int64_t rows_per_block = int64_t{kGemvWarps} * kGemvRowsPerWarp;
-  GemvKernel<T, M><<<static_cast<unsigned>(cuda::CeilDiv(n, rows_per_block)),
-                     kGemvWarps * cuda::kWarpSize, 0, cuda::CurrentStream()>>>(
-      out.data_ptr<T>(), input.data_ptr<T>(), weight.data_ptr<T>(), n, input.size(1) / 8);
+  cuda::LaunchOnStream(cuda::EarlyStartLevel() != cuda::EarlyStart::kNone, GemvKernel<T, M>,
+                       dim3(static_cast<unsigned>(cuda::CeilDiv(n, rows_per_block))),
+                       dim3(kGemvWarps * cuda::kWarpSize), cuda::CurrentStream(), out.data_ptr<T>(),
+                       input.data_ptr<T>(), weight.data_ptr<T>(), n, input.size(1) / 8);
 }
 
 template <typename T>

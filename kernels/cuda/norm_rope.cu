@@ -69,6 +69,8 @@ __device__ __forceinline__ void RotatePair(float lo, float hi, const T* c, const
 template <typename T>
 __global__ void __launch_bounds__(kWarpRowThreads)
     RmsNormWarpKernel(T* out, const T* input, const T* weight, int64_t rows, int64_t d, float eps) {
+  cuda::AllowDependentLaunch();      // the GEMV after it may start (linear.cu)
+  cuda::WaitForPrerequisiteGrids();  // launched to start early: DYSCO_CUDA_PDL=all
   const int64_t row = blockIdx.x * static_cast<int64_t>(kWarpRowThreads / cuda::kWarpSize) +
                       threadIdx.x / cuda::kWarpSize;
   if (row >= rows) return;  // whole warps leave: the shuffles below see full warps
@@ -84,6 +86,8 @@ __global__ void __launch_bounds__(kWarpRowThreads)
 template <typename T>
 __global__ void __launch_bounds__(kNormThreads)
     RmsNormKernel(T* out, const T* input, const T* weight, int64_t d, float eps) {
+  cuda::AllowDependentLaunch();      // the GEMV after it may start (linear.cu)
+  cuda::WaitForPrerequisiteGrids();  // launched to start early: DYSCO_CUDA_PDL=all
   __shared__ float shared[kNormThreads / cuda::kWarpSize];
   using C = cuda::Convert<T>;
   const T* x = input + blockIdx.x * d;
@@ -241,6 +245,8 @@ template <int V, typename T>
 __global__ void __launch_bounds__(kWarpRowThreads)
     AddRmsNormWarpKernel(T* out, T* sum, const T* input, const T* residual, const T* weight,
                          int64_t rows, int64_t d, float eps) {
+  cuda::AllowDependentLaunch();      // the GEMV after it may start (linear.cu)
+  cuda::WaitForPrerequisiteGrids();  // launched to start early: DYSCO_CUDA_PDL=all
   const int64_t row = blockIdx.x * static_cast<int64_t>(kWarpRowThreads / cuda::kWarpSize) +
                       threadIdx.x / cuda::kWarpSize;
   if (row >= rows) return;  // whole warps leave: the shuffles below see full warps
@@ -258,6 +264,8 @@ template <int V, typename T>
 __global__ void __launch_bounds__(kNormThreads)
     AddRmsNormKernel(T* out, T* sum, const T* input, const T* residual, const T* weight, int64_t d,
                      float eps) {
+  cuda::AllowDependentLaunch();      // the GEMV after it may start (linear.cu)
+  cuda::WaitForPrerequisiteGrids();  // launched to start early: DYSCO_CUDA_PDL=all
   __shared__ float shared[kNormThreads / cuda::kWarpSize];
   const int64_t row = blockIdx.x;
   const int64_t units = d / V;
@@ -268,22 +276,28 @@ __global__ void __launch_bounds__(kNormThreads)
   NormRowPart<V>(out + row * d, sum + row * d, weight, units, threadIdx.x, blockDim.x, inv);
 }
 
+// Whether the norm and SwiGLU kernels are launched to start early (cuda_common.cuh; they wait for
+// the kernel ahead first thing either way): DYSCO_CUDA_PDL=all.
+bool EarlyNorm() { return cuda::EarlyStartLevel() == cuda::EarlyStart::kAll; }
+
 template <int V, typename T>
 void LaunchAddRmsNorm(T* out, T* sum, const T* input, const T* residual, const T* weight,
                       int64_t rows, int64_t d, float eps) {
   if (d <= kWarpRowMax) {
     const int64_t rows_per_block = kWarpRowThreads / cuda::kWarpSize;
-    AddRmsNormWarpKernel<V, T>
-        <<<static_cast<unsigned>(cuda::CeilDiv(rows, rows_per_block)), kWarpRowThreads, 0,
-           cuda::CurrentStream()>>>(out, sum, input, residual, weight, rows, d, eps);
+    cuda::LaunchOnStream(EarlyNorm(), AddRmsNormWarpKernel<V, T>,
+                         dim3(static_cast<unsigned>(cuda::CeilDiv(rows, rows_per_block))),
+                         dim3(kWarpRowThreads), cuda::CurrentStream(), out, sum, input, residual,
+                         weight, rows, d, eps);
   } else {
     // Threads for the row's units (d / V), whole warps, at most kNormThreads: a vectorised row of
     // 4096 bf16 is 512 units, one per thread.
     const int64_t units = d / V;
     const auto threads = static_cast<unsigned>(std::min<int64_t>(
         kNormThreads, cuda::CeilDiv(units, int64_t{cuda::kWarpSize}) * cuda::kWarpSize));
-    AddRmsNormKernel<V, T><<<static_cast<unsigned>(rows), threads, 0, cuda::CurrentStream()>>>(
-        out, sum, input, residual, weight, d, eps);
+    cuda::LaunchOnStream(EarlyNorm(), AddRmsNormKernel<V, T>, dim3(static_cast<unsigned>(rows)),
+                         dim3(threads), cuda::CurrentStream(), out, sum, input, residual, weight, d,
+                         eps);
   }
 }
 
@@ -295,6 +309,8 @@ constexpr int kSiluThreads = 256;
 template <int V, typename T>
 __global__ void __launch_bounds__(kSiluThreads)
     SiluMulKernel(T* out, const T* input, int64_t units, int64_t n) {
+  cuda::AllowDependentLaunch();      // the GEMV after it may start (linear.cu)
+  cuda::WaitForPrerequisiteGrids();  // launched to start early: DYSCO_CUDA_PDL=all
   using C = cuda::Convert<T>;
   const int64_t unit = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (unit >= units) return;
@@ -357,14 +373,14 @@ void silu_mul_cuda(const at::Tensor& out, const at::Tensor& input) {
     // Rows of whole vectors (n % V == 0 keeps both halves of every row aligned).
     if (n % kV == 0 && cuda::Aligned16(y) && cuda::Aligned16(x)) {
       const int64_t units = out.numel() / kV;
-      SiluMulKernel<kV, scalar_t>
-          <<<static_cast<unsigned>(cuda::CeilDiv(units, int64_t{kSiluThreads})), kSiluThreads, 0,
-             cuda::CurrentStream()>>>(y, x, units, n);
+      cuda::LaunchOnStream(EarlyNorm(), SiluMulKernel<kV, scalar_t>,
+                           dim3(static_cast<unsigned>(cuda::CeilDiv(units, int64_t{kSiluThreads}))),
+                           dim3(kSiluThreads), cuda::CurrentStream(), y, x, units, n);
     } else {
       const int64_t units = out.numel();
-      SiluMulKernel<1, scalar_t>
-          <<<static_cast<unsigned>(cuda::CeilDiv(units, int64_t{kSiluThreads})), kSiluThreads, 0,
-             cuda::CurrentStream()>>>(y, x, units, n);
+      cuda::LaunchOnStream(EarlyNorm(), SiluMulKernel<1, scalar_t>,
+                           dim3(static_cast<unsigned>(cuda::CeilDiv(units, int64_t{kSiluThreads}))),
+                           dim3(kSiluThreads), cuda::CurrentStream(), y, x, units, n);
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -381,15 +397,16 @@ void rms_norm_cuda(const at::Tensor& out, const at::Tensor& input, const at::Ten
   DYSCO_CUDA_DISPATCH_CACHE_TYPES(input.scalar_type(), kRmsNormOp, [&] {
     if (d <= kWarpRowMax) {
       const int64_t rows_per_block = kWarpRowThreads / cuda::kWarpSize;
-      RmsNormWarpKernel<scalar_t><<<static_cast<unsigned>(cuda::CeilDiv(rows, rows_per_block)),
-                                    kWarpRowThreads, 0, cuda::CurrentStream()>>>(
-          out.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), rows,
-          d, static_cast<float>(eps));
+      cuda::LaunchOnStream(EarlyNorm(), RmsNormWarpKernel<scalar_t>,
+                           dim3(static_cast<unsigned>(cuda::CeilDiv(rows, rows_per_block))),
+                           dim3(kWarpRowThreads), cuda::CurrentStream(), out.data_ptr<scalar_t>(),
+                           input.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), rows, d,
+                           static_cast<float>(eps));
     } else {
-      RmsNormKernel<scalar_t>
-          <<<static_cast<unsigned>(rows), kNormThreads, 0, cuda::CurrentStream()>>>(
-              out.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), d,
-              static_cast<float>(eps));
+      cuda::LaunchOnStream(EarlyNorm(), RmsNormKernel<scalar_t>, dim3(static_cast<unsigned>(rows)),
+                           dim3(kNormThreads), cuda::CurrentStream(), out.data_ptr<scalar_t>(),
+                           input.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), d,
+                           static_cast<float>(eps));
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -224,6 +224,7 @@ constexpr int kMergeUnroll = 8;
 template <typename T>
 __global__ void __launch_bounds__(kMergeThreads)
     MergeSplitsKernel(T* out, const float* partial, int num_heads, int num_splits, int head_dim) {
+  cuda::AllowDependentLaunch();  // the o_proj GEMV after it may start (linear.cu)
   __shared__ float s_weight[kMergeMaxSplits];
   __shared__ float s_scratch[kMergeThreads / cuda::kWarpSize];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * num_heads + blockIdx.y;

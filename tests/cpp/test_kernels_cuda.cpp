@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <sstream>
@@ -1263,6 +1264,119 @@ TEST(CudaTiming, LinearLayersOfADecodeStep) {
           shape.name, static_cast<long long>(shape.n), static_cast<long long>(shape.k),
           static_cast<long long>(m), gemv_ms, gemv_ms / floor_ms, cublas_ms, cublas_ms / floor_ms,
           floor_ms);
+    }
+  }
+}
+
+// Decode layers of the Qwen3-8B shape at 8K keys as a step runs them (add_rms_norm, the q/k/v GEMV,
+// paged attention with its split merge, the o GEMV, add_rms_norm, the gate/up GEMV, silu_mul, the
+// down GEMV; the q/k norms, ropes and KV write left out), four layers of distinct weights (1.5 GB,
+// so that L2 holds none of them), captured into a CUDA graph with the GEMVs launched to start early
+// (the default: linear.cu), with the norms and SwiGLU too (DYSCO_CUDA_PDL=all) and with none. Every
+// graph's output must equal the eager chain's bit for bit (a kernel that read its input before the
+// kernel ahead had written it would differ); each replay is timed against the floor: the weights'
+// and the KV cache's bytes over the copy bandwidth of the same run.
+TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(23);
+  const int64_t hidden = 4096, inter = 12288, hq = 32, hkv = 8, d = 128, layers = 4;
+  const int64_t keys = 8192, page_size = 16, pages = keys / page_size;
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  const auto i64 = at::TensorOptions().dtype(at::kLong).device(at::kCUDA);
+  struct Layer {
+    at::Tensor norm1, qkv, o, norm2, gate_up, down, kv;
+  };
+  std::vector<Layer> w;
+  for (int64_t l = 0; l < layers; ++l) {
+    w.push_back(
+        Layer{at::rand({hidden}, bf16) + 0.5, at::randn({(hq + 2 * hkv) * d, hidden}, bf16) / 64,
+              at::randn({hidden, hq * d}, bf16) / 64, at::rand({hidden}, bf16) + 0.5,
+              at::randn({2 * inter, hidden}, bf16) / 64, at::randn({hidden, inter}, bf16) / 64,
+              at::randn({2, pages, page_size, hkv, d}, bf16)});
+  }
+  const at::Tensor tables = at::randperm(pages, i64).to(at::kInt).reshape({1, pages});
+  const at::Tensor lens = at::full({1}, keys, i64);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  const at::Tensor input = at::randn({1, hidden}, bf16);
+  const at::Tensor residual0 = at::randn({1, hidden}, bf16);
+  at::Tensor hidden_state = at::empty({1, hidden}, bf16), residual = at::empty({1, hidden}, bf16);
+  at::Tensor normed = at::empty({1, hidden}, bf16), sum = at::empty({1, hidden}, bf16);
+  at::Tensor qkv = at::empty({1, (hq + 2 * hkv) * d}, bf16), attn = at::empty({1, hq, d}, bf16);
+  at::Tensor o = at::empty({1, hidden}, bf16), gate_up = at::empty({1, 2 * inter}, bf16);
+  at::Tensor act = at::empty({1, inter}, bf16), down = at::empty({1, hidden}, bf16);
+  auto chain = [&] {
+    hidden_state.copy_(input);
+    residual.copy_(residual0);
+    for (const Layer& l : w) {
+      ops::add_rms_norm(normed, sum, hidden_state, residual, l.norm1, 1e-6);
+      ops::linear(qkv, normed, l.qkv);
+      const at::Tensor query = qkv.narrow(1, 0, hq * d).reshape({1, hq, d});
+      ops::paged_attention_decode(attn, query, l.kv, tables, lens, scale, c10::nullopt);
+      ops::linear(o, attn.reshape({1, hq * d}), l.o);
+      ops::add_rms_norm(normed, residual, o, sum, l.norm2, 1e-6);
+      ops::linear(gate_up, normed, l.gate_up);
+      ops::silu_mul(act, gate_up);
+      ops::linear(down, act, l.down);
+      hidden_state.copy_(down);
+    }
+  };
+  auto capture = [&](at::cuda::CUDAGraph& graph) {
+    // The capture stream does not wait for the default one: what ran there must be done before the
+    // warm-up below overwrites the same buffers.
+    c10::cuda::device_synchronize();
+    const c10::cuda::CUDAStreamGuard guard(c10::cuda::getStreamFromPool());
+    chain();  // warm-up on the capture stream
+    graph.capture_begin();
+    chain();
+    graph.capture_end();
+    c10::cuda::device_synchronize();  // the warm-up, before the default stream touches its buffers
+  };
+  at::Tensor expected;
+  {
+    const ScopedEnv plain("DYSCO_CUDA_PDL", "0");
+    chain();
+    expected = hidden_state.clone();
+    c10::cuda::device_synchronize();
+  }
+  // The default (the GEMVs start early) first, then the other settings of DYSCO_CUDA_PDL
+  // (linear.cu).
+  struct Variant {
+    const char* label;
+    const char* pdl;  // DYSCO_CUDA_PDL, nullptr: unset
+  };
+  const std::vector<Variant> variants = {
+      {"GEMVs start early (default)", nullptr},
+      {"GEMVs, norms and SwiGLU start early", "all"},
+      {"plain launches", "0"},
+  };
+  std::vector<std::unique_ptr<at::cuda::CUDAGraph>> graphs;
+  for (const Variant& v : variants) {
+    std::unique_ptr<ScopedEnv> pdl;
+    if (v.pdl != nullptr) pdl = std::make_unique<ScopedEnv>("DYSCO_CUDA_PDL", v.pdl);
+    graphs.push_back(std::make_unique<at::cuda::CUDAGraph>());
+    capture(*graphs.back());
+    hidden_state.fill_(kNaN);
+    graphs.back()->replay();
+    c10::cuda::device_synchronize();
+    EXPECT_TRUE(at::equal(hidden_state, expected)) << v.label;
+  }
+  at::Tensor copy_src =
+      at::empty({1LL << 30}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
+  at::Tensor copy_dst = at::empty_like(copy_src);
+  const double copy_ms = MillisecondsPerCall([&] { copy_dst.copy_(copy_src); }, 10);
+  const double bandwidth = 2.0 * copy_src.numel() / (copy_ms * 1e-3);
+  const double layer_bytes = 2.0 * (w[0].qkv.numel() + w[0].o.numel() + w[0].gate_up.numel() +
+                                    w[0].down.numel() + w[0].kv.numel());
+  const double floor_ms = layer_bytes / bandwidth * 1e3;
+  // Twice over the variants, so that a drift of the clocks shows as a difference between rounds.
+  for (int round = 0; round < 2; ++round) {
+    for (size_t i = 0; i < variants.size(); ++i) {
+      const double ms = MillisecondsPerCall([&] { graphs[i]->replay(); }, 50) / layers;
+      std::printf(
+          "[timing] decode layer at 8K keys (Qwen3-8B weights, a graph of %lld layers), %s: %.4f "
+          "ms "
+          "(%.3fx floor %.4f ms)\n",
+          static_cast<long long>(layers), variants[i].label, ms, ms / floor_ms, floor_ms);
     }
   }
 }
