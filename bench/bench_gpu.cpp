@@ -393,6 +393,8 @@ class Bench {
   }
 
   const dysco::DyscoController& controller() const { return *controller_; }
+  // The relevance update and selection's phases (DyscoBatchOps::StageSeconds), summed over calls.
+  const dysco::DyscoBatchOps::StageSeconds& stage_seconds() const { return ops_.stage_seconds(); }
   // The dynamic warm-up steps of the last PrepareDysco: (position, keys selected, their mass).
   struct WarmupSelection {
     int64_t position;
@@ -560,6 +562,9 @@ struct ContextResult {
   double plain_floor_s = 0, dysco_floor_s = 0;
   double plain_bytes = 0, dysco_bytes = 0;
   double spec_s = 0, select_s = 0, real_s = 0;  // mean per DySCO step
+  // Mean per DySCO step: select_s by phase (DyscoBatchOps::StageSeconds).
+  double stage_pack_s = 0, stage_update_s = 0, stage_relevance_out_s = 0, stage_select_s = 0,
+         stage_results_out_s = 0;
   // Mean per plain step's graph replay: ModelRunner::CudaGraphStats' host phases.
   double host_prepare_s = 0, host_replay_s = 0, host_read_s = 0;
   int64_t num_selected = 0;
@@ -744,6 +749,7 @@ int main(int argc, char** argv) {
       num_probe_heads = static_cast<int64_t>(params.selected_heads.size());
       for (int64_t s = 0; s < warmup; ++s) bench.DyscoStep(L - 1);
       times.clear();
+      const dysco::DyscoBatchOps::StageSeconds stage0 = bench.stage_seconds();
       for (int64_t s = 0; s < steps; ++s) {
         const auto t0 = Clock::now();
         bench.DyscoStep(L - 1, &r.spec_s, &r.select_s, &r.real_s);
@@ -752,6 +758,12 @@ int main(int argc, char** argv) {
       r.spec_s /= steps;
       r.select_s /= steps;
       r.real_s /= steps;
+      const dysco::DyscoBatchOps::StageSeconds& stage1 = bench.stage_seconds();
+      r.stage_pack_s = (stage1.pack - stage0.pack) / steps;
+      r.stage_update_s = (stage1.update - stage0.update) / steps;
+      r.stage_relevance_out_s = (stage1.relevance_out - stage0.relevance_out) / steps;
+      r.stage_select_s = (stage1.select - stage0.select) / steps;
+      r.stage_results_out_s = (stage1.results_out - stage0.results_out) / steps;
       r.dysco = Summarise(times);
       r.dysco_bytes = r.plain_bytes + bytes.SpeculativePass(L, probe_last_layer);
       r.dysco_floor_s = r.dysco_bytes / bandwidth;
@@ -766,6 +778,13 @@ int main(int argc, char** argv) {
         r.host_replay_s * 1e3, r.host_read_s * 1e3, r.dysco.mean * 1e3, r.dysco.p50 * 1e3,
         r.spec_s * 1e3, r.select_s * 1e3, r.real_s * 1e3, static_cast<long long>(r.num_selected),
         Seconds(c0, Clock::now()));
+    if (with_dysco) {
+      std::printf(
+          "context %lld: DySCO relevance + selection by phase (ms per step): pack %.3f, relevance "
+          "update %.3f, relevance out %.3f, selection %.3f, sets and biases out %.3f\n",
+          static_cast<long long>(L), r.stage_pack_s * 1e3, r.stage_update_s * 1e3,
+          r.stage_relevance_out_s * 1e3, r.stage_select_s * 1e3, r.stage_results_out_s * 1e3);
+    }
     std::fflush(stdout);
     results.push_back(r);
   }
@@ -880,6 +899,11 @@ int main(int argc, char** argv) {
             << ", \"dysco_speculative_ms\": " << Json(r.spec_s * 1e3)
             << ", \"dysco_select_ms\": " << Json(r.select_s * 1e3)
             << ", \"dysco_real_ms\": " << Json(r.real_s * 1e3)
+            << ", \"dysco_stage_pack_ms\": " << Json(r.stage_pack_s * 1e3)
+            << ", \"dysco_stage_update_ms\": " << Json(r.stage_update_s * 1e3)
+            << ", \"dysco_stage_relevance_out_ms\": " << Json(r.stage_relevance_out_s * 1e3)
+            << ", \"dysco_stage_select_ms\": " << Json(r.stage_select_s * 1e3)
+            << ", \"dysco_stage_results_out_ms\": " << Json(r.stage_results_out_s * 1e3)
             << ", \"plain_host_prepare_ms\": " << Json(r.host_prepare_s * 1e3)
             << ", \"plain_host_replay_ms\": " << Json(r.host_replay_s * 1e3)
             << ", \"plain_host_read_ms\": " << Json(r.host_read_s * 1e3)

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <string>
 
+#include "core/base/scoped_timer.h"
 #include "core/model/dysco_host_ops.h"
 
 namespace dysco {
@@ -121,8 +122,14 @@ Status DyscoBatchOps::StageSelection(const std::vector<const DyscoController*>& 
 }
 
 Status DyscoBatchOps::RunStagedSelection(const std::vector<int64_t>& num_keys, int64_t width,
-                                         std::vector<DyscoSelection>* selections) {
-  DYSCO_RETURN_IF_ERROR(staging_.Run());
+                                         std::vector<DyscoSelection>* selections,
+                                         StageSeconds* seconds) {
+  double unused = 0.0;
+  {
+    ScopedTimer timer(seconds != nullptr ? &seconds->select : &unused);
+    DYSCO_RETURN_IF_ERROR(staging_.Run());
+  }
+  ScopedTimer timer(seconds != nullptr ? &seconds->results_out : &unused);
   const int64_t D = static_cast<int64_t>(num_keys.size());
   selections->resize(D);
   for (int64_t d = 0; d < D; ++d) {
@@ -155,25 +162,37 @@ Status DyscoBatchOps::UpdateRelevanceAndSelect(const std::vector<const DyscoCont
                                                std::vector<DyscoSelection>* selections) {
   const int64_t D = static_cast<int64_t>(rows.size());
   const int64_t width = MaxOf(num_keys);
-  DYSCO_RETURN_IF_ERROR(StageSelection(rows, num_keys, width));
-  decay_.resize(D);
-  for (int64_t d = 0; d < D; ++d) {
-    const DyscoController& c = *rows[d];
-    const int64_t n = num_keys[d];
-    DYSCO_RETURN_IF_ERROR(CheckRelevanceInputs(c, n, out, d));
-    PackRow(c.relevance(), n - 1, staging_.relevance() + d * width, width);
-    decay_[d] = static_cast<float>(c.params().decay_factor);
+  StageSeconds& seconds = stage_seconds_;
+  ++seconds.calls;
+  {
+    ScopedTimer timer(&seconds.pack);
+    DYSCO_RETURN_IF_ERROR(StageSelection(rows, num_keys, width));
+    decay_.resize(D);
+    for (int64_t d = 0; d < D; ++d) {
+      const DyscoController& c = *rows[d];
+      const int64_t n = num_keys[d];
+      DYSCO_RETURN_IF_ERROR(CheckRelevanceInputs(c, n, out, d));
+      PackRow(c.relevance(), n - 1, staging_.relevance() + d * width, width);
+      decay_[d] = static_cast<float>(c.params().decay_factor);
+    }
   }
-  // r_t in place over the staged r_{t-1}, the head means read where the forward left them (row d
-  // of out.probe_mean, each a single head), then the selection over r_t: no copy in between.
-  DYSCO_RETURN_IF_ERROR(DyscoRelevanceUpdate(staging_.relevance(), D, width, out.probe_mean.data(),
-                                             1, out.probs_len, num_keys.data(), decay_.data()));
-  relevance->resize(D);
-  for (int64_t d = 0; d < D; ++d) {
-    const float* row = staging_.relevance() + d * width;
-    (*relevance)[d].assign(row, row + num_keys[d]);
+  {
+    // r_t in place over the staged r_{t-1}, the head means read where the forward left them (row
+    // d of out.probe_mean, each a single head), then the selection over r_t: no copy in between.
+    ScopedTimer timer(&seconds.update);
+    DYSCO_RETURN_IF_ERROR(DyscoRelevanceUpdate(staging_.relevance(), D, width,
+                                               out.probe_mean.data(), 1, out.probs_len,
+                                               num_keys.data(), decay_.data()));
   }
-  return RunStagedSelection(num_keys, width, selections);
+  {
+    ScopedTimer timer(&seconds.relevance_out);
+    relevance->resize(D);
+    for (int64_t d = 0; d < D; ++d) {
+      const float* row = staging_.relevance() + d * width;
+      (*relevance)[d].assign(row, row + num_keys[d]);
+    }
+  }
+  return RunStagedSelection(num_keys, width, selections, &seconds);
 }
 
 Status DyscoBatchOps::BiasFromSelection(const std::vector<const DyscoController*>& rows,

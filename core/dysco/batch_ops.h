@@ -59,6 +59,21 @@ class DyscoBatchOps {
                                   const std::vector<int64_t>& num_keys, const ForwardOutput& out,
                                   std::vector<std::vector<float>>* relevance,
                                   std::vector<DyscoSelection>* selections);
+  // Where UpdateRelevanceAndSelect's wall time went, summed over its calls (bench-gpu prints it per
+  // step; docs/gpu.md "DySCO on the device"): packing the inputs into the staging buffer (template
+  // masks, parameters, r_{t-1}), the relevance update on the host, copying r_t out, the selection
+  // (on a GPU: the copy in, the kernels, the copy back and the wait), copying the sets and biases
+  // out.
+  struct StageSeconds {
+    double pack = 0.0;
+    double update = 0.0;
+    double relevance_out = 0.0;
+    double select = 0.0;
+    double results_out = 0.0;
+    int64_t calls = 0;
+  };
+  const StageSeconds& stage_seconds() const { return stage_seconds_; }
+
   // The bias of each row's set *selected[d] over num_keys[d] keys (new keys unselected; the
   // current one still gets the bias from the op).
   Status BiasFromSelection(const std::vector<const DyscoController*>& rows,
@@ -73,11 +88,13 @@ class DyscoBatchOps {
                         const std::vector<int64_t>& num_keys, int64_t width);
   // Runs the staged selection and copies each row's results out.
   Status RunStagedSelection(const std::vector<int64_t>& num_keys, int64_t width,
-                            std::vector<DyscoSelection>* selections);
+                            std::vector<DyscoSelection>* selections,
+                            StageSeconds* seconds = nullptr);
 
   DyscoSelectStaging staging_;
   std::vector<float> relevance_, probs_, bias_, decay_, strength_;
   std::vector<uint8_t> selected_, template_;
+  StageSeconds stage_seconds_;
 };
 
 }  // namespace dysco

@@ -368,6 +368,13 @@ TEST(DyscoBatchOpsTest, UpdateRelevanceAndSelectEqualsTheTwoCalls) {
     }
   }
   EXPECT_GE(partial_selections, 4);  // the sets are neither empty nor everything
+  // Its stage timers counted both calls, each phase with some time (the clock is monotonic).
+  const DyscoBatchOps::StageSeconds& t = fused.stage_seconds();
+  EXPECT_EQ(t.calls, 2);
+  for (double phase : {t.pack, t.update, t.relevance_out, t.select, t.results_out}) {
+    EXPECT_GE(phase, 0.0);
+  }
+  EXPECT_GT(t.pack + t.update + t.relevance_out + t.select + t.results_out, 0.0);
 }
 
 TEST(DyscoTraceTest, JsonLineFollowsDocs) {
