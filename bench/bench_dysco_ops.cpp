@@ -62,7 +62,7 @@ int main(int argc, char** argv) {
   for (int64_t n : lens) std::printf("%12lld", static_cast<long long>(n));
   std::printf("\n");
   for (int64_t batch : {1, 2, 4, 8}) {
-    std::vector<double> us_update, us_bias;
+    std::vector<double> us_update, us_update_mean, us_bias;
     std::vector<std::vector<double>> us_select(modes.size());
     std::vector<double> nucleus(lens.size());
     for (size_t li = 0; li < lens.size(); ++li) {
@@ -74,6 +74,11 @@ int main(int argc, char** argv) {
       const at::Tensor scratch = relevance.clone();
       us_update.push_back(timer.MinMicros(
           [&] { dysco::ops::dysco_relevance_update(scratch, probs, num_keys, decay); }));
+      // One head: the head mean the model runner takes on the device (docs/gpu.md "DySCO on the
+      // device"), what a GPU step's update reads.
+      const at::Tensor mean = probs.mean(1, /*keepdim=*/true);
+      us_update_mean.push_back(timer.MinMicros(
+          [&] { dysco::ops::dysco_relevance_update(scratch, mean, num_keys, decay); }));
       const at::Tensor tmpl = at::rand({batch, n}) < 0.01;
       const at::Tensor bias = at::empty({batch, n});
       const at::Tensor selected = at::empty({batch, n}, at::kBool);
@@ -98,6 +103,7 @@ int main(int argc, char** argv) {
       std::printf("\n");
     };
     row("relevance_update (16 heads)", us_update);
+    row("relevance_update (1 head: the mean)", us_update_mean);
     for (size_t m = 0; m < modes.size(); ++m) row(modes[m].name, us_select[m]);
     row("bias_from_selection", us_bias);
     if (batch == 1) {

@@ -56,12 +56,29 @@ void dysco_relevance_update_cpu(const at::Tensor& relevance, const at::Tensor& p
           for (int64_t j = 0; j < len; ++j) mean[j] += ph[j];
         }
         const float d = decays[b];
-        for (int64_t j = 0; j < len; ++j) {
+        float* r = row + lo;
+        // a = mean / H (+ decay * r_{t-1} for the keys that had a relevance), written in place;
+        // two loops instead of a test per key, so that each vectorises.
+        const int64_t old_len = std::max<int64_t>(0, old_hi - lo);
+        for (int64_t j = 0; j < old_len; ++j) {
           float a = mean[j] * inv_heads;
-          if (lo + j < old_hi) a += d * row[lo + j];
-          row[lo + j] = a;
-          sum += a;
+          a += d * r[j];
+          r[j] = a;
         }
+        for (int64_t j = old_len; j < len; ++j) r[j] = mean[j] * inv_heads;
+        // The chunk's float64 sum in four interleaved partial sums, added in a fixed order (still
+        // independent of the thread count): one running sum was a chain of dependent adds, ~4
+        // cycles a key, most of the op's time at 128K keys (docs/gpu.md "DySCO on the device").
+        double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+        int64_t j = 0;
+        for (; j + 4 <= len; j += 4) {
+          s0 += r[j];
+          s1 += r[j + 1];
+          s2 += r[j + 2];
+          s3 += r[j + 3];
+        }
+        for (; j < len; ++j) s0 += r[j];
+        sum = (s0 + s1) + (s2 + s3);
       }
       std::fill(row + std::max(lo, hi), row + std::min(width, lo + kKeysPerChunk), 0.0f);
       partial[item] = sum;
@@ -78,9 +95,12 @@ void dysco_relevance_update_cpu(const at::Tensor& relevance, const at::Tensor& p
       const int64_t hi = std::min(keys[b], std::min(width, lo + kKeysPerChunk));
       float* row = rel + b * width;
       const double sum = total[b];
-      for (int64_t j = lo; j < hi; ++j) {
+      if (sum > 0.0) {
+        for (int64_t j = lo; j < hi; ++j)
+          row[j] = static_cast<float>(static_cast<double>(row[j]) / sum);
+      } else {
         // A zero sum (all probabilities and previous relevance zero) leaves no distribution.
-        row[j] = sum > 0.0 ? static_cast<float>(static_cast<double>(row[j]) / sum) : 0.0f;
+        std::fill(row + lo, row + std::max(lo, hi), 0.0f);
       }
     }
   });
