@@ -1060,6 +1060,16 @@ double MillisecondsPerCall(Fn&& fn, int iterations, int warmup = 3) {
   return ms / iterations;
 }
 
+// The device's copy bandwidth in bytes/s (read + write) over a 1 GiB device-to-device copy: the
+// floors of the timing cases are bytes over it.
+double CopyBandwidth() {
+  const at::Tensor src =
+      at::empty({1LL << 30}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
+  at::Tensor dst = at::empty_like(src);
+  const double ms = MillisecondsPerCall([&] { dst.copy_(src); }, 10);
+  return 2.0 * static_cast<double>(src.numel()) / (ms * 1e-3);
+}
+
 TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(14);
@@ -1090,11 +1100,7 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
   const at::Tensor strength = at::full({1}, 2.0, f32);
   const double scale = 1.0 / std::sqrt(128.0);
 
-  at::Tensor copy_src =
-      at::empty({1LL << 30}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
-  at::Tensor copy_dst = at::empty_like(copy_src);
-  const double copy_ms = MillisecondsPerCall([&] { copy_dst.copy_(copy_src); }, 10);
-  const double bandwidth = 2.0 * copy_src.numel() / (copy_ms * 1e-3);  // read + write, bytes/s
+  const double bandwidth = CopyBandwidth();
   const double cache_bytes = static_cast<double>(kv.numel()) * 2.0;
   const double floor_ms = cache_bytes / bandwidth * 1e3;
 
@@ -1226,11 +1232,7 @@ TEST(CudaTiming, LinearLayersOfADecodeStep) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(19);
   const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
-  at::Tensor copy_src =
-      at::empty({1LL << 30}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
-  at::Tensor copy_dst = at::empty_like(copy_src);
-  const double copy_ms = MillisecondsPerCall([&] { copy_dst.copy_(copy_src); }, 10);
-  const double bandwidth = 2.0 * copy_src.numel() / (copy_ms * 1e-3);
+  const double bandwidth = CopyBandwidth();
   struct Shape {
     const char* name;
     int64_t n, k;
@@ -1360,11 +1362,7 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     c10::cuda::device_synchronize();
     EXPECT_TRUE(at::equal(hidden_state, expected)) << v.label;
   }
-  at::Tensor copy_src =
-      at::empty({1LL << 30}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
-  at::Tensor copy_dst = at::empty_like(copy_src);
-  const double copy_ms = MillisecondsPerCall([&] { copy_dst.copy_(copy_src); }, 10);
-  const double bandwidth = 2.0 * copy_src.numel() / (copy_ms * 1e-3);
+  const double bandwidth = CopyBandwidth();
   const double layer_bytes = 2.0 * (w[0].qkv.numel() + w[0].o.numel() + w[0].gate_up.numel() +
                                     w[0].down.numel() + w[0].kv.numel());
   const double floor_ms = layer_bytes / bandwidth * 1e3;
