@@ -415,6 +415,9 @@ class Bench {
     // As BatchStepper asks: the DySCO row's head mean, reduced where the probabilities are.
     batch_.probe_mean_heads.clear();
     if (!heads.empty()) batch_.probe_mean_heads = dysco::ProbeMeanHeads({controller_.get()}, heads);
+    // As BatchStepper::InterveneDynamic: a speculative pass leaves them on the GPU for the
+    // relevance update there (the warm-up's full passes update on the host).
+    batch_.probe_mean_on_device = last_layer >= 0 && ops_.on_device();
     batch_.sequences.assign(
         1, {dysco::ConstSpan<int32_t>(tokens_.data() + start, static_cast<size_t>(n)), start,
             dysco::ConstSpan<int32_t>(pages_.ids().data(), static_cast<size_t>(pages)),

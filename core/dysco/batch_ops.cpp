@@ -35,13 +35,16 @@ int64_t MaxOf(const std::vector<int64_t>& v) {
 // and its head mean, row out_row of out.probe_mean, covers the n keys.
 Status CheckRelevanceInputs(const DyscoController& c, int64_t n, const ForwardOutput& out,
                             int64_t out_row) {
-  if (static_cast<int64_t>(c.relevance().size()) == n - 1 && out.probs_len >= n &&
-      static_cast<int64_t>(out.probe_mean.size()) >= (out_row + 1) * out.probs_len) {
+  const bool mean_row =
+      out.probe_mean_device != nullptr
+          ? out_row < out.batch_size
+          : static_cast<int64_t>(out.probe_mean.size()) >= (out_row + 1) * out.probs_len;
+  if (static_cast<int64_t>(c.relevance().size()) == n - 1 && out.probs_len >= n && mean_row) {
     return OkStatus();
   }
   return InternalError("DySCO relevance of a sequence at position " + std::to_string(n - 1) +
                        " has " + std::to_string(c.relevance().size()) + " entries, its head mean " +
-                       std::to_string(out.probe_mean.empty() ? 0 : out.probs_len));
+                       std::to_string(mean_row ? out.probs_len : 0));
 }
 
 }  // namespace
@@ -123,11 +126,13 @@ Status DyscoBatchOps::StageSelection(const std::vector<const DyscoController*>& 
 
 Status DyscoBatchOps::RunStagedSelection(const std::vector<int64_t>& num_keys, int64_t width,
                                          std::vector<DyscoSelection>* selections,
-                                         StageSeconds* seconds) {
+                                         StageSeconds* seconds, bool update_relevance,
+                                         const DeviceTensor* device_means) {
   double unused = 0.0;
   {
     ScopedTimer timer(seconds != nullptr ? &seconds->select : &unused);
-    DYSCO_RETURN_IF_ERROR(staging_.Run());
+    DYSCO_RETURN_IF_ERROR(update_relevance ? staging_.RunWithRelevanceUpdate(device_means)
+                                           : staging_.Run());
   }
   ScopedTimer timer(seconds != nullptr ? &seconds->results_out : &unused);
   const int64_t D = static_cast<int64_t>(num_keys.size());
@@ -162,6 +167,16 @@ Status DyscoBatchOps::UpdateRelevanceAndSelect(const std::vector<const DyscoCont
                                                std::vector<DyscoSelection>* selections) {
   const int64_t D = static_cast<int64_t>(rows.size());
   const int64_t width = MaxOf(num_keys);
+  // On a GPU the relevance update runs there, ahead of the selection: r_{t-1} and the head means
+  // cross with the selection's inputs and r_t comes back with its results. On the host it runs in
+  // place over the staged r_{t-1}, reading the head means where the forward left them.
+  const bool on_device = staging_.on_device();
+  // The head means where the forward left them on the device (the whole batch's: rows 0..D-1).
+  const DeviceTensor* device_means =
+      on_device && out.batch_size == D ? out.probe_mean_device.get() : nullptr;
+  if (!on_device && out.probe_mean_device != nullptr) {
+    return InternalError("DySCO head means left on the device for a host relevance update");
+  }
   StageSeconds& seconds = stage_seconds_;
   ++seconds.calls;
   {
@@ -174,9 +189,17 @@ Status DyscoBatchOps::UpdateRelevanceAndSelect(const std::vector<const DyscoCont
       DYSCO_RETURN_IF_ERROR(CheckRelevanceInputs(c, n, out, d));
       PackRow(c.relevance(), n - 1, staging_.relevance() + d * width, width);
       decay_[d] = static_cast<float>(c.params().decay_factor);
+      if (on_device && device_means == nullptr) {
+        // Each row's head mean as a single head, as on the host.
+        const float* mean = out.probe_mean_row(d);
+        float* to = staging_.probs() + d * width;
+        std::copy(mean, mean + n, to);
+        std::fill(to + n, to + width, 0.0f);
+      }
+      if (on_device) staging_.decay()[d] = decay_[d];
     }
   }
-  {
+  if (!on_device) {
     // r_t in place over the staged r_{t-1}, the head means read where the forward left them (row
     // d of out.probe_mean, each a single head), then the selection over r_t: no copy in between.
     ScopedTimer timer(&seconds.update);
@@ -184,15 +207,15 @@ Status DyscoBatchOps::UpdateRelevanceAndSelect(const std::vector<const DyscoCont
                                                out.probe_mean.data(), 1, out.probs_len,
                                                num_keys.data(), decay_.data()));
   }
-  {
-    ScopedTimer timer(&seconds.relevance_out);
-    relevance->resize(D);
-    for (int64_t d = 0; d < D; ++d) {
-      const float* row = staging_.relevance() + d * width;
-      (*relevance)[d].assign(row, row + num_keys[d]);
-    }
+  DYSCO_RETURN_IF_ERROR(RunStagedSelection(num_keys, width, selections, &seconds,
+                                           /*update_relevance=*/on_device, device_means));
+  ScopedTimer timer(&seconds.relevance_out);
+  relevance->resize(D);
+  for (int64_t d = 0; d < D; ++d) {
+    const float* row = staging_.relevance() + d * width;
+    (*relevance)[d].assign(row, row + num_keys[d]);
   }
-  return RunStagedSelection(num_keys, width, selections, &seconds);
+  return OkStatus();
 }
 
 Status DyscoBatchOps::BiasFromSelection(const std::vector<const DyscoController*>& rows,

@@ -41,6 +41,10 @@ class DyscoBatchOps {
   // cross as [rows, keys] buffers (docs/gpu.md "DySCO on the device").
   explicit DyscoBatchOps(std::string device = "cpu") : staging_(std::move(device)) {}
 
+  // Whether the ops run on a GPU: a speculative pass may then leave its head means there
+  // (ForwardBatch::probe_mean_on_device) for UpdateRelevanceAndSelect.
+  bool on_device() const { return staging_.on_device(); }
+
   // r_t of each row: row d fed the token at position num_keys[d] - 1 with r_{t-1} =
   // rows[d]->relevance(); the mean of its heads' attention probabilities is row out_rows[d] of
   // out.probe_mean (the forward ran with ProbeMeanHeads of its rows).
@@ -54,16 +58,20 @@ class DyscoBatchOps {
                 const std::vector<int64_t>& num_keys, std::vector<DyscoSelection>* selections);
   // UpdateRelevance with out_rows = 0, 1, ..., then Select over the new relevance, with the
   // relevance updated in place in the selection's staging buffer (one copy of each row in and one
-  // of each result out; on a GPU one transfer each way). The same results as the two calls.
+  // of each result out; on a GPU one transfer each way, and the update runs there too). The head
+  // means are read from out.probe_mean_device when the forward left them on the GPU (INTERNAL on
+  // the host), else from out.probe_mean. The same results as the two calls; on a GPU r_t may
+  // differ from the host op's in the last bit (the float64 sum's order, docs/dysco.md "Ops").
   Status UpdateRelevanceAndSelect(const std::vector<const DyscoController*>& rows,
                                   const std::vector<int64_t>& num_keys, const ForwardOutput& out,
                                   std::vector<std::vector<float>>* relevance,
                                   std::vector<DyscoSelection>* selections);
   // Where UpdateRelevanceAndSelect's wall time went, summed over its calls (bench-gpu prints it per
   // step; docs/gpu.md "DySCO on the device"): packing the inputs into the staging buffer (template
-  // masks, parameters, r_{t-1}), the relevance update on the host, copying r_t out, the selection
-  // (on a GPU: the copy in, the kernels, the copy back and the wait), copying the sets and biases
-  // out.
+  // masks, parameters, r_{t-1}; on a GPU also the head means), the relevance update on the host
+  // (zero on a GPU, where it runs with the selection), copying r_t out, the selection (on a GPU:
+  // the copy in, the relevance update's and the selection's kernels, the copy back and the wait),
+  // copying the sets and biases out.
   struct StageSeconds {
     double pack = 0.0;
     double update = 0.0;
@@ -86,10 +94,12 @@ class DyscoBatchOps {
   // width] into staging_.
   Status StageSelection(const std::vector<const DyscoController*>& rows,
                         const std::vector<int64_t>& num_keys, int64_t width);
-  // Runs the staged selection and copies each row's results out.
+  // Runs the staged selection (after the staged relevance update when `update_relevance`) and
+  // copies each row's results out.
   Status RunStagedSelection(const std::vector<int64_t>& num_keys, int64_t width,
                             std::vector<DyscoSelection>* selections,
-                            StageSeconds* seconds = nullptr);
+                            StageSeconds* seconds = nullptr, bool update_relevance = false,
+                            const DeviceTensor* device_means = nullptr);
 
   DyscoSelectStaging staging_;
   std::vector<float> relevance_, probs_, bias_, decay_, strength_;

@@ -80,6 +80,10 @@ Status BatchStepper::InterveneDynamic(const std::vector<size_t>& rows, StepOutco
   spec_batch_.last_layer = DeepestHeadLayer(controllers);
   spec_batch_.probe_heads = UnionOfHeads(controllers);
   spec_batch_.probe_mean_heads = ProbeMeanHeads(controllers, spec_batch_.probe_heads);
+  // On a GPU the head means stay there for the relevance update, and the forward returns without
+  // waiting: the select stage packs its inputs while the pass runs (its time then includes the
+  // wait; docs/operations.md "Metrics").
+  spec_batch_.probe_mean_on_device = dysco_ops_.on_device();
   spec_batch_.sequences.clear();
   for (size_t i : rows) spec_batch_.sequences.push_back(fed_[i]);
   {

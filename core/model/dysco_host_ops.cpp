@@ -9,6 +9,7 @@
 
 #include <torch/script.h>
 
+#include "core/model/device_tensor.h"
 #include "kernels/op_calls.h"
 
 namespace dysco {
@@ -59,13 +60,15 @@ Status DyscoRelevanceUpdate(float* relevance, int64_t batch, int64_t width, cons
 }
 
 // The staging buffer: one byte tensor (pinned for a GPU), parts at 256-byte aligned offsets (the
-// CUDA kernels' vector loads want 16); the inputs first, then the outputs, so that each crosses
-// with one copy.
+// CUDA kernels' vector loads want 16), in the order in which they cross, so that each direction is
+// one copy: the relevance update's inputs (head means, decays), the selection's inputs, the
+// relevance (r_{t-1} in, r_t out when updated), the selection's results.
 struct DyscoSelectStaging::Buffer {
   at::Tensor host;
-  int64_t relevance_at = 0, template_at = 0, keys_at = 0, top_k_at = 0, top_p_at = 0,
-          strength_at = 0, inputs_end = 0;
-  int64_t bias_at = 0, selected_at = 0, stats_at = 0;
+  int64_t probs_at = 0, decay_at = 0;
+  int64_t template_at = 0, keys_at = 0, top_k_at = 0, top_p_at = 0, strength_at = 0;
+  int64_t relevance_at = 0;
+  int64_t bias_at = 0, selected_at = 0, stats_at = 0, end = 0;
   uint8_t* Part(int64_t offset) const { return host.data_ptr<uint8_t>() + offset; }
 };
 
@@ -81,16 +84,18 @@ Status DyscoSelectStaging::Resize(int64_t batch, int64_t width) {
     const int64_t n = batch * width;
     PackedBuffer layout;
     Buffer& b = *buffer_;
-    b.relevance_at = layout.Add(n * 4);
+    b.probs_at = layout.Add(n * 4);
+    b.decay_at = layout.Add(batch * 4);
     b.template_at = layout.Add(n);
     b.keys_at = layout.Add(batch * 8);
     b.top_k_at = layout.Add(batch * 8);
     b.top_p_at = layout.Add(batch * 4);
     b.strength_at = layout.Add(batch * 4);
-    b.inputs_end = layout.size;
+    b.relevance_at = layout.Add(n * 4);
     b.bias_at = layout.Add(n * 4);
     b.selected_at = layout.Add(n);
     b.stats_at = layout.Add(batch * 8);
+    b.end = layout.size;
     if (!b.host.defined() || b.host.numel() < layout.size) {
       // Grown by half again, so that a slowly growing context does not reallocate every step.
       const int64_t bytes =
@@ -105,6 +110,12 @@ Status DyscoSelectStaging::Resize(int64_t batch, int64_t width) {
 
 float* DyscoSelectStaging::relevance() {
   return reinterpret_cast<float*>(buffer_->Part(buffer_->relevance_at));
+}
+float* DyscoSelectStaging::probs() {
+  return reinterpret_cast<float*>(buffer_->Part(buffer_->probs_at));
+}
+float* DyscoSelectStaging::decay() {
+  return reinterpret_cast<float*>(buffer_->Part(buffer_->decay_at));
 }
 uint8_t* DyscoSelectStaging::template_mask() { return buffer_->Part(buffer_->template_at); }
 int64_t* DyscoSelectStaging::num_keys() {
@@ -127,45 +138,75 @@ const float* DyscoSelectStaging::stats() const {
   return reinterpret_cast<const float*>(buffer_->Part(buffer_->stats_at));
 }
 
-Status DyscoSelectStaging::Run() {
+bool DyscoSelectStaging::on_device() const { return !OnHost(device_); }
+
+Status DyscoSelectStaging::Run() { return RunOps(/*update_relevance=*/false, nullptr); }
+
+Status DyscoSelectStaging::RunWithRelevanceUpdate(const DeviceTensor* device_probs) {
+  return RunOps(/*update_relevance=*/true, device_probs);
+}
+
+Status DyscoSelectStaging::RunOps(bool update_relevance, const DeviceTensor* device_probs) {
   const Buffer& b = *buffer_;
   const int64_t batch = batch_;
   const int64_t width = width_;
-  if (OnHost(device_)) {
-    return Guard("dysco::dysco_select_bias", [&] {
-      ops::dysco_select_bias(View(b.Part(b.bias_at), {batch, width}, at::kFloat),
-                             View(b.Part(b.selected_at), {batch, width}, at::kBool),
-                             View(b.Part(b.stats_at), {batch, 2}, at::kFloat),
-                             View(b.Part(b.relevance_at), {batch, width}, at::kFloat),
-                             View(b.Part(b.keys_at), {batch}, at::kLong),
-                             View(b.Part(b.template_at), {batch, width}, at::kBool),
-                             View(b.Part(b.top_p_at), {batch}, at::kFloat),
-                             View(b.Part(b.top_k_at), {batch}, at::kLong),
-                             View(b.Part(b.strength_at), {batch}, at::kFloat));
-    });
+  // The two ops over the parts of `buffer`, a copy of the staging buffer's bytes from `base` on.
+  auto run = [&](const at::Tensor& buffer, int64_t base) {
+    const at::TensorOptions options = at::TensorOptions().device(buffer.device());
+    auto part = [&](int64_t offset, at::IntArrayRef sizes, at::ScalarType type) {
+      return torch::from_blob(static_cast<uint8_t*>(buffer.data_ptr()) + offset - base, sizes,
+                              options.dtype(type));
+    };
+    const at::Tensor relevance = part(b.relevance_at, {batch, width}, at::kFloat);
+    const at::Tensor num_keys = part(b.keys_at, {batch}, at::kLong);
+    if (update_relevance) {
+      const at::Tensor probs = device_probs != nullptr
+                                   ? device_probs->tensor.unsqueeze(1)
+                                   : part(b.probs_at, {batch, 1, width}, at::kFloat);
+      ops::dysco_relevance_update(relevance, probs, num_keys,
+                                  part(b.decay_at, {batch}, at::kFloat));
+    }
+    ops::dysco_select_bias(
+        part(b.bias_at, {batch, width}, at::kFloat), part(b.selected_at, {batch, width}, at::kBool),
+        part(b.stats_at, {batch, 2}, at::kFloat), relevance, num_keys,
+        part(b.template_at, {batch, width}, at::kBool), part(b.top_p_at, {batch}, at::kFloat),
+        part(b.top_k_at, {batch}, at::kLong), part(b.strength_at, {batch}, at::kFloat));
+  };
+  const char* op = update_relevance ? "dysco::dysco_relevance_update + dysco::dysco_select_bias"
+                                    : "dysco::dysco_select_bias";
+  if (device_probs != nullptr) {
+    const at::Tensor& t = device_probs->tensor;
+    const at::Device want(device_);
+    const bool same_device = !OnHost(device_) && t.device().type() == want.type() &&
+                             (!want.has_index() || t.device().index() == want.index());
+    if (!same_device || t.dim() != 2 || t.size(0) != batch || t.size(1) < width ||
+        t.scalar_type() != at::kFloat || !t.is_contiguous()) {
+      return InternalError(std::string(op) + ": the head means on the device are " +
+                           c10::str(t.sizes(), " ", t.scalar_type(), " on ", t.device()) +
+                           ", expected float [" + std::to_string(batch) +
+                           ", >= " + std::to_string(width) + "] on " + device_);
+    }
   }
-  return Guard("dysco::dysco_select_bias", [&] {
+  if (OnHost(device_)) {
+    return Guard(op, [&] { run(b.host, 0); });
+  }
+  return Guard(op, [&] {
     // The inputs cross with one DMA and the outputs come back with one: six pageable copies in and
     // three out (each staged by the driver and waited for) took about half of the DySCO stage's
     // ~1.8 ms of host-side time at 128K keys on the H200.
-    const at::Device dev(device_);
-    const int64_t outputs = b.stats_at + batch * 8 - b.bias_at;
-    const at::Tensor d_in = b.host.narrow(0, 0, b.inputs_end).to(dev, /*non_blocking=*/true);
-    const at::Tensor d_out = at::empty({outputs}, at::TensorOptions().dtype(at::kByte).device(dev));
-    auto on = [&](const at::Tensor& buffer, int64_t offset, at::IntArrayRef sizes,
-                  at::ScalarType type) {
-      return torch::from_blob(static_cast<uint8_t*>(buffer.data_ptr()) + offset, sizes,
-                              torch::TensorOptions().dtype(type).device(dev));
-    };
-    ops::dysco_select_bias(
-        on(d_out, 0, {batch, width}, at::kFloat),
-        on(d_out, b.selected_at - b.bias_at, {batch, width}, at::kBool),
-        on(d_out, b.stats_at - b.bias_at, {batch, 2}, at::kFloat),
-        on(d_in, b.relevance_at, {batch, width}, at::kFloat),
-        on(d_in, b.keys_at, {batch}, at::kLong), on(d_in, b.template_at, {batch, width}, at::kBool),
-        on(d_in, b.top_p_at, {batch}, at::kFloat), on(d_in, b.top_k_at, {batch}, at::kLong),
-        on(d_in, b.strength_at, {batch}, at::kFloat));
-    b.host.narrow(0, b.bias_at, outputs).copy_(d_out);  // waits for the op (the stream's order)
+    // The head means cross too unless they are on the device already.
+    const int64_t in_begin = !update_relevance         ? b.template_at
+                             : device_probs != nullptr ? b.decay_at
+                                                       : b.probs_at;
+    const int64_t out_begin = update_relevance ? b.relevance_at : b.bias_at;
+    const at::Tensor on_device = at::empty(
+        {b.end - in_begin}, at::TensorOptions().dtype(at::kByte).device(at::Device(device_)));
+    on_device.narrow(0, 0, b.bias_at - in_begin)
+        .copy_(b.host.narrow(0, in_begin, b.bias_at - in_begin), /*non_blocking=*/true);
+    run(on_device, in_begin);
+    // Waits for the ops (the stream's order).
+    b.host.narrow(0, out_begin, b.end - out_begin)
+        .copy_(on_device.narrow(0, out_begin - in_begin, b.end - out_begin));
   });
 }
 

@@ -18,6 +18,8 @@
 
 namespace dysco {
 
+struct DeviceTensor;  // core/model/device_tensor.h
+
 // relevance [batch, width] in: r_{t-1} over [0, n_b - 1); out: r_t over [0, n_b) (zeros after).
 // probs [batch, num_heads, probs_len]; decay [batch].
 Status DyscoRelevanceUpdate(float* relevance, int64_t batch, int64_t width, const float* probs,
@@ -51,7 +53,9 @@ class DyscoSelectStaging {
   Status Resize(int64_t batch, int64_t width);
 
   // Inputs, written by the caller.
-  float* relevance();        // [batch, width]
+  float* relevance();        // [batch, width]; r_{t-1} in and r_t out with the relevance update
+  float* probs();            // [batch, width]: each row's head mean, for the relevance update only
+  float* decay();            // [batch], for the relevance update only
   uint8_t* template_mask();  // [batch, width]
   int64_t* num_keys();       // [batch]
   float* top_p();            // [batch]
@@ -64,9 +68,23 @@ class DyscoSelectStaging {
 
   // dysco_select_bias over the staged inputs, on the device given at construction.
   Status Run();
+  // dysco_relevance_update of relevance() (r_{t-1} over [0, num_keys - 1) in, r_t out) with
+  // probs() as one head and decay(), then Run()'s selection over r_t, both on the device: on a GPU
+  // r_{t-1} and the head means cross with the selection's inputs and r_t comes back with its
+  // results (one copy each way). Why: the host update was the largest part of the DySCO stage at
+  // 128K keys on the H200, 0.42 of 0.96 ms, against ~0.02 ms on the device (docs/gpu.md "DySCO on
+  // the device").
+  // `device_probs`: when given, fp32 [batch, >= width] on the staging's device, the head means in
+  // place of probs() (a forward's ForwardOutput::probe_mean_device), read there without a copy.
+  Status RunWithRelevanceUpdate(const DeviceTensor* device_probs = nullptr);
+  // Whether Run() runs on a GPU (the caller then packs the head means into probs() instead of
+  // running the relevance update on the host).
+  bool on_device() const;
 
  private:
   struct Buffer;
+  Status RunOps(bool update_relevance, const DeviceTensor* device_probs);
+
   std::string device_;
   int64_t batch_ = 0;
   int64_t width_ = 0;

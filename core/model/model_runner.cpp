@@ -34,6 +34,7 @@
 #endif
 
 #include "core/base/thread_annotations.h"
+#include "core/model/device_tensor.h"
 #include "core/model/safetensors_file.h"
 #include "core/model/torch_dtype.h"
 #include "kernels/op_calls.h"
@@ -751,6 +752,7 @@ Status ModelRunner::Impl::ReadOutputsLocked(const ForwardBatch& batch, const at:
   out->num_probe_heads = H;
   out->probs_len = max_seq_len;
   out->probe_mean.clear();
+  out->probe_mean_device.reset();
   if (!batch.probe_mean_heads.empty()) {
     out->probs.clear();
     ReadProbeMeanLocked(batch, probs, out);
@@ -811,6 +813,10 @@ void ModelRunner::Impl::ReadProbeMeanLocked(const ForwardBatch& batch, const at:
     } else {
       mean.index_copy_(0, index, acc);
     }
+  }
+  if (batch.probe_mean_on_device && mean.is_cuda()) {
+    out->probe_mean_device = std::make_shared<const DeviceTensor>(DeviceTensor{mean});
+    return;
   }
   CopyToHost(mean, &out->probe_mean);
 }
@@ -1071,6 +1077,8 @@ Status ModelRunner::Impl::RunSplitLocked(const ForwardBatch& batch, ForwardOutpu
     parts[part].kv_pool = batch.kv_pool;
     parts[part].last_layer = batch.last_layer;
     parts[part].probe_heads = batch.probe_heads;
+    // The parts' head means are merged on the host below.
+    parts[part].probe_mean_on_device = false;
     DYSCO_RETURN_IF_ERROR(RunLocked(parts[part], &outs[part]));
   }
   const int64_t B = static_cast<int64_t>(batch.sequences.size());
@@ -1083,6 +1091,7 @@ Status ModelRunner::Impl::RunSplitLocked(const ForwardBatch& batch, ForwardOutpu
   const bool means = !batch.probe_mean_heads.empty();
   out->probs.assign(means ? 0 : static_cast<size_t>(B * H * out->probs_len), 0.0f);
   out->probe_mean.assign(means ? static_cast<size_t>(B * out->probs_len) : 0, 0.0f);
+  out->probe_mean_device.reset();
   for (int part = 0; part < 2; ++part) {
     const ForwardOutput& o = outs[part];
     for (size_t r = 0; r < rows[part].size(); ++r) {

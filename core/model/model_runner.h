@@ -114,7 +114,17 @@ struct ForwardBatch {
   // probabilities are, and only 1/count of them is copied back (docs/gpu.md "DySCO on the
   // device"). An empty list gives that row zeros.
   std::vector<std::vector<int>> probe_mean_heads;
+  // With probe_mean_heads on a GPU runner: leave the head means on the device
+  // (ForwardOutput::probe_mean_device) instead of copying them into ForwardOutput::probe_mean, and
+  // return without waiting for the step when it has no logits. Why: DySCO's relevance update runs
+  // on the device (DyscoSelectStaging::RunWithRelevanceUpdate), and the host then packs the
+  // selection's inputs while the speculative pass still runs (docs/gpu.md "DySCO on the device").
+  // Ignored on the CPU, and where a step runs as two forwards (ModelRunnerOptions::MixedBiasSplit).
+  bool probe_mean_on_device = false;
 };
+
+// Opaque to the torch-free parts of core/ (core/model/device_tensor.h).
+struct DeviceTensor;
 
 struct ForwardOutput {
   int64_t batch_size = 0;
@@ -126,6 +136,10 @@ struct ForwardOutput {
                              // length; empty when ForwardBatch::probe_mean_heads is set
   std::vector<float>
       probe_mean;  // [batch_size, probs_len] when probe_mean_heads is set, else empty
+  // Instead of probe_mean when ForwardBatch::probe_mean_on_device was honoured: fp32 [batch_size,
+  // probs_len] on the runner's device, written once the step's work on its stream is done (ops
+  // queued on that stream after the forward may read it). Null otherwise.
+  std::shared_ptr<const DeviceTensor> probe_mean_device;
 
   const float* logits_row(int64_t b) const { return logits.data() + b * vocab_size; }
   const float* probs_row(int64_t b, int64_t h) const {

@@ -377,6 +377,68 @@ TEST(DyscoBatchOpsTest, UpdateRelevanceAndSelectEqualsTheTwoCalls) {
   EXPECT_GT(t.pack + t.update + t.relevance_out + t.select + t.results_out, 0.0);
 }
 
+// DyscoSelectStaging::RunWithRelevanceUpdate (the GPU's DySCO stage: the relevance update and the
+// selection in one run over the staged buffer) on the host gives the bits of dysco_relevance_update
+// then Run(): two rows of different lengths, r_{t-1} and head means staged by hand, then Run()
+// alone again on the same staging (the parts that only the update reads left as they are).
+TEST(DyscoSelectStagingTest, RunWithRelevanceUpdateEqualsTheUpdateThenRun) {
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  const int64_t batch = 2, width = 700;
+  const std::vector<int64_t> num_keys = {700, 451};
+  const std::vector<float> decay = {0.5f, 0.8f};
+  std::vector<float> previous(batch * width, 0.0f), probs(batch * width, 0.0f);
+  std::vector<uint8_t> templ(batch * width, 0);
+  for (int64_t d = 0; d < batch; ++d) {
+    for (int64_t j = 0; j < num_keys[d]; ++j) {
+      probs[d * width + j] = uniform(rng) / 300.0f;
+      if (j < num_keys[d] - 1) previous[d * width + j] = uniform(rng) / 300.0f;
+      templ[d * width + j] = j % 17 == 3;
+    }
+  }
+  auto stage = [&](DyscoSelectStaging& s) {
+    ASSERT_TRUE(s.Resize(batch, width).ok());
+    std::copy(previous.begin(), previous.end(), s.relevance());
+    std::copy(probs.begin(), probs.end(), s.probs());
+    std::copy(templ.begin(), templ.end(), s.template_mask());
+    for (int64_t d = 0; d < batch; ++d) {
+      s.num_keys()[d] = num_keys[d];
+      s.decay()[d] = decay[d];
+      s.top_p()[d] = d == 0 ? 0.6f : 0.0f;
+      s.top_k()[d] = d == 0 ? 0 : 40;
+      s.strength()[d] = 3.0f;
+    }
+  };
+  DyscoSelectStaging fused, apart;
+  EXPECT_FALSE(fused.on_device());
+  stage(fused);
+  stage(apart);
+  ASSERT_TRUE(fused.RunWithRelevanceUpdate().ok());
+  ASSERT_TRUE(DyscoRelevanceUpdate(apart.relevance(), batch, width, probs.data(), 1, width,
+                                   num_keys.data(), decay.data())
+                  .ok());
+  ASSERT_TRUE(apart.Run().ok());
+  const int64_t n = batch * width;
+  EXPECT_EQ(std::vector<float>(fused.relevance(), fused.relevance() + n),
+            std::vector<float>(apart.relevance(), apart.relevance() + n));
+  EXPECT_NE(std::vector<float>(fused.relevance(), fused.relevance() + n), previous);
+  EXPECT_EQ(std::vector<float>(fused.bias(), fused.bias() + n),
+            std::vector<float>(apart.bias(), apart.bias() + n));
+  EXPECT_EQ(std::vector<uint8_t>(fused.selected(), fused.selected() + n),
+            std::vector<uint8_t>(apart.selected(), apart.selected() + n));
+  EXPECT_EQ(std::vector<float>(fused.stats(), fused.stats() + 2 * batch),
+            std::vector<float>(apart.stats(), apart.stats() + 2 * batch));
+  EXPECT_EQ(fused.stats()[2], 40.0f);  // row 1: top-k 40
+  EXPECT_GT(fused.stats()[0], 0.0f);
+  EXPECT_LT(fused.stats()[0], 700.0f);
+  // Run() alone selects over the relevance as staged (r_t now) without updating it again.
+  const std::vector<float> r_t(fused.relevance(), fused.relevance() + n);
+  ASSERT_TRUE(fused.Run().ok());
+  EXPECT_EQ(std::vector<float>(fused.relevance(), fused.relevance() + n), r_t);
+  EXPECT_EQ(std::vector<float>(fused.bias(), fused.bias() + n),
+            std::vector<float>(apart.bias(), apart.bias() + n));
+}
+
 TEST(DyscoTraceTest, JsonLineFollowsDocs) {
   DyscoTraceRecord r;
   r.step = 3;

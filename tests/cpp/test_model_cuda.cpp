@@ -14,6 +14,7 @@
 //
 // Prints "[model] ..." lines (max errors, what was compared), which scripts/gpu-check.sh copies
 // into its table.
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <gtest/gtest.h>
 
@@ -28,9 +29,12 @@
 #include <utility>
 #include <vector>
 
+#include "core/dysco/batch_ops.h"
+#include "core/dysco/controller.h"
 #include "core/engine/engine.h"
 #include "core/engine/generator.h"
 #include "core/engine/request.h"
+#include "core/model/device_tensor.h"
 #include "core/model/kv_page_pool.h"
 #include "core/model/model_runner.h"
 #include "tests/cpp/model_fixture.h"
@@ -187,6 +191,18 @@ TEST_F(ModelCudaTest, ForwardLogitsAndProbsMatchCpu) {
         want *= 1.0f / static_cast<float>(H);
         ASSERT_NEAR(m.probe_mean_row(r)[j], want, 1e-7) << e->runner().device() << " " << r;
       }
+    }
+    if (e == gpu_) {
+      // Left on the device (as a speculative pass asks): the same values, no host copy.
+      decode.probe_mean_on_device = true;
+      ForwardOutput md;
+      ASSERT_TRUE(e->runner().Forward(decode, &md).ok());
+      ASSERT_TRUE(md.probe_mean.empty());
+      ASSERT_NE(md.probe_mean_device, nullptr);
+      const at::Tensor t = md.probe_mean_device->tensor.cpu();
+      ASSERT_EQ(t.sizes(), (at::IntArrayRef{2, d.probs_len}));
+      EXPECT_EQ(std::vector<float>(t.data_ptr<float>(), t.data_ptr<float>() + t.numel()),
+                m.probe_mean);
     }
     ASSERT_TRUE(pool.Free(*pa).ok());
     ASSERT_TRUE(pool.Free(*pb).ok());
@@ -544,6 +560,116 @@ TEST_F(ModelCudaTest, BucketIsCapturedOnceThenReplayed) {
   // Sequence 0 past 32 tokens: 3 pages -> width bucket 4, a new graph.
   while (lens[0] < 33) step({0}, false);
   EXPECT_EQ(stats().graphs, 4);
+}
+
+// DyscoBatchOps on the GPU (the relevance update and the selection there, one copy each way)
+// against DyscoBatchOps on the CPU: rows of 131,073, 5,000 and 300 keys (one step past a 128K
+// prompt, several blocks and chunks), top-p, top-k and both, soft and hard strength, template
+// positions, over three steps in which each side applies its own r_t (as a session would). r_t
+// agrees to within 2 fp32 ulps (the float64 sum of a is added in another order on the GPU); the
+// sets, biases and counts are identical. The head means also handed over on the device (as a
+// speculative pass leaves them) give the same bits as through the host. Model-free: runs wherever
+// a CUDA device is.
+TEST(DyscoBatchOpsCudaTest, UpdateRelevanceAndSelectOnTheGpuEqualsTheCpu) {
+  if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  const std::vector<int64_t> prompt_lens = {131072, 4999, 299};
+  std::vector<std::unique_ptr<DyscoController>> cpu_rows, gpu_rows;
+  for (size_t r = 0; r < prompt_lens.size(); ++r) {
+    DyscoParams p;
+    p.selected_heads = {{0, 1}, {1, 0}};
+    if (r != 1) p.top_p = 0.5 + 0.2 * static_cast<double>(r);
+    if (r != 0) p.top_k = 64 * static_cast<int64_t>(r);
+    p.strength = r == 2 ? 100.0 : 2.5;
+    p.decay_factor = 0.6 + 0.1 * static_cast<double>(r);
+    p.context_warmup_steps = 4;
+    p.intervention_warmup = 2;
+    p.template_sequences = {{7, 8}};
+    p.prompt_len = prompt_lens[r];
+    std::vector<int32_t> prompt(p.prompt_len);
+    for (int32_t& t : prompt) t = static_cast<int32_t>(rng() % 12);
+    for (auto* side : {&cpu_rows, &gpu_rows}) {
+      auto c = DyscoController::Create(p, prompt, DyscoTraceMode::kOff);
+      ASSERT_TRUE(c.ok()) << c.status().ToString();
+      side->push_back(std::move(*c));
+    }
+  }
+  DyscoBatchOps cpu_ops("cpu"), gpu_ops("cuda:0"), device_ops("cuda:0");
+  int64_t partial_sets = 0;
+  for (int step = 0; step < 3; ++step) {
+    std::vector<const DyscoController*> cpu_view, gpu_view;
+    std::vector<int64_t> num_keys;
+    for (size_t r = 0; r < cpu_rows.size(); ++r) {
+      cpu_view.push_back(cpu_rows[r].get());
+      gpu_view.push_back(gpu_rows[r].get());
+      num_keys.push_back(static_cast<int64_t>(cpu_rows[r]->relevance().size()) + 1);
+    }
+    // Head means like attention: positive, a few large entries, each row summing to about 1.
+    ForwardOutput out;
+    out.batch_size = static_cast<int64_t>(num_keys.size());
+    out.probs_len = *std::max_element(num_keys.begin(), num_keys.end());
+    out.probe_mean.assign(out.batch_size * out.probs_len, 0.0f);
+    for (int64_t d = 0; d < out.batch_size; ++d) {
+      float* row = out.probe_mean.data() + d * out.probs_len;
+      for (int64_t j = 0; j < num_keys[d]; ++j) {
+        const float u = uniform(rng);
+        row[j] = (u > 0.999f ? 200.0f * u : u) / static_cast<float>(num_keys[d]);
+      }
+    }
+    std::vector<std::vector<float>> cpu_r, gpu_r;
+    std::vector<DyscoSelection> cpu_s, gpu_s;
+    ASSERT_TRUE(cpu_ops.UpdateRelevanceAndSelect(cpu_view, num_keys, out, &cpu_r, &cpu_s).ok());
+    const Status gpu = gpu_ops.UpdateRelevanceAndSelect(gpu_view, num_keys, out, &gpu_r, &gpu_s);
+    ASSERT_TRUE(gpu.ok()) << gpu.ToString();
+    // The same means left on the device by a forward (ForwardOutput::probe_mean_device, wider
+    // than the rows as a forward's are): the same bits as through the host.
+    ForwardOutput on_device = out;
+    on_device.probe_mean.clear();
+    on_device.probe_mean_device = std::make_shared<const DeviceTensor>(DeviceTensor{
+        at::from_blob(out.probe_mean.data(), {out.batch_size, out.probs_len}, at::kFloat)
+            .to(at::Device("cuda:0"))});
+    std::vector<std::vector<float>> dev_r;
+    std::vector<DyscoSelection> dev_s;
+    const Status dev =
+        device_ops.UpdateRelevanceAndSelect(gpu_view, num_keys, on_device, &dev_r, &dev_s);
+    ASSERT_TRUE(dev.ok()) << dev.ToString();
+    std::vector<std::vector<float>> unused_r;
+    std::vector<DyscoSelection> unused_s;
+    EXPECT_FALSE(
+        cpu_ops.UpdateRelevanceAndSelect(cpu_view, num_keys, on_device, &unused_r, &unused_s)
+            .ok());  // the host cannot read them
+    for (size_t d = 0; d < num_keys.size(); ++d) {
+      EXPECT_EQ(dev_r[d], gpu_r[d]);
+      EXPECT_EQ(dev_s[d].selected, gpu_s[d].selected);
+      EXPECT_EQ(dev_s[d].bias, gpu_s[d].bias);
+      EXPECT_EQ(dev_s[d].selected_mass, gpu_s[d].selected_mass);
+    }
+    for (size_t d = 0; d < num_keys.size(); ++d) {
+      SCOPED_TRACE("step " + std::to_string(step) + ", row " + std::to_string(d));
+      ASSERT_EQ(gpu_r[d].size(), static_cast<size_t>(num_keys[d]));
+      ASSERT_EQ(cpu_r[d].size(), gpu_r[d].size());
+      int64_t differing = 0;
+      for (size_t j = 0; j < cpu_r[d].size(); ++j) {
+        ASSERT_LE(std::fabs(gpu_r[d][j] - cpu_r[d][j]), 2.4e-7f * std::fabs(cpu_r[d][j]))
+            << "key " << j << ": gpu " << gpu_r[d][j] << ", cpu " << cpu_r[d][j];
+        differing += gpu_r[d][j] != cpu_r[d][j];
+      }
+      std::printf("[dysco-ops] step %d row %zu: %lld keys, r_t bitwise different at %lld\n", step,
+                  d, static_cast<long long>(num_keys[d]), static_cast<long long>(differing));
+      EXPECT_EQ(gpu_s[d].selected, cpu_s[d].selected);
+      EXPECT_EQ(gpu_s[d].bias, cpu_s[d].bias);
+      EXPECT_EQ(gpu_s[d].num_selected, cpu_s[d].num_selected);
+      EXPECT_NEAR(gpu_s[d].selected_mass, cpu_s[d].selected_mass, 1e-6);
+      if (cpu_s[d].num_selected > 0 && cpu_s[d].num_selected < num_keys[d]) ++partial_sets;
+      ASSERT_TRUE(cpu_rows[d]->ApplyRelevance(std::move(cpu_r[d])).ok());
+      ASSERT_TRUE(gpu_rows[d]->ApplyRelevance(std::move(gpu_r[d])).ok());
+    }
+  }
+  EXPECT_EQ(partial_sets, 9);  // every set is neither empty nor everything
+  // On the GPU the update runs with the selection: no host update time.
+  EXPECT_EQ(gpu_ops.stage_seconds().update, 0.0);
+  EXPECT_GT(cpu_ops.stage_seconds().update, 0.0);
 }
 
 }  // namespace
