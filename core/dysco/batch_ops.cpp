@@ -171,11 +171,12 @@ Status DyscoBatchOps::UpdateRelevanceAndSelect(const std::vector<const DyscoCont
   // cross with the selection's inputs and r_t comes back with its results. On the host it runs in
   // place over the staged r_{t-1}, reading the head means where the forward left them.
   const bool on_device = staging_.on_device();
-  // The head means where the forward left them on the device (the whole batch's: rows 0..D-1).
-  const DeviceTensor* device_means =
-      on_device && out.batch_size == D ? out.probe_mean_device.get() : nullptr;
-  if (!on_device && out.probe_mean_device != nullptr) {
-    return InternalError("DySCO head means left on the device for a host relevance update");
+  // The head means where the forward left them on the device: the whole batch's, rows 0..D-1.
+  const DeviceTensor* device_means = out.probe_mean_device.get();
+  if (device_means != nullptr && (!on_device || out.batch_size != D)) {
+    return InternalError("DySCO head means of " + std::to_string(out.batch_size) +
+                         " rows left on the device for a relevance update of " + std::to_string(D) +
+                         " rows on " + (on_device ? "the device" : "the host"));
   }
   StageSeconds& seconds = stage_seconds_;
   ++seconds.calls;
