@@ -110,16 +110,18 @@ PY
 
 # The tiny random packages (as ctest's export_tiny_model fixture: seed 0, fp32), exported with this
 # machine's torch and the op library just built into $BUILD/test-models/tiny-FAMILY; one row each.
-export_tiny() {  # FAMILY LOG_NAME
-  local family=$1 log=$OUT/$2 dir=$PWD/$BUILD/test-models/tiny-$1 start
+export_tiny() {  # FAMILY LOG_NAME [DTYPE]: DTYPE other than float32 goes into the name (tiny-llama-bfloat16)
+  local family=$1 log=$OUT/$2 dtype=${3:-float32} name=tiny-$1 start
+  [ "$dtype" = float32 ] || name=$name-$dtype
+  local dir=$PWD/$BUILD/test-models/$name
   start=$(date +%s)
   rm -rf "$dir"
-  if python3 -m tools.dysco_export tiny --family "$family" --seed 0 --out "$dir" \
+  if python3 -m tools.dysco_export tiny --family "$family" --seed 0 --dtype "$dtype" --out "$dir" \
       --kernels "$BUILD/lib/libdysco_kernels.so" > "$log" 2>&1; then
-    row "export tiny-$family" ok $(( $(date +%s) - start )) "tools.dysco_export tiny --family $family --seed 0, torch $(python3 -c 'import torch; print(torch.__version__)')"
+    row "export $name" ok $(( $(date +%s) - start )) "tools.dysco_export tiny --family $family --seed 0 --dtype $dtype, torch $(python3 -c 'import torch; print(torch.__version__)')"
     return 0
   fi
-  row "export tiny-$family" FAIL $(( $(date +%s) - start )) "see $2"
+  row "export $name" FAIL $(( $(date +%s) - start )) "see $2"
   tail -5 "$log"
   fail=1
   return 1
@@ -130,6 +132,9 @@ export_tiny() {  # FAMILY LOG_NAME
 TINY=$PWD/$BUILD/test-models/tiny-llama
 export_tiny llama export.log
 export DYSCO_TINY_MODEL_DIR=$TINY
+# Its bf16 twin: test_model_cuda's graphs-vs-eager test in the 8B benchmarks' dtype.
+export_tiny llama export-bf16.log bfloat16 &&
+  export DYSCO_TINY_BF16_MODEL_DIR=$PWD/$BUILD/test-models/tiny-llama-bfloat16
 
 # GPU tests, then the CPU tests (models/ does not travel: the default-model tests are not run).
 run_test test_kernels_cuda
@@ -144,7 +149,7 @@ done
 # seeded draw is decided by fp32 rounding differences (tests/cpp/test_model_cuda.cpp says why).
 if export_tiny qwen3 export-qwen3.log; then
   ln -sf test_model_cuda "$BUILD/bin/test_model_cuda_qwen3"
-  DYSCO_TINY_MODEL_DIR=$PWD/$BUILD/test-models/tiny-qwen3 run_test test_model_cuda_qwen3 \
+  DYSCO_TINY_BF16_MODEL_DIR='' DYSCO_TINY_MODEL_DIR=$PWD/$BUILD/test-models/tiny-qwen3 run_test test_model_cuda_qwen3 \
     --gtest_filter=-ModelCudaTest.SampledGenerationsAreIdentical
 fi
 

@@ -124,6 +124,8 @@ class ModelCudaTest : public ::testing::Test {
 
   // Greedy or seeded sampled generations on the CPU, the GPU through graphs and the GPU eagerly.
   static void ExpectIdenticalGenerations(bool sampled);
+  // Decode steps of the package in `dir` through CUDA graphs equal the eager ones (below).
+  static void ExpectGraphReplayEqualsEager(const std::string& dir, const std::string& label);
 
   inline static std::string dir_;
   inline static Engine* cpu_ = nullptr;
@@ -386,10 +388,15 @@ class GraphVsEager {
 // tokens crosses 4 pages, 126 -> 138 crosses 8), with and without a key bias, probes, and DySCO's
 // speculative pass (last_layer) before the real one. Tolerances: the eager step's block tables
 // are not padded, so the decode kernels may split differently (float rounding only).
-TEST_F(ModelCudaTest, GraphReplayEqualsEagerAcrossBuckets) {
+// The package in `dir` on the GPU twice, decode steps through CUDA graphs and eagerly: a prefill of
+// five sequences, then twelve decode steps over batches of 1, 3 and 5 rows (buckets 1, 4 and 8),
+// every second one a DySCO step (a speculative pass with probes, then a biased real pass), until
+// the rows cross page-table-width buckets; logits and probe probabilities compared, printed as
+// "[model] graphs vs eager (GPU<label>)".
+void ModelCudaTest::ExpectGraphReplayEqualsEager(const std::string& dir, const std::string& label) {
   GraphVsEager run;
   std::string error;
-  ASSERT_TRUE(run.Load(dir_, 32, &error)) << error;
+  ASSERT_TRUE(run.Load(dir, 32, &error)) << error;
   const ModelConfig& c = run.graphed().config();
   const std::vector<int64_t> lens0 = {5, 30, 61, 63, 126};
   const size_t n = lens0.size();
@@ -473,9 +480,9 @@ TEST_F(ModelCudaTest, GraphReplayEqualsEagerAcrossBuckets) {
   EXPECT_GT(lens[4], 128);
   const ModelRunner::CudaGraphStats st = run.graphed().cuda_graph_stats();
   std::printf(
-      "[model] graphs vs eager (GPU): %lld decode forwards, logits max abs error %.3g, probe "
+      "[model] graphs vs eager (GPU%s): %lld decode forwards, logits max abs error %.3g, probe "
       "probs max abs error %.3g; %lld graphs captured, %lld replays, graph pool %.1f MB\n",
-      static_cast<long long>(decode_forwards), logits_err.abs, probs_err.abs,
+      label.c_str(), static_cast<long long>(decode_forwards), logits_err.abs, probs_err.abs,
       static_cast<long long>(st.graphs), static_cast<long long>(st.replays),
       st.pool_bytes / 1048576.0);
   EXPECT_LT(logits_err.abs, 1e-3);
@@ -484,6 +491,26 @@ TEST_F(ModelCudaTest, GraphReplayEqualsEagerAcrossBuckets) {
   EXPECT_EQ(st.eager_forwards, 1);  // the prefill
   EXPECT_GT(st.graphs, 3);
   EXPECT_LE(st.graphs, decode_forwards);
+}
+
+TEST_F(ModelCudaTest, GraphReplayEqualsEagerAcrossBuckets) {
+  ExpectGraphReplayEqualsEager(dir_, "");
+}
+
+// The same on a bf16 package (the dtype of the 8B benchmarks): the tiny llama exported with --dtype
+// bfloat16, which scripts/gpu-check.sh names in DYSCO_TINY_BF16_MODEL_DIR. The graph replays the
+// same kernels on the same inputs, so bf16 gives the eager bits too.
+TEST_F(ModelCudaTest, GraphReplayEqualsEagerInBf16) {
+  const char* dir = std::getenv("DYSCO_TINY_BF16_MODEL_DIR");
+  if (dir == nullptr || *dir == '\0') {
+    GTEST_SKIP() << "DYSCO_TINY_BF16_MODEL_DIR unset (scripts/gpu-check.sh exports the package)";
+  }
+  {
+    auto config = LoadModelConfig(dir);
+    ASSERT_TRUE(config.ok()) << config.status().ToString();
+    ASSERT_EQ(config->dtype, ModelDtype::kBFloat16) << dir;
+  }
+  ExpectGraphReplayEqualsEager(dir, ", bf16");
 }
 
 // A bucket is captured once and then replayed: repeated steps of one bucket (and a batch that
