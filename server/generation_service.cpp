@@ -188,16 +188,17 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
       }
       step = NextStepLocked();
     }
-    if (cancel) engine_->scheduler()->Cancel(id);
+    // A write fails when the deadline expires too, often before OnCancel runs: the session ends
+    // with the reason OnCancel would give, or an expired deadline would count as a cancellation.
+    if (cancel) engine_->scheduler()->Cancel(id, GoneReason());
     Run(std::move(step));
   }
 
   // gRPC reports both a client's cancel and an expired deadline here; the deadline is told apart
   // by the clock, so that it ends the session (and its metrics) as deadline_exceeded.
   void OnCancel() override {
-    const bool deadline = context_->deadline() <= std::chrono::system_clock::now() + kClockSlack;
-    const FinishReason reason =
-        deadline ? FinishReason::kDeadlineExceeded : FinishReason::kCancelled;
+    const FinishReason reason = GoneReason();
+    const bool deadline = reason == FinishReason::kDeadlineExceeded;
     bool cancel = false;
     SessionId id = 0;
     {
@@ -221,6 +222,14 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
   }
 
  private:
+  // Why the client went away: its deadline (expired, or about to by the server's clock) or a
+  // cancel.
+  FinishReason GoneReason() const {
+    return context_->deadline() <= std::chrono::system_clock::now() + kClockSlack
+               ? FinishReason::kDeadlineExceeded
+               : FinishReason::kCancelled;
+  }
+
   // After Finish no other thread touches the reactor; the lock is for the analysis' sake.
   void LogDone() {
     MutexLock lock(&mu_);
