@@ -22,6 +22,8 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 // The cache dtypes the CPU ops support: float32, bfloat16 and float16.
 #define DYSCO_CUDA_DISPATCH_CACHE_TYPES(TYPE, NAME, ...)                         \
@@ -174,7 +176,12 @@ __device__ __forceinline__ void WaitForPrerequisiteGrids() {
 // (linear's GEMV: the default), "all" (also add_rms_norm, rms_norm and silu_mul). Read per call,
 // for A/B timing in one process (test_kernels_cuda, bench-gpu).
 enum class EarlyStart { kNone = 0, kGemv = 1, kAll = 2 };
-EarlyStart EarlyStartLevel();
+inline EarlyStart EarlyStartLevel() {
+  const char* v = std::getenv("DYSCO_CUDA_PDL");
+  if (v == nullptr) return EarlyStart::kGemv;
+  if (std::strcmp(v, "0") == 0) return EarlyStart::kNone;
+  return std::strcmp(v, "all") == 0 ? EarlyStart::kAll : EarlyStart::kGemv;
+}
 // Launches kernel<<<grid, block, 0, stream>>>(args...), allowed to start early (above) when
 // `early`, else as a plain launch.
 template <typename... KernelArgs, typename... Args>

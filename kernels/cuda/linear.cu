@@ -109,17 +109,6 @@ __global__ void __launch_bounds__(kGemvWarps* cuda::kWarpSize)
   }
 }
 
-}  // namespace
-
-cuda::EarlyStart cuda::EarlyStartLevel() {
-  const char* v = std::getenv("DYSCO_CUDA_PDL");
-  if (v == nullptr) return EarlyStart::kGemv;
-  if (std::strcmp(v, "0") == 0) return EarlyStart::kNone;
-  return std::strcmp(v, "all") == 0 ? EarlyStart::kAll : EarlyStart::kGemv;
-}
-
-namespace {
-
 bool ForcedCublas() {
   const char* v = std::getenv("DYSCO_CUDA_LINEAR");
   return v != nullptr && std::strcmp(v, "cublas") == 0;
