@@ -12,12 +12,14 @@
 // 256), as the server does; no DySCO (plain attention), random tokens.
 //
 // usage: bench-decode --model DIR [--prompt-tokens N] [--decode-tokens N] [--batch B] [--threads N]
-//                     [--jit-optimize 0|1] [--ttft N,N,...] [--chunk N] [--max-isa 0|1|2]
+//                     [--jit-optimize 0|1] [--native-decode 0|1] [--ttft N,N,...] [--chunk N]
+//                     [--max-isa 0|1|2]
 //   --batch B measures batch 1 and B (default: 1, 4 and 8). --ttft: prompt lengths (default
 //   1024,4096,7168; 0 skips TTFT). --jit-optimize 1 turns TorchScript's profiling graph executor on
-//   (ModelRunnerOptions::jit_optimize). --max-isa caps the CPU attention kernels' instruction set
-//   (0 baseline, 1 x86-64-v3, 2 x86-64-v4: kernels/cpu/attention_kernel.h), to compare them in one
-//   build.
+//   (ModelRunnerOptions::jit_optimize). --native-decode 0 runs decode steps through the TorchScript
+//   interpreter instead of the runner's C++ layer loop (ModelRunnerOptions::native_cpu_decode).
+//   --max-isa caps the CPU attention kernels' instruction set (0 baseline, 1 x86-64-v3, 2
+//   x86-64-v4: kernels/cpu/attention_kernel.h), to compare them in one build.
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -60,7 +62,8 @@ double Median(std::vector<double> v) {
   std::cerr
       << "bench-decode: " << message
       << "\nusage: bench-decode --model DIR [--prompt-tokens N] [--decode-tokens N] [--batch B] "
-         "[--threads N] [--jit-optimize 0|1] [--ttft N,N,...] [--chunk N] [--max-isa 0|1|2]\n";
+         "[--threads N] [--jit-optimize 0|1] [--native-decode 0|1] [--ttft N,N,...] [--chunk N] "
+         "[--max-isa 0|1|2]\n";
   std::exit(2);
 }
 
@@ -471,6 +474,7 @@ int main(int argc, char** argv) {
   int prompt_tokens = 128, decode_tokens = 64, threads = 0, batch_flag = 0, chunk = 256;
   std::vector<int> ttft_lengths = {1024, 4096, 7168};
   bool jit_optimize = false;
+  bool native_decode = true;  // ModelRunnerOptions::native_cpu_decode (0: TorchScript, for A/B)
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (i + 1 >= argc) Usage("unknown flag or missing value: " + flag);
@@ -487,6 +491,8 @@ int main(int argc, char** argv) {
       threads = ParsePositive(flag, value);
     } else if (flag == "--jit-optimize") {
       jit_optimize = std::string(value) == "1";
+    } else if (flag == "--native-decode") {
+      native_decode = std::string(value) == "1";
     } else if (flag == "--ttft") {
       ttft_lengths = ParseList(flag, value);
     } else if (flag == "--chunk") {
@@ -509,6 +515,7 @@ int main(int argc, char** argv) {
   dysco::EngineOptions options;
   options.runner.num_threads = threads;
   options.runner.jit_optimize = jit_optimize;
+  options.runner.native_cpu_decode = native_decode;
   options.kv_pages = std::max<int64_t>(
       int64_t{max_batch} * ((prompt_tokens + decode_tokens + 15) / 16), (max_ttft + 15) / 16 + 1);
   options.start_scheduler = false;

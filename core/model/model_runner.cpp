@@ -378,6 +378,12 @@ struct ModelRunner::Impl {
   // as an op failure would. Unset in production: one branch per forward.
   std::optional<int64_t> failpoint_token;
 
+  // ModelRunnerOptions::native_cpu_decode: the module's parameters and constants that the decode
+  // loop reads, taken once at load (null when the option is off, the device is not the CPU or the
+  // module lacks them).
+  struct NativeDecode;
+  std::unique_ptr<NativeDecode> native_decode;
+
   bool jit_optimize = false;
   bool split_mixed_bias = false;  // ModelRunnerOptions::mixed_bias_split, resolved for the device
   bool cuda_graphs = false;       // options.cuda_graphs on a CUDA device, in a CUDA build
@@ -429,6 +435,60 @@ struct ModelRunner::Impl {
   // ForwardBatch::probe_mean_heads: each row's head mean, taken on the probs' device.
   void ReadProbeMeanLocked(const ForwardBatch& batch, const at::Tensor& probs, ForwardOutput* out)
       REQUIRES(mu);
+  // ModelRunnerOptions::native_cpu_decode: whether `batch` is such a step, and the step itself on
+  // the module's inputs (InputsLocked), returning what module.forward would: (logits, probs).
+  bool IsNativeDecodeStep(const ForwardBatch& batch) const;
+  std::pair<at::Tensor, at::Tensor> NativeDecodeForward(const std::vector<c10::IValue>& inputs)
+      REQUIRES(mu);
+};
+
+// What the CPU decode loop reads of the module (tools/dysco_export/model.py, package format 4:
+// DecoderModel and its DecoderLayers), taken by attribute name at load.
+struct ModelRunner::Impl::NativeDecode {
+  struct Layer {
+    at::Tensor input_layernorm, qkv_proj, o_proj, post_attention_layernorm, gate_up_proj, down_proj;
+    c10::optional<at::Tensor> q_norm, k_norm;  // set when the layer has qk_norm (Qwen3)
+    double scale = 0.0;
+    int64_t num_heads = 0, head_dim = 0;
+  };
+  std::vector<Layer> layers;
+  at::Tensor inv_freq, embed_tokens, norm, lm_head;
+  double attention_scaling = 1.0, eps = 0.0;
+
+  // Null when an attribute is missing or of another type (an older or foreign module).
+  static std::unique_ptr<NativeDecode> From(const torch::jit::Module& m, int64_t num_layers) {
+    auto n = std::make_unique<NativeDecode>();
+    try {
+      n->inv_freq = m.attr("inv_freq").toTensor();
+      n->embed_tokens = m.attr("embed_tokens").toTensor();
+      n->norm = m.attr("norm").toTensor();
+      n->lm_head = m.attr("lm_head").toTensor();
+      n->attention_scaling = m.attr("attention_scaling").toDouble();
+      n->eps = m.attr("eps").toDouble();
+      const torch::jit::Module layers = m.attr("layers").toModule();
+      for (int64_t i = 0; i < num_layers; ++i) {
+        const torch::jit::Module l = layers.attr(std::to_string(i)).toModule();
+        Layer& w = n->layers.emplace_back();
+        w.input_layernorm = l.attr("input_layernorm").toTensor();
+        w.qkv_proj = l.attr("qkv_proj").toTensor();
+        w.o_proj = l.attr("o_proj").toTensor();
+        w.post_attention_layernorm = l.attr("post_attention_layernorm").toTensor();
+        w.gate_up_proj = l.attr("gate_up_proj").toTensor();
+        w.down_proj = l.attr("down_proj").toTensor();
+        if (l.attr("qk_norm").toBool()) {
+          w.q_norm = l.attr("q_norm").toTensor();
+          w.k_norm = l.attr("k_norm").toTensor();
+        }
+        w.scale = l.attr("scale").toDouble();
+        w.num_heads = l.attr("num_heads").toInt();
+        w.head_dim = l.attr("head_dim").toInt();
+        if (l.attr("eps").toDouble() != n->eps) return nullptr;
+      }
+    } catch (const c10::Error&) {
+      return nullptr;
+    }
+    return n;
+  }
 };
 
 StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& package_dir,
@@ -509,6 +569,10 @@ StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& pack
                          ": binding the weights failed: " + e.what_without_backtrace());
   } catch (const std::exception& e) {
     return InternalError(weights_path + ": binding the weights failed: " + e.what());
+  }
+  if (options.native_cpu_decode && impl->device.is_cpu()) {
+    // After the binding: the parameters are the weights' tensors by now.
+    impl->native_decode = Impl::NativeDecode::From(impl->module, impl->config.num_layers);
   }
   return std::unique_ptr<ModelRunner>(new ModelRunner(std::move(impl)));
 }
@@ -1051,8 +1115,86 @@ Status ModelRunner::Impl::RunLocked(const ForwardBatch& batch, ForwardOutput* ou
 #endif
   ++stats.eager_forwards;
   at::Tensor logits, probs;
+  if (IsNativeDecodeStep(batch)) {
+    ++stats.native_decode_forwards;
+    std::tie(logits, probs) = NativeDecodeForward(InputsLocked(batch));
+    return ReadOutputsLocked(batch, logits, probs, out);
+  }
   DYSCO_RETURN_IF_ERROR(UnpackResult(module.forward(InputsLocked(batch)), &logits, &probs));
   return ReadOutputsLocked(batch, logits, probs, out);
+}
+
+bool ModelRunner::Impl::IsNativeDecodeStep(const ForwardBatch& batch) const {
+  if (native_decode == nullptr || batch.last_layer >= 0 || !batch.probe_heads.empty()) {
+    return false;
+  }
+  for (const ForwardRow& row : batch.sequences) {
+    if (row.token_ids.size != 1) return false;
+  }
+  return true;
+}
+
+// DecoderModel.forward and DecoderLayer.forward (tools/dysco_export/model.py) for a decode step
+// of all layers without probes: the same ops and ATen calls in the same order, so the same bits.
+// Each op's output is allocated as the TorchScript code allocates it.
+std::pair<at::Tensor, at::Tensor> ModelRunner::Impl::NativeDecodeForward(
+    const std::vector<c10::IValue>& inputs) {
+  const NativeDecode& n = *native_decode;
+  const at::Tensor& token_ids = inputs[0].toTensor();
+  const at::Tensor& positions = inputs[1].toTensor();
+  const at::Tensor& seq_lens = inputs[3].toTensor();
+  const at::Tensor& slot_mapping = inputs[4].toTensor();
+  const at::Tensor& block_tables = inputs[5].toTensor();
+  const at::Tensor& kv_cache = inputs[6].toTensor();
+  c10::optional<at::Tensor> attn_bias;
+  if (!inputs[7].isNone()) attn_bias = inputs[7].toTensor();
+  const int64_t batch = seq_lens.size(0);
+  const int64_t probs_len = block_tables.size(1) * kv_cache.size(3);
+
+  const at::Tensor freqs = positions.to(at::kFloat).unsqueeze(1) * n.inv_freq.unsqueeze(0);
+  const at::Tensor emb = at::cat({freqs, freqs}, -1);
+  const at::ScalarType dtype = n.embed_tokens.scalar_type();
+  const at::Tensor cos = (emb.cos() * n.attention_scaling).to(dtype);
+  const at::Tensor sin = (emb.sin() * n.attention_scaling).to(dtype);
+  at::Tensor h = at::embedding(n.embed_tokens, token_ids);
+  at::Tensor pending;  // the last layer's MLP output, added by the next norm
+  for (size_t i = 0; i < n.layers.size(); ++i) {
+    const NativeDecode::Layer& w = n.layers[i];
+    const at::Tensor kv_layer = kv_cache[static_cast<int64_t>(i)];
+    at::Tensor x = at::empty_like(h);
+    if (!pending.defined()) {
+      ops::rms_norm(x, h, w.input_layernorm, n.eps);
+    } else {
+      at::Tensor total = at::empty_like(h);
+      ops::add_rms_norm(x, total, pending, h, w.input_layernorm, n.eps);
+      h = total;
+    }
+    at::Tensor qkv = at::empty({batch, w.qkv_proj.size(0)}, x.options());
+    ops::linear(qkv, x, w.qkv_proj);
+    at::Tensor q = at::empty({batch, w.num_heads, w.head_dim}, qkv.options());
+    ops::qk_norm_rope_kv_write(q, kv_layer, qkv, cos, sin, slot_mapping, w.q_norm, w.k_norm, n.eps);
+    at::Tensor attn = at::empty_like(q);
+    ops::paged_attention_decode(attn, q, kv_layer, block_tables, seq_lens, w.scale, attn_bias);
+    at::Tensor o = at::empty({batch, w.o_proj.size(0)}, attn.options());
+    ops::linear(o, attn.view({batch, w.num_heads * w.head_dim}), w.o_proj);
+    at::Tensor total = at::empty_like(h);
+    at::Tensor x2 = at::empty_like(h);
+    ops::add_rms_norm(x2, total, o, h, w.post_attention_layernorm, n.eps);
+    h = total;
+    at::Tensor gate_up = at::empty({batch, w.gate_up_proj.size(0)}, x2.options());
+    ops::linear(gate_up, x2, w.gate_up_proj);
+    at::Tensor act = at::empty({batch, gate_up.size(1) / 2}, gate_up.options());
+    ops::silu_mul(act, gate_up);
+    pending = at::empty({batch, w.down_proj.size(0)}, act.options());
+    ops::linear(pending, act, w.down_proj);
+  }
+  at::Tensor x = at::empty_like(h);
+  at::Tensor total = at::empty_like(h);
+  ops::add_rms_norm(x, total, pending, h, n.norm, n.eps);
+  at::Tensor logits = at::empty({batch, n.lm_head.size(0)}, x.options());
+  ops::linear(logits, x, n.lm_head);
+  return {logits.to(at::kFloat),
+          at::zeros({batch, 0, probs_len}, kv_cache.options().dtype(at::kFloat))};
 }
 
 bool ModelRunner::Impl::IsMixedBiasStep(const ForwardBatch& batch) const {

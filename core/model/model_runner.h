@@ -62,6 +62,14 @@ struct ModelRunnerOptions {
   // TorchScript keeps the flag per thread: Load and every Forward set it on their thread (it
   // stays set there for other TorchScript code on that thread). On CUDA, true disables graphs.
   bool jit_optimize = false;
+  // On the CPU, a step whose every sequence brings one token, with no probe heads and all layers,
+  // runs the package's layer loop from C++ (the same ops on the module's bound parameters, in the
+  // TorchScript code's order: the same logits bit for bit) instead of through the TorchScript
+  // interpreter. Why: the interpreter's ~0.6 ms of a ~15 ms SmolLM2 step on 2 cores is serial time
+  // the weight-streaming floor does not have (docs/performance.md "Where the batch-1 step's excess
+  // is"). Other steps, other devices and packages whose module lacks the expected layout run
+  // through TorchScript.
+  bool native_cpu_decode = true;
   // CUDA graphs for decode steps (docs/gpu.md "CUDA graphs"): on a CUDA device, a step whose every
   // sequence brings one token is padded to a bucket (batch and block-table width rounded up to
   // powers of two) whose forward is captured once and replayed. Prefill and mixed steps, the CPU,
@@ -180,7 +188,9 @@ class ModelRunner {
     int64_t graphs = 0;          // buckets captured, each once
     int64_t replays = 0;         // decode steps replayed from a graph (the capturing step included)
     int64_t eager_forwards = 0;  // forwards that ran the module directly
-    int64_t pool_bytes = 0;      // the graph pool's growth over all captures (reserved bytes)
+    // Of those, CPU decode steps that ran the layer loop from C++ (native_cpu_decode).
+    int64_t native_decode_forwards = 0;
+    int64_t pool_bytes = 0;  // the graph pool's growth over all captures (reserved bytes)
     // Host wall seconds of the replays, by phase (benchmarks: where a step's time beyond its
     // kernels goes): packing the batch and staging the graph's inputs, the replay call, then
     // waiting for the step and copying its outputs back.

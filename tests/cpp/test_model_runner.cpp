@@ -533,6 +533,102 @@ TEST(ModelRunnerLoadTest, CudaGraphMaxBatchMustBePositive) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// ModelRunnerOptions::native_cpu_decode: CPU decode steps run from C++ give the TorchScript
+// forward's logits bit for bit, on the tiny llama and the tiny qwen3 (q/k norms) packages: three
+// sequences prefilled (through TorchScript on both), then decode steps of batch 3, every second
+// one with a key bias holding -inf; a step with probe heads and a speculative pass fall back to
+// TorchScript (not counted as native). The caches are poisoned first, as in ModelRunnerTest.
+TEST(NativeCpuDecodeTest, EqualsTheTorchScriptForwardBitForBit) {
+  std::vector<std::string> dirs;
+  const PackageLocation llama = TinyPackage::Locate();
+  if (!llama.present) {
+    if (std::getenv("CI") != nullptr) FAIL() << llama.missing;
+    GTEST_SKIP() << llama.missing;
+  }
+  dirs.push_back(llama.dir);
+  if (const char* qwen3 = std::getenv("DYSCO_TINY_QWEN3_MODEL_DIR")) dirs.push_back(qwen3);
+  for (const std::string& dir : dirs) {
+    SCOPED_TRACE(dir);
+    std::unique_ptr<ModelRunner> runners[2];
+    std::unique_ptr<KvPagePool> pools[2];
+    for (int native = 0; native < 2; ++native) {
+      ModelRunnerOptions o;
+      o.native_cpu_decode = native == 1;
+      auto r = ModelRunner::Load(dir, o);
+      ASSERT_TRUE(r.ok()) << r.status().ToString();
+      KvPagePoolOptions po;
+      po.page_size = 16;
+      po.num_pages = 16;
+      auto p = KvPagePool::Create((*r)->config(), po);
+      ASSERT_TRUE(p.ok()) << p.status().ToString();
+      (*p)->kv_cache().fill_(kNaN);
+      runners[native] = std::move(r).value();
+      pools[native] = std::move(p).value();
+    }
+    const ModelConfig& c = runners[0]->config();
+    std::mt19937_64 rng(11);
+    std::uniform_int_distribution<int32_t> id(3, static_cast<int32_t>(c.vocab_size) - 1);
+    std::uniform_real_distribution<float> u(-2.0f, 1.0f);
+    const std::vector<int64_t> prompt = {9, 20, 33};
+    std::vector<std::vector<int32_t>> tokens(3);
+    std::vector<std::vector<int32_t>> pages(3);
+    for (size_t s = 0; s < 3; ++s) {
+      for (int64_t i = 0; i < prompt[s] + 8; ++i) tokens[s].push_back(id(rng));
+      auto p0 = pools[0]->Allocate(4);
+      auto p1 = pools[1]->Allocate(4);
+      ASSERT_TRUE(p0.ok() && p1.ok());
+      ASSERT_EQ(*p0, *p1);
+      pages[s] = *p0;
+    }
+    auto step = [&](const ForwardBatch& batch, const std::string& what) {
+      ForwardOutput outs[2];
+      for (int native = 0; native < 2; ++native) {
+        ForwardBatch b = batch;
+        b.kv_pool = pools[native].get();
+        const Status st = runners[native]->Forward(b, &outs[native]);
+        ASSERT_TRUE(st.ok()) << what << ": " << st.ToString();
+      }
+      EXPECT_EQ(outs[1].logits, outs[0].logits) << what;
+      EXPECT_EQ(outs[1].probs, outs[0].probs) << what;
+      for (float v : outs[1].logits) ASSERT_TRUE(std::isfinite(v)) << what;
+    };
+    ForwardBatch prefill;
+    for (size_t s = 0; s < 3; ++s) {
+      prefill.sequences.push_back(
+          {ConstSpan<int32_t>(tokens[s].data(), static_cast<size_t>(prompt[s])), 0, pages[s], {}});
+    }
+    step(prefill, "prefill");
+    std::vector<std::vector<float>> bias(3);
+    for (int t = 0; t < 6; ++t) {
+      ForwardBatch decode;
+      for (size_t s = 0; s < 3; ++s) {
+        const int64_t pos = prompt[s] + t;
+        ForwardRow row{
+            ConstSpan<int32_t>(&tokens[s][static_cast<size_t>(pos)], 1), pos, pages[s], {}};
+        if (t % 2 == 1) {
+          bias[s].assign(static_cast<size_t>(pos + 1), 0.0f);
+          for (float& b : bias[s]) b = u(rng);
+          bias[s][static_cast<size_t>(pos) / 2] = -std::numeric_limits<float>::infinity();
+          bias[s][static_cast<size_t>(pos)] = 0.0f;
+          row.key_bias = bias[s];
+        }
+        decode.sequences.push_back(row);
+      }
+      if (t == 4) {
+        // A speculative pass with probes first (TorchScript on both), then the step itself.
+        ForwardBatch spec = decode;
+        spec.last_layer = 0;
+        spec.probe_heads = {{0, 1}};
+        step(spec, "speculative pass");
+      }
+      if (t == 5) decode.probe_heads = {{c.num_layers - 1, 0}};  // TorchScript on both
+      step(decode, "decode step " + std::to_string(t));
+    }
+    EXPECT_EQ(runners[1]->cuda_graph_stats().native_decode_forwards, 5);
+    EXPECT_EQ(runners[0]->cuda_graph_stats().native_decode_forwards, 0);
+  }
+}
+
 // Loading format-3 packages: weights.safetensors checked against config.json and bound to
 // model.pt's parameters. Each case copies the tiny package (DYSCO_TINY_MODEL_DIR, ctest's
 // export_tiny_model) and breaks one thing.
