@@ -183,13 +183,12 @@ Status DyscoBatchOps::UpdateRelevanceAndSelect(const std::vector<const DyscoCont
   {
     ScopedTimer timer(&seconds.pack);
     DYSCO_RETURN_IF_ERROR(StageSelection(rows, num_keys, width));
-    decay_.resize(D);
     for (int64_t d = 0; d < D; ++d) {
       const DyscoController& c = *rows[d];
       const int64_t n = num_keys[d];
       DYSCO_RETURN_IF_ERROR(CheckRelevanceInputs(c, n, out, d));
       PackRow(c.relevance(), n - 1, staging_.relevance() + d * width, width);
-      decay_[d] = static_cast<float>(c.params().decay_factor);
+      staging_.decay()[d] = static_cast<float>(c.params().decay_factor);
       if (on_device && device_means == nullptr) {
         // Each row's head mean as a single head, as on the host.
         const float* mean = out.probe_mean_row(d);
@@ -197,7 +196,6 @@ Status DyscoBatchOps::UpdateRelevanceAndSelect(const std::vector<const DyscoCont
         std::copy(mean, mean + n, to);
         std::fill(to + n, to + width, 0.0f);
       }
-      if (on_device) staging_.decay()[d] = decay_[d];
     }
   }
   if (!on_device) {
@@ -206,7 +204,7 @@ Status DyscoBatchOps::UpdateRelevanceAndSelect(const std::vector<const DyscoCont
     ScopedTimer timer(&seconds.update);
     DYSCO_RETURN_IF_ERROR(DyscoRelevanceUpdate(staging_.relevance(), D, width,
                                                out.probe_mean.data(), 1, out.probs_len,
-                                               num_keys.data(), decay_.data()));
+                                               num_keys.data(), staging_.decay()));
   }
   DYSCO_RETURN_IF_ERROR(RunStagedSelection(num_keys, width, selections, &seconds,
                                            /*update_relevance=*/on_device, device_means));
