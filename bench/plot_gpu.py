@@ -131,30 +131,61 @@ def ttft_table(benches, peers):
     return lines
 
 
-def server_summary(server):
-    """(rows of the table, the N-session / 1-session ratios: window tokens/s, decode tokens/s)."""
+def bandwidth_ceiling(bench, sessions, context):
+    """The most `sessions` concurrent DySCO sessions at `context` tokens can gain over one, if every
+    step ran at its bytes floor: a step reads the weights once whatever the batch, and each
+    session's KV cache (both passes) for its own. From the bench's own byte counts at the nearest
+    measured context; None without them."""
+    rows = [r for r in bench.get("contexts", []) if r.get("dysco_bytes")]
+    if not rows or not bench.get("kv_bytes_per_token") or not bench.get("num_layers"):
+        return None
+    r = min(rows, key=lambda x: abs(x["context"] - context))
+    passes = 1 + (bench.get("probe_last_layer", -1) + 1) / bench["num_layers"]
+    kv = r["context"] * bench["kv_bytes_per_token"] * passes
+    weights = r["dysco_bytes"] - kv
+    return sessions * (weights + kv) / (weights + sessions * kv), r["context"]
+
+
+def server_summary(server, bench=None):
+    """(rows of the table, the N-session / 1-session ratios: window tokens/s, decode tokens/s,
+    steady decode tokens/s; the bandwidth ceiling of that ratio or None)."""
     cfg = server["config"]
     phases = server["phases"]
     rows = []
     for ph in phases:
-        itl = ph.get("inter_token_latency", {}).get("mean_ms")
-        decode_rate = ph["concurrency"] * 1e3 / itl if itl else None
-        rows.append((ph, decode_rate))
+        itl = ph.get("inter_token_latency", {})
+        decode_rate = ph["concurrency"] * 1e3 / itl["mean_ms"] if itl.get("mean_ms") else None
+        # The median gap between tokens is a step without a prefill chunk in it: the batch's steady
+        # decode, which the mean mixes with the steps that also prefill another session's chunk.
+        steady_rate = ph["concurrency"] * 1e3 / itl["p50_ms"] if itl.get("p50_ms") else None
+        rows.append((ph, decode_rate, steady_rate))
     window_ratio = server.get("throughput_ratio")
-    decode_ratio = (ratio(rows[-1][1], rows[0][1]) if len(rows) == 2 else None)
+    decode_ratio = ratio(rows[-1][1], rows[0][1]) if len(rows) == 2 else None
+    steady_ratio = ratio(rows[-1][2], rows[0][2]) if len(rows) == 2 else None
+    ceiling = None
+    if bench is not None and len(rows) == 2:
+        ceiling = bandwidth_ceiling(bench, rows[-1][0]["concurrency"],
+                                    cfg["prompt_tokens"] + cfg["max_new_tokens"] // 2)
     lines = [f"{cfg['prompt_tokens']}-token prompts, {cfg['max_new_tokens']} new tokens, DySCO "
              f"{'on' if cfg.get('dysco') else 'off'}, through dysco-server + dysco-client bench:", "",
              "| sessions | generated tok/s (window) | decode tok/s (sessions / mean inter-token) | "
-             "TTFT p50 s | inter-token p50 ms | errors |", "|---|---|---|---|---|---|"]
-    for ph, decode_rate in rows:
+             "steady decode tok/s (sessions / p50 inter-token) | TTFT p50 s | inter-token p50 ms | "
+             "errors |", "|---|---|---|---|---|---|---|"]
+    for ph, decode_rate, steady_rate in rows:
         lines.append(f"| {ph['concurrency']} | {ph['generated_tokens_per_s']:.1f} | "
-                     f"{fmt(decode_rate, digits=1)} | {ph['ttft']['p50_ms'] / 1e3:.2f} | "
+                     f"{fmt(decode_rate, digits=1)} | {fmt(steady_rate, digits=1)} | "
+                     f"{ph['ttft']['p50_ms'] / 1e3:.2f} | "
                      f"{ph['inter_token_latency']['p50_ms']:.1f} | {ph['errors']} |")
     if window_ratio is not None:
         lines += ["", f"{rows[-1][0]['concurrency']} sessions / 1 session: "
                   f"{window_ratio:.2f}x generated tokens/s over the window (prefill included), "
-                  f"{fmt(decode_ratio, 'x')} decode tokens/s (target >= {SESSIONS_TARGET:.0f}x)."]
-    return lines, window_ratio, decode_ratio
+                  f"{fmt(decode_ratio, 'x')} decode tokens/s, {fmt(steady_ratio, 'x')} steady "
+                  f"decode tokens/s (target >= {SESSIONS_TARGET:.0f}x)."]
+    if ceiling is not None:
+        lines += ["", f"Bandwidth ceiling of that ratio at {ceiling[1]} tokens (every step at its "
+                  f"bytes floor; the weights read once a step, each session's KV of both passes "
+                  f"its own): {ceiling[0]:.2f}x."]
+    return lines, window_ratio, decode_ratio, steady_ratio, ceiling[0] if ceiling else None
 
 
 def targets(benches, servers):
@@ -179,11 +210,15 @@ def targets(benches, servers):
         out.append(f"- {t['tokens']}-token prefill: {t['ratio']:.2f}x the FLOP floor (target <= "
                    f"{TTFT_TARGET}x): {'met' if t['ratio'] <= TTFT_TARGET else 'missed'}")
     for s in servers[:1]:
-        _, window_ratio, decode_ratio = server_summary(s)
-        best = max(x for x in (window_ratio, decode_ratio, 0) if x is not None)
+        _, window_ratio, decode_ratio, steady_ratio, ceiling = server_summary(
+            s, qwen[0] if qwen else None)
+        best = max(x for x in (window_ratio, decode_ratio, steady_ratio, 0) if x is not None)
+        above = (f"; the bandwidth ceiling is {ceiling:.2f}x, below the target"
+                 if ceiling is not None and ceiling < SESSIONS_TARGET else "")
         out.append(f"- {s['config']['concurrency']} sessions: {fmt(window_ratio, 'x')} (window), "
-                   f"{fmt(decode_ratio, 'x')} (decode) one session's tokens/s (target >= "
-                   f"{SESSIONS_TARGET:.0f}x): {'met' if best >= SESSIONS_TARGET else 'missed'}")
+                   f"{fmt(decode_ratio, 'x')} (decode), {fmt(steady_ratio, 'x')} (steady decode) "
+                   f"one session's tokens/s (target >= {SESSIONS_TARGET:.0f}x{above}): "
+                   f"{'met' if best >= SESSIONS_TARGET else 'missed'}")
     return out
 
 
@@ -202,7 +237,9 @@ def table(benches, peers, servers):
     if benches:
         lines += ["### TTFT", ""] + ttft_table(benches, peers) + [""]
     for s in servers:
-        lines += ["### Concurrent DySCO sessions", ""] + server_summary(s)[0] + [""]
+        qwen = [b for b in benches if b.get("architecture") == "qwen3"] or benches
+        lines += (["### Concurrent DySCO sessions", ""] +
+                  server_summary(s, qwen[0] if qwen else None)[0] + [""])
     t = targets(benches, servers)
     if t:
         lines += ["### Targets (Qwen3-8B shape)", ""] + t + [""]

@@ -10,20 +10,40 @@
 // chunk of q_len new tokens at the end of a sequence of seq_len keys, its j-th token at position
 // seq_len - q_len + j (torch's own CausalVariant.LOWER_RIGHT relies on the same flash semantics).
 //
-// No host synchronisation: the packed offsets (cu_seqlens) are computed on the device from
-// query_start_loc and seq_lens; the gather buffers are sized for the upper bound known from shapes
-// (B x block_table_width x page_size keys); max_seqlen_q / max_seqlen_k passed to flash are the
-// host-known bounds T and block_table_width x page_size (flash takes each sequence's real lengths
-// from cu_seqlens and uses the maxima only for its grid). Values are clamped as in the other CUDA
-// ops: a bad call stays in bounds, its result unspecified.
+// Long chunks through cuDNN (docs/gpu.md "Prefill through cuDNN"): when every sequence with new
+// tokens brings at least kCudnnMinTokens of them, each runs through ATen's cuDNN attention
+// (Hopper's fused flash kernels: 603-626 TFLOP/s on an H200 for a 128K prompt in 8192-token
+// chunks against FlashAttention-2's 349, bench/prefill_attention_backends.py) instead. cuDNN's
+// causal mask is aligned top-left, so a chunk of q new tokens after P cached keys runs as two
+// calls: the q x q square of its own keys with the causal mask, and the P earlier keys without
+// one; a kernel merges the two halves by their log-sum-exps. That path reads the offsets on the
+// host (one synchronisation per layer of a prefill step, which lasts milliseconds; it is never
+// taken while a CUDA graph is being captured) and pads each chunk to a multiple of
+// kCudnnTokenBucket tokens (zero queries and zero keys after the real ones; under the top-left
+// causal mask no real query sees a padded key), so that cuDNN builds one execution plan per
+// bucket and prefix length (~50 ms each, cached by ATen) rather than one per prompt length.
+//
+// No host synchronisation on the flash path: the packed offsets (cu_seqlens) are computed on the
+// device from query_start_loc and seq_lens; the gather buffers are sized for the upper bound known
+// from shapes (B x block_table_width x page_size keys); max_seqlen_q / max_seqlen_k passed to flash
+// are the host-known bounds T and block_table_width x page_size (flash takes each sequence's real
+// lengths from cu_seqlens and uses the maxima only for its grid). Values are clamped as in the
+// other CUDA ops: a bad call stays in bounds, its result unspecified.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/_flash_attention_forward.h>
+#include <ATen/ops/_scaled_dot_product_cudnn_attention.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/util/Exception.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <tuple>
 
@@ -42,6 +62,24 @@ constexpr int64_t kMaxGatherBytes = 8LL << 30;
 // Keys per gather block (one page of the usual page size).
 constexpr int kGatherRows = 16;
 constexpr int kGatherThreads = 256;
+// A sequence takes cuDNN when it brings at least this many new tokens (below it the attention is a
+// small part of the step, and a plan per bucket is not worth building).
+constexpr int64_t kCudnnMinTokens = 1024;
+// Chunks are padded up to a multiple of this many tokens for cuDNN (one plan per bucket).
+constexpr int64_t kCudnnTokenBucket = 1024;
+
+// Set when a cuDNN call threw (no cuDNN, a shape it rejects): flash attention from then on.
+std::atomic<bool> g_cudnn_failed{false};
+// Sequences prefilled through cuDNN, for tests (paged_attention_prefill_cuda_cudnn_sequences).
+std::atomic<int64_t> g_cudnn_sequences{0};
+
+// The environment variable DYSCO_CUDA_PREFILL = "flash2" keeps every chunk on flash attention
+// (A/B timing in one process: read per call, as DYSCO_CUDA_PDL).
+bool CudnnWanted() {
+  const char* v = std::getenv("DYSCO_CUDA_PREFILL");
+  if (v != nullptr && std::strcmp(v, "flash2") == 0) return false;
+  return !g_cudnn_failed.load(std::memory_order_relaxed);
+}
 
 // cu_q int32 [B + 1] <- query_start_loc clamped into [0, T] and made non-decreasing; cu_k int32
 // [B + 1] <- the running sum of seq_lens clamped into [0, max_keys]. One thread: B is a batch size.
@@ -107,6 +145,142 @@ void LaunchGather(const at::Tensor& k_out, const at::Tensor& v_out,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// out row t, head h <- the softmax-weighted merge of two attention results over disjoint key sets:
+// tail (the chunk's own keys, causal) and prefix (the keys before the chunk; null when there are
+// none), each with its log-sum-exp of the scaled scores (natural log, as flash attention's).
+// Grid: x = rows, y = query heads. Block: threads over head_dim.
+template <typename scalar_t>
+__global__ void MergeHalvesKernel(scalar_t* out, int64_t out_t, int64_t out_h, const scalar_t* tail,
+                                  int64_t tail_h, int64_t tail_t, const float* tail_lse,
+                                  int64_t tail_lse_h, int64_t tail_lse_t, const scalar_t* prefix,
+                                  int64_t prefix_h, int64_t prefix_t, const float* prefix_lse,
+                                  int64_t prefix_lse_h, int64_t prefix_lse_t, int head_dim) {
+  using Cv = cuda::Convert<scalar_t>;
+  const int64_t t = blockIdx.x;
+  const int64_t h = blockIdx.y;
+  float w_tail = 1.0f;
+  float w_prefix = 0.0f;
+  if (prefix != nullptr) {
+    const float lt = tail_lse[h * tail_lse_h + t * tail_lse_t];
+    const float lp = prefix_lse[h * prefix_lse_h + t * prefix_lse_t];
+    const float m = fmaxf(lt, lp);
+    w_tail = expf(lt - m);
+    w_prefix = expf(lp - m);
+    const float inv = 1.0f / (w_tail + w_prefix);
+    w_tail *= inv;
+    w_prefix *= inv;
+  }
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float acc = w_tail * Cv::ToFloat(tail[h * tail_h + t * tail_t + d]);
+    if (prefix != nullptr) acc += w_prefix * Cv::ToFloat(prefix[h * prefix_h + t * prefix_t + d]);
+    out[t * out_t + h * out_h + d] = Cv::FromFloat(acc);
+  }
+}
+
+template <typename scalar_t>
+void LaunchMerge(const at::Tensor& rows, const at::Tensor& tail, const at::Tensor& tail_lse,
+                 const at::Tensor& prefix, const at::Tensor& prefix_lse, dim3 grid, int threads,
+                 cudaStream_t stream) {
+  // Strides of the [1, H, L(, 1)] log-sum-exps along heads and rows.
+  const bool has_prefix = prefix.defined();
+  MergeHalvesKernel<scalar_t><<<grid, threads, 0, stream>>>(
+      static_cast<scalar_t*>(rows.data_ptr()), rows.stride(0), rows.stride(1),
+      static_cast<const scalar_t*>(tail.data_ptr()), tail.stride(1), tail.stride(2),
+      tail_lse.data_ptr<float>(), tail_lse.stride(1), tail_lse.stride(2),
+      has_prefix ? static_cast<const scalar_t*>(prefix.data_ptr()) : nullptr,
+      has_prefix ? prefix.stride(1) : 0, has_prefix ? prefix.stride(2) : 0,
+      has_prefix ? prefix_lse.data_ptr<float>() : nullptr, has_prefix ? prefix_lse.stride(1) : 0,
+      has_prefix ? prefix_lse.stride(2) : 0, static_cast<int>(rows.size(2)));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// [L, H, D] -> the [1, H, L, D] view cuDNN attention takes (no copy).
+at::Tensor HeadsFirst(const at::Tensor& x) { return x.transpose(0, 1).unsqueeze(0); }
+
+// x's first `rows` rows followed by zero rows up to `padded` (x itself when rows == padded).
+at::Tensor PadRows(const at::Tensor& x, int64_t padded) {
+  if (x.size(0) == padded) return x;
+  at::Tensor y = at::zeros({padded, x.size(1), x.size(2)}, x.options());
+  y.slice(0, 0, x.size(0)).copy_(x);
+  return y;
+}
+
+// Attention output [1, H, L, D] (last dim contiguous) and log-sum-exp [1, H, L(, 1)] fp32.
+std::pair<at::Tensor, at::Tensor> CudnnAttention(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v, bool causal, double scale) {
+  const auto r = at::_scaled_dot_product_cudnn_attention(
+      HeadsFirst(q), HeadsFirst(k), HeadsFirst(v), /*attn_bias=*/c10::nullopt,
+      /*compute_log_sumexp=*/true, /*dropout_p=*/0.0, causal, /*return_debug_mask=*/false, scale);
+  at::Tensor o = std::get<0>(r);
+  if (o.stride(3) != 1) o = o.contiguous();
+  at::Tensor lse = std::get<1>(r);
+  if (lse.scalar_type() != at::kFloat) lse = lse.to(at::kFloat);
+  return {o, lse};
+}
+
+// The cuDNN path (file comment): out <- attention of every sequence's new tokens, when each
+// sequence with new tokens brings at least kCudnnMinTokens and no more than its keys; false (out
+// untouched, or partly written when a cuDNN call threw) otherwise. k / v: the packed keys,
+// offsets: int32 [2, B + 1] (cu_q, cu_k) on the device. Synchronises with the host.
+bool CudnnPrefill(const at::Tensor& out, const at::Tensor& query, const at::Tensor& k,
+                  const at::Tensor& v, const at::Tensor& offsets, double scale) {
+  const at::Tensor host = offsets.to(at::kCPU);
+  const int64_t batch = offsets.size(1) - 1;
+  const int32_t* cu_q = host.data_ptr<int32_t>();
+  const int32_t* cu_k = cu_q + batch + 1;
+  bool any = false;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t q_len = cu_q[b + 1] - cu_q[b];
+    const int64_t keys = cu_k[b + 1] - cu_k[b];
+    if (q_len == 0) continue;
+    if (q_len < kCudnnMinTokens || q_len > keys) return false;
+    any = true;
+  }
+  if (!any) return false;
+  const int64_t heads = query.size(1);
+  const int64_t head_dim = query.size(2);
+  const cudaStream_t stream = cuda::CurrentStream();
+  try {
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t q_len = cu_q[b + 1] - cu_q[b];
+      if (q_len == 0) continue;
+      const int64_t keys = cu_k[b + 1] - cu_k[b];
+      const int64_t prefix_len = keys - q_len;
+      const int64_t padded = cuda::CeilDiv(q_len, kCudnnTokenBucket) * kCudnnTokenBucket;
+      const int64_t k0 = cu_k[b];
+      const at::Tensor q = PadRows(query.slice(0, cu_q[b], cu_q[b + 1]), padded);
+      at::Tensor tail;
+      at::Tensor tail_lse;
+      std::tie(tail, tail_lse) =
+          CudnnAttention(q, PadRows(k.slice(0, k0 + prefix_len, k0 + keys), padded),
+                         PadRows(v.slice(0, k0 + prefix_len, k0 + keys), padded), true, scale);
+      at::Tensor prefix;
+      at::Tensor prefix_lse;
+      if (prefix_len > 0) {
+        std::tie(prefix, prefix_lse) = CudnnAttention(
+            q, k.slice(0, k0, k0 + prefix_len), v.slice(0, k0, k0 + prefix_len), false, scale);
+      }
+      const at::Tensor rows = out.slice(0, cu_q[b], cu_q[b + 1]);
+      const dim3 grid(static_cast<unsigned>(q_len), static_cast<unsigned>(heads));
+      const int threads = static_cast<int>(std::min<int64_t>(head_dim, 128));
+      AT_DISPATCH_SWITCH(
+          query.scalar_type(), "paged_attention_prefill (cuDNN merge)",
+          AT_DISPATCH_CASE(at::kBFloat16, [&] {
+            LaunchMerge<scalar_t>(rows, tail, tail_lse, prefix, prefix_lse, grid, threads, stream);
+          }) AT_DISPATCH_CASE(at::kHalf, [&] {
+            LaunchMerge<scalar_t>(rows, tail, tail_lse, prefix, prefix_lse, grid, threads, stream);
+          }));
+      g_cudnn_sequences.fetch_add(1, std::memory_order_relaxed);
+    }
+  } catch (const c10::Error& e) {
+    g_cudnn_failed.store(true, std::memory_order_relaxed);
+    TORCH_WARN("dysco: cuDNN attention failed, prefill falls back to flash attention: ",
+               e.what_without_backtrace());
+    return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 bool FlashPrefillApplies(const at::Tensor& query, const PagedCacheShape& cache,
@@ -164,6 +338,12 @@ void FlashPrefill(const at::Tensor& out, const at::Tensor& query, const at::Tens
     LaunchGather<uint16_t>(k, v, kv_cache_layer, cache, block_tables, cu_k, stream);
   }
 
+  if (tokens >= kCudnnMinTokens && CudnnWanted() && out.stride(2) == 1 &&
+      at::cuda::currentStreamCaptureStatusMayInitCtx() == at::cuda::CaptureStatus::None &&
+      CudnnPrefill(out, query, k, v, offsets, scale)) {
+    return;
+  }
+
   // max_seqlen_q: T, but at least 2. With max_seqlen_q == 1 and GQA, flash reshapes q as one token
   // per sequence ([B, Hkv, group, D]), which fails when some sequences have no new token (T = 1 <
   // B); a bound of 2 keeps the general path, and causal with one query token sees all its keys.
@@ -173,6 +353,10 @@ void FlashPrefill(const at::Tensor& out, const at::Tensor& query, const at::Tens
                                                    /*return_debug_mask=*/false, scale);
   // Rows owned by no sequence (only in an invalid call) are left as flash leaves them.
   out.copy_(std::get<0>(result));
+}
+
+int64_t paged_attention_prefill_cuda_cudnn_sequences() {
+  return g_cudnn_sequences.load(std::memory_order_relaxed);
 }
 
 bool paged_attention_prefill_cuda_uses_flash(const at::Tensor& query,

@@ -231,7 +231,8 @@ void CheckDecode(const Layout& l, const std::vector<int64_t>& lens, at::ScalarTy
 // ops read their A/B knobs at every call: DYSCO_CUDA_ATTENTION_KERNEL ("vector" or "scalar" rule
 // out the faster split kernels, kernels/cuda/split_attention.cuh), DYSCO_CUDA_MMA_PREFETCH ("1":
 // the tensor-core kernel's register prefetch), DYSCO_CUDA_SELECT ("single" or "multi": one or many
-// blocks per selection row), DYSCO_CUDA_SPLIT_WAVES, DYSCO_CUDA_LINEAR ("cublas").
+// blocks per selection row), DYSCO_CUDA_SPLIT_WAVES, DYSCO_CUDA_LINEAR ("cublas"),
+// DYSCO_CUDA_PREFILL ("flash2": no cuDNN attention for long prefill chunks).
 class ScopedEnv {
  public:
   ScopedEnv(const char* name, const char* value) : name_(name) {
@@ -449,6 +450,36 @@ TEST(CudaPagedAttentionPrefill, FallbackCasesStillEqualCpu) {
   for (const ChunkedBatch& c : ChunkedBatches(16)) {
     CheckPrefill({2, 4, 36, 16}, c.lens, c.q_lens, at::kBFloat16, BiasKind::kNone, rng,
                  PrefillPath::kSplit);
+  }
+}
+
+// Chunks of >= 1024 new tokens take cuDNN attention (kernels/cuda/paged_prefill_flash.cu), two
+// calls merged by log-sum-exp: a whole prompt (the causal call alone), a chunk after a prefix that
+// ends off a page boundary and is not a multiple of the 1024-token bucket (padded), two long
+// chunks in one call. A decode row or a short chunk beside a long chunk keeps the batch on flash
+// attention, and so does DYSCO_CUDA_PREFILL=flash2.
+TEST(CudaPagedAttentionPrefill, CudnnLongChunksEqualCpu) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(25);
+  at::manual_seed(25);
+  for (const Layout& l : {Layout{2, 4, 128, 16}, Layout{1, 8, 64, 7}}) {
+    for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+      const int64_t before = dysco::kernels::paged_attention_prefill_cuda_cudnn_sequences();
+      CheckPrefill(l, {1100}, {1100}, dtype, BiasKind::kNone, rng, PrefillPath::kFlash);
+      CheckPrefill(l, {3001 + 1500}, {1500}, dtype, BiasKind::kNone, rng, PrefillPath::kFlash);
+      CheckPrefill(l, {2048 + 1024, 1024}, {1024, 1024}, dtype, BiasKind::kNone, rng,
+                   PrefillPath::kFlash);
+      const int64_t cudnn = dysco::kernels::paged_attention_prefill_cuda_cudnn_sequences();
+      EXPECT_EQ(cudnn - before, 4) << Describe(l, dtype, "cuDNN sequences");
+      CheckPrefill(l, {5000, 300}, {1500, 1}, dtype, BiasKind::kNone, rng, PrefillPath::kFlash);
+      CheckPrefill(l, {2000, 3000}, {1024, 1000}, dtype, BiasKind::kNone, rng, PrefillPath::kFlash);
+      {
+        const ScopedEnv flash2("DYSCO_CUDA_PREFILL", "flash2");
+        CheckPrefill(l, {3001 + 1500}, {1500}, dtype, BiasKind::kNone, rng, PrefillPath::kFlash);
+      }
+      EXPECT_EQ(dysco::kernels::paged_attention_prefill_cuda_cudnn_sequences(), cudnn)
+          << Describe(l, dtype, "flash attention expected");
+    }
   }
 }
 
@@ -1442,6 +1473,23 @@ TEST(CudaTiming, OneLayerOfA128KPrefillInChunks) {
         for (int64_t c = 0; c < chunks; ++c) run_chunk(c, c10::nullopt);
       },
       2, 1);
+  const int64_t cudnn_before = dysco::kernels::paged_attention_prefill_cuda_cudnn_sequences();
+  (void)MillisecondsPerCall([&] { run_chunk(chunks - 1, c10::nullopt); }, 1, 0);
+  const bool cudnn = dysco::kernels::paged_attention_prefill_cuda_cudnn_sequences() > cudnn_before;
+  // The same through flash attention (DYSCO_CUDA_PREFILL=flash2), outputs of the last chunk
+  // compared.
+  const at::Tensor cudnn_last = out.slice(0, (chunks - 1) * chunk, keys).clone();
+  double flash_path_ms = 0.0;
+  {
+    const ScopedEnv flash2("DYSCO_CUDA_PREFILL", "flash2");
+    flash_path_ms = MillisecondsPerCall(
+        [&] {
+          for (int64_t c = 0; c < chunks; ++c) run_chunk(c, c10::nullopt);
+        },
+        1, 1);
+  }
+  EXPECT_TRUE(Close(cudnn_last, out.slice(0, (chunks - 1) * chunk, keys).cpu(), 1e-2, 1e-2,
+                    "prefill 128K last chunk cuDNN vs flash attention BFloat16"));
   // Flash attention alone over the same chunks, K/V already contiguous.
   const at::Tensor k_packed = at::randn({keys, hkv, d}, bf16);
   const at::Tensor v_packed = at::randn({keys, hkv, d}, bf16);
@@ -1486,9 +1534,14 @@ TEST(CudaTiming, OneLayerOfA128KPrefillInChunks) {
       static_cast<long long>(chunk), prefill_ms, floor_ms, flops, prefill_ms / floor_ms,
       flops / (prefill_ms * 1e-3) / 1e12);
   std::printf(
+      "[timing] prefill 128K, the op through %s (the default path): %.1f ms (%.2fx floor); "
+      "through flash attention (DYSCO_CUDA_PREFILL=flash2) %.1f ms (%.2fx floor), %.2fx faster\n",
+      cudnn ? "cuDNN" : "flash attention", prefill_ms, prefill_ms / floor_ms, flash_path_ms,
+      flash_path_ms / floor_ms, flash_path_ms / prefill_ms);
+  std::printf(
       "[timing] prefill 128K: flash attention alone (contiguous K/V) %.1f ms (%.2fx floor); "
       "gather + copy-out %.1f ms\n",
-      flash_ms, flash_ms / floor_ms, prefill_ms - flash_ms);
+      flash_ms, flash_ms / floor_ms, flash_path_ms - flash_ms);
   std::printf(
       "[timing] prefill last chunk (8192 tokens x 128K keys): flash path %.1f ms (%.2fx floor), "
       "split-KV kernel %.1f ms (%.2fx floor), %.1fx faster\n",

@@ -132,3 +132,28 @@ def test_table_shows_where_the_time_goes(tmp_path):
     assert ("plain step at 131072 (5 profiled steps): 8.80 ms wall, 8.10 ms of device events; "
             "top: paged_attention_decode_kernel 4.600 ms x36") in text
     assert "Profile (dysco): unavailable: CUPTI unavailable" in text
+
+
+def test_sessions_line_gives_the_steady_decode_ratio_and_the_bandwidth_ceiling(tmp_path):
+    # One session's step reads the weights (W) and its KV of both passes (kv); 16 sessions' step
+    # reads W once and 16 kv: at most 16 (W + kv) / (W + 16 kv) times one session's tokens/s.
+    bench = bench_json(plain_ms=9.6, dysco_ms=16.6)
+    per_token, layers, probe_last = 147456, 36, 24
+    kv = 32768 * per_token * (1 + (probe_last + 1) / layers)
+    weights = 24.78e9
+    bench.update({"kv_bytes_per_token": per_token, "num_layers": layers,
+                  "probe_last_layer": probe_last})
+    bench["contexts"].append({**bench["contexts"][0], "context": 32768,
+                              "dysco_bytes": weights + kv})
+    server = server_json(one=42.0, many=59.0)
+    server["phases"][1]["inter_token_latency"] = {"mean_ms": 115.0, "p50_ms": 47.0}
+    server["phases"][0]["inter_token_latency"] = {"mean_ms": 10.6, "p50_ms": 10.5}
+    files = [write(tmp_path, "b.json", bench), write(tmp_path, "s.json", server)]
+    text = plot_gpu.table(*plot_gpu.load(files))
+    ceiling = 16 * (weights + kv) / (weights + 16 * kv)
+    assert 3.3 < ceiling < 3.5
+    # steady decode: 16 / 47 ms against 1 / 10.5 ms = 3.57x; decode (means) 16 / 115 vs 1 / 10.6.
+    assert (f"1.40x (window), {16 * 10.6 / 115.0:.2f}x (decode), {16 * 10.5 / 47.0:.2f}x "
+            f"(steady decode)") in text
+    assert f"the bandwidth ceiling is {ceiling:.2f}x, below the target): missed" in text
+    assert "Bandwidth ceiling of that ratio at 32768 tokens" in text
