@@ -10,10 +10,12 @@
 // chunk of q_len new tokens at the end of a sequence of seq_len keys, its j-th token at position
 // seq_len - q_len + j (torch's own CausalVariant.LOWER_RIGHT relies on the same flash semantics).
 //
-// Long chunks through cuDNN (docs/gpu.md "Prefill through cuDNN"): when every sequence with new
-// tokens brings at least kCudnnMinTokens of them, each runs through ATen's cuDNN attention
+// Long chunks through cuDNN (docs/gpu.md "Prefill through cuDNN"): a sequence that brings at least
+// kCudnnMinTokens new tokens runs through ATen's cuDNN attention
 // (Hopper's fused flash kernels: 603-626 TFLOP/s on an H200 for a 128K prompt in 8192-token
-// chunks against FlashAttention-2's 349, bench/prefill_attention_backends.py) instead. cuDNN's
+// chunks against FlashAttention-2's 349, bench/prefill_attention_backends.py) instead; the other
+// sequences of the call (decode rows, short chunks) take flash attention with the long chunks' keys
+// cut to none (seqused_k), so a long chunk is never attended twice. cuDNN's
 // causal mask is aligned top-left, so a chunk of q new tokens after P cached keys runs as two
 // calls: the q x q square of its own keys with the causal mask, and the P earlier keys without
 // one; a kernel merges the two halves by their log-sum-exps. That path reads the offsets on the
@@ -34,6 +36,7 @@
 #include <ATen/ops/_flash_attention_forward.h>
 #include <ATen/ops/_scaled_dot_product_cudnn_attention.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Exception.h>
@@ -44,8 +47,10 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/cuda_ops.h"
@@ -218,33 +223,45 @@ std::pair<at::Tensor, at::Tensor> CudnnAttention(const at::Tensor& q, const at::
   return {o, lse};
 }
 
-// The cuDNN path (file comment): out <- attention of every sequence's new tokens, when each
-// sequence with new tokens brings at least kCudnnMinTokens and no more than its keys; false (out
-// untouched, or partly written when a cuDNN call threw) otherwise. k / v: the packed keys,
-// offsets: int32 [2, B + 1] (cu_q, cu_k) on the device. Synchronises with the host.
+// The flash attention call of the flash path: every sequence, or with seqused_k (int32 [B] on the
+// device) each sequence's keys cut to that many (none for the chunks cuDNN takes), into out.
+using FlashCall = std::function<void(const c10::optional<at::Tensor>& seqused_k)>;
+
+// The cuDNN path (file comment): out <- attention of every sequence's new tokens, the sequences
+// that bring at least kCudnnMinTokens (and no more than their keys) through cuDNN, the others
+// through `flash` with the cuDNN sequences' keys cut to none; false (out unspecified) when no
+// sequence qualifies or a cuDNN call threw. k / v: the packed keys, offsets: int32 [2, B + 1]
+// (cu_q, cu_k) on the device. Synchronises with the host.
 bool CudnnPrefill(const at::Tensor& out, const at::Tensor& query, const at::Tensor& k,
-                  const at::Tensor& v, const at::Tensor& offsets, double scale) {
+                  const at::Tensor& v, const at::Tensor& offsets, double scale,
+                  const FlashCall& flash) {
   const at::Tensor host = offsets.to(at::kCPU);
   const int64_t batch = offsets.size(1) - 1;
   const int32_t* cu_q = host.data_ptr<int32_t>();
   const int32_t* cu_k = cu_q + batch + 1;
-  bool any = false;
+  std::vector<int32_t> flash_keys(static_cast<size_t>(batch));
+  bool any_long = false;
+  bool any_short = false;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t q_len = cu_q[b + 1] - cu_q[b];
     const int64_t keys = cu_k[b + 1] - cu_k[b];
-    if (q_len == 0) continue;
-    if (q_len < kCudnnMinTokens || q_len > keys) return false;
-    any = true;
+    const bool long_chunk = q_len >= kCudnnMinTokens && q_len <= keys;
+    flash_keys[b] = long_chunk ? 0 : static_cast<int32_t>(keys);
+    any_long = any_long || long_chunk;
+    any_short = any_short || (q_len > 0 && !long_chunk);
   }
-  if (!any) return false;
+  if (!any_long) return false;
+  // The short chunks and decode rows first; the long chunks' rows of its output (no keys: zeros)
+  // are overwritten below.
+  if (any_short) flash(at::tensor(flash_keys, at::kInt).to(query.device()));
   const int64_t heads = query.size(1);
   const int64_t head_dim = query.size(2);
   const cudaStream_t stream = cuda::CurrentStream();
   try {
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t q_len = cu_q[b + 1] - cu_q[b];
-      if (q_len == 0) continue;
       const int64_t keys = cu_k[b + 1] - cu_k[b];
+      if (q_len < kCudnnMinTokens || q_len > keys) continue;  // done by flash above
       const int64_t prefix_len = keys - q_len;
       const int64_t padded = cuda::CeilDiv(q_len, kCudnnTokenBucket) * kCudnnTokenBucket;
       const int64_t k0 = cu_k[b];
@@ -338,21 +355,24 @@ void FlashPrefill(const at::Tensor& out, const at::Tensor& query, const at::Tens
     LaunchGather<uint16_t>(k, v, kv_cache_layer, cache, block_tables, cu_k, stream);
   }
 
-  if (tokens >= kCudnnMinTokens && CudnnWanted() && out.stride(2) == 1 &&
-      at::cuda::currentStreamCaptureStatusMayInitCtx() == at::cuda::CaptureStatus::None &&
-      CudnnPrefill(out, query, k, v, offsets, scale)) {
-    return;
-  }
-
   // max_seqlen_q: T, but at least 2. With max_seqlen_q == 1 and GQA, flash reshapes q as one token
   // per sequence ([B, Hkv, group, D]), which fails when some sequences have no new token (T = 1 <
   // B); a bound of 2 keeps the general path, and causal with one query token sees all its keys.
   const int64_t max_q = std::max<int64_t>(tokens, 2);
-  const auto result = at::_flash_attention_forward(query, k, v, cu_q, cu_k, max_q, max_keys,
-                                                   /*dropout_p=*/0.0, /*is_causal=*/true,
-                                                   /*return_debug_mask=*/false, scale);
-  // Rows owned by no sequence (only in an invalid call) are left as flash leaves them.
-  out.copy_(std::get<0>(result));
+  const FlashCall flash = [&](const c10::optional<at::Tensor>& seqused_k) {
+    const auto result = at::_flash_attention_forward(
+        query, k, v, cu_q, cu_k, max_q, max_keys, /*dropout_p=*/0.0, /*is_causal=*/true,
+        /*return_debug_mask=*/false, scale, /*window_size_left=*/c10::nullopt,
+        /*window_size_right=*/c10::nullopt, seqused_k);
+    // Rows owned by no sequence (only in an invalid call) are left as flash leaves them.
+    out.copy_(std::get<0>(result));
+  };
+  if (tokens >= kCudnnMinTokens && CudnnWanted() && out.stride(2) == 1 &&
+      at::cuda::currentStreamCaptureStatusMayInitCtx() == at::cuda::CaptureStatus::None &&
+      CudnnPrefill(out, query, k, v, offsets, scale, flash)) {
+    return;
+  }
+  flash(c10::nullopt);
 }
 
 int64_t paged_attention_prefill_cuda_cudnn_sequences() {

@@ -456,29 +456,39 @@ TEST(CudaPagedAttentionPrefill, FallbackCasesStillEqualCpu) {
 // Chunks of >= 1024 new tokens take cuDNN attention (kernels/cuda/paged_prefill_flash.cu), two
 // calls merged by log-sum-exp: a whole prompt (the causal call alone), a chunk after a prefix that
 // ends off a page boundary and is not a multiple of the 1024-token bucket (padded), two long
-// chunks in one call. A decode row or a short chunk beside a long chunk keeps the batch on flash
-// attention, and so does DYSCO_CUDA_PREFILL=flash2.
+// chunks in one call. Beside a long chunk, a decode row, a short chunk and an idle sequence take
+// flash attention with the long chunk's keys cut to none. Only short chunks, or
+// DYSCO_CUDA_PREFILL=flash2, keep the whole call on flash attention.
 TEST(CudaPagedAttentionPrefill, CudnnLongChunksEqualCpu) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(25);
   at::manual_seed(25);
+  auto cudnn_sequences = [] {
+    return dysco::kernels::paged_attention_prefill_cuda_cudnn_sequences();
+  };
   for (const Layout& l : {Layout{2, 4, 128, 16}, Layout{1, 8, 64, 7}}) {
     for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
-      const int64_t before = dysco::kernels::paged_attention_prefill_cuda_cudnn_sequences();
+      const std::string what = Describe(l, dtype, "cuDNN sequences");
+      int64_t before = cudnn_sequences();
       CheckPrefill(l, {1100}, {1100}, dtype, BiasKind::kNone, rng, PrefillPath::kFlash);
       CheckPrefill(l, {3001 + 1500}, {1500}, dtype, BiasKind::kNone, rng, PrefillPath::kFlash);
       CheckPrefill(l, {2048 + 1024, 1024}, {1024, 1024}, dtype, BiasKind::kNone, rng,
                    PrefillPath::kFlash);
-      const int64_t cudnn = dysco::kernels::paged_attention_prefill_cuda_cudnn_sequences();
-      EXPECT_EQ(cudnn - before, 4) << Describe(l, dtype, "cuDNN sequences");
+      EXPECT_EQ(cudnn_sequences() - before, 4) << what;
+      // Mixed: the long chunk through cuDNN, the rest through flash.
+      before = cudnn_sequences();
       CheckPrefill(l, {5000, 300}, {1500, 1}, dtype, BiasKind::kNone, rng, PrefillPath::kFlash);
-      CheckPrefill(l, {2000, 3000}, {1024, 1000}, dtype, BiasKind::kNone, rng, PrefillPath::kFlash);
+      CheckPrefill(l, {40, 2000, 3000, 700}, {1, 1024, 1000, 0}, dtype, BiasKind::kNone, rng,
+                   PrefillPath::kFlash);
+      EXPECT_EQ(cudnn_sequences() - before, 2) << what;
+      // No long chunk (T >= 1024 all the same), or the knob: flash alone.
+      before = cudnn_sequences();
+      CheckPrefill(l, {3000, 2500}, {600, 600}, dtype, BiasKind::kNone, rng, PrefillPath::kFlash);
       {
         const ScopedEnv flash2("DYSCO_CUDA_PREFILL", "flash2");
         CheckPrefill(l, {3001 + 1500}, {1500}, dtype, BiasKind::kNone, rng, PrefillPath::kFlash);
       }
-      EXPECT_EQ(dysco::kernels::paged_attention_prefill_cuda_cudnn_sequences(), cudnn)
-          << Describe(l, dtype, "flash attention expected");
+      EXPECT_EQ(cudnn_sequences(), before) << Describe(l, dtype, "flash attention expected");
     }
   }
 }
