@@ -481,6 +481,10 @@ TEST(CudaPagedAttentionPrefill, CudnnLongChunksEqualCpu) {
       CheckPrefill(l, {40, 2000, 3000, 700}, {1, 1024, 1000, 0}, dtype, BiasKind::kNone, rng,
                    PrefillPath::kFlash);
       EXPECT_EQ(cudnn_sequences() - before, 2) << what;
+      // The tiny models' head size (16).
+      CheckPrefill({2, 2, 16, 16}, {2400}, {1200}, dtype, BiasKind::kNone, rng,
+                   PrefillPath::kFlash);
+      EXPECT_EQ(cudnn_sequences() - before, 3) << what;
       // No long chunk (T >= 1024 all the same), or the knob: flash alone.
       before = cudnn_sequences();
       CheckPrefill(l, {3000, 2500}, {600, 600}, dtype, BiasKind::kNone, rng, PrefillPath::kFlash);

@@ -37,6 +37,7 @@
 #include "core/model/device_tensor.h"
 #include "core/model/kv_page_pool.h"
 #include "core/model/model_runner.h"
+#include "kernels/cuda/cuda_ops.h"
 #include "tests/cpp/model_fixture.h"
 
 namespace dysco {
@@ -511,6 +512,79 @@ TEST_F(ModelCudaTest, GraphReplayEqualsEagerInBf16) {
     ASSERT_EQ(config->dtype, ModelDtype::kBFloat16) << dir;
   }
   ExpectGraphReplayEqualsEager(dir, ", bf16");
+}
+
+// A long bf16 prompt prefilled in chunks of 1200 tokens, as the scheduler chunks it: the two full
+// chunks take cuDNN's attention in every layer (kernels/cuda/paged_prefill_flash.cu, chunks of >=
+// 1024 tokens), the last 100 tokens FlashAttention-2. The last token's logits are compared with the
+// same prefill with DYSCO_CUDA_PREFILL=flash2 (FlashAttention-2 throughout) and with the CPU's bf16
+// forward. The tiny model's random bf16 weights amplify rounding: on the H200 FlashAttention-2's
+// last logits are 0.83 from the CPU's and cuDNN's 1.90 (max |logit| 32; the op itself is within
+// 0.002 of the CPU at this head size, test_kernels_cuda). So this is an integration check with a
+// bound relative to that noise: within 3x FlashAttention-2's distance from the CPU, or 10% of the
+// largest logit. A wrong mask, a visible padded key or a wrong merge weight changes the attention
+// of every token of the chunk and moves the logits by their own size.
+TEST_F(ModelCudaTest, LongBf16PrefillThroughCudnnMatchesFlashAttention) {
+  const char* dir = std::getenv("DYSCO_TINY_BF16_MODEL_DIR");
+  if (dir == nullptr || *dir == '\0') {
+    GTEST_SKIP() << "DYSCO_TINY_BF16_MODEL_DIR unset (scripts/gpu-check.sh exports the package)";
+  }
+  const int64_t len = 2500;
+  const int64_t chunk = 1200;
+  const std::vector<int32_t> prompt = Prompt(len, 77);
+  struct FlashOnly {  // DYSCO_CUDA_PREFILL=flash2 for a scope
+    FlashOnly() { setenv("DYSCO_CUDA_PREFILL", "flash2", 1); }
+    ~FlashOnly() { unsetenv("DYSCO_CUDA_PREFILL"); }
+  };
+  std::vector<float> logits[3];  // GPU (cuDNN), GPU (FlashAttention-2), CPU
+  for (int pass = 0; pass < 3; ++pass) {
+    const std::string device = pass == 2 ? "cpu" : "cuda:0";
+    ModelRunnerOptions o;
+    o.device = device;
+    auto runner = ModelRunner::Load(dir, o);
+    ASSERT_TRUE(runner.ok()) << runner.status().ToString();
+    std::unique_ptr<FlashOnly> flash_only;
+    if (pass == 1) flash_only = std::make_unique<FlashOnly>();
+    KvPagePoolOptions po;
+    po.page_size = 16;
+    po.num_pages = len / 16 + 2;
+    po.device = device;
+    auto pool = KvPagePool::Create((*runner)->config(), po);
+    ASSERT_TRUE(pool.ok()) << pool.status().ToString();
+    auto pages = (*pool)->Allocate(len / 16 + 1);
+    ASSERT_TRUE(pages.ok()) << pages.status().ToString();
+    const int64_t before = dysco::kernels::paged_attention_prefill_cuda_cudnn_sequences();
+    ForwardOutput out;
+    for (int64_t start = 0; start < len; start += chunk) {
+      const int64_t n = std::min(chunk, len - start);
+      ForwardBatch b;
+      b.kv_pool = pool->get();
+      b.sequences.push_back(ForwardRow{
+          ConstSpan<int32_t>(&prompt[static_cast<size_t>(start)], static_cast<size_t>(n)),
+          start,
+          *pages,
+          {}});
+      const Status st = (*runner)->Forward(b, &out);
+      ASSERT_TRUE(st.ok()) << st.ToString();
+    }
+    const int64_t cudnn = dysco::kernels::paged_attention_prefill_cuda_cudnn_sequences() - before;
+    EXPECT_EQ(cudnn, pass == 0 ? 2 * (*runner)->config().num_layers : 0) << "pass " << pass;
+    logits[pass] = out.logits;
+  }
+  MaxError cudnn_cpu;
+  cudnn_cpu.Add(logits[2], logits[0]);
+  MaxError flash_cpu;
+  flash_cpu.Add(logits[2], logits[1]);
+  MaxError cudnn_flash;
+  cudnn_flash.Add(logits[1], logits[0]);
+  double scale = 1.0;
+  for (float x : logits[2]) scale = std::max(scale, static_cast<double>(std::fabs(x)));
+  std::printf(
+      "[model bf16] 2500-token prefill in 1200-token chunks, last logits max abs diff: cuDNN vs "
+      "CPU %.3g, FlashAttention-2 vs CPU %.3g, cuDNN vs FlashAttention-2 %.3g (max |logit| "
+      "%.3g)\n",
+      cudnn_cpu.abs, flash_cpu.abs, cudnn_flash.abs, scale);
+  EXPECT_LE(cudnn_cpu.abs, std::max(3.0 * flash_cpu.abs, 0.1 * scale));
 }
 
 // A bucket is captured once and then replayed: repeated steps of one bucket (and a batch that
