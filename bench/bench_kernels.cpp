@@ -1,5 +1,7 @@
 // bench-kernels: microseconds per call of the dysco CPU attention ops at decode and prefill shapes
-// of SmolLM2-135M (Hq = 9, Hkv = 3, D = 64, page size 16), fp32. Usage: bench-kernels [--threads N]
+// of SmolLM2-135M (Hq = 9, Hkv = 3, D = 64, page size 16), fp32; the decode call also with its
+// caches cold, as a decode step leaves them (docs/performance.md "The step's parts, timed from
+// inside"). Usage: bench-kernels [--threads N]
 // [--cpu-time] [--max-isa 0|1|2]
 // --cpu-time times the calling thread's CPU time instead of wall time: with --threads 1 on a busy
 // machine it leaves out the time the benchmark was not scheduled.
@@ -9,6 +11,7 @@
 #include "bench/micro_timer.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -95,6 +98,50 @@ int main(int argc, char** argv) {
       std::printf("%11.1f /%7.1f", plain, biased);
     }
     std::printf("\n");
+  }
+
+  // A decode step calls the attention right after its GEMVs have streamed megabytes of weights
+  // through the caches. The same call (B = 1, 192 keys) after a 64 MiB sweep read by all threads
+  // (code, data and TLB entries evicted; the threads awake, as in a step), after the sweep and a
+  // read of the call's K/V and query (its data warm again), and warm. Median of 200 calls each.
+  {
+    const int64_t len = 192;
+    const Cache cache = MakeCache(1, len);
+    const at::Tensor query = at::randn({1, kQueryHeads, kHeadDim});
+    const at::Tensor out = at::empty_like(query);
+    std::vector<float> sweep_buffer((64 << 20) / sizeof(float), 1.0f);
+    std::atomic<float> sink{0.0f};
+    auto read_all = [&sink](const float* data, int64_t n) {
+      at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+        float acc = 0.0f;
+        for (int64_t i = begin; i < end; i += 16) acc += data[i];
+        sink.store(sink.load(std::memory_order_relaxed) + acc, std::memory_order_relaxed);
+      });
+    };
+    auto median_us = [&](bool sweep, bool warm_data) {
+      std::vector<double> samples;
+      for (int rep = 0; rep < 200; ++rep) {
+        if (sweep) read_all(sweep_buffer.data(), static_cast<int64_t>(sweep_buffer.size()));
+        if (warm_data) {
+          read_all(cache.kv.data_ptr<float>(), cache.kv.numel());
+          read_all(query.data_ptr<float>(), query.numel());
+        }
+        const double t0 = timer.NowSeconds();
+        dysco::ops::paged_attention_decode(out, query, cache.kv, cache.block_tables, cache.seq_lens,
+                                           scale, c10::nullopt);
+        samples.push_back((timer.NowSeconds() - t0) * 1e6);
+      }
+      std::nth_element(samples.begin(), samples.begin() + 100, samples.end());
+      return samples[100];
+    };
+    const double cold = median_us(true, false);
+    const double data_warm = median_us(true, true);
+    const double warm = median_us(false, false);
+    std::printf(
+        "\npaged_attention_decode, B=1, 192 keys, us per call (median of 200): after a 64 MiB "
+        "sweep "
+        "%.1f, after the sweep and a read of its K/V %.1f, warm %.1f\n",
+        cold, data_warm, warm);
   }
 
   std::printf("\nattention_probs, 2 heads, B=1, us per call\n");
