@@ -454,6 +454,42 @@ struct ModelRunner::Impl::NativeDecode {
   std::vector<Layer> layers;
   at::Tensor inv_freq, embed_tokens, norm, lm_head;
   double attention_scaling = 1.0, eps = 0.0;
+  // cos and sin of every position below rope_cos.size(0), [positions, width] in the model's dtype,
+  // or undefined. Why: the TorchScript code derives them from the step's positions with ~8 small
+  // ATen ops, ~0.15 ms of a ~20 ms SmolLM2 step on 2 cores (docs/performance.md "The step's parts,
+  // timed from inside"); a decode step now takes its rows. The table is built by the same ops, in
+  // blocks of rows small enough that ATen runs them on one thread, and only for widths that are a
+  // multiple of 32: then every element goes through ATen's vector loop whatever the row count, so
+  // each row equals the code's for any batch, bit for bit (NativeCpuDecodeTest).
+  at::Tensor rope_cos, rope_sin;
+
+  // cos, sin [B, width] of `positions` (int64 [B]) as the TorchScript code computes them.
+  std::pair<at::Tensor, at::Tensor> RopeOf(const at::Tensor& positions) const {
+    const at::Tensor freqs = positions.to(at::kFloat).unsqueeze(1) * inv_freq.unsqueeze(0);
+    const at::Tensor emb = at::cat({freqs, freqs}, -1);
+    const at::ScalarType dtype = embed_tokens.scalar_type();
+    return {(emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)};
+  }
+
+  // The table for positions [0, max_positions) when its width allows and it takes at most 64 MiB.
+  void BuildRopeTable(int64_t max_positions) {
+    const int64_t width = 2 * inv_freq.size(0);
+    const int64_t bytes = 2 * max_positions * width * embed_tokens.element_size();
+    if (width % 32 != 0 || max_positions <= 0 || bytes > (64LL << 20)) return;
+    const at::ScalarType dtype = embed_tokens.scalar_type();
+    at::Tensor cos = at::empty({max_positions, width}, embed_tokens.options().dtype(dtype));
+    at::Tensor sin = at::empty_like(cos);
+    // ATen's element-wise ops stay on one thread below 32768 elements (at::internal::GRAIN_SIZE).
+    const int64_t rows = std::max<int64_t>(1, 16384 / width);
+    for (int64_t r = 0; r < max_positions; r += rows) {
+      const int64_t n = std::min(rows, max_positions - r);
+      const auto [c, s] = RopeOf(at::arange(r, r + n, at::kLong));
+      cos.narrow(0, r, n).copy_(c);
+      sin.narrow(0, r, n).copy_(s);
+    }
+    rope_cos = cos;
+    rope_sin = sin;
+  }
 
   // Null when an attribute is missing or of another type (an older or foreign module).
   static std::unique_ptr<NativeDecode> From(const torch::jit::Module& m, int64_t num_layers) {
@@ -573,6 +609,15 @@ StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& pack
   if (options.native_cpu_decode && impl->device.is_cpu()) {
     // After the binding: the parameters are the weights' tensors by now.
     impl->native_decode = Impl::NativeDecode::From(impl->module, impl->config.num_layers);
+    if (impl->native_decode != nullptr) {
+      try {
+        impl->native_decode->BuildRopeTable(impl->config.max_position_embeddings);
+      } catch (const c10::Error&) {
+        // No table: the step computes its rows as the TorchScript code does.
+        impl->native_decode->rope_cos = at::Tensor();
+        impl->native_decode->rope_sin = at::Tensor();
+      }
+    }
   }
   return std::unique_ptr<ModelRunner>(new ModelRunner(std::move(impl)));
 }
@@ -1151,12 +1196,24 @@ std::pair<at::Tensor, at::Tensor> ModelRunner::Impl::NativeDecodeForward(
   const int64_t batch = seq_lens.size(0);
   const int64_t probs_len = block_tables.size(1) * kv_cache.size(3);
 
-  const at::Tensor freqs = positions.to(at::kFloat).unsqueeze(1) * n.inv_freq.unsqueeze(0);
-  const at::Tensor emb = at::cat({freqs, freqs}, -1);
-  const at::ScalarType dtype = n.embed_tokens.scalar_type();
-  const at::Tensor cos = (emb.cos() * n.attention_scaling).to(dtype);
-  const at::Tensor sin = (emb.sin() * n.attention_scaling).to(dtype);
-  at::Tensor h = at::embedding(n.embed_tokens, token_ids);
+  at::Tensor cos;
+  at::Tensor sin;
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t table_rows = n.rope_cos.defined() ? n.rope_cos.size(0) : 0;
+  const bool in_table = std::all_of(pos, pos + positions.numel(),
+                                    [&](int64_t p) { return p >= 0 && p < table_rows; });
+  if (in_table && batch == 1) {
+    cos = n.rope_cos.narrow(0, pos[0], 1);
+    sin = n.rope_sin.narrow(0, pos[0], 1);
+  } else if (in_table) {
+    cos = n.rope_cos.index_select(0, positions);
+    sin = n.rope_sin.index_select(0, positions);
+  } else {
+    std::tie(cos, sin) = n.RopeOf(positions);
+  }
+  // One row is a view of the table (the layers read h and never write it); more rows are gathered.
+  at::Tensor h = batch == 1 ? n.embed_tokens.narrow(0, token_ids.data_ptr<int64_t>()[0], 1)
+                            : at::embedding(n.embed_tokens, token_ids);
   at::Tensor pending;  // the last layer's MLP output, added by the next norm
   for (size_t i = 0; i < n.layers.size(); ++i) {
     const NativeDecode::Layer& w = n.layers[i];

@@ -547,6 +547,9 @@ TEST(NativeCpuDecodeTest, EqualsTheTorchScriptForwardBitForBit) {
   }
   dirs.push_back(llama.dir);
   if (const char* qwen3 = std::getenv("DYSCO_TINY_QWEN3_MODEL_DIR")) dirs.push_back(qwen3);
+  // The default model too: its head size (64) is one the C++ step takes cos/sin from a table for
+  // (the tiny packages' 16 is not).
+  if (const PackageLocation def = DefaultPackage::Locate(); def.present) dirs.push_back(def.dir);
   for (const std::string& dir : dirs) {
     SCOPED_TRACE(dir);
     std::unique_ptr<ModelRunner> runners[2];
@@ -624,7 +627,15 @@ TEST(NativeCpuDecodeTest, EqualsTheTorchScriptForwardBitForBit) {
       if (t == 5) decode.probe_heads = {{c.num_layers - 1, 0}};  // TorchScript on both
       step(decode, "decode step " + std::to_string(t));
     }
-    EXPECT_EQ(runners[1]->cuda_graph_stats().native_decode_forwards, 5);
+    // Batch 1 (its cos/sin a view of the table's row, where there is a table).
+    {
+      const int64_t pos = prompt[1] + 6;
+      ForwardBatch one;
+      one.sequences.push_back(
+          {ConstSpan<int32_t>(&tokens[1][static_cast<size_t>(pos)], 1), pos, pages[1], {}});
+      step(one, "decode step of one sequence");
+    }
+    EXPECT_EQ(runners[1]->cuda_graph_stats().native_decode_forwards, 6);
     EXPECT_EQ(runners[0]->cuda_graph_stats().native_decode_forwards, 0);
   }
 }
