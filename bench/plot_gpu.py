@@ -188,11 +188,16 @@ def server_summary(server, bench=None):
     return lines, window_ratio, decode_ratio, steady_ratio, ceiling[0] if ceiling else None
 
 
+def qwen_benches(benches):
+    """The benches of the Qwen3-8B shape, the one issue 9's targets and the server run are about."""
+    return [b for b in benches if "qwen3" in (b.get("label") or b.get("model_name") or "").lower()
+            or b.get("architecture") == "qwen3"]
+
+
 def targets(benches, servers):
     """Issue 9's targets on the Qwen3-8B shape: met / missed lines."""
     out = []
-    qwen = [b for b in benches if "qwen3" in (b.get("label") or b.get("model_name") or "").lower()
-            or b.get("architecture") == "qwen3"]
+    qwen = qwen_benches(benches)
     for b in qwen[:1]:
         for r in b["contexts"]:
             out.append(f"- plain at {r['context']}: {r['plain_ratio']:.2f}x its floor "
@@ -237,7 +242,7 @@ def table(benches, peers, servers):
     if benches:
         lines += ["### TTFT", ""] + ttft_table(benches, peers) + [""]
     for s in servers:
-        qwen = [b for b in benches if b.get("architecture") == "qwen3"] or benches
+        qwen = qwen_benches(benches) or benches
         lines += (["### Concurrent DySCO sessions", ""] +
                   server_summary(s, qwen[0] if qwen else None)[0] + [""])
     t = targets(benches, servers)

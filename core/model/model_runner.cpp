@@ -476,8 +476,7 @@ struct ModelRunner::Impl::NativeDecode {
     const int64_t width = 2 * inv_freq.size(0);
     const int64_t bytes = 2 * max_positions * width * embed_tokens.element_size();
     if (width % 32 != 0 || max_positions <= 0 || bytes > (64LL << 20)) return;
-    const at::ScalarType dtype = embed_tokens.scalar_type();
-    at::Tensor cos = at::empty({max_positions, width}, embed_tokens.options().dtype(dtype));
+    at::Tensor cos = at::empty({max_positions, width}, embed_tokens.options());
     at::Tensor sin = at::empty_like(cos);
     // ATen's element-wise ops stay on one thread below 32768 elements (at::internal::GRAIN_SIZE).
     const int64_t rows = std::max<int64_t>(1, 16384 / width);
@@ -613,9 +612,8 @@ StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Load(const std::string& pack
       try {
         impl->native_decode->BuildRopeTable(impl->config.max_position_embeddings);
       } catch (const c10::Error&) {
-        // No table: the step computes its rows as the TorchScript code does.
-        impl->native_decode->rope_cos = at::Tensor();
-        impl->native_decode->rope_sin = at::Tensor();
+        // No table (BuildRopeTable sets it only once built): the step computes its rows as the
+        // TorchScript code does.
       }
     }
   }

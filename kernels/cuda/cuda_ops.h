@@ -28,8 +28,8 @@ void paged_attention_decode_cuda(const at::Tensor& out, const at::Tensor& query,
 
 // Two paths: bf16/fp16 caches without key_bias (head_dim a multiple of 8, <= 256) gather the
 // sequences' pages into packed K/V and run ATen's flash attention (tensor cores, keys read once
-// per tile of query tokens; cuDNN's fused attention instead when every sequence with new tokens
-// brings >= 1024 of them); everything else takes the split-KV kernel of decode (keys read once
+// per tile of query tokens; cuDNN's fused attention instead for each sequence that brings >= 1024
+// new tokens); everything else takes the split-KV kernel of decode (keys read once
 // per query token). kernels/cuda/paged_prefill_flash.h has the exact rule.
 void paged_attention_prefill_cuda(const at::Tensor& out, const at::Tensor& query,
                                   const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,

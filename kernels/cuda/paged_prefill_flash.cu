@@ -11,19 +11,19 @@
 // seq_len - q_len + j (torch's own CausalVariant.LOWER_RIGHT relies on the same flash semantics).
 //
 // Long chunks through cuDNN (docs/gpu.md "Prefill through cuDNN"): a sequence that brings at least
-// kCudnnMinTokens new tokens runs through ATen's cuDNN attention
-// (Hopper's fused flash kernels: 603-626 TFLOP/s on an H200 for a 128K prompt in 8192-token
-// chunks against FlashAttention-2's 349, bench/prefill_attention_backends.py) instead; the other
-// sequences of the call (decode rows, short chunks) take flash attention with the long chunks' keys
-// cut to none (seqused_k), so a long chunk is never attended twice. cuDNN's
-// causal mask is aligned top-left, so a chunk of q new tokens after P cached keys runs as two
-// calls: the q x q square of its own keys with the causal mask, and the P earlier keys without
-// one; a kernel merges the two halves by their log-sum-exps. That path reads the offsets on the
-// host (one synchronisation per layer of a prefill step, which lasts milliseconds; it is never
-// taken while a CUDA graph is being captured) and pads each chunk to a multiple of
-// kCudnnTokenBucket tokens (zero queries and zero keys after the real ones; under the top-left
-// causal mask no real query sees a padded key), so that cuDNN builds one execution plan per
-// bucket and prefix length (~50 ms each, cached by ATen) rather than one per prompt length.
+// kCudnnMinTokens new tokens runs through ATen's cuDNN attention (Hopper's fused flash kernels:
+// 603-626 TFLOP/s on an H200 for a 128K prompt in 8192-token chunks against FlashAttention-2's
+// 349, bench/prefill_attention_backends.py) instead; the other sequences of the call (decode rows,
+// short chunks) take flash attention with the long chunks' keys cut to none (seqused_k), so a long
+// chunk is never attended twice. cuDNN's causal mask is aligned top-left, so a chunk of q new
+// tokens after P cached keys runs as two calls: the q x q square of its own keys with the causal
+// mask, and the P earlier keys without one; a kernel merges the two halves by their log-sum-exps.
+// That path reads the offsets on the host (one synchronisation per layer of a prefill step, which
+// lasts milliseconds; it is never taken while a CUDA graph is being captured) and pads each chunk
+// to a multiple of kCudnnTokenBucket tokens (zero queries and zero keys after the real ones; under
+// the top-left causal mask no real query sees a padded key), so that cuDNN builds one execution
+// plan per bucket and prefix length (~50 ms each, cached by ATen) rather than one per prompt
+// length.
 //
 // No host synchronisation on the flash path: the packed offsets (cu_seqlens) are computed on the
 // device from query_start_loc and seq_lens; the gather buffers are sized for the upper bound known
@@ -223,6 +223,9 @@ std::pair<at::Tensor, at::Tensor> CudnnAttention(const at::Tensor& q, const at::
   return {o, lse};
 }
 
+// Whether a sequence's chunk of q_len new tokens over `keys` keys goes to cuDNN (file comment).
+bool CudnnTakes(int64_t q_len, int64_t keys) { return q_len >= kCudnnMinTokens && q_len <= keys; }
+
 // The flash attention call of the flash path: every sequence, or with seqused_k (int32 [B] on the
 // device) each sequence's keys cut to that many (none for the chunks cuDNN takes), into out.
 using FlashCall = std::function<void(const c10::optional<at::Tensor>& seqused_k)>;
@@ -245,7 +248,7 @@ bool CudnnPrefill(const at::Tensor& out, const at::Tensor& query, const at::Tens
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t q_len = cu_q[b + 1] - cu_q[b];
     const int64_t keys = cu_k[b + 1] - cu_k[b];
-    const bool long_chunk = q_len >= kCudnnMinTokens && q_len <= keys;
+    const bool long_chunk = CudnnTakes(q_len, keys);
     flash_keys[b] = long_chunk ? 0 : static_cast<int32_t>(keys);
     any_long = any_long || long_chunk;
     any_short = any_short || (q_len > 0 && !long_chunk);
@@ -261,7 +264,7 @@ bool CudnnPrefill(const at::Tensor& out, const at::Tensor& query, const at::Tens
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t q_len = cu_q[b + 1] - cu_q[b];
       const int64_t keys = cu_k[b + 1] - cu_k[b];
-      if (q_len < kCudnnMinTokens || q_len > keys) continue;  // done by flash above
+      if (!CudnnTakes(q_len, keys)) continue;  // done by flash above
       const int64_t prefix_len = keys - q_len;
       const int64_t padded = cuda::CeilDiv(q_len, kCudnnTokenBucket) * kCudnnTokenBucket;
       const int64_t k0 = cu_k[b];
@@ -280,13 +283,10 @@ bool CudnnPrefill(const at::Tensor& out, const at::Tensor& query, const at::Tens
       const at::Tensor rows = out.slice(0, cu_q[b], cu_q[b + 1]);
       const dim3 grid(static_cast<unsigned>(q_len), static_cast<unsigned>(heads));
       const int threads = static_cast<int>(std::min<int64_t>(head_dim, 128));
-      AT_DISPATCH_SWITCH(
-          query.scalar_type(), "paged_attention_prefill (cuDNN merge)",
-          AT_DISPATCH_CASE(at::kBFloat16, [&] {
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(
+          query.scalar_type(), "paged_attention_prefill (cuDNN merge)", [&] {
             LaunchMerge<scalar_t>(rows, tail, tail_lse, prefix, prefix_lse, grid, threads, stream);
-          }) AT_DISPATCH_CASE(at::kHalf, [&] {
-            LaunchMerge<scalar_t>(rows, tail, tail_lse, prefix, prefix_lse, grid, threads, stream);
-          }));
+          });
       g_cudnn_sequences.fetch_add(1, std::memory_order_relaxed);
     }
   } catch (const c10::Error& e) {
