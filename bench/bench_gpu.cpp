@@ -39,7 +39,7 @@
 // usage: bench-gpu --model DIR [--device cuda:0|cpu] [--contexts 8192,32768,131072] [--chunk N]
 //                  [--warmup N] [--steps N] [--copy-mib N] [--max-prefill-s S] [--no-dysco]
 //                  [--cuda-graphs 0|1] [--profile-steps N] [--check-dysco] [--json PATH]
-//                  [--label S]
+//                  [--label S] [--logits-to-host 0|1]
 // --check-dysco: at the shortest context, also run the product's own loop (a Generator: Sequence +
 // BatchStepper) on the same prompt and require the same selections at the dynamic warm-up steps
 // as the benchmark's (exit 1 otherwise): the timed DySCO step is the product's.
@@ -47,6 +47,9 @@
 // profiler, and the device time per kernel name (per step) is printed and written to the JSON
 // ("profile"): where a step's time goes, next to its wall time (the gap is host time); and once
 // the prompt's last full prefill chunk ("prefill_chunk").
+// --logits-to-host (0): 0 = each step's token is picked where the logits are and only its id is
+// read back (ForwardBatch::logits_to_host = false: what BatchStepper does for a greedy sequence),
+// 1 = the logits are copied to the host and the token picked there (A/B of the two).
 // --cuda-graphs sets ModelRunnerOptions::cuda_graphs where the runner has that option (CUDA graphs
 // for decode steps; the JSON's "cuda_graphs" is null without it).
 // --max-prefill-s (300): the prefill stops after the chunk that passes it (a far too slow prefill
@@ -293,8 +296,13 @@ double MeasureMatmulRate(const dysco::ModelConfig& c, const at::Device& device, 
 // ---- The benchmark proper.
 class Bench {
  public:
-  Bench(dysco::ModelRunner* runner, dysco::KvPagePool* pool, int64_t max_context, uint64_t seed)
-      : runner_(runner), pool_(pool), pages_(pool), ops_(runner->device()) {
+  Bench(dysco::ModelRunner* runner, dysco::KvPagePool* pool, int64_t max_context, uint64_t seed,
+        bool logits_to_host)
+      : runner_(runner),
+        pool_(pool),
+        pages_(pool),
+        ops_(runner->device()),
+        logits_to_host_(logits_to_host) {
     const auto& c = runner->config();
     std::mt19937_64 rng(seed);
     // Ids from 3 up (below are the usual special ids) and below the vocabulary.
@@ -424,6 +432,7 @@ class Bench {
     // As BatchStepper::InterveneDynamic: a speculative pass leaves them on the GPU for the
     // relevance update there (the warm-up's full passes update on the host).
     batch_.probe_mean_on_device = last_layer >= 0 && ops_.on_device();
+    batch_.logits_to_host = logits_to_host_;
     batch_.sequences.assign(
         1, {dysco::ConstSpan<int32_t>(tokens_.data() + start, static_cast<size_t>(n)), start,
             dysco::ConstSpan<int32_t>(pages_.ids().data(), static_cast<size_t>(pages)),
@@ -431,10 +440,12 @@ class Bench {
     Check(runner_->Forward(batch_, &out_), "forward at position " + std::to_string(start));
   }
 
+  // The step's greedy token, as the product's Sampler picks it (dysco::GreedyTokenId).
   static int64_t Argmax(const dysco::ForwardOutput& out) {
     if (out.vocab_size == 0) return -1;
+    if (!out.greedy_tokens.empty()) return out.greedy_tokens[0];
     const float* row = out.logits_row(0);
-    return std::max_element(row, row + out.vocab_size) - row;
+    return dysco::GreedyTokenId(row, out.vocab_size);
   }
 
   dysco::ModelRunner* runner_;
@@ -444,6 +455,7 @@ class Bench {
   dysco::ForwardBatch batch_;
   dysco::ForwardOutput out_;
   dysco::DyscoBatchOps ops_;
+  bool logits_to_host_;
   std::unique_ptr<dysco::DyscoController> controller_;
   std::vector<std::vector<float>> relevance_;
   std::vector<dysco::DyscoSelection> selections_;
@@ -589,7 +601,7 @@ int main(int argc, char** argv) {
   double max_prefill_s = 300;
   int cuda_graphs_flag = -1;
   int64_t profile_steps = 0;
-  bool with_dysco = true, check_dysco = false;
+  bool with_dysco = true, check_dysco = false, logits_to_host = false;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (flag == "--no-dysco") {
@@ -622,6 +634,8 @@ int main(int argc, char** argv) {
       profile_steps = ParseInt(flag, value, 0, 1000);
     } else if (flag == "--cuda-graphs") {
       cuda_graphs_flag = static_cast<int>(ParseInt(flag, value, 0, 1));
+    } else if (flag == "--logits-to-host") {
+      logits_to_host = ParseInt(flag, value, 0, 1) != 0;
     } else if (flag == "--json") {
       json_path = value;
     } else if (flag == "--label") {
@@ -676,14 +690,15 @@ int main(int argc, char** argv) {
   const ModelBytes bytes = CountBytes(c, pool);
   std::printf(
       "bench-gpu: %s (%s, %s, %d layers, hidden %lld, %.2fB params) on %s, loaded in %.1f s, CUDA "
-      "graphs %s\n",
+      "graphs %s, tokens picked on the %s\n",
       c.model_name.c_str(), c.architecture.c_str(), dysco::ModelDtypeName(c.dtype), c.num_layers,
       static_cast<long long>(c.hidden_size),
       (bytes.layer_matrix_params + bytes.layer_norm_params + bytes.lm_head_params) / 1e9,
       device_name.c_str(), load_s,
       cuda_graphs < 0 ? "(no option)"
       : cuda_graphs   ? "on"
-                      : "off");
+                      : "off",
+      logits_to_host ? "host" : "device");
   std::fflush(stdout);
 
   // Floors.
@@ -698,7 +713,7 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
 
   // TTFT: the one long prefill.
-  Bench bench(&runner, &pool, max_context, 1234);
+  Bench bench(&runner, &pool, max_context, 1234, logits_to_host);
   // Twice: the TTFT is the second prefill of the prompt. The first also built cuDNN's execution
   // plans for the chunk shapes (~50 ms each, cached for the process: docs/gpu.md "Prefill through
   // cuDNN"), which a server pays once per shape, not per request; it is reported beside.
@@ -890,6 +905,7 @@ int main(int argc, char** argv) {
         << (cuda_graphs < 0 ? "null"
             : cuda_graphs   ? "true"
                             : "false")
+        << ",\n  \"logits_to_host\": " << (logits_to_host ? "true" : "false")
         << ",\n  \"load_s\": " << Json(load_s) << ",\n  \"num_layers\": " << c.num_layers
         << ",\n  \"layer_matrix_params\": " << Json(bytes.layer_matrix_params)
         << ",\n  \"lm_head_params\": " << Json(bytes.lm_head_params)

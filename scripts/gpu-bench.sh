@@ -31,6 +31,9 @@
 # GPU_BENCH_CUDA_GRAPHS=0|1: bench-gpu --cuda-graphs (the runner's default when unset);
 # GPU_BENCH_EXPORT_DEVICE=cuda: the exporter draws the random weights on the GPU (faster);
 # GPU_BENCH_PROFILE_STEPS (5): bench-gpu --profile-steps, per-kernel times at the longest context.
+# GPU_BENCH_EXTRA_ARGS: more bench-gpu flags (word-split, e.g. "--logits-to-host 1"), and
+# GPU_BENCH_TAG: a suffix of the bench-gpu label and file names, so that an A/B of two settings
+# runs twice in one call, the second with the tag (the table then lists both).
 # Usage: bash scripts/gpu-bench.sh [DEBS_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -142,14 +145,18 @@ export_shape() {
 }
 
 run_bench_gpu() {
-  local shape=$1 t0 rc extra=()
+  local shape=$1 t0 rc extra=() name
+  name=$shape${GPU_BENCH_TAG:-}
   [ -n "${GPU_BENCH_CUDA_GRAPHS:-}" ] && extra=(--cuda-graphs "$GPU_BENCH_CUDA_GRAPHS")
+  # shellcheck disable=SC2206  # word splitting of the extra flags is the point
+  [ -n "${GPU_BENCH_EXTRA_ARGS:-}" ] && extra+=(${GPU_BENCH_EXTRA_ARGS})
   t0=$(date +%s)
   timeout "$(allow 300)" "$BUILD/bin/bench-gpu" --model "$PKGS/$shape" --device "$DEVICE" \
     --contexts "$CONTEXTS" --steps "$STEPS" --max-prefill-s "${GPU_BENCH_MAX_PREFILL_S:-150}" \
-    --profile-steps "${GPU_BENCH_PROFILE_STEPS:-5}" --label "$shape" --json "$LOGS/bench-gpu-$shape.json" \
-    "${extra[@]}" > "$LOGS/bench-gpu-$shape.log" 2>&1
-  finish_phase "bench-gpu $shape" $? "contexts $CONTEXTS" "$LOGS/bench-gpu-$shape.log"
+    --profile-steps "${GPU_BENCH_PROFILE_STEPS:-5}" --label "$name" --json "$LOGS/bench-gpu-$name.json" \
+    "${extra[@]}" > "$LOGS/bench-gpu-$name.log" 2>&1
+  finish_phase "bench-gpu $name" $? "contexts $CONTEXTS ${GPU_BENCH_EXTRA_ARGS:-}" \
+    "$LOGS/bench-gpu-$name.log"
 }
 
 # dysco-server on cuda:0 + dysco-client bench: 1 session, then $SESSIONS concurrent ones

@@ -151,6 +151,13 @@ Status BatchStepper::RealForward(const RowsByKind& rows, StepOutcome* outcome) {
   real_batch_.kv_pool = pool_;
   real_batch_.last_layer = -1;
   real_batch_.sequences = fed_;
+  // The logits cross to the host only when a row that samples in this step needs them; otherwise
+  // the runner picks each row's greedy token where they are (ForwardBatch::logits_to_host).
+  real_batch_.logits_to_host = false;
+  for (size_t i = 0; i < fed_.size(); ++i) {
+    const bool samples = static_cast<int64_t>(fed_[i].token_ids.size) == seqs_[i]->num_uncached();
+    if (samples && seqs_[i]->needs_logits()) real_batch_.logits_to_host = true;
+  }
   for (size_t i : rows.dynamic) real_batch_.sequences[i].key_bias = staged_[i].real_bias();
   for (size_t i : rows.fixed) real_batch_.sequences[i].key_bias = staged_[i].real_bias();
   const std::vector<const DyscoController*> warmup = Controllers(rows.warmup);
@@ -169,6 +176,7 @@ Status BatchStepper::RealForward(const RowsByKind& rows, StepOutcome* outcome) {
     DYSCO_RETURN_IF_ERROR(runner_->Forward(real_batch_, &real_out_));
   }
   outcome->real_rows = static_cast<int64_t>(fed_.size());
+  outcome->logits_to_host = real_batch_.logits_to_host;
   if (warmup.empty()) return OkStatus();
   ScopedTimer timer(&warmup_seconds_);
   const std::vector<int64_t> out_rows(rows.warmup.begin(), rows.warmup.end());
@@ -223,8 +231,10 @@ void BatchStepper::CommitAndSample(StepOutcome* outcome) {
     double seconds = 0.0;
     {
       ScopedTimer timer(&seconds);
-      r.delta = seqs_[i]->AcceptLogits(real_out_.logits_row(static_cast<int64_t>(i)),
-                                       static_cast<int>(real_out_.vocab_size));
+      r.delta = real_out_.greedy_tokens.empty()
+                    ? seqs_[i]->AcceptLogits(real_out_.logits_row(static_cast<int64_t>(i)),
+                                             static_cast<int>(real_out_.vocab_size))
+                    : seqs_[i]->AcceptToken(real_out_.greedy_tokens[i]);
     }
     r.sampled = true;
     outcome->timings.sample_seconds += seconds;

@@ -12,7 +12,9 @@
 //      at a context warm-up step, whose relevance is then updated in one op call;
 //   4. commit: the DySCO results staged by 2 and 3 go to their controllers, each row's fed tokens
 //      become cached, and a row whose step ended its uncached tokens samples its next token (a
-//      DySCO warm-up token's logits are discarded, except the last prompt token's).
+//      DySCO warm-up token's logits are discarded, except the last prompt token's). When no such
+//      row needs its logits on the host (plain greedy sampling), the runner picks the tokens where
+//      the logits are, and only the ids are read back.
 // The step is a transaction up to the commit: until then no sequence and no DySCO controller is
 // changed, so a failed step leaves every sequence exactly as it was and can be retried (the KV
 // slots it wrote belong to uncached tokens, which the retry writes again). Every DySCO computation
@@ -51,6 +53,9 @@ struct StepOutcome {
   std::vector<RowOutcome> rows;  // row i = plan.rows[i]
   int64_t speculative_rows = 0;  // sequences in the speculative forward (0: none ran)
   int64_t real_rows = 0;
+  // Whether the real forward copied its logits to the host (a row that sampled needed them) or
+  // returned only the greedy tokens picked where the logits are.
+  bool logits_to_host = false;
   DyscoStepTimings timings;  // sample_seconds summed over the sampled sequences
 };
 

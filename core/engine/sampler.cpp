@@ -5,6 +5,7 @@
 #include <string>
 
 #include "core/base/format.h"
+#include "core/model/model_runner.h"
 
 namespace dysco {
 
@@ -56,13 +57,9 @@ int32_t Sampler::Sample(const float* logits, int vocab, const std::vector<int32_
     scores = scores_.data();
   }
 
-  if (params_.greedy()) {
-    int32_t best = 0;
-    for (int32_t i = 1; i < vocab; ++i) {
-      if (scores[i] > scores[best]) best = i;
-    }
-    return best;
-  }
+  // The runner's rule (core/model/model_runner.h), so that a token picked on the device equals
+  // the one picked here.
+  if (params_.greedy()) return GreedyTokenId(scores, vocab);
 
   top_.resize(static_cast<size_t>(vocab));
   for (int32_t i = 0; i < vocab; ++i) top_[i] = {scores[i], i};

@@ -18,7 +18,7 @@
 namespace dysco {
 
 struct SamplingParams {
-  double temperature = 0.0;  // 0 = greedy (argmax; ties -> lowest id)
+  double temperature = 0.0;  // 0 = greedy (GreedyTokenId: ties -> lowest id)
   int top_k = 0;             // 0 = off
   double top_p = 1.0;        // 1 = off; keeps the smallest set of top tokens with mass >= top_p
   uint64_t seed = 0;
@@ -28,6 +28,9 @@ struct SamplingParams {
   // INVALID_ARGUMENT naming the field, e.g. "sampling.top_p must be in (0, 1], got 1.5".
   Status Validate() const;
   bool greedy() const { return temperature == 0.0; }
+  // Greedy without a repetition penalty: the token is GreedyTokenId of the raw logits, which the
+  // runner can pick where the logits are (ForwardBatch::logits_to_host).
+  bool plain_greedy() const { return greedy() && repetition_penalty == 1.0; }
 };
 
 class Sampler {

@@ -107,8 +107,11 @@ bool Sequence::CommitFeed() {
 }
 
 TokenDelta Sequence::AcceptLogits(const float* logits, int vocab) {
+  return AcceptToken(sampler_.Sample(logits, vocab, tokens_));
+}
+
+TokenDelta Sequence::AcceptToken(int32_t token) {
   TokenDelta delta;
-  const int32_t token = sampler_.Sample(logits, vocab, tokens_);
   delta.token_id = token;
   tokens_.push_back(token);
   const int64_t generated = num_tokens() - num_prompt_;

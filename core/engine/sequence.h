@@ -89,6 +89,12 @@ class Sequence {
   // Samples the next token from the logits of the last cached token and updates text and stop
   // state.
   TokenDelta AcceptLogits(const float* logits, int vocab);
+  // The same with the token already picked: GreedyTokenId of those logits, which is what
+  // AcceptLogits samples when !needs_logits().
+  TokenDelta AcceptToken(int32_t token);
+  // Whether sampling needs the logits on the host; false for plain greedy sampling, whose token
+  // the runner can pick where the logits are (ForwardBatch::logits_to_host).
+  bool needs_logits() const { return !params_.sampling.plain_greedy(); }
   // Reserves pages for `num_tokens` tokens ahead of time (RESOURCE_EXHAUSTED when they do not fit).
   Status ReservePages(int64_t num_tokens) { return pages_.EnsureCapacity(num_tokens); }
   void ReleasePages() { pages_.Release(); }

@@ -62,6 +62,26 @@ void CopyToHost(const at::Tensor& t, std::vector<float>* out) {
     std::memcpy(out->data(), host.data_ptr<float>(), out->size() * sizeof(float));
 }
 
+// Each row's GreedyTokenId, picked where the logits [B, vocab] are: on a GPU by ATen's argmax (its
+// rule is GreedyTokenId's: NaN counts as largest, ties go to the lower index), and only the B ids
+// are copied back (the step's one wait); on the CPU by GreedyTokenId over the tensor's rows.
+void ReadGreedyTokens(const at::Tensor& logits, std::vector<int32_t>* out) {
+  const int64_t B = logits.size(0);
+  out->resize(static_cast<size_t>(B));
+  if (logits.is_cuda()) {
+    at::Tensor host = at::empty({B}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    host.copy_(at::argmax(logits, /*dim=*/1));  // synchronous
+    const int64_t* ids = host.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) (*out)[static_cast<size_t>(b)] = static_cast<int32_t>(ids[b]);
+    return;
+  }
+  const at::Tensor rows = logits.to(at::kFloat).contiguous();
+  const int64_t vocab = rows.size(1);
+  for (int64_t b = 0; b < B; ++b) {
+    (*out)[static_cast<size_t>(b)] = GreedyTokenId(rows.data_ptr<float>() + b * vocab, vocab);
+  }
+}
+
 // OpenBLAS (Debian's libblas.so.3 alternative) keeps its own thread pool that at::set_num_threads
 // does not reach. Looked up at run time, so any other BLAS works unchanged. The runner gives it one
 // thread: the model's matmuls (dysco::linear, kernels/cpu/linear.cpp) split their rows over the
@@ -347,6 +367,15 @@ double CgroupCpuLimit() {
 }
 
 }  // namespace
+
+int32_t GreedyTokenId(const float* logits, int64_t vocab) {
+  int64_t best = 0;
+  for (int64_t i = 0; i < vocab; ++i) {
+    if (std::isnan(logits[i])) return static_cast<int32_t>(i);
+    if (logits[i] > logits[best]) best = i;
+  }
+  return static_cast<int32_t>(best);
+}
 
 int AvailableCpus() {
   int cpus = static_cast<int>(std::thread::hardware_concurrency());
@@ -839,6 +868,7 @@ Status ModelRunner::Impl::ReadOutputsLocked(const ForwardBatch& batch, const at:
   if (logits.numel() == 0) {
     out->vocab_size = 0;
     out->logits.clear();
+    out->greedy_tokens.clear();
   } else {
     if (logits.dim() != 2 || logits.size(0) < B || logits.size(1) != config.vocab_size) {
       return InternalError("model returned logits of shape " + c10::str(logits.sizes()) +
@@ -846,7 +876,13 @@ Status ModelRunner::Impl::ReadOutputsLocked(const ForwardBatch& batch, const at:
                            std::to_string(config.vocab_size) + "]");
     }
     out->vocab_size = config.vocab_size;
-    CopyToHost(logits.narrow(0, 0, B), &out->logits);
+    if (batch.logits_to_host) {
+      out->greedy_tokens.clear();
+      CopyToHost(logits.narrow(0, 0, B), &out->logits);
+    } else {
+      out->logits.clear();
+      ReadGreedyTokens(logits.narrow(0, 0, B), &out->greedy_tokens);
+    }
   }
   const int64_t H = static_cast<int64_t>(batch.probe_heads.size());
   if (probs.dim() != 3 || probs.size(0) < B || probs.size(1) != H ||
@@ -1281,12 +1317,15 @@ Status ModelRunner::Impl::RunSplitLocked(const ForwardBatch& batch, ForwardOutpu
     parts[part].probe_heads = batch.probe_heads;
     // The parts' head means are merged on the host below.
     parts[part].probe_mean_on_device = false;
+    parts[part].logits_to_host = batch.logits_to_host;
     DYSCO_RETURN_IF_ERROR(RunLocked(parts[part], &outs[part]));
   }
   const int64_t B = static_cast<int64_t>(batch.sequences.size());
   out->batch_size = B;
   out->vocab_size = outs[0].vocab_size;
-  out->logits.assign(static_cast<size_t>(B * out->vocab_size), 0.0f);
+  const bool greedy = out->vocab_size > 0 && !batch.logits_to_host;
+  out->logits.assign(greedy ? 0 : static_cast<size_t>(B * out->vocab_size), 0.0f);
+  out->greedy_tokens.assign(greedy ? static_cast<size_t>(B) : 0, 0);
   out->num_probe_heads = outs[0].num_probe_heads;
   out->probs_len = std::max(outs[0].probs_len, outs[1].probs_len);
   const int64_t H = out->num_probe_heads;
@@ -1298,7 +1337,9 @@ Status ModelRunner::Impl::RunSplitLocked(const ForwardBatch& batch, ForwardOutpu
     const ForwardOutput& o = outs[part];
     for (size_t r = 0; r < rows[part].size(); ++r) {
       const int64_t b = static_cast<int64_t>(rows[part][r]);
-      if (out->vocab_size > 0) {
+      if (greedy) {
+        out->greedy_tokens[static_cast<size_t>(b)] = o.greedy_tokens[r];
+      } else if (out->vocab_size > 0) {
         std::copy(o.logits_row(static_cast<int64_t>(r)),
                   o.logits_row(static_cast<int64_t>(r)) + out->vocab_size,
                   out->logits.begin() + b * out->vocab_size);

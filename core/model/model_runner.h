@@ -129,6 +129,13 @@ struct ForwardBatch {
   // selection's inputs while the speculative pass still runs (docs/gpu.md "DySCO on the device").
   // Ignored on the CPU, and where a step runs as two forwards (ModelRunnerOptions::MixedBiasSplit).
   bool probe_mean_on_device = false;
+  // false: the step's logits stay where they are computed; ForwardOutput::logits is left empty and
+  // ForwardOutput::greedy_tokens holds each row's GreedyTokenId, picked there. Why: a greedy
+  // sequence without a repetition penalty needs nothing else, and on a GPU the copy of B x vocab
+  // floats (0.6 MB a row for a 152K vocabulary) and the host's pass over them are ~0.1-0.2 ms of
+  // a ~5 ms decode step that the bandwidth floor does not have (docs/gpu.md "The token picked on
+  // the device"). BatchStepper sets it when no row that samples in the step needs its logits.
+  bool logits_to_host = true;
 };
 
 // Opaque to the torch-free parts of core/ (core/model/device_tensor.h).
@@ -138,6 +145,10 @@ struct ForwardOutput {
   int64_t batch_size = 0;
   int64_t vocab_size = 0;     // 0 when the step returned no logits
   std::vector<float> logits;  // [batch_size, vocab_size], logits of each sequence's last new token
+                              // (empty when ForwardBatch::logits_to_host was false)
+  // [batch_size] when ForwardBatch::logits_to_host was false and the step had logits: each row's
+  // GreedyTokenId over its logits. Empty otherwise.
+  std::vector<int32_t> greedy_tokens;
   int64_t num_probe_heads = 0;
   int64_t probs_len = 0;     // S' = max over the batch of (start_position + number of new tokens)
   std::vector<float> probs;  // [batch_size, num_probe_heads, probs_len], zero past each sequence's
@@ -155,6 +166,12 @@ struct ForwardOutput {
   }
   const float* probe_mean_row(int64_t b) const { return probe_mean.data() + b * probs_len; }
 };
+
+// The greedy token of one row of logits: the lowest id among the largest values, where NaN counts
+// as larger than every number (so the first NaN, if any). The rule of ATen's argmax on every
+// device (NaN propagates, ties go to the lower index), so a GPU runner picks on the device exactly
+// what the host's Sampler picks from the same logits.
+int32_t GreedyTokenId(const float* logits, int64_t vocab);
 
 class ModelRunner {
  public:

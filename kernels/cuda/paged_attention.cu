@@ -7,9 +7,10 @@
 // memory, 16-byte K loads), one online-softmax rescale per tile, PV with lanes over head_dim (each
 // value row one coalesced read, the weights broadcast by shuffles). The warps are combined in
 // shared memory, the split's partial (max, sum, acc) goes to a workspace, and a second kernel
-// merges the splits by log-sum-exp. The number of splits depends on metadata only (block_tables
-// width, batch, heads, the device's multiprocessors), never on seq_lens values, so no host
-// synchronisation.
+// merges the splits by log-sum-exp (the tensor-core kernel's last split block of each head chunk
+// merges them itself: SplitMergeCounters). The number of splits depends on metadata only
+// (block_tables width, batch, heads, the device's multiprocessors), never on seq_lens values, so no
+// host synchronisation.
 //
 // Prefill of bf16/fp16 caches without key bias goes to flash attention over gathered pages
 // (paged_prefill_flash.cu); this kernel serves the rest of prefill (fp32, a key bias), where it
@@ -20,7 +21,11 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <mutex>
+#include <unordered_map>
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/cuda_ops.h"
@@ -210,59 +215,55 @@ __global__ void __launch_bounds__(kAttentionThreads)
                      &s_l[0][0], &s_acc[0][0][0]);
 }
 
-// out[token, head] <- the splits' partials merged by log-sum-exp; zeros when no key was seen.
-// Grid: x = token, y = head. Block: kMergeThreads over the splits, then over head_dim.
-// Why this shape: the partials were just written and sit in L2, so the merge is latency-bound: the
-// threads read the splits' maxima and sums in parallel (one round of loads, block reductions), keep
-// each split's weight in shared memory, and each thread's pass over the splits' accumulators has
-// kMergeUnroll independent loads in flight. The first version looped over the splits three times
-// per thread, one load after another: 7.6 us a call at 33 splits (docs/gpu.md).
-constexpr int kMergeThreads = 128;
-constexpr int kMergeMaxSplits = 1024;  // weights kept in shared memory; more are recomputed
-constexpr int kMergeUnroll = 8;
+// out[token, head] <- the splits' partials merged by log-sum-exp (WarpMergeSplits: a warp per
+// row, kMergeWarps rows a block); zeros when no key was seen. The tensor-core kernel merges its own
+// splits instead (SplitMergeCounters below), with the same function, so both give the same bits.
+// History: a block per row with three passes over the splits took 7.6 us a call at 33 splits, one
+// pass with the weights in shared memory 3.5 us (docs/gpu.md).
+constexpr int kMergeWarps = 4;
+constexpr int kMergeMaxSplits =
+    1024;  // weights kept in shared memory per warp; more are recomputed
 
 template <typename T>
-__global__ void __launch_bounds__(kMergeThreads)
-    MergeSplitsKernel(T* out, const float* partial, int num_heads, int num_splits, int head_dim) {
+__global__ void __launch_bounds__(kMergeWarps* kWarpSize)
+    MergeSplitsKernel(T* out, const float* partial, int64_t rows, int num_splits, int head_dim) {
   cuda::AllowDependentLaunch();  // the o_proj GEMV after it may start (linear.cu)
-  __shared__ float s_weight[kMergeMaxSplits];
-  __shared__ float s_scratch[kMergeThreads / cuda::kWarpSize];
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * num_heads + blockIdx.y;
-  const int64_t stride = head_dim + 2;
-  const float* part = partial + row * num_splits * stride;
-  float max = -INFINITY;
-  for (int s = threadIdx.x; s < num_splits; s += kMergeThreads) max = fmaxf(max, part[s * stride]);
-  max = cuda::BlockReduce(max, s_scratch, [](float x, float y) { return fmaxf(x, y); });
-  // A split that saw no key has max -inf and sum 0: weight 0 (and no NaN from -inf - -inf).
-  auto weight = [&](int s) {
-    const float m = part[s * stride];
-    return m == -INFINITY ? 0.0f : expf(m - max);
-  };
-  float sum = 0.0f;
-  for (int s = threadIdx.x; s < num_splits; s += kMergeThreads) {
-    const float w = weight(s);
-    if (s < kMergeMaxSplits) s_weight[s] = w;
-    sum += part[s * stride + 1] * w;
-  }
-  // BlockReduce's first barrier also publishes s_weight.
-  sum = cuda::BlockReduce(sum, s_scratch, [](float x, float y) { return x + y; });
-  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-  for (int d = threadIdx.x; d < head_dim; d += kMergeThreads) {
-    float a = 0.0f;
-    int s = 0;
-    for (; s + kMergeUnroll <= num_splits && s + kMergeUnroll <= kMergeMaxSplits;
-         s += kMergeUnroll) {
-      float values[kMergeUnroll];
-#pragma unroll
-      for (int u = 0; u < kMergeUnroll; ++u) values[u] = part[(s + u) * stride + 2 + d];
-#pragma unroll
-      for (int u = 0; u < kMergeUnroll; ++u) a += values[u] * s_weight[s + u];
-    }
-    for (; s < num_splits; ++s) {
-      a += part[s * stride + 2 + d] * (s < kMergeMaxSplits ? s_weight[s] : weight(s));
-    }
-    out[row * head_dim + d] = Convert<T>::FromFloat(a * inv);
-  }
+  __shared__ float s_weight[kMergeWarps][kMergeMaxSplits];
+  const int warp = threadIdx.x / kWarpSize;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeWarps + warp;
+  if (row >= rows) return;  // whole warps
+  WarpMergeSplits(out, partial, row, num_splits, head_dim, s_weight[warp], kMergeMaxSplits);
+}
+
+// The tensor-core kernel's merge counters (AttentionParams::merge_counters) for `count` (token, KV
+// head, row chunk) groups on the current stream, or null when there are none to give (then
+// MergeSplitsKernel merges). One zeroed buffer of kMergeCounterCapacity per stream, allocated on
+// first use and never freed: every kernel leaves its counters at zero, and the kernels of one
+// stream run one after another, so a buffer per stream is never used by two grids at once. A CUDA
+// graph keeps the buffer of the stream it was captured on (the runner replays its graphs on its own
+// stream, in order with that stream's captures). No allocation during a capture: a stream that
+// first meets the kernel inside one gets null (the runner's warm-up run before each capture
+// allocates it). DYSCO_CUDA_SPLIT_MERGE=kernel (read per call) always gives null, for A/B timing.
+constexpr int64_t kMergeCounterCapacity = 1 << 16;
+
+unsigned* SplitMergeCounters(int64_t count) {
+  const char* v = std::getenv("DYSCO_CUDA_SPLIT_MERGE");
+  if (v != nullptr && std::strcmp(v, "kernel") == 0) return nullptr;
+  if (count > kMergeCounterCapacity) return nullptr;
+  const cudaStream_t stream = cuda::CurrentStream();
+  static std::mutex mu;
+  static std::unordered_map<cudaStream_t, unsigned*> by_stream;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = by_stream.find(stream);
+  if (it != by_stream.end()) return it->second;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return nullptr;
+  unsigned* counters = nullptr;
+  C10_CUDA_CHECK(cudaMalloc(&counters, kMergeCounterCapacity * sizeof(unsigned)));
+  C10_CUDA_CHECK(cudaMemsetAsync(counters, 0, kMergeCounterCapacity * sizeof(unsigned), stream));
+  by_stream.emplace(stream, counters);
+  return counters;
 }
 
 int MultiprocessorCount() {
@@ -368,6 +369,9 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   at::Tensor partial = at::empty({tokens, num_heads, p.num_splits, cache.head_dim + 2},
                                  query.options().dtype(at::kFloat));
   p.partial = partial.data_ptr<float>();
+  p.out = out.data_ptr<T>();
+  p.merge_counters =
+      use_mma ? SplitMergeCounters(tokens * cache.num_kv_heads * p.row_chunks) : nullptr;
   const cudaStream_t stream = cuda::CurrentStream();
   const int kv_heads = static_cast<int>(cache.num_kv_heads);
   if (use_mma) {
@@ -379,9 +383,11 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   } else {
     LaunchForHeadDim<T, 4>(p, tokens, kv_heads, stream);
   }
+  if (p.merge_counters != nullptr) return;  // the split kernel merged
+  const int64_t query_rows = tokens * num_heads;
   MergeSplitsKernel<T>
-      <<<dim3(static_cast<unsigned>(tokens), static_cast<unsigned>(num_heads)), kMergeThreads, 0,
-         stream>>>(out.data_ptr<T>(), p.partial, p.num_heads, p.num_splits, p.head_dim);
+      <<<static_cast<unsigned>(cuda::CeilDiv(query_rows, kMergeWarps)), kMergeWarps * kWarpSize, 0,
+         stream>>>(out.data_ptr<T>(), p.partial, query_rows, p.num_splits, p.head_dim);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -28,6 +28,12 @@ struct AttentionParams {
   const int64_t* query_start_loc;  // [B + 1] for prefill, nullptr for decode (token b = sequence b)
   const float* bias;               // [B, bias_width] or nullptr
   float* partial;                  // [tokens, Hq, splits, D + 2]: max, sum, acc[D]
+  // The merge in the split kernel itself (tensor-core kernel only): one counter per (token, KV
+  // head, row chunk), zero before the launch and left zero after it; the last of a chunk's split
+  // blocks to finish merges the chunk's rows into `out` (SplitMergeCounters, paged_attention.cu).
+  // Null: MergeSplitsKernel merges after the split kernel.
+  unsigned* merge_counters;
+  T* out;  // [tokens, Hq, D], with merge_counters
   int64_t batch;
   int64_t max_pages;
   int64_t page_size;
@@ -118,6 +124,78 @@ __device__ void WriteSplitPartials(const AttentionParams<T>& p, int64_t token, i
       }
       out[2 + d] = a;
     }
+  }
+}
+
+// Merges the splits of query row `row` (token * Hq + head) by log-sum-exp into out[row]; zeros when
+// no split saw a key. Run by one whole warp. s_weight: this warp's shared scratch of `capacity`
+// floats (each split's weight exp(max_s - max); splits past it recompute theirs). The partials are
+// read through L2 (ld.cg): in the split kernel's own merge they were written by other blocks of
+// the running grid, and L1 is not coherent across multiprocessors. The same arithmetic in the same
+// order in MergeSplitsKernel and in the split kernel's merge, so both give the same bits. Why a
+// warp per row: the merge is latency-bound (the partials sit in L2), so each lane keeps many
+// independent 8-byte loads in flight, and the last split block merges its chunk's rows with its
+// warps in parallel.
+template <typename T>
+__device__ void WarpMergeSplits(T* out, const float* partial, int64_t row, int num_splits,
+                                int head_dim, float* s_weight, int capacity) {
+  constexpr int kUnroll = 8;
+  const int lane = threadIdx.x % cuda::kWarpSize;
+  const int64_t stride = head_dim + 2;
+  const float* part = partial + row * num_splits * stride;
+  float max = -INFINITY;
+  for (int s = lane; s < num_splits; s += cuda::kWarpSize)
+    max = fmaxf(max, __ldcg(part + s * stride));
+  max = cuda::WarpMax(max);
+  // A split that saw no key has max -inf and sum 0: weight 0 (and no NaN from -inf - -inf).
+  auto weight = [&](int s) {
+    const float m = __ldcg(part + s * stride);
+    return m == -INFINITY ? 0.0f : expf(m - max);
+  };
+  float sum = 0.0f;
+  for (int s = lane; s < num_splits; s += cuda::kWarpSize) {
+    const float w = weight(s);
+    if (s < capacity) s_weight[s] = w;
+    sum += __ldcg(part + s * stride + 1) * w;
+  }
+  sum = cuda::WarpSum(sum);
+  __syncwarp();  // s_weight written by the other lanes
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  if (head_dim % 2 != 0) {  // the scalar kernel's odd head_dims: a lane per dim, 4-byte loads
+    for (int d = lane; d < head_dim; d += cuda::kWarpSize) {
+      float a = 0.0f;
+      for (int s = 0; s < num_splits; ++s) {
+        a += __ldcg(part + s * stride + 2 + d) * (s < capacity ? s_weight[s] : weight(s));
+      }
+      out[row * head_dim + d] = cuda::Convert<T>::FromFloat(a * inv);
+    }
+    return;
+  }
+  // Lane l takes dims 2 l, 2 l + 1, then + 64, ...: 8-byte loads (a row's accumulators start 8
+  // bytes into its split's D + 2 floats; D even).
+  for (int d = 2 * lane; d < head_dim; d += 2 * cuda::kWarpSize) {
+    float a0 = 0.0f, a1 = 0.0f;
+    int s = 0;
+    for (; s + kUnroll <= num_splits && s + kUnroll <= capacity; s += kUnroll) {
+      float2 values[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        values[u] = __ldcg(reinterpret_cast<const float2*>(part + (s + u) * stride + 2 + d));
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        a0 += values[u].x * s_weight[s + u];
+        a1 += values[u].y * s_weight[s + u];
+      }
+    }
+    for (; s < num_splits; ++s) {
+      const float w = s < capacity ? s_weight[s] : weight(s);
+      const float2 v = __ldcg(reinterpret_cast<const float2*>(part + s * stride + 2 + d));
+      a0 += v.x * w;
+      a1 += v.y * w;
+    }
+    out[row * head_dim + d] = cuda::Convert<T>::FromFloat(a0 * inv);
+    out[row * head_dim + d + 1] = cuda::Convert<T>::FromFloat(a1 * inv);
   }
 }
 

@@ -1,7 +1,8 @@
 // The tensor-core split-KV attention kernel for bf16 and fp16 caches with head_dim 64 or 128 (the
 // 8B models' decode): the same contract and output (split partials of
-// kernels/cuda/split_attention.cuh, merged by paged_attention.cu's MergeSplitsKernel) as the
-// CUDA-core kernels.
+// kernels/cuda/split_attention.cuh, merged by paged_attention.cu's MergeSplitsKernel, or by the
+// kernel's own last split block of each head chunk when given merge counters) as the CUDA-core
+// kernels.
 //
 // Why: decode reads the cache once, so it should run at the memory bandwidth; the CUDA-core kernels
 // (scalar and vectorised) issue about 130 instructions per key and KV head (QK^T and PV on CUDA
@@ -26,7 +27,8 @@
 // - P is rounded to the cache type for PV (as FlashAttention does); S, the softmax state and O
 //   stay fp32.
 //
-// Thread-safety: stateless. Ownership: writes only p.partial.
+// Thread-safety: stateless (the merge counters are per stream: paged_attention.cu). Ownership:
+// writes p.partial, and with p.merge_counters the merged rows of p.out.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
@@ -368,6 +370,29 @@ __global__ void __launch_bounds__(kAttentionThreads)
   }
   __syncthreads();
   WriteSplitPartials(p, token, split, head0, rows, kMmaRows, kStride, s_m, s_l, s_acc);
+  if (p.merge_counters == nullptr) return;  // MergeSplitsKernel merges
+
+  // The merge, by the chunk's last split block to finish (the threadfence reduction pattern):
+  // every thread's partial stores are made visible device-wide before thread 0 takes a ticket;
+  // the block that takes the last one reads every split's partial back through L2 and merges the
+  // chunk's rows, a warp per row, then leaves the counter at zero for the next launch.
+  // Why: one merge kernel (~3.5 us, plus its gap in the graph) less per layer and pass
+  // (docs/gpu.md "The split merge in the split kernel").
+  __shared__ bool s_last;
+  __threadfence();
+  __syncthreads();
+  unsigned* counter = p.merge_counters + token * gridDim.z + blockIdx.z;
+  if (threadIdx.x == 0) s_last = atomicAdd(counter, 1u) == static_cast<unsigned>(p.num_splits - 1);
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  // s_acc is free (WriteSplitPartials read it before the barrier above): each warp's weights.
+  constexpr int kWeights = kAttentionWarps * kMmaRows * kStride / kAttentionWarps;
+  for (int r = warp; r < rows; r += kAttentionWarps) {
+    WarpMergeSplits(p.out, p.partial, token * p.num_heads + head0 + r, p.num_splits, kHeadDim,
+                    s_acc + warp * kWeights, kWeights);
+  }
+  if (threadIdx.x == 0) *counter = 0;
 }
 
 // kRegisterPrefetch when DYSCO_CUDA_MMA_PREFETCH=1 (read per launch, for A/B timing), else

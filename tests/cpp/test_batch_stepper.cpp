@@ -245,6 +245,14 @@ TEST_F(BatchStepperTest, MixedPlanEqualsEachSequenceAlone) {
   reqs.back().dysco_overrides.selected_heads = std::vector<std::pair<int, int>>{{3, 1}, {0, 2}};
   reqs.back().dysco_overrides.strength = 4.0;
   reqs.push_back(Request(12, 15, 8));  // plain, short
+  // Rows that need their logits on the host, and finish early: some steps copy the logits, the
+  // later ones only read back the greedy tokens (ForwardBatch::logits_to_host).
+  reqs.push_back(Request(14, 16, 4));  // sampled
+  reqs.back().sampling.temperature = 0.8;
+  reqs.back().sampling.top_p = 0.9;
+  reqs.back().sampling.seed = 3;
+  reqs.push_back(Request(10, 17, 3));  // greedy with a repetition penalty
+  reqs.back().sampling.repetition_penalty = 1.3;
 
   std::vector<std::unique_ptr<Sequence>> seqs;
   for (const auto& r : reqs) {
@@ -256,7 +264,7 @@ TEST_F(BatchStepperTest, MixedPlanEqualsEachSequenceAlone) {
   BatchStepper stepper(runner_, pool_.get());
   StepOutcome outcome;
   int64_t kind_rows[4] = {0, 0, 0, 0};
-  int64_t mixed_steps = 0, left_out = 0;
+  int64_t mixed_steps = 0, left_out = 0, host_logit_steps = 0, device_pick_steps = 0;
   for (int guard = 0; guard < 1000; ++guard) {
     std::vector<Sequence*> open;
     std::vector<size_t> index;  // into seqs
@@ -314,6 +322,15 @@ TEST_F(BatchStepperTest, MixedPlanEqualsEachSequenceAlone) {
     }
     EXPECT_EQ(outcome.speculative_rows, dynamic_rows);
     mixed_steps += has_plain && has_dynamic && has_static;
+    // The logits cross to the host exactly when a row that sampled needs them.
+    bool needs_logits = false;
+    for (size_t k = 0; k < plan.rows.size(); ++k) {
+      const size_t i = index[plan.rows[k].source];
+      needs_logits |= outcome.rows[k].sampled && !reqs[i].sampling.plain_greedy();
+    }
+    EXPECT_EQ(outcome.logits_to_host, needs_logits);
+    host_logit_steps += outcome.logits_to_host;
+    device_pick_steps += !outcome.logits_to_host;
   }
   for (const auto& s : seqs) EXPECT_TRUE(s->finished());
   EXPECT_GT(kind_rows[static_cast<int>(DyscoStepKind::kPrefill)], 0);
@@ -322,6 +339,8 @@ TEST_F(BatchStepperTest, MixedPlanEqualsEachSequenceAlone) {
   EXPECT_GT(kind_rows[static_cast<int>(DyscoStepKind::kStatic)], 0);
   EXPECT_GT(mixed_steps, 0) << "no step ran plain, dynamic and static rows together";
   EXPECT_GT(left_out, 0) << "the budget never left a prefill out";
+  EXPECT_GT(host_logit_steps, 0);
+  EXPECT_GT(device_pick_steps, 0);
 
   for (size_t i = 0; i < reqs.size(); ++i) {
     const GenerateResult alone = Alone(reqs[i]);

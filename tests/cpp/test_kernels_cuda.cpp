@@ -232,7 +232,8 @@ void CheckDecode(const Layout& l, const std::vector<int64_t>& lens, at::ScalarTy
 // out the faster split kernels, kernels/cuda/split_attention.cuh), DYSCO_CUDA_MMA_PREFETCH ("1":
 // the tensor-core kernel's register prefetch), DYSCO_CUDA_SELECT ("single" or "multi": one or many
 // blocks per selection row), DYSCO_CUDA_SPLIT_WAVES, DYSCO_CUDA_LINEAR ("cublas"),
-// DYSCO_CUDA_PREFILL ("flash2": no cuDNN attention for long prefill chunks).
+// DYSCO_CUDA_PREFILL ("flash2": no cuDNN attention for long prefill chunks),
+// DYSCO_CUDA_SPLIT_MERGE ("kernel": the separate split-merge kernel after the tensor-core kernel).
 class ScopedEnv {
  public:
   ScopedEnv(const char* name, const char* value) : name_(name) {
@@ -304,6 +305,58 @@ TEST(CudaPagedAttentionDecode, EveryMmaPipelineEqualsCpu) {
       }
     }
   }
+}
+
+// The tensor-core kernel's own split merge (its last split block of each head chunk merges, with
+// per-stream counters that every call leaves at zero) against the separate merge kernel
+// (DYSCO_CUDA_SPLIT_MERGE=kernel): the same function on the same partials, so the same bits. Calls
+// in a row with different split counts and batches check that the counters are left at zero (a
+// stale count would leave rows unmerged: NaN, the poison). Also equal to the CPU (CheckDecode).
+TEST(CudaPagedAttentionDecode, SplitMergeInTheKernelEqualsTheMergeKernel) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(12);
+  at::manual_seed(12);
+  ScopedEnv force("DYSCO_CUDA_ATTENTION_KERNEL", "mma");
+  int64_t compared = 0;
+  for (const Layout& l : {Layout{2, 4, 128, 16}, Layout{3, 1, 64, 7}, Layout{1, 20, 128, 16}}) {
+    for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+      for (const std::vector<int64_t>& lens :
+           {std::vector<int64_t>{1}, std::vector<int64_t>{300, 5000, 17},
+            std::vector<int64_t>{40000}, std::vector<int64_t>{2, 70000, 900, 1, 33333}}) {
+        const PagedBatch batch = MakeBatch(l, lens, dtype, rng);
+        const int64_t b = static_cast<int64_t>(lens.size());
+        const int64_t hq = l.kv_heads * l.group;
+        const at::Tensor query = Cuda(at::randn({b, hq, l.head_dim}).to(dtype));
+        const Bias bias = CudaBias(MakeBias(BiasKind::kWithNegInf, b, batch.max_len + 5));
+        const double scale = 1.0 / std::sqrt(static_cast<double>(l.head_dim));
+        const at::Tensor kv = Cuda(batch.kv), tables = Cuda(batch.block_tables),
+                         seq_lens = Cuda(batch.seq_lens);
+        const std::string what = Describe(l, dtype, "key bias") + " B=" + std::to_string(b);
+        for (const Bias* with : {static_cast<const Bias*>(nullptr), &bias}) {
+          const Bias none;
+          at::Tensor merged[2];
+          for (int fused = 0; fused < 2; ++fused) {
+            const ScopedEnv merge("DYSCO_CUDA_SPLIT_MERGE", fused ? nullptr : "kernel");
+            for (int repeat = 0; repeat < 2; ++repeat) {
+              at::Tensor out = at::full({b, hq, l.head_dim}, kNaN, query.options());
+              ops::paged_attention_decode(out, query, kv, tables, seq_lens, scale,
+                                          with ? *with : none);
+              if (repeat == 0) {
+                merged[fused] = out;
+              } else {
+                EXPECT_TRUE(at::equal(out, merged[fused])) << what << ", call again";
+              }
+            }
+          }
+          ASSERT_FALSE(at::isnan(merged[1]).any().item<bool>()) << what;
+          EXPECT_TRUE(at::equal(merged[0], merged[1])) << what;
+          ++compared;
+        }
+        CheckDecode(l, lens, dtype, BiasKind::kRandom, rng);
+      }
+    }
+  }
+  EXPECT_EQ(compared, 48);
 }
 
 TEST(CudaPagedAttentionDecode, EqualsCpuAt128KKeys) {
@@ -571,6 +624,14 @@ TEST(CudaAttentionProbs, EqualsCpu) {
         }
       }
     }
+    // Many probed heads on one KV head (the vectorised kernel reads each K row once for up to 8 of
+    // them: passes of 8, 8 and 4 here), a head probed twice, and heads of other KV heads between.
+    std::vector<int64_t> many;
+    for (int64_t h = 19; h >= 0; --h) many.push_back(h);
+    for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+      CheckProbs({1, 20, 128, 16}, {300, 1000}, many, dtype, BiasKind::kWithNegInf, rng);
+      CheckProbs({3, 8, 64, 16}, {700}, {9, 0, 9, 23, 12, 1, 15, 8}, dtype, BiasKind::kNone, rng);
+    }
   }
 }
 
@@ -579,6 +640,9 @@ TEST(CudaAttentionProbs, EqualsCpuAt128KKeys) {
   std::mt19937 rng(6);
   at::manual_seed(6);
   CheckProbs({8, 4, 128, 16}, {131072, 4097}, {3, 17, 30}, at::kBFloat16, BiasKind::kWithNegInf,
+             rng);
+  // Qwen3-8B's reference heads of layer 21: six heads on three KV heads.
+  CheckProbs({8, 4, 128, 16}, {131072}, {31, 18, 11, 17, 10, 8}, at::kBFloat16, BiasKind::kNone,
              rng);
 }
 
@@ -1183,6 +1247,16 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
     std::printf("[timing] paged_attention_decode, pages in order: %.3f ms (%.2fx floor)\n", ms,
                 ms / floor_ms);
   }
+  {
+    const ScopedEnv merge("DYSCO_CUDA_SPLIT_MERGE", "kernel");
+    const double ms = MillisecondsPerCall(
+        [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); },
+        20);
+    std::printf(
+        "[timing] paged_attention_decode, splits merged by a separate kernel: %.3f ms (%.2fx "
+        "floor; merged in the split kernel: %.3f ms)\n",
+        ms, ms / floor_ms, decode_ms);
+  }
   // The tensor-core kernel's two pipelines (plain and with a bias): tiles not prefetched (the
   // default) and the register prefetch.
   for (const char* pipeline : {"off", "registers"}) {
@@ -1252,6 +1326,22 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
   std::printf("[timing] attention_probs 4 heads 128K: %.3f ms (K half floor %.3f ms)\n", probs_ms,
               floor_ms / 2);
   std::printf("[timing] attention_probs 4 heads 128K, scalar kernel: %.3f ms\n", scalar_probs_ms);
+  {
+    // Qwen3-8B's reference heads of layer 21: six heads on three KV heads, whose K the vectorised
+    // kernel reads once each.
+    const at::Tensor shared_heads =
+        at::tensor(std::vector<int64_t>{31, 18, 11, 17, 10, 8}, at::kLong).to(at::kCUDA);
+    at::Tensor six = at::empty({1, 6, keys}, f32);
+    const double ms = MillisecondsPerCall(
+        [&] {
+          ops::attention_probs(six, query, kv, tables, lens, shared_heads, scale, c10::nullopt);
+        },
+        20);
+    std::printf(
+        "[timing] attention_probs 6 heads on 3 KV heads 128K: %.3f ms (their K once: floor %.3f "
+        "ms)\n",
+        ms, floor_ms / 2 * 3 / 8);
+  }
   std::printf("[timing] dysco_relevance_update 128K: %.3f ms\n", relevance_ms);
   double single_select_ms = 0.0;
   {

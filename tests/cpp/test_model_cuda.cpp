@@ -435,7 +435,7 @@ void ModelCudaTest::ExpectGraphReplayEqualsEager(const std::string& dir, const s
   std::uniform_real_distribution<float> u(-3.0f, 1.0f);
   std::vector<std::vector<float>> bias(n);
   MaxError logits_err, probs_err;
-  int64_t decode_forwards = 0;
+  int64_t decode_forwards = 0, greedy_tokens = 0;
   for (int step = 0; step < 12; ++step) {
     std::vector<size_t> active;
     if (step % 3 == 0) active = {4};
@@ -475,6 +475,22 @@ void ModelCudaTest::ExpectGraphReplayEqualsEager(const std::string& dir, const s
     ASSERT_EQ(outs[0].num_probe_heads, outs[1].num_probe_heads);
     logits_err.Add(outs[1].logits, outs[0].logits);
     probs_err.Add(outs[1].probs, outs[0].probs);
+    // The same step again with the tokens picked on the device (ForwardBatch::logits_to_host):
+    // each row's GreedyTokenId of the logits above, bit for bit the same step.
+    ForwardOutput picked[2];
+    real.logits_to_host = false;
+    run.Step(real, picked);
+    ++decode_forwards;
+    for (int i = 0; i < 2; ++i) {
+      ASSERT_TRUE(picked[i].logits.empty());
+      ASSERT_EQ(picked[i].greedy_tokens.size(), active.size());
+      for (size_t r = 0; r < active.size(); ++r) {
+        EXPECT_EQ(picked[i].greedy_tokens[r],
+                  GreedyTokenId(outs[i].logits_row(static_cast<int64_t>(r)), outs[i].vocab_size))
+            << (i == 0 ? "graphs" : "eager") << ", step " << step << ", row " << r;
+        ++greedy_tokens;
+      }
+    }
     for (size_t s : active) ++lens[s];
   }
   EXPECT_GT(lens[2], 64);
@@ -482,10 +498,11 @@ void ModelCudaTest::ExpectGraphReplayEqualsEager(const std::string& dir, const s
   const ModelRunner::CudaGraphStats st = run.graphed().cuda_graph_stats();
   std::printf(
       "[model] graphs vs eager (GPU%s): %lld decode forwards, logits max abs error %.3g, probe "
-      "probs max abs error %.3g; %lld graphs captured, %lld replays, graph pool %.1f MB\n",
+      "probs max abs error %.3g; %lld greedy tokens picked on the device equal to the host's "
+      "pick; %lld graphs captured, %lld replays, graph pool %.1f MB\n",
       label.c_str(), static_cast<long long>(decode_forwards), logits_err.abs, probs_err.abs,
-      static_cast<long long>(st.graphs), static_cast<long long>(st.replays),
-      st.pool_bytes / 1048576.0);
+      static_cast<long long>(greedy_tokens), static_cast<long long>(st.graphs),
+      static_cast<long long>(st.replays), st.pool_bytes / 1048576.0);
   EXPECT_LT(logits_err.abs, 1e-3);
   EXPECT_LT(probs_err.abs, 1e-5);
   EXPECT_EQ(st.replays, decode_forwards);

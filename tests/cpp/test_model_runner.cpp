@@ -12,6 +12,7 @@
 #include <functional>
 #include <limits>
 #include <random>
+#include <set>
 #include <sstream>
 #include <thread>
 #include <tuple>
@@ -400,6 +401,61 @@ TEST_F(ModelRunnerTest, ProbeMeanHeadsAreEachRowsMeanInItsOrder) {
   st = runner_->Forward(batch, &mean);
   EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(st.message().find("probe_mean_heads"), std::string::npos) << st.message();
+}
+
+// ForwardBatch::logits_to_host = false: no logits, and each row's greedy token is what
+// GreedyTokenId picks from the logits of the same step; through one forward and through the mixed
+// biased step's two (RunSplitLocked). A speculative pass (no logits) returns no tokens either.
+TEST_F(ModelRunnerTest, GreedyTokensArePickedWhereTheLogitsAre) {
+  ModelRunnerOptions split_options;
+  split_options.mixed_bias_split = ModelRunnerOptions::MixedBiasSplit::kAlways;
+  auto split_runner = ModelRunner::Load(runner_->package_dir(), split_options);
+  ASSERT_TRUE(split_runner.ok()) << split_runner.status().ToString();
+  const auto a = RandomTokens(30, 21), b = RandomTokens(19, 22), c = RandomTokens(26, 23);
+  std::vector<float> bias(30, 0.0f);
+  for (int i = 0; i < 30; i += 4) bias[i] = 2.0f;
+  for (ModelRunner* runner : {runner_, split_runner->get()}) {
+    const std::string what = runner == runner_ ? "one forward" : "two forwards";
+    const PageList pa = Pages(30), pb = Pages(19), pc = Pages(26);
+    for (auto [tokens, pages, n] : {std::tuple{&a, &pa, 29}, std::tuple{&c, &pc, 25}}) {
+      ForwardBatch prefill;
+      prefill.kv_pool = pool_.get();
+      prefill.sequences.push_back({ConstSpan<int32_t>(tokens->data(), n), 0, pages->ids(), {}});
+      ForwardOutput ignored;
+      ASSERT_TRUE(runner->Forward(prefill, &ignored).ok());
+    }
+    ForwardBatch step;
+    step.kv_pool = pool_.get();
+    step.sequences.push_back({ConstSpan<int32_t>(a.data() + 29, 1), 29, pa.ids(), bias});
+    step.sequences.push_back({ConstSpan<int32_t>(b), 0, pb.ids(), {}});  // prefill chunk
+    step.sequences.push_back({ConstSpan<int32_t>(c.data() + 25, 1), 25, pc.ids(), {}});
+    ForwardOutput with_logits, picked;
+    ASSERT_TRUE(runner->Forward(step, &with_logits).ok()) << what;
+    step.logits_to_host = false;
+    picked.logits.assign(3, kNaN);  // stale contents must go
+    picked.greedy_tokens.assign(7, -1);
+    ASSERT_TRUE(runner->Forward(step, &picked).ok()) << what;  // rewrites the same K/V
+    EXPECT_TRUE(with_logits.greedy_tokens.empty()) << what;
+    EXPECT_TRUE(picked.logits.empty()) << what;
+    EXPECT_EQ(picked.vocab_size, config().vocab_size) << what;
+    ASSERT_EQ(picked.greedy_tokens.size(), 3u) << what;
+    std::set<int32_t> distinct;
+    for (int64_t r = 0; r < 3; ++r) {
+      EXPECT_EQ(picked.greedy_tokens[r],
+                GreedyTokenId(with_logits.logits_row(r), with_logits.vocab_size))
+          << what << ", row " << r;
+      distinct.insert(picked.greedy_tokens[r]);
+    }
+    EXPECT_GT(distinct.size(), 1u) << what << ": every row picked the same token";
+    ForwardBatch speculative = step;
+    speculative.sequences.resize(1);
+    speculative.last_layer = 1;
+    ForwardOutput none;
+    none.greedy_tokens.assign(2, 5);
+    ASSERT_TRUE(runner->Forward(speculative, &none).ok()) << what;
+    EXPECT_EQ(none.vocab_size, 0) << what;
+    EXPECT_TRUE(none.greedy_tokens.empty()) << what;
+  }
 }
 
 TEST_F(ModelRunnerTest, KeyBiasSemantics) {

@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include "core/engine/sampler.h"
+#include "core/model/model_runner.h"
 
 namespace dysco {
 namespace {
@@ -100,6 +101,26 @@ TEST(SamplerTest, GreedyIsArgmaxWithLowestIdOnTies) {
   std::vector<float> ties = {0.0f, 5.0f, -1.0f, 5.0f, 5.0f};
   Sampler s(SamplingParams{});
   EXPECT_EQ(s.Sample(ties.data(), 5, {}), 1);
+}
+
+// The greedy rule ATen's argmax follows on every device (core/model/model_runner.h): ties go to the
+// lowest id, NaN counts as the largest value (the first NaN wins), -inf is a value like any other.
+TEST(SamplerTest, GreedyTokenIdIsAtensArgmaxRule) {
+  const float nan = std::nanf(""), inf = INFINITY;
+  EXPECT_EQ(GreedyTokenId(std::vector<float>{1, 3, 2, 3}.data(), 4), 1);
+  EXPECT_EQ(GreedyTokenId(std::vector<float>{1, nan, inf, nan}.data(), 4), 1);
+  EXPECT_EQ(GreedyTokenId(std::vector<float>{nan, 2, nan}.data(), 3), 0);
+  EXPECT_EQ(GreedyTokenId(std::vector<float>{2, inf, 1, inf}.data(), 4), 1);
+  EXPECT_EQ(GreedyTokenId(std::vector<float>{-inf, -inf, -inf}.data(), 3), 0);
+  EXPECT_EQ(GreedyTokenId(std::vector<float>{-inf, -5, -inf}.data(), 3), 1);
+  // The Sampler's greedy draw is that rule too.
+  std::vector<float> with_nan = {0.5f, 7.0f, nan, 9.0f};
+  Sampler s(SamplingParams{});
+  EXPECT_EQ(s.Sample(with_nan.data(), 4, {}), 2);
+  SamplingParams penalised;
+  penalised.repetition_penalty = 1.5;
+  EXPECT_FALSE(penalised.plain_greedy());
+  EXPECT_TRUE(SamplingParams{}.plain_greedy());
 }
 
 TEST(SamplerTest, TopK1EqualsGreedy) {
