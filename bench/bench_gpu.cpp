@@ -23,8 +23,9 @@
 //                decode     bytes a step must read / bandwidth: every weight once (layer matrices,
 //                           norms, the LM head, the one embedding row) plus the KV cache of L
 //                           tokens over all layers; the DySCO floor adds the speculative pass's
-//                           re-read of layers 0..last probe layer (their weights and their KV of L
-//                           tokens);
+//                           re-read of layers 0..last probe layer - 1 (their weights and their KV of
+//                           L tokens) and of the last probe layer's input norm, q/k/v weights and
+//                           the keys of the KV heads its probes read (all that layer runs);
 //                prefill    FLOPs / the matmul rate of at::mm in the model's dtype over the
 //                           model's own matrix shapes with --chunk rows (best of several); FLOPs =
 //                           2 x layer matrix params x tokens + 2 x LM head params x chunks +
@@ -207,13 +208,27 @@ struct ModelBytes {
                element_bytes +
            kv_bytes_per_token * static_cast<double>(tokens);
   }
-  // The speculative pass's extra reads: layers 0..last_layer (weights and their KV of `tokens`).
-  double SpeculativePass(int64_t tokens, int last_layer) const {
-    const double layers = last_layer + 1;
-    return layers * per_layer_params() * element_bytes +
-           layers / num_layers * kv_bytes_per_token * static_cast<double>(tokens) +
+  // The speculative pass's extra reads: layers 0..last_layer - 1 whole (weights and their KV of
+  // `tokens`), and of the last one (when it is not the model's last) what its probes need: its
+  // input norm (and q/k norms), its q/k/v weights and the K half of the KV heads its probes read
+  // (the model runs nothing else there: docs/model-interface.md "forward").
+  double SpeculativePass(int64_t tokens, int last_layer, int64_t last_layer_kv_heads) const {
+    if (last_layer >= num_layers - 1) {
+      const double layers = num_layers;
+      return layers * per_layer_params() * element_bytes +
+             kv_bytes_per_token * static_cast<double>(tokens) + other_params * element_bytes;
+    }
+    const double whole = last_layer;
+    const double kv_layer_token = kv_bytes_per_token / num_layers;  // K and V, all KV heads
+    return whole * per_layer_params() * element_bytes +
+           whole * kv_layer_token * static_cast<double>(tokens) +
+           (qkv_params_per_layer + layer_norm_params / num_layers / 2) * element_bytes +
+           kv_layer_token / 2 * static_cast<double>(last_layer_kv_heads) / num_kv_heads *
+               static_cast<double>(tokens) +
            other_params * element_bytes;
   }
+  double qkv_params_per_layer = 0;  // (Hq + 2 Hkv) D x hidden
+  int num_kv_heads = 1;
 };
 
 ModelBytes CountBytes(const dysco::ModelConfig& c, const dysco::KvPagePool& pool) {
@@ -229,6 +244,8 @@ ModelBytes CountBytes(const dysco::ModelConfig& c, const dysco::KvPagePool& pool
   b.other_params = 2 * hidden;
   b.element_bytes = dysco::ModelDtypeSize(c.dtype);
   b.kv_bytes_per_token = static_cast<double>(pool.bytes_per_page()) / pool.page_size();
+  b.qkv_params_per_layer = (q + 2 * kv) * hidden;
+  b.num_kv_heads = c.num_kv_heads;
   return b;
 }
 
@@ -748,6 +765,7 @@ int main(int argc, char** argv) {
 
   std::vector<ContextResult> results;
   int probe_last_layer = -1;
+  int64_t probe_last_layer_kv_heads = 0;
   int64_t num_probe_heads = 0;
   for (int64_t L : contexts) {
     ContextResult r;
@@ -779,6 +797,12 @@ int main(int argc, char** argv) {
       const auto& params = bench.controller().params();
       probe_last_layer = params.max_head_layer();
       num_probe_heads = static_cast<int64_t>(params.selected_heads.size());
+      std::set<int> last_layer_kv_heads;  // the KV heads the last probe layer's probes read
+      for (const auto& [layer, head] : params.selected_heads) {
+        if (layer == probe_last_layer)
+          last_layer_kv_heads.insert(head / (c.num_attention_heads / c.num_kv_heads));
+      }
+      probe_last_layer_kv_heads = static_cast<int64_t>(last_layer_kv_heads.size());
       for (int64_t s = 0; s < warmup; ++s) bench.DyscoStep(L - 1);
       times.clear();
       const dysco::DyscoBatchOps::StageSeconds stage0 = bench.stage_seconds();
@@ -797,7 +821,8 @@ int main(int argc, char** argv) {
       r.stage_select_s = (stage1.select - stage0.select) / steps;
       r.stage_results_out_s = (stage1.results_out - stage0.results_out) / steps;
       r.dysco = Summarise(times);
-      r.dysco_bytes = r.plain_bytes + bytes.SpeculativePass(L, probe_last_layer);
+      r.dysco_bytes =
+          r.plain_bytes + bytes.SpeculativePass(L, probe_last_layer, probe_last_layer_kv_heads);
       r.dysco_floor_s = r.dysco_bytes / bandwidth;
       r.num_selected = bench.last_selection().num_selected;
       r.selected_mass = bench.last_selection().selected_mass;
