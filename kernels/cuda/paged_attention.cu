@@ -384,6 +384,10 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   p.out = out.data_ptr<T>();
   p.merge_counters =
       use_mma ? SplitMergeCounters(tokens * cache.num_kv_heads * p.row_chunks) : nullptr;
+  {
+    const char* v = std::getenv("DYSCO_CUDA_ATTENTION_PDL");
+    p.early_dependents = p.merge_counters != nullptr && !(v != nullptr && std::strcmp(v, "0") == 0);
+  }
   const cudaStream_t stream = cuda::CurrentStream();
   const int kv_heads = static_cast<int>(cache.num_kv_heads);
   if (use_mma) {

@@ -370,6 +370,9 @@ __global__ void __launch_bounds__(kAttentionThreads)
   }
   __syncthreads();
   WriteSplitPartials(p, token, split, head0, rows, kMmaRows, kStride, s_m, s_l, s_acc);
+  // The GEMV after this kernel may be scheduled now; it waits for this whole grid (merges
+  // included) before it reads `out`.
+  if (p.early_dependents) cuda::AllowDependentLaunch();
   if (p.merge_counters == nullptr) return;  // MergeSplitsKernel merges
 
   // The merge, by the chunk's last split block to finish (the threadfence reduction pattern):
