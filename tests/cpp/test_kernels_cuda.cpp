@@ -31,10 +31,12 @@
 
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/op_calls.h"
+#include "tests/cpp/scoped_env.h"
 
 namespace {
 
 namespace ops = dysco::ops;
+using dysco::ScopedEnv;
 using Bias = c10::optional<at::Tensor>;
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
@@ -226,30 +228,6 @@ void CheckDecode(const Layout& l, const std::vector<int64_t>& lens, at::ScalarTy
   const double tol = Tolerance(dtype);
   EXPECT_TRUE(Close(gpu_out, cpu_out, tol, tol, Describe(l, dtype, Name(bias_kind))));
 }
-
-// Sets the environment variable `name` to `value` (unset for a null value) for a scope. The CUDA
-// ops read their A/B knobs at every call: DYSCO_CUDA_ATTENTION_KERNEL ("vector" or "scalar" rule
-// out the faster split kernels, kernels/cuda/split_attention.cuh), DYSCO_CUDA_MMA_PREFETCH ("1":
-// the tensor-core kernel's register prefetch), DYSCO_CUDA_SELECT ("single" or "multi": one or many
-// blocks per selection row), DYSCO_CUDA_SPLIT_WAVES, DYSCO_CUDA_LINEAR ("cublas"),
-// DYSCO_CUDA_PREFILL ("flash2": no cuDNN attention for long prefill chunks),
-// DYSCO_CUDA_SPLIT_MERGE ("kernel": the separate split-merge kernel after the tensor-core kernel).
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const char* value) : name_(name) {
-    if (value != nullptr) {
-      setenv(name, value, 1);
-    } else {
-      unsetenv(name);
-    }
-  }
-  ~ScopedEnv() { unsetenv(name_); }
-  ScopedEnv(const ScopedEnv&) = delete;
-  ScopedEnv& operator=(const ScopedEnv&) = delete;
-
- private:
-  const char* name_;
-};
 
 // The tensor-core kernel's two pipelines: "off" (the default) and "registers"
 // (DYSCO_CUDA_MMA_PREFETCH=1: the next tile's loads before the current tile's arithmetic).

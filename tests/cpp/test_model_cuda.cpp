@@ -39,6 +39,7 @@
 #include "core/model/model_runner.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "tests/cpp/model_fixture.h"
+#include "tests/cpp/scoped_env.h"
 
 namespace dysco {
 namespace {
@@ -549,10 +550,6 @@ TEST_F(ModelCudaTest, LongBf16PrefillThroughCudnnMatchesFlashAttention) {
   const int64_t len = 2500;
   const int64_t chunk = 1200;
   const std::vector<int32_t> prompt = Prompt(len, 77);
-  struct FlashOnly {  // DYSCO_CUDA_PREFILL=flash2 for a scope
-    FlashOnly() { setenv("DYSCO_CUDA_PREFILL", "flash2", 1); }
-    ~FlashOnly() { unsetenv("DYSCO_CUDA_PREFILL"); }
-  };
   std::vector<float> logits[3];  // GPU (cuDNN), GPU (FlashAttention-2), CPU
   for (int pass = 0; pass < 3; ++pass) {
     const std::string device = pass == 2 ? "cpu" : "cuda:0";
@@ -560,8 +557,8 @@ TEST_F(ModelCudaTest, LongBf16PrefillThroughCudnnMatchesFlashAttention) {
     o.device = device;
     auto runner = ModelRunner::Load(dir, o);
     ASSERT_TRUE(runner.ok()) << runner.status().ToString();
-    std::unique_ptr<FlashOnly> flash_only;
-    if (pass == 1) flash_only = std::make_unique<FlashOnly>();
+    // Pass 1: FlashAttention-2 throughout.
+    const ScopedEnv flash_only("DYSCO_CUDA_PREFILL", pass == 1 ? "flash2" : nullptr);
     KvPagePoolOptions po;
     po.page_size = 16;
     po.num_pages = len / 16 + 2;

@@ -1,0 +1,36 @@
+// ScopedEnv: sets an environment variable for a scope (unset for a null value) and unsets it at the
+// end. The CUDA ops read their A/B knobs at every call (docs/gpu.md): DYSCO_CUDA_ATTENTION_KERNEL
+// ("vector" or "scalar" rule out the faster split kernels, kernels/cuda/split_attention.cuh),
+// DYSCO_CUDA_MMA_PREFETCH ("1": the tensor-core kernel's register prefetch), DYSCO_CUDA_SELECT
+// ("single" or "multi": one or many blocks per selection row), DYSCO_CUDA_SPLIT_WAVES,
+// DYSCO_CUDA_LINEAR ("cublas"), DYSCO_CUDA_PREFILL ("flash2": no cuDNN attention for long prefill
+// chunks), DYSCO_CUDA_SPLIT_MERGE ("kernel": the separate split-merge kernel after the tensor-core
+// kernel), DYSCO_CUDA_PDL, DYSCO_CUDA_ATTENTION_PDL, so a test can run both sides in one process.
+//
+// Thread-safety: setenv/unsetenv are not thread-safe; use it on the test's own thread while no
+// other thread reads the environment. Ownership: keeps the name pointer, which must outlive it
+// (string literals).
+#pragma once
+
+#include <cstdlib>
+
+namespace dysco {
+
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (value != nullptr) {
+      setenv(name, value, 1);
+    } else {
+      unsetenv(name);
+    }
+  }
+  ~ScopedEnv() { unsetenv(name_); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+};
+
+}  // namespace dysco
