@@ -172,15 +172,20 @@ __device__ __forceinline__ void WaitForPrerequisiteGrids() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+// Whether the environment variable `name` is set to `value`: the ops' A/B knobs (DYSCO_CUDA_*),
+// read at every call so that a test or benchmark can time both sides in one process.
+inline bool EnvIs(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
+}
+
 // Which kernels start early: the environment variable DYSCO_CUDA_PDL = "0" (none), unset or "1"
 // (linear's GEMV: the default), "all" (also add_rms_norm, rms_norm and silu_mul). Read per call,
 // for A/B timing in one process (test_kernels_cuda, bench-gpu).
 enum class EarlyStart { kNone = 0, kGemv = 1, kAll = 2 };
 inline EarlyStart EarlyStartLevel() {
-  const char* v = std::getenv("DYSCO_CUDA_PDL");
-  if (v == nullptr) return EarlyStart::kGemv;
-  if (std::strcmp(v, "0") == 0) return EarlyStart::kNone;
-  return std::strcmp(v, "all") == 0 ? EarlyStart::kAll : EarlyStart::kGemv;
+  if (EnvIs("DYSCO_CUDA_PDL", "0")) return EarlyStart::kNone;
+  return EnvIs("DYSCO_CUDA_PDL", "all") ? EarlyStart::kAll : EarlyStart::kGemv;
 }
 // Launches kernel<<<grid, block, 0, stream>>>(args...), allowed to start early (above) when
 // `early`, else as a plain launch.

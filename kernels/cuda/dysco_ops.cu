@@ -18,9 +18,6 @@
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/dysco_constants.h"
@@ -582,9 +579,8 @@ unsigned Blocks(int64_t width) {
 // for tests and A/B timing).
 constexpr int64_t kMultiBlockSelectWidth = 16384;
 bool MultiBlockSelect(int64_t width) {
-  const char* v = std::getenv("DYSCO_CUDA_SELECT");
-  if (v != nullptr && std::strcmp(v, "single") == 0) return false;
-  if (v != nullptr && std::strcmp(v, "multi") == 0) return true;
+  if (cuda::EnvIs("DYSCO_CUDA_SELECT", "single")) return false;
+  if (cuda::EnvIs("DYSCO_CUDA_SELECT", "multi")) return true;
   return width >= kMultiBlockSelectWidth;
 }
 

@@ -15,9 +15,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/op_checks.h"
@@ -109,10 +106,7 @@ __global__ void __launch_bounds__(kGemvWarps* cuda::kWarpSize)
   }
 }
 
-bool ForcedCublas() {
-  const char* v = std::getenv("DYSCO_CUDA_LINEAR");
-  return v != nullptr && std::strcmp(v, "cublas") == 0;
-}
+bool ForcedCublas() { return cuda::EnvIs("DYSCO_CUDA_LINEAR", "cublas"); }
 
 template <typename T, int M>
 void LaunchGemv(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {

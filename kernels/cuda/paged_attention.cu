@@ -21,8 +21,6 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -222,8 +220,8 @@ __global__ void __launch_bounds__(kAttentionThreads)
 // History: a block per row with three passes over the splits took 7.6 us a call at 33 splits, one
 // pass with the weights in shared memory 3.5 us (docs/gpu.md).
 constexpr int kMergeWarps = 4;
-constexpr int kMergeMaxSplits =
-    1024;  // weights kept in shared memory per warp; more are recomputed
+// Weights kept in shared memory per warp; more splits recompute theirs.
+constexpr int kMergeMaxSplits = 1024;
 
 template <typename T>
 __global__ void __launch_bounds__(kMergeWarps* kWarpSize)
@@ -248,8 +246,7 @@ __global__ void __launch_bounds__(kMergeWarps* kWarpSize)
 constexpr int64_t kMergeCounterCapacity = 1 << 16;
 
 unsigned* SplitMergeCounters(int64_t count) {
-  const char* v = std::getenv("DYSCO_CUDA_SPLIT_MERGE");
-  if (v != nullptr && std::strcmp(v, "kernel") == 0) return nullptr;
+  if (cuda::EnvIs("DYSCO_CUDA_SPLIT_MERGE", "kernel")) return nullptr;
   if (count > kMergeCounterCapacity) return nullptr;
   const cudaStream_t stream = cuda::CurrentStream();
   int device = 0;
@@ -384,10 +381,6 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   p.out = out.data_ptr<T>();
   p.merge_counters =
       use_mma ? SplitMergeCounters(tokens * cache.num_kv_heads * p.row_chunks) : nullptr;
-  {
-    const char* v = std::getenv("DYSCO_CUDA_ATTENTION_PDL");
-    p.early_dependents = p.merge_counters != nullptr && !(v != nullptr && std::strcmp(v, "0") == 0);
-  }
   const cudaStream_t stream = cuda::CurrentStream();
   const int kv_heads = static_cast<int>(cache.num_kv_heads);
   if (use_mma) {

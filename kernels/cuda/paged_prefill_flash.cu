@@ -45,8 +45,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <functional>
 #include <limits>
 #include <tuple>
@@ -81,9 +79,8 @@ std::atomic<int64_t> g_cudnn_sequences{0};
 // The environment variable DYSCO_CUDA_PREFILL = "flash2" keeps every chunk on flash attention
 // (A/B timing in one process: read per call, as DYSCO_CUDA_PDL).
 bool CudnnWanted() {
-  const char* v = std::getenv("DYSCO_CUDA_PREFILL");
-  if (v != nullptr && std::strcmp(v, "flash2") == 0) return false;
-  return !g_cudnn_failed.load(std::memory_order_relaxed);
+  return !cuda::EnvIs("DYSCO_CUDA_PREFILL", "flash2") &&
+         !g_cudnn_failed.load(std::memory_order_relaxed);
 }
 
 // cu_q int32 [B + 1] <- query_start_loc clamped into [0, T] and made non-decreasing; cu_k int32

@@ -34,10 +34,6 @@ struct AttentionParams {
   // Null: MergeSplitsKernel merges after the split kernel.
   unsigned* merge_counters;
   T* out;  // [tokens, Hq, D], with merge_counters
-  // The tensor-core kernel lets the kernel after it (o_proj's GEMV, launched to start early:
-  // cuda_common.cuh) start once each block has written its partial, as MergeSplitsKernel did
-  // before the merge moved into the split kernel. DYSCO_CUDA_ATTENTION_PDL=0 turns it off (A/B).
-  bool early_dependents;
   int64_t batch;
   int64_t max_pages;
   int64_t page_size;

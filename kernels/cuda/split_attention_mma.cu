@@ -35,8 +35,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "kernels/cuda/cuda_common.cuh"
@@ -370,9 +368,6 @@ __global__ void __launch_bounds__(kAttentionThreads)
   }
   __syncthreads();
   WriteSplitPartials(p, token, split, head0, rows, kMmaRows, kStride, s_m, s_l, s_acc);
-  // The GEMV after this kernel may be scheduled now; it waits for this whole grid (merges
-  // included) before it reads `out`.
-  if (p.early_dependents) cuda::AllowDependentLaunch();
   if (p.merge_counters == nullptr) return;  // MergeSplitsKernel merges
 
   // The merge, by the chunk's last split block to finish (the threadfence reduction pattern):
@@ -390,7 +385,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
   if (!s_last) return;
   __threadfence();
   // s_acc is free (WriteSplitPartials read it before the barrier above): each warp's weights.
-  constexpr int kWeights = kAttentionWarps * kMmaRows * kStride / kAttentionWarps;
+  constexpr int kWeights = kMmaRows * kStride;  // s_acc's floats per warp
   for (int r = warp; r < rows; r += kAttentionWarps) {
     WarpMergeSplits(p.out, p.partial, token * p.num_heads + head0 + r, p.num_splits, kHeadDim,
                     s_acc + warp * kWeights, kWeights);
@@ -401,8 +396,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
 // kRegisterPrefetch when DYSCO_CUDA_MMA_PREFETCH=1 (read per launch, for A/B timing), else
 // kNoPrefetch.
 int MmaPipeline() {
-  const char* v = std::getenv("DYSCO_CUDA_MMA_PREFETCH");
-  return v != nullptr && std::strcmp(v, "1") == 0 ? kRegisterPrefetch : kNoPrefetch;
+  return cuda::EnvIs("DYSCO_CUDA_MMA_PREFETCH", "1") ? kRegisterPrefetch : kNoPrefetch;
 }
 
 template <typename T, int kHeadDim, int kPipeline>

@@ -20,7 +20,6 @@
 #include <c10/util/Half.h>
 
 #include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "kernels/cuda/cuda_common.cuh"
@@ -250,14 +249,6 @@ __global__ void __launch_bounds__(kAttentionThreads)
 // attention_probs' logits pass, vectorised as the split kernel: lane groups of kLanesPerRow read a
 // key row with 16-byte loads, kUnroll rows per group in flight. Grid: x = block of
 // kProbsKeysPerBlock keys, y = probed head, z = sequence. Block: kAttentionThreads.
-// Probed heads of one KV head share its K rows (DySCO's reference heads for Qwen3-8B: 16 heads on
-// 11 (layer, KV head) pairs, six of them in layer 21 on three KV heads), so one block reads each K
-// row once for up to kProbesPerPass of them: the block of the first of each kProbesPerPass probes
-// sharing a KV head (in probe order) takes them all, the others' blocks return at once. Each
-// logit's arithmetic is the same as with one head per block (q rounded, scaled, then the same
-// products in the same order).
-constexpr int kProbesPerPass = 8;
-
 template <typename T, int kLanesPerRow>
 __global__ void __launch_bounds__(kAttentionThreads)
     VectorProbsLogitsKernel(const ProbsLogitsParams<T> p) {
@@ -271,36 +262,18 @@ __global__ void __launch_bounds__(kAttentionThreads)
   const int warp = threadIdx.x / kWarpSize;
   const int group = lane / kLanesPerRow;
   const int part = lane % kLanesPerRow;
-  auto head_of = [&](int i) {
-    return static_cast<int>(cuda::Clamp(p.heads[i], 0, p.num_heads - 1));
-  };
-  const int kv_head = head_of(probe) / p.group;
-  // This probe's rank among the probes on its KV head; only every kProbesPerPass-th one's block
-  // works, for it and the next kProbesPerPass - 1 of them.
-  int rank = 0;
-  for (int i = 0; i < probe; ++i) rank += head_of(i) / p.group == kv_head;
-  if (rank % kProbesPerPass != 0) return;
-  int probes[kProbesPerPass];
-  int n = 0;
-  for (int i = probe; i < p.num_probe && n < kProbesPerPass; ++i) {
-    if (head_of(i) / p.group == kv_head) probes[n++] = i;
-  }
-  // Each probe's query, rounded to float and scaled, for every lane group.
-  __shared__ float s_q[kProbesPerPass][kHeadDim];
-  for (int x = threadIdx.x; x < n * kLanesPerRow; x += blockDim.x) {
-    const int i = x / kLanesPerRow;
-    const int at = (x % kLanesPerRow) * kVec;
-    float q[kVec];
-    Vec16<T>::ToFloats(Load16(p.query + (b * p.num_heads + head_of(probes[i])) * kHeadDim + at), q);
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) s_q[i][at + e] = q[e] * p.scale;
-  }
-  __syncthreads();
+  const int head = static_cast<int>(cuda::Clamp(p.heads[probe], 0, p.num_heads - 1));
+  const int kv_head = head / p.group;
   const int64_t token_stride = static_cast<int64_t>(p.num_heads / p.group) * kHeadDim;
   const int page_size = static_cast<int>(p.page_size);
   int64_t len = min(cuda::Clamp(p.seq_lens[b], 0, p.max_pages * p.page_size), p.out_len);
   if (p.bias != nullptr) len = min(len, p.bias_width);
+  float q[kVec];
+  Vec16<T>::ToFloats(Load16(p.query + (b * p.num_heads + head) * kHeadDim + part * kVec), q);
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) q[e] *= p.scale;
   const int32_t* pages = p.tables + b * p.max_pages;
+  float* row = p.out + (b * p.num_probe + probe) * p.out_len;
   const int64_t lane_offset = static_cast<int64_t>(kv_head) * kHeadDim + part * kVec;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * p.keys_per_block;
   const int64_t end = min(len, begin + p.keys_per_block);
@@ -319,32 +292,25 @@ __global__ void __launch_bounds__(kAttentionThreads)
         k_raw[u] = make_uint4(0, 0, 0, 0);
       }
     }
-    float k[kUnroll][kVec];
+    float s[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) Vec16<T>::ToFloats(k_raw[u], k[u]);
+    for (int u = 0; u < kUnroll; ++u) {
+      float k[kVec];
+      Vec16<T>::ToFloats(k_raw[u], k);
+      s[u] = 0.0f;
 #pragma unroll
-    for (int i = 0; i < kProbesPerPass; ++i) {
-      if (i >= n) break;
-      const float* q = &s_q[i][part * kVec];
-      float s[kUnroll];
+      for (int e = 0; e < kVec; ++e) s[u] += q[e] * k[e];
+    }
+#pragma unroll
+    for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) s[u] += __shfl_xor_sync(0xffffffffu, s[u], offset);
+    }
+    if (part == 0) {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        s[u] = 0.0f;
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) s[u] += q[e] * k[u][e];
-      }
-#pragma unroll
-      for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) {
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) s[u] += __shfl_xor_sync(0xffffffffu, s[u], offset);
-      }
-      if (part == 0) {
-        float* row = p.out + (b * p.num_probe + probes[i]) * p.out_len;
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t j = base + u * kGroups + group;
-          if (j < end) row[j] = s[u] + (p.bias == nullptr ? 0.0f : p.bias[b * p.bias_width + j]);
-        }
+        const int64_t j = base + u * kGroups + group;
+        if (j < end) row[j] = s[u] + (p.bias == nullptr ? 0.0f : p.bias[b * p.bias_width + j]);
       }
     }
   }
@@ -472,10 +438,8 @@ template bool LaunchVectorProbsLogits<c10::Half>(const ProbsLogitsParams<c10::Ha
                                                  cudaStream_t);
 
 AttentionKernel AttentionKernelChoice() {
-  const char* v = std::getenv("DYSCO_CUDA_ATTENTION_KERNEL");
-  if (v == nullptr) return AttentionKernel::kMma;
-  if (std::strcmp(v, "scalar") == 0) return AttentionKernel::kScalar;
-  if (std::strcmp(v, "vector") == 0) return AttentionKernel::kVector;
+  if (cuda::EnvIs("DYSCO_CUDA_ATTENTION_KERNEL", "scalar")) return AttentionKernel::kScalar;
+  if (cuda::EnvIs("DYSCO_CUDA_ATTENTION_KERNEL", "vector")) return AttentionKernel::kVector;
   return AttentionKernel::kMma;
 }
 

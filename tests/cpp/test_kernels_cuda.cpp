@@ -602,8 +602,7 @@ TEST(CudaAttentionProbs, EqualsCpu) {
         }
       }
     }
-    // Many probed heads on one KV head (the vectorised kernel reads each K row once for up to 8 of
-    // them: passes of 8, 8 and 4 here), a head probed twice, and heads of other KV heads between.
+    // Many probed heads on one KV head, a head probed twice, and heads of other KV heads between.
     std::vector<int64_t> many;
     for (int64_t h = 19; h >= 0; --h) many.push_back(h);
     for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
@@ -1304,22 +1303,6 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
   std::printf("[timing] attention_probs 4 heads 128K: %.3f ms (K half floor %.3f ms)\n", probs_ms,
               floor_ms / 2);
   std::printf("[timing] attention_probs 4 heads 128K, scalar kernel: %.3f ms\n", scalar_probs_ms);
-  {
-    // Qwen3-8B's reference heads of layer 21: six heads on three KV heads, whose K the vectorised
-    // kernel reads once each.
-    const at::Tensor shared_heads =
-        at::tensor(std::vector<int64_t>{31, 18, 11, 17, 10, 8}, at::kLong).to(at::kCUDA);
-    at::Tensor six = at::empty({1, 6, keys}, f32);
-    const double ms = MillisecondsPerCall(
-        [&] {
-          ops::attention_probs(six, query, kv, tables, lens, shared_heads, scale, c10::nullopt);
-        },
-        20);
-    std::printf(
-        "[timing] attention_probs 6 heads on 3 KV heads 128K: %.3f ms (their K once: floor %.3f "
-        "ms)\n",
-        ms, floor_ms / 2 * 3 / 8);
-  }
   std::printf("[timing] dysco_relevance_update 128K: %.3f ms\n", relevance_ms);
   double single_select_ms = 0.0;
   {
