@@ -23,9 +23,9 @@
 //                decode     bytes a step must read / bandwidth: every weight once (layer matrices,
 //                           norms, the LM head, the one embedding row) plus the KV cache of L
 //                           tokens over all layers; the DySCO floor adds the speculative pass's
-//                           re-read of layers 0..last probe layer - 1 (their weights and their KV of
-//                           L tokens) and of the last probe layer's input norm, q/k/v weights and
-//                           the keys of the KV heads its probes read (all that layer runs);
+//                           re-read of layers 0..last probe layer - 1 (their weights and their KV
+//                           of L tokens) and of the last probe layer's input norm, q/k/v weights
+//                           and the keys of the KV heads its probes read (all that layer runs);
 //                prefill    FLOPs / the matmul rate of at::mm in the model's dtype over the
 //                           model's own matrix shapes with --chunk rows (best of several); FLOPs =
 //                           2 x layer matrix params x tokens + 2 x LM head params x chunks +
@@ -213,21 +213,22 @@ struct ModelBytes {
   // input norm (and q/k norms), its q/k/v weights and the K half of the KV heads its probes read
   // (the model runs nothing else there: docs/model-interface.md "forward").
   double SpeculativePass(int64_t tokens, int last_layer, int64_t last_layer_kv_heads) const {
-    if (last_layer >= num_layers - 1) {
-      const double layers = num_layers;
-      return layers * per_layer_params() * element_bytes +
-             kv_bytes_per_token * static_cast<double>(tokens) + other_params * element_bytes;
-    }
-    const double whole = last_layer;
-    const double kv_layer_token = kv_bytes_per_token / num_layers;  // K and V, all KV heads
-    return whole * per_layer_params() * element_bytes +
-           whole * kv_layer_token * static_cast<double>(tokens) +
-           (qkv_params_per_layer + layer_norm_params / num_layers / 2) * element_bytes +
-           kv_layer_token / 2 * static_cast<double>(last_layer_kv_heads) / num_kv_heads *
-               static_cast<double>(tokens) +
-           other_params * element_bytes;
+    const bool whole_model = last_layer >= num_layers - 1;
+    const double weights = whole_model ? num_layers * per_layer_params()
+                                       : last_layer * per_layer_params() + qkv_params_per_layer +
+                                             probe_layer_norm_params;
+    return (weights + other_params) * element_bytes +
+           SpeculativeKvLayers(last_layer, last_layer_kv_heads) / num_layers * kv_bytes_per_token *
+               static_cast<double>(tokens);
   }
-  double qkv_params_per_layer = 0;  // (Hq + 2 Hkv) D x hidden
+  // Layers' worth of KV (K and V of every KV head) the speculative pass reads per key: the whole
+  // layers, and the K half of the last layer's probed KV heads.
+  double SpeculativeKvLayers(int last_layer, int64_t last_layer_kv_heads) const {
+    if (last_layer >= num_layers - 1) return num_layers;
+    return last_layer + 0.5 * static_cast<double>(last_layer_kv_heads) / num_kv_heads;
+  }
+  double qkv_params_per_layer = 0;     // (Hq + 2 Hkv) D x hidden
+  double probe_layer_norm_params = 0;  // the input norm (and the q/k norms) of one layer
   int num_kv_heads = 1;
 };
 
@@ -245,6 +246,7 @@ ModelBytes CountBytes(const dysco::ModelConfig& c, const dysco::KvPagePool& pool
   b.element_bytes = dysco::ModelDtypeSize(c.dtype);
   b.kv_bytes_per_token = static_cast<double>(pool.bytes_per_page()) / pool.page_size();
   b.qkv_params_per_layer = (q + 2 * kv) * hidden;
+  b.probe_layer_norm_params = hidden + (c.qk_norm ? 2.0 * c.head_dim : 0.0);
   b.num_kv_heads = c.num_kv_heads;
   return b;
 }
@@ -940,8 +942,15 @@ int main(int argc, char** argv) {
         << ",\n  \"copy_bytes\": " << (copy_mib << 20)
         << ",\n  \"matmul_flops_per_s\": " << Json(matmul_rate) << ",\n  \"chunk\": " << chunk
         << ",\n  \"warmup_steps\": " << warmup << ",\n  \"timed_steps\": " << steps
-        << ",\n  \"dysco\": " << (with_dysco ? "true" : "false")
-        << ",\n  \"probe_last_layer\": " << probe_last_layer
+        << ",\n  \"dysco\": " << (with_dysco ? "true" : "false") << ",\n  \"probe_last_layer\": "
+        << probe_last_layer
+        // The KV a DySCO step reads per key, in passes over every layer's KV (plain = 1): what its
+        // floor counts, so that bench/plot_gpu.py's bandwidth ceiling splits bytes the same way.
+        << ",\n  \"dysco_kv_passes\": "
+        << Json(probe_last_layer < 0
+                    ? 1.0
+                    : 1.0 + bytes.SpeculativeKvLayers(probe_last_layer, probe_last_layer_kv_heads) /
+                                c.num_layers)
         << ",\n  \"num_probe_heads\": " << num_probe_heads
         << ",\n  \"ttft\": {\"tokens\": " << ttft_tokens
         << ", \"cut\": " << (ttft_cut ? "true" : "false") << ", \"seconds\": " << Json(ttft_s)

@@ -140,7 +140,9 @@ def bandwidth_ceiling(bench, sessions, context):
     if not rows or not bench.get("kv_bytes_per_token") or not bench.get("num_layers"):
         return None
     r = min(rows, key=lambda x: abs(x["context"] - context))
-    passes = 1 + (bench.get("probe_last_layer", -1) + 1) / bench["num_layers"]
+    # The bench's own count; files written before it had one counted the last probe layer whole.
+    passes = bench.get("dysco_kv_passes",
+                       1 + (bench.get("probe_last_layer", -1) + 1) / bench["num_layers"])
     kv = r["context"] * bench["kv_bytes_per_token"] * passes
     weights = r["dysco_bytes"] - kv
     return sessions * (weights + kv) / (weights + sessions * kv), r["context"]

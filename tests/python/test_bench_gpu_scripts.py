@@ -157,3 +157,22 @@ def test_sessions_line_gives_the_steady_decode_ratio_and_the_bandwidth_ceiling(t
             f"(steady decode)") in text
     assert f"the bandwidth ceiling is {ceiling:.2f}x, below the target): missed" in text
     assert "Bandwidth ceiling of that ratio at 32768 tokens" in text
+
+
+def test_bandwidth_ceiling_splits_bytes_as_the_bench_floor_does(tmp_path):
+    # bench-gpu writes the KV passes its DySCO floor counts (the speculative pass's last layer reads
+    # only the keys of its probed KV heads); the ceiling takes the weights as the rest of the bytes.
+    bench = bench_json(plain_ms=9.6, dysco_ms=16.6)
+    per_token, layers, passes = 147456, 36, 1 + (24 + 0.5 / 8) / 36
+    kv = 32768 * per_token * passes
+    weights = 24.78e9
+    bench.update({"kv_bytes_per_token": per_token, "num_layers": layers, "probe_last_layer": 24,
+                  "dysco_kv_passes": passes})
+    bench["contexts"].append({**bench["contexts"][0], "context": 32768,
+                              "dysco_bytes": weights + kv})
+    ceiling, at = plot_gpu.bandwidth_ceiling(bench, 16, 32768)
+    assert at == 32768
+    assert abs(ceiling - 16 * (weights + kv) / (weights + 16 * kv)) < 1e-9
+    # Without the field (older files) the last probe layer's KV counts whole: another split.
+    del bench["dysco_kv_passes"]
+    assert abs(plot_gpu.bandwidth_ceiling(bench, 16, 32768)[0] - ceiling) > 1e-3
