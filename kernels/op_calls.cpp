@@ -77,6 +77,14 @@ void add_rms_norm(TensorRef out, TensorRef sum, TensorRef input, TensorRef resid
   op.call(out, sum, input, residual, weight, eps);
 }
 
+void add_rms_norm_linear(TensorRef out, TensorRef sum, TensorRef input, TensorRef residual,
+                         TensorRef norm_weight, double eps, TensorRef weight) {
+  static const auto op =
+      Handle<void(TensorRef, TensorRef, TensorRef, TensorRef, TensorRef, double, TensorRef)>(
+          kernels::kAddRmsNormLinearOp);
+  op.call(out, sum, input, residual, norm_weight, eps, weight);
+}
+
 void silu_mul(TensorRef out, TensorRef input) {
   static const auto op = Handle<void(TensorRef, TensorRef)>(kernels::kSiluMulOp);
   op.call(out, input);
@@ -132,6 +140,7 @@ const std::vector<std::string>& AllOpNames() {
       kernels::kRotaryEmbeddingOp,
       kernels::kAddRmsNormOp,
       kernels::kSiluMulOp,
+      kernels::kAddRmsNormLinearOp,
       kernels::kQkNormRopeKvWriteOp,
       kernels::kDyscoRelevanceUpdateOp,
       kernels::kDyscoSelectBiasOp,

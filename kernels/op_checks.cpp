@@ -173,6 +173,37 @@ void CheckAddRmsNormArgs(const at::Tensor& out, const at::Tensor& sum, const at:
   }
 }
 
+void CheckAddRmsNormLinearArgs(const at::Tensor& out, const at::Tensor& sum,
+                               const at::Tensor& input, const at::Tensor& residual,
+                               const at::Tensor& norm_weight, double eps,
+                               const at::Tensor& weight) {
+  constexpr const char* kOp = kAddRmsNormLinearOp;
+  const at::ScalarType dtype = FloatingDtypeOf(kOp, "norm_weight", norm_weight);
+  CheckTensor(kOp, "norm_weight", norm_weight, dtype, 1);
+  const int64_t d = norm_weight.size(0);
+  CheckShaped(kOp, "input", input, dtype, {input.defined() ? input.size(0) : 0, d});
+  CheckShaped(kOp, "residual", residual, dtype, input.sizes());
+  CheckShaped(kOp, "sum", sum, dtype, input.sizes());
+  CheckTensor(kOp, "weight", weight, dtype, 2);
+  TORCH_CHECK(weight.size(1) == d, kOp, ": weight must be [N, D = ", d, "], got ", weight.sizes());
+  CheckShaped(kOp, "out", out, dtype, {input.size(0), weight.size(0)});
+  TORCH_CHECK(eps > 0.0, kOp, ": eps must be > 0, got ", eps);
+  CheckSameDevice(kOp, "out", out,
+                  {{"sum", sum},
+                   {"input", input},
+                   {"residual", residual},
+                   {"norm_weight", norm_weight},
+                   {"weight", weight}});
+  CheckNoOverlap(kOp, "out", out, "sum", sum);
+  const NamedTensor outputs[] = {{"out", out}, {"sum", sum}};
+  for (const NamedTensor& written : outputs) {
+    CheckNoOverlap(kOp, written.name, written.tensor, "input", input);
+    CheckNoOverlap(kOp, written.name, written.tensor, "residual", residual);
+    CheckNoOverlap(kOp, written.name, written.tensor, "norm_weight", norm_weight);
+    CheckNoOverlap(kOp, written.name, written.tensor, "weight", weight);
+  }
+}
+
 void CheckSiluMulArgs(const at::Tensor& out, const at::Tensor& input) {
   constexpr const char* kOp = kSiluMulOp;
   const at::ScalarType dtype = FloatingDtypeOf(kOp, "input", input);

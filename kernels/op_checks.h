@@ -32,6 +32,7 @@ inline constexpr const char* kRmsNormOp = "dysco::rms_norm";
 inline constexpr const char* kRotaryEmbeddingOp = "dysco::rotary_embedding";
 inline constexpr const char* kAddRmsNormOp = "dysco::add_rms_norm";
 inline constexpr const char* kSiluMulOp = "dysco::silu_mul";
+inline constexpr const char* kAddRmsNormLinearOp = "dysco::add_rms_norm_linear";
 inline constexpr const char* kQkNormRopeKvWriteOp = "dysco::qk_norm_rope_kv_write";
 inline constexpr const char* kDyscoRelevanceUpdateOp = "dysco::dysco_relevance_update";
 inline constexpr const char* kDyscoSelectBiasOp = "dysco::dysco_select_bias";
@@ -129,6 +130,13 @@ void CheckRotaryEmbeddingArgs(const at::Tensor& out, const at::Tensor& input, co
 // | fp16), one device; eps > 0; out and sum overlap neither each other nor input, residual, weight.
 void CheckAddRmsNormArgs(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
                          const at::Tensor& residual, const at::Tensor& weight, double eps);
+
+// add_rms_norm_linear: sum, input and residual [M, D], norm_weight [D], weight [N, D], out [M, N],
+// contiguous, one dtype (fp32 | bf16 | fp16), one device; eps > 0; out and sum overlap neither
+// each other nor any input.
+void CheckAddRmsNormLinearArgs(const at::Tensor& out, const at::Tensor& sum,
+                               const at::Tensor& input, const at::Tensor& residual,
+                               const at::Tensor& norm_weight, double eps, const at::Tensor& weight);
 
 // silu_mul: input [M, 2N] (even width), out [M, N], contiguous, one dtype (fp32 | bf16 | fp16),
 // one device; out does not overlap input.

@@ -80,6 +80,16 @@ void rotary_embedding_cpu(const at::Tensor& out, const at::Tensor& input, const 
 void add_rms_norm_cpu(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
                       const at::Tensor& residual, const at::Tensor& weight, double eps);
 
+// sum [M, D] <- input + residual and out [M, N] <- rms_norm(sum, norm_weight [D], eps) @ weight
+// [N, D]^T: add_rms_norm and the linear layer that reads its output (a layer's q/k/v or gate/up
+// projection, the LM head), so that a device can run both as one kernel. The CPU version is
+// add_rms_norm_cpu into a scratch row then linear_cpu: bit for bit those two ops (the golden
+// tokens and the native CPU decode step keep their bits). out and sum must not overlap each other
+// or the inputs (checked).
+void add_rms_norm_linear_cpu(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
+                             const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+                             const at::Tensor& weight);
+
 // out [M, N] <- silu(g) * u for input [M, 2N] = [g | u] (the SwiGLU activation over a fused
 // gate/up projection): silu(g) = g / (1 + exp(-g)) in fp32 rounded to the dtype, then the product
 // with u in fp32 rounded again, exactly ATen's `F.silu(g) * u` (two kernels, two roundings). All

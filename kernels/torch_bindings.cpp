@@ -33,6 +33,12 @@ TORCH_LIBRARY(dysco, m) {
       "add_rms_norm(Tensor(a!) out, Tensor(b!) sum, Tensor input, Tensor residual, Tensor weight, "
       "float eps) -> ()");
   m.def("silu_mul(Tensor(a!) out, Tensor input) -> ()");
+  // add_rms_norm with the linear layer that reads its normed row: sum [M, D] <- input + residual,
+  // out [M, N] <- rms_norm(sum, norm_weight, eps) @ weight [N, D]^T. One kernel on the GPU for a
+  // decode batch instead of two (docs/gpu.md "The norm in the GEMV").
+  m.def(
+      "add_rms_norm_linear(Tensor(a!) out, Tensor(b!) sum, Tensor input, Tensor residual, "
+      "Tensor norm_weight, float eps, Tensor weight) -> ()");
   // An attention block's input stage as one op (a decode step ran five kernels here on the GPU):
   // query [T, H, D] <- rope(q_norm(q)), and K = rope(k_norm(k)), V = v written to the cache at
   // slot_mapping, where q, k, v are the [T, (H + 2 Hkv) D] fused projection's three column blocks;

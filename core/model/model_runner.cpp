@@ -1252,16 +1252,16 @@ std::pair<at::Tensor, at::Tensor> ModelRunner::Impl::NativeDecodeForward(
   for (size_t i = 0; i < n.layers.size(); ++i) {
     const NativeDecode::Layer& w = n.layers[i];
     const at::Tensor kv_layer = kv_cache[static_cast<int64_t>(i)];
-    at::Tensor x = at::empty_like(h);
+    at::Tensor qkv = at::empty({batch, w.qkv_proj.size(0)}, h.options());
     if (!pending.defined()) {
+      at::Tensor x = at::empty_like(h);
       ops::rms_norm(x, h, w.input_layernorm, n.eps);
+      ops::linear(qkv, x, w.qkv_proj);
     } else {
       at::Tensor total = at::empty_like(h);
-      ops::add_rms_norm(x, total, pending, h, w.input_layernorm, n.eps);
+      ops::add_rms_norm_linear(qkv, total, pending, h, w.input_layernorm, n.eps, w.qkv_proj);
       h = total;
     }
-    at::Tensor qkv = at::empty({batch, w.qkv_proj.size(0)}, x.options());
-    ops::linear(qkv, x, w.qkv_proj);
     at::Tensor q = at::empty({batch, w.num_heads, w.head_dim}, qkv.options());
     ops::qk_norm_rope_kv_write(q, kv_layer, qkv, cos, sin, slot_mapping, w.q_norm, w.k_norm, n.eps);
     at::Tensor attn = at::empty_like(q);
@@ -1269,21 +1269,18 @@ std::pair<at::Tensor, at::Tensor> ModelRunner::Impl::NativeDecodeForward(
     at::Tensor o = at::empty({batch, w.o_proj.size(0)}, attn.options());
     ops::linear(o, attn.view({batch, w.num_heads * w.head_dim}), w.o_proj);
     at::Tensor total = at::empty_like(h);
-    at::Tensor x2 = at::empty_like(h);
-    ops::add_rms_norm(x2, total, o, h, w.post_attention_layernorm, n.eps);
+    at::Tensor gate_up = at::empty({batch, w.gate_up_proj.size(0)}, h.options());
+    ops::add_rms_norm_linear(gate_up, total, o, h, w.post_attention_layernorm, n.eps,
+                             w.gate_up_proj);
     h = total;
-    at::Tensor gate_up = at::empty({batch, w.gate_up_proj.size(0)}, x2.options());
-    ops::linear(gate_up, x2, w.gate_up_proj);
     at::Tensor act = at::empty({batch, gate_up.size(1) / 2}, gate_up.options());
     ops::silu_mul(act, gate_up);
     pending = at::empty({batch, w.down_proj.size(0)}, act.options());
     ops::linear(pending, act, w.down_proj);
   }
-  at::Tensor x = at::empty_like(h);
   at::Tensor total = at::empty_like(h);
-  ops::add_rms_norm(x, total, pending, h, n.norm, n.eps);
-  at::Tensor logits = at::empty({batch, n.lm_head.size(0)}, x.options());
-  ops::linear(logits, x, n.lm_head);
+  at::Tensor logits = at::empty({batch, n.lm_head.size(0)}, h.options());
+  ops::add_rms_norm_linear(logits, total, pending, h, n.norm, n.eps, n.lm_head);
   return {logits.to(at::kFloat),
           at::zeros({batch, 0, probs_len}, kv_cache.options().dtype(at::kFloat))};
 }

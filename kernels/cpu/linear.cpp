@@ -317,4 +317,18 @@ void linear_cpu(const at::Tensor& out, const at::Tensor& input, const at::Tensor
   Gemm(out, input, weight);
 }
 
+void add_rms_norm_linear_cpu(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
+                             const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+                             const at::Tensor& weight) {
+  CheckAddRmsNormLinearArgs(out, sum, input, residual, norm_weight, eps, weight);
+  TORCH_CHECK(out.is_cpu(), kAddRmsNormLinearOp, ": the CPU implementation got tensors on ",
+              out.device());
+  // The two ops in sequence, so that a model calling this op computes what it computed with
+  // add_rms_norm then linear, bit for bit. The CPU decode step is bound by its weights' bytes;
+  // a fused norm would save one pass over a row of a few KiB.
+  const at::Tensor normed = at::empty_like(sum);
+  add_rms_norm_cpu(normed, sum, input, residual, norm_weight, eps);
+  linear_cpu(out, normed, weight);
+}
+
 }  // namespace dysco::kernels

@@ -187,19 +187,20 @@ inline EarlyStart EarlyStartLevel() {
   if (EnvIs("DYSCO_CUDA_PDL", "0")) return EarlyStart::kNone;
   return EnvIs("DYSCO_CUDA_PDL", "all") ? EarlyStart::kAll : EarlyStart::kGemv;
 }
-// Launches kernel<<<grid, block, 0, stream>>>(args...), allowed to start early (above) when
-// `early`, else as a plain launch.
+// Launches kernel<<<grid, block, shared_bytes, stream>>>(args...), allowed to start early (above)
+// when `early`, else as a plain launch.
 template <typename... KernelArgs, typename... Args>
-void LaunchOnStream(bool early, void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
-                    cudaStream_t stream, Args... args) {
+void LaunchOnStreamWithSharedMemory(bool early, void (*kernel)(KernelArgs...), dim3 grid,
+                                    dim3 block, size_t shared_bytes, cudaStream_t stream,
+                                    Args... args) {
   if (!early) {
-    kernel<<<grid, block, 0, stream>>>(args...);
+    kernel<<<grid, block, shared_bytes, stream>>>(args...);
     return;
   }
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = block;
-  config.dynamicSmemBytes = 0;
+  config.dynamicSmemBytes = shared_bytes;
   config.stream = stream;
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -207,6 +208,12 @@ void LaunchOnStream(bool early, void (*kernel)(KernelArgs...), dim3 grid, dim3 b
   config.attrs = attribute;
   config.numAttrs = 1;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<KernelArgs>(args)...));
+}
+// The same without dynamic shared memory.
+template <typename... KernelArgs, typename... Args>
+void LaunchOnStream(bool early, void (*kernel)(KernelArgs...), dim3 grid, dim3 block,
+                    cudaStream_t stream, Args... args) {
+  LaunchOnStreamWithSharedMemory(early, kernel, grid, block, 0, stream, args...);
 }
 
 // Whether p may be read and written in 16-byte words (the vectorised paths' precondition).

@@ -65,6 +65,12 @@ void rotary_embedding_cuda(const at::Tensor& out, const at::Tensor& input, const
 void add_rms_norm_cuda(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
                        const at::Tensor& residual, const at::Tensor& weight, double eps);
 void silu_mul_cuda(const at::Tensor& out, const at::Tensor& input);
+// A decode batch of one or two 16-bit rows: one GEMV kernel whose blocks form the sum and the
+// normed row in shared memory first (linear.cu): sum equals add_rms_norm_cuda's bit for bit, out
+// equals add_rms_norm then linear within the dtype's rounding. Otherwise those two ops.
+void add_rms_norm_linear_cuda(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
+                              const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+                              const at::Tensor& weight);
 // One warp per (token, query or key head): norm, rope and the store (the key head's warp also
 // copies its value head); the norm sums as rms_norm_cuda's warp kernel, the rope rounds as
 // rotary_embedding_cuda, so it equals those two and paged_kv_write_cuda in sequence bit for bit.

@@ -11,6 +11,11 @@
 // The GEMV is launched to start while the kernel ahead of it finishes (programmatic dependent
 // launch, cuda_common.cuh): the norm, SwiGLU and split-merge kernels that precede a decode step's
 // GEMVs allow that early start. DYSCO_CUDA_PDL=0 turns it off (docs/gpu.md "Linear layers").
+//
+// dysco::add_rms_norm_linear: the same GEMV with the residual add and the RMSNorm in front of it
+// (docs/gpu.md "The norm in the GEMV"): each block forms the normed row in shared memory under its
+// first weight loads, then streams its rows as the GEMV does; one kernel and its gap fewer than
+// add_rms_norm then linear. DYSCO_CUDA_NORM_LINEAR=separate runs those two instead (A/B timing).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -29,6 +34,8 @@ constexpr int kGemvMaxRows = 2;
 constexpr int kGemvRowsPerWarp = 2;  // weight rows each warp streams
 constexpr int kGemvWarps = 8;        // per block
 constexpr int kGemvUnroll = 4;       // 16-byte loads per weight row in flight per lane
+// Blocks per SM the GEMV runs at (64 registers a thread): the fused-norm kernel is held to it.
+constexpr int kGemvBlocksPerSm = 4;
 
 // 16 bytes of weights, streamed: read once per step, so they should not displace the input rows
 // (reused by every warp) from L1.
@@ -38,6 +45,58 @@ __device__ __forceinline__ uint4 LoadStreaming(const uint4* p) {
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;
+}
+
+// wr[u][r] <- the 16-byte words base + u * 32 (u < kGemvUnroll) of the R weight rows wv[r], zero
+// past k8: one chunk of a lane's loads, all in flight together.
+template <int R>
+__device__ __forceinline__ void LoadWeightChunk(uint4 (&wr)[kGemvUnroll][R],
+                                                const uint4* const (&wv)[R], int64_t base,
+                                                int64_t k8) {
+#pragma unroll
+  for (int u = 0; u < kGemvUnroll; ++u) {
+    const int64_t i = base + u * cuda::kWarpSize;
+#pragma unroll
+    for (int r = 0; r < R; ++r) wr[u][r] = i < k8 ? LoadStreaming(wv[r] + i) : uint4{0, 0, 0, 0};
+  }
+}
+
+// acc[m][r] += the dot products of the chunk wr (LoadWeightChunk at base) with the input rows'
+// words at the same positions; load_x(m, i, xf) gives word i of input row m as 8 floats.
+template <typename T, int M, int R, typename LoadX>
+__device__ __forceinline__ void DotChunk(float (&acc)[M][R], const uint4 (&wr)[kGemvUnroll][R],
+                                         int64_t base, int64_t k8, LoadX&& load_x) {
+#pragma unroll
+  for (int u = 0; u < kGemvUnroll; ++u) {
+    const int64_t i = base + u * cuda::kWarpSize;
+    if (i >= k8) break;
+    float wf[R][8];
+#pragma unroll
+    for (int r = 0; r < R; ++r) cuda::UnpackEight(wr[u][r], T(), wf[r]);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float xf[8];
+      load_x(m, i, xf);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[m][r] = fmaf(wf[r][j], xf[j], acc[m][r]);
+      }
+    }
+  }
+}
+
+// The R weight rows a warp streams from n0: a row past N (odd N, last warp) re-reads row n0, and a
+// warp wholly past N (the norm kernel keeps it for the block's barrier) reads row 0; their sums are
+// never stored.
+template <int R>
+__device__ __forceinline__ void WeightRows(const uint4* (&wv)[R], const void* w, int64_t n0,
+                                           int64_t n, int64_t k8) {
+  const int64_t first = n0 < n ? n0 : 0;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    wv[r] = reinterpret_cast<const uint4*>(w) + (n0 + r < n ? n0 + r : first) * k8;
+  }
 }
 
 // out[m, n0 .. n0 + R) for m < M. Grid: ceil(N / (kGemvWarps * R)) blocks of kGemvWarps warps.
@@ -53,48 +112,19 @@ __global__ void __launch_bounds__(kGemvWarps* cuda::kWarpSize)
   if (n0 >= n) return;  // whole warps leave: the shuffles below see full warps
   const uint4* xv = reinterpret_cast<const uint4*>(x);
   const uint4* wv[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    // A row past N (odd N, last warp) re-reads row n0: its sums are never stored.
-    wv[r] = reinterpret_cast<const uint4*>(w) + (n0 + r < n ? n0 + r : n0) * k8;
-  }
+  WeightRows<R>(wv, w, n0, n, k8);
   // Launched to start early (cuda_common.cuh): wait for the kernel that writes x before reading
   // it or writing out; under a plain launch the wait returns at once. The kernel after may start
   // (DYSCO_CUDA_PDL=all).
   cuda::WaitForPrerequisiteGrids();
   cuda::AllowDependentLaunch();
-  float acc[M][R];
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) acc[m][r] = 0.0f;
-  }
+  float acc[M][R] = {};
   for (int64_t base = lane; base < k8; base += cuda::kWarpSize * kGemvUnroll) {
     uint4 wr[kGemvUnroll][R];
-#pragma unroll
-    for (int u = 0; u < kGemvUnroll; ++u) {
-      const int64_t i = base + u * cuda::kWarpSize;
-#pragma unroll
-      for (int r = 0; r < R; ++r) wr[u][r] = i < k8 ? LoadStreaming(wv[r] + i) : uint4{0, 0, 0, 0};
-    }
-#pragma unroll
-    for (int u = 0; u < kGemvUnroll; ++u) {
-      const int64_t i = base + u * cuda::kWarpSize;
-      if (i >= k8) break;
-      float wf[R][8];
-#pragma unroll
-      for (int r = 0; r < R; ++r) cuda::UnpackEight(wr[u][r], T(), wf[r]);
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        float xf[8];
-        cuda::UnpackEight(__ldg(xv + m * k8 + i), T(), xf);
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-#pragma unroll
-          for (int j = 0; j < 8; ++j) acc[m][r] = fmaf(wf[r][j], xf[j], acc[m][r]);
-        }
-      }
-    }
+    LoadWeightChunk<R>(wr, wv, base, k8);
+    DotChunk<T, M, R>(acc, wr, base, k8, [&](int m, int64_t i, float(&xf)[8]) {
+      cuda::UnpackEight(__ldg(xv + m * k8 + i), T(), xf);
+    });
   }
 #pragma unroll
   for (int m = 0; m < M; ++m) {
@@ -106,27 +136,159 @@ __global__ void __launch_bounds__(kGemvWarps* cuda::kWarpSize)
   }
 }
 
+// The residual add and RMSNorm in front of a GEMV (add_rms_norm_linear).
+template <typename T>
+struct AddNormArgs {
+  T* sum;             // [M, K] <- x + residual, rounded to T
+  const T* residual;  // [M, K], 16-byte aligned
+  const T* weight;    // [K], 16-byte aligned
+  float eps;
+};
+
+// Shared memory of AddNormGemvKernel: the M normed input rows in fp32.
+constexpr int64_t kNormRowBytesMax = 48 * 1024;  // without opting in to more per block
+
+// GemvKernel with the input row rms_norm(x + residual) (norm.weight, norm.eps), formed by each
+// block in a prologue: its threads read x, residual and the norm weight, form s = to_dtype(x +
+// residual) as add_rms_norm does (block 0 stores it to norm.sum), sum s^2 over the block and keep
+// y = s * weight in fp32 in shared memory; the warps then stream their weight rows against y as
+// GemvKernel does against x and scale each dot product by rsqrt(mean(s^2) + eps). The normed row
+// is never rounded to the dtype (add_rms_norm rounds it twice), so out equals add_rms_norm then
+// linear within the dtype's rounding, not bit for bit. Each warp's first chunk of weight loads is
+// issued before the block waits for the kernel ahead, so the prologue runs under those loads.
+// y is stored as two planes of float4 (the first and second four elements of each 16-byte input
+// word), so that a warp's 16-byte reads of consecutive words hit distinct banks.
+// A block per group of kGemvWarps * R weight rows, as GemvKernel: blocks that each took several
+// groups (one prologue per SM slot instead of one per group) were slower on the H200 (docs/gpu.md
+// "The norm in the GEMV").
+// Dynamic shared memory: M * K * 4 bytes (<= kNormRowBytesMax).
+template <typename T, int M>
+__global__ void __launch_bounds__(kGemvWarps* cuda::kWarpSize, kGemvBlocksPerSm)
+    AddNormGemvKernel(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w,
+                      int64_t n, int64_t k8, AddNormArgs<T> norm) {
+  constexpr int R = kGemvRowsPerWarp;
+  using C = cuda::Convert<T>;
+  extern __shared__ float4 normed[];  // [M][2][k8]
+  __shared__ float warp_squares[kGemvWarps][M];
+  const int lane = threadIdx.x % cuda::kWarpSize;
+  const int warp = threadIdx.x / cuda::kWarpSize;
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp) * R;
+  const uint4* wv[R];
+  WeightRows<R>(wv, w, n0, n, k8);
+  uint4 wr[kGemvUnroll][R];
+  LoadWeightChunk<R>(wr, wv, lane, k8);  // the weights do not depend on the kernels ahead
+  cuda::WaitForPrerequisiteGrids();
+  cuda::AllowDependentLaunch();
+
+  const uint4* xv = reinterpret_cast<const uint4*>(x);
+  const uint4* rv = reinterpret_cast<const uint4*>(norm.residual);
+  const uint4* gv = reinterpret_cast<const uint4*>(norm.weight);
+  uint4* sv = reinterpret_cast<uint4*>(norm.sum);
+  float squares[M] = {};
+  for (int64_t i = threadIdx.x; i < k8; i += blockDim.x) {
+    float g[8];
+    cuda::UnpackEight(__ldg(gv + i), T(), g);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float a[8], b[8], y[8];
+      cuda::UnpackEight(__ldg(xv + m * k8 + i), T(), a);
+      cuda::UnpackEight(__ldg(rv + m * k8 + i), T(), b);
+      T s[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        s[j] = C::FromFloat(__fadd_rn(a[j], b[j]));  // ATen's add, as add_rms_norm
+        const float v = C::ToFloat(s[j]);
+        squares[m] = fmaf(v, v, squares[m]);
+        y[j] = v * g[j];
+      }
+      normed[(2 * m) * k8 + i] = make_float4(y[0], y[1], y[2], y[3]);
+      normed[(2 * m + 1) * k8 + i] = make_float4(y[4], y[5], y[6], y[7]);
+      if (blockIdx.x == 0) {
+        uint4 raw;
+        memcpy(&raw, s, sizeof(raw));
+        sv[m * k8 + i] = raw;
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const float total = cuda::WarpSum(squares[m]);
+    if (lane == 0) warp_squares[warp][m] = total;
+  }
+  __syncthreads();
+  float scale[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float total = 0.0f;
+#pragma unroll
+    for (int v = 0; v < kGemvWarps; ++v) total += warp_squares[v][m];
+    scale[m] = rsqrtf(total / static_cast<float>(k8 * 8) + norm.eps);
+  }
+  auto load_normed = [&](int m, int64_t i, float(&xf)[8]) {
+    const float4 lo = normed[(2 * m) * k8 + i];
+    const float4 hi = normed[(2 * m + 1) * k8 + i];
+    xf[0] = lo.x, xf[1] = lo.y, xf[2] = lo.z, xf[3] = lo.w;
+    xf[4] = hi.x, xf[5] = hi.y, xf[6] = hi.z, xf[7] = hi.w;
+  };
+  if (n0 >= n) return;  // after the barrier; whole warps leave, the shuffles below see full warps
+  float acc[M][R] = {};
+  DotChunk<T, M, R>(acc, wr, lane, k8, load_normed);  // the chunk loaded before the prologue
+  for (int64_t base = lane + cuda::kWarpSize * kGemvUnroll; base < k8;
+       base += cuda::kWarpSize * kGemvUnroll) {
+    LoadWeightChunk<R>(wr, wv, base, k8);
+    DotChunk<T, M, R>(acc, wr, base, k8, load_normed);
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float sum = cuda::WarpSum(acc[m][r]);
+      if (lane == 0 && n0 + r < n) out[m * n + n0 + r] = C::FromFloat(sum * scale[m]);
+    }
+  }
+}
+
 bool ForcedCublas() { return cuda::EnvIs("DYSCO_CUDA_LINEAR", "cublas"); }
 
-template <typename T, int M>
-void LaunchGemv(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
-  const int64_t n = weight.size(0);
-  const int64_t rows_per_block = int64_t{kGemvWarps} * kGemvRowsPerWarp;
-  cuda::LaunchOnStream(cuda::EarlyStartLevel() != cuda::EarlyStart::kNone, GemvKernel<T, M>,
-                       dim3(static_cast<unsigned>(cuda::CeilDiv(n, rows_per_block))),
-                       dim3(kGemvWarps * cuda::kWarpSize), cuda::CurrentStream(), out.data_ptr<T>(),
-                       input.data_ptr<T>(), weight.data_ptr<T>(), n, input.size(1) / 8);
+// Blocks of a GEMV over N weight rows.
+dim3 GemvGrid(int64_t n) {
+  return dim3(static_cast<unsigned>(cuda::CeilDiv(n, int64_t{kGemvWarps} * kGemvRowsPerWarp)));
 }
 
 template <typename T>
 void Gemv(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
   static_assert(kGemvMaxRows == 2, "one instantiation per row count");
-  switch (input.size(0)) {
-    case 1:
-      return LaunchGemv<T, 1>(out, input, weight);
-    default:
-      return LaunchGemv<T, 2>(out, input, weight);
-  }
+  const int64_t n = weight.size(0);
+  const bool early = cuda::EarlyStartLevel() != cuda::EarlyStart::kNone;
+  auto* kernel = input.size(0) == 1 ? GemvKernel<T, 1> : GemvKernel<T, 2>;
+  cuda::LaunchOnStream(early, kernel, GemvGrid(n), dim3(kGemvWarps * cuda::kWarpSize),
+                       cuda::CurrentStream(), out.data_ptr<T>(), input.data_ptr<T>(),
+                       weight.data_ptr<T>(), n, input.size(1) / 8);
+}
+
+template <typename T>
+void AddNormGemv(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
+                 const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+                 const at::Tensor& weight) {
+  const int64_t n = weight.size(0);
+  const int64_t rows = input.size(0);
+  const bool early = cuda::EarlyStartLevel() != cuda::EarlyStart::kNone;
+  auto* kernel = rows == 1 ? AddNormGemvKernel<T, 1> : AddNormGemvKernel<T, 2>;
+  const AddNormArgs<T> norm{sum.data_ptr<T>(), residual.data_ptr<T>(), norm_weight.data_ptr<T>(),
+                            static_cast<float>(eps)};
+  cuda::LaunchOnStreamWithSharedMemory(
+      early, kernel, GemvGrid(n), dim3(kGemvWarps * cuda::kWarpSize),
+      static_cast<size_t>(rows * input.size(1)) * sizeof(float), cuda::CurrentStream(),
+      out.data_ptr<T>(), input.data_ptr<T>(), weight.data_ptr<T>(), n, input.size(1) / 8, norm);
+}
+
+// Whether input [M, K] @ weight^T takes the GEMV: a decode batch of 16-bit rows, whole 16-byte
+// words, aligned (the fused path also needs its other row pointers aligned).
+bool TakesGemv(const at::Tensor& input, const at::Tensor& weight) {
+  const bool half_type = input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf;
+  const int64_t k = input.size(1);
+  return half_type && input.size(0) <= kGemvMaxRows && k > 0 && k % 8 == 0 &&
+         cuda::Aligned16(input.data_ptr()) && cuda::Aligned16(weight.data_ptr()) && !ForcedCublas();
 }
 
 }  // namespace
@@ -136,11 +298,7 @@ void linear_cuda(const at::Tensor& out, const at::Tensor& input, const at::Tenso
   TORCH_CHECK(out.is_cuda(), kLinearOp, ": tensors must be CUDA tensors");
   const c10::cuda::CUDAGuard guard(out.device());
   if (out.numel() == 0) return;
-  const int64_t m = input.size(0);
-  const int64_t k = input.size(1);
-  const bool half_type = input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf;
-  if (half_type && m <= kGemvMaxRows && k > 0 && k % 8 == 0 && cuda::Aligned16(input.data_ptr()) &&
-      cuda::Aligned16(weight.data_ptr()) && !ForcedCublas()) {
+  if (TakesGemv(input, weight)) {
     if (input.scalar_type() == at::kBFloat16) {
       Gemv<c10::BFloat16>(out, input, weight);
     } else {
@@ -152,6 +310,33 @@ void linear_cuda(const at::Tensor& out, const at::Tensor& input, const at::Tenso
   // mm_out writes every element of out ([M, N]); weight.t() is a view, no copy.
   at::Tensor out_view = out;  // at::mm_out takes a non-const reference to the same tensor
   at::mm_out(out_view, input, weight.t());
+}
+
+void add_rms_norm_linear_cuda(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
+                              const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+                              const at::Tensor& weight) {
+  CheckAddRmsNormLinearArgs(out, sum, input, residual, norm_weight, eps, weight);
+  TORCH_CHECK(out.is_cuda(), kAddRmsNormLinearOp, ": the CUDA implementation got tensors on ",
+              out.device());
+  const c10::cuda::CUDAGuard guard(out.device());
+  const int64_t normed_bytes = input.numel() * static_cast<int64_t>(sizeof(float));
+  if (TakesGemv(input, weight) && out.numel() > 0 && normed_bytes <= kNormRowBytesMax &&
+      cuda::Aligned16(sum.data_ptr()) && cuda::Aligned16(residual.data_ptr()) &&
+      cuda::Aligned16(norm_weight.data_ptr()) &&
+      !cuda::EnvIs("DYSCO_CUDA_NORM_LINEAR", "separate")) {
+    if (input.scalar_type() == at::kBFloat16) {
+      AddNormGemv<c10::BFloat16>(out, sum, input, residual, norm_weight, eps, weight);
+    } else {
+      AddNormGemv<c10::Half>(out, sum, input, residual, norm_weight, eps, weight);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  // Prefill chunks, fp32, more rows, rows wider than the kernel's shared memory, an empty weight
+  // (N = 0: sum is still written): the two ops, their kernels and cuBLAS's product.
+  const at::Tensor normed = at::empty_like(sum);
+  add_rms_norm_cuda(normed, sum, input, residual, norm_weight, eps);
+  linear_cuda(out, normed, weight);
 }
 
 }  // namespace dysco::kernels

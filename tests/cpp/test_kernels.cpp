@@ -190,13 +190,14 @@ const std::vector<Layout> kLayouts = {
 // ---- registration
 // ----------------------------------------------------------------------------------------
 
-TEST(DyscoOps, AllFourteenOpsAreRegisteredWithCpuKernels) {
+TEST(DyscoOps, AllFifteenOpsAreRegisteredWithCpuKernels) {
   const std::vector<std::string>& names = ops::AllOpNames();
-  EXPECT_EQ(names.size(), 14u);
+  EXPECT_EQ(names.size(), 15u);
   for (const char* name :
        {"dysco::paged_kv_write", "dysco::paged_attention_decode", "dysco::paged_attention_prefill",
         "dysco::attention_probs", "dysco::linear", "dysco::rms_norm", "dysco::rotary_embedding",
-        "dysco::add_rms_norm", "dysco::silu_mul", "dysco::qk_norm_rope_kv_write"}) {
+        "dysco::add_rms_norm", "dysco::silu_mul", "dysco::add_rms_norm_linear",
+        "dysco::qk_norm_rope_kv_write"}) {
     EXPECT_NE(std::find(names.begin(), names.end(), name), names.end()) << name;
   }
   EXPECT_EQ(ops::MissingOps(), std::vector<std::string>{});
@@ -589,6 +590,110 @@ TEST(SiluMul, MatchesAPlainLoop) {
       EXPECT_TRUE(AllClose(out.to(at::kDouble), expected, tol, tol));
     }
   }
+}
+
+// add_rms_norm_linear is add_rms_norm then linear on the CPU, bit for bit (so a model that calls
+// it computes what it computed with the two ops: the golden tokens, the native decode step): the
+// GEMV row counts (1, 2, 8) and the GEMM ones (9, 33), every dtype, widths of the models and odd
+// ones, an empty N; both outputs NaN first.
+TEST(AddRmsNormLinear, EqualsAddRmsNormThenLinear) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(43);
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (const int64_t m : {1, 2, 8, 9, 33}) {
+      for (auto [d, n] : {std::pair<int64_t, int64_t>{576, 1536},
+                          {576, 192},
+                          {64, 7},
+                          {13, 5},
+                          {1000, 333},
+                          {8, 0}}) {
+        SCOPED_TRACE(std::string(c10::toString(dtype)) + " M=" + std::to_string(m) +
+                     " D=" + std::to_string(d) + " N=" + std::to_string(n));
+        const at::Tensor x = at::randn({m, d}, gen).to(dtype);
+        const at::Tensor residual = (at::randn({m, d}, gen) * 4).to(dtype);
+        const at::Tensor g = (at::rand({d}, gen) + 0.5).to(dtype);
+        const at::Tensor w = (at::randn({n, d}, gen) / 8).to(dtype);
+        const at::Tensor out = at::full({m, n}, kNaN).to(dtype);
+        const at::Tensor sum = at::full({m, d}, kNaN).to(dtype);
+        ops::add_rms_norm_linear(out, sum, x, residual, g, 1e-6, w);
+        const at::Tensor normed = at::full({m, d}, kNaN).to(dtype);
+        const at::Tensor expected_sum = at::full({m, d}, kNaN).to(dtype);
+        const at::Tensor expected = at::full({m, n}, kNaN).to(dtype);
+        ops::add_rms_norm(normed, expected_sum, x, residual, g, 1e-6);
+        ops::linear(expected, normed, w);
+        EXPECT_TRUE(at::equal(sum, expected_sum));
+        EXPECT_TRUE(at::equal(out, expected));
+        EXPECT_FALSE(out.isnan().any().item<bool>());
+      }
+    }
+  }
+  EXPECT_NO_THROW(ops::add_rms_norm_linear(at::empty({0, 4}), at::empty({0, 8}), at::empty({0, 8}),
+                                           at::empty({0, 8}), at::ones({8}), 1e-6,
+                                           at::ones({4, 8})));
+}
+
+TEST(AddRmsNormLinear, RejectsBadInputs) {
+  const at::Tensor x = at::randn({2, 8}), r = at::randn({2, 8}), g = at::ones({8});
+  const at::Tensor w = at::randn({5, 8});
+  const at::Tensor out = at::empty({2, 5}), sum = at::empty({2, 8});
+  ExpectRejected(
+      [&] {
+        ops::add_rms_norm_linear(out, sum, x, r, g, 1e-6, at::randn({5, 7}));
+      },
+      "dysco::add_rms_norm_linear: weight must be [N, D = 8], got [5, 7]");
+  ExpectRejected(
+      [&] {
+        ops::add_rms_norm_linear(at::empty({2, 4}), sum, x, r, g, 1e-6, w);
+      },
+      "dysco::add_rms_norm_linear: out must have shape [2, 5]");
+  ExpectRejected(
+      [&] {
+        ops::add_rms_norm_linear(out, sum, at::randn({2, 7}), r, g, 1e-6, w);
+      },
+      "dysco::add_rms_norm_linear: input must have shape [2, 8]");
+  ExpectRejected(
+      [&] {
+        ops::add_rms_norm_linear(out, sum, x, at::randn({3, 8}), g, 1e-6, w);
+      },
+      "dysco::add_rms_norm_linear: residual must have shape [2, 8]");
+  ExpectRejected(
+      [&] {
+        ops::add_rms_norm_linear(out, at::empty({2, 4}), x, r, g, 1e-6, w);
+      },
+      "dysco::add_rms_norm_linear: sum must have shape [2, 8]");
+  ExpectRejected([&] { ops::add_rms_norm_linear(out, sum, x, r, g, 1e-6, w.to(at::kHalf)); },
+                 "dysco::add_rms_norm_linear: weight must have dtype Float");
+  ExpectRejected([&] { ops::add_rms_norm_linear(out, sum, x, r, g.to(at::kInt), 1e-6, w); },
+                 "dysco::add_rms_norm_linear: norm_weight must be float32, bfloat16 or float16");
+  ExpectRejected([&] { ops::add_rms_norm_linear(out, sum, x, r, g, 0.0, w); },
+                 "dysco::add_rms_norm_linear: eps must be > 0");
+  ExpectRejected([&] { ops::add_rms_norm_linear(out, sum, x, r, g, 1e-6, w.t().contiguous().t()); },
+                 "dysco::add_rms_norm_linear: weight must be contiguous");
+  ExpectRejected([&] { ops::add_rms_norm_linear(out, r, x, r, g, 1e-6, w); },
+                 "dysco::add_rms_norm_linear: sum must not overlap residual");
+  // Partial overlaps: views of one buffer.
+  const at::Tensor buffer = at::randn({26});
+  ExpectRejected(
+      [&] {
+        ops::add_rms_norm_linear(buffer.narrow(0, 0, 10).view({2, 5}),
+                                 buffer.narrow(0, 6, 16).view({2, 8}), x, r, g, 1e-6, w);
+      },
+      "dysco::add_rms_norm_linear: out must not overlap sum");
+  ExpectRejected(
+      [&] {
+        ops::add_rms_norm_linear(w.view({-1}).narrow(0, 0, 10).view({2, 5}), sum, x, r, g, 1e-6, w);
+      },
+      "dysco::add_rms_norm_linear: out must not overlap weight");
+  ExpectRejected(
+      [&] {
+        ops::add_rms_norm_linear(x.view({-1}).narrow(0, 3, 10).view({2, 5}), sum, x, r, g, 1e-6, w);
+      },
+      "dysco::add_rms_norm_linear: out must not overlap input");
+  ExpectRejected(
+      [&] {
+        ops::add_rms_norm_linear(out, buffer.narrow(0, 0, 16).view({2, 8}), x, r,
+                                 buffer.narrow(0, 12, 8), 1e-6, w);
+      },
+      "dysco::add_rms_norm_linear: sum must not overlap norm_weight");
 }
 
 TEST(AddRmsNormAndSiluMul, RejectBadInputs) {

@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -954,6 +955,74 @@ TEST(CudaAddRmsNorm, EqualsCpu) {
   }
 }
 
+// add_rms_norm_linear against the CPU op (add_rms_norm then linear) and against a float64
+// reference of the formula from the same inputs. The GEMV path (one or two bf16 / fp16 rows, K a
+// multiple of 8, aligned) forms the norm in fp32 without rounding the normed row, so it is compared
+// within the dtype's tolerance; every other case (fp32, three rows or more, K = 1001, a misaligned
+// residual, DYSCO_CUDA_NORM_LINEAR=separate) runs the two CUDA ops. The sum is the CPU op's bit for
+// bit everywhere, every output element written (NaN first). Shapes: the 8B hidden size with an
+// odd N, q/k/v's 6144 x 4096 (decode rows only, aligned), SmolLM2's gate/up, odd and tiny ones,
+// and N of more blocks than the GPU holds at once (20001 rows: 1251 blocks of 16 rows, against 4
+// blocks on each of the H200's 132 SMs).
+TEST(CudaAddRmsNormLinear, EqualsCpuAndTheFormula) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(31);
+  struct Shape {
+    int64_t k, n;
+  };
+  const std::vector<Shape> shapes = {{4096, 1031}, {4096, 6144}, {576, 1536},
+                                     {64, 7},      {1000, 333},  {1001, 77},
+                                     {8, 1},       {64, 20001},  {576, 9001}};
+  for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    const bool fp32 = dtype == at::kFloat;
+    for (const int64_t m : {1, 2, 3, 5}) {
+      for (const Shape& s : shapes) {
+        std::map<std::string, at::Tensor> outs;  // GPU outputs by variant
+        for (const std::string variant : {"aligned", "misaligned residual", "separate"}) {
+          if (s.n == 6144 && (m > 2 || variant != "aligned")) continue;  // CPU time
+          const at::Tensor x = at::randn({m, s.k}).to(dtype);
+          const at::Tensor residual = (at::randn({m, s.k}) * 4).to(dtype);
+          const at::Tensor g = (at::rand({s.k}) + 0.5).to(dtype);
+          const at::Tensor w = (at::randn({s.n, s.k}) / 16).to(dtype);
+          at::Tensor out = at::full({m, s.n}, kNaN).to(dtype);
+          at::Tensor sum = at::full({m, s.k}, kNaN).to(dtype);
+          at::Tensor gpu_out = Cuda(out);
+          at::Tensor gpu_sum = Cuda(sum);
+          at::Tensor gpu_residual = Cuda(residual);
+          if (variant == "misaligned residual") gpu_residual = Misaligned(gpu_residual);
+          ops::add_rms_norm_linear(out, sum, x, residual, g, 1e-6, w);
+          {
+            const ScopedEnv knob("DYSCO_CUDA_NORM_LINEAR",
+                                 variant == "separate" ? "separate" : nullptr);
+            ops::add_rms_norm_linear(gpu_out, gpu_sum, Cuda(x), gpu_residual, Cuda(g), 1e-6,
+                                     Cuda(w));
+          }
+          const std::string what = std::string("add_rms_norm_linear ") + c10::toString(dtype) +
+                                   " m=" + std::to_string(m) + " k=" + std::to_string(s.k) +
+                                   " n=" + std::to_string(s.n) + " " + variant;
+          EXPECT_TRUE(Same(gpu_sum, sum, what + " sum"));
+          EXPECT_TRUE(Close(gpu_out, out, fp32 ? 1e-4 : 5e-2, fp32 ? 1e-5 : 1e-2, what));
+          // The formula in float64 from the rounded sum: rms_norm(sum) @ w^T.
+          const at::Tensor s64 = sum.to(at::kDouble);
+          const at::Tensor normed =
+              s64 * at::rsqrt(s64.pow(2).mean(-1, /*keepdim=*/true) + 1e-6) * g.to(at::kDouble);
+          const at::Tensor formula = at::matmul(normed, w.to(at::kDouble).t());
+          EXPECT_TRUE(Close(gpu_out, formula, fp32 ? 1e-4 : 5e-2, fp32 ? 1e-5 : 1e-2,
+                            what + " vs formula"));
+          outs[variant] = gpu_out.cpu();
+        }
+        if (outs.size() == 3 && !fp32 && m <= 2 && s.k % 8 == 0 && s.n > 64) {
+          // The fused GEMV did run: its normed row is not rounded to the dtype, so some of its
+          // outputs differ from the two ops' (a misaligned residual takes the two ops: its
+          // 16-byte loads would fault).
+          EXPECT_FALSE(at::equal(outs["aligned"], outs["separate"]))
+              << c10::toString(dtype) << " m=" << m << " k=" << s.k << " n=" << s.n;
+        }
+      }
+    }
+  }
+}
+
 // Against the CPU op (its silu is ATen's CPU exp: within 1e-5 / one rounding of the dtype) and
 // against ATen's own CUDA expression `F.silu(g) * u`, bit for bit (the same fp32 silu, expf and
 // IEEE division, and the same two roundings). N odd, on both sides of a vector, and the 8B's
@@ -1366,14 +1435,16 @@ TEST(CudaTiming, LinearLayersOfADecodeStep) {
   }
 }
 
-// Decode layers of the Qwen3-8B shape at 8K keys as a step runs them (add_rms_norm, the q/k/v GEMV,
-// paged attention with its split merge, the o GEMV, add_rms_norm, the gate/up GEMV, silu_mul, the
-// down GEMV; the q/k norms, ropes and KV write left out), four layers of distinct weights (1.5 GB,
-// so that L2 holds none of them), captured into a CUDA graph with the GEMVs launched to start early
-// (the default: linear.cu), with the norms and SwiGLU too (DYSCO_CUDA_PDL=all) and with none. Every
-// graph's output must equal the eager chain's bit for bit (a kernel that read its input before the
-// kernel ahead had written it would differ); each replay is timed against the floor: the weights'
-// and the KV cache's bytes over the copy bandwidth of the same run.
+// Decode layers of the Qwen3-8B shape at 8K keys as a step runs them (add_rms_norm_linear into the
+// q/k/v GEMV, paged attention with its split merge, the o GEMV, add_rms_norm_linear into the
+// gate/up GEMV, silu_mul, the down GEMV; the q/k norms, ropes and KV write left out), four layers
+// of distinct weights (1.5 GB, so that L2 holds none of them), captured into a CUDA graph with the
+// GEMVs launched to start early (the default: linear.cu), with the norms and SwiGLU too
+// (DYSCO_CUDA_PDL=all) and with none; and, as before the norms moved into the GEMVs, with
+// add_rms_norm then linear (DYSCO_CUDA_NORM_LINEAR=separate). Every graph's output must equal the
+// eager chain's of its setting bit for bit (a kernel that read its input before the kernel ahead
+// had written it would differ); each replay is timed against the floor: the weights' and the KV
+// cache's bytes over the copy bandwidth of the same run.
 TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(23);
@@ -1398,7 +1469,7 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
   const at::Tensor input = at::randn({1, hidden}, bf16);
   const at::Tensor residual0 = at::randn({1, hidden}, bf16);
   at::Tensor hidden_state = at::empty({1, hidden}, bf16), residual = at::empty({1, hidden}, bf16);
-  at::Tensor normed = at::empty({1, hidden}, bf16), sum = at::empty({1, hidden}, bf16);
+  at::Tensor sum = at::empty({1, hidden}, bf16);
   at::Tensor qkv = at::empty({1, (hq + 2 * hkv) * d}, bf16), attn = at::empty({1, hq, d}, bf16);
   at::Tensor o = at::empty({1, hidden}, bf16), gate_up = at::empty({1, 2 * inter}, bf16);
   at::Tensor act = at::empty({1, inter}, bf16), down = at::empty({1, hidden}, bf16);
@@ -1406,13 +1477,11 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     hidden_state.copy_(input);
     residual.copy_(residual0);
     for (const Layer& l : w) {
-      ops::add_rms_norm(normed, sum, hidden_state, residual, l.norm1, 1e-6);
-      ops::linear(qkv, normed, l.qkv);
+      ops::add_rms_norm_linear(qkv, sum, hidden_state, residual, l.norm1, 1e-6, l.qkv);
       const at::Tensor query = qkv.narrow(1, 0, hq * d).reshape({1, hq, d});
       ops::paged_attention_decode(attn, query, l.kv, tables, lens, scale, c10::nullopt);
       ops::linear(o, attn.reshape({1, hq * d}), l.o);
-      ops::add_rms_norm(normed, residual, o, sum, l.norm2, 1e-6);
-      ops::linear(gate_up, normed, l.gate_up);
+      ops::add_rms_norm_linear(gate_up, residual, o, sum, l.norm2, 1e-6, l.gate_up);
       ops::silu_mul(act, gate_up);
       ops::linear(down, act, l.down);
       hidden_state.copy_(down);
@@ -1429,35 +1498,50 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     graph.capture_end();
     c10::cuda::device_synchronize();  // the warm-up, before the default stream touches its buffers
   };
-  at::Tensor expected;
+  // The eager chain's output with plain launches, fused norms and separate ones.
+  at::Tensor expected_fused, expected_separate;
   {
     const ScopedEnv plain("DYSCO_CUDA_PDL", "0");
     chain();
-    expected = hidden_state.clone();
+    expected_fused = hidden_state.clone();
+    const ScopedEnv separate("DYSCO_CUDA_NORM_LINEAR", "separate");
+    chain();
+    expected_separate = hidden_state.clone();
     c10::cuda::device_synchronize();
   }
-  // The default (the GEMVs start early) first, then the other settings of DYSCO_CUDA_PDL
-  // (linear.cu).
+  // The default (the GEMVs start early, the norms in the GEMVs) first, then the other settings
+  // of DYSCO_CUDA_PDL and DYSCO_CUDA_NORM_LINEAR (linear.cu).
   struct Variant {
     const char* label;
-    const char* pdl;  // DYSCO_CUDA_PDL, nullptr: unset
+    const char* pdl;          // DYSCO_CUDA_PDL, nullptr: unset
+    const char* norm_linear;  // DYSCO_CUDA_NORM_LINEAR, nullptr: unset
   };
   const std::vector<Variant> variants = {
-      {"GEMVs start early (default)", nullptr},
-      {"GEMVs, norms and SwiGLU start early", "all"},
-      {"plain launches", "0"},
+      {"GEMVs start early, norms in the GEMVs (default)", nullptr, nullptr},
+      {"GEMVs start early, add_rms_norm kernels", nullptr, "separate"},
+      {"GEMVs, norms and SwiGLU start early, add_rms_norm kernels", "all", "separate"},
+      {"plain launches, norms in the GEMVs", "0", nullptr},
+      {"plain launches, add_rms_norm kernels", "0", "separate"},
   };
   std::vector<std::unique_ptr<at::cuda::CUDAGraph>> graphs;
   for (const Variant& v : variants) {
-    std::unique_ptr<ScopedEnv> pdl;
-    if (v.pdl != nullptr) pdl = std::make_unique<ScopedEnv>("DYSCO_CUDA_PDL", v.pdl);
+    const ScopedEnv pdl("DYSCO_CUDA_PDL", v.pdl);
+    const ScopedEnv norm_linear("DYSCO_CUDA_NORM_LINEAR", v.norm_linear);
     graphs.push_back(std::make_unique<at::cuda::CUDAGraph>());
     capture(*graphs.back());
     hidden_state.fill_(kNaN);
     graphs.back()->replay();
     c10::cuda::device_synchronize();
-    EXPECT_TRUE(at::equal(hidden_state, expected)) << v.label;
+    const bool separate = v.norm_linear != nullptr && std::string(v.norm_linear) == "separate";
+    EXPECT_TRUE(at::equal(hidden_state, separate ? expected_separate : expected_fused)) << v.label;
   }
+  // How far four layers of fused norms drift from the separate ones (bf16; the ops themselves
+  // are compared in CudaAddRmsNormLinear.EqualsCpuAndTheFormula).
+  std::printf(
+      "[timing] decode layers, norms in the GEMVs vs add_rms_norm kernels: max |diff| %.3g "
+      "of max |out| %.3g\n",
+      (expected_fused.to(at::kFloat) - expected_separate.to(at::kFloat)).abs().max().item<float>(),
+      expected_separate.to(at::kFloat).abs().max().item<float>());
   const double bandwidth = CopyBandwidth();
   const double layer_bytes = 2.0 * (w[0].qkv.numel() + w[0].o.numel() + w[0].gate_up.numel() +
                                     w[0].down.numel() + w[0].kv.numel());

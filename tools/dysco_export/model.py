@@ -36,14 +36,18 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return out.view(x.size())
 
 
-def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
-    """(residual + x, rms_norm(residual + x)): a layer's residual add and the next norm as one op (one kernel
-    on CUDA). The sum is rounded to the dtype before the norm reads it, as `h = h + x; rms_norm(h)` does, so
-    on the CPU both outputs equal that expression bit for bit."""
+def add_rms_norm_linear(x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float,
+                        weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """(residual + x, linear(rms_norm(residual + x), weight)): a layer's residual add, the next norm and the
+    projection that reads it as one op. The sum is rounded to the dtype before the norm reads it, as
+    `h = h + x; rms_norm(h)` does. On the CPU the op is add_rms_norm then linear, bit for bit; on a GPU a
+    decode batch runs one GEMV kernel that forms the sum and its norm as it streams the weight (a kernel and
+    its gap fewer per call, docs/gpu.md "The norm in the GEMV"), equal to the two ops within the dtype's
+    rounding."""
     residual = residual.contiguous()
     total = torch.empty_like(residual)
-    out = torch.empty_like(residual)
-    torch.ops.dysco.add_rms_norm(out, total, x.contiguous(), residual, weight, eps)
+    out = torch.empty([residual.size(0), weight.size(0)], dtype=residual.dtype, device=residual.device)
+    torch.ops.dysco.add_rms_norm_linear(out, total, x.contiguous(), residual, norm_weight, eps, weight)
     return total, out
 
 
@@ -103,16 +107,15 @@ class DecoderLayer(nn.Module):
                 attn_bias: Optional[Tensor], is_decode: bool, last_idx: Tensor, probe_runs: List[Tuple[int, int]],
                 probe_heads: Optional[Tensor], probs: Tensor, probes_only: bool) -> Tuple[Tensor, Tensor]:
         """(h, mlp): the residual stream after the attention block and the MLP's output, which the next layer
-        (or the final norm) adds to it in its own add_rms_norm. pending: the previous layer's MLP output, not
+        (or the final norm) adds to it in its own add_rms_norm_linear. pending: the previous layer's MLP output, not
         yet added to h (None for layer 0). probes_only: the last layer of a speculative pass, whose outputs
         nobody reads: only its K/V write and its probes' probabilities run (no attention output, o_proj or
-        MLP: at 128K keys about 0.2 ms of a DySCO step on an H200, docs/gpu.md), and (h, x) come back."""
+        MLP: at 128K keys about 0.2 ms of a DySCO step on an H200, docs/gpu.md), and (h, qkv) come back."""
         num_tokens = h.size(0)
         if pending is None:
-            x = rms_norm(h, self.input_layernorm, self.eps)
+            qkv = linear(rms_norm(h, self.input_layernorm, self.eps), self.qkv_proj)
         else:
-            h, x = add_rms_norm(pending, h, self.input_layernorm, self.eps)
-        qkv = linear(x, self.qkv_proj)
+            h, qkv = add_rms_norm_linear(pending, h, self.input_layernorm, self.eps, self.qkv_proj)
         # q/k norms (Qwen3), rope and the K/V write as one op over qkv's column blocks: a decode layer's
         # five GPU kernels (and about fifteen interpreter instructions) in one; equal to rms_norm,
         # rotary_embedding and paged_kv_write in sequence (docs/model-interface.md "Ops").
@@ -140,11 +143,11 @@ class DecoderLayer(nn.Module):
                                                 probe_heads[start:end], self.scale, attn_bias)
                 probs[:, start:end].copy_(layer_probs)
         if probes_only:
-            return h, x
+            return h, qkv
 
-        h, x = add_rms_norm(linear(out.view(num_tokens, self.num_heads * self.head_dim), self.o_proj), h,
-                            self.post_attention_layernorm, self.eps)
-        return h, linear(silu_mul(linear(x, self.gate_up_proj)), self.down_proj)
+        h, gate_up = add_rms_norm_linear(linear(out.view(num_tokens, self.num_heads * self.head_dim), self.o_proj),
+                                         h, self.post_attention_layernorm, self.eps, self.gate_up_proj)
+        return h, linear(silu_mul(gate_up), self.down_proj)
 
 
 class DecoderModel(nn.Module):
@@ -225,8 +228,8 @@ class DecoderModel(nn.Module):
         if not is_decode:  # decode: every row is its sequence's last
             h = h.index_select(0, last_idx)
             pending = pending.index_select(0, last_idx)
-        x = add_rms_norm(pending, h, self.norm, self.eps)[1]
-        return linear(x, self.lm_head).to(torch.float32), probs
+        logits = add_rms_norm_linear(pending, h, self.norm, self.eps, self.lm_head)[1]
+        return logits.to(torch.float32), probs
 
 
 def required_weights(config: dict) -> Dict[str, Tuple[int, ...]]:
