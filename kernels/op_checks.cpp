@@ -88,6 +88,18 @@ void CheckNoOverlap(const char* op, const char* out_name, const at::Tensor& out,
               " must not overlap ", other_name, " in memory (an out-of-place op)");
 }
 
+void CheckWrittenApart(const char* op, std::initializer_list<NamedTensor> written,
+                       std::initializer_list<NamedTensor> read) {
+  for (auto a = written.begin(); a != written.end(); ++a) {
+    for (auto b = a + 1; b != written.end(); ++b) {
+      CheckNoOverlap(op, a->name, a->tensor, b->name, b->tensor);
+    }
+  }
+  for (const NamedTensor& w : written) {
+    for (const NamedTensor& r : read) CheckNoOverlap(op, w.name, w.tensor, r.name, r.tensor);
+  }
+}
+
 void CheckKeyBiasArg(const char* op, const c10::optional<at::Tensor>& key_bias, int64_t batch,
                      const at::Tensor& out) {
   if (!key_bias.has_value() || !key_bias->defined()) return;
@@ -164,13 +176,8 @@ void CheckAddRmsNormArgs(const at::Tensor& out, const at::Tensor& sum, const at:
   TORCH_CHECK(eps > 0.0, kOp, ": eps must be > 0, got ", eps);
   CheckSameDevice(kOp, "out", out,
                   {{"sum", sum}, {"input", input}, {"residual", residual}, {"weight", weight}});
-  CheckNoOverlap(kOp, "out", out, "sum", sum);
-  const NamedTensor outputs[] = {{"out", out}, {"sum", sum}};
-  for (const NamedTensor& written : outputs) {
-    CheckNoOverlap(kOp, written.name, written.tensor, "input", input);
-    CheckNoOverlap(kOp, written.name, written.tensor, "residual", residual);
-    CheckNoOverlap(kOp, written.name, written.tensor, "weight", weight);
-  }
+  CheckWrittenApart(kOp, {{"out", out}, {"sum", sum}},
+                    {{"input", input}, {"residual", residual}, {"weight", weight}});
 }
 
 void CheckAddRmsNormLinearArgs(const at::Tensor& out, const at::Tensor& sum,
@@ -194,14 +201,9 @@ void CheckAddRmsNormLinearArgs(const at::Tensor& out, const at::Tensor& sum,
                    {"residual", residual},
                    {"norm_weight", norm_weight},
                    {"weight", weight}});
-  CheckNoOverlap(kOp, "out", out, "sum", sum);
-  const NamedTensor outputs[] = {{"out", out}, {"sum", sum}};
-  for (const NamedTensor& written : outputs) {
-    CheckNoOverlap(kOp, written.name, written.tensor, "input", input);
-    CheckNoOverlap(kOp, written.name, written.tensor, "residual", residual);
-    CheckNoOverlap(kOp, written.name, written.tensor, "norm_weight", norm_weight);
-    CheckNoOverlap(kOp, written.name, written.tensor, "weight", weight);
-  }
+  CheckWrittenApart(
+      kOp, {{"out", out}, {"sum", sum}},
+      {{"input", input}, {"residual", residual}, {"norm_weight", norm_weight}, {"weight", weight}});
 }
 
 void CheckSiluMulArgs(const at::Tensor& out, const at::Tensor& input) {

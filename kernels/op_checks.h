@@ -72,6 +72,11 @@ void CheckSameDevice(const char* op, const char* out_name, const at::Tensor& out
 void CheckNoOverlap(const char* op, const char* out_name, const at::Tensor& out,
                     const char* other_name, const at::Tensor& other);
 
+// CheckNoOverlap for every pair of `written` (in order), then for every written tensor against
+// every tensor of `read`.
+void CheckWrittenApart(const char* op, std::initializer_list<NamedTensor> written,
+                       std::initializer_list<NamedTensor> read);
+
 // key_bias, when present: fp32 [batch, S], contiguous, on the device of `out`. (S >= max(seq_lens)
 // reads seq_lens: left to the backend.)
 void CheckKeyBiasArg(const char* op, const c10::optional<at::Tensor>& key_bias, int64_t batch,
