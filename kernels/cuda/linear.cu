@@ -145,8 +145,10 @@ struct AddNormArgs {
   float eps;
 };
 
-// Shared memory of AddNormGemvKernel: the M normed input rows in fp32.
-constexpr int64_t kNormRowBytesMax = 48 * 1024;  // without opting in to more per block
+// Dynamic shared memory of AddNormGemvKernel (the M normed input rows in fp32) at most: a block
+// gets 48 KB without opting in to more, its static warp_squares included.
+constexpr int64_t kNormRowBytesMax =
+    48 * 1024 - int64_t{kGemvWarps} * kGemvMaxRows * static_cast<int64_t>(sizeof(float));
 
 // GemvKernel with the input row rms_norm(x + residual) (norm.weight, norm.eps), formed by each
 // block in a prologue: its threads read x, residual and the norm weight, form s = to_dtype(x +

@@ -962,17 +962,18 @@ TEST(CudaAddRmsNorm, EqualsCpu) {
 // residual, DYSCO_CUDA_NORM_LINEAR=separate) runs the two CUDA ops. The sum is the CPU op's bit for
 // bit everywhere, every output element written (NaN first). Shapes: the 8B hidden size with an
 // odd N, q/k/v's 6144 x 4096 (decode rows only, aligned), SmolLM2's gate/up, odd and tiny ones,
-// and N of more blocks than the GPU holds at once (20001 rows: 1251 blocks of 16 rows, against 4
-// blocks on each of the H200's 132 SMs).
+// N of more blocks than the GPU holds at once (20001 rows: 1251 blocks of 16 rows, against 4
+// blocks on each of the H200's 132 SMs), and rows near and past the kernel's shared memory (K
+// 11776: one row is 46 KB, fused, two rows the two ops; K 12288: one row is 48 KB, the two ops).
 TEST(CudaAddRmsNormLinear, EqualsCpuAndTheFormula) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(31);
   struct Shape {
     int64_t k, n;
   };
-  const std::vector<Shape> shapes = {{4096, 1031}, {4096, 6144}, {576, 1536},
-                                     {64, 7},      {1000, 333},  {1001, 77},
-                                     {8, 1},       {64, 20001},  {576, 9001}};
+  const std::vector<Shape> shapes = {{4096, 1031}, {4096, 6144}, {576, 1536}, {64, 7},
+                                     {1000, 333},  {1001, 77},   {8, 1},      {64, 20001},
+                                     {576, 9001},  {11776, 24},  {12288, 24}};
   for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
     const bool fp32 = dtype == at::kFloat;
     for (const int64_t m : {1, 2, 3, 5}) {
