@@ -85,6 +85,14 @@ void add_rms_norm_linear(TensorRef out, TensorRef sum, TensorRef input, TensorRe
   op.call(out, sum, input, residual, norm_weight, eps, weight);
 }
 
+void add_rms_norm_swiglu(TensorRef out, TensorRef sum, TensorRef input, TensorRef residual,
+                         TensorRef norm_weight, double eps, TensorRef weight) {
+  static const auto op =
+      Handle<void(TensorRef, TensorRef, TensorRef, TensorRef, TensorRef, double, TensorRef)>(
+          kernels::kAddRmsNormSwigluOp);
+  op.call(out, sum, input, residual, norm_weight, eps, weight);
+}
+
 void silu_mul(TensorRef out, TensorRef input) {
   static const auto op = Handle<void(TensorRef, TensorRef)>(kernels::kSiluMulOp);
   op.call(out, input);
@@ -141,6 +149,7 @@ const std::vector<std::string>& AllOpNames() {
       kernels::kAddRmsNormOp,
       kernels::kSiluMulOp,
       kernels::kAddRmsNormLinearOp,
+      kernels::kAddRmsNormSwigluOp,
       kernels::kQkNormRopeKvWriteOp,
       kernels::kDyscoRelevanceUpdateOp,
       kernels::kDyscoSelectBiasOp,

@@ -7,7 +7,7 @@
 // Errors: invalid arguments, or an op (or a kernel for the tensors' device) that is not registered,
 // raise c10::Error; nothing is written then. Callers catch it.
 // Also: AllOpNames(), MissingOps() and MissingKernels(), for a startup check that
-// libdysco_kernels.so is loaded and registered all fifteen ops (and their kernels).
+// libdysco_kernels.so is loaded and registered all sixteen ops (and their kernels).
 // Thread-safety: every function may be called from any thread; each op's operator handle is looked
 // up once (function-local static) and is immutable afterwards. Concurrent calls must not write the
 // same output or cache pages (kernels/ops.h).
@@ -79,6 +79,12 @@ void add_rms_norm_linear(const at::Tensor& out, const at::Tensor& sum, const at:
                          const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
                          const at::Tensor& weight);
 
+// sum [M, D] <- input + residual; out [M, N] <- silu_mul(rms_norm(sum, norm_weight [D], eps) @
+// weight [2N, D]^T) (kernels/ops.h add_rms_norm_swiglu_cpu).
+void add_rms_norm_swiglu(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
+                         const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+                         const at::Tensor& weight);
+
 // out [M, N] <- silu(input[:, :N]) * input[:, N:] for input [M, 2N] (kernels/ops.h silu_mul_cpu).
 void silu_mul(const at::Tensor& out, const at::Tensor& input);
 
@@ -139,12 +145,12 @@ void dysco_template_mask(const at::Tensor& mask, const at::Tensor& tokens,
 
 // ---- registration
 
-// The qualified names of the fifteen ops, in schema order: "dysco::paged_kv_write",
+// The qualified names of the sixteen ops, in schema order: "dysco::paged_kv_write",
 // "dysco::paged_attention_decode", ..., "dysco::dysco_template_mask".
 const std::vector<std::string>& AllOpNames();
 
 // The names of AllOpNames() whose schema is not registered with the dispatcher (empty when all
-// fifteen are: libdysco_kernels.so is loaded and current).
+// sixteen are: libdysco_kernels.so is loaded and current).
 std::vector<std::string> MissingOps();
 
 // The names of `names` whose schema is not registered with the dispatcher.

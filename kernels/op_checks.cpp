@@ -180,30 +180,53 @@ void CheckAddRmsNormArgs(const at::Tensor& out, const at::Tensor& sum, const at:
                     {{"input", input}, {"residual", residual}, {"weight", weight}});
 }
 
-void CheckAddRmsNormLinearArgs(const at::Tensor& out, const at::Tensor& sum,
-                               const at::Tensor& input, const at::Tensor& residual,
-                               const at::Tensor& norm_weight, double eps,
-                               const at::Tensor& weight) {
-  constexpr const char* kOp = kAddRmsNormLinearOp;
-  const at::ScalarType dtype = FloatingDtypeOf(kOp, "norm_weight", norm_weight);
-  CheckTensor(kOp, "norm_weight", norm_weight, dtype, 1);
+namespace {
+
+// add_rms_norm_linear's checks, or add_rms_norm_swiglu's (swiglu: weight has an even number of
+// rows 2N and out is [M, N]); op names the op in the messages.
+void CheckAddRmsNormProjectionArgs(const char* op, bool swiglu, const at::Tensor& out,
+                                   const at::Tensor& sum, const at::Tensor& input,
+                                   const at::Tensor& residual, const at::Tensor& norm_weight,
+                                   double eps, const at::Tensor& weight) {
+  const at::ScalarType dtype = FloatingDtypeOf(op, "norm_weight", norm_weight);
+  CheckTensor(op, "norm_weight", norm_weight, dtype, 1);
   const int64_t d = norm_weight.size(0);
-  CheckShaped(kOp, "input", input, dtype, {input.defined() ? input.size(0) : 0, d});
-  CheckShaped(kOp, "residual", residual, dtype, input.sizes());
-  CheckShaped(kOp, "sum", sum, dtype, input.sizes());
-  CheckTensor(kOp, "weight", weight, dtype, 2);
-  TORCH_CHECK(weight.size(1) == d, kOp, ": weight must be [N, D = ", d, "], got ", weight.sizes());
-  CheckShaped(kOp, "out", out, dtype, {input.size(0), weight.size(0)});
-  TORCH_CHECK(eps > 0.0, kOp, ": eps must be > 0, got ", eps);
-  CheckSameDevice(kOp, "out", out,
+  CheckShaped(op, "input", input, dtype, {input.defined() ? input.size(0) : 0, d});
+  CheckShaped(op, "residual", residual, dtype, input.sizes());
+  CheckShaped(op, "sum", sum, dtype, input.sizes());
+  CheckTensor(op, "weight", weight, dtype, 2);
+  TORCH_CHECK(weight.size(1) == d, op, ": weight must be [N, D = ", d, "], got ", weight.sizes());
+  TORCH_CHECK(!swiglu || weight.size(0) % 2 == 0, op,
+              ": weight must be [2N, D] (the gate rows, then the up rows), got ", weight.sizes());
+  CheckShaped(op, "out", out, dtype, {input.size(0), weight.size(0) / (swiglu ? 2 : 1)});
+  TORCH_CHECK(eps > 0.0, op, ": eps must be > 0, got ", eps);
+  CheckSameDevice(op, "out", out,
                   {{"sum", sum},
                    {"input", input},
                    {"residual", residual},
                    {"norm_weight", norm_weight},
                    {"weight", weight}});
   CheckWrittenApart(
-      kOp, {{"out", out}, {"sum", sum}},
+      op, {{"out", out}, {"sum", sum}},
       {{"input", input}, {"residual", residual}, {"norm_weight", norm_weight}, {"weight", weight}});
+}
+
+}  // namespace
+
+void CheckAddRmsNormLinearArgs(const at::Tensor& out, const at::Tensor& sum,
+                               const at::Tensor& input, const at::Tensor& residual,
+                               const at::Tensor& norm_weight, double eps,
+                               const at::Tensor& weight) {
+  CheckAddRmsNormProjectionArgs(kAddRmsNormLinearOp, /*swiglu=*/false, out, sum, input, residual,
+                                norm_weight, eps, weight);
+}
+
+void CheckAddRmsNormSwigluArgs(const at::Tensor& out, const at::Tensor& sum,
+                               const at::Tensor& input, const at::Tensor& residual,
+                               const at::Tensor& norm_weight, double eps,
+                               const at::Tensor& weight) {
+  CheckAddRmsNormProjectionArgs(kAddRmsNormSwigluOp, /*swiglu=*/true, out, sum, input, residual,
+                                norm_weight, eps, weight);
 }
 
 void CheckSiluMulArgs(const at::Tensor& out, const at::Tensor& input) {

@@ -33,6 +33,7 @@ inline constexpr const char* kRotaryEmbeddingOp = "dysco::rotary_embedding";
 inline constexpr const char* kAddRmsNormOp = "dysco::add_rms_norm";
 inline constexpr const char* kSiluMulOp = "dysco::silu_mul";
 inline constexpr const char* kAddRmsNormLinearOp = "dysco::add_rms_norm_linear";
+inline constexpr const char* kAddRmsNormSwigluOp = "dysco::add_rms_norm_swiglu";
 inline constexpr const char* kQkNormRopeKvWriteOp = "dysco::qk_norm_rope_kv_write";
 inline constexpr const char* kDyscoRelevanceUpdateOp = "dysco::dysco_relevance_update";
 inline constexpr const char* kDyscoSelectBiasOp = "dysco::dysco_select_bias";
@@ -140,6 +141,12 @@ void CheckAddRmsNormArgs(const at::Tensor& out, const at::Tensor& sum, const at:
 // contiguous, one dtype (fp32 | bf16 | fp16), one device; eps > 0; out and sum overlap neither
 // each other nor any input.
 void CheckAddRmsNormLinearArgs(const at::Tensor& out, const at::Tensor& sum,
+                               const at::Tensor& input, const at::Tensor& residual,
+                               const at::Tensor& norm_weight, double eps, const at::Tensor& weight);
+
+// add_rms_norm_swiglu: as add_rms_norm_linear with weight [2N, D] (an even number of rows: the gate
+// rows, then the up rows) and out [M, N].
+void CheckAddRmsNormSwigluArgs(const at::Tensor& out, const at::Tensor& sum,
                                const at::Tensor& input, const at::Tensor& residual,
                                const at::Tensor& norm_weight, double eps, const at::Tensor& weight);
 

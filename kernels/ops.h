@@ -90,6 +90,14 @@ void add_rms_norm_linear_cpu(const at::Tensor& out, const at::Tensor& sum, const
                              const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
                              const at::Tensor& weight);
 
+// sum [M, D] <- input + residual and out [M, N] <- silu_mul(rms_norm(sum, norm_weight, eps) @
+// weight [2N, D]^T): add_rms_norm_linear over the fused gate/up weight with the SwiGLU activation
+// after it, so that a device can apply the activation in the GEMV's epilogue. The CPU version is
+// add_rms_norm_linear_cpu into a scratch [M, 2N] then silu_mul_cpu: bit for bit those ops.
+void add_rms_norm_swiglu_cpu(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
+                             const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+                             const at::Tensor& weight);
+
 // out [M, N] <- silu(g) * u for input [M, 2N] = [g | u] (the SwiGLU activation over a fused
 // gate/up projection): silu(g) = g / (1 + exp(-g)) in fp32 rounded to the dtype, then the product
 // with u in fp32 rounded again, exactly ATen's `F.silu(g) * u` (two kernels, two roundings). All

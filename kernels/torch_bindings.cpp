@@ -39,6 +39,12 @@ TORCH_LIBRARY(dysco, m) {
   m.def(
       "add_rms_norm_linear(Tensor(a!) out, Tensor(b!) sum, Tensor input, Tensor residual, "
       "Tensor norm_weight, float eps, Tensor weight) -> ()");
+  // The same with the SwiGLU activation after the fused gate/up projection: out [M, N] <-
+  // silu_mul(rms_norm(sum) @ weight [2N, D]^T), so that a GPU's GEMV can apply it to the gate and
+  // up rows it computes (docs/gpu.md "The norm in the GEMV").
+  m.def(
+      "add_rms_norm_swiglu(Tensor(a!) out, Tensor(b!) sum, Tensor input, Tensor residual, "
+      "Tensor norm_weight, float eps, Tensor weight) -> ()");
   // An attention block's input stage as one op (a decode step ran five kernels here on the GPU):
   // query [T, H, D] <- rope(q_norm(q)), and K = rope(k_norm(k)), V = v written to the cache at
   // slot_mapping, where q, k, v are the [T, (H + 2 Hkv) D] fused projection's three column blocks;

@@ -1269,12 +1269,9 @@ std::pair<at::Tensor, at::Tensor> ModelRunner::Impl::NativeDecodeForward(
     at::Tensor o = at::empty({batch, w.o_proj.size(0)}, attn.options());
     ops::linear(o, attn.view({batch, w.num_heads * w.head_dim}), w.o_proj);
     at::Tensor total = at::empty_like(h);
-    at::Tensor gate_up = at::empty({batch, w.gate_up_proj.size(0)}, h.options());
-    ops::add_rms_norm_linear(gate_up, total, o, h, w.post_attention_layernorm, n.eps,
-                             w.gate_up_proj);
+    at::Tensor act = at::empty({batch, w.gate_up_proj.size(0) / 2}, h.options());
+    ops::add_rms_norm_swiglu(act, total, o, h, w.post_attention_layernorm, n.eps, w.gate_up_proj);
     h = total;
-    at::Tensor act = at::empty({batch, gate_up.size(1) / 2}, gate_up.options());
-    ops::silu_mul(act, gate_up);
     pending = at::empty({batch, w.down_proj.size(0)}, act.options());
     ops::linear(pending, act, w.down_proj);
   }

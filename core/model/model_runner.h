@@ -224,7 +224,7 @@ class ModelRunner {
   std::unique_ptr<Impl> impl_;
 };
 
-// FAILED_PRECONDITION naming the first missing op unless all fifteen torch.ops.dysco ops (the
+// FAILED_PRECONDITION naming the first missing op unless all sixteen torch.ops.dysco ops (the
 // model's and the DySCO stages') are registered.
 Status CheckDyscoOpsRegistered();
 

@@ -331,4 +331,16 @@ void add_rms_norm_linear_cpu(const at::Tensor& out, const at::Tensor& sum, const
   linear_cpu(out, normed, weight);
 }
 
+void add_rms_norm_swiglu_cpu(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
+                             const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+                             const at::Tensor& weight) {
+  CheckAddRmsNormSwigluArgs(out, sum, input, residual, norm_weight, eps, weight);
+  TORCH_CHECK(out.is_cpu(), kAddRmsNormSwigluOp, ": the CPU implementation got tensors on ",
+              out.device());
+  // The ops in sequence, bit for bit (as add_rms_norm_linear_cpu).
+  const at::Tensor gate_up = at::empty({input.size(0), weight.size(0)}, input.options());
+  add_rms_norm_linear_cpu(gate_up, sum, input, residual, norm_weight, eps, weight);
+  silu_mul_cpu(out, gate_up);
+}
+
 }  // namespace dysco::kernels

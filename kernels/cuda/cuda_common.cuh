@@ -101,6 +101,16 @@ __device__ __forceinline__ void LoadEight(const c10::Half* src, float (&dst)[8])
   UnpackEight(*reinterpret_cast<const uint4*>(src), c10::Half(), dst);
 }
 
+// silu(g) * u as ATen's CUDA `F.silu(g) * u`: silu in fp32 (x / (1 + expf(-x)), IEEE division,
+// ActivationSiluKernel.cu) rounded to T, then the product in fp32 rounded to T. silu_mul's kernel
+// and add_rms_norm_swiglu's GEMV epilogue both use it, so they give the same bits.
+template <typename T>
+__device__ __forceinline__ T SiluTimes(T g, T u) {
+  const float x = Convert<T>::ToFloat(g);
+  const float silu = Convert<T>::ToFloat(Convert<T>::FromFloat(__fdiv_rn(x, 1.0f + expf(-x))));
+  return Convert<T>::FromFloat(__fmul_rn(silu, Convert<T>::ToFloat(u)));
+}
+
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2)

@@ -71,6 +71,12 @@ void silu_mul_cuda(const at::Tensor& out, const at::Tensor& input);
 void add_rms_norm_linear_cuda(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
                               const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
                               const at::Tensor& weight);
+// add_rms_norm_linear_cuda then silu_mul_cuda; with DYSCO_CUDA_SWIGLU_GEMV=1, for the batches the
+// fused GEMV takes, one kernel that applies silu_mul to the gate and up rows it computes
+// (linear.cu), bit for bit those two.
+void add_rms_norm_swiglu_cuda(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
+                              const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+                              const at::Tensor& weight);
 // One warp per (token, query or key head): norm, rope and the store (the key head's warp also
 // copies its value head); the norm sums as rms_norm_cuda's warp kernel, the rope rounds as
 // rotary_embedding_cuda, so it equals those two and paged_kv_write_cuda in sequence bit for bit.

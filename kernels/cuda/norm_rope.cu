@@ -311,7 +311,6 @@ __global__ void __launch_bounds__(kSiluThreads)
     SiluMulKernel(T* out, const T* input, int64_t units, int64_t n) {
   cuda::AllowDependentLaunch();      // the GEMV after it may start (linear.cu)
   cuda::WaitForPrerequisiteGrids();  // launched to start early: DYSCO_CUDA_PDL=all
-  using C = cuda::Convert<T>;
   const int64_t unit = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (unit >= units) return;
   const int64_t i = unit * V;  // flat index into out
@@ -322,11 +321,7 @@ __global__ void __launch_bounds__(kSiluThreads)
   LoadN<V>(gate, g);
   LoadN<V>(gate + n, u);
 #pragma unroll
-  for (int k = 0; k < V; ++k) {
-    const float x = C::ToFloat(g[k]);
-    const float silu = C::ToFloat(C::FromFloat(__fdiv_rn(x, 1.0f + expf(-x))));
-    y[k] = C::FromFloat(__fmul_rn(silu, C::ToFloat(u[k])));
-  }
+  for (int k = 0; k < V; ++k) y[k] = cuda::SiluTimes(g[k], u[k]);
   StoreN<V>(out + i, y);
 }
 

@@ -190,14 +190,14 @@ const std::vector<Layout> kLayouts = {
 // ---- registration
 // ----------------------------------------------------------------------------------------
 
-TEST(DyscoOps, AllFifteenOpsAreRegisteredWithCpuKernels) {
+TEST(DyscoOps, AllSixteenOpsAreRegisteredWithCpuKernels) {
   const std::vector<std::string>& names = ops::AllOpNames();
-  EXPECT_EQ(names.size(), 15u);
+  EXPECT_EQ(names.size(), 16u);
   for (const char* name :
        {"dysco::paged_kv_write", "dysco::paged_attention_decode", "dysco::paged_attention_prefill",
         "dysco::attention_probs", "dysco::linear", "dysco::rms_norm", "dysco::rotary_embedding",
         "dysco::add_rms_norm", "dysco::silu_mul", "dysco::add_rms_norm_linear",
-        "dysco::qk_norm_rope_kv_write"}) {
+        "dysco::add_rms_norm_swiglu", "dysco::qk_norm_rope_kv_write"}) {
     EXPECT_NE(std::find(names.begin(), names.end(), name), names.end()) << name;
   }
   EXPECT_EQ(ops::MissingOps(), std::vector<std::string>{});
@@ -629,6 +629,56 @@ TEST(AddRmsNormLinear, EqualsAddRmsNormThenLinear) {
   EXPECT_NO_THROW(ops::add_rms_norm_linear(at::empty({0, 4}), at::empty({0, 8}), at::empty({0, 8}),
                                            at::empty({0, 8}), at::ones({8}), 1e-6,
                                            at::ones({4, 8})));
+}
+
+// add_rms_norm_swiglu is add_rms_norm_linear then silu_mul on the CPU, bit for bit: GEMV and GEMM
+// row counts, every dtype, SmolLM2's gate/up width and odd ones, N = 0; both outputs NaN first.
+TEST(AddRmsNormSwiglu, EqualsAddRmsNormLinearThenSiluMul) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(44);
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (const int64_t m : {1, 2, 9}) {
+      for (auto [d, n] : {std::pair<int64_t, int64_t>{576, 1536}, {64, 7}, {13, 5}, {8, 0}}) {
+        SCOPED_TRACE(std::string(c10::toString(dtype)) + " M=" + std::to_string(m) +
+                     " D=" + std::to_string(d) + " N=" + std::to_string(n));
+        const at::Tensor x = at::randn({m, d}, gen).to(dtype);
+        const at::Tensor residual = (at::randn({m, d}, gen) * 4).to(dtype);
+        const at::Tensor g = (at::rand({d}, gen) + 0.5).to(dtype);
+        const at::Tensor w = (at::randn({2 * n, d}, gen) / 8).to(dtype);
+        const at::Tensor out = at::full({m, n}, kNaN).to(dtype);
+        const at::Tensor sum = at::full({m, d}, kNaN).to(dtype);
+        ops::add_rms_norm_swiglu(out, sum, x, residual, g, 1e-6, w);
+        const at::Tensor gate_up = at::full({m, 2 * n}, kNaN).to(dtype);
+        const at::Tensor expected_sum = at::full({m, d}, kNaN).to(dtype);
+        const at::Tensor expected = at::full({m, n}, kNaN).to(dtype);
+        ops::add_rms_norm_linear(gate_up, expected_sum, x, residual, g, 1e-6, w);
+        ops::silu_mul(expected, gate_up);
+        EXPECT_TRUE(at::equal(sum, expected_sum));
+        EXPECT_TRUE(at::equal(out, expected));
+        EXPECT_FALSE(out.isnan().any().item<bool>());
+      }
+    }
+  }
+}
+
+TEST(AddRmsNormSwiglu, RejectsBadInputs) {
+  const at::Tensor x = at::randn({2, 8}), r = at::randn({2, 8}), g = at::ones({8});
+  const at::Tensor sum = at::empty({2, 8});
+  ExpectRejected(
+      [&] {
+        ops::add_rms_norm_swiglu(at::empty({2, 2}), sum, x, r, g, 1e-6, at::randn({5, 8}));
+      },
+      "dysco::add_rms_norm_swiglu: weight must be [2N, D] (the gate rows, then the up rows), got "
+      "[5, 8]");
+  ExpectRejected(
+      [&] {
+        ops::add_rms_norm_swiglu(at::empty({2, 6}), sum, x, r, g, 1e-6, at::randn({6, 8}));
+      },
+      "dysco::add_rms_norm_swiglu: out must have shape [2, 3]");
+  ExpectRejected(
+      [&] {
+        ops::add_rms_norm_swiglu(at::empty({2, 3}), x, x, r, g, 1e-6, at::randn({6, 8}));
+      },
+      "dysco::add_rms_norm_swiglu: sum must not overlap input");
 }
 
 TEST(AddRmsNormLinear, RejectsBadInputs) {

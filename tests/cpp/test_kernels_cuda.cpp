@@ -1024,6 +1024,56 @@ TEST(CudaAddRmsNormLinear, EqualsCpuAndTheFormula) {
   }
 }
 
+// add_rms_norm_swiglu: with its GEMV epilogue (DYSCO_CUDA_SWIGLU_GEMV=1) and without, bit for bit
+// add_rms_norm_linear then silu_mul on the GPU (the epilogue rounds the gate and up sums as the
+// GEMV stores them and applies silu_mul's function); against the CPU op within the dtype's
+// tolerance; the sum bit for bit; every output element written (NaN first). Fused-GEMV shapes, odd
+// ones, K = 1001 (the two ops), more blocks than the GPU holds at once.
+TEST(CudaAddRmsNormSwiglu, EqualsTheTwoOpsBitForBitAndCpu) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(37);
+  struct Shape {
+    int64_t k, n;  // weight [2n, k]
+  };
+  const std::vector<Shape> shapes = {{4096, 1031}, {576, 1536}, {64, 7},    {1000, 333},
+                                     {1001, 77},   {8, 1},      {64, 20001}};
+  for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    const bool fp32 = dtype == at::kFloat;
+    for (const int64_t m : {1, 2, 3}) {
+      for (const Shape& s : shapes) {
+        const at::Tensor x = at::randn({m, s.k}).to(dtype);
+        const at::Tensor residual = (at::randn({m, s.k}) * 4).to(dtype);
+        const at::Tensor g = (at::rand({s.k}) + 0.5).to(dtype);
+        const at::Tensor w = (at::randn({2 * s.n, s.k}) / 16).to(dtype);
+        at::Tensor out = at::full({m, s.n}, kNaN).to(dtype);
+        at::Tensor sum = at::full({m, s.k}, kNaN).to(dtype);
+        ops::add_rms_norm_swiglu(out, sum, x, residual, g, 1e-6, w);
+        // The two ops on the GPU.
+        const at::Tensor gpu_x = Cuda(x), gpu_residual = Cuda(residual), gpu_g = Cuda(g);
+        const at::Tensor gpu_w = Cuda(w);
+        at::Tensor gate_up = Cuda(at::full({m, 2 * s.n}, kNaN).to(dtype));
+        at::Tensor two_ops = Cuda(at::full({m, s.n}, kNaN).to(dtype));
+        at::Tensor two_ops_sum = Cuda(sum);
+        ops::add_rms_norm_linear(gate_up, two_ops_sum, gpu_x, gpu_residual, gpu_g, 1e-6, gpu_w);
+        ops::silu_mul(two_ops, gate_up);
+        for (const char* epilogue : {"1", static_cast<const char*>(nullptr)}) {
+          const ScopedEnv knob("DYSCO_CUDA_SWIGLU_GEMV", epilogue);
+          at::Tensor gpu_out = Cuda(at::full({m, s.n}, kNaN).to(dtype));
+          at::Tensor gpu_sum = Cuda(at::full({m, s.k}, kNaN).to(dtype));
+          ops::add_rms_norm_swiglu(gpu_out, gpu_sum, gpu_x, gpu_residual, gpu_g, 1e-6, gpu_w);
+          const std::string what = std::string("add_rms_norm_swiglu ") + c10::toString(dtype) +
+                                   " m=" + std::to_string(m) + " k=" + std::to_string(s.k) +
+                                   " n=" + std::to_string(s.n) +
+                                   (epilogue != nullptr ? " epilogue" : " two ops");
+          EXPECT_TRUE(Same(gpu_sum, sum, what + " sum"));
+          EXPECT_TRUE(Same(gpu_out, two_ops.cpu(), what + " vs add_rms_norm_linear, silu_mul"));
+          EXPECT_TRUE(Close(gpu_out, out, fp32 ? 1e-4 : 5e-2, fp32 ? 1e-5 : 1e-2, what));
+        }
+      }
+    }
+  }
+}
+
 // Against the CPU op (its silu is ATen's CPU exp: within 1e-5 / one rounding of the dtype) and
 // against ATen's own CUDA expression `F.silu(g) * u`, bit for bit (the same fp32 silu, expf and
 // IEEE division, and the same two roundings). N odd, on both sides of a vector, and the 8B's
@@ -1437,15 +1487,16 @@ TEST(CudaTiming, LinearLayersOfADecodeStep) {
 }
 
 // Decode layers of the Qwen3-8B shape at 8K keys as a step runs them (add_rms_norm_linear into the
-// q/k/v GEMV, paged attention with its split merge, the o GEMV, add_rms_norm_linear into the
-// gate/up GEMV, silu_mul, the down GEMV; the q/k norms, ropes and KV write left out), four layers
-// of distinct weights (1.5 GB, so that L2 holds none of them), captured into a CUDA graph with the
+// q/k/v GEMV, paged attention with its split merge, the o GEMV, add_rms_norm_swiglu over the
+// gate/up weight, the down GEMV; the q/k norms, ropes and KV write left out), four layers of
+// distinct weights (1.5 GB, so that L2 holds none of them), captured into a CUDA graph with the
 // GEMVs launched to start early (the default: linear.cu), with the norms and SwiGLU too
-// (DYSCO_CUDA_PDL=all) and with none; and, as before the norms moved into the GEMVs, with
-// add_rms_norm then linear (DYSCO_CUDA_NORM_LINEAR=separate). Every graph's output must equal the
-// eager chain's of its setting bit for bit (a kernel that read its input before the kernel ahead
-// had written it would differ); each replay is timed against the floor: the weights' and the KV
-// cache's bytes over the copy bandwidth of the same run.
+// (DYSCO_CUDA_PDL=all) and with none; as before the norms moved into the GEMVs, with add_rms_norm
+// then linear (DYSCO_CUDA_NORM_LINEAR=separate); and with SwiGLU in the gate/up GEMV's epilogue
+// (DYSCO_CUDA_SWIGLU_GEMV=1, the same bits as its silu_mul kernel). Every graph's output must equal
+// the eager chain's of its setting bit for bit (a kernel that read its input before the kernel
+// ahead had written it would differ); each replay is timed against the floor: the weights' and the
+// KV cache's bytes over the copy bandwidth of the same run.
 TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(23);
@@ -1472,7 +1523,7 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
   at::Tensor hidden_state = at::empty({1, hidden}, bf16), residual = at::empty({1, hidden}, bf16);
   at::Tensor sum = at::empty({1, hidden}, bf16);
   at::Tensor qkv = at::empty({1, (hq + 2 * hkv) * d}, bf16), attn = at::empty({1, hq, d}, bf16);
-  at::Tensor o = at::empty({1, hidden}, bf16), gate_up = at::empty({1, 2 * inter}, bf16);
+  at::Tensor o = at::empty({1, hidden}, bf16);
   at::Tensor act = at::empty({1, inter}, bf16), down = at::empty({1, hidden}, bf16);
   auto chain = [&] {
     hidden_state.copy_(input);
@@ -1482,8 +1533,7 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
       const at::Tensor query = qkv.narrow(1, 0, hq * d).reshape({1, hq, d});
       ops::paged_attention_decode(attn, query, l.kv, tables, lens, scale, c10::nullopt);
       ops::linear(o, attn.reshape({1, hq * d}), l.o);
-      ops::add_rms_norm_linear(gate_up, residual, o, sum, l.norm2, 1e-6, l.gate_up);
-      ops::silu_mul(act, gate_up);
+      ops::add_rms_norm_swiglu(act, residual, o, sum, l.norm2, 1e-6, l.gate_up);
       ops::linear(down, act, l.down);
       hidden_state.copy_(down);
     }
@@ -1516,18 +1566,21 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     const char* label;
     const char* pdl;          // DYSCO_CUDA_PDL, nullptr: unset
     const char* norm_linear;  // DYSCO_CUDA_NORM_LINEAR, nullptr: unset
+    const char* swiglu_gemv;  // DYSCO_CUDA_SWIGLU_GEMV, nullptr: unset
   };
   const std::vector<Variant> variants = {
-      {"GEMVs start early, norms in the GEMVs (default)", nullptr, nullptr},
-      {"GEMVs start early, add_rms_norm kernels", nullptr, "separate"},
-      {"GEMVs, norms and SwiGLU start early, add_rms_norm kernels", "all", "separate"},
-      {"plain launches, norms in the GEMVs", "0", nullptr},
-      {"plain launches, add_rms_norm kernels", "0", "separate"},
+      {"GEMVs start early, norms in the GEMVs (default)", nullptr, nullptr, nullptr},
+      {"GEMVs start early, norms in the GEMVs, SwiGLU in the gate/up GEMV", nullptr, nullptr, "1"},
+      {"GEMVs start early, add_rms_norm kernels", nullptr, "separate", nullptr},
+      {"GEMVs, norms and SwiGLU start early, add_rms_norm kernels", "all", "separate", nullptr},
+      {"plain launches, norms in the GEMVs", "0", nullptr, nullptr},
+      {"plain launches, add_rms_norm kernels", "0", "separate", nullptr},
   };
   std::vector<std::unique_ptr<at::cuda::CUDAGraph>> graphs;
   for (const Variant& v : variants) {
     const ScopedEnv pdl("DYSCO_CUDA_PDL", v.pdl);
     const ScopedEnv norm_linear("DYSCO_CUDA_NORM_LINEAR", v.norm_linear);
+    const ScopedEnv swiglu_gemv("DYSCO_CUDA_SWIGLU_GEMV", v.swiglu_gemv);
     graphs.push_back(std::make_unique<at::cuda::CUDAGraph>());
     capture(*graphs.back());
     hidden_state.fill_(kNaN);

@@ -51,13 +51,18 @@ def add_rms_norm_linear(x: Tensor, residual: Tensor, norm_weight: Tensor, eps: f
     return total, out
 
 
-def silu_mul(gate_up: Tensor) -> Tensor:
-    """silu(gate) * up of the fused gate/up projection's output [T, 2 I] (gate first): SwiGLU as one op,
-    rounded as `F.silu(gate) * up` (one kernel on CUDA instead of two)."""
-    gate_up = gate_up.contiguous()
-    out = torch.empty([gate_up.size(0), gate_up.size(1) // 2], dtype=gate_up.dtype, device=gate_up.device)
-    torch.ops.dysco.silu_mul(out, gate_up)
-    return out
+def add_rms_norm_swiglu(x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float,
+                        gate_up_weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """(residual + x, silu(g) * u) where [g | u] = linear(rms_norm(residual + x), gate_up_weight) (gate rows
+    first): add_rms_norm_linear over the fused gate/up weight and the SwiGLU activation, rounded as
+    `F.silu(g) * u`, as one op, so that a GPU's GEMV can apply the activation to the rows it computes
+    (docs/gpu.md "The norm in the GEMV"). On the CPU: add_rms_norm, linear and silu_mul, bit for bit."""
+    residual = residual.contiguous()
+    total = torch.empty_like(residual)
+    out = torch.empty([residual.size(0), gate_up_weight.size(0) // 2], dtype=residual.dtype,
+                      device=residual.device)
+    torch.ops.dysco.add_rms_norm_swiglu(out, total, x.contiguous(), residual, norm_weight, eps, gate_up_weight)
+    return total, out
 
 
 def linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -145,9 +150,9 @@ class DecoderLayer(nn.Module):
         if probes_only:
             return h, qkv
 
-        h, gate_up = add_rms_norm_linear(linear(out.view(num_tokens, self.num_heads * self.head_dim), self.o_proj),
-                                         h, self.post_attention_layernorm, self.eps, self.gate_up_proj)
-        return h, linear(silu_mul(gate_up), self.down_proj)
+        h, act = add_rms_norm_swiglu(linear(out.view(num_tokens, self.num_heads * self.head_dim), self.o_proj),
+                                     h, self.post_attention_layernorm, self.eps, self.gate_up_proj)
+        return h, linear(act, self.down_proj)
 
 
 class DecoderModel(nn.Module):
