@@ -288,9 +288,9 @@ void Gemv(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weig
 }
 
 template <typename T, bool kSwiglu>
-void AddNormGemv(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
-                 const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
-                 const at::Tensor& weight) {
+void LaunchAddNormGemv(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
+                       const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+                       const at::Tensor& weight) {
   const int64_t n = weight.size(0);
   const int64_t rows = input.size(0);
   const bool early = cuda::EarlyStartLevel() != cuda::EarlyStart::kNone;
@@ -304,6 +304,19 @@ void AddNormGemv(const at::Tensor& out, const at::Tensor& sum, const at::Tensor&
       early, kernel, grid, dim3(kGemvWarps * cuda::kWarpSize),
       static_cast<size_t>(rows * input.size(1)) * sizeof(float), cuda::CurrentStream(),
       out.data_ptr<T>(), input.data_ptr<T>(), weight.data_ptr<T>(), n, input.size(1) / 8, norm);
+}
+
+// LaunchAddNormGemv for the input's dtype (bf16 or fp16: TakesGemv admits only those).
+template <bool kSwiglu>
+void AddNormGemv(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
+                 const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+                 const at::Tensor& weight) {
+  if (input.scalar_type() == at::kBFloat16) {
+    LaunchAddNormGemv<c10::BFloat16, kSwiglu>(out, sum, input, residual, norm_weight, eps, weight);
+  } else {
+    LaunchAddNormGemv<c10::Half, kSwiglu>(out, sum, input, residual, norm_weight, eps, weight);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Whether input [M, K] @ weight^T takes the GEMV: a decode batch of 16-bit rows, whole 16-byte
@@ -361,13 +374,7 @@ void add_rms_norm_linear_cuda(const at::Tensor& out, const at::Tensor& sum, cons
               out.device());
   const c10::cuda::CUDAGuard guard(out.device());
   if (TakesAddNormGemv(out, sum, input, residual, norm_weight, weight)) {
-    if (input.scalar_type() == at::kBFloat16) {
-      AddNormGemv<c10::BFloat16, false>(out, sum, input, residual, norm_weight, eps, weight);
-    } else {
-      AddNormGemv<c10::Half, false>(out, sum, input, residual, norm_weight, eps, weight);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
+    return AddNormGemv<false>(out, sum, input, residual, norm_weight, eps, weight);
   }
   // Prefill chunks, fp32, more rows, rows wider than the kernel's shared memory, an empty weight
   // (N = 0: sum is still written): the two ops, their kernels and cuBLAS's product.
@@ -387,13 +394,7 @@ void add_rms_norm_swiglu_cuda(const at::Tensor& out, const at::Tensor& sum, cons
   // in the twelfth increment's session after its GPU time was spent (docs/gpu.md checklist).
   if (cuda::EnvIs("DYSCO_CUDA_SWIGLU_GEMV", "1") &&
       TakesAddNormGemv(out, sum, input, residual, norm_weight, weight)) {
-    if (input.scalar_type() == at::kBFloat16) {
-      AddNormGemv<c10::BFloat16, true>(out, sum, input, residual, norm_weight, eps, weight);
-    } else {
-      AddNormGemv<c10::Half, true>(out, sum, input, residual, norm_weight, eps, weight);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
+    return AddNormGemv<true>(out, sum, input, residual, norm_weight, eps, weight);
   }
   // add_rms_norm_linear (its fused GEMV for a decode batch) then silu_mul.
   const at::Tensor gate_up = at::empty({input.size(0), weight.size(0)}, input.options());

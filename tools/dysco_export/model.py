@@ -41,9 +41,9 @@ def add_rms_norm_linear(x: Tensor, residual: Tensor, norm_weight: Tensor, eps: f
     """(residual + x, linear(rms_norm(residual + x), weight)): a layer's residual add, the next norm and the
     projection that reads it as one op. The sum is rounded to the dtype before the norm reads it, as
     `h = h + x; rms_norm(h)` does. On the CPU the op is add_rms_norm then linear, bit for bit; on a GPU a
-    decode batch runs one GEMV kernel that forms the sum and its norm as it streams the weight (a kernel and
-    its gap fewer per call, docs/gpu.md "The norm in the GEMV"), equal to the two ops within the dtype's
-    rounding."""
+    decode batch runs one GEMV kernel whose blocks form the sum and the normed row before they stream the
+    weight (a kernel and its gap fewer per call, docs/gpu.md "The norm in the GEMV"), equal to the two ops
+    within the dtype's rounding."""
     residual = residual.contiguous()
     total = torch.empty_like(residual)
     out = torch.empty([residual.size(0), weight.size(0)], dtype=residual.dtype, device=residual.device)
