@@ -92,7 +92,8 @@ void add_rms_norm_linear_cpu(const at::Tensor& out, const at::Tensor& sum, const
 
 // sum [M, D] <- input + residual and out [M, N] <- silu_mul(rms_norm(sum, norm_weight, eps) @
 // weight [2N, D]^T): add_rms_norm_linear over the fused gate/up weight with the SwiGLU activation
-// after it, so that a device can apply the activation in the GEMV's epilogue. The CPU version is
+// after it: one call where a device may fuse the two (CUDA runs them as two kernels: an epilogue
+// was slower, docs/gpu.md "The norm in the GEMV"). The CPU version is
 // add_rms_norm_linear_cpu into a scratch [M, 2N] then silu_mul_cpu: bit for bit those ops.
 void add_rms_norm_swiglu_cpu(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
                              const at::Tensor& residual, const at::Tensor& norm_weight, double eps,

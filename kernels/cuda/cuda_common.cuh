@@ -102,8 +102,7 @@ __device__ __forceinline__ void LoadEight(const c10::Half* src, float (&dst)[8])
 }
 
 // silu(g) * u as ATen's CUDA `F.silu(g) * u`: silu in fp32 (x / (1 + expf(-x)), IEEE division,
-// ActivationSiluKernel.cu) rounded to T, then the product in fp32 rounded to T. silu_mul's kernel
-// and add_rms_norm_swiglu's GEMV epilogue both use it, so they give the same bits.
+// ActivationSiluKernel.cu) rounded to T, then the product in fp32 rounded to T (silu_mul's kernel).
 template <typename T>
 __device__ __forceinline__ T SiluTimes(T g, T u) {
   const float x = Convert<T>::ToFloat(g);

@@ -71,9 +71,8 @@ void silu_mul_cuda(const at::Tensor& out, const at::Tensor& input);
 void add_rms_norm_linear_cuda(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
                               const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
                               const at::Tensor& weight);
-// add_rms_norm_linear_cuda then silu_mul_cuda; with DYSCO_CUDA_SWIGLU_GEMV=1, for the batches the
-// fused GEMV takes, one kernel that applies silu_mul to the gate and up rows it computes
-// (linear.cu), bit for bit those two.
+// add_rms_norm_linear_cuda then silu_mul_cuda (SwiGLU in the GEMV's epilogue was slower on the
+// H200: docs/gpu.md "The norm in the GEMV").
 void add_rms_norm_swiglu_cuda(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
                               const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
                               const at::Tensor& weight);

@@ -163,33 +163,22 @@ constexpr int64_t kNormRowBytesMax =
 // A block per group of kGemvWarps * R weight rows, as GemvKernel: blocks that each took several
 // groups (one prologue per SM slot instead of one per group) were slower on the H200 (docs/gpu.md
 // "The norm in the GEMV").
-// kSwiglu (add_rms_norm_swiglu; w is [2H, K], the gate rows then the up rows, H = n / 2): warp a of
-// the grid takes rows a and H + a, rounds both dot products to T as the GEMV stores them, and
-// writes out[m, a] = silu(gate) * up as silu_mul does (cuda::SiluTimes): the same bits as the GEMV
-// then silu_mul, with one kernel less and no [M, 2H] row written and read back.
+// A SwiGLU epilogue (a warp taking gate row a and up row H + a and writing silu(gate) * up: one
+// kernel fewer) was slower on the H200 and was removed (docs/gpu.md "The norm in the GEMV").
 // Dynamic shared memory: M * K * 4 bytes (<= kNormRowBytesMax).
-template <typename T, int M, bool kSwiglu>
+template <typename T, int M>
 __global__ void __launch_bounds__(kGemvWarps* cuda::kWarpSize, kGemvBlocksPerSm)
     AddNormGemvKernel(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w,
                       int64_t n, int64_t k8, AddNormArgs<T> norm) {
   constexpr int R = kGemvRowsPerWarp;
-  static_assert(!kSwiglu || R == 2, "a SwiGLU warp takes one gate row and its up row");
   using C = cuda::Convert<T>;
   extern __shared__ float4 normed[];  // [M][2][k8]
   __shared__ float warp_squares[kGemvWarps][M];
   const int lane = threadIdx.x % cuda::kWarpSize;
   const int warp = threadIdx.x / cuda::kWarpSize;
-  const int64_t warp_index = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp;
-  const int64_t half = n / 2;
-  const int64_t n0 = kSwiglu ? warp_index : warp_index * R;
-  const bool active = kSwiglu ? n0 < half : n0 < n;
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp) * R;
   const uint4* wv[R];
-  if constexpr (kSwiglu) {
-    wv[0] = reinterpret_cast<const uint4*>(w) + (active ? n0 : 0) * k8;
-    wv[1] = reinterpret_cast<const uint4*>(w) + (active ? half + n0 : 0) * k8;
-  } else {
-    WeightRows<R>(wv, w, n0, n, k8);
-  }
+  WeightRows<R>(wv, w, n0, n, k8);
   uint4 wr[kGemvUnroll][R];
   LoadWeightChunk<R>(wr, wv, lane, k8);  // the weights do not depend on the kernels ahead
   cuda::WaitForPrerequisiteGrids();
@@ -245,7 +234,7 @@ __global__ void __launch_bounds__(kGemvWarps* cuda::kWarpSize, kGemvBlocksPerSm)
     xf[0] = lo.x, xf[1] = lo.y, xf[2] = lo.z, xf[3] = lo.w;
     xf[4] = hi.x, xf[5] = hi.y, xf[6] = hi.z, xf[7] = hi.w;
   };
-  if (!active) return;  // after the barrier; whole warps leave, the shuffles below see full warps
+  if (n0 >= n) return;  // after the barrier; whole warps leave, the shuffles below see full warps
   float acc[M][R] = {};
   DotChunk<T, M, R>(acc, wr, lane, k8, load_normed);  // the chunk loaded before the prologue
   for (int64_t base = lane + cuda::kWarpSize * kGemvUnroll; base < k8;
@@ -255,16 +244,10 @@ __global__ void __launch_bounds__(kGemvWarps* cuda::kWarpSize, kGemvBlocksPerSm)
   }
 #pragma unroll
   for (int m = 0; m < M; ++m) {
-    if constexpr (kSwiglu) {
-      const T gate = C::FromFloat(cuda::WarpSum(acc[m][0]) * scale[m]);
-      const T up = C::FromFloat(cuda::WarpSum(acc[m][1]) * scale[m]);
-      if (lane == 0) out[m * half + n0] = cuda::SiluTimes(gate, up);
-    } else {
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float sum = cuda::WarpSum(acc[m][r]);
-        if (lane == 0 && n0 + r < n) out[m * n + n0 + r] = C::FromFloat(sum * scale[m]);
-      }
+    for (int r = 0; r < R; ++r) {
+      const float sum = cuda::WarpSum(acc[m][r]);
+      if (lane == 0 && n0 + r < n) out[m * n + n0 + r] = C::FromFloat(sum * scale[m]);
     }
   }
 }
@@ -287,34 +270,30 @@ void Gemv(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weig
                        weight.data_ptr<T>(), n, input.size(1) / 8);
 }
 
-template <typename T, bool kSwiglu>
+template <typename T>
 void LaunchAddNormGemv(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
                        const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
                        const at::Tensor& weight) {
   const int64_t n = weight.size(0);
   const int64_t rows = input.size(0);
   const bool early = cuda::EarlyStartLevel() != cuda::EarlyStart::kNone;
-  auto* kernel = rows == 1 ? AddNormGemvKernel<T, 1, kSwiglu> : AddNormGemvKernel<T, 2, kSwiglu>;
+  auto* kernel = rows == 1 ? AddNormGemvKernel<T, 1> : AddNormGemvKernel<T, 2>;
   const AddNormArgs<T> norm{sum.data_ptr<T>(), residual.data_ptr<T>(), norm_weight.data_ptr<T>(),
                             static_cast<float>(eps)};
-  // A SwiGLU warp per output column (gate row and up row), else kGemvRowsPerWarp rows a warp.
-  const dim3 grid =
-      kSwiglu ? dim3(static_cast<unsigned>(cuda::CeilDiv(n / 2, kGemvWarps))) : GemvGrid(n);
   cuda::LaunchOnStreamWithSharedMemory(
-      early, kernel, grid, dim3(kGemvWarps * cuda::kWarpSize),
+      early, kernel, GemvGrid(n), dim3(kGemvWarps * cuda::kWarpSize),
       static_cast<size_t>(rows * input.size(1)) * sizeof(float), cuda::CurrentStream(),
       out.data_ptr<T>(), input.data_ptr<T>(), weight.data_ptr<T>(), n, input.size(1) / 8, norm);
 }
 
 // LaunchAddNormGemv for the input's dtype (bf16 or fp16: TakesGemv admits only those).
-template <bool kSwiglu>
 void AddNormGemv(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
                  const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
                  const at::Tensor& weight) {
   if (input.scalar_type() == at::kBFloat16) {
-    LaunchAddNormGemv<c10::BFloat16, kSwiglu>(out, sum, input, residual, norm_weight, eps, weight);
+    LaunchAddNormGemv<c10::BFloat16>(out, sum, input, residual, norm_weight, eps, weight);
   } else {
-    LaunchAddNormGemv<c10::Half, kSwiglu>(out, sum, input, residual, norm_weight, eps, weight);
+    LaunchAddNormGemv<c10::Half>(out, sum, input, residual, norm_weight, eps, weight);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -374,7 +353,7 @@ void add_rms_norm_linear_cuda(const at::Tensor& out, const at::Tensor& sum, cons
               out.device());
   const c10::cuda::CUDAGuard guard(out.device());
   if (TakesAddNormGemv(out, sum, input, residual, norm_weight, weight)) {
-    return AddNormGemv<false>(out, sum, input, residual, norm_weight, eps, weight);
+    return AddNormGemv(out, sum, input, residual, norm_weight, eps, weight);
   }
   // Prefill chunks, fp32, more rows, rows wider than the kernel's shared memory, an empty weight
   // (N = 0: sum is still written): the two ops, their kernels and cuBLAS's product.
@@ -390,13 +369,8 @@ void add_rms_norm_swiglu_cuda(const at::Tensor& out, const at::Tensor& sum, cons
   TORCH_CHECK(out.is_cuda(), kAddRmsNormSwigluOp, ": the CUDA implementation got tensors on ",
               out.device());
   const c10::cuda::CUDAGuard guard(out.device());
-  // The SwiGLU epilogue is opt-in (DYSCO_CUDA_SWIGLU_GEMV=1) until it has run on a GPU: written
-  // in the twelfth increment's session after its GPU time was spent (docs/gpu.md checklist).
-  if (cuda::EnvIs("DYSCO_CUDA_SWIGLU_GEMV", "1") &&
-      TakesAddNormGemv(out, sum, input, residual, norm_weight, weight)) {
-    return AddNormGemv<true>(out, sum, input, residual, norm_weight, eps, weight);
-  }
-  // add_rms_norm_linear (its fused GEMV for a decode batch) then silu_mul.
+  // add_rms_norm_linear (its fused GEMV for a decode batch) then silu_mul. SwiGLU in the GEMV's
+  // epilogue (one kernel fewer) was slower on the H200 (docs/gpu.md "The norm in the GEMV").
   const at::Tensor gate_up = at::empty({input.size(0), weight.size(0)}, input.options());
   add_rms_norm_linear_cuda(gate_up, sum, input, residual, norm_weight, eps, weight);
   silu_mul_cuda(out, gate_up);

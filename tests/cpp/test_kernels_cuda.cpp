@@ -1057,9 +1057,8 @@ TEST(CudaAddRmsNormLinear, EqualsCpuAndTheFormula) {
          << bound.reshape({-1})[first].item<double>();
 }
 
-// add_rms_norm_swiglu: with its GEMV epilogue (DYSCO_CUDA_SWIGLU_GEMV=1) and without, bit for bit
-// add_rms_norm_linear then silu_mul on the GPU (the epilogue rounds the gate and up sums as the
-// GEMV stores them and applies silu_mul's function); against the CPU op (fp32 within 1e-4 / 1e-5;
+// add_rms_norm_swiglu: bit for bit add_rms_norm_linear then silu_mul on the GPU (what it runs);
+// against the CPU op (fp32 within 1e-4 / 1e-5;
 // bf16 / fp16 within SwigluClose's bound, with gate_up within add_rms_norm_linear's tolerance);
 // the sum bit for bit; every output element written (NaN first). Fused-GEMV shapes, odd ones,
 // K = 1001 (the two ops), more blocks than the GPU holds at once.
@@ -1097,20 +1096,16 @@ TEST(CudaAddRmsNormSwiglu, EqualsTheTwoOpsBitForBitAndCpu) {
                                   " k=" + std::to_string(s.k) + " n=" + std::to_string(s.n);
         EXPECT_TRUE(Close(gate_up, cpu_gate_up, fp32 ? 1e-4 : 5e-2, fp32 ? 1e-5 : 1e-2,
                           "add_rms_norm_swiglu's gate_up " + shape));
-        for (const char* epilogue : {"1", static_cast<const char*>(nullptr)}) {
-          const ScopedEnv knob("DYSCO_CUDA_SWIGLU_GEMV", epilogue);
-          at::Tensor gpu_out = Cuda(at::full({m, s.n}, kNaN).to(dtype));
-          at::Tensor gpu_sum = Cuda(at::full({m, s.k}, kNaN).to(dtype));
-          ops::add_rms_norm_swiglu(gpu_out, gpu_sum, gpu_x, gpu_residual, gpu_g, 1e-6, gpu_w);
-          const std::string what =
-              "add_rms_norm_swiglu " + shape + (epilogue != nullptr ? " epilogue" : " two ops");
-          EXPECT_TRUE(Same(gpu_sum, sum, what + " sum"));
-          EXPECT_TRUE(Same(gpu_out, two_ops.cpu(), what + " vs add_rms_norm_linear, silu_mul"));
-          if (fp32) {
-            EXPECT_TRUE(Close(gpu_out, out, 1e-4, 1e-5, what));
-          } else {
-            EXPECT_TRUE(SwigluClose(gpu_out, out, cpu_gate_up, what));
-          }
+        at::Tensor gpu_out = Cuda(at::full({m, s.n}, kNaN).to(dtype));
+        at::Tensor gpu_sum = Cuda(at::full({m, s.k}, kNaN).to(dtype));
+        ops::add_rms_norm_swiglu(gpu_out, gpu_sum, gpu_x, gpu_residual, gpu_g, 1e-6, gpu_w);
+        const std::string what = "add_rms_norm_swiglu " + shape;
+        EXPECT_TRUE(Same(gpu_sum, sum, what + " sum"));
+        EXPECT_TRUE(Same(gpu_out, two_ops.cpu(), what + " vs add_rms_norm_linear, silu_mul"));
+        if (fp32) {
+          EXPECT_TRUE(Close(gpu_out, out, 1e-4, 1e-5, what));
+        } else {
+          EXPECT_TRUE(SwigluClose(gpu_out, out, cpu_gate_up, what));
         }
       }
     }
@@ -1535,8 +1530,7 @@ TEST(CudaTiming, LinearLayersOfADecodeStep) {
 // distinct weights (1.5 GB, so that L2 holds none of them), captured into a CUDA graph with the
 // GEMVs launched to start early (the default: linear.cu), with the norms and SwiGLU too
 // (DYSCO_CUDA_PDL=all) and with none; as before the norms moved into the GEMVs, with add_rms_norm
-// then linear (DYSCO_CUDA_NORM_LINEAR=separate); and with SwiGLU in the gate/up GEMV's epilogue
-// (DYSCO_CUDA_SWIGLU_GEMV=1, the same bits as its silu_mul kernel). Every graph's output must equal
+// then linear (DYSCO_CUDA_NORM_LINEAR=separate). Every graph's output must equal
 // the eager chain's of its setting bit for bit (a kernel that read its input before the kernel
 // ahead had written it would differ); each replay is timed against the floor: the weights' and the
 // KV cache's bytes over the copy bandwidth of the same run.
@@ -1609,21 +1603,18 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     const char* label;
     const char* pdl;          // DYSCO_CUDA_PDL, nullptr: unset
     const char* norm_linear;  // DYSCO_CUDA_NORM_LINEAR, nullptr: unset
-    const char* swiglu_gemv;  // DYSCO_CUDA_SWIGLU_GEMV, nullptr: unset
   };
   const std::vector<Variant> variants = {
-      {"GEMVs start early, norms in the GEMVs (default)", nullptr, nullptr, nullptr},
-      {"GEMVs start early, norms in the GEMVs, SwiGLU in the gate/up GEMV", nullptr, nullptr, "1"},
-      {"GEMVs start early, add_rms_norm kernels", nullptr, "separate", nullptr},
-      {"GEMVs, norms and SwiGLU start early, add_rms_norm kernels", "all", "separate", nullptr},
-      {"plain launches, norms in the GEMVs", "0", nullptr, nullptr},
-      {"plain launches, add_rms_norm kernels", "0", "separate", nullptr},
+      {"GEMVs start early, norms in the GEMVs (default)", nullptr, nullptr},
+      {"GEMVs start early, add_rms_norm kernels", nullptr, "separate"},
+      {"GEMVs, norms and SwiGLU start early, add_rms_norm kernels", "all", "separate"},
+      {"plain launches, norms in the GEMVs", "0", nullptr},
+      {"plain launches, add_rms_norm kernels", "0", "separate"},
   };
   std::vector<std::unique_ptr<at::cuda::CUDAGraph>> graphs;
   for (const Variant& v : variants) {
     const ScopedEnv pdl("DYSCO_CUDA_PDL", v.pdl);
     const ScopedEnv norm_linear("DYSCO_CUDA_NORM_LINEAR", v.norm_linear);
-    const ScopedEnv swiglu_gemv("DYSCO_CUDA_SWIGLU_GEMV", v.swiglu_gemv);
     graphs.push_back(std::make_unique<at::cuda::CUDAGraph>());
     capture(*graphs.back());
     hidden_state.fill_(kNaN);
