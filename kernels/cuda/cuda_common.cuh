@@ -181,6 +181,15 @@ __device__ __forceinline__ void WaitForPrerequisiteGrids() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+// The current device's streaming multiprocessors (an attribute query: no synchronisation).
+inline int MultiprocessorCount() {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
 // Whether the environment variable `name` is set to `value`: the ops' A/B knobs (DYSCO_CUDA_*),
 // read at every call so that a test or benchmark can time both sides in one process.
 inline bool EnvIs(const char* name, const char* value) {

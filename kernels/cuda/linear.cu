@@ -36,6 +36,12 @@ constexpr int kGemvWarps = 8;        // per block
 constexpr int kGemvUnroll = 4;       // 16-byte loads per weight row in flight per lane
 // Blocks per SM the GEMV runs at (64 registers a thread): the fused-norm kernel is held to it.
 constexpr int kGemvBlocksPerSm = 4;
+// Warps that share a pair of weight rows (kSplits): with 2, each sums every other chunk of the rows
+// and the two partial sums meet in shared memory. A grid of one warp per row pair fills at most
+// half of the H200's warp slots for the 32-100 MB projections (o_proj, down_proj: 256 blocks, 1-2
+// an SM), which then read at 52-64% of the DRAM peak (ncu) against 83-85% for gate/up's three
+// waves; two warps a pair double the loads in flight (GemvSplits picks it).
+constexpr int kGemvMaxSplits = 2;
 
 // 16 bytes of weights, streamed: read once per step, so they should not displace the input rows
 // (reused by every warp) from L1.
@@ -99,41 +105,113 @@ __device__ __forceinline__ void WeightRows(const uint4* (&wv)[R], const void* w,
   }
 }
 
-// out[m, n0 .. n0 + R) for m < M. Grid: ceil(N / (kGemvWarps * R)) blocks of kGemvWarps warps.
-// k8 = K / 8 (16-byte words per row); x, w 16-byte aligned.
-template <typename T, int M>
-__global__ void __launch_bounds__(kGemvWarps* cuda::kWarpSize)
+// A warp's place in a GEMV block of kGemvWarps warps, kSplits of them per pair of weight rows: the
+// pair's first row n0, and which of the pair's warps it is (it takes the chunks split, split +
+// kSplits, ... of the rows, a chunk being kGemvUnroll 16-byte words a lane).
+template <int kSplits>
+struct GemvWarpPlace {
+  static constexpr int kPairsPerBlock = kGemvWarps / kSplits;
+  static constexpr int64_t kChunkStride = int64_t{kSplits} * cuda::kWarpSize * kGemvUnroll;
+  int64_t n0;
+  int split;
+  __device__ GemvWarpPlace() {
+    const int warp = threadIdx.x / cuda::kWarpSize;
+    split = warp % kSplits;
+    n0 = (static_cast<int64_t>(blockIdx.x) * kPairsPerBlock + warp / kSplits) * kGemvRowsPerWarp;
+  }
+  // The word at which the warp's lane `lane` starts.
+  __device__ int64_t FirstWord(int lane) const {
+    return lane + int64_t{split} * cuda::kWarpSize * kGemvUnroll;
+  }
+};
+
+// out[m * n + n0 + r] = to_T(scale[m] * sum), sum being acc[m][r] summed over the warp and then
+// over the pair's kSplits warps in split order (shared memory and one barrier when kSplits > 1, so
+// every warp of the block calls it, also a warp past N, which stores nothing).
+template <typename T, int M, int kSplits>
+__device__ __forceinline__ void StoreGemvRows(T* __restrict__ out,
+                                              const float (&acc)[M][kGemvRowsPerWarp],
+                                              const float (&scale)[M],
+                                              const GemvWarpPlace<kSplits>& place, int64_t n) {
+  constexpr int R = kGemvRowsPerWarp;
+  const int lane = threadIdx.x % cuda::kWarpSize;
+  if constexpr (kSplits == 1) {  // each sum stored as it is formed: fewer live registers
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float sum = cuda::WarpSum(acc[m][r]);
+        if (lane == 0 && place.n0 + r < n) {
+          out[m * n + place.n0 + r] = cuda::Convert<T>::FromFloat(sum * scale[m]);
+        }
+      }
+    }
+  } else {
+    float sums[M][R];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) sums[m][r] = cuda::WarpSum(acc[m][r]);
+    }
+    __shared__ float partials[kGemvWarps][M][R];
+    const int warp = threadIdx.x / cuda::kWarpSize;
+    if (lane == 0 && place.split != 0) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) partials[warp][m][r] = sums[m][r];
+      }
+    }
+    __syncthreads();
+    if (lane != 0 || place.split != 0) return;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float sum = sums[m][r];
+#pragma unroll
+        for (int s = 1; s < kSplits; ++s) sum += partials[warp + s][m][r];
+        if (place.n0 + r < n)
+          out[m * n + place.n0 + r] = cuda::Convert<T>::FromFloat(sum * scale[m]);
+      }
+    }
+  }
+}
+
+// out[m, n0 .. n0 + R) for m < M. Grid: ceil(N / (kPairsPerBlock * R)) blocks of kGemvWarps warps
+// (GemvGrid). k8 = K / 8 (16-byte words per row); x, w 16-byte aligned.
+// Held to 64 registers a thread (kGemvBlocksPerSm), which GemvSplits' choice counts on.
+template <typename T, int M, int kSplits>
+__global__ void __launch_bounds__(kGemvWarps* cuda::kWarpSize, kGemvBlocksPerSm)
     GemvKernel(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w, int64_t n,
                int64_t k8) {
   constexpr int R = kGemvRowsPerWarp;
   const int lane = threadIdx.x % cuda::kWarpSize;
-  const int64_t n0 =
-      (static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / cuda::kWarpSize) * R;
-  if (n0 >= n) return;  // whole warps leave: the shuffles below see full warps
+  const GemvWarpPlace<kSplits> place;
+  // Whole warps past N leave (the shuffles below see full warps); with split warps they stay for
+  // the barrier in StoreGemvRows, streaming nothing.
+  if (kSplits == 1 && place.n0 >= n) return;
   const uint4* xv = reinterpret_cast<const uint4*>(x);
   const uint4* wv[R];
-  WeightRows<R>(wv, w, n0, n, k8);
+  WeightRows<R>(wv, w, place.n0, n, k8);
   // Launched to start early (cuda_common.cuh): wait for the kernel that writes x before reading
   // it or writing out; under a plain launch the wait returns at once. The kernel after may start
   // (DYSCO_CUDA_PDL=all).
   cuda::WaitForPrerequisiteGrids();
   cuda::AllowDependentLaunch();
   float acc[M][R] = {};
-  for (int64_t base = lane; base < k8; base += cuda::kWarpSize * kGemvUnroll) {
+  const int64_t end = place.n0 < n ? k8 : 0;
+  for (int64_t base = place.FirstWord(lane); base < end; base += place.kChunkStride) {
     uint4 wr[kGemvUnroll][R];
     LoadWeightChunk<R>(wr, wv, base, k8);
     DotChunk<T, M, R>(acc, wr, base, k8, [&](int m, int64_t i, float(&xf)[8]) {
       cuda::UnpackEight(__ldg(xv + m * k8 + i), T(), xf);
     });
   }
+  float ones[M];
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const float sum = cuda::WarpSum(acc[m][r]);
-      if (lane == 0 && n0 + r < n) out[m * n + n0 + r] = cuda::Convert<T>::FromFloat(sum);
-    }
-  }
+  for (int m = 0; m < M; ++m) ones[m] = 1.0f;
+  StoreGemvRows<T, M, kSplits>(out, acc, ones, place, n);
 }
 
 // The residual add and RMSNorm in front of a GEMV (add_rms_norm_linear).
@@ -146,9 +224,11 @@ struct AddNormArgs {
 };
 
 // Dynamic shared memory of AddNormGemvKernel (the M normed input rows in fp32) at most: a block
-// gets 48 KB without opting in to more, its static warp_squares included.
-constexpr int64_t kNormRowBytesMax =
-    48 * 1024 - int64_t{kGemvWarps} * kGemvMaxRows * static_cast<int64_t>(sizeof(float));
+// gets 48 KB without opting in to more, its static warp_squares and StoreGemvRows' partials
+// included.
+constexpr int64_t kNormRowBytesMax = 48 * 1024 - int64_t{kGemvWarps} * kGemvMaxRows *
+                                                     (1 + kGemvRowsPerWarp) *
+                                                     static_cast<int64_t>(sizeof(float));
 
 // GemvKernel with the input row rms_norm(x + residual) (norm.weight, norm.eps), formed by each
 // block in a prologue: its threads read x, residual and the norm weight, form s = to_dtype(x +
@@ -160,13 +240,13 @@ constexpr int64_t kNormRowBytesMax =
 // issued before the block waits for the kernel ahead, so the prologue runs under those loads.
 // y is stored as two planes of float4 (the first and second four elements of each 16-byte input
 // word), so that a warp's 16-byte reads of consecutive words hit distinct banks.
-// A block per group of kGemvWarps * R weight rows, as GemvKernel: blocks that each took several
-// groups (one prologue per SM slot instead of one per group) were slower on the H200 (docs/gpu.md
-// "The norm in the GEMV").
+// A block per group of kPairsPerBlock * R weight rows, as GemvKernel (kSplits warps a row pair):
+// blocks that each took several groups (one prologue per SM slot instead of one per group) were
+// slower on the H200 (docs/gpu.md "The norm in the GEMV").
 // A SwiGLU epilogue (a warp taking gate row a and up row H + a and writing silu(gate) * up: one
 // kernel fewer) was slower on the H200 and was removed (docs/gpu.md "The norm in the GEMV").
 // Dynamic shared memory: M * K * 4 bytes (<= kNormRowBytesMax).
-template <typename T, int M>
+template <typename T, int M, int kSplits>
 __global__ void __launch_bounds__(kGemvWarps* cuda::kWarpSize, kGemvBlocksPerSm)
     AddNormGemvKernel(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w,
                       int64_t n, int64_t k8, AddNormArgs<T> norm) {
@@ -176,11 +256,12 @@ __global__ void __launch_bounds__(kGemvWarps* cuda::kWarpSize, kGemvBlocksPerSm)
   __shared__ float warp_squares[kGemvWarps][M];
   const int lane = threadIdx.x % cuda::kWarpSize;
   const int warp = threadIdx.x / cuda::kWarpSize;
-  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp) * R;
+  const GemvWarpPlace<kSplits> place;
   const uint4* wv[R];
-  WeightRows<R>(wv, w, n0, n, k8);
+  WeightRows<R>(wv, w, place.n0, n, k8);
   uint4 wr[kGemvUnroll][R];
-  LoadWeightChunk<R>(wr, wv, lane, k8);  // the weights do not depend on the kernels ahead
+  // The weights do not depend on the kernels ahead.
+  LoadWeightChunk<R>(wr, wv, place.FirstWord(lane), k8);
   cuda::WaitForPrerequisiteGrids();
   cuda::AllowDependentLaunch();
 
@@ -234,38 +315,53 @@ __global__ void __launch_bounds__(kGemvWarps* cuda::kWarpSize, kGemvBlocksPerSm)
     xf[0] = lo.x, xf[1] = lo.y, xf[2] = lo.z, xf[3] = lo.w;
     xf[4] = hi.x, xf[5] = hi.y, xf[6] = hi.z, xf[7] = hi.w;
   };
-  if (n0 >= n) return;  // after the barrier; whole warps leave, the shuffles below see full warps
+  // After the barrier, whole warps past N leave (the shuffles below see full warps); with split
+  // warps they stay for StoreGemvRows' barrier, streaming nothing.
+  if (kSplits == 1 && place.n0 >= n) return;
   float acc[M][R] = {};
-  DotChunk<T, M, R>(acc, wr, lane, k8, load_normed);  // the chunk loaded before the prologue
-  for (int64_t base = lane + cuda::kWarpSize * kGemvUnroll; base < k8;
-       base += cuda::kWarpSize * kGemvUnroll) {
+  const int64_t first = place.FirstWord(lane);
+  // (One warp a pair: only warps within N are here; DotChunk stops at k8.)
+  const int64_t end = kSplits == 1 || place.n0 < n ? k8 : 0;
+  if (kSplits == 1 || first < end) {
+    DotChunk<T, M, R>(acc, wr, first, k8, load_normed);  // the chunk loaded before the wait
+  }
+  for (int64_t base = first + place.kChunkStride; base < end; base += place.kChunkStride) {
     LoadWeightChunk<R>(wr, wv, base, k8);
     DotChunk<T, M, R>(acc, wr, base, k8, load_normed);
   }
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const float sum = cuda::WarpSum(acc[m][r]);
-      if (lane == 0 && n0 + r < n) out[m * n + n0 + r] = C::FromFloat(sum * scale[m]);
-    }
-  }
+  StoreGemvRows<T, M, kSplits>(out, acc, scale, place, n);
 }
 
 bool ForcedCublas() { return cuda::EnvIs("DYSCO_CUDA_LINEAR", "cublas"); }
 
-// Blocks of a GEMV over N weight rows.
-dim3 GemvGrid(int64_t n) {
-  return dim3(static_cast<unsigned>(cuda::CeilDiv(n, int64_t{kGemvWarps} * kGemvRowsPerWarp)));
+// Warps per row pair for a GEMV over N weight rows (GemvWarpPlace): two where the grid of one warp
+// a pair would fill at most half of the SMs' block slots, so that two still fit in one wave (the
+// 32-100 MB projections of an 8B model: o_proj, down_proj), else one. DYSCO_CUDA_GEMV_SPLITS = "1"
+// or "2" forces it (A/B timing).
+int GemvSplits(int64_t n) {
+  if (cuda::EnvIs("DYSCO_CUDA_GEMV_SPLITS", "1")) return 1;
+  if (cuda::EnvIs("DYSCO_CUDA_GEMV_SPLITS", "2")) return 2;
+  const int64_t blocks = cuda::CeilDiv(n, int64_t{kGemvWarps} * kGemvRowsPerWarp);
+  const int64_t slots = int64_t{kGemvBlocksPerSm} * cuda::MultiprocessorCount();
+  return kGemvMaxSplits * blocks <= slots ? kGemvMaxSplits : 1;
+}
+
+// Blocks of a GEMV over N weight rows with `splits` warps a row pair.
+dim3 GemvGrid(int64_t n, int splits) {
+  const int64_t rows_per_block = int64_t{kGemvWarps / splits} * kGemvRowsPerWarp;
+  return dim3(static_cast<unsigned>(cuda::CeilDiv(n, rows_per_block)));
 }
 
 template <typename T>
 void Gemv(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
-  static_assert(kGemvMaxRows == 2, "one instantiation per row count");
+  static_assert(kGemvMaxRows == 2 && kGemvMaxSplits == 2, "one instantiation per row count");
   const int64_t n = weight.size(0);
   const bool early = cuda::EarlyStartLevel() != cuda::EarlyStart::kNone;
-  auto* kernel = input.size(0) == 1 ? GemvKernel<T, 1> : GemvKernel<T, 2>;
-  cuda::LaunchOnStream(early, kernel, GemvGrid(n), dim3(kGemvWarps * cuda::kWarpSize),
+  const int splits = GemvSplits(n);
+  const bool one_row = input.size(0) == 1;
+  auto* kernel = splits == 1 ? (one_row ? GemvKernel<T, 1, 1> : GemvKernel<T, 2, 1>)
+                             : (one_row ? GemvKernel<T, 1, 2> : GemvKernel<T, 2, 2>);
+  cuda::LaunchOnStream(early, kernel, GemvGrid(n, splits), dim3(kGemvWarps * cuda::kWarpSize),
                        cuda::CurrentStream(), out.data_ptr<T>(), input.data_ptr<T>(),
                        weight.data_ptr<T>(), n, input.size(1) / 8);
 }
@@ -277,11 +373,14 @@ void LaunchAddNormGemv(const at::Tensor& out, const at::Tensor& sum, const at::T
   const int64_t n = weight.size(0);
   const int64_t rows = input.size(0);
   const bool early = cuda::EarlyStartLevel() != cuda::EarlyStart::kNone;
-  auto* kernel = rows == 1 ? AddNormGemvKernel<T, 1> : AddNormGemvKernel<T, 2>;
+  const int splits = GemvSplits(n);
+  auto* kernel = splits == 1
+                     ? (rows == 1 ? AddNormGemvKernel<T, 1, 1> : AddNormGemvKernel<T, 2, 1>)
+                     : (rows == 1 ? AddNormGemvKernel<T, 1, 2> : AddNormGemvKernel<T, 2, 2>);
   const AddNormArgs<T> norm{sum.data_ptr<T>(), residual.data_ptr<T>(), norm_weight.data_ptr<T>(),
                             static_cast<float>(eps)};
   cuda::LaunchOnStreamWithSharedMemory(
-      early, kernel, GemvGrid(n), dim3(kGemvWarps * cuda::kWarpSize),
+      early, kernel, GemvGrid(n, splits), dim3(kGemvWarps * cuda::kWarpSize),
       static_cast<size_t>(rows * input.size(1)) * sizeof(float), cuda::CurrentStream(),
       out.data_ptr<T>(), input.data_ptr<T>(), weight.data_ptr<T>(), n, input.size(1) / 8, norm);
 }

@@ -275,14 +275,6 @@ unsigned* SplitMergeCounters(int64_t count) {
   return counters;
 }
 
-int MultiprocessorCount() {
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
-
 template <typename T, int kRows, int kDPerLane>
 void LaunchSplitAttention(const AttentionParams<T>& p, int64_t tokens, int kv_heads,
                           cudaStream_t stream) {
@@ -363,10 +355,11 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   // bounded workspace.
   const int64_t max_keys = std::max<int64_t>(1, p.max_pages * p.page_size);
   const int64_t blocks = tokens * cache.num_kv_heads * p.row_chunks;
-  int64_t splits = vector_blocks_per_sm > 0
-                       ? std::max<int64_t>(1, SplitWaves() * vector_blocks_per_sm *
-                                                  MultiprocessorCount() / blocks)
-                       : cuda::CeilDiv(kBlocksPerMultiprocessor * MultiprocessorCount(), blocks);
+  int64_t splits =
+      vector_blocks_per_sm > 0
+          ? std::max<int64_t>(
+                1, SplitWaves() * vector_blocks_per_sm * cuda::MultiprocessorCount() / blocks)
+          : cuda::CeilDiv(kBlocksPerMultiprocessor * cuda::MultiprocessorCount(), blocks);
   splits = std::min(splits, cuda::CeilDiv(max_keys, kMinKeysPerSplit));
   splits = std::min(splits, kMaxWorkspaceFloats / (tokens * num_heads * (cache.head_dim + 2)));
   splits = std::min<int64_t>(std::max<int64_t>(splits, 1), 65535);

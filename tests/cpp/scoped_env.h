@@ -5,9 +5,9 @@
 // ("single" or "multi": one or many blocks per selection row), DYSCO_CUDA_SPLIT_WAVES,
 // DYSCO_CUDA_LINEAR ("cublas"), DYSCO_CUDA_PREFILL ("flash2": no cuDNN attention for long prefill
 // chunks), DYSCO_CUDA_SPLIT_MERGE ("kernel": the separate split-merge kernel after the tensor-core
-// kernel), DYSCO_CUDA_NORM_LINEAR ("separate": add_rms_norm then linear instead of the fused GEMV)
-// and DYSCO_CUDA_PDL, so
-// a test can run both sides in one process.
+// kernel), DYSCO_CUDA_NORM_LINEAR ("separate": add_rms_norm then linear instead of the fused GEMV),
+// DYSCO_CUDA_GEMV_SPLITS ("1" or "2" warps a GEMV row pair) and DYSCO_CUDA_PDL, so a test can run
+// both sides in one process.
 //
 // Thread-safety: setenv/unsetenv are not thread-safe; use it on the test's own thread while no
 // other thread reads the environment. Ownership: keeps the name pointer, which must outlive it

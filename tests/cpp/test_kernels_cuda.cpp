@@ -747,8 +747,9 @@ TEST(CudaDyscoSelectBias, SameSetsAt128KKeys) {
 // ---- linear
 
 // Around the CPU op's few-row switch (8 rows), the CUDA GEMV's (1-2 rows of bf16/fp16 with K a
-// multiple of 8; K = 1001 goes to cuBLAS) and odd sizes (N odd: the last warp's second row);
-// every output element written (NaN first).
+// multiple of 8; K = 1001 goes to cuBLAS) and odd sizes (N odd: the last warp's second row); the
+// GEMV with one and two warps a row pair (DYSCO_CUDA_GEMV_SPLITS; by default two for small N, one
+// for N = 20001); every output element written (NaN first).
 TEST(CudaLinear, EqualsCpu) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(17);
@@ -761,23 +762,32 @@ TEST(CudaLinear, EqualsCpu) {
                                  {1001, 77},
                                  {4096, 1031},
                                  {12288, 35},
-                                 {8, 1}}) {
+                                 {8, 1},
+                                 {64, 20001}}) {
         const at::Tensor input = at::randn({m, k}).to(dtype);
         const at::Tensor weight = (at::randn({n, k}) / 8).to(dtype);
         at::Tensor out = at::full({m, n}, kNaN).to(dtype);
-        at::Tensor gpu_out = Cuda(out);
         ops::linear(out, input, weight);
-        ops::linear(gpu_out, Cuda(input), Cuda(weight));
-        const std::string what = std::string(c10::toString(dtype)) + " m=" + std::to_string(m) +
-                                 " k=" + std::to_string(k) + " n=" + std::to_string(n);
-        EXPECT_TRUE(Close(gpu_out, out, fp32 ? 1e-4 : 5e-2, fp32 ? 1e-5 : 1e-2, what));
+        // The GEMV (1-2 16-bit rows) with the warps a row pair it picks for N, then each forced.
+        const bool gemv = !fp32 && m <= 2 && k % 8 == 0;
+        for (const char* splits : {static_cast<const char*>(nullptr), "1", "2"}) {
+          if (splits != nullptr && !gemv) continue;
+          const ScopedEnv knob("DYSCO_CUDA_GEMV_SPLITS", splits);
+          at::Tensor gpu_out = Cuda(at::full({m, n}, kNaN).to(dtype));
+          ops::linear(gpu_out, Cuda(input), Cuda(weight));
+          const std::string what = std::string(c10::toString(dtype)) + " m=" + std::to_string(m) +
+                                   " k=" + std::to_string(k) + " n=" + std::to_string(n) +
+                                   " splits " + (splits != nullptr ? splits : "auto");
+          EXPECT_TRUE(Close(gpu_out, out, fp32 ? 1e-4 : 5e-2, fp32 ? 1e-5 : 1e-2, what));
+        }
       }
     }
   }
 }
 
 // The GEMV path against cuBLAS on the 8B models' shapes (one bf16 rounding apart), and through a
-// weight that is a row slice of a bigger one (the data pointer then moves by rows of K elements).
+// weight that is a row slice of a bigger one (the data pointer then moves by rows of K elements);
+// with the warps a row pair it picks (one for q/k/v, two for down_proj) and with each forced.
 TEST(CudaLinear, GemvEqualsCublas) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(18);
@@ -786,15 +796,19 @@ TEST(CudaLinear, GemvEqualsCublas) {
     for (const auto& [k, n] : {std::pair<int64_t, int64_t>{4096, 6144}, {12288, 4096}}) {
       const at::Tensor input = at::randn({m, k}, bf16);
       const at::Tensor weight = at::randn({n + 3, k}, bf16).narrow(0, 3, n) / 16;
-      at::Tensor gemv = at::full({m, n}, kNaN, bf16);
       at::Tensor cublas = at::full({m, n}, kNaN, bf16);
-      ops::linear(gemv, input, weight.contiguous());
       {
         ScopedEnv force_cublas("DYSCO_CUDA_LINEAR", "cublas");
         ops::linear(cublas, input, weight.contiguous());
       }
-      EXPECT_TRUE(Close(gemv.cpu(), cublas.cpu(), 5e-2, 1e-2,
-                        "m=" + std::to_string(m) + " k=" + std::to_string(k)));
+      for (const char* splits : {static_cast<const char*>(nullptr), "1", "2"}) {
+        const ScopedEnv knob("DYSCO_CUDA_GEMV_SPLITS", splits);
+        at::Tensor gemv = at::full({m, n}, kNaN, bf16);
+        ops::linear(gemv, input, weight.contiguous());
+        EXPECT_TRUE(Close(gemv.cpu(), cublas.cpu(), 5e-2, 1e-2,
+                          "m=" + std::to_string(m) + " k=" + std::to_string(k) + " splits " +
+                              (splits != nullptr ? splits : "auto")));
+      }
     }
   }
 }
@@ -965,6 +979,8 @@ TEST(CudaAddRmsNorm, EqualsCpu) {
 // N of more blocks than the GPU holds at once (20001 rows: 1251 blocks of 16 rows, against 4
 // blocks on each of the H200's 132 SMs), and rows near and past the kernel's shared memory (K
 // 11776: one row is 46 KB, fused, two rows the two ops; K 12288: one row is 48 KB, the two ops).
+// The fused GEMV runs with the warps a row pair it picks for N (GemvSplits: two for small N) and
+// with one and two forced (DYSCO_CUDA_GEMV_SPLITS).
 TEST(CudaAddRmsNormLinear, EqualsCpuAndTheFormula) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(31);
@@ -979,7 +995,8 @@ TEST(CudaAddRmsNormLinear, EqualsCpuAndTheFormula) {
     for (const int64_t m : {1, 2, 3, 5}) {
       for (const Shape& s : shapes) {
         std::map<std::string, at::Tensor> outs;  // GPU outputs by variant
-        for (const std::string variant : {"aligned", "misaligned residual", "separate"}) {
+        for (const std::string variant : {"aligned", "misaligned residual", "separate",
+                                          "one warp a row pair", "two warps a row pair"}) {
           if (s.n == 6144 && (m > 2 || variant != "aligned")) continue;  // CPU time
           const at::Tensor x = at::randn({m, s.k}).to(dtype);
           const at::Tensor residual = (at::randn({m, s.k}) * 4).to(dtype);
@@ -995,6 +1012,10 @@ TEST(CudaAddRmsNormLinear, EqualsCpuAndTheFormula) {
           {
             const ScopedEnv knob("DYSCO_CUDA_NORM_LINEAR",
                                  variant == "separate" ? "separate" : nullptr);
+            const ScopedEnv splits("DYSCO_CUDA_GEMV_SPLITS", variant == "one warp a row pair" ? "1"
+                                                             : variant == "two warps a row pair"
+                                                                 ? "2"
+                                                                 : nullptr);
             ops::add_rms_norm_linear(gpu_out, gpu_sum, Cuda(x), gpu_residual, Cuda(g), 1e-6,
                                      Cuda(w));
           }
@@ -1012,7 +1033,7 @@ TEST(CudaAddRmsNormLinear, EqualsCpuAndTheFormula) {
                             what + " vs formula"));
           outs[variant] = gpu_out.cpu();
         }
-        if (outs.size() == 3 && !fp32 && m <= 2 && s.k % 8 == 0 && s.n > 64) {
+        if (outs.count("separate") != 0 && !fp32 && m <= 2 && s.k % 8 == 0 && s.n > 64) {
           // The fused GEMV did run: its normed row is not rounded to the dtype, so some of its
           // outputs differ from the two ops' (a misaligned residual takes the two ops: its
           // 16-byte loads would fault).
@@ -1046,8 +1067,11 @@ TEST(CudaAddRmsNormLinear, EqualsCpuAndTheFormula) {
   const at::Tensor err = (gpu_out.cpu().to(at::kDouble) - expected).abs();
   const at::Tensor bad = err.le(bound).logical_not().reshape({-1});  // NaN fails
   const int64_t nbad = bad.sum().item<int64_t>();
-  std::printf("[maxerr] %s: abs %.3g, worst share of its bound %.3g\n", what.c_str(),
-              err.max().item<double>(), (err / bound).max().item<double>());
+  // The [maxerr] format of Close (scripts/gpu-check.sh takes its last fields).
+  const at::Tensor relative = (err / expected.abs()).masked_fill(expected.abs() < 1e-3, 0.0);
+  std::printf("[maxerr] %s (worst share of its bound %.3g): abs %.3g rel %.3g\n", what.c_str(),
+              (err / bound).max().item<double>(), err.max().item<double>(),
+              relative.max().item<double>());
   if (nbad == 0) return ::testing::AssertionSuccess();
   const int64_t first = bad.nonzero()[0].item<int64_t>();
   return ::testing::AssertionFailure()
@@ -1509,17 +1533,25 @@ TEST(CudaTiming, LinearLayersOfADecodeStep) {
         flip = !flip;
       };
       const double gemv_ms = MillisecondsPerCall(call, 40);
-      double cublas_ms = 0.0;
+      double cublas_ms = 0.0, one_warp_ms = 0.0, two_warps_ms = 0.0;
       {
         ScopedEnv force_cublas("DYSCO_CUDA_LINEAR", "cublas");
         cublas_ms = MillisecondsPerCall(call, 40);
       }
+      {
+        ScopedEnv splits("DYSCO_CUDA_GEMV_SPLITS", "1");
+        one_warp_ms = MillisecondsPerCall(call, 40);
+      }
+      {
+        ScopedEnv splits("DYSCO_CUDA_GEMV_SPLITS", "2");
+        two_warps_ms = MillisecondsPerCall(call, 40);
+      }
       std::printf(
-          "[timing] linear %-7s N=%6lld K=%5lld M=%lld: gemv %.4f ms (%.2fx floor), cublas %.4f ms "
-          "(%.2fx floor), floor %.4f ms\n",
+          "[timing] linear %-7s N=%6lld K=%5lld M=%lld: gemv %.4f ms (%.2fx floor; one warp a row "
+          "pair %.2fx, two %.2fx), cublas %.4f ms (%.2fx floor), floor %.4f ms\n",
           shape.name, static_cast<long long>(shape.n), static_cast<long long>(shape.k),
-          static_cast<long long>(m), gemv_ms, gemv_ms / floor_ms, cublas_ms, cublas_ms / floor_ms,
-          floor_ms);
+          static_cast<long long>(m), gemv_ms, gemv_ms / floor_ms, one_warp_ms / floor_ms,
+          two_warps_ms / floor_ms, cublas_ms, cublas_ms / floor_ms, floor_ms);
     }
   }
 }
@@ -1586,42 +1618,46 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     graph.capture_end();
     c10::cuda::device_synchronize();  // the warm-up, before the default stream touches its buffers
   };
-  // The eager chain's output with plain launches, fused norms and separate ones.
-  at::Tensor expected_fused, expected_separate;
-  {
-    const ScopedEnv plain("DYSCO_CUDA_PDL", "0");
-    chain();
-    expected_fused = hidden_state.clone();
-    const ScopedEnv separate("DYSCO_CUDA_NORM_LINEAR", "separate");
-    chain();
-    expected_separate = hidden_state.clone();
-    c10::cuda::device_synchronize();
-  }
-  // The default (the GEMVs start early, the norms in the GEMVs) first, then the other settings
-  // of DYSCO_CUDA_PDL and DYSCO_CUDA_NORM_LINEAR (linear.cu).
+  // The default (the GEMVs start early, the norms in the GEMVs, the warps a GEMV row pair picked
+  // per N) first, then the other settings of DYSCO_CUDA_PDL, DYSCO_CUDA_NORM_LINEAR and
+  // DYSCO_CUDA_GEMV_SPLITS (linear.cu). Each graph is compared with the eager chain of its norm and
+  // split settings under plain launches.
   struct Variant {
     const char* label;
     const char* pdl;          // DYSCO_CUDA_PDL, nullptr: unset
     const char* norm_linear;  // DYSCO_CUDA_NORM_LINEAR, nullptr: unset
+    const char* splits;       // DYSCO_CUDA_GEMV_SPLITS, nullptr: unset
   };
   const std::vector<Variant> variants = {
-      {"GEMVs start early, norms in the GEMVs (default)", nullptr, nullptr},
-      {"GEMVs start early, add_rms_norm kernels", nullptr, "separate"},
-      {"GEMVs, norms and SwiGLU start early, add_rms_norm kernels", "all", "separate"},
-      {"plain launches, norms in the GEMVs", "0", nullptr},
-      {"plain launches, add_rms_norm kernels", "0", "separate"},
+      {"GEMVs start early, norms in the GEMVs (default)", nullptr, nullptr, nullptr},
+      {"GEMVs start early, norms in the GEMVs, one warp a GEMV row pair", nullptr, nullptr, "1"},
+      {"GEMVs start early, norms in the GEMVs, two warps a GEMV row pair", nullptr, nullptr, "2"},
+      {"GEMVs start early, add_rms_norm kernels", nullptr, "separate", nullptr},
+      {"GEMVs, norms and SwiGLU start early, add_rms_norm kernels", "all", "separate", nullptr},
+      {"plain launches, norms in the GEMVs", "0", nullptr, nullptr},
+      {"plain launches, add_rms_norm kernels", "0", "separate", nullptr},
   };
   std::vector<std::unique_ptr<at::cuda::CUDAGraph>> graphs;
+  at::Tensor expected_fused, expected_separate;  // the defaults' eager outputs
   for (const Variant& v : variants) {
-    const ScopedEnv pdl("DYSCO_CUDA_PDL", v.pdl);
     const ScopedEnv norm_linear("DYSCO_CUDA_NORM_LINEAR", v.norm_linear);
+    const ScopedEnv splits("DYSCO_CUDA_GEMV_SPLITS", v.splits);
+    at::Tensor expected;
+    {
+      const ScopedEnv plain("DYSCO_CUDA_PDL", "0");
+      chain();
+      expected = hidden_state.clone();
+      c10::cuda::device_synchronize();
+    }
+    const bool separate = v.norm_linear != nullptr && std::string(v.norm_linear) == "separate";
+    if (v.splits == nullptr) (separate ? expected_separate : expected_fused) = expected;
+    const ScopedEnv pdl("DYSCO_CUDA_PDL", v.pdl);
     graphs.push_back(std::make_unique<at::cuda::CUDAGraph>());
     capture(*graphs.back());
     hidden_state.fill_(kNaN);
     graphs.back()->replay();
     c10::cuda::device_synchronize();
-    const bool separate = v.norm_linear != nullptr && std::string(v.norm_linear) == "separate";
-    EXPECT_TRUE(at::equal(hidden_state, separate ? expected_separate : expected_fused)) << v.label;
+    EXPECT_TRUE(at::equal(hidden_state, expected)) << v.label;
   }
   // How far four layers of fused norms drift from the separate ones (bf16; the ops themselves
   // are compared in CudaAddRmsNormLinear.EqualsCpuAndTheFormula).
