@@ -39,7 +39,7 @@ constexpr int kGemvBlocksPerSm = 4;
 // Warps that share a pair of weight rows (kSplits): with 2, each sums every other chunk of the rows
 // and the two partial sums meet in shared memory. A grid of one warp per row pair fills at most
 // half of the H200's warp slots for the 32-100 MB projections (o_proj, down_proj: 256 blocks, 1-2
-// an SM), which then read at 52-64% of the DRAM peak (ncu) against 83-85% for gate/up's three
+// an SM), which then read at 47-60% of the DRAM peak (ncu) against 83-86% for gate/up's three
 // waves; two warps a pair double the loads in flight (GemvSplits picks it).
 constexpr int kGemvMaxSplits = 2;
 
