@@ -181,10 +181,10 @@ DYSCO_TARGET_V4 bool ScoreSoftmaxTile512(const float* __restrict q, const float*
   return any;
 }
 
-// acc[r] += sum_{j < count} p[r][j] * values[j] for r < MR; kD a multiple of 64.
+// acc[r] += sum_{j < count} p[r][j] * value_rows[j] for r < MR; kD a multiple of 64.
 template <int MR, int64_t kD>
 DYSCO_TARGET_V4 void AccumulateTile512(float* __restrict acc, const float* __restrict p,
-                                       const float* __restrict values, int64_t count) {
+                                       const float* const* value_rows, int64_t count) {
   static_assert(kD % 64 == 0, "kD must be a multiple of 64");
   for (int64_t c0 = 0; c0 < kD; c0 += 64) {
     __m512 o[MR][4];
@@ -193,7 +193,7 @@ DYSCO_TARGET_V4 void AccumulateTile512(float* __restrict acc, const float* __res
     }
     for (int64_t j = 0; j < count; ++j) {
       __m512 v[4];
-      for (int c = 0; c < 4; ++c) v[c] = _mm512_loadu_ps(values + j * kD + c0 + 16 * c);
+      for (int c = 0; c < 4; ++c) v[c] = _mm512_loadu_ps(value_rows[j] + c0 + 16 * c);
       for (int r = 0; r < MR; ++r) {
         const __m512 pb = _mm512_set1_ps(p[r * kKeyBlock + j]);
         for (int c = 0; c < 4; ++c) o[r][c] = _mm512_fmadd_ps(pb, v[c], o[r][c]);
@@ -211,7 +211,7 @@ template <int64_t kD>
 struct Tiles512 {
   using Score = bool (*)(const float*, const float*, const float*, const int64_t*, float*, float*,
                          float*, float*);
-  using Accumulate = void (*)(float*, const float*, const float*, int64_t);
+  using Accumulate = void (*)(float*, const float*, const float* const*, int64_t);
   template <int MR>
   static constexpr std::array<Score, 4> ScoreRow() {
     return {&ScoreSoftmaxTile512<MR, 1, kD>, &ScoreSoftmaxTile512<MR, 2, kD>,
@@ -231,11 +231,12 @@ DYSCO_TARGET_V4 void AttendKeysBlocked512(const PagedSequence<T>& seq, int64_t r
                                           AttentionScratch& scratch) {
   float* keys_t = scratch.keys.data();
   float* values = scratch.values.data();
+  const float* value_rows[kKeyBlock];
   int64_t page_index = key_begin / seq.page_size;
   int64_t in_page = key_begin % seq.page_size;
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeyBlock) {
     const int64_t block = std::min(kKeyBlock, key_end - j0);
-    GatherKeyTile<T, kD>(seq, block, &page_index, &in_page, keys_t, values);
+    GatherKeyTile<T, kD>(seq, block, &page_index, &in_page, keys_t, values, value_rows);
     const float* tile_bias = bias == nullptr ? nullptr : bias + j0;
     for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock512) {
       const int block_rows = static_cast<int>(std::min<int64_t>(kRowBlock512, rows - r0));
@@ -252,7 +253,7 @@ DYSCO_TARGET_V4 void AttendKeysBlocked512(const PagedSequence<T>& seq, int64_t r
       const bool any = Tiles512<kD>::kScore[block_rows - 1][vectors - 1](
           scratch.query.data() + r0 * kD, keys_t, tile_bias, counts, s, scratch.max.data() + r0,
           scratch.sum.data() + r0, acc);
-      if (any) Tiles512<kD>::kAccumulate[block_rows - 1](acc, s, values, block_count);
+      if (any) Tiles512<kD>::kAccumulate[block_rows - 1](acc, s, value_rows, block_count);
     }
   }
 }

@@ -413,11 +413,12 @@ DYSCO_ALWAYS_INLINE void ScoreTile(const float* __restrict q, const float* __res
   }
 }
 
-// acc[r] += sum_{j < count} p[r][j] * values[j] for r < MR. acc: MR rows of kD floats; p: rows of
-// kKeyBlock floats; values: [kKeyBlock, kD]. kD a multiple of 16.
+// acc[r] += sum_{j < count} p[r][j] * value_rows[j] for r < MR. acc: MR rows of kD floats; p: rows
+// of kKeyBlock floats; value_rows: kKeyBlock pointers to kD floats (GatherKeyTile). kD a multiple
+// of 16.
 template <int MR, int64_t kD>
 DYSCO_ALWAYS_INLINE void AccumulateTile(float* __restrict acc, const float* __restrict p,
-                                        const float* __restrict values, int64_t count) {
+                                        const float* const* value_rows, int64_t count) {
   for (int64_t c = 0; c < kD; c += 16) {
     Vec8 o[MR][2];
     for (int r = 0; r < MR; ++r) {
@@ -425,8 +426,8 @@ DYSCO_ALWAYS_INLINE void AccumulateTile(float* __restrict acc, const float* __re
       o[r][1] = LoadVec8(acc + r * kD + c + 8);
     }
     for (int64_t j = 0; j < count; ++j) {
-      const Vec8 v0 = LoadVec8(values + j * kD + c);
-      const Vec8 v1 = LoadVec8(values + j * kD + c + 8);
+      const Vec8 v0 = LoadVec8(value_rows[j] + c);
+      const Vec8 v1 = LoadVec8(value_rows[j] + c + 8);
       for (int r = 0; r < MR; ++r) {
         const Vec8 pb = Splat8(p[r * kKeyBlock + j]);
         o[r][0] += pb * v0;
@@ -468,19 +469,22 @@ DYSCO_ALWAYS_INLINE void ScoreTileRows(int rows, const float* q, const float* ke
 
 template <int64_t kD>
 DYSCO_ALWAYS_INLINE void AccumulateTileRows(int rows, float* acc, const float* p,
-                                            const float* values, int64_t count) {
+                                            const float* const* value_rows, int64_t count) {
   WithTileRows(rows,
-               [&](auto r) { AccumulateTile<decltype(r)::value, kD>(acc, p, values, count); });
+               [&](auto r) { AccumulateTile<decltype(r)::value, kD>(acc, p, value_rows, count); });
 }
 
 // The next `block` keys of `seq` (from page `*page_index`, slot `*in_page`, both advanced) as fp32
 // tiles: K transposed into keys_t [kD, kKeyBlock], zero-padded to a multiple of 16 keys (padding
-// lanes score 0 and are masked: they only need to be finite), V into values [kKeyBlock, kD].
+// lanes score 0 and are masked: they only need to be finite); value_rows[i] -> key i's V as kD
+// floats: the cache's own row for a float cache (read in place: copying the rows was 4% of a 7K
+// prefill's samples; in place, the 7K TTFT moved by -1.6% on average over 7 alternated pairs,
+// within their spread, docs/performance.md), else its conversion in values [kKeyBlock, kD].
 // Shared by the blocked kernels of every instruction set.
 template <typename T, int64_t kD>
 DYSCO_ALWAYS_INLINE void GatherKeyTile(const PagedSequence<T>& seq, int64_t block,
                                        int64_t* page_index, int64_t* in_page, float* keys_t,
-                                       float* values) {
+                                       float* values, const float** value_rows) {
   for (int64_t i = 0; i < block; ++i) {
     const int64_t offset = seq.pages[*page_index] * seq.page_stride + *in_page * seq.token_stride;
     if (++*in_page == seq.page_size) {
@@ -489,7 +493,12 @@ DYSCO_ALWAYS_INLINE void GatherKeyTile(const PagedSequence<T>& seq, int64_t bloc
     }
     const T* k = seq.k + offset;
     for (int64_t d = 0; d < kD; ++d) keys_t[d * kKeyBlock + i] = static_cast<float>(k[d]);
-    ToFloat(values + i * kD, seq.v + offset, kD);
+    if constexpr (std::is_same_v<T, float>) {
+      value_rows[i] = seq.v + offset;
+    } else {
+      ToFloat(values + i * kD, seq.v + offset, kD);
+      value_rows[i] = values + i * kD;
+    }
   }
   const int64_t padded = (block + 15) / 16 * 16;
   for (int64_t d = 0; d < kD; ++d) {
@@ -507,11 +516,12 @@ DYSCO_ALWAYS_INLINE void AttendKeysBlockedImpl(const PagedSequence<T>& seq, int6
   static_assert(kD % 16 == 0, "kD must be a multiple of 16");
   float* keys_t = scratch.keys.data();
   float* values = scratch.values.data();
+  const float* value_rows[kKeyBlock];
   int64_t page_index = key_begin / seq.page_size;
   int64_t in_page = key_begin % seq.page_size;
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeyBlock) {
     const int64_t block = std::min(kKeyBlock, key_end - j0);
-    GatherKeyTile<T, kD>(seq, block, &page_index, &in_page, keys_t, values);
+    GatherKeyTile<T, kD>(seq, block, &page_index, &in_page, keys_t, values, value_rows);
     for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
       const int block_rows = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
       // Keys of this tile that some row of the block sees (rows see key prefixes).
@@ -555,7 +565,8 @@ DYSCO_ALWAYS_INLINE void AttendKeysBlockedImpl(const PagedSequence<T>& seq, int6
         any = true;
       }
       if (any) {
-        AccumulateTileRows<kD>(block_rows, scratch.acc.data() + r0 * kD, s, values, block_count);
+        AccumulateTileRows<kD>(block_rows, scratch.acc.data() + r0 * kD, s, value_rows,
+                               block_count);
       }
     }
   }
