@@ -40,8 +40,8 @@ TORCH_LIBRARY(dysco, m) {
       "add_rms_norm_linear(Tensor(a!) out, Tensor(b!) sum, Tensor input, Tensor residual, "
       "Tensor norm_weight, float eps, Tensor weight) -> ()");
   // The same with the SwiGLU activation after the fused gate/up projection: out [M, N] <-
-  // silu_mul(rms_norm(sum) @ weight [2N, D]^T), so that a GPU's GEMV can apply it to the gate and
-  // up rows it computes (docs/gpu.md "The norm in the GEMV").
+  // silu_mul(rms_norm(sum) @ weight [2N, D]^T), one call where a device may fuse the two (CUDA
+  // runs add_rms_norm_linear then silu_mul: docs/gpu.md "The norm in the GEMV").
   m.def(
       "add_rms_norm_swiglu(Tensor(a!) out, Tensor(b!) sum, Tensor input, Tensor residual, "
       "Tensor norm_weight, float eps, Tensor weight) -> ()");

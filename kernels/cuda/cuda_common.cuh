@@ -14,6 +14,7 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContextLight.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
@@ -181,13 +182,10 @@ __device__ __forceinline__ void WaitForPrerequisiteGrids() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
-// The current device's streaming multiprocessors (an attribute query: no synchronisation).
+// The current device's streaming multiprocessors, from ATen's per-device cache of its properties
+// (no driver call per kernel launch).
 inline int MultiprocessorCount() {
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
+  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
 // Whether the environment variable `name` is set to `value`: the ops' A/B knobs (DYSCO_CUDA_*),

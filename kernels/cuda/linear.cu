@@ -353,7 +353,7 @@ dim3 GemvGrid(int64_t n, int splits) {
 }
 
 template <typename T>
-void Gemv(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
+void LaunchGemv(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
   static_assert(kGemvMaxRows == 2 && kGemvMaxSplits == 2, "one instantiation per row count");
   const int64_t n = weight.size(0);
   const bool early = cuda::EarlyStartLevel() != cuda::EarlyStart::kNone;
@@ -385,6 +385,16 @@ void LaunchAddNormGemv(const at::Tensor& out, const at::Tensor& sum, const at::T
       out.data_ptr<T>(), input.data_ptr<T>(), weight.data_ptr<T>(), n, input.size(1) / 8, norm);
 }
 
+// LaunchGemv for the input's dtype (bf16 or fp16: TakesGemv admits only those).
+void Gemv(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight) {
+  if (input.scalar_type() == at::kBFloat16) {
+    LaunchGemv<c10::BFloat16>(out, input, weight);
+  } else {
+    LaunchGemv<c10::Half>(out, input, weight);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // LaunchAddNormGemv for the input's dtype (bf16 or fp16: TakesGemv admits only those).
 void AddNormGemv(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
                  const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
@@ -413,15 +423,7 @@ void linear_cuda(const at::Tensor& out, const at::Tensor& input, const at::Tenso
   TORCH_CHECK(out.is_cuda(), kLinearOp, ": tensors must be CUDA tensors");
   const c10::cuda::CUDAGuard guard(out.device());
   if (out.numel() == 0) return;
-  if (TakesGemv(input, weight)) {
-    if (input.scalar_type() == at::kBFloat16) {
-      Gemv<c10::BFloat16>(out, input, weight);
-    } else {
-      Gemv<c10::Half>(out, input, weight);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
+  if (TakesGemv(input, weight)) return Gemv(out, input, weight);
   // mm_out writes every element of out ([M, N]); weight.t() is a view, no copy.
   at::Tensor out_view = out;  // at::mm_out takes a non-const reference to the same tensor
   at::mm_out(out_view, input, weight.t());

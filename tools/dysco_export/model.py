@@ -55,8 +55,8 @@ def add_rms_norm_swiglu(x: Tensor, residual: Tensor, norm_weight: Tensor, eps: f
                         gate_up_weight: Tensor) -> Tuple[Tensor, Tensor]:
     """(residual + x, silu(g) * u) where [g | u] = linear(rms_norm(residual + x), gate_up_weight) (gate rows
     first): add_rms_norm_linear over the fused gate/up weight and the SwiGLU activation, rounded as
-    `F.silu(g) * u`, as one op, so that a GPU's GEMV can apply the activation to the rows it computes
-    (docs/gpu.md "The norm in the GEMV"). On the CPU: add_rms_norm, linear and silu_mul, bit for bit."""
+    `F.silu(g) * u`, as one op, where a device may fuse the two (CUDA runs add_rms_norm_linear then silu_mul:
+    docs/gpu.md "The norm in the GEMV"). On the CPU: add_rms_norm, linear and silu_mul, bit for bit."""
     residual = residual.contiguous()
     total = torch.empty_like(residual)
     out = torch.empty([residual.size(0), gate_up_weight.size(0) // 2], dtype=residual.dtype,
