@@ -14,8 +14,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -506,6 +508,42 @@ DYSCO_ALWAYS_INLINE void GatherKeyTile(const PagedSequence<T>& seq, int64_t bloc
   }
 }
 
+// Whether the blocked kernels prefetch the next key tile: yes unless DYSCO_CPU_PREFETCH_TILE=0
+// (read once; for A/B timing in separate processes).
+inline bool PrefetchNextKeyTile() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("DYSCO_CPU_PREFETCH_TILE");
+    return v == nullptr || std::string_view(v) != "0";
+  }();
+  return enabled;
+}
+
+// Asks for the K and V rows of the `block` keys from page `page_index`, slot `in_page` (the next
+// tile, where GatherKeyTile left them) to be brought into L2 while the current tile is computed.
+// A tile's rows lie one token stride apart within a page and pages anywhere, which the hardware
+// prefetchers do not follow: the gather's loads of K missed and stalled (5.7% of a 7K prefill's
+// samples, most of them on the first load of each row; docs/performance.md "Prefetching the next
+// key tile"). L2, not L1: the current tile (K transposed and V, 32 KB for D 64) fills L1.
+template <typename T, int64_t kD>
+DYSCO_ALWAYS_INLINE void PrefetchKeyTile(const PagedSequence<T>& seq, int64_t block,
+                                         int64_t page_index, int64_t in_page) {
+  constexpr int64_t kLine = 64;
+  constexpr int64_t kRowBytes = kD * static_cast<int64_t>(sizeof(T));
+  for (int64_t i = 0; i < block; ++i) {
+    const int64_t offset = seq.pages[page_index] * seq.page_stride + in_page * seq.token_stride;
+    if (++in_page == seq.page_size) {
+      in_page = 0;
+      ++page_index;
+    }
+    const char* k = reinterpret_cast<const char*>(seq.k + offset);
+    const char* v = reinterpret_cast<const char*>(seq.v + offset);
+    for (int64_t b = 0; b < kRowBytes; b += kLine) {
+      __builtin_prefetch(k + b, 0, 2);
+      __builtin_prefetch(v + b, 0, 2);
+    }
+  }
+}
+
 // As AttendKeysImpl (same arguments, same scratch state), blocked: kD, the head dimension, is a
 // multiple of 16. scratch.keys holds the tile transposed [kD, kKeyBlock], scratch.values the tile
 // [kKeyBlock, kD]. Rows whose keys in a tile are all masked (causal or -inf bias) get zero weights.
@@ -519,9 +557,13 @@ DYSCO_ALWAYS_INLINE void AttendKeysBlockedImpl(const PagedSequence<T>& seq, int6
   const float* value_rows[kKeyBlock];
   int64_t page_index = key_begin / seq.page_size;
   int64_t in_page = key_begin % seq.page_size;
+  const bool prefetch = PrefetchNextKeyTile();
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeyBlock) {
     const int64_t block = std::min(kKeyBlock, key_end - j0);
     GatherKeyTile<T, kD>(seq, block, &page_index, &in_page, keys_t, values, value_rows);
+    if (prefetch) {
+      PrefetchKeyTile<T, kD>(seq, std::min(kKeyBlock, key_end - j0 - block), page_index, in_page);
+    }
     for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
       const int block_rows = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
       // Keys of this tile that some row of the block sees (rows see key prefixes).
