@@ -234,15 +234,11 @@ DYSCO_TARGET_V4 void AttendKeysBlocked512(const PagedSequence<T>& seq, int64_t r
   float* keys_t = scratch.keys.data();
   float* values = scratch.values.data();
   const float* value_rows[kKeyBlock];
-  int64_t page_index = key_begin / seq.page_size;
-  int64_t in_page = key_begin % seq.page_size;
-  const bool prefetch = PrefetchNextKeyTile();
+  KeyCursor cursor(seq, key_begin);
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeyBlock) {
     const int64_t block = std::min(kKeyBlock, key_end - j0);
-    GatherKeyTile<T, kD>(seq, block, &page_index, &in_page, keys_t, values, value_rows);
-    if (prefetch) {
-      PrefetchKeyTile<T, kD>(seq, std::min(kKeyBlock, key_end - j0 - block), page_index, in_page);
-    }
+    const int64_t next_block = std::min(kKeyBlock, key_end - j0 - block);
+    GatherKeyTile<T, kD>(seq, block, next_block, &cursor, keys_t, values, value_rows);
     const float* tile_bias = bias == nullptr ? nullptr : bias + j0;
     for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock512) {
       const int block_rows = static_cast<int>(std::min<int64_t>(kRowBlock512, rows - r0));

@@ -239,6 +239,28 @@ struct PagedSequence {
   int64_t page_stride = 0;   // page_size * Hkv * D
 };
 
+// Walks a sequence's keys in order over its pages, without a division per key: Next() is the cache
+// offset (into PagedSequence::k and ::v) of the current key, and moves on to the next one.
+struct KeyCursor {
+  int64_t page_index = 0;
+  int64_t in_page = 0;
+
+  KeyCursor() = default;
+  template <typename T>
+  KeyCursor(const PagedSequence<T>& seq, int64_t key)
+      : page_index(key / seq.page_size), in_page(key % seq.page_size) {}
+
+  template <typename T>
+  DYSCO_ALWAYS_INLINE int64_t Next(const PagedSequence<T>& seq) {
+    const int64_t offset = seq.pages[page_index] * seq.page_stride + in_page * seq.token_stride;
+    if (++in_page == seq.page_size) {
+      in_page = 0;
+      ++page_index;
+    }
+    return offset;
+  }
+};
+
 // Per-thread buffers, sized once per work chunk (never per key).
 struct AttentionScratch {
   std::vector<float> scores;     // [rows, kKeyBlock]
@@ -277,17 +299,11 @@ DYSCO_ALWAYS_INLINE void AttendKeysImpl(const PagedSequence<T>& seq, int64_t row
                                         AttentionScratch& scratch) {
   const float* key_rows[kKeyBlock];
   const float* value_rows[kKeyBlock];
-  // Walk the pages instead of dividing per key.
-  int64_t page_index = key_begin / seq.page_size;
-  int64_t in_page = key_begin % seq.page_size;
+  KeyCursor cursor(seq, key_begin);
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeyBlock) {
     const int64_t block = std::min(kKeyBlock, key_end - j0);
     for (int64_t i = 0; i < block; ++i) {
-      const int64_t offset = seq.pages[page_index] * seq.page_stride + in_page * seq.token_stride;
-      if (++in_page == seq.page_size) {
-        in_page = 0;
-        ++page_index;
-      }
+      const int64_t offset = cursor.Next(seq);
       if constexpr (std::is_same_v<T, float>) {
         key_rows[i] = seq.k + offset;
         value_rows[i] = seq.v + offset;
@@ -343,16 +359,11 @@ DYSCO_ALWAYS_INLINE void ProbsRowImpl(const PagedSequence<T>& seq, const float* 
                                       int64_t len, const float* bias, float* key_buffer,
                                       float* probs) {
   const float* key_rows[kKeyBlock];
-  int64_t page_index = 0;
-  int64_t in_page = 0;
+  KeyCursor cursor;
   for (int64_t j0 = 0; j0 < len; j0 += kKeyBlock) {
     const int64_t block = std::min(kKeyBlock, len - j0);
     for (int64_t i = 0; i < block; ++i) {
-      const T* key = seq.k + seq.pages[page_index] * seq.page_stride + in_page * seq.token_stride;
-      if (++in_page == seq.page_size) {
-        in_page = 0;
-        ++page_index;
-      }
+      const T* key = seq.k + cursor.Next(seq);
       if constexpr (std::is_same_v<T, float>) {
         key_rows[i] = key;
       } else {
@@ -476,23 +487,52 @@ DYSCO_ALWAYS_INLINE void AccumulateTileRows(int rows, float* acc, const float* p
                [&](auto r) { AccumulateTile<decltype(r)::value, kD>(acc, p, value_rows, count); });
 }
 
-// The next `block` keys of `seq` (from page `*page_index`, slot `*in_page`, both advanced) as fp32
-// tiles: K transposed into keys_t [kD, kKeyBlock], zero-padded to a multiple of 16 keys (padding
-// lanes score 0 and are masked: they only need to be finite); value_rows[i] -> key i's V as kD
-// floats: the cache's own row for a float cache (read in place: copying the rows was 4% of a 7K
-// prefill's samples; in place, the 7K TTFT moved by -1.6% on average over 7 alternated pairs,
-// within their spread, docs/performance.md), else its conversion in values [kKeyBlock, kD].
-// Shared by the blocked kernels of every instruction set.
+// Whether the blocked kernels prefetch the next key tile: yes unless DYSCO_CPU_PREFETCH_TILE=0
+// (read once; for A/B timing in separate processes).
+inline bool PrefetchNextKeyTile() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("DYSCO_CPU_PREFETCH_TILE");
+    return v == nullptr || std::string_view(v) != "0";
+  }();
+  return enabled;
+}
+
+// Asks for the K and V rows of the next `block` keys at `cursor` (a copy: the caller's does not
+// move) to be brought into L2. A tile's rows lie one token stride apart within a page and pages
+// anywhere, which the hardware prefetchers do not follow: the gather's loads of K missed and
+// stalled (5.7% of a 7K prefill's samples, most of them on the first load of each row;
+// docs/performance.md "Prefetching the next key tile"). L2, not L1: the current tile (K transposed
+// and V, 32 KB for D 64) fills L1.
+template <typename T, int64_t kD>
+DYSCO_ALWAYS_INLINE void PrefetchKeyTile(const PagedSequence<T>& seq, int64_t block,
+                                         KeyCursor cursor) {
+  constexpr int64_t kLine = 64;
+  constexpr int64_t kRowBytes = kD * static_cast<int64_t>(sizeof(T));
+  for (int64_t i = 0; i < block; ++i) {
+    const int64_t offset = cursor.Next(seq);
+    const char* k = reinterpret_cast<const char*>(seq.k + offset);
+    const char* v = reinterpret_cast<const char*>(seq.v + offset);
+    for (int64_t b = 0; b < kRowBytes; b += kLine) {
+      __builtin_prefetch(k + b, 0, 2);
+      __builtin_prefetch(v + b, 0, 2);
+    }
+  }
+}
+
+// The next `block` keys of `seq` at `*cursor` (advanced past them) as fp32 tiles: K transposed into
+// keys_t [kD, kKeyBlock], zero-padded to a multiple of 16 keys (padding lanes score 0 and are
+// masked: they only need to be finite); value_rows[i] -> key i's V as kD floats: the cache's own
+// row for a float cache (read in place: copying the rows was 4% of a 7K prefill's samples; in
+// place, the 7K TTFT moved by -1.6% on average over 7 alternated pairs, within their spread,
+// docs/performance.md), else its conversion in values [kKeyBlock, kD]. Then the `next_block` keys
+// after them are prefetched while the caller computes this tile (PrefetchKeyTile; unless
+// PrefetchNextKeyTile says not). Shared by the blocked kernels of every instruction set.
 template <typename T, int64_t kD>
 DYSCO_ALWAYS_INLINE void GatherKeyTile(const PagedSequence<T>& seq, int64_t block,
-                                       int64_t* page_index, int64_t* in_page, float* keys_t,
+                                       int64_t next_block, KeyCursor* cursor, float* keys_t,
                                        float* values, const float** value_rows) {
   for (int64_t i = 0; i < block; ++i) {
-    const int64_t offset = seq.pages[*page_index] * seq.page_stride + *in_page * seq.token_stride;
-    if (++*in_page == seq.page_size) {
-      *in_page = 0;
-      ++*page_index;
-    }
+    const int64_t offset = cursor->Next(seq);
     const T* k = seq.k + offset;
     for (int64_t d = 0; d < kD; ++d) keys_t[d * kKeyBlock + i] = static_cast<float>(k[d]);
     if constexpr (std::is_same_v<T, float>) {
@@ -506,42 +546,7 @@ DYSCO_ALWAYS_INLINE void GatherKeyTile(const PagedSequence<T>& seq, int64_t bloc
   for (int64_t d = 0; d < kD; ++d) {
     std::fill(keys_t + d * kKeyBlock + block, keys_t + d * kKeyBlock + padded, 0.0f);
   }
-}
-
-// Whether the blocked kernels prefetch the next key tile: yes unless DYSCO_CPU_PREFETCH_TILE=0
-// (read once; for A/B timing in separate processes).
-inline bool PrefetchNextKeyTile() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("DYSCO_CPU_PREFETCH_TILE");
-    return v == nullptr || std::string_view(v) != "0";
-  }();
-  return enabled;
-}
-
-// Asks for the K and V rows of the `block` keys from page `page_index`, slot `in_page` (the next
-// tile, where GatherKeyTile left them) to be brought into L2 while the current tile is computed.
-// A tile's rows lie one token stride apart within a page and pages anywhere, which the hardware
-// prefetchers do not follow: the gather's loads of K missed and stalled (5.7% of a 7K prefill's
-// samples, most of them on the first load of each row; docs/performance.md "Prefetching the next
-// key tile"). L2, not L1: the current tile (K transposed and V, 32 KB for D 64) fills L1.
-template <typename T, int64_t kD>
-DYSCO_ALWAYS_INLINE void PrefetchKeyTile(const PagedSequence<T>& seq, int64_t block,
-                                         int64_t page_index, int64_t in_page) {
-  constexpr int64_t kLine = 64;
-  constexpr int64_t kRowBytes = kD * static_cast<int64_t>(sizeof(T));
-  for (int64_t i = 0; i < block; ++i) {
-    const int64_t offset = seq.pages[page_index] * seq.page_stride + in_page * seq.token_stride;
-    if (++in_page == seq.page_size) {
-      in_page = 0;
-      ++page_index;
-    }
-    const char* k = reinterpret_cast<const char*>(seq.k + offset);
-    const char* v = reinterpret_cast<const char*>(seq.v + offset);
-    for (int64_t b = 0; b < kRowBytes; b += kLine) {
-      __builtin_prefetch(k + b, 0, 2);
-      __builtin_prefetch(v + b, 0, 2);
-    }
-  }
+  if (next_block > 0 && PrefetchNextKeyTile()) PrefetchKeyTile<T, kD>(seq, next_block, *cursor);
 }
 
 // As AttendKeysImpl (same arguments, same scratch state), blocked: kD, the head dimension, is a
@@ -555,15 +560,11 @@ DYSCO_ALWAYS_INLINE void AttendKeysBlockedImpl(const PagedSequence<T>& seq, int6
   float* keys_t = scratch.keys.data();
   float* values = scratch.values.data();
   const float* value_rows[kKeyBlock];
-  int64_t page_index = key_begin / seq.page_size;
-  int64_t in_page = key_begin % seq.page_size;
-  const bool prefetch = PrefetchNextKeyTile();
+  KeyCursor cursor(seq, key_begin);
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeyBlock) {
     const int64_t block = std::min(kKeyBlock, key_end - j0);
-    GatherKeyTile<T, kD>(seq, block, &page_index, &in_page, keys_t, values, value_rows);
-    if (prefetch) {
-      PrefetchKeyTile<T, kD>(seq, std::min(kKeyBlock, key_end - j0 - block), page_index, in_page);
-    }
+    const int64_t next_block = std::min(kKeyBlock, key_end - j0 - block);
+    GatherKeyTile<T, kD>(seq, block, next_block, &cursor, keys_t, values, value_rows);
     for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
       const int block_rows = static_cast<int>(std::min<int64_t>(kRowBlock, rows - r0));
       // Keys of this tile that some row of the block sees (rows see key prefixes).
