@@ -93,6 +93,15 @@ void add_rms_norm_swiglu(TensorRef out, TensorRef sum, TensorRef input, TensorRe
   op.call(out, sum, input, residual, norm_weight, eps, weight);
 }
 
+void o_proj_mlp(TensorRef out, TensorRef sum, TensorRef attn, TensorRef residual,
+                TensorRef o_weight, TensorRef norm_weight, double eps, TensorRef gate_up_weight,
+                TensorRef down_weight) {
+  static const auto op =
+      Handle<void(TensorRef, TensorRef, TensorRef, TensorRef, TensorRef, TensorRef, double,
+                  TensorRef, TensorRef)>(kernels::kOProjMlpOp);
+  op.call(out, sum, attn, residual, o_weight, norm_weight, eps, gate_up_weight, down_weight);
+}
+
 void silu_mul(TensorRef out, TensorRef input) {
   static const auto op = Handle<void(TensorRef, TensorRef)>(kernels::kSiluMulOp);
   op.call(out, input);
@@ -150,6 +159,7 @@ const std::vector<std::string>& AllOpNames() {
       kernels::kSiluMulOp,
       kernels::kAddRmsNormLinearOp,
       kernels::kAddRmsNormSwigluOp,
+      kernels::kOProjMlpOp,
       kernels::kQkNormRopeKvWriteOp,
       kernels::kDyscoRelevanceUpdateOp,
       kernels::kDyscoSelectBiasOp,

@@ -85,6 +85,14 @@ void add_rms_norm_swiglu(const at::Tensor& out, const at::Tensor& sum, const at:
                          const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
                          const at::Tensor& weight);
 
+// sum [M, D] <- residual + attn [M, A] @ o_weight [D, A]^T; out [M, D] <- silu_mul(rms_norm(sum,
+// norm_weight, eps) @ gate_up_weight [2I, D]^T) @ down_weight [D, I]^T (kernels/ops.h
+// o_proj_mlp_cpu). out and sum must not overlap the inputs.
+void o_proj_mlp(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& attn,
+                const at::Tensor& residual, const at::Tensor& o_weight,
+                const at::Tensor& norm_weight, double eps, const at::Tensor& gate_up_weight,
+                const at::Tensor& down_weight);
+
 // out [M, N] <- silu(input[:, :N]) * input[:, N:] for input [M, 2N] (kernels/ops.h silu_mul_cpu).
 void silu_mul(const at::Tensor& out, const at::Tensor& input);
 

@@ -229,6 +229,42 @@ void CheckAddRmsNormSwigluArgs(const at::Tensor& out, const at::Tensor& sum,
                                 norm_weight, eps, weight);
 }
 
+void CheckOProjMlpArgs(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& attn,
+                       const at::Tensor& residual, const at::Tensor& o_weight,
+                       const at::Tensor& norm_weight, double eps, const at::Tensor& gate_up_weight,
+                       const at::Tensor& down_weight) {
+  const char* op = kOProjMlpOp;
+  const at::ScalarType dtype = FloatingDtypeOf(op, "norm_weight", norm_weight);
+  CheckTensor(op, "norm_weight", norm_weight, dtype, 1);
+  const int64_t d = norm_weight.size(0);
+  CheckTensor(op, "attn", attn, dtype, 2);
+  CheckShaped(op, "o_weight", o_weight, dtype, {d, attn.size(1)});
+  CheckShaped(op, "residual", residual, dtype, {attn.size(0), d});
+  CheckShaped(op, "sum", sum, dtype, residual.sizes());
+  CheckTensor(op, "gate_up_weight", gate_up_weight, dtype, 2);
+  TORCH_CHECK(gate_up_weight.size(1) == d && gate_up_weight.size(0) % 2 == 0, op,
+              ": gate_up_weight must be [2I, D = ", d, "] (the gate rows, then the up rows), got ",
+              gate_up_weight.sizes());
+  CheckShaped(op, "down_weight", down_weight, dtype, {d, gate_up_weight.size(0) / 2});
+  CheckShaped(op, "out", out, dtype, residual.sizes());
+  TORCH_CHECK(eps > 0.0, op, ": eps must be > 0, got ", eps);
+  CheckSameDevice(op, "out", out,
+                  {{"sum", sum},
+                   {"attn", attn},
+                   {"residual", residual},
+                   {"o_weight", o_weight},
+                   {"norm_weight", norm_weight},
+                   {"gate_up_weight", gate_up_weight},
+                   {"down_weight", down_weight}});
+  CheckWrittenApart(op, {{"out", out}, {"sum", sum}},
+                    {{"attn", attn},
+                     {"residual", residual},
+                     {"o_weight", o_weight},
+                     {"norm_weight", norm_weight},
+                     {"gate_up_weight", gate_up_weight},
+                     {"down_weight", down_weight}});
+}
+
 void CheckSiluMulArgs(const at::Tensor& out, const at::Tensor& input) {
   constexpr const char* kOp = kSiluMulOp;
   const at::ScalarType dtype = FloatingDtypeOf(kOp, "input", input);

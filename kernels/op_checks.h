@@ -34,6 +34,7 @@ inline constexpr const char* kAddRmsNormOp = "dysco::add_rms_norm";
 inline constexpr const char* kSiluMulOp = "dysco::silu_mul";
 inline constexpr const char* kAddRmsNormLinearOp = "dysco::add_rms_norm_linear";
 inline constexpr const char* kAddRmsNormSwigluOp = "dysco::add_rms_norm_swiglu";
+inline constexpr const char* kOProjMlpOp = "dysco::o_proj_mlp";
 inline constexpr const char* kQkNormRopeKvWriteOp = "dysco::qk_norm_rope_kv_write";
 inline constexpr const char* kDyscoRelevanceUpdateOp = "dysco::dysco_relevance_update";
 inline constexpr const char* kDyscoSelectBiasOp = "dysco::dysco_select_bias";
@@ -149,6 +150,15 @@ void CheckAddRmsNormLinearArgs(const at::Tensor& out, const at::Tensor& sum,
 void CheckAddRmsNormSwigluArgs(const at::Tensor& out, const at::Tensor& sum,
                                const at::Tensor& input, const at::Tensor& residual,
                                const at::Tensor& norm_weight, double eps, const at::Tensor& weight);
+
+// o_proj_mlp: attn [M, A], o_weight [D, A], residual and sum [M, D], norm_weight [D],
+// gate_up_weight [2I, D] (gate rows, then up rows), down_weight [D, I], out [M, D]; contiguous, one
+// dtype (fp32 | bf16 | fp16), one device; eps > 0; out and sum overlap neither each other nor any
+// input.
+void CheckOProjMlpArgs(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& attn,
+                       const at::Tensor& residual, const at::Tensor& o_weight,
+                       const at::Tensor& norm_weight, double eps, const at::Tensor& gate_up_weight,
+                       const at::Tensor& down_weight);
 
 // silu_mul: input [M, 2N] (even width), out [M, N], contiguous, one dtype (fp32 | bf16 | fp16),
 // one device; out does not overlap input.

@@ -99,6 +99,14 @@ void add_rms_norm_swiglu_cpu(const at::Tensor& out, const at::Tensor& sum, const
                              const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
                              const at::Tensor& weight);
 
+// An attention block's output stage (kernels/op_calls.h o_proj_mlp): linear_cpu(o, attn, o_weight),
+// add_rms_norm_swiglu_cpu(act, sum, o, residual, ...), linear_cpu(out, act, down_weight) into
+// scratch rows: bit for bit those ops.
+void o_proj_mlp_cpu(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& attn,
+                    const at::Tensor& residual, const at::Tensor& o_weight,
+                    const at::Tensor& norm_weight, double eps, const at::Tensor& gate_up_weight,
+                    const at::Tensor& down_weight);
+
 // out [M, N] <- silu(g) * u for input [M, 2N] = [g | u] (the SwiGLU activation over a fused
 // gate/up projection): silu(g) = g / (1 + exp(-g)) in fp32 rounded to the dtype, then the product
 // with u in fp32 rounded again, exactly ATen's `F.silu(g) * u` (two kernels, two roundings). All

@@ -45,6 +45,14 @@ TORCH_LIBRARY(dysco, m) {
   m.def(
       "add_rms_norm_swiglu(Tensor(a!) out, Tensor(b!) sum, Tensor input, Tensor residual, "
       "Tensor norm_weight, float eps, Tensor weight) -> ()");
+  // An attention block's output stage as one op: sum [M, D] <- residual + attn [M, A] @ o_weight
+  // [D, A]^T (rounded to the dtype, as linear's output), out [M, D] <- silu_mul(rms_norm(sum,
+  // norm_weight, eps) @ gate_up_weight [2I, D]^T) @ down_weight [D, I]^T: linear,
+  // add_rms_norm_swiglu and linear in one call, where a device may fuse them (CUDA has a persistent
+  // kernel for a decode row, not the default: docs/gpu.md "The MLP as one kernel").
+  m.def(
+      "o_proj_mlp(Tensor(a!) out, Tensor(b!) sum, Tensor attn, Tensor residual, Tensor o_weight, "
+      "Tensor norm_weight, float eps, Tensor gate_up_weight, Tensor down_weight) -> ()");
   // An attention block's input stage as one op (a decode step ran five kernels here on the GPU):
   // query [T, H, D] <- rope(q_norm(q)), and K = rope(k_norm(k)), V = v written to the cache at
   // slot_mapping, where q, k, v are the [T, (H + 2 Hkv) D] fused projection's three column blocks;

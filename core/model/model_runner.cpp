@@ -1266,14 +1266,11 @@ std::pair<at::Tensor, at::Tensor> ModelRunner::Impl::NativeDecodeForward(
     ops::qk_norm_rope_kv_write(q, kv_layer, qkv, cos, sin, slot_mapping, w.q_norm, w.k_norm, n.eps);
     at::Tensor attn = at::empty_like(q);
     ops::paged_attention_decode(attn, q, kv_layer, block_tables, seq_lens, w.scale, attn_bias);
-    at::Tensor o = at::empty({batch, w.o_proj.size(0)}, attn.options());
-    ops::linear(o, attn.view({batch, w.num_heads * w.head_dim}), w.o_proj);
     at::Tensor total = at::empty_like(h);
-    at::Tensor act = at::empty({batch, w.gate_up_proj.size(0) / 2}, h.options());
-    ops::add_rms_norm_swiglu(act, total, o, h, w.post_attention_layernorm, n.eps, w.gate_up_proj);
+    pending = at::empty_like(h);
+    ops::o_proj_mlp(pending, total, attn.view({batch, w.num_heads * w.head_dim}), h, w.o_proj,
+                    w.post_attention_layernorm, n.eps, w.gate_up_proj, w.down_proj);
     h = total;
-    pending = at::empty({batch, w.down_proj.size(0)}, act.options());
-    ops::linear(pending, act, w.down_proj);
   }
   at::Tensor total = at::empty_like(h);
   at::Tensor logits = at::empty({batch, n.lm_head.size(0)}, h.options());

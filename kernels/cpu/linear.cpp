@@ -343,4 +343,19 @@ void add_rms_norm_swiglu_cpu(const at::Tensor& out, const at::Tensor& sum, const
   silu_mul_cpu(out, gate_up);
 }
 
+void o_proj_mlp_cpu(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& attn,
+                    const at::Tensor& residual, const at::Tensor& o_weight,
+                    const at::Tensor& norm_weight, double eps, const at::Tensor& gate_up_weight,
+                    const at::Tensor& down_weight) {
+  CheckOProjMlpArgs(out, sum, attn, residual, o_weight, norm_weight, eps, gate_up_weight,
+                    down_weight);
+  TORCH_CHECK(out.is_cpu(), kOProjMlpOp, ": the CPU implementation got tensors on ", out.device());
+  // The ops in sequence, bit for bit (as add_rms_norm_linear_cpu).
+  const at::Tensor o = at::empty_like(residual);
+  linear_cpu(o, attn, o_weight);
+  const at::Tensor act = at::empty({attn.size(0), down_weight.size(1)}, attn.options());
+  add_rms_norm_swiglu_cpu(act, sum, o, residual, norm_weight, eps, gate_up_weight);
+  linear_cpu(out, act, down_weight);
+}
+
 }  // namespace dysco::kernels

@@ -76,6 +76,13 @@ void add_rms_norm_linear_cuda(const at::Tensor& out, const at::Tensor& sum, cons
 void add_rms_norm_swiglu_cuda(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& input,
                               const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
                               const at::Tensor& weight);
+// linear_cuda, add_rms_norm_swiglu_cuda and linear_cuda; with DYSCO_CUDA_MLP=persistent, one row
+// of 16-bit values runs one persistent kernel for the four stages instead, its blocks meeting at
+// grid barriers (linear.cu DecodeMlpKernel: the same bits, slower on the H200).
+void o_proj_mlp_cuda(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& attn,
+                     const at::Tensor& residual, const at::Tensor& o_weight,
+                     const at::Tensor& norm_weight, double eps, const at::Tensor& gate_up_weight,
+                     const at::Tensor& down_weight);
 // One warp per (token, query or key head): norm, rope and the store (the key head's warp also
 // copies its value head); the norm sums as rms_norm_cuda's warp kernel, the rope rounds as
 // rotary_embedding_cuda, so it equals those two and paged_kv_write_cuda in sequence bit for bit.

@@ -22,14 +22,13 @@
 
 #include <algorithm>
 #include <limits>
-#include <map>
-#include <mutex>
 #include <utility>
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/paged_prefill_flash.h"
 #include "kernels/cuda/split_attention.cuh"
+#include "kernels/cuda/stream_counters.h"
 #include "kernels/op_checks.h"
 
 namespace dysco::kernels {
@@ -236,43 +235,15 @@ __global__ void __launch_bounds__(kMergeWarps* kWarpSize)
 
 // The tensor-core kernel's merge counters (AttentionParams::merge_counters) for `count` (token, KV
 // head, row chunk) groups on the current stream, or null when there are none to give (then
-// MergeSplitsKernel merges). One zeroed buffer of kMergeCounterCapacity per (device, stream),
-// allocated on first use and never freed: every kernel leaves its counters at zero, and the kernels
-// of one stream run one after another, so a buffer per stream is never used by two grids at once. A
-// CUDA graph keeps the buffer of the stream it was captured on (the runner replays its graphs on
-// its own stream, in order with that stream's captures). No allocation during a capture: a stream
-// that first meets the kernel inside one gets null (the runner's warm-up run before each capture
-// allocates it). DYSCO_CUDA_SPLIT_MERGE=kernel (read per call) always gives null, for A/B timing.
+// MergeSplitsKernel merges): one zeroed buffer of kMergeCounterCapacity per (device, stream)
+// (stream_counters.h); every kernel leaves its counters at zero. DYSCO_CUDA_SPLIT_MERGE=kernel
+// (read per call) always gives null, for A/B timing.
 constexpr int64_t kMergeCounterCapacity = 1 << 16;
 
 unsigned* SplitMergeCounters(int64_t count) {
   if (cuda::EnvIs("DYSCO_CUDA_SPLIT_MERGE", "kernel")) return nullptr;
   if (count > kMergeCounterCapacity) return nullptr;
-  const cudaStream_t stream = cuda::CurrentStream();
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  // By device too: every device's default stream is the same handle.
-  const std::pair<int, cudaStream_t> key(device, stream);
-  static std::mutex mu;
-  static std::map<std::pair<int, cudaStream_t>, unsigned*> by_stream;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = by_stream.find(key);
-  if (it != by_stream.end()) return it->second;
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) return nullptr;
-  // Outside the caching allocator (the buffer outlives every graph and pool); when the device is
-  // full (a KV pool sized from free memory), this stream keeps the separate merge kernel instead
-  // of failing the step.
-  unsigned* counters = nullptr;
-  if (cudaMalloc(&counters, kMergeCounterCapacity * sizeof(unsigned)) != cudaSuccess) {
-    (void)cudaGetLastError();  // an allocation failure is not sticky: clear it
-    counters = nullptr;
-  } else {
-    C10_CUDA_CHECK(cudaMemsetAsync(counters, 0, kMergeCounterCapacity * sizeof(unsigned), stream));
-  }
-  by_stream.emplace(key, counters);
-  return counters;
+  return cuda::StreamCounters(cuda::CounterUser::kSplitMerge, kMergeCounterCapacity);
 }
 
 template <typename T, int kRows, int kDPerLane>

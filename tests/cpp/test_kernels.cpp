@@ -190,14 +190,14 @@ const std::vector<Layout> kLayouts = {
 // ---- registration
 // ----------------------------------------------------------------------------------------
 
-TEST(DyscoOps, AllSixteenOpsAreRegisteredWithCpuKernels) {
+TEST(DyscoOps, AllSeventeenOpsAreRegisteredWithCpuKernels) {
   const std::vector<std::string>& names = ops::AllOpNames();
-  EXPECT_EQ(names.size(), 16u);
+  EXPECT_EQ(names.size(), 17u);
   for (const char* name :
        {"dysco::paged_kv_write", "dysco::paged_attention_decode", "dysco::paged_attention_prefill",
         "dysco::attention_probs", "dysco::linear", "dysco::rms_norm", "dysco::rotary_embedding",
         "dysco::add_rms_norm", "dysco::silu_mul", "dysco::add_rms_norm_linear",
-        "dysco::add_rms_norm_swiglu", "dysco::qk_norm_rope_kv_write"}) {
+        "dysco::add_rms_norm_swiglu", "dysco::o_proj_mlp", "dysco::qk_norm_rope_kv_write"}) {
     EXPECT_NE(std::find(names.begin(), names.end(), name), names.end()) << name;
   }
   EXPECT_EQ(ops::MissingOps(), std::vector<std::string>{});
@@ -679,6 +679,68 @@ TEST(AddRmsNormSwiglu, RejectsBadInputs) {
         ops::add_rms_norm_swiglu(at::empty({2, 3}), x, x, r, g, 1e-6, at::randn({6, 8}));
       },
       "dysco::add_rms_norm_swiglu: sum must not overlap input");
+}
+
+// o_proj_mlp is linear, add_rms_norm_swiglu and linear on the CPU, bit for bit: GEMV and GEMM row
+// counts, every dtype, SmolLM2's widths and odd ones; both outputs NaN first.
+TEST(OProjMlp, EqualsLinearAddRmsNormSwigluLinear) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(45);
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (const int64_t m : {1, 2, 9}) {
+      for (auto [a, d, inter] :
+           {std::tuple<int64_t, int64_t, int64_t>{576, 576, 1536}, {64, 48, 40}, {13, 7, 5}}) {
+        SCOPED_TRACE(std::string(c10::toString(dtype)) + " M=" + std::to_string(m) + " A=" +
+                     std::to_string(a) + " D=" + std::to_string(d) + " I=" + std::to_string(inter));
+        const at::Tensor attn = at::randn({m, a}, gen).to(dtype);
+        const at::Tensor residual = (at::randn({m, d}, gen) * 4).to(dtype);
+        const at::Tensor w_o = (at::randn({d, a}, gen) / 8).to(dtype);
+        const at::Tensor g = (at::rand({d}, gen) + 0.5).to(dtype);
+        const at::Tensor w_gate_up = (at::randn({2 * inter, d}, gen) / 8).to(dtype);
+        const at::Tensor w_down = (at::randn({d, inter}, gen) / 8).to(dtype);
+        const at::Tensor out = at::full({m, d}, kNaN).to(dtype);
+        const at::Tensor sum = at::full({m, d}, kNaN).to(dtype);
+        ops::o_proj_mlp(out, sum, attn, residual, w_o, g, 1e-6, w_gate_up, w_down);
+        const at::Tensor o = at::full({m, d}, kNaN).to(dtype);
+        const at::Tensor act = at::full({m, inter}, kNaN).to(dtype);
+        const at::Tensor expected_sum = at::full({m, d}, kNaN).to(dtype);
+        const at::Tensor expected = at::full({m, d}, kNaN).to(dtype);
+        ops::linear(o, attn, w_o);
+        ops::add_rms_norm_swiglu(act, expected_sum, o, residual, g, 1e-6, w_gate_up);
+        ops::linear(expected, act, w_down);
+        EXPECT_TRUE(at::equal(sum, expected_sum));
+        EXPECT_TRUE(at::equal(out, expected));
+        EXPECT_FALSE(out.isnan().any().item<bool>());
+      }
+    }
+  }
+}
+
+TEST(OProjMlp, RejectsBadInputs) {
+  const at::Tensor attn = at::randn({2, 6}), r = at::randn({2, 8}), g = at::ones({8});
+  const at::Tensor w_o = at::randn({8, 6}), w_gu = at::randn({10, 8}), w_d = at::randn({8, 5});
+  const at::Tensor out = at::empty({2, 8}), sum = at::empty({2, 8});
+  ExpectRejected(
+      [&] {
+        ops::o_proj_mlp(out, sum, attn, r, at::randn({8, 7}), g, 1e-6, w_gu, w_d);
+      },
+      "dysco::o_proj_mlp: o_weight must have shape [8, 6]");
+  ExpectRejected(
+      [&] {
+        ops::o_proj_mlp(out, sum, attn, r, w_o, g, 1e-6, at::randn({9, 8}), w_d);
+      },
+      "dysco::o_proj_mlp: gate_up_weight must be [2I, D = 8] (the gate rows, then the up rows), "
+      "got [9, 8]");
+  ExpectRejected(
+      [&] {
+        ops::o_proj_mlp(out, sum, attn, r, w_o, g, 1e-6, w_gu, at::randn({8, 4}));
+      },
+      "dysco::o_proj_mlp: down_weight must have shape [8, 5]");
+  ExpectRejected([&] { ops::o_proj_mlp(out, sum, attn, r, w_o, g, 0.0, w_gu, w_d); },
+                 "dysco::o_proj_mlp: eps must be > 0");
+  ExpectRejected([&] { ops::o_proj_mlp(out, r, attn, r, w_o, g, 1e-6, w_gu, w_d); },
+                 "dysco::o_proj_mlp: sum must not overlap residual");
+  ExpectRejected([&] { ops::o_proj_mlp(out, out, attn, r, w_o, g, 1e-6, w_gu, w_d); },
+                 "dysco::o_proj_mlp: out must not overlap sum");
 }
 
 TEST(AddRmsNormLinear, RejectsBadInputs) {

@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <map>
 #include <memory>
@@ -813,6 +814,48 @@ TEST(CudaLinear, GemvEqualsCublas) {
   }
 }
 
+// The GEMVs with their weights staged by asynchronous copies (DYSCO_CUDA_GEMV_ASYNC=1, one input
+// row), plain and with the norm in front, give the bits of the register GEMVs with one warp a row
+// pair (the same words summed in the same order), bf16 and fp16, on the 8B shapes, odd N (the last
+// warp's second row), K of fewer words than a warp has lanes (64: 8 words; 8: one), of a ring that
+// wraps several times (12288) and of a partial last round (1000, 4104), and N of more blocks than
+// the GPU holds at once; every output element written (NaN first: NaN != NaN).
+TEST(CudaLinear, AsyncCopyGemvGivesTheSameBits) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(21);
+  for (const auto dtype : {at::kBFloat16, at::kHalf}) {
+    const auto options = at::TensorOptions().dtype(dtype).device(at::kCUDA);
+    for (const auto& [k, n] : {std::pair<int64_t, int64_t>{4096, 6144},
+                               {12288, 4096},
+                               {4096, 1031},
+                               {64, 7},
+                               {8, 3},
+                               {1000, 333},
+                               {4104, 20001}}) {
+      const at::Tensor input = at::randn({1, k}, options);
+      const at::Tensor residual = at::randn({1, k}, options);
+      const at::Tensor g = at::rand({k}, options) + 0.5;
+      const at::Tensor weight = at::randn({n, k}, options) / 16;
+      // [0]: the register kernels with one warp a row pair, [1]: the asynchronous-copy ones.
+      std::vector<at::Tensor> outs, normed_outs, sums;
+      for (const char* async : {"0", "1"}) {
+        const ScopedEnv splits("DYSCO_CUDA_GEMV_SPLITS", "1");
+        const ScopedEnv knob("DYSCO_CUDA_GEMV_ASYNC", async);
+        outs.push_back(at::full({1, n}, kNaN, options));
+        ops::linear(outs.back(), input, weight);
+        normed_outs.push_back(at::full({1, n}, kNaN, options));
+        sums.push_back(at::full({1, k}, kNaN, options));
+        ops::add_rms_norm_linear(normed_outs.back(), sums.back(), input, residual, g, 1e-6, weight);
+      }
+      const std::string what =
+          std::string(c10::toString(dtype)) + " k=" + std::to_string(k) + " n=" + std::to_string(n);
+      EXPECT_TRUE(Same(outs[1], outs[0].cpu(), "linear " + what));
+      EXPECT_TRUE(Same(normed_outs[1], normed_outs[0].cpu(), "add_rms_norm_linear " + what));
+      EXPECT_TRUE(Same(sums[1], sums[0].cpu(), "add_rms_norm_linear sum " + what));
+    }
+  }
+}
+
 // ---- rms_norm and rotary_embedding
 
 // Rows of the 8B models' widths and odd ones, every output element written (NaN first): the norm
@@ -1130,6 +1173,67 @@ TEST(CudaAddRmsNormSwiglu, EqualsTheTwoOpsBitForBitAndCpu) {
           EXPECT_TRUE(Close(gpu_out, out, 1e-4, 1e-5, what));
         } else {
           EXPECT_TRUE(SwigluClose(gpu_out, out, cpu_gate_up, what));
+        }
+      }
+    }
+  }
+}
+
+// o_proj_mlp: bit for bit linear, add_rms_norm_swiglu and linear on the GPU, by default and with
+// DYSCO_CUDA_MLP=persistent, both for one row (the persistent kernel, DecodeMlpKernel) and two (the
+// three ops); fp32 within 1e-4 / 1e-5 of the CPU op. The 8B shape (its gate/up stage has more GEMV
+// blocks than the grid), SmolLM2's, odd ones (fewer blocks than the grid; I not a multiple of 8:
+// the three ops), each warps-a-row-pair setting (the kernel's three instantiations), three
+// persistent calls in a row (the barrier counters left at zero by each); every output element
+// written (NaN first).
+TEST(CudaOProjMlp, EqualsTheThreeOpsBitForBit) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(39);
+  struct Shape {
+    int64_t a, d, inter;  // attn [m, a], o_weight [d, a], gate_up [2 inter, d], down [d, inter]
+  };
+  const std::vector<Shape> shapes = {
+      {4096, 4096, 12288}, {576, 576, 1536}, {64, 48, 40}, {128, 64, 1003}, {2048, 1024, 4096}};
+  for (const auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    const auto options = at::TensorOptions().dtype(dtype).device(at::kCUDA);
+    for (const Shape& s : shapes) {
+      const at::Tensor w_o = at::randn({s.d, s.a}, options) / 32;
+      const at::Tensor g = at::rand({s.d}, options) + 0.5;
+      const at::Tensor w_gate_up = at::randn({2 * s.inter, s.d}, options) / 32;
+      const at::Tensor w_down = at::randn({s.d, s.inter}, options) / 32;
+      for (const int64_t m : {1, 2}) {
+        for (const char* splits : {static_cast<const char*>(nullptr), "1", "2"}) {
+          const ScopedEnv knob("DYSCO_CUDA_GEMV_SPLITS", splits);
+          const at::Tensor attn = at::randn({m, s.a}, options);
+          const at::Tensor residual = at::randn({m, s.d}, options) * 4;
+          const at::Tensor o = at::full({m, s.d}, kNaN, options);
+          const at::Tensor act = at::full({m, s.inter}, kNaN, options);
+          const at::Tensor expected = at::full({m, s.d}, kNaN, options);
+          const at::Tensor expected_sum = at::full({m, s.d}, kNaN, options);
+          ops::linear(o, attn, w_o);
+          ops::add_rms_norm_swiglu(act, expected_sum, o, residual, g, 1e-6, w_gate_up);
+          ops::linear(expected, act, w_down);
+          const std::string what = std::string(c10::toString(dtype)) + " m=" + std::to_string(m) +
+                                   " a=" + std::to_string(s.a) + " d=" + std::to_string(s.d) +
+                                   " inter=" + std::to_string(s.inter) +
+                                   " splits=" + (splits != nullptr ? splits : "default");
+          for (int call = 0; call < 4; ++call) {
+            // Calls 1-3 persistent (when it applies), call 0 the default.
+            const ScopedEnv persistent("DYSCO_CUDA_MLP", call > 0 ? "persistent" : nullptr);
+            const at::Tensor out = at::full({m, s.d}, kNaN, options);
+            const at::Tensor sum = at::full({m, s.d}, kNaN, options);
+            ops::o_proj_mlp(out, sum, attn, residual, w_o, g, 1e-6, w_gate_up, w_down);
+            EXPECT_TRUE(Same(out, expected.cpu(), "o_proj_mlp " + what));
+            EXPECT_TRUE(Same(sum, expected_sum.cpu(), "o_proj_mlp sum " + what));
+          }
+          if (dtype == at::kFloat && splits == nullptr) {
+            const at::Tensor cpu_out = at::full({m, s.d}, kNaN);
+            const at::Tensor cpu_sum = at::full({m, s.d}, kNaN);
+            ops::o_proj_mlp(cpu_out, cpu_sum, attn.cpu(), residual.cpu(), w_o.cpu(), g.cpu(), 1e-6,
+                            w_gate_up.cpu(), w_down.cpu());
+            EXPECT_TRUE(Close(expected, cpu_out, 1e-4, 1e-5, "o_proj_mlp vs cpu " + what));
+            EXPECT_TRUE(Close(expected_sum, cpu_sum, 1e-4, 1e-5, "o_proj_mlp sum vs cpu " + what));
+          }
         }
       }
     }
@@ -1540,18 +1644,26 @@ TEST(CudaTiming, LinearLayersOfADecodeStep) {
       }
       {
         ScopedEnv splits("DYSCO_CUDA_GEMV_SPLITS", "1");
+        ScopedEnv registers("DYSCO_CUDA_GEMV_ASYNC", "0");
         one_warp_ms = MillisecondsPerCall(call, 40);
       }
       {
         ScopedEnv splits("DYSCO_CUDA_GEMV_SPLITS", "2");
         two_warps_ms = MillisecondsPerCall(call, 40);
       }
+      double async_ms = 0.0;
+      {
+        ScopedEnv knob("DYSCO_CUDA_GEMV_ASYNC", "1");  // one row only: the others are unchanged
+        async_ms = MillisecondsPerCall(call, 40);
+      }
+
       std::printf(
           "[timing] linear %-7s N=%6lld K=%5lld M=%lld: gemv %.4f ms (%.2fx floor; one warp a row "
-          "pair %.2fx, two %.2fx), cublas %.4f ms (%.2fx floor), floor %.4f ms\n",
+          "pair %.2fx, two %.2fx, async copies %.2fx), cublas %.4f ms (%.2fx floor), floor %.4f "
+          "ms\n",
           shape.name, static_cast<long long>(shape.n), static_cast<long long>(shape.k),
           static_cast<long long>(m), gemv_ms, gemv_ms / floor_ms, one_warp_ms / floor_ms,
-          two_warps_ms / floor_ms, cublas_ms, cublas_ms / floor_ms, floor_ms);
+          two_warps_ms / floor_ms, async_ms / floor_ms, cublas_ms, cublas_ms / floor_ms, floor_ms);
     }
   }
 }
@@ -1601,9 +1713,8 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
       ops::add_rms_norm_linear(qkv, sum, hidden_state, residual, l.norm1, 1e-6, l.qkv);
       const at::Tensor query = qkv.narrow(1, 0, hq * d).reshape({1, hq, d});
       ops::paged_attention_decode(attn, query, l.kv, tables, lens, scale, c10::nullopt);
-      ops::linear(o, attn.reshape({1, hq * d}), l.o);
-      ops::add_rms_norm_swiglu(act, residual, o, sum, l.norm2, 1e-6, l.gate_up);
-      ops::linear(down, act, l.down);
+      ops::o_proj_mlp(down, residual, attn.reshape({1, hq * d}), sum, l.o, l.norm2, 1e-6, l.gate_up,
+                      l.down);
       hidden_state.copy_(down);
     }
   };
@@ -1624,14 +1735,24 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
   // split settings under plain launches.
   struct Variant {
     const char* label;
-    const char* pdl;          // DYSCO_CUDA_PDL, nullptr: unset
-    const char* norm_linear;  // DYSCO_CUDA_NORM_LINEAR, nullptr: unset
-    const char* splits;       // DYSCO_CUDA_GEMV_SPLITS, nullptr: unset
+    const char* pdl;              // DYSCO_CUDA_PDL, nullptr: unset
+    const char* norm_linear;      // DYSCO_CUDA_NORM_LINEAR, nullptr: unset
+    const char* splits;           // DYSCO_CUDA_GEMV_SPLITS, nullptr: unset
+    const char* async = nullptr;  // DYSCO_CUDA_GEMV_ASYNC, nullptr: unset
+    const char* mlp = nullptr;    // DYSCO_CUDA_MLP, nullptr: unset
   };
   const std::vector<Variant> variants = {
       {"GEMVs start early, norms in the GEMVs (default)", nullptr, nullptr, nullptr},
-      {"GEMVs start early, norms in the GEMVs, one warp a GEMV row pair", nullptr, nullptr, "1"},
-      {"GEMVs start early, norms in the GEMVs, two warps a GEMV row pair", nullptr, nullptr, "2"},
+      {"GEMVs start early, norms in the GEMVs, one warp a GEMV row pair", nullptr, nullptr, "1",
+       "0"},
+      {"GEMVs start early, norms in the GEMVs, two warps a GEMV row pair", nullptr, nullptr, "2",
+       "0"},
+      {"GEMVs start early, norms in the GEMVs, no asynchronous copies", nullptr, nullptr, nullptr,
+       "0"},
+      {"GEMVs start early, norms in the GEMVs, asynchronous copies for every GEMV", nullptr,
+       nullptr, nullptr, "1"},
+      {"GEMVs start early, norms in the GEMVs, o_proj to down_proj as one persistent kernel",
+       nullptr, nullptr, nullptr, nullptr, "persistent"},
       {"GEMVs start early, add_rms_norm kernels", nullptr, "separate", nullptr},
       {"GEMVs, norms and SwiGLU start early, add_rms_norm kernels", "all", "separate", nullptr},
       {"plain launches, norms in the GEMVs", "0", nullptr, nullptr},
@@ -1642,6 +1763,8 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
   for (const Variant& v : variants) {
     const ScopedEnv norm_linear("DYSCO_CUDA_NORM_LINEAR", v.norm_linear);
     const ScopedEnv splits("DYSCO_CUDA_GEMV_SPLITS", v.splits);
+    const ScopedEnv async("DYSCO_CUDA_GEMV_ASYNC", v.async);
+    const ScopedEnv mlp("DYSCO_CUDA_MLP", v.mlp);
     at::Tensor expected;
     {
       const ScopedEnv plain("DYSCO_CUDA_PDL", "0");
@@ -1650,7 +1773,14 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
       c10::cuda::device_synchronize();
     }
     const bool separate = v.norm_linear != nullptr && std::string(v.norm_linear) == "separate";
-    if (v.splits == nullptr) (separate ? expected_separate : expected_fused) = expected;
+    if (v.splits == nullptr && v.async == nullptr && v.mlp == nullptr) {
+      (separate ? expected_separate : expected_fused) = expected;
+    }
+    if (v.splits == nullptr &&
+        ((v.async != nullptr && std::string(v.async) == "0") || v.mlp != nullptr)) {
+      // The asynchronous copies and the MLP kernel change no sum: the default's bits.
+      EXPECT_TRUE(at::equal(expected, expected_fused)) << v.label;
+    }
     const ScopedEnv pdl("DYSCO_CUDA_PDL", v.pdl);
     graphs.push_back(std::make_unique<at::cuda::CUDAGraph>());
     capture(*graphs.back());
@@ -1680,6 +1810,48 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
           "(%.3fx floor %.4f ms)\n",
           static_cast<long long>(layers), variants[i].label, ms, ms / floor_ms, floor_ms);
     }
+  }
+
+  // What the layer's kernel boundaries cost (default settings): its four GEMVs alone, each reading
+  // the output of the one before, against one GEMV over the same weight bytes (the four weights
+  // as the rows of one), both in graphs of the four layers.
+  std::vector<at::Tensor> whole;
+  for (const Layer& l : w) {
+    whole.push_back(at::cat({l.qkv, l.o, l.gate_up, l.down.reshape({inter, hidden})}, 0));
+  }
+  at::Tensor whole_out = at::empty({1, whole[0].size(0)}, bf16);
+  at::Tensor gate_up = at::empty({1, 2 * inter}, bf16);
+  auto four_gemvs = [&] {
+    for (const Layer& l : w) {
+      ops::linear(qkv, hidden_state, l.qkv);
+      ops::linear(o, qkv.narrow(1, 0, hidden), l.o);
+      ops::linear(gate_up, o, l.gate_up);
+      ops::linear(hidden_state, gate_up.narrow(1, 0, inter), l.down);
+    }
+  };
+  auto one_gemv = [&] {
+    for (const at::Tensor& wl : whole) ops::linear(whole_out, hidden_state, wl);
+  };
+  const double weight_floor_ms = 2.0 * static_cast<double>(whole[0].numel()) / bandwidth * 1e3;
+  for (const auto& [label, fn] :
+       {std::pair<const char*, std::function<void()>>{"its four GEMVs alone, chained", four_gemvs},
+        {"one GEMV of the same weight bytes", one_gemv}}) {
+    hidden_state.copy_(input);
+    c10::cuda::device_synchronize();
+    at::cuda::CUDAGraph graph;
+    {
+      const c10::cuda::CUDAStreamGuard guard(c10::cuda::getStreamFromPool());
+      fn();
+      graph.capture_begin();
+      fn();
+      graph.capture_end();
+    }
+    c10::cuda::device_synchronize();
+    const double ms = MillisecondsPerCall([&] { graph.replay(); }, 50) / layers;
+    std::printf(
+        "[timing] decode layer's weights (Qwen3-8B, a graph of %lld layers), %s: %.4f ms (%.3fx "
+        "floor %.4f ms)\n",
+        static_cast<long long>(layers), label, ms, ms / weight_floor_ms, weight_floor_ms);
   }
 }
 

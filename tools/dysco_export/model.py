@@ -51,17 +51,18 @@ def add_rms_norm_linear(x: Tensor, residual: Tensor, norm_weight: Tensor, eps: f
     return total, out
 
 
-def add_rms_norm_swiglu(x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float,
-                        gate_up_weight: Tensor) -> Tuple[Tensor, Tensor]:
-    """(residual + x, silu(g) * u) where [g | u] = linear(rms_norm(residual + x), gate_up_weight) (gate rows
-    first): add_rms_norm_linear over the fused gate/up weight and the SwiGLU activation, rounded as
-    `F.silu(g) * u`, as one op, where a device may fuse the two (CUDA runs add_rms_norm_linear then silu_mul:
-    docs/gpu.md "The norm in the GEMV"). On the CPU: add_rms_norm, linear and silu_mul, bit for bit."""
+def o_proj_mlp(attn: Tensor, residual: Tensor, o_weight: Tensor, norm_weight: Tensor, eps: float,
+               gate_up_weight: Tensor, down_weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """(h, mlp) with h = residual + linear(attn, o_weight) and mlp = linear(silu(g) * u, down_weight) where
+    [g | u] = linear(rms_norm(h), gate_up_weight): an attention block's output projection, residual add, norm
+    and MLP as one op, bit for bit linear, add_rms_norm_swiglu and linear, where a device may fuse them (CUDA
+    has a persistent kernel for a decode row whose blocks meet at grid barriers between the four stages;
+    slower than the four kernels on the H200, so not the default: docs/gpu.md "The MLP as one kernel")."""
     residual = residual.contiguous()
     total = torch.empty_like(residual)
-    out = torch.empty([residual.size(0), gate_up_weight.size(0) // 2], dtype=residual.dtype,
-                      device=residual.device)
-    torch.ops.dysco.add_rms_norm_swiglu(out, total, x.contiguous(), residual, norm_weight, eps, gate_up_weight)
+    out = torch.empty_like(residual)
+    torch.ops.dysco.o_proj_mlp(out, total, attn.contiguous(), residual, o_weight, norm_weight, eps,
+                               gate_up_weight, down_weight)
     return total, out
 
 
@@ -150,9 +151,8 @@ class DecoderLayer(nn.Module):
         if probes_only:
             return h, qkv
 
-        h, act = add_rms_norm_swiglu(linear(out.view(num_tokens, self.num_heads * self.head_dim), self.o_proj),
-                                     h, self.post_attention_layernorm, self.eps, self.gate_up_proj)
-        return h, linear(act, self.down_proj)
+        return o_proj_mlp(out.view(num_tokens, self.num_heads * self.head_dim), h, self.o_proj,
+                          self.post_attention_layernorm, self.eps, self.gate_up_proj, self.down_proj)
 
 
 class DecoderModel(nn.Module):
