@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# An A/B of CUDA settings on the GPU machine in one call (docs/gpu.md "Running on the GPU machine"):
+# builds test_kernels_cuda and bench-gpu (scripts/gpu-device-env.sh's prefix from the carried .debs),
+# runs the GPU tests of GPU_AB_TESTS (a gtest filter, e.g. the timing tests of the kernels changed;
+# stops there if one fails), then bench-gpu on the Qwen3-8B shape once per entry of GPU_AB_RUNS, in
+# that order: "tag:VAR=value,VAR=value tag:..." (an empty list after the colon is the default;
+# alternate the settings, e.g. "a1: b1:DYSCO_CUDA_X=1 a2: b2:DYSCO_CUDA_X=1", since run-to-run drift
+# on one machine is about 0.1 ms at 8K). The synthetic package is exported once (~50 s) and reused;
+# each run takes ~35 s. Prints each run's p50 rows and DySCO breakdown, and leaves three files in
+# $OUT (default gpu-ab-out/; the device tool returns few): tests.log, ab.md (the rows) and
+# bench.log (every run's output).
+# Knobs: GPU_AB_TESTS (unset: no tests), GPU_AB_RUNS (unset: no bench), GPU_AB_TEST_TIMEOUT_S (200),
+# GPU_AB_BUDGET_S (570: the runs that would start past it are skipped), GPU_AB_SHAPE (qwen3-8b).
+# Usage: bash scripts/gpu-ab.sh [DEBS_DIR]
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+T0=$(date +%s)
+DEBS=${1:-.debs}
+RESULTS=${OUT:-$PWD/gpu-ab-out}
+BUDGET=${GPU_AB_BUDGET_S:-570}
+SHAPE=${GPU_AB_SHAPE:-qwen3-8b}
+WORK=$(mktemp -d)
+mkdir -p "$RESULTS"
+elapsed() { echo $(( $(date +%s) - T0 )); }
+
+# shellcheck source=scripts/gpu-device-env.sh
+source scripts/gpu-device-env.sh "$DEBS" > "$WORK/env.log" 2>&1
+dysco_configure_gpu_build build-gpu > "$WORK/configure.log" 2>&1
+if ! cmake --build build-gpu -j16 --target test_kernels_cuda bench-gpu > "$WORK/build.log" 2>&1; then
+  tail -60 "$WORK/build.log" | tee "$RESULTS/tests.log"
+  exit 1
+fi
+echo "[gpu-ab] built at $(elapsed) s"
+
+if [ -n "${GPU_AB_TESTS:-}" ]; then
+  timeout "${GPU_AB_TEST_TIMEOUT_S:-200}" build-gpu/bin/test_kernels_cuda \
+    --gtest_filter="$GPU_AB_TESTS" > "$RESULTS/tests.log" 2>&1
+  rc=$?
+  echo "[gpu-ab] tests exit $rc at $(elapsed) s"
+  grep -E '^\[timing\]|FAILED|PASSED' "$RESULTS/tests.log"
+  if [ "$rc" -ne 0 ]; then
+    grep -B2 -A8 'Failure' "$RESULTS/tests.log" | head -60
+    exit 1
+  fi
+fi
+
+: > "$RESULTS/ab.md"
+: > "$RESULTS/bench.log"
+for run in ${GPU_AB_RUNS:-}; do
+  tag=${run%%:*}
+  settings=${run#*:}
+  left=$(( BUDGET - $(elapsed) ))
+  if [ "$left" -lt 60 ]; then
+    echo "[gpu-ab] no time left for run $tag" | tee -a "$RESULTS/ab.md"
+    break
+  fi
+  (
+    IFS=,
+    for setting in $settings; do [ -n "$setting" ] && export "${setting?}"; done
+    OUT=$WORK/bench GPU_BENCH_TAG=-$tag GPU_BENCH_PARTS=bench GPU_BENCH_SHAPES=$SHAPE \
+      GPU_BENCH_EXPORT_DEVICE=cuda GPU_BENCH_PROFILE_STEPS=0 GPU_BENCH_BUDGET_S=$left \
+      bash scripts/gpu-bench.sh "$DEBS"
+  ) > "$WORK/bench-$tag.log" 2>&1
+  cat "$WORK/bench-$tag.log" >> "$RESULTS/bench.log"
+  {
+    echo "run $tag (${settings:-default}), done at $(elapsed) s:"
+    # This run's rows: the table under its own heading (gpu-bench.sh prints every tagged run so far).
+    awk -v h="### $SHAPE-$tag " 'index($0, h) == 1 { f = 1 }
+      f && /^\| [0-9]+ \|/ { print }
+      f && /^DySCO step breakdown/ { print substr($0, 1, 240); exit }' "$WORK/bench-$tag.log"
+  } | tee -a "$RESULTS/ab.md"
+done
+rm -rf "$WORK"
