@@ -31,7 +31,9 @@
 #include <algorithm>
 #include <map>
 #include <mutex>
+#include <set>
 #include <tuple>
+#include <utility>
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/cuda_ops.h"
@@ -695,14 +697,22 @@ bool GemvAsync(int64_t n, int splits) {
 
 // Lets `kernel` take more than 48 KB of dynamic shared memory (up to its ring and the widest normed
 // row) and asks for the largest shared-memory carveout, so that three such blocks fit an SM. Once
-// per kernel, before its first launch (not a stream operation: allowed under graph capture too).
+// per kernel and device (the attributes are the current device's), before the kernel's first launch
+// there (not a stream operation: allowed under graph capture too).
 template <typename Kernel>
-bool AllowLargeSharedMemory(Kernel* kernel) {
+void AllowLargeSharedMemory(Kernel* kernel) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> configured;
+  const std::pair<const void*, int> key(reinterpret_cast<const void*>(kernel), device);
+  std::lock_guard<std::mutex> lock(mu);
+  if (configured.count(key) != 0) return;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(kGemvRingBytes + kNormRowBytesMax)));
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                       cudaSharedmemCarveoutMaxShared));
-  return true;
+  configured.insert(key);
 }
 
 // Blocks of a GEMV over N weight rows with `splits` warps a row pair.
@@ -717,8 +727,7 @@ void LaunchGemv(const at::Tensor& out, const at::Tensor& input, const at::Tensor
   const int64_t n = weight.size(0);
   const bool early = cuda::EarlyStartLevel() != cuda::EarlyStart::kNone;
   if (input.size(0) == 1 && GemvAsync(n, GemvSplits(n))) {
-    static const bool configured = AllowLargeSharedMemory(GemvAsyncKernel<T>);
-    (void)configured;
+    AllowLargeSharedMemory(GemvAsyncKernel<T>);
     cuda::LaunchOnStream(early, GemvAsyncKernel<T>, GemvGrid(n, 1),
                          dim3(kGemvWarps * cuda::kWarpSize), cuda::CurrentStream(),
                          out.data_ptr<T>(), input.data_ptr<T>(), weight.data_ptr<T>(), n,
@@ -745,8 +754,7 @@ void LaunchAddNormGemv(const at::Tensor& out, const at::Tensor& sum, const at::T
   const AddNormArgs<T> norm{sum.data_ptr<T>(), residual.data_ptr<T>(), norm_weight.data_ptr<T>(),
                             static_cast<float>(eps)};
   if (rows == 1 && GemvAsync(n, splits)) {
-    static const bool configured = AllowLargeSharedMemory(AddNormGemvAsyncKernel<T>);
-    (void)configured;
+    AllowLargeSharedMemory(AddNormGemvAsyncKernel<T>);
     cuda::LaunchOnStreamWithSharedMemory(
         early, AddNormGemvAsyncKernel<T>, GemvGrid(n, 1), dim3(kGemvWarps * cuda::kWarpSize),
         static_cast<size_t>(kGemvRingBytes + input.size(1) * int64_t{sizeof(float)}),

@@ -1705,7 +1705,6 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
   at::Tensor sum = at::empty({1, hidden}, bf16);
   at::Tensor qkv = at::empty({1, (hq + 2 * hkv) * d}, bf16), attn = at::empty({1, hq, d}, bf16);
   at::Tensor o = at::empty({1, hidden}, bf16);
-  at::Tensor act = at::empty({1, inter}, bf16), down = at::empty({1, hidden}, bf16);
   auto chain = [&] {
     hidden_state.copy_(input);
     residual.copy_(residual0);
@@ -1713,9 +1712,10 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
       ops::add_rms_norm_linear(qkv, sum, hidden_state, residual, l.norm1, 1e-6, l.qkv);
       const at::Tensor query = qkv.narrow(1, 0, hq * d).reshape({1, hq, d});
       ops::paged_attention_decode(attn, query, l.kv, tables, lens, scale, c10::nullopt);
-      ops::o_proj_mlp(down, residual, attn.reshape({1, hq * d}), sum, l.o, l.norm2, 1e-6, l.gate_up,
-                      l.down);
-      hidden_state.copy_(down);
+      // down_proj's output is the next layer's input, as in the model (no copy kernel between
+      // them, which would keep the next q/k/v GEMV from starting early).
+      ops::o_proj_mlp(hidden_state, residual, attn.reshape({1, hq * d}), sum, l.o, l.norm2, 1e-6,
+                      l.gate_up, l.down);
     }
   };
   auto capture = [&](at::cuda::CUDAGraph& graph) {
