@@ -49,7 +49,7 @@ TORCH_LIBRARY(dysco, m) {
   // [D, A]^T (rounded to the dtype, as linear's output), out [M, D] <- silu_mul(rms_norm(sum,
   // norm_weight, eps) @ gate_up_weight [2I, D]^T) @ down_weight [D, I]^T: linear,
   // add_rms_norm_swiglu and linear in one call, where a device may fuse them (CUDA has a persistent
-  // kernel for a decode row, not the default: docs/gpu.md "The MLP as one kernel").
+  // kernel for a decode row, not the default: docs/gpu.md "What a layer's dependencies cost").
   m.def(
       "o_proj_mlp(Tensor(a!) out, Tensor(b!) sum, Tensor attn, Tensor residual, Tensor o_weight, "
       "Tensor norm_weight, float eps, Tensor gate_up_weight, Tensor down_weight) -> ()");

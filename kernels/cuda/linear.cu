@@ -129,6 +129,13 @@ __device__ __forceinline__ void WeightRows(const uint4* (&wv)[R], const void* w,
   }
 }
 
+// Blocks of a GEMV over N weight rows with `splits` warps a row pair (kGemvWarps / splits pairs a
+// block): the launch grid (GemvGrid) and the GEMV blocks a persistent kernel runs (RunGemvStage).
+__host__ __device__ constexpr int64_t GemvBlockCount(int64_t n, int splits) {
+  const int64_t rows_per_block = int64_t{kGemvWarps / splits} * kGemvRowsPerWarp;
+  return (n + rows_per_block - 1) / rows_per_block;
+}
+
 // A warp's place in a GEMV block of kGemvWarps warps, kSplits of them per pair of weight rows: the
 // pair's first row n0, and which of the pair's warps it is (it takes the chunks split, split +
 // kSplits, ... of the rows, a chunk being kGemvUnroll 16-byte words a lane).
@@ -507,7 +514,7 @@ __global__ void __launch_bounds__(kGemvWarps* cuda::kWarpSize, kGemvBlocksPerSm)
 // ---- o_proj_mlp for one row as a persistent kernel over the four stages (o_proj, the residual add
 // and norm with gate/up, SwiGLU, down_proj), the blocks meeting at grid barriers in between. Not
 // the default (DYSCO_CUDA_MLP=persistent): on the H200 it was slower than the four kernels it
-// replaces (docs/gpu.md "The MLP as one kernel").
+// replaces (docs/gpu.md "What a layer's dependencies cost, and the MLP as one kernel").
 //
 // Why it was tried: the dependencies of a decode layer cost ~3.7 us each on the H200 even with the
 // GEMVs starting early (CudaTiming.DecodeLayersWithGemvsStartingEarly: a layer's four GEMVs
@@ -557,19 +564,12 @@ __device__ __forceinline__ void GridBarrier(unsigned* arrivals, unsigned target)
   __syncthreads();
 }
 
-// The blocks of a one-row GEMV of N rows with kSplits warps a row pair (GemvGrid).
-template <int kSplits>
-__device__ __forceinline__ int64_t GemvBlocks(int64_t n) {
-  constexpr int64_t kRowsPerBlock = int64_t{kGemvWarps / kSplits} * kGemvRowsPerWarp;
-  return (n + kRowsPerBlock - 1) / kRowsPerBlock;
-}
-
 // Issues the first chunk of this block's first GEMV block's loads into wr (none when the stage has
 // fewer blocks than the grid): what RunGemvStage(..., preloaded = true) starts from.
 template <int kSplits>
 __device__ __forceinline__ void PreloadGemvStage(uint4 (&wr)[kGemvUnroll][kGemvRowsPerWarp],
                                                  const void* w, int64_t n, int64_t k8) {
-  if (blockIdx.x >= GemvBlocks<kSplits>(n)) return;
+  if (blockIdx.x >= GemvBlockCount(n, kSplits)) return;
   const GemvWarpPlace<kSplits> place(blockIdx.x);
   const uint4* wv[kGemvRowsPerWarp];
   WeightRows<kGemvRowsPerWarp>(wv, w, place.n0, n, k8);
@@ -587,7 +587,7 @@ __device__ __forceinline__ void RunGemvStage(T* out, const void* w, int64_t n, i
   constexpr int R = kGemvRowsPerWarp;
   const int lane = threadIdx.x % cuda::kWarpSize;
   const float scales[1] = {scale};
-  const int64_t blocks = GemvBlocks<kSplits>(n);
+  const int64_t blocks = GemvBlockCount(n, kSplits);
   for (int64_t block = blockIdx.x; block < blocks; block += gridDim.x) {
     const GemvWarpPlace<kSplits> place(block);
     const uint4* wv[R];
@@ -672,9 +672,8 @@ bool ForcedCublas() { return cuda::EnvIs("DYSCO_CUDA_LINEAR", "cublas"); }
 int GemvSplits(int64_t n) {
   if (cuda::EnvIs("DYSCO_CUDA_GEMV_SPLITS", "1")) return 1;
   if (cuda::EnvIs("DYSCO_CUDA_GEMV_SPLITS", "2")) return 2;
-  const int64_t blocks = cuda::CeilDiv(n, int64_t{kGemvWarps} * kGemvRowsPerWarp);
   const int64_t slots = int64_t{kGemvBlocksPerSm} * cuda::MultiprocessorCount();
-  return kGemvMaxSplits * blocks <= slots ? kGemvMaxSplits : 1;
+  return kGemvMaxSplits * GemvBlockCount(n, 1) <= slots ? kGemvMaxSplits : 1;
 }
 
 // Blocks of AddNormGemvAsyncKernel an SM holds: 64 KB of shared memory each at K = 4096 (the rings'
@@ -691,14 +690,15 @@ constexpr int kGemvAsyncBlocksPerSm = 3;
 bool GemvAsync(int64_t n, int splits) {
   if (cuda::EnvIs("DYSCO_CUDA_GEMV_ASYNC", "0")) return false;
   if (cuda::EnvIs("DYSCO_CUDA_GEMV_ASYNC", "1")) return true;
-  const int64_t blocks = cuda::CeilDiv(n, int64_t{kGemvWarps} * kGemvRowsPerWarp);
-  return splits == 1 && blocks <= int64_t{kGemvAsyncBlocksPerSm} * cuda::MultiprocessorCount();
+  return splits == 1 &&
+         GemvBlockCount(n, 1) <= int64_t{kGemvAsyncBlocksPerSm} * cuda::MultiprocessorCount();
 }
 
 // Lets `kernel` take more than 48 KB of dynamic shared memory (up to its ring and the widest normed
-// row) and asks for the largest shared-memory carveout, so that three such blocks fit an SM. Once
-// per kernel and device (the attributes are the current device's), before the kernel's first launch
-// there (not a stream operation: allowed under graph capture too).
+// row) and asks for the largest shared-memory carveout, so that three such blocks fit an SM (the
+// ring kernels; DecodeMlpGrid for the carveout its occupancy query counts on). Once per kernel and
+// device (the attributes are the current device's), before the kernel's first launch there (not a
+// stream operation: allowed under graph capture too).
 template <typename Kernel>
 void AllowLargeSharedMemory(Kernel* kernel) {
   int device = 0;
@@ -715,10 +715,9 @@ void AllowLargeSharedMemory(Kernel* kernel) {
   configured.insert(key);
 }
 
-// Blocks of a GEMV over N weight rows with `splits` warps a row pair.
+// The launch grid of a GEMV over N weight rows with `splits` warps a row pair.
 dim3 GemvGrid(int64_t n, int splits) {
-  const int64_t rows_per_block = int64_t{kGemvWarps / splits} * kGemvRowsPerWarp;
-  return dim3(static_cast<unsigned>(cuda::CeilDiv(n, rows_per_block)));
+  return dim3(static_cast<unsigned>(GemvBlockCount(n, splits)));
 }
 
 template <typename T>
@@ -866,9 +865,9 @@ void add_rms_norm_swiglu_cuda(const at::Tensor& out, const at::Tensor& sum, cons
 namespace {
 
 // Blocks of DecodeMlpKernel<T, ...> for a hidden size h: as many as fit the GPU at once (the grid
-// barriers need every block resident; the occupancy API with the largest shared-memory carveout
-// asked for), at most the widest stage's GEMV blocks. Cached per (kernel, device, h): the query
-// is a driver call.
+// barriers need every block resident; the occupancy API once AllowLargeSharedMemory has asked for
+// the largest shared-memory carveout), at most the widest stage's GEMV blocks. Cached per (kernel,
+// device, h): the query is a driver call.
 template <typename Kernel>
 int64_t DecodeMlpGrid(Kernel* kernel, int64_t h, int64_t widest_blocks) {
   int device = 0;
@@ -879,8 +878,7 @@ int64_t DecodeMlpGrid(Kernel* kernel, int64_t h, int64_t widest_blocks) {
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(key);
   if (it == cache.end()) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                        cudaSharedmemCarveoutMaxShared));
+    AllowLargeSharedMemory(kernel);
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
         &per_sm, kernel, kGemvWarps * cuda::kWarpSize, static_cast<size_t>(h) * sizeof(float)));
@@ -893,7 +891,7 @@ template <typename T, int kSplitsO, int kSplitsGateUp>
 void LaunchDecodeMlp(const DecodeMlpArgs<T>& args) {
   auto* kernel = DecodeMlpKernel<T, kSplitsO, kSplitsGateUp, kSplitsO>;
   const int64_t widest =
-      std::max<int64_t>(GemvGrid(args.h, kSplitsO).x, GemvGrid(2 * args.inter, kSplitsGateUp).x);
+      std::max(GemvBlockCount(args.h, kSplitsO), GemvBlockCount(2 * args.inter, kSplitsGateUp));
   const int64_t grid = DecodeMlpGrid(kernel, args.h, widest);
   cuda::LaunchOnStreamWithSharedMemory(
       cuda::EarlyStartLevel() != cuda::EarlyStart::kNone, kernel, dim3(static_cast<unsigned>(grid)),
@@ -911,9 +909,9 @@ bool DecodeMlp(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& a
                const at::Tensor& down_weight) {
   if (attn.size(0) != 1 || !cuda::EnvIs("DYSCO_CUDA_MLP", "persistent")) return false;
   const int64_t h = o_weight.size(0), inter = down_weight.size(1);
-  const at::Tensor o_row = residual;  // the norm's input has the residual's shape
+  // The norm's input (o_proj's output) has the residual's shape: residual stands for it.
   if (!TakesGemv(attn, o_weight) || h % 8 != 0 || inter % 8 != 0 ||
-      !TakesAddNormGemv(out, sum, o_row, residual, norm_weight, gate_up_weight) ||
+      !TakesAddNormGemv(out, sum, residual, residual, norm_weight, gate_up_weight) ||
       !cuda::Aligned16(gate_up_weight.data_ptr()) || !cuda::Aligned16(down_weight.data_ptr()) ||
       !cuda::Aligned16(out.data_ptr())) {
     return false;

@@ -57,7 +57,7 @@ def o_proj_mlp(attn: Tensor, residual: Tensor, o_weight: Tensor, norm_weight: Te
     [g | u] = linear(rms_norm(h), gate_up_weight): an attention block's output projection, residual add, norm
     and MLP as one op, bit for bit linear, add_rms_norm_swiglu and linear, where a device may fuse them (CUDA
     has a persistent kernel for a decode row whose blocks meet at grid barriers between the four stages;
-    slower than the four kernels on the H200, so not the default: docs/gpu.md "The MLP as one kernel")."""
+    slower than the four kernels on the H200, so not the default: docs/gpu.md "What a layer's dependencies cost")."""
     residual = residual.contiguous()
     total = torch.empty_like(residual)
     out = torch.empty_like(residual)
