@@ -196,7 +196,8 @@ inline bool EnvIs(const char* name, const char* value) {
 }
 
 // Which kernels start early: the environment variable DYSCO_CUDA_PDL = "0" (none), unset or "1"
-// (linear's GEMV: the default), "all" (also add_rms_norm, rms_norm and silu_mul). Read per call,
+// (linear's GEMV and the tensor-core decode attention: the default), "all" (also add_rms_norm,
+// rms_norm and silu_mul). Read per call,
 // for A/B timing in one process (test_kernels_cuda, bench-gpu).
 enum class EarlyStart { kNone = 0, kGemv = 1, kAll = 2 };
 inline EarlyStart EarlyStartLevel() {

@@ -136,6 +136,10 @@ __global__ void __launch_bounds__(kQkvThreads)
                             const T* sin, const int64_t* slots, const T* q_w, const T* k_w,
                             int64_t tokens, int64_t heads, int64_t kv_heads, int64_t d,
                             int64_t num_slots, float eps) {
+  // The decode attention after it may start now: it reads only the cache's older keys (and its
+  // metadata) before it waits for this kernel (split_attention_mma.cu,
+  // AttentionParams::early_keys).
+  cuda::AllowDependentLaunch();
   using C = cuda::Convert<T>;
   const int64_t heads_per_token = heads + kv_heads;
   const int64_t warp = blockIdx.x * static_cast<int64_t>(kQkvThreads / cuda::kWarpSize) +

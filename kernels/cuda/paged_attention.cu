@@ -345,6 +345,12 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   p.out = out.data_ptr<T>();
   p.merge_counters =
       use_mma ? SplitMergeCounters(tokens * cache.num_kv_heads * p.row_chunks) : nullptr;
+  // The tensor-core kernel of a decode call starts while the kernel ahead finishes
+  // (AttentionParams::early_keys); DYSCO_CUDA_ATTENTION_PDL=0 (or DYSCO_CUDA_PDL=0) launches it
+  // plainly.
+  p.early_keys = use_mma && query_start_loc == nullptr &&
+                 cuda::EarlyStartLevel() != cuda::EarlyStart::kNone &&
+                 !cuda::EnvIs("DYSCO_CUDA_ATTENTION_PDL", "0");
   const cudaStream_t stream = cuda::CurrentStream();
   const int kv_heads = static_cast<int>(cache.num_kv_heads);
   if (use_mma) {

@@ -47,6 +47,13 @@ struct AttentionParams {
   int row_chunks;     // ceil(group / kRows)
   bool vector_loads;  // head_dim % 8 == 0 and a 16-byte aligned cache: K rows read 8 elements at a
                       // time
+  // The tensor-core kernel, decode calls only: launched to start while the kernel ahead finishes
+  // (cuda_common.cuh), each warp loads its first tile of keys before it waits for that kernel when
+  // the tile lies wholly before the row's newest key, which the kernel ahead (the model's
+  // qk_norm_rope_kv_write) may still be writing, with the query. Before the wait it reads only
+  // older keys, the block tables, seq_lens and the bias (docs/gpu.md "The decode attention starts
+  // early").
+  bool early_keys;
   float scale;
 };
 

@@ -137,22 +137,25 @@ __global__ void __launch_bounds__(kAttentionThreads)
   const int key_end = static_cast<int>(min(static_cast<int64_t>(key_begin) + p.split_len, limit));
 
   // Q as A fragments: rows g and g + 8 of the chunk (zeros past `rows`), dims permuted as above.
+  // Read after the wait for the kernel ahead, which writes it (AttentionParams::early_keys).
   uint32_t qa[kKSteps][4];
+  auto load_query = [&] {
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int row = g + 8 * half;
+    for (int half = 0; half < 2; ++half) {
+      const int row = g + 8 * half;
 #pragma unroll
-    for (int i = 0; i < kRowLoads; ++i) {
-      uint4 w = make_uint4(0, 0, 0, 0);
-      if (row < rows) {
-        w = Load16(p.query + (token * p.num_heads + head0 + row) * kHeadDim + 32 * i + 8 * t);
+      for (int i = 0; i < kRowLoads; ++i) {
+        uint4 w = make_uint4(0, 0, 0, 0);
+        if (row < rows) {
+          w = Load16(p.query + (token * p.num_heads + head0 + row) * kHeadDim + 32 * i + 8 * t);
+        }
+        qa[2 * i][half] = w.x;
+        qa[2 * i][2 + half] = w.y;
+        qa[2 * i + 1][half] = w.z;
+        qa[2 * i + 1][2 + half] = w.w;
       }
-      qa[2 * i][half] = w.x;
-      qa[2 * i][2 + half] = w.y;
-      qa[2 * i + 1][half] = w.z;
-      qa[2 * i + 1][2 + half] = w.w;
     }
-  }
+  };
 
   const int32_t* pages = p.tables + b * p.max_pages;
   const float* bias = p.bias == nullptr ? nullptr : p.bias + b * p.bias_width;
@@ -313,6 +316,9 @@ __global__ void __launch_bounds__(kAttentionThreads)
 
   constexpr int kTileStride = kAttentionWarps * kTileKeys;
   const int first_tile = key_begin + warp * kTileKeys;
+  // Whether this warp's first tile is loaded before the wait: its keys all precede the row's newest
+  // (a decode row's newest key is limit - 1), so the kernel ahead does not write them.
+  const bool early_tile = p.early_keys && first_tile + kTileKeys <= limit - 1;
   if constexpr (kPipeline == kRegisterPrefetch) {
     // Two register sets used in turn (the loop unrolled by two), so no set is copied to the other.
     uint4 kw_a[2][kRowLoads];
@@ -321,7 +327,10 @@ __global__ void __launch_bounds__(kAttentionThreads)
     uint4 kw_b[2][kRowLoads];
     uint4 vw_b[4][kValueLoads];
     float2 bias_b[2];
-    if (first_tile < key_end) load_tile(first_tile, kw_a, vw_a, bias_a);
+    if (early_tile) load_tile(first_tile, kw_a, vw_a, bias_a);
+    cuda::WaitForPrerequisiteGrids();
+    load_query();
+    if (!early_tile && first_tile < key_end) load_tile(first_tile, kw_a, vw_a, bias_a);
     for (int tile = first_tile; tile < key_end; tile += 2 * kTileStride) {
       const int second = tile + kTileStride;
       if (second < key_end) load_tile(second, kw_b, vw_b, bias_b);
@@ -331,11 +340,14 @@ __global__ void __launch_bounds__(kAttentionThreads)
       process_tile(second, kw_b, vw_b, bias_b);
     }
   } else {
+    uint4 kw[2][kRowLoads];
+    uint4 vw[4][kValueLoads];
+    float2 tile_bias[2];
+    if (early_tile) load_tile(first_tile, kw, vw, tile_bias);
+    cuda::WaitForPrerequisiteGrids();
+    load_query();
     for (int tile = first_tile; tile < key_end; tile += kTileStride) {
-      uint4 kw[2][kRowLoads];
-      uint4 vw[4][kValueLoads];
-      float2 tile_bias[2];
-      load_tile(tile, kw, vw, tile_bias);
+      if (!early_tile || tile != first_tile) load_tile(tile, kw, vw, tile_bias);
       process_tile(tile, kw, vw, tile_bias);
     }
   }
@@ -441,23 +453,13 @@ void LaunchMmaSplitAttention(const AttentionParams<T>& p, int64_t tokens, int kv
     const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(p.num_splits),
                     static_cast<unsigned>(kv_heads * p.row_chunks));
     const bool prefetch = MmaPipeline() == kRegisterPrefetch;
-    if (p.head_dim == 64) {
-      if (prefetch) {
-        MmaSplitAttentionKernel<T, 64, kRegisterPrefetch>
-            <<<grid, kAttentionThreads, 0, stream>>>(p);
-      } else {
-        MmaSplitAttentionKernel<T, 64, kNoPrefetch><<<grid, kAttentionThreads, 0, stream>>>(p);
-      }
-    } else {
-      TORCH_CHECK(p.head_dim == 128, "tensor-core split attention called for head_dim ",
-                  p.head_dim);
-      if (prefetch) {
-        MmaSplitAttentionKernel<T, 128, kRegisterPrefetch>
-            <<<grid, kAttentionThreads, 0, stream>>>(p);
-      } else {
-        MmaSplitAttentionKernel<T, 128, kNoPrefetch><<<grid, kAttentionThreads, 0, stream>>>(p);
-      }
-    }
+    TORCH_CHECK(p.head_dim == 64 || p.head_dim == 128,
+                "tensor-core split attention called for head_dim ", p.head_dim);
+    auto* kernel = p.head_dim == 64 ? (prefetch ? MmaSplitAttentionKernel<T, 64, kRegisterPrefetch>
+                                                : MmaSplitAttentionKernel<T, 64, kNoPrefetch>)
+                                    : (prefetch ? MmaSplitAttentionKernel<T, 128, kRegisterPrefetch>
+                                                : MmaSplitAttentionKernel<T, 128, kNoPrefetch>);
+    cuda::LaunchOnStream(p.early_keys, kernel, grid, dim3(kAttentionThreads), stream, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -8,7 +8,8 @@
 // kernel), DYSCO_CUDA_NORM_LINEAR ("separate": add_rms_norm then linear instead of the fused GEMV),
 // DYSCO_CUDA_GEMV_SPLITS ("1" or "2" warps a GEMV row pair), DYSCO_CUDA_GEMV_ASYNC ("1": the
 // GEMV staged by asynchronous copies), DYSCO_CUDA_MLP ("persistent": o_proj_mlp's persistent
-// kernel) and DYSCO_CUDA_PDL, so a test can run
+// kernel), DYSCO_CUDA_ATTENTION_PDL ("0": the decode attention launched plainly) and
+// DYSCO_CUDA_PDL, so a test can run
 // both sides in one process.
 //
 // Thread-safety: setenv/unsetenv are not thread-safe; use it on the test's own thread while no

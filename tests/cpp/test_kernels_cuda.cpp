@@ -955,6 +955,85 @@ TEST(CudaQkNormRopeKvWrite, EqualsCpu) {
   }
 }
 
+// The decode attention after qk_norm_rope_kv_write, the model's pair, with the tensor-core kernel
+// started early (AttentionParams::early_keys: its first tiles of older keys loaded while the write
+// runs) against plain launches: the same bits in the output and the cache, eagerly and replayed in
+// a CUDA graph, for rows whose newest key sits at every place in a tile and page (first, last, one
+// past), rows of one key, and a row with a key bias; every iteration writes a new newest key, so a
+// tile read before the write would show.
+TEST(CudaPagedAttentionDecode, StartsEarlyAfterTheKvWrite) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(41);
+  const int64_t h = 32, hkv = 8, d = 128, page_size = 16;
+  const std::vector<int64_t> lens = {1, 2, 15, 16, 17, 31, 32, 33, 255, 1000, 8191, 8192, 8193};
+  const int64_t rows = static_cast<int64_t>(lens.size());
+  const int64_t max_pages = 8193 / page_size + 1;
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  const auto i64 = at::TensorOptions().dtype(at::kLong).device(at::kCUDA);
+  // Each row its own pages (a permutation of the pool), the newest key's slot at lens[r] - 1.
+  const at::Tensor tables =
+      at::randperm(rows * max_pages, i64).to(at::kInt).reshape({rows, max_pages});
+  std::vector<int64_t> slot_values;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t pos = lens[r] - 1;
+    slot_values.push_back(tables.cpu()[r][pos / page_size].item<int64_t>() * page_size +
+                          pos % page_size);
+  }
+  const at::Tensor slots = at::tensor(slot_values, at::kLong).to(at::kCUDA);
+  const at::Tensor seq_lens = at::tensor(lens, at::kLong).to(at::kCUDA);
+  const at::Tensor q_w = at::rand({d}, bf16) + 0.5, k_w = at::rand({d}, bf16) + 0.5;
+  const at::Tensor bias = at::randn({rows, 8193}, bf16.dtype(at::kFloat));
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  for (const bool biased : {false, true}) {
+    const at::Tensor kv0 = at::randn({2, rows * max_pages, page_size, hkv, d}, bf16);
+    at::Tensor kv_early = kv0.clone(), kv_plain = kv0.clone(), kv_graph = kv0.clone();
+    at::Tensor qkv = at::empty({rows, (h + 2 * hkv) * d}, bf16);
+    at::Tensor angle = at::empty({rows, d}, bf16), cos = at::empty_like(angle);
+    at::Tensor sin = at::empty_like(angle);
+    at::Tensor query = at::empty({rows, h, d}, bf16), out = at::empty({rows, h, d}, bf16);
+    auto step = [&](at::Tensor& kv) {
+      ops::qk_norm_rope_kv_write(query, kv, qkv, cos, sin, slots, Bias(q_w), Bias(k_w), 1e-6);
+      ops::paged_attention_decode(out, query, kv, tables, seq_lens, scale,
+                                  biased ? Bias(bias) : Bias());
+    };
+    at::cuda::CUDAGraph graph;
+    {
+      c10::cuda::device_synchronize();
+      const c10::cuda::CUDAStreamGuard guard(c10::cuda::getStreamFromPool());
+      step(kv_graph);  // warm-up on the capture stream
+      graph.capture_begin();
+      step(kv_graph);
+      graph.capture_end();
+      c10::cuda::device_synchronize();
+    }
+    kv_graph.copy_(kv0);
+    kv_early.copy_(kv0);
+    for (int iteration = 0; iteration < 6; ++iteration) {
+      qkv.copy_(at::randn({rows, (h + 2 * hkv) * d}, bf16) * 3);
+      angle.copy_(at::rand({rows, d}, bf16) * 6.3);
+      cos.copy_(angle.cos());
+      sin.copy_(angle.sin());
+      const std::string what =
+          std::string(biased ? "biased" : "unbiased") + " iteration " + std::to_string(iteration);
+      at::Tensor plain_out;
+      {
+        const ScopedEnv plain("DYSCO_CUDA_ATTENTION_PDL", "0");
+        step(kv_plain);
+        plain_out = out.clone();
+      }
+      out.fill_(kNaN);
+      step(kv_early);
+      EXPECT_TRUE(at::equal(out, plain_out)) << "early " << what;
+      EXPECT_TRUE(at::equal(kv_early, kv_plain)) << "early cache " << what;
+      out.fill_(kNaN);
+      graph.replay();
+      c10::cuda::device_synchronize();
+      EXPECT_TRUE(at::equal(out, plain_out)) << "graph " << what;
+      EXPECT_TRUE(at::equal(kv_graph, kv_plain)) << "graph cache " << what;
+    }
+  }
+}
+
 // ---- add_rms_norm and silu_mul
 
 // A contiguous [rows, cols] tensor of `source`'s values whose data starts one element past a
@@ -1686,7 +1765,7 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
   const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
   const auto i64 = at::TensorOptions().dtype(at::kLong).device(at::kCUDA);
   struct Layer {
-    at::Tensor norm1, qkv, o, norm2, gate_up, down, kv;
+    at::Tensor norm1, qkv, o, norm2, gate_up, down, kv, q_norm, k_norm;
   };
   std::vector<Layer> w;
   for (int64_t l = 0; l < layers; ++l) {
@@ -1694,10 +1773,16 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
         Layer{at::rand({hidden}, bf16) + 0.5, at::randn({(hq + 2 * hkv) * d, hidden}, bf16) / 64,
               at::randn({hidden, hq * d}, bf16) / 64, at::rand({hidden}, bf16) + 0.5,
               at::randn({2 * inter, hidden}, bf16) / 64, at::randn({hidden, inter}, bf16) / 64,
-              at::randn({2, pages, page_size, hkv, d}, bf16)});
+              at::randn({2, pages, page_size, hkv, d}, bf16), at::rand({d}, bf16) + 0.5,
+              at::rand({d}, bf16) + 0.5});
   }
   const at::Tensor tables = at::randperm(pages, i64).to(at::kInt).reshape({1, pages});
   const at::Tensor lens = at::full({1}, keys, i64);
+  const at::Tensor newest_slot =
+      (tables.select(1, pages - 1).to(at::kLong) * page_size + (page_size - 1)).contiguous();
+  const at::Tensor angle = at::rand({1, d}, bf16) * 6.3;
+  const at::Tensor cos = angle.cos(), sin = angle.sin();
+  at::Tensor query = at::empty({1, hq, d}, bf16);
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   const at::Tensor input = at::randn({1, hidden}, bf16);
   const at::Tensor residual0 = at::randn({1, hidden}, bf16);
@@ -1710,7 +1795,9 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     residual.copy_(residual0);
     for (const Layer& l : w) {
       ops::add_rms_norm_linear(qkv, sum, hidden_state, residual, l.norm1, 1e-6, l.qkv);
-      const at::Tensor query = qkv.narrow(1, 0, hq * d).reshape({1, hq, d});
+      // The q/k norms, ropes and the newest key's K/V write, then the attention, as in the model.
+      ops::qk_norm_rope_kv_write(query, l.kv, qkv, cos, sin, newest_slot, Bias(l.q_norm),
+                                 Bias(l.k_norm), 1e-6);
       ops::paged_attention_decode(attn, query, l.kv, tables, lens, scale, c10::nullopt);
       // down_proj's output is the next layer's input, as in the model (no copy kernel between
       // them, which would keep the next q/k/v GEMV from starting early).
@@ -1735,11 +1822,12 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
   // split settings under plain launches.
   struct Variant {
     const char* label;
-    const char* pdl;              // DYSCO_CUDA_PDL, nullptr: unset
-    const char* norm_linear;      // DYSCO_CUDA_NORM_LINEAR, nullptr: unset
-    const char* splits;           // DYSCO_CUDA_GEMV_SPLITS, nullptr: unset
-    const char* async = nullptr;  // DYSCO_CUDA_GEMV_ASYNC, nullptr: unset
-    const char* mlp = nullptr;    // DYSCO_CUDA_MLP, nullptr: unset
+    const char* pdl;                      // DYSCO_CUDA_PDL, nullptr: unset
+    const char* norm_linear;              // DYSCO_CUDA_NORM_LINEAR, nullptr: unset
+    const char* splits;                   // DYSCO_CUDA_GEMV_SPLITS, nullptr: unset
+    const char* async = nullptr;          // DYSCO_CUDA_GEMV_ASYNC, nullptr: unset
+    const char* mlp = nullptr;            // DYSCO_CUDA_MLP, nullptr: unset
+    const char* attention_pdl = nullptr;  // DYSCO_CUDA_ATTENTION_PDL, nullptr: unset
   };
   const std::vector<Variant> variants = {
       {"GEMVs start early, norms in the GEMVs (default)", nullptr, nullptr, nullptr},
@@ -1753,6 +1841,8 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
        nullptr, nullptr, "1"},
       {"GEMVs start early, norms in the GEMVs, o_proj to down_proj as one persistent kernel",
        nullptr, nullptr, nullptr, nullptr, "persistent"},
+      {"GEMVs start early, norms in the GEMVs, the attention launched plainly", nullptr, nullptr,
+       nullptr, nullptr, nullptr, "0"},
       {"GEMVs start early, add_rms_norm kernels", nullptr, "separate", nullptr},
       {"GEMVs, norms and SwiGLU start early, add_rms_norm kernels", "all", "separate", nullptr},
       {"plain launches, norms in the GEMVs", "0", nullptr, nullptr},
@@ -1765,6 +1855,7 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     const ScopedEnv splits("DYSCO_CUDA_GEMV_SPLITS", v.splits);
     const ScopedEnv async("DYSCO_CUDA_GEMV_ASYNC", v.async);
     const ScopedEnv mlp("DYSCO_CUDA_MLP", v.mlp);
+    const ScopedEnv attention_pdl("DYSCO_CUDA_ATTENTION_PDL", v.attention_pdl);
     at::Tensor expected;
     {
       const ScopedEnv plain("DYSCO_CUDA_PDL", "0");
@@ -1773,12 +1864,14 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
       c10::cuda::device_synchronize();
     }
     const bool separate = v.norm_linear != nullptr && std::string(v.norm_linear) == "separate";
-    if (v.splits == nullptr && v.async == nullptr && v.mlp == nullptr) {
+    if (v.splits == nullptr && v.async == nullptr && v.mlp == nullptr &&
+        v.attention_pdl == nullptr) {
       (separate ? expected_separate : expected_fused) = expected;
     }
-    if (v.splits == nullptr &&
-        ((v.async != nullptr && std::string(v.async) == "0") || v.mlp != nullptr)) {
-      // The asynchronous copies and the MLP kernel change no sum: the default's bits.
+    if (v.splits == nullptr && ((v.async != nullptr && std::string(v.async) == "0") ||
+                                v.mlp != nullptr || v.attention_pdl != nullptr)) {
+      // The asynchronous copies, the MLP kernel and the attention's launch change no sum: the
+      // default's bits.
       EXPECT_TRUE(at::equal(expected, expected_fused)) << v.label;
     }
     const ScopedEnv pdl("DYSCO_CUDA_PDL", v.pdl);
