@@ -140,6 +140,7 @@ __global__ void __launch_bounds__(kQkvThreads)
   // metadata) before it waits for this kernel (split_attention_mma.cu,
   // AttentionParams::early_keys).
   cuda::AllowDependentLaunch();
+  cuda::WaitForPrerequisiteGrids();  // launched to start early: DYSCO_CUDA_QK_PDL=1
   using C = cuda::Convert<T>;
   const int64_t heads_per_token = heads + kv_heads;
   const int64_t warp = blockIdx.x * static_cast<int64_t>(kQkvThreads / cuda::kWarpSize) +
@@ -447,13 +448,18 @@ void qk_norm_rope_kv_write_cuda(const at::Tensor& query, const at::Tensor& kv_ca
       static_cast<unsigned>(cuda::CeilDiv(warps, int64_t{kQkvThreads / cuda::kWarpSize}));
   DYSCO_CUDA_DISPATCH_CACHE_TYPES(query.scalar_type(), kQkNormRopeKvWriteOp, [&] {
     scalar_t* k_cache = kv_cache_layer.data_ptr<scalar_t>();
-    QkNormRopeKvWriteKernel<scalar_t><<<blocks, kQkvThreads, 0, cuda::CurrentStream()>>>(
-        query.data_ptr<scalar_t>(), k_cache,
-        k_cache + num_slots * cache.num_kv_heads * cache.head_dim, qkv.data_ptr<scalar_t>(),
-        cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(), slot_mapping.data_ptr<int64_t>(),
-        norms ? q_norm_weight->data_ptr<scalar_t>() : nullptr,
-        norms ? k_norm_weight->data_ptr<scalar_t>() : nullptr, tokens, heads, cache.num_kv_heads,
-        cache.head_dim, num_slots, static_cast<float>(eps));
+    // Launched plainly unless DYSCO_CUDA_QK_PDL=1 (A/B timing): then it may start while the q/k/v
+    // GEMV ahead of it finishes, and waits for it first thing.
+    const bool early =
+        cuda::EnvIs("DYSCO_CUDA_QK_PDL", "1") && cuda::EarlyStartLevel() != cuda::EarlyStart::kNone;
+    cuda::LaunchOnStream(early, QkNormRopeKvWriteKernel<scalar_t>, dim3(blocks), dim3(kQkvThreads),
+                         cuda::CurrentStream(), query.data_ptr<scalar_t>(), k_cache,
+                         k_cache + num_slots * cache.num_kv_heads * cache.head_dim,
+                         qkv.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(),
+                         sin.data_ptr<scalar_t>(), slot_mapping.data_ptr<int64_t>(),
+                         norms ? q_norm_weight->data_ptr<scalar_t>() : nullptr,
+                         norms ? k_norm_weight->data_ptr<scalar_t>() : nullptr, tokens, heads,
+                         cache.num_kv_heads, cache.head_dim, num_slots, static_cast<float>(eps));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -8,7 +8,8 @@
 // kernel), DYSCO_CUDA_NORM_LINEAR ("separate": add_rms_norm then linear instead of the fused GEMV),
 // DYSCO_CUDA_GEMV_SPLITS ("1" or "2" warps a GEMV row pair), DYSCO_CUDA_GEMV_ASYNC ("1": the
 // GEMV staged by asynchronous copies), DYSCO_CUDA_MLP ("persistent": o_proj_mlp's persistent
-// kernel), DYSCO_CUDA_ATTENTION_PDL ("0": the decode attention launched plainly) and
+// kernel), DYSCO_CUDA_ATTENTION_PDL ("0": the decode attention launched plainly),
+// DYSCO_CUDA_QK_PDL ("1": qk_norm_rope_kv_write launched to start early) and
 // DYSCO_CUDA_PDL, so a test can run
 // both sides in one process.
 //

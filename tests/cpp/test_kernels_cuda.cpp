@@ -984,7 +984,10 @@ TEST(CudaPagedAttentionDecode, StartsEarlyAfterTheKvWrite) {
   const at::Tensor q_w = at::rand({d}, bf16) + 0.5, k_w = at::rand({d}, bf16) + 0.5;
   const at::Tensor bias = at::randn({rows, 8193}, bf16.dtype(at::kFloat));
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-  for (const bool biased : {false, true}) {
+  for (const auto& [biased, qk_early] :
+       {std::pair<bool, const char*>{false, nullptr}, {true, nullptr}, {false, "1"}}) {
+    // qk_early: the write kernel itself launched to start early (DYSCO_CUDA_QK_PDL=1).
+    const ScopedEnv qk_pdl("DYSCO_CUDA_QK_PDL", qk_early);
     const at::Tensor kv0 = at::randn({2, rows * max_pages, page_size, hkv, d}, bf16);
     at::Tensor kv_early = kv0.clone(), kv_plain = kv0.clone(), kv_graph = kv0.clone();
     at::Tensor qkv = at::empty({rows, (h + 2 * hkv) * d}, bf16);
@@ -1013,8 +1016,9 @@ TEST(CudaPagedAttentionDecode, StartsEarlyAfterTheKvWrite) {
       angle.copy_(at::rand({rows, d}, bf16) * 6.3);
       cos.copy_(angle.cos());
       sin.copy_(angle.sin());
-      const std::string what =
-          std::string(biased ? "biased" : "unbiased") + " iteration " + std::to_string(iteration);
+      const std::string what = std::string(biased ? "biased" : "unbiased") +
+                               (qk_early != nullptr ? ", write started early" : "") +
+                               " iteration " + std::to_string(iteration);
       at::Tensor plain_out;
       {
         const ScopedEnv plain("DYSCO_CUDA_ATTENTION_PDL", "0");
@@ -1828,6 +1832,7 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     const char* async = nullptr;          // DYSCO_CUDA_GEMV_ASYNC, nullptr: unset
     const char* mlp = nullptr;            // DYSCO_CUDA_MLP, nullptr: unset
     const char* attention_pdl = nullptr;  // DYSCO_CUDA_ATTENTION_PDL, nullptr: unset
+    const char* qk_pdl = nullptr;         // DYSCO_CUDA_QK_PDL, nullptr: unset
   };
   const std::vector<Variant> variants = {
       {"GEMVs start early, norms in the GEMVs (default)", nullptr, nullptr, nullptr},
@@ -1843,6 +1848,8 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
        nullptr, nullptr, nullptr, nullptr, "persistent"},
       {"GEMVs start early, norms in the GEMVs, the attention launched plainly", nullptr, nullptr,
        nullptr, nullptr, nullptr, "0"},
+      {"GEMVs start early, norms in the GEMVs, q/k norm + rope started early too", nullptr, nullptr,
+       nullptr, nullptr, nullptr, nullptr, "1"},
       {"GEMVs start early, add_rms_norm kernels", nullptr, "separate", nullptr},
       {"GEMVs, norms and SwiGLU start early, add_rms_norm kernels", "all", "separate", nullptr},
       {"plain launches, norms in the GEMVs", "0", nullptr, nullptr},
@@ -1856,6 +1863,7 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     const ScopedEnv async("DYSCO_CUDA_GEMV_ASYNC", v.async);
     const ScopedEnv mlp("DYSCO_CUDA_MLP", v.mlp);
     const ScopedEnv attention_pdl("DYSCO_CUDA_ATTENTION_PDL", v.attention_pdl);
+    const ScopedEnv qk_pdl("DYSCO_CUDA_QK_PDL", v.qk_pdl);
     at::Tensor expected;
     {
       const ScopedEnv plain("DYSCO_CUDA_PDL", "0");
@@ -1865,11 +1873,12 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     }
     const bool separate = v.norm_linear != nullptr && std::string(v.norm_linear) == "separate";
     if (v.splits == nullptr && v.async == nullptr && v.mlp == nullptr &&
-        v.attention_pdl == nullptr) {
+        v.attention_pdl == nullptr && v.qk_pdl == nullptr) {
       (separate ? expected_separate : expected_fused) = expected;
     }
-    if (v.splits == nullptr && ((v.async != nullptr && std::string(v.async) == "0") ||
-                                v.mlp != nullptr || v.attention_pdl != nullptr)) {
+    if (v.splits == nullptr &&
+        ((v.async != nullptr && std::string(v.async) == "0") || v.mlp != nullptr ||
+         v.attention_pdl != nullptr || v.qk_pdl != nullptr)) {
       // The asynchronous copies, the MLP kernel and the attention's launch change no sum: the
       // default's bits.
       EXPECT_TRUE(at::equal(expected, expected_fused)) << v.label;
