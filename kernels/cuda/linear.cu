@@ -276,35 +276,46 @@ __device__ __forceinline__ void WaitAsyncCopies() {
 using GemvRing = uint4[kGemvAsyncStages][kGemvRowsPerWarp][cuda::kWarpSize];
 constexpr int64_t kGemvRingBytes = int64_t{kGemvWarps} * static_cast<int64_t>(sizeof(GemvRing));
 
-// Issues the ring's first copies: word lane + 32 s of each row into stage s, a group per stage.
-template <int R>
+// Word q (0, 1, ...) of the words a lane sums, in its order, for warp `split` of kSplits warps a
+// row pair: the lane's words of the chunks split, split + kSplits, ... (a chunk being kGemvUnroll
+// words a lane, as GemvWarpPlace and DotChunk take them); lane + 32 q for one warp a pair.
+template <int kSplits>
+__device__ __forceinline__ int64_t RingWord(int64_t q, int split, int lane) {
+  return ((q / kGemvUnroll) * kSplits + split) * (int64_t{kGemvUnroll} * cuda::kWarpSize) +
+         (q % kGemvUnroll) * cuda::kWarpSize + lane;
+}
+
+// Issues the ring's first copies: word RingWord(s) of each row into stage s, a group per stage.
+template <int R, int kSplits = 1>
 __device__ __forceinline__ void StartGemvRing(GemvRing& ring, const uint4* const (&wv)[R], int lane,
-                                              int64_t k8) {
+                                              int64_t k8, int split = 0) {
 #pragma unroll
   for (int s = 0; s < kGemvAsyncStages; ++s) {
-    const int64_t i = lane + int64_t{s} * cuda::kWarpSize;
+    const int64_t i = RingWord<kSplits>(s, split, lane);
 #pragma unroll
     for (int r = 0; r < R; ++r) CopyAsync16(&ring[s][r][lane], wv[r] + (i < k8 ? i : 0), i < k8);
     CommitAsyncCopies();
   }
 }
 
-// acc += the lane's words lane, lane + 32, ... of the R rows against load_x, in that order (as
-// GemvKernel with one warp a pair), each taken from the ring as its group lands and its stage
-// refilled with the word kGemvAsyncStages rounds on. Returns with no copy in flight.
-template <typename T, int M, int R, typename LoadX>
+// acc += the lane's words RingWord(0), RingWord(1), ... of the R rows against load_x, in that
+// order (as GemvKernel with kSplits warps a pair sums them), each taken from the ring as its group
+// lands and its stage refilled with the word kGemvAsyncStages on. Returns with no copy in flight.
+template <typename T, int M, int R, int kSplits = 1, typename LoadX>
 __device__ __forceinline__ void StreamGemvRing(float (&acc)[M][R], GemvRing& ring,
                                                const uint4* const (&wv)[R], int lane, int64_t k8,
-                                               LoadX&& load_x) {
+                                               LoadX&& load_x, int split = 0) {
   int stage = 0;
-  for (int64_t i = lane; i < k8; i += cuda::kWarpSize) {
+  for (int64_t q = 0;; ++q) {
+    const int64_t i = RingWord<kSplits>(q, split, lane);
+    if (i >= k8) break;
     WaitAsyncCopies<kGemvAsyncStages - 1>();  // this word's group (groups complete in order)
     uint4 words[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) words[r] = ring[stage][r][lane];
     DotWord<T, M, R>(acc, words, i, load_x);
     // The stage's next word, issued after the sums above have read this one.
-    const int64_t next = i + int64_t{kGemvAsyncStages} * cuda::kWarpSize;
+    const int64_t next = RingWord<kSplits>(q + kGemvAsyncStages, split, lane);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       CopyAsync16(&ring[stage][r][lane], wv[r] + (next < k8 ? next : 0), next < k8);
@@ -315,28 +326,40 @@ __device__ __forceinline__ void StreamGemvRing(float (&acc)[M][R], GemvRing& rin
   WaitAsyncCopies<0>();  // no copy outlives the block's shared memory
 }
 
-template <typename T>
+// Dynamic shared memory: the warps' rings (kGemvRingBytes), set up by LaunchGemv. With kSplits
+// warps a row pair (GemvRingSplits: o_proj and down_proj of the 8B models, 512 blocks, one wave of
+// four an SM) the pair's partial sums meet as in GemvKernel: the same bits as GemvKernel<T, 1,
+// kSplits>.
+template <typename T, int kSplits>
 __global__ void __launch_bounds__(kGemvWarps* cuda::kWarpSize, kGemvBlocksPerSm)
     GemvAsyncKernel(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w,
                     int64_t n, int64_t k8) {
   constexpr int R = kGemvRowsPerWarp;
-  __shared__ GemvRing rings[kGemvWarps];
+  extern __shared__ uint4 dynamic_rings[];
+  GemvRing* rings = reinterpret_cast<GemvRing*>(dynamic_rings);
   const int lane = threadIdx.x % cuda::kWarpSize;
   GemvRing& ring = rings[threadIdx.x / cuda::kWarpSize];
-  const GemvWarpPlace<1> place;
-  if (place.n0 >= n) return;  // whole warps (the shuffles below see full warps)
+  const GemvWarpPlace<kSplits> place;
+  // Whole warps past N leave (the shuffles below see full warps); with split warps they stay for
+  // StoreGemvRows' barrier, streaming nothing.
+  if (kSplits == 1 && place.n0 >= n) return;
+  const bool streams = place.n0 < n;
   const uint4* wv[R];
   WeightRows<R>(wv, w, place.n0, n, k8);
-  StartGemvRing<R>(ring, wv, lane, k8);  // the weights do not depend on the kernel ahead
+  // The weights do not depend on the kernel ahead.
+  if (streams) StartGemvRing<R, kSplits>(ring, wv, lane, k8, place.split);
   cuda::WaitForPrerequisiteGrids();
   cuda::AllowDependentLaunch();
   const uint4* xv = reinterpret_cast<const uint4*>(x);
   float acc[1][R] = {};
-  StreamGemvRing<T, 1, R>(acc, ring, wv, lane, k8, [&](int, int64_t i, float(&xf)[8]) {
-    cuda::UnpackEight(__ldg(xv + i), T(), xf);
-  });
+  if (streams) {
+    StreamGemvRing<T, 1, R, kSplits>(
+        acc, ring, wv, lane, k8,
+        [&](int, int64_t i, float(&xf)[8]) { cuda::UnpackEight(__ldg(xv + i), T(), xf); },
+        place.split);
+  }
   const float ones[1] = {1.0f};
-  StoreGemvRows<T, 1, 1>(out, acc, ones, place, n);
+  StoreGemvRows<T, 1, kSplits>(out, acc, ones, place, n);
 }
 
 // The residual add and RMSNorm in front of a GEMV (add_rms_norm_linear).
@@ -694,6 +717,22 @@ bool GemvAsync(int64_t n, int splits) {
          GemvBlockCount(n, 1) <= int64_t{kGemvAsyncBlocksPerSm} * cuda::MultiprocessorCount();
 }
 
+// Whether a one-row GEMV that GemvSplits gives two warps a row pair reads through the rings too
+// (GemvAsyncKernel<T, 2>): where its grid is one wave of four such blocks an SM (the 8B models'
+// o_proj and down_proj, 512 blocks). Their ring copies are issued before the wait for the kernel
+// ahead, so they overlap the tail of the attention kernel (o_proj) and silu_mul (down_proj), which
+// let the GEMV start early. DYSCO_CUDA_GEMV_RING_SPLITS=0 turns it off (A/B timing; the same bits
+// as the register kernel), DYSCO_CUDA_GEMV_ASYNC = "0" / "1" as for GemvAsync.
+bool GemvRingSplits(int64_t n, int splits) {
+  if (splits != 2 || cuda::EnvIs("DYSCO_CUDA_GEMV_RING_SPLITS", "0") ||
+      cuda::EnvIs("DYSCO_CUDA_GEMV_ASYNC", "0")) {
+    return false;
+  }
+  if (cuda::EnvIs("DYSCO_CUDA_GEMV_ASYNC", "1")) return true;
+  const int64_t blocks = cuda::CeilDiv(n, int64_t{kGemvWarps / 2} * kGemvRowsPerWarp);
+  return blocks <= int64_t{kGemvBlocksPerSm} * cuda::MultiprocessorCount();
+}
+
 // Lets `kernel` take more than 48 KB of dynamic shared memory (up to its ring and the widest normed
 // row) and asks for the largest shared-memory carveout, so that three such blocks fit an SM (the
 // ring kernels; DecodeMlpGrid for the carveout its occupancy query counts on). Once per kernel and
@@ -725,15 +764,18 @@ void LaunchGemv(const at::Tensor& out, const at::Tensor& input, const at::Tensor
   static_assert(kGemvMaxRows == 2 && kGemvMaxSplits == 2, "one instantiation per row count");
   const int64_t n = weight.size(0);
   const bool early = cuda::EarlyStartLevel() != cuda::EarlyStart::kNone;
-  if (input.size(0) == 1 && GemvAsync(n, GemvSplits(n))) {
-    AllowLargeSharedMemory(GemvAsyncKernel<T>);
-    cuda::LaunchOnStream(early, GemvAsyncKernel<T>, GemvGrid(n, 1),
-                         dim3(kGemvWarps * cuda::kWarpSize), cuda::CurrentStream(),
-                         out.data_ptr<T>(), input.data_ptr<T>(), weight.data_ptr<T>(), n,
-                         input.size(1) / 8);
+  const int splits = GemvSplits(n);
+  if (input.size(0) == 1 && (GemvRingSplits(n, splits) || GemvAsync(n, splits))) {
+    // Two warps a pair where GemvRingSplits says so, else one (GemvAsync, the q/k/v rule).
+    auto* ring_kernel = GemvRingSplits(n, splits) ? GemvAsyncKernel<T, 2> : GemvAsyncKernel<T, 1>;
+    AllowLargeSharedMemory(ring_kernel);
+    cuda::LaunchOnStreamWithSharedMemory(
+        early, ring_kernel, GemvGrid(n, GemvRingSplits(n, splits) ? 2 : 1),
+        dim3(kGemvWarps * cuda::kWarpSize), static_cast<size_t>(kGemvRingBytes),
+        cuda::CurrentStream(), out.data_ptr<T>(), input.data_ptr<T>(), weight.data_ptr<T>(), n,
+        input.size(1) / 8);
     return;
   }
-  const int splits = GemvSplits(n);
   const bool one_row = input.size(0) == 1;
   auto* kernel = splits == 1 ? (one_row ? GemvKernel<T, 1, 1> : GemvKernel<T, 2, 1>)
                              : (one_row ? GemvKernel<T, 1, 2> : GemvKernel<T, 2, 2>);
@@ -752,7 +794,7 @@ void LaunchAddNormGemv(const at::Tensor& out, const at::Tensor& sum, const at::T
   const int splits = GemvSplits(n);
   const AddNormArgs<T> norm{sum.data_ptr<T>(), residual.data_ptr<T>(), norm_weight.data_ptr<T>(),
                             static_cast<float>(eps)};
-  if (rows == 1 && GemvAsync(n, splits)) {
+  if (rows == 1 && splits == 1 && GemvAsync(n, splits)) {
     AllowLargeSharedMemory(AddNormGemvAsyncKernel<T>);
     cuda::LaunchOnStreamWithSharedMemory(
         early, AddNormGemvAsyncKernel<T>, GemvGrid(n, 1), dim3(kGemvWarps * cuda::kWarpSize),

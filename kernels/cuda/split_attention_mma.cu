@@ -111,6 +111,9 @@ constexpr int kAccStride = kHeadDim + 1;
 template <typename T, int kHeadDim, int kPipeline>
 __global__ void __launch_bounds__(kAttentionThreads)
     MmaSplitAttentionKernel(const AttentionParams<T> p) {
+  // The o_proj GEMV after it may start: its blocks take the multiprocessors this grid's blocks
+  // leave and issue their weight copies (linear.cu GemvRingSplits) under this grid's tail.
+  cuda::AllowDependentLaunch();
   constexpr int kKSteps = kHeadDim / 16;      // k-steps of QK^T
   constexpr int kRowLoads = kHeadDim / 32;    // 16-byte loads per Q or K row and lane
   constexpr int kDimsPerLane = kHeadDim / 8;  // value dims per lane (PV's n-blocks)

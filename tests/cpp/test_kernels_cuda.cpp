@@ -815,8 +815,10 @@ TEST(CudaLinear, GemvEqualsCublas) {
 }
 
 // The GEMVs with their weights staged by asynchronous copies (DYSCO_CUDA_GEMV_ASYNC=1, one input
-// row), plain and with the norm in front, give the bits of the register GEMVs with one warp a row
-// pair (the same words summed in the same order), bf16 and fp16, on the 8B shapes, odd N (the last
+// row), plain and with the norm in front, give the bits of the register GEMVs with one and with
+// two warps a row pair (the same words summed in the same order; the fused GEMV has rings for one
+// warp a pair only, so with two both sides run its register kernel), bf16 and fp16, on the 8B
+// shapes (o_proj 4096 x 4096, down_proj 4096 x 12288 take two warps a pair), odd N (the last
 // warp's second row), K of fewer words than a warp has lanes (64: 8 words; 8: one), of a ring that
 // wraps several times (12288) and of a partial last round (1000, 4104), and N of more blocks than
 // the GPU holds at once; every output element written (NaN first: NaN != NaN).
@@ -827,6 +829,7 @@ TEST(CudaLinear, AsyncCopyGemvGivesTheSameBits) {
     const auto options = at::TensorOptions().dtype(dtype).device(at::kCUDA);
     for (const auto& [k, n] : {std::pair<int64_t, int64_t>{4096, 6144},
                                {12288, 4096},
+                               {4096, 4096},
                                {4096, 1031},
                                {64, 7},
                                {8, 3},
@@ -836,22 +839,26 @@ TEST(CudaLinear, AsyncCopyGemvGivesTheSameBits) {
       const at::Tensor residual = at::randn({1, k}, options);
       const at::Tensor g = at::rand({k}, options) + 0.5;
       const at::Tensor weight = at::randn({n, k}, options) / 16;
-      // [0]: the register kernels with one warp a row pair, [1]: the asynchronous-copy ones.
-      std::vector<at::Tensor> outs, normed_outs, sums;
-      for (const char* async : {"0", "1"}) {
-        const ScopedEnv splits("DYSCO_CUDA_GEMV_SPLITS", "1");
-        const ScopedEnv knob("DYSCO_CUDA_GEMV_ASYNC", async);
-        outs.push_back(at::full({1, n}, kNaN, options));
-        ops::linear(outs.back(), input, weight);
-        normed_outs.push_back(at::full({1, n}, kNaN, options));
-        sums.push_back(at::full({1, k}, kNaN, options));
-        ops::add_rms_norm_linear(normed_outs.back(), sums.back(), input, residual, g, 1e-6, weight);
+      // One and two warps a row pair (the fused GEMV has rings for one only).
+      for (const char* warps : {"1", "2"}) {
+        // [0]: the register kernels, [1]: the asynchronous-copy ones.
+        std::vector<at::Tensor> outs, normed_outs, sums;
+        for (const char* async : {"0", "1"}) {
+          const ScopedEnv splits("DYSCO_CUDA_GEMV_SPLITS", warps);
+          const ScopedEnv knob("DYSCO_CUDA_GEMV_ASYNC", async);
+          outs.push_back(at::full({1, n}, kNaN, options));
+          ops::linear(outs.back(), input, weight);
+          normed_outs.push_back(at::full({1, n}, kNaN, options));
+          sums.push_back(at::full({1, k}, kNaN, options));
+          ops::add_rms_norm_linear(normed_outs.back(), sums.back(), input, residual, g, 1e-6,
+                                   weight);
+        }
+        const std::string what = std::string(c10::toString(dtype)) + " k=" + std::to_string(k) +
+                                 " n=" + std::to_string(n) + " warps a pair " + warps;
+        EXPECT_TRUE(Same(outs[1], outs[0].cpu(), "linear " + what));
+        EXPECT_TRUE(Same(normed_outs[1], normed_outs[0].cpu(), "add_rms_norm_linear " + what));
+        EXPECT_TRUE(Same(sums[1], sums[0].cpu(), "add_rms_norm_linear sum " + what));
       }
-      const std::string what =
-          std::string(c10::toString(dtype)) + " k=" + std::to_string(k) + " n=" + std::to_string(n);
-      EXPECT_TRUE(Same(outs[1], outs[0].cpu(), "linear " + what));
-      EXPECT_TRUE(Same(normed_outs[1], normed_outs[0].cpu(), "add_rms_norm_linear " + what));
-      EXPECT_TRUE(Same(sums[1], sums[0].cpu(), "add_rms_norm_linear sum " + what));
     }
   }
 }
@@ -1833,6 +1840,7 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     const char* mlp = nullptr;            // DYSCO_CUDA_MLP, nullptr: unset
     const char* attention_pdl = nullptr;  // DYSCO_CUDA_ATTENTION_PDL, nullptr: unset
     const char* qk_pdl = nullptr;         // DYSCO_CUDA_QK_PDL, nullptr: unset
+    const char* ring_splits = nullptr;    // DYSCO_CUDA_GEMV_RING_SPLITS, nullptr: unset
   };
   const std::vector<Variant> variants = {
       {"GEMVs start early, norms in the GEMVs (default)", nullptr, nullptr, nullptr},
@@ -1848,6 +1856,8 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
        nullptr, nullptr, nullptr, nullptr, "persistent"},
       {"GEMVs start early, norms in the GEMVs, the attention launched plainly", nullptr, nullptr,
        nullptr, nullptr, nullptr, "0"},
+      {"GEMVs start early, norms in the GEMVs, o_proj and down_proj without rings", nullptr,
+       nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, "0"},
       {"GEMVs start early, norms in the GEMVs, q/k norm + rope started early too", nullptr, nullptr,
        nullptr, nullptr, nullptr, nullptr, "1"},
       {"GEMVs start early, add_rms_norm kernels", nullptr, "separate", nullptr},
@@ -1864,6 +1874,7 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     const ScopedEnv mlp("DYSCO_CUDA_MLP", v.mlp);
     const ScopedEnv attention_pdl("DYSCO_CUDA_ATTENTION_PDL", v.attention_pdl);
     const ScopedEnv qk_pdl("DYSCO_CUDA_QK_PDL", v.qk_pdl);
+    const ScopedEnv ring_splits("DYSCO_CUDA_GEMV_RING_SPLITS", v.ring_splits);
     at::Tensor expected;
     {
       const ScopedEnv plain("DYSCO_CUDA_PDL", "0");
@@ -1873,14 +1884,14 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     }
     const bool separate = v.norm_linear != nullptr && std::string(v.norm_linear) == "separate";
     if (v.splits == nullptr && v.async == nullptr && v.mlp == nullptr &&
-        v.attention_pdl == nullptr && v.qk_pdl == nullptr) {
+        v.attention_pdl == nullptr && v.qk_pdl == nullptr && v.ring_splits == nullptr) {
       (separate ? expected_separate : expected_fused) = expected;
     }
     if (v.splits == nullptr &&
         ((v.async != nullptr && std::string(v.async) == "0") || v.mlp != nullptr ||
-         v.attention_pdl != nullptr || v.qk_pdl != nullptr)) {
-      // The asynchronous copies, the MLP kernel and the attention's launch change no sum: the
-      // default's bits.
+         v.attention_pdl != nullptr || v.qk_pdl != nullptr || v.ring_splits != nullptr)) {
+      // The asynchronous copies, the MLP kernel and the launches change no sum: the default's
+      // bits.
       EXPECT_TRUE(at::equal(expected, expected_fused)) << v.label;
     }
     const ScopedEnv pdl("DYSCO_CUDA_PDL", v.pdl);
