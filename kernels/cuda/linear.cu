@@ -729,8 +729,7 @@ bool GemvRingSplits(int64_t n, int splits) {
     return false;
   }
   if (cuda::EnvIs("DYSCO_CUDA_GEMV_ASYNC", "1")) return true;
-  const int64_t blocks = cuda::CeilDiv(n, int64_t{kGemvWarps / 2} * kGemvRowsPerWarp);
-  return blocks <= int64_t{kGemvBlocksPerSm} * cuda::MultiprocessorCount();
+  return GemvBlockCount(n, 2) <= int64_t{kGemvBlocksPerSm} * cuda::MultiprocessorCount();
 }
 
 // Lets `kernel` take more than 48 KB of dynamic shared memory (up to its ring and the widest normed
