@@ -112,7 +112,7 @@ template <typename T, int kHeadDim, int kPipeline>
 __global__ void __launch_bounds__(kAttentionThreads)
     MmaSplitAttentionKernel(const AttentionParams<T> p) {
   // The o_proj GEMV after it may start: its blocks take the multiprocessors this grid's blocks
-  // leave and issue their weight copies (linear.cu GemvRingSplits) under this grid's tail.
+  // leave (and, with linear.cu GemvRingSplits, issue their weight copies under this grid's tail).
   cuda::AllowDependentLaunch();
   constexpr int kKSteps = kHeadDim / 16;      // k-steps of QK^T
   constexpr int kRowLoads = kHeadDim / 32;    // 16-byte loads per Q or K row and lane
