@@ -328,8 +328,8 @@ __device__ __forceinline__ void StreamGemvRing(float (&acc)[M][R], GemvRing& rin
 
 // Dynamic shared memory: the warps' rings (kGemvRingBytes), set up by LaunchGemv. With kSplits
 // warps a row pair (GemvRingSplits, opt-in: o_proj and down_proj of the 8B models, 512 blocks, one
-// wave of four an SM) the pair's partial sums meet as in GemvKernel: the same bits as GemvKernel<T, 1,
-// kSplits>.
+// wave of four an SM) the pair's partial sums meet as in GemvKernel: the same bits as GemvKernel<T,
+// 1, kSplits>.
 template <typename T, int kSplits>
 __global__ void __launch_bounds__(kGemvWarps* cuda::kWarpSize, kGemvBlocksPerSm)
     GemvAsyncKernel(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ w,
@@ -718,13 +718,13 @@ bool GemvAsync(int64_t n, int splits) {
 }
 
 // Whether a one-row GEMV that GemvSplits gives two warps a row pair reads through the rings too
-// (GemvAsyncKernel<T, 2>): opt-in, DYSCO_CUDA_GEMV_RING_SPLITS=1, where its grid is one wave of four
-// such blocks an SM (the 8B models' o_proj and down_proj, 512 blocks). Their ring copies are issued
-// before the wait for the kernel ahead, so they overlap the tail of the attention kernel (o_proj)
-// and silu_mul (down_proj). Measured on the H200 (docs/gpu.md "The decode attention starts early,
-// and rings for o_proj and down_proj"): 0.2-0.3 ms slower an 8K step than the register kernel, so
-// not the default. The same bits as the register kernel; DYSCO_CUDA_GEMV_ASYNC = "0" / "1" as for
-// GemvAsync.
+// (GemvAsyncKernel<T, 2>): opt-in, DYSCO_CUDA_GEMV_RING_SPLITS=1, where its grid is one wave of
+// four such blocks an SM (the 8B models' o_proj and down_proj, 512 blocks). Their ring copies are
+// issued before the wait for the kernel ahead, so they overlap the tail of the attention kernel
+// (o_proj) and silu_mul (down_proj). Measured on the H200 (docs/gpu.md "The decode attention starts
+// early, and rings for o_proj and down_proj"): 0.2-0.3 ms slower an 8K step than the register
+// kernel, so not the default. The same bits as the register kernel; DYSCO_CUDA_GEMV_ASYNC = "0" /
+// "1" as for GemvAsync.
 bool GemvRingSplits(int64_t n, int splits) {
   if (splits != 2 || cuda::EnvIs("DYSCO_CUDA_GEMV_ASYNC", "0")) return false;
   if (cuda::EnvIs("DYSCO_CUDA_GEMV_ASYNC", "1")) return true;
