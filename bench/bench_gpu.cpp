@@ -413,12 +413,26 @@ class Bench {
     const auto t0 = Clock::now();
     Forward(pos, 1, {}, dysco::DeepestHeadLayer(rows), heads);
     const auto t1 = Clock::now();
-    Check(ops_.UpdateRelevanceAndSelect(rows, {pos + 1}, out_, &relevance_, &selections_),
+    // As BatchStepper: on a GPU the real pass reads the bias where the selection wrote it and the
+    // results are copied out after it (docs/gpu.md "The DySCO stage without a wait");
+    // DYSCO_BENCH_SELECT_WAIT=1 waits for them first and hands the real pass the host's bias (the
+    // fourteenth increment's step, for an A/B).
+    Check(ops_.StartUpdateRelevanceAndSelect(rows, {pos + 1}, out_),
           "relevance update and selection");
+    std::shared_ptr<const dysco::DeviceTensor> device_bias = ops_.DeviceBias(0);
+    if (device_bias == nullptr || select_wait_) {
+      device_bias.reset();
+      Check(ops_.FinishUpdateRelevanceAndSelect(&relevance_, &selections_),
+            "relevance update and selection");
+    }
     const auto t2 = Clock::now();
-    Forward(pos, 1, selections_[0].bias, -1, {});
+    Forward(pos, 1, device_bias != nullptr ? no_bias_ : selections_[0].bias, -1, {}, device_bias);
     volatile int64_t next = Argmax(out_);
     (void)next;
+    if (device_bias != nullptr) {
+      Check(ops_.FinishUpdateRelevanceAndSelect(&relevance_, &selections_),
+            "relevance update and selection");
+    }
     const auto t3 = Clock::now();
     if (spec_s) *spec_s += Seconds(t0, t1);
     if (select_s) *select_s += Seconds(t1, t2);
@@ -440,7 +454,8 @@ class Bench {
 
  private:
   void Forward(int64_t start, int64_t n, const std::vector<float>& bias, int last_layer,
-               const std::vector<std::pair<int, int>>& heads) {
+               const std::vector<std::pair<int, int>>& heads,
+               std::shared_ptr<const dysco::DeviceTensor> device_bias = nullptr) {
     const int64_t pages = pool_->pages_for_tokens(start + n);
     batch_.kv_pool = pool_;
     batch_.last_layer = last_layer;
@@ -455,7 +470,7 @@ class Bench {
     batch_.sequences.assign(
         1, {dysco::ConstSpan<int32_t>(tokens_.data() + start, static_cast<size_t>(n)), start,
             dysco::ConstSpan<int32_t>(pages_.ids().data(), static_cast<size_t>(pages)),
-            dysco::ConstSpan<float>(bias)});
+            dysco::ConstSpan<float>(bias), std::move(device_bias)});
     Check(runner_->Forward(batch_, &out_), "forward at position " + std::to_string(start));
   }
 
@@ -478,6 +493,11 @@ class Bench {
   std::unique_ptr<dysco::DyscoController> controller_;
   std::vector<std::vector<float>> relevance_;
   std::vector<dysco::DyscoSelection> selections_;
+  const std::vector<float> no_bias_;
+  const bool select_wait_ = [] {
+    const char* v = std::getenv("DYSCO_BENCH_SELECT_WAIT");
+    return v != nullptr && std::string(v) == "1";
+  }();
   std::vector<WarmupSelection> warmup_selections_;
 };
 

@@ -125,16 +125,14 @@ Status DyscoBatchOps::StageSelection(const std::vector<const DyscoController*>& 
 }
 
 Status DyscoBatchOps::RunStagedSelection(const std::vector<int64_t>& num_keys, int64_t width,
-                                         std::vector<DyscoSelection>* selections,
-                                         StageSeconds* seconds, bool update_relevance,
-                                         const DeviceTensor* device_means) {
-  double unused = 0.0;
-  {
-    ScopedTimer timer(seconds != nullptr ? &seconds->select : &unused);
-    DYSCO_RETURN_IF_ERROR(update_relevance ? staging_.RunWithRelevanceUpdate(device_means)
-                                           : staging_.Run());
-  }
-  ScopedTimer timer(seconds != nullptr ? &seconds->results_out : &unused);
+                                         std::vector<DyscoSelection>* selections) {
+  DYSCO_RETURN_IF_ERROR(staging_.Run());
+  SelectionsOut(num_keys, width, selections);
+  return OkStatus();
+}
+
+void DyscoBatchOps::SelectionsOut(const std::vector<int64_t>& num_keys, int64_t width,
+                                  std::vector<DyscoSelection>* selections) const {
   const int64_t D = static_cast<int64_t>(num_keys.size());
   selections->resize(D);
   for (int64_t d = 0; d < D; ++d) {
@@ -145,7 +143,6 @@ Status DyscoBatchOps::RunStagedSelection(const std::vector<int64_t>& num_keys, i
     s.num_selected = static_cast<int64_t>(staging_.stats()[2 * d]);
     s.selected_mass = staging_.stats()[2 * d + 1];
   }
-  return OkStatus();
 }
 
 Status DyscoBatchOps::Select(const std::vector<const DyscoController*>& rows,
@@ -165,6 +162,14 @@ Status DyscoBatchOps::UpdateRelevanceAndSelect(const std::vector<const DyscoCont
                                                const ForwardOutput& out,
                                                std::vector<std::vector<float>>* relevance,
                                                std::vector<DyscoSelection>* selections) {
+  DYSCO_RETURN_IF_ERROR(StartUpdateRelevanceAndSelect(rows, num_keys, out));
+  return FinishUpdateRelevanceAndSelect(relevance, selections);
+}
+
+Status DyscoBatchOps::StartUpdateRelevanceAndSelect(const std::vector<const DyscoController*>& rows,
+                                                    const std::vector<int64_t>& num_keys,
+                                                    const ForwardOutput& out) {
+  started_ = false;
   const int64_t D = static_cast<int64_t>(rows.size());
   const int64_t width = MaxOf(num_keys);
   // On a GPU the relevance update runs there, ahead of the selection: r_{t-1} and the head means
@@ -206,9 +211,31 @@ Status DyscoBatchOps::UpdateRelevanceAndSelect(const std::vector<const DyscoCont
                                                out.probe_mean.data(), 1, out.probs_len,
                                                num_keys.data(), staging_.decay()));
   }
-  DYSCO_RETURN_IF_ERROR(RunStagedSelection(num_keys, width, selections, &seconds,
-                                           /*update_relevance=*/on_device, device_means));
+  {
+    ScopedTimer timer(&seconds.select);
+    DYSCO_RETURN_IF_ERROR(on_device ? staging_.StartWithRelevanceUpdate(device_means)
+                                    : staging_.Run());
+  }
+  started_keys_ = num_keys;
+  started_width_ = width;
+  started_ = true;
+  return OkStatus();
+}
+
+Status DyscoBatchOps::FinishUpdateRelevanceAndSelect(std::vector<std::vector<float>>* relevance,
+                                                     std::vector<DyscoSelection>* selections) {
+  if (!started_) return InternalError("DySCO selection finished without a start");
+  started_ = false;
+  StageSeconds& seconds = stage_seconds_;
+  const std::vector<int64_t>& num_keys = started_keys_;
+  const int64_t width = started_width_;
+  {
+    ScopedTimer timer(&seconds.results_out);
+    DYSCO_RETURN_IF_ERROR(staging_.Wait());
+    SelectionsOut(num_keys, width, selections);
+  }
   ScopedTimer timer(&seconds.relevance_out);
+  const int64_t D = static_cast<int64_t>(num_keys.size());
   relevance->resize(D);
   for (int64_t d = 0; d < D; ++d) {
     const float* row = staging_.relevance() + d * width;

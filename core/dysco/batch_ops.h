@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -66,12 +67,27 @@ class DyscoBatchOps {
                                   const std::vector<int64_t>& num_keys, const ForwardOutput& out,
                                   std::vector<std::vector<float>>* relevance,
                                   std::vector<DyscoSelection>* selections);
+  // UpdateRelevanceAndSelect in two halves. Start packs the inputs and, on a GPU, queues the ops
+  // and the copy of their results back without waiting for them; DeviceBias(d) then gives row d's
+  // bias where the op wrote it (null on the host), for the real pass queued after it
+  // (ForwardRow::key_bias_device), and Finish waits for the results and copies them out. Why: the
+  // device then runs the speculative pass, the selection and the real pass back to back, and the
+  // host copies the results out while the real pass runs (docs/gpu.md "The DySCO stage without a
+  // wait"). The rows, keys and forward output are read by Start only. A Start without its Finish
+  // (a failed step) is waited for by the next call.
+  Status StartUpdateRelevanceAndSelect(const std::vector<const DyscoController*>& rows,
+                                       const std::vector<int64_t>& num_keys,
+                                       const ForwardOutput& out);
+  std::shared_ptr<const DeviceTensor> DeviceBias(int64_t d) const { return staging_.DeviceBias(d); }
+  Status FinishUpdateRelevanceAndSelect(std::vector<std::vector<float>>* relevance,
+                                        std::vector<DyscoSelection>* selections);
   // Where UpdateRelevanceAndSelect's wall time went, summed over its calls (bench-gpu prints it per
   // step; docs/gpu.md "DySCO on the device"): packing the inputs into the staging buffer (template
   // masks, parameters, r_{t-1}; on a GPU also the head means), the relevance update on the host
   // (zero on a GPU, where it runs with the selection), copying r_t out, the selection (on a GPU:
   // the copy in, the relevance update's and the selection's kernels, the copy back and the wait),
-  // copying the sets and biases out.
+  // copying the sets and biases out. With Start / Finish, `select` is the time to queue the ops on
+  // a GPU and the wait is in Finish's `results_out`.
   struct StageSeconds {
     double pack = 0.0;
     double update = 0.0;
@@ -97,14 +113,19 @@ class DyscoBatchOps {
   // Runs the staged selection (after the staged relevance update when `update_relevance`) and
   // copies each row's results out.
   Status RunStagedSelection(const std::vector<int64_t>& num_keys, int64_t width,
-                            std::vector<DyscoSelection>* selections,
-                            StageSeconds* seconds = nullptr, bool update_relevance = false,
-                            const DeviceTensor* device_means = nullptr);
+                            std::vector<DyscoSelection>* selections);
+  // Copies each row's selection out of the staging buffer (its results must be there).
+  void SelectionsOut(const std::vector<int64_t>& num_keys, int64_t width,
+                     std::vector<DyscoSelection>* selections) const;
 
   DyscoSelectStaging staging_;
   std::vector<float> relevance_, probs_, bias_, decay_, strength_;
   std::vector<uint8_t> selected_, template_;
   StageSeconds stage_seconds_;
+  // The rows' keys of the started update and selection, for Finish.
+  std::vector<int64_t> started_keys_;
+  int64_t started_width_ = 0;
+  bool started_ = false;
 };
 
 }  // namespace dysco

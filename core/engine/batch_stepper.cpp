@@ -92,17 +92,33 @@ Status BatchStepper::InterveneDynamic(const std::vector<size_t>& rows, StepOutco
   }
   outcome->speculative_rows = static_cast<int64_t>(rows.size());
   ScopedTimer timer(&dynamic_select_seconds_);
-  const std::vector<int64_t> num_keys = NumKeys(rows);
+  DYSCO_RETURN_IF_ERROR(
+      dysco_ops_.StartUpdateRelevanceAndSelect(controllers, NumKeys(rows), spec_out_));
+  dynamic_rows_ = rows;
+  selection_pending_ = true;
+  // On a GPU the selection's results are still on their way: the real forward reads each row's
+  // bias where the op wrote it, and FinishDynamic copies the results out after it (docs/gpu.md
+  // "The DySCO stage without a wait"). On the host they are there already.
+  for (size_t d = 0; d < rows.size(); ++d) {
+    staged_[rows[d]].device_bias = dysco_ops_.DeviceBias(static_cast<int64_t>(d));
+  }
+  if (staged_[rows[0]].device_bias == nullptr) return FinishDynamic();
+  return OkStatus();
+}
+
+Status BatchStepper::FinishDynamic() {
+  if (!selection_pending_) return OkStatus();
+  selection_pending_ = false;
   std::vector<std::vector<float>> relevance;
   std::vector<DyscoSelection> selections;
-  DYSCO_RETURN_IF_ERROR(dysco_ops_.UpdateRelevanceAndSelect(controllers, num_keys, spec_out_,
-                                                            &relevance, &selections));
-  for (size_t d = 0; d < rows.size(); ++d) {
-    StagedDysco& st = staged_[rows[d]];
+  DYSCO_RETURN_IF_ERROR(dysco_ops_.FinishUpdateRelevanceAndSelect(&relevance, &selections));
+  for (size_t d = 0; d < dynamic_rows_.size(); ++d) {
+    StagedDysco& st = staged_[dynamic_rows_[d]];
     st.relevance = std::move(relevance[d]);
     st.has_relevance = true;
     st.selection = std::move(selections[d]);
     st.has_selection = true;
+    st.device_bias.reset();
   }
   return OkStatus();
 }
@@ -142,8 +158,17 @@ Status BatchStepper::InterveneStatic(const std::vector<size_t>& rows) {
 }
 
 Status BatchStepper::Intervene(const RowsByKind& rows, StepOutcome* outcome) {
+  selection_pending_ = false;
   if (!rows.dynamic.empty()) DYSCO_RETURN_IF_ERROR(InterveneDynamic(rows.dynamic, outcome));
-  if (!rows.fixed.empty()) DYSCO_RETURN_IF_ERROR(InterveneStatic(rows.fixed));
+  if (!rows.fixed.empty()) {
+    // The static rows' ops reuse the selection's staging buffer: the dynamic rows' results come
+    // out of it first.
+    {
+      ScopedTimer timer(&dynamic_select_seconds_);
+      DYSCO_RETURN_IF_ERROR(FinishDynamic());
+    }
+    DYSCO_RETURN_IF_ERROR(InterveneStatic(rows.fixed));
+  }
   return OkStatus();
 }
 
@@ -158,7 +183,13 @@ Status BatchStepper::RealForward(const RowsByKind& rows, StepOutcome* outcome) {
     const bool samples = static_cast<int64_t>(fed_[i].token_ids.size) == seqs_[i]->num_uncached();
     if (samples && seqs_[i]->needs_logits()) real_batch_.logits_to_host = true;
   }
-  for (size_t i : rows.dynamic) real_batch_.sequences[i].key_bias = staged_[i].real_bias();
+  for (size_t i : rows.dynamic) {
+    if (selection_pending_) {
+      real_batch_.sequences[i].key_bias_device = staged_[i].device_bias;
+    } else {
+      real_batch_.sequences[i].key_bias = staged_[i].real_bias();
+    }
+  }
   for (size_t i : rows.fixed) real_batch_.sequences[i].key_bias = staged_[i].real_bias();
   const std::vector<const DyscoController*> warmup = Controllers(rows.warmup);
   real_batch_.probe_heads = UnionOfHeads(warmup);
@@ -177,6 +208,11 @@ Status BatchStepper::RealForward(const RowsByKind& rows, StepOutcome* outcome) {
   }
   outcome->real_rows = static_cast<int64_t>(fed_.size());
   outcome->logits_to_host = real_batch_.logits_to_host;
+  {
+    // The dynamic rows' selections, copied back while the real pass ran.
+    ScopedTimer timer(&dynamic_select_seconds_);
+    DYSCO_RETURN_IF_ERROR(FinishDynamic());
+  }
   if (warmup.empty()) return OkStatus();
   ScopedTimer timer(&warmup_seconds_);
   const std::vector<int64_t> out_rows(rows.warmup.begin(), rows.warmup.end());

@@ -9,7 +9,10 @@
 //      relevance-update and one selection op call for all of them (DyscoBatchOps); rows at a static
 //      step get the bias of their frozen set;
 //   3. the real forward of every row, each DySCO row with its bias, and the probe heads of the rows
-//      at a context warm-up step, whose relevance is then updated in one op call;
+//      at a context warm-up step, whose relevance is then updated in one op call. On a GPU the
+//      dynamic rows' biases are read where the selection wrote them, and their results are
+//      copied out after this forward: the device runs both passes and the selection back to back
+//      (docs/gpu.md "The DySCO stage without a wait");
 //   4. commit: the DySCO results staged by 2 and 3 go to their controllers, each row's fed tokens
 //      become cached, and a row whose step ended its uncached tokens samples its next token (a
 //      DySCO warm-up token's logits are discarded, except the last prompt token's). When no such
@@ -27,6 +30,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -82,6 +86,9 @@ class BatchStepper {
     DyscoSelection frozen;  // static rows at their first static step: the set
     bool has_frozen = false;
     std::vector<float> bias;  // static rows: this step's bias
+    // Dynamic rows on a GPU until FinishDynamic: the bias where the selection op writes it, read
+    // by the real forward (ForwardRow::key_bias_device).
+    std::shared_ptr<const DeviceTensor> device_bias;
     // The bias the real forward uses.
     const std::vector<float>& real_bias() const { return has_selection ? selection.bias : bias; }
   };
@@ -90,6 +97,9 @@ class BatchStepper {
   RowsByKind ClassifyRows() const;
   Status Intervene(const RowsByKind& rows, StepOutcome* outcome);
   Status InterveneDynamic(const std::vector<size_t>& rows, StepOutcome* outcome);
+  // Copies the dynamic rows' relevance and selections out of DyscoBatchOps into staged_ once the
+  // device has them (no-op when none is pending).
+  Status FinishDynamic();
   Status InterveneStatic(const std::vector<size_t>& rows);
   Status RealForward(const RowsByKind& rows, StepOutcome* outcome);
   Status ApplyStaged();
@@ -108,6 +118,10 @@ class BatchStepper {
   std::vector<ForwardRow> fed_;
   std::vector<DyscoStepKind> kinds_;
   std::vector<StagedDysco> staged_;  // by plan row
+  // The dynamic rows of the step, and whether their selection's results are still to be copied
+  // out of DyscoBatchOps (FinishDynamic).
+  std::vector<size_t> dynamic_rows_;
+  bool selection_pending_ = false;
   // Per-kind shares of the step's wall time, for the DySCO rows' records.
   double dynamic_select_seconds_ = 0.0, static_seconds_ = 0.0, warmup_seconds_ = 0.0;
   ForwardBatch spec_batch_, real_batch_;

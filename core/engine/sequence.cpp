@@ -97,6 +97,7 @@ Status Sequence::PrepareFeed(int64_t max_tokens, ForwardRow* row) {
   row->start_position = num_cached_;
   row->page_ids = ConstSpan<int32_t>(pages_.ids());
   row->key_bias = {};
+  row->key_bias_device.reset();
   return OkStatus();
 }
 

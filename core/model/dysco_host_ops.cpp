@@ -8,6 +8,10 @@
 #include <utility>
 
 #include <torch/script.h>
+#ifdef DYSCO_CUDA
+#include <c10/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include "core/model/device_tensor.h"
 #include "kernels/op_calls.h"
@@ -69,17 +73,29 @@ struct DyscoSelectStaging::Buffer {
   int64_t template_at = 0, keys_at = 0, top_k_at = 0, top_p_at = 0, strength_at = 0;
   int64_t relevance_at = 0;
   int64_t bias_at = 0, selected_at = 0, stats_at = 0, end = 0;
+  // The device's copy of the parts from the last run on a GPU (bytes from `device_base` on), and
+  // whether its results' copy back into `host` may still be running (`copied` then marks its end).
+  at::Tensor device;
+  int64_t device_base = 0;
+  bool pending = false;
+#ifdef DYSCO_CUDA
+  c10::cuda::CUDAEvent copied;
+#endif
   uint8_t* Part(int64_t offset) const { return host.data_ptr<uint8_t>() + offset; }
 };
 
 DyscoSelectStaging::DyscoSelectStaging(std::string device)
     : device_(std::move(device)), buffer_(std::make_unique<Buffer>()) {}
 
-DyscoSelectStaging::~DyscoSelectStaging() = default;
+DyscoSelectStaging::~DyscoSelectStaging() {
+  // A copy back may still target the pinned buffer.
+  if (buffer_ != nullptr) (void)Wait();
+}
 DyscoSelectStaging::DyscoSelectStaging(DyscoSelectStaging&&) noexcept = default;
 DyscoSelectStaging& DyscoSelectStaging::operator=(DyscoSelectStaging&&) noexcept = default;
 
 Status DyscoSelectStaging::Resize(int64_t batch, int64_t width) {
+  DYSCO_RETURN_IF_ERROR(Wait());
   return Guard("dysco::DyscoSelectStaging", [&] {
     const int64_t n = batch * width;
     PackedBuffer layout;
@@ -140,14 +156,44 @@ const float* DyscoSelectStaging::stats() const {
 
 bool DyscoSelectStaging::on_device() const { return !OnHost(device_); }
 
-Status DyscoSelectStaging::Run() { return RunOps(/*update_relevance=*/false, nullptr); }
-
-Status DyscoSelectStaging::RunWithRelevanceUpdate(const DeviceTensor* device_probs) {
-  return RunOps(/*update_relevance=*/true, device_probs);
+Status DyscoSelectStaging::Run() {
+  return RunOps(/*update_relevance=*/false, nullptr, /*wait=*/true);
 }
 
-Status DyscoSelectStaging::RunOps(bool update_relevance, const DeviceTensor* device_probs) {
+Status DyscoSelectStaging::RunWithRelevanceUpdate(const DeviceTensor* device_probs) {
+  return RunOps(/*update_relevance=*/true, device_probs, /*wait=*/true);
+}
+
+Status DyscoSelectStaging::StartWithRelevanceUpdate(const DeviceTensor* device_probs) {
+  return RunOps(/*update_relevance=*/true, device_probs, /*wait=*/false);
+}
+
+Status DyscoSelectStaging::Wait() {
+  Buffer& b = *buffer_;
+  if (!b.pending) return OkStatus();
+  b.pending = false;
+#ifdef DYSCO_CUDA
+  return Guard("dysco::DyscoSelectStaging::Wait", [&] { b.copied.synchronize(); });
+#else
+  return OkStatus();
+#endif
+}
+
+std::shared_ptr<const DeviceTensor> DyscoSelectStaging::DeviceBias(int64_t row) const {
   const Buffer& b = *buffer_;
+  if (!b.device.defined() || row < 0 || row >= batch_) return nullptr;
+  const at::Tensor bias = b.device.narrow(0, b.bias_at - b.device_base, batch_ * width_ * 4)
+                              .view(at::kFloat)
+                              .view({batch_, width_})
+                              .select(0, row);
+  return std::make_shared<const DeviceTensor>(DeviceTensor{bias});
+}
+
+Status DyscoSelectStaging::RunOps(bool update_relevance, const DeviceTensor* device_probs,
+                                  bool wait) {
+  DYSCO_RETURN_IF_ERROR(Wait());
+  Buffer& b = *buffer_;
+  b.device = at::Tensor();
   const int64_t batch = batch_;
   const int64_t width = width_;
   // The two ops over the parts of `buffer`, a copy of the staging buffer's bytes from `base` on.
@@ -204,6 +250,20 @@ Status DyscoSelectStaging::RunOps(bool update_relevance, const DeviceTensor* dev
     on_device.narrow(0, 0, b.bias_at - in_begin)
         .copy_(b.host.narrow(0, in_begin, b.bias_at - in_begin), /*non_blocking=*/true);
     run(on_device, in_begin);
+    b.device = on_device;
+    b.device_base = in_begin;
+#ifdef DYSCO_CUDA
+    if (!wait) {
+      // Queued behind the ops; Wait() waits for it.
+      b.host.narrow(0, out_begin, b.end - out_begin)
+          .copy_(on_device.narrow(0, out_begin - in_begin, b.end - out_begin),
+                 /*non_blocking=*/true);
+      b.copied.record(c10::cuda::getCurrentCUDAStream(on_device.device().index()));
+      b.pending = true;
+      return;
+    }
+#endif
+    (void)wait;
     // Waits for the ops (the stream's order).
     b.host.narrow(0, out_begin, b.end - out_begin)
         .copy_(on_device.narrow(0, out_begin - in_begin, b.end - out_begin));

@@ -39,7 +39,8 @@ Status DyscoRelevanceUpdate(float* relevance, int64_t batch, int64_t width, cons
 // two passes on the H200 (docs/gpu.md "DySCO on the device").
 //
 // Thread-safety: none (one per stepping thread). Ownership: owns the buffer; the pointers it hands
-// out stay valid until the next Resize.
+// out stay valid until the next Resize. DeviceBias rows share the device buffer's storage, which
+// stays allocated while a row is held.
 class DyscoSelectStaging {
  public:
   // `device`: where Run() runs the op ("cpu" or a CUDA device).
@@ -77,13 +78,28 @@ class DyscoSelectStaging {
   // `device_probs`: when given, fp32 [batch, >= width] on the staging's device, the head means in
   // place of probs() (a forward's ForwardOutput::probe_mean_device), read there without a copy.
   Status RunWithRelevanceUpdate(const DeviceTensor* device_probs = nullptr);
+  // RunWithRelevanceUpdate without its wait: on a GPU the ops and the copy of their results back
+  // are queued on the device's current stream and it returns; Wait() then waits for the results,
+  // and until then the results (relevance(), bias(), selected(), stats()) must not be read nor the
+  // inputs written. DeviceBias() meanwhile hands out the bias rows where the op wrote them, for a
+  // forward queued after them on the same stream. On the host it runs to completion. Why: the real
+  // pass of a DySCO step then starts on the device right after the selection, without the host's
+  // round trip in between (docs/gpu.md "The DySCO stage without a wait").
+  Status StartWithRelevanceUpdate(const DeviceTensor* device_probs = nullptr);
+  // Waits for the results of the last StartWithRelevanceUpdate (no-op when none is pending).
+  // Resize, Run and the Start calls wait first too, so a step that failed in between leaves
+  // nothing behind.
+  Status Wait();
+  // Row `b`'s bias from the last run on a GPU: fp32 [width] on the device, valid for work queued
+  // after that run on the device's current stream. Null on the host.
+  std::shared_ptr<const DeviceTensor> DeviceBias(int64_t b) const;
   // Whether Run() runs on a GPU (the caller then packs the head means into probs() instead of
   // running the relevance update on the host).
   bool on_device() const;
 
  private:
   struct Buffer;
-  Status RunOps(bool update_relevance, const DeviceTensor* device_probs);
+  Status RunOps(bool update_relevance, const DeviceTensor* device_probs, bool wait);
 
   std::string device_;
   int64_t batch_ = 0;

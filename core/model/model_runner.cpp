@@ -751,6 +751,21 @@ Status ModelRunner::Impl::ValidateRow(const ForwardRow& s, size_t i, int64_t pag
                                 " entries, fewer than the " + std::to_string(seq_len) +
                                 " context tokens");
   }
+  if (s.key_bias_device != nullptr) {
+    const at::Tensor& t = s.key_bias_device->tensor;
+    if (!s.key_bias.empty()) {
+      return InvalidArgumentError(Seq(i) + " has both key_bias and key_bias_device");
+    }
+    const bool on_device = t.defined() && t.device().type() == device.type() &&
+                           (!device.has_index() || t.device().index() == device.index());
+    if (!on_device || t.scalar_type() != at::kFloat || t.dim() != 1 || t.size(0) < seq_len) {
+      return InvalidArgumentError(
+          Seq(i) + ".key_bias_device is " +
+          (t.defined() ? c10::str(t.scalar_type(), " ", t.sizes(), " on ", t.device())
+                       : std::string("undefined")) +
+          ", expected float [>= " + std::to_string(seq_len) + "] on " + device.str());
+    }
+  }
   return OkStatus();
 }
 
@@ -778,7 +793,7 @@ void ModelRunner::Impl::PackLocked(const ForwardBatch& batch) {
     seq_lens.push_back(len);
     max_seq_len = std::max(max_seq_len, len);
     max_pages = std::max(max_pages, (len + page_size - 1) / page_size);
-    any_bias = any_bias || !s.key_bias.empty();
+    any_bias = any_bias || s.has_key_bias();
   }
   // Rows are padded with the padding page (0); the ops ignore entries past a sequence's length.
   block_tables.assign(static_cast<size_t>(B * max_pages), 0);
@@ -831,7 +846,16 @@ std::vector<c10::IValue> ModelRunner::Impl::InputsLocked(const ForwardBatch& bat
                   attn_bias.begin() + b * max_seq_len);
       }
     }
-    inputs.emplace_back(view(attn_bias.data(), {B, max_seq_len}, at::kFloat));
+    at::Tensor bias = view(attn_bias.data(), {B, max_seq_len}, at::kFloat);
+    // The rows whose bias is on the device already: a copy there, in the stream's order.
+    for (int64_t b = 0; b < B; ++b) {
+      const ForwardRow& s = batch.sequences[b];
+      if (s.key_bias_device == nullptr) continue;
+      bias.select(0, b)
+          .narrow(0, 0, seq_lens[b])
+          .copy_(s.key_bias_device->tensor.narrow(0, 0, seq_lens[b]), /*non_blocking=*/true);
+    }
+    inputs.emplace_back(bias);
   } else {
     inputs.emplace_back(c10::IValue());
   }
@@ -1086,7 +1110,9 @@ void ModelRunner::Impl::FillGraphInputsLocked(const ForwardBatch& batch, const G
       float* bias_row = bias + b * S;
       if (real) {
         const ConstSpan<float>& row_bias = batch.sequences[b].key_bias;
-        if (row_bias.empty()) {
+        if (batch.sequences[b].key_bias_device != nullptr) {
+          // Copied on the device below.
+        } else if (row_bias.empty()) {
           std::fill(bias_row, bias_row + seq_lens[b], 0.0f);
         } else {
           std::copy(row_bias.begin(), row_bias.begin() + seq_lens[b], bias_row);
@@ -1100,6 +1126,19 @@ void ModelRunner::Impl::FillGraphInputsLocked(const ForwardBatch& batch, const G
   std::copy(probe_heads.begin(), probe_heads.end(), heads);
   g->device.copy_(g->host, /*non_blocking=*/true);
   g->copied.record(c10::cuda::getCurrentCUDAStream(device.index()));
+  if (key.bias) {
+    // The rows whose bias is on the device already (DySCO's selection): copied after the inputs,
+    // in the stream's order, ahead of the replay.
+    const at::Tensor device_bias =
+        g->device.narrow(0, g->off_attn_bias, Bp * S * 4).view(at::kFloat).view({Bp, S});
+    for (int64_t b = 0; b < B; ++b) {
+      const ForwardRow& row = batch.sequences[b];
+      if (row.key_bias_device == nullptr) continue;
+      device_bias.select(0, b)
+          .narrow(0, 0, seq_lens[b])
+          .copy_(row.key_bias_device->tensor.narrow(0, 0, seq_lens[b]), /*non_blocking=*/true);
+    }
+  }
 }
 
 bool ModelRunner::Impl::CaptureLocked(const GraphKey& key, DecodeGraph* g) {
@@ -1284,8 +1323,8 @@ bool ModelRunner::Impl::IsMixedBiasStep(const ForwardBatch& batch) const {
   bool biased = false;
   bool unbiased_chunk = false;
   for (const ForwardRow& row : batch.sequences) {
-    biased = biased || !row.key_bias.empty();
-    unbiased_chunk = unbiased_chunk || (row.key_bias.empty() && row.token_ids.size > 1);
+    biased = biased || row.has_key_bias();
+    unbiased_chunk = unbiased_chunk || (!row.has_key_bias() && row.token_ids.size > 1);
   }
   return biased && unbiased_chunk;
 }
@@ -1294,7 +1333,7 @@ Status ModelRunner::Impl::RunSplitLocked(const ForwardBatch& batch, ForwardOutpu
   ForwardBatch parts[2];
   std::vector<size_t> rows[2];  // the batch's row index of each part's rows
   for (size_t i = 0; i < batch.sequences.size(); ++i) {
-    const int part = batch.sequences[i].key_bias.empty() ? 1 : 0;
+    const int part = batch.sequences[i].has_key_bias() ? 0 : 1;
     parts[part].sequences.push_back(batch.sequences[i]);
     if (!batch.probe_mean_heads.empty()) {
       parts[part].probe_mean_heads.push_back(batch.probe_mean_heads[i]);

@@ -92,6 +92,9 @@ struct ModelRunnerOptions {
   MixedBiasSplit mixed_bias_split = MixedBiasSplit::kAuto;
 };
 
+// Opaque to the torch-free parts of core/ (core/model/device_tensor.h).
+struct DeviceTensor;
+
 // One sequence's part of a step.
 struct ForwardRow {
   // The new tokens (a prefill chunk, or one decode token). Non-empty.
@@ -104,6 +107,14 @@ struct ForwardRow {
   // Optional additive bias on attention logits per key position (DySCO); empty = none. When set,
   // its length must be >= start_position + token_ids.size.
   ConstSpan<float> key_bias;
+  // Instead of key_bias (which must then be empty): the bias where a GPU op left it, fp32 [>=
+  // start_position + token_ids.size] on the runner's device, written by work queued before the
+  // forward on the device's current stream (DySCO's selection: DyscoBatchOps::DeviceBias). Why:
+  // the real pass then needs nothing from the host between the two passes of a DySCO step
+  // (docs/gpu.md "The DySCO stage without a wait").
+  // (A default member initializer: the rows' aggregate initialisations may leave it out.)
+  std::shared_ptr<const DeviceTensor> key_bias_device = nullptr;
+  bool has_key_bias() const { return !key_bias.empty() || key_bias_device != nullptr; }
 };
 
 struct ForwardBatch {
@@ -137,9 +148,6 @@ struct ForwardBatch {
   // the device"). BatchStepper sets it when no row that samples in the step needs its logits.
   bool logits_to_host = true;
 };
-
-// Opaque to the torch-free parts of core/ (core/model/device_tensor.h).
-struct DeviceTensor;
 
 struct ForwardOutput {
   int64_t batch_size = 0;

@@ -436,13 +436,16 @@ void ModelCudaTest::ExpectGraphReplayEqualsEager(const std::string& dir, const s
   std::uniform_real_distribution<float> u(-3.0f, 1.0f);
   std::vector<std::vector<float>> bias(n);
   MaxError logits_err, probs_err;
-  int64_t decode_forwards = 0, greedy_tokens = 0;
+  int64_t decode_forwards = 0, greedy_tokens = 0, device_bias_rows = 0;
   for (int step = 0; step < 12; ++step) {
     std::vector<size_t> active;
     if (step % 3 == 0) active = {4};
     if (step % 3 == 1) active = {0, 2, 4};
     if (step % 3 == 2) active = {0, 1, 2, 3, 4};
     const bool with_bias = step % 2 == 1;
+    // Every second biased step: the even rows' biases on the device (ForwardRow::key_bias_device,
+    // as DySCO's selection leaves them; padded past the row), the odd rows' on the host.
+    const bool bias_on_device = with_bias && step % 4 == 3;
     ForwardBatch real;
     for (size_t s : active) {
       bias[s].assign(static_cast<size_t>(lens[s] + 1), 0.0f);
@@ -451,13 +454,23 @@ void ModelCudaTest::ExpectGraphReplayEqualsEager(const std::string& dir, const s
       bias[s][static_cast<size_t>(lens[s])] = 0.0f;  // the new token stays visible
       ForwardRow row{
           ConstSpan<int32_t>(&tokens[s][static_cast<size_t>(lens[s])], 1), lens[s], pages[s], {}};
-      if (with_bias) row.key_bias = bias[s];
+      if (bias_on_device && real.sequences.size() % 2 == 0) {
+        at::Tensor padded = at::full({lens[s] + 9}, 5.0f);
+        padded.narrow(0, 0, lens[s] + 1).copy_(at::tensor(bias[s]));
+        row.key_bias_device =
+            std::make_shared<const DeviceTensor>(DeviceTensor{padded.to(at::kCUDA)});
+      } else if (with_bias) {
+        row.key_bias = bias[s];
+      }
       real.sequences.push_back(row);
     }
     if (with_bias) {
       // DySCO: the speculative pass (layers 0..spec_layer, probes, no bias), then the real pass.
       ForwardBatch spec = real;
-      for (auto& row : spec.sequences) row.key_bias = {};
+      for (auto& row : spec.sequences) {
+        row.key_bias = {};
+        row.key_bias_device.reset();
+      }
       spec.last_layer = spec_layer;
       spec.probe_heads = spec_probes;
       run.Step(spec, outs);
@@ -476,6 +489,25 @@ void ModelCudaTest::ExpectGraphReplayEqualsEager(const std::string& dir, const s
     ASSERT_EQ(outs[0].num_probe_heads, outs[1].num_probe_heads);
     logits_err.Add(outs[1].logits, outs[0].logits);
     probs_err.Add(outs[1].probs, outs[0].probs);
+    if (bias_on_device) {
+      // The same step with every bias from the host: the same bits on both runners.
+      ForwardBatch host = real;
+      for (size_t r = 0; r < active.size(); ++r) {
+        if (host.sequences[r].key_bias_device == nullptr) continue;
+        host.sequences[r].key_bias_device.reset();
+        host.sequences[r].key_bias = bias[active[r]];
+        ++device_bias_rows;
+      }
+      ForwardOutput again[2];
+      run.Step(host, again);
+      ++decode_forwards;
+      for (int i = 0; i < 2; ++i) {
+        EXPECT_EQ(again[i].logits, outs[i].logits)
+            << (i == 0 ? "graphs" : "eager") << ", step " << step << ": bias on the device";
+        EXPECT_EQ(again[i].probs, outs[i].probs)
+            << (i == 0 ? "graphs" : "eager") << ", step " << step << ": bias on the device";
+      }
+    }
     // The same step again with the tokens picked on the device (ForwardBatch::logits_to_host):
     // each row's GreedyTokenId of the logits above, bit for bit the same step.
     ForwardOutput picked[2];
@@ -496,6 +528,7 @@ void ModelCudaTest::ExpectGraphReplayEqualsEager(const std::string& dir, const s
   }
   EXPECT_GT(lens[2], 64);
   EXPECT_GT(lens[4], 128);
+  EXPECT_GE(device_bias_rows, 4);
   const ModelRunner::CudaGraphStats st = run.graphed().cuda_graph_stats();
   std::printf(
       "[model] graphs vs eager (GPU%s): %lld decode forwards, logits max abs error %.3g, probe "
@@ -683,8 +716,9 @@ TEST_F(ModelCudaTest, BucketIsCapturedOnceThenReplayed) {
 // positions, over three steps in which each side applies its own r_t (as a session would). r_t
 // agrees to within 2 fp32 ulps (the float64 sum of a is added in another order on the GPU); the
 // sets, biases and counts are identical. The head means also handed over on the device (as a
-// speculative pass leaves them) give the same bits as through the host. Model-free: runs wherever
-// a CUDA device is.
+// speculative pass leaves them) give the same bits as through the host, and so does the update run
+// in two halves (Start / Finish) with the biases read on the device in between. Model-free: runs
+// wherever a CUDA device is.
 TEST(DyscoBatchOpsCudaTest, UpdateRelevanceAndSelectOnTheGpuEqualsTheCpu) {
   if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   std::mt19937 rng(11);
@@ -744,11 +778,28 @@ TEST(DyscoBatchOpsCudaTest, UpdateRelevanceAndSelectOnTheGpuEqualsTheCpu) {
     on_device.probe_mean_device = std::make_shared<const DeviceTensor>(DeviceTensor{
         at::from_blob(out.probe_mean.data(), {out.batch_size, out.probs_len}, at::kFloat)
             .to(at::Device("cuda:0"))});
+    // Through the two halves, as BatchStepper runs it: the biases read on the device before the
+    // results are copied out equal the copied ones.
     std::vector<std::vector<float>> dev_r;
     std::vector<DyscoSelection> dev_s;
-    const Status dev =
-        device_ops.UpdateRelevanceAndSelect(gpu_view, num_keys, on_device, &dev_r, &dev_s);
+    const Status dev = device_ops.StartUpdateRelevanceAndSelect(gpu_view, num_keys, on_device);
     ASSERT_TRUE(dev.ok()) << dev.ToString();
+    std::vector<at::Tensor> device_bias;
+    for (size_t d = 0; d < num_keys.size(); ++d) {
+      const auto row = device_ops.DeviceBias(static_cast<int64_t>(d));
+      ASSERT_NE(row, nullptr);
+      ASSERT_TRUE(row->tensor.is_cuda());
+      ASSERT_GE(row->tensor.size(0), num_keys[d]);
+      device_bias.push_back(row->tensor.narrow(0, 0, num_keys[d]).clone());  // queued behind it
+    }
+    const Status finished = device_ops.FinishUpdateRelevanceAndSelect(&dev_r, &dev_s);
+    ASSERT_TRUE(finished.ok()) << finished.ToString();
+    EXPECT_EQ(cpu_ops.DeviceBias(0), nullptr);
+    for (size_t d = 0; d < num_keys.size(); ++d) {
+      const at::Tensor host = device_bias[d].cpu();
+      EXPECT_EQ(std::vector<float>(host.data_ptr<float>(), host.data_ptr<float>() + num_keys[d]),
+                dev_s[d].bias);
+    }
     std::vector<std::vector<float>> unused_r;
     std::vector<DyscoSelection> unused_s;
     EXPECT_FALSE(

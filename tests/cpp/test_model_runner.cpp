@@ -23,6 +23,7 @@
 #include <torch/script.h>
 #include <nlohmann/json.hpp>
 
+#include "core/model/device_tensor.h"
 #include "core/model/kv_page_pool.h"
 #include "core/model/model_runner.h"
 #include "tests/cpp/model_fixture.h"
@@ -473,6 +474,73 @@ TEST_F(ModelRunnerTest, KeyBiasSemantics) {
   for (size_t i = 0; i < plain.size(); ++i) diff = std::max(diff, std::fabs(plain[i] - masked[i]));
   EXPECT_GT(diff, 1e-2f);
   for (float x : masked) ASSERT_FALSE(std::isnan(x));
+}
+
+// ForwardRow::key_bias_device (on a CPU runner: a CPU tensor) gives the same logits, bit for bit,
+// as the same bias through key_bias, in a batch that mixes it with a host bias and no bias; and it
+// is refused with the field's name when it is short, of another dtype or set with key_bias.
+TEST_F(ModelRunnerTest, KeyBiasOnTheDeviceEqualsTheHostBias) {
+  const std::vector<std::vector<int32_t>> seqs = {RandomTokens(20, 11), RandomTokens(33, 12),
+                                                  RandomTokens(9, 13)};
+  std::mt19937_64 rng(14);
+  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+  std::vector<std::vector<float>> bias(seqs.size());
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    bias[s].resize(seqs[s].size() + 7);  // longer than the row, as a selection's padded row
+    for (float& b : bias[s]) b = u(rng);
+    bias[s][1] = -std::numeric_limits<float>::infinity();
+  }
+  auto run = [&](bool on_device, ForwardOutput* out) {
+    std::vector<PageList> pages;
+    ForwardBatch prefill, decode;
+    prefill.kv_pool = decode.kv_pool = pool_.get();
+    for (const auto& t : seqs) {
+      pages.push_back(Pages(static_cast<int64_t>(t.size())));
+      const int64_t n = static_cast<int64_t>(t.size()) - 1;
+      prefill.sequences.push_back({ConstSpan<int32_t>(t.data(), n), 0, pages.back().ids(), {}});
+    }
+    ForwardOutput unused;
+    ASSERT_TRUE(runner_->Forward(prefill, &unused).ok());
+    for (size_t s = 0; s < seqs.size(); ++s) {
+      const int64_t n = static_cast<int64_t>(seqs[s].size()) - 1;
+      ForwardRow row{ConstSpan<int32_t>(seqs[s].data() + n, 1), n, pages[s].ids(), {}};
+      if (s == 0 || (s == 2 && !on_device)) row.key_bias = ConstSpan<float>(bias[s]);
+      if (s == 2 && on_device) {
+        row.key_bias_device = std::make_shared<const DeviceTensor>(
+            DeviceTensor{torch::tensor(bias[s], torch::kFloat)});
+      }
+      decode.sequences.push_back(row);  // row 1: no bias
+    }
+    const Status st = runner_->Forward(decode, out);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+  };
+  ForwardOutput host, device;
+  run(false, &host);
+  run(true, &device);
+  ASSERT_EQ(host.logits.size(), 3 * static_cast<size_t>(config().vocab_size));
+  EXPECT_EQ(host.logits, device.logits);
+
+  // Refusals.
+  const std::vector<int32_t> t = RandomTokens(12, 15);
+  const PageList p = Pages(12);
+  ForwardBatch bad;
+  bad.kv_pool = pool_.get();
+  bad.sequences.push_back({ConstSpan<int32_t>(t.data(), 12), 0, p.ids(), {}});
+  auto refused = [&](at::Tensor tensor, bool with_host_bias, const std::string& what) {
+    const std::vector<float> host_bias(12, 0.0f);
+    ForwardBatch b = bad;
+    b.sequences[0].key_bias_device = std::make_shared<const DeviceTensor>(DeviceTensor{tensor});
+    if (with_host_bias) b.sequences[0].key_bias = ConstSpan<float>(host_bias);
+    ForwardOutput out;
+    const Status st = runner_->Forward(b, &out);
+    EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << what;
+    EXPECT_NE(st.message().find("sequences[0]"), std::string::npos) << what << ": " << st.message();
+    EXPECT_NE(st.message().find("key_bias"), std::string::npos) << what << ": " << st.message();
+  };
+  refused(torch::zeros({11}), false, "short");
+  refused(torch::zeros({12}, torch::kDouble), false, "double");
+  refused(torch::zeros({1, 12}), false, "two dimensions");
+  refused(torch::zeros({12}), true, "with key_bias too");
 }
 
 TEST_F(ModelRunnerTest, ValidationErrorsNameTheField) {
