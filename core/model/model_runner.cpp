@@ -820,6 +820,25 @@ void ModelRunner::Impl::PackLocked(const ForwardBatch& batch) {
   }
 }
 
+namespace {
+
+// Copies each row's ForwardRow::key_bias_device (DySCO's selection output) into row b of `bias`
+// ([>= B, >= seq_len] on the same device), keys 0 .. seq_lens[b] - 1, queued on the current
+// stream: the rows whose bias is on the device already never cross to the host.
+void CopyDeviceKeyBiases(const ForwardBatch& batch, const std::vector<int64_t>& seq_lens,
+                         const at::Tensor& bias) {
+  for (size_t b = 0; b < batch.sequences.size(); ++b) {
+    const ForwardRow& row = batch.sequences[b];
+    if (row.key_bias_device == nullptr) continue;
+    const int64_t len = seq_lens[b];
+    bias.select(0, static_cast<int64_t>(b))
+        .narrow(0, 0, len)
+        .copy_(row.key_bias_device->tensor.narrow(0, 0, len), /*non_blocking=*/true);
+  }
+}
+
+}  // namespace
+
 std::vector<c10::IValue> ModelRunner::Impl::InputsLocked(const ForwardBatch& batch) {
   // from_blob views the staging buffers without a copy; .to() is a no-op on CPU and a synchronous
   // host-to-device copy (pageable memory) on CUDA, so the buffers may be reused right after.
@@ -847,14 +866,7 @@ std::vector<c10::IValue> ModelRunner::Impl::InputsLocked(const ForwardBatch& bat
       }
     }
     at::Tensor bias = view(attn_bias.data(), {B, max_seq_len}, at::kFloat);
-    // The rows whose bias is on the device already: a copy there, in the stream's order.
-    for (int64_t b = 0; b < B; ++b) {
-      const ForwardRow& s = batch.sequences[b];
-      if (s.key_bias_device == nullptr) continue;
-      bias.select(0, b)
-          .narrow(0, 0, seq_lens[b])
-          .copy_(s.key_bias_device->tensor.narrow(0, 0, seq_lens[b]), /*non_blocking=*/true);
-    }
+    CopyDeviceKeyBiases(batch, seq_lens, bias);
     inputs.emplace_back(bias);
   } else {
     inputs.emplace_back(c10::IValue());
@@ -1127,17 +1139,10 @@ void ModelRunner::Impl::FillGraphInputsLocked(const ForwardBatch& batch, const G
   g->device.copy_(g->host, /*non_blocking=*/true);
   g->copied.record(c10::cuda::getCurrentCUDAStream(device.index()));
   if (key.bias) {
-    // The rows whose bias is on the device already (DySCO's selection): copied after the inputs,
-    // in the stream's order, ahead of the replay.
-    const at::Tensor device_bias =
-        g->device.narrow(0, g->off_attn_bias, Bp * S * 4).view(at::kFloat).view({Bp, S});
-    for (int64_t b = 0; b < B; ++b) {
-      const ForwardRow& row = batch.sequences[b];
-      if (row.key_bias_device == nullptr) continue;
-      device_bias.select(0, b)
-          .narrow(0, 0, seq_lens[b])
-          .copy_(row.key_bias_device->tensor.narrow(0, 0, seq_lens[b]), /*non_blocking=*/true);
-    }
+    // After the inputs' copy, in the stream's order, ahead of the replay.
+    CopyDeviceKeyBiases(
+        batch, seq_lens,
+        g->device.narrow(0, g->off_attn_bias, Bp * S * 4).view(at::kFloat).view({Bp, S}));
   }
 }
 

@@ -322,6 +322,12 @@ __global__ void __launch_bounds__(kAttentionThreads)
   // Whether this warp's first tile is loaded before the wait: its keys all precede the row's newest
   // (a decode row's newest key is limit - 1), so the kernel ahead does not write them.
   const bool early_tile = p.early_keys && first_tile + kTileKeys <= limit - 1;
+  // The first tile where it may be loaded before the wait, the wait, then the query.
+  auto start = [&](auto& kw, auto& vw, auto& tile_bias) {
+    if (early_tile) load_tile(first_tile, kw, vw, tile_bias);
+    cuda::WaitForPrerequisiteGrids();
+    load_query();
+  };
   if constexpr (kPipeline == kRegisterPrefetch) {
     // Two register sets used in turn (the loop unrolled by two), so no set is copied to the other.
     uint4 kw_a[2][kRowLoads];
@@ -330,9 +336,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
     uint4 kw_b[2][kRowLoads];
     uint4 vw_b[4][kValueLoads];
     float2 bias_b[2];
-    if (early_tile) load_tile(first_tile, kw_a, vw_a, bias_a);
-    cuda::WaitForPrerequisiteGrids();
-    load_query();
+    start(kw_a, vw_a, bias_a);
     if (!early_tile && first_tile < key_end) load_tile(first_tile, kw_a, vw_a, bias_a);
     for (int tile = first_tile; tile < key_end; tile += 2 * kTileStride) {
       const int second = tile + kTileStride;
@@ -346,9 +350,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
     uint4 kw[2][kRowLoads];
     uint4 vw[4][kValueLoads];
     float2 tile_bias[2];
-    if (early_tile) load_tile(first_tile, kw, vw, tile_bias);
-    cuda::WaitForPrerequisiteGrids();
-    load_query();
+    start(kw, vw, tile_bias);
     for (int tile = first_tile; tile < key_end; tile += kTileStride) {
       if (!early_tile || tile != first_tile) load_tile(tile, kw, vw, tile_bias);
       process_tile(tile, kw, vw, tile_bias);
