@@ -962,6 +962,51 @@ TEST(CudaQkNormRopeKvWrite, EqualsCpu) {
   }
 }
 
+// Decode rows of the given lengths on the GPU, each on its own pages (a permutation of a pool of
+// rows x max_pages pages), with the slot of each row's newest key (at lens[r] - 1).
+struct DecodeRows {
+  at::Tensor tables;    // int32 [rows, max_pages]
+  at::Tensor slots;     // int64 [rows]
+  at::Tensor seq_lens;  // int64 [rows]
+  int64_t rows = 0, max_pages = 0;
+};
+
+DecodeRows MakeDecodeRows(const std::vector<int64_t>& lens, int64_t page_size) {
+  DecodeRows d;
+  d.rows = static_cast<int64_t>(lens.size());
+  d.max_pages = *std::max_element(lens.begin(), lens.end()) / page_size + 1;
+  const auto i64 = at::TensorOptions().dtype(at::kLong).device(at::kCUDA);
+  d.tables = at::randperm(d.rows * d.max_pages, i64).to(at::kInt).reshape({d.rows, d.max_pages});
+  const at::Tensor tables = d.tables.cpu();
+  std::vector<int64_t> slot_values;
+  for (int64_t r = 0; r < d.rows; ++r) {
+    const int64_t pos = lens[r] - 1;
+    slot_values.push_back(tables[r][pos / page_size].item<int64_t>() * page_size + pos % page_size);
+  }
+  d.slots = at::tensor(slot_values, at::kLong).to(at::kCUDA);
+  d.seq_lens = at::tensor(lens, at::kLong).to(at::kCUDA);
+  return d;
+}
+
+// `step` captured into `graph` on a side stream, after one warm-up run there.
+void CaptureAfterWarmUp(at::cuda::CUDAGraph& graph, const std::function<void()>& step) {
+  c10::cuda::device_synchronize();
+  const c10::cuda::CUDAStreamGuard guard(c10::cuda::getStreamFromPool());
+  step();  // warm-up on the capture stream
+  graph.capture_begin();
+  step();
+  graph.capture_end();
+  c10::cuda::device_synchronize();
+}
+
+// A decode step's new inputs, in place: the q/k/v projection and the rope angles.
+void NewDecodeInputs(at::Tensor& qkv, at::Tensor& angle, at::Tensor& cos, at::Tensor& sin) {
+  qkv.copy_(at::randn(qkv.sizes(), qkv.options()) * 3);
+  angle.copy_(at::rand(angle.sizes(), angle.options()) * 6.3);
+  cos.copy_(angle.cos());
+  sin.copy_(angle.sin());
+}
+
 // The decode attention after qk_norm_rope_kv_write, the model's pair, with the tensor-core kernel
 // started early (AttentionParams::early_keys: its first tiles of older keys loaded while the write
 // runs) against plain launches: the same bits in the output and the cache, eagerly and replayed in
@@ -972,22 +1017,12 @@ TEST(CudaPagedAttentionDecode, StartsEarlyAfterTheKvWrite) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(41);
   const int64_t h = 32, hkv = 8, d = 128, page_size = 16;
-  const std::vector<int64_t> lens = {1, 2, 15, 16, 17, 31, 32, 33, 255, 1000, 8191, 8192, 8193};
-  const int64_t rows = static_cast<int64_t>(lens.size());
-  const int64_t max_pages = 8193 / page_size + 1;
+  const DecodeRows decode_rows =
+      MakeDecodeRows({1, 2, 15, 16, 17, 31, 32, 33, 255, 1000, 8191, 8192, 8193}, page_size);
+  const int64_t rows = decode_rows.rows, max_pages = decode_rows.max_pages;
+  const at::Tensor &tables = decode_rows.tables, &slots = decode_rows.slots;
+  const at::Tensor& seq_lens = decode_rows.seq_lens;
   const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
-  const auto i64 = at::TensorOptions().dtype(at::kLong).device(at::kCUDA);
-  // Each row its own pages (a permutation of the pool), the newest key's slot at lens[r] - 1.
-  const at::Tensor tables =
-      at::randperm(rows * max_pages, i64).to(at::kInt).reshape({rows, max_pages});
-  std::vector<int64_t> slot_values;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t pos = lens[r] - 1;
-    slot_values.push_back(tables.cpu()[r][pos / page_size].item<int64_t>() * page_size +
-                          pos % page_size);
-  }
-  const at::Tensor slots = at::tensor(slot_values, at::kLong).to(at::kCUDA);
-  const at::Tensor seq_lens = at::tensor(lens, at::kLong).to(at::kCUDA);
   const at::Tensor q_w = at::rand({d}, bf16) + 0.5, k_w = at::rand({d}, bf16) + 0.5;
   const at::Tensor bias = at::randn({rows, 8193}, bf16.dtype(at::kFloat));
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
@@ -1007,22 +1042,11 @@ TEST(CudaPagedAttentionDecode, StartsEarlyAfterTheKvWrite) {
                                   biased ? Bias(bias) : Bias());
     };
     at::cuda::CUDAGraph graph;
-    {
-      c10::cuda::device_synchronize();
-      const c10::cuda::CUDAStreamGuard guard(c10::cuda::getStreamFromPool());
-      step(kv_graph);  // warm-up on the capture stream
-      graph.capture_begin();
-      step(kv_graph);
-      graph.capture_end();
-      c10::cuda::device_synchronize();
-    }
+    CaptureAfterWarmUp(graph, [&] { step(kv_graph); });
     kv_graph.copy_(kv0);
     kv_early.copy_(kv0);
     for (int iteration = 0; iteration < 6; ++iteration) {
-      qkv.copy_(at::randn({rows, (h + 2 * hkv) * d}, bf16) * 3);
-      angle.copy_(at::rand({rows, d}, bf16) * 6.3);
-      cos.copy_(angle.cos());
-      sin.copy_(angle.sin());
+      NewDecodeInputs(qkv, angle, cos, sin);
       const std::string what = std::string(biased ? "biased" : "unbiased") +
                                (qk_early != nullptr ? ", write started early" : "") +
                                " iteration " + std::to_string(iteration);
@@ -1061,21 +1085,13 @@ TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
     at::ScalarType dtype;
     bool norms;
   };
-  const std::vector<int64_t> lens = {1, 2, 15, 16, 17, 31, 32, 33, 255, 1000, 4095, 4096, 4097};
-  const int64_t rows = static_cast<int64_t>(lens.size()), page_size = 16;
-  const int64_t max_pages = 4097 / page_size + 1;
-  const auto i64 = at::TensorOptions().dtype(at::kLong).device(at::kCUDA);
-  const at::Tensor tables =
-      at::randperm(rows * max_pages, i64).to(at::kInt).reshape({rows, max_pages});
-  std::vector<int64_t> slot_values;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t pos = lens[r] - 1;
-    slot_values.push_back(tables.cpu()[r][pos / page_size].item<int64_t>() * page_size +
-                          pos % page_size);
-  }
-  const at::Tensor slots = at::tensor(slot_values, at::kLong).to(at::kCUDA);
-  const at::Tensor seq_lens = at::tensor(lens, at::kLong).to(at::kCUDA);
-  const at::Tensor bias = at::randn({rows, 4097 + 5}, i64.dtype(at::kFloat));
+  const int64_t page_size = 16;
+  const DecodeRows decode_rows =
+      MakeDecodeRows({1, 2, 15, 16, 17, 31, 32, 33, 255, 1000, 4095, 4096, 4097}, page_size);
+  const int64_t rows = decode_rows.rows, max_pages = decode_rows.max_pages;
+  const at::Tensor &tables = decode_rows.tables, &slots = decode_rows.slots;
+  const at::Tensor& seq_lens = decode_rows.seq_lens;
+  const at::Tensor bias = at::randn({rows, 4097 + 5}, at::TensorOptions().device(at::kCUDA));
   for (const Shape& shape :
        {Shape{32, 8, 128, at::kBFloat16, true}, Shape{32, 8, 128, at::kHalf, false},
         Shape{16, 2, 64, at::kBFloat16, true}, Shape{4, 4, 64, at::kHalf, true},
@@ -1103,21 +1119,10 @@ TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
                                            biased ? Bias(bias) : Bias());
       };
       at::cuda::CUDAGraph graph;
-      {
-        c10::cuda::device_synchronize();
-        const c10::cuda::CUDAStreamGuard guard(c10::cuda::getStreamFromPool());
-        fused(kv_graph);  // warm-up on the capture stream
-        graph.capture_begin();
-        fused(kv_graph);
-        graph.capture_end();
-        c10::cuda::device_synchronize();
-      }
+      CaptureAfterWarmUp(graph, [&] { fused(kv_graph); });
       kv_graph.copy_(kv0);
       for (int step = 0; step < 3; ++step) {
-        qkv.copy_(at::randn({rows, (h + 2 * hkv) * d}, opt) * 3);
-        angle.copy_(at::rand({rows, d}, opt) * 6.3);
-        cos.copy_(angle.cos());
-        sin.copy_(angle.sin());
+        NewDecodeInputs(qkv, angle, cos, sin);
         const std::string what = shape_text + ", step " + std::to_string(step);
         query_two.fill_(kNaN);
         out_two.fill_(kNaN);
