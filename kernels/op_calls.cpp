@@ -116,6 +116,20 @@ void qk_norm_rope_kv_write(TensorRef query, TensorRef kv_cache_layer, TensorRef 
   op.call(query, kv_cache_layer, qkv, cos, sin, slot_mapping, q_norm_weight, k_norm_weight, eps);
 }
 
+void qk_norm_rope_attention_decode(TensorRef out, TensorRef query, TensorRef kv_cache_layer,
+                                   TensorRef qkv, TensorRef cos, TensorRef sin,
+                                   TensorRef slot_mapping, OptionalTensorRef q_norm_weight,
+                                   OptionalTensorRef k_norm_weight, double eps,
+                                   TensorRef block_tables, TensorRef seq_lens, double scale,
+                                   OptionalTensorRef key_bias) {
+  static const auto op =
+      Handle<void(TensorRef, TensorRef, TensorRef, TensorRef, TensorRef, TensorRef, TensorRef,
+                  OptionalTensorRef, OptionalTensorRef, double, TensorRef, TensorRef, double,
+                  OptionalTensorRef)>(kernels::kQkNormRopeAttentionDecodeOp);
+  op.call(out, query, kv_cache_layer, qkv, cos, sin, slot_mapping, q_norm_weight, k_norm_weight,
+          eps, block_tables, seq_lens, scale, key_bias);
+}
+
 void dysco_relevance_update(TensorRef relevance, TensorRef probs, TensorRef num_keys,
                             TensorRef decay) {
   static const auto op =
@@ -161,6 +175,7 @@ const std::vector<std::string>& AllOpNames() {
       kernels::kAddRmsNormSwigluOp,
       kernels::kOProjMlpOp,
       kernels::kQkNormRopeKvWriteOp,
+      kernels::kQkNormRopeAttentionDecodeOp,
       kernels::kDyscoRelevanceUpdateOp,
       kernels::kDyscoSelectBiasOp,
       kernels::kDyscoBiasFromSelectionOp,

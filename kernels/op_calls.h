@@ -108,6 +108,20 @@ void qk_norm_rope_kv_write(const at::Tensor& query, const at::Tensor& kv_cache_l
                            const c10::optional<at::Tensor>& q_norm_weight,
                            const c10::optional<at::Tensor>& k_norm_weight, double eps);
 
+// A decode step's attention from the fused q/k/v projection: qk_norm_rope_kv_write(query,
+// kv_cache_layer, qkv, cos, sin, slot_mapping, q_norm_weight, k_norm_weight, eps) then
+// paged_attention_decode(out, query, kv_cache_layer, block_tables, seq_lens, scale, key_bias), bit
+// for bit, in one call (kernels/ops.h qk_norm_rope_attention_decode_cpu; on CUDA one kernel where
+// the tensor-core decode attention applies). query is written too (attention_probs reads it).
+void qk_norm_rope_attention_decode(const at::Tensor& out, const at::Tensor& query,
+                                   const at::Tensor& kv_cache_layer, const at::Tensor& qkv,
+                                   const at::Tensor& cos, const at::Tensor& sin,
+                                   const at::Tensor& slot_mapping,
+                                   const c10::optional<at::Tensor>& q_norm_weight,
+                                   const c10::optional<at::Tensor>& k_norm_weight, double eps,
+                                   const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                   double scale, const c10::optional<at::Tensor>& key_bias);
+
 // ---- DySCO (docs/dysco.md "Ops"): relevance, selection, bias, template positions. fp32; each op
 // writes fixed-shape outputs. Row b of every [B, S] tensor belongs to sequence b with
 // n_b = num_keys[b] keys (int64 [B], the current token included, in [0, S]; n_b = 0 is an idle row,

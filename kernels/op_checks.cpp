@@ -319,6 +319,22 @@ PagedCacheShape CheckQkNormRopeKvWriteArgs(const at::Tensor& query,
   return cache;
 }
 
+PagedCacheShape CheckQkNormRopeAttentionDecodeArgs(
+    const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache_layer,
+    const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+    const at::Tensor& slot_mapping, const c10::optional<at::Tensor>& q_norm_weight,
+    const c10::optional<at::Tensor>& k_norm_weight, double eps, const at::Tensor& block_tables,
+    const at::Tensor& seq_lens, const c10::optional<at::Tensor>& key_bias) {
+  constexpr const char* kOp = kQkNormRopeAttentionDecodeOp;
+  const PagedCacheShape cache = CheckQkNormRopeKvWriteArgs(
+      query, kv_cache_layer, qkv, cos, sin, slot_mapping, q_norm_weight, k_norm_weight, eps);
+  CheckPagedAttentionDecodeArgs(out, query, kv_cache_layer, block_tables, seq_lens, key_bias);
+  CheckNoOverlap(kOp, "out", out, "qkv", qkv);
+  CheckNoOverlap(kOp, "out", out, "cos", cos);
+  CheckNoOverlap(kOp, "out", out, "sin", sin);
+  return cache;
+}
+
 PagedCacheShape CheckPagedKvWriteArgs(const at::Tensor& kv_cache_layer, const at::Tensor& key,
                                       const at::Tensor& value, const at::Tensor& slot_mapping) {
   constexpr const char* kOp = kPagedKvWriteOp;

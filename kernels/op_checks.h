@@ -36,6 +36,7 @@ inline constexpr const char* kAddRmsNormLinearOp = "dysco::add_rms_norm_linear";
 inline constexpr const char* kAddRmsNormSwigluOp = "dysco::add_rms_norm_swiglu";
 inline constexpr const char* kOProjMlpOp = "dysco::o_proj_mlp";
 inline constexpr const char* kQkNormRopeKvWriteOp = "dysco::qk_norm_rope_kv_write";
+inline constexpr const char* kQkNormRopeAttentionDecodeOp = "dysco::qk_norm_rope_attention_decode";
 inline constexpr const char* kDyscoRelevanceUpdateOp = "dysco::dysco_relevance_update";
 inline constexpr const char* kDyscoSelectBiasOp = "dysco::dysco_select_bias";
 inline constexpr const char* kDyscoBiasFromSelectionOp = "dysco::dysco_bias_from_selection";
@@ -176,6 +177,17 @@ PagedCacheShape CheckQkNormRopeKvWriteArgs(const at::Tensor& query,
                                            const c10::optional<at::Tensor>& q_norm_weight,
                                            const c10::optional<at::Tensor>& k_norm_weight,
                                            double eps);
+
+// qk_norm_rope_attention_decode: qk_norm_rope_kv_write's arguments (query, the cache, qkv, cos,
+// sin, slot_mapping, the norm weights, eps) and paged_attention_decode's (out, query, the cache,
+// block_tables, seq_lens, key_bias), each checked as by its op (the message names that op), and out
+// overlapping none of qkv, cos, sin. Returns the cache's sizes.
+PagedCacheShape CheckQkNormRopeAttentionDecodeArgs(
+    const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache_layer,
+    const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+    const at::Tensor& slot_mapping, const c10::optional<at::Tensor>& q_norm_weight,
+    const c10::optional<at::Tensor>& k_norm_weight, double eps, const at::Tensor& block_tables,
+    const at::Tensor& seq_lens, const c10::optional<at::Tensor>& key_bias);
 
 // dysco_relevance_update. Left to the backend: num_keys values (in [0, min(S, S')]).
 void CheckDyscoRelevanceUpdateArgs(const at::Tensor& relevance, const at::Tensor& probs,

@@ -61,6 +61,16 @@ TORCH_LIBRARY(dysco, m) {
       "qk_norm_rope_kv_write(Tensor(a!) query, Tensor(b!) kv_cache_layer, Tensor qkv, Tensor cos, "
       "Tensor sin, Tensor slot_mapping, Tensor? q_norm_weight, Tensor? k_norm_weight, float eps) "
       "-> ()");
+  // A decode step's attention from the fused q/k/v projection: qk_norm_rope_kv_write(query,
+  // kv_cache_layer, qkv, ...) then paged_attention_decode(out, query, kv_cache_layer, ...), one
+  // call where a device may run both in one kernel (CUDA's tensor-core decode attention makes its
+  // query rows and newest keys itself: docs/gpu.md "The q/k norms, rope and KV write in the decode
+  // attention").
+  m.def(
+      "qk_norm_rope_attention_decode(Tensor(a!) out, Tensor(b!) query, Tensor(c!) kv_cache_layer, "
+      "Tensor qkv, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor? q_norm_weight, "
+      "Tensor? k_norm_weight, float eps, Tensor block_tables, Tensor seq_lens, float scale, "
+      "Tensor? key_bias) -> ()");
   // DySCO (docs/dysco.md "Ops").
   m.def(
       "dysco_relevance_update(Tensor(a!) relevance, Tensor probs, Tensor num_keys, Tensor decay) "

@@ -17,6 +17,7 @@ TORCH_LIBRARY_IMPL(dysco, CPU, m) {
   m.impl("add_rms_norm_swiglu", &dysco::kernels::add_rms_norm_swiglu_cpu);
   m.impl("o_proj_mlp", &dysco::kernels::o_proj_mlp_cpu);
   m.impl("qk_norm_rope_kv_write", &dysco::kernels::qk_norm_rope_kv_write_cpu);
+  m.impl("qk_norm_rope_attention_decode", &dysco::kernels::qk_norm_rope_attention_decode_cpu);
   m.impl("dysco_relevance_update", &dysco::kernels::dysco_relevance_update_cpu);
   m.impl("dysco_select_bias", &dysco::kernels::dysco_select_bias_cpu);
   m.impl("dysco_bias_from_selection", &dysco::kernels::dysco_bias_from_selection_cpu);

@@ -10,6 +10,7 @@
 
 #include "kernels/cpu/attention_kernel.h"
 #include "kernels/cpu/cpu_checks.h"
+#include "kernels/op_checks.h"
 #include "kernels/ops.h"
 
 // The cache dtypes: float32, bfloat16 and float16 (CheckKvCache, kernels/op_checks.h, rejects the
@@ -281,6 +282,23 @@ void paged_attention_decode_cpu(const at::Tensor& out, const at::Tensor& query,
                          shape.max_seq_len, static_cast<float>(scale), BiasData(key_bias),
                          BiasStride(key_bias));
   });
+}
+
+void qk_norm_rope_attention_decode_cpu(const at::Tensor& out, const at::Tensor& query,
+                                       const at::Tensor& kv_cache_layer, const at::Tensor& qkv,
+                                       const at::Tensor& cos, const at::Tensor& sin,
+                                       const at::Tensor& slot_mapping,
+                                       const c10::optional<at::Tensor>& q_norm_weight,
+                                       const c10::optional<at::Tensor>& k_norm_weight, double eps,
+                                       const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                       double scale, const c10::optional<at::Tensor>& key_bias) {
+  // Every argument checked before anything is written (the two ops check their own again).
+  CheckQkNormRopeAttentionDecodeArgs(out, query, kv_cache_layer, qkv, cos, sin, slot_mapping,
+                                     q_norm_weight, k_norm_weight, eps, block_tables, seq_lens,
+                                     key_bias);
+  qk_norm_rope_kv_write_cpu(query, kv_cache_layer, qkv, cos, sin, slot_mapping, q_norm_weight,
+                            k_norm_weight, eps);
+  paged_attention_decode_cpu(out, query, kv_cache_layer, block_tables, seq_lens, scale, key_bias);
 }
 
 void paged_attention_prefill_cpu(const at::Tensor& out, const at::Tensor& query,

@@ -18,6 +18,7 @@ TORCH_LIBRARY_IMPL(dysco, CUDA, m) {
   m.impl("add_rms_norm_swiglu", &dysco::kernels::add_rms_norm_swiglu_cuda);
   m.impl("o_proj_mlp", &dysco::kernels::o_proj_mlp_cuda);
   m.impl("qk_norm_rope_kv_write", &dysco::kernels::qk_norm_rope_kv_write_cuda);
+  m.impl("qk_norm_rope_attention_decode", &dysco::kernels::qk_norm_rope_attention_decode_cuda);
   m.impl("dysco_relevance_update", &dysco::kernels::dysco_relevance_update_cuda);
   m.impl("dysco_select_bias", &dysco::kernels::dysco_select_bias_cuda);
   m.impl("dysco_bias_from_selection", &dysco::kernels::dysco_bias_from_selection_cuda);

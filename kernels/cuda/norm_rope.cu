@@ -16,6 +16,7 @@
 
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/norm_rope.cuh"
 #include "kernels/op_checks.h"
 
 namespace dysco::kernels {
@@ -25,43 +26,6 @@ constexpr int kNormThreads = 1024;    // rows wider than kWarpRowMax: one block 
 constexpr int kWarpRowMax = 1024;     // rows up to this width: one warp per row
 constexpr int kWarpRowThreads = 256;  // 8 rows per block
 constexpr int kRopeThreads = 256;
-
-// One element of the model's rms_norm: x * inv rounded to the dtype, then times the weight and
-// rounded again (transformers' order). Every norm kernel here computes it so, which keeps them
-// equal to each other and to the CPU op.
-template <typename T>
-__device__ __forceinline__ T NormedElement(T x, T w, float inv) {
-  using C = cuda::Convert<T>;
-  const float normalised = C::ToFloat(C::FromFloat(C::ToFloat(x) * inv));
-  return C::FromFloat(C::ToFloat(w) * normalised);
-}
-
-// rsqrt(mean(x^2) + eps) of the row x[0, d), summed by one warp: lane-strided squares in fp32, then
-// the shuffle sum (the per-row warp kernels share it, so that they normalise alike).
-template <typename T>
-__device__ __forceinline__ float WarpInvRms(const T* x, int64_t d, int lane, float eps) {
-  using C = cuda::Convert<T>;
-  float sum = 0.0f;
-  for (int64_t j = lane; j < d; j += cuda::kWarpSize) {
-    const float v = C::ToFloat(x[j]);
-    sum += v * v;
-  }
-  return rsqrtf(cuda::WarpSum(sum) / static_cast<float>(d) + eps);
-}
-
-// The rope of the pair (lo, hi) = (x[j], x[j + half]) into y[j] and y[j + half], with c and s the
-// token's cos and sin rows: each product rounded on its own (__fmul_rn: no fused multiply-add,
-// also in fp32), then the sum, as ATen's separate kernels do, so that the CPU op equals that chain
-// exactly and this equals the CPU op.
-template <typename T>
-__device__ __forceinline__ void RotatePair(float lo, float hi, const T* c, const T* s, int64_t j,
-                                           int64_t half, T* y) {
-  using C = cuda::Convert<T>;
-  auto product = [](float a, float b) { return C::ToFloat(C::FromFloat(__fmul_rn(a, b))); };
-  y[j] = C::FromFloat(__fadd_rn(product(lo, C::ToFloat(c[j])), product(-hi, C::ToFloat(s[j]))));
-  y[j + half] = C::FromFloat(
-      __fadd_rn(product(hi, C::ToFloat(c[j + half])), product(lo, C::ToFloat(s[j + half]))));
-}
 
 // One warp per row, for the per-head q/k norms (32 + 8 rows of 128 per token in the 8B models): a
 // block per row of 128 left most of its threads idle and paid two barriers.
@@ -141,7 +105,6 @@ __global__ void __launch_bounds__(kQkvThreads)
   // AttentionParams::early_keys).
   cuda::AllowDependentLaunch();
   cuda::WaitForPrerequisiteGrids();  // launched to start early: DYSCO_CUDA_QK_PDL=1
-  using C = cuda::Convert<T>;
   const int64_t heads_per_token = heads + kv_heads;
   const int64_t warp = blockIdx.x * static_cast<int64_t>(kQkvThreads / cuda::kWarpSize) +
                        threadIdx.x / cuda::kWarpSize;
@@ -166,15 +129,7 @@ __global__ void __launch_bounds__(kQkvThreads)
     T* v_out = v_cache + (slot * kv_heads + j) * d;
     for (int64_t i = lane; i < d; i += cuda::kWarpSize) v_out[i] = v[i];
   }
-  const float inv = w != nullptr ? WarpInvRms(x, d, lane, eps) : 1.0f;
-  // Element i of the rope's input: the normed value rounded to the dtype (what rms_norm stores).
-  auto input = [&](int64_t i) {
-    return C::ToFloat(w == nullptr ? x[i] : NormedElement(x[i], w[i], inv));
-  };
-  const int64_t half = d / 2;
-  for (int64_t i = lane; i < half; i += cuda::kWarpSize) {
-    RotatePair(input(i), input(i + half), cos + t * d, sin + t * d, i, half, y);
-  }
+  WarpNormRopeHead(x, w, cos + t * d, sin + t * d, d, lane, eps, y);
 }
 
 // ---- add_rms_norm and silu_mul

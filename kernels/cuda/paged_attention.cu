@@ -21,6 +21,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <functional>
 #include <limits>
 #include <utility>
 
@@ -267,13 +268,28 @@ void LaunchForHeadDim(const AttentionParams<T>& p, int64_t tokens, int kv_heads,
   }
 }
 
-// Decode (query_start_loc undefined: token b is sequence b's one new token) or prefill.
+// The attention block's input stage of qk_norm_rope_attention_decode, for SplitAttention: run by
+// the tensor-core kernel itself where it applies (AttentionParams::qkv), else by
+// qk_norm_rope_kv_write_cuda ahead of the attention (`write_separately`).
+struct QkvStage {
+  const at::Tensor* qkv;
+  const at::Tensor* cos;
+  const at::Tensor* sin;
+  const at::Tensor* slot_mapping;
+  const c10::optional<at::Tensor>* q_norm_weight;
+  const c10::optional<at::Tensor>* k_norm_weight;
+  double eps;
+  std::function<void()> write_separately;
+};
+
+// Decode (query_start_loc undefined: token b is sequence b's one new token) or prefill. With
+// `stage` (decode only), the query and the newest keys are first made from its qkv.
 template <typename T>
 void SplitAttention(const at::Tensor& out, const at::Tensor& query,
                     const at::Tensor& kv_cache_layer, const PagedCacheShape& cache,
                     const at::Tensor& block_tables, const at::Tensor& seq_lens,
                     const at::Tensor* query_start_loc, double scale,
-                    const c10::optional<at::Tensor>& key_bias) {
+                    const c10::optional<at::Tensor>& key_bias, const QkvStage* stage = nullptr) {
   const int64_t tokens = query.size(0);
   const int64_t num_heads = query.size(1);
   const int64_t group = num_heads / cache.num_kv_heads;
@@ -351,6 +367,27 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   p.early_keys = use_mma && query_start_loc == nullptr &&
                  cuda::EarlyStartLevel() != cuda::EarlyStart::kNone &&
                  !cuda::EnvIs("DYSCO_CUDA_ATTENTION_PDL", "0");
+  if (stage != nullptr) {
+    // The tensor-core kernel makes the rows itself when one block holds all of a KV head's query
+    // rows (one row chunk: the newest key is then written by one block and read by no other);
+    // DYSCO_CUDA_QKV_ATTENTION=0 keeps the two kernels (A/B timing; the same bits).
+    const bool in_kernel = use_mma && query_start_loc == nullptr && p.row_chunks == 1 &&
+                           !cuda::EnvIs("DYSCO_CUDA_QKV_ATTENTION", "0");
+    if (in_kernel) {
+      const bool norms = stage->q_norm_weight->has_value() && (*stage->q_norm_weight)->defined();
+      p.qkv = stage->qkv->data_ptr<T>();
+      p.rope_cos = stage->cos->data_ptr<T>();
+      p.rope_sin = stage->sin->data_ptr<T>();
+      p.q_norm = norms ? (*stage->q_norm_weight)->data_ptr<T>() : nullptr;
+      p.k_norm = norms ? (*stage->k_norm_weight)->data_ptr<T>() : nullptr;
+      p.slots = stage->slot_mapping->data_ptr<int64_t>();
+      p.query_out = query.data_ptr<T>();
+      p.num_slots = cache.num_pages * cache.page_size;
+      p.eps = static_cast<float>(stage->eps);
+    } else {
+      stage->write_separately();
+    }
+  }
   const cudaStream_t stream = cuda::CurrentStream();
   const int kv_heads = static_cast<int>(cache.num_kv_heads);
   if (use_mma) {
@@ -623,6 +660,31 @@ void paged_attention_decode_cuda(const at::Tensor& out, const at::Tensor& query,
   DYSCO_CUDA_DISPATCH_CACHE_TYPES(query.scalar_type(), kPagedAttentionDecodeOp, [&] {
     SplitAttention<scalar_t>(out, query, kv_cache_layer, cache, block_tables, seq_lens, nullptr,
                              scale, key_bias);
+  });
+}
+
+void qk_norm_rope_attention_decode_cuda(const at::Tensor& out, const at::Tensor& query,
+                                        const at::Tensor& kv_cache_layer, const at::Tensor& qkv,
+                                        const at::Tensor& cos, const at::Tensor& sin,
+                                        const at::Tensor& slot_mapping,
+                                        const c10::optional<at::Tensor>& q_norm_weight,
+                                        const c10::optional<at::Tensor>& k_norm_weight, double eps,
+                                        const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                        double scale, const c10::optional<at::Tensor>& key_bias) {
+  const PagedCacheShape cache = CheckQkNormRopeAttentionDecodeArgs(
+      out, query, kv_cache_layer, qkv, cos, sin, slot_mapping, q_norm_weight, k_norm_weight, eps,
+      block_tables, seq_lens, key_bias);
+  CheckCudaAttention(kQkNormRopeAttentionDecodeOp, out, cache, query.size(0));
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  const QkvStage stage{&qkv, &cos, &sin, &slot_mapping, &q_norm_weight, &k_norm_weight, eps, [&] {
+                         qk_norm_rope_kv_write_cuda(query, kv_cache_layer, qkv, cos, sin,
+                                                    slot_mapping, q_norm_weight, k_norm_weight,
+                                                    eps);
+                       }};
+  DYSCO_CUDA_DISPATCH_CACHE_TYPES(query.scalar_type(), kQkNormRopeAttentionDecodeOp, [&] {
+    SplitAttention<scalar_t>(out, query, kv_cache_layer, cache, block_tables, seq_lens, nullptr,
+                             scale, key_bias, &stage);
   });
 }
 

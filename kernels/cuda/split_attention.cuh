@@ -55,6 +55,23 @@ struct AttentionParams {
   // early").
   bool early_keys;
   float scale;
+  // The tensor-core kernel, decode calls with one row chunk a KV head only (the fused
+  // qk_norm_rope_attention_decode; null otherwise): the query rows are made from the fused q/k/v
+  // projection qkv [tokens, (Hq + 2 Hkv) D] after the wait, as qk_norm_rope_kv_write makes them
+  // (norm_rope.cuh WarpNormRopeHead: the same bits), and written to `query` by split 0; the split
+  // holding a token's newest key first writes that key (normed, rotated) and its value to the
+  // cache at slots[token] (skipped where the slot is outside [0, num_slots)), before any of its
+  // tiles reads it; no other block reads that key (docs/gpu.md "The q/k norms, rope and KV write
+  // in the decode attention").
+  const T* qkv;
+  const T* rope_cos;     // [tokens, D]
+  const T* rope_sin;     // [tokens, D]
+  const T* q_norm;       // [D], or nullptr (no per-head norms)
+  const T* k_norm;       // [D], with q_norm
+  const int64_t* slots;  // [tokens]
+  T* query_out;          // [tokens, Hq, D]: the query rows made from qkv
+  int64_t num_slots;
+  float eps;
 };
 
 // The sequence of a query token and the number of keys it sees (0: none; its output is zeros).

@@ -38,6 +38,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/norm_rope.cuh"
 #include "kernels/cuda/split_attention.cuh"
 
 namespace dysco::kernels {
@@ -82,6 +83,17 @@ struct Mma<c10::Half> {
 
 __device__ __forceinline__ uint4 Load16(const void* src) {
   return __ldg(reinterpret_cast<const uint4*>(src));
+}
+
+// A 16-byte global load through the coherent path, for the cache rows that this kernel itself
+// wrote (AttentionParams::qkv: the newest key), which the read-only path (__ldg) must not read.
+// Volatile: kept after the barrier that follows the write.
+__device__ __forceinline__ uint4 LoadCoherent16(const void* src) {
+  uint4 v;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(src));
+  return v;
 }
 
 // Word w (0..3) of a 16-byte load; w is a compile-time constant after unrolling.
@@ -142,6 +154,13 @@ __global__ void __launch_bounds__(kAttentionThreads)
   // Q as A fragments: rows g and g + 8 of the chunk (zeros past `rows`), dims permuted as above.
   // Read after the wait for the kernel ahead, which writes it (AttentionParams::early_keys).
   uint32_t qa[kKSteps][4];
+  // The warps' softmax states and accumulators, combined at the end; with p.qkv its first
+  // kMmaRows * kHeadDim elements of T first hold the query rows this block makes (make_query).
+  __shared__ float s_m[kAttentionWarps * kMmaRows];
+  __shared__ float s_l[kAttentionWarps * kMmaRows];
+  __shared__ alignas(16) float s_acc[kAttentionWarps * kMmaRows * kStride];
+  static_assert(kMmaRows * kHeadDim * sizeof(T) <= sizeof(s_acc), "the query rows fit s_acc");
+  T* const s_query = reinterpret_cast<T*>(s_acc);
   auto load_query = [&] {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -150,7 +169,10 @@ __global__ void __launch_bounds__(kAttentionThreads)
       for (int i = 0; i < kRowLoads; ++i) {
         uint4 w = make_uint4(0, 0, 0, 0);
         if (row < rows) {
-          w = Load16(p.query + (token * p.num_heads + head0 + row) * kHeadDim + 32 * i + 8 * t);
+          w = p.qkv != nullptr
+                  ? *reinterpret_cast<const uint4*>(s_query + row * kHeadDim + 32 * i + 8 * t)
+                  : Load16(p.query + (token * p.num_heads + head0 + row) * kHeadDim + 32 * i +
+                           8 * t);
         }
         qa[2 * i][half] = w.x;
         qa[2 * i][2 + half] = w.y;
@@ -158,6 +180,50 @@ __global__ void __launch_bounds__(kAttentionThreads)
         qa[2 * i + 1][2 + half] = w.w;
       }
     }
+  };
+
+  // With p.qkv (qk_norm_rope_attention_decode), after the wait for the q/k/v projection: the
+  // chunk's query rows normed and rotated into s_query, warp w making rows w, w + 4, ...; the split
+  // that holds the token's newest key writes that key (normed, rotated) and its value to the cache
+  // first, which only its tiles read (after the barrier). The same device function as
+  // qk_norm_rope_kv_write's kernel (WarpNormRopeHead), so the same bits.
+  const bool holds_newest = limit > 0 && key_begin <= limit - 1 && limit - 1 < key_end;
+  auto make_query = [&] {
+    const int64_t qkv_row = static_cast<int64_t>(p.num_heads + 2 * kv_heads) * kHeadDim;
+    const T* x = p.qkv + token * qkv_row;
+    const T* rope_cos = p.rope_cos + token * kHeadDim;
+    const T* rope_sin = p.rope_sin + token * kHeadDim;
+    for (int r = warp; r < rows; r += kAttentionWarps) {
+      WarpNormRopeHead(x + static_cast<int64_t>(head0 + r) * kHeadDim, p.q_norm, rope_cos, rope_sin,
+                       kHeadDim, lane, p.eps, s_query + r * kHeadDim);
+    }
+    if (holds_newest && warp == kAttentionWarps - 1) {
+      const int64_t slot = p.slots[token];
+      if (slot >= 0 && slot < p.num_slots) {
+        const int64_t at = (slot * kv_heads + kv_head) * kHeadDim;
+        const T* value = x + static_cast<int64_t>(p.num_heads + kv_heads + kv_head) * kHeadDim;
+        T* v_row = const_cast<T*>(p.v_cache) + at;
+        for (int i = lane; i < kHeadDim; i += kWarpSize) v_row[i] = value[i];
+        WarpNormRopeHead(x + static_cast<int64_t>(p.num_heads + kv_head) * kHeadDim, p.k_norm,
+                         rope_cos, rope_sin, kHeadDim, lane, p.eps, const_cast<T*>(p.k_cache) + at);
+      }
+    }
+    __syncthreads();
+  };
+  // Split 0's copy of its query rows out of s_query into p.query_out (for attention_probs), then
+  // the barrier that frees s_acc again.
+  auto write_query = [&] {
+    if (split == 0) {
+      constexpr int kRowWords = kHeadDim / 8;  // 16-byte words of a row
+      for (int i = threadIdx.x; i < rows * kRowWords; i += kAttentionThreads) {
+        const int r = i / kRowWords;
+        const int w = i % kRowWords;
+        *reinterpret_cast<uint4*>(p.query_out + (token * p.num_heads + head0 + r) * kHeadDim +
+                                  8 * w) =
+            *reinterpret_cast<const uint4*>(s_query + r * kHeadDim + 8 * w);
+      }
+    }
+    __syncthreads();
   };
 
   const int32_t* pages = p.tables + b * p.max_pages;
@@ -215,13 +281,16 @@ __global__ void __launch_bounds__(kAttentionThreads)
                        float2(&tile_bias)[2]) {
     load_bias(tile, tile_bias);
     const int64_t tile_base = tile_rows(tile);
+    // The tile of the newest key when this kernel wrote it (make_query): coherent loads.
+    const bool fresh = p.qkv != nullptr && tile + kTileKeys >= limit;
+    auto load = [&](const T* src) { return fresh ? LoadCoherent16(src) : Load16(src); };
 #pragma unroll
     for (int nbk = 0; nbk < 2; ++nbk) {
       const int r = 8 * nbk + g;
       if (tile + r < key_end) {
         const T* row = p.k_cache + offset(tile, tile_base, r) + 8 * t;
 #pragma unroll
-        for (int i = 0; i < kRowLoads; ++i) kw[nbk][i] = Load16(row + 32 * i);
+        for (int i = 0; i < kRowLoads; ++i) kw[nbk][i] = load(row + 32 * i);
       } else {
 #pragma unroll
         for (int i = 0; i < kRowLoads; ++i) kw[nbk][i] = make_uint4(0, 0, 0, 0);
@@ -233,7 +302,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
       if (tile + r < key_end) {
         const T* row = p.v_cache + offset(tile, tile_base, r) + kDimsPerLane * g;
 #pragma unroll
-        for (int i = 0; i < kValueLoads; ++i) vw[vr][i] = Load16(row + 8 * i);
+        for (int i = 0; i < kValueLoads; ++i) vw[vr][i] = load(row + 8 * i);
       } else {
 #pragma unroll
         for (int i = 0; i < kValueLoads; ++i) vw[vr][i] = make_uint4(0, 0, 0, 0);
@@ -326,7 +395,9 @@ __global__ void __launch_bounds__(kAttentionThreads)
   auto start = [&](auto& kw, auto& vw, auto& tile_bias) {
     if (early_tile) load_tile(first_tile, kw, vw, tile_bias);
     cuda::WaitForPrerequisiteGrids();
+    if (p.qkv != nullptr) make_query();
     load_query();
+    if (p.qkv != nullptr) write_query();
   };
   if constexpr (kPipeline == kRegisterPrefetch) {
     // Two register sets used in turn (the loop unrolled by two), so no set is copied to the other.
@@ -365,9 +436,6 @@ __global__ void __launch_bounds__(kAttentionThreads)
   }
 
   // Combine the warps in shared memory; warp w writes row w (and w + warps, ...) of the partials.
-  __shared__ float s_m[kAttentionWarps * kMmaRows];
-  __shared__ float s_l[kAttentionWarps * kMmaRows];
-  __shared__ float s_acc[kAttentionWarps * kMmaRows * kStride];
   if (t == 0) {
     s_m[warp * kMmaRows + g] = m[0];
     s_m[warp * kMmaRows + g + 8] = m[1];

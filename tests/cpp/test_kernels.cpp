@@ -190,14 +190,15 @@ const std::vector<Layout> kLayouts = {
 // ---- registration
 // ----------------------------------------------------------------------------------------
 
-TEST(DyscoOps, AllSeventeenOpsAreRegisteredWithCpuKernels) {
+TEST(DyscoOps, AllEighteenOpsAreRegisteredWithCpuKernels) {
   const std::vector<std::string>& names = ops::AllOpNames();
-  EXPECT_EQ(names.size(), 17u);
+  EXPECT_EQ(names.size(), 18u);
   for (const char* name :
        {"dysco::paged_kv_write", "dysco::paged_attention_decode", "dysco::paged_attention_prefill",
         "dysco::attention_probs", "dysco::linear", "dysco::rms_norm", "dysco::rotary_embedding",
         "dysco::add_rms_norm", "dysco::silu_mul", "dysco::add_rms_norm_linear",
-        "dysco::add_rms_norm_swiglu", "dysco::o_proj_mlp", "dysco::qk_norm_rope_kv_write"}) {
+        "dysco::add_rms_norm_swiglu", "dysco::o_proj_mlp", "dysco::qk_norm_rope_kv_write",
+        "dysco::qk_norm_rope_attention_decode"}) {
     EXPECT_NE(std::find(names.begin(), names.end(), name), names.end()) << name;
   }
   EXPECT_EQ(ops::MissingOps(), std::vector<std::string>{});
@@ -1017,6 +1018,103 @@ TEST(QkNormRopeKvWrite, EqualsTheModelsExpressions) {
       }
     }
   }
+}
+
+// qk_norm_rope_attention_decode equals its two ops (qk_norm_rope_kv_write, then
+// paged_attention_decode) bit for bit: the output, the query and the cache; decode rows of several
+// lengths on shuffled pages (the newest key's slot where the table puts it), with and without the
+// norms and a key bias, fp32 / bf16 / fp16, GQA and MHA.
+TEST(QkNormRopeAttentionDecode, EqualsTheTwoOps) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(44);
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (auto [h, hkv, d] : {std::tuple<int64_t, int64_t, int64_t>{8, 2, 64}, {3, 3, 16}}) {
+      for (bool norms : {false, true}) {
+        for (bool biased : {false, true}) {
+          SCOPED_TRACE(std::string(c10::toString(dtype)) + " H=" + std::to_string(h) +
+                       " Hkv=" + std::to_string(hkv) + " D=" + std::to_string(d) +
+                       (norms ? " norms" : "") + (biased ? " biased" : ""));
+          const std::vector<int64_t> lens = {1, 16, 17, 40};
+          const int64_t b = 4, page_size = 16, max_pages = 3;
+          const at::Tensor tables = at::randperm(b * max_pages + 2, gen, at::kLong)
+                                        .slice(0, 0, b * max_pages)
+                                        .to(at::kInt)
+                                        .reshape({b, max_pages});
+          std::vector<int64_t> slot_values;
+          for (int64_t r = 0; r < b; ++r) {
+            const int64_t pos = lens[r] - 1;
+            slot_values.push_back(tables[r][pos / page_size].item<int64_t>() * page_size +
+                                  pos % page_size);
+          }
+          const at::Tensor slots = at::tensor(slot_values, at::kLong);
+          const at::Tensor seq_lens = at::tensor(lens, at::kLong);
+          const at::Tensor qkv = (at::randn({b, (h + 2 * hkv) * d}, gen) * 3).to(dtype);
+          const at::Tensor angle = at::rand({b, d}, gen) * 6.3;
+          const at::Tensor cos = angle.cos().to(dtype), sin = angle.sin().to(dtype);
+          const Bias q_w = norms ? Bias((at::rand({d}, gen) + 0.5).to(dtype)) : Bias();
+          const Bias k_w = norms ? Bias((at::rand({d}, gen) + 0.5).to(dtype)) : Bias();
+          const Bias bias = biased ? Bias(at::randn({b, 45}, gen)) : Bias();
+          const at::Tensor kv0 =
+              at::randn({2, b * max_pages + 2, page_size, hkv, d}, gen).to(dtype);
+          const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+          at::Tensor kv_two = kv0.clone(), kv_fused = kv0.clone();
+          at::Tensor query_two = at::full({b, h, d}, kNaN).to(dtype);
+          at::Tensor out_two = at::full({b, h, d}, kNaN).to(dtype);
+          at::Tensor query = query_two.clone(), out = out_two.clone();
+          ops::qk_norm_rope_kv_write(query_two, kv_two, qkv, cos, sin, slots, q_w, k_w, 1e-6);
+          ops::paged_attention_decode(out_two, query_two, kv_two, tables, seq_lens, scale, bias);
+          ops::qk_norm_rope_attention_decode(out, query, kv_fused, qkv, cos, sin, slots, q_w, k_w,
+                                             1e-6, tables, seq_lens, scale, bias);
+          EXPECT_FALSE(at::isnan(out.to(at::kFloat)).any().item<bool>());
+          EXPECT_TRUE(at::equal(out, out_two));
+          EXPECT_TRUE(at::equal(query, query_two));
+          EXPECT_TRUE(at::equal(kv_fused, kv_two));
+        }
+      }
+    }
+  }
+}
+
+// Each of its arguments checked before anything is written; the messages name the stage's op.
+TEST(QkNormRopeAttentionDecode, RejectsBadInputs) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(45);
+  const QkvRun run(gen, at::kFloat, 3, 4, 2, 8);
+  const at::Tensor tables = at::zeros({3, 2}, at::kInt);
+  const at::Tensor seq_lens = at::ones({3}, at::kLong);
+  const at::Tensor slots = at::zeros({3}, at::kLong);
+  const at::Tensor q = at::empty({3, 4, 8}), out = at::empty({3, 4, 8});
+  const Bias none;
+  EXPECT_NO_THROW(ops::qk_norm_rope_attention_decode(out, q, run.kv, run.qkv, run.cos, run.sin,
+                                                     slots, run.q_w, run.k_w, 1e-6, tables,
+                                                     seq_lens, 0.3, none));
+  const at::Tensor before = run.kv.clone();
+  ExpectRejected(
+      [&] {
+        ops::qk_norm_rope_attention_decode(out, q, run.kv, run.qkv, run.cos, run.sin, slots,
+                                           run.q_w, run.k_w, 1e-6, tables, at::ones({2}, at::kLong),
+                                           0.3, none);
+      },
+      "dysco::paged_attention_decode: seq_lens");
+  EXPECT_TRUE(at::equal(run.kv, before));  // nothing written
+  ExpectRejected(
+      [&] {
+        ops::qk_norm_rope_attention_decode(out, q, run.kv, run.qkv, run.cos, run.sin, slots,
+                                           run.q_w, none, 1e-6, tables, seq_lens, 0.3, none);
+      },
+      "must be given together");
+  ExpectRejected(
+      [&] {
+        ops::qk_norm_rope_attention_decode(run.qkv.view({-1}).narrow(0, 0, 96).view({3, 4, 8}), q,
+                                           run.kv, run.qkv, run.cos, run.sin, slots, none, none,
+                                           1e-6, tables, seq_lens, 0.3, none);
+      },
+      "dysco::qk_norm_rope_attention_decode: out must not overlap qkv");
+  ExpectRejected(
+      [&] {
+        ops::qk_norm_rope_attention_decode(out, q, run.kv, run.qkv, run.cos, run.sin, slots, none,
+                                           none, 1e-6, tables, seq_lens, 0.3,
+                                           Bias(at::zeros({2, 4})));
+      },
+      "dysco::paged_attention_decode: key_bias");
 }
 
 TEST(QkNormRopeKvWrite, RejectsBadInputs) {

@@ -962,6 +962,51 @@ TEST(CudaQkNormRopeKvWrite, EqualsCpu) {
   }
 }
 
+// Decode rows of the given lengths on the GPU, each on its own pages (a permutation of a pool of
+// rows x max_pages pages), with the slot of each row's newest key (at lens[r] - 1).
+struct DecodeRows {
+  at::Tensor tables;    // int32 [rows, max_pages]
+  at::Tensor slots;     // int64 [rows]
+  at::Tensor seq_lens;  // int64 [rows]
+  int64_t rows = 0, max_pages = 0;
+};
+
+DecodeRows MakeDecodeRows(const std::vector<int64_t>& lens, int64_t page_size) {
+  DecodeRows d;
+  d.rows = static_cast<int64_t>(lens.size());
+  d.max_pages = *std::max_element(lens.begin(), lens.end()) / page_size + 1;
+  const auto i64 = at::TensorOptions().dtype(at::kLong).device(at::kCUDA);
+  d.tables = at::randperm(d.rows * d.max_pages, i64).to(at::kInt).reshape({d.rows, d.max_pages});
+  const at::Tensor tables = d.tables.cpu();
+  std::vector<int64_t> slot_values;
+  for (int64_t r = 0; r < d.rows; ++r) {
+    const int64_t pos = lens[r] - 1;
+    slot_values.push_back(tables[r][pos / page_size].item<int64_t>() * page_size + pos % page_size);
+  }
+  d.slots = at::tensor(slot_values, at::kLong).to(at::kCUDA);
+  d.seq_lens = at::tensor(lens, at::kLong).to(at::kCUDA);
+  return d;
+}
+
+// `step` captured into `graph` on a side stream, after one warm-up run there.
+void CaptureAfterWarmUp(at::cuda::CUDAGraph& graph, const std::function<void()>& step) {
+  c10::cuda::device_synchronize();
+  const c10::cuda::CUDAStreamGuard guard(c10::cuda::getStreamFromPool());
+  step();  // warm-up on the capture stream
+  graph.capture_begin();
+  step();
+  graph.capture_end();
+  c10::cuda::device_synchronize();
+}
+
+// A decode step's new inputs, in place: the q/k/v projection and the rope angles.
+void NewDecodeInputs(at::Tensor& qkv, at::Tensor& angle, at::Tensor& cos, at::Tensor& sin) {
+  qkv.copy_(at::randn(qkv.sizes(), qkv.options()) * 3);
+  angle.copy_(at::rand(angle.sizes(), angle.options()) * 6.3);
+  cos.copy_(angle.cos());
+  sin.copy_(angle.sin());
+}
+
 // The decode attention after qk_norm_rope_kv_write, the model's pair, with the tensor-core kernel
 // started early (AttentionParams::early_keys: its first tiles of older keys loaded while the write
 // runs) against plain launches: the same bits in the output and the cache, eagerly and replayed in
@@ -972,22 +1017,12 @@ TEST(CudaPagedAttentionDecode, StartsEarlyAfterTheKvWrite) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(41);
   const int64_t h = 32, hkv = 8, d = 128, page_size = 16;
-  const std::vector<int64_t> lens = {1, 2, 15, 16, 17, 31, 32, 33, 255, 1000, 8191, 8192, 8193};
-  const int64_t rows = static_cast<int64_t>(lens.size());
-  const int64_t max_pages = 8193 / page_size + 1;
+  const DecodeRows decode_rows =
+      MakeDecodeRows({1, 2, 15, 16, 17, 31, 32, 33, 255, 1000, 8191, 8192, 8193}, page_size);
+  const int64_t rows = decode_rows.rows, max_pages = decode_rows.max_pages;
+  const at::Tensor &tables = decode_rows.tables, &slots = decode_rows.slots;
+  const at::Tensor& seq_lens = decode_rows.seq_lens;
   const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
-  const auto i64 = at::TensorOptions().dtype(at::kLong).device(at::kCUDA);
-  // Each row its own pages (a permutation of the pool), the newest key's slot at lens[r] - 1.
-  const at::Tensor tables =
-      at::randperm(rows * max_pages, i64).to(at::kInt).reshape({rows, max_pages});
-  std::vector<int64_t> slot_values;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t pos = lens[r] - 1;
-    slot_values.push_back(tables.cpu()[r][pos / page_size].item<int64_t>() * page_size +
-                          pos % page_size);
-  }
-  const at::Tensor slots = at::tensor(slot_values, at::kLong).to(at::kCUDA);
-  const at::Tensor seq_lens = at::tensor(lens, at::kLong).to(at::kCUDA);
   const at::Tensor q_w = at::rand({d}, bf16) + 0.5, k_w = at::rand({d}, bf16) + 0.5;
   const at::Tensor bias = at::randn({rows, 8193}, bf16.dtype(at::kFloat));
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
@@ -1007,22 +1042,11 @@ TEST(CudaPagedAttentionDecode, StartsEarlyAfterTheKvWrite) {
                                   biased ? Bias(bias) : Bias());
     };
     at::cuda::CUDAGraph graph;
-    {
-      c10::cuda::device_synchronize();
-      const c10::cuda::CUDAStreamGuard guard(c10::cuda::getStreamFromPool());
-      step(kv_graph);  // warm-up on the capture stream
-      graph.capture_begin();
-      step(kv_graph);
-      graph.capture_end();
-      c10::cuda::device_synchronize();
-    }
+    CaptureAfterWarmUp(graph, [&] { step(kv_graph); });
     kv_graph.copy_(kv0);
     kv_early.copy_(kv0);
     for (int iteration = 0; iteration < 6; ++iteration) {
-      qkv.copy_(at::randn({rows, (h + 2 * hkv) * d}, bf16) * 3);
-      angle.copy_(at::rand({rows, d}, bf16) * 6.3);
-      cos.copy_(angle.cos());
-      sin.copy_(angle.sin());
+      NewDecodeInputs(qkv, angle, cos, sin);
       const std::string what = std::string(biased ? "biased" : "unbiased") +
                                (qk_early != nullptr ? ", write started early" : "") +
                                " iteration " + std::to_string(iteration);
@@ -1041,6 +1065,90 @@ TEST(CudaPagedAttentionDecode, StartsEarlyAfterTheKvWrite) {
       c10::cuda::device_synchronize();
       EXPECT_TRUE(at::equal(out, plain_out)) << "graph " << what;
       EXPECT_TRUE(at::equal(kv_graph, kv_plain)) << "graph cache " << what;
+    }
+  }
+}
+
+// qk_norm_rope_attention_decode against its two ops (qk_norm_rope_kv_write, then
+// paged_attention_decode) on copies of one cache: the output, the query and the cache bit for bit,
+// eagerly (started early and launched plainly) and replayed in a CUDA graph, over three steps that
+// each write new newest keys (a tile read before the write would show). Shapes: Qwen3-8B's heads
+// with their norms (bf16), Llama's without (fp16), GQA 8 and MHA with head_dim 64 (the tensor-core
+// kernel makes the rows itself), fp32 and a group of 32 (the two kernels in a row); rows whose
+// newest key sits at every place of a tile, page and split, one of one key, a biased variant, and
+// DYSCO_CUDA_QKV_ATTENTION=0 (the two kernels) giving the same bits.
+TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(43);
+  struct Shape {
+    int64_t h, hkv, d;
+    at::ScalarType dtype;
+    bool norms;
+  };
+  const int64_t page_size = 16;
+  const DecodeRows decode_rows =
+      MakeDecodeRows({1, 2, 15, 16, 17, 31, 32, 33, 255, 1000, 4095, 4096, 4097}, page_size);
+  const int64_t rows = decode_rows.rows, max_pages = decode_rows.max_pages;
+  const at::Tensor &tables = decode_rows.tables, &slots = decode_rows.slots;
+  const at::Tensor& seq_lens = decode_rows.seq_lens;
+  const at::Tensor bias = at::randn({rows, 4097 + 5}, at::TensorOptions().device(at::kCUDA));
+  for (const Shape& shape :
+       {Shape{32, 8, 128, at::kBFloat16, true}, Shape{32, 8, 128, at::kHalf, false},
+        Shape{16, 2, 64, at::kBFloat16, true}, Shape{4, 4, 64, at::kHalf, true},
+        Shape{32, 8, 128, at::kFloat, true}, Shape{32, 1, 64, at::kBFloat16, true}}) {
+    const auto opt = at::TensorOptions().dtype(shape.dtype).device(at::kCUDA);
+    const int64_t h = shape.h, hkv = shape.hkv, d = shape.d;
+    const at::Tensor q_w = at::rand({d}, opt) + 0.5, k_w = at::rand({d}, opt) + 0.5;
+    const Bias q_norm = shape.norms ? Bias(q_w) : Bias(), k_norm = shape.norms ? Bias(k_w) : Bias();
+    const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+    for (const bool biased : {false, true}) {
+      const std::string shape_text = std::string(c10::toString(shape.dtype)) +
+                                     " H=" + std::to_string(h) + " Hkv=" + std::to_string(hkv) +
+                                     " D=" + std::to_string(d) + (shape.norms ? " norms" : "") +
+                                     (biased ? " biased" : "");
+      const at::Tensor kv0 = at::randn({2, rows * max_pages, page_size, hkv, d}, opt);
+      at::Tensor kv_two = kv0.clone(), kv_fused = kv0.clone(), kv_graph = kv0.clone();
+      at::Tensor qkv = at::empty({rows, (h + 2 * hkv) * d}, opt);
+      at::Tensor angle = at::empty({rows, d}, opt), cos = at::empty_like(angle);
+      at::Tensor sin = at::empty_like(angle);
+      at::Tensor query = at::empty({rows, h, d}, opt), out = at::empty({rows, h, d}, opt);
+      at::Tensor query_two = at::empty_like(query), out_two = at::empty_like(out);
+      auto fused = [&](at::Tensor& kv) {
+        ops::qk_norm_rope_attention_decode(out, query, kv, qkv, cos, sin, slots, q_norm, k_norm,
+                                           1e-6, tables, seq_lens, scale,
+                                           biased ? Bias(bias) : Bias());
+      };
+      at::cuda::CUDAGraph graph;
+      CaptureAfterWarmUp(graph, [&] { fused(kv_graph); });
+      kv_graph.copy_(kv0);
+      for (int step = 0; step < 3; ++step) {
+        NewDecodeInputs(qkv, angle, cos, sin);
+        const std::string what = shape_text + ", step " + std::to_string(step);
+        query_two.fill_(kNaN);
+        out_two.fill_(kNaN);
+        ops::qk_norm_rope_kv_write(query_two, kv_two, qkv, cos, sin, slots, q_norm, k_norm, 1e-6);
+        ops::paged_attention_decode(out_two, query_two, kv_two, tables, seq_lens, scale,
+                                    biased ? Bias(bias) : Bias());
+        ASSERT_FALSE(at::isnan(out_two.to(at::kFloat)).any().item<bool>()) << what;
+        for (const char* mode : {"early", "plain", "two kernels", "graph"}) {
+          const std::string m = std::string(mode);
+          at::Tensor kv = m == "graph" ? kv_graph : kv_fused.clone();
+          query.fill_(kNaN);
+          out.fill_(kNaN);
+          if (m == "graph") {
+            graph.replay();
+            c10::cuda::device_synchronize();
+          } else {
+            const ScopedEnv pdl("DYSCO_CUDA_PDL", m == "plain" ? "0" : nullptr);
+            const ScopedEnv two("DYSCO_CUDA_QKV_ATTENTION", m == "two kernels" ? "0" : nullptr);
+            fused(kv);
+          }
+          EXPECT_TRUE(at::equal(out, out_two)) << mode << ": out, " << what;
+          EXPECT_TRUE(at::equal(query, query_two)) << mode << ": query, " << what;
+          EXPECT_TRUE(at::equal(kv, kv_two)) << mode << ": cache, " << what;
+        }
+        kv_fused.copy_(kv_two);
+      }
     }
   }
 }
@@ -1806,10 +1914,11 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     residual.copy_(residual0);
     for (const Layer& l : w) {
       ops::add_rms_norm_linear(qkv, sum, hidden_state, residual, l.norm1, 1e-6, l.qkv);
-      // The q/k norms, ropes and the newest key's K/V write, then the attention, as in the model.
-      ops::qk_norm_rope_kv_write(query, l.kv, qkv, cos, sin, newest_slot, Bias(l.q_norm),
-                                 Bias(l.k_norm), 1e-6);
-      ops::paged_attention_decode(attn, query, l.kv, tables, lens, scale, c10::nullopt);
+      // The q/k norms, ropes and the newest key's K/V write, then the attention, as in the model
+      // (one op: the tensor-core kernel does both unless DYSCO_CUDA_QKV_ATTENTION=0).
+      ops::qk_norm_rope_attention_decode(attn, query, l.kv, qkv, cos, sin, newest_slot,
+                                         Bias(l.q_norm), Bias(l.k_norm), 1e-6, tables, lens, scale,
+                                         c10::nullopt);
       // down_proj's output is the next layer's input, as in the model (no copy kernel between
       // them, which would keep the next q/k/v GEMV from starting early).
       ops::o_proj_mlp(hidden_state, residual, attn.reshape({1, hq * d}), sum, l.o, l.norm2, 1e-6,
@@ -1841,6 +1950,7 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     const char* attention_pdl = nullptr;  // DYSCO_CUDA_ATTENTION_PDL, nullptr: unset
     const char* qk_pdl = nullptr;         // DYSCO_CUDA_QK_PDL, nullptr: unset
     const char* ring_splits = nullptr;    // DYSCO_CUDA_GEMV_RING_SPLITS, nullptr: unset
+    const char* qkv_attention = nullptr;  // DYSCO_CUDA_QKV_ATTENTION, nullptr: unset
   };
   const std::vector<Variant> variants = {
       {"GEMVs start early, norms in the GEMVs (default)", nullptr, nullptr, nullptr},
@@ -1858,8 +1968,10 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
        nullptr, nullptr, nullptr, "0"},
       {"GEMVs start early, norms in the GEMVs, o_proj and down_proj through rings", nullptr,
        nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, "1"},
-      {"GEMVs start early, norms in the GEMVs, q/k norm + rope started early too", nullptr, nullptr,
-       nullptr, nullptr, nullptr, nullptr, "1"},
+      {"GEMVs start early, norms in the GEMVs, q/k norms, rope and KV write in their own kernel",
+       nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, "0"},
+      {"GEMVs start early, norms in the GEMVs, q/k norm + rope in their own kernel, started early",
+       nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, "1", nullptr, "0"},
       {"GEMVs start early, add_rms_norm kernels", nullptr, "separate", nullptr},
       {"GEMVs, norms and SwiGLU start early, add_rms_norm kernels", "all", "separate", nullptr},
       {"plain launches, norms in the GEMVs", "0", nullptr, nullptr},
@@ -1875,6 +1987,7 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     const ScopedEnv attention_pdl("DYSCO_CUDA_ATTENTION_PDL", v.attention_pdl);
     const ScopedEnv qk_pdl("DYSCO_CUDA_QK_PDL", v.qk_pdl);
     const ScopedEnv ring_splits("DYSCO_CUDA_GEMV_RING_SPLITS", v.ring_splits);
+    const ScopedEnv qkv_attention("DYSCO_CUDA_QKV_ATTENTION", v.qkv_attention);
     at::Tensor expected;
     {
       const ScopedEnv plain("DYSCO_CUDA_PDL", "0");
@@ -1884,12 +1997,14 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     }
     const bool separate = v.norm_linear != nullptr && std::string(v.norm_linear) == "separate";
     if (v.splits == nullptr && v.async == nullptr && v.mlp == nullptr &&
-        v.attention_pdl == nullptr && v.qk_pdl == nullptr && v.ring_splits == nullptr) {
+        v.attention_pdl == nullptr && v.qk_pdl == nullptr && v.ring_splits == nullptr &&
+        v.qkv_attention == nullptr) {
       (separate ? expected_separate : expected_fused) = expected;
     }
     if (v.splits == nullptr &&
         ((v.async != nullptr && std::string(v.async) == "0") || v.mlp != nullptr ||
-         v.attention_pdl != nullptr || v.qk_pdl != nullptr || v.ring_splits != nullptr)) {
+         v.attention_pdl != nullptr || v.qk_pdl != nullptr || v.ring_splits != nullptr ||
+         v.qkv_attention != nullptr)) {
       // The asynchronous copies, the MLP kernel and the launches change no sum: the default's
       // bits.
       EXPECT_TRUE(at::equal(expected, expected_fused)) << v.label;

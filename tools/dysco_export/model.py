@@ -124,19 +124,23 @@ class DecoderLayer(nn.Module):
             h, qkv = add_rms_norm_linear(pending, h, self.input_layernorm, self.eps, self.qkv_proj)
         # q/k norms (Qwen3), rope and the K/V write as one op over qkv's column blocks: a decode layer's
         # five GPU kernels (and about fifteen interpreter instructions) in one; equal to rms_norm,
-        # rotary_embedding and paged_kv_write in sequence (docs/model-interface.md "Ops").
+        # rotary_embedding and paged_kv_write in sequence (docs/model-interface.md "Ops"). A decode layer
+        # that runs its attention takes it and the attention as one op, which the GPU's decode kernel
+        # runs as one kernel (docs/gpu.md "The q/k norms, rope and KV write in the decode attention").
         q = torch.empty([num_tokens, self.num_heads, self.head_dim], dtype=qkv.dtype, device=qkv.device)
         q_norm: Optional[Tensor] = self.q_norm if self.qk_norm else None
         k_norm: Optional[Tensor] = self.k_norm if self.qk_norm else None
-        torch.ops.dysco.qk_norm_rope_kv_write(q, kv_layer, qkv, cos, sin, slot_mapping, q_norm, k_norm, self.eps)
         out = torch.empty_like(q)
-        if probes_only:
-            pass
-        elif is_decode:
-            torch.ops.dysco.paged_attention_decode(out, q, kv_layer, block_tables, seq_lens, self.scale, attn_bias)
+        if is_decode and not probes_only:
+            torch.ops.dysco.qk_norm_rope_attention_decode(out, q, kv_layer, qkv, cos, sin, slot_mapping, q_norm,
+                                                          k_norm, self.eps, block_tables, seq_lens, self.scale,
+                                                          attn_bias)
         else:
-            torch.ops.dysco.paged_attention_prefill(out, q, kv_layer, block_tables, seq_lens, query_start_loc,
-                                                    self.scale, attn_bias)
+            torch.ops.dysco.qk_norm_rope_kv_write(q, kv_layer, qkv, cos, sin, slot_mapping, q_norm, k_norm,
+                                                  self.eps)
+            if not probes_only:
+                torch.ops.dysco.paged_attention_prefill(out, q, kv_layer, block_tables, seq_lens, query_start_loc,
+                                                        self.scale, attn_bias)
         if probe_heads is not None and len(probe_runs) > 0:
             q_last = q if is_decode else q.index_select(0, last_idx).contiguous()
             # probe_runs: this layer's runs [start, end) of consecutive rows of probe_heads / probs. Slices of

@@ -1,0 +1,73 @@
+// The per-element and per-head steps of the model's norms and ropes on the GPU, shared by the
+// kernels that must round exactly alike: norm_rope.cu's norm, rope and qk_norm_rope_kv_write
+// kernels and the tensor-core decode attention that makes its own query rows from the fused q/k/v
+// projection (split_attention_mma.cu, qk_norm_rope_attention_decode). Rounding follows the ATen
+// chain (docs/gpu.md "Element-wise kernels").
+//
+// Thread-safety: device functions without state. Ownership: none.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/cuda/cuda_common.cuh"
+
+namespace dysco::kernels {
+
+// One element of the model's rms_norm: x * inv rounded to the dtype, then times the weight and
+// rounded again (transformers' order). Every norm kernel here computes it so, which keeps them
+// equal to each other and to the CPU op.
+template <typename T>
+__device__ __forceinline__ T NormedElement(T x, T w, float inv) {
+  using C = cuda::Convert<T>;
+  const float normalised = C::ToFloat(C::FromFloat(C::ToFloat(x) * inv));
+  return C::FromFloat(C::ToFloat(w) * normalised);
+}
+
+// rsqrt(mean(x^2) + eps) of the row x[0, d), summed by one warp: lane-strided squares in fp32, then
+// the shuffle sum (the per-row warp kernels share it, so that they normalise alike).
+template <typename T>
+__device__ __forceinline__ float WarpInvRms(const T* x, int64_t d, int lane, float eps) {
+  using C = cuda::Convert<T>;
+  float sum = 0.0f;
+  for (int64_t j = lane; j < d; j += cuda::kWarpSize) {
+    const float v = C::ToFloat(x[j]);
+    sum += v * v;
+  }
+  return rsqrtf(cuda::WarpSum(sum) / static_cast<float>(d) + eps);
+}
+
+// The rope of the pair (lo, hi) = (x[j], x[j + half]) into y[j] and y[j + half], with c and s the
+// token's cos and sin rows: each product rounded on its own (__fmul_rn: no fused multiply-add,
+// also in fp32), then the sum, as ATen's separate kernels do, so that the CPU op equals that chain
+// exactly and this equals the CPU op.
+template <typename T>
+__device__ __forceinline__ void RotatePair(float lo, float hi, const T* c, const T* s, int64_t j,
+                                           int64_t half, T* y) {
+  using C = cuda::Convert<T>;
+  auto product = [](float a, float b) { return C::ToFloat(C::FromFloat(__fmul_rn(a, b))); };
+  y[j] = C::FromFloat(__fadd_rn(product(lo, C::ToFloat(c[j])), product(-hi, C::ToFloat(s[j]))));
+  y[j + half] = C::FromFloat(
+      __fadd_rn(product(hi, C::ToFloat(c[j + half])), product(lo, C::ToFloat(s[j + half]))));
+}
+
+// One head of qk_norm_rope_kv_write, by one warp: x[0, d) normed per head with w (when given:
+// WarpInvRms and NormedElement, as the norm kernels), then rotated with the token's cos and sin
+// rows (RotatePair, as the rope kernel), into y[0, d) (global or shared memory). Every caller
+// computes a head so, which keeps them equal bit for bit.
+template <typename T>
+__device__ __forceinline__ void WarpNormRopeHead(const T* x, const T* w, const T* cos_row,
+                                                 const T* sin_row, int64_t d, int lane, float eps,
+                                                 T* y) {
+  using C = cuda::Convert<T>;
+  const float inv = w != nullptr ? WarpInvRms(x, d, lane, eps) : 1.0f;
+  // Element i of the rope's input: the normed value rounded to the dtype (what rms_norm stores).
+  auto input = [&](int64_t i) {
+    return C::ToFloat(w == nullptr ? x[i] : NormedElement(x[i], w[i], inv));
+  };
+  const int64_t half = d / 2;
+  for (int64_t i = lane; i < half; i += cuda::kWarpSize) {
+    RotatePair(input(i), input(i + half), cos_row, sin_row, i, half, y);
+  }
+}
+
+}  // namespace dysco::kernels
