@@ -10,7 +10,8 @@
 // GEMV staged by asynchronous copies), DYSCO_CUDA_MLP ("persistent": o_proj_mlp's persistent
 // kernel), DYSCO_CUDA_ATTENTION_PDL ("0": the decode attention launched plainly),
 // DYSCO_CUDA_QK_PDL ("1": qk_norm_rope_kv_write launched to start early),
-// DYSCO_CUDA_GEMV_RING_SPLITS ("1": rings for GEMVs with two warps a row pair) and
+// DYSCO_CUDA_GEMV_RING_SPLITS ("1": rings for GEMVs with two warps a row pair),
+// DYSCO_CUDA_PREFILL_MERGE ("scalar": the cuDNN path's merge one element a thread) and
 // DYSCO_CUDA_PDL, so a test can run
 // both sides in one process.
 //
