@@ -45,9 +45,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/cuda/cuda_common.cuh"
@@ -179,12 +181,126 @@ __global__ void MergeHalvesKernel(scalar_t* out, int64_t out_t, int64_t out_h, c
   }
 }
 
+// MergeHalvesKernel with 16-byte loads and stores: a (row, head) of head_dim elements is
+// kLanes lanes of 8 elements each, kMergeThreads / kLanes of them a block. The same weights and
+// the same per-element expression as MergeHalvesKernel, so the same bits. Why: one 128-thread block
+// per (row, head) with 2-byte accesses took 0.2 ms a layer for an 8192-token chunk on the H200, ~4x
+// its bytes (docs/performance.md, the 128K TTFT profile).
+// Grid: x = blocks of (row, head) pairs, pair = row * heads + head. Block: kMergeThreads.
+constexpr int kMergeThreads = 256;
+
+template <typename scalar_t, int kLanes>
+__global__ void __launch_bounds__(kMergeThreads)
+    MergeHalvesVecKernel(scalar_t* out, int64_t out_t, int64_t out_h, const scalar_t* tail,
+                         int64_t tail_h, int64_t tail_t, const float* tail_lse, int64_t tail_lse_h,
+                         int64_t tail_lse_t, const scalar_t* prefix, int64_t prefix_h,
+                         int64_t prefix_t, const float* prefix_lse, int64_t prefix_lse_h,
+                         int64_t prefix_lse_t, int64_t rows, int64_t heads) {
+  using Cv = cuda::Convert<scalar_t>;
+  constexpr int kVec = 8;  // 16 bytes of bf16 / fp16
+  const int64_t pair =
+      blockIdx.x * static_cast<int64_t>(kMergeThreads / kLanes) + threadIdx.x / kLanes;
+  if (pair >= rows * heads) return;
+  const int64_t t = pair / heads;
+  const int64_t h = pair % heads;
+  const int d0 = (threadIdx.x % kLanes) * kVec;
+  float w_tail = 1.0f;
+  float w_prefix = 0.0f;
+  if (prefix != nullptr) {
+    const float lt = tail_lse[h * tail_lse_h + t * tail_lse_t];
+    const float lp = prefix_lse[h * prefix_lse_h + t * prefix_lse_t];
+    const float m = fmaxf(lt, lp);
+    w_tail = expf(lt - m);
+    w_prefix = expf(lp - m);
+    const float inv = 1.0f / (w_tail + w_prefix);
+    w_tail *= inv;
+    w_prefix *= inv;
+  }
+  scalar_t a[kVec], b[kVec], y[kVec];
+  const uint4 a_raw = *reinterpret_cast<const uint4*>(tail + h * tail_h + t * tail_t + d0);
+  memcpy(a, &a_raw, sizeof(a_raw));
+  if (prefix != nullptr) {
+    const uint4 b_raw = *reinterpret_cast<const uint4*>(prefix + h * prefix_h + t * prefix_t + d0);
+    memcpy(b, &b_raw, sizeof(b_raw));
+  }
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    float acc = w_tail * Cv::ToFloat(a[e]);
+    if (prefix != nullptr) acc += w_prefix * Cv::ToFloat(b[e]);
+    y[e] = Cv::FromFloat(acc);
+  }
+  uint4 y_raw;
+  memcpy(&y_raw, y, sizeof(y_raw));
+  *reinterpret_cast<uint4*>(out + t * out_t + h * out_h + d0) = y_raw;
+}
+
+// Whether MergeHalvesVecKernel applies: head_dim a power of two of 8-element vectors, at most a
+// warp's worth, every row 16-byte aligned. DYSCO_CUDA_PREFILL_MERGE=scalar: MergeHalvesKernel
+// (A/B and tests).
+bool MergeVectorised(const at::Tensor& rows, const at::Tensor& tail, const at::Tensor& prefix) {
+  if (cuda::EnvIs("DYSCO_CUDA_PREFILL_MERGE", "scalar")) return false;
+  const int64_t d = rows.size(2);
+  const int64_t lanes = d / 8;
+  if (rows.element_size() != 2 || d % 8 != 0 || lanes > 32 || (lanes & (lanes - 1)) != 0) {
+    return false;
+  }
+  auto aligned = [](const at::Tensor& x, int64_t s1, int64_t s2) {
+    return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && s1 % 8 == 0 && s2 % 8 == 0;
+  };
+  return rows.stride(2) == 1 && tail.stride(3) == 1 &&
+         aligned(rows, rows.stride(0), rows.stride(1)) &&
+         aligned(tail, tail.stride(1), tail.stride(2)) &&
+         (!prefix.defined() ||
+          (prefix.stride(3) == 1 && aligned(prefix, prefix.stride(1), prefix.stride(2))));
+}
+
 template <typename scalar_t>
 void LaunchMerge(const at::Tensor& rows, const at::Tensor& tail, const at::Tensor& tail_lse,
                  const at::Tensor& prefix, const at::Tensor& prefix_lse, dim3 grid, int threads,
                  cudaStream_t stream) {
   // Strides of the [1, H, L(, 1)] log-sum-exps along heads and rows.
   const bool has_prefix = prefix.defined();
+  if (MergeVectorised(rows, tail, prefix)) {
+    const int64_t num_rows = rows.size(0);
+    const int64_t heads = rows.size(1);
+    const int lanes = static_cast<int>(rows.size(2) / 8);
+    auto launch = [&](auto kl) {
+      constexpr int kLanes = decltype(kl)::value;
+      const int64_t pairs_per_block = kMergeThreads / kLanes;
+      const auto blocks = static_cast<unsigned>(cuda::CeilDiv(num_rows * heads, pairs_per_block));
+      MergeHalvesVecKernel<scalar_t, kLanes><<<blocks, kMergeThreads, 0, stream>>>(
+          static_cast<scalar_t*>(rows.data_ptr()), rows.stride(0), rows.stride(1),
+          static_cast<const scalar_t*>(tail.data_ptr()), tail.stride(1), tail.stride(2),
+          tail_lse.data_ptr<float>(), tail_lse.stride(1), tail_lse.stride(2),
+          has_prefix ? static_cast<const scalar_t*>(prefix.data_ptr()) : nullptr,
+          has_prefix ? prefix.stride(1) : 0, has_prefix ? prefix.stride(2) : 0,
+          has_prefix ? prefix_lse.data_ptr<float>() : nullptr,
+          has_prefix ? prefix_lse.stride(1) : 0, has_prefix ? prefix_lse.stride(2) : 0, num_rows,
+          heads);
+    };
+    switch (lanes) {
+      case 1:
+        launch(std::integral_constant<int, 1>());
+        break;
+      case 2:
+        launch(std::integral_constant<int, 2>());
+        break;
+      case 4:
+        launch(std::integral_constant<int, 4>());
+        break;
+      case 8:
+        launch(std::integral_constant<int, 8>());
+        break;
+      case 16:
+        launch(std::integral_constant<int, 16>());
+        break;
+      default:
+        launch(std::integral_constant<int, 32>());
+        break;
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   MergeHalvesKernel<scalar_t><<<grid, threads, 0, stream>>>(
       static_cast<scalar_t*>(rows.data_ptr()), rows.stride(0), rows.stride(1),
       static_cast<const scalar_t*>(tail.data_ptr()), tail.stride(1), tail.stride(2),

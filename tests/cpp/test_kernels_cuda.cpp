@@ -530,6 +530,48 @@ TEST(CudaPagedAttentionPrefill, CudnnLongChunksEqualCpu) {
   }
 }
 
+// The cuDNN path's merge of its two halves with 16-byte vectors (MergeHalvesVecKernel) gives the
+// same bits as the scalar kernel (DYSCO_CUDA_PREFILL_MERGE=scalar): head sizes 16, 64 and 128 (2, 8
+// and 16 lanes a (row, head)), with and without a prefix, a long chunk next to a short one, every
+// output element written (NaN first).
+TEST(CudaPagedAttentionPrefill, CudnnMergeVectorisedGivesTheSameBits) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(26);
+  at::manual_seed(26);
+  const int64_t before = dysco::kernels::paged_attention_prefill_cuda_cudnn_sequences();
+  int64_t calls = 0;
+  for (const Layout& l : {Layout{2, 4, 128, 16}, Layout{1, 8, 64, 7}, Layout{2, 2, 16, 16}}) {
+    for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+      for (const auto& [lens, q_lens] :
+           std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>>{
+               {{1100}, {1100}}, {{3001 + 1500}, {1500}}, {{5000, 300}, {1500, 1}}}) {
+        const std::string what = Describe(l, dtype, "merge, " + std::to_string(lens[0]) + " keys");
+        const PagedBatch batch = MakeBatch(l, lens, dtype, rng);
+        std::vector<int64_t> starts = {0};
+        for (int64_t q : q_lens) starts.push_back(starts.back() + q);
+        const int64_t hq = l.kv_heads * l.group;
+        const at::Tensor query = Cuda(at::randn({starts.back(), hq, l.head_dim}).to(dtype));
+        const at::Tensor kv = Cuda(batch.kv);
+        const at::Tensor tables = Cuda(batch.block_tables);
+        const at::Tensor seq_lens = Cuda(batch.seq_lens);
+        const at::Tensor qsl = Cuda(at::tensor(starts, at::kLong));
+        const double scale = 1.0 / std::sqrt(static_cast<double>(l.head_dim));
+        at::Tensor outs[2];
+        for (int scalar = 0; scalar < 2; ++scalar) {
+          const ScopedEnv knob("DYSCO_CUDA_PREFILL_MERGE", scalar ? "scalar" : nullptr);
+          outs[scalar] = Cuda(at::full({starts.back(), hq, l.head_dim}, kNaN).to(dtype));
+          ops::paged_attention_prefill(outs[scalar], query, kv, tables, seq_lens, qsl, scale,
+                                       c10::nullopt);
+          ++calls;
+        }
+        ASSERT_FALSE(at::isnan(outs[0].to(at::kFloat)).any().item<bool>()) << what;
+        EXPECT_TRUE(at::equal(outs[0], outs[1])) << what;
+      }
+    }
+  }
+  EXPECT_EQ(dysco::kernels::paged_attention_prefill_cuda_cudnn_sequences() - before, calls);
+}
+
 // The flash path synchronises with the host nowhere (offsets computed on the device, buffers
 // sized from shapes): a chunked prefill call captures in a CUDA graph, and its replay equals the
 // CPU.
