@@ -4,6 +4,7 @@
 #include "core/model/dysco_host_ops.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <utility>
 
@@ -266,20 +267,25 @@ Status DyscoSelectStaging::RunOps(bool update_relevance, const DeviceTensor* dev
       // not wait for the ~1 MB at 128K keys to cross (docs/gpu.md "The DySCO stage without a
       // wait"). Wait() waits for it; the device buffer is marked as used there too, so that it is
       // not handed out again before the copy has read it.
+      // DYSCO_SELECT_COPY_STREAM=0: the copy on the current stream instead (A/B timing).
       const c10::DeviceIndex index = on_device.device().index();
+      const char* knob = std::getenv("DYSCO_SELECT_COPY_STREAM");
+      const bool own_stream = knob == nullptr || std::string(knob) != "0";
       if (!b.copy_stream || b.copy_stream->device_index() != index) {
         b.copy_stream = c10::cuda::getStreamFromPool(false, index);
       }
+      const c10::cuda::CUDAStream copy_stream =
+          own_stream ? *b.copy_stream : c10::cuda::getCurrentCUDAStream(index);
       b.selected.record(c10::cuda::getCurrentCUDAStream(index));
-      b.selected.block(*b.copy_stream);
+      b.selected.block(copy_stream);
       {
-        const c10::cuda::CUDAStreamGuard on_copy_stream(*b.copy_stream);
+        const c10::cuda::CUDAStreamGuard on_copy_stream(copy_stream);
         b.host.narrow(0, out_begin, b.end - out_begin)
             .copy_(on_device.narrow(0, out_begin - in_begin, b.end - out_begin),
                    /*non_blocking=*/true);
       }
-      c10::cuda::CUDACachingAllocator::recordStream(on_device.storage().data_ptr(), *b.copy_stream);
-      b.copied.record(*b.copy_stream);
+      c10::cuda::CUDACachingAllocator::recordStream(on_device.storage().data_ptr(), copy_stream);
+      b.copied.record(copy_stream);
       b.pending = true;
       return;
     }
