@@ -4,12 +4,17 @@
 #include "core/model/dysco_host_ops.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <utility>
 
 #include <torch/script.h>
 #ifdef DYSCO_CUDA
+#include <optional>
+
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
@@ -80,6 +85,10 @@ struct DyscoSelectStaging::Buffer {
   bool pending = false;
 #ifdef DYSCO_CUDA
   c10::cuda::CUDAEvent copied;
+  // Start's copy back runs on its own stream behind `selected` (the ops' end on the current
+  // stream), so that what is queued next there, the real pass, does not wait for it.
+  c10::cuda::CUDAEvent selected;
+  std::optional<c10::cuda::CUDAStream> copy_stream;
 #endif
   uint8_t* Part(int64_t offset) const { return host.data_ptr<uint8_t>() + offset; }
 };
@@ -254,11 +263,29 @@ Status DyscoSelectStaging::RunOps(bool update_relevance, const DeviceTensor* dev
     b.device_base = in_begin;
 #ifdef DYSCO_CUDA
     if (!wait) {
-      // Queued behind the ops; Wait() waits for it.
-      b.host.narrow(0, out_begin, b.end - out_begin)
-          .copy_(on_device.narrow(0, out_begin - in_begin, b.end - out_begin),
-                 /*non_blocking=*/true);
-      b.copied.record(c10::cuda::getCurrentCUDAStream(on_device.device().index()));
+      // Behind the ops, on the copy stream: the real pass queued next on the current stream does
+      // not wait for the ~1 MB at 128K keys to cross (docs/gpu.md "The DySCO stage without a
+      // wait"). Wait() waits for it; the device buffer is marked as used there too, so that it is
+      // not handed out again before the copy has read it.
+      // DYSCO_SELECT_COPY_STREAM=0: the copy on the current stream instead (A/B timing).
+      const c10::DeviceIndex index = on_device.device().index();
+      const char* knob = std::getenv("DYSCO_SELECT_COPY_STREAM");
+      const bool own_stream = knob == nullptr || std::string(knob) != "0";
+      if (!b.copy_stream || b.copy_stream->device_index() != index) {
+        b.copy_stream = c10::cuda::getStreamFromPool(false, index);
+      }
+      const c10::cuda::CUDAStream copy_stream =
+          own_stream ? *b.copy_stream : c10::cuda::getCurrentCUDAStream(index);
+      b.selected.record(c10::cuda::getCurrentCUDAStream(index));
+      b.selected.block(copy_stream);
+      {
+        const c10::cuda::CUDAStreamGuard on_copy_stream(copy_stream);
+        b.host.narrow(0, out_begin, b.end - out_begin)
+            .copy_(on_device.narrow(0, out_begin - in_begin, b.end - out_begin),
+                   /*non_blocking=*/true);
+      }
+      c10::cuda::CUDACachingAllocator::recordStream(on_device.storage().data_ptr(), copy_stream);
+      b.copied.record(copy_stream);
       b.pending = true;
       return;
     }
