@@ -642,7 +642,16 @@ int main(int argc, char** argv) {
   int64_t profile_steps = 0;
   bool with_dysco = true, check_dysco = false, logits_to_host = false;
   for (int i = 1; i < argc; ++i) {
-    const std::string flag = argv[i];
+    std::string flag = argv[i];
+    // "--flag=value" as well as "--flag value": one word, so that a setting of scripts/gpu-ab.sh
+    // can carry it (GPU_BENCH_EXTRA_ARGS=--chunk=16384).
+    std::string inline_value;
+    bool has_inline_value = false;
+    if (const size_t eq = flag.find('='); flag.rfind("--", 0) == 0 && eq != std::string::npos) {
+      inline_value = flag.substr(eq + 1);
+      flag.resize(eq);
+      has_inline_value = true;
+    }
     if (flag == "--no-dysco") {
       with_dysco = false;
       continue;
@@ -651,8 +660,8 @@ int main(int argc, char** argv) {
       check_dysco = true;
       continue;
     }
-    if (i + 1 >= argc) Usage("unknown flag or missing value: " + flag);
-    const std::string value = argv[++i];
+    if (!has_inline_value && i + 1 >= argc) Usage("unknown flag or missing value: " + flag);
+    const std::string value = has_inline_value ? inline_value : argv[++i];
     if (flag == "--model") {
       model = value;
     } else if (flag == "--device") {

@@ -31,7 +31,8 @@
 # GPU_BENCH_CUDA_GRAPHS=0|1: bench-gpu --cuda-graphs (the runner's default when unset);
 # GPU_BENCH_EXPORT_DEVICE=cuda: the exporter draws the random weights on the GPU (faster);
 # GPU_BENCH_PROFILE_STEPS (5): bench-gpu --profile-steps, per-kernel times at the longest context.
-# GPU_BENCH_EXTRA_ARGS: more bench-gpu flags (word-split, e.g. "--logits-to-host 1"), and
+# GPU_BENCH_EXTRA_ARGS: more bench-gpu flags (word-split, e.g. "--logits-to-host 1"; "--chunk=16384"
+# is one word, which a scripts/gpu-ab.sh setting can carry), and
 # GPU_BENCH_TAG: a suffix of the bench-gpu label and file names, so that an A/B of two settings
 # runs twice in one call, the second with the tag (the table then lists both).
 # Usage: bash scripts/gpu-bench.sh [DEBS_DIR]
