@@ -109,6 +109,9 @@ Status DyscoSelectStaging::Resize(int64_t batch, int64_t width) {
     const int64_t n = batch * width;
     PackedBuffer layout;
     Buffer& b = *buffer_;
+    // The last run's device copy was laid out for the old shape: DeviceBias has nothing until the
+    // next run (the rows it handed out keep their own views).
+    b.device = at::Tensor();
     b.probs_at = layout.Add(n * 4);
     b.decay_at = layout.Add(batch * 4);
     b.template_at = layout.Add(n);

@@ -91,7 +91,8 @@ class DyscoSelectStaging {
   // nothing behind.
   Status Wait();
   // Row `b`'s bias from the last run on a GPU: fp32 [width] on the device, valid for work queued
-  // after that run on the device's current stream. Null on the host.
+  // after that run on the device's current stream. Null on the host, and after a Resize until the
+  // next run.
   std::shared_ptr<const DeviceTensor> DeviceBias(int64_t b) const;
   // Whether Run() runs on a GPU (the caller then packs the head means into probs() instead of
   // running the relevance update on the host).

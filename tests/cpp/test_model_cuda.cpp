@@ -35,6 +35,7 @@
 #include "core/engine/generator.h"
 #include "core/engine/request.h"
 #include "core/model/device_tensor.h"
+#include "core/model/dysco_host_ops.h"
 #include "core/model/kv_page_pool.h"
 #include "core/model/model_runner.h"
 #include "kernels/cuda/cuda_ops.h"
@@ -836,6 +837,59 @@ TEST(DyscoBatchOpsCudaTest, UpdateRelevanceAndSelectOnTheGpuEqualsTheCpu) {
   // On the GPU the update runs with the selection: no host update time.
   EXPECT_EQ(gpu_ops.stage_seconds().update, 0.0);
   EXPECT_GT(cpu_ops.stage_seconds().update, 0.0);
+}
+
+// DyscoSelectStaging's two halves on the GPU by hand: the bias rows handed out before Wait equal
+// the bias copied back (a top-k selection of distinct relevances), and after a Resize it hands out
+// nothing until the next run (its layout changed); a Resize also waits for a pending copy first.
+TEST(DyscoSelectStagingCudaTest, StartHandsOutTheBiasAndResizeForgetsIt) {
+  if (c10::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  DyscoSelectStaging staging("cuda:0");
+  const int64_t batch = 2, width = 300;
+  ASSERT_TRUE(staging.Resize(batch, width).ok());
+  EXPECT_EQ(staging.DeviceBias(0), nullptr);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t j = 0; j < width; ++j) {
+      staging.relevance()[b * width + j] = j + 1 < width ? 1.0f / static_cast<float>(j + 2) : 0.0f;
+      staging.probs()[b * width + j] = static_cast<float>((j * 7 + b) % 13) / 1000.0f;
+      staging.template_mask()[b * width + j] = 0;
+    }
+    staging.decay()[b] = 0.5f;
+    staging.num_keys()[b] = width - 10 * b;
+    staging.top_p()[b] = 0.0f;
+    staging.top_k()[b] = 20;
+    staging.strength()[b] = 2.0f;
+  }
+  ASSERT_TRUE(staging.StartWithRelevanceUpdate().ok());
+  std::vector<at::Tensor> rows;
+  for (int64_t b = 0; b < batch; ++b) {
+    const auto row = staging.DeviceBias(b);
+    ASSERT_NE(row, nullptr);
+    rows.push_back(row->tensor.clone());  // queued after the ops
+  }
+  ASSERT_TRUE(staging.Wait().ok());
+  for (int64_t b = 0; b < batch; ++b) {
+    const at::Tensor host = rows[b].cpu();
+    const float* copied = staging.bias() + b * width;
+    EXPECT_EQ(std::vector<float>(host.data_ptr<float>(), host.data_ptr<float>() + width),
+              std::vector<float>(copied, copied + width))
+        << "row " << b;
+    int64_t selected = 0;
+    for (int64_t j = 0; j < width; ++j) selected += staging.selected()[b * width + j];
+    EXPECT_EQ(selected, 20) << "row " << b;
+  }
+  ASSERT_TRUE(staging.StartWithRelevanceUpdate().ok());
+  const auto held = staging.DeviceBias(1);
+  ASSERT_NE(held, nullptr);
+  ASSERT_TRUE(staging.Resize(3, 64).ok());  // waits for that run's copy first
+  EXPECT_EQ(staging.DeviceBias(0), nullptr);
+  // The row handed out before keeps its storage and that run's values: log(strength) at its 20
+  // selected keys and at its newest (which may be one of them), zeros elsewhere.
+  const at::Tensor kept = held->tensor.cpu();
+  ASSERT_EQ(kept.size(0), width);
+  const int64_t boosted = (kept != 0.0f).sum().item<int64_t>();
+  EXPECT_TRUE(boosted == 20 || boosted == 21) << boosted;
+  EXPECT_NEAR(kept.max().item<float>(), std::log(2.0f), 1e-6);
 }
 
 }  // namespace
