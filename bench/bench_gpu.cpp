@@ -426,7 +426,11 @@ class Bench {
             "relevance update and selection");
     }
     const auto t2 = Clock::now();
-    Forward(pos, 1, device_bias != nullptr ? no_bias_ : selections_[0].bias, -1, {}, device_bias);
+    if (device_bias != nullptr) {
+      Forward(pos, 1, {}, -1, {}, device_bias);
+    } else {
+      Forward(pos, 1, selections_[0].bias, -1, {});
+    }
     volatile int64_t next = Argmax(out_);
     (void)next;
     if (device_bias != nullptr) {
@@ -493,7 +497,6 @@ class Bench {
   std::unique_ptr<dysco::DyscoController> controller_;
   std::vector<std::vector<float>> relevance_;
   std::vector<dysco::DyscoSelection> selections_;
-  const std::vector<float> no_bias_;
   const bool select_wait_ = [] {
     const char* v = std::getenv("DYSCO_BENCH_SELECT_WAIT");
     return v != nullptr && std::string(v) == "1";

@@ -110,8 +110,7 @@ class DyscoBatchOps {
   // width] into staging_.
   Status StageSelection(const std::vector<const DyscoController*>& rows,
                         const std::vector<int64_t>& num_keys, int64_t width);
-  // Runs the staged selection (after the staged relevance update when `update_relevance`) and
-  // copies each row's results out.
+  // Runs the staged selection and copies each row's results out.
   Status RunStagedSelection(const std::vector<int64_t>& num_keys, int64_t width,
                             std::vector<DyscoSelection>* selections);
   // Copies each row's selection out of the staging buffer (its results must be there).

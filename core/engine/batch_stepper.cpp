@@ -94,7 +94,6 @@ Status BatchStepper::InterveneDynamic(const std::vector<size_t>& rows, StepOutco
   ScopedTimer timer(&dynamic_select_seconds_);
   DYSCO_RETURN_IF_ERROR(
       dysco_ops_.StartUpdateRelevanceAndSelect(controllers, NumKeys(rows), spec_out_));
-  dynamic_rows_ = rows;
   selection_pending_ = true;
   // On a GPU the selection's results are still on their way: the real forward reads each row's
   // bias where the op wrote it, and FinishDynamic copies the results out after it (docs/gpu.md
@@ -102,18 +101,18 @@ Status BatchStepper::InterveneDynamic(const std::vector<size_t>& rows, StepOutco
   for (size_t d = 0; d < rows.size(); ++d) {
     staged_[rows[d]].device_bias = dysco_ops_.DeviceBias(static_cast<int64_t>(d));
   }
-  if (staged_[rows[0]].device_bias == nullptr) return FinishDynamic();
+  if (staged_[rows[0]].device_bias == nullptr) return FinishDynamic(rows);
   return OkStatus();
 }
 
-Status BatchStepper::FinishDynamic() {
+Status BatchStepper::FinishDynamic(const std::vector<size_t>& rows) {
   if (!selection_pending_) return OkStatus();
   selection_pending_ = false;
   std::vector<std::vector<float>> relevance;
   std::vector<DyscoSelection> selections;
   DYSCO_RETURN_IF_ERROR(dysco_ops_.FinishUpdateRelevanceAndSelect(&relevance, &selections));
-  for (size_t d = 0; d < dynamic_rows_.size(); ++d) {
-    StagedDysco& st = staged_[dynamic_rows_[d]];
+  for (size_t d = 0; d < rows.size(); ++d) {
+    StagedDysco& st = staged_[rows[d]];
     st.relevance = std::move(relevance[d]);
     st.has_relevance = true;
     st.selection = std::move(selections[d]);
@@ -165,7 +164,7 @@ Status BatchStepper::Intervene(const RowsByKind& rows, StepOutcome* outcome) {
     // out of it first.
     {
       ScopedTimer timer(&dynamic_select_seconds_);
-      DYSCO_RETURN_IF_ERROR(FinishDynamic());
+      DYSCO_RETURN_IF_ERROR(FinishDynamic(rows.dynamic));
     }
     DYSCO_RETURN_IF_ERROR(InterveneStatic(rows.fixed));
   }
@@ -211,7 +210,7 @@ Status BatchStepper::RealForward(const RowsByKind& rows, StepOutcome* outcome) {
   {
     // The dynamic rows' selections, copied back while the real pass ran.
     ScopedTimer timer(&dynamic_select_seconds_);
-    DYSCO_RETURN_IF_ERROR(FinishDynamic());
+    DYSCO_RETURN_IF_ERROR(FinishDynamic(rows.dynamic));
   }
   if (warmup.empty()) return OkStatus();
   ScopedTimer timer(&warmup_seconds_);

@@ -97,9 +97,9 @@ class BatchStepper {
   RowsByKind ClassifyRows() const;
   Status Intervene(const RowsByKind& rows, StepOutcome* outcome);
   Status InterveneDynamic(const std::vector<size_t>& rows, StepOutcome* outcome);
-  // Copies the dynamic rows' relevance and selections out of DyscoBatchOps into staged_ once the
-  // device has them (no-op when none is pending).
-  Status FinishDynamic();
+  // Copies the dynamic rows' (`rows`, InterveneDynamic's) relevance and selections out of
+  // DyscoBatchOps into staged_ once the device has them (no-op when none is pending).
+  Status FinishDynamic(const std::vector<size_t>& rows);
   Status InterveneStatic(const std::vector<size_t>& rows);
   Status RealForward(const RowsByKind& rows, StepOutcome* outcome);
   Status ApplyStaged();
@@ -118,9 +118,8 @@ class BatchStepper {
   std::vector<ForwardRow> fed_;
   std::vector<DyscoStepKind> kinds_;
   std::vector<StagedDysco> staged_;  // by plan row
-  // The dynamic rows of the step, and whether their selection's results are still to be copied
-  // out of DyscoBatchOps (FinishDynamic).
-  std::vector<size_t> dynamic_rows_;
+  // Whether the dynamic rows' selection results are still to be copied out of DyscoBatchOps
+  // (FinishDynamic).
   bool selection_pending_ = false;
   // Per-kind shares of the step's wall time, for the DySCO rows' records.
   double dynamic_select_seconds_ = 0.0, static_seconds_ = 0.0, warmup_seconds_ = 0.0;

@@ -9,11 +9,20 @@
 #pragma once
 
 #include <ATen/Tensor.h>
+#include <c10/core/Device.h>
 
 namespace dysco {
 
 struct DeviceTensor {
   at::Tensor tensor;
 };
+
+// Whether `t` lies on `device`, where a device named without an index ("cuda") stands for every
+// device of its type: the check of a DeviceTensor handed to the runner or to the DySCO staging,
+// whose own device may be named either way.
+inline bool IsOnDevice(const at::Tensor& t, const at::Device& device) {
+  return t.defined() && t.device().type() == device.type() &&
+         (!device.has_index() || t.device().index() == device.index());
+}
 
 }  // namespace dysco

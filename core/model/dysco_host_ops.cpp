@@ -234,11 +234,9 @@ Status DyscoSelectStaging::RunOps(bool update_relevance, const DeviceTensor* dev
                                     : "dysco::dysco_select_bias";
   if (device_probs != nullptr) {
     const at::Tensor& t = device_probs->tensor;
-    const at::Device want(device_);
-    const bool same_device = !OnHost(device_) && t.device().type() == want.type() &&
-                             (!want.has_index() || t.device().index() == want.index());
-    if (!same_device || t.dim() != 2 || t.size(0) != batch || t.size(1) < width ||
-        t.scalar_type() != at::kFloat || !t.is_contiguous()) {
+    if (OnHost(device_) || !IsOnDevice(t, at::Device(device_)) || t.dim() != 2 ||
+        t.size(0) != batch || t.size(1) < width || t.scalar_type() != at::kFloat ||
+        !t.is_contiguous()) {
       return InternalError(std::string(op) + ": the head means on the device are " +
                            c10::str(t.sizes(), " ", t.scalar_type(), " on ", t.device()) +
                            ", expected float [" + std::to_string(batch) +

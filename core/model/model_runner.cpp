@@ -756,9 +756,8 @@ Status ModelRunner::Impl::ValidateRow(const ForwardRow& s, size_t i, int64_t pag
     if (!s.key_bias.empty()) {
       return InvalidArgumentError(Seq(i) + " has both key_bias and key_bias_device");
     }
-    const bool on_device = t.defined() && t.device().type() == device.type() &&
-                           (!device.has_index() || t.device().index() == device.index());
-    if (!on_device || t.scalar_type() != at::kFloat || t.dim() != 1 || t.size(0) < seq_len) {
+    if (!IsOnDevice(t, device) || t.scalar_type() != at::kFloat || t.dim() != 1 ||
+        t.size(0) < seq_len) {
       return InvalidArgumentError(
           Seq(i) + ".key_bias_device is " +
           (t.defined() ? c10::str(t.scalar_type(), " ", t.sizes(), " on ", t.device())

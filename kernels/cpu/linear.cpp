@@ -16,6 +16,7 @@
 
 #include "kernels/cpu/cpu_checks.h"
 #include "kernels/cpu/cpu_isa.h"
+#include "kernels/op_steps.h"
 #include "kernels/ops.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -338,9 +339,8 @@ void add_rms_norm_swiglu_cpu(const at::Tensor& out, const at::Tensor& sum, const
   TORCH_CHECK(out.is_cpu(), kAddRmsNormSwigluOp, ": the CPU implementation got tensors on ",
               out.device());
   // The ops in sequence, bit for bit (as add_rms_norm_linear_cpu).
-  const at::Tensor gate_up = at::empty({input.size(0), weight.size(0)}, input.options());
-  add_rms_norm_linear_cpu(gate_up, sum, input, residual, norm_weight, eps, weight);
-  silu_mul_cpu(out, gate_up);
+  AddRmsNormSwigluSteps(out, sum, input, residual, norm_weight, eps, weight,
+                        add_rms_norm_linear_cpu, silu_mul_cpu);
 }
 
 void o_proj_mlp_cpu(const at::Tensor& out, const at::Tensor& sum, const at::Tensor& attn,
@@ -351,11 +351,8 @@ void o_proj_mlp_cpu(const at::Tensor& out, const at::Tensor& sum, const at::Tens
                     down_weight);
   TORCH_CHECK(out.is_cpu(), kOProjMlpOp, ": the CPU implementation got tensors on ", out.device());
   // The ops in sequence, bit for bit (as add_rms_norm_linear_cpu).
-  const at::Tensor o = at::empty_like(residual);
-  linear_cpu(o, attn, o_weight);
-  const at::Tensor act = at::empty({attn.size(0), down_weight.size(1)}, attn.options());
-  add_rms_norm_swiglu_cpu(act, sum, o, residual, norm_weight, eps, gate_up_weight);
-  linear_cpu(out, act, down_weight);
+  OProjMlpSteps(out, sum, attn, residual, o_weight, norm_weight, eps, gate_up_weight, down_weight,
+                linear_cpu, add_rms_norm_swiglu_cpu);
 }
 
 }  // namespace dysco::kernels

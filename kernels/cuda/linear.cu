@@ -39,6 +39,7 @@
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/stream_counters.h"
 #include "kernels/op_checks.h"
+#include "kernels/op_steps.h"
 
 namespace dysco::kernels {
 namespace {
@@ -898,9 +899,8 @@ void add_rms_norm_swiglu_cuda(const at::Tensor& out, const at::Tensor& sum, cons
   const c10::cuda::CUDAGuard guard(out.device());
   // add_rms_norm_linear (its fused GEMV for a decode batch) then silu_mul. SwiGLU in the GEMV's
   // epilogue (one kernel fewer) was slower on the H200 (docs/gpu.md "The norm in the GEMV").
-  const at::Tensor gate_up = at::empty({input.size(0), weight.size(0)}, input.options());
-  add_rms_norm_linear_cuda(gate_up, sum, input, residual, norm_weight, eps, weight);
-  silu_mul_cuda(out, gate_up);
+  AddRmsNormSwigluSteps(out, sum, input, residual, norm_weight, eps, weight,
+                        add_rms_norm_linear_cuda, silu_mul_cuda);
 }
 
 namespace {
@@ -1015,11 +1015,8 @@ void o_proj_mlp_cuda(const at::Tensor& out, const at::Tensor& sum, const at::Ten
   }
   // The default, and more rows (prefill, decode batches), fp32, or shapes the persistent kernel
   // does not take: the three ops.
-  const at::Tensor o = at::empty_like(residual);
-  linear_cuda(o, attn, o_weight);
-  const at::Tensor act = at::empty({attn.size(0), down_weight.size(1)}, attn.options());
-  add_rms_norm_swiglu_cuda(act, sum, o, residual, norm_weight, eps, gate_up_weight);
-  linear_cuda(out, act, down_weight);
+  OProjMlpSteps(out, sum, attn, residual, o_weight, norm_weight, eps, gate_up_weight, down_weight,
+                linear_cuda, add_rms_norm_swiglu_cuda);
 }
 
 }  // namespace dysco::kernels
