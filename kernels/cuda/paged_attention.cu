@@ -41,6 +41,9 @@ using cuda::kWarpSize;
 
 // A split never covers fewer keys than this (below it the merge costs more than it saves).
 constexpr int64_t kMinKeysPerSplit = 256;
+// The longest block table (in keys) for which the tensor-core kernel that makes its query rows from
+// the qkv GEMV's output starts early (see p.early_keys below).
+constexpr int64_t kEarlyQkvAttentionMaxKeys = 16384;
 // Splits are chosen for about this many blocks per multiprocessor: decode reads one row per key and
 // warp, so it needs many warps in flight to cover memory latency.
 constexpr int64_t kBlocksPerMultiprocessor = 8;
@@ -361,18 +364,23 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   p.out = out.data_ptr<T>();
   p.merge_counters =
       use_mma ? SplitMergeCounters(tokens * cache.num_kv_heads * p.row_chunks) : nullptr;
+  // The tensor-core kernel makes the rows itself when one block holds all of a KV head's query
+  // rows (one row chunk: the newest key is then written by one block and read by no other);
+  // DYSCO_CUDA_QKV_ATTENTION=0 keeps the two kernels (A/B timing; the same bits).
+  const bool in_kernel = stage != nullptr && use_mma && query_start_loc == nullptr &&
+                         p.row_chunks == 1 && !cuda::EnvIs("DYSCO_CUDA_QKV_ATTENTION", "0");
   // The tensor-core kernel of a decode call starts while the kernel ahead finishes
-  // (AttentionParams::early_keys); DYSCO_CUDA_ATTENTION_PDL=0 (or DYSCO_CUDA_PDL=0) launches it
-  // plainly.
+  // (AttentionParams::early_keys). When it makes its rows from the qkv GEMV's output, that pays
+  // only for short tables: on the H200 it gained 0.12 ms a token at 8K (tables of 16K keys) and lost
+  // 0.1 ms at 32K and 0.35 ms at 128K (docs/gpu.md, seventeenth increment), so it is kept to tables
+  // of at most kEarlyQkvAttentionMaxKeys. DYSCO_CUDA_ATTENTION_PDL=0 (or DYSCO_CUDA_PDL=0) launches
+  // it plainly always, =1 early always (A/B timing; the same bits either way).
+  const bool early_forced = cuda::EnvIs("DYSCO_CUDA_ATTENTION_PDL", "1");
   p.early_keys = use_mma && query_start_loc == nullptr &&
                  cuda::EarlyStartLevel() != cuda::EarlyStart::kNone &&
-                 !cuda::EnvIs("DYSCO_CUDA_ATTENTION_PDL", "0");
+                 !cuda::EnvIs("DYSCO_CUDA_ATTENTION_PDL", "0") &&
+                 (!in_kernel || early_forced || max_keys <= kEarlyQkvAttentionMaxKeys);
   if (stage != nullptr) {
-    // The tensor-core kernel makes the rows itself when one block holds all of a KV head's query
-    // rows (one row chunk: the newest key is then written by one block and read by no other);
-    // DYSCO_CUDA_QKV_ATTENTION=0 keeps the two kernels (A/B timing; the same bits).
-    const bool in_kernel = use_mma && query_start_loc == nullptr && p.row_chunks == 1 &&
-                           !cuda::EnvIs("DYSCO_CUDA_QKV_ATTENTION", "0");
     if (in_kernel) {
       const bool norms = stage->q_norm_weight->has_value() && (*stage->q_norm_weight)->defined();
       p.qkv = stage->qkv->data_ptr<T>();
