@@ -380,6 +380,7 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
                  cuda::EarlyStartLevel() != cuda::EarlyStart::kNone &&
                  !cuda::EnvIs("DYSCO_CUDA_ATTENTION_PDL", "0") &&
                  (!in_kernel || early_forced || max_keys <= kEarlyQkvAttentionMaxKeys);
+  p.early_tile = p.early_keys && !cuda::EnvIs("DYSCO_CUDA_ATTENTION_EARLY_TILE", "0");
   if (stage != nullptr) {
     if (in_kernel) {
       const bool norms = stage->q_norm_weight->has_value() && (*stage->q_norm_weight)->defined();

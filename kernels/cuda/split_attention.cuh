@@ -54,6 +54,10 @@ struct AttentionParams {
   // older keys, the block tables, seq_lens and the bias (docs/gpu.md "The decode attention starts
   // early").
   bool early_keys;
+  // With early_keys: whether the warps load their first tile before the wait (else the kernel only
+  // starts early and reads everything after it; DYSCO_CUDA_ATTENTION_EARLY_TILE=0, an A/B knob for
+  // the long tables, docs/gpu.md "What remains of issue 9").
+  bool early_tile;
   float scale;
   // The tensor-core kernel, decode calls with one row chunk a KV head only (the fused
   // qk_norm_rope_attention_decode; null otherwise): the query rows are made from the fused q/k/v

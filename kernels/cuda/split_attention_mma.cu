@@ -390,7 +390,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
   const int first_tile = key_begin + warp * kTileKeys;
   // Whether this warp's first tile is loaded before the wait: its keys all precede the row's newest
   // (a decode row's newest key is limit - 1), so the kernel ahead does not write them.
-  const bool early_tile = p.early_keys && first_tile + kTileKeys <= limit - 1;
+  const bool early_tile = p.early_tile && first_tile + kTileKeys <= limit - 1;
   // The first tile where it may be loaded before the wait, the wait, then the query.
   auto start = [&](auto& kw, auto& vw, auto& tile_bias) {
     if (early_tile) load_tile(first_tile, kw, vw, tile_bias);

@@ -1172,7 +1172,7 @@ TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
         ops::paged_attention_decode(out_two, query_two, kv_two, tables, seq_lens, scale,
                                     biased ? Bias(bias) : Bias());
         ASSERT_FALSE(at::isnan(out_two.to(at::kFloat)).any().item<bool>()) << what;
-        for (const char* mode : {"early", "plain", "two kernels", "graph"}) {
+        for (const char* mode : {"early", "early, no tile", "plain", "two kernels", "graph"}) {
           const std::string m = std::string(mode);
           at::Tensor kv = m == "graph" ? kv_graph : kv_fused.clone();
           query.fill_(kNaN);
@@ -1183,6 +1183,8 @@ TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
           } else {
             const ScopedEnv pdl("DYSCO_CUDA_PDL", m == "plain" ? "0" : nullptr);
             const ScopedEnv two("DYSCO_CUDA_QKV_ATTENTION", m == "two kernels" ? "0" : nullptr);
+            const ScopedEnv no_tile("DYSCO_CUDA_ATTENTION_EARLY_TILE",
+                                    m == "early, no tile" ? "0" : nullptr);
             fused(kv);
           }
           EXPECT_TRUE(at::equal(out, out_two)) << mode << ": out, " << what;
