@@ -565,10 +565,57 @@ struct KernelTime {
 struct StepProfile {
   bool ok = false;
   std::string error;
+  int64_t steps = 0;
   double device_ms_per_step = 0;  // sum of all device events (kernels, copies)
   double wall_ms_per_step = 0;
   std::vector<KernelTime> kernels;  // by time, descending
+  // Each name's calls' durations (ms) in the order the calls started, all steps in a row.
+  std::map<std::string, std::vector<double>> call_ms_in_order;
 };
+
+// A kernel of both a DySCO and a plain step, called more often in the DySCO step: its calls of each
+// DySCO step split by pass, the first (DySCO calls - plain calls) of a step taken as the
+// speculative pass's (it runs first; a per-layer kernel runs once a layer of each pass) and the
+// rest as the real pass's, against the plain step's calls. Says which pass a DySCO step's extra
+// device time is in (e.g. whether the real pass's biased attention costs more a call than the
+// plain step's).
+struct PassSplit {
+  std::string name;
+  int64_t speculative_calls = 0, real_calls = 0;         // per step
+  double speculative_ms = 0, real_ms = 0, plain_ms = 0;  // mean per call
+};
+
+// PassSplit of the DySCO profile's `top` kernels by time that qualify (whole calls per step in
+// both profiles, more in the DySCO step).
+std::vector<PassSplit> SplitByPass(const StepProfile& plain, const StepProfile& dysco, size_t top) {
+  std::vector<PassSplit> out;
+  if (!plain.ok || !dysco.ok || plain.steps <= 0 || dysco.steps <= 0) return out;
+  for (size_t i = 0; i < dysco.kernels.size() && i < top; ++i) {
+    const std::string& name = dysco.kernels[i].name;
+    const auto d = dysco.call_ms_in_order.find(name);
+    const auto p = plain.call_ms_in_order.find(name);
+    if (d == dysco.call_ms_in_order.end() || p == plain.call_ms_in_order.end()) continue;
+    const auto nd = static_cast<int64_t>(d->second.size()),
+               np = static_cast<int64_t>(p->second.size());
+    if (nd % dysco.steps != 0 || np % plain.steps != 0) continue;
+    const int64_t per_step = nd / dysco.steps, plain_per_step = np / plain.steps;
+    if (plain_per_step <= 0 || per_step <= plain_per_step) continue;
+    PassSplit split;
+    split.name = name;
+    split.speculative_calls = per_step - plain_per_step;
+    split.real_calls = plain_per_step;
+    for (int64_t c = 0; c < nd; ++c) {
+      ((c % per_step) < split.speculative_calls ? split.speculative_ms : split.real_ms) +=
+          d->second[static_cast<size_t>(c)];
+    }
+    split.speculative_ms /= static_cast<double>(split.speculative_calls * dysco.steps);
+    split.real_ms /= static_cast<double>(split.real_calls * dysco.steps);
+    for (const double ms : p->second) split.plain_ms += ms;
+    split.plain_ms /= static_cast<double>(np);
+    out.push_back(split);
+  }
+  return out;
+}
 
 // Runs `step` `steps` times under the profiler. On CUDA: the device's events (kernels, memcpy,
 // memset), aggregated by name. On the CPU (a test of this code): every CPU op, nested ops
@@ -592,18 +639,29 @@ StepProfile ProfileSteps(const at::Device& device, int64_t steps,
     Sync(device);
     p.wall_ms_per_step = Seconds(t0, Clock::now()) * 1e3 / steps;
     std::unique_ptr<prof::ProfilerResult> result = prof::disableProfiler();
-    std::map<std::string, std::pair<double, int64_t>> by_name;  // ns, calls
+    std::map<std::string, std::pair<double, int64_t>> by_name;             // ns, calls
+    std::map<std::string, std::vector<std::pair<double, double>>> starts;  // name: (start, ms)
     for (const auto& e : result->events()) {
       if (e.deviceType() != want) continue;
 #if TORCH_VERSION_MAJOR >= 2
       const double ns = static_cast<double>(e.durationNs());
+      const double start = static_cast<double>(e.startNs());
 #else
       const double ns = 1e3 * static_cast<double>(e.durationUs());
+      const double start = 1e3 * static_cast<double>(e.startUs());
 #endif
       auto& slot = by_name[e.name()];
       slot.first += ns;
       slot.second += 1;
+      starts[e.name()].emplace_back(start, ns / 1e6);
     }
+    for (auto& [name, calls] : starts) {
+      std::stable_sort(calls.begin(), calls.end(),
+                       [](const auto& a, const auto& b) { return a.first < b.first; });
+      std::vector<double>& ms = p.call_ms_in_order[name];
+      for (const auto& call : calls) ms.push_back(call.second);
+    }
+    p.steps = steps;
     for (const auto& [name, v] : by_name) {
       p.kernels.push_back({name, v.first / 1e6 / steps, static_cast<double>(v.second) / steps});
       p.device_ms_per_step += v.first / 1e6 / steps;
@@ -949,6 +1007,22 @@ int main(int argc, char** argv) {
                     100.0 * k.ms_per_step / prof->wall_ms_per_step, k.name.substr(0, 100).c_str());
       }
     }
+    if (with_dysco) {
+      const std::vector<PassSplit> splits = SplitByPass(plain_profile, dysco_profile, 12);
+      if (!splits.empty()) {
+        std::printf(
+            "\nDySCO step by pass at %lld (a kernel's calls in start order; the first DySCO calls -"
+            " plain calls of a step taken as the speculative pass's):\n| name | speculative "
+            "calls/step | ms/call | real calls/step | ms/call | plain step ms/call |\n"
+            "|---|---|---|---|---|---|\n",
+            static_cast<long long>(L));
+        for (const PassSplit& sp : splits) {
+          std::printf("| %s | %lld | %.4f | %lld | %.4f | %.4f |\n", sp.name.substr(0, 100).c_str(),
+                      static_cast<long long>(sp.speculative_calls), sp.speculative_ms,
+                      static_cast<long long>(sp.real_calls), sp.real_ms, sp.plain_ms);
+        }
+      }
+    }
     std::fflush(stdout);
   }
 
@@ -1046,6 +1120,18 @@ int main(int argc, char** argv) {
       if (with_dysco) {
         out << ",\n    \"dysco\": ";
         profile_json(dysco_profile);
+        out << ",\n    \"dysco_by_pass\": [";
+        const std::vector<PassSplit> splits = SplitByPass(plain_profile, dysco_profile, 12);
+        for (size_t i = 0; i < splits.size(); ++i) {
+          const PassSplit& sp = splits[i];
+          out << (i ? ", " : "") << "{\"name\": " << JsonString(sp.name.substr(0, 200))
+              << ", \"speculative_calls_per_step\": " << sp.speculative_calls
+              << ", \"speculative_ms_per_call\": " << Json(sp.speculative_ms)
+              << ", \"real_calls_per_step\": " << sp.real_calls
+              << ", \"real_ms_per_call\": " << Json(sp.real_ms)
+              << ", \"plain_ms_per_call\": " << Json(sp.plain_ms) << "}";
+        }
+        out << "]";
       }
       if (ttft_tokens >= chunk) {
         out << ",\n    \"prefill_chunk\": ";

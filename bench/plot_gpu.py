@@ -113,6 +113,16 @@ def decode_table(bench, peer):
             lines += ["", f"Where the time goes, {mode} step at {prof['context']} "
                       f"({prof['steps']} profiled steps): {m['wall_ms_per_step']:.2f} ms wall, "
                       f"{m['device_ms_per_step']:.2f} ms of {kind} events; top: {top}"]
+        by_pass = prof.get("dysco_by_pass")
+        if by_pass:
+            # bench-gpu's SplitByPass: a kernel's calls of a DySCO step, the first (DySCO calls -
+            # plain calls) taken as the speculative pass's.
+            parts = "; ".join(
+                f"{k['name'][:60]} speculative {k['speculative_calls_per_step']} x "
+                f"{k['speculative_ms_per_call']:.4f} ms, real {k['real_calls_per_step']} x "
+                f"{k['real_ms_per_call']:.4f} ms (plain {k['plain_ms_per_call']:.4f} ms)"
+                for k in by_pass[:4])
+            lines += ["", f"DySCO step by pass at {prof['context']} (ms a call): {parts}"]
     return lines
 
 

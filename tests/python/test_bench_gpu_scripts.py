@@ -134,6 +134,22 @@ def test_table_shows_where_the_time_goes(tmp_path):
     assert "Profile (dysco): unavailable: CUPTI unavailable" in text
 
 
+def test_table_splits_the_dysco_step_by_pass(tmp_path):
+    data = bench_json(8.8, 20.0)
+    data["profile"] = {"context": 131072, "steps": 5, "device_events": True,
+                       "plain": {"wall_ms_per_step": 8.8, "device_ms_per_step": 8.1, "top": []},
+                       "dysco": {"wall_ms_per_step": 15.6, "device_ms_per_step": 15.0, "top": []},
+                       "dysco_by_pass": [{"name": "MmaSplitAttentionKernel",
+                                          "speculative_calls_per_step": 24,
+                                          "speculative_ms_per_call": 0.1446,
+                                          "real_calls_per_step": 36, "real_ms_per_call": 0.1601,
+                                          "plain_ms_per_call": 0.1445}]}
+    benches, peers, servers = plot_gpu.load([write(tmp_path, "b.json", data)])
+    text = plot_gpu.table(benches, peers, servers)
+    assert ("DySCO step by pass at 131072 (ms a call): MmaSplitAttentionKernel speculative 24 x "
+            "0.1446 ms, real 36 x 0.1601 ms (plain 0.1445 ms)") in text
+
+
 def test_sessions_line_gives_the_steady_decode_ratio_and_the_bandwidth_ceiling(tmp_path):
     # One session's step reads the weights (W) and its KV of both passes (kv); 16 sessions' step
     # reads W once and 16 kv: at most 16 (W + kv) / (W + 16 kv) times one session's tokens/s.
