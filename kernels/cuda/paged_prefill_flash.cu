@@ -149,6 +149,18 @@ void LaunchGather(const at::Tensor& k_out, const at::Tensor& v_out,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The weights of the two halves of a merge (MergeHalvesKernel, MergeHalvesVecKernel) from their
+// log-sum-exps: softmax over the two, so that both kernels weigh a (row, head) with the same bits.
+__device__ __forceinline__ void HalfWeights(float tail_lse, float prefix_lse, float* w_tail,
+                                            float* w_prefix) {
+  const float m = fmaxf(tail_lse, prefix_lse);
+  *w_tail = expf(tail_lse - m);
+  *w_prefix = expf(prefix_lse - m);
+  const float inv = 1.0f / (*w_tail + *w_prefix);
+  *w_tail *= inv;
+  *w_prefix *= inv;
+}
+
 // out row t, head h <- the softmax-weighted merge of two attention results over disjoint key sets:
 // tail (the chunk's own keys, causal) and prefix (the keys before the chunk; null when there are
 // none), each with its log-sum-exp of the scaled scores (natural log, as flash attention's).
@@ -165,14 +177,8 @@ __global__ void MergeHalvesKernel(scalar_t* out, int64_t out_t, int64_t out_h, c
   float w_tail = 1.0f;
   float w_prefix = 0.0f;
   if (prefix != nullptr) {
-    const float lt = tail_lse[h * tail_lse_h + t * tail_lse_t];
-    const float lp = prefix_lse[h * prefix_lse_h + t * prefix_lse_t];
-    const float m = fmaxf(lt, lp);
-    w_tail = expf(lt - m);
-    w_prefix = expf(lp - m);
-    const float inv = 1.0f / (w_tail + w_prefix);
-    w_tail *= inv;
-    w_prefix *= inv;
+    HalfWeights(tail_lse[h * tail_lse_h + t * tail_lse_t],
+                prefix_lse[h * prefix_lse_h + t * prefix_lse_t], &w_tail, &w_prefix);
   }
   for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
     float acc = w_tail * Cv::ToFloat(tail[h * tail_h + t * tail_t + d]);
@@ -207,14 +213,8 @@ __global__ void __launch_bounds__(kMergeThreads)
   float w_tail = 1.0f;
   float w_prefix = 0.0f;
   if (prefix != nullptr) {
-    const float lt = tail_lse[h * tail_lse_h + t * tail_lse_t];
-    const float lp = prefix_lse[h * prefix_lse_h + t * prefix_lse_t];
-    const float m = fmaxf(lt, lp);
-    w_tail = expf(lt - m);
-    w_prefix = expf(lp - m);
-    const float inv = 1.0f / (w_tail + w_prefix);
-    w_tail *= inv;
-    w_prefix *= inv;
+    HalfWeights(tail_lse[h * tail_lse_h + t * tail_lse_t],
+                prefix_lse[h * prefix_lse_h + t * prefix_lse_t], &w_tail, &w_prefix);
   }
   scalar_t a[kVec], b[kVec], y[kVec];
   const uint4 a_raw = *reinterpret_cast<const uint4*>(tail + h * tail_h + t * tail_t + d0);
