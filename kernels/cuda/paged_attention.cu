@@ -21,6 +21,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <functional>
 #include <limits>
 #include <utility>
@@ -40,7 +41,15 @@ using cuda::Convert;
 using cuda::kWarpSize;
 
 // A split never covers fewer keys than this (below it the merge costs more than it saves).
+// DYSCO_CUDA_MIN_KEYS_PER_SPLIT (16 .. 65536, a multiple of 16) overrides it for A/B timing
+// (CudaTiming.DecodeAttentionAtShortContexts: at 8K keys the splits are this short).
 constexpr int64_t kMinKeysPerSplit = 256;
+int64_t MinKeysPerSplit() {
+  const char* v = std::getenv("DYSCO_CUDA_MIN_KEYS_PER_SPLIT");
+  if (v == nullptr) return kMinKeysPerSplit;
+  const long n = std::strtol(v, nullptr, 10);
+  return n >= 16 && n <= 65536 && n % 16 == 0 ? n : kMinKeysPerSplit;
+}
 // The longest block table (in keys) for which the tensor-core kernel that makes its query rows from
 // the qkv GEMV's output starts early (see p.early_keys below).
 constexpr int64_t kEarlyQkvAttentionMaxKeys = 16384;
@@ -350,7 +359,7 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
           ? std::max<int64_t>(
                 1, SplitWaves() * vector_blocks_per_sm * cuda::MultiprocessorCount() / blocks)
           : cuda::CeilDiv(kBlocksPerMultiprocessor * cuda::MultiprocessorCount(), blocks);
-  splits = std::min(splits, cuda::CeilDiv(max_keys, kMinKeysPerSplit));
+  splits = std::min(splits, cuda::CeilDiv(max_keys, MinKeysPerSplit()));
   splits = std::min(splits, kMaxWorkspaceFloats / (tokens * num_heads * (cache.head_dim + 2)));
   splits = std::min<int64_t>(std::max<int64_t>(splits, 1), 65535);
   // Splits start at multiples of 16 keys: the tensor-core kernel's tiles then start at even keys,
@@ -371,10 +380,10 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
                          p.row_chunks == 1 && !cuda::EnvIs("DYSCO_CUDA_QKV_ATTENTION", "0");
   // The tensor-core kernel of a decode call starts while the kernel ahead finishes
   // (AttentionParams::early_keys). When it makes its rows from the qkv GEMV's output, that pays
-  // only for short tables: on the H200 it gained 0.12 ms a token at 8K (tables of 16K keys) and lost
-  // 0.1 ms at 32K and 0.35 ms at 128K (docs/gpu.md, seventeenth increment), so it is kept to tables
-  // of at most kEarlyQkvAttentionMaxKeys. DYSCO_CUDA_ATTENTION_PDL=0 (or DYSCO_CUDA_PDL=0) launches
-  // it plainly always, =1 early always (A/B timing; the same bits either way).
+  // only for short tables: on the H200 it gained 0.12 ms a token at 8K (tables of 16K keys) and
+  // lost 0.1 ms at 32K and 0.35 ms at 128K (docs/gpu.md, seventeenth increment), so it is kept to
+  // tables of at most kEarlyQkvAttentionMaxKeys. DYSCO_CUDA_ATTENTION_PDL=0 (or DYSCO_CUDA_PDL=0)
+  // launches it plainly always, =1 early always (A/B timing; the same bits either way).
   const bool early_forced = cuda::EnvIs("DYSCO_CUDA_ATTENTION_PDL", "1");
   p.early_keys = use_mma && query_start_loc == nullptr &&
                  cuda::EarlyStartLevel() != cuda::EarlyStart::kNone &&

@@ -1852,6 +1852,68 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
 // The weight GEMVs of a Qwen3-8B decode step (bf16; 1 and 2 rows): the GEMV kernel against cuBLAS
 // (DYSCO_CUDA_LINEAR=cublas), each as bytes of the weight over the copy bandwidth measured here.
 // Printed, not asserted (tuning evidence for docs/gpu.md "Linear layers").
+// The decode attention alone at the short contexts, where a plain step is furthest from its floor
+// (docs/gpu.md "What remains of issue 9"): Qwen3-8B's heads (32 query, 8 KV, head_dim 128, bf16),
+// shuffled pages, a CUDA graph of kCalls calls (so the time per call is the kernel and the gap to
+// the next, not the host's launches), against the KV bytes' floor, with the split settings that
+// decide how long each block's chain of tiles is: DYSCO_CUDA_MIN_KEYS_PER_SPLIT and
+// DYSCO_CUDA_SPLIT_WAVES. Tuning evidence, printed, not asserted; each setting's output is checked
+// against the default's within bf16 rounding (a split setting changes the sums' order).
+TEST(CudaTiming, DecodeAttentionAtShortContexts) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(61);
+  constexpr int kCalls = 16;
+  const int64_t page_size = 16;
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  const auto i64 = at::TensorOptions().dtype(at::kLong).device(at::kCUDA);
+  const double bandwidth = CopyBandwidth();
+  const double scale = 1.0 / std::sqrt(128.0);
+  for (const int64_t keys : {int64_t{8192}, int64_t{32768}}) {
+    const int64_t pages = keys / page_size;
+    const at::Tensor kv = at::randn({2, pages, page_size, 8, 128}, bf16);
+    const at::Tensor tables = at::randperm(pages, i64).to(at::kInt).reshape({1, pages});
+    const at::Tensor lens = at::full({1}, keys, i64);
+    const at::Tensor query = at::randn({1, 32, 128}, bf16);
+    at::Tensor out = at::empty({1, 32, 128}, bf16);
+    const double floor_ms = static_cast<double>(kv.numel()) * 2.0 / bandwidth * 1e3;
+    at::Tensor expected;
+    struct Setting {
+      const char* label;
+      const char* min_keys;  // DYSCO_CUDA_MIN_KEYS_PER_SPLIT, nullptr: unset
+      const char* waves;     // DYSCO_CUDA_SPLIT_WAVES, nullptr: unset
+    };
+    // One wave of resident blocks caps the splits first at these contexts (8 KV heads: ~33 splits
+    // of ~256 keys at 8K), so a shorter split needs more waves too.
+    for (const Setting& s :
+         {Setting{"default", nullptr, nullptr}, Setting{"2 waves, min keys 128", "128", "2"},
+          Setting{"2 waves, min keys 64", "64", "2"}, Setting{"4 waves, min keys 64", "64", "4"},
+          Setting{"min keys 512", "512", nullptr}}) {
+      const ScopedEnv min_keys("DYSCO_CUDA_MIN_KEYS_PER_SPLIT", s.min_keys);
+      const ScopedEnv waves("DYSCO_CUDA_SPLIT_WAVES", s.waves);
+      at::cuda::CUDAGraph graph;
+      out.fill_(kNaN);
+      CaptureAfterWarmUp(graph, [&] {
+        for (int i = 0; i < kCalls; ++i) {
+          ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt);
+        }
+      });
+      const double ms = MillisecondsPerCall([&] { graph.replay(); }, 20) / kCalls;
+      c10::cuda::device_synchronize();
+      if (expected.defined()) {
+        EXPECT_TRUE(at::allclose(out.to(at::kFloat), expected, 1e-2, 1e-2))
+            << keys << " keys, " << s.label;
+      } else {
+        expected = out.to(at::kFloat);
+        ASSERT_FALSE(at::isnan(expected).any().item<bool>()) << keys << " keys";
+      }
+      std::printf(
+          "[timing] decode attention at %lldK keys (Hq=32 Hkv=8 D=128 bf16, a graph of %d "
+          "calls), %s: %.4f ms a call (%.2fx floor %.4f ms)\n",
+          static_cast<long long>(keys / 1024), kCalls, s.label, ms, ms / floor_ms, floor_ms);
+    }
+  }
+}
+
 TEST(CudaTiming, LinearLayersOfADecodeStep) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(19);
