@@ -380,7 +380,7 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
                          p.row_chunks == 1 && !cuda::EnvIs("DYSCO_CUDA_QKV_ATTENTION", "0");
   // The tensor-core kernel of a decode call starts while the kernel ahead finishes
   // (AttentionParams::early_keys). When it makes its rows from the qkv GEMV's output, that pays
-  // only for short tables: on the H200 it gained 0.12 ms a token at 8K (tables of 16K keys) and
+  // only for short tables: on the H200 it gained 0.12 ms a token at 8K (tables of 8K keys) and
   // lost 0.1 ms at 32K and 0.35 ms at 128K (docs/gpu.md, seventeenth increment), so it is kept to
   // tables of at most kEarlyQkvAttentionMaxKeys. DYSCO_CUDA_ATTENTION_PDL=0 (or DYSCO_CUDA_PDL=0)
   // launches it plainly always, =1 early always (A/B timing; the same bits either way).
