@@ -1032,13 +1032,15 @@ DecodeRows MakeDecodeRows(const std::vector<int64_t>& lens, int64_t page_size) {
 
 // `step` captured into `graph` on a side stream, after one warm-up run there.
 void CaptureAfterWarmUp(at::cuda::CUDAGraph& graph, const std::function<void()>& step) {
+  // The capture stream does not wait for the default one: what ran there must be done before the
+  // warm-up overwrites the same buffers.
   c10::cuda::device_synchronize();
   const c10::cuda::CUDAStreamGuard guard(c10::cuda::getStreamFromPool());
   step();  // warm-up on the capture stream
   graph.capture_begin();
   step();
   graph.capture_end();
-  c10::cuda::device_synchronize();
+  c10::cuda::device_synchronize();  // the warm-up, before the default stream touches its buffers
 }
 
 // A decode step's new inputs, in place: the q/k/v projection and the rope angles.
@@ -2031,17 +2033,7 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
                       l.gate_up, l.down);
     }
   };
-  auto capture = [&](at::cuda::CUDAGraph& graph) {
-    // The capture stream does not wait for the default one: what ran there must be done before the
-    // warm-up below overwrites the same buffers.
-    c10::cuda::device_synchronize();
-    const c10::cuda::CUDAStreamGuard guard(c10::cuda::getStreamFromPool());
-    chain();  // warm-up on the capture stream
-    graph.capture_begin();
-    chain();
-    graph.capture_end();
-    c10::cuda::device_synchronize();  // the warm-up, before the default stream touches its buffers
-  };
+  auto capture = [&](at::cuda::CUDAGraph& graph) { CaptureAfterWarmUp(graph, chain); };
   // The default (the GEMVs start early, the norms in the GEMVs, the warps a GEMV row pair picked
   // per N) first, then the other settings of DYSCO_CUDA_PDL, DYSCO_CUDA_NORM_LINEAR and
   // DYSCO_CUDA_GEMV_SPLITS (linear.cu). Each graph is compared with the eager chain of its norm and
