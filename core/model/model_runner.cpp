@@ -1306,9 +1306,9 @@ std::pair<at::Tensor, at::Tensor> ModelRunner::Impl::NativeDecodeForward(
       h = total;
     }
     at::Tensor q = at::empty({batch, w.num_heads, w.head_dim}, qkv.options());
-    ops::qk_norm_rope_kv_write(q, kv_layer, qkv, cos, sin, slot_mapping, w.q_norm, w.k_norm, n.eps);
     at::Tensor attn = at::empty_like(q);
-    ops::paged_attention_decode(attn, q, kv_layer, block_tables, seq_lens, w.scale, attn_bias);
+    ops::qk_norm_rope_attention_decode(attn, q, kv_layer, qkv, cos, sin, slot_mapping, w.q_norm,
+                                       w.k_norm, n.eps, block_tables, seq_lens, w.scale, attn_bias);
     at::Tensor total = at::empty_like(h);
     pending = at::empty_like(h);
     ops::o_proj_mlp(pending, total, attn.view({batch, w.num_heads * w.head_dim}), h, w.o_proj,
