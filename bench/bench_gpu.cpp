@@ -969,6 +969,8 @@ int main(int argc, char** argv) {
 
   // Where the time goes at the longest context: per-kernel device time of a few steps.
   StepProfile plain_profile, dysco_profile, prefill_profile;
+  // The DySCO step by pass (SplitByPass): computed once, printed and written to the JSON.
+  std::vector<PassSplit> pass_splits;
   const int64_t profiled_context = results.empty() ? 0 : results.back().context;
   if (profile_steps > 0 && profiled_context > 0) {
     const int64_t L = profiled_context;
@@ -1008,15 +1010,15 @@ int main(int argc, char** argv) {
       }
     }
     if (with_dysco) {
-      const std::vector<PassSplit> splits = SplitByPass(plain_profile, dysco_profile, 12);
-      if (!splits.empty()) {
+      pass_splits = SplitByPass(plain_profile, dysco_profile, 12);
+      if (!pass_splits.empty()) {
         std::printf(
             "\nDySCO step by pass at %lld (a kernel's calls in start order; the first DySCO calls -"
             " plain calls of a step taken as the speculative pass's):\n| name | speculative "
             "calls/step | ms/call | real calls/step | ms/call | plain step ms/call |\n"
             "|---|---|---|---|---|---|\n",
             static_cast<long long>(L));
-        for (const PassSplit& sp : splits) {
+        for (const PassSplit& sp : pass_splits) {
           std::printf("| %s | %lld | %.4f | %lld | %.4f | %.4f |\n", sp.name.substr(0, 100).c_str(),
                       static_cast<long long>(sp.speculative_calls), sp.speculative_ms,
                       static_cast<long long>(sp.real_calls), sp.real_ms, sp.plain_ms);
@@ -1121,9 +1123,8 @@ int main(int argc, char** argv) {
         out << ",\n    \"dysco\": ";
         profile_json(dysco_profile);
         out << ",\n    \"dysco_by_pass\": [";
-        const std::vector<PassSplit> splits = SplitByPass(plain_profile, dysco_profile, 12);
-        for (size_t i = 0; i < splits.size(); ++i) {
-          const PassSplit& sp = splits[i];
+        for (size_t i = 0; i < pass_splits.size(); ++i) {
+          const PassSplit& sp = pass_splits[i];
           out << (i ? ", " : "") << "{\"name\": " << JsonString(sp.name.substr(0, 200))
               << ", \"speculative_calls_per_step\": " << sp.speculative_calls
               << ", \"speculative_ms_per_call\": " << Json(sp.speculative_ms)

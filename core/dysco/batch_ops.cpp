@@ -217,7 +217,6 @@ Status DyscoBatchOps::StartUpdateRelevanceAndSelect(const std::vector<const Dysc
                                     : staging_.Run());
   }
   started_keys_ = num_keys;
-  started_width_ = width;
   started_ = true;
   return OkStatus();
 }
@@ -228,7 +227,7 @@ Status DyscoBatchOps::FinishUpdateRelevanceAndSelect(std::vector<std::vector<flo
   started_ = false;
   StageSeconds& seconds = stage_seconds_;
   const std::vector<int64_t>& num_keys = started_keys_;
-  const int64_t width = started_width_;
+  const int64_t width = MaxOf(num_keys);  // Start's staging width
   {
     ScopedTimer timer(&seconds.results_out);
     DYSCO_RETURN_IF_ERROR(staging_.Wait());

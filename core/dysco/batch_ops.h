@@ -121,9 +121,9 @@ class DyscoBatchOps {
   std::vector<float> relevance_, probs_, bias_, decay_, strength_;
   std::vector<uint8_t> selected_, template_;
   StageSeconds stage_seconds_;
-  // The rows' keys of the started update and selection, for Finish.
+  // The rows' keys of the started update and selection, for Finish (the staging width is their
+  // maximum, as Start computed it).
   std::vector<int64_t> started_keys_;
-  int64_t started_width_ = 0;
   bool started_ = false;
 };
 

@@ -245,7 +245,7 @@ bool MergeVectorised(const at::Tensor& rows, const at::Tensor& tail, const at::T
     return false;
   }
   auto aligned = [](const at::Tensor& x, int64_t s1, int64_t s2) {
-    return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && s1 % 8 == 0 && s2 % 8 == 0;
+    return cuda::Aligned16(x.data_ptr()) && s1 % 8 == 0 && s2 % 8 == 0;
   };
   return rows.stride(2) == 1 && tail.stride(3) == 1 &&
          aligned(rows, rows.stride(0), rows.stride(1)) &&
