@@ -120,7 +120,9 @@ void qk_norm_rope_attention_decode(const at::Tensor& out, const at::Tensor& quer
                                    const c10::optional<at::Tensor>& q_norm_weight,
                                    const c10::optional<at::Tensor>& k_norm_weight, double eps,
                                    const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                                   double scale, const c10::optional<at::Tensor>& key_bias);
+                                   double scale, const c10::optional<at::Tensor>& key_bias,
+                                   const c10::optional<at::Tensor>& probs = c10::nullopt,
+                                   const c10::optional<at::Tensor>& probe_heads = c10::nullopt);
 
 // ---- DySCO (docs/dysco.md "Ops"): relevance, selection, bias, template positions. fp32; each op
 // writes fixed-shape outputs. Row b of every [B, S] tensor belongs to sequence b with

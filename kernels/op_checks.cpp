@@ -324,7 +324,8 @@ PagedCacheShape CheckQkNormRopeAttentionDecodeArgs(
     const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
     const at::Tensor& slot_mapping, const c10::optional<at::Tensor>& q_norm_weight,
     const c10::optional<at::Tensor>& k_norm_weight, double eps, const at::Tensor& block_tables,
-    const at::Tensor& seq_lens, const c10::optional<at::Tensor>& key_bias) {
+    const at::Tensor& seq_lens, const c10::optional<at::Tensor>& key_bias,
+    const c10::optional<at::Tensor>& probs, const c10::optional<at::Tensor>& probe_heads) {
   constexpr const char* kOp = kQkNormRopeAttentionDecodeOp;
   const PagedCacheShape cache = CheckQkNormRopeKvWriteArgs(
       query, kv_cache_layer, qkv, cos, sin, slot_mapping, q_norm_weight, k_norm_weight, eps);
@@ -332,6 +333,17 @@ PagedCacheShape CheckQkNormRopeAttentionDecodeArgs(
   CheckNoOverlap(kOp, "out", out, "qkv", qkv);
   CheckNoOverlap(kOp, "out", out, "cos", cos);
   CheckNoOverlap(kOp, "out", out, "sin", sin);
+  const bool has_probs = probs.has_value() && probs->defined();
+  const bool has_heads = probe_heads.has_value() && probe_heads->defined();
+  TORCH_CHECK(has_probs == has_heads, kOp, ": probs and probe_heads come together, got ",
+              has_probs ? "probs without probe_heads" : "probe_heads without probs");
+  if (has_probs) {
+    CheckAttentionProbsArgs(*probs, query, kv_cache_layer, block_tables, seq_lens, *probe_heads,
+                            key_bias);
+    CheckNoOverlap(kOp, "probs", *probs, "out", out);
+    CheckNoOverlap(kOp, "probs", *probs, "query", query);
+    CheckNoOverlap(kOp, "probs", *probs, "qkv", qkv);
+  }
   return cache;
 }
 

@@ -70,7 +70,7 @@ TORCH_LIBRARY(dysco, m) {
       "qk_norm_rope_attention_decode(Tensor(a!) out, Tensor(b!) query, Tensor(c!) kv_cache_layer, "
       "Tensor qkv, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor? q_norm_weight, "
       "Tensor? k_norm_weight, float eps, Tensor block_tables, Tensor seq_lens, float scale, "
-      "Tensor? key_bias) -> ()");
+      "Tensor? key_bias, Tensor(d!)? probs=None, Tensor? probe_heads=None) -> ()");
   // DySCO (docs/dysco.md "Ops").
   m.def(
       "dysco_relevance_update(Tensor(a!) relevance, Tensor probs, Tensor num_keys, Tensor decay) "

@@ -96,14 +96,13 @@ void qk_norm_rope_kv_write_cuda(const at::Tensor& query, const at::Tensor& kv_ca
 // kernel applies with one row chunk a KV head (16-bit caches, head_dim 64 / 128, group <= 16): it
 // then makes the query rows and writes the newest keys itself (AttentionParams::qkv), with the
 // write kernel's device code, so the same bits and one kernel fewer.
-void qk_norm_rope_attention_decode_cuda(const at::Tensor& out, const at::Tensor& query,
-                                        const at::Tensor& kv_cache_layer, const at::Tensor& qkv,
-                                        const at::Tensor& cos, const at::Tensor& sin,
-                                        const at::Tensor& slot_mapping,
-                                        const c10::optional<at::Tensor>& q_norm_weight,
-                                        const c10::optional<at::Tensor>& k_norm_weight, double eps,
-                                        const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                                        double scale, const c10::optional<at::Tensor>& key_bias);
+void qk_norm_rope_attention_decode_cuda(
+    const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache_layer,
+    const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+    const at::Tensor& slot_mapping, const c10::optional<at::Tensor>& q_norm_weight,
+    const c10::optional<at::Tensor>& k_norm_weight, double eps, const at::Tensor& block_tables,
+    const at::Tensor& seq_lens, double scale, const c10::optional<at::Tensor>& key_bias,
+    const c10::optional<at::Tensor>& probs, const c10::optional<at::Tensor>& probe_heads);
 
 void dysco_relevance_update_cuda(const at::Tensor& relevance, const at::Tensor& probs,
                                  const at::Tensor& num_keys, const at::Tensor& decay);

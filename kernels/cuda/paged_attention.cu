@@ -294,14 +294,28 @@ struct QkvStage {
   std::function<void()> write_separately;
 };
 
+// qk_norm_rope_attention_decode's probes: the selected heads' probabilities, asked of the split
+// attention (AttentionParams::probe_logits). SplitAttention says whether its kernel stored the
+// logits and the rows' stats (then the caller normalises them: ProbsFromLogitsKernel) or not (then
+// the caller runs attention_probs), and keeps their buffers alive until then.
+struct ProbeStage {
+  const at::Tensor* probs = nullptr;  // [B, Hp, S']
+  const at::Tensor* heads = nullptr;  // [Hp]
+  bool in_kernel = false;
+  at::Tensor logits;  // [B, Hp, S'] float
+  at::Tensor stats;   // [B, Hp, 2] float: max, sum
+};
+
 // Decode (query_start_loc undefined: token b is sequence b's one new token) or prefill. With
-// `stage` (decode only), the query and the newest keys are first made from its qkv.
+// `stage` (decode only), the query and the newest keys are first made from its qkv; with `probes`
+// (decode only), the probed heads' logits and stats where the tensor-core kernel applies.
 template <typename T>
 void SplitAttention(const at::Tensor& out, const at::Tensor& query,
                     const at::Tensor& kv_cache_layer, const PagedCacheShape& cache,
                     const at::Tensor& block_tables, const at::Tensor& seq_lens,
                     const at::Tensor* query_start_loc, double scale,
-                    const c10::optional<at::Tensor>& key_bias, const QkvStage* stage = nullptr) {
+                    const c10::optional<at::Tensor>& key_bias, const QkvStage* stage = nullptr,
+                    ProbeStage* probes = nullptr) {
   const int64_t tokens = query.size(0);
   const int64_t num_heads = query.size(1);
   const int64_t group = num_heads / cache.num_kv_heads;
@@ -390,6 +404,27 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
                  !cuda::EnvIs("DYSCO_CUDA_ATTENTION_PDL", "0") &&
                  (!in_kernel || early_forced || max_keys <= kEarlyQkvAttentionMaxKeys);
   p.early_tile = p.early_keys && !cuda::EnvIs("DYSCO_CUDA_ATTENTION_EARLY_TILE", "0");
+  if (probes != nullptr) {
+    // In the same pass where the tensor-core kernel merges its own splits (its merge has each row's
+    // final max and sum) and every key the probabilities cover is one the kernel scores: probs and
+    // the bias at least as wide as the table (the model's are exactly that wide).
+    // DYSCO_CUDA_PROBS_IN_ATTENTION=0 leaves them to attention_probs (A/B timing and tests).
+    const int64_t out_len = probes->probs->size(2);
+    probes->in_kernel = use_mma && query_start_loc == nullptr && p.merge_counters != nullptr &&
+                        out_len >= max_keys && (!has_bias || key_bias->size(1) >= max_keys) &&
+                        !cuda::EnvIs("DYSCO_CUDA_PROBS_IN_ATTENTION", "0");
+    if (probes->in_kernel) {
+      const int64_t num_probe = probes->heads->size(0);
+      const auto f32 = query.options().dtype(at::kFloat);
+      probes->logits = at::empty({tokens, num_probe, out_len}, f32);
+      probes->stats = at::empty({tokens, num_probe, 2}, f32);
+      p.probe_logits = probes->logits.data_ptr<float>();
+      p.probe_stats = reinterpret_cast<float2*>(probes->stats.data_ptr<float>());
+      p.probe_heads = probes->heads->data_ptr<int64_t>();
+      p.num_probe = static_cast<int>(num_probe);
+      p.probe_len = out_len;
+    }
+  }
   if (stage != nullptr) {
     if (in_kernel) {
       const bool norms = stage->q_norm_weight->has_value() && (*stage->q_norm_weight)->defined();
@@ -575,6 +610,37 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
   }
 }
 
+// The probabilities of qk_norm_rope_attention_decode's probes from the logits and row stats the
+// tensor-core kernel stored (AttentionParams::probe_logits): row (b, slot) <- exp(logit - max) /
+// sum over the keys below the row's length, zeros past it, as ProbsNormaliseKernel writes them. A
+// head probed twice reads the logits of its first slot (the one the kernel stored).
+// Grid: x = chunk, y = probe slot, z = sequence. Block: kSoftmaxThreads.
+__global__ void __launch_bounds__(kSoftmaxThreads)
+    ProbsFromLogitsKernel(float* probs, const float* logits, const float2* stats,
+                          const int64_t* heads, int num_probe, int num_heads, int64_t out_len,
+                          const int64_t* seq_lens, int64_t max_keys) {
+  const int64_t b = blockIdx.z;
+  const int slot = static_cast<int>(blockIdx.y);
+  const int64_t head = Clamp(heads[slot], 0, num_heads - 1);
+  int first = slot;
+  for (int i = 0; i < slot; ++i) {
+    if (Clamp(heads[i], 0, num_heads - 1) == head) {
+      first = i;
+      break;
+    }
+  }
+  const int64_t len = ProbsRowLen(seq_lens, b, max_keys, out_len, nullptr, 0);
+  const float2 st = stats[b * num_probe + first];
+  const float inv = st.y > 0.0f ? 1.0f / st.y : 0.0f;
+  const float* in = logits + (b * num_probe + first) * out_len;
+  float* row = probs + (b * num_probe + slot) * out_len;
+  const int64_t begin = blockIdx.x * kSoftmaxChunk;
+  const int64_t end = min(out_len, begin + kSoftmaxChunk);
+  for (int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
+    row[j] = j < len && st.x != -INFINITY ? expf(in[j] - st.x) * inv : 0.0f;
+  }
+}
+
 template <typename T>
 void Probs(const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache_layer,
            const PagedCacheShape& cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
@@ -681,29 +747,56 @@ void paged_attention_decode_cuda(const at::Tensor& out, const at::Tensor& query,
   });
 }
 
-void qk_norm_rope_attention_decode_cuda(const at::Tensor& out, const at::Tensor& query,
-                                        const at::Tensor& kv_cache_layer, const at::Tensor& qkv,
-                                        const at::Tensor& cos, const at::Tensor& sin,
-                                        const at::Tensor& slot_mapping,
-                                        const c10::optional<at::Tensor>& q_norm_weight,
-                                        const c10::optional<at::Tensor>& k_norm_weight, double eps,
-                                        const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                                        double scale, const c10::optional<at::Tensor>& key_bias) {
+void qk_norm_rope_attention_decode_cuda(
+    const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache_layer,
+    const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+    const at::Tensor& slot_mapping, const c10::optional<at::Tensor>& q_norm_weight,
+    const c10::optional<at::Tensor>& k_norm_weight, double eps, const at::Tensor& block_tables,
+    const at::Tensor& seq_lens, double scale, const c10::optional<at::Tensor>& key_bias,
+    const c10::optional<at::Tensor>& probs, const c10::optional<at::Tensor>& probe_heads) {
   const PagedCacheShape cache = CheckQkNormRopeAttentionDecodeArgs(
       out, query, kv_cache_layer, qkv, cos, sin, slot_mapping, q_norm_weight, k_norm_weight, eps,
-      block_tables, seq_lens, key_bias);
+      block_tables, seq_lens, key_bias, probs, probe_heads);
   CheckCudaAttention(kQkNormRopeAttentionDecodeOp, out, cache, query.size(0));
-  if (out.numel() == 0) return;
+  const bool has_probs = probs.has_value() && probs->defined();
+  if (out.numel() == 0) {
+    if (has_probs && probs->numel() > 0) probs->zero_();  // no query: every row has no key
+    return;
+  }
   const c10::cuda::CUDAGuard guard(out.device());
   const QkvStage stage{&qkv, &cos, &sin, &slot_mapping, &q_norm_weight, &k_norm_weight, eps, [&] {
                          qk_norm_rope_kv_write_cuda(query, kv_cache_layer, qkv, cos, sin,
                                                     slot_mapping, q_norm_weight, k_norm_weight,
                                                     eps);
                        }};
+  ProbeStage probe_stage;
+  probe_stage.probs = has_probs ? &*probs : nullptr;
+  probe_stage.heads = has_probs ? &*probe_heads : nullptr;
   DYSCO_CUDA_DISPATCH_CACHE_TYPES(query.scalar_type(), kQkNormRopeAttentionDecodeOp, [&] {
     SplitAttention<scalar_t>(out, query, kv_cache_layer, cache, block_tables, seq_lens, nullptr,
-                             scale, key_bias, &stage);
+                             scale, key_bias, &stage, has_probs ? &probe_stage : nullptr);
   });
+  if (!has_probs) return;
+  if (!probe_stage.in_kernel) {
+    // attention_probs after the attention (it reads the query the op wrote).
+    attention_probs_cuda(*probs, query, kv_cache_layer, block_tables, seq_lens, *probe_heads, scale,
+                         key_bias);
+    return;
+  }
+  const int64_t batch = query.size(0);
+  const int64_t num_probe = probe_heads->size(0);
+  const int64_t out_len = probs->size(2);
+  if (probs->numel() == 0) return;
+  const dim3 grid(
+      static_cast<unsigned>(std::max<int64_t>(1, cuda::CeilDiv(out_len, kSoftmaxChunk))),
+      static_cast<unsigned>(num_probe), static_cast<unsigned>(batch));
+  ProbsFromLogitsKernel<<<grid, kSoftmaxThreads, 0, cuda::CurrentStream()>>>(
+      probs->data_ptr<float>(), probe_stage.logits.data_ptr<float>(),
+      reinterpret_cast<const float2*>(probe_stage.stats.data_ptr<float>()),
+      probe_heads->data_ptr<int64_t>(), static_cast<int>(num_probe),
+      static_cast<int>(query.size(1)), out_len, seq_lens.data_ptr<int64_t>(),
+      block_tables.size(1) * cache.page_size);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void paged_attention_prefill_cuda(const at::Tensor& out, const at::Tensor& query,

@@ -76,6 +76,17 @@ struct AttentionParams {
   T* query_out;          // [tokens, Hq, D]: the query rows made from qkv
   int64_t num_slots;
   float eps;
+  // The tensor-core kernel, decode calls with probes (qk_norm_rope_attention_decode's probs; null
+  // otherwise): the selected heads' attention probabilities in the same pass. Each block stores the
+  // logits (scaled scores + bias, as its softmax takes them) of its probed rows' keys into
+  // probe_logits at the row's first slot in probe_heads, and the merge stores each probed row's
+  // final max and sum into probe_stats; a normalise kernel then writes the probabilities
+  // (docs/gpu.md "The selected heads' probabilities in the same pass").
+  float* probe_logits;         // [B, num_probe, probe_len]
+  float2* probe_stats;         // [B, num_probe]
+  const int64_t* probe_heads;  // [num_probe], clamped to [0, Hq) as attention_probs clamps them
+  int num_probe;
+  int64_t probe_len;
 };
 
 // The sequence of a query token and the number of keys it sees (0: none; its output is zeros).
@@ -164,9 +175,11 @@ __device__ void WriteSplitPartials(const AttentionParams<T>& p, int64_t token, i
 // warp per row: the merge is latency-bound (the partials sit in L2), so each lane keeps many
 // independent 8-byte loads in flight, and the last split block merges its chunk's rows with its
 // warps in parallel.
+// stats (optional): the row's final max and sum of exp(score - max), stored by lane 0.
 template <typename T>
 __device__ void WarpMergeSplits(T* out, const float* partial, int64_t row, int num_splits,
-                                int head_dim, float* s_weight, int capacity) {
+                                int head_dim, float* s_weight, int capacity,
+                                float2* stats = nullptr) {
   constexpr int kUnroll = 8;
   const int lane = threadIdx.x % cuda::kWarpSize;
   const int64_t stride = head_dim + 2;
@@ -187,6 +200,7 @@ __device__ void WarpMergeSplits(T* out, const float* partial, int64_t row, int n
     sum += __ldcg(part + s * stride + 1) * w;
   }
   sum = cuda::WarpSum(sum);
+  if (stats != nullptr && lane == 0) *stats = make_float2(max, sum);
   __syncwarp();  // s_weight written by the other lanes
   const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
   if (head_dim % 2 != 0) {  // the scalar kernel's odd head_dims: a lane per dim, 4-byte loads

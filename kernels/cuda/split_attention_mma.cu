@@ -120,7 +120,10 @@ constexpr int kAccStride = kHeadDim + 1;
 
 // Grid: x = query token, y = split, z = KV head * row_chunks + chunk (16 query heads a chunk).
 // Block: kAttentionThreads (4 warps, each its own tiles of keys; combined at the end).
-template <typename T, int kHeadDim, int kPipeline>
+// kProbes: the instance for calls with p.probe_logits (its own instance, so that the probe code's
+// registers, 236 against 222 at head_dim 128 and 168 against 128 at 64, stay out of every other
+// call's kernel).
+template <typename T, int kHeadDim, int kPipeline, bool kProbes = false>
 __global__ void __launch_bounds__(kAttentionThreads)
     MmaSplitAttentionKernel(const AttentionParams<T> p) {
   // The o_proj GEMV after it may start: its blocks take the multiprocessors this grid's blocks
@@ -239,6 +242,33 @@ __global__ void __launch_bounds__(kAttentionThreads)
     return page * page_stride + (key - page_index * page_size) * token_stride + head_offset;
   };
 
+  // With probes: each row's slot in probe_heads (its first; -1: not probed), read before the wait
+  // (the host writes probe_heads, not the kernel ahead). probe_row[h]: rows g and g + 8's logit
+  // rows.
+  __shared__ int s_probe_slot[kMmaRows];
+  float* probe_row[2] = {nullptr, nullptr};
+  if constexpr (kProbes) {
+    if (threadIdx.x < kMmaRows) {
+      int slot = -1;
+      if (static_cast<int>(threadIdx.x) < rows) {
+        for (int i = 0; i < p.num_probe; ++i) {
+          if (cuda::Clamp(p.probe_heads[i], int64_t{0}, int64_t{p.num_heads - 1}) ==
+              head0 + static_cast<int>(threadIdx.x)) {
+            slot = i;
+            break;
+          }
+        }
+      }
+      s_probe_slot[threadIdx.x] = slot;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int slot = s_probe_slot[g + 8 * half];
+      if (slot >= 0) probe_row[half] = p.probe_logits + (b * p.num_probe + slot) * p.probe_len;
+    }
+  }
+
   float m[2] = {-INFINITY, -INFINITY};  // running max of rows g and g + 8 (uniform over a quad)
   float l[2] = {0.0f, 0.0f};            // this lane's part of their running sums
   float o[kDimsPerLane][4];             // O in the C layout of PV's n-blocks
@@ -332,6 +362,11 @@ __global__ void __launch_bounds__(kAttentionThreads)
         const int key = pair + (c % 2);
         s[nbk][c] = key < key_end ? s[nbk][c] * p.scale + ((c % 2) == 0 ? key_bias.x : key_bias.y)
                                   : -INFINITY;
+        // A probed row's logit, as its softmax below takes it (each key is in one split only).
+        if constexpr (kProbes) {
+          float* const probe = probe_row[c / 2];
+          if (probe != nullptr && key < key_end && key < p.probe_len) probe[key] = s[nbk][c];
+        }
       }
     }
 
@@ -472,8 +507,13 @@ __global__ void __launch_bounds__(kAttentionThreads)
   // s_acc is free (WriteSplitPartials read it before the barrier above): each warp's weights.
   constexpr int kWeights = kMmaRows * kStride;  // s_acc's floats per warp
   for (int r = warp; r < rows; r += kAttentionWarps) {
+    // A probed row's final max and sum, for the probabilities of its logits.
+    float2* stats = nullptr;
+    if constexpr (kProbes) {
+      if (s_probe_slot[r] >= 0) stats = p.probe_stats + b * p.num_probe + s_probe_slot[r];
+    }
     WarpMergeSplits(p.out, p.partial, token * p.num_heads + head0 + r, p.num_splits, kHeadDim,
-                    s_acc + warp * kWeights, kWeights);
+                    s_acc + warp * kWeights, kWeights, stats);
   }
   if (threadIdx.x == 0) *counter = 0;
 }
@@ -528,10 +568,15 @@ void LaunchMmaSplitAttention(const AttentionParams<T>& p, int64_t tokens, int kv
     const bool prefetch = MmaPipeline() == kRegisterPrefetch;
     TORCH_CHECK(p.head_dim == 64 || p.head_dim == 128,
                 "tensor-core split attention called for head_dim ", p.head_dim);
-    auto* kernel = p.head_dim == 64 ? (prefetch ? MmaSplitAttentionKernel<T, 64, kRegisterPrefetch>
-                                                : MmaSplitAttentionKernel<T, 64, kNoPrefetch>)
-                                    : (prefetch ? MmaSplitAttentionKernel<T, 128, kRegisterPrefetch>
-                                                : MmaSplitAttentionKernel<T, 128, kNoPrefetch>);
+    // With probes, the pipeline without register prefetch (its own instance: kProbes).
+    auto* kernel = p.probe_logits != nullptr
+                       ? (p.head_dim == 64 ? MmaSplitAttentionKernel<T, 64, kNoPrefetch, true>
+                                           : MmaSplitAttentionKernel<T, 128, kNoPrefetch, true>)
+                   : p.head_dim == 64
+                       ? (prefetch ? MmaSplitAttentionKernel<T, 64, kRegisterPrefetch>
+                                   : MmaSplitAttentionKernel<T, 64, kNoPrefetch>)
+                       : (prefetch ? MmaSplitAttentionKernel<T, 128, kRegisterPrefetch>
+                                   : MmaSplitAttentionKernel<T, 128, kNoPrefetch>);
     cuda::LaunchOnStream(p.early_keys, kernel, grid, dim3(kAttentionThreads), stream, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -1068,6 +1068,22 @@ TEST(QkNormRopeAttentionDecode, EqualsTheTwoOps) {
           EXPECT_TRUE(at::equal(out, out_two));
           EXPECT_TRUE(at::equal(query, query_two));
           EXPECT_TRUE(at::equal(kv_fused, kv_two));
+          // With probes (a head twice, the last head, head 0): the same, and probs equal to
+          // attention_probs after the two ops, every element written (NaN first; S' 48 past every
+          // row's length).
+          const at::Tensor heads = at::tensor(std::vector<int64_t>{1, h - 1, 1, 0}, at::kLong);
+          at::Tensor probs_two = at::full({b, 4, 48}, kNaN);
+          ops::attention_probs(probs_two, query_two, kv_two, tables, seq_lens, heads, scale, bias);
+          at::Tensor kv_probes = kv0.clone(), probs = at::full({b, 4, 48}, kNaN);
+          out.fill_(kNaN);
+          query.fill_(kNaN);
+          ops::qk_norm_rope_attention_decode(out, query, kv_probes, qkv, cos, sin, slots, q_w, k_w,
+                                             1e-6, tables, seq_lens, scale, bias, probs, heads);
+          EXPECT_TRUE(at::equal(out, out_two));
+          EXPECT_TRUE(at::equal(query, query_two));
+          EXPECT_TRUE(at::equal(kv_probes, kv_two));
+          EXPECT_FALSE(at::isnan(probs).any().item<bool>());
+          EXPECT_TRUE(at::equal(probs, probs_two));
         }
       }
     }
@@ -1115,6 +1131,35 @@ TEST(QkNormRopeAttentionDecode, RejectsBadInputs) {
                                            Bias(at::zeros({2, 4})));
       },
       "dysco::paged_attention_decode: key_bias");
+  // probs and probe_heads: both or neither, checked as attention_probs checks them, before
+  // anything is written.
+  const at::Tensor heads = at::tensor(std::vector<int64_t>{0, 3}, at::kLong);
+  EXPECT_NO_THROW(ops::qk_norm_rope_attention_decode(
+      out, q, run.kv, run.qkv, run.cos, run.sin, slots, run.q_w, run.k_w, 1e-6, tables, seq_lens,
+      0.3, none, at::empty({3, 2, 32}), heads));
+  ExpectRejected(
+      [&] {
+        ops::qk_norm_rope_attention_decode(out, q, run.kv, run.qkv, run.cos, run.sin, slots,
+                                           run.q_w, run.k_w, 1e-6, tables, seq_lens, 0.3, none,
+                                           at::empty({3, 2, 32}), c10::nullopt);
+      },
+      "probs and probe_heads come together");
+  const at::Tensor kv_before = run.kv.clone();
+  ExpectRejected(
+      [&] {
+        ops::qk_norm_rope_attention_decode(out, q, run.kv, run.qkv, run.cos, run.sin, slots,
+                                           run.q_w, run.k_w, 1e-6, tables, seq_lens, 0.3, none,
+                                           at::empty({3, 3, 32}), heads);
+      },
+      "dysco::attention_probs: out must be [B = 3, H = 2");
+  EXPECT_TRUE(at::equal(run.kv, kv_before));  // nothing written
+  ExpectRejected(
+      [&] {
+        ops::qk_norm_rope_attention_decode(out, q, run.kv, run.qkv, run.cos, run.sin, slots,
+                                           run.q_w, run.k_w, 1e-6, tables, seq_lens, 0.3, none,
+                                           at::empty({3, 2, 32}, at::kDouble), heads);
+      },
+      "dysco::attention_probs: out");
 }
 
 TEST(QkNormRopeKvWrite, RejectsBadInputs) {

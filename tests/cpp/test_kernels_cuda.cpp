@@ -1199,6 +1199,114 @@ TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
   }
 }
 
+// qk_norm_rope_attention_decode with probes (the selected heads' probabilities in the same pass,
+// docs/gpu.md): out, query and cache bit for bit the op's without probes; probs, every element
+// written (NaN first), equal to attention_probs after the op within fp32 rounding where the
+// tensor-core kernel computes them (it sums q.k in another order) and bit for bit where it does not
+// (fp32; DYSCO_CUDA_PROBS_IN_ATTENTION=0; probs narrower than the table); a CUDA graph's replay
+// equal to the eager call bit for bit. Heads: one probed twice, the first and last of a KV head;
+// rows of 1 to 4097 keys, biased and not.
+TEST(CudaQkNormRopeAttentionDecode, ProbesInTheSamePass) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(47);
+  struct Shape {
+    int64_t h, hkv, d;
+    at::ScalarType dtype;
+    bool norms;
+  };
+  const int64_t page_size = 16;
+  const DecodeRows decode_rows =
+      MakeDecodeRows({1, 2, 15, 16, 17, 255, 1000, 4095, 4097}, page_size);
+  const int64_t rows = decode_rows.rows, max_pages = decode_rows.max_pages;
+  const at::Tensor &tables = decode_rows.tables, &slots = decode_rows.slots;
+  const at::Tensor& seq_lens = decode_rows.seq_lens;
+  const int64_t width = max_pages * page_size;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA);
+  const at::Tensor bias = at::randn({rows, width}, f32);
+  for (const Shape& shape :
+       {Shape{32, 8, 128, at::kBFloat16, true}, Shape{32, 8, 128, at::kHalf, false},
+        Shape{16, 2, 64, at::kBFloat16, true}, Shape{32, 8, 128, at::kFloat, true}}) {
+    const auto opt = at::TensorOptions().dtype(shape.dtype).device(at::kCUDA);
+    const int64_t h = shape.h, hkv = shape.hkv, d = shape.d;
+    const at::Tensor q_w = at::rand({d}, opt) + 0.5, k_w = at::rand({d}, opt) + 0.5;
+    const Bias q_norm = shape.norms ? Bias(q_w) : Bias(), k_norm = shape.norms ? Bias(k_w) : Bias();
+    const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+    const at::Tensor heads =
+        at::tensor(std::vector<int64_t>{1, h - 1, 1, 0, h / 2}, at::kLong).to(at::kCUDA);
+    const int64_t hp = heads.size(0);
+    for (const bool biased : {false, true}) {
+      const std::string what = std::string(c10::toString(shape.dtype)) + " H=" + std::to_string(h) +
+                               " D=" + std::to_string(d) + (biased ? " biased" : "");
+      const Bias key_bias = biased ? Bias(bias) : Bias();
+      const at::Tensor kv0 = at::randn({2, rows * max_pages, page_size, hkv, d}, opt);
+      at::Tensor qkv = at::empty({rows, (h + 2 * hkv) * d}, opt);
+      at::Tensor angle = at::empty({rows, d}, opt), cos = at::empty_like(angle);
+      at::Tensor sin = at::empty_like(angle);
+      NewDecodeInputs(qkv, angle, cos, sin);
+      // The reference: the op without probes, then attention_probs.
+      at::Tensor kv_ref = kv0.clone();
+      at::Tensor query_ref = at::empty({rows, h, d}, opt), out_ref = at::empty({rows, h, d}, opt);
+      at::Tensor probs_ref = at::full({rows, hp, width}, kNaN, f32);
+      ops::qk_norm_rope_attention_decode(out_ref, query_ref, kv_ref, qkv, cos, sin, slots, q_norm,
+                                         k_norm, 1e-6, tables, seq_lens, scale, key_bias);
+      ops::attention_probs(probs_ref, query_ref, kv_ref, tables, seq_lens, heads, scale, key_bias);
+      ASSERT_FALSE(at::isnan(probs_ref).any().item<bool>()) << what;
+      at::Tensor query = at::empty_like(query_ref), out = at::empty_like(out_ref);
+      at::Tensor probs = at::empty_like(probs_ref);
+      auto call = [&](at::Tensor& kv, at::Tensor& p, const at::Tensor& h_probed) {
+        ops::qk_norm_rope_attention_decode(out, query, kv, qkv, cos, sin, slots, q_norm, k_norm,
+                                           1e-6, tables, seq_lens, scale, key_bias, p, h_probed);
+      };
+      const bool tensor_cores = shape.dtype != at::kFloat;
+      at::Tensor eager_probs;
+      for (const char* mode : {"same pass", "knob off", "narrow probs"}) {
+        const std::string m = mode;
+        const ScopedEnv off("DYSCO_CUDA_PROBS_IN_ATTENTION", m == "knob off" ? "0" : nullptr);
+        at::Tensor kv = kv0.clone();
+        out.fill_(kNaN);
+        query.fill_(kNaN);
+        // Narrower than the table: attention_probs' own pass (rows past S' are not the op's).
+        at::Tensor p =
+            m == "narrow probs" ? at::full({rows, hp, width - 16}, kNaN, f32) : probs.fill_(kNaN);
+        call(kv, p, heads);
+        c10::cuda::device_synchronize();
+        EXPECT_TRUE(at::equal(out, out_ref)) << mode << ": out, " << what;
+        EXPECT_TRUE(at::equal(query, query_ref)) << mode << ": query, " << what;
+        EXPECT_TRUE(at::equal(kv, kv_ref)) << mode << ": cache, " << what;
+        EXPECT_FALSE(at::isnan(p).any().item<bool>()) << mode << ": probs, " << what;
+        if (m == "narrow probs") {
+          at::Tensor narrow_ref = at::full({rows, hp, width - 16}, kNaN, f32);
+          ops::attention_probs(narrow_ref, query_ref, kv_ref, tables, seq_lens, heads, scale,
+                               key_bias);
+          EXPECT_TRUE(at::equal(p, narrow_ref)) << mode << ": probs, " << what;
+        } else if (m == "same pass" && tensor_cores) {
+          EXPECT_TRUE(at::allclose(p, probs_ref, /*rtol=*/1e-3, /*atol=*/1e-7))
+              << mode << ": probs, " << what << ", max abs error "
+              << (p - probs_ref).abs().max().item<float>();
+          // Each row still sums to one over its keys (zeros past them).
+          EXPECT_TRUE(at::allclose(p.sum(2), probs_ref.sum(2), 1e-4, 1e-5)) << what;
+          eager_probs = p.clone();
+        } else {
+          EXPECT_TRUE(at::equal(p, probs_ref)) << mode << ": probs, " << what;
+          if (m == "same pass") eager_probs = p.clone();
+        }
+      }
+      // A graph of the call replays the eager call's bits.
+      at::Tensor kv_graph = kv0.clone();
+      at::cuda::CUDAGraph graph;
+      CaptureAfterWarmUp(graph, [&] { call(kv_graph, probs, heads); });
+      kv_graph.copy_(kv0);
+      probs.fill_(kNaN);
+      out.fill_(kNaN);
+      graph.replay();
+      c10::cuda::device_synchronize();
+      EXPECT_TRUE(at::equal(probs, eager_probs)) << "graph: probs, " << what;
+      EXPECT_TRUE(at::equal(out, out_ref)) << "graph: out, " << what;
+      EXPECT_TRUE(at::equal(kv_graph, kv_ref)) << "graph: cache, " << what;
+    }
+  }
+}
+
 // ---- add_rms_norm and silu_mul
 
 // A contiguous [rows, cols] tensor of `source`'s values whose data starts one element past a

@@ -131,17 +131,31 @@ class DecoderLayer(nn.Module):
         q_norm: Optional[Tensor] = self.q_norm if self.qk_norm else None
         k_norm: Optional[Tensor] = self.k_norm if self.qk_norm else None
         out = torch.empty_like(q)
+        # A decode layer with one run of probes takes their probabilities from the attention op itself,
+        # which on the GPU computes them in the same pass over K (docs/gpu.md "The selected heads'
+        # probabilities in the same pass"); otherwise attention_probs below.
+        probes_done = False
         if is_decode and not probes_only:
-            torch.ops.dysco.qk_norm_rope_attention_decode(out, q, kv_layer, qkv, cos, sin, slot_mapping, q_norm,
-                                                          k_norm, self.eps, block_tables, seq_lens, self.scale,
-                                                          attn_bias)
+            if probe_heads is not None and len(probe_runs) == 1:
+                start, end = probe_runs[0]
+                layer_probs = torch.empty([probs.size(0), end - start, probs.size(2)], dtype=torch.float32,
+                                          device=probs.device)
+                torch.ops.dysco.qk_norm_rope_attention_decode(out, q, kv_layer, qkv, cos, sin, slot_mapping, q_norm,
+                                                              k_norm, self.eps, block_tables, seq_lens, self.scale,
+                                                              attn_bias, layer_probs, probe_heads[start:end])
+                probs[:, start:end].copy_(layer_probs)
+                probes_done = True
+            else:
+                torch.ops.dysco.qk_norm_rope_attention_decode(out, q, kv_layer, qkv, cos, sin, slot_mapping, q_norm,
+                                                              k_norm, self.eps, block_tables, seq_lens, self.scale,
+                                                              attn_bias)
         else:
             torch.ops.dysco.qk_norm_rope_kv_write(q, kv_layer, qkv, cos, sin, slot_mapping, q_norm, k_norm,
                                                   self.eps)
             if not probes_only:
                 torch.ops.dysco.paged_attention_prefill(out, q, kv_layer, block_tables, seq_lens, query_start_loc,
                                                         self.scale, attn_bias)
-        if probe_heads is not None and len(probe_runs) > 0:
+        if probe_heads is not None and len(probe_runs) > 0 and not probes_done:
             q_last = q if is_decode else q.index_select(0, last_idx).contiguous()
             # probe_runs: this layer's runs [start, end) of consecutive rows of probe_heads / probs. Slices of
             # the one heads tensor and a device copy into probs: no index tensor is built on the host.
