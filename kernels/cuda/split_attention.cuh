@@ -87,6 +87,16 @@ struct AttentionParams {
   const int64_t* probe_heads;  // [num_probe], clamped to [0, Hq) as attention_probs clamps them
   int num_probe;
   int64_t probe_len;
+  // The tensor-core kernel, qk_norm_rope_attention_decode's `prefetch` (null otherwise): bytes
+  // [0, l2_prefetch_bytes) of the next op's weight, which the blocks ask L2 to fetch, each its
+  // share, before their wait (the weight is no kernel's output), so that the o_proj GEMV after the
+  // attention finds them there; the attention itself leaves DRAM bandwidth idle at short contexts
+  // (docs/gpu.md "The next weight prefetched into L2 during the attention"). kv_evict_first: the
+  // cache rows are loaded with an evict-first L2 policy, so that they do not push the prefetched
+  // lines out.
+  const char* l2_prefetch;
+  int64_t l2_prefetch_bytes;
+  bool kv_evict_first;
 };
 
 // The sequence of a query token and the number of keys it sees (0: none; its output is zeros).
@@ -171,16 +181,130 @@ __device__ void WriteSplitPartials(const AttentionParams<T>& p, int64_t token, i
 // floats (each split's weight exp(max_s - max); splits past it recompute theirs). The partials are
 // read through L2 (ld.cg): in the split kernel's own merge they were written by other blocks of
 // the running grid, and L1 is not coherent across multiprocessors. The same arithmetic in the same
-// order in MergeSplitsKernel and in the split kernel's merge, so both give the same bits. Why a
-// warp per row: the merge is latency-bound (the partials sit in L2), so each lane keeps many
-// independent 8-byte loads in flight, and the last split block merges its chunk's rows with its
-// warps in parallel.
+// order in MergeSplitsKernel and in the split kernel's merge, so both give the same bits.
 // stats (optional): the row's final max and sum of exp(score - max), stored by lane 0.
+// Why a warp per row and this shape: the merge is latency-bound (the partials sit in L2, ~0.3 us a
+// round trip) and, in the split kernel's own merge, on the critical path of every decode attention
+// call (docs/gpu.md "The merge in fewer round trips"). So each lane reads its splits' max and sum
+// in one pass and keeps them in registers (kStatsPerLane), and reads the accumulators of all its
+// dims (kChunks runs of 64) for kUnroll splits at once: 3 round trips for a 32-split row of
+// head_dim 128 where the first version took ~10. Every dim still sums its splits in order 0, 1,
+// ..., so the bits do not depend on kUnroll or kChunks.
+template <typename T, int kChunks>
+__device__ void WarpMergeSplitsChunks(T* out, const float* partial, int64_t row, int num_splits,
+                                      int head_dim, float* s_weight, int capacity, float2* stats) {
+  constexpr int kStatsPerLane = 4;       // splits 0..127 keep their max and sum in registers
+  constexpr int kUnroll = 32 / kChunks;  // ~64 floats of accumulator loads in flight a lane
+  const int lane = threadIdx.x % cuda::kWarpSize;
+  const int64_t stride = head_dim + 2;
+  const float* part = partial + row * num_splits * stride;
+  float split_max[kStatsPerLane];
+  float split_sum[kStatsPerLane];
+#pragma unroll
+  for (int i = 0; i < kStatsPerLane; ++i) {
+    const int s = lane + cuda::kWarpSize * i;
+    split_max[i] = -INFINITY;
+    split_sum[i] = 0.0f;
+    if (s < num_splits) {
+      split_max[i] = __ldcg(part + s * stride);
+      split_sum[i] = __ldcg(part + s * stride + 1);
+    }
+  }
+  float max = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kStatsPerLane; ++i) max = fmaxf(max, split_max[i]);
+  for (int s = lane + cuda::kWarpSize * kStatsPerLane; s < num_splits; s += cuda::kWarpSize)
+    max = fmaxf(max, __ldcg(part + s * stride));
+  max = cuda::WarpMax(max);
+  // A split that saw no key has max -inf and sum 0: weight 0 (and no NaN from -inf - -inf).
+  auto weight_of = [&](float m) { return m == -INFINITY ? 0.0f : expf(m - max); };
+  auto weight = [&](int s) { return weight_of(__ldcg(part + s * stride)); };
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kStatsPerLane; ++i) {
+    const int s = lane + cuda::kWarpSize * i;
+    if (s < num_splits) {
+      const float w = weight_of(split_max[i]);
+      if (s < capacity) s_weight[s] = w;
+      sum += split_sum[i] * w;
+    }
+  }
+  for (int s = lane + cuda::kWarpSize * kStatsPerLane; s < num_splits; s += cuda::kWarpSize) {
+    const float w = weight(s);
+    if (s < capacity) s_weight[s] = w;
+    sum += __ldcg(part + s * stride + 1) * w;
+  }
+  sum = cuda::WarpSum(sum);
+  if (stats != nullptr && lane == 0) *stats = make_float2(max, sum);
+  __syncwarp();  // s_weight written by the other lanes
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  // Lane l takes dims 2 l, 2 l + 1 of each run of 64 (8-byte loads: a row's accumulators start 8
+  // bytes into its split's D + 2 floats; D even).
+  float a[kChunks][2];
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) a[c][0] = a[c][1] = 0.0f;
+  auto dim = [&](int c) { return 64 * c + 2 * lane; };
+  int s = 0;
+  for (; s + kUnroll <= num_splits && s + kUnroll <= capacity; s += kUnroll) {
+    float2 values[kUnroll][kChunks];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        values[u][c] =
+            dim(c) < head_dim
+                ? __ldcg(reinterpret_cast<const float2*>(part + (s + u) * stride + 2 + dim(c)))
+                : make_float2(0.0f, 0.0f);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const float w = s_weight[s + u];
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        a[c][0] += values[u][c].x * w;
+        a[c][1] += values[u][c].y * w;
+      }
+    }
+  }
+  for (; s < num_splits; ++s) {
+    const float w = s < capacity ? s_weight[s] : weight(s);
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      if (dim(c) < head_dim) {
+        const float2 v = __ldcg(reinterpret_cast<const float2*>(part + s * stride + 2 + dim(c)));
+        a[c][0] += v.x * w;
+        a[c][1] += v.y * w;
+      }
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    if (dim(c) < head_dim) {
+      out[row * head_dim + dim(c)] = cuda::Convert<T>::FromFloat(a[c][0] * inv);
+      out[row * head_dim + dim(c) + 1] = cuda::Convert<T>::FromFloat(a[c][1] * inv);
+    }
+  }
+}
+
+// WarpMergeSplitsChunks for any head_dim: even ones of up to 256 by runs of 64 dims a lane pair;
+// the scalar kernel's odd head_dims (and any wider) a lane per dim with 4-byte loads.
 template <typename T>
 __device__ void WarpMergeSplits(T* out, const float* partial, int64_t row, int num_splits,
                                 int head_dim, float* s_weight, int capacity,
                                 float2* stats = nullptr) {
-  constexpr int kUnroll = 8;
+  if (head_dim % 2 == 0 && head_dim <= 64) {
+    WarpMergeSplitsChunks<T, 1>(out, partial, row, num_splits, head_dim, s_weight, capacity, stats);
+    return;
+  }
+  if (head_dim % 2 == 0 && head_dim <= 128) {
+    WarpMergeSplitsChunks<T, 2>(out, partial, row, num_splits, head_dim, s_weight, capacity, stats);
+    return;
+  }
+  if (head_dim % 2 == 0 && head_dim <= 256) {
+    WarpMergeSplitsChunks<T, 4>(out, partial, row, num_splits, head_dim, s_weight, capacity, stats);
+    return;
+  }
   const int lane = threadIdx.x % cuda::kWarpSize;
   const int64_t stride = head_dim + 2;
   const float* part = partial + row * num_splits * stride;
@@ -188,7 +312,6 @@ __device__ void WarpMergeSplits(T* out, const float* partial, int64_t row, int n
   for (int s = lane; s < num_splits; s += cuda::kWarpSize)
     max = fmaxf(max, __ldcg(part + s * stride));
   max = cuda::WarpMax(max);
-  // A split that saw no key has max -inf and sum 0: weight 0 (and no NaN from -inf - -inf).
   auto weight = [&](int s) {
     const float m = __ldcg(part + s * stride);
     return m == -INFINITY ? 0.0f : expf(m - max);
@@ -201,43 +324,14 @@ __device__ void WarpMergeSplits(T* out, const float* partial, int64_t row, int n
   }
   sum = cuda::WarpSum(sum);
   if (stats != nullptr && lane == 0) *stats = make_float2(max, sum);
-  __syncwarp();  // s_weight written by the other lanes
+  __syncwarp();
   const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-  if (head_dim % 2 != 0) {  // the scalar kernel's odd head_dims: a lane per dim, 4-byte loads
-    for (int d = lane; d < head_dim; d += cuda::kWarpSize) {
-      float a = 0.0f;
-      for (int s = 0; s < num_splits; ++s) {
-        a += __ldcg(part + s * stride + 2 + d) * (s < capacity ? s_weight[s] : weight(s));
-      }
-      out[row * head_dim + d] = cuda::Convert<T>::FromFloat(a * inv);
+  for (int d = lane; d < head_dim; d += cuda::kWarpSize) {
+    float acc = 0.0f;
+    for (int s = 0; s < num_splits; ++s) {
+      acc += __ldcg(part + s * stride + 2 + d) * (s < capacity ? s_weight[s] : weight(s));
     }
-    return;
-  }
-  // Lane l takes dims 2 l, 2 l + 1, then + 64, ...: 8-byte loads (a row's accumulators start 8
-  // bytes into its split's D + 2 floats; D even).
-  for (int d = 2 * lane; d < head_dim; d += 2 * cuda::kWarpSize) {
-    float a0 = 0.0f, a1 = 0.0f;
-    int s = 0;
-    for (; s + kUnroll <= num_splits && s + kUnroll <= capacity; s += kUnroll) {
-      float2 values[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        values[u] = __ldcg(reinterpret_cast<const float2*>(part + (s + u) * stride + 2 + d));
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        a0 += values[u].x * s_weight[s + u];
-        a1 += values[u].y * s_weight[s + u];
-      }
-    }
-    for (; s < num_splits; ++s) {
-      const float w = s < capacity ? s_weight[s] : weight(s);
-      const float2 v = __ldcg(reinterpret_cast<const float2*>(part + s * stride + 2 + d));
-      a0 += v.x * w;
-      a1 += v.y * w;
-    }
-    out[row * head_dim + d] = cuda::Convert<T>::FromFloat(a0 * inv);
-    out[row * head_dim + d + 1] = cuda::Convert<T>::FromFloat(a1 * inv);
+    out[row * head_dim + d] = cuda::Convert<T>::FromFloat(acc * inv);
   }
 }
 

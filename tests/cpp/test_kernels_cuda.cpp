@@ -1120,7 +1120,9 @@ TEST(CudaPagedAttentionDecode, StartsEarlyAfterTheKvWrite) {
 // with their norms (bf16), Llama's without (fp16), GQA 8 and MHA with head_dim 64 (the tensor-core
 // kernel makes the rows itself), fp32 and a group of 32 (the two kernels in a row); rows whose
 // newest key sits at every place of a tile, page and split, one of one key, a biased variant, and
-// DYSCO_CUDA_QKV_ATTENTION=0 (the two kernels) giving the same bits.
+// DYSCO_CUDA_QKV_ATTENTION=0 (the two kernels) giving the same bits; with the prefetch hint (a
+// weight of an odd byte count, one shorter than 16 bytes a block, the cache loaded without the
+// evict-first policy; the graph captures the call with the hint, as the model makes it) too.
 TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(43);
@@ -1157,13 +1159,24 @@ TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
       at::Tensor sin = at::empty_like(angle);
       at::Tensor query = at::empty({rows, h, d}, opt), out = at::empty({rows, h, d}, opt);
       at::Tensor query_two = at::empty_like(query), out_two = at::empty_like(out);
-      auto fused = [&](at::Tensor& kv) {
+      // Prefetch hints: ~2 MB of an odd byte count, and 42 bytes (most blocks' share is empty).
+      const at::Tensor weight = at::randn({1000003}, opt), tiny = at::randn({21}, opt);
+      auto fused = [&](at::Tensor& kv, const Bias& prefetch) {
         ops::qk_norm_rope_attention_decode(out, query, kv, qkv, cos, sin, slots, q_norm, k_norm,
                                            1e-6, tables, seq_lens, scale,
-                                           biased ? Bias(bias) : Bias());
+                                           biased ? Bias(bias) : Bias(), Bias(), Bias(), prefetch);
       };
       at::cuda::CUDAGraph graph;
-      CaptureAfterWarmUp(graph, [&] { fused(kv_graph); });
+      CaptureAfterWarmUp(graph, [&] { fused(kv_graph, Bias(weight)); });
+      // A hint on another device than out's is named (the CUDA key takes the call).
+      try {
+        at::Tensor kv = kv0.clone();
+        fused(kv, Bias(at::zeros({8})));
+        ADD_FAILURE() << "a CPU prefetch hint was taken, " << shape_text;
+      } catch (const c10::Error& e) {
+        EXPECT_NE(std::string(e.what()).find("prefetch must be on out's device"), std::string::npos)
+            << e.what();
+      }
       kv_graph.copy_(kv0);
       for (int step = 0; step < 3; ++step) {
         NewDecodeInputs(qkv, angle, cos, sin);
@@ -1174,7 +1187,8 @@ TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
         ops::paged_attention_decode(out_two, query_two, kv_two, tables, seq_lens, scale,
                                     biased ? Bias(bias) : Bias());
         ASSERT_FALSE(at::isnan(out_two.to(at::kFloat)).any().item<bool>()) << what;
-        for (const char* mode : {"early", "early, no tile", "plain", "two kernels", "graph"}) {
+        for (const char* mode : {"early", "early, no tile", "plain", "two kernels", "prefetch",
+                                 "prefetch, tiny", "prefetch, evict normal", "graph"}) {
           const std::string m = std::string(mode);
           at::Tensor kv = m == "graph" ? kv_graph : kv_fused.clone();
           query.fill_(kNaN);
@@ -1187,7 +1201,10 @@ TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
             const ScopedEnv two("DYSCO_CUDA_QKV_ATTENTION", m == "two kernels" ? "0" : nullptr);
             const ScopedEnv no_tile("DYSCO_CUDA_ATTENTION_EARLY_TILE",
                                     m == "early, no tile" ? "0" : nullptr);
-            fused(kv);
+            const ScopedEnv evict("DYSCO_CUDA_KV_EVICT_FIRST",
+                                  m == "prefetch, evict normal" ? "0" : nullptr);
+            const bool hint = m.rfind("prefetch", 0) == 0;
+            fused(kv, hint ? Bias(m == "prefetch, tiny" ? tiny : weight) : Bias());
           }
           EXPECT_TRUE(at::equal(out, out_two)) << mode << ": out, " << what;
           EXPECT_TRUE(at::equal(query, query_two)) << mode << ": query, " << what;
@@ -1964,8 +1981,9 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
 // shuffled pages, a CUDA graph of kCalls calls (so the time per call is the kernel and the gap to
 // the next, not the host's launches), against the KV bytes' floor, with the split settings that
 // decide how long each block's chain of tiles is: DYSCO_CUDA_MIN_KEYS_PER_SPLIT and
-// DYSCO_CUDA_SPLIT_WAVES. Tuning evidence, printed, not asserted; each setting's output is checked
-// against the default's within bf16 rounding (a split setting changes the sums' order).
+// DYSCO_CUDA_SPLIT_WAVES, with and without the register prefetch (DYSCO_CUDA_MMA_PREFETCH). Tuning
+// evidence, printed, not asserted; each setting's output is checked against the default's within
+// bf16 rounding (a split setting changes the sums' order).
 TEST(CudaTiming, DecodeAttentionAtShortContexts) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(61);
@@ -1988,15 +2006,21 @@ TEST(CudaTiming, DecodeAttentionAtShortContexts) {
       const char* label;
       const char* min_keys;  // DYSCO_CUDA_MIN_KEYS_PER_SPLIT, nullptr: unset
       const char* waves;     // DYSCO_CUDA_SPLIT_WAVES, nullptr: unset
+      const char* prefetch;  // DYSCO_CUDA_MMA_PREFETCH, nullptr: unset
     };
     // One wave of resident blocks caps the splits first at these contexts (8 KV heads: ~33 splits
-    // of ~256 keys at 8K), so a shorter split needs more waves too.
+    // of ~256 keys at 8K), so a shorter split needs more waves too. The register prefetch keeps
+    // two tiles of a warp in flight, which a short chain of tiles may need more than a long one.
     for (const Setting& s :
-         {Setting{"default", nullptr, nullptr}, Setting{"2 waves, min keys 128", "128", "2"},
-          Setting{"2 waves, min keys 64", "64", "2"}, Setting{"4 waves, min keys 64", "64", "4"},
-          Setting{"min keys 512", "512", nullptr}}) {
+         {Setting{"default", nullptr, nullptr, nullptr}, Setting{"prefetch", nullptr, nullptr, "1"},
+          Setting{"2 waves, min keys 128", "128", "2", nullptr},
+          Setting{"prefetch, 2 waves, min keys 128", "128", "2", "1"},
+          Setting{"4 waves, min keys 64", "64", "4", nullptr},
+          Setting{"min keys 512", "512", nullptr, nullptr},
+          Setting{"prefetch, min keys 512", "512", nullptr, "1"}}) {
       const ScopedEnv min_keys("DYSCO_CUDA_MIN_KEYS_PER_SPLIT", s.min_keys);
       const ScopedEnv waves("DYSCO_CUDA_SPLIT_WAVES", s.waves);
+      const ScopedEnv prefetch("DYSCO_CUDA_MMA_PREFETCH", s.prefetch);
       at::cuda::CUDAGraph graph;
       out.fill_(kNaN);
       CaptureAfterWarmUp(graph, [&] {
