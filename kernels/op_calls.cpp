@@ -122,14 +122,14 @@ void qk_norm_rope_attention_decode(TensorRef out, TensorRef query, TensorRef kv_
                                    OptionalTensorRef k_norm_weight, double eps,
                                    TensorRef block_tables, TensorRef seq_lens, double scale,
                                    OptionalTensorRef key_bias, OptionalTensorRef probs,
-                                   OptionalTensorRef probe_heads, OptionalTensorRef prefetch) {
+                                   OptionalTensorRef probe_heads) {
   static const auto op =
       Handle<void(TensorRef, TensorRef, TensorRef, TensorRef, TensorRef, TensorRef, TensorRef,
                   OptionalTensorRef, OptionalTensorRef, double, TensorRef, TensorRef, double,
-                  OptionalTensorRef, OptionalTensorRef, OptionalTensorRef, OptionalTensorRef)>(
+                  OptionalTensorRef, OptionalTensorRef, OptionalTensorRef)>(
           kernels::kQkNormRopeAttentionDecodeOp);
   op.call(out, query, kv_cache_layer, qkv, cos, sin, slot_mapping, q_norm_weight, k_norm_weight,
-          eps, block_tables, seq_lens, scale, key_bias, probs, probe_heads, prefetch);
+          eps, block_tables, seq_lens, scale, key_bias, probs, probe_heads);
 }
 
 void dysco_relevance_update(TensorRef relevance, TensorRef probs, TensorRef num_keys,

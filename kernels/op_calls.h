@@ -113,8 +113,6 @@ void qk_norm_rope_kv_write(const at::Tensor& query, const at::Tensor& kv_cache_l
 // paged_attention_decode(out, query, kv_cache_layer, block_tables, seq_lens, scale, key_bias), bit
 // for bit, in one call (kernels/ops.h qk_norm_rope_attention_decode_cpu; on CUDA one kernel where
 // the tensor-core decode attention applies). query is written too (attention_probs reads it).
-// prefetch: a hint (the next op's weight, read into L2 during the attention on CUDA); no output
-// depends on it.
 void qk_norm_rope_attention_decode(const at::Tensor& out, const at::Tensor& query,
                                    const at::Tensor& kv_cache_layer, const at::Tensor& qkv,
                                    const at::Tensor& cos, const at::Tensor& sin,
@@ -124,8 +122,7 @@ void qk_norm_rope_attention_decode(const at::Tensor& out, const at::Tensor& quer
                                    const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                    double scale, const c10::optional<at::Tensor>& key_bias,
                                    const c10::optional<at::Tensor>& probs = c10::nullopt,
-                                   const c10::optional<at::Tensor>& probe_heads = c10::nullopt,
-                                   const c10::optional<at::Tensor>& prefetch = c10::nullopt);
+                                   const c10::optional<at::Tensor>& probe_heads = c10::nullopt);
 
 // ---- DySCO (docs/dysco.md "Ops"): relevance, selection, bias, template positions. fp32; each op
 // writes fixed-shape outputs. Row b of every [B, S] tensor belongs to sequence b with

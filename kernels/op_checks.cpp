@@ -325,8 +325,7 @@ PagedCacheShape CheckQkNormRopeAttentionDecodeArgs(
     const at::Tensor& slot_mapping, const c10::optional<at::Tensor>& q_norm_weight,
     const c10::optional<at::Tensor>& k_norm_weight, double eps, const at::Tensor& block_tables,
     const at::Tensor& seq_lens, const c10::optional<at::Tensor>& key_bias,
-    const c10::optional<at::Tensor>& probs, const c10::optional<at::Tensor>& probe_heads,
-    const c10::optional<at::Tensor>& prefetch) {
+    const c10::optional<at::Tensor>& probs, const c10::optional<at::Tensor>& probe_heads) {
   constexpr const char* kOp = kQkNormRopeAttentionDecodeOp;
   const PagedCacheShape cache = CheckQkNormRopeKvWriteArgs(
       query, kv_cache_layer, qkv, cos, sin, slot_mapping, q_norm_weight, k_norm_weight, eps);
@@ -344,10 +343,6 @@ PagedCacheShape CheckQkNormRopeAttentionDecodeArgs(
     CheckNoOverlap(kOp, "probs", *probs, "out", out);
     CheckNoOverlap(kOp, "probs", *probs, "query", query);
     CheckNoOverlap(kOp, "probs", *probs, "qkv", qkv);
-  }
-  if (prefetch.has_value() && prefetch->defined()) {
-    TORCH_CHECK(prefetch->device() == out.device(), kOp, ": prefetch must be on out's device ",
-                out.device(), ", got ", prefetch->device());
   }
   return cache;
 }

@@ -183,7 +183,7 @@ PagedCacheShape CheckQkNormRopeKvWriteArgs(const at::Tensor& query,
 // block_tables, seq_lens, key_bias), each checked as by its op (the message names that op), and out
 // overlapping none of qkv, cos, sin; with probs, probe_heads (both or neither) attention_probs'
 // (probs, query, the cache, block_tables, seq_lens, probe_heads, key_bias), probs overlapping none
-// of out, query, qkv; prefetch (a hint) on out's device. Returns the cache's sizes.
+// of out, query, qkv. Returns the cache's sizes.
 PagedCacheShape CheckQkNormRopeAttentionDecodeArgs(
     const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache_layer,
     const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
@@ -191,8 +191,7 @@ PagedCacheShape CheckQkNormRopeAttentionDecodeArgs(
     const c10::optional<at::Tensor>& k_norm_weight, double eps, const at::Tensor& block_tables,
     const at::Tensor& seq_lens, const c10::optional<at::Tensor>& key_bias,
     const c10::optional<at::Tensor>& probs = c10::nullopt,
-    const c10::optional<at::Tensor>& probe_heads = c10::nullopt,
-    const c10::optional<at::Tensor>& prefetch = c10::nullopt);
+    const c10::optional<at::Tensor>& probe_heads = c10::nullopt);
 
 // dysco_relevance_update. Left to the backend: num_keys values (in [0, min(S, S')]).
 void CheckDyscoRelevanceUpdateArgs(const at::Tensor& relevance, const at::Tensor& probs,

@@ -127,15 +127,14 @@ void qk_norm_rope_kv_write_cpu(const at::Tensor& query, const at::Tensor& kv_cac
 
 // A decode step's attention from the fused q/k/v projection (kernels/op_calls.h
 // qk_norm_rope_attention_decode): qk_norm_rope_kv_write_cpu then paged_attention_decode_cpu, so
-// bit for bit those two ops. prefetch (a cache hint) is checked and otherwise unused.
+// bit for bit those two ops.
 void qk_norm_rope_attention_decode_cpu(
     const at::Tensor& out, const at::Tensor& query, const at::Tensor& kv_cache_layer,
     const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
     const at::Tensor& slot_mapping, const c10::optional<at::Tensor>& q_norm_weight,
     const c10::optional<at::Tensor>& k_norm_weight, double eps, const at::Tensor& block_tables,
     const at::Tensor& seq_lens, double scale, const c10::optional<at::Tensor>& key_bias,
-    const c10::optional<at::Tensor>& probs, const c10::optional<at::Tensor>& probe_heads,
-    const c10::optional<at::Tensor>& prefetch);
+    const c10::optional<at::Tensor>& probs, const c10::optional<at::Tensor>& probe_heads);
 
 // ---- DySCO (docs/dysco.md "Ops"): relevance, selection, bias, template positions. fp32; each op
 // writes fixed-shape outputs, so that a device version needs no host synchronisation.

@@ -65,15 +65,12 @@ TORCH_LIBRARY(dysco, m) {
   // kv_cache_layer, qkv, ...) then paged_attention_decode(out, query, kv_cache_layer, ...), one
   // call where a device may run both in one kernel (CUDA's tensor-core decode attention makes its
   // query rows and newest keys itself: docs/gpu.md "The q/k norms, rope and KV write in the decode
-  // attention"). prefetch: a hint, no output depends on it: a tensor (the next op's weight) that a
-  // device may start reading into its cache during the attention (docs/gpu.md "The next weight
-  // prefetched into L2 during the attention").
+  // attention").
   m.def(
       "qk_norm_rope_attention_decode(Tensor(a!) out, Tensor(b!) query, Tensor(c!) kv_cache_layer, "
       "Tensor qkv, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor? q_norm_weight, "
       "Tensor? k_norm_weight, float eps, Tensor block_tables, Tensor seq_lens, float scale, "
-      "Tensor? key_bias, Tensor(d!)? probs=None, Tensor? probe_heads=None, "
-      "Tensor? prefetch=None) -> ()");
+      "Tensor? key_bias, Tensor(d!)? probs=None, Tensor? probe_heads=None) -> ()");
   // DySCO (docs/dysco.md "Ops").
   m.def(
       "dysco_relevance_update(Tensor(a!) relevance, Tensor probs, Tensor num_keys, Tensor decay) "

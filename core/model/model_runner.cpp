@@ -1307,10 +1307,8 @@ std::pair<at::Tensor, at::Tensor> ModelRunner::Impl::NativeDecodeForward(
     }
     at::Tensor q = at::empty({batch, w.num_heads, w.head_dim}, qkv.options());
     at::Tensor attn = at::empty_like(q);
-    // o_proj's weight as the attention's prefetch hint, as the model's decode layers pass it.
     ops::qk_norm_rope_attention_decode(attn, q, kv_layer, qkv, cos, sin, slot_mapping, w.q_norm,
-                                       w.k_norm, n.eps, block_tables, seq_lens, w.scale, attn_bias,
-                                       c10::nullopt, c10::nullopt, w.o_proj);
+                                       w.k_norm, n.eps, block_tables, seq_lens, w.scale, attn_bias);
     at::Tensor total = at::empty_like(h);
     pending = at::empty_like(h);
     ops::o_proj_mlp(pending, total, attn.view({batch, w.num_heads * w.head_dim}), h, w.o_proj,

@@ -290,12 +290,11 @@ void qk_norm_rope_attention_decode_cpu(
     const at::Tensor& slot_mapping, const c10::optional<at::Tensor>& q_norm_weight,
     const c10::optional<at::Tensor>& k_norm_weight, double eps, const at::Tensor& block_tables,
     const at::Tensor& seq_lens, double scale, const c10::optional<at::Tensor>& key_bias,
-    const c10::optional<at::Tensor>& probs, const c10::optional<at::Tensor>& probe_heads,
-    const c10::optional<at::Tensor>& prefetch) {
+    const c10::optional<at::Tensor>& probs, const c10::optional<at::Tensor>& probe_heads) {
   // Every argument checked before anything is written (the ops check their own again).
   CheckQkNormRopeAttentionDecodeArgs(out, query, kv_cache_layer, qkv, cos, sin, slot_mapping,
                                      q_norm_weight, k_norm_weight, eps, block_tables, seq_lens,
-                                     key_bias, probs, probe_heads, prefetch);
+                                     key_bias, probs, probe_heads);
   qk_norm_rope_kv_write_cpu(query, kv_cache_layer, qkv, cos, sin, slot_mapping, q_norm_weight,
                             k_norm_weight, eps);
   paged_attention_decode_cpu(out, query, kv_cache_layer, block_tables, seq_lens, scale, key_bias);

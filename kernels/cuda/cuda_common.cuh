@@ -182,43 +182,6 @@ __device__ __forceinline__ void WaitForPrerequisiteGrids() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
-// Asks L2 to fetch bytes [ptr, ptr + bytes) of global memory (ptr and bytes multiples of 16), in
-// pieces of at most kL2PrefetchPiece bytes, with the bulk-copy unit's prefetch: no registers, no
-// shared memory, no completion to wait for; the lines may be evicted again before anyone reads
-// them. Called by one thread. A no-op before sm_90.
-constexpr int64_t kL2PrefetchPiece = 64 << 10;
-__device__ __forceinline__ void PrefetchToL2(const char* ptr, int64_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  for (int64_t at = 0; at < bytes; at += kL2PrefetchPiece) {
-    const int64_t piece = bytes - at < kL2PrefetchPiece ? bytes - at : kL2PrefetchPiece;
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr + at),
-                 "r"(static_cast<unsigned>(piece))
-                 : "memory");
-  }
-#endif
-}
-// An L2 policy that marks the lines a load brings in as the first to evict (data read once, such
-// as a decode step's KV cache, which should not push out lines prefetched for the next kernel).
-__device__ __forceinline__ uint64_t L2EvictFirstPolicy() {
-  uint64_t policy = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-#endif
-  return policy;
-}
-// A 16-byte read-only load with an L2 policy from L2EvictFirstPolicy (a plain one before sm_80).
-__device__ __forceinline__ uint4 Load16WithPolicy(const void* src, uint64_t policy) {
-  uint4 v;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm("ld.global.nc.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(src), "l"(policy));
-#else
-  (void)policy;
-  v = __ldg(reinterpret_cast<const uint4*>(src));
-#endif
-  return v;
-}
 // The current device's streaming multiprocessors, from ATen's per-device cache of its properties
 // (no driver call per kernel launch).
 inline int MultiprocessorCount() {

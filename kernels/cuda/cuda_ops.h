@@ -102,8 +102,7 @@ void qk_norm_rope_attention_decode_cuda(
     const at::Tensor& slot_mapping, const c10::optional<at::Tensor>& q_norm_weight,
     const c10::optional<at::Tensor>& k_norm_weight, double eps, const at::Tensor& block_tables,
     const at::Tensor& seq_lens, double scale, const c10::optional<at::Tensor>& key_bias,
-    const c10::optional<at::Tensor>& probs, const c10::optional<at::Tensor>& probe_heads,
-    const c10::optional<at::Tensor>& prefetch);
+    const c10::optional<at::Tensor>& probs, const c10::optional<at::Tensor>& probe_heads);
 
 void dysco_relevance_update_cuda(const at::Tensor& relevance, const at::Tensor& probs,
                                  const at::Tensor& num_keys, const at::Tensor& decay);

@@ -40,22 +40,6 @@ using cuda::Clamp;
 using cuda::Convert;
 using cuda::kWarpSize;
 
-// How many bytes of a prefetch hint's tensor the tensor-core decode kernel asks L2 to fetch
-// (AttentionParams::l2_prefetch): all of it, or DYSCO_CUDA_L2_PREFETCH_MB megabytes at most (0:
-// none; A/B timing); 0 for a tensor it cannot take (not on `device`, not contiguous, not 16-byte
-// aligned). A multiple of 16.
-int64_t L2PrefetchBytes(const c10::optional<at::Tensor>* hint, const at::Device& device) {
-  if (hint == nullptr || !hint->has_value() || !(*hint)->defined()) return 0;
-  const at::Tensor& t = **hint;
-  if (t.device() != device || !t.is_contiguous() || !cuda::Aligned16(t.data_ptr())) return 0;
-  int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
-  if (const char* v = std::getenv("DYSCO_CUDA_L2_PREFETCH_MB")) {
-    const long mb = std::strtol(v, nullptr, 10);
-    if (mb >= 0) bytes = std::min<int64_t>(bytes, static_cast<int64_t>(mb) << 20);
-  }
-  return bytes / 16 * 16;
-}
-
 // A split never covers fewer keys than this (below it the merge costs more than it saves).
 // DYSCO_CUDA_MIN_KEYS_PER_SPLIT (16 .. 65536, a multiple of 16) overrides it for A/B timing
 // (CudaTiming.DecodeAttentionAtShortContexts: at 8K keys the splits are this short).
@@ -308,8 +292,6 @@ struct QkvStage {
   const c10::optional<at::Tensor>* k_norm_weight;
   double eps;
   std::function<void()> write_separately;
-  // The op's `prefetch` hint (the next op's weight), or null: AttentionParams::l2_prefetch.
-  const c10::optional<at::Tensor>* prefetch = nullptr;
 };
 
 // qk_norm_rope_attention_decode's probes: the selected heads' probabilities, asked of the split
@@ -441,13 +423,6 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
       p.probe_heads = probes->heads->data_ptr<int64_t>();
       p.num_probe = static_cast<int>(num_probe);
       p.probe_len = out_len;
-    }
-  }
-  if (stage != nullptr && use_mma && query_start_loc == nullptr) {
-    p.l2_prefetch_bytes = L2PrefetchBytes(stage->prefetch, out.device());
-    if (p.l2_prefetch_bytes > 0) {
-      p.l2_prefetch = static_cast<const char*>((*stage->prefetch)->data_ptr());
-      p.kv_evict_first = !cuda::EnvIs("DYSCO_CUDA_KV_EVICT_FIRST", "0");
     }
   }
   if (stage != nullptr) {
@@ -778,11 +753,10 @@ void qk_norm_rope_attention_decode_cuda(
     const at::Tensor& slot_mapping, const c10::optional<at::Tensor>& q_norm_weight,
     const c10::optional<at::Tensor>& k_norm_weight, double eps, const at::Tensor& block_tables,
     const at::Tensor& seq_lens, double scale, const c10::optional<at::Tensor>& key_bias,
-    const c10::optional<at::Tensor>& probs, const c10::optional<at::Tensor>& probe_heads,
-    const c10::optional<at::Tensor>& prefetch) {
+    const c10::optional<at::Tensor>& probs, const c10::optional<at::Tensor>& probe_heads) {
   const PagedCacheShape cache = CheckQkNormRopeAttentionDecodeArgs(
       out, query, kv_cache_layer, qkv, cos, sin, slot_mapping, q_norm_weight, k_norm_weight, eps,
-      block_tables, seq_lens, key_bias, probs, probe_heads, prefetch);
+      block_tables, seq_lens, key_bias, probs, probe_heads);
   CheckCudaAttention(kQkNormRopeAttentionDecodeOp, out, cache, query.size(0));
   const bool has_probs = probs.has_value() && probs->defined();
   if (out.numel() == 0) {
@@ -790,11 +764,11 @@ void qk_norm_rope_attention_decode_cuda(
     return;
   }
   const c10::cuda::CUDAGuard guard(out.device());
-  QkvStage stage{&qkv, &cos, &sin, &slot_mapping, &q_norm_weight, &k_norm_weight, eps, [&] {
-                   qk_norm_rope_kv_write_cuda(query, kv_cache_layer, qkv, cos, sin, slot_mapping,
-                                              q_norm_weight, k_norm_weight, eps);
-                 }};
-  stage.prefetch = &prefetch;
+  const QkvStage stage{&qkv, &cos, &sin, &slot_mapping, &q_norm_weight, &k_norm_weight, eps, [&] {
+                         qk_norm_rope_kv_write_cuda(query, kv_cache_layer, qkv, cos, sin,
+                                                    slot_mapping, q_norm_weight, k_norm_weight,
+                                                    eps);
+                       }};
   ProbeStage probe_stage;
   probe_stage.probs = has_probs ? &*probs : nullptr;
   probe_stage.heads = has_probs ? &*probe_heads : nullptr;

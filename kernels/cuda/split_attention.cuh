@@ -87,16 +87,6 @@ struct AttentionParams {
   const int64_t* probe_heads;  // [num_probe], clamped to [0, Hq) as attention_probs clamps them
   int num_probe;
   int64_t probe_len;
-  // The tensor-core kernel, qk_norm_rope_attention_decode's `prefetch` (null otherwise): bytes
-  // [0, l2_prefetch_bytes) of the next op's weight, which the blocks ask L2 to fetch, each its
-  // share, before their wait (the weight is no kernel's output), so that the o_proj GEMV after the
-  // attention finds them there; the attention itself leaves DRAM bandwidth idle at short contexts
-  // (docs/gpu.md "The next weight prefetched into L2 during the attention"). kv_evict_first: the
-  // cache rows are loaded with an evict-first L2 policy, so that they do not push the prefetched
-  // lines out.
-  const char* l2_prefetch;
-  int64_t l2_prefetch_bytes;
-  bool kv_evict_first;
 };
 
 // The sequence of a query token and the number of keys it sees (0: none; its output is zeros).

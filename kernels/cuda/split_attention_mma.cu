@@ -230,7 +230,6 @@ __global__ void __launch_bounds__(kAttentionThreads)
   };
 
   const int32_t* pages = p.tables + b * p.max_pages;
-  const uint64_t kv_policy = p.kv_evict_first ? cuda::L2EvictFirstPolicy() : 0;
   const float* bias = p.bias == nullptr ? nullptr : p.bias + b * p.bias_width;
   // The bias of keys (2t, 2t + 1) of a tile as one 8-byte load when the rows allow it (even width,
   // 8-byte aligned start; tiles start at even keys: the launcher's split_len is a multiple of 16).
@@ -314,10 +313,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
     const int64_t tile_base = tile_rows(tile);
     // The tile of the newest key when this kernel wrote it (make_query): coherent loads.
     const bool fresh = p.qkv != nullptr && tile + kTileKeys >= limit;
-    auto load = [&](const T* src) {
-      return fresh ? LoadCoherent16(src)
-                   : (p.kv_evict_first ? cuda::Load16WithPolicy(src, kv_policy) : Load16(src));
-    };
+    auto load = [&](const T* src) { return fresh ? LoadCoherent16(src) : Load16(src); };
 #pragma unroll
     for (int nbk = 0; nbk < 2; ++nbk) {
       const int r = 8 * nbk + g;
@@ -432,15 +428,6 @@ __global__ void __launch_bounds__(kAttentionThreads)
   const bool early_tile = p.early_tile && first_tile + kTileKeys <= limit - 1;
   // The first tile where it may be loaded before the wait, the wait, then the query.
   auto start = [&](auto& kw, auto& vw, auto& tile_bias) {
-    if (p.l2_prefetch != nullptr && threadIdx.x == 0) {
-      // This block's share of the prefetch, in 16-byte units (the launcher made the length one).
-      const int64_t blocks = static_cast<int64_t>(gridDim.x) * gridDim.y * gridDim.z;
-      const int64_t block =
-          blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + gridDim.y * blockIdx.z);
-      const int64_t share = (p.l2_prefetch_bytes / 16 + blocks - 1) / blocks * 16;
-      const int64_t begin = min(p.l2_prefetch_bytes, block * share);
-      cuda::PrefetchToL2(p.l2_prefetch + begin, min(p.l2_prefetch_bytes, begin + share) - begin);
-    }
     if (early_tile) load_tile(first_tile, kw, vw, tile_bias);
     cuda::WaitForPrerequisiteGrids();
     if (p.qkv != nullptr) make_query();

@@ -1120,9 +1120,7 @@ TEST(CudaPagedAttentionDecode, StartsEarlyAfterTheKvWrite) {
 // with their norms (bf16), Llama's without (fp16), GQA 8 and MHA with head_dim 64 (the tensor-core
 // kernel makes the rows itself), fp32 and a group of 32 (the two kernels in a row); rows whose
 // newest key sits at every place of a tile, page and split, one of one key, a biased variant, and
-// DYSCO_CUDA_QKV_ATTENTION=0 (the two kernels) giving the same bits; with the prefetch hint (a
-// weight of an odd byte count, one shorter than 16 bytes a block, the cache loaded without the
-// evict-first policy; the graph captures the call with the hint, as the model makes it) too.
+// DYSCO_CUDA_QKV_ATTENTION=0 (the two kernels) giving the same bits.
 TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(43);
@@ -1159,24 +1157,13 @@ TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
       at::Tensor sin = at::empty_like(angle);
       at::Tensor query = at::empty({rows, h, d}, opt), out = at::empty({rows, h, d}, opt);
       at::Tensor query_two = at::empty_like(query), out_two = at::empty_like(out);
-      // Prefetch hints: ~2 MB of an odd byte count, and 42 bytes (most blocks' share is empty).
-      const at::Tensor weight = at::randn({1000003}, opt), tiny = at::randn({21}, opt);
-      auto fused = [&](at::Tensor& kv, const Bias& prefetch) {
+      auto fused = [&](at::Tensor& kv) {
         ops::qk_norm_rope_attention_decode(out, query, kv, qkv, cos, sin, slots, q_norm, k_norm,
                                            1e-6, tables, seq_lens, scale,
-                                           biased ? Bias(bias) : Bias(), Bias(), Bias(), prefetch);
+                                           biased ? Bias(bias) : Bias());
       };
       at::cuda::CUDAGraph graph;
-      CaptureAfterWarmUp(graph, [&] { fused(kv_graph, Bias(weight)); });
-      // A hint on another device than out's is named (the CUDA key takes the call).
-      try {
-        at::Tensor kv = kv0.clone();
-        fused(kv, Bias(at::zeros({8})));
-        ADD_FAILURE() << "a CPU prefetch hint was taken, " << shape_text;
-      } catch (const c10::Error& e) {
-        EXPECT_NE(std::string(e.what()).find("prefetch must be on out's device"), std::string::npos)
-            << e.what();
-      }
+      CaptureAfterWarmUp(graph, [&] { fused(kv_graph); });
       kv_graph.copy_(kv0);
       for (int step = 0; step < 3; ++step) {
         NewDecodeInputs(qkv, angle, cos, sin);
@@ -1187,8 +1174,7 @@ TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
         ops::paged_attention_decode(out_two, query_two, kv_two, tables, seq_lens, scale,
                                     biased ? Bias(bias) : Bias());
         ASSERT_FALSE(at::isnan(out_two.to(at::kFloat)).any().item<bool>()) << what;
-        for (const char* mode : {"early", "early, no tile", "plain", "two kernels", "prefetch",
-                                 "prefetch, tiny", "prefetch, evict normal", "graph"}) {
+        for (const char* mode : {"early", "early, no tile", "plain", "two kernels", "graph"}) {
           const std::string m = std::string(mode);
           at::Tensor kv = m == "graph" ? kv_graph : kv_fused.clone();
           query.fill_(kNaN);
@@ -1201,10 +1187,7 @@ TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
             const ScopedEnv two("DYSCO_CUDA_QKV_ATTENTION", m == "two kernels" ? "0" : nullptr);
             const ScopedEnv no_tile("DYSCO_CUDA_ATTENTION_EARLY_TILE",
                                     m == "early, no tile" ? "0" : nullptr);
-            const ScopedEnv evict("DYSCO_CUDA_KV_EVICT_FIRST",
-                                  m == "prefetch, evict normal" ? "0" : nullptr);
-            const bool hint = m.rfind("prefetch", 0) == 0;
-            fused(kv, hint ? Bias(m == "prefetch, tiny" ? tiny : weight) : Bias());
+            fused(kv);
           }
           EXPECT_TRUE(at::equal(out, out_two)) << mode << ": out, " << what;
           EXPECT_TRUE(at::equal(query, query_two)) << mode << ": query, " << what;

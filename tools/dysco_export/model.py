@@ -131,9 +131,6 @@ class DecoderLayer(nn.Module):
         q_norm: Optional[Tensor] = self.q_norm if self.qk_norm else None
         k_norm: Optional[Tensor] = self.k_norm if self.qk_norm else None
         out = torch.empty_like(q)
-        # o_proj's weight goes to the attention op as a prefetch hint: on the GPU the attention asks L2 to fetch it
-        # while it waits on the KV cache, so that o_proj_mlp finds it there (docs/gpu.md "The next weight
-        # prefetched into L2 during the attention"); no output depends on it.
         # A decode layer with one run of probes takes their probabilities from the attention op itself,
         # which on the GPU computes them in the same pass over K (docs/gpu.md "The selected heads'
         # probabilities in the same pass"); otherwise attention_probs below.
@@ -145,14 +142,13 @@ class DecoderLayer(nn.Module):
                                           device=probs.device)
                 torch.ops.dysco.qk_norm_rope_attention_decode(out, q, kv_layer, qkv, cos, sin, slot_mapping, q_norm,
                                                               k_norm, self.eps, block_tables, seq_lens, self.scale,
-                                                              attn_bias, layer_probs, probe_heads[start:end],
-                                                              self.o_proj)
+                                                              attn_bias, layer_probs, probe_heads[start:end])
                 probs[:, start:end].copy_(layer_probs)
                 probes_done = True
             else:
                 torch.ops.dysco.qk_norm_rope_attention_decode(out, q, kv_layer, qkv, cos, sin, slot_mapping, q_norm,
                                                               k_norm, self.eps, block_tables, seq_lens, self.scale,
-                                                              attn_bias, None, None, self.o_proj)
+                                                              attn_bias)
         else:
             torch.ops.dysco.qk_norm_rope_kv_write(q, kv_layer, qkv, cos, sin, slot_mapping, q_norm, k_norm,
                                                   self.eps)
