@@ -1113,6 +1113,14 @@ TEST(CudaPagedAttentionDecode, StartsEarlyAfterTheKvWrite) {
   }
 }
 
+// The head shapes of qk_norm_rope_attention_decode's tests: query and KV heads, head_dim, the cache
+// type, and whether the q/k norms apply (Qwen3) or not (Llama).
+struct FusedDecodeShape {
+  int64_t h, hkv, d;
+  at::ScalarType dtype;
+  bool norms;
+};
+
 // qk_norm_rope_attention_decode against its two ops (qk_norm_rope_kv_write, then
 // paged_attention_decode) on copies of one cache: the output, the query and the cache bit for bit,
 // eagerly (started early and launched plainly) and replayed in a CUDA graph, over three steps that
@@ -1124,11 +1132,6 @@ TEST(CudaPagedAttentionDecode, StartsEarlyAfterTheKvWrite) {
 TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(43);
-  struct Shape {
-    int64_t h, hkv, d;
-    at::ScalarType dtype;
-    bool norms;
-  };
   const int64_t page_size = 16;
   const DecodeRows decode_rows =
       MakeDecodeRows({1, 2, 15, 16, 17, 31, 32, 33, 255, 1000, 4095, 4096, 4097}, page_size);
@@ -1136,10 +1139,12 @@ TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
   const at::Tensor &tables = decode_rows.tables, &slots = decode_rows.slots;
   const at::Tensor& seq_lens = decode_rows.seq_lens;
   const at::Tensor bias = at::randn({rows, 4097 + 5}, at::TensorOptions().device(at::kCUDA));
-  for (const Shape& shape :
-       {Shape{32, 8, 128, at::kBFloat16, true}, Shape{32, 8, 128, at::kHalf, false},
-        Shape{16, 2, 64, at::kBFloat16, true}, Shape{4, 4, 64, at::kHalf, true},
-        Shape{32, 8, 128, at::kFloat, true}, Shape{32, 1, 64, at::kBFloat16, true}}) {
+  for (const FusedDecodeShape& shape :
+       {FusedDecodeShape{32, 8, 128, at::kBFloat16, true},
+        FusedDecodeShape{32, 8, 128, at::kHalf, false},
+        FusedDecodeShape{16, 2, 64, at::kBFloat16, true},
+        FusedDecodeShape{4, 4, 64, at::kHalf, true}, FusedDecodeShape{32, 8, 128, at::kFloat, true},
+        FusedDecodeShape{32, 1, 64, at::kBFloat16, true}}) {
     const auto opt = at::TensorOptions().dtype(shape.dtype).device(at::kCUDA);
     const int64_t h = shape.h, hkv = shape.hkv, d = shape.d;
     const at::Tensor q_w = at::rand({d}, opt) + 0.5, k_w = at::rand({d}, opt) + 0.5;
@@ -1209,11 +1214,6 @@ TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
 TEST(CudaQkNormRopeAttentionDecode, ProbesInTheSamePass) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(47);
-  struct Shape {
-    int64_t h, hkv, d;
-    at::ScalarType dtype;
-    bool norms;
-  };
   const int64_t page_size = 16;
   const DecodeRows decode_rows =
       MakeDecodeRows({1, 2, 15, 16, 17, 255, 1000, 4095, 4097}, page_size);
@@ -1223,9 +1223,10 @@ TEST(CudaQkNormRopeAttentionDecode, ProbesInTheSamePass) {
   const int64_t width = max_pages * page_size;
   const auto f32 = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA);
   const at::Tensor bias = at::randn({rows, width}, f32);
-  for (const Shape& shape :
-       {Shape{32, 8, 128, at::kBFloat16, true}, Shape{32, 8, 128, at::kHalf, false},
-        Shape{16, 2, 64, at::kBFloat16, true}, Shape{32, 8, 128, at::kFloat, true}}) {
+  for (const FusedDecodeShape& shape : {FusedDecodeShape{32, 8, 128, at::kBFloat16, true},
+                                        FusedDecodeShape{32, 8, 128, at::kHalf, false},
+                                        FusedDecodeShape{16, 2, 64, at::kBFloat16, true},
+                                        FusedDecodeShape{32, 8, 128, at::kFloat, true}}) {
     const auto opt = at::TensorOptions().dtype(shape.dtype).device(at::kCUDA);
     const int64_t h = shape.h, hkv = shape.hkv, d = shape.d;
     const at::Tensor q_w = at::rand({d}, opt) + 0.5, k_w = at::rand({d}, opt) + 0.5;
