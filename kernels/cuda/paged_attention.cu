@@ -621,14 +621,9 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
                           const int64_t* seq_lens, int64_t max_keys) {
   const int64_t b = blockIdx.z;
   const int slot = static_cast<int>(blockIdx.y);
-  const int64_t head = Clamp(heads[slot], 0, num_heads - 1);
-  int first = slot;
-  for (int i = 0; i < slot; ++i) {
-    if (Clamp(heads[i], 0, num_heads - 1) == head) {
-      first = i;
-      break;
-    }
-  }
+  // Slot `slot` names its head itself, so the search ends there at the latest.
+  const int first =
+      FirstProbeSlot(heads, slot + 1, num_heads, Clamp(heads[slot], 0, num_heads - 1));
   const int64_t len = ProbsRowLen(seq_lens, b, max_keys, out_len, nullptr, 0);
   const float2 st = stats[b * num_probe + first];
   const float inv = st.y > 0.0f ? 1.0f / st.y : 0.0f;

@@ -89,6 +89,18 @@ struct AttentionParams {
   int64_t probe_len;
 };
 
+// The first of heads[0, count) that names query head `head` (each clamped to [0, num_heads), as
+// attention_probs clamps them), or -1. A head probed twice has its logits and stats at its first
+// slot: the tensor-core kernel stores them there and ProbsFromLogitsKernel reads them from there,
+// both through this function.
+__device__ __forceinline__ int FirstProbeSlot(const int64_t* heads, int count, int num_heads,
+                                              int64_t head) {
+  for (int i = 0; i < count; ++i) {
+    if (cuda::Clamp(heads[i], int64_t{0}, int64_t{num_heads - 1}) == head) return i;
+  }
+  return -1;
+}
+
 // The sequence of a query token and the number of keys it sees (0: none; its output is zeros).
 template <typename T>
 __device__ void TokenSequence(const AttentionParams<T>& p, int64_t token, int64_t* seq,

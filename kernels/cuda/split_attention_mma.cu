@@ -249,17 +249,10 @@ __global__ void __launch_bounds__(kAttentionThreads)
   float* probe_row[2] = {nullptr, nullptr};
   if constexpr (kProbes) {
     if (threadIdx.x < kMmaRows) {
-      int slot = -1;
-      if (static_cast<int>(threadIdx.x) < rows) {
-        for (int i = 0; i < p.num_probe; ++i) {
-          if (cuda::Clamp(p.probe_heads[i], int64_t{0}, int64_t{p.num_heads - 1}) ==
-              head0 + static_cast<int>(threadIdx.x)) {
-            slot = i;
-            break;
-          }
-        }
-      }
-      s_probe_slot[threadIdx.x] = slot;
+      s_probe_slot[threadIdx.x] = static_cast<int>(threadIdx.x) < rows
+                                      ? FirstProbeSlot(p.probe_heads, p.num_probe, p.num_heads,
+                                                       head0 + static_cast<int>(threadIdx.x))
+                                      : -1;
     }
     __syncthreads();
 #pragma unroll
