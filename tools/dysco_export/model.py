@@ -136,19 +136,20 @@ class DecoderLayer(nn.Module):
         # probabilities in the same pass"); otherwise attention_probs below.
         probes_done = False
         if is_decode and not probes_only:
+            layer_probs: Optional[Tensor] = None
+            run_heads: Optional[Tensor] = None
             if probe_heads is not None and len(probe_runs) == 1:
                 start, end = probe_runs[0]
                 layer_probs = torch.empty([probs.size(0), end - start, probs.size(2)], dtype=torch.float32,
                                           device=probs.device)
-                torch.ops.dysco.qk_norm_rope_attention_decode(out, q, kv_layer, qkv, cos, sin, slot_mapping, q_norm,
-                                                              k_norm, self.eps, block_tables, seq_lens, self.scale,
-                                                              attn_bias, layer_probs, probe_heads[start:end])
+                run_heads = probe_heads[start:end]
+            torch.ops.dysco.qk_norm_rope_attention_decode(out, q, kv_layer, qkv, cos, sin, slot_mapping, q_norm, k_norm,
+                                                          self.eps, block_tables, seq_lens, self.scale, attn_bias,
+                                                          layer_probs, run_heads)
+            if layer_probs is not None:
+                start, end = probe_runs[0]
                 probs[:, start:end].copy_(layer_probs)
                 probes_done = True
-            else:
-                torch.ops.dysco.qk_norm_rope_attention_decode(out, q, kv_layer, qkv, cos, sin, slot_mapping, q_norm,
-                                                              k_norm, self.eps, block_tables, seq_lens, self.scale,
-                                                              attn_bias)
         else:
             torch.ops.dysco.qk_norm_rope_kv_write(q, kv_layer, qkv, cos, sin, slot_mapping, q_norm, k_norm,
                                                   self.eps)
