@@ -639,8 +639,8 @@ StepProfile ProfileSteps(const at::Device& device, int64_t steps,
     Sync(device);
     p.wall_ms_per_step = Seconds(t0, Clock::now()) * 1e3 / steps;
     std::unique_ptr<prof::ProfilerResult> result = prof::disableProfiler();
-    std::map<std::string, std::pair<double, int64_t>> by_name;             // ns, calls
-    std::map<std::string, std::vector<std::pair<double, double>>> starts;  // name: (start, ms)
+    // Each name's calls: (start, duration), in ns.
+    std::map<std::string, std::vector<std::pair<double, double>>> calls_by_name;
     for (const auto& e : result->events()) {
       if (e.deviceType() != want) continue;
 #if TORCH_VERSION_MAJOR >= 2
@@ -650,21 +650,18 @@ StepProfile ProfileSteps(const at::Device& device, int64_t steps,
       const double ns = 1e3 * static_cast<double>(e.durationUs());
       const double start = 1e3 * static_cast<double>(e.startUs());
 #endif
-      auto& slot = by_name[e.name()];
-      slot.first += ns;
-      slot.second += 1;
-      starts[e.name()].emplace_back(start, ns / 1e6);
+      calls_by_name[e.name()].emplace_back(start, ns);
     }
-    for (auto& [name, calls] : starts) {
+    p.steps = steps;
+    for (auto& [name, calls] : calls_by_name) {
+      double ns = 0;
+      for (const auto& call : calls) ns += call.second;
+      p.kernels.push_back({name, ns / 1e6 / steps, static_cast<double>(calls.size()) / steps});
+      p.device_ms_per_step += ns / 1e6 / steps;
       std::stable_sort(calls.begin(), calls.end(),
                        [](const auto& a, const auto& b) { return a.first < b.first; });
       std::vector<double>& ms = p.call_ms_in_order[name];
-      for (const auto& call : calls) ms.push_back(call.second);
-    }
-    p.steps = steps;
-    for (const auto& [name, v] : by_name) {
-      p.kernels.push_back({name, v.first / 1e6 / steps, static_cast<double>(v.second) / steps});
-      p.device_ms_per_step += v.first / 1e6 / steps;
+      for (const auto& call : calls) ms.push_back(call.second / 1e6);
     }
     std::sort(p.kernels.begin(), p.kernels.end(), [](const KernelTime& a, const KernelTime& b) {
       return a.ms_per_step > b.ms_per_step;
