@@ -132,6 +132,12 @@ void qk_norm_rope_attention_decode(TensorRef out, TensorRef query, TensorRef kv_
           eps, block_tables, seq_lens, scale, key_bias, probs, probe_heads);
 }
 
+void dysco_probe_mean(TensorRef mean, TensorRef probs, c10::IntArrayRef heads) {
+  static const auto op =
+      Handle<void(TensorRef, TensorRef, c10::IntArrayRef)>(kernels::kDyscoProbeMeanOp);
+  op.call(mean, probs, heads);
+}
+
 void dysco_relevance_update(TensorRef relevance, TensorRef probs, TensorRef num_keys,
                             TensorRef decay) {
   static const auto op =
@@ -182,6 +188,7 @@ const std::vector<std::string>& AllOpNames() {
       kernels::kDyscoSelectBiasOp,
       kernels::kDyscoBiasFromSelectionOp,
       kernels::kDyscoTemplateMaskOp,
+      kernels::kDyscoProbeMeanOp,
   };
   return names;
 }

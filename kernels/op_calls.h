@@ -130,6 +130,13 @@ void qk_norm_rope_attention_decode(const at::Tensor& out, const at::Tensor& quer
 // written as zeros / false). Entries at j >= n_b are written as 0 (bias, relevance) / false
 // (selected).
 
+// mean fp32 [B, S] <- the mean of probs' rows `heads` (fp32 [B' >= B, P, S' >= S], contiguous;
+// heads: 1 .. 64 row indices, repeats allowed): mean[b, j] = (probs[b, heads[0], j] + probs[b,
+// heads[1], j] + ...) * (1.0f / H), added in fp32 in the order of `heads`, so the bits of ATen's
+// clone, add_ ... add_, mul_ sequence that it replaces (the runner's head mean of a DySCO step, one
+// kernel on a GPU instead of H + 1: docs/dysco.md "Ops").
+void dysco_probe_mean(const at::Tensor& mean, const at::Tensor& probs, c10::IntArrayRef heads);
+
 // relevance fp32 [B, S] <- r_t, in place: r_{t-1} in [0, n_b - 1) in, r_t in [0, n_b) out.
 // probs fp32 [B, H, S'] (H >= 1, S' >= n_b): the selected heads' attention of the current query;
 // decay fp32 [B]. a = mean_h probs[b, h, :n_b]; a[:n_b-1] += decay[b] * r_{t-1}; r_t = a / sum(a)

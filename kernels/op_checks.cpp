@@ -3,6 +3,8 @@
 
 #include <c10/util/Exception.h>
 
+#include "kernels/dysco_constants.h"
+
 namespace dysco::kernels {
 namespace {
 
@@ -434,6 +436,24 @@ PagedCacheShape CheckAttentionProbsArgs(const at::Tensor& out, const at::Tensor&
                    {"seq_lens", seq_lens},
                    {"heads", heads}});
   return cache;
+}
+
+void CheckDyscoProbeMeanArgs(const at::Tensor& mean, const at::Tensor& probs,
+                             c10::IntArrayRef heads) {
+  constexpr const char* kOp = kDyscoProbeMeanOp;
+  CheckTensor(kOp, "mean", mean, at::kFloat, 2);
+  CheckTensor(kOp, "probs", probs, at::kFloat, 3);
+  TORCH_CHECK(probs.is_contiguous(), kOp, ": probs must be contiguous");
+  TORCH_CHECK(probs.size(0) >= mean.size(0) && probs.size(2) >= mean.size(1), kOp,
+              ": probs must be [B' >= B = ", mean.size(0), ", P, S' >= S = ", mean.size(1),
+              "], got ", probs.sizes());
+  TORCH_CHECK(!heads.empty() && static_cast<int64_t>(heads.size()) <= kMaxProbeMeanHeads, kOp,
+              ": heads must have 1 to ", kMaxProbeMeanHeads, " entries, got ", heads.size());
+  for (size_t k = 0; k < heads.size(); ++k) {
+    TORCH_CHECK(heads[k] >= 0 && heads[k] < probs.size(1), kOp, ": heads[", k, "] = ", heads[k],
+                " is not a row of probs (P = ", probs.size(1), ")");
+  }
+  CheckSameDevice(kOp, "mean", mean, {{"probs", probs}});
 }
 
 void CheckDyscoRelevanceUpdateArgs(const at::Tensor& relevance, const at::Tensor& probs,

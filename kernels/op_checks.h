@@ -41,6 +41,7 @@ inline constexpr const char* kDyscoRelevanceUpdateOp = "dysco::dysco_relevance_u
 inline constexpr const char* kDyscoSelectBiasOp = "dysco::dysco_select_bias";
 inline constexpr const char* kDyscoBiasFromSelectionOp = "dysco::dysco_bias_from_selection";
 inline constexpr const char* kDyscoTemplateMaskOp = "dysco::dysco_template_mask";
+inline constexpr const char* kDyscoProbeMeanOp = "dysco::dysco_probe_mean";
 
 // ---- building blocks
 
@@ -192,6 +193,12 @@ PagedCacheShape CheckQkNormRopeAttentionDecodeArgs(
     const at::Tensor& seq_lens, const c10::optional<at::Tensor>& key_bias,
     const c10::optional<at::Tensor>& probs = c10::nullopt,
     const c10::optional<at::Tensor>& probe_heads = c10::nullopt);
+
+// dysco_probe_mean: mean fp32 [B, S], probs fp32 [B' >= B, P, S' >= S] contiguous, heads 1 ..
+// kMaxProbeMeanHeads entries, each in [0, P); the same device. Everything is checked here (heads
+// are host values).
+void CheckDyscoProbeMeanArgs(const at::Tensor& mean, const at::Tensor& probs,
+                             c10::IntArrayRef heads);
 
 // dysco_relevance_update. Left to the backend: num_keys values (in [0, min(S, S')]).
 void CheckDyscoRelevanceUpdateArgs(const at::Tensor& relevance, const at::Tensor& probs,

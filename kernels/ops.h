@@ -143,6 +143,9 @@ void qk_norm_rope_attention_decode_cpu(
 // j >= n_b are written as 0 (bias, relevance) / false (selected). The CPU versions check every
 // value they read (num_keys, top_p, top_k, strength, offsets) before writing anything.
 
+// dysco_probe_mean (kernels/op_calls.h): the rows' sums in the order of `heads`, then the multiply.
+void dysco_probe_mean_cpu(const at::Tensor& mean, const at::Tensor& probs, c10::IntArrayRef heads);
+
 // relevance fp32 [B, S] <- r_t, in place: r_{t-1} in [0, n_b - 1) in, r_t in [0, n_b) out.
 // probs fp32 [B, H, S'] (H >= 1, S' >= n_b): the selected heads' attention of the current query;
 // decay fp32 [B]. a = mean_h probs[b, h, :n_b]; a[:n_b-1] += decay[b] * r_{t-1}; r_t = a / sum(a)

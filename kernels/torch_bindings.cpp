@@ -75,6 +75,7 @@ TORCH_LIBRARY(dysco, m) {
   m.def(
       "dysco_relevance_update(Tensor(a!) relevance, Tensor probs, Tensor num_keys, Tensor decay) "
       "-> ()");
+  m.def("dysco_probe_mean(Tensor(a!) mean, Tensor probs, int[] heads) -> ()");
   m.def(
       "dysco_select_bias(Tensor(a!) bias, Tensor(b!) selected, Tensor(c!) stats, "
       "Tensor relevance, Tensor num_keys, Tensor template_mask, Tensor top_p, Tensor top_k, "

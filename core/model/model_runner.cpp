@@ -37,6 +37,7 @@
 #include "core/model/device_tensor.h"
 #include "core/model/safetensors_file.h"
 #include "core/model/torch_dtype.h"
+#include "kernels/dysco_constants.h"
 #include "kernels/op_calls.h"
 
 namespace dysco {
@@ -960,6 +961,26 @@ void ModelRunner::Impl::ReadProbeMeanLocked(const ForwardBatch& batch, const at:
   // Row k of the model's probs is the batch's probe probe_order[k].
   std::vector<int64_t> model_index(probe_order.size());
   for (size_t k = 0; k < probe_order.size(); ++k) model_index[probe_order[k]] = int64_t(k);
+  // Every row with the same heads (one DySCO configuration: always at batch 1): the mean in one
+  // dysco_probe_mean call, the bits of the loop below, one kernel on a GPU instead of H + 2
+  // (docs/dysco.md "Ops").
+  const std::vector<int>& first_heads = batch.probe_mean_heads[0];
+  bool uniform = !first_heads.empty() &&
+                 static_cast<int64_t>(first_heads.size()) <= kMaxProbeMeanHeads &&
+                 probs.scalar_type() == at::kFloat && probs.is_contiguous();
+  for (int64_t b = 1; b < B && uniform; ++b) uniform = batch.probe_mean_heads[b] == first_heads;
+  if (uniform) {
+    std::vector<int64_t> rows;
+    for (const int h : first_heads) rows.push_back(model_index[h]);
+    at::Tensor mean = at::empty({B, max_seq_len}, probs.options());
+    ops::dysco_probe_mean(mean, probs, rows);
+    if (batch.probe_mean_on_device && mean.is_cuda()) {
+      out->probe_mean_device = std::make_shared<const DeviceTensor>(DeviceTensor{mean});
+      return;
+    }
+    CopyToHost(mean, &out->probe_mean);
+    return;
+  }
   const at::Tensor p = probs.narrow(0, 0, B).narrow(2, 0, max_seq_len);
   at::Tensor mean = at::zeros({B, max_seq_len}, p.options().dtype(at::kFloat));
   // Rows with the same head list (every row of one DySCO configuration) are reduced together:

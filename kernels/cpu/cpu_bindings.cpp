@@ -19,6 +19,7 @@ TORCH_LIBRARY_IMPL(dysco, CPU, m) {
   m.impl("qk_norm_rope_kv_write", &dysco::kernels::qk_norm_rope_kv_write_cpu);
   m.impl("qk_norm_rope_attention_decode", &dysco::kernels::qk_norm_rope_attention_decode_cpu);
   m.impl("dysco_relevance_update", &dysco::kernels::dysco_relevance_update_cpu);
+  m.impl("dysco_probe_mean", &dysco::kernels::dysco_probe_mean_cpu);
   m.impl("dysco_select_bias", &dysco::kernels::dysco_select_bias_cpu);
   m.impl("dysco_bias_from_selection", &dysco::kernels::dysco_bias_from_selection_cpu);
   m.impl("dysco_template_mask", &dysco::kernels::dysco_template_mask_cpu);

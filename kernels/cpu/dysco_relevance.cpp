@@ -19,6 +19,32 @@ constexpr int64_t kKeysPerChunk = 8192;
 
 }  // namespace
 
+void dysco_probe_mean_cpu(const at::Tensor& mean, const at::Tensor& probs, c10::IntArrayRef heads) {
+  CheckDyscoProbeMeanArgs(mean, probs, heads);
+  const int64_t batch = mean.size(0);
+  const int64_t width = mean.size(1);
+  if (mean.numel() == 0) return;
+  const int64_t rows = probs.size(1);
+  const int64_t probs_len = probs.size(2);
+  const float* prob = probs.data_ptr<float>();
+  float* out = mean.data_ptr<float>();
+  const int64_t out_stride = mean.stride(0);
+  const int64_t out_step = mean.stride(1);
+  // The multiplier as ATen's mul_ by the double 1.0f / H takes it: a float.
+  const float inv_heads = 1.0f / static_cast<float>(heads.size());
+  const std::vector<int64_t> head_rows(heads.begin(), heads.end());
+  at::parallel_for(0, batch * width, kKeysPerChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / width;
+      const int64_t j = item % width;
+      const float* row = prob + b * rows * probs_len + j;
+      float acc = row[head_rows[0] * probs_len];
+      for (size_t k = 1; k < head_rows.size(); ++k) acc += row[head_rows[k] * probs_len];
+      out[b * out_stride + j * out_step] = acc * inv_heads;
+    }
+  });
+}
+
 void dysco_relevance_update_cpu(const at::Tensor& relevance, const at::Tensor& probs,
                                 const at::Tensor& num_keys, const at::Tensor& decay) {
   cpu::CheckDyscoRelevanceUpdate(relevance, probs, num_keys, decay);

@@ -20,6 +20,7 @@ TORCH_LIBRARY_IMPL(dysco, CUDA, m) {
   m.impl("qk_norm_rope_kv_write", &dysco::kernels::qk_norm_rope_kv_write_cuda);
   m.impl("qk_norm_rope_attention_decode", &dysco::kernels::qk_norm_rope_attention_decode_cuda);
   m.impl("dysco_relevance_update", &dysco::kernels::dysco_relevance_update_cuda);
+  m.impl("dysco_probe_mean", &dysco::kernels::dysco_probe_mean_cuda);
   m.impl("dysco_select_bias", &dysco::kernels::dysco_select_bias_cuda);
   m.impl("dysco_bias_from_selection", &dysco::kernels::dysco_bias_from_selection_cuda);
   m.impl("dysco_template_mask", &dysco::kernels::dysco_template_mask_cuda);

@@ -104,6 +104,9 @@ void qk_norm_rope_attention_decode_cuda(
     const at::Tensor& seq_lens, double scale, const c10::optional<at::Tensor>& key_bias,
     const c10::optional<at::Tensor>& probs, const c10::optional<at::Tensor>& probe_heads);
 
+// One kernel: a thread a key, the heads by value.
+void dysco_probe_mean_cuda(const at::Tensor& mean, const at::Tensor& probs, c10::IntArrayRef heads);
+
 void dysco_relevance_update_cuda(const at::Tensor& relevance, const at::Tensor& probs,
                                  const at::Tensor& num_keys, const at::Tensor& decay);
 

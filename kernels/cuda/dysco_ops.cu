@@ -566,6 +566,27 @@ __global__ void __launch_bounds__(kRowThreads)
   for (int64_t t = 0; t < longest; ++t) mask[i + t] = true;
 }
 
+// ---- dysco_probe_mean: a thread a (row, key); the rows by value.
+struct ProbeMeanHeads {
+  int64_t rows[kMaxProbeMeanHeads];
+  int count;
+};
+constexpr int kProbeMeanThreads = 256;
+
+__global__ void __launch_bounds__(kProbeMeanThreads)
+    ProbeMeanKernel(float* mean, const float* probs, const ProbeMeanHeads heads, int64_t width,
+                    int64_t mean_stride, int64_t mean_step, int64_t rows, int64_t probs_len,
+                    float inv_heads) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kProbeMeanThreads + threadIdx.x;
+  const int64_t b = blockIdx.y;
+  if (j >= width) return;
+  const float* row = probs + b * rows * probs_len + j;
+  // In the order of `heads`, in fp32, then one multiply: ATen's clone, add_, ..., mul_ bit for bit.
+  float acc = row[heads.rows[0] * probs_len];
+  for (int k = 1; k < heads.count; ++k) acc = __fadd_rn(acc, row[heads.rows[k] * probs_len]);
+  mean[b * mean_stride + j * mean_step] = __fmul_rn(acc, inv_heads);
+}
+
 void CheckCuda(const char* op, const at::Tensor& out) {
   TORCH_CHECK(out.is_cuda(), op, ": the CUDA implementation got tensors on ", out.device());
 }
@@ -585,6 +606,25 @@ bool MultiBlockSelect(int64_t width) {
 }
 
 }  // namespace
+
+void dysco_probe_mean_cuda(const at::Tensor& mean, const at::Tensor& probs,
+                           c10::IntArrayRef heads) {
+  CheckDyscoProbeMeanArgs(mean, probs, heads);
+  CheckCuda(kDyscoProbeMeanOp, mean);
+  if (mean.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(mean.device());
+  ProbeMeanHeads rows{};
+  rows.count = static_cast<int>(heads.size());
+  for (size_t k = 0; k < heads.size(); ++k) rows.rows[k] = heads[k];
+  const int64_t width = mean.size(1);
+  TORCH_CHECK(mean.size(0) <= 65535, kDyscoProbeMeanOp, ": at most 65535 rows, got ", mean.size(0));
+  const dim3 grid(static_cast<unsigned>(cuda::CeilDiv(width, kProbeMeanThreads)),
+                  static_cast<unsigned>(mean.size(0)));
+  ProbeMeanKernel<<<grid, kProbeMeanThreads, 0, cuda::CurrentStream()>>>(
+      mean.data_ptr<float>(), probs.data_ptr<float>(), rows, width, mean.stride(0), mean.stride(1),
+      probs.size(1), probs.size(2), 1.0f / static_cast<float>(heads.size()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 void dysco_relevance_update_cuda(const at::Tensor& relevance, const at::Tensor& probs,
                                  const at::Tensor& num_keys, const at::Tensor& decay) {

@@ -279,10 +279,11 @@ std::vector<float> RandomRelevance(int64_t n, bool ties, at::Generator& gen) {
 
 // ---- registration
 
-TEST(DyscoOps, AllFourDyscoOpsAreRegisteredWithCpuKernels) {
+TEST(DyscoOps, AllFiveDyscoOpsAreRegisteredWithCpuKernels) {
   const std::vector<std::string>& names = ops::AllOpNames();
   for (const char* name : {"dysco::dysco_relevance_update", "dysco::dysco_select_bias",
-                           "dysco::dysco_bias_from_selection", "dysco::dysco_template_mask"}) {
+                           "dysco::dysco_bias_from_selection", "dysco::dysco_template_mask",
+                           "dysco::dysco_probe_mean"}) {
     EXPECT_NE(std::find(names.begin(), names.end(), name), names.end()) << name;
   }
   EXPECT_EQ(ops::MissingOps(), std::vector<std::string>{});
@@ -405,6 +406,68 @@ TEST(DyscoRelevanceUpdate, RejectsBadInputs) {
   EXPECT_THROW(ops::dysco_relevance_update(rel, probs, keys, at::zeros({2}, at::kDouble)),
                c10::Error);
   EXPECT_THROW(ops::dysco_relevance_update(rel, probs, keys, at::zeros({3})), c10::Error);
+}
+
+// ---- dysco_probe_mean
+
+// The ATen sequence the runner ran before the op (clone, add_ per further head, mul_ by the double
+// 1.0f / H), on the rows' first S keys.
+at::Tensor AtenProbeMean(const at::Tensor& probs, int64_t batch, int64_t width,
+                         const std::vector<int64_t>& heads) {
+  const at::Tensor p = probs.narrow(0, 0, batch).narrow(2, 0, width);
+  at::Tensor acc = p.select(1, heads[0]).clone();
+  for (size_t k = 1; k < heads.size(); ++k) acc.add_(p.select(1, heads[k]));
+  acc.mul_(static_cast<double>(1.0f / static_cast<float>(heads.size())));
+  return acc;
+}
+
+// Bit for bit the ATen sequence, for the head lists the runner passes (the reference's 16 heads, a
+// head twice, one head) over probs wider and taller than the mean (the model's probs span the
+// block tables' capacity and the padded batch), on several threads and one; every element written
+// (NaN first).
+TEST(DyscoProbeMean, EqualsTheAtenSequenceBitForBit) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(71);
+  const at::Tensor probs = at::rand({3, 20, 20000}, gen);
+  const int threads_before = at::get_num_threads();
+  for (const std::vector<int64_t>& heads :
+       {std::vector<int64_t>{3, 0, 19, 7, 12, 1, 5, 16, 2, 9, 11, 18, 4, 14, 6, 10},
+        std::vector<int64_t>{5, 2, 5}, std::vector<int64_t>{8}}) {
+    for (const int threads : {1, 4}) {
+      at::set_num_threads(threads);
+      at::Tensor mean = at::full({2, 17000}, std::nanf(""));
+      ops::dysco_probe_mean(mean, probs, heads);
+      EXPECT_TRUE(at::equal(mean, AtenProbeMean(probs, 2, 17000, heads)))
+          << heads.size() << " heads, " << threads << " threads";
+    }
+  }
+  at::set_num_threads(threads_before);
+}
+
+// Each argument checked, the message naming it, nothing written.
+TEST(DyscoProbeMean, RejectsBadInputs) {
+  const at::Tensor probs = at::rand({2, 4, 8});
+  at::Tensor mean = at::full({2, 8}, 7.0f);
+  const std::vector<int64_t> heads = {0, 3};
+  EXPECT_NO_THROW(ops::dysco_probe_mean(at::empty({2, 8}), probs, heads));
+  auto rejected = [&](const at::Tensor& m, const at::Tensor& p, const std::vector<int64_t>& h,
+                      const std::string& text) {
+    try {
+      ops::dysco_probe_mean(m, p, h);
+      ADD_FAILURE() << "accepted: " << text;
+    } catch (const c10::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
+    }
+  };
+  rejected(mean, probs, {}, "heads must have 1 to 64 entries");
+  rejected(mean, probs, std::vector<int64_t>(65, 0), "heads must have 1 to 64 entries");
+  rejected(mean, probs, {0, 4}, "heads[1] = 4 is not a row of probs (P = 4)");
+  rejected(mean, probs, {-1}, "heads[0] = -1 is not a row of probs");
+  rejected(mean, probs.to(at::kDouble), heads, "probs must have dtype Float");
+  rejected(mean, at::rand({2, 4, 7}), heads, "probs must be [B' >= B = 2, P, S' >= S = 8]");
+  rejected(mean, at::rand({1, 4, 8}), heads, "probs must be [B' >= B = 2, P, S' >= S = 8]");
+  rejected(mean, at::rand({2, 8, 4}).transpose(1, 2), heads, "probs must be contiguous");
+  rejected(at::empty({2, 8, 1}), probs, heads, "mean must have 2 dimensions");
+  EXPECT_TRUE(at::equal(mean, at::full({2, 8}, 7.0f)));  // nothing written
 }
 
 // ---- dysco_select_bias on random batches

@@ -681,6 +681,33 @@ at::Tensor RelevanceRows(const std::vector<int64_t>& n, int64_t width, bool ties
   return r;
 }
 
+// dysco_probe_mean on the GPU: bit for bit the CPU op (fp32 adds in the heads' order, one
+// multiply), for the reference's 16 heads, a head twice and one head, over probs wider and taller
+// than the mean, at 128K keys too; every element written (NaN first).
+TEST(CudaDyscoProbeMean, EqualsCpuBitForBit) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(71);
+  struct Case {
+    int64_t batch, rows, width, probs_batch, probs_width;
+  };
+  for (const Case& c : {Case{2, 20, 1000, 3, 1003}, Case{1, 16, 131072, 1, 131072},
+                        Case{5, 7, 4097, 8, 8192}}) {
+    const at::Tensor probs = at::rand({c.probs_batch, c.rows, c.probs_width});
+    for (const std::vector<int64_t>& all :
+         {std::vector<int64_t>{3, 0, 19, 7, 12, 1, 5, 16, 2, 9, 11, 18, 4, 14, 6, 10},
+          std::vector<int64_t>{5, 2, 5}, std::vector<int64_t>{6}}) {
+      std::vector<int64_t> heads;
+      for (const int64_t h : all) heads.push_back(h % c.rows);
+      at::Tensor cpu = at::full({c.batch, c.width}, std::nanf(""));
+      ops::dysco_probe_mean(cpu, probs, heads);
+      at::Tensor gpu = Cuda(at::full({c.batch, c.width}, std::nanf("")));
+      ops::dysco_probe_mean(gpu, Cuda(probs), heads);
+      EXPECT_TRUE(at::equal(gpu.cpu(), cpu))
+          << heads.size() << " heads, " << c.batch << " x " << c.width;
+    }
+  }
+}
+
 TEST(CudaDyscoRelevanceUpdate, EqualsCpu) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(7);
