@@ -963,9 +963,13 @@ void ModelRunner::Impl::ReadProbeMeanLocked(const ForwardBatch& batch, const at:
   for (size_t k = 0; k < probe_order.size(); ++k) model_index[probe_order[k]] = int64_t(k);
   // Every row with the same heads (one DySCO configuration: always at batch 1): the mean in one
   // dysco_probe_mean call, the bits of the loop below, one kernel on a GPU instead of H + 2
-  // (docs/dysco.md "Ops").
+  // (docs/dysco.md "Ops"). DYSCO_PROBE_MEAN_OP=0: the loop below instead (A/B timing).
   const std::vector<int>& first_heads = batch.probe_mean_heads[0];
-  bool uniform = !first_heads.empty() &&
+  static const bool use_op = [] {
+    const char* knob = std::getenv("DYSCO_PROBE_MEAN_OP");
+    return knob == nullptr || std::string(knob) != "0";
+  }();
+  bool uniform = use_op && !first_heads.empty() &&
                  static_cast<int64_t>(first_heads.size()) <= kMaxProbeMeanHeads &&
                  probs.scalar_type() == at::kFloat && probs.is_contiguous();
   for (int64_t b = 1; b < B && uniform; ++b) uniform = batch.probe_mean_heads[b] == first_heads;
