@@ -116,11 +116,14 @@ def decode_table(bench, peer):
         by_pass = prof.get("dysco_by_pass")
         if by_pass:
             # bench-gpu's SplitByPass: a kernel's calls of a DySCO step, the first (DySCO calls -
-            # plain calls) taken as the speculative pass's.
+            # plain calls) taken as the speculative pass's; "plain after": the plain step profiled
+            # again after the DySCO steps (a control for drift between the profiles).
             parts = "; ".join(
                 f"{k['name'][:60]} speculative {k['speculative_calls_per_step']} x "
                 f"{k['speculative_ms_per_call']:.4f} ms, real {k['real_calls_per_step']} x "
-                f"{k['real_ms_per_call']:.4f} ms (plain {k['plain_ms_per_call']:.4f} ms)"
+                f"{k['real_ms_per_call']:.4f} ms (plain {k['plain_ms_per_call']:.4f} ms"
+                + (f", plain after {k['plain_after_ms_per_call']:.4f} ms"
+                   if k.get("plain_after_ms_per_call") else "") + ")"
                 for k in by_pass[:4])
             lines += ["", f"DySCO step by pass at {prof['context']} (ms a call): {parts}"]
     return lines

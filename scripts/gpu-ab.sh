@@ -10,7 +10,9 @@
 # $OUT (default gpu-ab-out/; the device tool returns few): tests.log, ab.md (the rows) and
 # bench.log (every run's output).
 # Knobs: GPU_AB_TESTS (unset: no tests), GPU_AB_RUNS (unset: no bench), GPU_AB_TEST_TIMEOUT_S (200),
-# GPU_AB_BUDGET_S (570: the runs that would start past it are skipped), GPU_AB_SHAPE (qwen3-8b).
+# GPU_AB_BUDGET_S (570: the runs that would start past it are skipped), GPU_AB_SHAPE (qwen3-8b),
+# GPU_AB_PROFILE_STEPS (0: bench-gpu --profile-steps per run; the DySCO step by pass then lands in
+# ab.md), and gpu-bench.sh's own knobs (e.g. GPU_BENCH_CONTEXTS=131072 for the longest alone).
 # Usage: bash scripts/gpu-ab.sh [DEBS_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -58,7 +60,7 @@ for run in ${GPU_AB_RUNS:-}; do
     IFS=,
     for setting in $settings; do [ -n "$setting" ] && export "${setting?}"; done
     OUT=$WORK/bench GPU_BENCH_TAG=-$tag GPU_BENCH_PARTS=bench GPU_BENCH_SHAPES=$SHAPE \
-      GPU_BENCH_EXPORT_DEVICE=cuda GPU_BENCH_PROFILE_STEPS=0 GPU_BENCH_BUDGET_S=$left \
+      GPU_BENCH_EXPORT_DEVICE=cuda GPU_BENCH_PROFILE_STEPS=${GPU_AB_PROFILE_STEPS:-0} GPU_BENCH_BUDGET_S=$left \
       bash scripts/gpu-bench.sh "$DEBS"
   ) > "$WORK/bench-$tag.log" 2>&1
   cat "$WORK/bench-$tag.log" >> "$RESULTS/bench.log"
@@ -68,6 +70,9 @@ for run in ${GPU_AB_RUNS:-}; do
     awk -v h="### $SHAPE-$tag " 'index($0, h) == 1 { f = 1 }
       f && /^\| [0-9]+ \|/ { print }
       f && /^DySCO step breakdown/ { print substr($0, 1, 240); exit }' "$WORK/bench-$tag.log"
+    # With GPU_AB_PROFILE_STEPS: the DySCO step by pass (the attention kernels' rows).
+    awk '/^DySCO step by pass/ { f = 1; print; next } f && /^\| (name|---)/ { print; next }
+      f && /^\| .*Attention/ { print } f && !/^\|/ { f = 0 }' "$WORK/bench-$tag.log"
   } | tee -a "$RESULTS/ab.md"
 done
 rm -rf "$WORK"

@@ -21,9 +21,13 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <functional>
 #include <limits>
+#include <mutex>
+#include <set>
+#include <string>
 #include <utility>
 
 #include "kernels/cuda/cuda_common.cuh"
@@ -62,6 +66,26 @@ constexpr int64_t kMaxWorkspaceFloats = 64LL << 20;
 // head_dim is split over the 32 lanes, at most kMaxDPerLane elements each.
 constexpr int kMaxDPerLane = 8;
 constexpr int64_t kMaxHeadDim = kWarpSize * kMaxDPerLane;
+
+// DYSCO_CUDA_LOG_LAUNCH=1: each distinct launch configuration of the split attention, once, to
+// stderr (a diagnostic: which splits, table width, kernel and early start a model's calls get;
+// docs/gpu.md "What remains of issue 9", item 2, where a DySCO step's attention calls were ~5%
+// slower than a plain step's on the same inputs).
+bool LaunchLogEnabled() {
+  static const bool enabled = cuda::EnvIs("DYSCO_CUDA_LOG_LAUNCH", "1");
+  return enabled;
+}
+bool IsCapturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(stream, &status) == cudaSuccess &&
+         status == cudaStreamCaptureStatusActive;
+}
+void LogLaunchOnce(const std::string& line) {
+  static std::mutex mu;
+  static std::set<std::string> seen;
+  const std::lock_guard<std::mutex> lock(mu);
+  if (seen.insert(line).second) std::fprintf(stderr, "[attention_launch] %s\n", line.c_str());
+}
 
 // Grid: x = query token, y = split, z = KV head * row_chunks + chunk. Block: kAttentionThreads.
 template <typename T, int kRows, int kDPerLane>
@@ -443,6 +467,24 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   }
   const cudaStream_t stream = cuda::CurrentStream();
   const int kv_heads = static_cast<int>(cache.num_kv_heads);
+  if (LaunchLogEnabled()) {
+    LogLaunchOnce(std::string(query_start_loc == nullptr ? "decode" : "prefill") + " kernel=" +
+                  (use_mma                    ? "mma"
+                   : vector_blocks_per_sm > 0 ? "vector"
+                                              : "scalar") +
+                  " tokens=" + std::to_string(tokens) + " heads=" + std::to_string(num_heads) +
+                  " max_pages=" + std::to_string(p.max_pages) + " blocks_per_sm=" +
+                  std::to_string(vector_blocks_per_sm) + " splits=" + std::to_string(p.num_splits) +
+                  " split_len=" + std::to_string(p.split_len) +
+                  " bias=" + std::to_string(has_bias) +
+                  (has_bias ? " bias_width=" + std::to_string(p.bias_width) : std::string()) +
+                  " qkv_in_kernel=" + std::to_string(p.qkv != nullptr) +
+                  " early=" + std::to_string(p.early_keys) +
+                  " probes_in_kernel=" + std::to_string(p.probe_logits != nullptr) +
+                  " table_stride=" + std::to_string(block_tables.stride(0)) +
+                  " cache_pages=" + std::to_string(cache.num_pages) +
+                  " capturing=" + std::to_string(IsCapturing(stream)));
+  }
   if (use_mma) {
     LaunchMmaSplitAttention(p, tokens, kv_heads, stream);
   } else if (vector_blocks_per_sm > 0) {

@@ -148,6 +148,11 @@ def test_table_splits_the_dysco_step_by_pass(tmp_path):
     text = plot_gpu.table(benches, peers, servers)
     assert ("DySCO step by pass at 131072 (ms a call): MmaSplitAttentionKernel speculative 24 x "
             "0.1446 ms, real 36 x 0.1601 ms (plain 0.1445 ms)") in text
+    # With the control profile (the plain step again after the DySCO steps).
+    data["profile"]["dysco_by_pass"][0]["plain_after_ms_per_call"] = 0.1502
+    benches, peers, servers = plot_gpu.load([write(tmp_path, "c.json", data)])
+    text = plot_gpu.table(benches, peers, servers)
+    assert ("real 36 x 0.1601 ms (plain 0.1445 ms, plain after 0.1502 ms)") in text
 
 
 def test_sessions_line_gives_the_steady_decode_ratio_and_the_bandwidth_ceiling(tmp_path):
