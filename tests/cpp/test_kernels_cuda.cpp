@@ -690,8 +690,8 @@ TEST(CudaDyscoProbeMean, EqualsCpuBitForBit) {
   struct Case {
     int64_t batch, rows, width, probs_batch, probs_width;
   };
-  for (const Case& c : {Case{2, 20, 1000, 3, 1003}, Case{1, 16, 131072, 1, 131072},
-                        Case{5, 7, 4097, 8, 8192}}) {
+  for (const Case& c :
+       {Case{2, 20, 1000, 3, 1003}, Case{1, 16, 131072, 1, 131072}, Case{5, 7, 4097, 8, 8192}}) {
     const at::Tensor probs = at::rand({c.probs_batch, c.rows, c.probs_width});
     for (const std::vector<int64_t>& all :
          {std::vector<int64_t>{3, 0, 19, 7, 12, 1, 5, 16, 2, 9, 11, 18, 4, 14, 6, 10},
