@@ -138,6 +138,13 @@ __device__ void TokenSequence(const AttentionParams<T>& p, int64_t token, int64_
   *limit = cuda::Clamp(len - q_len + index + 1, 0, len);
 }
 
+// The weight exp(m - max) of a partial softmax state (a split's, or a warp's within a split) with
+// maximum m in a merge whose maximum is max; 0 for one that saw no key (m -inf, sum 0), with no
+// NaN from -inf - -inf.
+__device__ __forceinline__ float SplitWeight(float m, float max) {
+  return m == -INFINITY ? 0.0f : expf(m - max);
+}
+
 // The end of every split kernel: combines the block's warps' softmax states and writes each query
 // row's split partial (max, sum, acc[head_dim]) for split `split` of `token`; warp w takes rows w,
 // w + kAttentionWarps, ... The states are in shared memory, written by every warp before a
@@ -158,7 +165,7 @@ __device__ void WriteSplitPartials(const AttentionParams<T>& p, int64_t token, i
 #pragma unroll
     for (int w = 0; w < kAttentionWarps; ++w) {
       const float m = s_m[w * row_stride + r];
-      weights[w] = m == -INFINITY ? 0.0f : expf(m - max);
+      weights[w] = SplitWeight(m, max);
       sum += s_l[w * row_stride + r] * weights[w];
     }
     float* out =
@@ -178,28 +185,16 @@ __device__ void WriteSplitPartials(const AttentionParams<T>& p, int64_t token, i
   }
 }
 
-// Merges the splits of query row `row` (token * Hq + head) by log-sum-exp into out[row]; zeros when
-// no split saw a key. Run by one whole warp. s_weight: this warp's shared scratch of `capacity`
-// floats (each split's weight exp(max_s - max); splits past it recompute theirs). The partials are
-// read through L2 (ld.cg): in the split kernel's own merge they were written by other blocks of
-// the running grid, and L1 is not coherent across multiprocessors. The same arithmetic in the same
-// order in MergeSplitsKernel and in the split kernel's merge, so both give the same bits.
-// stats (optional): the row's final max and sum of exp(score - max), stored by lane 0.
-// Why a warp per row and this shape: the merge is latency-bound (the partials sit in L2, ~0.3 us a
-// round trip) and, in the split kernel's own merge, on the critical path of every decode attention
-// call (docs/gpu.md "The merge in fewer round trips"). So each lane reads its splits' max and sum
-// in one pass and keeps them in registers (kStatsPerLane), and reads the accumulators of all its
-// dims (kChunks runs of 64) for kUnroll splits at once: 3 round trips for a 32-split row of
-// head_dim 128 where the first version took ~10. Every dim still sums its splits in order 0, 1,
-// ..., so the bits do not depend on kUnroll or kChunks.
-template <typename T, int kChunks>
-__device__ void WarpMergeSplitsChunks(T* out, const float* partial, int64_t row, int num_splits,
-                                      int head_dim, float* s_weight, int capacity, float2* stats) {
-  constexpr int kStatsPerLane = 4;       // splits 0..127 keep their max and sum in registers
-  constexpr int kUnroll = 32 / kChunks;  // ~64 floats of accumulator loads in flight a lane
+// The log-sum-exp statistics of one row's splits (part: its split 0's partial, `stride` floats a
+// split), run by one whole warp: returns (max, sum) of the row, max over the splits' maxima and sum
+// of each split's sum times its weight exp(max_s - max), and stores split s's weight in s_weight[s]
+// for s < capacity. Each lane reads the max and sum of its first kStatsPerLane splits once and
+// keeps them in registers (one L2 round trip instead of two for up to 128 splits); every lane adds
+// its splits in the order s = lane, lane + 32, ..., so the bits do not depend on kStatsPerLane.
+__device__ __forceinline__ float2 WarpSplitStats(const float* part, int64_t stride, int num_splits,
+                                                 float* s_weight, int capacity) {
+  constexpr int kStatsPerLane = 4;  // splits 0..127 keep their max and sum in registers
   const int lane = threadIdx.x % cuda::kWarpSize;
-  const int64_t stride = head_dim + 2;
-  const float* part = partial + row * num_splits * stride;
   float split_max[kStatsPerLane];
   float split_sum[kStatsPerLane];
 #pragma unroll
@@ -218,26 +213,50 @@ __device__ void WarpMergeSplitsChunks(T* out, const float* partial, int64_t row,
   for (int s = lane + cuda::kWarpSize * kStatsPerLane; s < num_splits; s += cuda::kWarpSize)
     max = fmaxf(max, __ldcg(part + s * stride));
   max = cuda::WarpMax(max);
-  // A split that saw no key has max -inf and sum 0: weight 0 (and no NaN from -inf - -inf).
-  auto weight_of = [&](float m) { return m == -INFINITY ? 0.0f : expf(m - max); };
-  auto weight = [&](int s) { return weight_of(__ldcg(part + s * stride)); };
   float sum = 0.0f;
 #pragma unroll
   for (int i = 0; i < kStatsPerLane; ++i) {
     const int s = lane + cuda::kWarpSize * i;
     if (s < num_splits) {
-      const float w = weight_of(split_max[i]);
+      const float w = SplitWeight(split_max[i], max);
       if (s < capacity) s_weight[s] = w;
       sum += split_sum[i] * w;
     }
   }
   for (int s = lane + cuda::kWarpSize * kStatsPerLane; s < num_splits; s += cuda::kWarpSize) {
-    const float w = weight(s);
+    const float w = SplitWeight(__ldcg(part + s * stride), max);
     if (s < capacity) s_weight[s] = w;
     sum += __ldcg(part + s * stride + 1) * w;
   }
-  sum = cuda::WarpSum(sum);
-  if (stats != nullptr && lane == 0) *stats = make_float2(max, sum);
+  return make_float2(max, cuda::WarpSum(sum));
+}
+
+// Merges the splits of query row `row` (token * Hq + head) by log-sum-exp into out[row]; zeros when
+// no split saw a key. Run by one whole warp. s_weight: this warp's shared scratch of `capacity`
+// floats (each split's weight exp(max_s - max); splits past it recompute theirs). The partials are
+// read through L2 (ld.cg): in the split kernel's own merge they were written by other blocks of
+// the running grid, and L1 is not coherent across multiprocessors. The same arithmetic in the same
+// order in MergeSplitsKernel and in the split kernel's merge, so both give the same bits.
+// stats (optional): the row's final max and sum of exp(score - max), stored by lane 0.
+// Why a warp per row and this shape: the merge is latency-bound (the partials sit in L2, ~0.3 us a
+// round trip) and, in the split kernel's own merge, on the critical path of every decode attention
+// call (docs/gpu.md "The merge in fewer round trips"). So each lane reads its splits' max and sum
+// in one pass and keeps them in registers (WarpSplitStats), and reads the accumulators of all its
+// dims (kChunks runs of 64) for kUnroll splits at once: 3 round trips for a 32-split row of
+// head_dim 128 where the first version took ~10. Every dim still sums its splits in order 0, 1,
+// ..., so the bits do not depend on kUnroll or kChunks.
+template <typename T, int kChunks>
+__device__ void WarpMergeSplitsChunks(T* out, const float* partial, int64_t row, int num_splits,
+                                      int head_dim, float* s_weight, int capacity, float2* stats) {
+  constexpr int kUnroll = 32 / kChunks;  // ~64 floats of accumulator loads in flight a lane
+  const int lane = threadIdx.x % cuda::kWarpSize;
+  const int64_t stride = head_dim + 2;
+  const float* part = partial + row * num_splits * stride;
+  const float2 row_stats = WarpSplitStats(part, stride, num_splits, s_weight, capacity);
+  const float max = row_stats.x, sum = row_stats.y;
+  // The weight of a split past `capacity`, recomputed.
+  auto weight = [&](int s) { return SplitWeight(__ldcg(part + s * stride), max); };
+  if (stats != nullptr && lane == 0) *stats = row_stats;
   __syncwarp();  // s_weight written by the other lanes
   const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
   // Lane l takes dims 2 l, 2 l + 1 of each run of 64 (8-byte loads: a row's accumulators start 8
@@ -310,22 +329,10 @@ __device__ void WarpMergeSplits(T* out, const float* partial, int64_t row, int n
   const int lane = threadIdx.x % cuda::kWarpSize;
   const int64_t stride = head_dim + 2;
   const float* part = partial + row * num_splits * stride;
-  float max = -INFINITY;
-  for (int s = lane; s < num_splits; s += cuda::kWarpSize)
-    max = fmaxf(max, __ldcg(part + s * stride));
-  max = cuda::WarpMax(max);
-  auto weight = [&](int s) {
-    const float m = __ldcg(part + s * stride);
-    return m == -INFINITY ? 0.0f : expf(m - max);
-  };
-  float sum = 0.0f;
-  for (int s = lane; s < num_splits; s += cuda::kWarpSize) {
-    const float w = weight(s);
-    if (s < capacity) s_weight[s] = w;
-    sum += __ldcg(part + s * stride + 1) * w;
-  }
-  sum = cuda::WarpSum(sum);
-  if (stats != nullptr && lane == 0) *stats = make_float2(max, sum);
+  const float2 row_stats = WarpSplitStats(part, stride, num_splits, s_weight, capacity);
+  const float max = row_stats.x, sum = row_stats.y;
+  auto weight = [&](int s) { return SplitWeight(__ldcg(part + s * stride), max); };
+  if (stats != nullptr && lane == 0) *stats = row_stats;
   __syncwarp();
   const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
   for (int d = lane; d < head_dim; d += cuda::kWarpSize) {
