@@ -109,8 +109,29 @@ __device__ __forceinline__ uint32_t Word(const uint4& v, int w) {
 //   instructions were cut (a page-table read per tile, O rescaled only when a maximum grows) it
 //   lost: 0.146 against 0.142 ms at 128K keys on the H200 (docs/gpu.md "Measured: the decode
 //   kernels", with the cp.async rings that were tried and dropped).
+// - kSwapOperands: as kNoPrefetch, with the mma's operands swapped for query groups of at most 8
+//   (DYSCO_CUDA_MMA_PREFETCH=swap, opt-in): S^T = K Q^T with the tile's 16 keys as the mma's M and
+//   the group's query rows as its N (8), and O^T = V^T P^T with the head's dims as M. The K and V
+//   words a lane loads are the same; Q takes half the registers (the B operand) and O half (8 rows
+//   instead of 16, of which a group of 4 fills 4), and a tile takes half the mma instructions.
+//   P^T's B fragments come from S^T's accumulators by an 8x8 transpose in registers (movmatrix).
+//   Why: with Qwen3's and Llama's groups of 4, 3/4 of the default's Q and O registers hold zero
+//   rows; fewer registers let more warps in flight where short contexts are latency-bound
+//   (docs/gpu.md "What remains of issue 9", item 1). Not the default's bits (the mma sums its
+//   products in its own order either way; another operand order may round differently).
 constexpr int kNoPrefetch = 0;
 constexpr int kRegisterPrefetch = 1;
+constexpr int kSwapOperands = 2;
+// Query rows a block of the kSwapOperands pipeline takes (the mma's n).
+constexpr int kSwapRows = 8;
+
+// An 8x8 matrix of 16-bit pairs in the mma's fragment layout (lane: row lane / 4, columns
+// 2 (lane % 4) and + 1), transposed across the warp.
+__device__ __forceinline__ uint32_t Transpose8x8(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
 
 // The warps' softmax states and accumulators combined at the end (WriteSplitPartials); a row of
 // accumulators is padded by one float, so that a warp's C-layout stores spread over the banks
@@ -156,7 +177,10 @@ __global__ void __launch_bounds__(kAttentionThreads)
 
   // Q as A fragments: rows g and g + 8 of the chunk (zeros past `rows`), dims permuted as above.
   // Read after the wait for the kernel ahead, which writes it (AttentionParams::early_keys).
-  uint32_t qa[kKSteps][4];
+  // kSwapOperands: B fragments instead (row g, dims as above), two registers a k-step.
+  constexpr bool kSwap = kPipeline == kSwapOperands;
+  static_assert(!(kSwap && kProbes), "probed calls take the default pipeline");
+  uint32_t qa[kKSteps][kSwap ? 2 : 4];
   // The warps' softmax states and accumulators, combined at the end; with p.qkv its first
   // kMmaRows * kHeadDim elements of T first hold the query rows this block makes (make_query).
   __shared__ float s_m[kAttentionWarps * kMmaRows];
@@ -165,22 +189,38 @@ __global__ void __launch_bounds__(kAttentionThreads)
   static_assert(kMmaRows * kHeadDim * sizeof(T) <= sizeof(s_acc), "the query rows fit s_acc");
   T* const s_query = reinterpret_cast<T*>(s_acc);
   auto load_query = [&] {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = g + 8 * half;
+    if constexpr (kSwap) {
 #pragma unroll
       for (int i = 0; i < kRowLoads; ++i) {
         uint4 w = make_uint4(0, 0, 0, 0);
-        if (row < rows) {
+        if (g < rows) {
           w = p.qkv != nullptr
-                  ? *reinterpret_cast<const uint4*>(s_query + row * kHeadDim + 32 * i + 8 * t)
-                  : Load16(p.query + (token * p.num_heads + head0 + row) * kHeadDim + 32 * i +
-                           8 * t);
+                  ? *reinterpret_cast<const uint4*>(s_query + g * kHeadDim + 32 * i + 8 * t)
+                  : Load16(p.query + (token * p.num_heads + head0 + g) * kHeadDim + 32 * i + 8 * t);
         }
-        qa[2 * i][half] = w.x;
-        qa[2 * i][2 + half] = w.y;
-        qa[2 * i + 1][half] = w.z;
-        qa[2 * i + 1][2 + half] = w.w;
+        qa[2 * i][0] = w.x;
+        qa[2 * i][1] = w.y;
+        qa[2 * i + 1][0] = w.z;
+        qa[2 * i + 1][1] = w.w;
+      }
+    } else {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = g + 8 * half;
+#pragma unroll
+        for (int i = 0; i < kRowLoads; ++i) {
+          uint4 w = make_uint4(0, 0, 0, 0);
+          if (row < rows) {
+            w = p.qkv != nullptr
+                    ? *reinterpret_cast<const uint4*>(s_query + row * kHeadDim + 32 * i + 8 * t)
+                    : Load16(p.query + (token * p.num_heads + head0 + row) * kHeadDim + 32 * i +
+                             8 * t);
+          }
+          qa[2 * i][half] = w.x;
+          qa[2 * i][2 + half] = w.y;
+          qa[2 * i + 1][half] = w.z;
+          qa[2 * i + 1][2 + half] = w.w;
+        }
       }
     }
   };
@@ -264,9 +304,12 @@ __global__ void __launch_bounds__(kAttentionThreads)
 
   float m[2] = {-INFINITY, -INFINITY};  // running max of rows g and g + 8 (uniform over a quad)
   float l[2] = {0.0f, 0.0f};            // this lane's part of their running sums
-  float o[kDimsPerLane][4];             // O in the C layout of PV's n-blocks
+  // O in the C layout of PV's n-blocks; kSwapOperands: O^T in the C layout of its m-tiles (rows 2t
+  // and 2t + 1, dims kDimsPerLane g + 2 mb and + 1), and m, l are rows 2t and 2t + 1's.
+  constexpr int kAccBlocks = kSwap ? kDimsPerLane / 2 : kDimsPerLane;
+  float o[kAccBlocks][4];
 #pragma unroll
-  for (int nb = 0; nb < kDimsPerLane; ++nb) {
+  for (int nb = 0; nb < kAccBlocks; ++nb) {
 #pragma unroll
     for (int c = 0; c < 4; ++c) o[nb][c] = 0.0f;
   }
@@ -283,16 +326,26 @@ __global__ void __launch_bounds__(kAttentionThreads)
   // The bias of keys pair = tile + 8 nbk + 2t and pair + 1 (zeros past key_end), read with the
   // tile's K and V so that its latency overlaps theirs.
   auto load_bias = [&](int tile, float2(&tile_bias)[2]) {
+    if constexpr (kSwap) {
+      // Keys tile + g and tile + g + 8 (S^T's rows), in tile_bias[0].x and .y.
+      tile_bias[0] = make_float2(0.0f, 0.0f);
+      tile_bias[1] = make_float2(0.0f, 0.0f);
+      if (bias != nullptr) {
+        if (tile + g < key_end) tile_bias[0].x = bias[tile + g];
+        if (tile + g + 8 < key_end) tile_bias[0].y = bias[tile + g + 8];
+      }
+    } else {
 #pragma unroll
-    for (int nbk = 0; nbk < 2; ++nbk) {
-      const int pair = tile + 8 * nbk + 2 * t;
-      tile_bias[nbk] = make_float2(0.0f, 0.0f);
-      if (paired_bias) {
-        // pair is even and the width even, so pair < key_end <= width puts pair + 1 in the row.
-        if (pair < key_end) tile_bias[nbk] = *reinterpret_cast<const float2*>(bias + pair);
-      } else if (bias != nullptr) {
-        if (pair < key_end) tile_bias[nbk].x = bias[pair];
-        if (pair + 1 < key_end) tile_bias[nbk].y = bias[pair + 1];
+      for (int nbk = 0; nbk < 2; ++nbk) {
+        const int pair = tile + 8 * nbk + 2 * t;
+        tile_bias[nbk] = make_float2(0.0f, 0.0f);
+        if (paired_bias) {
+          // pair is even and the width even, so pair < key_end <= width puts pair + 1 in the row.
+          if (pair < key_end) tile_bias[nbk] = *reinterpret_cast<const float2*>(bias + pair);
+        } else if (bias != nullptr) {
+          if (pair < key_end) tile_bias[nbk].x = bias[pair];
+          if (pair + 1 < key_end) tile_bias[nbk].y = bias[pair + 1];
+        }
       }
     }
   };
@@ -336,81 +389,145 @@ __global__ void __launch_bounds__(kAttentionThreads)
   // One tile's arithmetic: S = Q K^T (+ bias), the online softmax, O += P V.
   auto process_tile = [&](int tile, const uint4(&kw)[2][kRowLoads],
                           const uint4(&vw)[4][kValueLoads], const float2(&tile_bias)[2]) {
-    // S (C layout): s[nbk][c] is row g + 8 (c / 2), key tile + 8 nbk + 2t + c % 2.
-    float s[2][4];
-#pragma unroll
-    for (int nbk = 0; nbk < 2; ++nbk) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) s[nbk][c] = 0.0f;
+    if constexpr (kSwap) {
+      // S^T (C layout): st[c] is key tile + g + 8 (c / 2), row 2t + c % 2. A fragments: K rows g
+      // and g + 8, the dims permuted as Q's.
+      float st[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
       for (int kk = 0; kk < kKSteps; ++kk) {
-        const uint4& w = kw[nbk][kk / 2];
-        Mma<T>::Run(s[nbk], qa[kk], (kk % 2) == 0 ? w.x : w.z, (kk % 2) == 0 ? w.y : w.w);
+        const uint4& w0 = kw[0][kk / 2];
+        const uint4& w1 = kw[1][kk / 2];
+        const bool even = (kk % 2) == 0;
+        const uint32_t a[4] = {even ? w0.x : w0.z, even ? w1.x : w1.z, even ? w0.y : w0.w,
+                               even ? w1.y : w1.w};
+        Mma<T>::Run(st, a, qa[kk][0], qa[kk][1]);
       }
-      // Keys pair = tile + 8 nbk + 2t and pair + 1 (C layout columns c % 2 of rows g, g + 8).
-      const int pair = tile + 8 * nbk + 2 * t;
-      const float2 key_bias = tile_bias[nbk];
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const int key = pair + (c % 2);
-        s[nbk][c] = key < key_end ? s[nbk][c] * p.scale + ((c % 2) == 0 ? key_bias.x : key_bias.y)
-                                  : -INFINITY;
-        // A probed row's logit, as its softmax below takes it (each key is in one split only).
-        if constexpr (kProbes) {
-          float* const probe = probe_row[c / 2];
-          if (probe != nullptr && key < key_end && key < p.probe_len) probe[key] = s[nbk][c];
+        const int key = tile + g + 8 * (c / 2);
+        st[c] = key < key_end ? st[c] * p.scale + ((c / 2) == 0 ? tile_bias[0].x : tile_bias[0].y)
+                              : -INFINITY;
+      }
+      // Online softmax of rows 2t + e: the row's 16 keys are over the 8 lanes of this t.
+      float correction[2];
+      bool grew = false;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float tile_max = fmaxf(st[e], st[2 + e]);
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 4));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 8));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 16));
+        const float m_new = fmaxf(m[e], tile_max);
+        grew = grew || m_new > m[e];
+        const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+        correction[e] = expf(m[e] - m_use);
+        st[e] = expf(st[e] - m_use);
+        st[2 + e] = expf(st[2 + e] - m_use);
+        l[e] = l[e] * correction[e] + (st[e] + st[2 + e]);
+        m[e] = m_new;
+      }
+      if (__any_sync(0xffffffffu, grew)) {
+#pragma unroll
+        for (int mb = 0; mb < kAccBlocks; ++mb) {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) o[mb][c] *= correction[c % 2];
         }
       }
-    }
-
-    // Online softmax per row; the quad's four lanes hold the row's 16 keys. O is rescaled only when
-    // some row's maximum of the warp grew: otherwise every correction is exp(0) = 1 (and while a
-    // maximum is still -inf, O is 0), so skipping the 64 multiplies changes no bit.
-    float correction[2];
-    bool grew = false;
+      // P^T's B fragments (keys 2t, 2t + 1 and 2t + 8, 2t + 9 of row g): the two 8x8 halves of
+      // S^T (keys g, rows 2t, 2t + 1), transposed.
+      const uint32_t b0 = Transpose8x8(Mma<T>::Pack(st[0], st[1]));
+      const uint32_t b1 = Transpose8x8(Mma<T>::Pack(st[2], st[3]));
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float tile_max = fmaxf(fmaxf(s[0][2 * half], s[0][2 * half + 1]),
-                             fmaxf(s[1][2 * half], s[1][2 * half + 1]));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-      const float m_new = fmaxf(m[half], tile_max);
-      grew = grew || m_new > m[half];
-      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // every key so far masked
-      correction[half] = expf(m[half] - m_use);               // 0 while m is -inf
-      float sum = 0.0f;
+      for (int mb = 0; mb < kAccBlocks; ++mb) {
+        // V^T's A fragment of m-tile mb: dims kDimsPerLane g + 2 mb (row g) and + 1 (row g + 8),
+        // keys 2t, 2t + 1 (a[0], a[1]) and 2t + 8, 2t + 9 (a[2], a[3]); element 2 mb + x of this
+        // lane's run of each value row.
+        const int load = (2 * mb) / 8;
+        const int word = mb % 4;
+        const uint32_t a[4] = {
+            __byte_perm(Word(vw[0][load], word), Word(vw[1][load], word), 0x5410u),
+            __byte_perm(Word(vw[0][load], word), Word(vw[1][load], word), 0x7632u),
+            __byte_perm(Word(vw[2][load], word), Word(vw[3][load], word), 0x5410u),
+            __byte_perm(Word(vw[2][load], word), Word(vw[3][load], word), 0x7632u)};
+        Mma<T>::Run(o[mb], a, b0, b1);
+      }
+    } else {
+      // S (C layout): s[nbk][c] is row g + 8 (c / 2), key tile + 8 nbk + 2t + c % 2.
+      float s[2][4];
 #pragma unroll
       for (int nbk = 0; nbk < 2; ++nbk) {
 #pragma unroll
-        for (int c = 2 * half; c < 2 * half + 2; ++c) {
-          s[nbk][c] = expf(s[nbk][c] - m_use);  // 0 for a masked key
-          sum += s[nbk][c];
+        for (int c = 0; c < 4; ++c) s[nbk][c] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < kKSteps; ++kk) {
+          const uint4& w = kw[nbk][kk / 2];
+          Mma<T>::Run(s[nbk], qa[kk], (kk % 2) == 0 ? w.x : w.z, (kk % 2) == 0 ? w.y : w.w);
+        }
+        // Keys pair = tile + 8 nbk + 2t and pair + 1 (C layout columns c % 2 of rows g, g + 8).
+        const int pair = tile + 8 * nbk + 2 * t;
+        const float2 key_bias = tile_bias[nbk];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int key = pair + (c % 2);
+          s[nbk][c] = key < key_end ? s[nbk][c] * p.scale + ((c % 2) == 0 ? key_bias.x : key_bias.y)
+                                    : -INFINITY;
+          // A probed row's logit, as its softmax below takes it (each key is in one split only).
+          if constexpr (kProbes) {
+            float* const probe = probe_row[c / 2];
+            if (probe != nullptr && key < key_end && key < p.probe_len) probe[key] = s[nbk][c];
+          }
         }
       }
-      l[half] = l[half] * correction[half] + sum;
-      m[half] = m_new;
-    }
-    if (__any_sync(0xffffffffu, grew)) {
+
+      // Online softmax per row; the quad's four lanes hold the row's 16 keys. O is rescaled only
+      // when some row's maximum of the warp grew: otherwise every correction is exp(0) = 1 (and
+      // while a maximum is still -inf, O is 0), so skipping the 64 multiplies changes no bit.
+      float correction[2];
+      bool grew = false;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float tile_max = fmaxf(fmaxf(s[0][2 * half], s[0][2 * half + 1]),
+                               fmaxf(s[1][2 * half], s[1][2 * half + 1]));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+        const float m_new = fmaxf(m[half], tile_max);
+        grew = grew || m_new > m[half];
+        const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // every key so far masked
+        correction[half] = expf(m[half] - m_use);               // 0 while m is -inf
+        float sum = 0.0f;
+#pragma unroll
+        for (int nbk = 0; nbk < 2; ++nbk) {
+#pragma unroll
+          for (int c = 2 * half; c < 2 * half + 2; ++c) {
+            s[nbk][c] = expf(s[nbk][c] - m_use);  // 0 for a masked key
+            sum += s[nbk][c];
+          }
+        }
+        l[half] = l[half] * correction[half] + sum;
+        m[half] = m_new;
+      }
+      if (__any_sync(0xffffffffu, grew)) {
+#pragma unroll
+        for (int nb = 0; nb < kDimsPerLane; ++nb) {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) o[nb][c] *= correction[c / 2];
+        }
+      }
+
+      // P as the A fragment of PV (rows g, g + 8; keys 2t, 2t + 1, 2t + 8, 2t + 9).
+      const uint32_t pa[4] = {Mma<T>::Pack(s[0][0], s[0][1]), Mma<T>::Pack(s[0][2], s[0][3]),
+                              Mma<T>::Pack(s[1][0], s[1][1]), Mma<T>::Pack(s[1][2], s[1][3])};
 #pragma unroll
       for (int nb = 0; nb < kDimsPerLane; ++nb) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) o[nb][c] *= correction[c / 2];
+        // Element nb of this lane's run of each value row: word (nb % 8) / 2 of load nb / 8, low
+        // half for even nb. Byte permutes put key 2t (resp. 2t + 8) low and 2t + 1 (2t + 9) high.
+        const unsigned selector = (nb % 2) == 0 ? 0x5410u : 0x7632u;
+        const int load = nb / 8;
+        const int word = (nb % 8) / 2;
+        const uint32_t b0 = __byte_perm(Word(vw[0][load], word), Word(vw[1][load], word), selector);
+        const uint32_t b1 = __byte_perm(Word(vw[2][load], word), Word(vw[3][load], word), selector);
+        Mma<T>::Run(o[nb], pa, b0, b1);
       }
-    }
-
-    // P as the A fragment of PV (rows g, g + 8; keys 2t, 2t + 1, 2t + 8, 2t + 9).
-    const uint32_t pa[4] = {Mma<T>::Pack(s[0][0], s[0][1]), Mma<T>::Pack(s[0][2], s[0][3]),
-                            Mma<T>::Pack(s[1][0], s[1][1]), Mma<T>::Pack(s[1][2], s[1][3])};
-#pragma unroll
-    for (int nb = 0; nb < kDimsPerLane; ++nb) {
-      // Element nb of this lane's run of each value row: word (nb % 8) / 2 of load nb / 8, low
-      // half for even nb. Byte permutes put key 2t (resp. 2t + 8) low and 2t + 1 (2t + 9) high.
-      const unsigned selector = (nb % 2) == 0 ? 0x5410u : 0x7632u;
-      const int load = nb / 8;
-      const int word = (nb % 8) / 2;
-      const uint32_t b0 = __byte_perm(Word(vw[0][load], word), Word(vw[1][load], word), selector);
-      const uint32_t b1 = __byte_perm(Word(vw[2][load], word), Word(vw[3][load], word), selector);
-      Mma<T>::Run(o[nb], pa, b0, b1);
     }
   };
 
@@ -456,27 +573,51 @@ __global__ void __launch_bounds__(kAttentionThreads)
     }
   }
 
-  // The rows' sums over the quad.
+  // The rows' sums over the quad (kSwapOperands: over the 8 lanes of a t).
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    l[half] += __shfl_xor_sync(0xffffffffu, l[half], 1);
-    l[half] += __shfl_xor_sync(0xffffffffu, l[half], 2);
+    if constexpr (kSwap) {
+      l[half] += __shfl_xor_sync(0xffffffffu, l[half], 4);
+      l[half] += __shfl_xor_sync(0xffffffffu, l[half], 8);
+      l[half] += __shfl_xor_sync(0xffffffffu, l[half], 16);
+    } else {
+      l[half] += __shfl_xor_sync(0xffffffffu, l[half], 1);
+      l[half] += __shfl_xor_sync(0xffffffffu, l[half], 2);
+    }
   }
 
   // Combine the warps in shared memory; warp w writes row w (and w + warps, ...) of the partials.
-  if (t == 0) {
-    s_m[warp * kMmaRows + g] = m[0];
-    s_m[warp * kMmaRows + g + 8] = m[1];
-    s_l[warp * kMmaRows + g] = l[0];
-    s_l[warp * kMmaRows + g + 8] = l[1];
-  }
+  if constexpr (kSwap) {
+    if (g == 0) {
 #pragma unroll
-  for (int nb = 0; nb < kDimsPerLane; ++nb) {
-    // C layout of PV: columns 2t, 2t + 1 of n-block nb are dims kDimsPerLane (2t + x) + nb.
+      for (int e = 0; e < 2; ++e) {
+        s_m[warp * kMmaRows + 2 * t + e] = m[e];
+        s_l[warp * kMmaRows + 2 * t + e] = l[e];
+      }
+    }
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      s_acc[(warp * kMmaRows + g + 8 * (c / 2)) * kStride + kDimsPerLane * (2 * t + c % 2) + nb] =
-          o[nb][c];
+    for (int mb = 0; mb < kAccBlocks; ++mb) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        s_acc[(warp * kMmaRows + 2 * t + c % 2) * kStride + kDimsPerLane * g + 2 * mb + c / 2] =
+            o[mb][c];
+      }
+    }
+  } else {
+    if (t == 0) {
+      s_m[warp * kMmaRows + g] = m[0];
+      s_m[warp * kMmaRows + g + 8] = m[1];
+      s_l[warp * kMmaRows + g] = l[0];
+      s_l[warp * kMmaRows + g + 8] = l[1];
+    }
+#pragma unroll
+    for (int nb = 0; nb < kDimsPerLane; ++nb) {
+      // C layout of PV: columns 2t, 2t + 1 of n-block nb are dims kDimsPerLane (2t + x) + nb.
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        s_acc[(warp * kMmaRows + g + 8 * (c / 2)) * kStride + kDimsPerLane * (2 * t + c % 2) + nb] =
+            o[nb][c];
+      }
     }
   }
   __syncthreads();
@@ -511,10 +652,26 @@ __global__ void __launch_bounds__(kAttentionThreads)
   if (threadIdx.x == 0) *counter = 0;
 }
 
-// kRegisterPrefetch when DYSCO_CUDA_MMA_PREFETCH=1 (read per launch, for A/B timing), else
-// kNoPrefetch.
+// kRegisterPrefetch when DYSCO_CUDA_MMA_PREFETCH=1, kSwapOperands when =swap (read per launch, for
+// A/B timing), else kNoPrefetch.
 int MmaPipeline() {
+  if (cuda::EnvIs("DYSCO_CUDA_MMA_PREFETCH", "swap")) return kSwapOperands;
   return cuda::EnvIs("DYSCO_CUDA_MMA_PREFETCH", "1") ? kRegisterPrefetch : kNoPrefetch;
+}
+
+// The pipeline of a call without probes: kSwapOperands only for groups of at most kSwapRows query
+// rows (one block holds them all, as the default's row chunk does for groups of up to 16).
+template <typename T>
+int PlainPipeline(const AttentionParams<T>& p) {
+  const int pipeline = MmaPipeline();
+  return pipeline == kSwapOperands && p.group > kSwapRows ? kNoPrefetch : pipeline;
+}
+
+template <typename T, int kHeadDim>
+auto* PlainKernel(int pipeline) {
+  return pipeline == kSwapOperands       ? MmaSplitAttentionKernel<T, kHeadDim, kSwapOperands>
+         : pipeline == kRegisterPrefetch ? MmaSplitAttentionKernel<T, kHeadDim, kRegisterPrefetch>
+                                         : MmaSplitAttentionKernel<T, kHeadDim, kNoPrefetch>;
 }
 
 template <typename T, int kHeadDim, int kPipeline>
@@ -534,19 +691,24 @@ constexpr bool kSixteenBit = std::is_same_v<T, c10::BFloat16> || std::is_same_v<
 }  // namespace
 
 template <typename T>
-int MmaSplitAttentionOccupancy(const AttentionParams<T>& p) {
+int MmaSplitAttentionOccupancy(const AttentionParams<T>& p, bool probed) {
   if constexpr (!kSixteenBit<T>) {
     return 0;
   } else {
     if (p.max_pages * p.page_size > (int64_t{1} << 31) - 1) return 0;  // int key indices
-    const bool prefetch = MmaPipeline() == kRegisterPrefetch;
-    if (p.head_dim == 64) {
-      return prefetch ? Occupancy<T, 64, kRegisterPrefetch>() : Occupancy<T, 64, kNoPrefetch>();
+    // A probed call's instance has the default pipeline (and its occupancy: 232 registers at
+    // head_dim 128, two blocks a multiprocessor as the default's 222).
+    const int pipeline = probed ? kNoPrefetch : PlainPipeline(p);
+    if (p.head_dim != 64 && p.head_dim != 128) return 0;
+    if (pipeline == kSwapOperands) {
+      return p.head_dim == 64 ? Occupancy<T, 64, kSwapOperands>()
+                              : Occupancy<T, 128, kSwapOperands>();
     }
-    if (p.head_dim == 128) {
-      return prefetch ? Occupancy<T, 128, kRegisterPrefetch>() : Occupancy<T, 128, kNoPrefetch>();
+    if (pipeline == kRegisterPrefetch) {
+      return p.head_dim == 64 ? Occupancy<T, 64, kRegisterPrefetch>()
+                              : Occupancy<T, 128, kRegisterPrefetch>();
     }
-    return 0;
+    return p.head_dim == 64 ? Occupancy<T, 64, kNoPrefetch>() : Occupancy<T, 128, kNoPrefetch>();
   }
 }
 
@@ -558,26 +720,22 @@ void LaunchMmaSplitAttention(const AttentionParams<T>& p, int64_t tokens, int kv
   } else {
     const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(p.num_splits),
                     static_cast<unsigned>(kv_heads * p.row_chunks));
-    const bool prefetch = MmaPipeline() == kRegisterPrefetch;
     TORCH_CHECK(p.head_dim == 64 || p.head_dim == 128,
                 "tensor-core split attention called for head_dim ", p.head_dim);
     // With probes, the pipeline without register prefetch (its own instance: kProbes).
     auto* kernel = p.probe_logits != nullptr
                        ? (p.head_dim == 64 ? MmaSplitAttentionKernel<T, 64, kNoPrefetch, true>
                                            : MmaSplitAttentionKernel<T, 128, kNoPrefetch, true>)
-                   : p.head_dim == 64
-                       ? (prefetch ? MmaSplitAttentionKernel<T, 64, kRegisterPrefetch>
-                                   : MmaSplitAttentionKernel<T, 64, kNoPrefetch>)
-                       : (prefetch ? MmaSplitAttentionKernel<T, 128, kRegisterPrefetch>
-                                   : MmaSplitAttentionKernel<T, 128, kNoPrefetch>);
+                   : p.head_dim == 64 ? PlainKernel<T, 64>(PlainPipeline(p))
+                                      : PlainKernel<T, 128>(PlainPipeline(p));
     cuda::LaunchOnStream(p.early_keys, kernel, grid, dim3(kAttentionThreads), stream, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
-template int MmaSplitAttentionOccupancy<float>(const AttentionParams<float>&);
-template int MmaSplitAttentionOccupancy<c10::BFloat16>(const AttentionParams<c10::BFloat16>&);
-template int MmaSplitAttentionOccupancy<c10::Half>(const AttentionParams<c10::Half>&);
+template int MmaSplitAttentionOccupancy<float>(const AttentionParams<float>&, bool);
+template int MmaSplitAttentionOccupancy<c10::BFloat16>(const AttentionParams<c10::BFloat16>&, bool);
+template int MmaSplitAttentionOccupancy<c10::Half>(const AttentionParams<c10::Half>&, bool);
 template void LaunchMmaSplitAttention<float>(const AttentionParams<float>&, int64_t, int,
                                              cudaStream_t);
 template void LaunchMmaSplitAttention<c10::BFloat16>(const AttentionParams<c10::BFloat16>&, int64_t,

@@ -234,6 +234,7 @@ void CheckDecode(const Layout& l, const std::vector<int64_t>& lens, at::ScalarTy
 // The tensor-core kernel's two pipelines: "off" (the default) and "registers"
 // (DYSCO_CUDA_MMA_PREFETCH=1: the next tile's loads before the current tile's arithmetic).
 const char* MmaPrefetchValue(const char* pipeline) {
+  if (std::strcmp(pipeline, "swap") == 0) return "swap";
   return std::strcmp(pipeline, "registers") == 0 ? "1" : nullptr;
 }
 
@@ -273,9 +274,11 @@ TEST(CudaPagedAttentionDecode, EveryMmaPipelineEqualsCpu) {
   std::mt19937 rng(11);
   at::manual_seed(11);
   ScopedEnv force("DYSCO_CUDA_ATTENTION_KERNEL", "mma");
-  for (const char* pipeline : {"off", "registers"}) {
+  // "swap": the swapped operands for groups of at most 8 (the third layout's 9 takes the default).
+  for (const char* pipeline : {"off", "registers", "swap"}) {
     ScopedEnv scoped("DYSCO_CUDA_MMA_PREFETCH", MmaPrefetchValue(pipeline));
-    for (const Layout& l : {Layout{2, 4, 128, 16}, Layout{3, 1, 64, 7}, Layout{1, 9, 128, 1}}) {
+    for (const Layout& l : {Layout{2, 4, 128, 16}, Layout{3, 1, 64, 7}, Layout{1, 9, 128, 1},
+                            Layout{1, 8, 128, 16}}) {
       for (at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
         for (BiasKind kind : {BiasKind::kNone, BiasKind::kRandom, BiasKind::kWithNegInf}) {
           SCOPED_TRACE(std::string("pipeline ") + pipeline);
@@ -1177,55 +1180,61 @@ TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
     const at::Tensor q_w = at::rand({d}, opt) + 0.5, k_w = at::rand({d}, opt) + 0.5;
     const Bias q_norm = shape.norms ? Bias(q_w) : Bias(), k_norm = shape.norms ? Bias(k_w) : Bias();
     const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-    for (const bool biased : {false, true}) {
-      const std::string shape_text = std::string(c10::toString(shape.dtype)) +
-                                     " H=" + std::to_string(h) + " Hkv=" + std::to_string(hkv) +
-                                     " D=" + std::to_string(d) + (shape.norms ? " norms" : "") +
-                                     (biased ? " biased" : "");
-      const at::Tensor kv0 = at::randn({2, rows * max_pages, page_size, hkv, d}, opt);
-      at::Tensor kv_two = kv0.clone(), kv_fused = kv0.clone(), kv_graph = kv0.clone();
-      at::Tensor qkv = at::empty({rows, (h + 2 * hkv) * d}, opt);
-      at::Tensor angle = at::empty({rows, d}, opt), cos = at::empty_like(angle);
-      at::Tensor sin = at::empty_like(angle);
-      at::Tensor query = at::empty({rows, h, d}, opt), out = at::empty({rows, h, d}, opt);
-      at::Tensor query_two = at::empty_like(query), out_two = at::empty_like(out);
-      auto fused = [&](at::Tensor& kv) {
-        ops::qk_norm_rope_attention_decode(out, query, kv, qkv, cos, sin, slots, q_norm, k_norm,
-                                           1e-6, tables, seq_lens, scale,
-                                           biased ? Bias(bias) : Bias());
-      };
-      at::cuda::CUDAGraph graph;
-      CaptureAfterWarmUp(graph, [&] { fused(kv_graph); });
-      kv_graph.copy_(kv0);
-      for (int step = 0; step < 3; ++step) {
-        NewDecodeInputs(qkv, angle, cos, sin);
-        const std::string what = shape_text + ", step " + std::to_string(step);
-        query_two.fill_(kNaN);
-        out_two.fill_(kNaN);
-        ops::qk_norm_rope_kv_write(query_two, kv_two, qkv, cos, sin, slots, q_norm, k_norm, 1e-6);
-        ops::paged_attention_decode(out_two, query_two, kv_two, tables, seq_lens, scale,
-                                    biased ? Bias(bias) : Bias());
-        ASSERT_FALSE(at::isnan(out_two.to(at::kFloat)).any().item<bool>()) << what;
-        for (const char* mode : {"early", "early, no tile", "plain", "two kernels", "graph"}) {
-          const std::string m = std::string(mode);
-          at::Tensor kv = m == "graph" ? kv_graph : kv_fused.clone();
-          query.fill_(kNaN);
-          out.fill_(kNaN);
-          if (m == "graph") {
-            graph.replay();
-            c10::cuda::device_synchronize();
-          } else {
-            const ScopedEnv pdl("DYSCO_CUDA_PDL", m == "plain" ? "0" : nullptr);
-            const ScopedEnv two("DYSCO_CUDA_QKV_ATTENTION", m == "two kernels" ? "0" : nullptr);
-            const ScopedEnv no_tile("DYSCO_CUDA_ATTENTION_EARLY_TILE",
-                                    m == "early, no tile" ? "0" : nullptr);
-            fused(kv);
+    // The default pipeline, and the swapped operands (groups of at most 8), each against the two
+    // ops under the same pipeline.
+    for (const char* pipeline : {static_cast<const char*>(nullptr), "swap"}) {
+      const ScopedEnv mma_pipeline("DYSCO_CUDA_MMA_PREFETCH", pipeline);
+      for (const bool biased : {false, true}) {
+        const std::string shape_text = std::string(c10::toString(shape.dtype)) +
+                                       " H=" + std::to_string(h) + " Hkv=" + std::to_string(hkv) +
+                                       " D=" + std::to_string(d) + (shape.norms ? " norms" : "") +
+                                       (biased ? " biased" : "") +
+                                       (pipeline != nullptr ? ", pipeline swap" : "");
+        const at::Tensor kv0 = at::randn({2, rows * max_pages, page_size, hkv, d}, opt);
+        at::Tensor kv_two = kv0.clone(), kv_fused = kv0.clone(), kv_graph = kv0.clone();
+        at::Tensor qkv = at::empty({rows, (h + 2 * hkv) * d}, opt);
+        at::Tensor angle = at::empty({rows, d}, opt), cos = at::empty_like(angle);
+        at::Tensor sin = at::empty_like(angle);
+        at::Tensor query = at::empty({rows, h, d}, opt), out = at::empty({rows, h, d}, opt);
+        at::Tensor query_two = at::empty_like(query), out_two = at::empty_like(out);
+        auto fused = [&](at::Tensor& kv) {
+          ops::qk_norm_rope_attention_decode(out, query, kv, qkv, cos, sin, slots, q_norm, k_norm,
+                                             1e-6, tables, seq_lens, scale,
+                                             biased ? Bias(bias) : Bias());
+        };
+        at::cuda::CUDAGraph graph;
+        CaptureAfterWarmUp(graph, [&] { fused(kv_graph); });
+        kv_graph.copy_(kv0);
+        for (int step = 0; step < 3; ++step) {
+          NewDecodeInputs(qkv, angle, cos, sin);
+          const std::string what = shape_text + ", step " + std::to_string(step);
+          query_two.fill_(kNaN);
+          out_two.fill_(kNaN);
+          ops::qk_norm_rope_kv_write(query_two, kv_two, qkv, cos, sin, slots, q_norm, k_norm, 1e-6);
+          ops::paged_attention_decode(out_two, query_two, kv_two, tables, seq_lens, scale,
+                                      biased ? Bias(bias) : Bias());
+          ASSERT_FALSE(at::isnan(out_two.to(at::kFloat)).any().item<bool>()) << what;
+          for (const char* mode : {"early", "early, no tile", "plain", "two kernels", "graph"}) {
+            const std::string m = std::string(mode);
+            at::Tensor kv = m == "graph" ? kv_graph : kv_fused.clone();
+            query.fill_(kNaN);
+            out.fill_(kNaN);
+            if (m == "graph") {
+              graph.replay();
+              c10::cuda::device_synchronize();
+            } else {
+              const ScopedEnv pdl("DYSCO_CUDA_PDL", m == "plain" ? "0" : nullptr);
+              const ScopedEnv two("DYSCO_CUDA_QKV_ATTENTION", m == "two kernels" ? "0" : nullptr);
+              const ScopedEnv no_tile("DYSCO_CUDA_ATTENTION_EARLY_TILE",
+                                      m == "early, no tile" ? "0" : nullptr);
+              fused(kv);
+            }
+            EXPECT_TRUE(at::equal(out, out_two)) << mode << ": out, " << what;
+            EXPECT_TRUE(at::equal(query, query_two)) << mode << ": query, " << what;
+            EXPECT_TRUE(at::equal(kv, kv_two)) << mode << ": cache, " << what;
           }
-          EXPECT_TRUE(at::equal(out, out_two)) << mode << ": out, " << what;
-          EXPECT_TRUE(at::equal(query, query_two)) << mode << ": query, " << what;
-          EXPECT_TRUE(at::equal(kv, kv_two)) << mode << ": cache, " << what;
+          kv_fused.copy_(kv_two);
         }
-        kv_fused.copy_(kv_two);
       }
     }
   }
@@ -1900,9 +1909,9 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
         "floor; merged in the split kernel: %.3f ms)\n",
         ms, ms / floor_ms, decode_ms);
   }
-  // The tensor-core kernel's two pipelines (plain and with a bias): tiles not prefetched (the
-  // default) and the register prefetch.
-  for (const char* pipeline : {"off", "registers"}) {
+  // The tensor-core kernel's pipelines (plain and with a bias): tiles not prefetched (the
+  // default), the register prefetch and the swapped operands.
+  for (const char* pipeline : {"off", "registers", "swap"}) {
     ScopedEnv scoped("DYSCO_CUDA_MMA_PREFETCH", MmaPrefetchValue(pipeline));
     const double ms = MillisecondsPerCall(
         [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); },
@@ -2028,7 +2037,9 @@ TEST(CudaTiming, DecodeAttentionAtShortContexts) {
           Setting{"prefetch, 2 waves, min keys 128", "128", "2", "1"},
           Setting{"4 waves, min keys 64", "64", "4", nullptr},
           Setting{"min keys 512", "512", nullptr, nullptr},
-          Setting{"prefetch, min keys 512", "512", nullptr, "1"}}) {
+          Setting{"prefetch, min keys 512", "512", nullptr, "1"},
+          Setting{"swapped operands", nullptr, nullptr, "swap"},
+          Setting{"swapped operands, 2 waves, min keys 128", "128", "2", "swap"}}) {
       const ScopedEnv min_keys("DYSCO_CUDA_MIN_KEYS_PER_SPLIT", s.min_keys);
       const ScopedEnv waves("DYSCO_CUDA_SPLIT_WAVES", s.waves);
       const ScopedEnv prefetch("DYSCO_CUDA_MMA_PREFETCH", s.prefetch);
