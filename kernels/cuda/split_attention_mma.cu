@@ -122,6 +122,10 @@ __device__ __forceinline__ uint32_t Word(const uint4& v, int w) {
 constexpr int kNoPrefetch = 0;
 constexpr int kRegisterPrefetch = 1;
 constexpr int kSwapOperands = 2;
+// - kSwapPrefetch: kSwapOperands with kRegisterPrefetch's two register sets
+//   (DYSCO_CUDA_MMA_PREFETCH=swap-prefetch, opt-in): the swapped operands' registers saved spent
+//   on a second tile in flight a warp instead of a third block.
+constexpr int kSwapPrefetch = 3;
 // Query rows a block of the kSwapOperands pipeline takes (the mma's n).
 constexpr int kSwapRows = 8;
 
@@ -178,7 +182,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
   // Q as A fragments: rows g and g + 8 of the chunk (zeros past `rows`), dims permuted as above.
   // Read after the wait for the kernel ahead, which writes it (AttentionParams::early_keys).
   // kSwapOperands: B fragments instead (row g, dims as above), two registers a k-step.
-  constexpr bool kSwap = kPipeline == kSwapOperands;
+  constexpr bool kSwap = kPipeline == kSwapOperands || kPipeline == kSwapPrefetch;
   static_assert(!(kSwap && kProbes), "probed calls take the default pipeline");
   uint32_t qa[kKSteps][kSwap ? 2 : 4];
   // The warps' softmax states and accumulators, combined at the end; with p.qkv its first
@@ -544,7 +548,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
     load_query();
     if (p.qkv != nullptr) write_query();
   };
-  if constexpr (kPipeline == kRegisterPrefetch) {
+  if constexpr (kPipeline == kRegisterPrefetch || kPipeline == kSwapPrefetch) {
     // Two register sets used in turn (the loop unrolled by two), so no set is copied to the other.
     uint4 kw_a[2][kRowLoads];
     uint4 vw_a[4][kValueLoads];
@@ -652,10 +656,11 @@ __global__ void __launch_bounds__(kAttentionThreads)
   if (threadIdx.x == 0) *counter = 0;
 }
 
-// kRegisterPrefetch when DYSCO_CUDA_MMA_PREFETCH=1, kSwapOperands when =swap (read per launch, for
-// A/B timing), else kNoPrefetch.
+// kRegisterPrefetch when DYSCO_CUDA_MMA_PREFETCH=1, kSwapOperands when =swap, kSwapPrefetch when
+// =swap-prefetch (read per launch, for A/B timing), else kNoPrefetch.
 int MmaPipeline() {
   if (cuda::EnvIs("DYSCO_CUDA_MMA_PREFETCH", "swap")) return kSwapOperands;
+  if (cuda::EnvIs("DYSCO_CUDA_MMA_PREFETCH", "swap-prefetch")) return kSwapPrefetch;
   return cuda::EnvIs("DYSCO_CUDA_MMA_PREFETCH", "1") ? kRegisterPrefetch : kNoPrefetch;
 }
 
@@ -664,12 +669,14 @@ int MmaPipeline() {
 template <typename T>
 int PlainPipeline(const AttentionParams<T>& p) {
   const int pipeline = MmaPipeline();
-  return pipeline == kSwapOperands && p.group > kSwapRows ? kNoPrefetch : pipeline;
+  const bool swapped = pipeline == kSwapOperands || pipeline == kSwapPrefetch;
+  return swapped && p.group > kSwapRows ? kNoPrefetch : pipeline;
 }
 
 template <typename T, int kHeadDim>
 auto* PlainKernel(int pipeline) {
-  return pipeline == kSwapOperands       ? MmaSplitAttentionKernel<T, kHeadDim, kSwapOperands>
+  return pipeline == kSwapPrefetch       ? MmaSplitAttentionKernel<T, kHeadDim, kSwapPrefetch>
+         : pipeline == kSwapOperands     ? MmaSplitAttentionKernel<T, kHeadDim, kSwapOperands>
          : pipeline == kRegisterPrefetch ? MmaSplitAttentionKernel<T, kHeadDim, kRegisterPrefetch>
                                          : MmaSplitAttentionKernel<T, kHeadDim, kNoPrefetch>;
 }
@@ -700,6 +707,10 @@ int MmaSplitAttentionOccupancy(const AttentionParams<T>& p, bool probed) {
     // head_dim 128, two blocks a multiprocessor as the default's 222).
     const int pipeline = probed ? kNoPrefetch : PlainPipeline(p);
     if (p.head_dim != 64 && p.head_dim != 128) return 0;
+    if (pipeline == kSwapPrefetch) {
+      return p.head_dim == 64 ? Occupancy<T, 64, kSwapPrefetch>()
+                              : Occupancy<T, 128, kSwapPrefetch>();
+    }
     if (pipeline == kSwapOperands) {
       return p.head_dim == 64 ? Occupancy<T, 64, kSwapOperands>()
                               : Occupancy<T, 128, kSwapOperands>();

@@ -235,6 +235,7 @@ void CheckDecode(const Layout& l, const std::vector<int64_t>& lens, at::ScalarTy
 // (DYSCO_CUDA_MMA_PREFETCH=1: the next tile's loads before the current tile's arithmetic).
 const char* MmaPrefetchValue(const char* pipeline) {
   if (std::strcmp(pipeline, "swap") == 0) return "swap";
+  if (std::strcmp(pipeline, "swap-prefetch") == 0) return "swap-prefetch";
   return std::strcmp(pipeline, "registers") == 0 ? "1" : nullptr;
 }
 
@@ -275,7 +276,7 @@ TEST(CudaPagedAttentionDecode, EveryMmaPipelineEqualsCpu) {
   at::manual_seed(11);
   ScopedEnv force("DYSCO_CUDA_ATTENTION_KERNEL", "mma");
   // "swap": the swapped operands for groups of at most 8 (the third layout's 9 takes the default).
-  for (const char* pipeline : {"off", "registers", "swap"}) {
+  for (const char* pipeline : {"off", "registers", "swap", "swap-prefetch"}) {
     ScopedEnv scoped("DYSCO_CUDA_MMA_PREFETCH", MmaPrefetchValue(pipeline));
     for (const Layout& l : {Layout{2, 4, 128, 16}, Layout{3, 1, 64, 7}, Layout{1, 9, 128, 1},
                             Layout{1, 8, 128, 16}}) {
@@ -1182,14 +1183,14 @@ TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
     const double scale = 1.0 / std::sqrt(static_cast<double>(d));
     // The default pipeline, and the swapped operands (groups of at most 8), each against the two
     // ops under the same pipeline.
-    for (const char* pipeline : {static_cast<const char*>(nullptr), "swap"}) {
+    for (const char* pipeline : {static_cast<const char*>(nullptr), "swap", "swap-prefetch"}) {
       const ScopedEnv mma_pipeline("DYSCO_CUDA_MMA_PREFETCH", pipeline);
       for (const bool biased : {false, true}) {
-        const std::string shape_text = std::string(c10::toString(shape.dtype)) +
-                                       " H=" + std::to_string(h) + " Hkv=" + std::to_string(hkv) +
-                                       " D=" + std::to_string(d) + (shape.norms ? " norms" : "") +
-                                       (biased ? " biased" : "") +
-                                       (pipeline != nullptr ? ", pipeline swap" : "");
+        const std::string shape_text =
+            std::string(c10::toString(shape.dtype)) + " H=" + std::to_string(h) +
+            " Hkv=" + std::to_string(hkv) + " D=" + std::to_string(d) +
+            (shape.norms ? " norms" : "") + (biased ? " biased" : "") +
+            (pipeline != nullptr ? std::string(", pipeline ") + pipeline : std::string());
         const at::Tensor kv0 = at::randn({2, rows * max_pages, page_size, hkv, d}, opt);
         at::Tensor kv_two = kv0.clone(), kv_fused = kv0.clone(), kv_graph = kv0.clone();
         at::Tensor qkv = at::empty({rows, (h + 2 * hkv) * d}, opt);
@@ -1911,7 +1912,7 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
   }
   // The tensor-core kernel's pipelines (plain and with a bias): tiles not prefetched (the
   // default), the register prefetch and the swapped operands.
-  for (const char* pipeline : {"off", "registers", "swap"}) {
+  for (const char* pipeline : {"off", "registers", "swap", "swap-prefetch"}) {
     ScopedEnv scoped("DYSCO_CUDA_MMA_PREFETCH", MmaPrefetchValue(pipeline));
     const double ms = MillisecondsPerCall(
         [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); },
@@ -2039,7 +2040,8 @@ TEST(CudaTiming, DecodeAttentionAtShortContexts) {
           Setting{"min keys 512", "512", nullptr, nullptr},
           Setting{"prefetch, min keys 512", "512", nullptr, "1"},
           Setting{"swapped operands", nullptr, nullptr, "swap"},
-          Setting{"swapped operands, 2 waves, min keys 128", "128", "2", "swap"}}) {
+          Setting{"swapped operands, 2 waves, min keys 128", "128", "2", "swap"},
+          Setting{"swapped operands, register prefetch", nullptr, nullptr, "swap-prefetch"}}) {
       const ScopedEnv min_keys("DYSCO_CUDA_MIN_KEYS_PER_SPLIT", s.min_keys);
       const ScopedEnv waves("DYSCO_CUDA_SPLIT_WAVES", s.waves);
       const ScopedEnv prefetch("DYSCO_CUDA_MMA_PREFETCH", s.prefetch);
