@@ -377,7 +377,7 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   int vector_blocks_per_sm = 0;
   bool use_mma = false;
   if (choice == AttentionKernel::kMma) {
-    vector_blocks_per_sm = MmaSplitAttentionOccupancy<T>(p, probes != nullptr);
+    vector_blocks_per_sm = MmaSplitAttentionOccupancy<T>(p);
     use_mma = vector_blocks_per_sm > 0;
     if (use_mma) p.row_chunks = static_cast<int>(cuda::CeilDiv(group, 16));
   }

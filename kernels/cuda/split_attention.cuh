@@ -392,11 +392,10 @@ bool LaunchVectorProbsLogits(const ProbsLogitsParams<T>& p, dim3 grid, cudaStrea
 
 // The tensor-core split kernel (kernels/cuda/split_attention_mma.cu): bf16 and fp16 caches with
 // head_dim 64 or 128, 16 query heads per block (p.row_chunks = ceil(group / 16)). Occupancy: its
-// resident blocks per multiprocessor for a call with (probed) or without probes, or 0 when it does
-// not take the call. Launch: launches it (only for a call whose occupancy is > 0). The query and
-// the cache must be 16-byte aligned.
+// resident blocks per multiprocessor, or 0 when it does not take the call. Launch: launches it
+// (only for a call whose occupancy is > 0). The query and the cache must be 16-byte aligned.
 template <typename T>
-int MmaSplitAttentionOccupancy(const AttentionParams<T>& p, bool probed);
+int MmaSplitAttentionOccupancy(const AttentionParams<T>& p);
 template <typename T>
 void LaunchMmaSplitAttention(const AttentionParams<T>& p, int64_t tokens, int kv_heads,
                              cudaStream_t stream);

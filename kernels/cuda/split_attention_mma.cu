@@ -183,7 +183,6 @@ __global__ void __launch_bounds__(kAttentionThreads)
   // Read after the wait for the kernel ahead, which writes it (AttentionParams::early_keys).
   // kSwapOperands: B fragments instead (row g, dims as above), two registers a k-step.
   constexpr bool kSwap = kPipeline == kSwapOperands || kPipeline == kSwapPrefetch;
-  static_assert(!(kSwap && kProbes), "probed calls take the default pipeline");
   uint32_t qa[kKSteps][kSwap ? 2 : 4];
   // The warps' softmax states and accumulators, combined at the end; with p.qkv its first
   // kMmaRows * kHeadDim elements of T first hold the query rows this block makes (make_query).
@@ -288,7 +287,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
 
   // With probes: each row's slot in probe_heads (its first; -1: not probed), read before the wait
   // (the host writes probe_heads, not the kernel ahead). probe_row[h]: rows g and g + 8's logit
-  // rows.
+  // rows (kSwapOperands: rows 2t and 2t + 1's).
   __shared__ int s_probe_slot[kMmaRows];
   float* probe_row[2] = {nullptr, nullptr};
   if constexpr (kProbes) {
@@ -301,7 +300,7 @@ __global__ void __launch_bounds__(kAttentionThreads)
     __syncthreads();
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int slot = s_probe_slot[g + 8 * half];
+      const int slot = s_probe_slot[kSwap ? 2 * t + half : g + 8 * half];
       if (slot >= 0) probe_row[half] = p.probe_logits + (b * p.num_probe + slot) * p.probe_len;
     }
   }
@@ -411,6 +410,11 @@ __global__ void __launch_bounds__(kAttentionThreads)
         const int key = tile + g + 8 * (c / 2);
         st[c] = key < key_end ? st[c] * p.scale + ((c / 2) == 0 ? tile_bias[0].x : tile_bias[0].y)
                               : -INFINITY;
+        // A probed row's logit (row 2t + c % 2), as its softmax below takes it.
+        if constexpr (kProbes) {
+          float* const probe = probe_row[c % 2];
+          if (probe != nullptr && key < key_end && key < p.probe_len) probe[key] = st[c];
+        }
       }
       // Online softmax of rows 2t + e: the row's 16 keys are over the 8 lanes of this t.
       float correction[2];
@@ -673,6 +677,14 @@ int PlainPipeline(const AttentionParams<T>& p) {
   return swapped && p.group > kSwapRows ? kNoPrefetch : pipeline;
 }
 
+// The pipeline of a probed call: the swapped operands when the plain calls' are swapped (without
+// the prefetch: the probe code's registers stay out of a second tile's), else the default.
+template <typename T>
+int ProbedPipeline(const AttentionParams<T>& p) {
+  const int pipeline = PlainPipeline(p);
+  return pipeline == kSwapOperands || pipeline == kSwapPrefetch ? kSwapOperands : kNoPrefetch;
+}
+
 template <typename T, int kHeadDim>
 auto* PlainKernel(int pipeline) {
   return pipeline == kSwapPrefetch       ? MmaSplitAttentionKernel<T, kHeadDim, kSwapPrefetch>
@@ -698,14 +710,16 @@ constexpr bool kSixteenBit = std::is_same_v<T, c10::BFloat16> || std::is_same_v<
 }  // namespace
 
 template <typename T>
-int MmaSplitAttentionOccupancy(const AttentionParams<T>& p, bool probed) {
+int MmaSplitAttentionOccupancy(const AttentionParams<T>& p) {
   if constexpr (!kSixteenBit<T>) {
     return 0;
   } else {
     if (p.max_pages * p.page_size > (int64_t{1} << 31) - 1) return 0;  // int key indices
-    // A probed call's instance has the default pipeline (and its occupancy: 232 registers at
-    // head_dim 128, two blocks a multiprocessor as the default's 222).
-    const int pipeline = probed ? kNoPrefetch : PlainPipeline(p);
+    // A probed call's grid is sized as the plain calls' (its instance fits as many blocks or more:
+    // 232 registers with probes at head_dim 128 against the default's 222, 163 against the swapped
+    // operands' 158), so that a call's splits, hence its bits, do not depend on whether it is
+    // probed.
+    const int pipeline = PlainPipeline(p);
     if (p.head_dim != 64 && p.head_dim != 128) return 0;
     if (pipeline == kSwapPrefetch) {
       return p.head_dim == 64 ? Occupancy<T, 64, kSwapPrefetch>()
@@ -733,20 +747,26 @@ void LaunchMmaSplitAttention(const AttentionParams<T>& p, int64_t tokens, int kv
                     static_cast<unsigned>(kv_heads * p.row_chunks));
     TORCH_CHECK(p.head_dim == 64 || p.head_dim == 128,
                 "tensor-core split attention called for head_dim ", p.head_dim);
-    // With probes, the pipeline without register prefetch (its own instance: kProbes).
-    auto* kernel = p.probe_logits != nullptr
-                       ? (p.head_dim == 64 ? MmaSplitAttentionKernel<T, 64, kNoPrefetch, true>
-                                           : MmaSplitAttentionKernel<T, 128, kNoPrefetch, true>)
-                   : p.head_dim == 64 ? PlainKernel<T, 64>(PlainPipeline(p))
-                                      : PlainKernel<T, 128>(PlainPipeline(p));
+    // With probes, the pipeline without register prefetch (its own instance: kProbes), swapped
+    // when the plain calls' are (ProbedPipeline).
+    const bool swapped_probes = ProbedPipeline(p) == kSwapOperands;
+    auto* kernel =
+        p.probe_logits != nullptr
+            ? (p.head_dim == 64
+                   ? (swapped_probes ? MmaSplitAttentionKernel<T, 64, kSwapOperands, true>
+                                     : MmaSplitAttentionKernel<T, 64, kNoPrefetch, true>)
+                   : (swapped_probes ? MmaSplitAttentionKernel<T, 128, kSwapOperands, true>
+                                     : MmaSplitAttentionKernel<T, 128, kNoPrefetch, true>))
+        : p.head_dim == 64 ? PlainKernel<T, 64>(PlainPipeline(p))
+                           : PlainKernel<T, 128>(PlainPipeline(p));
     cuda::LaunchOnStream(p.early_keys, kernel, grid, dim3(kAttentionThreads), stream, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
-template int MmaSplitAttentionOccupancy<float>(const AttentionParams<float>&, bool);
-template int MmaSplitAttentionOccupancy<c10::BFloat16>(const AttentionParams<c10::BFloat16>&, bool);
-template int MmaSplitAttentionOccupancy<c10::Half>(const AttentionParams<c10::Half>&, bool);
+template int MmaSplitAttentionOccupancy<float>(const AttentionParams<float>&);
+template int MmaSplitAttentionOccupancy<c10::BFloat16>(const AttentionParams<c10::BFloat16>&);
+template int MmaSplitAttentionOccupancy<c10::Half>(const AttentionParams<c10::Half>&);
 template void LaunchMmaSplitAttention<float>(const AttentionParams<float>&, int64_t, int,
                                              cudaStream_t);
 template void LaunchMmaSplitAttention<c10::BFloat16>(const AttentionParams<c10::BFloat16>&, int64_t,

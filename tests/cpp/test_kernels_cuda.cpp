@@ -1272,75 +1272,82 @@ TEST(CudaQkNormRopeAttentionDecode, ProbesInTheSamePass) {
     const at::Tensor heads =
         at::tensor(std::vector<int64_t>{1, h - 1, 1, 0, h / 2}, at::kLong).to(at::kCUDA);
     const int64_t hp = heads.size(0);
-    for (const bool biased : {false, true}) {
-      const std::string what = std::string(c10::toString(shape.dtype)) + " H=" + std::to_string(h) +
-                               " D=" + std::to_string(d) + (biased ? " biased" : "");
-      const Bias key_bias = biased ? Bias(bias) : Bias();
-      const at::Tensor kv0 = at::randn({2, rows * max_pages, page_size, hkv, d}, opt);
-      at::Tensor qkv = at::empty({rows, (h + 2 * hkv) * d}, opt);
-      at::Tensor angle = at::empty({rows, d}, opt), cos = at::empty_like(angle);
-      at::Tensor sin = at::empty_like(angle);
-      NewDecodeInputs(qkv, angle, cos, sin);
-      // The reference: the op without probes, then attention_probs.
-      at::Tensor kv_ref = kv0.clone();
-      at::Tensor query_ref = at::empty({rows, h, d}, opt), out_ref = at::empty({rows, h, d}, opt);
-      at::Tensor probs_ref = at::full({rows, hp, width}, kNaN, f32);
-      ops::qk_norm_rope_attention_decode(out_ref, query_ref, kv_ref, qkv, cos, sin, slots, q_norm,
-                                         k_norm, 1e-6, tables, seq_lens, scale, key_bias);
-      ops::attention_probs(probs_ref, query_ref, kv_ref, tables, seq_lens, heads, scale, key_bias);
-      ASSERT_FALSE(at::isnan(probs_ref).any().item<bool>()) << what;
-      at::Tensor query = at::empty_like(query_ref), out = at::empty_like(out_ref);
-      at::Tensor probs = at::empty_like(probs_ref);
-      auto call = [&](at::Tensor& kv, at::Tensor& p, const at::Tensor& h_probed) {
-        ops::qk_norm_rope_attention_decode(out, query, kv, qkv, cos, sin, slots, q_norm, k_norm,
-                                           1e-6, tables, seq_lens, scale, key_bias, p, h_probed);
-      };
-      const bool tensor_cores = shape.dtype != at::kFloat;
-      at::Tensor eager_probs;
-      for (const char* mode : {"same pass", "knob off", "narrow probs"}) {
-        const std::string m = mode;
-        const ScopedEnv off("DYSCO_CUDA_PROBS_IN_ATTENTION", m == "knob off" ? "0" : nullptr);
-        at::Tensor kv = kv0.clone();
-        out.fill_(kNaN);
-        query.fill_(kNaN);
-        // Narrower than the table: attention_probs' own pass (rows past S' are not the op's).
-        at::Tensor p =
-            m == "narrow probs" ? at::full({rows, hp, width - 16}, kNaN, f32) : probs.fill_(kNaN);
-        call(kv, p, heads);
-        c10::cuda::device_synchronize();
-        EXPECT_TRUE(at::equal(out, out_ref)) << mode << ": out, " << what;
-        EXPECT_TRUE(at::equal(query, query_ref)) << mode << ": query, " << what;
-        EXPECT_TRUE(at::equal(kv, kv_ref)) << mode << ": cache, " << what;
-        EXPECT_FALSE(at::isnan(p).any().item<bool>()) << mode << ": probs, " << what;
-        if (m == "narrow probs") {
-          at::Tensor narrow_ref = at::full({rows, hp, width - 16}, kNaN, f32);
-          ops::attention_probs(narrow_ref, query_ref, kv_ref, tables, seq_lens, heads, scale,
-                               key_bias);
-          EXPECT_TRUE(at::equal(p, narrow_ref)) << mode << ": probs, " << what;
-        } else if (m == "same pass" && tensor_cores) {
-          EXPECT_TRUE(at::allclose(p, probs_ref, /*rtol=*/1e-3, /*atol=*/1e-7))
-              << mode << ": probs, " << what << ", max abs error "
-              << (p - probs_ref).abs().max().item<float>();
-          // Each row still sums to one over its keys (zeros past them).
-          EXPECT_TRUE(at::allclose(p.sum(2), probs_ref.sum(2), 1e-4, 1e-5)) << what;
-          eager_probs = p.clone();
-        } else {
-          EXPECT_TRUE(at::equal(p, probs_ref)) << mode << ": probs, " << what;
-          if (m == "same pass") eager_probs = p.clone();
+    // The default pipeline and the swapped operands (the probed calls' instance swapped too).
+    for (const char* pipeline : {static_cast<const char*>(nullptr), "swap", "swap-prefetch"}) {
+      const ScopedEnv mma_pipeline("DYSCO_CUDA_MMA_PREFETCH", pipeline);
+      for (const bool biased : {false, true}) {
+        const std::string what =
+            std::string(c10::toString(shape.dtype)) + " H=" + std::to_string(h) +
+            " D=" + std::to_string(d) + (biased ? " biased" : "") +
+            (pipeline != nullptr ? std::string(", pipeline ") + pipeline : std::string());
+        const Bias key_bias = biased ? Bias(bias) : Bias();
+        const at::Tensor kv0 = at::randn({2, rows * max_pages, page_size, hkv, d}, opt);
+        at::Tensor qkv = at::empty({rows, (h + 2 * hkv) * d}, opt);
+        at::Tensor angle = at::empty({rows, d}, opt), cos = at::empty_like(angle);
+        at::Tensor sin = at::empty_like(angle);
+        NewDecodeInputs(qkv, angle, cos, sin);
+        // The reference: the op without probes, then attention_probs.
+        at::Tensor kv_ref = kv0.clone();
+        at::Tensor query_ref = at::empty({rows, h, d}, opt), out_ref = at::empty({rows, h, d}, opt);
+        at::Tensor probs_ref = at::full({rows, hp, width}, kNaN, f32);
+        ops::qk_norm_rope_attention_decode(out_ref, query_ref, kv_ref, qkv, cos, sin, slots, q_norm,
+                                           k_norm, 1e-6, tables, seq_lens, scale, key_bias);
+        ops::attention_probs(probs_ref, query_ref, kv_ref, tables, seq_lens, heads, scale,
+                             key_bias);
+        ASSERT_FALSE(at::isnan(probs_ref).any().item<bool>()) << what;
+        at::Tensor query = at::empty_like(query_ref), out = at::empty_like(out_ref);
+        at::Tensor probs = at::empty_like(probs_ref);
+        auto call = [&](at::Tensor& kv, at::Tensor& p, const at::Tensor& h_probed) {
+          ops::qk_norm_rope_attention_decode(out, query, kv, qkv, cos, sin, slots, q_norm, k_norm,
+                                             1e-6, tables, seq_lens, scale, key_bias, p, h_probed);
+        };
+        const bool tensor_cores = shape.dtype != at::kFloat;
+        at::Tensor eager_probs;
+        for (const char* mode : {"same pass", "knob off", "narrow probs"}) {
+          const std::string m = mode;
+          const ScopedEnv off("DYSCO_CUDA_PROBS_IN_ATTENTION", m == "knob off" ? "0" : nullptr);
+          at::Tensor kv = kv0.clone();
+          out.fill_(kNaN);
+          query.fill_(kNaN);
+          // Narrower than the table: attention_probs' own pass (rows past S' are not the op's).
+          at::Tensor p =
+              m == "narrow probs" ? at::full({rows, hp, width - 16}, kNaN, f32) : probs.fill_(kNaN);
+          call(kv, p, heads);
+          c10::cuda::device_synchronize();
+          EXPECT_TRUE(at::equal(out, out_ref)) << mode << ": out, " << what;
+          EXPECT_TRUE(at::equal(query, query_ref)) << mode << ": query, " << what;
+          EXPECT_TRUE(at::equal(kv, kv_ref)) << mode << ": cache, " << what;
+          EXPECT_FALSE(at::isnan(p).any().item<bool>()) << mode << ": probs, " << what;
+          if (m == "narrow probs") {
+            at::Tensor narrow_ref = at::full({rows, hp, width - 16}, kNaN, f32);
+            ops::attention_probs(narrow_ref, query_ref, kv_ref, tables, seq_lens, heads, scale,
+                                 key_bias);
+            EXPECT_TRUE(at::equal(p, narrow_ref)) << mode << ": probs, " << what;
+          } else if (m == "same pass" && tensor_cores) {
+            EXPECT_TRUE(at::allclose(p, probs_ref, /*rtol=*/1e-3, /*atol=*/1e-7))
+                << mode << ": probs, " << what << ", max abs error "
+                << (p - probs_ref).abs().max().item<float>();
+            // Each row still sums to one over its keys (zeros past them).
+            EXPECT_TRUE(at::allclose(p.sum(2), probs_ref.sum(2), 1e-4, 1e-5)) << what;
+            eager_probs = p.clone();
+          } else {
+            EXPECT_TRUE(at::equal(p, probs_ref)) << mode << ": probs, " << what;
+            if (m == "same pass") eager_probs = p.clone();
+          }
         }
+        // A graph of the call replays the eager call's bits.
+        at::Tensor kv_graph = kv0.clone();
+        at::cuda::CUDAGraph graph;
+        CaptureAfterWarmUp(graph, [&] { call(kv_graph, probs, heads); });
+        kv_graph.copy_(kv0);
+        probs.fill_(kNaN);
+        out.fill_(kNaN);
+        graph.replay();
+        c10::cuda::device_synchronize();
+        EXPECT_TRUE(at::equal(probs, eager_probs)) << "graph: probs, " << what;
+        EXPECT_TRUE(at::equal(out, out_ref)) << "graph: out, " << what;
+        EXPECT_TRUE(at::equal(kv_graph, kv_ref)) << "graph: cache, " << what;
       }
-      // A graph of the call replays the eager call's bits.
-      at::Tensor kv_graph = kv0.clone();
-      at::cuda::CUDAGraph graph;
-      CaptureAfterWarmUp(graph, [&] { call(kv_graph, probs, heads); });
-      kv_graph.copy_(kv0);
-      probs.fill_(kNaN);
-      out.fill_(kNaN);
-      graph.replay();
-      c10::cuda::device_synchronize();
-      EXPECT_TRUE(at::equal(probs, eager_probs)) << "graph: probs, " << what;
-      EXPECT_TRUE(at::equal(out, out_ref)) << "graph: out, " << what;
-      EXPECT_TRUE(at::equal(kv_graph, kv_ref)) << "graph: cache, " << what;
     }
   }
 }
