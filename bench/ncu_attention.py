@@ -3,8 +3,8 @@
 
 Loads the op library of a CUDA build and calls `dysco::paged_attention_decode` once per (context, pipeline):
 8K, 32K and 128K keys over shuffled pages (page size 16, 32 query heads, 8 KV heads, head_dim 128, one
-sequence), with the tensor-core kernel's pipelines of DYSCO_CUDA_MMA_PREFETCH (the default; "swap" and
-"swap-prefetch", the swapped operands without and with the register prefetch), so that `ncu` reports one
+sequence), with the tensor-core kernel's pipelines of DYSCO_CUDA_MMA_PREFETCH (the default, the swapped operands;
+"0", the query rows as the mma's M; "swap-prefetch", the swapped operands with the register prefetch), so that `ncu` reports one
 split kernel per pair, in that order (docs/gpu.md "What remains of issue 9", item 1: where the short
 contexts' calls wait). On the GPU machine,
 after scripts/gpu-check.sh (or a build of dysco_kernels) in build-gpu/:
@@ -26,7 +26,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--library", default="build-gpu/lib/libdysco_kernels.so")
     parser.add_argument("--contexts", default="8192,32768,131072")
-    parser.add_argument("--pipelines", default="default,swap,swap-prefetch",
+    parser.add_argument("--pipelines", default="default,0,swap-prefetch",
                         help="DYSCO_CUDA_MMA_PREFETCH values; 'default' leaves it unset")
     args = parser.parse_args()
     torch.ops.load_library(args.library)

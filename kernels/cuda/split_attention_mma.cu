@@ -102,29 +102,34 @@ __device__ __forceinline__ uint32_t Word(const uint4& v, int w) {
 }
 
 // How a warp gets its tiles of K and V (the kernel's kPipeline):
-// - kNoPrefetch (the default): each tile's loads (K, V and the bias pairs, all issued before any
-//   arithmetic), then its arithmetic. Two blocks of four warps per multiprocessor hide the latency.
+// - kNoPrefetch: the query rows as the mma's M; each tile's loads (K, V and the bias pairs, all
+//   issued before any arithmetic), then its arithmetic. Two blocks of four warps per
+//   multiprocessor hide the latency. The default for query groups of more than 8 (kSwapRows), and
+//   for every group with DYSCO_CUDA_MMA_PREFETCH=0 (the default until the twentieth increment).
 // - kRegisterPrefetch: the next tile's loads into a second set of registers before the current
 //   tile's arithmetic (the fifth increment's default; DYSCO_CUDA_MMA_PREFETCH=1). Once a tile's
 //   instructions were cut (a page-table read per tile, O rescaled only when a maximum grows) it
 //   lost: 0.146 against 0.142 ms at 128K keys on the H200 (docs/gpu.md "Measured: the decode
 //   kernels", with the cp.async rings that were tried and dropped).
-// - kSwapOperands: as kNoPrefetch, with the mma's operands swapped for query groups of at most 8
-//   (DYSCO_CUDA_MMA_PREFETCH=swap, opt-in): S^T = K Q^T with the tile's 16 keys as the mma's M and
-//   the group's query rows as its N (8), and O^T = V^T P^T with the head's dims as M. The K and V
-//   words a lane loads are the same; Q takes half the registers (the B operand) and O half (8 rows
-//   instead of 16, of which a group of 4 fills 4), and a tile takes half the mma instructions.
-//   P^T's B fragments come from S^T's accumulators by an 8x8 transpose in registers (movmatrix).
-//   Why: with Qwen3's and Llama's groups of 4, 3/4 of the default's Q and O registers hold zero
-//   rows; fewer registers let more warps in flight where short contexts are latency-bound
-//   (docs/gpu.md "What remains of issue 9", item 1). Not the default's bits (the mma sums its
+// - kSwapOperands (the default for query groups of at most 8; DYSCO_CUDA_MMA_PREFETCH unset or
+//   =swap): as kNoPrefetch, with the mma's operands swapped: S^T = K Q^T with the tile's 16 keys
+//   as the mma's M and the group's query rows as its N (8), and O^T = V^T P^T with the head's dims
+//   as M. The K and V words a lane loads are the same; Q takes half the registers (the B operand)
+//   and O half (8 rows instead of 16, of which a group of 4 fills 4), and a tile takes half the
+//   mma instructions. P^T's B fragments come from S^T's accumulators by an 8x8 transpose in
+//   registers (movmatrix). Why: with Qwen3's and Llama's groups of 4, 3/4 of kNoPrefetch's Q and
+//   O registers hold zero rows; 158 registers instead of 222 at head_dim 128 give three blocks a
+//   multiprocessor. Measured on the H200 (docs/gpu.md "The swapped operands for small query
+//   groups"): 0.129 against 0.141 ms a call at 128K keys, 0.0388 against 0.0440 at 32K; the
+//   Qwen3-8B decode step 8.50 against 8.93 ms at 128K. Not kNoPrefetch's bits (the mma sums its
 //   products in its own order either way; another operand order may round differently).
 constexpr int kNoPrefetch = 0;
 constexpr int kRegisterPrefetch = 1;
 constexpr int kSwapOperands = 2;
 // - kSwapPrefetch: kSwapOperands with kRegisterPrefetch's two register sets
 //   (DYSCO_CUDA_MMA_PREFETCH=swap-prefetch, opt-in): the swapped operands' registers saved spent
-//   on a second tile in flight a warp instead of a third block.
+//   on a second tile in flight a warp instead of a third block. Faster alone at 8K keys (0.0123
+//   against 0.0143 ms a call) but not in the step, and slower at 128K (0.130 ms).
 constexpr int kSwapPrefetch = 3;
 // Query rows a block of the kSwapOperands pipeline takes (the mma's n).
 constexpr int kSwapRows = 8;
@@ -660,12 +665,13 @@ __global__ void __launch_bounds__(kAttentionThreads)
   if (threadIdx.x == 0) *counter = 0;
 }
 
-// kRegisterPrefetch when DYSCO_CUDA_MMA_PREFETCH=1, kSwapOperands when =swap, kSwapPrefetch when
-// =swap-prefetch (read per launch, for A/B timing), else kNoPrefetch.
+// DYSCO_CUDA_MMA_PREFETCH (read per launch, for A/B timing): "0" kNoPrefetch, "1"
+// kRegisterPrefetch, "swap-prefetch" kSwapPrefetch, else (unset, "swap") kSwapOperands.
 int MmaPipeline() {
-  if (cuda::EnvIs("DYSCO_CUDA_MMA_PREFETCH", "swap")) return kSwapOperands;
+  if (cuda::EnvIs("DYSCO_CUDA_MMA_PREFETCH", "0")) return kNoPrefetch;
+  if (cuda::EnvIs("DYSCO_CUDA_MMA_PREFETCH", "1")) return kRegisterPrefetch;
   if (cuda::EnvIs("DYSCO_CUDA_MMA_PREFETCH", "swap-prefetch")) return kSwapPrefetch;
-  return cuda::EnvIs("DYSCO_CUDA_MMA_PREFETCH", "1") ? kRegisterPrefetch : kNoPrefetch;
+  return kSwapOperands;
 }
 
 // The pipeline of a call without probes: kSwapOperands only for groups of at most kSwapRows query
@@ -716,9 +722,9 @@ int MmaSplitAttentionOccupancy(const AttentionParams<T>& p) {
   } else {
     if (p.max_pages * p.page_size > (int64_t{1} << 31) - 1) return 0;  // int key indices
     // A probed call's grid is sized as the plain calls' (its instance fits as many blocks or more:
-    // 232 registers with probes at head_dim 128 against the default's 222, 163 against the swapped
-    // operands' 158), so that a call's splits, hence its bits, do not depend on whether it is
-    // probed.
+    // 232 registers with probes at head_dim 128 against the query rows' 222, 163 against the
+    // swapped operands' 158), so that a call's splits, hence its bits, do not depend on whether it
+    // is probed.
     const int pipeline = PlainPipeline(p);
     if (p.head_dim != 64 && p.head_dim != 128) return 0;
     if (pipeline == kSwapPrefetch) {

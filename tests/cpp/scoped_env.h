@@ -1,7 +1,8 @@
 // ScopedEnv: sets an environment variable for a scope (unset for a null value) and unsets it at the
 // end. The CUDA ops read their A/B knobs at every call (docs/gpu.md): DYSCO_CUDA_ATTENTION_KERNEL
 // ("vector" or "scalar" rule out the faster split kernels, kernels/cuda/split_attention.cuh),
-// DYSCO_CUDA_MMA_PREFETCH ("1": the tensor-core kernel's register prefetch), DYSCO_CUDA_SELECT
+// DYSCO_CUDA_MMA_PREFETCH (the tensor-core kernel's pipeline: "0" the query rows as the mma's M,
+// "1" its register prefetch, "swap-prefetch"; unset: the swapped operands), DYSCO_CUDA_SELECT
 // ("single" or "multi": one or many blocks per selection row), DYSCO_CUDA_SPLIT_WAVES,
 // DYSCO_CUDA_LINEAR ("cublas"), DYSCO_CUDA_PREFILL ("flash2": no cuDNN attention for long prefill
 // chunks), DYSCO_CUDA_SPLIT_MERGE ("kernel": the separate split-merge kernel after the tensor-core

@@ -231,12 +231,15 @@ void CheckDecode(const Layout& l, const std::vector<int64_t>& lens, at::ScalarTy
   EXPECT_TRUE(Close(gpu_out, cpu_out, tol, tol, Describe(l, dtype, Name(bias_kind))));
 }
 
-// The tensor-core kernel's two pipelines: "off" (the default) and "registers"
-// (DYSCO_CUDA_MMA_PREFETCH=1: the next tile's loads before the current tile's arithmetic).
+// The tensor-core kernel's pipelines (kernels/cuda/split_attention_mma.cu): "swap" (the default
+// for query groups of at most 8: DYSCO_CUDA_MMA_PREFETCH unset), "rows" (=0: the query rows as the
+// mma's M, the default for larger groups), "registers" (=1: the next tile's loads before the
+// current tile's arithmetic) and "swap-prefetch".
 const char* MmaPrefetchValue(const char* pipeline) {
-  if (std::strcmp(pipeline, "swap") == 0) return "swap";
+  if (std::strcmp(pipeline, "rows") == 0) return "0";
+  if (std::strcmp(pipeline, "registers") == 0) return "1";
   if (std::strcmp(pipeline, "swap-prefetch") == 0) return "swap-prefetch";
-  return std::strcmp(pipeline, "registers") == 0 ? "1" : nullptr;
+  return nullptr;
 }
 
 const std::vector<Layout>& Layouts() {
@@ -275,8 +278,8 @@ TEST(CudaPagedAttentionDecode, EveryMmaPipelineEqualsCpu) {
   std::mt19937 rng(11);
   at::manual_seed(11);
   ScopedEnv force("DYSCO_CUDA_ATTENTION_KERNEL", "mma");
-  // "swap": the swapped operands for groups of at most 8 (the third layout's 9 takes the default).
-  for (const char* pipeline : {"off", "registers", "swap", "swap-prefetch"}) {
+  // "swap": the swapped operands for groups of at most 8 (the third layout's 9 takes "rows").
+  for (const char* pipeline : {"rows", "registers", "swap", "swap-prefetch"}) {
     ScopedEnv scoped("DYSCO_CUDA_MMA_PREFETCH", MmaPrefetchValue(pipeline));
     for (const Layout& l : {Layout{2, 4, 128, 16}, Layout{3, 1, 64, 7}, Layout{1, 9, 128, 1},
                             Layout{1, 8, 128, 16}}) {
@@ -1181,9 +1184,10 @@ TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
     const at::Tensor q_w = at::rand({d}, opt) + 0.5, k_w = at::rand({d}, opt) + 0.5;
     const Bias q_norm = shape.norms ? Bias(q_w) : Bias(), k_norm = shape.norms ? Bias(k_w) : Bias();
     const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-    // The default pipeline, and the swapped operands (groups of at most 8), each against the two
-    // ops under the same pipeline.
-    for (const char* pipeline : {static_cast<const char*>(nullptr), "swap", "swap-prefetch"}) {
+    // The default pipeline (the swapped operands for groups of at most 8), the query rows as M
+    // ("0") and the swapped operands with the prefetch, each against the two ops under the same
+    // pipeline.
+    for (const char* pipeline : {static_cast<const char*>(nullptr), "0", "swap-prefetch"}) {
       const ScopedEnv mma_pipeline("DYSCO_CUDA_MMA_PREFETCH", pipeline);
       for (const bool biased : {false, true}) {
         const std::string shape_text =
@@ -1272,8 +1276,9 @@ TEST(CudaQkNormRopeAttentionDecode, ProbesInTheSamePass) {
     const at::Tensor heads =
         at::tensor(std::vector<int64_t>{1, h - 1, 1, 0, h / 2}, at::kLong).to(at::kCUDA);
     const int64_t hp = heads.size(0);
-    // The default pipeline and the swapped operands (the probed calls' instance swapped too).
-    for (const char* pipeline : {static_cast<const char*>(nullptr), "swap", "swap-prefetch"}) {
+    // The default pipeline (the swapped operands, the probed calls' instance swapped too), the
+    // query rows as M ("0") and the swapped operands with the prefetch.
+    for (const char* pipeline : {static_cast<const char*>(nullptr), "0", "swap-prefetch"}) {
       const ScopedEnv mma_pipeline("DYSCO_CUDA_MMA_PREFETCH", pipeline);
       for (const bool biased : {false, true}) {
         const std::string what =
@@ -1917,9 +1922,9 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
         "floor; merged in the split kernel: %.3f ms)\n",
         ms, ms / floor_ms, decode_ms);
   }
-  // The tensor-core kernel's pipelines (plain and with a bias): tiles not prefetched (the
-  // default), the register prefetch and the swapped operands.
-  for (const char* pipeline : {"off", "registers", "swap", "swap-prefetch"}) {
+  // The tensor-core kernel's pipelines (plain and with a bias): the query rows as M, the register
+  // prefetch, the swapped operands (the default) and those with the prefetch.
+  for (const char* pipeline : {"rows", "registers", "swap", "swap-prefetch"}) {
     ScopedEnv scoped("DYSCO_CUDA_MMA_PREFETCH", MmaPrefetchValue(pipeline));
     const double ms = MillisecondsPerCall(
         [&] { ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt); },
@@ -2036,19 +2041,22 @@ TEST(CudaTiming, DecodeAttentionAtShortContexts) {
       const char* waves;     // DYSCO_CUDA_SPLIT_WAVES, nullptr: unset
       const char* prefetch;  // DYSCO_CUDA_MMA_PREFETCH, nullptr: unset
     };
-    // One wave of resident blocks caps the splits first at these contexts (8 KV heads: ~33 splits
-    // of ~256 keys at 8K), so a shorter split needs more waves too. The register prefetch keeps
-    // two tiles of a warp in flight, which a short chain of tiles may need more than a long one.
+    // One wave of resident blocks caps the splits first at these contexts (8 KV heads: ~49 splits
+    // of ~170 keys at 8K with the swapped operands' three blocks a multiprocessor, ~33 of ~256
+    // with the query rows as M), so a shorter split needs more waves too. The register prefetch
+    // keeps two tiles of a warp in flight, which a short chain of tiles may need more than a long
+    // one.
     for (const Setting& s :
-         {Setting{"default", nullptr, nullptr, nullptr}, Setting{"prefetch", nullptr, nullptr, "1"},
+         {Setting{"default (swapped operands)", nullptr, nullptr, nullptr},
+          Setting{"swapped operands, register prefetch", nullptr, nullptr, "swap-prefetch"},
+          Setting{"min keys 128", "128", nullptr, nullptr},
           Setting{"2 waves, min keys 128", "128", "2", nullptr},
-          Setting{"prefetch, 2 waves, min keys 128", "128", "2", "1"},
           Setting{"4 waves, min keys 64", "64", "4", nullptr},
           Setting{"min keys 512", "512", nullptr, nullptr},
-          Setting{"prefetch, min keys 512", "512", nullptr, "1"},
-          Setting{"swapped operands", nullptr, nullptr, "swap"},
-          Setting{"swapped operands, 2 waves, min keys 128", "128", "2", "swap"},
-          Setting{"swapped operands, register prefetch", nullptr, nullptr, "swap-prefetch"}}) {
+          Setting{"query rows as M", nullptr, nullptr, "0"},
+          Setting{"query rows as M, register prefetch", nullptr, nullptr, "1"},
+          Setting{"query rows as M, 2 waves, min keys 128", "128", "2", "0"},
+          Setting{"query rows as M, min keys 512", "512", nullptr, "0"}}) {
       const ScopedEnv min_keys("DYSCO_CUDA_MIN_KEYS_PER_SPLIT", s.min_keys);
       const ScopedEnv waves("DYSCO_CUDA_SPLIT_WAVES", s.waves);
       const ScopedEnv prefetch("DYSCO_CUDA_MMA_PREFETCH", s.prefetch);
