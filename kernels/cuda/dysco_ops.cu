@@ -12,8 +12,12 @@
 // and entry by entry on the CPU, so the two can differ only when a prefix sum lies within float64
 // rounding (~1e-16 relative) of top_p.
 //
-// Long rows (16K keys and up) are searched by many blocks each, one launch per radix pass
-// (SelectPassKernel below); short rows by one block.
+// Long rows (16K keys and up) are searched by many blocks each, in one launch whose blocks meet
+// after each radix pass (SelectFusedKernel below; or one launch per pass, SelectPassKernel); short
+// rows by one block.
+#include <algorithm>
+#include <cstdlib>
+
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -349,13 +353,14 @@ struct SelectRowState {
   double threshold;     // mass search: top_p
   int64_t rank;         // rank search: m - 1
   int64_t n;
-  int64_t limit;     // top_k capped by n (n when unset)
-  int64_t m;         // entries selected
-  int shift;         // of this pass's digit
-  int search;        // SelectSearch
-  int unique_scan;   // the next pass scans for the unique key instead of counting digits
-  int all;           // m >= n
-  unsigned arrived;  // blocks of the current launch that are done (the last one moves on)
+  int64_t limit;      // top_k capped by n (n when unset)
+  int64_t m;          // entries selected
+  int shift;          // of this pass's digit
+  int search;         // SelectSearch
+  int unique_scan;    // the next pass scans for the unique key instead of counting digits
+  int all;            // m >= n
+  unsigned arrived;   // blocks of the current launch that are done (the last one moves on)
+  unsigned released;  // SelectFusedKernel: passes whose last block has moved the row on
   unsigned count[kRadixBuckets];
   double mass[kRadixBuckets];
 };
@@ -409,6 +414,7 @@ __global__ void __launch_bounds__(kSelectPassThreads)
   s.m = 0;
   s.selection = 0;
   s.arrived = 0;
+  s.released = 0;
   s.cur = StartCursor();
   s.mask = 0;
   s.shift = 64 - kRadixBits;
@@ -434,44 +440,67 @@ __device__ bool LastBlockOfRow(SelectRowState& s) {
   return last;
 }
 
-// Grid: x = key block, y = row. One pass of the row's current search (above).
-__global__ void __launch_bounds__(kSelectPassThreads)
-    SelectPassKernel(SelectRowState* states, const float* relevance, int64_t width) {
-  __shared__ unsigned count[kRadixBuckets];
-  __shared__ double mass[kRadixBuckets];
-  const int64_t b = blockIdx.y;
-  SelectRowState& s = states[b];
-  if (s.search == kSearchDone) return;  // the same for every block of the row
-  const float* row = relevance + b * width;
-  const bool by_mass = s.search == kMassSearch;
-  const int64_t lo = static_cast<int64_t>(blockIdx.x) * kSelectKeysPerBlock;
-  const int64_t hi = min(s.n, lo + kSelectKeysPerBlock);
-  const uint64_t prefix = s.cur.prefix;
-  const uint64_t mask = s.mask;
-  const bool unique_scan = s.unique_scan != 0;
-  if (unique_scan) {
+// A pass's inputs from the row's state, as every block of the pass reads them.
+struct SelectPassView {
+  uint64_t prefix;
+  uint64_t mask;
+  int64_t n;
+  int search;
+  int shift;
+  bool unique_scan;
+};
+
+// Thread 0 reads the view past L1 (SelectFusedKernel's blocks read it again after each pass, and
+// the state was moved on by another block); the other threads read it from shared memory after a
+// barrier.
+__device__ SelectPassView ReadPassView(const SelectRowState& s) {
+  return SelectPassView{__ldcg(&s.cur.prefix), __ldcg(&s.mask),  __ldcg(&s.n),
+                        __ldcg(&s.search),     __ldcg(&s.shift), __ldcg(&s.unique_scan) != 0};
+}
+
+// The block's part of one pass over keys [lo, hi) of row: the unique key's scan, or the digit
+// counts (and masses) added to the block's shared histogram. Every thread calls it.
+__device__ void PassOverKeys(SelectRowState& s, const SelectPassView& v, const float* row,
+                             int64_t lo, int64_t hi, unsigned* count, double* mass) {
+  if (v.unique_scan) {
     for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
       const uint64_t key = cuda::SortKey(row[j], j);
-      if ((key & mask) == prefix) s.unique_key = key;  // exactly one entry matches
+      if ((key & v.mask) == v.prefix) s.unique_key = key;  // exactly one entry matches
     }
   } else {
-    for (int d = threadIdx.x; d < kRadixBuckets; d += blockDim.x) {
-      count[d] = 0;
-      mass[d] = 0.0;
-    }
-    __syncthreads();
-    AccumulateDigits(row, lo, hi, prefix, mask, s.shift, by_mass, count, mass);
-    __syncthreads();
-    for (int d = threadIdx.x; d < kRadixBuckets; d += blockDim.x) {
-      if (count[d] == 0) continue;
-      atomicAdd(&s.count[d], count[d]);
-      if (by_mass) atomicAdd(&s.mass[d], mass[d]);
-    }
+    AccumulateDigits(row, lo, hi, v.prefix, v.mask, v.shift, v.search == kMassSearch, count, mass);
   }
-  if (!LastBlockOfRow(s)) return;
+}
 
-  if (!unique_scan) {
-    // The row's histogram (read past L1: other blocks' atomics), zeroed for the next pass.
+// Zeroes the block's shared histogram (before a pass's PassOverKeys calls).
+__device__ void ZeroHistogram(unsigned* count, double* mass) {
+  for (int d = threadIdx.x; d < kRadixBuckets; d += blockDim.x) {
+    count[d] = 0;
+    mass[d] = 0.0;
+  }
+  __syncthreads();
+}
+
+// Adds the block's shared histogram to the row's (after the pass's PassOverKeys calls).
+__device__ void AddHistogramToRow(SelectRowState& s, const SelectPassView& v, const unsigned* count,
+                                  const double* mass) {
+  __syncthreads();
+  if (v.unique_scan) return;
+  const bool by_mass = v.search == kMassSearch;
+  for (int d = threadIdx.x; d < kRadixBuckets; d += blockDim.x) {
+    if (count[d] == 0) continue;
+    atomicAdd(&s.count[d], count[d]);
+    if (by_mass) atomicAdd(&s.mass[d], mass[d]);
+  }
+}
+
+// Run by every thread of the pass's last block (LastBlockOfRow): the row's histogram (read past
+// L1: other blocks' atomics) zeroed for the next pass, the bucket chosen, the row's state moved on
+// by thread 0 (the next digit, the unique key's scan, the end of a search) and the arrival count
+// reset.
+__device__ void MoveRowOn(SelectRowState& s, const SelectPassView& v, unsigned* count,
+                          double* mass) {
+  if (!v.unique_scan) {
     for (int d = threadIdx.x; d < kRadixBuckets; d += blockDim.x) {
       count[d] = __ldcg(&s.count[d]);
       mass[d] = __ldcg(&s.mass[d]);
@@ -482,25 +511,78 @@ __global__ void __launch_bounds__(kSelectPassThreads)
   }
   if (threadIdx.x != 0) return;
   s.arrived = 0;
-  if (unique_scan) {
+  if (v.unique_scan) {
     s.cur.prefix = __ldcg(&s.unique_key);
     FinishSearch(s);
     return;
   }
-  ChooseDigit(count, mass, by_mass, s.threshold, s.rank, s.shift, s.cur);
+  ChooseDigit(count, mass, v.search == kMassSearch, s.threshold, s.rank, v.shift, s.cur);
   if (s.cur.found == 0) {
     FinishSearch(s);
     return;
   }
-  s.mask |= static_cast<uint64_t>(kRadixBuckets - 1) << s.shift;
+  s.mask |= static_cast<uint64_t>(kRadixBuckets - 1) << v.shift;
   if (s.cur.unique) {
-    s.unique_scan = 1;  // the next launch finds the key
+    s.unique_scan = 1;  // the next pass finds the key
     s.cur.unique = 0;
-  } else if (s.shift == 0) {
+  } else if (v.shift == 0) {
     FinishSearch(s);  // every digit chosen: cur.prefix is the key
   } else {
     s.shift -= kRadixBits;
   }
+}
+
+// Grid: x = key block, y = row. One pass of the row's current search (above).
+__global__ void __launch_bounds__(kSelectPassThreads)
+    SelectPassKernel(SelectRowState* states, const float* relevance, int64_t width) {
+  __shared__ unsigned count[kRadixBuckets];
+  __shared__ double mass[kRadixBuckets];
+  const int64_t b = blockIdx.y;
+  SelectRowState& s = states[b];
+  if (s.search == kSearchDone) return;  // the same for every block of the row
+  const SelectPassView v = ReadPassView(s);
+  const int64_t lo = static_cast<int64_t>(blockIdx.x) * kSelectKeysPerBlock;
+  ZeroHistogram(count, mass);
+  PassOverKeys(s, v, relevance + b * width, lo, min(v.n, lo + kSelectKeysPerBlock), count, mass);
+  AddHistogramToRow(s, v, count, mass);
+  if (LastBlockOfRow(s)) MoveRowOn(s, v, count, mass);
+}
+
+// The selection's outcome from the row's state (read past L1, as ReadPassView).
+struct SelectOutcome {
+  int64_t n;
+  int64_t m;
+  uint64_t selection;
+  bool all;
+};
+
+__device__ SelectOutcome ReadOutcome(const SelectRowState& s) {
+  return SelectOutcome{__ldcg(&s.n), __ldcg(&s.m), __ldcg(&s.selection), __ldcg(&s.all) != 0};
+}
+
+// Writes the selection and bias of row b's key block `chunk` and leaves its selected mass in
+// partial[b][chunk] (thread 0). Every thread calls it.
+__device__ void WriteChunk(float* bias, bool* selected, double* partial, double* reduce,
+                           const SelectOutcome& o, const float* relevance,
+                           const bool* template_mask, const float* strength, int64_t b,
+                           int64_t width, int64_t chunk, int64_t chunks) {
+  const int64_t lo = chunk * kSelectKeysPerBlock;
+  const int64_t hi = min(width, lo + kSelectKeysPerBlock);
+  double mass = WriteSelection(bias, selected, relevance + b * width, template_mask, b, width, lo,
+                               hi, o.n, o.m, o.all, o.selection, ReadStrength(strength[b]));
+  mass = cuda::BlockReduce(mass, reduce, [](double x, double y) { return x + y; });
+  if (threadIdx.x == 0) partial[b * chunks + chunk] = mass;
+}
+
+// Run by thread 0 of the write's last block: the row's stats, the key blocks' masses added in
+// block order (the same bits however many blocks wrote them).
+__device__ void FinishWrite(float* stats, SelectRowState& s, const SelectOutcome& o,
+                            const double* partial, int64_t b, int64_t chunks) {
+  s.arrived = 0;
+  double total = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) total += __ldcg(&partial[b * chunks + c]);
+  stats[2 * b] = static_cast<float>(o.m);
+  stats[2 * b + 1] = static_cast<float>(total);
 }
 
 // Grid: x = key block, y = row. Writes the row's selection and bias; each block's selected mass
@@ -512,23 +594,72 @@ __global__ void __launch_bounds__(kSelectPassThreads)
   __shared__ double reduce[kSelectPassThreads / cuda::kWarpSize];
   const int64_t b = blockIdx.y;
   SelectRowState& s = states[b];
-  const int64_t n = s.n;
-  const int64_t m = s.m;
-  const bool all = s.all != 0;
-  const uint64_t selection = s.selection;
+  const SelectOutcome o = ReadOutcome(s);
+  WriteChunk(bias, selected, partial, reduce, o, relevance, template_mask, strength, b, width,
+             blockIdx.x, gridDim.x);
+  if (LastBlockOfRow(s) && threadIdx.x == 0) FinishWrite(stats, s, o, partial, b, gridDim.x);
+}
+
+// ---- the fused many-blocks selection (twentieth increment): SelectPassKernel's passes and
+// SelectWriteKernel in one launch (after SelectInitKernel), the row's blocks meeting after each
+// pass instead of the launches ending. Each block takes the key blocks x, x + gridDim.x, ... of its
+// row; the pass's last block moves the row on (MoveRowOn, as SelectPassKernel's) and releases the
+// others, which poll the row's `released` count. The same buckets, the same state and the same
+// write (its masses added in key-block order), so the same sets, biases and stats as the launches.
+// Why: the fixed 18 pass launches cost ~0.125 ms a 128K DySCO step on the H200 (bench-gpu's
+// profile, ~7 us each), most of them after the row's search is over (docs/gpu.md "What remains
+// of issue 9", item 2). Every block of a row must be resident at once (a block that polls waits
+// for all the others): the host caps the grid at what the multiprocessors hold
+// (FusedSelectBlocksPerRow).
+__global__ void __launch_bounds__(kSelectPassThreads)
+    SelectFusedKernel(float* bias, bool* selected, float* stats, double* partial,
+                      SelectRowState* states, const float* relevance, const bool* template_mask,
+                      const float* strength, int64_t width, int64_t chunks) {
+  __shared__ unsigned count[kRadixBuckets];
+  __shared__ double mass[kRadixBuckets];
+  __shared__ double reduce[kSelectPassThreads / cuda::kWarpSize];
+  __shared__ SelectPassView view;
+  const int64_t b = blockIdx.y;
+  SelectRowState& s = states[b];
   const float* row = relevance + b * width;
-  const int64_t lo = static_cast<int64_t>(blockIdx.x) * kSelectKeysPerBlock;
-  const int64_t hi = min(width, lo + kSelectKeysPerBlock);
-  double mass = WriteSelection(bias, selected, row, template_mask, b, width, lo, hi, n, m, all,
-                               selection, ReadStrength(strength[b]));
-  mass = cuda::BlockReduce(mass, reduce, [](double x, double y) { return x + y; });
-  if (threadIdx.x == 0) partial[b * gridDim.x + blockIdx.x] = mass;
-  if (!LastBlockOfRow(s) || threadIdx.x != 0) return;
-  s.arrived = 0;
-  double total = 0.0;
-  for (unsigned c = 0; c < gridDim.x; ++c) total += __ldcg(&partial[b * gridDim.x + c]);
-  stats[2 * b] = static_cast<float>(m);
-  stats[2 * b + 1] = static_cast<float>(total);
+  for (unsigned pass = 0;; ++pass) {
+    if (threadIdx.x == 0) view = ReadPassView(s);
+    __syncthreads();
+    const SelectPassView v = view;
+    if (v.search == kSearchDone) break;  // the same for every block of the row
+    ZeroHistogram(count, mass);
+    for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
+      const int64_t lo = c * kSelectKeysPerBlock;
+      PassOverKeys(s, v, row, lo, min(v.n, lo + kSelectKeysPerBlock), count, mass);
+    }
+    AddHistogramToRow(s, v, count, mass);
+    if (LastBlockOfRow(s)) {
+      MoveRowOn(s, v, count, mass);
+      if (threadIdx.x == 0) {
+        __threadfence();  // the moved-on state before the release
+        atomicAdd(&s.released, 1u);
+      }
+    } else if (threadIdx.x == 0) {
+      // Relaxed polls (an acquire per poll would also invalidate this multiprocessor's L1), then
+      // one fence, as linear.cu's GridBarrier; the state is then read past L1 (ReadPassView).
+      unsigned seen = 0;
+      do {
+        __nanosleep(32);
+        asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];"
+                     : "=r"(seen)
+                     : "l"(&s.released)
+                     : "memory");
+      } while (seen <= pass);
+      __threadfence();
+    }
+    __syncthreads();  // every thread reads the view again only after the release
+  }
+  const SelectOutcome o = ReadOutcome(s);
+  for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
+    WriteChunk(bias, selected, partial, reduce, o, relevance, template_mask, strength, b, width, c,
+               chunks);
+  }
+  if (LastBlockOfRow(s) && threadIdx.x == 0) FinishWrite(stats, s, o, partial, b, chunks);
 }
 
 // ---- dysco_bias_from_selection: element-wise.
@@ -596,13 +727,36 @@ unsigned Blocks(int64_t width) {
 }
 
 // Rows of kMultiBlockSelectWidth keys and more are selected by many blocks each; shorter rows by
-// one block (one launch instead of ~20). DYSCO_CUDA_SELECT=single|multi forces one (read per call,
-// for tests and A/B timing).
+// one block (one launch instead of ~20). DYSCO_CUDA_SELECT=single|multi forces one,
+// DYSCO_CUDA_SELECT=passes the many blocks with a launch per pass (read per call, for tests and A/B
+// timing).
 constexpr int64_t kMultiBlockSelectWidth = 16384;
 bool MultiBlockSelect(int64_t width) {
   if (cuda::EnvIs("DYSCO_CUDA_SELECT", "single")) return false;
-  if (cuda::EnvIs("DYSCO_CUDA_SELECT", "multi")) return true;
+  if (cuda::EnvIs("DYSCO_CUDA_SELECT", "multi") || cuda::EnvIs("DYSCO_CUDA_SELECT", "passes")) {
+    return true;
+  }
   return width >= kMultiBlockSelectWidth;
+}
+
+// Blocks a row of the fused selection (SelectFusedKernel): one per key block, as many as the
+// multiprocessors hold at once for all the rows together (its blocks wait for each other), 0 when
+// not even one a row fits or with DYSCO_CUDA_SELECT=passes: then the launch per pass.
+// DYSCO_CUDA_SELECT_BLOCKS (1..1024) caps it (tests: several key blocks a block).
+int64_t FusedSelectBlocksPerRow(int64_t rows, int64_t chunks) {
+  if (cuda::EnvIs("DYSCO_CUDA_SELECT", "passes")) return 0;
+  static const int64_t resident = [] {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, SelectFusedKernel,
+                                                                 kSelectPassThreads, 0));
+    return int64_t{per_sm} * cuda::MultiprocessorCount();
+  }();
+  int64_t blocks = std::min(chunks, resident / rows);
+  if (const char* v = std::getenv("DYSCO_CUDA_SELECT_BLOCKS")) {
+    const long cap = std::strtol(v, nullptr, 10);
+    if (cap >= 1 && cap <= 1024) blocks = std::min<int64_t>(blocks, cap);
+  }
+  return blocks;
 }
 
 }  // namespace
@@ -690,6 +844,15 @@ void dysco_select_bias_cuda(const at::Tensor& bias, const at::Tensor& selected,
       states, num_keys.data_ptr<int64_t>(), top_p.data_ptr<float>(), top_k.data_ptr<int64_t>(),
       width);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (const int64_t per_row = FusedSelectBlocksPerRow(batch, blocks); per_row > 0) {
+    SelectFusedKernel<<<dim3(static_cast<unsigned>(per_row), static_cast<unsigned>(batch)),
+                        kSelectPassThreads, 0, stream>>>(
+        bias.data_ptr<float>(), selected.data_ptr<bool>(), stats.data_ptr<float>(), partial, states,
+        relevance.data_ptr<float>(), template_mask.data_ptr<bool>(), strength.data_ptr<float>(),
+        width, blocks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   for (int pass = 0; pass < kMaxSelectPasses; ++pass) {
     SelectPassKernel<<<grid, kSelectPassThreads, 0, stream>>>(states, relevance.data_ptr<float>(),
                                                               width);

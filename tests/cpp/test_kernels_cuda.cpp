@@ -800,15 +800,63 @@ TEST(CudaDyscoSelectBias, TiesAreBrokenByPositionAsOnCpu) {
   CheckSelect({0, 3, 500, 3000}, 3000, true, SelectCases());
 }
 
-// The many-blocks selection (DYSCO_CUDA_SELECT=multi) on the short rows of the two tests above:
-// rows shorter than a block, rows across several blocks, ties, every case.
+// The many-blocks selection on the short rows of the two tests above: rows shorter than a key
+// block, rows across several, ties, every case; fused into one launch (DYSCO_CUDA_SELECT=multi),
+// fused with one block a row taking every key block (DYSCO_CUDA_SELECT_BLOCKS=1), and a launch per
+// pass (=passes).
 TEST(CudaDyscoSelectBias, ManyBlocksGiveTheCpuSetsOnShortRows) {
   SKIP_WITHOUT_GPU();
-  ScopedEnv multi("DYSCO_CUDA_SELECT", "multi");
-  at::manual_seed(8);
-  CheckSelect({0, 1, 2, 77, 4095, 4097, 6000}, 6000, false, SelectCases());
-  at::manual_seed(9);
-  CheckSelect({0, 3, 500, 3000}, 3000, true, SelectCases());
+  for (const char* blocks : {static_cast<const char*>(nullptr), "1"}) {
+    for (const char* mode : {"multi", "passes"}) {
+      SCOPED_TRACE(std::string(mode) + (blocks != nullptr ? " blocks 1" : ""));
+      ScopedEnv multi("DYSCO_CUDA_SELECT", mode);
+      ScopedEnv cap("DYSCO_CUDA_SELECT_BLOCKS", blocks);
+      at::manual_seed(8);
+      CheckSelect({0, 1, 2, 77, 4095, 4097, 6000}, 6000, false, SelectCases());
+      at::manual_seed(9);
+      CheckSelect({0, 3, 500, 3000}, 3000, true, SelectCases());
+    }
+  }
+}
+
+// The fused selection (one launch, the row's blocks meeting after each pass) against a launch per
+// pass (DYSCO_CUDA_SELECT=passes) on long rows: the same sets, biases and stats bit for bit (the
+// same buckets, the same write, its masses added in key-block order), with a block a key block (the
+// default at these widths) and with 3 blocks a row taking several key blocks each.
+TEST(CudaDyscoSelectBias, FusedSelectionEqualsALaunchPerPass) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(12);
+  const std::vector<int64_t> n = {131072, 100000, 70001, 0, 32768};
+  const int64_t batch = static_cast<int64_t>(n.size()), width = 131072;
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  const at::Tensor relevance = Cuda(RelevanceRows(n, width, false));
+  const at::Tensor num_keys = Cuda(at::tensor(n, at::kLong));
+  const at::Tensor template_mask = Cuda(at::rand({batch, width}) < 0.2);
+  for (const SelectCase& c : SelectCases()) {
+    const at::Tensor top_p = at::full({batch}, c.top_p, cuda);
+    const at::Tensor top_k = at::full({batch}, c.top_k, cuda.dtype(at::kLong));
+    const at::Tensor strength = at::full({batch}, c.strength, cuda);
+    auto run = [&](const char* mode, const char* blocks) {
+      const ScopedEnv select("DYSCO_CUDA_SELECT", mode);
+      const ScopedEnv cap("DYSCO_CUDA_SELECT_BLOCKS", blocks);
+      at::Tensor bias = at::full({batch, width}, kNaN, cuda);
+      at::Tensor selected = at::ones({batch, width}, cuda.dtype(at::kBool));
+      at::Tensor stats = at::full({batch, 2}, kNaN, cuda);
+      ops::dysco_select_bias(bias, selected, stats, relevance, num_keys, template_mask, top_p,
+                             top_k, strength);
+      return std::vector<at::Tensor>{bias.cpu(), selected.cpu(), stats.cpu()};
+    };
+    const std::vector<at::Tensor> passes = run("passes", nullptr);
+    for (const char* blocks : {static_cast<const char*>(nullptr), "3"}) {
+      const std::vector<at::Tensor> fused = run(nullptr, blocks);
+      std::ostringstream what;
+      what << "top_p=" << c.top_p << " top_k=" << c.top_k << " strength=" << c.strength
+           << (blocks != nullptr ? ", 3 blocks a row" : "");
+      EXPECT_TRUE(Same(fused[0], passes[0], "bias " + what.str()));
+      EXPECT_TRUE(Same(fused[1], passes[1], "selected " + what.str()));
+      EXPECT_TRUE(Same(fused[2], passes[2], "stats " + what.str()));
+    }
+  }
 }
 
 // 128K-key rows take the many-blocks selection by default; the one-block kernel is compared too.
@@ -1803,11 +1851,14 @@ TEST(CudaOps, DecodeStepOpsCaptureInACudaGraph) {
 }
 
 // The same with the many-blocks selection (its scratch allocated inside the capture, its passes
-// replayed from the captured state).
+// replayed from the captured state), fused and a launch per pass.
 TEST(CudaOps, DecodeStepOpsWithManyBlockSelectionCaptureInACudaGraph) {
   SKIP_WITHOUT_GPU();
-  ScopedEnv multi("DYSCO_CUDA_SELECT", "multi");
-  CheckDecodeStepGraph();
+  for (const char* mode : {"multi", "passes"}) {
+    SCOPED_TRACE(mode);
+    ScopedEnv multi("DYSCO_CUDA_SELECT", mode);
+    CheckDecodeStepGraph();
+  }
 }
 
 // ---- timings (printed, not asserted): one layer of a Qwen3-8B-shaped decode step at 128K keys,
@@ -1992,10 +2043,10 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
               floor_ms / 2);
   std::printf("[timing] attention_probs 4 heads 128K, scalar kernel: %.3f ms\n", scalar_probs_ms);
   std::printf("[timing] dysco_relevance_update 128K: %.3f ms\n", relevance_ms);
-  double single_select_ms = 0.0;
-  {
-    ScopedEnv single("DYSCO_CUDA_SELECT", "single");
-    single_select_ms = MillisecondsPerCall(
+  double single_select_ms = 0.0, passes_select_ms = 0.0;
+  for (const char* mode : {"single", "passes"}) {
+    ScopedEnv knob("DYSCO_CUDA_SELECT", mode);
+    (std::strcmp(mode, "single") == 0 ? single_select_ms : passes_select_ms) = MillisecondsPerCall(
         [&] {
           ops::dysco_select_bias(bias, selected, stats, relevance, lens, tmpl, top_p, top_k,
                                  strength);
@@ -2003,9 +2054,9 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
         20);
   }
   std::printf(
-      "[timing] dysco_select_bias 128K top_p=0.9 top_k=4096: %.3f ms (one block per row: %.3f "
-      "ms)\n",
-      select_ms, single_select_ms);
+      "[timing] dysco_select_bias 128K top_p=0.9 top_k=4096: %.3f ms (one launch per pass: %.3f "
+      "ms; one block per row: %.3f ms)\n",
+      select_ms, passes_select_ms, single_select_ms);
   EXPECT_GT(decode_ms, 0.0);
 }
 
