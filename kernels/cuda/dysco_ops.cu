@@ -12,9 +12,9 @@
 // and entry by entry on the CPU, so the two can differ only when a prefix sum lies within float64
 // rounding (~1e-16 relative) of top_p.
 //
-// Long rows (16K keys and up) are searched by many blocks each, in one launch whose blocks meet
-// after each radix pass (SelectFusedKernel below; or one launch per pass, SelectPassKernel); short
-// rows by one block.
+// Long rows (16K keys and up) are searched by many blocks each, one launch per radix pass
+// (SelectPassKernel below; opt-in, one launch whose blocks meet after each pass:
+// SelectFusedKernel); short rows by one block.
 #include <algorithm>
 #include <cstdlib>
 
@@ -600,16 +600,16 @@ __global__ void __launch_bounds__(kSelectPassThreads)
   if (LastBlockOfRow(s) && threadIdx.x == 0) FinishWrite(stats, s, o, partial, b, gridDim.x);
 }
 
-// ---- the fused many-blocks selection (twentieth increment): SelectPassKernel's passes and
+// ---- the fused many-blocks selection (twentieth increment, opt-in): SelectPassKernel's passes and
 // SelectWriteKernel in one launch (after SelectInitKernel), the row's blocks meeting after each
 // pass instead of the launches ending. Each block takes the key blocks x, x + gridDim.x, ... of its
 // row; the pass's last block moves the row on (MoveRowOn, as SelectPassKernel's) and releases the
 // others, which poll the row's `released` count. The same buckets, the same state and the same
 // write (its masses added in key-block order), so the same sets, biases and stats as the launches.
 // Why: the fixed 18 pass launches cost ~0.125 ms a 128K DySCO step on the H200 (bench-gpu's
-// profile, ~7 us each), most of them after the row's search is over (docs/gpu.md "What remains
-// of issue 9", item 2). Every block of a row must be resident at once (a block that polls waits
-// for all the others): the host caps the grid at what the multiprocessors hold
+// profile, ~7 us each), most of them after the row's search is over (docs/gpu.md "The DySCO
+// selection in one launch"). Every block of a row must be resident at once (a block that polls
+// waits for all the others): the host caps the grid at what the multiprocessors hold
 // (FusedSelectBlocksPerRow).
 __global__ void __launch_bounds__(kSelectPassThreads)
     SelectFusedKernel(float* bias, bool* selected, float* stats, double* partial,
@@ -728,23 +728,25 @@ unsigned Blocks(int64_t width) {
 
 // Rows of kMultiBlockSelectWidth keys and more are selected by many blocks each; shorter rows by
 // one block (one launch instead of ~20). DYSCO_CUDA_SELECT=single|multi forces one,
-// DYSCO_CUDA_SELECT=passes the many blocks with a launch per pass (read per call, for tests and A/B
-// timing).
+// DYSCO_CUDA_SELECT=fused the many blocks in one launch (read per call, for tests and A/B timing).
 constexpr int64_t kMultiBlockSelectWidth = 16384;
 bool MultiBlockSelect(int64_t width) {
   if (cuda::EnvIs("DYSCO_CUDA_SELECT", "single")) return false;
-  if (cuda::EnvIs("DYSCO_CUDA_SELECT", "multi") || cuda::EnvIs("DYSCO_CUDA_SELECT", "passes")) {
+  if (cuda::EnvIs("DYSCO_CUDA_SELECT", "multi") || cuda::EnvIs("DYSCO_CUDA_SELECT", "fused")) {
     return true;
   }
   return width >= kMultiBlockSelectWidth;
 }
 
-// Blocks a row of the fused selection (SelectFusedKernel): one per key block, as many as the
-// multiprocessors hold at once for all the rows together (its blocks wait for each other), 0 when
-// not even one a row fits or with DYSCO_CUDA_SELECT=passes: then the launch per pass.
+// Blocks a row of the fused selection (SelectFusedKernel, opt-in: DYSCO_CUDA_SELECT=fused): one
+// per key block, as many as the multiprocessors hold at once for all the rows together (its blocks
+// wait for each other); 0 (the launch per pass) when not even one a row fits or without the knob.
 // DYSCO_CUDA_SELECT_BLOCKS (1..1024) caps it (tests: several key blocks a block).
+// Why opt-in: on the H200 it takes the op from 0.154 to 0.122 ms at 128K keys but moved no DySCO
+// step beyond run-to-run drift, and its blocks' waits rely on the occupancy count matching the
+// multiprocessors the process really gets (docs/gpu.md "The DySCO selection in one launch").
 int64_t FusedSelectBlocksPerRow(int64_t rows, int64_t chunks) {
-  if (cuda::EnvIs("DYSCO_CUDA_SELECT", "passes")) return 0;
+  if (!cuda::EnvIs("DYSCO_CUDA_SELECT", "fused")) return 0;
   static const int64_t resident = [] {
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, SelectFusedKernel,

@@ -3,7 +3,8 @@
 // ("vector" or "scalar" rule out the faster split kernels, kernels/cuda/split_attention.cuh),
 // DYSCO_CUDA_MMA_PREFETCH (the tensor-core kernel's pipeline: "0" the query rows as the mma's M,
 // "1" its register prefetch, "swap-prefetch"; unset: the swapped operands), DYSCO_CUDA_SELECT
-// ("single" or "multi": one or many blocks per selection row), DYSCO_CUDA_SPLIT_WAVES,
+// ("single" or "multi": one or many blocks per selection row; "fused": many in one launch, with
+// DYSCO_CUDA_SELECT_BLOCKS capping its blocks a row), DYSCO_CUDA_SPLIT_WAVES,
 // DYSCO_CUDA_LINEAR ("cublas"), DYSCO_CUDA_PREFILL ("flash2": no cuDNN attention for long prefill
 // chunks), DYSCO_CUDA_SPLIT_MERGE ("kernel": the separate split-merge kernel after the tensor-core
 // kernel), DYSCO_CUDA_NORM_LINEAR ("separate": add_rms_norm then linear instead of the fused GEMV),

@@ -801,13 +801,13 @@ TEST(CudaDyscoSelectBias, TiesAreBrokenByPositionAsOnCpu) {
 }
 
 // The many-blocks selection on the short rows of the two tests above: rows shorter than a key
-// block, rows across several, ties, every case; fused into one launch (DYSCO_CUDA_SELECT=multi),
-// fused with one block a row taking every key block (DYSCO_CUDA_SELECT_BLOCKS=1), and a launch per
-// pass (=passes).
+// block, rows across several, ties, every case; a launch per pass (DYSCO_CUDA_SELECT=multi), fused
+// into one launch (=fused), and fused with one block a row taking every key block
+// (DYSCO_CUDA_SELECT_BLOCKS=1).
 TEST(CudaDyscoSelectBias, ManyBlocksGiveTheCpuSetsOnShortRows) {
   SKIP_WITHOUT_GPU();
   for (const char* blocks : {static_cast<const char*>(nullptr), "1"}) {
-    for (const char* mode : {"multi", "passes"}) {
+    for (const char* mode : {"multi", "fused"}) {
       SCOPED_TRACE(std::string(mode) + (blocks != nullptr ? " blocks 1" : ""));
       ScopedEnv multi("DYSCO_CUDA_SELECT", mode);
       ScopedEnv cap("DYSCO_CUDA_SELECT_BLOCKS", blocks);
@@ -819,10 +819,10 @@ TEST(CudaDyscoSelectBias, ManyBlocksGiveTheCpuSetsOnShortRows) {
   }
 }
 
-// The fused selection (one launch, the row's blocks meeting after each pass) against a launch per
-// pass (DYSCO_CUDA_SELECT=passes) on long rows: the same sets, biases and stats bit for bit (the
-// same buckets, the same write, its masses added in key-block order), with a block a key block (the
-// default at these widths) and with 3 blocks a row taking several key blocks each.
+// The fused selection (DYSCO_CUDA_SELECT=fused: one launch, the row's blocks meeting after each
+// pass) against a launch per pass (the default at these widths) on long rows: the same sets, biases
+// and stats bit for bit (the same buckets, the same write, its masses added in key-block order),
+// with a block a key block and with 3 blocks a row taking several key blocks each.
 TEST(CudaDyscoSelectBias, FusedSelectionEqualsALaunchPerPass) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(12);
@@ -846,9 +846,9 @@ TEST(CudaDyscoSelectBias, FusedSelectionEqualsALaunchPerPass) {
                              top_k, strength);
       return std::vector<at::Tensor>{bias.cpu(), selected.cpu(), stats.cpu()};
     };
-    const std::vector<at::Tensor> passes = run("passes", nullptr);
+    const std::vector<at::Tensor> passes = run(nullptr, nullptr);
     for (const char* blocks : {static_cast<const char*>(nullptr), "3"}) {
-      const std::vector<at::Tensor> fused = run(nullptr, blocks);
+      const std::vector<at::Tensor> fused = run("fused", blocks);
       std::ostringstream what;
       what << "top_p=" << c.top_p << " top_k=" << c.top_k << " strength=" << c.strength
            << (blocks != nullptr ? ", 3 blocks a row" : "");
@@ -1851,10 +1851,10 @@ TEST(CudaOps, DecodeStepOpsCaptureInACudaGraph) {
 }
 
 // The same with the many-blocks selection (its scratch allocated inside the capture, its passes
-// replayed from the captured state), fused and a launch per pass.
+// replayed from the captured state), a launch per pass and fused.
 TEST(CudaOps, DecodeStepOpsWithManyBlockSelectionCaptureInACudaGraph) {
   SKIP_WITHOUT_GPU();
-  for (const char* mode : {"multi", "passes"}) {
+  for (const char* mode : {"multi", "fused"}) {
     SCOPED_TRACE(mode);
     ScopedEnv multi("DYSCO_CUDA_SELECT", mode);
     CheckDecodeStepGraph();
@@ -2043,10 +2043,10 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
               floor_ms / 2);
   std::printf("[timing] attention_probs 4 heads 128K, scalar kernel: %.3f ms\n", scalar_probs_ms);
   std::printf("[timing] dysco_relevance_update 128K: %.3f ms\n", relevance_ms);
-  double single_select_ms = 0.0, passes_select_ms = 0.0;
-  for (const char* mode : {"single", "passes"}) {
+  double single_select_ms = 0.0, fused_select_ms = 0.0;
+  for (const char* mode : {"single", "fused"}) {
     ScopedEnv knob("DYSCO_CUDA_SELECT", mode);
-    (std::strcmp(mode, "single") == 0 ? single_select_ms : passes_select_ms) = MillisecondsPerCall(
+    (std::strcmp(mode, "single") == 0 ? single_select_ms : fused_select_ms) = MillisecondsPerCall(
         [&] {
           ops::dysco_select_bias(bias, selected, stats, relevance, lens, tmpl, top_p, top_k,
                                  strength);
@@ -2054,9 +2054,9 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
         20);
   }
   std::printf(
-      "[timing] dysco_select_bias 128K top_p=0.9 top_k=4096: %.3f ms (one launch per pass: %.3f "
-      "ms; one block per row: %.3f ms)\n",
-      select_ms, passes_select_ms, single_select_ms);
+      "[timing] dysco_select_bias 128K top_p=0.9 top_k=4096: %.3f ms (the passes in one launch: "
+      "%.3f ms; one block per row: %.3f ms)\n",
+      select_ms, fused_select_ms, single_select_ms);
   EXPECT_GT(decode_ms, 0.0);
 }
 
