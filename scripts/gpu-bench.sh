@@ -11,7 +11,8 @@
 #   peer    bench/hf_peer.py on the Qwen3-8B shape: transformers' generate, static cache +
 #           torch.compile (falls back to no compile, and says so), same contexts.
 # Then prints one table (bench/plot_gpu.py --table) and copies to $OUT (default gpu-bench-out/):
-# gpu-bench.md, the JSON of each part, and gpu-bench-logs.tgz (at most 8 files, no folders).
+# gpu-bench.md, this run's JSON of each part, and gpu-bench-logs.tgz (every log and JSON file under
+# $BUILD/gpu-bench; at most 8 files, no folders).
 #
 # Time (H200, estimates; a timing line per phase is printed): per shape export ~1-2 min, bench-gpu
 # ~1 min (load ~15 s, 128K prefill ~10-15 s with a flash-style prefill, decode ~10 s); server
@@ -66,10 +67,17 @@ elapsed() { echo $(( $(date +%s) - T_START )); }
 # Seconds a phase may take: its cap, within what is left of the budget (at least 10).
 allow() { local left=$(( BUDGET - $(elapsed) - 15 )); [ "$left" -gt "$1" ] && left=$1; [ "$left" -lt 10 ] && left=10; echo "$left"; }
 phase() { printf '[gpu-bench] %-34s %-5s %5ss (at %ss)  %s\n' "$1" "$2" "$3" "$(elapsed)" "$4" | tee -a "$LOGS/phases.txt"; }
+# Copies this run's JSON files (its tag's bench-gpu files, the untagged server and peer files), the
+# table and every log and JSON file in one archive: $LOGS keeps earlier runs' tagged files (e.g.
+# scripts/gpu-ab.sh's), which would push this run's past the device tool's 8 files.
 publish() {
-  cp "$LOGS"/*.json "$RESULTS/" 2>/dev/null
+  local shape tag=${GPU_BENCH_TAG:-}
+  for shape in $SHAPES; do cp "$LOGS/bench-gpu-$shape$tag.json" "$RESULTS/" 2>/dev/null; done
+  if [ -z "$tag" ]; then
+    cp "$LOGS"/hf-peer-*.json "$LOGS"/server-bench-*.json "$RESULTS/" 2>/dev/null
+  fi
   [ -f "$LOGS/gpu-bench.md" ] && cp "$LOGS/gpu-bench.md" "$RESULTS/"
-  tar czf "$RESULTS/gpu-bench-logs.tgz" -C "$LOGS" --exclude='*.json' . 2>/dev/null
+  tar czf "$RESULTS/gpu-bench-logs.tgz" -C "$LOGS" . 2>/dev/null
 }
 
 # shellcheck source=scripts/gpu-device-env.sh
