@@ -46,8 +46,10 @@
 // as the benchmark's (exit 1 otherwise): the timed DySCO step is the product's.
 // --profile-steps N (0): then N plain and N DySCO steps at the longest context run under the Kineto
 // profiler, and the device time per kernel name (per step) is printed and written to the JSON
-// ("profile"): where a step's time goes, next to its wall time (the gap is host time); and once
-// the prompt's last full prefill chunk ("prefill_chunk").
+// ("profile"): where a step's time goes, next to its wall time (the gap is host time), and the
+// same events as one timeline (busy time, and the idle stretches by the events around them:
+// "span_ms_per_step", "busy_ms_per_step", "gaps"); and once the prompt's last full prefill chunk
+// ("prefill_chunk").
 // --logits-to-host (0): 0 = each step's token is picked where the logits are and only its id is
 // read back (ForwardBatch::logits_to_host = false: what BatchStepper does for a greedy sequence),
 // 1 = the logits are copied to the host and the token picked there (A/B of the two).
@@ -562,6 +564,14 @@ struct KernelTime {
   double calls_per_step = 0;
 };
 
+// An idle stretch of the profiled timeline (no event running), by the names around it: `after`
+// the event whose end opened it, `before` the event whose start closed it.
+struct TimelineGap {
+  std::string after, before;
+  double ms_per_step = 0;
+  double count_per_step = 0;
+};
+
 struct StepProfile {
   bool ok = false;
   std::string error;
@@ -571,7 +581,61 @@ struct StepProfile {
   std::vector<KernelTime> kernels;  // by time, descending
   // Each name's calls' durations (ms) in the order the calls started, all steps in a row.
   std::map<std::string, std::vector<double>> call_ms_in_order;
+  // The timeline of the same events: from the first start to the last end (span), the time some
+  // event was running (busy: the union of their intervals; a kernel launched to start early counts
+  // from its start, its wait for the kernel ahead included), and the idle stretches in between by
+  // the names around them, longest in total first. Where a step's boundaries cost: a gap is time
+  // with nothing on the device (on the CPU: no op running), including the host's time between
+  // steps.
+  double span_ms_per_step = 0;
+  double busy_ms_per_step = 0;
+  std::vector<TimelineGap> gaps;
 };
+
+struct TimelineEvent {
+  double start_ns = 0, end_ns = 0;
+  std::string name;
+};
+
+// Fills p's span, busy time and gaps (per step) from the profiled events.
+void AddTimeline(StepProfile& p, std::vector<TimelineEvent> events, int64_t steps) {
+  if (events.empty() || steps <= 0) return;
+  std::stable_sort(
+      events.begin(), events.end(),
+      [](const TimelineEvent& a, const TimelineEvent& b) { return a.start_ns < b.start_ns; });
+  std::map<std::pair<std::string, std::string>, std::pair<double, int64_t>> gaps;  // ns, count
+  double busy_ns = 0;
+  double begin = events[0].start_ns, end = events[0].end_ns;  // the current busy stretch
+  const std::string* last_to_end = &events[0].name;
+  for (size_t i = 1; i < events.size(); ++i) {
+    const TimelineEvent& e = events[i];
+    if (e.start_ns > end) {
+      busy_ns += end - begin;
+      auto& gap = gaps[{*last_to_end, e.name}];
+      gap.first += e.start_ns - end;
+      gap.second += 1;
+      begin = e.start_ns;
+      end = e.end_ns;
+      last_to_end = &e.name;
+    } else if (e.end_ns > end) {
+      end = e.end_ns;
+      last_to_end = &e.name;
+    }
+  }
+  busy_ns += end - begin;
+  const auto per_step = static_cast<double>(steps);
+  double last_end = 0;
+  for (const TimelineEvent& e : events) last_end = std::max(last_end, e.end_ns);
+  p.span_ms_per_step = (last_end - events[0].start_ns) / 1e6 / per_step;
+  p.busy_ms_per_step = busy_ns / 1e6 / per_step;
+  for (const auto& [names, total] : gaps) {
+    p.gaps.push_back({names.first, names.second, total.first / 1e6 / per_step,
+                      static_cast<double>(total.second) / per_step});
+  }
+  std::sort(p.gaps.begin(), p.gaps.end(), [](const TimelineGap& a, const TimelineGap& b) {
+    return a.ms_per_step > b.ms_per_step;
+  });
+}
 
 // A kernel of both a DySCO and a plain step, called more often in the DySCO step: its calls of each
 // DySCO step split by pass, the first (DySCO calls - plain calls) of a step taken as the
@@ -653,8 +717,9 @@ StepProfile ProfileSteps(const at::Device& device, int64_t steps,
     Sync(device);
     p.wall_ms_per_step = Seconds(t0, Clock::now()) * 1e3 / steps;
     std::unique_ptr<prof::ProfilerResult> result = prof::disableProfiler();
-    // Each name's calls: (start, duration), in ns.
+    // Each name's calls: (start, duration), in ns; and every event on one timeline.
     std::map<std::string, std::vector<std::pair<double, double>>> calls_by_name;
+    std::vector<TimelineEvent> timeline;
     for (const auto& e : result->events()) {
       if (e.deviceType() != want) continue;
 #if TORCH_VERSION_MAJOR >= 2
@@ -665,7 +730,9 @@ StepProfile ProfileSteps(const at::Device& device, int64_t steps,
       const double start = 1e3 * static_cast<double>(e.startUs());
 #endif
       calls_by_name[e.name()].emplace_back(start, ns);
+      timeline.push_back({start, start + ns, e.name()});
     }
+    AddTimeline(p, std::move(timeline), steps);
     p.steps = steps;
     for (auto& [name, calls] : calls_by_name) {
       double ns = 0;
@@ -1021,6 +1088,16 @@ int main(int argc, char** argv) {
         std::printf("| %.3f | %.1f | %.1f%% | %s |\n", k.ms_per_step, k.calls_per_step,
                     100.0 * k.ms_per_step / prof->wall_ms_per_step, k.name.substr(0, 100).c_str());
       }
+      std::printf(
+          "timeline: %.3f ms busy of a %.3f ms span per step (%.3f ms idle); longest idle, by the "
+          "events around it:\n| ms/step | gaps/step | after | before |\n|---|---|---|---|\n",
+          prof->busy_ms_per_step, prof->span_ms_per_step,
+          prof->span_ms_per_step - prof->busy_ms_per_step);
+      for (size_t i = 0; i < prof->gaps.size() && i < 8; ++i) {
+        const TimelineGap& g = prof->gaps[i];
+        std::printf("| %.4f | %.1f | %s | %s |\n", g.ms_per_step, g.count_per_step,
+                    g.after.substr(0, 60).c_str(), g.before.substr(0, 60).c_str());
+      }
     }
     if (with_dysco) {
       pass_splits = SplitByPass(plain_profile, dysco_profile, plain_after_profile, 12);
@@ -1125,6 +1202,15 @@ int main(int argc, char** argv) {
         out << (i ? ", " : "") << "{\"name\": " << JsonString(prof.kernels[i].name.substr(0, 200))
             << ", \"ms_per_step\": " << Json(prof.kernels[i].ms_per_step)
             << ", \"calls_per_step\": " << Json(prof.kernels[i].calls_per_step) << "}";
+      }
+      out << "], \"span_ms_per_step\": " << Json(prof.span_ms_per_step)
+          << ", \"busy_ms_per_step\": " << Json(prof.busy_ms_per_step) << ", \"gaps\": [";
+      for (size_t i = 0; i < prof.gaps.size() && i < 12; ++i) {
+        const TimelineGap& g = prof.gaps[i];
+        out << (i ? ", " : "") << "{\"after\": " << JsonString(g.after.substr(0, 200))
+            << ", \"before\": " << JsonString(g.before.substr(0, 200))
+            << ", \"ms_per_step\": " << Json(g.ms_per_step)
+            << ", \"count_per_step\": " << Json(g.count_per_step) << "}";
       }
       out << "]}";
     };

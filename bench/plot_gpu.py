@@ -113,6 +113,16 @@ def decode_table(bench, peer):
             lines += ["", f"Where the time goes, {mode} step at {prof['context']} "
                       f"({prof['steps']} profiled steps): {m['wall_ms_per_step']:.2f} ms wall, "
                       f"{m['device_ms_per_step']:.2f} ms of {kind} events; top: {top}"]
+            if "busy_ms_per_step" in m:
+                # bench-gpu's AddTimeline: the same events on one timeline; a gap is time with no
+                # event running, named by the events around it.
+                gaps = "; ".join(f"after {g['after'][:40]} before {g['before'][:40]} "
+                                 f"{g['ms_per_step']:.4f} ms x{g['count_per_step']:.0f}"
+                                 for g in m.get("gaps", [])[:4])
+                lines += ["", f"Device timeline, {mode} step at {prof['context']}: "
+                          f"{m['busy_ms_per_step']:.3f} ms busy of a {m['span_ms_per_step']:.3f} ms "
+                          f"span ({m['span_ms_per_step'] - m['busy_ms_per_step']:.3f} ms idle); "
+                          f"longest idle: {gaps or 'none'}"]
         by_pass = prof.get("dysco_by_pass")
         if by_pass:
             # bench-gpu's SplitByPass: a kernel's calls of a DySCO step, the first (DySCO calls -

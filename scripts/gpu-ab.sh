@@ -11,8 +11,9 @@
 # bench.log (every run's output).
 # Knobs: GPU_AB_TESTS (unset: no tests), GPU_AB_RUNS (unset: no bench), GPU_AB_TEST_TIMEOUT_S (200),
 # GPU_AB_BUDGET_S (570: the runs that would start past it are skipped), GPU_AB_SHAPE (qwen3-8b),
-# GPU_AB_PROFILE_STEPS (0: bench-gpu --profile-steps per run; the DySCO step by pass then lands in
-# ab.md), and gpu-bench.sh's own knobs (e.g. GPU_BENCH_CONTEXTS=131072 for the longest alone).
+# GPU_AB_PROFILE_STEPS (0: bench-gpu --profile-steps per run; the DySCO step by pass and each profiled
+# step's device timeline then land in ab.md), and gpu-bench.sh's own knobs (e.g.
+# GPU_BENCH_CONTEXTS=131072 for the longest alone).
 # Usage: bash scripts/gpu-ab.sh [DEBS_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -70,9 +71,11 @@ for run in ${GPU_AB_RUNS:-}; do
     awk -v h="### $SHAPE-$tag " 'index($0, h) == 1 { f = 1 }
       f && /^\| [0-9]+ \|/ { print }
       f && /^DySCO step breakdown/ { print substr($0, 1, 240); exit }' "$WORK/bench-$tag.log"
-    # With GPU_AB_PROFILE_STEPS: the DySCO step by pass (the attention kernels' rows).
-    awk '/^DySCO step by pass/ { f = 1; print; next } f && /^\| (name|---)/ { print; next }
-      f && /^\| .*Attention/ { print } f && !/^\|/ { f = 0 }' "$WORK/bench-$tag.log"
+    # With GPU_AB_PROFILE_STEPS: the DySCO step by pass (the attention kernels' rows) and each
+    # profiled step's device timeline (its idle time and longest gaps).
+    awk -v h="### $SHAPE-$tag " 'index($0, h) == 1 { f = 1; next } f && /^### / { exit }
+      f && (/^DySCO step by pass/ || /^Device timeline/) { print substr($0, 1, 600) }' \
+      "$WORK/bench-$tag.log"
   } | tee -a "$RESULTS/ab.md"
 done
 rm -rf "$WORK"

@@ -125,13 +125,18 @@ def test_table_shows_where_the_time_goes(tmp_path):
     data["profile"] = {"context": 131072, "steps": 5, "device_events": True,
                        "plain": {"wall_ms_per_step": 8.8, "device_ms_per_step": 8.1,
                                  "top": [{"name": "paged_attention_decode_kernel",
-                                          "ms_per_step": 4.6, "calls_per_step": 36}]},
+                                          "ms_per_step": 4.6, "calls_per_step": 36}],
+                                 "span_ms_per_step": 8.75, "busy_ms_per_step": 8.5,
+                                 "gaps": [{"after": "GemvKernel", "before": "SiluMulKernel",
+                                           "ms_per_step": 0.072, "count_per_step": 36}]},
                        "dysco": {"error": "CUPTI unavailable"}}
     benches, peers, servers = plot_gpu.load([write(tmp_path, "b.json", data)])
     text = plot_gpu.table(benches, peers, servers)
     assert ("plain step at 131072 (5 profiled steps): 8.80 ms wall, 8.10 ms of device events; "
             "top: paged_attention_decode_kernel 4.600 ms x36") in text
     assert "Profile (dysco): unavailable: CUPTI unavailable" in text
+    assert ("Device timeline, plain step at 131072: 8.500 ms busy of a 8.750 ms span (0.250 ms "
+            "idle); longest idle: after GemvKernel before SiluMulKernel 0.0720 ms x36") in text
 
 
 def test_table_splits_the_dysco_step_by_pass(tmp_path):
