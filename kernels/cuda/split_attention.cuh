@@ -231,6 +231,33 @@ __device__ __forceinline__ float2 WarpSplitStats(const float* part, int64_t stri
   return make_float2(max, cuda::WarpSum(sum));
 }
 
+// One query row's merge once its splits' statistics are known (both WarpMergeSplits paths): its
+// partials (split 0's, `stride` floats a split), the row's max, 1 / its sum (0 when no split saw a
+// key), and the weight of a split past s_weight's capacity, recomputed.
+struct SplitMergeRow {
+  const float* part;
+  int64_t stride;
+  float max;
+  float inv;
+  __device__ __forceinline__ float Weight(int s) const {
+    return SplitWeight(__ldcg(part + s * stride), max);
+  }
+};
+
+// The start of a merge, run by one whole warp: the row's WarpSplitStats, stored to `stats` by lane
+// 0 when given, and s_weight made visible to the whole warp.
+__device__ __forceinline__ SplitMergeRow StartSplitMerge(const float* partial, int64_t row,
+                                                         int num_splits, int head_dim,
+                                                         float* s_weight, int capacity,
+                                                         float2* stats) {
+  const int64_t stride = head_dim + 2;
+  const float* part = partial + row * num_splits * stride;
+  const float2 row_stats = WarpSplitStats(part, stride, num_splits, s_weight, capacity);
+  if (stats != nullptr && threadIdx.x % cuda::kWarpSize == 0) *stats = row_stats;
+  __syncwarp();  // s_weight written by the other lanes
+  return SplitMergeRow{part, stride, row_stats.x, row_stats.y > 0.0f ? 1.0f / row_stats.y : 0.0f};
+}
+
 // Merges the splits of query row `row` (token * Hq + head) by log-sum-exp into out[row]; zeros when
 // no split saw a key. Run by one whole warp. s_weight: this warp's shared scratch of `capacity`
 // floats (each split's weight exp(max_s - max); splits past it recompute theirs). The partials are
@@ -250,15 +277,10 @@ __device__ void WarpMergeSplitsChunks(T* out, const float* partial, int64_t row,
                                       int head_dim, float* s_weight, int capacity, float2* stats) {
   constexpr int kUnroll = 32 / kChunks;  // ~64 floats of accumulator loads in flight a lane
   const int lane = threadIdx.x % cuda::kWarpSize;
-  const int64_t stride = head_dim + 2;
-  const float* part = partial + row * num_splits * stride;
-  const float2 row_stats = WarpSplitStats(part, stride, num_splits, s_weight, capacity);
-  const float max = row_stats.x, sum = row_stats.y;
-  // The weight of a split past `capacity`, recomputed.
-  auto weight = [&](int s) { return SplitWeight(__ldcg(part + s * stride), max); };
-  if (stats != nullptr && lane == 0) *stats = row_stats;
-  __syncwarp();  // s_weight written by the other lanes
-  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  const SplitMergeRow m =
+      StartSplitMerge(partial, row, num_splits, head_dim, s_weight, capacity, stats);
+  const float* part = m.part;
+  const int64_t stride = m.stride;
   // Lane l takes dims 2 l, 2 l + 1 of each run of 64 (8-byte loads: a row's accumulators start 8
   // bytes into its split's D + 2 floats; D even).
   float a[kChunks][2];
@@ -289,7 +311,7 @@ __device__ void WarpMergeSplitsChunks(T* out, const float* partial, int64_t row,
     }
   }
   for (; s < num_splits; ++s) {
-    const float w = s < capacity ? s_weight[s] : weight(s);
+    const float w = s < capacity ? s_weight[s] : m.Weight(s);
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
       if (dim(c) < head_dim) {
@@ -302,8 +324,8 @@ __device__ void WarpMergeSplitsChunks(T* out, const float* partial, int64_t row,
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) {
     if (dim(c) < head_dim) {
-      out[row * head_dim + dim(c)] = cuda::Convert<T>::FromFloat(a[c][0] * inv);
-      out[row * head_dim + dim(c) + 1] = cuda::Convert<T>::FromFloat(a[c][1] * inv);
+      out[row * head_dim + dim(c)] = cuda::Convert<T>::FromFloat(a[c][0] * m.inv);
+      out[row * head_dim + dim(c) + 1] = cuda::Convert<T>::FromFloat(a[c][1] * m.inv);
     }
   }
 }
@@ -326,21 +348,14 @@ __device__ void WarpMergeSplits(T* out, const float* partial, int64_t row, int n
     WarpMergeSplitsChunks<T, 4>(out, partial, row, num_splits, head_dim, s_weight, capacity, stats);
     return;
   }
-  const int lane = threadIdx.x % cuda::kWarpSize;
-  const int64_t stride = head_dim + 2;
-  const float* part = partial + row * num_splits * stride;
-  const float2 row_stats = WarpSplitStats(part, stride, num_splits, s_weight, capacity);
-  const float max = row_stats.x, sum = row_stats.y;
-  auto weight = [&](int s) { return SplitWeight(__ldcg(part + s * stride), max); };
-  if (stats != nullptr && lane == 0) *stats = row_stats;
-  __syncwarp();
-  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-  for (int d = lane; d < head_dim; d += cuda::kWarpSize) {
+  const SplitMergeRow m =
+      StartSplitMerge(partial, row, num_splits, head_dim, s_weight, capacity, stats);
+  for (int d = threadIdx.x % cuda::kWarpSize; d < head_dim; d += cuda::kWarpSize) {
     float acc = 0.0f;
     for (int s = 0; s < num_splits; ++s) {
-      acc += __ldcg(part + s * stride + 2 + d) * (s < capacity ? s_weight[s] : weight(s));
+      acc += __ldcg(m.part + s * m.stride + 2 + d) * (s < capacity ? s_weight[s] : m.Weight(s));
     }
-    out[row * head_dim + d] = cuda::Convert<T>::FromFloat(acc * inv);
+    out[row * head_dim + d] = cuda::Convert<T>::FromFloat(acc * m.inv);
   }
 }
 
