@@ -624,9 +624,8 @@ void AddTimeline(StepProfile& p, std::vector<TimelineEvent> events, int64_t step
   }
   busy_ns += end - begin;
   const auto per_step = static_cast<double>(steps);
-  double last_end = 0;
-  for (const TimelineEvent& e : events) last_end = std::max(last_end, e.end_ns);
-  p.span_ms_per_step = (last_end - events[0].start_ns) / 1e6 / per_step;
+  // The last busy stretch ends where the last event does (one ending later would have joined it).
+  p.span_ms_per_step = (end - events[0].start_ns) / 1e6 / per_step;
   p.busy_ms_per_step = busy_ns / 1e6 / per_step;
   for (const auto& [names, total] : gaps) {
     p.gaps.push_back({names.first, names.second, total.first / 1e6 / per_step,
