@@ -450,9 +450,9 @@ struct SelectPassView {
   bool unique_scan;
 };
 
-// Thread 0 reads the view past L1 (SelectFusedKernel's blocks read it again after each pass, and
-// the state was moved on by another block); the other threads read it from shared memory after a
-// barrier.
+// Read past L1: SelectFusedKernel's blocks read it again after each pass, once another block has
+// moved the state on (there thread 0 reads it into shared memory for the block; each thread of
+// SelectPassKernel reads it itself).
 __device__ SelectPassView ReadPassView(const SelectRowState& s) {
   return SelectPassView{__ldcg(&s.cur.prefix), __ldcg(&s.mask),  __ldcg(&s.n),
                         __ldcg(&s.search),     __ldcg(&s.shift), __ldcg(&s.unique_scan) != 0};
