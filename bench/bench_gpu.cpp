@@ -40,7 +40,7 @@
 // usage: bench-gpu --model DIR [--device cuda:0|cpu] [--contexts 8192,32768,131072] [--chunk N]
 //                  [--warmup N] [--steps N] [--copy-mib N] [--max-prefill-s S] [--no-dysco]
 //                  [--cuda-graphs 0|1] [--profile-steps N] [--check-dysco] [--json PATH]
-//                  [--label S] [--logits-to-host 0|1]
+//                  [--label S] [--logits-to-host 0|1] [--timeline-json PATH]
 // --check-dysco: at the shortest context, also run the product's own loop (a Generator: Sequence +
 // BatchStepper) on the same prompt and require the same selections at the dynamic warm-up steps
 // as the benchmark's (exit 1 otherwise): the timed DySCO step is the product's.
@@ -50,6 +50,10 @@
 // same events as one timeline (busy time, and the idle stretches by the events around them:
 // "span_ms_per_step", "busy_ms_per_step", "gaps"); and once the prompt's last full prefill chunk
 // ("prefill_chunk").
+// --timeline-json PATH: with --profile-steps, every device event of the plain and DySCO profiles in
+// start order (name, start and duration in us from the profile's first event), for reading a
+// step's critical path offline (e.g. the DySCO stage between the passes: docs/performance.md
+// "Where the time goes").
 // --logits-to-host (0): 0 = each step's token is picked where the logits are and only its id is
 // read back (ForwardBatch::logits_to_host = false: what BatchStepper does for a greedy sequence),
 // 1 = the logits are copied to the host and the token picked there (A/B of the two).
@@ -101,7 +105,7 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
       << "bench-gpu: " << message
       << "\nusage: bench-gpu --model DIR [--device cuda:0|cpu] [--contexts N,N,...] "
          "[--chunk N] [--warmup N] [--steps N] [--copy-mib N] [--max-prefill-s S] [--no-dysco] "
-         "[--json PATH] [--label S]\n";
+         "[--json PATH] [--label S] [--timeline-json PATH]\n";
   std::exit(2);
 }
 
@@ -590,6 +594,8 @@ struct StepProfile {
   double span_ms_per_step = 0;
   double busy_ms_per_step = 0;
   std::vector<TimelineGap> gaps;
+  // Every event in start order (ns from the first event's start), for --timeline-json.
+  std::vector<std::tuple<std::string, double, double>> events_in_order;
 };
 
 struct TimelineEvent {
@@ -603,6 +609,9 @@ void AddTimeline(StepProfile& p, std::vector<TimelineEvent> events, int64_t step
   std::stable_sort(
       events.begin(), events.end(),
       [](const TimelineEvent& a, const TimelineEvent& b) { return a.start_ns < b.start_ns; });
+  for (const TimelineEvent& e : events) {
+    p.events_in_order.emplace_back(e.name, e.start_ns - events[0].start_ns, e.end_ns - e.start_ns);
+  }
   std::map<std::pair<std::string, std::string>, std::pair<double, int64_t>> gaps;  // ns, count
   double busy_ns = 0;
   double begin = events[0].start_ns, end = events[0].end_ns;  // the current busy stretch
@@ -772,7 +781,7 @@ struct ContextResult {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string model, device_name = "cuda:0", json_path, label;
+  std::string model, device_name = "cuda:0", json_path, label, timeline_json_path;
   std::vector<int64_t> contexts = {8192, 32768, 131072};
   int64_t chunk = 0, warmup = 3, steps = 20, copy_mib = 0;
   double max_prefill_s = 300;
@@ -824,6 +833,8 @@ int main(int argc, char** argv) {
       logits_to_host = ParseInt(flag, value, 0, 1) != 0;
     } else if (flag == "--json") {
       json_path = value;
+    } else if (flag == "--timeline-json") {
+      timeline_json_path = value;
     } else if (flag == "--label") {
       label = value;
     } else {
@@ -1244,6 +1255,26 @@ int main(int argc, char** argv) {
     out << "\n}\n";
     if (!out) {
       std::cerr << "bench-gpu: cannot write " << json_path << "\n";
+      return 1;
+    }
+  }
+  if (!timeline_json_path.empty()) {
+    std::ofstream out(timeline_json_path);
+    out << "{\"context\": " << profiled_context << ", \"steps\": " << profile_steps;
+    for (const auto& [key, prof] :
+         {std::pair<const char*, const StepProfile*>{"plain", &plain_profile},
+          {"dysco", &dysco_profile}}) {
+      out << ",\n \"" << key << "\": [";
+      for (size_t i = 0; i < prof->events_in_order.size(); ++i) {
+        const auto& [name, start_ns, ns] = prof->events_in_order[i];
+        out << (i ? ",\n  " : "\n  ") << "[" << JsonString(name.substr(0, 80)) << ", "
+            << Json(start_ns / 1e3) << ", " << Json(ns / 1e3) << "]";
+      }
+      out << "]";
+    }
+    out << "}\n";
+    if (!out) {
+      std::cerr << "bench-gpu: cannot write " << timeline_json_path << "\n";
       return 1;
     }
   }

@@ -6,9 +6,10 @@
 # that order: "tag:VAR=value,VAR=value tag:..." (an empty list after the colon is the default;
 # alternate the settings, e.g. "a1: b1:DYSCO_CUDA_X=1 a2: b2:DYSCO_CUDA_X=1", since run-to-run drift
 # on one machine is about 0.1 ms at 8K). The synthetic package is exported once (~50 s) and reused;
-# each run takes ~35 s. Prints each run's p50 rows and DySCO breakdown, and leaves three files in
-# $OUT (default gpu-ab-out/; the device tool returns few): tests.log, ab.md (the rows) and
-# bench.log (every run's output).
+# each run takes ~35 s. Prints each run's p50 rows and DySCO breakdown, and leaves four files in
+# $OUT (default gpu-ab-out/; the device tool returns few): tests.log, ab.md (the rows),
+# bench.log (every run's output) and runs.tgz (each run's bench-gpu log, JSON and timeline of its
+# profiled steps, for reading offline: bench/timeline.py).
 # Knobs: GPU_AB_TESTS (unset: no tests), GPU_AB_RUNS (unset: no bench), GPU_AB_TEST_TIMEOUT_S (200),
 # GPU_AB_BUDGET_S (570: the runs that would start past it are skipped), GPU_AB_SHAPE (qwen3-8b),
 # GPU_AB_PROFILE_STEPS (0: bench-gpu --profile-steps per run; the DySCO step by pass and each profiled
@@ -65,6 +66,11 @@ for run in ${GPU_AB_RUNS:-}; do
       bash scripts/gpu-bench.sh "$DEBS"
   ) > "$WORK/bench-$tag.log" 2>&1
   cat "$WORK/bench-$tag.log" >> "$RESULTS/bench.log"
+  mkdir -p "$WORK/runs"
+  cp "build-gpu/gpu-bench/bench-gpu-$SHAPE-$tag.log" "build-gpu/gpu-bench/bench-gpu-$SHAPE-$tag.json" \
+    "$WORK/runs/" 2>/dev/null
+  cp "build-gpu/gpu-bench/timelines/$SHAPE-$tag.json" "$WORK/runs/timeline-$SHAPE-$tag.json" 2>/dev/null
+  tar czf "$RESULTS/runs.tgz" -C "$WORK/runs" .
   {
     echo "run $tag (${settings:-default}), done at $(elapsed) s:"
     # This run's rows: the table under its own heading (gpu-bench.sh prints every tagged run so far).

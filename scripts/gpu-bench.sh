@@ -159,6 +159,9 @@ run_bench_gpu() {
   [ -n "${GPU_BENCH_CUDA_GRAPHS:-}" ] && extra=(--cuda-graphs "$GPU_BENCH_CUDA_GRAPHS")
   # shellcheck disable=SC2206  # word splitting of the extra flags is the point
   [ -n "${GPU_BENCH_EXTRA_ARGS:-}" ] && extra+=(${GPU_BENCH_EXTRA_ARGS})
+  # The profiled steps' events in order (a folder of their own: plot_gpu.py reads $LOGS/*.json).
+  mkdir -p "$LOGS/timelines"
+  extra+=(--timeline-json "$LOGS/timelines/$name.json")
   t0=$(date +%s)
   timeout "$(allow 300)" "$BUILD/bin/bench-gpu" --model "$PKGS/$shape" --device "$DEVICE" \
     --contexts "$CONTEXTS" --steps "$STEPS" --max-prefill-s "${GPU_BENCH_MAX_PREFILL_S:-150}" \

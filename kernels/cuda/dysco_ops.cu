@@ -12,10 +12,11 @@
 // and entry by entry on the CPU, so the two can differ only when a prefix sum lies within float64
 // rounding (~1e-16 relative) of top_p.
 //
-// Long rows (16K keys and up) are searched by many blocks each, one launch per radix pass
-// (SelectPassKernel below; opt-in, one launch whose blocks meet after each pass:
-// SelectFusedKernel); short rows by one block.
+// Rows of 8K keys and up are searched by many blocks each, in one cooperative launch whose blocks
+// meet after each radix pass (SelectFusedKernel below), or one launch per pass where that does not
+// fit (SelectPassKernel); shorter rows by one block. docs/gpu.md "The DySCO selection's passes".
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 
 #include <ATen/core/Tensor.h>
@@ -38,6 +39,10 @@ constexpr int64_t kKeysPerBlock = 4096;
 constexpr int kSelectThreads = 1024;
 constexpr int kRadixBits = 8;
 constexpr int kRadixBuckets = 1 << kRadixBits;
+// Rows of this many keys and more are selected by many blocks (since the twenty-first increment;
+// 16384 before): at 8192 keys one 1024-thread block took 0.046 ms a call on the H200 and 16 blocks
+// of 512 keys in one cooperative launch 0.029 ms (CudaTiming.DyscoSelectionAtDecodeWidths).
+constexpr int64_t kMultiBlockSelectWidth = 8192;
 
 // ---- dysco_relevance_update. Pass 1 writes the unnormalised a (in place: a[j] reads only
 // r_{t-1}[j]) and each block's float64 partial sum; pass 2 adds the row's partials in block order
@@ -134,12 +139,37 @@ struct RadixState {
 // shared-memory atomics. Every thread of the block calls it; whole warps step together.
 //
 // Why warp aggregation: relevance values share their high bits, so early passes send most entries
-// to one or two buckets; lanes with the same digit add up their count and mass first, and one lane
-// per digit does the atomics.
+// to one or two buckets, and a float64 atomic on shared memory is a compare-and-swap loop
+// (ATOMS.CAST.SPIN.64 on sm_90) that every warp of the block would spin on for the same bucket.
+// So a warp whose lanes all have one digit keeps that digit's count, and each lane its mass, in
+// registers while the next steps bring the same digit (a run), and adds them once the digit changes
+// or the range ends; lanes of mixed digits add up each digit's count and mass first (over the
+// largest group's size in shuffles), and one lane per digit does the atomics.
 __device__ void AccumulateDigits(const float* row, int64_t begin, int64_t end, uint64_t prefix,
                                  uint64_t mask, int shift, bool by_mass, unsigned* count,
                                  double* mass) {
+  constexpr unsigned kAll = 0xffffffffu;
   const int lane = threadIdx.x % cuda::kWarpSize;
+  int run_digit = -1;      // warp-uniform: the digit of the current run (-1: none)
+  unsigned run_count = 0;  // warp-uniform: its entries
+  double run_mass = 0.0;   // this lane's part of its mass
+  // Adds the run to the histogram (warp-uniform call).
+  auto end_run = [&] {
+    if (run_digit < 0) return;
+    if (by_mass) {
+#pragma unroll
+      for (int offset = cuda::kWarpSize / 2; offset > 0; offset /= 2) {
+        run_mass += __shfl_xor_sync(kAll, run_mass, offset);
+      }
+    }
+    if (lane == 0) {
+      atomicAdd(&count[run_digit], run_count);
+      if (by_mass) atomicAdd(&mass[run_digit], run_mass);
+    }
+    run_digit = -1;
+    run_count = 0;
+    run_mass = 0.0;
+  };
   for (int64_t base = begin + threadIdx.x - lane; base < end; base += blockDim.x) {
     const int64_t j = base + lane;
     int digit = -1;
@@ -154,71 +184,135 @@ __device__ void AccumulateDigits(const float* row, int64_t begin, int64_t end, u
     }
     // Past the first passes almost no entry matches the prefix: a warp with none skips the
     // aggregation (the condition is warp-uniform, so every lane skips together).
-    if (!__any_sync(0xffffffffu, digit >= 0)) continue;
-    const unsigned peers = __match_any_sync(0xffffffffu, digit);
-    if (by_mass) {
-      if (peers == 0xffffffffu) {
-        // One digit for the whole warp (the first passes: relevance values share their high
-        // bits): a butterfly sum, 5 steps instead of 32.
-#pragma unroll
-        for (int offset = cuda::kWarpSize / 2; offset > 0; offset /= 2) {
-          value += __shfl_xor_sync(0xffffffffu, value, offset);
-        }
-      } else if (!__all_sync(0xffffffffu, peers == (1u << lane))) {
-        double sum = 0.0;
-        for (int src = 0; src < cuda::kWarpSize; ++src) {
-          const double x = __shfl_sync(0xffffffffu, value, src);
-          if ((peers >> src) & 1u) sum += x;
-        }
-        value = sum;
+    if (!__any_sync(kAll, digit >= 0)) continue;
+    const int first = __shfl_sync(kAll, digit, 0);
+    if (__all_sync(kAll, digit == first)) {
+      // One digit for the whole warp (first >= 0 here): the run goes on, or a new one starts.
+      if (first != run_digit) {
+        end_run();
+        run_digit = first;
       }
+      run_count += cuda::kWarpSize;
+      run_mass += value;
+      continue;
+    }
+    const unsigned peers = __match_any_sync(kAll, digit);
+    if (by_mass) {
+      // Each lane adds its digit's values in lane order; as many rounds as the largest group.
+      const int rounds = static_cast<int>(__reduce_max_sync(kAll, __popc(peers)));
+      unsigned rest = peers;
+      double sum = 0.0;
+      for (int r = 0; r < rounds; ++r) {
+        const double x = __shfl_sync(kAll, value, rest != 0 ? __ffs(rest) - 1 : lane);
+        if (rest != 0) {
+          sum += x;
+          rest &= rest - 1;
+        }
+      }
+      value = sum;
     }
     if (digit >= 0 && lane == __ffs(peers) - 1) {
       atomicAdd(&count[digit], static_cast<unsigned>(__popc(peers)));
       if (by_mass) atomicAdd(&mass[digit], value);
     }
   }
+  end_run();
 }
 
-// One thread: the bucket of this pass (the first, in ascending key order, where the running mass
-// exceeds threshold (by_mass) or the running count exceeds rank), appended to c.prefix; the buckets
-// before it added to c.above / c.above_mass. c.found = 0 when the first pass finds no crossing of
-// the mass (the whole row's mass stays <= threshold); c.unique when the bucket holds one entry.
-__device__ void ChooseDigit(const unsigned* count, const double* mass, bool by_mass,
-                            double threshold, int64_t rank, int shift, RadixCursor& c) {
-  int chosen = -1;
-  int last = -1;  // last non-empty bucket, with the state before it
-  int64_t last_above = 0;
-  double last_mass = 0.0;
-  for (int d = 0; d < kRadixBuckets; ++d) {
+// One warp (every lane calls it, with the same arguments): the bucket of this pass (the first, in
+// ascending key order, where the running mass exceeds threshold (by_mass) or the running count
+// exceeds rank), appended to c.prefix; the buckets before it added to c.above / c.above_mass.
+// c.found = 0 when the first pass finds no crossing of the mass (the whole row's mass stays <=
+// threshold); c.unique when the bucket holds one entry. Returns the new cursor to every lane.
+//
+// Lane l takes buckets [8l, 8l + 8): the lanes' counts and masses are scanned across the warp
+// (exclusive, in lane order), each lane walks its own buckets from there as one thread walked them
+// all, and the first lane that crosses decides. Why: one thread walking 256 buckets took a few
+// microseconds a pass, ~10 passes a selection, with the rest of the block waiting. The float64
+// running mass is added per lane group and then per bucket instead of bucket by bucket: it can
+// differ from one thread's sum only within float64 rounding, as the per-bucket sums already differ
+// from the CPU's entry-by-entry sum (the file's head).
+__device__ RadixCursor ChooseDigit(const unsigned* count, const double* mass, bool by_mass,
+                                   double threshold, int64_t rank, int shift, RadixCursor c) {
+  constexpr unsigned kAll = 0xffffffffu;
+  constexpr int kPerLane = kRadixBuckets / cuda::kWarpSize;
+  static_assert(kPerLane * cuda::kWarpSize == kRadixBuckets, "buckets split evenly over a warp");
+  const int lane = threadIdx.x % cuda::kWarpSize;
+  const int first = lane * kPerLane;
+  int64_t lane_count = 0;
+  double lane_mass = 0.0;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    lane_count += count[first + i];
+    if (by_mass) lane_mass += mass[first + i];
+  }
+  // Inclusive scans in lane order, then each lane's start: what the lanes before it hold.
+  int64_t count_incl = lane_count;
+  double mass_incl = lane_mass;
+#pragma unroll
+  for (int offset = 1; offset < cuda::kWarpSize; offset *= 2) {
+    const int64_t n = __shfl_up_sync(kAll, count_incl, offset);
+    const double m = __shfl_up_sync(kAll, mass_incl, offset);
+    if (lane >= offset) {
+      count_incl += n;
+      mass_incl = m + mass_incl;
+    }
+  }
+  int64_t above = __shfl_up_sync(kAll, count_incl, 1);
+  double above_mass = __shfl_up_sync(kAll, mass_incl, 1);
+  if (lane == 0) {
+    above = 0;
+    above_mass = 0.0;
+  }
+  above += c.above;
+  above_mass = c.above_mass + above_mass;
+  // This lane's walk: its crossing bucket, else its last non-empty one with the state before it.
+  int chosen = -1, last = -1;
+  int64_t chosen_above = 0, last_above = 0;
+  double chosen_mass = 0.0, last_mass = 0.0;
+  for (int i = 0; i < kPerLane; ++i) {
+    const int d = first + i;
     if (count[d] == 0) continue;
-    const bool here = by_mass ? c.above_mass + mass[d] > threshold
-                              : c.above + static_cast<int64_t>(count[d]) > rank;
+    const bool here =
+        by_mass ? above_mass + mass[d] > threshold : above + static_cast<int64_t>(count[d]) > rank;
     if (here) {
       chosen = d;
+      chosen_above = above;
+      chosen_mass = above_mass;
       break;
     }
     last = d;
-    last_above = c.above;
-    last_mass = c.above_mass;
-    c.above += count[d];
-    c.above_mass += mass[d];
+    last_above = above;
+    last_mass = above_mass;
+    above += count[d];
+    above_mass += mass[d];
   }
-  if (chosen < 0) {
+  const unsigned crossing = __ballot_sync(kAll, chosen >= 0);
+  int from = -1;  // the deciding lane
+  if (crossing != 0) {
+    from = __ffs(crossing) - 1;
+  } else {
+    const unsigned nonempty = __ballot_sync(kAll, last >= 0);
     if (by_mass && shift == 64 - kRadixBits) {
       c.found = 0;
-      return;
+      return c;
     }
     // Only float64 rounding of the bucket sums (or a rank out of range) gets here: descend into
     // the last non-empty bucket.
-    chosen = last;
-    c.above = last_above;
-    c.above_mass = last_mass;
+    if (nonempty != 0) {
+      from = 31 - __clz(nonempty);
+      chosen = last;
+      chosen_above = last_above;
+      chosen_mass = last_mass;
+    }
   }
-  if (chosen >= 0) {
-    c.prefix |= static_cast<uint64_t>(chosen) << shift;
-    c.unique = count[chosen] == 1;
-  }
+  if (from < 0) return c;  // no entry in any bucket
+  chosen = __shfl_sync(kAll, chosen, from);
+  c.above = __shfl_sync(kAll, chosen_above, from);
+  c.above_mass = __shfl_sync(kAll, chosen_mass, from);
+  c.prefix |= static_cast<uint64_t>(chosen) << shift;
+  c.unique = count[chosen] == 1;
+  return c;
 }
 
 // After the mass search (cursor c over a row of n keys): *m, the entries selected: the nucleus size
@@ -254,7 +348,11 @@ __device__ void RadixSelect(const float* row, int64_t n, bool by_mass, double th
     __syncthreads();
     AccumulateDigits(row, 0, n, st.cur.prefix, mask, shift, by_mass, st.count, st.mass);
     __syncthreads();
-    if (threadIdx.x == 0) ChooseDigit(st.count, st.mass, by_mass, threshold, rank, shift, st.cur);
+    if (threadIdx.x < cuda::kWarpSize) {
+      const RadixCursor cur =
+          ChooseDigit(st.count, st.mass, by_mass, threshold, rank, shift, st.cur);
+      if (threadIdx.x == 0) st.cur = cur;
+    }
     __syncthreads();
     if (st.cur.found == 0) return;
     mask |= static_cast<uint64_t>(kRadixBuckets - 1) << shift;
@@ -335,11 +433,11 @@ __global__ void __launch_bounds__(kSelectThreads)
 
 // ---- the many-blocks selection of a long row (seventh increment). The same two searches and the
 // same choices as SelectBiasKernel, but each pass over the row is one launch of
-// SelectPassKernel, whose blocks take kSelectKeysPerBlock keys each and add their digit counts to
-// the row's global histogram; the last block to finish (a counter, after a fence) picks the
-// bucket, as the one-block kernel's thread 0 does, and moves the row's state on. Rows whose search
-// is over return at once, so a fixed kMaxSelectPasses launches serve every row without the host
-// knowing how far each got. Why: one block per row put a 128K-key row on one multiprocessor
+// SelectPassKernel, whose blocks take `keys` keys each (SelectKeysPerBlock) and add their digit
+// counts to the row's global histogram; the last block to finish (a counter, after a fence) picks
+// the bucket, as the one-block kernel's first warp does, and moves the row's state on. Rows whose
+// search is over return at once, so a fixed kMaxSelectPasses launches serve every row without the
+// host knowing how far each got. Why: one block per row put a 128K-key row on one multiprocessor
 // (0.88 ms on the H200, docs/gpu.md "DySCO on the device").
 enum SelectSearch : int { kMassSearch = 0, kRankSearch = 1, kSearchDone = 2 };
 
@@ -366,7 +464,6 @@ struct SelectRowState {
 };
 
 constexpr int kSelectPassThreads = 256;
-constexpr int64_t kSelectKeysPerBlock = 2048;
 // Each search takes at most one pass per digit plus the scan for a unique key.
 constexpr int kMaxSelectPasses = 2 * (64 / kRadixBits + 1);
 
@@ -495,9 +592,9 @@ __device__ void AddHistogramToRow(SelectRowState& s, const SelectPassView& v, co
 }
 
 // Run by every thread of the pass's last block (LastBlockOfRow): the row's histogram (read past
-// L1: other blocks' atomics) zeroed for the next pass, the bucket chosen, the row's state moved on
-// by thread 0 (the next digit, the unique key's scan, the end of a search) and the arrival count
-// reset.
+// L1: other blocks' atomics) zeroed for the next pass, the bucket chosen by the first warp, the
+// row's state moved on by thread 0 (the next digit, the unique key's scan, the end of a search) and
+// the arrival count reset.
 __device__ void MoveRowOn(SelectRowState& s, const SelectPassView& v, unsigned* count,
                           double* mass) {
   if (!v.unique_scan) {
@@ -509,14 +606,19 @@ __device__ void MoveRowOn(SelectRowState& s, const SelectPassView& v, unsigned* 
     }
     __syncthreads();
   }
-  if (threadIdx.x != 0) return;
-  s.arrived = 0;
+  if (threadIdx.x >= cuda::kWarpSize) return;
   if (v.unique_scan) {
+    if (threadIdx.x != 0) return;
+    s.arrived = 0;
     s.cur.prefix = __ldcg(&s.unique_key);
     FinishSearch(s);
     return;
   }
-  ChooseDigit(count, mass, v.search == kMassSearch, s.threshold, s.rank, v.shift, s.cur);
+  const RadixCursor cur =
+      ChooseDigit(count, mass, v.search == kMassSearch, s.threshold, s.rank, v.shift, s.cur);
+  if (threadIdx.x != 0) return;
+  s.arrived = 0;
+  s.cur = cur;
   if (s.cur.found == 0) {
     FinishSearch(s);
     return;
@@ -534,16 +636,16 @@ __device__ void MoveRowOn(SelectRowState& s, const SelectPassView& v, unsigned* 
 
 // Grid: x = key block, y = row. One pass of the row's current search (above).
 __global__ void __launch_bounds__(kSelectPassThreads)
-    SelectPassKernel(SelectRowState* states, const float* relevance, int64_t width) {
+    SelectPassKernel(SelectRowState* states, const float* relevance, int64_t width, int64_t keys) {
   __shared__ unsigned count[kRadixBuckets];
   __shared__ double mass[kRadixBuckets];
   const int64_t b = blockIdx.y;
   SelectRowState& s = states[b];
   if (s.search == kSearchDone) return;  // the same for every block of the row
   const SelectPassView v = ReadPassView(s);
-  const int64_t lo = static_cast<int64_t>(blockIdx.x) * kSelectKeysPerBlock;
+  const int64_t lo = static_cast<int64_t>(blockIdx.x) * keys;
   ZeroHistogram(count, mass);
-  PassOverKeys(s, v, relevance + b * width, lo, min(v.n, lo + kSelectKeysPerBlock), count, mass);
+  PassOverKeys(s, v, relevance + b * width, lo, min(v.n, lo + keys), count, mass);
   AddHistogramToRow(s, v, count, mass);
   if (LastBlockOfRow(s)) MoveRowOn(s, v, count, mass);
 }
@@ -565,9 +667,9 @@ __device__ SelectOutcome ReadOutcome(const SelectRowState& s) {
 __device__ void WriteChunk(float* bias, bool* selected, double* partial, double* reduce,
                            const SelectOutcome& o, const float* relevance,
                            const bool* template_mask, const float* strength, int64_t b,
-                           int64_t width, int64_t chunk, int64_t chunks) {
-  const int64_t lo = chunk * kSelectKeysPerBlock;
-  const int64_t hi = min(width, lo + kSelectKeysPerBlock);
+                           int64_t width, int64_t keys, int64_t chunk, int64_t chunks) {
+  const int64_t lo = chunk * keys;
+  const int64_t hi = min(width, lo + keys);
   double mass = WriteSelection(bias, selected, relevance + b * width, template_mask, b, width, lo,
                                hi, o.n, o.m, o.all, o.selection, ReadStrength(strength[b]));
   mass = cuda::BlockReduce(mass, reduce, [](double x, double y) { return x + y; });
@@ -590,12 +692,12 @@ __device__ void FinishWrite(float* stats, SelectRowState& s, const SelectOutcome
 __global__ void __launch_bounds__(kSelectPassThreads)
     SelectWriteKernel(float* bias, bool* selected, float* stats, double* partial,
                       SelectRowState* states, const float* relevance, const bool* template_mask,
-                      const float* strength, int64_t width) {
+                      const float* strength, int64_t width, int64_t keys) {
   __shared__ double reduce[kSelectPassThreads / cuda::kWarpSize];
   const int64_t b = blockIdx.y;
   SelectRowState& s = states[b];
   const SelectOutcome o = ReadOutcome(s);
-  WriteChunk(bias, selected, partial, reduce, o, relevance, template_mask, strength, b, width,
+  WriteChunk(bias, selected, partial, reduce, o, relevance, template_mask, strength, b, width, keys,
              blockIdx.x, gridDim.x);
   if (LastBlockOfRow(s) && threadIdx.x == 0) FinishWrite(stats, s, o, partial, b, gridDim.x);
 }
@@ -614,7 +716,7 @@ __global__ void __launch_bounds__(kSelectPassThreads)
 __global__ void __launch_bounds__(kSelectPassThreads)
     SelectFusedKernel(float* bias, bool* selected, float* stats, double* partial,
                       SelectRowState* states, const float* relevance, const bool* template_mask,
-                      const float* strength, int64_t width, int64_t chunks) {
+                      const float* strength, int64_t width, int64_t keys, int64_t chunks) {
   __shared__ unsigned count[kRadixBuckets];
   __shared__ double mass[kRadixBuckets];
   __shared__ double reduce[kSelectPassThreads / cuda::kWarpSize];
@@ -629,8 +731,8 @@ __global__ void __launch_bounds__(kSelectPassThreads)
     if (v.search == kSearchDone) break;  // the same for every block of the row
     ZeroHistogram(count, mass);
     for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
-      const int64_t lo = c * kSelectKeysPerBlock;
-      PassOverKeys(s, v, row, lo, min(v.n, lo + kSelectKeysPerBlock), count, mass);
+      const int64_t lo = c * keys;
+      PassOverKeys(s, v, row, lo, min(v.n, lo + keys), count, mass);
     }
     AddHistogramToRow(s, v, count, mass);
     if (LastBlockOfRow(s)) {
@@ -656,8 +758,8 @@ __global__ void __launch_bounds__(kSelectPassThreads)
   }
   const SelectOutcome o = ReadOutcome(s);
   for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
-    WriteChunk(bias, selected, partial, reduce, o, relevance, template_mask, strength, b, width, c,
-               chunks);
+    WriteChunk(bias, selected, partial, reduce, o, relevance, template_mask, strength, b, width,
+               keys, c, chunks);
   }
   if (LastBlockOfRow(s) && threadIdx.x == 0) FinishWrite(stats, s, o, partial, b, chunks);
 }
@@ -726,10 +828,10 @@ unsigned Blocks(int64_t width) {
   return static_cast<unsigned>(std::max<int64_t>(1, cuda::CeilDiv(width, kKeysPerBlock)));
 }
 
-// Rows of kMultiBlockSelectWidth keys and more are selected by many blocks each; shorter rows by
-// one block (one launch instead of ~20). DYSCO_CUDA_SELECT=single|multi forces one,
-// DYSCO_CUDA_SELECT=fused the many blocks in one launch (read per call, for tests and A/B timing).
-constexpr int64_t kMultiBlockSelectWidth = 16384;
+// Rows of kMultiBlockSelectWidth keys and more are selected by many blocks each (in one cooperative
+// launch where it fits: FusedSelectBlocksPerRow); shorter rows by one block. DYSCO_CUDA_SELECT=
+// single forces one block, =multi many blocks a launch a pass, =fused many blocks in one launch
+// (read per call, for tests and A/B timing).
 bool MultiBlockSelect(int64_t width) {
   if (cuda::EnvIs("DYSCO_CUDA_SELECT", "single")) return false;
   if (cuda::EnvIs("DYSCO_CUDA_SELECT", "multi") || cuda::EnvIs("DYSCO_CUDA_SELECT", "fused")) {
@@ -738,15 +840,32 @@ bool MultiBlockSelect(int64_t width) {
   return width >= kMultiBlockSelectWidth;
 }
 
-// Blocks a row of the fused selection (SelectFusedKernel, opt-in: DYSCO_CUDA_SELECT=fused): one
-// per key block, as many as the multiprocessors hold at once for all the rows together (its blocks
-// wait for each other); 0 (the launch per pass) when not even one a row fits or without the knob.
-// DYSCO_CUDA_SELECT_BLOCKS (1..1024) caps it (tests: several key blocks a block).
-// Why opt-in: on the H200 it takes the op from 0.154 to 0.122 ms at 128K keys but moved no DySCO
-// step beyond run-to-run drift, and its blocks' waits rely on the occupancy count matching the
-// multiprocessors the process really gets (docs/gpu.md "The DySCO selection in one launch").
+// Keys a block of the many-blocks selection takes in each pass (and in the write): 512 (2048 until
+// the twenty-first increment), or DYSCO_CUDA_SELECT_KEYS_PER_BLOCK (256..16384, a multiple of 256;
+// read per call: tests, A/B). Why 512: a pass's cost is its blocks' instructions over their keys
+// (the digit, the warp's vote and its shuffles a key), so more, shorter blocks finish each pass
+// sooner; on the H200 the fused selection took 0.048 / 0.056 / 0.072 ms a call at 32K keys with
+// 512 / 1024 / 2048 keys a block (CudaTiming.DyscoSelectionAtDecodeWidths).
+int64_t SelectKeysPerBlock() {
+  if (const char* v = std::getenv("DYSCO_CUDA_SELECT_KEYS_PER_BLOCK")) {
+    const long keys = std::strtol(v, nullptr, 10);
+    if (keys >= 256 && keys <= 16384 && keys % 256 == 0) return keys;
+  }
+  return 512;
+}
+
+// Blocks a row of the fused selection (SelectFusedKernel, the default since the twenty-first
+// increment; DYSCO_CUDA_SELECT=multi: a launch a pass): one per key block, as many as the
+// multiprocessors hold at once for all the rows together (its blocks wait for each other); 0 (the
+// launch per pass) when not even one a row fits, with =multi, or once a cooperative launch was
+// refused (fused_refused). DYSCO_CUDA_SELECT_BLOCKS (1..1024) caps it (tests: several key blocks a
+// block). It was opt-in in the twentieth increment: its waits relied on the occupancy count
+// matching the multiprocessors the process really gets (an MPS share with fewer would hang it);
+// the cooperative launch makes the runtime refuse such a grid instead (docs/gpu.md "The DySCO
+// selection's passes").
+std::atomic<bool> fused_refused{false};
 int64_t FusedSelectBlocksPerRow(int64_t rows, int64_t chunks) {
-  if (!cuda::EnvIs("DYSCO_CUDA_SELECT", "fused")) return 0;
+  if (cuda::EnvIs("DYSCO_CUDA_SELECT", "multi") || fused_refused) return 0;
   static const int64_t resident = [] {
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, SelectFusedKernel,
@@ -832,7 +951,8 @@ void dysco_select_bias_cuda(const at::Tensor& bias, const at::Tensor& selected,
   }
   // The rows' states and the write pass's per-block sums, from the caching allocator (stream-
   // ordered, and inside a graph's pool when captured).
-  const int64_t blocks = cuda::CeilDiv(width, kSelectKeysPerBlock);
+  const int64_t keys = SelectKeysPerBlock();
+  const int64_t blocks = cuda::CeilDiv(width, keys);
   const int64_t state_bytes =
       cuda::CeilDiv(batch * static_cast<int64_t>(sizeof(SelectRowState)), sizeof(double)) *
       static_cast<int64_t>(sizeof(double));
@@ -847,23 +967,43 @@ void dysco_select_bias_cuda(const at::Tensor& bias, const at::Tensor& selected,
       width);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (const int64_t per_row = FusedSelectBlocksPerRow(batch, blocks); per_row > 0) {
-    SelectFusedKernel<<<dim3(static_cast<unsigned>(per_row), static_cast<unsigned>(batch)),
-                        kSelectPassThreads, 0, stream>>>(
-        bias.data_ptr<float>(), selected.data_ptr<bool>(), stats.data_ptr<float>(), partial, states,
-        relevance.data_ptr<float>(), template_mask.data_ptr<bool>(), strength.data_ptr<float>(),
-        width, blocks);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
+    // A cooperative launch: the runtime refuses it (an error, not a hang) when the grid's blocks
+    // could not all be resident at once, which the blocks' waits for each other need.
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(per_row), static_cast<unsigned>(batch));
+    config.blockDim = dim3(kSelectPassThreads);
+    config.dynamicSmemBytes = 0;
+    config.stream = stream;
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeCooperative;
+    attribute.val.cooperative = 1;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    const cudaError_t launched = cudaLaunchKernelEx(
+        &config, SelectFusedKernel, bias.data_ptr<float>(), selected.data_ptr<bool>(),
+        stats.data_ptr<float>(), partial, states,
+        static_cast<const float*>(relevance.data_ptr<float>()),
+        static_cast<const bool*>(template_mask.data_ptr<bool>()),
+        static_cast<const float*>(strength.data_ptr<float>()), width, keys, blocks);
+    if (launched != cudaErrorCooperativeLaunchTooLarge) {
+      C10_CUDA_CHECK(launched);
+      return;
+    }
+    // Fewer multiprocessors than the occupancy count assumed (e.g. an MPS share): nothing ran;
+    // this launch and every later one take a launch a pass (the state SelectInitKernel set is
+    // still untouched).
+    (void)cudaGetLastError();
+    fused_refused = true;
   }
   for (int pass = 0; pass < kMaxSelectPasses; ++pass) {
     SelectPassKernel<<<grid, kSelectPassThreads, 0, stream>>>(states, relevance.data_ptr<float>(),
-                                                              width);
+                                                              width, keys);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   SelectWriteKernel<<<grid, kSelectPassThreads, 0, stream>>>(
       bias.data_ptr<float>(), selected.data_ptr<bool>(), stats.data_ptr<float>(), partial, states,
       relevance.data_ptr<float>(), template_mask.data_ptr<bool>(), strength.data_ptr<float>(),
-      width);
+      width, keys);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <iomanip>
 #include <limits>
 #include <map>
 #include <memory>
@@ -819,10 +820,11 @@ TEST(CudaDyscoSelectBias, ManyBlocksGiveTheCpuSetsOnShortRows) {
   }
 }
 
-// The fused selection (DYSCO_CUDA_SELECT=fused: one launch, the row's blocks meeting after each
-// pass) against a launch per pass (the default at these widths) on long rows: the same sets, biases
-// and stats bit for bit (the same buckets, the same write, its masses added in key-block order),
-// with a block a key block and with 3 blocks a row taking several key blocks each.
+// The fused selection (DYSCO_CUDA_SELECT=fused: one cooperative launch, the row's blocks meeting
+// after each pass) against a launch per pass (=multi) on long rows: the same sets, biases and stats
+// bit for bit (the same buckets, the same write, its masses added in key-block order), with a
+// block a key block and with 3 blocks a row taking several key blocks each, at 2048 and 512 keys a
+// key block.
 TEST(CudaDyscoSelectBias, FusedSelectionEqualsALaunchPerPass) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(12);
@@ -836,9 +838,10 @@ TEST(CudaDyscoSelectBias, FusedSelectionEqualsALaunchPerPass) {
     const at::Tensor top_p = at::full({batch}, c.top_p, cuda);
     const at::Tensor top_k = at::full({batch}, c.top_k, cuda.dtype(at::kLong));
     const at::Tensor strength = at::full({batch}, c.strength, cuda);
-    auto run = [&](const char* mode, const char* blocks) {
+    auto run = [&](const char* mode, const char* blocks, const char* keys) {
       const ScopedEnv select("DYSCO_CUDA_SELECT", mode);
       const ScopedEnv cap("DYSCO_CUDA_SELECT_BLOCKS", blocks);
+      const ScopedEnv per_block("DYSCO_CUDA_SELECT_KEYS_PER_BLOCK", keys);
       at::Tensor bias = at::full({batch, width}, kNaN, cuda);
       at::Tensor selected = at::ones({batch, width}, cuda.dtype(at::kBool));
       at::Tensor stats = at::full({batch, 2}, kNaN, cuda);
@@ -846,15 +849,39 @@ TEST(CudaDyscoSelectBias, FusedSelectionEqualsALaunchPerPass) {
                              top_k, strength);
       return std::vector<at::Tensor>{bias.cpu(), selected.cpu(), stats.cpu()};
     };
-    const std::vector<at::Tensor> passes = run(nullptr, nullptr);
-    for (const char* blocks : {static_cast<const char*>(nullptr), "3"}) {
-      const std::vector<at::Tensor> fused = run("fused", blocks);
-      std::ostringstream what;
-      what << "top_p=" << c.top_p << " top_k=" << c.top_k << " strength=" << c.strength
-           << (blocks != nullptr ? ", 3 blocks a row" : "");
-      EXPECT_TRUE(Same(fused[0], passes[0], "bias " + what.str()));
-      EXPECT_TRUE(Same(fused[1], passes[1], "selected " + what.str()));
-      EXPECT_TRUE(Same(fused[2], passes[2], "stats " + what.str()));
+    for (const char* keys : {static_cast<const char*>(nullptr), "512"}) {
+      const std::vector<at::Tensor> passes = run("multi", nullptr, keys);
+      for (const char* blocks : {static_cast<const char*>(nullptr), "3"}) {
+        const std::vector<at::Tensor> fused = run("fused", blocks, keys);
+        std::ostringstream what;
+        what << "top_p=" << c.top_p << " top_k=" << c.top_k << " strength=" << c.strength
+             << (blocks != nullptr ? ", 3 blocks a row" : "")
+             << (keys != nullptr ? ", keys 512" : "");
+        EXPECT_TRUE(Same(fused[0], passes[0], "bias " + what.str()));
+        EXPECT_TRUE(Same(fused[1], passes[1], "selected " + what.str()));
+        EXPECT_TRUE(Same(fused[2], passes[2], "stats " + what.str()));
+      }
+    }
+  }
+}
+
+// A DySCO step's widths (8K: one block by default; 32K and past 48K: many blocks), ties, every
+// case: the default, one block forced (DYSCO_CUDA_SELECT=single), a launch a pass (=multi) and one
+// cooperative launch (=fused), each also with 512 keys a block (DYSCO_CUDA_SELECT_KEYS_PER_BLOCK);
+// outputs poisoned first (CheckSelect).
+TEST(CudaDyscoSelectBias, SameSetsAsCpuAtDecodeWidthsInEveryMode) {
+  SKIP_WITHOUT_GPU();
+  for (const char* keys : {static_cast<const char*>(nullptr), "512"}) {
+    for (const char* mode : {static_cast<const char*>(nullptr), "single", "multi", "fused"}) {
+      SCOPED_TRACE(std::string(mode != nullptr ? mode : "default") +
+                   (keys != nullptr ? " keys 512" : ""));
+      ScopedEnv select("DYSCO_CUDA_SELECT", mode);
+      ScopedEnv per_block("DYSCO_CUDA_SELECT_KEYS_PER_BLOCK", keys);
+      at::manual_seed(14);
+      CheckSelect({8192, 8000, 1}, 8192, false, SelectCases());
+      CheckSelect({32768, 30001, 0}, 32768, false, SelectCases());
+      CheckSelect({49153, 4097}, 49153, false, {{0.9f, 4096, 2.0f}, {0.5f, 0, 100.0f}});
+      CheckSelect({32768, 20000}, 32768, true, {{0.9f, 4096, 2.0f}, {0.0f, 4096, 100.0f}});
     }
   }
 }
@@ -2058,6 +2085,54 @@ TEST(CudaTiming, OneLayerOfA128KDecodeStep) {
       "%.3f ms; one block per row: %.3f ms)\n",
       select_ms, fused_select_ms, single_select_ms);
   EXPECT_GT(decode_ms, 0.0);
+}
+
+// dysco_select_bias alone at a DySCO step's widths (one row; the reference's top_p 0.9 and top_k
+// 4096; relevance rand^4 normalised, as the set tests'): the default, one block (DYSCO_CUDA_SELECT=
+// single), many blocks a launch a pass (=multi) and in one cooperative launch (=fused), the last
+// two also with 1024 and 512 keys a block (DYSCO_CUDA_SELECT_KEYS_PER_BLOCK). Printed, not asserted
+// (docs/gpu.md "The DySCO selection's passes"); each mode's sets are checked against the default's.
+TEST(CudaTiming, DyscoSelectionAtDecodeWidths) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(15);
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  for (const int64_t width : {int64_t{8192}, int64_t{32768}, int64_t{49152}, int64_t{131072}}) {
+    const at::Tensor relevance = Cuda(RelevanceRows({width}, width, false));
+    const at::Tensor lens = Cuda(at::tensor({width}, at::kLong));
+    const at::Tensor tmpl = Cuda(at::rand({1, width}) < 0.01);
+    const at::Tensor top_p = at::full({1}, 0.9f, cuda);
+    const at::Tensor top_k = at::full({1}, int64_t{4096}, cuda.dtype(at::kLong));
+    const at::Tensor strength = at::full({1}, 2.0f, cuda);
+    at::Tensor default_selected;
+    std::ostringstream line;
+    line << "[timing] dysco_select_bias " << width << " keys, top_p=0.9 top_k=4096:";
+    for (const char* mode :
+         {"default", "single", "multi", "multi/1024", "fused", "fused/1024", "fused/512"}) {
+      const std::string name(mode);
+      const std::string knob = name.substr(0, name.find('/'));
+      const std::string keys =
+          name.find('/') == std::string::npos ? std::string() : name.substr(name.find('/') + 1);
+      ScopedEnv select("DYSCO_CUDA_SELECT", knob == "default" ? nullptr : knob.c_str());
+      ScopedEnv per_block("DYSCO_CUDA_SELECT_KEYS_PER_BLOCK",
+                          keys.empty() ? nullptr : keys.c_str());
+      at::Tensor bias = at::full({1, width}, kNaN, cuda);
+      at::Tensor selected = at::ones({1, width}, cuda.dtype(at::kBool));
+      at::Tensor stats = at::full({1, 2}, kNaN, cuda);
+      const double ms = MillisecondsPerCall(
+          [&] {
+            ops::dysco_select_bias(bias, selected, stats, relevance, lens, tmpl, top_p, top_k,
+                                   strength);
+          },
+          20);
+      if (default_selected.defined()) {
+        EXPECT_TRUE(Same(selected.cpu(), default_selected, std::string("selected ") + mode));
+      } else {
+        default_selected = selected.cpu();
+      }
+      line << " " << mode << " " << std::fixed << std::setprecision(4) << ms << " ms;";
+    }
+    std::printf("%s\n", line.str().c_str());
+  }
 }
 
 // The decode attention alone at the short contexts, where a plain step is furthest from its floor

@@ -202,3 +202,44 @@ def test_bandwidth_ceiling_splits_bytes_as_the_bench_floor_does(tmp_path):
     # Without the field (older files) the last probe layer's KV counts whole: another split.
     del bench["dysco_kv_passes"]
     assert abs(plot_gpu.bandwidth_ceiling(bench, 16, 32768)[0] - ceiling) > 1e-3
+
+
+timeline = load_module("timeline")
+
+
+def two_steps():
+    # Step 0: a (0-10), b starts early under a (8-15), idle, c (20-22); host gap; step 1 the same + 100.
+    step = [["a", 0.0, 10.0], ["b", 8.0, 7.0], ["c", 20.0, 2.0]]
+    return step + [[n, s + 100.0, d] for n, s, d in step]
+
+
+def test_timeline_splits_steps_at_the_longest_gaps_and_counts_busy_time():
+    events = two_steps()
+    steps = timeline.split_steps(events, 2)
+    assert [len(s) for s in steps] == [3, 3]
+    assert steps[1][0] == ["a", 100.0, 10.0]
+    # Busy: the union of the intervals, 0-15 and 20-22 in each step.
+    assert timeline.busy_us(steps[0]) == pytest.approx(17.0)
+    assert timeline.busy_us(events) == pytest.approx(34.0)
+
+
+def test_timeline_increments_are_each_kernels_share_of_the_critical_path():
+    inc = timeline.increments(timeline.split_steps(two_steps(), 2)[0])
+    # a: its whole duration; b: from a's end (10) to its own (15); c: from 15 to 22, its idle included.
+    assert inc == {"a": (1, 10.0), "b": (1, pytest.approx(5.0)), "c": (1, pytest.approx(7.0))}
+    # A kernel wholly inside the one ahead adds nothing.
+    assert timeline.increments([["x", 0.0, 10.0], ["y", 2.0, 3.0]])["y"] == (1, 0.0)
+
+
+def test_timeline_window_and_runs(tmp_path):
+    events = [["k", 0.0, 1.0], ["k", 1.5, 1.0], ["Select", 3.0, 4.0], ["Norm", 8.0, 1.0]]
+    w = timeline.window(events, "Select", "Norm")
+    assert [e[0] for e in w] == ["Select", "Norm"]
+    assert timeline.window(events, "Norm", "Select") is None
+    runs = timeline.runs(events)
+    assert [(r[0], r[1]) for r in runs] == [("k", 2), ("Select", 1), ("Norm", 1)]
+    assert runs[0][4] == pytest.approx(0.5)  # the idle inside the run of k
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"context": 8, "steps": 1, "dysco": events, "plain": events}))
+    assert timeline.main([str(path), "--window", "Select", "Norm"]) == 0
+    assert timeline.main([str(path), "--window", "Nothing", "Norm"]) == 1
