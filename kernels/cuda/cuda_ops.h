@@ -48,6 +48,10 @@ bool paged_attention_prefill_cuda_uses_flash(const at::Tensor& query,
 // for tests that must know which path they measured.
 int64_t paged_attention_prefill_cuda_cudnn_sequences();
 
+// How many of dysco_select_bias_cuda's cooperative launches the runtime has refused so far in this
+// process (kernels/cuda/dysco_ops.cu: their calls took a launch a pass instead), for tests.
+int64_t dysco_select_bias_cuda_refused_launches();
+
 void attention_probs_cuda(const at::Tensor& out, const at::Tensor& query,
                           const at::Tensor& kv_cache_layer, const at::Tensor& block_tables,
                           const at::Tensor& seq_lens, const at::Tensor& heads, double scale,

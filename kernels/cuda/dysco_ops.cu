@@ -857,22 +857,29 @@ int64_t SelectKeysPerBlock() {
 // Blocks a row of the fused selection (SelectFusedKernel, the default since the twenty-first
 // increment; DYSCO_CUDA_SELECT=multi: a launch a pass): one per key block, as many as the
 // multiprocessors hold at once for all the rows together (its blocks wait for each other); 0 (the
-// launch per pass) when not even one a row fits, with =multi, or once a cooperative launch was
-// refused (fused_refused). DYSCO_CUDA_SELECT_BLOCKS (1..1024) caps it (tests: several key blocks a
-// block). It was opt-in in the twentieth increment: its waits relied on the occupancy count
-// matching the multiprocessors the process really gets (an MPS share with fewer would hang it);
-// the cooperative launch makes the runtime refuse such a grid instead (docs/gpu.md "The DySCO
-// selection's passes").
-std::atomic<bool> fused_refused{false};
+// launch per pass) when not even one a row fits or with =multi. DYSCO_CUDA_SELECT_BLOCKS (1..1024)
+// caps it (tests: several key blocks a block); DYSCO_CUDA_SELECT_RESIDENT_SCALE (2..64, tests)
+// multiplies the occupancy count it assumes, as an MPS share with fewer multiprocessors than the
+// device's would. It was opt-in in the twentieth increment: its waits relied on that count matching
+// the multiprocessors the process really gets (a smaller share would hang it); the cooperative
+// launch makes the runtime refuse such a grid instead, and the call then takes a launch a pass
+// (dysco_select_bias_cuda_refused_launches counts them; docs/gpu.md "The DySCO selection's
+// passes").
+std::atomic<int64_t> g_refused_launches{0};
 int64_t FusedSelectBlocksPerRow(int64_t rows, int64_t chunks) {
-  if (cuda::EnvIs("DYSCO_CUDA_SELECT", "multi") || fused_refused) return 0;
+  if (cuda::EnvIs("DYSCO_CUDA_SELECT", "multi")) return 0;
   static const int64_t resident = [] {
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, SelectFusedKernel,
                                                                  kSelectPassThreads, 0));
     return int64_t{per_sm} * cuda::MultiprocessorCount();
   }();
-  int64_t blocks = std::min(chunks, resident / rows);
+  int64_t assumed = resident;
+  if (const char* v = std::getenv("DYSCO_CUDA_SELECT_RESIDENT_SCALE")) {
+    const long scale = std::strtol(v, nullptr, 10);
+    if (scale >= 2 && scale <= 64) assumed *= scale;
+  }
+  int64_t blocks = std::min(chunks, assumed / rows);
   if (const char* v = std::getenv("DYSCO_CUDA_SELECT_BLOCKS")) {
     const long cap = std::strtol(v, nullptr, 10);
     if (cap >= 1 && cap <= 1024) blocks = std::min<int64_t>(blocks, cap);
@@ -881,6 +888,10 @@ int64_t FusedSelectBlocksPerRow(int64_t rows, int64_t chunks) {
 }
 
 }  // namespace
+
+int64_t dysco_select_bias_cuda_refused_launches() {
+  return g_refused_launches.load(std::memory_order_relaxed);
+}
 
 void dysco_probe_mean_cuda(const at::Tensor& mean, const at::Tensor& probs,
                            c10::IntArrayRef heads) {
@@ -989,11 +1000,12 @@ void dysco_select_bias_cuda(const at::Tensor& bias, const at::Tensor& selected,
       C10_CUDA_CHECK(launched);
       return;
     }
-    // Fewer multiprocessors than the occupancy count assumed (e.g. an MPS share): nothing ran;
-    // this launch and every later one take a launch a pass (the state SelectInitKernel set is
-    // still untouched).
+    // Fewer multiprocessors than the occupancy count assumed (e.g. an MPS share): nothing ran,
+    // the state SelectInitKernel set is untouched, and this call takes a launch a pass. Not
+    // remembered: the refusal costs a failed launch call on the host, and a later call with fewer
+    // rows may fit.
     (void)cudaGetLastError();
-    fused_refused = true;
+    g_refused_launches.fetch_add(1, std::memory_order_relaxed);
   }
   for (int pass = 0; pass < kMaxSelectPasses; ++pass) {
     SelectPassKernel<<<grid, kSelectPassThreads, 0, stream>>>(states, relevance.data_ptr<float>(),

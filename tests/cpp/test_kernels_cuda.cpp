@@ -865,6 +865,44 @@ TEST(CudaDyscoSelectBias, FusedSelectionEqualsALaunchPerPass) {
   }
 }
 
+// The fused selection's grid too large to be co-resident (DYSCO_CUDA_SELECT_RESIDENT_SCALE: the
+// occupancy count assumed 8x too high, as an MPS share with fewer multiprocessors would make it):
+// the runtime refuses the cooperative launch, which is counted, and the call takes a launch a pass
+// with the same outputs bit for bit as =multi; the next call without the knob launches fused again.
+TEST(CudaDyscoSelectBias, RefusedCooperativeLaunchTakesALaunchAPass) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(16);
+  const std::vector<int64_t> n = {131072, 131072, 100000, 70001, 131072};
+  const int64_t batch = static_cast<int64_t>(n.size()), width = 131072;
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  const at::Tensor relevance = Cuda(RelevanceRows(n, width, false));
+  const at::Tensor num_keys = Cuda(at::tensor(n, at::kLong));
+  const at::Tensor template_mask = Cuda(at::rand({batch, width}) < 0.2);
+  const at::Tensor top_p = at::full({batch}, 0.9f, cuda);
+  const at::Tensor top_k = at::full({batch}, int64_t{4096}, cuda.dtype(at::kLong));
+  const at::Tensor strength = at::full({batch}, 2.0f, cuda);
+  auto run = [&](const char* mode, const char* scale) {
+    const ScopedEnv select("DYSCO_CUDA_SELECT", mode);
+    const ScopedEnv resident("DYSCO_CUDA_SELECT_RESIDENT_SCALE", scale);
+    at::Tensor bias = at::full({batch, width}, kNaN, cuda);
+    at::Tensor selected = at::ones({batch, width}, cuda.dtype(at::kBool));
+    at::Tensor stats = at::full({batch, 2}, kNaN, cuda);
+    ops::dysco_select_bias(bias, selected, stats, relevance, num_keys, template_mask, top_p, top_k,
+                           strength);
+    return std::vector<at::Tensor>{bias.cpu(), selected.cpu(), stats.cpu()};
+  };
+  const std::vector<at::Tensor> passes = run("multi", nullptr);
+  const int64_t refused_before = dysco::kernels::dysco_select_bias_cuda_refused_launches();
+  const std::vector<at::Tensor> refused = run(nullptr, "8");
+  EXPECT_EQ(dysco::kernels::dysco_select_bias_cuda_refused_launches() - refused_before, 1);
+  EXPECT_TRUE(Same(refused[0], passes[0], "bias"));
+  EXPECT_TRUE(Same(refused[1], passes[1], "selected"));
+  EXPECT_TRUE(Same(refused[2], passes[2], "stats"));
+  const std::vector<at::Tensor> fused = run(nullptr, nullptr);
+  EXPECT_EQ(dysco::kernels::dysco_select_bias_cuda_refused_launches() - refused_before, 1);
+  EXPECT_TRUE(Same(fused[1], passes[1], "selected, fused again"));
+}
+
 // A DySCO step's widths (8K: one block by default; 32K and past 48K: many blocks), ties, every
 // case: the default, one block forced (DYSCO_CUDA_SELECT=single), a launch a pass (=multi) and one
 // cooperative launch (=fused), each also with 512 keys a block (DYSCO_CUDA_SELECT_KEYS_PER_BLOCK);
