@@ -14,7 +14,11 @@ of one profile:
 Steps are told apart by the N - 1 longest idle stretches (the host's time between steps).
 docs/performance.md "Where the time goes" says how it is used.
 
+With --summary, one line each instead (what gpu-ab.sh puts in its ab.md): the step's span and busy
+time and its top kernels by critical-path share, and the window's span, busy time and kernels.
+
 usage: timeline.py TIMELINE.json [--mode plain|dysco] [--step K] [--window FROM TO] [--max-rows N]
+                   [--summary]
 """
 import argparse
 import json
@@ -86,6 +90,13 @@ def increments(events):
     return out
 
 
+def short_name(name):
+    """A kernel's name without its namespace, arguments and template arguments."""
+    name = re.sub(r"^void ", "", name).replace("(anonymous namespace)::", "")
+    name = name.split("<")[0].split("(")[0].strip()
+    return name.split("::")[-1] or "?"
+
+
 def window(events, start_re, end_re):
     """The events from the first matching start_re through the last matching end_re."""
     first = next((i for i, e in enumerate(events) if re.search(start_re, e[0])), None)
@@ -103,6 +114,7 @@ def main(argv=None):
     ap.add_argument("--step", type=int, default=-1, help="which step (default: the middle one)")
     ap.add_argument("--window", nargs=2, metavar=("FROM", "TO"))
     ap.add_argument("--max-rows", type=int, default=400)
+    ap.add_argument("--summary", action="store_true", help="one line for the step, one for the window")
     args = ap.parse_args(argv)
     doc = json.load(open(args.timeline))
     events = doc[args.mode]
@@ -114,6 +126,26 @@ def main(argv=None):
     step = steps[k]
     t0 = step[0][1]
     span = max(s + d for _, s, d in step) - t0
+    if args.summary:
+        top = sorted(increments(step).items(), key=lambda x: -x[1][1])[:8]
+        parts = [f"{short_name(n)} x{c} {t / c:.1f} us" for n, (c, t) in top]
+        print(f"{args.mode} step {k} at {doc.get('context')}: span {span:.1f} us, busy "
+              f"{busy_us(step):.1f} us; critical path a call: " + "; ".join(parts))
+        if args.window:
+            w = window(step, *args.window)
+            if w is None:
+                print(f"window {args.window}: not found in this step")
+                return 1
+            w_end = max(s + d for _, s, d in w)
+            by_name = {}
+            for name, _, dur in w:
+                c, t = by_name.get(name, (0, 0.0))
+                by_name[name] = (c + 1, t + dur)
+            kernels = "; ".join(f"{short_name(n)} x{c} {t:.1f} us" for n, (c, t) in
+                                sorted(by_name.items(), key=lambda x: -x[1][1])[:6])
+            print(f"{args.mode} window {args.window[0]}..{args.window[1]}: span "
+                  f"{w_end - w[0][1]:.1f} us, busy {busy_us(w):.1f} us; {kernels}")
+        return 0
     print(f"{args.mode} step {k} of {len(steps)} at {doc.get('context')}: {len(step)} events, "
           f"span {span:.1f} us, busy {busy_us(step):.1f} us")
     print("| start us | span us | idle before us | calls | name |\n|---|---|---|---|---|")

@@ -12,8 +12,9 @@
 # profiled steps, for reading offline: bench/timeline.py).
 # Knobs: GPU_AB_TESTS (unset: no tests), GPU_AB_RUNS (unset: no bench), GPU_AB_TEST_TIMEOUT_S (200),
 # GPU_AB_BUDGET_S (570: the runs that would start past it are skipped), GPU_AB_SHAPE (qwen3-8b),
-# GPU_AB_PROFILE_STEPS (0: bench-gpu --profile-steps per run; the DySCO step by pass and each profiled
-# step's device timeline then land in ab.md), and gpu-bench.sh's own knobs (e.g.
+# GPU_AB_PROFILE_STEPS (0: bench-gpu --profile-steps per run; the DySCO step by pass, each profiled
+# step's device timeline and bench/timeline.py's summary lines, the kernels by their share of the
+# critical path and the DySCO stage, then land in ab.md), and gpu-bench.sh's own knobs (e.g.
 # GPU_BENCH_CONTEXTS=131072 for the longest alone).
 # Usage: bash scripts/gpu-ab.sh [DEBS_DIR]
 set -uo pipefail
@@ -82,6 +83,14 @@ for run in ${GPU_AB_RUNS:-}; do
     awk -v h="### $SHAPE-$tag " 'index($0, h) == 1 { f = 1; next } f && /^### / { exit }
       f && (/^DySCO step by pass/ || /^Device timeline/) { print substr($0, 1, 600) }' \
       "$WORK/bench-$tag.log"
+    # With GPU_AB_PROFILE_STEPS: a profiled step's kernels by their share of the critical path, and
+    # the DySCO stage between the passes (bench/timeline.py; docs/performance.md "What runs").
+    timeline="$WORK/runs/timeline-$SHAPE-$tag.json"
+    if [ "${GPU_AB_PROFILE_STEPS:-0}" -gt 0 ] && [ -s "$timeline" ]; then
+      python3 bench/timeline.py "$timeline" --mode plain --summary 2>&1 | cut -c1-600
+      python3 bench/timeline.py "$timeline" --mode dysco --summary --window ProbeMean RmsNorm 2>&1 |
+        cut -c1-600
+    fi
   } | tee -a "$RESULTS/ab.md"
 done
 rm -rf "$WORK"

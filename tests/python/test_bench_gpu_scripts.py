@@ -243,3 +243,21 @@ def test_timeline_window_and_runs(tmp_path):
     path.write_text(json.dumps({"context": 8, "steps": 1, "dysco": events, "plain": events}))
     assert timeline.main([str(path), "--window", "Select", "Norm"]) == 0
     assert timeline.main([str(path), "--window", "Nothing", "Norm"]) == 1
+
+
+def test_timeline_summary_names_kernels_shortly(tmp_path, capsys):
+    assert timeline.short_name(
+        "void dysco::kernels::(anonymous namespace)::GemvKernel<c10::BFloat16, 1, 2>(c10::BFloat16*)"
+    ) == "GemvKernel"
+    assert timeline.short_name("Memcpy HtoD (Pinned -> Device)") == "Memcpy HtoD"
+    assert timeline.short_name(
+        "dysco::kernels::(anonymous namespace)::SelectFusedKernel(float*)") == "SelectFusedKernel"
+    events = [["a", 0.0, 10.0], ["b", 8.0, 7.0], ["Select", 20.0, 2.0], ["Norm", 23.0, 1.0]]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"context": 8, "steps": 1, "dysco": events, "plain": events}))
+    assert timeline.main([str(path), "--summary", "--window", "Select", "Norm"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("dysco step 0 at 8: span 24.0 us, busy 18.0 us; critical path a call: a x1 10.0 us; "
+                        "Select x1 7.0 us; b x1 5.0 us; Norm x1 2.0 us")
+    assert lines[1] == ("dysco window Select..Norm: span 4.0 us, busy 3.0 us; Select x1 2.0 us; "
+                        "Norm x1 1.0 us")
