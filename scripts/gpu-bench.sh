@@ -10,7 +10,9 @@
 #           GPU_BENCH_SESSIONS concurrent DySCO sessions of GPU_BENCH_SERVER_PROMPT tokens;
 #   peer    bench/hf_peer.py on the Qwen3-8B shape: transformers' generate, static cache +
 #           torch.compile (falls back to no compile, and says so), same contexts.
-# Then prints one table (bench/plot_gpu.py --table) and copies to $OUT (default gpu-bench-out/):
+# Then prints one table (bench/plot_gpu.py --table), with each profiled shape's step in order under
+# it (bench/timeline.py --summary over bench-gpu's --timeline-json), and copies to $OUT (default
+# gpu-bench-out/):
 # gpu-bench.md, this run's JSON of each part, and gpu-bench-logs.tgz (every log and JSON file under
 # $BUILD/gpu-bench; at most 8 files, no folders).
 #
@@ -219,6 +221,22 @@ done
 
 python3 bench/plot_gpu.py --table "$LOGS/gpu-bench.md" "$LOGS"/*.json > "$LOGS/table.log" 2>&1 ||
   { cat "$LOGS/table.log"; fail=1; }
+# Each profiled shape's step in order (bench/timeline.py --summary: the kernels by their share of
+# the critical path, and the DySCO stage between the passes); this run's timelines only.
+for shape in $SHAPES; do
+  timeline="$LOGS/timelines/$shape${GPU_BENCH_TAG:-}.json"
+  if [ "${GPU_BENCH_PROFILE_STEPS:-5}" -eq 0 ] || [ ! -s "$timeline" ] ||
+    [ ! "$timeline" -nt "$LOGS/env.log" ]; then
+    continue
+  fi
+  {
+    echo
+    echo "Critical path ($shape${GPU_BENCH_TAG:-}, bench/timeline.py):"
+    python3 bench/timeline.py "$timeline" --mode plain --summary 2>&1 | cut -c1-600
+    python3 bench/timeline.py "$timeline" --mode dysco --summary --window ProbeMean RmsNorm 2>&1 |
+      cut -c1-600
+  } >> "$LOGS/gpu-bench.md"
+done
 cat "$LOGS/phases.txt" >> "$LOGS/gpu-bench.md"
 cat "$LOGS/gpu-bench.md"
 echo "gpu-bench: $( [ $fail -eq 0 ] && echo all ran || echo FAILURES ) in $(elapsed) s; logs in $LOGS"
