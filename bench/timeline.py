@@ -97,6 +97,15 @@ def short_name(name):
     return name.split("::")[-1] or "?"
 
 
+def durations_by_name(events):
+    """Per name: (calls, their summed durations)."""
+    out = {}
+    for name, _, dur in events:
+        c, t = out.get(name, (0, 0.0))
+        out[name] = (c + 1, t + dur)
+    return out
+
+
 def window(events, start_re, end_re):
     """The events from the first matching start_re through the last matching end_re."""
     first = next((i for i, e in enumerate(events) if re.search(start_re, e[0])), None)
@@ -126,25 +135,23 @@ def main(argv=None):
     step = steps[k]
     t0 = step[0][1]
     span = max(s + d for _, s, d in step) - t0
+    critical = sorted(increments(step).items(), key=lambda x: -x[1][1])
+    w = None
+    if args.window:
+        w = window(step, *args.window)
+        if w is None:
+            print(f"window {args.window}: not found in this step")
+            return 1
+        w_span = max(s + d for _, s, d in w) - w[0][1]
+        w_kernels = sorted(durations_by_name(w).items(), key=lambda x: -x[1][1])
     if args.summary:
-        top = sorted(increments(step).items(), key=lambda x: -x[1][1])[:8]
-        parts = [f"{short_name(n)} x{c} {t / c:.1f} us" for n, (c, t) in top]
+        parts = [f"{short_name(n)} x{c} {t / c:.1f} us" for n, (c, t) in critical[:8]]
         print(f"{args.mode} step {k} at {doc.get('context')}: span {span:.1f} us, busy "
               f"{busy_us(step):.1f} us; critical path a call: " + "; ".join(parts))
-        if args.window:
-            w = window(step, *args.window)
-            if w is None:
-                print(f"window {args.window}: not found in this step")
-                return 1
-            w_end = max(s + d for _, s, d in w)
-            by_name = {}
-            for name, _, dur in w:
-                c, t = by_name.get(name, (0, 0.0))
-                by_name[name] = (c + 1, t + dur)
-            kernels = "; ".join(f"{short_name(n)} x{c} {t:.1f} us" for n, (c, t) in
-                                sorted(by_name.items(), key=lambda x: -x[1][1])[:6])
-            print(f"{args.mode} window {args.window[0]}..{args.window[1]}: span "
-                  f"{w_end - w[0][1]:.1f} us, busy {busy_us(w):.1f} us; {kernels}")
+        if w is not None:
+            kernels = "; ".join(f"{short_name(n)} x{c} {t:.1f} us" for n, (c, t) in w_kernels[:6])
+            print(f"{args.mode} window {args.window[0]}..{args.window[1]}: span {w_span:.1f} us, "
+                  f"busy {busy_us(w):.1f} us; {kernels}")
         return 0
     print(f"{args.mode} step {k} of {len(steps)} at {doc.get('context')}: {len(step)} events, "
           f"span {span:.1f} us, busy {busy_us(step):.1f} us")
@@ -155,21 +162,12 @@ def main(argv=None):
             break
         print(f"| {start - t0:.1f} | {end - start:.1f} | {idle:.1f} | {count} | {name[:80]} |")
     print("\nwhat each kernel adds to the step's end (us; calls): its critical-path share")
-    for name, (c, t) in sorted(increments(step).items(), key=lambda x: -x[1][1])[:40]:
+    for name, (c, t) in critical[:40]:
         print(f"  {t:8.1f} us  x{c:<4d} {t / c:7.2f} a call  {name[:80]}")
-    if args.window:
-        w = window(step, *args.window)
-        if w is None:
-            print(f"window {args.window}: not found in this step")
-            return 1
-        w_end = max(s + d for _, s, d in w)
-        by_name = {}
-        for name, _, dur in w:
-            c, t = by_name.get(name, (0, 0.0))
-            by_name[name] = (c + 1, t + dur)
+    if w is not None:
         print(f"\nwindow {args.window[0]!r} .. {args.window[1]!r}: {len(w)} events from "
-              f"{w[0][1] - t0:.1f} us, span {w_end - w[0][1]:.1f} us, busy {busy_us(w):.1f} us")
-        for name, (c, t) in sorted(by_name.items(), key=lambda x: -x[1][1]):
+              f"{w[0][1] - t0:.1f} us, span {w_span:.1f} us, busy {busy_us(w):.1f} us")
+        for name, (c, t) in w_kernels:
             print(f"  {t:8.1f} us  x{c:<3d} {name[:80]}")
     return 0
 

@@ -204,6 +204,22 @@ inline EarlyStart EarlyStartLevel() {
   if (EnvIs("DYSCO_CUDA_PDL", "0")) return EarlyStart::kNone;
   return EnvIs("DYSCO_CUDA_PDL", "all") ? EarlyStart::kAll : EarlyStart::kGemv;
 }
+// Launches kernel<<<grid, block, shared_bytes, stream>>>(args...) with one launch attribute
+// (cudaLaunchKernelEx) and returns the launch's error for the caller to check or handle.
+template <typename... KernelArgs, typename... Args>
+cudaError_t LaunchWithAttribute(const cudaLaunchAttribute& attribute, void (*kernel)(KernelArgs...),
+                                dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
+                                Args... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute attributes[1] = {attribute};
+  config.attrs = attributes;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, static_cast<KernelArgs>(args)...);
+}
 // Launches kernel<<<grid, block, shared_bytes, stream>>>(args...), allowed to start early (above)
 // when `early`, else as a plain launch.
 template <typename... KernelArgs, typename... Args>
@@ -214,17 +230,11 @@ void LaunchOnStreamWithSharedMemory(bool early, void (*kernel)(KernelArgs...), d
     kernel<<<grid, block, shared_bytes, stream>>>(args...);
     return;
   }
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = shared_bytes;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<KernelArgs>(args)...));
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  C10_CUDA_CHECK(
+      LaunchWithAttribute(attribute, kernel, grid, block, shared_bytes, stream, args...));
 }
 // The same without dynamic shared memory.
 template <typename... KernelArgs, typename... Args>

@@ -980,22 +980,15 @@ void dysco_select_bias_cuda(const at::Tensor& bias, const at::Tensor& selected,
   if (const int64_t per_row = FusedSelectBlocksPerRow(batch, blocks); per_row > 0) {
     // A cooperative launch: the runtime refuses it (an error, not a hang) when the grid's blocks
     // could not all be resident at once, which the blocks' waits for each other need.
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(static_cast<unsigned>(per_row), static_cast<unsigned>(batch));
-    config.blockDim = dim3(kSelectPassThreads);
-    config.dynamicSmemBytes = 0;
-    config.stream = stream;
-    cudaLaunchAttribute attribute{};
-    attribute.id = cudaLaunchAttributeCooperative;
-    attribute.val.cooperative = 1;
-    config.attrs = &attribute;
-    config.numAttrs = 1;
-    const cudaError_t launched = cudaLaunchKernelEx(
-        &config, SelectFusedKernel, bias.data_ptr<float>(), selected.data_ptr<bool>(),
-        stats.data_ptr<float>(), partial, states,
-        static_cast<const float*>(relevance.data_ptr<float>()),
-        static_cast<const bool*>(template_mask.data_ptr<bool>()),
-        static_cast<const float*>(strength.data_ptr<float>()), width, keys, blocks);
+    cudaLaunchAttribute cooperative{};
+    cooperative.id = cudaLaunchAttributeCooperative;
+    cooperative.val.cooperative = 1;
+    const cudaError_t launched = cuda::LaunchWithAttribute(
+        cooperative, SelectFusedKernel,
+        dim3(static_cast<unsigned>(per_row), static_cast<unsigned>(batch)),
+        dim3(kSelectPassThreads), 0, stream, bias.data_ptr<float>(), selected.data_ptr<bool>(),
+        stats.data_ptr<float>(), partial, states, relevance.data_ptr<float>(),
+        template_mask.data_ptr<bool>(), strength.data_ptr<float>(), width, keys, blocks);
     if (launched != cudaErrorCooperativeLaunchTooLarge) {
       C10_CUDA_CHECK(launched);
       return;

@@ -820,6 +820,36 @@ TEST(CudaDyscoSelectBias, ManyBlocksGiveTheCpuSetsOnShortRows) {
   }
 }
 
+// Long rows on the GPU for the selection's mode tests: relevance (RelevanceRows) of rows of n[b]
+// keys in `width`, their lengths and a random template mask (drawn in that order).
+struct CudaSelectRows {
+  at::Tensor relevance, num_keys, template_mask;
+};
+CudaSelectRows MakeCudaSelectRows(const std::vector<int64_t>& n, int64_t width) {
+  const int64_t batch = static_cast<int64_t>(n.size());
+  CudaSelectRows rows;
+  rows.relevance = Cuda(RelevanceRows(n, width, false));
+  rows.num_keys = Cuda(at::tensor(n, at::kLong));
+  rows.template_mask = Cuda(at::rand({batch, width}) < 0.2);
+  return rows;
+}
+
+// dysco_select_bias on the GPU over `rows` with one setting for every row, its outputs written
+// over poison (bias and stats NaN, every key selected) and returned on the host: bias, selected,
+// stats. The caller sets the environment knobs of the mode it runs.
+std::vector<at::Tensor> CudaSelectOutputs(const CudaSelectRows& rows, const SelectCase& c) {
+  const auto cuda = rows.relevance.options();
+  const int64_t batch = rows.relevance.size(0), width = rows.relevance.size(1);
+  at::Tensor bias = at::full({batch, width}, kNaN, cuda);
+  at::Tensor selected = at::ones({batch, width}, cuda.dtype(at::kBool));
+  at::Tensor stats = at::full({batch, 2}, kNaN, cuda);
+  ops::dysco_select_bias(bias, selected, stats, rows.relevance, rows.num_keys, rows.template_mask,
+                         at::full({batch}, c.top_p, cuda),
+                         at::full({batch}, c.top_k, cuda.dtype(at::kLong)),
+                         at::full({batch}, c.strength, cuda));
+  return {bias.cpu(), selected.cpu(), stats.cpu()};
+}
+
 // The fused selection (DYSCO_CUDA_SELECT=fused: one cooperative launch, the row's blocks meeting
 // after each pass) against a launch per pass (=multi) on long rows: the same sets, biases and stats
 // bit for bit (the same buckets, the same write, its masses added in key-block order), with a
@@ -828,26 +858,13 @@ TEST(CudaDyscoSelectBias, ManyBlocksGiveTheCpuSetsOnShortRows) {
 TEST(CudaDyscoSelectBias, FusedSelectionEqualsALaunchPerPass) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(12);
-  const std::vector<int64_t> n = {131072, 100000, 70001, 0, 32768};
-  const int64_t batch = static_cast<int64_t>(n.size()), width = 131072;
-  const auto cuda = at::TensorOptions().device(at::kCUDA);
-  const at::Tensor relevance = Cuda(RelevanceRows(n, width, false));
-  const at::Tensor num_keys = Cuda(at::tensor(n, at::kLong));
-  const at::Tensor template_mask = Cuda(at::rand({batch, width}) < 0.2);
+  const CudaSelectRows rows = MakeCudaSelectRows({131072, 100000, 70001, 0, 32768}, 131072);
   for (const SelectCase& c : SelectCases()) {
-    const at::Tensor top_p = at::full({batch}, c.top_p, cuda);
-    const at::Tensor top_k = at::full({batch}, c.top_k, cuda.dtype(at::kLong));
-    const at::Tensor strength = at::full({batch}, c.strength, cuda);
     auto run = [&](const char* mode, const char* blocks, const char* keys) {
       const ScopedEnv select("DYSCO_CUDA_SELECT", mode);
       const ScopedEnv cap("DYSCO_CUDA_SELECT_BLOCKS", blocks);
       const ScopedEnv per_block("DYSCO_CUDA_SELECT_KEYS_PER_BLOCK", keys);
-      at::Tensor bias = at::full({batch, width}, kNaN, cuda);
-      at::Tensor selected = at::ones({batch, width}, cuda.dtype(at::kBool));
-      at::Tensor stats = at::full({batch, 2}, kNaN, cuda);
-      ops::dysco_select_bias(bias, selected, stats, relevance, num_keys, template_mask, top_p,
-                             top_k, strength);
-      return std::vector<at::Tensor>{bias.cpu(), selected.cpu(), stats.cpu()};
+      return CudaSelectOutputs(rows, c);
     };
     for (const char* keys : {static_cast<const char*>(nullptr), "512"}) {
       const std::vector<at::Tensor> passes = run("multi", nullptr, keys);
@@ -872,24 +889,11 @@ TEST(CudaDyscoSelectBias, FusedSelectionEqualsALaunchPerPass) {
 TEST(CudaDyscoSelectBias, RefusedCooperativeLaunchTakesALaunchAPass) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(16);
-  const std::vector<int64_t> n = {131072, 131072, 100000, 70001, 131072};
-  const int64_t batch = static_cast<int64_t>(n.size()), width = 131072;
-  const auto cuda = at::TensorOptions().device(at::kCUDA);
-  const at::Tensor relevance = Cuda(RelevanceRows(n, width, false));
-  const at::Tensor num_keys = Cuda(at::tensor(n, at::kLong));
-  const at::Tensor template_mask = Cuda(at::rand({batch, width}) < 0.2);
-  const at::Tensor top_p = at::full({batch}, 0.9f, cuda);
-  const at::Tensor top_k = at::full({batch}, int64_t{4096}, cuda.dtype(at::kLong));
-  const at::Tensor strength = at::full({batch}, 2.0f, cuda);
+  const CudaSelectRows rows = MakeCudaSelectRows({131072, 131072, 100000, 70001, 131072}, 131072);
   auto run = [&](const char* mode, const char* scale) {
     const ScopedEnv select("DYSCO_CUDA_SELECT", mode);
     const ScopedEnv resident("DYSCO_CUDA_SELECT_RESIDENT_SCALE", scale);
-    at::Tensor bias = at::full({batch, width}, kNaN, cuda);
-    at::Tensor selected = at::ones({batch, width}, cuda.dtype(at::kBool));
-    at::Tensor stats = at::full({batch, 2}, kNaN, cuda);
-    ops::dysco_select_bias(bias, selected, stats, relevance, num_keys, template_mask, top_p, top_k,
-                           strength);
-    return std::vector<at::Tensor>{bias.cpu(), selected.cpu(), stats.cpu()};
+    return CudaSelectOutputs(rows, SelectCase{0.9f, 4096, 2.0f});
   };
   const std::vector<at::Tensor> passes = run("multi", nullptr);
   const int64_t refused_before = dysco::kernels::dysco_select_bias_cuda_refused_launches();
