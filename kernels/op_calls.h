@@ -21,7 +21,14 @@
 #include <string>
 #include <vector>
 
+#include "kernels/host_lengths.h"
+
 namespace dysco::ops {
+
+// ---- a forward's host lengths: its caller publishes the host vectors it built query_start_loc and
+// seq_lens from, for the ops that plan on the host (the CUDA prefill's cuDNN path), which then
+// need not read the device tensors back (kernels/host_lengths.h).
+using kernels::ScopedHostLengths;
 
 // ---- paged KV cache and attention. Shapes shared by these ops:
 //   kv_cache_layer [2, num_pages, page_size, Hkv, D]   (index 0 = K, 1 = V), contiguous

@@ -1267,7 +1267,13 @@ Status ModelRunner::Impl::RunLocked(const ForwardBatch& batch, ForwardOutput* ou
     std::tie(logits, probs) = NativeDecodeForward(InputsLocked(batch));
     return ReadOutputsLocked(batch, logits, probs, out);
   }
-  DYSCO_RETURN_IF_ERROR(UnpackResult(module.forward(InputsLocked(batch)), &logits, &probs));
+  std::vector<c10::IValue> inputs = InputsLocked(batch);
+  // The CUDA prefill plans its cuDNN calls from these host copies instead of reading the device
+  // tensors back a layer (kernels/op_calls.h; docs/gpu.md "Prefill without a read-back a
+  // layer"). Both tensors were just made from these vectors and stay in `inputs` for the forward.
+  const ops::ScopedHostLengths host_lengths(inputs[2].toTensor(), inputs[3].toTensor(),
+                                            query_start_loc, seq_lens);
+  DYSCO_RETURN_IF_ERROR(UnpackResult(module.forward(inputs), &logits, &probs));
   return ReadOutputsLocked(batch, logits, probs, out);
 }
 

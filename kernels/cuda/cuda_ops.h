@@ -48,6 +48,12 @@ bool paged_attention_prefill_cuda_uses_flash(const at::Tensor& query,
 // for tests that must know which path they measured.
 int64_t paged_attention_prefill_cuda_cudnn_sequences();
 
+// How many calls of that cuDNN path read the packed offsets back from the device (a host
+// synchronisation) because the caller published no host lengths for its query_start_loc and
+// seq_lens (kernels/host_lengths.h), for tests; DYSCO_CUDA_PREFILL_HOST_LENGTHS=0 reads back
+// always (A/B timing; the same bits).
+int64_t paged_attention_prefill_cuda_offset_read_backs();
+
 // How many of dysco_select_bias_cuda's cooperative launches the runtime has refused so far in this
 // process (kernels/cuda/dysco_ops.cu: their calls took a launch a pass instead), for tests.
 int64_t dysco_select_bias_cuda_refused_launches();

@@ -93,8 +93,10 @@ constexpr int kQkvThreads = 128;  // four (token, head) warps per block
 // NormedElement, as RmsNormWarpKernel), then rotated (RotatePair, as RotaryKernel), into query or
 // into the cache's K row of slot_mapping[t]; a key head's warp also copies its value head into
 // the V row. A negative slot (or one past the cache, which the CPU op rejects) writes no K/V.
-// Grid: ceil(T * (H + Hkv) / 4) blocks of kQkvThreads.
-template <typename T>
+// Grid: ceil(T * (H + Hkv) / 4) blocks of kQkvThreads. kM > 0 (D = 32 kM): the head through
+// WarpNormRopeHeadInRegisters, its loads first, and a key head's value row loaded before the norm
+// (DYSCO_CUDA_QK_WRITE=registers; the same bits).
+template <typename T, int kM>
 __global__ void __launch_bounds__(kQkvThreads)
     QkNormRopeKvWriteKernel(T* query, T* k_cache, T* v_cache, const T* qkv, const T* cos,
                             const T* sin, const int64_t* slots, const T* q_w, const T* k_w,
@@ -127,9 +129,21 @@ __global__ void __launch_bounds__(kQkvThreads)
     w = k_w;
     const T* v = row + (heads + kv_heads + j) * d;
     T* v_out = v_cache + (slot * kv_heads + j) * d;
-    for (int64_t i = lane; i < d; i += cuda::kWarpSize) v_out[i] = v[i];
+    if constexpr (kM > 0) {
+      T vv[kM];
+#pragma unroll
+      for (int k = 0; k < kM; ++k) vv[k] = v[lane + k * cuda::kWarpSize];
+#pragma unroll
+      for (int k = 0; k < kM; ++k) v_out[lane + k * cuda::kWarpSize] = vv[k];
+    } else {
+      for (int64_t i = lane; i < d; i += cuda::kWarpSize) v_out[i] = v[i];
+    }
   }
-  WarpNormRopeHead(x, w, cos + t * d, sin + t * d, d, lane, eps, y);
+  if constexpr (kM > 0) {
+    WarpNormRopeHeadInRegisters<T, kM>(x, w, cos + t * d, sin + t * d, lane, eps, y);
+  } else {
+    WarpNormRopeHead(x, w, cos + t * d, sin + t * d, d, lane, eps, y);
+  }
 }
 
 // ---- add_rms_norm and silu_mul
@@ -407,14 +421,22 @@ void qk_norm_rope_kv_write_cuda(const at::Tensor& query, const at::Tensor& kv_ca
     // GEMV ahead of it finishes, and waits for it first thing.
     const bool early =
         cuda::EnvIs("DYSCO_CUDA_QK_PDL", "1") && cuda::EarlyStartLevel() != cuda::EarlyStart::kNone;
-    cuda::LaunchOnStream(early, QkNormRopeKvWriteKernel<scalar_t>, dim3(blocks), dim3(kQkvThreads),
-                         cuda::CurrentStream(), query.data_ptr<scalar_t>(), k_cache,
-                         k_cache + num_slots * cache.num_kv_heads * cache.head_dim,
-                         qkv.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(),
-                         sin.data_ptr<scalar_t>(), slot_mapping.data_ptr<int64_t>(),
-                         norms ? q_norm_weight->data_ptr<scalar_t>() : nullptr,
-                         norms ? k_norm_weight->data_ptr<scalar_t>() : nullptr, tokens, heads,
-                         cache.num_kv_heads, cache.head_dim, num_slots, static_cast<float>(eps));
+    // DYSCO_CUDA_QK_WRITE=registers (opt-in until measured: docs/gpu.md "What remains of issue
+    // 9", item 3): each lane's loads first, for head sizes of 64, 128 and 256.
+    const bool registers = cuda::EnvIs("DYSCO_CUDA_QK_WRITE", "registers");
+    const int64_t d = cache.head_dim;
+    auto* kernel = !registers ? QkNormRopeKvWriteKernel<scalar_t, 0>
+                   : d == 64  ? QkNormRopeKvWriteKernel<scalar_t, 2>
+                   : d == 128 ? QkNormRopeKvWriteKernel<scalar_t, 4>
+                   : d == 256 ? QkNormRopeKvWriteKernel<scalar_t, 8>
+                              : QkNormRopeKvWriteKernel<scalar_t, 0>;
+    cuda::LaunchOnStream(
+        early, kernel, dim3(blocks), dim3(kQkvThreads), cuda::CurrentStream(),
+        query.data_ptr<scalar_t>(), k_cache, k_cache + num_slots * cache.num_kv_heads * d,
+        qkv.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(),
+        slot_mapping.data_ptr<int64_t>(), norms ? q_norm_weight->data_ptr<scalar_t>() : nullptr,
+        norms ? k_norm_weight->data_ptr<scalar_t>() : nullptr, tokens, heads, cache.num_kv_heads, d,
+        num_slots, static_cast<float>(eps));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

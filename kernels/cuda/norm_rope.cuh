@@ -70,4 +70,55 @@ __device__ __forceinline__ void WarpNormRopeHead(const T* x, const T* w, const T
   }
 }
 
+// WarpNormRopeHead for D = 32 kM (kM even: 2, 4, 8), with everything a lane reads loaded into
+// registers first: its elements lane + 32 k of x, w and the token's cos and sin rows (k < kM), so
+// that a lane has 4 kM independent loads in flight instead of a chain of dependent ones (a prefill
+// chunk runs ~300K such warps: qk_norm_rope_kv_write's DYSCO_CUDA_QK_WRITE=registers). Element
+// lane + 32 k pairs with lane + 32 (k + kM / 2), in the same lane. The arithmetic is
+// WarpNormRopeHead's, in its order: the squares summed over k ascending (WarpInvRms's loop), the
+// same WarpSum, NormedElement, and RotatePair's products and sums; so the same bits.
+template <typename T, int kM>
+__device__ __forceinline__ void WarpNormRopeHeadInRegisters(const T* x, const T* w,
+                                                            const T* cos_row, const T* sin_row,
+                                                            int lane, float eps, T* y) {
+  static_assert(kM >= 2 && kM % 2 == 0, "D = 32 kM with kM even");
+  using C = cuda::Convert<T>;
+  constexpr int kD = kM * cuda::kWarpSize;
+  constexpr int kHalf = kD / 2;
+  T xv[kM], wv[kM], cv[kM], sv[kM];
+#pragma unroll
+  for (int k = 0; k < kM; ++k) {
+    const int j = lane + k * cuda::kWarpSize;
+    xv[k] = x[j];
+    if (w != nullptr) wv[k] = w[j];
+    cv[k] = cos_row[j];
+    sv[k] = sin_row[j];
+  }
+  float inv = 1.0f;
+  if (w != nullptr) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kM; ++k) {
+      const float v = C::ToFloat(xv[k]);
+      sum += v * v;
+    }
+    inv = rsqrtf(cuda::WarpSum(sum) / static_cast<float>(kD) + eps);
+  }
+  float in[kM];
+#pragma unroll
+  for (int k = 0; k < kM; ++k) {
+    in[k] = C::ToFloat(w == nullptr ? xv[k] : NormedElement(xv[k], wv[k], inv));
+  }
+  auto product = [](float a, float b) { return C::ToFloat(C::FromFloat(__fmul_rn(a, b))); };
+#pragma unroll
+  for (int k = 0; k < kM / 2; ++k) {
+    const int j = lane + k * cuda::kWarpSize;
+    const float lo = in[k];
+    const float hi = in[k + kM / 2];
+    y[j] = C::FromFloat(__fadd_rn(product(lo, C::ToFloat(cv[k])), product(-hi, C::ToFloat(sv[k]))));
+    y[j + kHalf] = C::FromFloat(__fadd_rn(product(hi, C::ToFloat(cv[k + kM / 2])),
+                                          product(lo, C::ToFloat(sv[k + kM / 2]))));
+  }
+}
+
 }  // namespace dysco::kernels

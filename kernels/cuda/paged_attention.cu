@@ -54,9 +54,6 @@ int64_t MinKeysPerSplit() {
   const long n = std::strtol(v, nullptr, 10);
   return n >= 16 && n <= 65536 && n % 16 == 0 ? n : kMinKeysPerSplit;
 }
-// The longest block table (in keys) for which the tensor-core kernel that makes its query rows from
-// the qkv GEMV's output starts early (see p.early_keys below).
-constexpr int64_t kEarlyQkvAttentionMaxKeys = 16384;
 // Splits are chosen for about this many blocks per multiprocessor: decode reads one row per key and
 // warp, so it needs many warps in flight to cover memory latency.
 constexpr int64_t kBlocksPerMultiprocessor = 8;
@@ -417,16 +414,17 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   const bool in_kernel = stage != nullptr && use_mma && query_start_loc == nullptr &&
                          p.row_chunks == 1 && !cuda::EnvIs("DYSCO_CUDA_QKV_ATTENTION", "0");
   // The tensor-core kernel of a decode call starts while the kernel ahead finishes
-  // (AttentionParams::early_keys). When it makes its rows from the qkv GEMV's output, that pays
-  // only for short tables: on the H200 it gained 0.12 ms a token at 8K (tables of 8K keys) and
-  // lost 0.1 ms at 32K and 0.35 ms at 128K (docs/gpu.md, seventeenth increment), so it is kept to
-  // tables of at most kEarlyQkvAttentionMaxKeys. DYSCO_CUDA_ATTENTION_PDL=0 (or DYSCO_CUDA_PDL=0)
-  // launches it plainly always, =1 early always (A/B timing; the same bits either way).
+  // (AttentionParams::early_keys) when that kernel is qk_norm_rope_kv_write. When it makes its
+  // rows from the qkv GEMV's output it is launched plainly: started early behind the GEMV it lost
+  // 0.1 ms a token at 32K and 0.35 ms at 128K (seventeenth increment), and since the swapped
+  // operands (twentieth) it loses at 8K too, 0.06-0.10 ms a token in alternated runs (docs/gpu.md
+  // "The fused attention launched plainly"). DYSCO_CUDA_ATTENTION_PDL=0 (or DYSCO_CUDA_PDL=0)
+  // launches every decode call plainly, =1 starts the fused one early too (A/B timing; the same
+  // bits either way).
   const bool early_forced = cuda::EnvIs("DYSCO_CUDA_ATTENTION_PDL", "1");
   p.early_keys = use_mma && query_start_loc == nullptr &&
                  cuda::EarlyStartLevel() != cuda::EarlyStart::kNone &&
-                 !cuda::EnvIs("DYSCO_CUDA_ATTENTION_PDL", "0") &&
-                 (!in_kernel || early_forced || max_keys <= kEarlyQkvAttentionMaxKeys);
+                 !cuda::EnvIs("DYSCO_CUDA_ATTENTION_PDL", "0") && (!in_kernel || early_forced);
   p.early_tile = p.early_keys && !cuda::EnvIs("DYSCO_CUDA_ATTENTION_EARLY_TILE", "0");
   if (probes != nullptr) {
     // In the same pass where the tensor-core kernel merges its own splits (its merge has each row's

@@ -18,12 +18,14 @@
 // chunk is never attended twice. cuDNN's causal mask is aligned top-left, so a chunk of q new
 // tokens after P cached keys runs as two calls: the q x q square of its own keys with the causal
 // mask, and the P earlier keys without one; a kernel merges the two halves by their log-sum-exps.
-// That path reads the offsets on the host (one synchronisation per layer of a prefill step, which
-// lasts milliseconds; it is never taken while a CUDA graph is being captured) and pads each chunk
-// to a multiple of kCudnnTokenBucket tokens (zero queries and zero keys after the real ones; under
-// the top-left causal mask no real query sees a padded key), so that cuDNN builds one execution
-// plan per bucket and prefix length (~50 ms each, cached by ATen) rather than one per prompt
-// length.
+// That path plans on the host from the offsets: from the host lengths the model runner publishes
+// for its forward (kernels/host_lengths.h), else read back from the device (one synchronisation
+// per layer of a prefill step, with the GPU idle while the host then prepares the cuDNN calls:
+// ~0.28 ms a layer on the H200; it is never taken while a CUDA graph is being captured), and pads
+// each chunk to a multiple of kCudnnTokenBucket tokens (zero queries and zero keys after the real
+// ones; under the top-left causal mask no real query sees a padded key), so that cuDNN builds one
+// execution plan per bucket and prefix length (~50 ms each, cached by ATen) rather than one per
+// prompt length.
 //
 // No host synchronisation on the flash path: the packed offsets (cu_seqlens) are computed on the
 // device from query_start_loc and seq_lens; the gather buffers are sized for the upper bound known
@@ -55,6 +57,7 @@
 #include "kernels/cuda/cuda_common.cuh"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/paged_prefill_flash.h"
+#include "kernels/host_lengths.h"
 
 namespace dysco::kernels {
 namespace {
@@ -77,6 +80,8 @@ constexpr int64_t kCudnnTokenBucket = 1024;
 std::atomic<bool> g_cudnn_failed{false};
 // Sequences prefilled through cuDNN, for tests (paged_attention_prefill_cuda_cudnn_sequences).
 std::atomic<int64_t> g_cudnn_sequences{0};
+// Calls of the cuDNN path that read the offsets back from the device (no published host lengths).
+std::atomic<int64_t> g_offset_read_backs{0};
 
 // The environment variable DYSCO_CUDA_PREFILL = "flash2" keeps every chunk on flash attention
 // (A/B timing in one process: read per call, as DYSCO_CUDA_PDL).
@@ -102,6 +107,28 @@ __global__ void PackedOffsetsKernel(int32_t* cu_q, int32_t* cu_k, const int64_t*
       cu_k[b + 1] = static_cast<int32_t>(k);
     }
   }
+}
+
+// PackedOffsetsKernel's cu_q and cu_k ([2, B + 1] int32, the same clamps), on the host from the
+// published host lengths.
+std::vector<int32_t> HostPackedOffsets(const HostLengths& lengths, int64_t tokens,
+                                       int64_t max_keys) {
+  const int64_t batch = lengths.batch;
+  std::vector<int32_t> offsets(static_cast<size_t>(2 * (batch + 1)));
+  int32_t* cu_q = offsets.data();
+  int32_t* cu_k = cu_q + batch + 1;
+  int64_t q = 0;
+  int64_t k = 0;
+  cu_k[0] = 0;
+  for (int64_t b = 0; b <= batch; ++b) {
+    q = std::min(std::max(lengths.query_start_loc[b], q), tokens);
+    cu_q[b] = static_cast<int32_t>(q);
+    if (b < batch) {
+      k += std::min(std::max<int64_t>(lengths.seq_lens[b], 0), max_keys);
+      cu_k[b + 1] = static_cast<int32_t>(k);
+    }
+  }
+  return offsets;
 }
 
 // Key j of sequence b (j < its length cu_k[b + 1] - cu_k[b]) from its page into row cu_k[b] + j of
@@ -347,13 +374,19 @@ using FlashCall = std::function<void(const c10::optional<at::Tensor>& seqused_k)
 // that bring at least kCudnnMinTokens (and no more than their keys) through cuDNN, the others
 // through `flash` with the cuDNN sequences' keys cut to none; false (out unspecified) when no
 // sequence qualifies or a cuDNN call threw. k / v: the packed keys, offsets: int32 [2, B + 1]
-// (cu_q, cu_k) on the device. Synchronises with the host.
+// (cu_q, cu_k) on the device; host_offsets: the same values on the host when the caller published
+// its lengths (HostPackedOffsets), else empty, and the device's are read back (a synchronisation).
 bool CudnnPrefill(const at::Tensor& out, const at::Tensor& query, const at::Tensor& k,
-                  const at::Tensor& v, const at::Tensor& offsets, double scale,
-                  const FlashCall& flash) {
-  const at::Tensor host = offsets.to(at::kCPU);
+                  const at::Tensor& v, const at::Tensor& offsets,
+                  const std::vector<int32_t>& host_offsets, double scale, const FlashCall& flash) {
   const int64_t batch = offsets.size(1) - 1;
-  const int32_t* cu_q = host.data_ptr<int32_t>();
+  at::Tensor read_back;
+  const int32_t* cu_q = host_offsets.data();
+  if (host_offsets.empty()) {
+    read_back = offsets.to(at::kCPU);
+    cu_q = read_back.data_ptr<int32_t>();
+    g_offset_read_backs.fetch_add(1, std::memory_order_relaxed);
+  }
   const int32_t* cu_k = cu_q + batch + 1;
   std::vector<int32_t> flash_keys(static_cast<size_t>(batch));
   bool any_long = false;
@@ -481,15 +514,24 @@ void FlashPrefill(const at::Tensor& out, const at::Tensor& query, const at::Tens
     out.copy_(std::get<0>(result));
   };
   if (tokens >= kCudnnMinTokens && CudnnWanted() && out.stride(2) == 1 &&
-      at::cuda::currentStreamCaptureStatusMayInitCtx() == at::cuda::CaptureStatus::None &&
-      CudnnPrefill(out, query, k, v, offsets, scale, flash)) {
-    return;
+      at::cuda::currentStreamCaptureStatusMayInitCtx() == at::cuda::CaptureStatus::None) {
+    const HostLengths* lengths = PublishedHostLengths(query_start_loc, seq_lens);
+    const std::vector<int32_t> host_offsets =
+        lengths != nullptr && lengths->batch == batch &&
+                !cuda::EnvIs("DYSCO_CUDA_PREFILL_HOST_LENGTHS", "0")
+            ? HostPackedOffsets(*lengths, tokens, max_keys)
+            : std::vector<int32_t>();
+    if (CudnnPrefill(out, query, k, v, offsets, host_offsets, scale, flash)) return;
   }
   flash(c10::nullopt);
 }
 
 int64_t paged_attention_prefill_cuda_cudnn_sequences() {
   return g_cudnn_sequences.load(std::memory_order_relaxed);
+}
+
+int64_t paged_attention_prefill_cuda_offset_read_backs() {
+  return g_offset_read_backs.load(std::memory_order_relaxed);
 }
 
 bool paged_attention_prefill_cuda_uses_flash(const at::Tensor& query,

@@ -16,11 +16,13 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
 #include "kernels/cpu/attention_kernel.h"
 #include "kernels/cpu/cpu_parallel.h"
+#include "kernels/host_lengths.h"
 #include "kernels/op_calls.h"
 #include "kernels/op_checks.h"
 #include "kernels/ops.h"
@@ -1779,3 +1781,47 @@ TEST(CpuParallel, LinearRowSplitUnderInferenceMode) {
 }
 
 }  // namespace
+
+// A forward's host lengths (kernels/host_lengths.h) are found only for the tensors they were
+// published for (same data, same sizes), only on the publishing thread, only while the scope
+// lives; a nested scope replaces them and restores them when it ends; host vectors of the wrong
+// size publish nothing.
+TEST(HostLengths, FoundOnlyForTheirTensorsThreadAndScope) {
+  using dysco::kernels::HostLengths;
+  using dysco::kernels::PublishedHostLengths;
+  using dysco::kernels::ScopedHostLengths;
+  const std::vector<int64_t> host_qsl = {0, 3, 5};
+  const std::vector<int64_t> host_lens = {10, 2};
+  const at::Tensor qsl = at::tensor(host_qsl, at::kLong);
+  const at::Tensor lens = at::tensor(host_lens, at::kLong);
+  EXPECT_EQ(PublishedHostLengths(qsl, lens), nullptr);
+  {
+    const ScopedHostLengths scope(qsl, lens, host_qsl, host_lens);
+    const HostLengths* found = PublishedHostLengths(qsl, lens);
+    ASSERT_NE(found, nullptr);
+    EXPECT_EQ(found->batch, 2);
+    EXPECT_EQ(found->query_start_loc[2], 5);
+    EXPECT_EQ(found->seq_lens[0], 10);
+    EXPECT_EQ(PublishedHostLengths(qsl.clone(), lens), nullptr);
+    EXPECT_EQ(PublishedHostLengths(qsl, lens.clone()), nullptr);
+    EXPECT_EQ(PublishedHostLengths(qsl.slice(0, 0, 2), lens.slice(0, 0, 1)), nullptr);
+    EXPECT_EQ(PublishedHostLengths(qsl, lens.to(at::kInt)), nullptr);
+    const HostLengths* on_other_thread = found;
+    std::thread([&] { on_other_thread = PublishedHostLengths(qsl, lens); }).join();
+    EXPECT_EQ(on_other_thread, nullptr);
+    {
+      const at::Tensor qsl2 = qsl.clone();
+      const at::Tensor lens2 = lens.clone();
+      const ScopedHostLengths inner(qsl2, lens2, host_qsl, host_lens);
+      EXPECT_NE(PublishedHostLengths(qsl2, lens2), nullptr);
+      EXPECT_EQ(PublishedHostLengths(qsl, lens), nullptr);
+    }
+    EXPECT_EQ(PublishedHostLengths(qsl, lens), found);
+    {
+      const ScopedHostLengths wrong_size(qsl, lens, std::vector<int64_t>{0, 3}, host_lens);
+      EXPECT_EQ(PublishedHostLengths(qsl, lens), found);
+    }
+    EXPECT_EQ(PublishedHostLengths(qsl, lens), found);
+  }
+  EXPECT_EQ(PublishedHostLengths(qsl, lens), nullptr);
+}

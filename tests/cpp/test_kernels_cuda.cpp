@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/host_lengths.h"
 #include "kernels/op_calls.h"
 #include "tests/cpp/scoped_env.h"
 
@@ -578,6 +579,69 @@ TEST(CudaPagedAttentionPrefill, CudnnMergeVectorisedGivesTheSameBits) {
     }
   }
   EXPECT_EQ(dysco::kernels::paged_attention_prefill_cuda_cudnn_sequences() - before, calls);
+}
+
+// The cuDNN path planned from host lengths the caller published (kernels/host_lengths.h, as the
+// model runner does around a forward) gives the bits of the read-back plan and reads nothing back;
+// lengths published for other tensors (a copy of query_start_loc) are not used. Whole prompts,
+// chunks after a prefix and mixed calls (a long chunk beside short ones and a decode row), every
+// output element written (NaN first).
+TEST(CudaPagedAttentionPrefill, CudnnPlansFromPublishedHostLengths) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(27);
+  at::manual_seed(27);
+  auto read_backs = [] { return dysco::kernels::paged_attention_prefill_cuda_offset_read_backs(); };
+  const int64_t cudnn_before = dysco::kernels::paged_attention_prefill_cuda_cudnn_sequences();
+  int64_t long_chunks = 0;
+  for (const Layout& l : {Layout{2, 4, 128, 16}, Layout{1, 8, 64, 7}}) {
+    for (const auto& [lens, q_lens] :
+         std::vector<std::pair<std::vector<int64_t>, std::vector<int64_t>>>{
+             {{1100}, {1100}},
+             {{3001 + 1500}, {1500}},
+             {{5000, 300}, {1500, 1}},
+             {{40, 2000, 3000, 700}, {1, 1024, 1000, 0}}}) {
+      const std::string what =
+          Describe(l, at::kBFloat16, "host lengths, " + std::to_string(lens[0]) + " keys");
+      const PagedBatch batch = MakeBatch(l, lens, at::kBFloat16, rng);
+      std::vector<int64_t> starts = {0};
+      for (int64_t q : q_lens) starts.push_back(starts.back() + q);
+      const int64_t hq = l.kv_heads * l.group;
+      const at::Tensor query = Cuda(at::randn({starts.back(), hq, l.head_dim}).to(at::kBFloat16));
+      const at::Tensor kv = Cuda(batch.kv);
+      const at::Tensor tables = Cuda(batch.block_tables);
+      const at::Tensor seq_lens = Cuda(batch.seq_lens);
+      const at::Tensor qsl = Cuda(at::tensor(starts, at::kLong));
+      const std::vector<int64_t>& host_lens = lens;  // batch.seq_lens on the host
+      const double scale = 1.0 / std::sqrt(static_cast<double>(l.head_dim));
+      auto run = [&] {
+        at::Tensor out = Cuda(at::full({starts.back(), hq, l.head_dim}, kNaN).to(at::kBFloat16));
+        ops::paged_attention_prefill(out, query, kv, tables, seq_lens, qsl, scale, c10::nullopt);
+        return out;
+      };
+      int64_t before = read_backs();
+      const at::Tensor read_back_out = run();
+      EXPECT_EQ(read_backs() - before, 1) << what;
+      at::Tensor published_out;
+      before = read_backs();
+      {
+        const dysco::kernels::ScopedHostLengths published(qsl, seq_lens, starts, host_lens);
+        published_out = run();
+      }
+      EXPECT_EQ(read_backs(), before) << what << ": read back despite the published lengths";
+      ASSERT_FALSE(at::isnan(published_out.to(at::kFloat)).any().item<bool>()) << what;
+      EXPECT_TRUE(at::equal(published_out, read_back_out)) << what;
+      before = read_backs();
+      {
+        const at::Tensor other_qsl = qsl.clone();
+        const dysco::kernels::ScopedHostLengths other(other_qsl, seq_lens, starts, host_lens);
+        EXPECT_TRUE(at::equal(run(), read_back_out)) << what << ", lengths of other tensors";
+      }
+      EXPECT_EQ(read_backs() - before, 1) << what << ": lengths of other tensors used";
+      for (size_t b = 0; b < lens.size(); ++b) long_chunks += 3 * (q_lens[b] >= 1024);
+    }
+  }
+  EXPECT_EQ(dysco::kernels::paged_attention_prefill_cuda_cudnn_sequences() - cudnn_before,
+            long_chunks);
 }
 
 // The flash path synchronises with the host nowhere (offsets computed on the device, buffers
@@ -1155,6 +1219,48 @@ TEST(CudaQkNormRopeKvWrite, EqualsCpu) {
   }
 }
 
+// qk_norm_rope_kv_write with each lane's loads first (DYSCO_CUDA_QK_WRITE=registers, head sizes 64,
+// 128 and 256; others keep the default kernel) gives the default kernel's bits: query (NaN first)
+// and cache, with and without the q/k norms, prefill-sized calls with skipped slots.
+TEST(CudaQkNormRopeKvWrite, LoadsFirstGiveTheSameBits) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(38);
+  for (const auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    for (const auto& [t, h, hkv, d] :
+         {std::tuple<int64_t, int64_t, int64_t, int64_t>{2049, 32, 8, 128},
+          {300, 16, 2, 64},
+          {77, 8, 8, 256},
+          {1, 32, 8, 128},
+          {5, 3, 3, 36}}) {
+      for (const bool norms : {false, true}) {
+        const auto opt = at::TensorOptions().dtype(dtype).device(at::kCUDA);
+        const at::Tensor qkv = at::randn({t, (h + 2 * hkv) * d}, opt) * 3;
+        const at::Tensor angle = at::rand({t, d}, opt.dtype(at::kFloat)) * 6.3;
+        const at::Tensor cos = angle.cos().to(dtype), sin = angle.sin().to(dtype);
+        const at::Tensor q_w = at::rand({d}, opt) + 0.5, k_w = at::rand({d}, opt) + 0.5;
+        const int64_t pages = t / 16 + 2;
+        const at::Tensor kv0 = at::randn({2, pages, 16, hkv, d}, opt);
+        const at::Tensor slots = Cuda(at::randperm(pages * 16, at::kLong).slice(0, 0, t).clone());
+        slots.slice(0, 1, t, 3).fill_(-1);
+        at::Tensor query[2], kv[2];
+        for (int registers = 0; registers < 2; ++registers) {
+          const ScopedEnv knob("DYSCO_CUDA_QK_WRITE", registers ? "registers" : nullptr);
+          query[registers] = at::full({t, h, d}, kNaN, opt);
+          kv[registers] = kv0.clone();
+          ops::qk_norm_rope_kv_write(query[registers], kv[registers], qkv, cos, sin, slots,
+                                     norms ? Bias(q_w) : Bias(), norms ? Bias(k_w) : Bias(), 1e-6);
+        }
+        const std::string what = std::string(c10::toString(dtype)) + " t=" + std::to_string(t) +
+                                 " h=" + std::to_string(h) + " hkv=" + std::to_string(hkv) +
+                                 " d=" + std::to_string(d) + (norms ? " norms" : "");
+        ASSERT_FALSE(at::isnan(query[1].to(at::kFloat)).any().item<bool>()) << what;
+        EXPECT_TRUE(at::equal(query[1], query[0])) << "query " << what;
+        EXPECT_TRUE(at::equal(kv[1], kv[0])) << "cache " << what;
+      }
+    }
+  }
+}
+
 // Decode rows of the given lengths on the GPU, each on its own pages (a permutation of a pool of
 // rows x max_pages pages), with the slot of each row's newest key (at lens[r] - 1).
 struct DecodeRows {
@@ -1346,6 +1452,9 @@ TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
               c10::cuda::device_synchronize();
             } else {
               const ScopedEnv pdl("DYSCO_CUDA_PDL", m == "plain" ? "0" : nullptr);
+              // The fused kernel starts early only when asked (paged_attention.cu).
+              const ScopedEnv early("DYSCO_CUDA_ATTENTION_PDL",
+                                    m.rfind("early", 0) == 0 ? "1" : nullptr);
               const ScopedEnv two("DYSCO_CUDA_QKV_ATTENTION", m == "two kernels" ? "0" : nullptr);
               const ScopedEnv no_tile("DYSCO_CUDA_ATTENTION_EARLY_TILE",
                                       m == "early, no tile" ? "0" : nullptr);
@@ -2403,8 +2512,8 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
        nullptr, nullptr, "1"},
       {"GEMVs start early, norms in the GEMVs, o_proj to down_proj as one persistent kernel",
        nullptr, nullptr, nullptr, nullptr, "persistent"},
-      {"GEMVs start early, norms in the GEMVs, the attention launched plainly", nullptr, nullptr,
-       nullptr, nullptr, nullptr, "0"},
+      {"GEMVs start early, norms in the GEMVs, the attention started early", nullptr, nullptr,
+       nullptr, nullptr, nullptr, "1"},
       {"GEMVs start early, norms in the GEMVs, o_proj and down_proj through rings", nullptr,
        nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, "1"},
       {"GEMVs start early, norms in the GEMVs, q/k norms, rope and KV write in their own kernel",
@@ -2520,6 +2629,45 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
         "floor %.4f ms)\n",
         static_cast<long long>(layers), label, ms, ms / weight_floor_ms, weight_floor_ms);
   }
+}
+
+// qk_norm_rope_kv_write of one 8192-token prefill chunk (Qwen3-8B heads with their norms, bf16),
+// the default kernel against each lane's loads first (DYSCO_CUDA_QK_WRITE=registers), each against
+// its bytes (qkv read, query and K/V written, cos/sin read) over the copy bandwidth: in a 128K
+// prompt's last chunk the default took 0.23 ms a layer, ~4.7x those bytes (docs/performance.md).
+TEST(CudaTiming, QkNormRopeKvWriteOfAPrefillChunk) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(39);
+  const int64_t t = 8192, h = 32, hkv = 8, d = 128;
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  const at::Tensor qkv = at::randn({t, (h + 2 * hkv) * d}, bf16);
+  const at::Tensor angle = at::rand({t, d}, bf16.dtype(at::kFloat)) * 6.3;
+  const at::Tensor cos = angle.cos().to(at::kBFloat16), sin = angle.sin().to(at::kBFloat16);
+  const at::Tensor q_w = at::rand({d}, bf16) + 0.5, k_w = at::rand({d}, bf16) + 0.5;
+  const int64_t pages = t / 16 + 1;
+  at::Tensor kv = at::zeros({2, pages, 16, hkv, d}, bf16);
+  const at::Tensor slots = Cuda(at::randperm(pages * 16, at::kLong).slice(0, 0, t).clone());
+  at::Tensor query = at::empty({t, h, d}, bf16);
+  const double bytes = 2.0 * static_cast<double>(t * (h + 2 * hkv) * d          // qkv
+                                                 + t * h * d + 2 * t * hkv * d  // query, K/V
+                                                 + 2 * t * d);                  // cos, sin
+  const double floor_ms = bytes / CopyBandwidth() * 1e3;  // bytes read and written
+  double ms[2];
+  for (int registers = 0; registers < 2; ++registers) {
+    const ScopedEnv knob("DYSCO_CUDA_QK_WRITE", registers ? "registers" : nullptr);
+    ms[registers] = MillisecondsPerCall(
+        [&] {
+          ops::qk_norm_rope_kv_write(query, kv, qkv, cos, sin, slots, Bias(q_w), Bias(k_w), 1e-6);
+        },
+        20);
+  }
+  std::printf(
+      "[timing] qk_norm_rope_kv_write of an 8192-token chunk (Qwen3-8B heads, norms, bf16): "
+      "default %.4f ms (%.2fx floor %.4f ms), loads first (DYSCO_CUDA_QK_WRITE=registers) %.4f "
+      "ms (%.2fx)\n",
+      ms[0], ms[0] / floor_ms, floor_ms, ms[1], ms[1] / floor_ms);
+  EXPECT_GT(ms[0], 0.0);
+  EXPECT_GT(ms[1], 0.0);
 }
 
 // One layer of a 128K-token prefill of the Qwen3-8B shape (Hq 32, Hkv 8, D 128, bf16, page size

@@ -575,7 +575,8 @@ TEST_F(ModelCudaTest, GraphReplayEqualsEagerInBf16) {
 // 0.002 of the CPU at this head size, test_kernels_cuda). So this is an integration check with a
 // bound relative to that noise: within 3x FlashAttention-2's distance from the CPU, or 10% of the
 // largest logit. A wrong mask, a visible padded key or a wrong merge weight changes the attention
-// of every token of the chunk and moves the logits by their own size.
+// of every token of the chunk and moves the logits by their own size. The cuDNN path plans from
+// the host lengths the runner publishes: no layer reads the offsets back.
 TEST_F(ModelCudaTest, LongBf16PrefillThroughCudnnMatchesFlashAttention) {
   const char* dir = std::getenv("DYSCO_TINY_BF16_MODEL_DIR");
   if (dir == nullptr || *dir == '\0') {
@@ -602,6 +603,8 @@ TEST_F(ModelCudaTest, LongBf16PrefillThroughCudnnMatchesFlashAttention) {
     auto pages = (*pool)->Allocate(len / 16 + 1);
     ASSERT_TRUE(pages.ok()) << pages.status().ToString();
     const int64_t before = dysco::kernels::paged_attention_prefill_cuda_cudnn_sequences();
+    const int64_t read_backs_before =
+        dysco::kernels::paged_attention_prefill_cuda_offset_read_backs();
     ForwardOutput out;
     for (int64_t start = 0; start < len; start += chunk) {
       const int64_t n = std::min(chunk, len - start);
@@ -617,6 +620,9 @@ TEST_F(ModelCudaTest, LongBf16PrefillThroughCudnnMatchesFlashAttention) {
     }
     const int64_t cudnn = dysco::kernels::paged_attention_prefill_cuda_cudnn_sequences() - before;
     EXPECT_EQ(cudnn, pass == 0 ? 2 * (*runner)->config().num_layers : 0) << "pass " << pass;
+    // The runner publishes its host lengths (kernels/host_lengths.h): no layer reads them back.
+    EXPECT_EQ(dysco::kernels::paged_attention_prefill_cuda_offset_read_backs(), read_backs_before)
+        << "pass " << pass;
     logits[pass] = out.logits;
   }
   MaxError cudnn_cpu;
