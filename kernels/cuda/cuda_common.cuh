@@ -146,7 +146,7 @@ __device__ T BlockReduce(T v, T* shared, Op op) {
 }
 
 // Clamps x into [lo, hi] (see the header comment: values are clamped, not checked).
-__device__ __forceinline__ int64_t Clamp(int64_t x, int64_t lo, int64_t hi) {
+__host__ __device__ __forceinline__ int64_t Clamp(int64_t x, int64_t lo, int64_t hi) {
   return x < lo ? lo : (x > hi ? hi : x);
 }
 

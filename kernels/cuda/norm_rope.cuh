@@ -23,6 +23,12 @@ __device__ __forceinline__ T NormedElement(T x, T w, float inv) {
   return C::FromFloat(C::ToFloat(w) * normalised);
 }
 
+// rsqrt(mean(x^2) + eps) of a row of d elements from each lane's sum of its squares (the warp's
+// shuffle sum, then the mean): the last step of WarpInvRms and WarpNormRopeHeadInRegisters.
+__device__ __forceinline__ float InvRmsOfLaneSums(float lane_sum, int64_t d, float eps) {
+  return rsqrtf(cuda::WarpSum(lane_sum) / static_cast<float>(d) + eps);
+}
+
 // rsqrt(mean(x^2) + eps) of the row x[0, d), summed by one warp: lane-strided squares in fp32, then
 // the shuffle sum (the per-row warp kernels share it, so that they normalise alike).
 template <typename T>
@@ -33,9 +39,18 @@ __device__ __forceinline__ float WarpInvRms(const T* x, int64_t d, int lane, flo
     const float v = C::ToFloat(x[j]);
     sum += v * v;
   }
-  return rsqrtf(cuda::WarpSum(sum) / static_cast<float>(d) + eps);
+  return InvRmsOfLaneSums(sum, d, eps);
 }
 
+// One output of the rope, a c + b s: each product rounded to the dtype on its own, then the sum
+// (RotatePair's two outputs, below, and WarpNormRopeHeadInRegisters'). c and s by reference: the
+// loads stay where the callers' expressions put them (RotatePair's SASS unchanged).
+template <typename T>
+__device__ __forceinline__ T RopeElement(float a, const T& c, float b, const T& s) {
+  using C = cuda::Convert<T>;
+  auto product = [](float x, float y) { return C::ToFloat(C::FromFloat(__fmul_rn(x, y))); };
+  return C::FromFloat(__fadd_rn(product(a, C::ToFloat(c)), product(b, C::ToFloat(s))));
+}
 // The rope of the pair (lo, hi) = (x[j], x[j + half]) into y[j] and y[j + half], with c and s the
 // token's cos and sin rows: each product rounded on its own (__fmul_rn: no fused multiply-add,
 // also in fp32), then the sum, as ATen's separate kernels do, so that the CPU op equals that chain
@@ -43,11 +58,8 @@ __device__ __forceinline__ float WarpInvRms(const T* x, int64_t d, int lane, flo
 template <typename T>
 __device__ __forceinline__ void RotatePair(float lo, float hi, const T* c, const T* s, int64_t j,
                                            int64_t half, T* y) {
-  using C = cuda::Convert<T>;
-  auto product = [](float a, float b) { return C::ToFloat(C::FromFloat(__fmul_rn(a, b))); };
-  y[j] = C::FromFloat(__fadd_rn(product(lo, C::ToFloat(c[j])), product(-hi, C::ToFloat(s[j]))));
-  y[j + half] = C::FromFloat(
-      __fadd_rn(product(hi, C::ToFloat(c[j + half])), product(lo, C::ToFloat(s[j + half]))));
+  y[j] = RopeElement(lo, c[j], -hi, s[j]);
+  y[j + half] = RopeElement(hi, c[j + half], lo, s[j + half]);
 }
 
 // One head of qk_norm_rope_kv_write, by one warp: x[0, d) normed per head with w (when given:
@@ -75,8 +87,8 @@ __device__ __forceinline__ void WarpNormRopeHead(const T* x, const T* w, const T
 // that a lane has 4 kM independent loads in flight instead of a chain of dependent ones (a prefill
 // chunk runs ~300K such warps: qk_norm_rope_kv_write's DYSCO_CUDA_QK_WRITE=registers). Element
 // lane + 32 k pairs with lane + 32 (k + kM / 2), in the same lane. The arithmetic is
-// WarpNormRopeHead's, in its order: the squares summed over k ascending (WarpInvRms's loop), the
-// same WarpSum, NormedElement, and RotatePair's products and sums; so the same bits.
+// WarpNormRopeHead's, in its order: the squares summed over k ascending (WarpInvRms's loop), then
+// the same helpers (InvRmsOfLaneSums, NormedElement, RopeElement); so the same bits.
 template <typename T, int kM>
 __device__ __forceinline__ void WarpNormRopeHeadInRegisters(const T* x, const T* w,
                                                             const T* cos_row, const T* sin_row,
@@ -102,22 +114,20 @@ __device__ __forceinline__ void WarpNormRopeHeadInRegisters(const T* x, const T*
       const float v = C::ToFloat(xv[k]);
       sum += v * v;
     }
-    inv = rsqrtf(cuda::WarpSum(sum) / static_cast<float>(kD) + eps);
+    inv = InvRmsOfLaneSums(sum, kD, eps);
   }
   float in[kM];
 #pragma unroll
   for (int k = 0; k < kM; ++k) {
     in[k] = C::ToFloat(w == nullptr ? xv[k] : NormedElement(xv[k], wv[k], inv));
   }
-  auto product = [](float a, float b) { return C::ToFloat(C::FromFloat(__fmul_rn(a, b))); };
 #pragma unroll
   for (int k = 0; k < kM / 2; ++k) {
     const int j = lane + k * cuda::kWarpSize;
     const float lo = in[k];
     const float hi = in[k + kM / 2];
-    y[j] = C::FromFloat(__fadd_rn(product(lo, C::ToFloat(cv[k])), product(-hi, C::ToFloat(sv[k]))));
-    y[j + kHalf] = C::FromFloat(__fadd_rn(product(hi, C::ToFloat(cv[k + kM / 2])),
-                                          product(lo, C::ToFloat(sv[k + kM / 2]))));
+    y[j] = RopeElement(lo, cv[k], -hi, sv[k]);
+    y[j + kHalf] = RopeElement(hi, cv[k + kM / 2], lo, sv[k + kM / 2]);
   }
 }
 

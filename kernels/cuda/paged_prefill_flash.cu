@@ -91,11 +91,11 @@ bool CudnnWanted() {
 }
 
 // cu_q int32 [B + 1] <- query_start_loc clamped into [0, T] and made non-decreasing; cu_k int32
-// [B + 1] <- the running sum of seq_lens clamped into [0, max_keys]. One thread: B is a batch size.
-__global__ void PackedOffsetsKernel(int32_t* cu_q, int32_t* cu_k, const int64_t* query_start_loc,
-                                    const int64_t* seq_lens, int64_t batch, int64_t tokens,
-                                    int64_t max_keys) {
-  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+// [B + 1] <- the running sum of seq_lens clamped into [0, max_keys]. On the device (one thread: B
+// is a batch size) or on the host from published host lengths (HostPackedOffsets).
+__host__ __device__ void PackOffsets(int32_t* cu_q, int32_t* cu_k, const int64_t* query_start_loc,
+                                     const int64_t* seq_lens, int64_t batch, int64_t tokens,
+                                     int64_t max_keys) {
   int64_t q = 0;
   int64_t k = 0;
   cu_k[0] = 0;
@@ -109,25 +109,20 @@ __global__ void PackedOffsetsKernel(int32_t* cu_q, int32_t* cu_k, const int64_t*
   }
 }
 
-// PackedOffsetsKernel's cu_q and cu_k ([2, B + 1] int32, the same clamps), on the host from the
-// published host lengths.
+__global__ void PackedOffsetsKernel(int32_t* cu_q, int32_t* cu_k, const int64_t* query_start_loc,
+                                    const int64_t* seq_lens, int64_t batch, int64_t tokens,
+                                    int64_t max_keys) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  PackOffsets(cu_q, cu_k, query_start_loc, seq_lens, batch, tokens, max_keys);
+}
+
+// PackedOffsetsKernel's cu_q and cu_k ([2, B + 1] int32), on the host from the published host
+// lengths.
 std::vector<int32_t> HostPackedOffsets(const HostLengths& lengths, int64_t tokens,
                                        int64_t max_keys) {
-  const int64_t batch = lengths.batch;
-  std::vector<int32_t> offsets(static_cast<size_t>(2 * (batch + 1)));
-  int32_t* cu_q = offsets.data();
-  int32_t* cu_k = cu_q + batch + 1;
-  int64_t q = 0;
-  int64_t k = 0;
-  cu_k[0] = 0;
-  for (int64_t b = 0; b <= batch; ++b) {
-    q = std::min(std::max(lengths.query_start_loc[b], q), tokens);
-    cu_q[b] = static_cast<int32_t>(q);
-    if (b < batch) {
-      k += std::min(std::max<int64_t>(lengths.seq_lens[b], 0), max_keys);
-      cu_k[b + 1] = static_cast<int32_t>(k);
-    }
-  }
+  std::vector<int32_t> offsets(static_cast<size_t>(2 * (lengths.batch + 1)));
+  PackOffsets(offsets.data(), offsets.data() + lengths.batch + 1, lengths.query_start_loc,
+              lengths.seq_lens, lengths.batch, tokens, max_keys);
   return offsets;
 }
 
@@ -516,9 +511,9 @@ void FlashPrefill(const at::Tensor& out, const at::Tensor& query, const at::Tens
   if (tokens >= kCudnnMinTokens && CudnnWanted() && out.stride(2) == 1 &&
       at::cuda::currentStreamCaptureStatusMayInitCtx() == at::cuda::CaptureStatus::None) {
     const HostLengths* lengths = PublishedHostLengths(query_start_loc, seq_lens);
+    // (PublishedHostLengths matched seq_lens' size, which the op's checks tie to batch.)
     const std::vector<int32_t> host_offsets =
-        lengths != nullptr && lengths->batch == batch &&
-                !cuda::EnvIs("DYSCO_CUDA_PREFILL_HOST_LENGTHS", "0")
+        lengths != nullptr && !cuda::EnvIs("DYSCO_CUDA_PREFILL_HOST_LENGTHS", "0")
             ? HostPackedOffsets(*lengths, tokens, max_keys)
             : std::vector<int32_t>();
     if (CudnnPrefill(out, query, k, v, offsets, host_offsets, scale, flash)) return;
