@@ -162,7 +162,7 @@ __device__ __forceinline__ uint64_t SortKey(float value, int64_t position) {
   return (static_cast<uint64_t>(~ascending) << 32) | static_cast<uint64_t>(position);
 }
 
-inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- Programmatic dependent launch (sm_90; docs/gpu.md "Linear layers"). A kernel launched with
 // LaunchOnStream(early = true) may start before the kernel ahead of it on the stream has finished,

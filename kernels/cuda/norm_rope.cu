@@ -95,7 +95,7 @@ constexpr int kQkvThreads = 128;  // four (token, head) warps per block
 // the V row. A negative slot (or one past the cache, which the CPU op rejects) writes no K/V.
 // Grid: ceil(T * (H + Hkv) / 4) blocks of kQkvThreads. kM > 0 (D = 32 kM): the head through
 // WarpNormRopeHeadInRegisters, its loads first, and a key head's value row loaded before the norm
-// (DYSCO_CUDA_QK_WRITE=registers; the same bits).
+// (the default; DYSCO_CUDA_QK_WRITE=chain takes kM = 0: the same bits).
 template <typename T, int kM>
 __global__ void __launch_bounds__(kQkvThreads)
     QkNormRopeKvWriteKernel(T* query, T* k_cache, T* v_cache, const T* qkv, const T* cos,
@@ -421,9 +421,11 @@ void qk_norm_rope_kv_write_cuda(const at::Tensor& query, const at::Tensor& kv_ca
     // GEMV ahead of it finishes, and waits for it first thing.
     const bool early =
         cuda::EnvIs("DYSCO_CUDA_QK_PDL", "1") && cuda::EarlyStartLevel() != cuda::EarlyStart::kNone;
-    // DYSCO_CUDA_QK_WRITE=registers (opt-in until measured: docs/gpu.md "What remains of issue
-    // 9", item 3): each lane's loads first, for head sizes of 64, 128 and 256.
-    const bool registers = cuda::EnvIs("DYSCO_CUDA_QK_WRITE", "registers");
+    // Each lane's loads first, for head sizes of 64, 128 and 256: the same bits in half the time
+    // of a warp's chain of 2-byte loads (0.10 against 0.20 ms a layer of an 8192-token chunk,
+    // docs/gpu.md "Loads first in qk_norm_rope_kv_write"); DYSCO_CUDA_QK_WRITE=chain (A/B) and
+    // other head sizes take the chain.
+    const bool registers = !cuda::EnvIs("DYSCO_CUDA_QK_WRITE", "chain");
     const int64_t d = cache.head_dim;
     auto* kernel = !registers ? QkNormRopeKvWriteKernel<scalar_t, 0>
                    : d == 64  ? QkNormRopeKvWriteKernel<scalar_t, 2>

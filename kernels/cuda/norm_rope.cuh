@@ -85,7 +85,7 @@ __device__ __forceinline__ void WarpNormRopeHead(const T* x, const T* w, const T
 // WarpNormRopeHead for D = 32 kM (kM even: 2, 4, 8), with everything a lane reads loaded into
 // registers first: its elements lane + 32 k of x, w and the token's cos and sin rows (k < kM), so
 // that a lane has 4 kM independent loads in flight instead of a chain of dependent ones (a prefill
-// chunk runs ~300K such warps: qk_norm_rope_kv_write's DYSCO_CUDA_QK_WRITE=registers). Element
+// chunk runs ~300K such warps: qk_norm_rope_kv_write's default). Element
 // lane + 32 k pairs with lane + 32 (k + kM / 2), in the same lane. The arithmetic is
 // WarpNormRopeHead's, in its order: the squares summed over k ascending (WarpInvRms's loop), then
 // the same helpers (InvRmsOfLaneSums, NormedElement, RopeElement); so the same bits.

@@ -103,8 +103,9 @@ __global__ void __launch_bounds__(kAttentionThreads)
   int64_t b = 0;
   int64_t limit = 0;
   TokenSequence(p, token, &b, &limit);
-  const int64_t key_begin = min(limit, split * p.split_len);
-  const int64_t key_end = min(limit, key_begin + p.split_len);
+  int64_t key_begin = 0;
+  int64_t key_end = 0;
+  SplitKeys(p, limit, split, &key_begin, &key_end);
 
   // The block's query rows, scaled, in shared memory: every lane reads all of head_dim for QK^T.
   __shared__ float s_q[kRows][kMaxHeadDim];
@@ -386,7 +387,8 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   // a whole number of full waves of resident blocks (SplitWaves(), default one: every block then
   // starts at once and the splits are equal, so no wave runs part-empty); the scalar kernel about
   // kBlocksPerMultiprocessor blocks per multiprocessor. No split shorter than kMinKeysPerSplit, a
-  // bounded workspace.
+  // bounded workspace. The count comes from the table's width; each row's kernel blocks then share
+  // that row's own keys among the splits on the device (SplitKeys).
   const int64_t max_keys = std::max<int64_t>(1, p.max_pages * p.page_size);
   const int64_t blocks = tokens * cache.num_kv_heads * p.row_chunks;
   int64_t splits =
@@ -401,6 +403,9 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
   // so that it reads a pair of bias entries with one 8-byte load.
   p.split_len = cuda::CeilDiv(cuda::CeilDiv(max_keys, splits), 16) * 16;
   p.num_splits = static_cast<int>(cuda::CeilDiv(max_keys, p.split_len));
+  // Each row's splits from its own length (SplitKeys); DYSCO_CUDA_SPLIT_FROM_WIDTH=1 cuts them from
+  // the table's width as before (A/B timing; read per call).
+  p.min_split_len = cuda::EnvIs("DYSCO_CUDA_SPLIT_FROM_WIDTH", "1") ? 0 : MinKeysPerSplit();
 
   at::Tensor partial = at::empty({tokens, num_heads, p.num_splits, cache.head_dim + 2},
                                  query.options().dtype(at::kFloat));

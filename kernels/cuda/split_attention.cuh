@@ -40,6 +40,9 @@ struct AttentionParams {
   int64_t num_pages;
   int64_t bias_width;
   int64_t split_len;
+  // > 0: each token's splits are cut from its own key count instead (SplitKeys), none shorter than
+  // this many keys nor longer than split_len; 0: every split is split_len keys (the table width's).
+  int64_t min_split_len;
   int num_splits;
   int num_heads;
   int group;
@@ -136,6 +139,25 @@ __device__ void TokenSequence(const AttentionParams<T>& p, int64_t token, int64_
   if (p.bias != nullptr) len = min(len, p.bias_width);
   *seq = b;
   *limit = cuda::Clamp(len - q_len + index + 1, 0, len);
+}
+
+// The keys [*begin, *end) that split `split` of a token seeing `limit` keys takes. With
+// p.min_split_len, the token's num_splits splits share its own keys (a multiple of 16 each, at
+// least min_split_len, at most split_len): the launcher sizes split_len from the block table's
+// width, which a CUDA graph pads to a power of two, so that cut from the width a row of 8200 keys
+// in a 16384-key bucket had 25 of 49 splits (200 blocks for 396 places at 8 KV heads on the H200)
+// and 131088 keys in a 256K bucket the same half grid (docs/gpu.md "Splits from the row's own
+// length"). A row as wide as the table gets split_len (the same splits, the same bits).
+template <typename T>
+__device__ __forceinline__ void SplitKeys(const AttentionParams<T>& p, int64_t limit, int split,
+                                          int64_t* begin, int64_t* end) {
+  int64_t len = p.split_len;
+  if (p.min_split_len > 0) {
+    const int64_t even = (cuda::CeilDiv(limit, static_cast<int64_t>(p.num_splits)) + 15) / 16 * 16;
+    len = min(p.split_len, max(p.min_split_len, even));
+  }
+  *begin = min(limit, split * len);
+  *end = min(limit, *begin + len);
 }
 
 // The weight exp(m - max) of a partial softmax state (a split's, or a warp's within a split) with

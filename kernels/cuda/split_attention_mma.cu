@@ -181,8 +181,11 @@ __global__ void __launch_bounds__(kAttentionThreads)
   int64_t b = 0;
   int64_t limit = 0;
   TokenSequence(p, token, &b, &limit);
-  const int key_begin = static_cast<int>(min(limit, split * p.split_len));
-  const int key_end = static_cast<int>(min(static_cast<int64_t>(key_begin) + p.split_len, limit));
+  int64_t split_begin = 0;
+  int64_t split_end = 0;
+  SplitKeys(p, limit, split, &split_begin, &split_end);
+  const int key_begin = static_cast<int>(split_begin);
+  const int key_end = static_cast<int>(split_end);
 
   // Q as A fragments: rows g and g + 8 of the chunk (zeros past `rows`), dims permuted as above.
   // Read after the wait for the kernel ahead, which writes it (AttentionParams::early_keys).

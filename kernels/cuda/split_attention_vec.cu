@@ -80,8 +80,9 @@ __global__ void __launch_bounds__(kAttentionThreads)
   int64_t b = 0;
   int64_t limit = 0;
   TokenSequence(p, token, &b, &limit);
-  const int64_t key_begin = min(limit, split * p.split_len);
-  const int64_t key_end = min(limit, key_begin + p.split_len);
+  int64_t key_begin = 0;
+  int64_t key_end = 0;
+  SplitKeys(p, limit, split, &key_begin, &key_end);
 
   // This lane's 16 bytes of each query row, scaled.
   float q[kRows][kVec];

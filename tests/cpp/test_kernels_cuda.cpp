@@ -348,6 +348,49 @@ TEST(CudaPagedAttentionDecode, SplitMergeInTheKernelEqualsTheMergeKernel) {
   EXPECT_EQ(compared, 48);
 }
 
+// A CUDA graph pads the block table to a power of two of pages, and the launcher sizes the splits
+// from that width; each row's splits are cut from its own length (split_attention.cuh SplitKeys).
+// So rows in a padded table give the bits of the same rows in a table of their own width wherever
+// both widths get the same number of splits (the occupancy cap: more than ~12.5K keys at 8 KV
+// heads on the H200; here 8 KV heads and >= 40000 keys, capped below 156 splits on any GPU of
+// fewer than ~416 multiprocessors), and the CPU's result in every kernel and with the splits cut
+// from the width (DYSCO_CUDA_SPLIT_FROM_WIDTH=1, the former way: other bits).
+TEST(CudaPagedAttentionDecode, SplitsFollowTheRowsOwnLength) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(14);
+  at::manual_seed(14);
+  const Layout l{8, 4, 128, 16};
+  for (at::ScalarType dtype : {at::kBFloat16, at::kFloat}) {
+    for (const std::vector<int64_t>& lens :
+         {std::vector<int64_t>{40000}, std::vector<int64_t>{40000, 13000, 39999, 1, 300}}) {
+      const PagedBatch batch = MakeBatch(l, lens, dtype, rng);
+      const int64_t b = static_cast<int64_t>(lens.size());
+      const int64_t hq = l.kv_heads * l.group;
+      const at::Tensor query = at::randn({b, hq, l.head_dim}).to(dtype);
+      const double scale = 1.0 / std::sqrt(static_cast<double>(l.head_dim));
+      const int64_t pages = batch.block_tables.size(1);
+      // Padded to 4096 pages (65536 keys) with page 0, as the model runner pads a graph's table.
+      const at::Tensor padded =
+          at::cat({batch.block_tables, at::zeros({b, 4096 - pages}, at::kInt)}, 1);
+      at::Tensor cpu_out = at::full({b, hq, l.head_dim}, kNaN).to(dtype);
+      ops::paged_attention_decode(cpu_out, query, batch.kv, batch.block_tables, batch.seq_lens,
+                                  scale, c10::nullopt);
+      const at::Tensor kv = Cuda(batch.kv), lens_gpu = Cuda(batch.seq_lens), q = Cuda(query);
+      const std::string what = Describe(l, dtype, "") + " B=" + std::to_string(b);
+      at::Tensor outs[3];
+      const at::Tensor tables[3] = {Cuda(batch.block_tables), Cuda(padded), Cuda(padded)};
+      for (int i = 0; i < 3; ++i) {
+        const ScopedEnv from_width("DYSCO_CUDA_SPLIT_FROM_WIDTH", i == 2 ? "1" : nullptr);
+        outs[i] = at::full({b, hq, l.head_dim}, kNaN, q.options());
+        ops::paged_attention_decode(outs[i], q, kv, tables[i], lens_gpu, scale, c10::nullopt);
+        const double tol = Tolerance(dtype);
+        EXPECT_TRUE(Close(outs[i], cpu_out, tol, tol, what + " table " + std::to_string(i)));
+      }
+      EXPECT_TRUE(at::equal(outs[1], outs[0])) << what << ": padded table against its own width";
+    }
+  }
+}
+
 TEST(CudaPagedAttentionDecode, EqualsCpuAt128KKeys) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(2);
@@ -1219,9 +1262,9 @@ TEST(CudaQkNormRopeKvWrite, EqualsCpu) {
   }
 }
 
-// qk_norm_rope_kv_write with each lane's loads first (DYSCO_CUDA_QK_WRITE=registers, head sizes 64,
-// 128 and 256; others keep the default kernel) gives the default kernel's bits: query (NaN first)
-// and cache, with and without the q/k norms, prefill-sized calls with skipped slots.
+// qk_norm_rope_kv_write with each lane's loads first (the default for head sizes 64, 128 and 256;
+// others take the warp's chain of loads) gives the chain's bits (DYSCO_CUDA_QK_WRITE=chain): query
+// (NaN first) and cache, with and without the q/k norms, prefill-sized calls with skipped slots.
 TEST(CudaQkNormRopeKvWrite, LoadsFirstGiveTheSameBits) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(38);
@@ -1244,7 +1287,7 @@ TEST(CudaQkNormRopeKvWrite, LoadsFirstGiveTheSameBits) {
         slots.slice(0, 1, t, 3).fill_(-1);
         at::Tensor query[2], kv[2];
         for (int registers = 0; registers < 2; ++registers) {
-          const ScopedEnv knob("DYSCO_CUDA_QK_WRITE", registers ? "registers" : nullptr);
+          const ScopedEnv knob("DYSCO_CUDA_QK_WRITE", registers ? nullptr : "chain");
           query[registers] = at::full({t, h, d}, kNaN, opt);
           kv[registers] = kv0.clone();
           ops::qk_norm_rope_kv_write(query[registers], kv[registers], qkv, cos, sin, slots,
@@ -2363,6 +2406,60 @@ TEST(CudaTiming, DecodeAttentionAtShortContexts) {
   }
 }
 
+// Decode attention of one row of 16 keys past a power of two (8K + 16, 32K + 16, 128K + 16) in a
+// table padded to the next power of two of pages, as a CUDA graph's bucket pads it (Qwen3-8B's
+// heads, bf16, a graph of calls): the splits cut from the row's own length (the default) against
+// cut from the table's width (DYSCO_CUDA_SPLIT_FROM_WIDTH=1, which left half the splits empty),
+// and the same row in a table of its own width, each against the KV bytes' floor. Printed, not
+// asserted (docs/gpu.md "Splits from the row's own length").
+TEST(CudaTiming, DecodeAttentionInAPaddedTable) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(62);
+  constexpr int kCalls = 16;
+  const int64_t page_size = 16;
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  const auto i64 = at::TensorOptions().dtype(at::kLong).device(at::kCUDA);
+  const double bandwidth = CopyBandwidth();
+  const double scale = 1.0 / std::sqrt(128.0);
+  for (const int64_t power : {int64_t{8192}, int64_t{32768}, int64_t{131072}}) {
+    const int64_t keys = power + 16;
+    const int64_t pages = keys / page_size;
+    const at::Tensor kv = at::randn({2, pages, page_size, 8, 128}, bf16);
+    const at::Tensor own = at::randperm(pages, i64).to(at::kInt).reshape({1, pages});
+    const at::Tensor padded =
+        at::cat({own, at::zeros({1, 2 * power / page_size - pages}, own.options())}, 1);
+    const at::Tensor lens = at::full({1}, keys, i64);
+    const at::Tensor query = at::randn({1, 32, 128}, bf16);
+    at::Tensor out = at::empty({1, 32, 128}, bf16);
+    const double floor_ms = static_cast<double>(kv.numel()) * 2.0 / bandwidth * 1e3;
+    double ms[3];
+    at::Tensor results[3];
+    for (int i = 0; i < 3; ++i) {
+      const ScopedEnv from_width("DYSCO_CUDA_SPLIT_FROM_WIDTH", i == 1 ? "1" : nullptr);
+      const at::Tensor& tables = i == 2 ? own : padded;
+      at::cuda::CUDAGraph graph;
+      out.fill_(kNaN);
+      CaptureAfterWarmUp(graph, [&] {
+        for (int c = 0; c < kCalls; ++c) {
+          ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt);
+        }
+      });
+      ms[i] = MillisecondsPerCall([&] { graph.replay(); }, 20) / kCalls;
+      c10::cuda::device_synchronize();
+      results[i] = out.to(at::kFloat);
+      ASSERT_FALSE(at::isnan(results[i]).any().item<bool>()) << keys << " keys, setting " << i;
+    }
+    EXPECT_TRUE(at::allclose(results[1], results[0], /*rtol=*/1e-2, /*atol=*/1e-3)) << keys;
+    EXPECT_TRUE(at::allclose(results[2], results[0], /*rtol=*/1e-2, /*atol=*/1e-3)) << keys;
+    std::printf(
+        "[timing] decode attention at %lld keys in a table of %lld (Hq=32 Hkv=8 D=128 bf16, a "
+        "graph of %d calls): splits from the row's length %.4f ms (%.2fx floor %.4f ms), from the "
+        "table's width %.4f ms (%.2fx), in a table of its own width %.4f ms (%.2fx)\n",
+        static_cast<long long>(keys), static_cast<long long>(2 * power), kCalls, ms[0],
+        ms[0] / floor_ms, floor_ms, ms[1], ms[1] / floor_ms, ms[2], ms[2] / floor_ms);
+  }
+}
+
 // The weight GEMVs of a Qwen3-8B decode step (bf16; 1 and 2 rows): the GEMV kernel against cuBLAS
 // (DYSCO_CUDA_LINEAR=cublas), each as bytes of the weight over the copy bandwidth measured here.
 // Printed, not asserted (tuning evidence for docs/gpu.md "Linear layers").
@@ -2632,9 +2729,10 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
 }
 
 // qk_norm_rope_kv_write of one 8192-token prefill chunk (Qwen3-8B heads with their norms, bf16),
-// the default kernel against each lane's loads first (DYSCO_CUDA_QK_WRITE=registers), each against
-// its bytes (qkv read, query and K/V written, cos/sin read) over the copy bandwidth: in a 128K
-// prompt's last chunk the default took 0.23 ms a layer, ~4.7x those bytes (docs/performance.md).
+// the warp's chain of loads (DYSCO_CUDA_QK_WRITE=chain) against each lane's loads first (the
+// default), each against its bytes (qkv read, query and K/V written, cos/sin read) over the copy
+// bandwidth: in a 128K prompt's last chunk the chain took 0.23 ms a layer, ~4.7x those bytes
+// (docs/gpu.md "Loads first in qk_norm_rope_kv_write").
 TEST(CudaTiming, QkNormRopeKvWriteOfAPrefillChunk) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(39);
@@ -2654,7 +2752,7 @@ TEST(CudaTiming, QkNormRopeKvWriteOfAPrefillChunk) {
   const double floor_ms = bytes / CopyBandwidth() * 1e3;  // bytes read and written
   double ms[2];
   for (int registers = 0; registers < 2; ++registers) {
-    const ScopedEnv knob("DYSCO_CUDA_QK_WRITE", registers ? "registers" : nullptr);
+    const ScopedEnv knob("DYSCO_CUDA_QK_WRITE", registers ? nullptr : "chain");
     ms[registers] = MillisecondsPerCall(
         [&] {
           ops::qk_norm_rope_kv_write(query, kv, qkv, cos, sin, slots, Bias(q_w), Bias(k_w), 1e-6);
@@ -2663,8 +2761,8 @@ TEST(CudaTiming, QkNormRopeKvWriteOfAPrefillChunk) {
   }
   std::printf(
       "[timing] qk_norm_rope_kv_write of an 8192-token chunk (Qwen3-8B heads, norms, bf16): "
-      "default %.4f ms (%.2fx floor %.4f ms), loads first (DYSCO_CUDA_QK_WRITE=registers) %.4f "
-      "ms (%.2fx)\n",
+      "a warp's chain (DYSCO_CUDA_QK_WRITE=chain) %.4f ms (%.2fx floor %.4f ms), loads first "
+      "(default) %.4f ms (%.2fx)\n",
       ms[0], ms[0] / floor_ms, floor_ms, ms[1], ms[1] / floor_ms);
   EXPECT_GT(ms[0], 0.0);
   EXPECT_GT(ms[1], 0.0);
