@@ -54,6 +54,15 @@ int64_t MinKeysPerSplit() {
   const long n = std::strtol(v, nullptr, 10);
   return n >= 16 && n <= 65536 && n % 16 == 0 ? n : kMinKeysPerSplit;
 }
+// DYSCO_CUDA_ATTENTION_L2_PREFETCH (0 .. 64, default 0; read per call, opt-in until measured):
+// the tensor-core kernel's tiles a warp asks L2 for first thing
+// (AttentionParams::l2_prefetch_tiles).
+int AttentionL2PrefetchTiles() {
+  const char* v = std::getenv("DYSCO_CUDA_ATTENTION_L2_PREFETCH");
+  if (v == nullptr) return 0;
+  const long n = std::strtol(v, nullptr, 10);
+  return n >= 0 && n <= 64 ? static_cast<int>(n) : 0;
+}
 // Splits are chosen for about this many blocks per multiprocessor: decode reads one row per key and
 // warp, so it needs many warps in flight to cover memory latency.
 constexpr int64_t kBlocksPerMultiprocessor = 8;
@@ -431,6 +440,7 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
                  cuda::EarlyStartLevel() != cuda::EarlyStart::kNone &&
                  !cuda::EnvIs("DYSCO_CUDA_ATTENTION_PDL", "0") && (!in_kernel || early_forced);
   p.early_tile = p.early_keys && !cuda::EnvIs("DYSCO_CUDA_ATTENTION_EARLY_TILE", "0");
+  p.l2_prefetch_tiles = use_mma ? AttentionL2PrefetchTiles() : 0;
   if (probes != nullptr) {
     // In the same pass where the tensor-core kernel merges its own splits (its merge has each row's
     // final max and sum) and every key the probabilities cover is one the kernel scores: probs and
