@@ -2335,6 +2335,24 @@ TEST(CudaTiming, DyscoSelectionAtDecodeWidths) {
   }
 }
 
+// Milliseconds a call of paged_attention_decode (no bias) in a CUDA graph of `calls` calls, so
+// that the time per call is the kernel and the gap to the next, not the host's launches; `out`
+// holds the last call's output (NaN first).
+double DecodeAttentionGraphMs(at::Tensor& out, const at::Tensor& query, const at::Tensor& kv,
+                              const at::Tensor& tables, const at::Tensor& lens, double scale,
+                              int calls) {
+  at::cuda::CUDAGraph graph;
+  out.fill_(kNaN);
+  CaptureAfterWarmUp(graph, [&] {
+    for (int i = 0; i < calls; ++i) {
+      ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt);
+    }
+  });
+  const double ms = MillisecondsPerCall([&] { graph.replay(); }, 20) / calls;
+  c10::cuda::device_synchronize();
+  return ms;
+}
+
 // The decode attention alone at the short contexts, where a plain step is furthest from its floor
 // (docs/gpu.md "What remains of issue 9"): Qwen3-8B's heads (32 query, 8 KV, head_dim 128, bf16),
 // shuffled pages, a CUDA graph of kCalls calls (so the time per call is the kernel and the gap to
@@ -2386,15 +2404,7 @@ TEST(CudaTiming, DecodeAttentionAtShortContexts) {
       const ScopedEnv min_keys("DYSCO_CUDA_MIN_KEYS_PER_SPLIT", s.min_keys);
       const ScopedEnv waves("DYSCO_CUDA_SPLIT_WAVES", s.waves);
       const ScopedEnv prefetch("DYSCO_CUDA_MMA_PREFETCH", s.prefetch);
-      at::cuda::CUDAGraph graph;
-      out.fill_(kNaN);
-      CaptureAfterWarmUp(graph, [&] {
-        for (int i = 0; i < kCalls; ++i) {
-          ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt);
-        }
-      });
-      const double ms = MillisecondsPerCall([&] { graph.replay(); }, 20) / kCalls;
-      c10::cuda::device_synchronize();
+      const double ms = DecodeAttentionGraphMs(out, query, kv, tables, lens, scale, kCalls);
       if (expected.defined()) {
         // Outputs are means of ~N(0, 1) values over thousands of keys (~1e-2): a bf16 step or
         // two apart where only the split order differs; a wrong split would be ~1e-2 off.
@@ -2443,15 +2453,7 @@ TEST(CudaTiming, DecodeAttentionInAPaddedTable) {
     for (int i = 0; i < 3; ++i) {
       const ScopedEnv from_width("DYSCO_CUDA_SPLIT_FROM_WIDTH", i == 1 ? "1" : nullptr);
       const at::Tensor& tables = i == 2 ? own : padded;
-      at::cuda::CUDAGraph graph;
-      out.fill_(kNaN);
-      CaptureAfterWarmUp(graph, [&] {
-        for (int c = 0; c < kCalls; ++c) {
-          ops::paged_attention_decode(out, query, kv, tables, lens, scale, c10::nullopt);
-        }
-      });
-      ms[i] = MillisecondsPerCall([&] { graph.replay(); }, 20) / kCalls;
-      c10::cuda::device_synchronize();
+      ms[i] = DecodeAttentionGraphMs(out, query, kv, tables, lens, scale, kCalls);
       results[i] = out.to(at::kFloat);
       ASSERT_FALSE(at::isnan(results[i]).any().item<bool>()) << keys << " keys, setting " << i;
     }
