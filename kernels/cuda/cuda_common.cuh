@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 
 // The cache dtypes the CPU ops support: float32, bfloat16 and float16.
 #define DYSCO_CUDA_DISPATCH_CACHE_TYPES(TYPE, NAME, ...)                         \
@@ -193,6 +194,18 @@ inline int MultiprocessorCount() {
 inline bool EnvIs(const char* name, const char* value) {
   const char* v = std::getenv(name);
   return v != nullptr && std::strcmp(v, value) == 0;
+}
+
+// The integer the environment variable `name` holds (strtol's reading) when it is set, in
+// [lo, hi] and a multiple of `multiple`; else nothing (the knob's default applies). Read per call,
+// as EnvIs.
+inline std::optional<int64_t> EnvInt(const char* name, int64_t lo, int64_t hi,
+                                     int64_t multiple = 1) {
+  const char* v = std::getenv(name);
+  if (v == nullptr) return std::nullopt;
+  const int64_t n = std::strtol(v, nullptr, 10);
+  if (n < lo || n > hi || n % multiple != 0) return std::nullopt;
+  return n;
 }
 
 // Which kernels start early: the environment variable DYSCO_CUDA_PDL = "0" (none), unset or "1"

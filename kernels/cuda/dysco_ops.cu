@@ -17,7 +17,6 @@
 // fit (SelectPassKernel); shorter rows by one block. docs/gpu.md "The DySCO selection's passes".
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -847,11 +846,7 @@ bool MultiBlockSelect(int64_t width) {
 // sooner; on the H200 the fused selection took 0.048 / 0.056 / 0.072 ms a call at 32K keys with
 // 512 / 1024 / 2048 keys a block (CudaTiming.DyscoSelectionAtDecodeWidths).
 int64_t SelectKeysPerBlock() {
-  if (const char* v = std::getenv("DYSCO_CUDA_SELECT_KEYS_PER_BLOCK")) {
-    const long keys = std::strtol(v, nullptr, 10);
-    if (keys >= 256 && keys <= 16384 && keys % 256 == 0) return keys;
-  }
-  return 512;
+  return cuda::EnvInt("DYSCO_CUDA_SELECT_KEYS_PER_BLOCK", 256, 16384, 256).value_or(512);
 }
 
 // Blocks a row of the fused selection (SelectFusedKernel, the default since the twenty-first
@@ -875,14 +870,12 @@ int64_t FusedSelectBlocksPerRow(int64_t rows, int64_t chunks) {
     return int64_t{per_sm} * cuda::MultiprocessorCount();
   }();
   int64_t assumed = resident;
-  if (const char* v = std::getenv("DYSCO_CUDA_SELECT_RESIDENT_SCALE")) {
-    const long scale = std::strtol(v, nullptr, 10);
-    if (scale >= 2 && scale <= 64) assumed *= scale;
+  if (const auto scale = cuda::EnvInt("DYSCO_CUDA_SELECT_RESIDENT_SCALE", 2, 64)) {
+    assumed *= *scale;
   }
   int64_t blocks = std::min(chunks, assumed / rows);
-  if (const char* v = std::getenv("DYSCO_CUDA_SELECT_BLOCKS")) {
-    const long cap = std::strtol(v, nullptr, 10);
-    if (cap >= 1 && cap <= 1024) blocks = std::min<int64_t>(blocks, cap);
+  if (const auto cap = cuda::EnvInt("DYSCO_CUDA_SELECT_BLOCKS", 1, 1024)) {
+    blocks = std::min(blocks, *cap);
   }
   return blocks;
 }

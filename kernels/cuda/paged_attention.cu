@@ -22,7 +22,6 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <cstdlib>
 #include <functional>
 #include <limits>
 #include <mutex>
@@ -49,19 +48,13 @@ using cuda::kWarpSize;
 // (CudaTiming.DecodeAttentionAtShortContexts: at 8K keys the splits are this short).
 constexpr int64_t kMinKeysPerSplit = 256;
 int64_t MinKeysPerSplit() {
-  const char* v = std::getenv("DYSCO_CUDA_MIN_KEYS_PER_SPLIT");
-  if (v == nullptr) return kMinKeysPerSplit;
-  const long n = std::strtol(v, nullptr, 10);
-  return n >= 16 && n <= 65536 && n % 16 == 0 ? n : kMinKeysPerSplit;
+  return cuda::EnvInt("DYSCO_CUDA_MIN_KEYS_PER_SPLIT", 16, 65536, 16).value_or(kMinKeysPerSplit);
 }
 // DYSCO_CUDA_ATTENTION_L2_PREFETCH (0 .. 64, default 0; read per call, opt-in until measured):
 // the tensor-core kernel's tiles a warp asks L2 for first thing
 // (AttentionParams::l2_prefetch_tiles).
 int AttentionL2PrefetchTiles() {
-  const char* v = std::getenv("DYSCO_CUDA_ATTENTION_L2_PREFETCH");
-  if (v == nullptr) return 0;
-  const long n = std::strtol(v, nullptr, 10);
-  return n >= 0 && n <= 64 ? static_cast<int>(n) : 0;
+  return static_cast<int>(cuda::EnvInt("DYSCO_CUDA_ATTENTION_L2_PREFETCH", 0, 64).value_or(0));
 }
 // Splits are chosen for about this many blocks per multiprocessor: decode reads one row per key and
 // warp, so it needs many warps in flight to cover memory latency.

@@ -19,7 +19,6 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
-#include <cstdlib>
 #include <type_traits>
 
 #include "kernels/cuda/cuda_common.cuh"
@@ -403,12 +402,7 @@ template void LaunchVectorSplitAttention<c10::BFloat16>(const AttentionParams<c1
 template void LaunchVectorSplitAttention<c10::Half>(const AttentionParams<c10::Half>&, int64_t, int,
                                                     int, cudaStream_t);
 
-int64_t SplitWaves() {
-  const char* v = std::getenv("DYSCO_CUDA_SPLIT_WAVES");
-  if (v == nullptr) return 1;
-  const long n = std::strtol(v, nullptr, 10);
-  return n >= 1 && n <= 64 ? n : 1;
-}
+int64_t SplitWaves() { return cuda::EnvInt("DYSCO_CUDA_SPLIT_WAVES", 1, 64).value_or(1); }
 
 template <typename T>
 bool LaunchVectorProbsLogits(const ProbsLogitsParams<T>& p, dim3 grid, cudaStream_t stream) {
