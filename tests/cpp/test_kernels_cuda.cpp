@@ -1209,6 +1209,33 @@ TEST(CudaRmsNormAndRotary, EqualCpu) {
 
 // ---- qk_norm_rope_kv_write
 
+// The CPU inputs of a qk_norm_rope_kv_write call of t tokens: qkv, the tokens' cos and sin rows,
+// the per-head norm weights, a cache of t / 16 + 2 pages of 16 slots (random: unwritten slots keep
+// their values) and a shuffled slot per token, every third from the second -1 (skipped).
+struct QkWriteInputs {
+  at::Tensor qkv, cos, sin, q_w, k_w, kv, slots;
+  std::string what;  // the case, for failure messages
+};
+
+QkWriteInputs MakeQkWriteInputs(at::ScalarType dtype, int64_t t, int64_t h, int64_t hkv, int64_t d,
+                                bool norms) {
+  QkWriteInputs in;
+  in.qkv = (at::randn({t, (h + 2 * hkv) * d}) * 3).to(dtype);
+  const at::Tensor angle = at::rand({t, d}) * 6.3;
+  in.cos = angle.cos().to(dtype);
+  in.sin = angle.sin().to(dtype);
+  in.q_w = (at::rand({d}) + 0.5).to(dtype);
+  in.k_w = (at::rand({d}) + 0.5).to(dtype);
+  const int64_t pages = t / 16 + 2;
+  in.kv = at::randn({2, pages, 16, hkv, d}).to(dtype);
+  in.slots = at::randperm(pages * 16, at::kLong).slice(0, 0, t).clone();
+  for (int64_t i = 1; i < t; i += 3) in.slots[i] = -1;
+  in.what = std::string(c10::toString(dtype)) + " t=" + std::to_string(t) +
+            " h=" + std::to_string(h) + " hkv=" + std::to_string(hkv) + " d=" + std::to_string(d) +
+            (norms ? " norms" : "");
+  return in;
+}
+
 // Qwen3-8B and SmolLM2 decode rows, prefill chunks (300 tokens: many blocks), odd head dims and
 // counts, with and without the per-head norms, every third slot -1: query (NaN first) and the whole
 // cache (random first: unwritten slots keep their values) against the CPU op; without norms bit
@@ -1225,15 +1252,10 @@ TEST(CudaQkNormRopeKvWrite, EqualsCpu) {
           {4, 1, 1, 6},
           {2, 4, 2, 256}}) {
       for (const bool norms : {false, true}) {
-        const at::Tensor qkv = (at::randn({t, (h + 2 * hkv) * d}) * 3).to(dtype);
-        const at::Tensor angle = at::rand({t, d}) * 6.3;
-        const at::Tensor cos = angle.cos().to(dtype), sin = angle.sin().to(dtype);
-        const at::Tensor q_w = (at::rand({d}) + 0.5).to(dtype);
-        const at::Tensor k_w = (at::rand({d}) + 0.5).to(dtype);
-        const int64_t pages = t / 16 + 2;
-        const at::Tensor kv = at::randn({2, pages, 16, hkv, d}).to(dtype);
-        const at::Tensor slots = at::randperm(pages * 16, at::kLong).slice(0, 0, t).clone();
-        for (int64_t i = 1; i < t; i += 3) slots[i] = -1;
+        const QkWriteInputs in = MakeQkWriteInputs(dtype, t, h, hkv, d, norms);
+        const at::Tensor &qkv = in.qkv, &cos = in.cos, &sin = in.sin, &q_w = in.q_w, &k_w = in.k_w,
+                         &kv = in.kv, &slots = in.slots;
+        const std::string& what = in.what;
         const at::Tensor query = at::full({t, h, d}, kNaN).to(dtype);
         const at::Tensor gpu_query = Cuda(query);
         const at::Tensor gpu_kv = Cuda(kv);
@@ -1242,9 +1264,6 @@ TEST(CudaQkNormRopeKvWrite, EqualsCpu) {
         ops::qk_norm_rope_kv_write(gpu_query, gpu_kv, Cuda(qkv), Cuda(cos), Cuda(sin), Cuda(slots),
                                    norms ? Bias(Cuda(q_w)) : Bias(),
                                    norms ? Bias(Cuda(k_w)) : Bias(), 1e-6);
-        const std::string what = std::string(c10::toString(dtype)) + " t=" + std::to_string(t) +
-                                 " h=" + std::to_string(h) + " hkv=" + std::to_string(hkv) +
-                                 " d=" + std::to_string(d) + (norms ? " norms" : "");
         if (norms) {
           // The two norms' sums differ in their last fp32 bits, which now and then flips the
           // rounding of a normed bf16 element (up to ~4 here: one bf16 step is 2^-6); the rope
@@ -1277,14 +1296,11 @@ TEST(CudaQkNormRopeKvWrite, LoadsFirstGiveTheSameBits) {
           {5, 3, 3, 36}}) {
       for (const bool norms : {false, true}) {
         const auto opt = at::TensorOptions().dtype(dtype).device(at::kCUDA);
-        const at::Tensor qkv = at::randn({t, (h + 2 * hkv) * d}, opt) * 3;
-        const at::Tensor angle = at::rand({t, d}, opt.dtype(at::kFloat)) * 6.3;
-        const at::Tensor cos = angle.cos().to(dtype), sin = angle.sin().to(dtype);
-        const at::Tensor q_w = at::rand({d}, opt) + 0.5, k_w = at::rand({d}, opt) + 0.5;
-        const int64_t pages = t / 16 + 2;
-        const at::Tensor kv0 = at::randn({2, pages, 16, hkv, d}, opt);
-        const at::Tensor slots = Cuda(at::randperm(pages * 16, at::kLong).slice(0, 0, t).clone());
-        slots.slice(0, 1, t, 3).fill_(-1);
+        const QkWriteInputs in = MakeQkWriteInputs(dtype, t, h, hkv, d, norms);
+        const at::Tensor qkv = Cuda(in.qkv), cos = Cuda(in.cos), sin = Cuda(in.sin);
+        const at::Tensor q_w = Cuda(in.q_w), k_w = Cuda(in.k_w), kv0 = Cuda(in.kv);
+        const at::Tensor slots = Cuda(in.slots);
+        const std::string& what = in.what;
         at::Tensor query[2], kv[2];
         for (int registers = 0; registers < 2; ++registers) {
           const ScopedEnv knob("DYSCO_CUDA_QK_WRITE", registers ? nullptr : "chain");
@@ -1293,9 +1309,6 @@ TEST(CudaQkNormRopeKvWrite, LoadsFirstGiveTheSameBits) {
           ops::qk_norm_rope_kv_write(query[registers], kv[registers], qkv, cos, sin, slots,
                                      norms ? Bias(q_w) : Bias(), norms ? Bias(k_w) : Bias(), 1e-6);
         }
-        const std::string what = std::string(c10::toString(dtype)) + " t=" + std::to_string(t) +
-                                 " h=" + std::to_string(h) + " hkv=" + std::to_string(hkv) +
-                                 " d=" + std::to_string(d) + (norms ? " norms" : "");
         ASSERT_FALSE(at::isnan(query[1].to(at::kFloat)).any().item<bool>()) << what;
         EXPECT_TRUE(at::equal(query[1], query[0])) << "query " << what;
         EXPECT_TRUE(at::equal(kv[1], kv[0])) << "cache " << what;
