@@ -158,7 +158,8 @@ __device__ __forceinline__ void SplitKeys(const AttentionParams<T>& p, int64_t l
                                           int64_t* begin, int64_t* end) {
   int64_t len = p.split_len;
   if (p.min_split_len > 0) {
-    const int64_t even = (cuda::CeilDiv(limit, static_cast<int64_t>(p.num_splits)) + 15) / 16 * 16;
+    // Rounded up to 16 as the launcher rounds split_len.
+    const int64_t even = cuda::CeilDiv(cuda::CeilDiv(limit, p.num_splits), 16) * 16;
     len = min(p.split_len, max(p.min_split_len, even));
   }
   *begin = min(limit, split * len);
