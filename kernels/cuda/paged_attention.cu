@@ -50,12 +50,6 @@ constexpr int64_t kMinKeysPerSplit = 256;
 int64_t MinKeysPerSplit() {
   return cuda::EnvInt("DYSCO_CUDA_MIN_KEYS_PER_SPLIT", 16, 65536, 16).value_or(kMinKeysPerSplit);
 }
-// DYSCO_CUDA_ATTENTION_L2_PREFETCH (0 .. 64, default 0; read per call, opt-in until measured):
-// the tensor-core kernel's tiles a warp asks L2 for first thing
-// (AttentionParams::l2_prefetch_tiles).
-int AttentionL2PrefetchTiles() {
-  return static_cast<int>(cuda::EnvInt("DYSCO_CUDA_ATTENTION_L2_PREFETCH", 0, 64).value_or(0));
-}
 // Splits are chosen for about this many blocks per multiprocessor: decode reads one row per key and
 // warp, so it needs many warps in flight to cover memory latency.
 constexpr int64_t kBlocksPerMultiprocessor = 8;
@@ -433,7 +427,6 @@ void SplitAttention(const at::Tensor& out, const at::Tensor& query,
                  cuda::EarlyStartLevel() != cuda::EarlyStart::kNone &&
                  !cuda::EnvIs("DYSCO_CUDA_ATTENTION_PDL", "0") && (!in_kernel || early_forced);
   p.early_tile = p.early_keys && !cuda::EnvIs("DYSCO_CUDA_ATTENTION_EARLY_TILE", "0");
-  p.l2_prefetch_tiles = use_mma ? AttentionL2PrefetchTiles() : 0;
   if (probes != nullptr) {
     // In the same pass where the tensor-core kernel merges its own splits (its merge has each row's
     // final max and sum) and every key the probabilities cover is one the kernel scores: probs and

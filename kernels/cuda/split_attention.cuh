@@ -61,11 +61,6 @@ struct AttentionParams {
   // starts early and reads everything after it; DYSCO_CUDA_ATTENTION_EARLY_TILE=0, an A/B knob for
   // the long tables, docs/gpu.md "What remains of issue 9").
   bool early_tile;
-  // The tensor-core kernel: how many of each warp's first tiles of older keys (those before the
-  // row's newest) it asks L2 for first thing, before the wait and the query rows (0: none;
-  // DYSCO_CUDA_ATTENTION_L2_PREFETCH, opt-in until measured: docs/gpu.md "What remains of issue 9",
-  // item 1).
-  int l2_prefetch_tiles;
   float scale;
   // The tensor-core kernel, decode calls with one row chunk a KV head only (the fused
   // qk_norm_rope_attention_decode; null otherwise): the query rows are made from the fused q/k/v

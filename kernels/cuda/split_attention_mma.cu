@@ -96,11 +96,6 @@ __device__ __forceinline__ uint4 LoadCoherent16(const void* src) {
   return v;
 }
 
-// Asks L2 for the 128-byte line holding `src` (no register written, nothing waited for).
-__device__ __forceinline__ void PrefetchL2(const void* src) {
-  asm volatile("prefetch.global.L2 [%0];" : : "l"(src));
-}
-
 // Word w (0..3) of a 16-byte load; w is a compile-time constant after unrolling.
 __device__ __forceinline__ uint32_t Word(const uint4& v, int w) {
   return w == 0 ? v.x : (w == 1 ? v.y : (w == 2 ? v.z : v.w));
@@ -557,33 +552,8 @@ __global__ void __launch_bounds__(kAttentionThreads)
   // Whether this warp's first tile is loaded before the wait: its keys all precede the row's newest
   // (a decode row's newest key is limit - 1), so the kernel ahead does not write them.
   const bool early_tile = p.early_tile && first_tile + kTileKeys <= limit - 1;
-  // With p.l2_prefetch_tiles: the warp's first tiles of keys before the row's newest (which the
-  // kernel ahead, or this kernel's make_query, may be writing) asked of L2, K and V rows, a lane a
-  // half row (128 bytes) a request. Why: at 8K keys a split is 256 keys, four tiles a warp, loaded
-  // one after the other once the query rows are made, each a DRAM round trip; in the 8K step the
-  // attention takes 20 us of a layer's critical path against its KV's 7.9 us (docs/gpu.md "What
-  // remains of issue 9", item 1). Requested first, a split's keys stream from DRAM while the query
-  // rows are made and the tiles then come from L2. The loads and sums are unchanged (the same
-  // bits).
-  auto prefetch_tiles = [&] {
-    constexpr int kRowBytes = kHeadDim * static_cast<int>(sizeof(T));
-    const int r = lane / 2;
-    const int half = lane % 2;
-    int tile = first_tile;
-    for (int n = 0; n < p.l2_prefetch_tiles && tile + kTileKeys <= limit - 1 && tile + r < key_end;
-         ++n, tile += kTileStride) {
-      const int64_t row = offset(tile, tile_rows(tile), r);
-      const char* k_row = reinterpret_cast<const char*>(p.k_cache + row);
-      const char* v_row = reinterpret_cast<const char*>(p.v_cache + row);
-      for (int byte = 128 * half; byte < kRowBytes; byte += 256) {
-        PrefetchL2(k_row + byte);
-        PrefetchL2(v_row + byte);
-      }
-    }
-  };
   // The first tile where it may be loaded before the wait, the wait, then the query.
   auto start = [&](auto& kw, auto& vw, auto& tile_bias) {
-    if (p.l2_prefetch_tiles > 0) prefetch_tiles();
     if (early_tile) load_tile(first_tile, kw, vw, tile_bias);
     cuda::WaitForPrerequisiteGrids();
     if (p.qkv != nullptr) make_query();

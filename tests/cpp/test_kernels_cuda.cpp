@@ -1498,8 +1498,7 @@ TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
           ops::paged_attention_decode(out_two, query_two, kv_two, tables, seq_lens, scale,
                                       biased ? Bias(bias) : Bias());
           ASSERT_FALSE(at::isnan(out_two.to(at::kFloat)).any().item<bool>()) << what;
-          for (const char* mode : {"early", "early, no tile", "plain", "two kernels", "graph",
-                                   "L2 prefetch", "early, L2 prefetch"}) {
+          for (const char* mode : {"early", "early, no tile", "plain", "two kernels", "graph"}) {
             const std::string m = std::string(mode);
             at::Tensor kv = m == "graph" ? kv_graph : kv_fused.clone();
             query.fill_(kNaN);
@@ -1515,11 +1514,6 @@ TEST(CudaQkNormRopeAttentionDecode, EqualsTheTwoOpsBitForBit) {
               const ScopedEnv two("DYSCO_CUDA_QKV_ATTENTION", m == "two kernels" ? "0" : nullptr);
               const ScopedEnv no_tile("DYSCO_CUDA_ATTENTION_EARLY_TILE",
                                       m == "early, no tile" ? "0" : nullptr);
-              // The warps' first tiles asked of L2 (4 a warp; all of them when early).
-              const bool prefetch = m.find("L2 prefetch") != std::string::npos;
-              const ScopedEnv l2("DYSCO_CUDA_ATTENTION_L2_PREFETCH", !prefetch            ? nullptr
-                                                                     : m == "L2 prefetch" ? "4"
-                                                                                          : "64");
               fused(kv);
             }
             EXPECT_TRUE(at::equal(out, out_two)) << mode << ": out, " << what;
@@ -2617,7 +2611,6 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     const char* qk_pdl = nullptr;         // DYSCO_CUDA_QK_PDL, nullptr: unset
     const char* ring_splits = nullptr;    // DYSCO_CUDA_GEMV_RING_SPLITS, nullptr: unset
     const char* qkv_attention = nullptr;  // DYSCO_CUDA_QKV_ATTENTION, nullptr: unset
-    const char* l2_prefetch = nullptr;    // DYSCO_CUDA_ATTENTION_L2_PREFETCH, nullptr: unset
   };
   const std::vector<Variant> variants = {
       {"GEMVs start early, norms in the GEMVs (default)", nullptr, nullptr, nullptr},
@@ -2639,10 +2632,6 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
        nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, "0"},
       {"GEMVs start early, norms in the GEMVs, q/k norm + rope in their own kernel, started early",
        nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, "1", nullptr, "0"},
-      {"GEMVs start early, norms in the GEMVs, the attention's tiles asked of L2 first", nullptr,
-       nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, "4"},
-      {"GEMVs start early, norms in the GEMVs, the attention started early, its tiles asked of L2",
-       nullptr, nullptr, nullptr, nullptr, nullptr, "1", nullptr, nullptr, nullptr, "4"},
       {"GEMVs start early, add_rms_norm kernels", nullptr, "separate", nullptr},
       {"GEMVs, norms and SwiGLU start early, add_rms_norm kernels", "all", "separate", nullptr},
       {"plain launches, norms in the GEMVs", "0", nullptr, nullptr},
@@ -2659,7 +2648,6 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     const ScopedEnv qk_pdl("DYSCO_CUDA_QK_PDL", v.qk_pdl);
     const ScopedEnv ring_splits("DYSCO_CUDA_GEMV_RING_SPLITS", v.ring_splits);
     const ScopedEnv qkv_attention("DYSCO_CUDA_QKV_ATTENTION", v.qkv_attention);
-    const ScopedEnv l2_prefetch("DYSCO_CUDA_ATTENTION_L2_PREFETCH", v.l2_prefetch);
     at::Tensor expected;
     {
       const ScopedEnv plain("DYSCO_CUDA_PDL", "0");
@@ -2670,15 +2658,15 @@ TEST(CudaTiming, DecodeLayersWithGemvsStartingEarly) {
     const bool separate = v.norm_linear != nullptr && std::string(v.norm_linear) == "separate";
     if (v.splits == nullptr && v.async == nullptr && v.mlp == nullptr &&
         v.attention_pdl == nullptr && v.qk_pdl == nullptr && v.ring_splits == nullptr &&
-        v.qkv_attention == nullptr && v.l2_prefetch == nullptr) {
+        v.qkv_attention == nullptr) {
       (separate ? expected_separate : expected_fused) = expected;
     }
     if (v.splits == nullptr &&
         ((v.async != nullptr && std::string(v.async) == "0") || v.mlp != nullptr ||
          v.attention_pdl != nullptr || v.qk_pdl != nullptr || v.ring_splits != nullptr ||
-         v.qkv_attention != nullptr || v.l2_prefetch != nullptr)) {
-      // The asynchronous copies, the MLP kernel, the launches and the L2 requests change no sum:
-      // the default's bits.
+         v.qkv_attention != nullptr)) {
+      // The asynchronous copies, the MLP kernel and the launches change no sum: the default's
+      // bits.
       EXPECT_TRUE(at::equal(expected, expected_fused)) << v.label;
     }
     const ScopedEnv pdl("DYSCO_CUDA_PDL", v.pdl);
