@@ -69,6 +69,13 @@ void rotary_embedding(TensorRef out, TensorRef input, TensorRef cos, TensorRef s
   op.call(out, input, cos, sin);
 }
 
+void rope_tables(TensorRef cos, TensorRef sin, TensorRef positions, TensorRef inv_freq,
+                 double scaling) {
+  static const auto op =
+      Handle<void(TensorRef, TensorRef, TensorRef, TensorRef, double)>(kernels::kRopeTablesOp);
+  op.call(cos, sin, positions, inv_freq, scaling);
+}
+
 void add_rms_norm(TensorRef out, TensorRef sum, TensorRef input, TensorRef residual,
                   TensorRef weight, double eps) {
   static const auto op =
@@ -177,6 +184,7 @@ const std::vector<std::string>& AllOpNames() {
       kernels::kLinearOp,
       kernels::kRmsNormOp,
       kernels::kRotaryEmbeddingOp,
+      kernels::kRopeTablesOp,
       kernels::kAddRmsNormOp,
       kernels::kSiluMulOp,
       kernels::kAddRmsNormLinearOp,

@@ -7,7 +7,7 @@
 // Errors: invalid arguments, or an op (or a kernel for the tensors' device) that is not registered,
 // raise c10::Error; nothing is written then. Callers catch it.
 // Also: AllOpNames(), MissingOps() and MissingKernels(), for a startup check that
-// libdysco_kernels.so is loaded and registered all sixteen ops (and their kernels).
+// libdysco_kernels.so is loaded and registered all twenty ops (and their kernels).
 // Thread-safety: every function may be called from any thread; each op's operator handle is looked
 // up once (function-local static) and is immutable afterwards. Concurrent calls must not write the
 // same output or cache pages (kernels/ops.h).
@@ -74,6 +74,12 @@ void rms_norm(const at::Tensor& out, const at::Tensor& input, const at::Tensor& 
 // out [T, H, D] <- input [T, H, D] * cos + rotate_half(input) * sin, cos and sin [T, D].
 void rotary_embedding(const at::Tensor& out, const at::Tensor& input, const at::Tensor& cos,
                       const at::Tensor& sin);
+
+// cos, sin [T, D] <- to_dtype(cos / sin(float(positions[t]) * inv_freq[i % (D/2)]) * scaling) for
+// positions int64 [T], inv_freq fp32 [D/2]: the model's rotary tables (kernels/ops.h
+// rope_tables_cpu).
+void rope_tables(const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+                 const at::Tensor& inv_freq, double scaling);
 
 // sum [M, D] <- input + residual [M, D] (rounded to the dtype); out [M, D] <- rms_norm(sum, weight
 // [D], eps) (kernels/ops.h add_rms_norm_cpu). out and sum must not overlap the inputs.
@@ -183,12 +189,12 @@ void dysco_template_mask(const at::Tensor& mask, const at::Tensor& tokens,
 
 // ---- registration
 
-// The qualified names of the sixteen ops, in schema order: "dysco::paged_kv_write",
+// The qualified names of the twenty ops, in schema order: "dysco::paged_kv_write",
 // "dysco::paged_attention_decode", ..., "dysco::dysco_template_mask".
 const std::vector<std::string>& AllOpNames();
 
 // The names of AllOpNames() whose schema is not registered with the dispatcher (empty when all
-// sixteen are: libdysco_kernels.so is loaded and current).
+// twenty are: libdysco_kernels.so is loaded and current).
 std::vector<std::string> MissingOps();
 
 // The names of `names` whose schema is not registered with the dispatcher.

@@ -279,6 +279,24 @@ void CheckSiluMulArgs(const at::Tensor& out, const at::Tensor& input) {
   CheckNoOverlap(kOp, "out", out, "input", input);
 }
 
+void CheckRopeTablesArgs(const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+                         const at::Tensor& inv_freq) {
+  constexpr const char* kOp = kRopeTablesOp;
+  const at::ScalarType dtype = FloatingDtypeOf(kOp, "cos", cos);
+  CheckTensor(kOp, "cos", cos, dtype, 2);
+  const int64_t tokens = cos.size(0), d = cos.size(1);
+  TORCH_CHECK(d % 2 == 0, kOp,
+              ": cos must be [T, D] with D even (its two halves repeat the D/2 frequencies), got ",
+              cos.sizes());
+  CheckShaped(kOp, "sin", sin, dtype, cos.sizes());
+  CheckShaped(kOp, "positions", positions, at::kLong, {tokens});
+  CheckShaped(kOp, "inv_freq", inv_freq, at::kFloat, {d / 2});
+  CheckSameDevice(kOp, "cos", cos,
+                  {{"sin", sin}, {"positions", positions}, {"inv_freq", inv_freq}});
+  CheckWrittenApart(kOp, {{"cos", cos}, {"sin", sin}},
+                    {{"positions", positions}, {"inv_freq", inv_freq}});
+}
+
 PagedCacheShape CheckQkNormRopeKvWriteArgs(const at::Tensor& query,
                                            const at::Tensor& kv_cache_layer, const at::Tensor& qkv,
                                            const at::Tensor& cos, const at::Tensor& sin,

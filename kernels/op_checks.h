@@ -42,6 +42,7 @@ inline constexpr const char* kDyscoSelectBiasOp = "dysco::dysco_select_bias";
 inline constexpr const char* kDyscoBiasFromSelectionOp = "dysco::dysco_bias_from_selection";
 inline constexpr const char* kDyscoTemplateMaskOp = "dysco::dysco_template_mask";
 inline constexpr const char* kDyscoProbeMeanOp = "dysco::dysco_probe_mean";
+inline constexpr const char* kRopeTablesOp = "dysco::rope_tables";
 
 // ---- building blocks
 
@@ -165,6 +166,12 @@ void CheckOProjMlpArgs(const at::Tensor& out, const at::Tensor& sum, const at::T
 // silu_mul: input [M, 2N] (even width), out [M, N], contiguous, one dtype (fp32 | bf16 | fp16),
 // one device; out does not overlap input.
 void CheckSiluMulArgs(const at::Tensor& out, const at::Tensor& input);
+
+// rope_tables: cos and sin [T, D] (D even), contiguous, one dtype (fp32 | bf16 | fp16); positions
+// int64 [T] and inv_freq fp32 [D/2], contiguous; one device; cos and sin overlap neither each other
+// nor an input.
+void CheckRopeTablesArgs(const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+                         const at::Tensor& inv_freq);
 
 // qk_norm_rope_kv_write: query [T, H, D] and qkv [T, (H + 2 Hkv) D] in the cache's dtype, D the
 // cache's head_dim (even), cos and sin [T, D], slot_mapping int64 [T], q_norm_weight and

@@ -70,6 +70,16 @@ void rms_norm_cpu(const at::Tensor& out, const at::Tensor& input, const at::Tens
 void rotary_embedding_cpu(const at::Tensor& out, const at::Tensor& input, const at::Tensor& cos,
                           const at::Tensor& sin);
 
+// cos, sin [T, D] <- the rotary tables of positions int64 [T] (D even, inv_freq fp32 [D/2], one
+// dtype for cos and sin): cos[t, i] = to_dtype(cos(float(positions[t]) * inv_freq[i % (D/2)]) *
+// (float)scaling), sin likewise: the model's four lines before its layers (freqs, cat, cos/sin
+// times attention_scaling, .to(dtype)) as one op, one kernel on a GPU instead of ~9. The CPU
+// version IS that ATen composite (kernels/rope_tables.h) copied into cos and sin: its bits are the
+// ones the CPU model had, which NativeDecode::RopeOf (core/model/model_runner.cpp) computes with
+// the same ATen ops (the native CPU decode equals the TorchScript one bit for bit).
+void rope_tables_cpu(const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+                     const at::Tensor& inv_freq, double scaling);
+
 // sum [M, D] <- input [M, D] + residual [M, D], added in fp32 and rounded to the dtype (ATen's
 // `input + residual`); out [M, D] <- rms_norm(sum, weight [D], eps) as rms_norm_cpu, computed from
 // the ROUNDED sum: the transformer's residual add fused with the next norm (vLLM's

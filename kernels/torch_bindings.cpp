@@ -25,6 +25,12 @@ TORCH_LIBRARY(dysco, m) {
   // [M, D] times weight [D]; out [T, H, D] <- input [T, H, D] rotated by cos, sin [T, D].
   m.def("rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float eps) -> ()");
   m.def("rotary_embedding(Tensor(a!) out, Tensor input, Tensor cos, Tensor sin) -> ()");
+  // The rotary tables of a step: cos, sin [T, D] <- cos / sin(positions [T] x inv_freq [D/2], both
+  // halves) * scaling in the tables' dtype, the model's freqs, cat, cos, sin, products and casts
+  // (~9 small kernels at the start of every GPU step) as one op (docs/model-interface.md "Ops").
+  m.def(
+      "rope_tables(Tensor(a!) cos, Tensor(b!) sin, Tensor positions, Tensor inv_freq, "
+      "float scaling) -> ()");
   // The residual add fused with the next norm (vLLM's fused_add_rms_norm, out of place): sum [M, D]
   // <- input + residual (rounded to the dtype), out [M, D] <- rms_norm(sum, weight, eps). And the
   // SwiGLU activation over a fused gate/up projection: out [M, N] <- silu(input[:, :N]) *

@@ -11,6 +11,7 @@ TORCH_LIBRARY_IMPL(dysco, CPU, m) {
   m.impl("linear", &dysco::kernels::linear_cpu);
   m.impl("rms_norm", &dysco::kernels::rms_norm_cpu);
   m.impl("rotary_embedding", &dysco::kernels::rotary_embedding_cpu);
+  m.impl("rope_tables", &dysco::kernels::rope_tables_cpu);
   m.impl("add_rms_norm", &dysco::kernels::add_rms_norm_cpu);
   m.impl("silu_mul", &dysco::kernels::silu_mul_cpu);
   m.impl("add_rms_norm_linear", &dysco::kernels::add_rms_norm_linear_cpu);

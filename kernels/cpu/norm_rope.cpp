@@ -6,6 +6,8 @@
 // silu and mul on the two halves): bit for bit their ATen expressions by construction; their
 // CUDA versions are the fused kernels. And qk_norm_rope_kv_write: an attention block's q/k norms,
 // rope and K/V store in one op, out of the same row code (so bit for bit those ops in sequence).
+// rope_tables is the model's ATen composite itself (kernels/rope_tables.h); its CUDA version is one
+// kernel.
 //
 // Bit for bit needs the same roundings in the same order:
 // - rotary: each product and the sum rounded separately, as ATen's mul, mul and add kernels do.
@@ -33,6 +35,7 @@
 #include "kernels/cpu/cpu_isa.h"
 #include "kernels/op_checks.h"
 #include "kernels/ops.h"
+#include "kernels/rope_tables.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -422,6 +425,19 @@ void rotary_embedding_cpu(const at::Tensor& out, const at::Tensor& input, const 
     default:
       return Rotary<at::Half>(out, input, cos, sin);
   }
+}
+
+void rope_tables_cpu(const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+                     const at::Tensor& inv_freq, double scaling) {
+  CheckRopeTablesArgs(cos, sin, positions, inv_freq);
+  TORCH_CHECK(cos.is_cpu(), kRopeTablesOp, ": the CPU implementation got tensors on ",
+              cos.device());
+  if (cos.numel() == 0) return;
+  // The ATen composite itself, not a loop: ATen's CPU cos/sin (vectorised Sleef, not std::cos) fix
+  // the bits of the CPU model, which NativeDecode::RopeOf (core/model/model_runner.cpp) reproduces
+  // with the same ATen ops; a test compares the native CPU decode with the TorchScript one bit for
+  // bit. The table is a few KiB a decode step; the op saves the GPU's launches, not CPU time.
+  RopeTablesAten(cos, sin, positions, inv_freq, scaling);
 }
 
 void qk_norm_rope_kv_write_cpu(const at::Tensor& query, const at::Tensor& kv_cache_layer,

@@ -12,6 +12,7 @@ TORCH_LIBRARY_IMPL(dysco, CUDA, m) {
   m.impl("linear", &dysco::kernels::linear_cuda);
   m.impl("rms_norm", &dysco::kernels::rms_norm_cuda);
   m.impl("rotary_embedding", &dysco::kernels::rotary_embedding_cuda);
+  m.impl("rope_tables", &dysco::kernels::rope_tables_cuda);
   m.impl("add_rms_norm", &dysco::kernels::add_rms_norm_cuda);
   m.impl("silu_mul", &dysco::kernels::silu_mul_cuda);
   m.impl("add_rms_norm_linear", &dysco::kernels::add_rms_norm_linear_cuda);

@@ -69,6 +69,12 @@ void rms_norm_cuda(const at::Tensor& out, const at::Tensor& input, const at::Ten
                    double eps);
 void rotary_embedding_cuda(const at::Tensor& out, const at::Tensor& input, const at::Tensor& cos,
                            const at::Tensor& sin);
+// One kernel, a thread per (t, i < D/2) writing columns i and i + D/2 of both tables with precise
+// cosf / sinf: bit for bit the ATen composite on CUDA (kernels/rope_tables.h), which
+// DYSCO_CUDA_ROPE_TABLES=aten runs instead (A/B timing). Within fp32 / the dtype's rounding of the
+// CPU op (ATen's CPU cos and sin round differently).
+void rope_tables_cuda(const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+                      const at::Tensor& inv_freq, double scaling);
 // One kernel each: add_rms_norm rounds the sum to the dtype, stores it and normalises it (the
 // sum equals the CPU op's bit for bit, out within the rms_norm tolerance); silu_mul computes silu
 // as ATen's CUDA kernel does (x / (1 + expf(-x)) in fp32), rounds it, then the product.

@@ -6,6 +6,8 @@
 // before the weight's product, each rope product and the sum rounded (tested against kernels/cpu/).
 // qk_norm_rope_kv_write runs both and the K/V store as one kernel: a decode layer's q norm, k norm,
 // two ropes and KV write were five launches (docs/gpu.md "Element-wise kernels").
+// rope_tables makes a step's rotary tables (cos, sin of every position and frequency) in one kernel
+// instead of the model's ~9 ATen kernels, with the same bits.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,6 +20,7 @@
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/norm_rope.cuh"
 #include "kernels/op_checks.h"
+#include "kernels/rope_tables.h"
 
 namespace dysco::kernels {
 namespace {
@@ -82,6 +85,44 @@ __global__ void __launch_bounds__(kRopeThreads)
   const T* c = cos + t * d;
   const T* s = sin + t * d;
   RotatePair(C::ToFloat(x[j]), C::ToFloat(x[j + half]), c, s, j, half, out + row * d);
+}
+
+// ---- rope_tables
+
+constexpr int kRopeTablesThreads = 256;
+
+// cos, sin [T, D]: one thread per (token t, frequency i < D/2), which writes columns i and i + D/2
+// (the model's cat(freqs, freqs)) of both tables. Grid: ceil(T * D/2 / kRopeTablesThreads) blocks.
+// Bit for bit the ATen composite on CUDA (kernels/rope_tables.h), one step for each of its kernels:
+// - static_cast<float>(position): ATen's int64 -> float32 copy (round to nearest);
+// - __fmul_rn(position, inv_freq): ATen's mul, one fp32 rounding; the intrinsic keeps nvcc (which
+//   contracts by default, -fmad=true) from fusing the product into an FMA of cosf's reduction;
+// - cosf / sinf: the precise libdevice functions, which ATen's CUDA cos and sin kernels call for
+//   float (`::cos(a)`, `::sin(a)`). Precise because our CUDA flags have no --use_fast_math (nor
+//   -ftz=true: CMakeLists.txt, kernels/CMakeLists.txt); with it nvcc would substitute the
+//   approximate __cosf / __sinf and the bits would differ;
+// - __fmul_rn(..., scaling): ATen's mul by the wrapped scalar attention_scaling, which it makes
+//   (float)scaling and multiplies in fp32;
+// - Convert<T>::FromFloat: round to nearest even, as ATen's .to(dtype) (c10's static_cast<T>(float)
+//   on the device: __float2bfloat16 / __float2half, both round to nearest even).
+template <typename T>
+__global__ void __launch_bounds__(kRopeTablesThreads)
+    RopeTablesKernel(T* cos, T* sin, const int64_t* positions, const float* inv_freq, int64_t pairs,
+                     int64_t half, float scaling) {
+  using C = cuda::Convert<T>;
+  const int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (k >= pairs) return;
+  const int64_t t = k / half;
+  const int64_t i = k % half;
+  const float angle = __fmul_rn(static_cast<float>(positions[t]), inv_freq[i]);
+  const T c = C::FromFloat(__fmul_rn(cosf(angle), scaling));
+  const T s = C::FromFloat(__fmul_rn(sinf(angle), scaling));
+  T* cos_row = cos + t * 2 * half;
+  T* sin_row = sin + t * 2 * half;
+  cos_row[i] = c;
+  cos_row[i + half] = c;
+  sin_row[i] = s;
+  sin_row[i + half] = s;
 }
 
 // ---- qk_norm_rope_kv_write
@@ -394,6 +435,33 @@ void rotary_embedding_cuda(const at::Tensor& out, const at::Tensor& input, const
     RotaryKernel<scalar_t><<<blocks, kRopeThreads, 0, cuda::CurrentStream()>>>(
         out.data_ptr<scalar_t>(), input.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(),
         sin.data_ptr<scalar_t>(), pairs, input.size(1), input.size(2));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void rope_tables_cuda(const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+                      const at::Tensor& inv_freq, double scaling) {
+  CheckRopeTablesArgs(cos, sin, positions, inv_freq);
+  TORCH_CHECK(cos.is_cuda(), kRopeTablesOp, ": the CUDA implementation got tensors on ",
+              cos.device());
+  if (cos.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(cos.device());
+  // DYSCO_CUDA_ROPE_TABLES=aten: the model's ATen composite instead (~9 kernels), for A/B timing in
+  // one process; the same bits.
+  if (cuda::EnvIs("DYSCO_CUDA_ROPE_TABLES", "aten")) {
+    RopeTablesAten(cos, sin, positions, inv_freq, scaling);
+    return;
+  }
+  const int64_t half = cos.size(1) / 2;
+  const int64_t pairs = cos.size(0) * half;
+  const auto blocks = static_cast<unsigned>(cuda::CeilDiv(pairs, int64_t{kRopeTablesThreads}));
+  DYSCO_CUDA_DISPATCH_CACHE_TYPES(cos.scalar_type(), kRopeTablesOp, [&] {
+    // A plain launch: the table is the first thing of a step, and its first read (positions) would
+    // wait for the work ahead anyway.
+    cuda::LaunchOnStream(/*early=*/false, RopeTablesKernel<scalar_t>, dim3(blocks),
+                         dim3(kRopeTablesThreads), cuda::CurrentStream(), cos.data_ptr<scalar_t>(),
+                         sin.data_ptr<scalar_t>(), positions.data_ptr<int64_t>(),
+                         inv_freq.data_ptr<float>(), pairs, half, static_cast<float>(scaling));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -14,7 +14,8 @@
 // DYSCO_CUDA_QK_PDL ("1": qk_norm_rope_kv_write launched to start early),
 // DYSCO_CUDA_QKV_ATTENTION ("0": qk_norm_rope_attention_decode as two kernels),
 // DYSCO_CUDA_GEMV_RING_SPLITS ("1": rings for GEMVs with two warps a row pair),
-// DYSCO_CUDA_PREFILL_MERGE ("scalar": the cuDNN path's merge one element a thread) and
+// DYSCO_CUDA_PREFILL_MERGE ("scalar": the cuDNN path's merge one element a thread),
+// DYSCO_CUDA_ROPE_TABLES ("aten": rope_tables as the model's ATen composite) and
 // DYSCO_CUDA_PDL, so a test can run
 // both sides in one process.
 //

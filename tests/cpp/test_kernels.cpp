@@ -192,15 +192,15 @@ const std::vector<Layout> kLayouts = {
 // ---- registration
 // ----------------------------------------------------------------------------------------
 
-TEST(DyscoOps, AllNineteenOpsAreRegisteredWithCpuKernels) {
+TEST(DyscoOps, AllTwentyOpsAreRegisteredWithCpuKernels) {
   const std::vector<std::string>& names = ops::AllOpNames();
-  EXPECT_EQ(names.size(), 19u);
+  EXPECT_EQ(names.size(), 20u);
   for (const char* name :
        {"dysco::paged_kv_write", "dysco::paged_attention_decode", "dysco::paged_attention_prefill",
         "dysco::attention_probs", "dysco::linear", "dysco::rms_norm", "dysco::rotary_embedding",
         "dysco::add_rms_norm", "dysco::silu_mul", "dysco::add_rms_norm_linear",
         "dysco::add_rms_norm_swiglu", "dysco::o_proj_mlp", "dysco::qk_norm_rope_kv_write",
-        "dysco::qk_norm_rope_attention_decode"}) {
+        "dysco::qk_norm_rope_attention_decode", "dysco::rope_tables"}) {
     EXPECT_NE(std::find(names.begin(), names.end(), name), names.end()) << name;
   }
   EXPECT_EQ(ops::MissingOps(), std::vector<std::string>{});
@@ -454,6 +454,117 @@ TEST(RmsNormAndRotary, RejectBadInputs) {
         ops::rotary_embedding(at::empty({3, 2, 8}), q, cs, cs.to(at::kHalf));
       },
       "dysco::rotary_embedding: sin");
+}
+
+// ---- rope_tables
+// ------------------------------------------------------------------------------------
+
+// The model's four lines that rope_tables replaces (tools/dysco_export/model.py
+// DecoderModel.forward before the layers; NativeDecode::RopeOf): cos and sin [T, 2 * inv_freq's
+// length] in dtype.
+std::pair<at::Tensor, at::Tensor> ModelRopeTables(const at::Tensor& positions,
+                                                  const at::Tensor& inv_freq, double scaling,
+                                                  at::ScalarType dtype) {
+  const at::Tensor freqs = positions.to(at::kFloat).unsqueeze(1) * inv_freq.unsqueeze(0);
+  const at::Tensor emb = at::cat({freqs, freqs}, -1);
+  return {(emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)};
+}
+
+// A model's inv_freq for head size d: theta^(-2i/d), i < d/2, fp32.
+at::Tensor RopeInvFreq(int64_t d, double theta) {
+  return at::pow(theta, -at::arange(0, d, 2, at::kDouble) / static_cast<double>(d)).to(at::kFloat);
+}
+
+// T positions, random in [0, 131072) (the models' default context), the first two 0 and 131071.
+at::Tensor RopePositions(int64_t t, at::Generator& gen) {
+  at::Tensor positions = at::randint(0, 131072, {t}, gen, at::kLong);
+  if (t > 0) positions[0] = 0;
+  if (t > 1) positions[1] = 131071;
+  return positions;
+}
+
+// Bit for bit the model's ATen lines (the CPU op is them: the CPU model keeps its bits), every
+// element written (NaN first), and within the dtype's rounding of a float64 loop over the same
+// fp32 angles, which pins the layout (both halves, i % (D/2)) and the scaling.
+TEST(RopeTables, EqualsTheModelsExpression) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(47);
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (int64_t d : {64, 128, 36}) {
+      const at::Tensor inv_freq = RopeInvFreq(d, d == 36 ? 10000.0 : 500000.0);
+      for (int64_t t : {0, 1, 7, 300}) {
+        for (double scaling : {1.0, 1.2}) {
+          SCOPED_TRACE(std::string(c10::toString(dtype)) + " D=" + std::to_string(d) +
+                       " T=" + std::to_string(t) + " scaling=" + std::to_string(scaling));
+          const at::Tensor positions = RopePositions(t, gen);
+          const at::Tensor cos = at::full({t, d}, kNaN).to(dtype);
+          const at::Tensor sin = at::full({t, d}, kNaN).to(dtype);
+          ops::rope_tables(cos, sin, positions, inv_freq, scaling);
+          const auto [model_cos, model_sin] = ModelRopeTables(positions, inv_freq, scaling, dtype);
+          EXPECT_TRUE(at::equal(cos, model_cos));
+          EXPECT_TRUE(at::equal(sin, model_sin));
+
+          const at::Tensor expected_cos = at::empty({t, d}, at::kDouble);
+          const at::Tensor expected_sin = at::empty({t, d}, at::kDouble);
+          const int64_t* pos = positions.data_ptr<int64_t>();
+          const float* freq = inv_freq.data_ptr<float>();
+          double* ec = expected_cos.data_ptr<double>();
+          double* es = expected_sin.data_ptr<double>();
+          for (int64_t r = 0; r < t; ++r) {
+            for (int64_t j = 0; j < d; ++j) {
+              const float angle = static_cast<float>(pos[r]) * freq[j % (d / 2)];
+              ec[r * d + j] = std::cos(static_cast<double>(angle)) * scaling;
+              es[r * d + j] = std::sin(static_cast<double>(angle)) * scaling;
+            }
+          }
+          const double tol = dtype == at::kFloat ? 1e-5 : 1e-2;
+          EXPECT_TRUE(AllClose(cos, expected_cos, tol, tol));
+          EXPECT_TRUE(AllClose(sin, expected_sin, tol, tol));
+        }
+      }
+    }
+  }
+}
+
+TEST(RopeTables, RejectsBadInputs) {
+  const at::Tensor inv_freq = RopeInvFreq(8, 10000.0);
+  const at::Tensor positions = at::arange(3, at::kLong);
+  const at::Tensor cos = at::empty({3, 8}), sin = at::empty({3, 8});
+  EXPECT_NO_THROW(ops::rope_tables(cos, sin, positions, inv_freq, 1.0));
+  ExpectRejected([&] { ops::rope_tables(cos, sin, positions.to(at::kInt), inv_freq, 1.0); },
+                 "dysco::rope_tables: positions must have dtype Long");
+  ExpectRejected([&] { ops::rope_tables(cos, sin, at::arange(4, at::kLong), inv_freq, 1.0); },
+                 "dysco::rope_tables: positions must have shape [3]");
+  ExpectRejected([&] { ops::rope_tables(cos, sin, positions, RopeInvFreq(6, 10000.0), 1.0); },
+                 "dysco::rope_tables: inv_freq must have shape [4]");
+  ExpectRejected([&] { ops::rope_tables(cos, sin, positions, inv_freq.to(at::kDouble), 1.0); },
+                 "dysco::rope_tables: inv_freq must have dtype Float");
+  ExpectRejected(
+      [&] {
+        ops::rope_tables(at::empty({3, 7}), at::empty({3, 7}), positions, inv_freq, 1.0);
+      },
+      "dysco::rope_tables: cos must be [T, D] with D even");
+  ExpectRejected(
+      [&] {
+        ops::rope_tables(cos, at::empty({2, 8}), positions, inv_freq, 1.0);
+      },
+      "dysco::rope_tables: sin must have shape [3, 8]");
+  ExpectRejected(
+      [&] {
+        ops::rope_tables(cos, at::empty({3, 8}, at::kBFloat16), positions, inv_freq, 1.0);
+      },
+      "dysco::rope_tables: sin must have dtype Float");
+  ExpectRejected(
+      [&] {
+        ops::rope_tables(at::empty({3, 8}, at::kDouble), sin, positions, inv_freq, 1.0);
+      },
+      "dysco::rope_tables: cos must be float32, bfloat16 or float16");
+  ExpectRejected(
+      [&] {
+        ops::rope_tables(at::empty({8, 3}).t(), sin, positions, inv_freq, 1.0);
+      },
+      "dysco::rope_tables: cos must be contiguous");
+  ExpectRejected([&] { ops::rope_tables(cos, cos, positions, inv_freq, 1.0); },
+                 "dysco::rope_tables: cos must not overlap sin");
 }
 
 // ---- add_rms_norm and silu_mul

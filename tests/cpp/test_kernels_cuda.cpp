@@ -1639,6 +1639,105 @@ TEST(CudaQkNormRopeAttentionDecode, ProbesInTheSamePass) {
   }
 }
 
+// ---- rope_tables
+
+// The model's rotary-table lines (tools/dysco_export/model.py DecoderModel.forward before the
+// layers) on the tensors' device: what rope_tables replaces.
+std::pair<at::Tensor, at::Tensor> AtenRopeTables(const at::Tensor& positions,
+                                                 const at::Tensor& inv_freq, double scaling,
+                                                 at::ScalarType dtype) {
+  const at::Tensor freqs = positions.to(at::kFloat).unsqueeze(1) * inv_freq.unsqueeze(0);
+  const at::Tensor emb = at::cat({freqs, freqs}, -1);
+  return {(emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)};
+}
+
+// A model's inv_freq for head size d, fp32 [d / 2] (CPU).
+at::Tensor RopeInvFreq(int64_t d, double theta) {
+  return at::pow(theta, -at::arange(0, d, 2, at::kDouble) / static_cast<double>(d)).to(at::kFloat);
+}
+
+// T positions (CPU), random in [0, 131072), the first two 0 and 131071.
+at::Tensor RopePositions(int64_t t) {
+  at::Tensor positions = at::randint(0, 131072, {t}, at::kLong);
+  if (t > 0) positions[0] = 0;
+  if (t > 1) positions[1] = 131071;
+  return positions;
+}
+
+// Every output element written (NaN first), bit for bit ATen's composite on CUDA (the same fp32
+// products, the precise cosf / sinf of ATen's CUDA cos and sin, the same rounding to the dtype),
+// and so under DYSCO_CUDA_ROPE_TABLES=aten (which runs that composite); within 1e-5 / one
+// rounding of the dtype of the CPU op (ATen's CPU cos and sin are Sleef's, which round
+// differently). Head sizes of the models and one not a multiple of 8; decode and prefill rows.
+TEST(CudaRopeTables, EqualsAtenBitForBit) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(53);
+  for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (const int64_t d : {64, 128, 36}) {
+      const at::Tensor inv_freq = RopeInvFreq(d, d == 36 ? 10000.0 : 500000.0);
+      const at::Tensor gpu_inv_freq = Cuda(inv_freq);
+      for (const int64_t t : {0, 1, 7, 300}) {
+        for (const double scaling : {1.0, 1.2}) {
+          const std::string what = std::string("rope_tables ") + c10::toString(dtype) +
+                                   " d=" + std::to_string(d) + " t=" + std::to_string(t) +
+                                   " scaling=" + std::to_string(scaling);
+          const at::Tensor positions = RopePositions(t);
+          const at::Tensor gpu_positions = Cuda(positions);
+          at::Tensor cos = at::full({t, d}, kNaN).to(dtype);
+          at::Tensor sin = at::full({t, d}, kNaN).to(dtype);
+          at::Tensor gpu_cos = Cuda(cos), gpu_sin = Cuda(sin);
+          ops::rope_tables(cos, sin, positions, inv_freq, scaling);
+          ops::rope_tables(gpu_cos, gpu_sin, gpu_positions, gpu_inv_freq, scaling);
+          const auto [aten_cos, aten_sin] =
+              AtenRopeTables(gpu_positions, gpu_inv_freq, scaling, dtype);
+          EXPECT_TRUE(Same(gpu_cos, aten_cos.cpu(), what + " cos vs ATen CUDA"));
+          EXPECT_TRUE(Same(gpu_sin, aten_sin.cpu(), what + " sin vs ATen CUDA"));
+          EXPECT_TRUE(Close(gpu_cos, cos, Tolerance(dtype), Tolerance(dtype), what + " cos"));
+          EXPECT_TRUE(Close(gpu_sin, sin, Tolerance(dtype), Tolerance(dtype), what + " sin"));
+
+          const ScopedEnv knob("DYSCO_CUDA_ROPE_TABLES", "aten");
+          at::Tensor knob_cos = at::full({t, d}, kNaN, gpu_cos.options());
+          at::Tensor knob_sin = at::full({t, d}, kNaN, gpu_sin.options());
+          ops::rope_tables(knob_cos, knob_sin, gpu_positions, gpu_inv_freq, scaling);
+          EXPECT_TRUE(Same(knob_cos, gpu_cos.cpu(), what + " cos, DYSCO_CUDA_ROPE_TABLES=aten"));
+          EXPECT_TRUE(Same(knob_sin, gpu_sin.cpu(), what + " sin, DYSCO_CUDA_ROPE_TABLES=aten"));
+        }
+      }
+    }
+  }
+}
+
+// No host synchronisation or allocation: the op captures in a CUDA graph, and each replay (new
+// positions copied into the captured buffer, the tables poisoned) equals an eager call.
+TEST(CudaRopeTables, GraphReplayEqualsEagerCall) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(54);
+  for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (const auto& [t, d] : {std::pair<int64_t, int64_t>{64, 128}, {300, 36}}) {
+      const std::string what = std::string("rope_tables graph ") + c10::toString(dtype) +
+                               " t=" + std::to_string(t) + " d=" + std::to_string(d);
+      const at::Tensor inv_freq = Cuda(RopeInvFreq(d, 500000.0));
+      at::Tensor positions = Cuda(RopePositions(t));
+      at::Tensor cos = at::full({t, d}, kNaN, at::TensorOptions().dtype(dtype).device(at::kCUDA));
+      at::Tensor sin = at::full({t, d}, kNaN, cos.options());
+      at::cuda::CUDAGraph graph;
+      CaptureAfterWarmUp(graph, [&] { ops::rope_tables(cos, sin, positions, inv_freq, 1.2); });
+      for (int step = 0; step < 3; ++step) {
+        positions.copy_(Cuda(RopePositions(t)));
+        cos.fill_(kNaN);
+        sin.fill_(kNaN);
+        graph.replay();
+        at::Tensor eager_cos = at::full({t, d}, kNaN, cos.options());
+        at::Tensor eager_sin = at::full({t, d}, kNaN, cos.options());
+        ops::rope_tables(eager_cos, eager_sin, positions, inv_freq, 1.2);
+        c10::cuda::device_synchronize();
+        EXPECT_TRUE(Same(cos, eager_cos.cpu(), what + " cos step " + std::to_string(step)));
+        EXPECT_TRUE(Same(sin, eager_sin.cpu(), what + " sin step " + std::to_string(step)));
+      }
+    }
+  }
+}
+
 // ---- add_rms_norm and silu_mul
 
 // A contiguous [rows, cols] tensor of `source`'s values whose data starts one element past a
