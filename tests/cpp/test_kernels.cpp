@@ -26,6 +26,7 @@
 #include "kernels/op_calls.h"
 #include "kernels/op_checks.h"
 #include "kernels/ops.h"
+#include "tests/cpp/rope_reference.h"
 
 namespace {
 
@@ -459,22 +460,6 @@ TEST(RmsNormAndRotary, RejectBadInputs) {
 // ---- rope_tables
 // ------------------------------------------------------------------------------------
 
-// The model's four lines that rope_tables replaces (tools/dysco_export/model.py
-// DecoderModel.forward before the layers; NativeDecode::RopeOf): cos and sin [T, 2 * inv_freq's
-// length] in dtype.
-std::pair<at::Tensor, at::Tensor> ModelRopeTables(const at::Tensor& positions,
-                                                  const at::Tensor& inv_freq, double scaling,
-                                                  at::ScalarType dtype) {
-  const at::Tensor freqs = positions.to(at::kFloat).unsqueeze(1) * inv_freq.unsqueeze(0);
-  const at::Tensor emb = at::cat({freqs, freqs}, -1);
-  return {(emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)};
-}
-
-// A model's inv_freq for head size d: theta^(-2i/d), i < d/2, fp32.
-at::Tensor RopeInvFreq(int64_t d, double theta) {
-  return at::pow(theta, -at::arange(0, d, 2, at::kDouble) / static_cast<double>(d)).to(at::kFloat);
-}
-
 // T positions, random in [0, 131072) (the models' default context), the first two 0 and 131071.
 at::Tensor RopePositions(int64_t t, at::Generator& gen) {
   at::Tensor positions = at::randint(0, 131072, {t}, gen, at::kLong);
@@ -490,7 +475,7 @@ TEST(RopeTables, EqualsTheModelsExpression) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(47);
   for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
     for (int64_t d : {64, 128, 36}) {
-      const at::Tensor inv_freq = RopeInvFreq(d, d == 36 ? 10000.0 : 500000.0);
+      const at::Tensor inv_freq = dysco::RopeInvFreq(d, d == 36 ? 10000.0 : 500000.0);
       for (int64_t t : {0, 1, 7, 300}) {
         for (double scaling : {1.0, 1.2}) {
           SCOPED_TRACE(std::string(c10::toString(dtype)) + " D=" + std::to_string(d) +
@@ -499,7 +484,8 @@ TEST(RopeTables, EqualsTheModelsExpression) {
           const at::Tensor cos = at::full({t, d}, kNaN).to(dtype);
           const at::Tensor sin = at::full({t, d}, kNaN).to(dtype);
           ops::rope_tables(cos, sin, positions, inv_freq, scaling);
-          const auto [model_cos, model_sin] = ModelRopeTables(positions, inv_freq, scaling, dtype);
+          const auto [model_cos, model_sin] =
+              dysco::ModelRopeTables(positions, inv_freq, scaling, dtype);
           EXPECT_TRUE(at::equal(cos, model_cos));
           EXPECT_TRUE(at::equal(sin, model_sin));
 
@@ -526,7 +512,7 @@ TEST(RopeTables, EqualsTheModelsExpression) {
 }
 
 TEST(RopeTables, RejectsBadInputs) {
-  const at::Tensor inv_freq = RopeInvFreq(8, 10000.0);
+  const at::Tensor inv_freq = dysco::RopeInvFreq(8, 10000.0);
   const at::Tensor positions = at::arange(3, at::kLong);
   const at::Tensor cos = at::empty({3, 8}), sin = at::empty({3, 8});
   EXPECT_NO_THROW(ops::rope_tables(cos, sin, positions, inv_freq, 1.0));
@@ -534,8 +520,9 @@ TEST(RopeTables, RejectsBadInputs) {
                  "dysco::rope_tables: positions must have dtype Long");
   ExpectRejected([&] { ops::rope_tables(cos, sin, at::arange(4, at::kLong), inv_freq, 1.0); },
                  "dysco::rope_tables: positions must have shape [3]");
-  ExpectRejected([&] { ops::rope_tables(cos, sin, positions, RopeInvFreq(6, 10000.0), 1.0); },
-                 "dysco::rope_tables: inv_freq must have shape [4]");
+  ExpectRejected(
+      [&] { ops::rope_tables(cos, sin, positions, dysco::RopeInvFreq(6, 10000.0), 1.0); },
+      "dysco::rope_tables: inv_freq must have shape [4]");
   ExpectRejected([&] { ops::rope_tables(cos, sin, positions, inv_freq.to(at::kDouble), 1.0); },
                  "dysco::rope_tables: inv_freq must have dtype Float");
   ExpectRejected(

@@ -35,6 +35,7 @@
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/host_lengths.h"
 #include "kernels/op_calls.h"
+#include "tests/cpp/rope_reference.h"
 #include "tests/cpp/scoped_env.h"
 
 namespace {
@@ -1641,21 +1642,6 @@ TEST(CudaQkNormRopeAttentionDecode, ProbesInTheSamePass) {
 
 // ---- rope_tables
 
-// The model's rotary-table lines (tools/dysco_export/model.py DecoderModel.forward before the
-// layers) on the tensors' device: what rope_tables replaces.
-std::pair<at::Tensor, at::Tensor> AtenRopeTables(const at::Tensor& positions,
-                                                 const at::Tensor& inv_freq, double scaling,
-                                                 at::ScalarType dtype) {
-  const at::Tensor freqs = positions.to(at::kFloat).unsqueeze(1) * inv_freq.unsqueeze(0);
-  const at::Tensor emb = at::cat({freqs, freqs}, -1);
-  return {(emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)};
-}
-
-// A model's inv_freq for head size d, fp32 [d / 2] (CPU).
-at::Tensor RopeInvFreq(int64_t d, double theta) {
-  return at::pow(theta, -at::arange(0, d, 2, at::kDouble) / static_cast<double>(d)).to(at::kFloat);
-}
-
 // T positions (CPU), random in [0, 131072), the first two 0 and 131071.
 at::Tensor RopePositions(int64_t t) {
   at::Tensor positions = at::randint(0, 131072, {t}, at::kLong);
@@ -1674,7 +1660,7 @@ TEST(CudaRopeTables, EqualsAtenBitForBit) {
   at::manual_seed(53);
   for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
     for (const int64_t d : {64, 128, 36}) {
-      const at::Tensor inv_freq = RopeInvFreq(d, d == 36 ? 10000.0 : 500000.0);
+      const at::Tensor inv_freq = dysco::RopeInvFreq(d, d == 36 ? 10000.0 : 500000.0);
       const at::Tensor gpu_inv_freq = Cuda(inv_freq);
       for (const int64_t t : {0, 1, 7, 300}) {
         for (const double scaling : {1.0, 1.2}) {
@@ -1689,7 +1675,7 @@ TEST(CudaRopeTables, EqualsAtenBitForBit) {
           ops::rope_tables(cos, sin, positions, inv_freq, scaling);
           ops::rope_tables(gpu_cos, gpu_sin, gpu_positions, gpu_inv_freq, scaling);
           const auto [aten_cos, aten_sin] =
-              AtenRopeTables(gpu_positions, gpu_inv_freq, scaling, dtype);
+              dysco::ModelRopeTables(gpu_positions, gpu_inv_freq, scaling, dtype);
           EXPECT_TRUE(Same(gpu_cos, aten_cos.cpu(), what + " cos vs ATen CUDA"));
           EXPECT_TRUE(Same(gpu_sin, aten_sin.cpu(), what + " sin vs ATen CUDA"));
           EXPECT_TRUE(Close(gpu_cos, cos, Tolerance(dtype), Tolerance(dtype), what + " cos"));
@@ -1716,7 +1702,7 @@ TEST(CudaRopeTables, GraphReplayEqualsEagerCall) {
     for (const auto& [t, d] : {std::pair<int64_t, int64_t>{64, 128}, {300, 36}}) {
       const std::string what = std::string("rope_tables graph ") + c10::toString(dtype) +
                                " t=" + std::to_string(t) + " d=" + std::to_string(d);
-      const at::Tensor inv_freq = Cuda(RopeInvFreq(d, 500000.0));
+      const at::Tensor inv_freq = Cuda(dysco::RopeInvFreq(d, 500000.0));
       at::Tensor positions = Cuda(RopePositions(t));
       at::Tensor cos = at::full({t, d}, kNaN, at::TensorOptions().dtype(dtype).device(at::kCUDA));
       at::Tensor sin = at::full({t, d}, kNaN, cos.options());
