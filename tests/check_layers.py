@@ -24,6 +24,7 @@ LOCAL = re.compile(r'#\s*include\s*"([^"]+)"')
 TORCH_ALLOWED = {
     "tests/cpp/test_kernels.cpp": "calls the ops on tensors",
     "tests/cpp/test_kernels_cuda.cpp": "calls the CUDA ops on tensors (CUDA graphs, streams, events)",
+    "tests/cpp/rope_reference.h": "the rope_tables op's ATen reference, shared by the two kernel tests",
     "tests/cpp/test_model_cuda.cpp": "asks c10 whether a CUDA device is present (skips without one), "
     "hands head means over on the device",
     "tests/cpp/test_dysco_ops.cpp": "calls the ops on tensors",
