@@ -2445,6 +2445,29 @@ double DecodeAttentionGraphMs(at::Tensor& out, const at::Tensor& query, const at
   return ms;
 }
 
+// One decode row of `keys` keys with Qwen3-8B's attention heads (32 query, 8 KV, head_dim 128,
+// bf16) over shuffled pages of 16 keys, for the decode-attention timing tests: the cache, the
+// row's own block table, its length, its query, an output and the floor of reading its KV once at
+// `bandwidth` bytes a second.
+struct Qwen3DecodeRow {
+  static constexpr int64_t kPageSize = 16;
+  at::Tensor kv, table, lens, query, out;
+  double floor_ms = 0.0;
+};
+Qwen3DecodeRow MakeQwen3DecodeRow(int64_t keys, double bandwidth) {
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  const auto i64 = at::TensorOptions().dtype(at::kLong).device(at::kCUDA);
+  const int64_t pages = keys / Qwen3DecodeRow::kPageSize;
+  Qwen3DecodeRow row;
+  row.kv = at::randn({2, pages, Qwen3DecodeRow::kPageSize, 8, 128}, bf16);
+  row.table = at::randperm(pages, i64).to(at::kInt).reshape({1, pages});
+  row.lens = at::full({1}, keys, i64);
+  row.query = at::randn({1, 32, 128}, bf16);
+  row.out = at::empty({1, 32, 128}, bf16);
+  row.floor_ms = static_cast<double>(row.kv.numel()) * 2.0 / bandwidth * 1e3;
+  return row;
+}
+
 // The decode attention alone at the short contexts, where a plain step is furthest from its floor
 // (docs/gpu.md "What remains of issue 9"): Qwen3-8B's heads (32 query, 8 KV, head_dim 128, bf16),
 // shuffled pages, a CUDA graph of kCalls calls (so the time per call is the kernel and the gap to
@@ -2457,19 +2480,12 @@ TEST(CudaTiming, DecodeAttentionAtShortContexts) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(61);
   constexpr int kCalls = 16;
-  const int64_t page_size = 16;
-  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
-  const auto i64 = at::TensorOptions().dtype(at::kLong).device(at::kCUDA);
   const double bandwidth = CopyBandwidth();
   const double scale = 1.0 / std::sqrt(128.0);
   for (const int64_t keys : {int64_t{8192}, int64_t{32768}}) {
-    const int64_t pages = keys / page_size;
-    const at::Tensor kv = at::randn({2, pages, page_size, 8, 128}, bf16);
-    const at::Tensor tables = at::randperm(pages, i64).to(at::kInt).reshape({1, pages});
-    const at::Tensor lens = at::full({1}, keys, i64);
-    const at::Tensor query = at::randn({1, 32, 128}, bf16);
-    at::Tensor out = at::empty({1, 32, 128}, bf16);
-    const double floor_ms = static_cast<double>(kv.numel()) * 2.0 / bandwidth * 1e3;
+    Qwen3DecodeRow row = MakeQwen3DecodeRow(keys, bandwidth);
+    at::Tensor& out = row.out;
+    const double floor_ms = row.floor_ms;
     at::Tensor expected;
     struct Setting {
       const char* label;
@@ -2496,7 +2512,8 @@ TEST(CudaTiming, DecodeAttentionAtShortContexts) {
       const ScopedEnv min_keys("DYSCO_CUDA_MIN_KEYS_PER_SPLIT", s.min_keys);
       const ScopedEnv waves("DYSCO_CUDA_SPLIT_WAVES", s.waves);
       const ScopedEnv prefetch("DYSCO_CUDA_MMA_PREFETCH", s.prefetch);
-      const double ms = DecodeAttentionGraphMs(out, query, kv, tables, lens, scale, kCalls);
+      const double ms =
+          DecodeAttentionGraphMs(out, row.query, row.kv, row.table, row.lens, scale, kCalls);
       if (expected.defined()) {
         // Outputs are means of ~N(0, 1) values over thousands of keys (~1e-2): a bf16 step or
         // two apart where only the split order differs; a wrong split would be ~1e-2 off.
@@ -2524,29 +2541,23 @@ TEST(CudaTiming, DecodeAttentionInAPaddedTable) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(62);
   constexpr int kCalls = 16;
-  const int64_t page_size = 16;
-  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
-  const auto i64 = at::TensorOptions().dtype(at::kLong).device(at::kCUDA);
   const double bandwidth = CopyBandwidth();
   const double scale = 1.0 / std::sqrt(128.0);
   for (const int64_t power : {int64_t{8192}, int64_t{32768}, int64_t{131072}}) {
     const int64_t keys = power + 16;
-    const int64_t pages = keys / page_size;
-    const at::Tensor kv = at::randn({2, pages, page_size, 8, 128}, bf16);
-    const at::Tensor own = at::randperm(pages, i64).to(at::kInt).reshape({1, pages});
-    const at::Tensor padded =
-        at::cat({own, at::zeros({1, 2 * power / page_size - pages}, own.options())}, 1);
-    const at::Tensor lens = at::full({1}, keys, i64);
-    const at::Tensor query = at::randn({1, 32, 128}, bf16);
-    at::Tensor out = at::empty({1, 32, 128}, bf16);
-    const double floor_ms = static_cast<double>(kv.numel()) * 2.0 / bandwidth * 1e3;
+    Qwen3DecodeRow row = MakeQwen3DecodeRow(keys, bandwidth);
+    const at::Tensor& own = row.table;
+    const int64_t pages = own.size(1);
+    const at::Tensor padded = at::cat(
+        {own, at::zeros({1, 2 * power / Qwen3DecodeRow::kPageSize - pages}, own.options())}, 1);
+    const double floor_ms = row.floor_ms;
     double ms[3];
     at::Tensor results[3];
     for (int i = 0; i < 3; ++i) {
       const ScopedEnv from_width("DYSCO_CUDA_SPLIT_FROM_WIDTH", i == 1 ? "1" : nullptr);
       const at::Tensor& tables = i == 2 ? own : padded;
-      ms[i] = DecodeAttentionGraphMs(out, query, kv, tables, lens, scale, kCalls);
-      results[i] = out.to(at::kFloat);
+      ms[i] = DecodeAttentionGraphMs(row.out, row.query, row.kv, tables, row.lens, scale, kCalls);
+      results[i] = row.out.to(at::kFloat);
       ASSERT_FALSE(at::isnan(results[i]).any().item<bool>()) << keys << " keys, setting " << i;
     }
     EXPECT_TRUE(at::allclose(results[1], results[0], /*rtol=*/1e-2, /*atol=*/1e-3)) << keys;
