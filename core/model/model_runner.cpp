@@ -485,20 +485,23 @@ struct ModelRunner::Impl::NativeDecode {
   at::Tensor inv_freq, embed_tokens, norm, lm_head;
   double attention_scaling = 1.0, eps = 0.0;
   // cos and sin of every position below rope_cos.size(0), [positions, width] in the model's dtype,
-  // or undefined. Why: the TorchScript code derives them from the step's positions with ~8 small
-  // ATen ops, ~0.15 ms of a ~20 ms SmolLM2 step on 2 cores (docs/performance.md "The step's parts,
-  // timed from inside"); a decode step now takes its rows. The table is built by the same ops, in
-  // blocks of rows small enough that ATen runs them on one thread, and only for widths that are a
-  // multiple of 32: then every element goes through ATen's vector loop whatever the row count, so
-  // each row equals the code's for any batch, bit for bit (NativeCpuDecodeTest).
+  // or undefined. Why: the TorchScript code derives them from the step's positions (rope_tables,
+  // on the CPU ~8 small ATen ops), ~0.15 ms of a ~20 ms SmolLM2 step on 2 cores
+  // (docs/performance.md "The step's parts, timed from inside"); a decode step now takes its rows.
+  // The table is built by the same op, in blocks of rows small enough that ATen runs them on one
+  // thread, and only for widths that are a multiple of 32: then every element goes through ATen's
+  // vector loop whatever the row count, so each row equals the code's for any batch, bit for bit
+  // (NativeCpuDecodeTest).
   at::Tensor rope_cos, rope_sin;
 
-  // cos, sin [B, width] of `positions` (int64 [B]) as the TorchScript code computes them.
+  // cos, sin [B, width] of `positions` (int64 [B]) as the TorchScript code computes them: its own
+  // op, rope_tables (on the CPU the ATen expression that older packages' code runs, so the same
+  // bits for both).
   std::pair<at::Tensor, at::Tensor> RopeOf(const at::Tensor& positions) const {
-    const at::Tensor freqs = positions.to(at::kFloat).unsqueeze(1) * inv_freq.unsqueeze(0);
-    const at::Tensor emb = at::cat({freqs, freqs}, -1);
-    const at::ScalarType dtype = embed_tokens.scalar_type();
-    return {(emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)};
+    at::Tensor cos = at::empty({positions.size(0), 2 * inv_freq.size(0)}, embed_tokens.options());
+    at::Tensor sin = at::empty_like(cos);
+    ops::rope_tables(cos, sin, positions, inv_freq, attention_scaling);
+    return {cos, sin};
   }
 
   // The table for positions [0, max_positions) when its width allows and it takes at most 64 MiB.
